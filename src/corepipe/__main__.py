@@ -1,0 +1,3 @@
+from corepipe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""The ``corepipe`` command line.
+
+``corepipe collect`` is run by the kernel for every crash, so it is dispatched before
+argparse or any other subcommand is imported: the handler's start-up stays lean.
+
+Exit codes (all commands): 0 success, 1 failure (one line on stderr says what to do),
+2 usage error; ``status`` adds its own (see its help).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+#: Subcommand name -> module in corepipe.commands; each has ``HELP``, ``add_arguments(parser)`` and ``run(ns)``.
+COMMANDS = {
+    "resolve": "resolve_cmd",
+}
+
+
+class UserError(Exception):
+    """A failure to report as one line on stderr; ``code`` is the exit code."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def main(argv: Optional[list] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["collect"]:
+        from corepipe.commands import collect_cmd
+
+        return collect_cmd.run(argv[1:])
+    return _main(argv)
+
+
+def _main(argv: list) -> int:
+    import argparse
+    import importlib
+
+    from corepipe import __version__
+
+    parser = argparse.ArgumentParser(prog="corepipe", description="Collect core dumps from containers.")
+    parser.add_argument("--version", action="version", version=f"corepipe {__version__}")
+    parser.add_argument("--config", help="config file (default /etc/corepipe/config.toml)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("collect", help="the kernel's core_pattern handler (run by the kernel, not by hand)")
+    modules = {}
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"corepipe.commands.{module_name}")
+        modules[name] = module
+        command_parser = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(command_parser)
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return modules[ns.command].run(ns)
+    except UserError as exc:
+        print(f"corepipe {ns.command}: error: {exc}", file=sys.stderr)
+        return exc.code
+    except BrokenPipeError:
+        return 1
+    except KeyboardInterrupt:
+        return 130

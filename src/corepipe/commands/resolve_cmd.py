@@ -1,0 +1,48 @@
+"""``corepipe resolve``: what corepipe would decide about a process or a cgroup text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from corepipe import containers, snapshot
+from corepipe.cli import UserError
+
+HELP = "show which container a process (or a /proc/<pid>/cgroup text) belongs to"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("pid", nargs="?", type=int, help="a process ID on this host")
+    what.add_argument("--cgroup-file", metavar="FILE", help="a saved /proc/<pid>/cgroup ('-' for stdin)")
+    parser.add_argument("--json", action="store_true", help="print the container object as in the record")
+
+
+def resolve(ns: argparse.Namespace) -> containers.Container:
+    if ns.cgroup_file is not None:
+        import sys
+
+        try:
+            text = sys.stdin.read() if ns.cgroup_file == "-" else open(ns.cgroup_file).read()
+        except OSError as exc:
+            raise UserError(f"cannot read {ns.cgroup_file}: {exc.strerror}") from None
+        return containers.identify(text)
+    snap = snapshot.take(ns.pid)
+    try:
+        if "cgroup" not in snap.files:
+            raise UserError(f"no process {ns.pid} (or /proc/{ns.pid}/cgroup unreadable; run as root)")
+        container = containers.identify(snap.text("cgroup"))
+    finally:
+        snap.close()
+    return containers.enrich(container) if not container.is_host else container
+
+
+def run(ns: argparse.Namespace) -> int:
+    container = resolve(ns)
+    if ns.json:
+        print(json.dumps(container.to_dict(), indent=1))
+        return 0
+    for key, value in container.to_dict().items():
+        if value not in (None, {}, []):
+            print(f"{key + ':':<15}{value}")
+    return 0

@@ -1,0 +1,98 @@
+"""The kernel's side of the contract: the core_pattern line and the arguments it expands to.
+
+The kernel splits the pattern on spaces *before* it expands the specifiers, so a
+comm (%e) or hostname (%h) with spaces still arrives as one argument. A specifier
+the kernel does not know expands to an empty string, which keeps the positions fixed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+#: The order of the specifiers after ``corepipe collect [--config PATH]``; documented in the README.
+SPECIFIERS = ("%P", "%p", "%I", "%u", "%g", "%s", "%t", "%c", "%d", "%F", "%h", "%e")
+FIELDS = ("pid", "ns_pid", "tid", "uid", "gid", "signal", "time", "core_limit", "dump_mode",
+          "pidfd", "hostname", "comm")
+#: What ``%c`` expands to for ``ulimit -c unlimited`` (RLIM_INFINITY as an unsigned long).
+RLIM_INFINITY = 2**64 - 1
+#: The kernel silently truncates core_pattern to this many bytes (CORENAME_MAX_SIZE - 1).
+PATTERN_MAX = 127
+
+
+class PatternTooLong(ValueError):
+    """The pattern would be cut by the kernel, losing arguments."""
+
+
+@dataclass
+class KernelArgs:
+    """What the kernel told us about the crash; a field is None where it was missing or malformed."""
+
+    pid: Optional[int] = None
+    ns_pid: Optional[int] = None
+    tid: Optional[int] = None
+    uid: Optional[int] = None
+    gid: Optional[int] = None
+    signal: Optional[int] = None
+    time: Optional[int] = None
+    core_limit: Optional[int] = None
+    dump_mode: Optional[int] = None
+    pidfd: Optional[int] = None
+    hostname: Optional[str] = None
+    comm: Optional[str] = None
+    config: Optional[str] = None
+    errors: list[str] = field(default_factory=list)
+
+    def core_limit_bytes(self) -> Optional[int]:
+        """The RLIMIT_CORE to honour: None for unlimited (or unknown), else a byte count."""
+        if self.core_limit is None or self.core_limit >= RLIM_INFINITY:
+            return None
+        return self.core_limit
+
+
+def build_pattern(executable: str, config: Optional[str] = None, pidfd: bool = True) -> str:
+    """The ``|...`` line for kernel.core_pattern; raises PatternTooLong rather than be truncated."""
+    words = ["|" + executable, "collect"]
+    if config:
+        words += ["--config", config]
+    words += [s if (s != "%F" or pidfd) else "-" for s in SPECIFIERS]
+    pattern = " ".join(words)
+    if any(c.isspace() for c in executable + (config or "")):
+        raise ValueError("the handler and config paths must not contain white space")
+    if len(pattern.encode()) > PATTERN_MAX:
+        raise PatternTooLong(f"core_pattern would be {len(pattern.encode())} bytes; the kernel keeps {PATTERN_MAX}")
+    return pattern
+
+
+def _number(text: str) -> int:
+    if not text.isdigit() or len(text) > 20:
+        raise ValueError(text)
+    return int(text)
+
+
+def parse_args(argv: list[str]) -> KernelArgs:
+    """Parse ``[--config PATH] <specifiers>``; never raises, collects what is wrong in ``errors``."""
+    args = KernelArgs()
+    rest = list(argv)
+    if len(rest) >= 2 and rest[0] == "--config":
+        args.config = rest[1]
+        rest = rest[2:]
+    if len(rest) != len(FIELDS):
+        args.errors.append(f"expected {len(FIELDS)} kernel arguments ({' '.join(SPECIFIERS)}), got {len(rest)}")
+        # Trust nothing positional when the count is off, except a leading host PID.
+        rest = rest[:1] if rest and rest[0].isdigit() else []
+    for name, value in zip(FIELDS, rest):
+        if name in ("hostname", "comm"):
+            setattr(args, name, value)
+        elif name == "pidfd":
+            if value not in ("", "-"):
+                try:
+                    args.pidfd = _number(value)
+                except ValueError:
+                    args.errors.append(f"bad pidfd argument {value[:40]!r}")
+        else:
+            try:
+                setattr(args, name, _number(value))
+            except ValueError:
+                args.errors.append(f"bad {name} argument {value[:40]!r}")
+    return args

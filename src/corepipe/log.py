@@ -1,0 +1,37 @@
+"""Logging for a process that has no stdout: the kernel log and syslog.
+
+Each crash gets one line; failures get a line with their cause. Nothing here may raise.
+"""
+
+from __future__ import annotations
+
+import os
+
+ERR, WARNING, INFO = 3, 4, 6
+_FACILITY_DAEMON = 3 << 3
+_MAX = 900  # a /dev/kmsg record holds about 1 KiB
+
+
+def clean(text: str, limit: int = _MAX) -> str:
+    """One printable line: control characters (newlines included) become '?'."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
+def log(message: str, level: int = INFO) -> None:
+    line = clean(message)
+    try:
+        fd = os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            os.write(fd, f"<{_FACILITY_DAEMON | level}>corepipe[{os.getpid()}]: {line}\n".encode(errors="replace"))
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    if os.path.exists("/dev/log"):
+        try:
+            import syslog
+
+            syslog.openlog("corepipe", syslog.LOG_PID, syslog.LOG_DAEMON)
+            syslog.syslog(level, line)
+        except OSError:
+            pass

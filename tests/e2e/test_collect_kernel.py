@@ -1,0 +1,84 @@
+"""The collector through the real kernel: a crash piped by core_pattern lands as core + record."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from support import CRASH_LINE, crash, decompress, gdb_backtrace, need_tool
+
+
+def _check_core(rec: dict, tmp_path: Path, crasher: Path) -> bytes:
+    core = rec["core"]
+    assert core["stored"] is True and core["file"] == "core.zst"
+    data = decompress(Path(rec["_dir"]) / "core.zst", tmp_path / "core")
+    assert data[:4] == b"\x7fELF" and int.from_bytes(data[16:18], "little") == 4, "not an ELF core (ET_CORE)"
+    assert len(data) == core["size"]
+    assert hashlib.sha256(data).hexdigest() == core["sha256"]
+    assert core["compressed_size"] == (Path(rec["_dir"]) / "core.zst").stat().st_size
+    assert core["truncated"] is False
+    bt = gdb_backtrace(str(crasher), tmp_path / "core")
+    assert " main " in bt and f"crasher.c:{CRASH_LINE}" in bt, bt
+    return data
+
+
+def test_host_process(kernel_handler, crasher: Path, tmp_path: Path) -> None:
+    proc = crash([str(crasher)])
+    assert proc.returncode == -signal.SIGSEGV
+    rec = kernel_handler.wait_record(lambda r: r["exe"] == str(crasher))
+    pid = rec["pid"]
+    assert rec["schema"] == 1 and rec["status"] == "complete"
+    assert rec["ns_pid"] == pid and rec["tid"] == pid
+    assert rec["signal"] == {"number": signal.SIGSEGV, "name": "SIGSEGV"}
+    assert rec["uid"] == os.getuid() and rec["gid"] == os.getgid()
+    assert rec["comm"] == "crasher" and rec["cmdline"] == [str(crasher)]
+    assert rec["container"]["runtime"] == "host"
+    assert rec["process"]["trusted"] is True, rec["process"]["untrusted_reasons"]
+    assert rec["core_limit"] == 2**64 - 1
+    assert rec["collector"]["errors"] == []
+    assert Path(rec["_dir"]).parent == kernel_handler.store / "host"
+    _check_core(rec, tmp_path, crasher)
+
+
+def test_own_pid_namespace_uses_host_pid(kernel_handler, crasher: Path, tmp_path: Path) -> None:
+    unshare = need_tool("unshare")
+    crash([unshare, "--pid", "--fork", "--mount-proc", str(crasher)])
+    # unshare re-raises the child's signal on itself: two cores; pick the crasher's (PID 1 in its namespace).
+    rec = kernel_handler.wait_record(lambda r: r["exe"] == str(crasher))
+    assert rec["ns_pid"] == 1
+    assert rec["pid"] != 1 and rec["pid"] > 1
+    assert rec["process"]["status"]["NSpid"].split() == [str(rec["pid"]), "1"]
+    assert rec["process"]["trusted"] is True, rec["process"]["untrusted_reasons"]
+    _check_core(rec, tmp_path, crasher)
+
+
+def test_core_limit_zero_records_without_core(kernel_handler, crasher: Path) -> None:
+    crash([str(crasher), "0", "nocore"], core_limit=0)
+    rec = kernel_handler.wait_record(lambda r: r["comm"] == "nocore")
+    assert rec["core_limit"] == 0
+    assert rec["core"]["stored"] is False and rec["core"]["file"] is None
+    assert "RLIMIT_CORE" in rec["core"]["reason"]
+    assert not (Path(rec["_dir"]) / "core.zst").exists()
+    assert rec["status"] == "complete"
+
+
+def test_small_core_limit_truncates(kernel_handler, crasher: Path, tmp_path: Path) -> None:
+    limit = 64 * 1024
+    crash([str(crasher), "4", "small"], core_limit=limit)
+    rec = kernel_handler.wait_record(lambda r: r["comm"] == "small")
+    core = rec["core"]
+    assert core["stored"] is True and core["truncated"] is True and core["size"] == limit
+    data = decompress(Path(rec["_dir"]) / "core.zst", tmp_path / "core")
+    assert len(data) == limit and data[:4] == b"\x7fELF"
+    assert hashlib.sha256(data).hexdigest() == core["sha256"]
+
+
+def test_kernel_log_has_one_line_per_crash(kernel_handler, crasher: Path) -> None:
+    crash([str(crasher), "0", "logged"])
+    rec = kernel_handler.wait_record(lambda r: r["comm"] == "logged")
+    dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
+    lines = [line for line in dmesg.splitlines() if f"id {rec['id']}" in line]
+    assert len(lines) == 1 and "corepipe" in lines[0] and "(logged)" in lines[0], lines

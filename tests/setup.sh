@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs everything the tests need on a fresh Debian machine: system packages, a venv, corepipe[test].
+set -euo pipefail
+cd "$(dirname "$0")/.."
+packages=(gcc libc6-dev gdb zstd util-linux busybox-static elfutils runc docker.io podman containerd)
+missing=()
+for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# Podman on this kind of host: no default ulimits the sandbox would refuse to raise.
+mkdir -p /etc/containers
+if ! grep -q '^default_ulimits' /etc/containers/containers.conf 2>/dev/null; then
+    printf '[containers]\ndefault_ulimits = []\n' >> /etc/containers/containers.conf
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q -e '.[test]'

@@ -1,0 +1,131 @@
+"""Shared test helpers: strict skips, the kernel handler under a lock, the crasher, reading the store."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+STRICT = os.environ.get("COREPIPE_TEST_STRICT") == "1"
+LOCK_PATH = "/run/lock/corepipe-tests.lock"
+CORE_PATTERN = Path("/proc/sys/kernel/core_pattern")
+PIPE_LIMIT = Path("/proc/sys/kernel/core_pipe_limit")
+CRASH_LINE = next(i for i, line in enumerate((HERE / "crasher.c").read_text().splitlines(), 1)
+                  if "CRASH HERE" in line)
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip when ``condition`` is false; under COREPIPE_TEST_STRICT=1 (CI) fail instead."""
+    if condition:
+        return
+    if STRICT:
+        pytest.fail(f"COREPIPE_TEST_STRICT=1 and a requirement is missing: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def need_root_kernel() -> None:
+    need(os.geteuid() == 0, "needs root to set kernel.core_pattern")
+    need(os.access(CORE_PATTERN, os.W_OK), "/proc/sys/kernel/core_pattern is not writable here")
+
+
+def need_tool(name: str) -> str:
+    path = shutil.which(name)
+    need(path is not None, f"needs {name} on PATH")
+    return path
+
+
+class Handler:
+    """corepipe installed as the kernel's core_pattern for the duration of a test."""
+
+    def __init__(self, workdir: Path, config_extra: str = ""):
+        self.workdir = workdir
+        self.store = workdir / "store"
+        self.config = workdir / "c.toml"
+        self.launcher = workdir / "h"
+        self.config.write_text(f'store = "{self.store}"\n{config_extra}')
+        self.launcher.write_text(f"#!{sys.executable}\nfrom corepipe.cli import main\nraise SystemExit(main())\n")
+        self.launcher.chmod(0o755)
+
+    def pattern(self, pidfd: bool = True) -> str:
+        from corepipe.kernel import build_pattern
+
+        return build_pattern(str(self.launcher), str(self.config), pidfd=pidfd)
+
+    def records(self) -> list:
+        return [json.loads(p.read_text()) | {"_dir": str(p.parent)} for p in sorted(self.store.rglob("record.json"))]
+
+    def wait_record(self, match: Callable[[dict], bool], timeout: float = 30.0) -> dict:
+        """The completed record that ``match`` picks; fails after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for rec in self.records() if self.store.exists() else []:
+                if rec.get("status") != "collecting" and match(rec):
+                    return rec
+            time.sleep(0.05)
+        raise AssertionError(f"no matching record within {timeout}s; have {[r.get('pid') for r in self.records()]}")
+
+
+class KernelSettings:
+    """Saves core_pattern and core_pipe_limit under a lock and restores them, whatever happens."""
+
+    def __init__(self) -> None:
+        self.lock = open(LOCK_PATH, "w")
+
+    def __enter__(self) -> KernelSettings:
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
+        self.saved_pattern = CORE_PATTERN.read_bytes()
+        self.saved_limit = PIPE_LIMIT.read_bytes()
+        return self
+
+    def set(self, pattern: str, pipe_limit: int = 64) -> None:
+        PIPE_LIMIT.write_text(str(pipe_limit))
+        CORE_PATTERN.write_text(pattern)
+        assert CORE_PATTERN.read_text().rstrip("\n") == pattern, "the kernel did not take the pattern"
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            CORE_PATTERN.write_bytes(self.saved_pattern)
+            PIPE_LIMIT.write_bytes(self.saved_limit)
+        finally:
+            fcntl.flock(self.lock, fcntl.LOCK_UN)
+            self.lock.close()
+
+
+def short_tempdir() -> Path:
+    """A short path: the whole core_pattern must fit in 127 bytes."""
+    return Path(tempfile.mkdtemp(prefix="cpt-", dir="/tmp"))
+
+
+def set_core_limit(limit: int) -> Callable[[], None]:
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (limit, limit))
+    return apply
+
+
+def crash(argv: list, core_limit: int = resource.RLIM_INFINITY, **kwargs) -> subprocess.CompletedProcess:
+    """Run a program that crashes, with RLIMIT_CORE set; returns once the kernel has reaped it."""
+    proc = subprocess.run(argv, preexec_fn=set_core_limit(core_limit), capture_output=True, timeout=120, **kwargs)
+    return proc
+
+
+def decompress(path: Path, out: Path) -> bytes:
+    subprocess.run([need_tool("zstd"), "-q", "-d", "-f", str(path), "-o", str(out)], check=True)
+    return out.read_bytes()
+
+
+def gdb_backtrace(exe: str, core: Path, extra: Optional[list] = None) -> str:
+    gdb = need_tool("gdb")
+    proc = subprocess.run([gdb, "-batch", "-nx", *(extra or []), "-ex", "bt", exe, str(core)],
+                          capture_output=True, text=True, timeout=120)
+    return proc.stdout + proc.stderr
