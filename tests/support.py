@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -100,6 +102,28 @@ class KernelSettings:
         finally:
             fcntl.flock(self.lock, fcntl.LOCK_UN)
             self.lock.close()
+
+
+@contextlib.contextmanager
+def installed_handler(workdir: Path, config_extra: str = "", pipe_limit: int = 64) -> Iterator[Handler]:
+    """Like the kernel_handler fixture, with extra config text and a chosen core_pipe_limit."""
+    need_root_kernel()
+    handler = Handler(workdir, config_extra=config_extra)
+    with KernelSettings() as settings:
+        settings.set(handler.pattern(), pipe_limit=pipe_limit)
+        yield handler
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs at ``path`` (for disk-full and quota tests), unmounted afterwards."""
+    need(os.geteuid() == 0, "needs root to mount a tmpfs")
+    path.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def short_tempdir() -> Path:

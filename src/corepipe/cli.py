@@ -15,6 +15,7 @@ from typing import Optional
 #: Subcommand name -> module in corepipe.commands; each has ``HELP``, ``add_arguments(parser)`` and ``run(ns)``.
 COMMANDS = {
     "resolve": "resolve_cmd",
+    "prune": "prune_cmd",
 }
 
 

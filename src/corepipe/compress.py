@@ -10,11 +10,13 @@ import fcntl
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import zstandard
 
 CHUNK = 1 << 20
+#: How much of the start of the core is kept in ``CoreResult.head`` (ELF and program headers).
+HEAD = 256 << 10
 _F_SETPIPE_SZ = 1031
 
 
@@ -27,6 +29,32 @@ class CoreResult:
     #: True when the core was cut at ``limit``; ``complete`` when the input was read to its end.
     truncated: bool = False
     complete: bool = False
+    #: The first HEAD uncompressed bytes, to check the core against its ELF program headers.
+    head: bytes = b""
+
+
+class OutputTooLarge(OSError):
+    """The compressed core grew past ``max_output``: the space it was given."""
+
+
+class _Budget:
+    """A file-like target that refuses to grow past ``limit`` bytes unless ``grow(wanted, written)`` gives more."""
+
+    def __init__(self, raw: object, limit: int, grow: Optional[Callable[[int, int], int]]):
+        self.raw, self.limit, self.grow, self.written = raw, limit, grow, 0
+
+    def write(self, data: bytes) -> int:
+        if self.written + len(data) > self.limit and self.grow is not None:
+            # Ask for half as much again (at least 8 MiB more), so a big core asks only a few times.
+            self.limit = max(self.limit, self.grow(max(self.written + len(data), self.written * 3 // 2,
+                                                       self.written + (8 << 20)), self.written))
+        if self.written + len(data) > self.limit:
+            raise OutputTooLarge(f"the compressed core needs more than the {self.limit} bytes it has room for")
+        self.written += len(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
 
 
 def widen_pipe(fd: int) -> None:
@@ -38,15 +66,19 @@ def widen_pipe(fd: int) -> None:
 
 
 def compress_stream(source_fd: int, target_fd: int, *, limit: Optional[int] = None, level: int = 3,
-                    threads: int = -1) -> CoreResult:
-    """Copy ``source_fd`` to ``target_fd`` as one zstd frame; raises OSError on a write failure."""
+                    threads: int = -1, max_output: Optional[int] = None,
+                    grow: Optional[Callable[[int, int], int]] = None) -> CoreResult:
+    """Copy ``source_fd`` to ``target_fd`` as one zstd frame; raises OSError on a write failure and
+    OutputTooLarge when the compressed bytes would pass ``max_output`` (and ``grow`` gives no more)."""
     result = CoreResult()
     digest = hashlib.sha256()
     compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
+    head = bytearray()
     with open(target_fd, "wb", buffering=0, closefd=False) as raw, \
-            compressor.stream_writer(raw, closefd=False, write_size=CHUNK) as writer:
+            compressor.stream_writer(raw if max_output is None else _Budget(raw, max_output, grow), closefd=False,
+                                     write_size=CHUNK) as writer:
         while True:
             want = CHUNK if limit is None else min(CHUNK, limit - result.size)
             if want <= 0:
@@ -59,9 +91,12 @@ def compress_stream(source_fd: int, target_fd: int, *, limit: Optional[int] = No
                 result.complete = True
                 break
             chunk = view[:n]
+            if len(head) < HEAD:
+                head += chunk[:HEAD - len(head)]
             digest.update(chunk)
             writer.write(chunk)
             result.size += n
     result.compressed_size = os.fstat(target_fd).st_size
     result.sha256 = digest.hexdigest()
+    result.head = bytes(head)
     return result

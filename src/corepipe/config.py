@@ -30,6 +30,22 @@ class Config:
     #: Environment variables whose names contain one of these (case-insensitive) are stored as "<redacted>".
     redact_env: list = field(default_factory=lambda: ["PASSWORD", "PASSWD", "SECRET", "TOKEN", "KEY",
                                                        "CREDENTIAL", "AUTH", "COOKIE", "SESSION"])
+    #: Storage policy (see policy.py). The store uses at most max_use bytes and leaves keep_free bytes free
+    #: on its filesystem; -1: 10% / 15% of the filesystem, each at most 4 GiB; 0: no such limit.
+    max_use: int = -1
+    keep_free: int = -1
+    #: Per container (host processes count as one): most cores kept and most bytes of cores; 0: no limit.
+    container_max_cores: int = 20
+    container_max_bytes: int = 0
+    #: Cores are truncated (and marked) at this many uncompressed bytes; 0: no limit.
+    max_core_size: int = 32 << 30
+    #: Crash-loop control: at most this many cores per container / per executable in a container within
+    #: rate_limit_window seconds; crashes over it get a record without a core. 0: no limit.
+    rate_limit_container: int = 10
+    rate_limit_exe: int = 5
+    rate_limit_window: int = 600
+    #: ``corepipe prune`` deletes crashes older than this many days; 0: keep them.
+    max_age_days: int = 30
     #: The path it was loaded from, or None for the built-in defaults.
     path: Optional[str] = None
 
@@ -69,6 +85,13 @@ def parse(text: str, path: Optional[str] = None) -> Config:
         raise ConfigError(f"{path or 'config'}: store must be an absolute path")
     if not 1 <= config.compression_level <= 22:
         raise ConfigError(f"{path or 'config'}: compression_level must be 1..22")
+    for name in ("max_use", "keep_free"):
+        if getattr(config, name) < -1:
+            raise ConfigError(f"{path or 'config'}: {name} must be -1 (automatic), 0 (no limit) or a byte count")
+    for name in ("container_max_cores", "container_max_bytes", "max_core_size", "rate_limit_container",
+                 "rate_limit_exe", "rate_limit_window", "max_age_days"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{path or 'config'}: {name} must not be negative")
     if config.timeout < 1:
         raise ConfigError(f"{path or 'config'}: timeout must be at least 1")
     return config

@@ -83,6 +83,7 @@ def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], cont
             "compressed_size": None,
             "sha256": None,
             "truncated": False,
+            "complete": None,
             "compression": "zstd",
         },
         "collector": {"version": __version__, "duration": None, "errors": []},

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import Optional
+from typing import Callable, Optional
 
+from corepipe import accounting, containers, kernel, policy, record, snapshot
 from corepipe import config as configuration
-from corepipe import containers, kernel, record, snapshot
+from corepipe.accounting import PARTIAL_CORE
 from corepipe.log import ERR, INFO, WARNING, log
 from corepipe.store import CORE, RECORD, CrashDir, Store
 
@@ -79,14 +80,14 @@ def _collect(args: kernel.KernelArgs, cfg: configuration.Config, errors: list, s
             log(f"error: pid {args.pid}: cannot create a crash directory: {exc}; core not saved", ERR)
             return 1
         try:
-            return _store_crash(crash, args, cfg, snap, container, errors, started)
+            return _store_crash(store, crash, args, cfg, snap, container, errors, started)
         finally:
             crash.close()
             if snap is not None:
                 snap.close()
 
 
-def _store_crash(crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Config,
+def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Config,
                  snap: Optional[snapshot.Snapshot], container: containers.Container, errors: list,
                  started: float) -> int:
     rec = record.build(crash_id=crash.id, args=args, snapshot=snap, container=container,
@@ -99,25 +100,7 @@ def _store_crash(crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Co
     if limit == 0:
         core["reason"] = "RLIMIT_CORE is 0"
     else:
-        fd, tmp = crash.open_temp(CORE)
-        try:
-            from corepipe import compress
-
-            compress.widen_pipe(STDIN)
-            result = compress.compress_stream(STDIN, fd, limit=limit, level=cfg.compression_level,
-                                              threads=cfg.compression_threads)
-        except (OSError, Timeout) as exc:
-            crash.discard(fd, tmp)
-            failed = True
-            core["reason"] = f"write failed: {exc}"
-            errors.append(f"core not saved: {exc}")
-            log(f"error: pid {args.pid}: core not saved: {exc}", ERR)
-        else:
-            crash.commit(fd, tmp, CORE)
-            core.update(file=CORE, stored=True, size=result.size, compressed_size=result.compressed_size,
-                        sha256=result.sha256, truncated=result.truncated)
-            if result.truncated:
-                core["reason"] = f"truncated at RLIMIT_CORE ({limit} bytes)"
+        failed = _policed_core(store, crash, args, cfg, snap, container.directory(), rec, limit) or failed
     rec["status"] = "failed" if failed else "complete"
     rec["collector"]["duration"] = round(time.monotonic() - started, 6)
     _write_record(crash, rec)
@@ -129,6 +112,93 @@ def _store_crash(crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Co
     if args.errors:
         return 2
     return 1 if failed else 0
+
+
+def _policed_core(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Config,
+                  snap: Optional[snapshot.Snapshot], group: tuple, rec: dict, limit: Optional[int]) -> bool:
+    """Store the core within the storage policy and rate limits (accounting.py); True if that failed."""
+    core = rec["core"]
+    caps = [x for x in (limit, cfg.max_core_size) if x]
+    cap = min(caps) if caps else None
+    status = snap.status() if snap is not None and snap.trusted else {}
+    want = policy.estimate(_kib(status.get("VmRSS"), status.get("VmSwap")), _kib(status.get("VmSize")), cap)
+    try:
+        admission = accounting.admit(store, cfg, crash_id=crash.id, group=group,
+                                     exe=rec["exe"] or args.comm or "", want=want)
+    except (OSError, Timeout) as exc:
+        return _not_saved(args, rec, f"storage accounting failed: {exc}")
+    if not admission.budget:
+        core["reason"] = admission.reason
+        return False
+    try:
+        return _write_core(crash, args, cfg, rec, limit, cap, admission,
+                           grow=lambda want, written: accounting.grow(store, cfg, crash_id=crash.id, group=group,
+                                                                     want=want, written=written))
+    finally:
+        try:
+            accounting.release(store, crash.id)
+        except OSError as exc:
+            log(f"error: pid {args.pid}: cannot release the room reserved for crash {crash.id}: {exc}", ERR)
+
+
+def _write_core(crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Config, rec: dict,
+                limit: Optional[int], cap: Optional[int], admission: accounting.Admission,
+                grow: Callable[[int, int], int]) -> bool:
+    """Stream stdin into the crash directory; True if the core could not be stored whole."""
+    from corepipe import compress, elfcore
+
+    core = rec["core"]
+    fd, tmp = crash.open_temp(CORE)
+    try:
+        compress.widen_pipe(STDIN)
+        result = compress.compress_stream(STDIN, fd, limit=cap,
+                                          level=cfg.compression_level, threads=cfg.compression_threads,
+                                          max_output=admission.budget, grow=grow)
+    except compress.OutputTooLarge as exc:
+        # The storage policy's decision, like a core refused before it was read: not a failure.
+        crash.discard(fd, tmp)
+        core["reason"] = f"no room for the core: {exc} (limited by {admission.limited_by})"
+        return False
+    except (OSError, Timeout) as exc:
+        crash.discard(fd, tmp)
+        return _not_saved(args, rec, f"write failed: {exc}")
+    if result.size == 0:
+        crash.discard(fd, tmp)
+        return _not_saved(args, rec, "the kernel sent no core data (the pipe was empty)")
+    expected = None if result.truncated else elfcore.expected_size(result.head)
+    whole = expected is None or result.size >= expected
+    crash.commit(fd, tmp, CORE if whole else PARTIAL_CORE)
+    core.update(file=CORE if whole else PARTIAL_CORE, stored=True, size=result.size, complete=whole,
+                compressed_size=result.compressed_size, sha256=result.sha256, truncated=result.truncated)
+    if result.truncated:
+        core["reason"] = (f"truncated at RLIMIT_CORE ({limit} bytes)" if cap == limit
+                          else f"truncated at max_core_size ({cap} bytes)")
+    elif not whole:
+        core["reason"] = (f"the core ended after {result.size} of {expected} bytes: the kernel stopped the dump "
+                          f"(the process was killed) or the pipe closed early; kept as {PARTIAL_CORE}")
+        rec["collector"]["errors"].append(core["reason"])
+        log(f"error: pid {args.pid}: {core['reason']}", ERR)
+    return not whole
+
+
+def _not_saved(args: kernel.KernelArgs, rec: dict, reason: str) -> bool:
+    rec["core"]["reason"] = reason
+    rec["collector"]["errors"].append(f"core not saved: {reason}")
+    log(f"error: pid {args.pid}: core not saved: {reason}", ERR)
+    return True
+
+
+def _kib(*values: Optional[str]) -> Optional[int]:
+    """The sum of /proc status figures like "1234 kB"; None if the first is missing."""
+    if not values or values[0] is None:
+        return None
+    total = 0
+    for value in values:
+        try:
+            total += int((value or "0").split()[0])
+        except (ValueError, IndexError):
+            return None
+    return total
 
 
 def _write_record(crash: CrashDir, rec: dict) -> None:

@@ -1,0 +1,151 @@
+"""Storage policy as pure decisions: given what the store holds and the limits, what to delete, how much room.
+
+Nothing here touches the disk, so every rule can be unit-tested with made-up figures.
+The rules (README, "Storage policy"): a container keeps at most ``container_max_cores``
+cores and ``container_max_bytes`` bytes of cores; the store uses at most ``max_use`` and
+leaves ``keep_free`` free on its filesystem. Room is made by deleting the oldest cores,
+first of the container the new core belongs to (for its own limits), then of whichever
+container uses the most (for the global ones). A crash not yet stored is never a candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+GIB = 1 << 30
+#: Automatic limits, as systemd-coredump: MaxUse 10% and KeepFree 15% of the filesystem, each at most 4 GiB.
+AUTO_MAX_USE = (10, 4 * GIB)
+AUTO_KEEP_FREE = (15, 4 * GIB)
+#: Left free on the filesystem whatever the limits say, for the records (and the state file) still to come.
+MARGIN = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Core:
+    """A crash in the store: its container group ("host", "docker/<id>"), directory name, time, and its core
+    file's name and bytes on disk (``file`` None: no core)."""
+
+    group: str
+    crash: str
+    size: int
+    time: float
+    file: Optional[str] = None
+
+
+@dataclass
+class Limits:
+    """Effective limits in bytes (0: none), see ``limits()``."""
+
+    max_use: int = 0
+    keep_free: int = 0
+    container_max_cores: int = 0
+    container_max_bytes: int = 0
+
+
+@dataclass
+class Plan:
+    #: Cores to delete, oldest first, each with the reason.
+    delete: list = field(default_factory=list)
+    #: Bytes the new core may take on disk (compressed) after the deletions; 0 means none.
+    budget: int = 0
+    #: The limit that decides ``budget`` (for the record when the core does not fit).
+    limited_by: Optional[str] = None
+
+
+def automatic(setting: int, fs_size: int, auto: tuple) -> int:
+    """A max_use/keep_free setting in bytes: -1 is a percentage of the filesystem with a cap."""
+    if setting >= 0:
+        return setting
+    percent, cap = auto
+    return min(fs_size * percent // 100, cap)
+
+
+def limits(*, max_use: int, keep_free: int, container_max_cores: int, container_max_bytes: int,
+           fs_size: int) -> Limits:
+    return Limits(max_use=automatic(max_use, fs_size, AUTO_MAX_USE),
+                  keep_free=automatic(keep_free, fs_size, AUTO_KEEP_FREE),
+                  container_max_cores=container_max_cores, container_max_bytes=container_max_bytes)
+
+
+def plan(cores: list, lim: Limits, *, fs_free: int, reserved: int = 0, group: Optional[str] = None,
+         want: int = 0) -> Plan:
+    """What to delete so the limits hold with one more core of ``want`` bytes in ``group``.
+
+    With ``group`` None (``corepipe prune``) only the existing cores are brought within the limits.
+    ``reserved`` is room already promised to handlers still writing; it counts as used.
+    """
+    result = Plan()
+    remaining = sorted((c for c in cores if c.file), key=lambda c: (c.time, c.crash))
+    new = 1 if group is not None else 0
+
+    def drop(core: Core, reason: str) -> None:
+        remaining.remove(core)
+        result.delete.append((core, reason))
+
+    groups = {c.group for c in remaining} if group is None else {group}
+    for g in sorted(groups):
+        own = [c for c in remaining if c.group == g]
+        while lim.container_max_cores and own and len(own) + new > lim.container_max_cores:
+            drop(own.pop(0), f"container {g} is over container_max_cores ({lim.container_max_cores})")
+        while lim.container_max_bytes and own and sum(c.size for c in own) + want * new > lim.container_max_bytes:
+            drop(own.pop(0), f"container {g} is over container_max_bytes ({lim.container_max_bytes})")
+
+    free = fs_free + sum(c.size for c, _ in result.delete)
+
+    def used() -> int:
+        return sum(c.size for c in remaining) + reserved
+
+    while remaining:
+        if lim.max_use and used() + want > lim.max_use:
+            reason = f"the store is over max_use ({lim.max_use} bytes)"
+        elif lim.keep_free and free - want < lim.keep_free:
+            reason = f"the filesystem has less than keep_free ({lim.keep_free} bytes) free"
+        else:
+            break
+        biggest = max(sorted({c.group for c in remaining}), key=lambda g: sum(c.size for c in remaining
+                                                                             if c.group == g))
+        victim = next(c for c in remaining if c.group == biggest)
+        drop(victim, f"{reason}; {biggest} uses the most")
+        free += victim.size
+
+    if group is not None:
+        # Room promised to other handlers is not on the disk yet but will be: it is not free.
+        rooms = [("free space on the filesystem", free - reserved - MARGIN)]
+        if lim.max_use:
+            rooms.append((f"max_use ({lim.max_use} bytes)", lim.max_use - used()))
+        if lim.keep_free:
+            rooms.append((f"keep_free ({lim.keep_free} bytes)", free - reserved - lim.keep_free - MARGIN))
+        if lim.container_max_bytes:
+            own_bytes = sum(c.size for c in remaining if c.group == group)
+            rooms.append((f"container_max_bytes ({lim.container_max_bytes})", lim.container_max_bytes - own_bytes))
+        name, room = min(rooms, key=lambda r: r[1])
+        result.budget = max(0, room)
+        result.limited_by = name
+    return result
+
+
+def expired(cores_and_crashes: list, *, now: float, max_age_days: int) -> list:
+    """The crashes (any object with ``.time``) older than ``max_age_days``; none when it is 0."""
+    if not max_age_days:
+        return []
+    cutoff = now - max_age_days * 86400
+    return [c for c in cores_and_crashes if c.time < cutoff]
+
+
+def rate_allows(times: list, *, now: float, window: int, limit: int) -> tuple:
+    """(allowed, recent times) for one rate-limit key: at most ``limit`` cores within ``window`` seconds."""
+    recent = [t for t in times if isinstance(t, (int, float)) and now - window < t <= now + window]
+    if not limit or not window:
+        return True, recent
+    return len(recent) < limit, recent
+
+
+def estimate(rss_kib: Optional[int], vm_kib: Optional[int], cap: Optional[int]) -> Optional[int]:
+    """Expected compressed size of a core: its resident (incl. swapped) memory, a little for the
+    zero pages of untouched mappings, and 1 MiB of notes and headers; never above ``cap``.
+    None when nothing is known."""
+    if rss_kib is None:
+        return cap
+    guess = rss_kib * 1024 + (vm_kib or 0) * 1024 // 1000 + (1 << 20)
+    return guess if cap is None else min(guess, cap + (1 << 20))

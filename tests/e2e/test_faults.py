@@ -1,0 +1,256 @@
+"""Faults: disk full, read-only or missing store, bad config, killed handler or process, short input, no room.
+
+In each case no file under a final name is partial, the record (where one can be written)
+says what happened, the failure is logged, and the next crash is handled normally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from support import Handler, crash, decompress, installed_handler, mounted_tmpfs, set_core_limit, short_tempdir
+
+DEFAULT_STORE = Path("/var/lib/corepipe")
+
+
+@pytest.fixture(scope="module")
+def real_core(crasher: Path) -> bytes:
+    """An uncompressed core of the crasher with 16 MiB of heap (4 MiB of it random), made by the kernel."""
+    workdir = short_tempdir()
+    workdir.chmod(0o755)
+    try:
+        with installed_handler(workdir) as handler:
+            crash([str(crasher), "16", "real"])
+            rec = handler.wait_record(lambda r: r["comm"] == "real")
+        return decompress(Path(rec["_dir"]) / "core.zst", workdir / "core")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def collect_by_hand(handler: Handler, pid: int, comm: str) -> subprocess.Popen:
+    """`corepipe collect` run as the kernel would, for a live process of ours, reading the core from a pipe."""
+    argv = [str(handler.launcher), "collect", "--config", str(handler.config), str(pid), str(pid), str(pid),
+            str(os.getuid()), str(os.getgid()), "11", str(int(time.time())), str(2**64 - 1), "1", "-", "host", comm]
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={}, cwd="/")
+
+
+def start(argv: list) -> subprocess.Popen:
+    """A crasher started in the background, with RLIMIT_CORE unlimited."""
+    return subprocess.Popen(argv, preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def temp_files(store: Path) -> list:
+    return sorted(store.rglob(".core.zst.*.tmp")) if store.exists() else []
+
+
+def dmesg_lines(needle: str) -> list:
+    return [line for line in subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
+            if needle in line]
+
+
+def handler_pids(handler: Handler) -> list:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if str(handler.launcher).encode() in argv and b"collect" in argv:
+                pids.append(int(entry.name))
+    return pids
+
+
+def assert_next_crash_is_normal(handler: Handler, crasher: Path, name: str) -> dict:
+    crash([str(crasher), "0", name])
+    rec = handler.wait_record(lambda r: r["comm"] == name)
+    assert rec["status"] == "complete" and rec["core"]["stored"] and rec["core"]["complete"], rec["core"]
+    return rec
+
+
+def assert_only_complete_cores(store: Path, tmp: Path) -> None:
+    """Every core.zst under its final name decompresses whole and matches its record's sha256."""
+    for core in store.rglob("core.zst"):
+        rec = json.loads((core.parent / "record.json").read_text())
+        data = decompress(core, tmp / "check")
+        assert hashlib.sha256(data).hexdigest() == rec["core"]["sha256"]
+
+
+def test_disk_full_during_the_write(handler_dir: Path, crasher: Path, real_core: bytes, tmp_path: Path) -> None:
+    store = handler_dir / "store"
+    config = "max_use = 0\nkeep_free = 0\nrate_limit_exe = 0\n"
+    with mounted_tmpfs(store, "8m"), installed_handler(handler_dir, config) as handler:
+        sleeper = subprocess.Popen(["sleep", "60"])
+        try:
+            proc = collect_by_hand(handler, sleeper.pid, "diskfull")
+            proc.stdin.write(real_core[:1 << 20])
+            proc.stdin.flush()
+            wait_for(lambda: temp_files(store), what="the handler's temporary core")
+            # Someone else fills the disk, leaving 64 KiB: the core (4 MiB random) cannot fit.
+            st = os.statvfs(store)
+            filler = store / "filler"
+            with open(filler, "wb") as f:
+                f.write(b"\1" * (st.f_bavail * st.f_frsize - (64 << 10)))
+            try:
+                proc.stdin.write(real_core[1 << 20:])
+            except BrokenPipeError:
+                pass
+            proc.stdin.close()
+            assert proc.wait(timeout=60) == 1
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+        rec = handler.wait_record(lambda r: r["comm"] == "diskfull")
+        assert rec["status"] == "failed" and rec["core"]["stored"] is False
+        assert "No space left on device" in rec["core"]["reason"], rec["core"]["reason"]
+        assert not temp_files(store) and not list(store.rglob("core*.zst"))
+        assert dmesg_lines(f"pid {sleeper.pid}: core not saved: write failed")
+        filler.unlink()
+        assert_next_crash_is_normal(handler, crasher, "after-full")
+
+
+def test_core_larger_than_the_free_space(handler_dir: Path, crasher: Path, tmp_path: Path) -> None:
+    store = handler_dir / "store"
+    with mounted_tmpfs(store, "8m"), installed_handler(handler_dir) as handler:
+        crash([str(crasher), "16", "toobig"])
+        rec = handler.wait_record(lambda r: r["comm"] == "toobig")
+        assert rec["core"]["stored"] is False and rec["core"]["reason"].startswith("no room for the core"), rec["core"]
+        assert "max_use" in rec["core"]["reason"]
+        assert not temp_files(store) and not list(store.rglob("core*.zst"))
+        assert dmesg_lines(f"id {rec['id']}")
+        small = assert_next_crash_is_normal(handler, crasher, "fits")
+        assert small["core"]["compressed_size"] < (8 << 20) // 10
+        assert_only_complete_cores(store, tmp_path)
+
+
+def test_read_only_store(kernel_handler, crasher: Path) -> None:
+    assert_next_crash_is_normal(kernel_handler, crasher, "before-ro")
+    store = kernel_handler.store
+    subprocess.run(["mount", "--bind", str(store), str(store)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(store)], check=True)
+        before = sorted(store.rglob("*"))
+        proc = start([str(crasher), "0", "readonly"])
+        proc.wait(timeout=60)
+        line = wait_for(lambda: dmesg_lines(f"pid {proc.pid}: cannot create a crash directory"),
+                        what="the log line for the read-only store")
+        assert "Read-only file system" in line[0]
+        assert sorted(store.rglob("*")) == before
+    finally:
+        subprocess.run(["umount", str(store)], check=True)
+    assert_next_crash_is_normal(kernel_handler, crasher, "after-ro")
+
+
+def test_store_missing_is_created(kernel_handler, crasher: Path) -> None:
+    assert_next_crash_is_normal(kernel_handler, crasher, "first")
+    shutil.rmtree(kernel_handler.store)
+    rec = assert_next_crash_is_normal(kernel_handler, crasher, "recreated")
+    assert (kernel_handler.store.stat().st_mode & 0o777) == 0o700
+    assert Path(rec["_dir"]).parent == kernel_handler.store / "host"
+
+
+@pytest.mark.parametrize("problem", ["bad toml", "unknown key", "wrong type", "a directory"])
+def test_invalid_config_falls_back_to_the_defaults(kernel_handler, crasher: Path, problem: str) -> None:
+    config = kernel_handler.config
+    if problem == "a directory":
+        config.unlink()
+        config.mkdir()
+    else:
+        config.write_text({"bad toml": "store = [\n", "unknown key": "colour = 'red'\n",
+                           "wrong type": "max_use = 'a lot'\n"}[problem])
+    name = f"cfg-{problem.split()[-1]}"
+    proc = start([str(crasher), "0", name])
+    proc.wait(timeout=60)
+    try:
+        rec = wait_for(lambda: [r for r in (json.loads(p.read_text()) | {"_dir": str(p.parent)}
+                                            for p in (DEFAULT_STORE / "host").glob("*/record.json"))
+                                if r["pid"] == proc.pid and r["status"] != "collecting"],
+                       what="the record in the default store")[0]
+        assert rec["comm"] == name and rec["core"]["stored"]
+        assert any(e.startswith("config: ") and "using the defaults" in e for e in rec["collector"]["errors"])
+        assert dmesg_lines(f"pid {proc.pid}: config: ")
+    finally:
+        for p in (DEFAULT_STORE / "host").glob("*/record.json"):
+            if json.loads(p.read_text()).get("pid") == proc.pid:
+                shutil.rmtree(p.parent)
+    if problem == "a directory":
+        config.rmdir()
+    config.write_text(f'store = "{kernel_handler.store}"\n')
+    assert_next_crash_is_normal(kernel_handler, crasher, "cfg-fixed")
+
+
+def test_handler_killed_mid_write(kernel_handler, crasher: Path, tmp_path: Path) -> None:
+    proc = start([str(crasher), "400", "killme"])
+    wait_for(lambda: temp_files(kernel_handler.store), what="the handler's temporary core")
+    pids = handler_pids(kernel_handler)
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    rec = json.loads(next(kernel_handler.store.rglob("record.json")).read_text())
+    assert rec["comm"] == "killme" and rec["status"] == "collecting" and rec["core"]["stored"] is False
+    crash_dir = next(kernel_handler.store.rglob("record.json")).parent
+    assert not (crash_dir / "core.zst").exists(), "a killed handler left a core under its final name"
+    assert [p.name.startswith(".core.zst.") for p in crash_dir.iterdir() if p.name != "record.json"] == [True]
+    after = assert_next_crash_is_normal(kernel_handler, crasher, "after-kill")
+    state = json.loads((kernel_handler.store / ".state.json").read_text())
+    assert rec["id"] not in state["reservations"] and after["id"] not in state["reservations"]
+    assert_only_complete_cores(kernel_handler.store, tmp_path)
+
+
+def test_process_sigkilled_mid_dump_keeps_a_marked_partial_core(kernel_handler, crasher: Path,
+                                                                 tmp_path: Path) -> None:
+    proc = start([str(crasher), "400", "killdump"])
+    wait_for(lambda: temp_files(kernel_handler.store), what="the handler's temporary core")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    rec = kernel_handler.wait_record(lambda r: r["comm"] == "killdump")
+    core = rec["core"]
+    assert rec["status"] == "failed" and core["complete"] is False and core["file"] == "core.partial.zst"
+    assert "the core ended after" in core["reason"] and core["reason"] in rec["collector"]["errors"]
+    assert not (Path(rec["_dir"]) / "core.zst").exists()
+    data = decompress(Path(rec["_dir"]) / "core.partial.zst", tmp_path / "partial")
+    assert len(data) == core["size"] < 400 << 20 and hashlib.sha256(data).hexdigest() == core["sha256"]
+    assert dmesg_lines(f"pid {rec['pid']}: the core ended after")
+    assert_next_crash_is_normal(kernel_handler, crasher, "after-sigkill")
+
+
+def test_stdin_ending_early(kernel_handler, crasher: Path, real_core: bytes, tmp_path: Path) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        for name, data in (("half", real_core[:len(real_core) // 2]), ("empty", b"")):
+            proc = collect_by_hand(kernel_handler, sleeper.pid, name)
+            proc.communicate(data, timeout=60)
+            assert proc.returncode == 1
+            rec = kernel_handler.wait_record(lambda r, name=name: r["comm"] == name)
+            assert rec["status"] == "failed"
+            assert not (Path(rec["_dir"]) / "core.zst").exists()
+            if name == "half":
+                assert rec["core"]["file"] == "core.partial.zst" and rec["core"]["complete"] is False
+                assert f"ended after {len(data)} of {len(real_core)} bytes" in rec["core"]["reason"]
+            else:
+                assert rec["core"]["stored"] is False and "no core data" in rec["core"]["reason"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert_next_crash_is_normal(kernel_handler, crasher, "after-short")
