@@ -37,7 +37,12 @@ class FakeContainers:
 
     def join(self, cid: str):
         """A preexec_fn that moves the child into the container's cgroup."""
-        procs = self.path(cid) / "cgroup.procs"
+        return self.join_dir(self.path(cid))
+
+    @staticmethod
+    def join_dir(directory: Path):
+        """A preexec_fn that moves the child into the cgroup ``directory``."""
+        procs = directory / "cgroup.procs"
 
         def enter() -> None:
             procs.write_text(str(os.getpid()))
@@ -57,13 +62,14 @@ class FakeContainers:
 
 
 def crash_in(containers: FakeContainers, cid: str, argv: list, **kwargs):
-    """support.crash() inside a fake container."""
+    """support.crash() inside a fake container (``cid``: an id from new(), or a cgroup directory)."""
     import resource
     import subprocess
 
     from support import set_core_limit
 
-    limit, enter = set_core_limit(kwargs.pop("core_limit", resource.RLIM_INFINITY)), containers.join(cid)
+    enter = containers.join_dir(cid) if isinstance(cid, Path) else containers.join(cid)
+    limit = set_core_limit(kwargs.pop("core_limit", resource.RLIM_INFINITY))
 
     def preexec() -> None:
         enter()

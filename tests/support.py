@@ -78,6 +78,16 @@ class Handler:
         raise AssertionError(f"no matching record within {timeout}s; have {[r.get('pid') for r in self.records()]}")
 
 
+def collect_by_hand(handler: Handler, pid: int, comm: str, pidfd: Optional[int] = None) -> subprocess.Popen:
+    """`corepipe collect` run as the kernel runs it (empty environment, cwd /), for a live process of ours,
+    reading the core from a pipe the test writes: for faults the kernel cannot be made to produce."""
+    argv = [str(handler.launcher), "collect", "--config", str(handler.config), str(pid), str(pid), str(pid),
+            str(os.getuid()), str(os.getgid()), "11", str(int(time.time())), str(2**64 - 1), "1",
+            "-" if pidfd is None else str(pidfd), "host", comm]
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={}, cwd="/", pass_fds=() if pidfd is None else (pidfd,))
+
+
 class KernelSettings:
     """Saves core_pattern and core_pipe_limit under a lock and restores them, whatever happens."""
 

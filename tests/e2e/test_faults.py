@@ -17,7 +17,16 @@ import time
 from pathlib import Path
 
 import pytest
-from support import Handler, crash, decompress, installed_handler, mounted_tmpfs, set_core_limit, short_tempdir
+from support import (
+    Handler,
+    collect_by_hand,
+    crash,
+    decompress,
+    installed_handler,
+    mounted_tmpfs,
+    set_core_limit,
+    short_tempdir,
+)
 
 DEFAULT_STORE = Path("/var/lib/corepipe")
 
@@ -34,14 +43,6 @@ def real_core(crasher: Path) -> bytes:
         return decompress(Path(rec["_dir"]) / "core.zst", workdir / "core")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def collect_by_hand(handler: Handler, pid: int, comm: str) -> subprocess.Popen:
-    """`corepipe collect` run as the kernel would, for a live process of ours, reading the core from a pipe."""
-    argv = [str(handler.launcher), "collect", "--config", str(handler.config), str(pid), str(pid), str(pid),
-            str(os.getuid()), str(os.getgid()), "11", str(int(time.time())), str(2**64 - 1), "1", "-", "host", comm]
-    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={}, cwd="/")
 
 
 def start(argv: list) -> subprocess.Popen:

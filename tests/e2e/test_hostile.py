@@ -1,0 +1,352 @@
+"""Hostile input: what the crashing process controls must never steer where or what the handler writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from cgroups import FakeContainers, crash_in
+from support import collect_by_hand, crash, installed_handler, set_core_limit
+
+from corepipe import containers
+
+NO_RATE_LIMIT = "rate_limit_container = 0\nrate_limit_exe = 0\n"
+
+
+@pytest.fixture
+def fake_containers() -> FakeContainers:
+    made = FakeContainers()
+    yield made
+    made.remove()
+
+
+def _dmesg(needle: str) -> list:
+    return [line for line in subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
+            if needle in line]
+
+
+def _wait_log(needle: str, timeout: float = 30) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = _dmesg(needle)
+        if lines:
+            return lines
+        time.sleep(0.05)
+    raise AssertionError(f"no log line with {needle!r}")
+
+
+def _store_entries(store: Path) -> set:
+    return {p.name for p in store.iterdir()}
+
+
+NAMES = [b"a/b", b"..", b"../../etc", b"with space", b"new\nline", b"paren)x (", b"\xff\xfe\x80bad",
+         b"fifteen_bytes__", b"sixteen_bytes___"]
+
+
+def test_hostile_comm_names(handler_dir: Path, crasher: Path) -> None:
+    with installed_handler(handler_dir, NO_RATE_LIMIT) as handler:
+        pids = {}
+        for name in NAMES:
+            proc = subprocess.Popen([os.fsencode(crasher), b"0", name], preexec_fn=set_core_limit(
+                resource.RLIM_INFINITY))
+            proc.wait(timeout=60)
+            pids[proc.pid] = name[:15]
+        deadline = time.monotonic() + 60
+        while len([r for r in handler.records() if r["status"] != "collecting"]) < len(NAMES):
+            assert time.monotonic() < deadline, "not every crash was filed"
+            time.sleep(0.05)
+        recs = {r["pid"]: r for r in handler.records()}
+    assert _store_entries(handler.store) == {"host", ".lock", ".state.json"}
+    for pid, name in pids.items():
+        rec = recs[pid]
+        text = name.decode("utf-8", "surrogateescape")
+        assert rec["process"]["comm"] == text.replace("\udcff", "\ufffd").replace("\udcfe", "\ufffd").replace(
+            "\udc80", "\ufffd")
+        # %e as the kernel escapes it: '/' becomes '!', and so does the first dot of "." and "..".
+        escaped = text.replace("/", "!")
+        assert rec["comm"] == ("!" + escaped[1:] if escaped in (".", "..") else escaped), (rec["comm"], text)
+        assert Path(rec["_dir"]).parent == handler.store / "host" and rec["core"]["stored"]
+        lines = _dmesg(f"id {rec['id']}")
+        assert len(lines) == 1, lines
+
+
+def test_hostile_exe_path(handler_dir: Path, crasher: Path) -> None:
+    weird = os.fsencode(handler_dir) + b"/dir with space/..\xff)\n"
+    os.makedirs(weird)
+    exe = weird + b"/crash )er\nname"
+    shutil.copy2(crasher, exe)
+    with installed_handler(handler_dir, NO_RATE_LIMIT) as handler:
+        crash([exe, b"0"])
+        rec = handler.wait_record(lambda r: True)
+    assert rec["exe"] == os.fsdecode(exe) and rec["cmdline"][0] == os.fsdecode(exe).replace("\udcff", "\ufffd")
+    assert rec["comm"] == "crash )er\nname"[:15]
+    assert Path(rec["_dir"]).parent == handler.store / "host" and rec["core"]["stored"]
+    assert _store_entries(handler.store) == {"host", ".lock", ".state.json"}
+
+
+def test_megabytes_of_cmdline_and_environ(kernel_handler, crasher: Path) -> None:
+    def big_stack() -> None:
+        resource.setrlimit(resource.RLIMIT_STACK, (256 << 20, 256 << 20))
+        set_core_limit(resource.RLIM_INFINITY)()
+    args = ["0", "bigargs"] + ["A" * 100_000] * 30
+    env = {f"VAR{i}": "B" * 100_000 for i in range(30)}
+    proc = subprocess.run([str(crasher), *args], env=env, preexec_fn=big_stack, timeout=120)
+    assert proc.returncode == -signal.SIGSEGV
+    rec = kernel_handler.wait_record(lambda r: r["comm"] == "bigargs")
+    assert rec["status"] == "complete" and rec["core"]["stored"]
+    limit = 1 << 20
+    assert sum(len(a) + 1 for a in rec["cmdline"]) <= limit + 1 and len(rec["cmdline"]) > 5
+    assert sum(len(e) + 1 for e in rec["process"]["environ"]) <= limit + 1
+    assert (Path(rec["_dir"]) / "record.json").stat().st_size < 8 << 20
+
+
+def test_crafted_cgroup_paths_through_the_kernel(kernel_handler, crasher: Path,
+                                                 fake_containers: FakeContainers) -> None:
+    outer = fake_containers.new()
+    inner = fake_containers.new(f"docker-{outer}.scope")  # a fake scope made inside another container
+    crash_in(fake_containers, inner, [str(crasher), "0", "nested"])
+    rec = kernel_handler.wait_record(lambda r: r["comm"] == "nested")
+    assert rec["container"]["id"] == outer, "the nested (inner, forgeable) scope was believed"
+    assert Path(rec["_dir"]).parent == kernel_handler.store / "docker" / outer
+
+    deep = fake_containers.parent
+    for i in range(16):
+        deep = deep / (f"docker-{'a' * 64}.scope.{i}" + "x" * 150)
+    deep.mkdir(parents=True)
+    crash_in(fake_containers, deep, [str(crasher), "0", "longpath"])
+    rec = kernel_handler.wait_record(lambda r: r["comm"] == "longpath")
+    assert len(rec["container"]["cgroup"]) > 3000
+    assert Path(rec["_dir"]).parent.parent == kernel_handler.store and rec["core"]["stored"]
+    for part in Path(rec["_dir"]).relative_to(kernel_handler.store).parts:
+        assert len(part) <= 100 and part not in (".", "..")
+
+
+@pytest.mark.parametrize("text", [
+    "0::/../../../etc/docker/" + "f" * 64,
+    "0::/docker/../../../" + "e" * 64,
+    "0::/kubepods/../../x/pod/../..\n1:name=systemd:/../..",
+    "0::/" + "../" * 2000 + "x",
+    "0::/system.slice/docker-" + "1" * 64 + ".scope/docker-" + "2" * 64 + ".scope",
+    "0::/a\n0::/docker/" + "3" * 64 + "/\n",
+])
+def test_crafted_cgroup_texts_never_make_a_path(text: str) -> None:
+    container = containers.identify(text)
+    for part in container.directory():
+        assert "/" not in part and part not in ("", ".", "..") and not part.startswith(".") and len(part) <= 100
+    if "1" * 64 in text:
+        assert container.id == "1" * 64
+
+
+def test_planted_links_and_files_in_the_store(kernel_handler, crasher: Path, handler_dir: Path) -> None:
+    store = kernel_handler.store
+    crash([str(crasher), "0", "first"])
+    kernel_handler.wait_record(lambda r: r["comm"] == "first")
+    outside = handler_dir / "outside"
+    outside.write_text("not yours\n")
+    before = outside.stat()
+    (store / ".lock").unlink()
+    (store / ".lock").symlink_to(outside)
+    (store / ".state.json").unlink()
+    os.link(outside, store / ".state.json")
+    crash([str(crasher), "0", "planted"])
+    rec = kernel_handler.wait_record(lambda r: r["comm"] == "planted")
+    assert rec["core"]["stored"] and rec["status"] == "complete"
+    assert outside.read_text() == "not yours\n" and outside.stat().st_mtime == before.st_mtime
+    assert outside.stat().st_nlink == 1, "the hard link was written through instead of replaced"
+    assert stat.S_ISREG((store / ".lock").lstat().st_mode) and json.loads((store / ".state.json").read_text())
+    assert _wait_log(f"{store}/.lock is not a plain file of ours")
+
+    (store / ".lock").unlink()
+    os.mkfifo(store / ".lock")
+    crash([str(crasher), "0", "fifo"])
+    assert kernel_handler.wait_record(lambda r: r["comm"] == "fifo")["core"]["stored"]
+
+    elsewhere = handler_dir / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(store / "host")
+    (store / "host").symlink_to(elsewhere)
+    proc = subprocess.Popen([str(crasher), "0", "hostlink"], preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+    proc.wait(timeout=60)
+    assert "a symlink?" in _wait_log(f"pid {proc.pid}: cannot create a crash directory")[0]
+    assert list(elsewhere.iterdir()) == []
+
+    (store / "host").unlink()
+    os.mkfifo(store / "host")
+    proc = subprocess.Popen([str(crasher), "0", "hostfifo"], preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+    proc.wait(timeout=60)  # the handler must not block opening a FIFO
+    _wait_log(f"pid {proc.pid}: cannot create a crash directory")
+    (store / "host").unlink()
+    crash([str(crasher), "0", "healed"])
+    assert kernel_handler.wait_record(lambda r: r["comm"] == "healed")["core"]["stored"]
+
+
+def test_loose_store_permissions_are_tightened_and_foreign_owner_refused(kernel_handler, crasher: Path) -> None:
+    store = kernel_handler.store
+    crash([str(crasher), "0", "first"])
+    kernel_handler.wait_record(lambda r: r["comm"] == "first")
+    store.chmod(0o777)
+    (store / "host").chmod(0o775)
+    crash([str(crasher), "0", "loose"])
+    kernel_handler.wait_record(lambda r: r["comm"] == "loose")
+    assert stat.S_IMODE(store.stat().st_mode) == 0o700 and stat.S_IMODE((store / "host").stat().st_mode) == 0o700
+    os.chown(store, 65534, 65534)
+    try:
+        proc = subprocess.Popen([str(crasher), "0", "foreign"], preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+        proc.wait(timeout=60)
+        assert "owned by uid 65534" in _wait_log(f"pid {proc.pid} ('foreign'): cannot open the store")[0]
+        assert len(kernel_handler.records()) == 2
+    finally:
+        os.chown(store, 0, 0)
+
+
+def test_store_replaced_by_a_symlink(kernel_handler, crasher: Path, handler_dir: Path) -> None:
+    store = kernel_handler.store
+    crash([str(crasher), "0", "first"])
+    kernel_handler.wait_record(lambda r: r["comm"] == "first")
+    real = handler_dir / "real-store"
+    store.rename(real)
+    store.symlink_to(real)
+    before = sorted(real.rglob("*"))
+    proc = subprocess.Popen([str(crasher), "0", "redirected"], preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+    proc.wait(timeout=60)
+    assert "a symlink?" in _wait_log(f"pid {proc.pid} ('redirected'): cannot open the store")[0]
+    assert sorted(real.rglob("*")) == before
+
+
+def _as_nobody() -> None:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+
+def test_setuid_dump_mode_2_stays_root_only(kernel_handler, crasher: Path, handler_dir: Path) -> None:
+    suid = handler_dir / "suid-crasher"
+    shutil.copy2(crasher, suid)
+    os.chown(suid, 0, 0)
+    suid.chmod(0o4755)
+    dumpable = Path("/proc/sys/fs/suid_dumpable")
+    saved = dumpable.read_text()
+    try:
+        dumpable.write_text("2")
+        proc = subprocess.run([str(suid), "0", "setuid"], preexec_fn=_as_nobody, timeout=60)
+        assert proc.returncode == -signal.SIGSEGV
+        rec = kernel_handler.wait_record(lambda r: r["comm"] == "setuid")
+    finally:
+        dumpable.write_text(saved)
+    assert rec["dump_mode"] == 2 and rec["uid"] == 65534 and rec["core"]["stored"]
+    crash_dir = Path(rec["_dir"])
+    for path in (crash_dir / "record.json", crash_dir / "core.zst"):
+        st = path.stat()
+        assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
+    for d in (crash_dir, crash_dir.parent, kernel_handler.store):
+        assert d.stat().st_uid == 0 and stat.S_IMODE(d.stat().st_mode) == 0o700
+    probe = ("import sys\nfor p in sys.argv[1:]:\n    try:\n        open(p, 'rb').read(1)\n"
+             "        print('READ', p)\n    except OSError:\n        pass\n")
+    out = subprocess.run(["python3", "-c", probe, str(crash_dir / "record.json"), str(crash_dir / "core.zst")],
+                         preexec_fn=_as_nobody, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "READ" not in out.stdout, out.stdout + out.stderr
+
+
+def test_secret_environment_is_redacted_by_default_and_configurable(kernel_handler, crasher: Path) -> None:
+    env = {"API_TOKEN": "hunter2-token", "DB_PASSWORD": "hunter2-pw", "HARMLESS": "visible-value"}
+    crash([str(crasher), "0", "secrets"], env=env)
+    rec = kernel_handler.wait_record(lambda r: r["comm"] == "secrets")
+    text = (Path(rec["_dir"]) / "record.json").read_text()
+    assert "hunter2" not in text
+    assert {"API_TOKEN=<redacted>", "DB_PASSWORD=<redacted>", "HARMLESS=visible-value"} <= set(
+        rec["process"]["environ"])
+    kernel_handler.config.write_text(kernel_handler.config.read_text() + "redact_env = []\n")
+    crash([str(crasher), "0", "plain"], env=env)
+    rec = kernel_handler.wait_record(lambda r: r["comm"] == "plain")
+    assert "API_TOKEN=hunter2-token" in rec["process"]["environ"]
+
+
+def test_the_crashed_process_root_is_never_used(handler_dir: Path, crasher: Path,
+                                                fake_containers: FakeContainers) -> None:
+    cid = fake_containers.new()
+    evil_store = handler_dir / "evil-store"
+    marker = handler_dir / "executed"
+    evil = handler_dir / "evil"
+    evil.mkdir()
+    (evil / "c.toml").write_text(f'store = "{evil_store}"\n')
+    (evil / "h").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    (evil / "h").chmod(0o755)
+    (evil / "config.v2.json").write_text(json.dumps({"Name": "/evil-name", "Config": {"Image": "evil:image"}}))
+    (evil / "etc-corepipe").mkdir()
+    (evil / "etc-corepipe" / "config.toml").write_text(f'store = "{evil_store}"\n')
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(evil / "docker.sock"))
+    sock.listen(8)
+    sock.setblocking(False)
+    with installed_handler(handler_dir, NO_RATE_LIMIT) as handler:
+        script = (f"mount --bind {evil}/c.toml {handler.config} && mount --bind {evil}/h {handler.launcher} && "
+                  f"mkdir -p /etc/corepipe && mount --bind {evil}/etc-corepipe /etc/corepipe && "
+                  f"mount -t tmpfs tmpfs /var/lib/docker/containers && mkdir /var/lib/docker/containers/{cid} && "
+                  f"cp {evil}/config.v2.json /var/lib/docker/containers/{cid}/ && "
+                  f"for s in /run/docker.sock /var/run/docker.sock; do [ -S $s ] && mount --bind {evil}/docker.sock $s;"
+                  f" done; exec {crasher} 0 foreignroot")
+        crash_in(fake_containers, cid, ["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
+        rec = handler.wait_record(lambda r: r["comm"] == "foreignroot")
+    try:
+        assert rec["container"]["id"] == cid and rec["container"]["name"] is None
+        assert rec["container"]["image"] is None
+        assert Path(rec["_dir"]).parent == handler.store / "docker" / cid and rec["core"]["stored"]
+        assert not evil_store.exists() and not marker.exists()
+        with pytest.raises(BlockingIOError):
+            sock.accept()
+    finally:
+        sock.close()
+
+
+def _recycle(pid: int) -> subprocess.Popen:
+    """A new process with ``pid`` (which must be free), made by steering the kernel's next PID."""
+    last = Path("/proc/sys/kernel/ns_last_pid")
+    for _ in range(50):
+        last.write_text(str(pid - 1))
+        proc = subprocess.Popen(["sleep", "60"])
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    pytest.fail(f"could not recycle pid {pid}")
+
+
+def test_pid_reuse_is_detected(kernel_handler) -> None:
+    victim = subprocess.Popen(["sleep", "60"])
+    pidfd = os.pidfd_open(victim.pid)
+    victim.kill()
+    victim.wait()
+    impostor = _recycle(victim.pid)
+    other = subprocess.Popen(["sleep", "60"])
+    other_fd = os.pidfd_open(other.pid)
+    try:
+        for name, fd in (("recycled", pidfd), ("wrongfd", other_fd)):
+            proc = collect_by_hand(kernel_handler, impostor.pid, name, pidfd=fd)
+            proc.communicate(b"", timeout=60)
+            rec = kernel_handler.wait_record(lambda r, name=name: r["comm"] == name)
+            assert rec["process"]["trusted"] is False
+            owner = -1 if name == "recycled" else other.pid
+            assert f"the kernel's pidfd refers to pid {owner}, not {impostor.pid}" in rec["process"][
+                "untrusted_reasons"]
+            assert rec["container"]["runtime"] == "unknown" and rec["container"]["source"] == "untrusted snapshot"
+            assert Path(rec["_dir"]).parent == kernel_handler.store / "unknown" / "unknown"
+        proc = collect_by_hand(kernel_handler, impostor.pid, "rightfd", pidfd=os.pidfd_open(impostor.pid))
+        proc.communicate(b"", timeout=60)
+        rec = kernel_handler.wait_record(lambda r: r["comm"] == "rightfd")
+        assert rec["process"]["trusted"] is True, rec["process"]["untrusted_reasons"]
+    finally:
+        for p in (impostor, other):
+            p.kill()
+            p.wait()
+        os.close(pidfd)
+        os.close(other_fd)
