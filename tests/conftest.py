@@ -51,3 +51,13 @@ def docker_image(rootfs: Path) -> str:
     name = docker_import(rootfs, unique("corepipe-test") + ":1")
     yield name
     subprocess.run(["docker", "rmi", "-f", name], capture_output=True)
+
+
+@pytest.fixture
+def fake_containers():
+    """Plain cgroups that look like Docker containers (tests/cgroups.py), removed afterwards."""
+    from cgroups import FakeContainers
+
+    made = FakeContainers()
+    yield made
+    made.remove()

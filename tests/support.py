@@ -153,6 +153,36 @@ def crash(argv: list, core_limit: int = resource.RLIM_INFINITY, **kwargs) -> sub
     return proc
 
 
+def start_crash(argv: list, **kwargs) -> subprocess.Popen:
+    """Like crash(), in the background: the test needs the PID or acts while the core is dumped."""
+    return subprocess.Popen(argv, preexec_fn=set_core_limit(resource.RLIM_INFINITY), **kwargs)
+
+
+#: Config text that turns the crash-loop rate limits off, for tests that crash the same program often.
+NO_RATE_LIMIT = "rate_limit_container = 0\nrate_limit_exe = 0\n"
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> object:
+    """The first true value of ``predicate()``; fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def dmesg_lines(needle: str) -> list:
+    return [line for line in subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
+            if needle in line]
+
+
+def wait_log(needle: str) -> list:
+    """The kernel log lines holding ``needle``, once there is one."""
+    return wait_for(lambda: dmesg_lines(needle), 30, f"a log line with {needle!r}")
+
+
 def decompress(path: Path, out: Path) -> bytes:
     subprocess.run([need_tool("zstd"), "-q", "-d", "-f", str(path), "-o", str(out)], check=True)
     return out.read_bytes()

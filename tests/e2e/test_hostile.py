@@ -15,33 +15,18 @@ from pathlib import Path
 
 import pytest
 from cgroups import FakeContainers, crash_in
-from support import collect_by_hand, crash, installed_handler, set_core_limit
+from support import (
+    NO_RATE_LIMIT,
+    collect_by_hand,
+    crash,
+    dmesg_lines,
+    installed_handler,
+    set_core_limit,
+    start_crash,
+    wait_log,
+)
 
 from corepipe import containers
-
-NO_RATE_LIMIT = "rate_limit_container = 0\nrate_limit_exe = 0\n"
-
-
-@pytest.fixture
-def fake_containers() -> FakeContainers:
-    made = FakeContainers()
-    yield made
-    made.remove()
-
-
-def _dmesg(needle: str) -> list:
-    return [line for line in subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
-            if needle in line]
-
-
-def _wait_log(needle: str, timeout: float = 30) -> list:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = _dmesg(needle)
-        if lines:
-            return lines
-        time.sleep(0.05)
-    raise AssertionError(f"no log line with {needle!r}")
 
 
 def _store_entries(store: Path) -> set:
@@ -56,8 +41,7 @@ def test_hostile_comm_names(handler_dir: Path, crasher: Path) -> None:
     with installed_handler(handler_dir, NO_RATE_LIMIT) as handler:
         pids = {}
         for name in NAMES:
-            proc = subprocess.Popen([os.fsencode(crasher), b"0", name], preexec_fn=set_core_limit(
-                resource.RLIM_INFINITY))
+            proc = start_crash([os.fsencode(crasher), b"0", name])
             proc.wait(timeout=60)
             pids[proc.pid] = name[:15]
         deadline = time.monotonic() + 60
@@ -75,7 +59,7 @@ def test_hostile_comm_names(handler_dir: Path, crasher: Path) -> None:
         escaped = text.replace("/", "!")
         assert rec["comm"] == ("!" + escaped[1:] if escaped in (".", "..") else escaped), (rec["comm"], text)
         assert Path(rec["_dir"]).parent == handler.store / "host" and rec["core"]["stored"]
-        lines = _dmesg(f"id {rec['id']}")
+        lines = dmesg_lines(f"id {rec['id']}")
         assert len(lines) == 1, lines
 
 
@@ -163,7 +147,7 @@ def test_planted_links_and_files_in_the_store(kernel_handler, crasher: Path, han
     assert outside.read_text() == "not yours\n" and outside.stat().st_mtime == before.st_mtime
     assert outside.stat().st_nlink == 1, "the hard link was written through instead of replaced"
     assert stat.S_ISREG((store / ".lock").lstat().st_mode) and json.loads((store / ".state.json").read_text())
-    assert _wait_log(f"{store}/.lock is not a plain file of ours")
+    assert wait_log(f"{store}/.lock is not a plain file of ours")
 
     (store / ".lock").unlink()
     os.mkfifo(store / ".lock")
@@ -174,16 +158,16 @@ def test_planted_links_and_files_in_the_store(kernel_handler, crasher: Path, han
     elsewhere.mkdir()
     shutil.rmtree(store / "host")
     (store / "host").symlink_to(elsewhere)
-    proc = subprocess.Popen([str(crasher), "0", "hostlink"], preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+    proc = start_crash([str(crasher), "0", "hostlink"])
     proc.wait(timeout=60)
-    assert "a symlink?" in _wait_log(f"pid {proc.pid}: cannot create a crash directory")[0]
+    assert "a symlink?" in wait_log(f"pid {proc.pid}: cannot create a crash directory")[0]
     assert list(elsewhere.iterdir()) == []
 
     (store / "host").unlink()
     os.mkfifo(store / "host")
-    proc = subprocess.Popen([str(crasher), "0", "hostfifo"], preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+    proc = start_crash([str(crasher), "0", "hostfifo"])
     proc.wait(timeout=60)  # the handler must not block opening a FIFO
-    _wait_log(f"pid {proc.pid}: cannot create a crash directory")
+    wait_log(f"pid {proc.pid}: cannot create a crash directory")
     (store / "host").unlink()
     crash([str(crasher), "0", "healed"])
     assert kernel_handler.wait_record(lambda r: r["comm"] == "healed")["core"]["stored"]
@@ -200,9 +184,9 @@ def test_loose_store_permissions_are_tightened_and_foreign_owner_refused(kernel_
     assert stat.S_IMODE(store.stat().st_mode) == 0o700 and stat.S_IMODE((store / "host").stat().st_mode) == 0o700
     os.chown(store, 65534, 65534)
     try:
-        proc = subprocess.Popen([str(crasher), "0", "foreign"], preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+        proc = start_crash([str(crasher), "0", "foreign"])
         proc.wait(timeout=60)
-        assert "owned by uid 65534" in _wait_log(f"pid {proc.pid} ('foreign'): cannot open the store")[0]
+        assert "owned by uid 65534" in wait_log(f"pid {proc.pid} ('foreign'): cannot open the store")[0]
         assert len(kernel_handler.records()) == 2
     finally:
         os.chown(store, 0, 0)
@@ -216,9 +200,9 @@ def test_store_replaced_by_a_symlink(kernel_handler, crasher: Path, handler_dir:
     store.rename(real)
     store.symlink_to(real)
     before = sorted(real.rglob("*"))
-    proc = subprocess.Popen([str(crasher), "0", "redirected"], preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+    proc = start_crash([str(crasher), "0", "redirected"])
     proc.wait(timeout=60)
-    assert "a symlink?" in _wait_log(f"pid {proc.pid} ('redirected'): cannot open the store")[0]
+    assert "a symlink?" in wait_log(f"pid {proc.pid} ('redirected'): cannot open the store")[0]
     assert sorted(real.rglob("*")) == before
 
 

@@ -11,32 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from cgroups import FakeContainers, crash_in
-from support import HERE, crash, installed_handler, mounted_tmpfs
-
-NO_RATE_LIMIT = "rate_limit_container = 0\nrate_limit_exe = 0\n"
-
-
-@pytest.fixture
-def fake_containers() -> FakeContainers:
-    containers = FakeContainers()
-    yield containers
-    containers.remove()
-
-
-def _by_time(records: list) -> list:
-    return sorted(records, key=lambda r: (r["timestamp"], r["collector"]["duration"] and r["_dir"]))
-
-
-def _wait_count(handler, n: int, match=lambda r: True, timeout: float = 60) -> list:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = [r for r in handler.records() if r["status"] != "collecting" and match(r)]
-        if len(done) >= n:
-            return done
-        time.sleep(0.05)
-    raise AssertionError(f"only {len(done)} of {n} records")
+from support import HERE, NO_RATE_LIMIT, crash, installed_handler, mounted_tmpfs
 
 
 def _cores(store: Path) -> list:
