@@ -157,6 +157,12 @@ class Accounting:
         state["reservations"] = live
         return live
 
+    def release(self, crash_id: str) -> None:
+        """The core is in place (or given up): its reservation is no longer needed."""
+        state = self.load_state()
+        if (state.get("reservations") or {}).pop(crash_id, None) is not None:
+            self.save_state(state)
+
     # -- what the store holds ---------------------------------------------------------------------------
 
     def scan(self) -> Contents:
@@ -311,8 +317,10 @@ class Admission:
     limited_by: Optional[str] = None
 
 
-#: The first reservation when nothing better is known; a core that needs more asks again (``grow``).
-FIRST_RESERVATION = 4 << 20
+#: The first reservation at most; a core that needs more asks again (``grow``) and then gets half as much
+#: again as it needs (at least GROW_STEP more), so that a big core asks only a few times.
+FIRST_RESERVATION = 1 << 20
+GROW_STEP = 8 << 20
 
 
 def admit(store: Store, cfg: Config, *, crash_id: str, group: tuple, exe: str, want: Optional[int]) -> Admission:
@@ -346,19 +354,22 @@ def admit(store: Store, cfg: Config, *, crash_id: str, group: tuple, exe: str, w
         return Admission(budget=budget, limited_by=limited_by)
 
 
-def grow(store: Store, cfg: Config, *, crash_id: str, group: tuple, want: int, written: int) -> int:
-    """A core outgrew its reservation: make room for ``want`` bytes in all; returns the new reservation."""
+def grow(store: Store, cfg: Config, *, crash_id: str, group: tuple, needed: int, written: int) -> int:
+    """A core outgrew its reservation: make room for ``needed`` bytes in all (``written`` of them already
+    on disk); returns the new reservation, less than ``needed`` when no more room could be made."""
     with Accounting(store) as acc:
         state = acc.load_state()
-        budget, _ = _reserve(acc, state, cfg, crash_id, group, want, written=written)
+        budget, _ = _reserve(acc, state, cfg, crash_id, group, needed, written=written,
+                             extra=max(needed // 2, GROW_STEP))
         acc.save_state(state)
         return budget
 
 
 def _reserve(acc: Accounting, state: dict, cfg: Config, crash_id: str, group: tuple, want: int,
-             written: int) -> tuple:
+             written: int, extra: int = 0) -> tuple:
     """Apply the policy for ``want`` bytes (``written`` of them already on disk), delete what it says,
-    record the reservation; returns (reserved bytes, the limit that decided)."""
+    and reserve ``want`` plus up to ``extra`` more where there is room without deleting anything more;
+    returns (reserved bytes, the limit that decided)."""
     reserved = acc.reservations(state, cfg.timeout + 60)
     reserved.pop(crash_id, None)
     st = os.fstatvfs(acc.store.fd)
@@ -372,17 +383,9 @@ def _reserve(acc: Accounting, state: dict, cfg: Config, crash_id: str, group: tu
             log(f"deleted the core of {core.group}/{core.crash}: {reason}")
         except OSError as exc:
             log(f"error: cannot delete the core of {core.group}/{core.crash}: {exc}", ERR)
-    budget = min(want, plan.budget)
+    budget = min(want + extra, plan.budget)
     reserved[crash_id] = [budget, os.getpid(), _self_start(), time.time()]
     return budget, plan.limited_by
-
-
-def release(store: Store, crash_id: str) -> None:
-    """The core is written (or given up): its reservation is no longer needed."""
-    with Accounting(store) as acc:
-        state = acc.load_state()
-        if (state.get("reservations") or {}).pop(crash_id, None) is not None:
-            acc.save_state(state)
 
 
 def _forget_idle(rates: dict) -> None:

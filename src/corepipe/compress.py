@@ -38,16 +38,14 @@ class OutputTooLarge(OSError):
 
 
 class _Budget:
-    """A file-like target that refuses to grow past ``limit`` bytes unless ``grow(wanted, written)`` gives more."""
+    """A file-like target that refuses to grow past ``limit`` bytes unless ``grow(needed, written)`` gives more."""
 
     def __init__(self, raw: object, limit: int, grow: Optional[Callable[[int, int], int]]):
         self.raw, self.limit, self.grow, self.written = raw, limit, grow, 0
 
     def write(self, data: bytes) -> int:
         if self.written + len(data) > self.limit and self.grow is not None:
-            # Ask for half as much again (at least 8 MiB more), so a big core asks only a few times.
-            self.limit = max(self.limit, self.grow(max(self.written + len(data), self.written * 3 // 2,
-                                                       self.written + (8 << 20)), self.written))
+            self.limit = max(self.limit, self.grow(self.written + len(data), self.written))
         if self.written + len(data) > self.limit:
             raise OutputTooLarge(f"the compressed core needs more than the {self.limit} bytes it has room for")
         self.written += len(data)

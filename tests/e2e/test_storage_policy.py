@@ -39,7 +39,7 @@ def test_container_max_cores_deletes_the_oldest_core_and_keeps_its_record(handle
 def test_room_is_made_from_the_oldest_cores_of_the_biggest_container(handler_dir: Path, crasher: Path,
                                                                     fake_containers: FakeContainers) -> None:
     big, small = fake_containers.new(), fake_containers.new()
-    max_use = 7 << 20
+    max_use = 6 << 20
     with mounted_tmpfs(handler_dir / "store", "64m"), \
             installed_handler(handler_dir, f"max_use = {max_use}\nkeep_free = 0\n" + NO_RATE_LIMIT) as handler:
         crash_in(fake_containers, small, [str(crasher), "0", "small-old"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -9,10 +10,12 @@ import resource
 import subprocess
 import time
 from pathlib import Path
+from typing import Optional
 
+import pytest
 from cgroups import FakeContainers
 from runtimes import unique
-from support import installed_handler, need_tool
+from support import installed_handler, mounted_tmpfs, need_tool
 
 FAKE_CONTAINERS, PER_CONTAINER, DOCKER = 10, 6, 4
 RATE = 5
@@ -44,7 +47,35 @@ def _blocked_in_read(pids: list, timeout: float = 30) -> None:
     raise AssertionError("the crashers did not all reach their read")
 
 
-def test_64_simultaneous_crashes_across_containers(handler_dir: Path, crasher: Path, docker_image: str) -> None:
+def _check_store(store: Path, recs: list, zstd: str) -> None:
+    """Every record final; every stored core whole and matching; no core without a stored record."""
+    assert len(recs) == FAKE_CONTAINERS * PER_CONTAINER + DOCKER, f"{len(recs)} records"
+    assert all(r["status"] == "complete" for r in recs), [r["core"]["reason"] for r in recs
+                                                          if r["status"] != "complete"]
+    for r in recs:
+        core = Path(r["_dir"]) / "core.zst"
+        assert core.exists() == r["core"]["stored"], r["core"]
+        if r["core"]["stored"]:
+            data = subprocess.run([zstd, "-q", "-d", "-c", str(core)], capture_output=True, check=True).stdout
+            assert hashlib.sha256(data).hexdigest() == r["core"]["sha256"] and len(data) == r["core"]["size"]
+    assert not list(store.rglob(".*.tmp")), "temporary files left behind"
+    assert json.loads((store / ".state.json").read_text())["reservations"] == {}
+
+
+def _check_tight(store: Path, recs: list, max_use: int) -> None:
+    used = sum(p.stat().st_blocks * 512 for p in store.rglob("core.zst"))
+    assert used <= max_use, f"{used} bytes of cores over max_use {max_use}"
+    reasons = [r["core"]["reason"] or "" for r in recs if not r["core"]["stored"]]
+    assert any(reason.startswith("deleted: the store is over max_use") for reason in reasons), reasons
+    assert all(reason.startswith(("deleted: ", "no room for the core", "rate limited")) for reason in reasons)
+    assert sum(r["core"]["stored"] for r in recs) >= 4
+
+
+@pytest.mark.parametrize("max_use", [None, 6 << 20], ids=["room", "tight"])
+def test_64_simultaneous_crashes_across_containers(handler_dir: Path, crasher: Path, docker_image: str,
+                                                   max_use: Optional[int]) -> None:
+    """With room for all, every core the rate limit allows is stored; with a tight max_use, cores are
+    deleted and refused concurrently and the store still adds up."""
     zstd = need_tool("zstd")
     fakes = FakeContainers()
     ids = [fakes.new() for _ in range(FAKE_CONTAINERS)]
@@ -52,8 +83,13 @@ def test_64_simultaneous_crashes_across_containers(handler_dir: Path, crasher: P
     read_end, write_end = os.pipe()
     procs = []
     config = f"rate_limit_container = {RATE}\nrate_limit_exe = 0\ncompression_threads = 0\n"
+    if max_use:
+        config += f"max_use = {max_use}\nkeep_free = 0\n"
     try:
-        with installed_handler(handler_dir, config, pipe_limit=128) as handler:
+        with contextlib.ExitStack() as stack:
+            if max_use:
+                stack.enter_context(mounted_tmpfs(handler_dir / "store", "64m"))
+            handler = stack.enter_context(installed_handler(handler_dir, config, pipe_limit=128))
             for c, cid in enumerate(ids):
                 enter = fakes.join(cid)
 
@@ -87,11 +123,12 @@ def test_64_simultaneous_crashes_across_containers(handler_dir: Path, crasher: P
                         r["status"] != "collecting" for r in recs):
                     break
                 time.sleep(0.2)
-        recs = handler.records()
+            recs = handler.records()
+            _check_store(handler.store, recs, zstd)
+            if max_use:
+                _check_tight(handler.store, recs, max_use)
+                return
         assert all(p.returncode == -11 for p in procs)
-        assert len(recs) == FAKE_CONTAINERS * PER_CONTAINER + DOCKER, f"{len(recs)} records"
-        assert all(r["status"] == "complete" for r in recs), [r["core"]["reason"] for r in recs
-                                                              if r["status"] != "complete"]
         by_group: dict = {}
         for r in recs:
             by_group.setdefault(r["container"]["id"], []).append(r)
@@ -104,15 +141,8 @@ def test_64_simultaneous_crashes_across_containers(handler_dir: Path, crasher: P
         for n, name in enumerate(names):
             group = [r for r in recs if r["comm"] == f"d{n}"]
             assert len(group) == 1 and group[0]["container"]["name"] == name and group[0]["core"]["stored"]
-        stored = [r for r in recs if r["core"]["stored"]]
-        assert len(stored) == FAKE_CONTAINERS * RATE + DOCKER
-        for r in stored:
-            core = Path(r["_dir"]) / "core.zst"
-            data = subprocess.run([zstd, "-q", "-d", "-c", str(core)], capture_output=True, check=True).stdout
-            assert hashlib.sha256(data).hexdigest() == r["core"]["sha256"] and len(data) == r["core"]["size"]
-        assert not [p for p in handler.store.rglob(".*.tmp")], "temporary files left behind"
+        assert len([r for r in recs if r["core"]["stored"]]) == FAKE_CONTAINERS * RATE + DOCKER
         state = json.loads((handler.store / ".state.json").read_text())
-        assert state["reservations"] == {}
         for cid in ids:
             assert len(state["rate"][f"container:docker/{cid}"]) == RATE
     finally:

@@ -8,6 +8,7 @@ and syslog) and an error line for each failure. Exit codes: 0 stored as configur
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from typing import Callable, Optional
@@ -97,13 +98,15 @@ def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: co
     core = rec["core"]
     limit = args.core_limit_bytes() if cfg.honour_core_limit else None
     failed = bool(errors)
+    pending = None
     if limit == 0:
         core["reason"] = "RLIMIT_CORE is 0"
     else:
-        failed = _policed_core(store, crash, args, cfg, snap, container.directory(), rec, limit) or failed
+        pending, core_failed = _policed_core(store, crash, args, cfg, snap, container.directory(), rec, limit)
+        failed = core_failed or failed
     rec["status"] = "failed" if failed else "complete"
     rec["collector"]["duration"] = round(time.monotonic() - started, 6)
-    _write_record(crash, rec)
+    failed = _finish(store, crash, args, rec, pending) or failed
     where = "/".join(container.directory())
     what = (f"core {core['size']} bytes -> {core['compressed_size']}" if core["stored"]
             else f"no core ({core['reason']})")
@@ -114,9 +117,17 @@ def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: co
     return 1 if failed else 0
 
 
+class _Pending:
+    """Room was reserved for this crash; ``tmp`` (if any) holds its core, to be renamed to ``name``."""
+
+    def __init__(self, fd: Optional[int] = None, tmp: Optional[str] = None, name: Optional[str] = None):
+        self.fd, self.tmp, self.name = fd, tmp, name
+
+
 def _policed_core(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Config,
-                  snap: Optional[snapshot.Snapshot], group: tuple, rec: dict, limit: Optional[int]) -> bool:
-    """Store the core within the storage policy and rate limits (accounting.py); True if that failed."""
+                  snap: Optional[snapshot.Snapshot], group: tuple, rec: dict, limit: Optional[int]) -> tuple:
+    """Read the core within the storage policy and rate limits (accounting.py).
+    Returns (a _Pending when room was reserved, True if something failed)."""
     core = rec["core"]
     caps = [x for x in (limit, cfg.max_core_size) if x]
     cap = min(caps) if caps else None
@@ -126,25 +137,21 @@ def _policed_core(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: c
         admission = accounting.admit(store, cfg, crash_id=crash.id, group=group,
                                      exe=rec["exe"] or args.comm or "", want=want)
     except (OSError, Timeout) as exc:
-        return _not_saved(args, rec, f"storage accounting failed: {exc}")
+        return None, _not_saved(args, rec, f"storage accounting failed: {exc}")
     if not admission.budget:
         core["reason"] = admission.reason
-        return False
-    try:
-        return _write_core(crash, args, cfg, rec, limit, cap, admission,
-                           grow=lambda want, written: accounting.grow(store, cfg, crash_id=crash.id, group=group,
-                                                                     want=want, written=written))
-    finally:
-        try:
-            accounting.release(store, crash.id)
-        except OSError as exc:
-            log(f"error: pid {args.pid}: cannot release the room reserved for crash {crash.id}: {exc}", ERR)
+        return None, False
+    def grow(needed: int, written: int) -> int:
+        return accounting.grow(store, cfg, crash_id=crash.id, group=group, needed=needed, written=written)
+
+    pending = _Pending()
+    return pending, _write_core(crash, args, cfg, rec, limit, cap, admission, grow, pending)
 
 
 def _write_core(crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Config, rec: dict,
                 limit: Optional[int], cap: Optional[int], admission: accounting.Admission,
-                grow: Callable[[int, int], int]) -> bool:
-    """Stream stdin into the crash directory; True if the core could not be stored whole."""
+                grow: Callable[[int, int], int], pending: _Pending) -> bool:
+    """Stream stdin into a temporary file (``pending``); True if the core could not be stored whole."""
     from corepipe import compress, elfcore
 
     core = rec["core"]
@@ -167,8 +174,8 @@ def _write_core(crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Con
         return _not_saved(args, rec, "the kernel sent no core data (the pipe was empty)")
     expected = None if result.truncated else elfcore.expected_size(result.head)
     whole = expected is None or result.size >= expected
-    crash.commit(fd, tmp, CORE if whole else PARTIAL_CORE)
-    core.update(file=CORE if whole else PARTIAL_CORE, stored=True, size=result.size, complete=whole,
+    pending.fd, pending.tmp, pending.name = fd, tmp, CORE if whole else PARTIAL_CORE
+    core.update(file=pending.name, stored=True, size=result.size, complete=whole,
                 compressed_size=result.compressed_size, sha256=result.sha256, truncated=result.truncated)
     if result.truncated:
         core["reason"] = (f"truncated at RLIMIT_CORE ({limit} bytes)" if cap == limit
@@ -179,6 +186,34 @@ def _write_core(crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Con
         rec["collector"]["errors"].append(core["reason"])
         log(f"error: pid {args.pid}: {core['reason']}", ERR)
     return not whole
+
+
+def _finish(store: Store, crash: CrashDir, args: kernel.KernelArgs, rec: dict, pending: Optional[_Pending]) -> bool:
+    """Put the core under its final name and write the final record holding the store's lock, so that a
+    handler making room sees either no core yet or one whose record is final (and notes the deletion in
+    it); then give back the reservation. True if the core could not be put in place."""
+    if pending is None:
+        _write_record(crash, rec)
+        return False
+    failed = False
+    try:
+        lock = accounting.Accounting(store)
+    except OSError as exc:
+        log(f"error: pid {args.pid}: cannot lock the store to finish crash {crash.id}: {exc}", ERR)
+        lock = None
+    with lock or contextlib.nullcontext():
+        if pending.tmp is not None:
+            try:
+                crash.commit(pending.fd, pending.tmp, pending.name)
+            except OSError as exc:
+                crash.discard(pending.fd, pending.tmp)
+                rec["core"].update(file=None, stored=False, complete=None)
+                rec["status"] = "failed"
+                failed = _not_saved(args, rec, f"write failed: {exc}")
+        _write_record(crash, rec)
+        if lock is not None:
+            lock.release(crash.id)
+    return failed
 
 
 def _not_saved(args: kernel.KernelArgs, rec: dict, reason: str) -> bool:
