@@ -15,6 +15,10 @@ from typing import Optional
 #: Subcommand name -> module in corepipe.commands; each has ``HELP``, ``add_arguments(parser)`` and ``run(ns)``.
 COMMANDS = {
     "resolve": "resolve_cmd",
+    "install": "install_cmd",
+    "uninstall": "uninstall_cmd",
+    "status": "status_cmd",
+    "selftest": "selftest_cmd",
 }
 
 
