@@ -265,7 +265,8 @@ def _apply(paths: Paths, state: dict, changes: _Changes, cfg: configuration.Conf
            sysctl: Sysctl, current: str, current_limit: str) -> None:
     created: list = []
     changes.undo.append(lambda: [_rmdir(d) for d in reversed(created)])
-    for directory in (os.path.dirname(state["bin"]), os.path.dirname(state["config"]), paths.sysctl_dir):
+    for directory in (os.path.dirname(state["bin"]), os.path.dirname(state["config"]), paths.sysctl_dir,
+                      os.path.dirname(state["store"])):
         _makedirs(directory, created)
     state["dirs"] += [d for d in created if d not in state["dirs"]]
 
