@@ -20,7 +20,7 @@ import tarfile
 import time
 from typing import Callable, Optional
 
-from corepipe import catalog
+from corepipe import catalog, containers
 from corepipe.install import Paths, load_state
 from corepipe.store import CORE
 from corepipe.sysctl import CORE_PATTERN, Sysctl
@@ -51,7 +51,11 @@ def run(paths: Paths, container: bool = True, timeout: float = 60.0, say: Say = 
 
 
 def _unlimited_core() -> None:
-    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    except (OSError, ValueError):  # no CAP_SYS_RESOURCE to raise the hard limit: go as high as it allows
+        hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+        resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
 
 
 def _host_crash(store: str, timeout: float, say: Say) -> None:
@@ -65,9 +69,15 @@ def _host_crash(store: str, timeout: float, say: Say) -> None:
         return rec.get("pid") == proc.pid and (rec.get("timestamp") or 0) >= int(started) - 1
 
     path, rec = _wait_and_verify(store, match, timeout, "host process")
-    if (rec.get("container") or {}).get("runtime") != "host":
-        raise SelftestError(f"the host crash was filed as {rec['container'].get('runtime')!r}, not host: {path}")
-    say(f"host process: pid {proc.pid} (sh) SIGSEGV -> {path}: {_core_line(rec)}")
+    # Filed where this process itself belongs: the host, or the pod/container selftest runs in.
+    with open("/proc/self/cgroup") as f:
+        expected = containers.identify(f.read())
+    found = rec.get("container") or {}
+    if (found.get("runtime"), found.get("id")) != (expected.runtime, expected.id):
+        raise SelftestError(f"the crash was filed as {found.get('runtime')} {found.get('id')}, not as "
+                            f"{expected.runtime} {expected.id} like the selftest itself: {path}")
+    where = "host" if expected.is_host else f"{expected.runtime} {(expected.id or '')[:12]} (selftest's own)"
+    say(f"host process: pid {proc.pid} (sh) SIGSEGV in {where} -> {path}: {_core_line(rec)}")
 
 
 def _docker_usable(say: Say) -> Optional[str]:

@@ -165,21 +165,26 @@ def test_selftest(settings: KernelSettings, handler_dir: Path) -> None:
 
 
 def test_install_sh_then_selftest_then_uninstall(settings: KernelSettings, handler_dir: Path) -> None:
+    """The README's first command, then again as the Azure Batch start task (same store): safe to re-run."""
     d = handler_dir
     need(os.path.exists("/usr/bin/python3"), "install.sh builds its virtualenv with /usr/bin/python3")
     need(docker_usable(), "needs a usable docker for the selftest's container crash")
     env = dict(os.environ, COREPIPE_PREFIX=f"{d}/v", COREPIPE_BIN=f"{d}/b", COREPIPE_CONFIG=f"{d}/c.toml")
-    script = HERE.parent / "install" / "install.sh"
-    extra = ["--store", f"{d}/s", "--sysctl-dir", f"{d}/sd"]
-    first = subprocess.run(["bash", str(script), *extra], env=env, capture_output=True, text=True, timeout=900)
+    install_sh = HERE.parent / "install" / "install.sh"
+    store = f"{d}/sh/corepipe"
+    first = subprocess.run(["bash", str(install_sh), "--store", store, "--sysctl-dir", f"{d}/sd"], env=env,
+                           capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "selftest passed" in first.stdout and "container: docker" in first.stdout
     assert Path(f"{d}/b").read_text().startswith(f"#!{d}/v/bin/python -I\n")
-    again = subprocess.run(["bash", str(script), *extra], env=env, capture_output=True, text=True, timeout=900)
+    start_task = HERE.parent / "install" / "azure-batch" / "start-task.sh"
+    again = subprocess.run(["bash", str(start_task), "--sysctl-dir", f"{d}/sd"],
+                           env=dict(env, AZ_BATCH_NODE_SHARED_DIR=f"{d}/sh"), capture_output=True, text=True,
+                           timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "already installed; nothing changed" in again.stdout and "selftest passed" in again.stdout
     proc = subprocess.run([f"{d}/b", "uninstall", "--config", f"{d}/c.toml", "--purge"], capture_output=True,
                           text=True, env={})
     assert proc.returncode == 0, proc.stderr
     check_restored(settings, d)
-    assert not os.path.exists(f"{d}/s")
+    assert not os.path.exists(store)
