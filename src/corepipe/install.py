@@ -344,7 +344,7 @@ def uninstall(paths: Paths, purge: bool = False, force: bool = False) -> list:
             lines.append(f"kernel.core_pattern was changed since install to {current!r}; left as it is "
                          f"(--force restores {previous[CORE_PATTERN]!r})")
     except SysctlError as exc:
-        raise InstallError(f"{exc}; nothing was changed") from None
+        raise InstallError(f"{exc}; the install state is kept: fix that and run uninstall again") from None
     for path, saved in state["files"].items():
         _restore_file(path, saved)
         lines.append(f"{'removed' if saved is None else 'restored'} {path}")

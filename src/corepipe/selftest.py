@@ -89,13 +89,13 @@ def _docker_usable(say: Say) -> Optional[str]:
     if info.returncode != 0:
         say("container: skipped (docker is installed but its daemon is not usable)")
         return None
-    if not _is_static(BUSYBOX):
+    if not is_static(BUSYBOX):
         say(f"container: skipped (needs a static {BUSYBOX}: apt-get install busybox-static)")
         return None
     return docker
 
 
-def _is_static(path: str) -> bool:
+def is_static(path: str) -> bool:
     """An ELF executable without a program interpreter runs in an empty root file system."""
     try:
         with open(path, "rb") as f:

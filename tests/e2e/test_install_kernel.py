@@ -183,8 +183,8 @@ def test_install_sh_then_selftest_then_uninstall(settings: KernelSettings, handl
                            timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "already installed; nothing changed" in again.stdout and "selftest passed" in again.stdout
-    proc = subprocess.run([f"{d}/b", "uninstall", "--config", f"{d}/c.toml", "--purge"], capture_output=True,
-                          text=True, env={})
+    proc = subprocess.run(["bash", str(HERE.parent / "install" / "uninstall.sh"), "--purge"], env=env,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     check_restored(settings, d)
-    assert not os.path.exists(store)
+    assert not os.path.exists(store) and not os.path.exists(f"{d}/v")

@@ -62,7 +62,7 @@ def installer_image_tar() -> bytes:
 def test_daemonset_node_script_installs_on_the_host_and_uninstalls(handler_dir: Path) -> None:
     need_root_kernel()
     need(docker_usable(), "needs a usable docker")
-    need(selftest._is_static(selftest.BUSYBOX), "needs busybox-static")
+    need(selftest.is_static(selftest.BUSYBOX), "needs busybox-static")
     docker = need_tool("docker")
     need_tool("nsenter")
     d = handler_dir

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 from corepipe import config as configuration
 from corepipe import install
@@ -35,12 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replace another handler's core_pattern (uninstall gives it back) or a foreign --bin")
 
 
-def run(ns: argparse.Namespace) -> int:
+def report(action: Callable[[], list]) -> int:
+    """Run install or uninstall and print its lines; its refusals become one-line errors."""
     try:
-        lines = install.install(paths(ns), store=ns.store, force=ns.force)
+        lines = action()
     except install.InstallError as exc:
         raise UserError(str(exc)) from None
     for line in lines:
         print(line)
+    return 0
+
+
+def run(ns: argparse.Namespace) -> int:
+    report(lambda: install.install(paths(ns), store=ns.store, force=ns.force))
     print("next: 'corepipe selftest' proves a crash is collected")
     return 0

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from corepipe import install
-from corepipe.cli import UserError
-from corepipe.commands.install_cmd import add_config_option, paths
+from corepipe.commands.install_cmd import add_config_option, paths, report
 
 HELP = "restore the previous core handler and remove corepipe's launcher and drop-in (cores are kept)"
 
@@ -19,10 +18,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    try:
-        lines = install.uninstall(paths(ns), purge=ns.purge, force=ns.force)
-    except install.InstallError as exc:
-        raise UserError(str(exc)) from None
-    for line in lines:
-        print(line)
-    return 0
+    return report(lambda: install.uninstall(paths(ns), purge=ns.purge, force=ns.force))
