@@ -59,8 +59,8 @@ def run(ns: argparse.Namespace) -> int:
         print("last crashes:")
         for crash in store["recent"]:
             where = "host" if crash["runtime"] == "host" else f"{crash['runtime']}/{(crash['container'] or '?')[:12]}"
-            print(f"  {crash['time']}  {where:<20} pid {crash['pid']} ({crash['comm'] or '?'}) {crash['signal'] or '?'}  "
-                  f"core {size(crash['core_size'])}  {crash['status']}")
+            print(f"  {crash['time']}  {where:<20} pid {crash['pid']} ({crash['comm'] or '?'}) "
+                  f"{crash['signal'] or '?'}  core {size(crash['core_size'])}  {crash['status']}")
     for error in store["errors"]:
         print(f"unreadable: {error}")
     return facts["code"]
