@@ -129,6 +129,7 @@ def _container_crash(store: str, timeout: float, say: Say) -> None:
     docker = _docker_usable(say)
     if docker is None:
         return
+    started = time.time()
     tag = f"corepipe-selftest:{os.urandom(4).hex()}"
     name = tag.replace(":", "-")
     try:
@@ -138,12 +139,15 @@ def _container_crash(store: str, timeout: float, say: Say) -> None:
         container_id = _docker(docker, ["inspect", "-f", "{{.Id}}", name]).strip()
 
         def match(rec: dict) -> bool:
-            return (rec.get("container") or {}).get("id") == container_id
+            # Picked by what the kernel says (%h: Docker's default hostname is the short id), then checked
+            # against what corepipe worked out from the cgroup.
+            return rec.get("hostname") == container_id[:12] and (rec.get("timestamp") or 0) >= int(started) - 1
 
         path, rec = _wait_and_verify(store, match, timeout, "container")
         found = rec["container"]
-        if found.get("runtime") != "docker":
-            raise SelftestError(f"the container crash was filed as runtime {found.get('runtime')!r}: {path}")
+        if (found.get("runtime"), found.get("id")) != ("docker", container_id):
+            raise SelftestError(f"the container crash was filed as {found.get('runtime')} {found.get('id')}, "
+                                f"not docker {container_id}: {path}")
         say(f"container: docker {container_id[:12]} ({found.get('name') or name}) pid {rec.get('pid')} "
             f"(ns pid {rec.get('ns_pid')}) SIGSEGV -> {path}: container id matches, {_core_line(rec)}")
     finally:
