@@ -33,8 +33,10 @@ def run(argv: list) -> int:
     errors: list = []
     args = kernel.parse_args(argv)
     errors += args.errors
+    problems: list = []
     try:
-        cfg = configuration.load(args.config)
+        cfg = configuration.load(args.config, problems)
+        errors += [f"config: {p}; that key is left at its default" for p in problems]
     except configuration.ConfigError as exc:
         errors.append(f"config: {exc}; using the defaults")
         cfg = configuration.Config()
