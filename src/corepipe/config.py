@@ -31,6 +31,15 @@ class Config:
     #: Environment variables whose names contain one of these (case-insensitive) are stored as "<redacted>".
     redact_env: list = field(default_factory=lambda: ["PASSWORD", "PASSWD", "SECRET", "TOKEN", "KEY",
                                                        "CREDENTIAL", "AUTH", "COOKIE", "SESSION"])
+    #: Keep the crashed process's executable and mapped libraries (by build-id) so ``debug`` works without
+    #: the image; for host processes too with ``binaries_host``; at most ``binaries_max_size`` bytes per crash.
+    binaries: bool = True
+    binaries_host: bool = False
+    binaries_max_size: int = 512 << 20
+    #: Take a backtrace with gdb or eu-stack after the core is stored, if one is installed (bounded).
+    backtrace: bool = True
+    backtrace_timeout: int = 30
+    backtrace_max_core_size: int = 256 << 20
     #: The path it was loaded from, or None for the built-in defaults.
     path: Optional[str] = None
 
@@ -82,8 +91,8 @@ def _validate(name: str, value: object, where: str) -> None:
         raise ConfigError(f"{where}: store must be an absolute path")
     if name == "compression_level" and not 1 <= int(value) <= 22:  # type: ignore[call-overload]
         raise ConfigError(f"{where}: compression_level must be 1..22")
-    if name == "timeout" and int(value) < 1:  # type: ignore[call-overload]
-        raise ConfigError(f"{where}: timeout must be at least 1")
+    if name in ("timeout", "backtrace_timeout") and int(value) < 1:  # type: ignore[call-overload]
+        raise ConfigError(f"{where}: {name} must be at least 1")
 
 
 def load(path: Optional[str] = None, problems: Optional[list] = None) -> Config:
