@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from runtimes import docker_import, make_rootfs, unique
-from support import CRASH_LINE, HERE, crash, need, need_tool
+from support import CRASH_LINE, HERE, Handler, KernelSettings, crash, need, need_root_kernel, need_tool
 
 RAISE_LINE = next(i for i, line in enumerate((HERE / "crasher.c").read_text().splitlines(), 1)
                   if "raise(atoi" in line)
@@ -110,7 +110,7 @@ def test_container_debuggable_after_container_and_image_are_gone(kernel_handler,
     info = corepipe(kernel_handler, "info", segv["id"]).stdout
     assert f"container.id:        {segv_cid}" in info
     assert segv["backtrace"]["tool"] == "gdb" and segv["backtrace"]["error"] is None, segv["backtrace"]
-    assert f"main (" in info and f"crasher.c:{CRASH_LINE}" in info, info
+    assert "main (" in info and f"crasher.c:{CRASH_LINE}" in info, info
 
     _check_extract(kernel_handler, segv, tmp_path)
 
@@ -157,3 +157,19 @@ def test_host_process(kernel_handler, dynamic_crasher: Path, tmp_path: Path) -> 
     assert not Path(rec["_dir"]).exists()
     gone = corepipe(kernel_handler, "info", rec["id"], check=False)
     assert gone.returncode == 1 and f"no crash with id {rec['id']}" in gone.stderr
+
+
+def test_backtrace_and_binaries_switches(handler_dir: Path, dynamic_crasher: Path) -> None:
+    """Over backtrace_max_core_size: the failure is recorded and the core still stored; binaries = false."""
+    need_root_kernel()
+    need_tool("gdb")
+    handler = Handler(handler_dir, "backtrace_max_core_size = 1\nbinaries = false\n")
+    with KernelSettings() as settings:
+        settings.set(handler.pattern())
+        crash([str(dynamic_crasher), "0", "bounded"])
+        rec = handler.wait_record(lambda r: r["comm"] == "bounded")
+    assert rec["status"] == "complete" and rec["core"]["stored"] is True
+    assert "over backtrace_max_core_size" in rec["backtrace"]["error"] and rec["backtrace"]["text"] is None
+    assert "binaries" not in rec
+    info = corepipe(handler, "info", rec["id"]).stdout
+    assert "error: core of" in info and "over backtrace_max_core_size" in info
