@@ -195,7 +195,7 @@ def test_extract_checksum_mismatch(store: Path, crashes: dict, tmp_path: Path, c
     out = tmp_path / "web.core"
     code, _out, err = cli(tmp_path, capsys, "extract", rec["id"], "-o", str(out))
     assert code == 1 and "does not match its record" in err and len(err.splitlines()) == 1
-    assert not out.exists()
+    assert not out.exists() and not list(tmp_path.glob(".web.core.*"))
 
 
 def test_extract_corrupt_core(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -206,7 +206,7 @@ def test_extract_corrupt_core(store: Path, crashes: dict, tmp_path: Path, capsys
     out = tmp_path / "host.core"
     code, _out, err = cli(tmp_path, capsys, "extract", rec["id"], "-o", str(out))
     assert code == 1 and ("is corrupt" in err or "does not match" in err), err
-    assert not out.exists()
+    assert not out.exists() and not list(tmp_path.glob(".host.core.*"))
 
 
 def test_missing_and_absent_cores(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -16,7 +16,7 @@ HELP = "write the decompressed core of a crash to a file or stdout (default: the
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", nargs="?", help="crash id or a unique prefix of it (default: the latest)")
     parser.add_argument("-o", "--output", metavar="FILE",
-                        help="write here (created 0600, replaced if it exists); '-' or omitted: stdout, not a terminal")
+                        help="write here (a new 0600 file, replacing FILE); '-' or omitted: stdout, not a terminal")
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -43,17 +43,23 @@ def run(ns: argparse.Namespace) -> int:
 
 
 def _to_file(source: int, rec: dict, output: str) -> None:
+    """Write under a hidden temporary name beside ``output`` and rename: ``output`` is complete or untouched."""
+    directory, name = os.path.split(os.path.abspath(output))
+    tmp = os.path.join(directory, f".{name}.{os.urandom(4).hex()}.part")
     try:
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise UserError(f"cannot write {output}: {exc.strerror}") from None
     try:
         unpack.to_fd(source, rec, fd)
         os.fsync(fd)
-    except BaseException as exc:
         os.close(fd)
-        os.unlink(output)
+        fd = None
+        os.rename(tmp, output)
+    except BaseException as exc:
+        if fd is not None:
+            os.close(fd)
+        os.unlink(tmp)
         if isinstance(exc, OSError):
             raise UserError(f"cannot write {output}: {exc.strerror or exc}") from None
         raise
-    os.close(fd)
