@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -232,3 +235,18 @@ def test_rm(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFi
     assert listed(tmp_path, capsys) == ["hostd"]
     code, _out, err = cli(tmp_path, capsys, "rm", web["id"])
     assert code == 1 and "no crash with id" in err
+
+
+def test_debug_cleans_up_and_leaves_ctrl_c_to_the_debugger(store: Path, crashes: dict, tmp_path: Path) -> None:
+    """A stand-in debugger checks the core it got, sends Ctrl-C to corepipe, and exits 7."""
+    _path, rec = crashes["web"]
+    seen = tmp_path / "seen"
+    script = (f'cmp -s "$0" {tmp_path / ("core-" + rec["id"])} && echo core-ok > {seen}; '
+              f'echo "$COREPIPE_SYSROOT" >> {seen}; kill -INT $PPID; sleep 0.2; exit 7')
+    proc = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(tmp_path / "c.toml"), "debug",
+                           "--debugger", f"sh -c {shlex.quote(script)}", rec["id"]],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 7, proc.stderr
+    core_ok, sysroot_dir = seen.read_text().split()
+    assert core_ok == "core-ok" and sysroot_dir.endswith("/root")
+    assert not Path(sysroot_dir).parent.exists()

@@ -129,13 +129,25 @@ def _run_child(tool: str, core_fd: int, files: list, work: str, timeout: int) ->
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd="/", start_new_session=True,
                             pass_fds=[core_fd] + [fd for _h, fd in files], preexec_fn=drop,
                             env={"PATH": _PATH, "HOME": "/nonexistent", "LC_ALL": "C"})
-    output, truncated, timed_out = _read(proc, time.monotonic() + timeout)
+    try:
+        output, truncated, timed_out = _read(proc, time.monotonic() + timeout)
+    except BaseException:  # the handler's own time limit: leave no debugger behind
+        _kill(proc)
+        raise
     text = output.decode("utf-8", "replace")
     if timed_out:
         return text, truncated, f"timed out after {timeout} s (backtrace_timeout)"
     if proc.returncode != 0 and not text.strip():
         return text, truncated, f"{os.path.basename(tool)} exited with status {proc.returncode}"
     return text, truncated, None
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _read(proc: subprocess.Popen, deadline: float) -> tuple:
@@ -146,8 +158,7 @@ def _read(proc: subprocess.Popen, deadline: float) -> tuple:
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                _kill(proc)
                 return b"".join(chunks), truncated, True
             chunk = os.read(fd, 65536)
             if not chunk:
@@ -160,8 +171,7 @@ def _read(proc: subprocess.Popen, deadline: float) -> tuple:
                 truncated = True
         proc.wait(max(deadline - time.monotonic(), 0.1))
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill(proc)
         return b"".join(chunks), truncated, True
     finally:
         proc.stdout.close()
