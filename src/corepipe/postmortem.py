@@ -11,7 +11,7 @@ from typing import Optional
 
 from corepipe import binaries
 from corepipe.config import Config
-from corepipe.log import ERR, log
+from corepipe.log import ERR, WARNING, log
 from corepipe.snapshot import Snapshot
 from corepipe.store import CrashDir, Store
 
@@ -43,6 +43,10 @@ def finish(store: Store, crash: CrashDir, rec: dict, held: Optional[binaries.Hel
                                     max_core_size=cfg.backtrace_max_core_size)
             if result is not None:
                 rec["backtrace"] = result
+                if result["error"]:
+                    log(f"pid {rec.get('pid')}: no backtrace: {result['error']}", WARNING)
+        for message in (rec.get("binaries") or {}).get("errors") or []:
+            log(f"pid {rec.get('pid')}: binaries: {message}", WARNING)
     except Exception as exc:  # noqa: BLE001 - as above; the collect timeout included
         rec["collector"]["errors"].append(f"binaries/backtrace: {exc}")
         log(f"error: pid {rec.get('pid')}: binaries/backtrace: {type(exc).__name__}: {exc}", ERR)

@@ -72,10 +72,18 @@ def _executable(rec: dict, made: dict) -> Optional[str]:
     return exe
 
 
-def command(debugger: str, extra: list, exe: Optional[str], core: str, root: str, search: list) -> list:
-    argv = shlex.split(debugger)
-    if not argv:
-        raise UserError("--debugger is empty", 2)
+def debugger_argv(debugger: str) -> list:
+    try:
+        argv = shlex.split(debugger)
+    except ValueError as exc:
+        raise UserError(f"--debugger {debugger!r}: {exc}", 2) from None
+    if not argv or shutil.which(argv[0]) is None:
+        raise UserError(f"debugger {argv[0] if argv else debugger!r} not found; install gdb or pass --debugger CMD")
+    return argv
+
+
+def command(argv: list, extra: list, exe: Optional[str], core: str, root: str, search: list) -> list:
+    argv = list(argv)
     if os.path.basename(argv[0]).startswith("gdb"):
         # The saved files come from the container: never let gdb run scripts or libthread_db from them.
         argv += ["-q", "-iex", "set auto-load off", "-iex", "set libthread-db-search-path $sdir",
@@ -88,6 +96,7 @@ def run(ns: argparse.Namespace) -> int:
     crash_id, extra = ns.id, list(ns.args)
     if crash_id is not None and crash_id.startswith("-"):  # 'debug -- -batch ...': no id, all for the debugger
         crash_id, extra = None, [crash_id] + extra
+    debugger = debugger_argv(ns.debugger)
     path, rec = crashes.lookup(ns, crash_id)
     store = crashes.store_root(ns)
     try:
@@ -109,9 +118,7 @@ def run(ns: argparse.Namespace) -> int:
         os.mkdir(root, 0o700)
         made = sysroot.build(root, links(store, rec))
         search = sorted({os.path.dirname(link) for link in made.values()})
-        argv = command(ns.debugger, extra, _executable(rec, made), core, root, search)
-        if shutil.which(argv[0]) is None:
-            raise UserError(f"debugger {argv[0]!r} not found; install gdb or pass --debugger CMD")
+        argv = command(debugger, extra, _executable(rec, made), core, root, search)
         # Ctrl-C is the debugger's: a no-op handler (not SIG_IGN, which the debugger would inherit).
         previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
         try:
