@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from corepipe import config as configuration
 from corepipe import containers, kernel, postmortem, record, snapshot
 from corepipe.log import ERR, INFO, WARNING, log
 from corepipe.store import CORE, RECORD, CrashDir, Store
+
+if TYPE_CHECKING:
+    from corepipe.binaries import HeldFiles
 
 STDIN = 0
 
@@ -93,7 +96,7 @@ def _collect(args: kernel.KernelArgs, cfg: configuration.Config, errors: list, s
 
 def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Config,
                  snap: Optional[snapshot.Snapshot], container: containers.Container, errors: list,
-                 started: float, held: Optional[postmortem.binaries.HeldFiles]) -> int:
+                 started: float, held: Optional[HeldFiles]) -> int:
     rec = record.build(crash_id=crash.id, args=args, snapshot=snap, container=container,
                        redact_env=cfg.redact_env)
     rec["collector"]["errors"] = errors
