@@ -1,147 +1,143 @@
-"""Reading the store back: every crash directory and its record, without following a link.
+"""The crashes in a store: walk its layout (README, "Store layout") and find one by id prefix.
 
-The layout is fixed (see store.py): ``host/<crash>/`` and ``<runtime>/<container>/<crash>/``.
-Every directory is opened relative to its parent with O_NOFOLLOW, so a symlink planted in
-the store is skipped, never followed; a record that cannot be read is skipped and reported.
+The walk opens every directory relative to its parent without following links (store.open_dir),
+so a planted symlink is skipped, not followed. A record that cannot be read or parsed is
+reported through ``problems`` and skipped: one broken crash must not hide the others.
 """
 
 from __future__ import annotations
 
-import errno
 import os
+import re
 import stat
 from collections.abc import Iterator
 from typing import Optional
 
-from corepipe import record
-from corepipe.store import RECORD
+from corepipe import record as records
+from corepipe.store import RECORD, open_dir
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-#: A record holds bounded /proc texts (maps, mountinfo, environ, ...); anything bigger is not one of ours.
-RECORD_MAX = 64 << 20
+CRASH_DIR = re.compile(r"\d{8}T\d{6}Z-([0-9a-f]{12})")
+_MAX_RECORD = 64 << 20
+
+
+class LookupFailed(Exception):
+    """No crash, or more than one, matches an id prefix; the message says which and what to do."""
 
 
 def _subdirs(fd: int) -> list:
-    """Names of the real (non-link, non-hidden) directories in ``fd``, sorted."""
-    with os.scandir(fd) as entries:
-        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+    names = []
+    for name in sorted(os.listdir(fd)):
+        try:
+            if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                names.append(name)
+        except OSError:
+            continue
+    return names
 
 
-def _open_dir(parent_fd: Optional[int], name: str) -> Optional[int]:
+def _open(parent_fd: int, name: str, path: str, problems: Optional[list]) -> Optional[int]:
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        return open_dir(parent_fd, name, create=False)
     except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
-            return None
-        raise
+        if problems is not None:
+            problems.append((path, f"cannot open: {exc.strerror or exc}"))
+        return None
 
 
-def _read_record(crash_fd: int) -> dict:
-    fd = os.open(RECORD, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=crash_fd)
+def _crash_dirs(root_fd: int, root: str, problems: Optional[list]) -> Iterator[tuple]:
+    """(fd of the parent directory, relative path components) of each crash directory."""
+    for top in _subdirs(root_fd):
+        if top.startswith("."):
+            continue  # .build-id and other store-level areas
+        top_fd = _open(root_fd, top, os.path.join(root, top), problems)
+        if top_fd is None:
+            continue
+        try:
+            if top == "host":
+                yield from ((top_fd, (top, name)) for name in _subdirs(top_fd) if CRASH_DIR.fullmatch(name))
+                continue
+            for container in _subdirs(top_fd):
+                container_fd = _open(top_fd, container, os.path.join(root, top, container), problems)
+                if container_fd is None:
+                    continue
+                try:
+                    yield from ((container_fd, (top, container, name)) for name in _subdirs(container_fd)
+                                if CRASH_DIR.fullmatch(name))
+                finally:
+                    os.close(container_fd)
+        finally:
+            os.close(top_fd)
+
+
+def _read_record(parent_fd: int, name: str) -> dict:
+    crash_fd = open_dir(parent_fd, name, create=False)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > RECORD_MAX:
-            raise ValueError("not a regular file of a sane size")
-        chunks = []
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return record.load(b"".join(chunks))
+        fd = os.open(RECORD, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=crash_fd)
     finally:
-        os.close(fd)
+        os.close(crash_fd)
+    with open(fd, "rb") as f:
+        return records.load(f.read(_MAX_RECORD))
 
 
-def crash_groups(store_root: str) -> Iterator[tuple]:
-    """(group path components, fd of that group directory) for ``host`` and every ``<runtime>/<container>``."""
-    root_fd = _open_dir(None, store_root)
-    if root_fd is None:
+def iter_records(store_root: str, problems: Optional[list] = None) -> Iterator[tuple]:
+    """(crash directory path, record) for every readable record, in path order.
+
+    Unreadable or corrupt records are skipped and, if ``problems`` is a list, appended to it
+    as (path, message). A missing store yields nothing; an unreadable one raises OSError.
+    """
+    try:
+        root_fd = open_dir(None, store_root, create=False)
+    except FileNotFoundError:
         return
     try:
-        for top in _subdirs(root_fd):
-            top_fd = _open_dir(root_fd, top)
-            if top_fd is None:
-                continue
+        for parent_fd, parts in _crash_dirs(root_fd, store_root, problems):
+            path = os.path.join(store_root, *parts)
             try:
-                if top == "host":
-                    yield (top,), top_fd
+                rec = _read_record(parent_fd, parts[-1])
+            except FileNotFoundError:
+                message = "no record.json"
+            except OSError as exc:
+                message = f"cannot read record.json: {exc.strerror or exc}"
+            except ValueError as exc:
+                message = f"corrupt record.json: {exc}"
+            else:
+                if rec.get("id") == CRASH_DIR.fullmatch(parts[-1]).group(1):
+                    yield path, rec
                     continue
-                for container in _subdirs(top_fd):
-                    group_fd = _open_dir(top_fd, container)
-                    if group_fd is None:
-                        continue
-                    try:
-                        yield (top, container), group_fd
-                    finally:
-                        os.close(group_fd)
-            finally:
-                os.close(top_fd)
+                message = f"record.json has id {str(rec.get('id'))[:20]!r}, not the directory's"
+            if problems is not None:
+                problems.append((path, message))
     finally:
         os.close(root_fd)
 
 
-def iter_records(store_root: str, errors: Optional[list] = None) -> Iterator[tuple]:
-    """Yield ``(crash_dir_path, record_dict)`` for every readable record; unreadable ones go to ``errors``."""
-    root = store_root.rstrip("/") or "/"
-    for group, group_fd in crash_groups(root):
-        for crash in _subdirs(group_fd):
-            path = "/".join((root, *group, crash))
-            crash_fd = _open_dir(group_fd, crash)
-            if crash_fd is None:
-                continue
-            try:
-                rec = _read_record(crash_fd)
-            except FileNotFoundError:
-                continue  # the handler has just created the directory
-            except (OSError, ValueError) as exc:
-                if errors is not None:
-                    errors.append(f"{path}: {exc}")
-                continue
-            finally:
-                os.close(crash_fd)
-            yield path, rec
+def sort_key(item: tuple) -> tuple:
+    """Oldest first: by dump time, then id."""
+    rec = item[1]
+    stamp = rec.get("timestamp")
+    return (stamp if isinstance(stamp, (int, float)) else 0, str(rec.get("id")))
 
 
-def remove_tree(parent_fd: Optional[int], name: str) -> None:
-    """Delete ``name`` below ``parent_fd`` and everything in it; links are unlinked, never followed."""
-    try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            os.unlink(name, dir_fd=parent_fd)
-            return
-        if exc.errno == errno.ENOENT:
-            return
-        raise
-    try:
-        with os.scandir(fd) as entries:
-            for entry in list(entries):
-                if entry.is_dir(follow_symlinks=False):
-                    remove_tree(fd, entry.name)
-                else:
-                    os.unlink(entry.name, dir_fd=fd)
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=parent_fd)
+def find(store_root: str, prefix: Optional[str], problems: Optional[list] = None) -> tuple:
+    """The one crash whose id starts with ``prefix`` (the latest crash when ``prefix`` is None)."""
+    items = sorted(iter_records(store_root, problems), key=sort_key)
+    if prefix is None:
+        if not items:
+            raise LookupFailed(f"no crashes in {store_root}")
+        return items[-1]
+    return select(items, prefix)
 
 
-def remove_crash(store_root: str, crash_dir: str) -> None:
-    """Delete one crash directory (a path from iter_records) and the group directories it leaves empty."""
-    root = store_root.rstrip("/") or "/"
-    relative = os.path.relpath(crash_dir, root).split("/")
-    if len(relative) not in (2, 3) or any(p in ("", ".", "..") for p in relative):
-        raise ValueError(f"{crash_dir} is not a crash directory of {root}")
-    fds = [os.open(root, _DIR_FLAGS)]
-    try:
-        for part in relative[:-1]:
-            fds.append(os.open(part, _DIR_FLAGS, dir_fd=fds[-1]))
-        remove_tree(fds[-1], relative[-1])
-        for depth in range(len(relative) - 1, 0, -1):
-            try:
-                os.rmdir(relative[depth - 1], dir_fd=fds[depth - 1])
-            except OSError:
-                break  # not empty: other crashes live there
-    finally:
-        for fd in fds:
-            os.close(fd)
+def select(items: list, prefix: str) -> tuple:
+    """The one (path, record) among ``items`` whose id starts with ``prefix``; LookupFailed otherwise."""
+    prefix = prefix.lower()
+    if not re.fullmatch(r"[0-9a-f]{1,12}", prefix):
+        raise LookupFailed(f"{prefix[:40]!r} is not a crash id (ids are 12 hex digits; see 'corepipe list')")
+    matches = [item for item in items if str(item[1].get("id")).startswith(prefix)]
+    if not matches:
+        raise LookupFailed(f"no crash with id {prefix} (see 'corepipe list')")
+    if len(matches) > 1:
+        ids = ", ".join(str(rec.get("id")) for _path, rec in matches[:5])
+        more = ", ..." if len(matches) > 5 else ""
+        raise LookupFailed(f"id prefix {prefix} is ambiguous: {len(matches)} crashes ({ids}{more}); give more digits")
+    return matches[0]

@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -280,7 +281,7 @@ def _apply(paths: Paths, state: dict, changes: _Changes, cfg: configuration.Conf
 
         Store(state["store"]).close()
         state["store_created"] = True
-        changes.undo.append(lambda: catalog.remove_tree(None, state["store"]))
+        changes.undo.append(lambda: shutil.rmtree(state["store"]))
         changes.done.append(f"created the store {state['store']}")
 
     if current_limit != str(PIPE_LIMIT):
@@ -361,10 +362,12 @@ def uninstall(paths: Paths, purge: bool = False, force: bool = False) -> list:
 def purge_store(store: str, created: bool) -> str:
     """Delete the collected crashes; the store directory itself too if install created it."""
     if created:
-        catalog.remove_tree(None, store)
+        shutil.rmtree(store)
         return f"deleted the store {store}"
+    from corepipe.commands import rm_cmd
+
     crashes = [path for path, _rec in catalog.iter_records(store)]
     for path in crashes:
-        catalog.remove_crash(store, path)
+        shutil.rmtree(path)
+    rm_cmd.prune_binaries(store, set(), 0)
     return f"deleted {len(crashes)} crashes from {store} (the directory existed before install: kept)"
-

@@ -143,7 +143,7 @@ def _container_crash(store: str, timeout: float, say: Say) -> None:
             # against what corepipe worked out from the cgroup.
             return rec.get("hostname") == container_id[:12] and (rec.get("timestamp") or 0) >= int(started) - 1
 
-        path, rec = _wait_and_verify(store, match, timeout, "container")
+        path, rec = _wait_and_verify(store, match, timeout, "container", throwaway_container=True)
         found = rec["container"]
         if (found.get("runtime"), found.get("id")) != ("docker", container_id):
             raise SelftestError(f"the container crash was filed as {found.get('runtime')} {found.get('id')}, "
@@ -163,8 +163,10 @@ def _docker(docker: str, args: list, input: Optional[bytes] = None) -> str:
     return proc.stdout.decode(errors="replace")
 
 
-def _wait_and_verify(store: str, match: Callable[[dict], bool], timeout: float, what: str) -> tuple:
-    """The finished record ``match`` picks, verified; every matching crash is removed afterwards."""
+def _wait_and_verify(store: str, match: Callable[[dict], bool], timeout: float, what: str,
+                     throwaway_container: bool = False) -> tuple:
+    """The finished record ``match`` picks, verified; every matching crash is removed afterwards, and with
+    ``throwaway_container`` its container's directory too (nothing else can crash in that container)."""
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -181,7 +183,12 @@ def _wait_and_verify(store: str, match: Callable[[dict], bool], timeout: float, 
             time.sleep(0.1)
     finally:
         for path, _rec in [(p, r) for p, r in catalog.iter_records(store) if match(r)]:
-            catalog.remove_crash(store, path)
+            shutil.rmtree(path)
+            if throwaway_container:
+                try:
+                    os.rmdir(os.path.dirname(path))
+                except OSError:
+                    pass
 
 
 def _verify(path: str, rec: dict, what: str) -> None:

@@ -38,7 +38,8 @@ def store_summary(root: str, recent: int = RECENT) -> dict:
     summary["used_bytes"] = _disk_use(root)
     groups: dict = {}
     crashes = []
-    for path, rec in catalog.iter_records(root, summary["errors"]):
+    problems: list = []
+    for path, rec in catalog.iter_records(root, problems):
         container = rec.get("container") or {}
         key = (container.get("runtime"), container.get("id"))
         group = groups.setdefault(key, {"runtime": key[0], "id": key[1], "name": container.get("name"),
@@ -51,6 +52,7 @@ def store_summary(root: str, recent: int = RECENT) -> dict:
             "pid": rec.get("pid"), "comm": rec.get("comm"), "signal": (rec.get("signal") or {}).get("name"),
             "core_size": (rec.get("core") or {}).get("size"),
         })
+    summary["errors"] = [f"{path}: {message}" for path, message in problems]
     summary["crashes"] = len(crashes)
     summary["containers"] = sorted(groups.values(), key=lambda g: (-g["crashes"], str(g["runtime"]), str(g["id"])))
     summary["recent"] = sorted(crashes, key=lambda c: c["timestamp"], reverse=True)[:recent]

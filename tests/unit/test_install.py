@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from corepipe import install, kernel, status
+from corepipe import catalog, install, kernel, record, status
+from corepipe.containers import Container
 from corepipe.install import InstallError, Paths
+from corepipe.kernel import KernelArgs
+from corepipe.store import RECORD, Store
 
 SYSTEMD = "|/usr/lib/systemd/systemd-coredump %P %u %g %s %t %c %h"
 
@@ -180,3 +183,38 @@ def test_status_codes(paths: Paths, root: Path) -> None:
     assert status.gather(paths)["code"] == status.BROKEN
     (Path(paths.proc_sys) / "kernel" / "core_pattern").write_text(SYSTEMD + "\n")
     assert status.gather(paths)["code"] == status.DRIFTED
+
+
+def file_crash(store: Path, container: Container, pid: int) -> str:
+    """A crash filed the way the collector files it (store.Store + record.build), without a core."""
+    with Store(str(store)) as s:
+        crash = s.new_crash(container.directory())
+        try:
+            rec = record.build(crash_id=crash.id, args=KernelArgs(pid=pid, signal=11, comm="x", time=1700000000 + pid),
+                               snapshot=None, container=container, redact_env=[])
+            rec["status"] = "complete"
+            crash.write(RECORD, record.dumps(rec))
+        finally:
+            crash.close()
+    return crash.path
+
+
+def test_status_counts_crashes_per_container(root: Path) -> None:
+    store = root / "s"
+    cid = "ab" * 32
+    for pid in (10, 11):
+        file_crash(store, Container(runtime="docker", id=cid, name="web"), pid)
+    file_crash(store, Container(), 12)
+    summary = status.store_summary(str(store), recent=2)
+    assert summary["crashes"] == 3 and summary["errors"] == []
+    assert [(g["runtime"], g["id"], g["name"], g["crashes"], g["cores"]) for g in summary["containers"]] == [
+        ("docker", cid, "web", 2, 0), ("host", None, None, 1, 0)]
+    assert [c["pid"] for c in summary["recent"]] == [12, 11]
+
+
+def test_purge_keeps_a_store_that_existed_before(root: Path) -> None:
+    store = root / "s"
+    file_crash(store, Container(), 16)
+    file_crash(store, Container(runtime="docker", id="cd" * 32), 17)
+    assert "deleted 2 crashes" in install.purge_store(str(store), created=False)
+    assert store.is_dir() and list(catalog.iter_records(str(store))) == []
