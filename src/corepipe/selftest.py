@@ -182,13 +182,26 @@ def _wait_and_verify(store: str, match: Callable[[dict], bool], timeout: float, 
                                     "see dmesg for corepipe errors")
             time.sleep(0.1)
     finally:
-        for path, _rec in [(p, r) for p, r in catalog.iter_records(store) if match(r)]:
-            shutil.rmtree(path)
-            if throwaway_container:
-                try:
-                    os.rmdir(os.path.dirname(path))
-                except OSError:
-                    pass
+        _remove(store, [(p, r) for p, r in catalog.iter_records(store) if match(r)], throwaway_container)
+
+
+def _remove(store: str, items: list, throwaway_container: bool) -> None:
+    """Delete the selftest's crashes and the saved binaries only they referred to."""
+    from corepipe.binaries import AREA
+    from corepipe.commands.rm_cmd import referenced
+
+    for path, _rec in items:
+        shutil.rmtree(path)
+        if throwaway_container:
+            try:
+                os.rmdir(os.path.dirname(path))
+            except OSError:
+                pass
+    for directory, name in referenced(items) - referenced(list(catalog.iter_records(store))):
+        try:
+            os.unlink(os.path.join(store, AREA, directory, name))
+        except FileNotFoundError:
+            pass
 
 
 def _verify(path: str, rec: dict, what: str) -> None:

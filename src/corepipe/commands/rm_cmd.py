@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ids", nargs="+", metavar="ID", help="crash ids or unique prefixes")
 
 
-def _referenced(items: list) -> set:
+def referenced(items: list) -> set:
+    """The saved binaries (area directory, file name) that the records of ``items`` refer to."""
     names = set()
     for _path, rec in items:
         for entry in (rec.get("binaries") or {}).get("files") or []:
@@ -63,7 +64,7 @@ def run(ns: argparse.Namespace) -> int:
         shutil.rmtree(path)
         print(f"removed {rec['id']} ({path})")
     kept = [item for item in items if item[0] not in chosen]
-    pruned = prune_binaries(cfg.store, _referenced(kept), cfg.timeout + 60)
+    pruned = prune_binaries(cfg.store, referenced(kept), cfg.timeout + 60)
     if pruned:
         print(f"removed {pruned} saved binaries no crash uses any more")
     return 0
