@@ -18,6 +18,8 @@ import pytest
 from runtimes import PODMAN, PODMAN_ULIMITS, podman_import, runc_bundle, unique
 from support import CRASH_LINE, decompress, gdb_backtrace, need_tool, set_core_limit, short_tempdir
 
+from corepipe import containers
+
 UNLIMITED = 2**64 - 1
 
 
@@ -102,7 +104,7 @@ def podman_image(rootfs: Path) -> str:
 def podman_name() -> str:
     name = unique("corepipe-3")
     yield name
-    subprocess.run(["podman", "rm", "-f", name], capture_output=True)
+    subprocess.run(["podman", "rm", "-f", "-t", "0", name], capture_output=True)
 
 
 def _podman(args: list, name: str) -> dict:
@@ -216,3 +218,25 @@ def test_containerd_cri_annotations(kernel_handler, ctr: list, rootfs: Path, cra
     assert (container["pod_name"], container["pod_namespace"], container["pod_uid"]) == (
         "web-7d4b9c-x2x5p", "shop", "0f3e8a52-8c1b-4a51-9a43-2f7c7d1c9e11")
     _check_core(rec, crasher, tmp_path)
+
+
+def test_podman_name_from_conmon(podman_image: str, podman_name: str, tmp_path: Path) -> None:
+    """Without containers/storage's lists, the name comes from conmon's command line, found above the process."""
+    subprocess.run([*PODMAN, "run", "-d", "--name", podman_name, "--network=none", podman_image,
+                    "sh", "-c", "sleep 60 & wait"], check=True, capture_output=True, timeout=120)
+    pid1 = int(subprocess.run(["podman", "inspect", "-f", "{{.State.Pid}}", podman_name], check=True,
+                              capture_output=True, text=True).stdout)
+    child = None
+    for _ in range(100):
+        child = Path(f"/proc/{pid1}/task/{pid1}/children").read_text().split()
+        if child:
+            break
+        time.sleep(0.05)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "proc").symlink_to("/proc")  # the real processes, but none of podman's storage
+    for pid in (pid1, int(child[0])):
+        found = containers.identify(Path(f"/proc/{pid}/cgroup").read_text(), root=str(root))
+        containers.enrich(found, root=str(root), pid=pid)
+        assert (found.runtime, found.name, found.details["name_from"]) == ("podman", podman_name, "conmon")
+        assert "containers/storage" in found.errors[0]

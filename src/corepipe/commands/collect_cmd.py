@@ -61,7 +61,7 @@ def _collect(args: kernel.KernelArgs, cfg: configuration.Config, errors: list, s
         container = containers.identify(snap.text("cgroup"), mountinfo=snap.text("mountinfo"),
                                         hostname=args.hostname)
         if not container.is_host:
-            containers.enrich(container)
+            containers.enrich(container, pid=args.pid)
     elif snap is None:
         container = containers.Container(runtime="unknown", source="none", confidence="guess")
     else:

@@ -36,7 +36,7 @@ def resolve(ns: argparse.Namespace) -> containers.Container:
             container = containers.identify(snap.text("cgroup"), mountinfo=snap.text("mountinfo"))
         finally:
             snap.close()
-    return containers.enrich(container) if not container.is_host else container
+    return containers.enrich(container, pid=ns.pid) if not container.is_host else container
 
 
 def run(ns: argparse.Namespace) -> int:

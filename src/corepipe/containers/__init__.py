@@ -103,18 +103,30 @@ def _match(segments: list, root: str) -> Optional[Container]:
     return best[1] if best else None
 
 
-def enrich(container: Container, budget: float = 0.5, root: str = "/") -> Container:
-    """Add name, image and pod from the runtime's on-disk state, within ``budget`` seconds; never raises."""
+_STATE_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, TimeoutError)
+
+
+def enrich(container: Container, budget: float = 0.5, root: str = "/", pid: Optional[int] = None) -> Container:
+    """Add name, image and pod from the runtime's on-disk state, within ``budget`` seconds; never raises.
+
+    ``pid`` (the crashed process, host PID) lets Podman's name come from its conmon's command
+    line when containers/storage does not list the container.
+    """
     deadline = state.Deadline(budget)
     for runtime in RUNTIMES:
         if container.runtime in runtime.ENRICHES:
             try:
                 runtime.enrich(container, deadline, root)
-            except (OSError, ValueError, KeyError, TypeError, AttributeError, TimeoutError) as exc:
+            except _STATE_ERRORS as exc:
                 container.errors.append(f"{container.runtime} state: {exc}")
                 if container.confidence == "certain" and "state" not in container.source:
                     container.confidence = "likely"
             break
+    if container.runtime == podman.NAME and container.name is None and pid is not None:
+        try:
+            podman.name_from_conmon(container, pid, deadline, root)
+        except _STATE_ERRORS as exc:
+            container.errors.append(f"podman conmon: {exc}")
     return container
 
 

@@ -16,23 +16,37 @@ from typing import Optional
 from corepipe.containers import Container
 
 _DOCKER = re.compile(r"/containers/([0-9a-f]{64})/(?:hostname|hosts|resolv\.conf)$")
-_STORAGE = re.compile(r"-containers/([0-9a-f]{64})/userdata/")
-_KUBELET = re.compile(r"/pods/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/")
+_STORAGE = re.compile(r"-containers/([0-9a-f]{64})/userdata/(?:hostname|hosts|resolv\.conf)$")
+_KUBELET = re.compile(r"/pods/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/etc-hosts$")
+#: Root filesystem types a container runtime uses and a host seldom boots from.
+_CONTAINER_ROOTS = ("overlay", "aufs", "fuse-overlayfs")
+#: Only a runtime mounts these files over the process's own /etc.
+_TARGETS = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
 
 
 def from_mountinfo(mountinfo: str) -> dict:
-    """{"docker": id, "storage": id, "pod_uid": uid} for what the mount roots show (first of each)."""
+    """{"docker": id, "storage": id, "pod_uid": uid, "root": ...} from the mounts over /etc and of /."""
     seen: dict = {}
     for line in mountinfo.splitlines():
-        fields = line.split(" ", 4)
-        if len(fields) < 5:
+        fields = line.split(" ", 5)
+        if len(fields) < 6:
             continue
-        mount_root = fields[3]
+        mount_root, target = fields[3], fields[4]
+        if target == "/":
+            seen["root"] = {"device": fields[2], "root": mount_root, "type": _fstype(fields[5])}
+        if target not in _TARGETS:
+            continue
         for key, pattern in (("docker", _DOCKER), ("storage", _STORAGE), ("pod_uid", _KUBELET)):
             found = pattern.search(mount_root)
             if found and key not in seen:
                 seen[key] = found.group(1)
     return seen
+
+
+def _fstype(rest: str) -> str:
+    """The filesystem type: the field after the " - " separator that ends the optional fields."""
+    _, sep, after = rest.partition(" - ")
+    return after.split(" ", 1)[0] if sep else ""
 
 
 def fallback(seen: dict) -> Optional[Container]:
@@ -43,6 +57,9 @@ def fallback(seen: dict) -> Optional[Container]:
     if "storage" in seen:
         return Container(runtime="podman", id=seen["storage"], source="mountinfo", confidence="likely",
                          pod_uid=seen.get("pod_uid"))
+    root = seen.get("root")
+    if root and (root["root"] != "/" or root["type"] in _CONTAINER_ROOTS):
+        return Container(runtime="unknown", source="mountinfo", confidence="guess", details={"root_mount": root})
     return None
 
 

@@ -83,3 +83,24 @@ def _image_name(image_id: Optional[str], driver: str, deadline: state.Deadline, 
             names = [n for n in image.get("names") or [] if state.text(n)]
             return names[0] if names else None
     return None
+
+
+def name_from_conmon(container: Container, pid: int, deadline: state.Deadline, root: str) -> None:
+    """The name on the command line of the container's conmon (``-c <id> -n <name>``), an ancestor of ``pid``."""
+    for _ in range(32):
+        status = state.read(state.path(root, "proc", str(pid), "status"), deadline, 65536).decode(errors="replace")
+        ppid = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), 0)
+        if ppid <= 1:
+            return
+        pid = ppid
+        args = state.read(state.path(root, "proc", str(pid), "cmdline"), deadline, 65536).decode(
+            errors="replace").split("\0")
+        if not args or not args[0].endswith("conmon"):
+            continue
+        options = {flag: value for flag, value in zip(args, args[1:])}
+        cid = options.get("-c") or options.get("--cid")
+        name = options.get("-n") or options.get("--name")
+        if cid == container.id and name:
+            container.name = name
+            container.details["name_from"] = "conmon"
+        return
