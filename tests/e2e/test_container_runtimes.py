@@ -240,3 +240,22 @@ def test_podman_name_from_conmon(podman_image: str, podman_name: str, tmp_path: 
         containers.enrich(found, root=str(root), pid=pid)
         assert (found.runtime, found.name, found.details["name_from"]) == ("podman", podman_name, "conmon")
         assert "containers/storage" in found.errors[0]
+
+
+def test_runc_inherits_core_limit(kernel_handler, rootfs: Path, tmp_path: Path) -> None:
+    """A bundle without RLIMIT_CORE: the container has the limit `runc run` had, and the record honours it."""
+    bundle = runc_bundle(tmp_path, rootfs, ["/crasher", "4"])
+    config = json.loads((bundle / "config.json").read_text())
+    config["process"]["rlimits"] = []
+    (bundle / "config.json").write_text(json.dumps(config))
+    cid = unique("corepipe-3")
+    limit = 65536
+    try:
+        subprocess.run(["runc", "run", cid], cwd=bundle, capture_output=True, timeout=120, stdin=subprocess.DEVNULL,
+                       preexec_fn=set_core_limit(limit))
+        rec = kernel_handler.wait_record(lambda r: r["container"]["id"] == cid)
+    finally:
+        subprocess.run(["runc", "delete", "-f", cid], capture_output=True)
+    _check_filed(rec, kernel_handler.store, "runc", cid)
+    assert rec["core_limit"] == limit
+    assert rec["core"]["stored"] is True and rec["core"]["truncated"] is True and rec["core"]["size"] == limit

@@ -35,8 +35,7 @@ def match(segments: list, root: str) -> Optional[tuple]:
             return i, Container(runtime=NAME, id=cid, details={"client": "nerdctl"})
         if i and VALID_NAME.fullmatch(segments[i - 1]) and VALID_NAME.fullmatch(seg) \
                 and state.exists(runc.state_file(state.path(root, RUNC_ROOT, segments[i - 1]), seg)):
-            return i, Container(runtime=NAME, id=seg, source="cgroup+state",
-                                details={"namespace": segments[i - 1]})
+            return i, Container(runtime=NAME, id=seg, confidence="likely", details={"namespace": segments[i - 1]})
     return None
 
 

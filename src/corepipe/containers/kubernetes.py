@@ -3,11 +3,13 @@
 - cgroupfs: ``/kubepods[/burstable|/besteffort]/pod<uid>/<id>`` (guaranteed pods have no QoS level);
   the container segment is a bare id, so which CRI runtime runs it is read from the state on disk.
 - systemd: ``/kubepods.slice[/kubepods-<qos>.slice]/kubepods[-<qos>]-pod<uid_with_underscores>.slice/
-  <prefix>-<id>.scope`` with prefix ``cri-containerd``, ``crio`` or ``docker``.
+  <prefix>-<id>.scope`` with prefix ``cri-containerd``, ``crio`` or ``docker`` (slice names carry the
+  kubelet's cgroup root as a prefix when it has one: ``kubelet-kubepods-besteffort.slice``).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 from corepipe.containers import HEX_ID, NAME, POD_UID, Container, cgroup, containerd, crio, docker, state
@@ -15,19 +17,20 @@ from corepipe.containers import HEX_ID, NAME, POD_UID, Container, cgroup, contai
 RUNTIME = "kubernetes"
 ENRICHES = (RUNTIME,)
 QOS = ("burstable", "besteffort")
+#: ``kubepods.slice``, ``kubepods-burstable.slice``; with a kubelet ``--cgroup-root`` (kind) ``kubelet-kubepods...``.
+_KUBEPODS = re.compile(r"(?:[A-Za-z0-9_]+-)?kubepods[.-]")
 _SCOPES = (("cri-containerd-", "containerd"), ("crio-", "cri-o"), ("docker-", "docker"))
 
 
 def match(segments: list, root: str) -> Optional[tuple]:
-    start = next((i for i, s in enumerate(segments) if s == "kubepods" or s.startswith("kubepods.")
-                  or s.startswith("kubepods-")), None)
+    start = next((i for i, s in enumerate(segments) if s == "kubepods" or _KUBEPODS.match(s)), None)
     if start is None:
         return None
     qos, pod_uid = "guaranteed", None
     for i in range(start, len(segments)):
         seg = segments[i]
         for level in QOS:
-            if seg in (level, f"kubepods-{level}.slice") or seg.startswith(f"kubepods-{level}-"):
+            if seg == level or f"kubepods-{level}." in seg or f"kubepods-{level}-" in seg:
                 qos = level
         uid = _pod_uid(seg)
         if uid:
@@ -51,7 +54,7 @@ def _pod_uid(seg: str) -> Optional[str]:
     """``pod<uid>`` (cgroupfs) or ``kubepods[-<qos>]-pod<uid_with_underscores>.slice`` (systemd)."""
     if seg.startswith("pod"):
         uid = seg[3:]
-    elif seg.startswith("kubepods-") and "-pod" in seg and seg.endswith(".slice"):
+    elif _KUBEPODS.match(seg) and "-pod" in seg and seg.endswith(".slice"):
         uid = seg[seg.rindex("-pod") + 4:-6].replace("_", "-")
     else:
         return None

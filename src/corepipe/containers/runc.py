@@ -25,7 +25,7 @@ def match(segments: list, root: str) -> Optional[tuple]:
     for i, seg in enumerate(segments):
         cid = cgroup.scope_id(seg, "runc-") if seg.endswith(".scope") else seg
         if VALID_NAME.fullmatch(cid) and state.exists(state_file(state.path(root, STATE_ROOT), cid)):
-            return i, Container(runtime=NAME, id=cid, name=cid, source="cgroup+state")
+            return i, Container(runtime=NAME, id=cid, name=cid, confidence="likely")
     return None
 
 

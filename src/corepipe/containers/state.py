@@ -14,6 +14,8 @@ import stat
 import time
 from typing import Optional
 
+from corepipe.snapshot import read_fd
+
 #: A 64-hex container id (Docker, containerd CRI, CRI-O, Podman).
 HEX_ID = re.compile(r"[0-9a-f]{64}")
 #: A runtime-chosen name or id (runc, ctr, LXC, machine names): no '/', no leading '.', bounded.
@@ -56,15 +58,7 @@ def read(file: str, deadline: Deadline, limit: int = JSON_LIMIT) -> bytes:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(f"{file} is not a regular file")
-        chunks, size = [], 0
-        while size < limit:
-            deadline.check()
-            chunk = os.read(fd, min(1 << 20, limit - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
+        return read_fd(fd, limit, deadline.check)
     finally:
         os.close(fd)
 
