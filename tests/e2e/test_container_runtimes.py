@@ -181,11 +181,12 @@ def ctr() -> list:
         f'version = 2\nroot = "{base}/root"\nstate = "{base}/state"\n'
         'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
         f'[grpc]\n  address = "{sock}"\n[ttrpc]\n  address = "{sock}.ttrpc"\n')
-    log = open(base / "log", "wb")
-    daemon = subprocess.Popen(["containerd", "--config", str(base / "config.toml")], stdout=log, stderr=log,
-                              preexec_fn=set_core_limit(resource.RLIM_INFINITY))
     command = ["ctr", "--address", str(sock), "--namespace", "k8s.io"]
+    daemon = None
     try:
+        with open(base / "log", "wb") as log:
+            daemon = subprocess.Popen(["containerd", "--config", str(base / "config.toml")], stdout=log,
+                                      stderr=log, preexec_fn=set_core_limit(resource.RLIM_INFINITY))
         for _ in range(100):
             if subprocess.run([*command, "version"], capture_output=True).returncode == 0:
                 break
@@ -194,9 +195,9 @@ def ctr() -> list:
             pytest.fail(f"containerd did not start: {(base / 'log').read_text()[-500:]}")
         yield command
     finally:
-        daemon.terminate()
-        daemon.wait(30)
-        log.close()
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(30)
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -77,7 +77,8 @@ def identify(cgroup_text: str, *, mountinfo: str = "", hostname: Optional[str] =
 
     Every distinct cgroup path (v2 first, then v1) is tried; in a path the outermost container
     scope wins. Where no path names a container, bind mounts the runtimes make (a container's
-    /etc/hostname from its state directory) are the fallback, with confidence "likely".
+    /etc/hostname from its state directory) are the fallback ("likely"), then a root filesystem
+    that looks like a container's ("unknown", a "guess"); otherwise it is the host.
     """
     paths = cgroup.candidate_paths(cgroup_text)
     found = None
