@@ -8,6 +8,7 @@ and a container started without a core limit override gets what its limit says.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import pytest
 from runtimes import PODMAN, PODMAN_ULIMITS, podman_import, runc_bundle, unique
-from support import CRASH_LINE, decompress, gdb_backtrace, need_tool, set_core_limit, short_tempdir
+from support import CRASH_LINE, decompress, gdb_backtrace, need, need_tool, set_core_limit, short_tempdir
 
-from corepipe import containers
+from corepipe import cli, containers
 
 UNLIMITED = 2**64 - 1
 
@@ -260,3 +261,21 @@ def test_runc_inherits_core_limit(kernel_handler, rootfs: Path, tmp_path: Path) 
     _check_filed(rec, kernel_handler.store, "runc", cid)
     assert rec["core_limit"] == limit
     assert rec["core"]["stored"] is True and rec["core"]["truncated"] is True and rec["core"]["size"] == limit
+
+
+# corepipe resolve on a live container --------------------------------------------------------
+
+def test_resolve_live_docker_container(docker_image: str, capsys: pytest.CaptureFixture) -> None:
+    need(os.geteuid() == 0, "needs root to read a container's /proc entries")
+    name = unique("corepipe-3")
+    subprocess.run(["docker", "run", "-d", "--name", name, "--network=none", docker_image, "sleep", "60"],
+                   check=True, capture_output=True, timeout=120)
+    try:
+        inspect = subprocess.run(["docker", "inspect", "-f", "{{.Id}} {{.State.Pid}}", name], check=True,
+                                 capture_output=True, text=True).stdout.split()
+        assert cli.main(["resolve", "--json", inspect[1]]) == 0
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    out = json.loads(capsys.readouterr().out)
+    assert (out["runtime"], out["id"], out["name"], out["image"]) == ("docker", inspect[0], name, docker_image)
+    assert out["confidence"] == "certain" and "mountinfo" in out["details"]["evidence"]

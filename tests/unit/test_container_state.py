@@ -13,7 +13,7 @@ import pytest
 
 from corepipe import containers
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 DOCKER_ID = "8fbe35a6874a457740ba1a4869c05bc9978f8d3b8ec868f8b9249d36988a61d2"
 PODMAN_ID = "819969c35dff8658fd41b1c591d3adf5e3566c2433bc94023d15accb58e21545"
 CRIO_ID = "2227daf62df6694645fee5df53c1f91271546a9560e8600a525690ae252b7f63"

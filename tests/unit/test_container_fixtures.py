@@ -15,7 +15,7 @@ import pytest
 
 from corepipe import containers
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "cgroup"
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "cgroup"
 CASES = json.loads((FIXTURES / "expected.json").read_text())
 
 
