@@ -63,9 +63,10 @@ def _collect(args: kernel.KernelArgs, cfg: configuration.Config, errors: list, s
         snap = snapshot.take(args.pid, ns_pid=args.ns_pid, uid=args.uid, gid=args.gid, pidfd=args.pidfd,
                              limit=cfg.proc_read_limit)
     if snap is not None and snap.trusted:
-        container = containers.identify(snap.text("cgroup"))
+        container = containers.identify(snap.text("cgroup"), mountinfo=snap.text("mountinfo"),
+                                        hostname=args.hostname)
         if not container.is_host:
-            containers.enrich(container)
+            containers.enrich(container, pid=args.pid)
     elif snap is None:
         container = containers.Container(runtime="unknown", source="none", confidence="guess")
     else:
