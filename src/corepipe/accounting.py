@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from corepipe import policy, record
+from corepipe import catalog, policy, record
 from corepipe.config import Config
 from corepipe.log import ERR, log
 from corepipe.snapshot import parse_start_ticks
@@ -31,17 +31,18 @@ LOCK = ".lock"
 STATE = ".state.json"
 PARTIAL_CORE = "core.partial.zst"
 CORE_FILES = (CORE, PARTIAL_CORE)
-CRASH_NAME = re.compile(r"(\d{8}T\d{6}Z)-[0-9a-f]{12}")
 TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
 _STATE_MAX = 4 << 20
-_RECORD_MAX = 64 << 20
 #: Below this many bytes of room a core is not even attempted.
 MIN_BUDGET = 4096
 
 
 def crash_time(name: str) -> float:
-    match = CRASH_NAME.fullmatch(name)
-    return float(calendar.timegm(time.strptime(match.group(1), "%Y%m%dT%H%M%SZ"))) if match else 0.0
+    """The dump time in a crash directory's name (``<UTC time>-<id>``)."""
+    try:
+        return float(calendar.timegm(time.strptime(name.split("-", 1)[0], "%Y%m%dT%H%M%SZ")))
+    except ValueError:
+        return 0.0
 
 
 def _self_start() -> Optional[int]:
@@ -168,38 +169,15 @@ class Accounting:
     def scan(self) -> Contents:
         """Every crash directory and leftover temporary file, without following any link."""
         contents = Contents()
-        for name in self._dirs(self.store.fd):
-            if name == "host":
-                self._scan_group(self.store.fd, (name,), contents)
+        for parent_fd, parts in catalog.crash_dirs(self.store.fd, self.store.root, None):
+            crash_fd = self._open(parent_fd, parts[-1])
+            if crash_fd is None:
                 continue
-            for container in self._subdirs(self.store.fd, name):
-                fd = self._open(self.store.fd, name)
-                if fd is None:
-                    continue
-                try:
-                    self._scan_group(fd, (container,), contents, prefix=name)
-                finally:
-                    os.close(fd)
+            try:
+                contents.crashes.append(self._crash(crash_fd, "/".join(parts[:-1]), parts[-1], contents))
+            finally:
+                os.close(crash_fd)
         return contents
-
-    def _scan_group(self, parent: int, path: tuple, contents: Contents, prefix: str = "") -> None:
-        fd = self._open(parent, path[0])
-        if fd is None:
-            return
-        group = f"{prefix}/{path[0]}" if prefix else path[0]
-        try:
-            for crash in self._dirs(fd):
-                if not CRASH_NAME.fullmatch(crash):
-                    continue
-                crash_fd = self._open(fd, crash)
-                if crash_fd is None:
-                    continue
-                try:
-                    contents.crashes.append(self._crash(crash_fd, group, crash, contents))
-                finally:
-                    os.close(crash_fd)
-        finally:
-            os.close(fd)
 
     def _crash(self, fd: int, group: str, crash: str, contents: Contents) -> policy.Core:
         """A crash's time is when its core was written (crashes in the same second keep their order),
@@ -217,25 +195,6 @@ class Accounting:
             elif TEMP_NAME.fullmatch(name):
                 contents.temps.append(Temp(group, crash, name, st.st_mtime))
         return policy.Core(group=group, crash=crash, size=size, time=when, file=core)
-
-    def _dirs(self, fd: int) -> list:
-        return sorted(n for n in os.listdir(fd) if not n.startswith(".") and self._is_dir(fd, n))
-
-    def _subdirs(self, parent: int, name: str) -> list:
-        fd = self._open(parent, name)
-        if fd is None:
-            return []
-        try:
-            return self._dirs(fd)
-        finally:
-            os.close(fd)
-
-    @staticmethod
-    def _is_dir(fd: int, name: str) -> bool:
-        try:
-            return stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
-        except OSError:
-            return False
 
     def _open(self, parent: int, name: str) -> Optional[int]:
         try:
@@ -265,11 +224,7 @@ class Accounting:
         try:
             os.unlink(core.file, dir_fd=crash.fd)
             try:
-                fd = os.open(RECORD, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=crash.fd)
-                try:
-                    rec = record.load(os.read(fd, _RECORD_MAX))
-                finally:
-                    os.close(fd)
+                rec = catalog.read_record(crash.fd)
                 rec["core"].update(stored=False, file=None, reason=f"deleted: {reason}")
                 crash.write(RECORD, record.dumps(rec))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -149,15 +149,14 @@ def test_store_missing_is_created(kernel_handler, crasher: Path) -> None:
     assert Path(rec["_dir"]).parent == kernel_handler.store / "host"
 
 
-@pytest.mark.parametrize("problem", ["bad toml", "unknown key", "wrong type", "a directory"])
-def test_invalid_config_falls_back_to_the_defaults(kernel_handler, crasher: Path, problem: str) -> None:
+@pytest.mark.parametrize("problem", ["bad toml", "a directory"])
+def test_unusable_config_falls_back_to_the_defaults(kernel_handler, crasher: Path, problem: str) -> None:
     config = kernel_handler.config
     if problem == "a directory":
         config.unlink()
         config.mkdir()
     else:
-        config.write_text({"bad toml": "store = [\n", "unknown key": "colour = 'red'\n",
-                           "wrong type": "max_use = 'a lot'\n"}[problem])
+        config.write_text("store = [\n")
     name = f"cfg-{problem.split()[-1]}"
     proc = start_crash([str(crasher), "0", name])
     proc.wait(timeout=60)
@@ -178,6 +177,16 @@ def test_invalid_config_falls_back_to_the_defaults(kernel_handler, crasher: Path
         config.rmdir()
     config.write_text(f'store = "{kernel_handler.store}"\n')
     assert_next_crash_is_normal(kernel_handler, crasher, "cfg-fixed")
+
+
+@pytest.mark.parametrize("line", ["colour = 'red'", "max_use = 'a lot'", "rate_limit_exe = -3", "keep_free = -2"])
+def test_a_bad_key_is_left_at_its_default(kernel_handler, crasher: Path, line: str) -> None:
+    kernel_handler.config.write_text(kernel_handler.config.read_text() + line + "\n")
+    crash([str(crasher), "0", "badkey"])
+    rec = kernel_handler.wait_record(lambda r: r["comm"] == "badkey")
+    assert rec["core"]["stored"] and rec["core"]["complete"]
+    assert any(e.startswith("config: ") and "left at its default" in e for e in rec["collector"]["errors"])
+    assert dmesg_lines(f"pid {rec['pid']}: config: ")
 
 
 def test_handler_killed_mid_write(kernel_handler, crasher: Path, tmp_path: Path) -> None:

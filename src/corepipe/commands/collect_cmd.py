@@ -9,15 +9,20 @@ and syslog) and an error line for each failure. Exit codes: 0 stored as configur
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
-from typing import Callable, Optional
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Callable, Optional
 
-from corepipe import accounting, containers, kernel, policy, record, snapshot
+from corepipe import accounting, catalog, containers, kernel, policy, postmortem, record, snapshot
 from corepipe import config as configuration
 from corepipe.accounting import PARTIAL_CORE
 from corepipe.log import ERR, INFO, WARNING, log
 from corepipe.store import CORE, RECORD, CrashDir, Store
+
+if TYPE_CHECKING:
+    from corepipe.binaries import HeldFiles
 
 STDIN = 0
 
@@ -35,8 +40,10 @@ def run(argv: list) -> int:
     errors: list = []
     args = kernel.parse_args(argv)
     errors += args.errors
+    problems: list = []
     try:
-        cfg = configuration.load(args.config)
+        cfg = configuration.load(args.config, problems)
+        errors += [f"config: {p}; that key is left at its default" for p in problems]
     except configuration.ConfigError as exc:
         errors.append(f"config: {exc}; using the defaults")
         cfg = configuration.Config()
@@ -60,15 +67,17 @@ def _collect(args: kernel.KernelArgs, cfg: configuration.Config, errors: list, s
         snap = snapshot.take(args.pid, ns_pid=args.ns_pid, uid=args.uid, gid=args.gid, pidfd=args.pidfd,
                              limit=cfg.proc_read_limit)
     if snap is not None and snap.trusted:
-        container = containers.identify(snap.text("cgroup"))
+        container = containers.identify(snap.text("cgroup"), mountinfo=snap.text("mountinfo"),
+                                        hostname=args.hostname)
         if not container.is_host:
-            containers.enrich(container)
+            containers.enrich(container, pid=args.pid)
     elif snap is None:
         container = containers.Container(runtime="unknown", source="none", confidence="guess")
     else:
         container = containers.Container(runtime="unknown", source="untrusted snapshot", confidence="guess")
     for message in errors:
         log(f"error: pid {args.pid}: {message}", ERR)
+    held = postmortem.hold(snap, cfg)
     try:
         store = Store(cfg.store)
     except OSError as exc:
@@ -81,8 +90,10 @@ def _collect(args: kernel.KernelArgs, cfg: configuration.Config, errors: list, s
             log(f"error: pid {args.pid}: cannot create a crash directory: {exc}; core not saved", ERR)
             return 1
         try:
-            return _store_crash(store, crash, args, cfg, snap, container, errors, started)
+            return _store_crash(store, crash, args, cfg, snap, container, errors, started, held)
         finally:
+            if held is not None:
+                held.close()
             crash.close()
             if snap is not None:
                 snap.close()
@@ -90,7 +101,7 @@ def _collect(args: kernel.KernelArgs, cfg: configuration.Config, errors: list, s
 
 def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Config,
                  snap: Optional[snapshot.Snapshot], container: containers.Container, errors: list,
-                 started: float) -> int:
+                 started: float, held: Optional[HeldFiles]) -> int:
     rec = record.build(crash_id=crash.id, args=args, snapshot=snap, container=container,
                        redact_env=cfg.redact_env)
     rec["collector"]["errors"] = errors
@@ -98,15 +109,15 @@ def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: co
     core = rec["core"]
     limit = args.core_limit_bytes() if cfg.honour_core_limit else None
     failed = bool(errors)
-    pending = None
     if limit == 0:
         core["reason"] = "RLIMIT_CORE is 0"
     else:
         pending, core_failed = _policed_core(store, crash, args, cfg, snap, container.directory(), rec, limit)
-        failed = core_failed or failed
+        failed = _commit(store, crash, args, rec, pending) or core_failed or failed
+    postmortem.finish(store, crash, rec, held, cfg, container.is_host)
     rec["status"] = "failed" if failed else "complete"
     rec["collector"]["duration"] = round(time.monotonic() - started, 6)
-    failed = _finish(store, crash, args, rec, pending) or failed
+    _write_final(store, crash, args, rec)
     where = "/".join(container.directory())
     what = (f"core {core['size']} bytes -> {core['compressed_size']}" if core["stored"]
             else f"no core ({core['reason']})")
@@ -141,6 +152,7 @@ def _policed_core(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: c
     if not admission.budget:
         core["reason"] = admission.reason
         return None, False
+
     def grow(needed: int, written: int) -> int:
         return accounting.grow(store, cfg, crash_id=crash.id, group=group, needed=needed, written=written)
 
@@ -188,32 +200,55 @@ def _write_core(crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Con
     return not whole
 
 
-def _finish(store: Store, crash: CrashDir, args: kernel.KernelArgs, rec: dict, pending: Optional[_Pending]) -> bool:
-    """Put the core under its final name and write the final record holding the store's lock, so that a
-    handler making room sees either no core yet or one whose record is final (and notes the deletion in
-    it); then give back the reservation. True if the core could not be put in place."""
+def _commit(store: Store, crash: CrashDir, args: kernel.KernelArgs, rec: dict, pending: Optional[_Pending]) -> bool:
+    """Put the core under its final name and record that, holding the store's lock (so a handler making
+    room never sees a core whose record does not say it is stored), and give back the reservation.
+    True if the core could not be put in place."""
     if pending is None:
-        _write_record(crash, rec)
         return False
     failed = False
-    try:
-        lock = accounting.Accounting(store)
-    except OSError as exc:
-        log(f"error: pid {args.pid}: cannot lock the store to finish crash {crash.id}: {exc}", ERR)
-        lock = None
-    with lock or contextlib.nullcontext():
+    with _locked(store, args, crash) as acc:
         if pending.tmp is not None:
             try:
                 crash.commit(pending.fd, pending.tmp, pending.name)
             except OSError as exc:
                 crash.discard(pending.fd, pending.tmp)
                 rec["core"].update(file=None, stored=False, complete=None)
-                rec["status"] = "failed"
                 failed = _not_saved(args, rec, f"write failed: {exc}")
-        _write_record(crash, rec)
-        if lock is not None:
-            lock.release(crash.id)
+            _write_record(crash, rec)
+        if acc is not None:
+            acc.release(crash.id)
     return failed
+
+
+def _write_final(store: Store, crash: CrashDir, args: kernel.KernelArgs, rec: dict) -> None:
+    """The final record, under the lock: if another handler deleted the core to make room in the
+    meantime, the record keeps what it said about that."""
+    if not rec["core"]["stored"]:
+        _write_record(crash, rec)
+        return
+    with _locked(store, args, crash):
+        try:
+            os.stat(rec["core"]["file"], dir_fd=crash.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            try:
+                rec["core"] = catalog.read_record(crash.fd)["core"]
+            except (OSError, ValueError, KeyError) as exc:
+                rec["core"].update(file=None, stored=False, reason=f"deleted (its record was unreadable: {exc})")
+        _write_record(crash, rec)
+
+
+@contextlib.contextmanager
+def _locked(store: Store, args: kernel.KernelArgs, crash: CrashDir) -> Iterator[Optional[accounting.Accounting]]:
+    """The store's lock, or (logged) nothing when it cannot be had: the record matters more."""
+    try:
+        lock = accounting.Accounting(store)
+    except OSError as exc:
+        log(f"error: pid {args.pid}: cannot lock the store to finish crash {crash.id}: {exc}", ERR)
+        yield None
+        return
+    with lock:
+        yield lock
 
 
 def _not_saved(args: kernel.KernelArgs, rec: dict, reason: str) -> bool:
