@@ -110,8 +110,19 @@ class Accounting:
             os.rmdir(name, dir_fd=self.store.fd)
 
     def __enter__(self) -> Accounting:
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
+        for _ in range(8):
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            # Locked, but is it still the lock file? (Another handler may have just replaced a planted one.)
+            try:
+                current = os.stat(LOCK, dir_fd=self.store.fd, follow_symlinks=False)
+            except OSError:
+                current = None
+            mine = os.fstat(self.fd)
+            if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                return self
+            os.close(self.fd)
+            self.fd = self._open_lock()
+        raise StoreError(errno.EPERM, f"{self.store.root}/{LOCK} keeps being replaced; not using the store")
 
     def __exit__(self, *exc: object) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
@@ -132,8 +143,7 @@ class Accounting:
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > _STATE_MAX:
                 log(f"error: {self.store.root}/{STATE} is not a plain file of ours; starting a new one", ERR)
                 return {}
-            state = json.loads(os.read(fd, _STATE_MAX))
-            return state if isinstance(state, dict) else {}
+            return _valid_state(json.loads(os.read(fd, _STATE_MAX)))
         except (OSError, ValueError) as exc:
             log(f"error: {self.store.root}/{STATE} unreadable ({exc}); starting a new one", ERR)
             return {}
@@ -255,6 +265,16 @@ class Accounting:
             os.unlink(temp.name, dir_fd=crash.fd)
         finally:
             crash.close()
+
+
+def _valid_state(state: object) -> dict:
+    """The parts of a loaded state that have the right shape (a damaged file must not stop a handler)."""
+    if not isinstance(state, dict):
+        return {}
+    rates = state.get("rate")
+    reservations = state.get("reservations")
+    return {"rate": {k: v for k, v in rates.items() if isinstance(v, list)} if isinstance(rates, dict) else {},
+            "reservations": reservations if isinstance(reservations, dict) else {}}
 
 
 def rate_keys(group: tuple, exe: str) -> list:
