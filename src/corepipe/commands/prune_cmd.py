@@ -8,8 +8,8 @@ import time
 from typing import Callable
 
 from corepipe import accounting, policy
-from corepipe import config as configuration
 from corepipe.cli import UserError
+from corepipe.commands import crashes
 from corepipe.store import Store
 
 HELP = "delete old crashes and cores over the storage limits (--dry-run: only show what would go)"
@@ -20,10 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    try:
-        cfg = configuration.load(ns.config)
-    except configuration.ConfigError as exc:
-        raise UserError(f"{exc}; fix the config file") from None
+    cfg = crashes.load_config(ns)
     if not os.path.isdir(cfg.store):
         print(f"the store {cfg.store} does not exist yet: nothing to prune")
         return 0
