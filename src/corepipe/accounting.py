@@ -267,6 +267,14 @@ class Accounting:
             crash.close()
 
 
+def measure(store: Store, cfg: Config) -> tuple:
+    """(the effective policy.Limits, bytes free) for the store's filesystem as it is now."""
+    st = os.fstatvfs(store.fd)
+    lim = policy.limits(max_use=cfg.max_use, keep_free=cfg.keep_free, fs_size=st.f_blocks * st.f_frsize,
+                        container_max_cores=cfg.container_max_cores, container_max_bytes=cfg.container_max_bytes)
+    return lim, st.f_bavail * st.f_frsize
+
+
 def _valid_state(state: object) -> dict:
     """The parts of a loaded state that have the right shape (a damaged file must not stop a handler)."""
     if not isinstance(state, dict):
@@ -347,10 +355,8 @@ def _reserve(acc: Accounting, state: dict, cfg: Config, crash_id: str, group: tu
     returns (reserved bytes, the limit that decided)."""
     reserved = acc.reservations(state, cfg.timeout + 60)
     reserved.pop(crash_id, None)
-    st = os.fstatvfs(acc.store.fd)
-    lim = policy.limits(max_use=cfg.max_use, keep_free=cfg.keep_free, fs_size=st.f_blocks * st.f_frsize,
-                        container_max_cores=cfg.container_max_cores, container_max_bytes=cfg.container_max_bytes)
-    plan = policy.plan(acc.scan().crashes, lim, fs_free=st.f_bavail * st.f_frsize + written,
+    lim, fs_free = measure(acc.store, cfg)
+    plan = policy.plan(acc.scan().crashes, lim, fs_free=fs_free + written,
                        reserved=sum(r[0] for r in reserved.values()), group="/".join(group), want=want)
     for core, reason in plan.delete:
         try:

@@ -40,12 +40,9 @@ def run(ns: argparse.Namespace) -> int:
             if now - temp.mtime > cfg.timeout + 60:
                 pruner.apply(acc.delete_temp, temp, f"{store.root}/{temp.group}/{temp.crash}/{temp.name}",
                              "left by a handler that died")
-        st = os.fstatvfs(store.fd)
-        lim = policy.limits(max_use=cfg.max_use, keep_free=cfg.keep_free, fs_size=st.f_blocks * st.f_frsize,
-                            container_max_cores=cfg.container_max_cores,
-                            container_max_bytes=cfg.container_max_bytes)
-        # A dry run deleted nothing: count the old crashes as gone, as they would be.
-        free = st.f_bavail * st.f_frsize + (sum(c.size for c in old) if ns.dry_run else 0)
+        lim, free = accounting.measure(store, cfg)
+        if ns.dry_run:  # nothing was deleted: count the old crashes as gone, as they would be
+            free += sum(c.size for c in old)
         reserved = sum(r[0] for r in acc.reservations(acc.load_state(), cfg.timeout + 60).values())
         plan = policy.plan([c for c in contents.crashes if c not in old], lim, fs_free=free, reserved=reserved)
         for core, reason in plan.delete:
