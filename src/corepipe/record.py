@@ -85,7 +85,7 @@ def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], cont
             "truncated": False,
             "compression": "zstd",
         },
-        "collector": {"version": __version__, "duration": None, "errors": []},
+        "collector": {"version": __version__, "duration": None, "peak_rss": None, "errors": []},
     }
 
 

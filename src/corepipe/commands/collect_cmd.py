@@ -8,6 +8,8 @@ and syslog) and an error line for each failure. Exit codes: 0 stored as configur
 
 from __future__ import annotations
 
+import os
+import resource
 import signal
 import time
 from typing import Optional
@@ -104,8 +106,11 @@ def _store_crash(crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Co
             from corepipe import compress
 
             compress.widen_pipe(STDIN)
-            result = compress.compress_stream(STDIN, fd, limit=limit, level=cfg.compression_level,
-                                              threads=cfg.compression_threads)
+            try:
+                result = compress.compress_stream(STDIN, fd, limit=limit, level=cfg.compression_level,
+                                                  threads=cfg.compression_threads)
+            finally:
+                _release(STDIN)
         except (OSError, Timeout) as exc:
             crash.discard(fd, tmp)
             failed = True
@@ -120,6 +125,7 @@ def _store_crash(crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Co
                 core["reason"] = f"truncated at RLIMIT_CORE ({limit} bytes)"
     rec["status"] = "failed" if failed else "complete"
     rec["collector"]["duration"] = round(time.monotonic() - started, 6)
+    rec["collector"]["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     _write_record(crash, rec)
     where = "/".join(container.directory())
     what = (f"core {core['size']} bytes -> {core['compressed_size']}" if core["stored"]
@@ -129,6 +135,15 @@ def _store_crash(crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Co
     if args.errors:
         return 2
     return 1 if failed else 0
+
+
+def _release(fd: int) -> None:
+    """Close the kernel's pipe once the core is read: the kernel holds the crashed process (and its
+    container's restart) until every reader has closed it, and fsyncing the core need not keep it waiting."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _write_record(crash: CrashDir, rec: dict) -> None:
