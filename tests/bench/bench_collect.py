@@ -124,20 +124,39 @@ class Bench:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+SYSTEMD_SOCKET = "/run/systemd/coredump"
+
+
+def listening(path: str) -> bool:
+    """Whether something accepts connections on the AF_UNIX socket ``path`` (a stale file does not)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 class SystemdCoredump:
     """systemd-coredump's socket-activated half, started by hand (no systemd as PID 1 here)."""
 
     def __init__(self, wrapper: Path):
-        self.proc = subprocess.Popen(["systemd-socket-activate", "--seqpacket", "-a", "-l", "/run/systemd/coredump",
+        if os.path.exists(SYSTEMD_SOCKET):
+            os.unlink(SYSTEMD_SOCKET)  # stale: available() checked that nothing listens
+        self.proc = subprocess.Popen(["systemd-socket-activate", "--seqpacket", "-a", "-l", SYSTEMD_SOCKET,
                                       str(wrapper), SYSTEMD_COREDUMP], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        while not os.path.exists("/run/systemd/coredump") and time.monotonic() < deadline:
+        while not os.path.exists(SYSTEMD_SOCKET) and time.monotonic() < deadline:
             time.sleep(0.05)
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+        if os.path.exists(SYSTEMD_SOCKET):
+            os.unlink(SYSTEMD_SOCKET)
 
 
 def available(handler: str) -> Optional[str]:
@@ -145,8 +164,8 @@ def available(handler: str) -> Optional[str]:
     if handler == "systemd-coredump":
         if not os.path.exists(SYSTEMD_COREDUMP) or not shutil.which("systemd-socket-activate"):
             return "systemd-coredump is not installed (apt-get install systemd-coredump)"
-        if os.path.exists("/run/systemd/coredump"):
-            return "/run/systemd/coredump exists: another systemd-coredump is listening"
+        if listening(SYSTEMD_SOCKET):
+            return f"another systemd-coredump is listening on {SYSTEMD_SOCKET}"
     return None
 
 
