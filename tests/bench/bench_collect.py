@@ -212,6 +212,7 @@ def run_case(bench: Bench, name: str, handler: str, mib: int, count: int) -> dic
     if handler == "systemd-coredump":
         time.sleep(0.2)  # its files are renamed into place after the kernel lets go
     stored = bench.outputs(handler)
+    os.sync()  # the next run starts without this one's dirty pages being written back
     return {
         "seconds": seconds,
         "dumped": dumped,
@@ -259,7 +260,7 @@ def machine() -> dict:
 
 
 def report(results: dict) -> None:
-    print(f"\n{'case':6} {'handler':17} {'median s':>9} {'x zstd':>7} {'handler s':>9} {'peak RSS':>9} "
+    print(f"\n{'case':6} {'handler':17} {'median s':>9} {'x zstd':>7} {'paired':>7} {'handler s':>9} {'peak RSS':>9} "
           f"{'stored MiB':>10} {'x zstd':>7} {'collected':>9}")
     for case, handlers in results["cases"].items():
         base = handlers.get(BASELINE)
@@ -268,6 +269,9 @@ def report(results: dict) -> None:
                 print(f"{case:6} {handler:17} skipped: {s['skipped']}")
                 continue
             ratio = s["median_seconds"] / base["median_seconds"] if base else None
+            # Each run against the baseline's run of the same round: less sensitive to the machine's load drifting.
+            s["median_paired_ratio_to_zstd"] = (statistics.median(
+                r["seconds"] / b["seconds"] for r, b in zip(s["runs"], base["runs"])) if base else None)
             size_ratio = (s["median_stored_bytes"] / base["median_stored_bytes"]
                           if base and base["median_stored_bytes"] else None)
             s["ratio_to_zstd"] = ratio
@@ -275,7 +279,8 @@ def report(results: dict) -> None:
             rss = f"{s['max_peak_rss_kib'] / 1024:.1f}M" if s["max_peak_rss_kib"] else "-"
             hs = f"{s['median_handler_seconds']:.3f}" if s["median_handler_seconds"] is not None else "-"
             count = CASES[case][1]
-            print(f"{case:6} {handler:17} {s['median_seconds']:9.3f} {_fmt(ratio):>7} {hs:>9} {rss:>9} "
+            print(f"{case:6} {handler:17} {s['median_seconds']:9.3f} {_fmt(ratio):>7} "
+                  f"{_fmt(s['median_paired_ratio_to_zstd']):>7} {hs:>9} {rss:>9} "
                   f"{s['median_stored_bytes'] / MIB:10.1f} {_fmt(size_ratio):>7} {s['min_collected']:>5}/{count}")
 
 
@@ -323,7 +328,8 @@ def main() -> int:
             reps = ns.reps or (quick_reps if ns.quick else reps)
             runs: dict = {h: [] for h in handlers}
             for rep in range(reps):
-                for handler in handlers:
+                # Rotate the order: whoever runs after a big raw write pays for its writeback otherwise.
+                for handler in handlers[rep % len(handlers):] + handlers[:rep % len(handlers)]:
                     run = run_case(bench, case, handler, mib, count)
                     runs[handler].append(run)
                     print(f"{case} {rep + 1}/{reps} {handler}: {run['seconds']:.3f} s, "
