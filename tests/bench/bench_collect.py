@@ -296,7 +296,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, help="repetitions of every case (default: per case)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for corepipe's launcher")
     parser.add_argument("--config-extra", default="", help="lines added to corepipe's config (to measure a setting)")
-    parser.add_argument("--json", default="bench-results.json", help="where to write the results")
+    parser.add_argument("--json", default=str(TESTS / "bench" / "results.json"), help="where to write the results")
     ns = parser.parse_args()
     cases = ns.cases.split(",")
     handlers = ns.handlers.split(",")
