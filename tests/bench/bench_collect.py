@@ -61,7 +61,7 @@ BASELINE = "zstd"
 class Bench:
     """The scratch directory with the crasher, the wrapper, the handler scripts and their outputs."""
 
-    def __init__(self, python: str, config_extra: str = ""):
+    def __init__(self, config_extra: str = ""):
         self.dir = Path(tempfile.mkdtemp(prefix="cpb-", dir="/tmp"))  # short: core_pattern has 127 bytes
         self.dir.chmod(0o755)
         self.out = self.dir / "o"
@@ -73,7 +73,7 @@ class Bench:
         subprocess.run(["gcc", "-O0", "-static", "-o", str(self.crasher), str(TESTS / "crasher.c")], check=True)
         subprocess.run(["gcc", "-O2", "-o", str(self.wrapper), str(TESTS / "bench" / "rsswrap.c")], check=True)
         (self.dir / "c").write_text(f'store = "{self.store}"\n{config_extra}\n')
-        self._script("h", launcher.script(python))
+        self._script("h", launcher.script())
         self._script("z", f'#!/bin/sh\nexec {ZSTD} -q -T0 -3 > "{self.out}/$1.zst"\n')
         self._script("k", f'#!/bin/sh\nexec {CAT} > "{self.out}/$1.core"\n')
 
@@ -176,6 +176,10 @@ def stopped_crashers(bench: Bench, mib: int, count: int) -> list:
     for pid in pids:
         _, status = os.waitpid(pid, os.WUNTRACED)
         if not os.WIFSTOPPED(status):
+            for other in pids:
+                if other != pid:
+                    os.kill(other, signal.SIGKILL)
+                    os.waitpid(other, 0)
             raise RuntimeError(f"crasher {pid} did not stop (status {status:#x})")
     return pids
 
@@ -183,14 +187,20 @@ def stopped_crashers(bench: Bench, mib: int, count: int) -> list:
 def crash(bench: Bench, mib: int, count: int) -> tuple:
     """Crash ``count`` crashers at once; returns (seconds until the last is reaped, how many dumped a core)."""
     pids = stopped_crashers(bench, mib, count)
-    started = time.perf_counter()
-    for pid in pids:
-        os.kill(pid, signal.SIGCONT)
-    dumped = 0
-    for pid in pids:
-        _, status = os.waitpid(pid, 0)
-        dumped += os.WIFSIGNALED(status) and os.WCOREDUMP(status)
-    return time.perf_counter() - started, dumped
+    try:
+        started = time.perf_counter()
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        dumped = 0
+        while pids:
+            _, status = os.waitpid(pids[0], 0)
+            pids.pop(0)
+            dumped += os.WIFSIGNALED(status) and os.WCOREDUMP(status)
+        return time.perf_counter() - started, dumped
+    finally:
+        for pid in pids:  # interrupted: no stopped crasher left behind
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 def wait_logged(bench: Bench, before: int, count: int, timeout: float = 120) -> list:
@@ -203,7 +213,7 @@ def wait_logged(bench: Bench, before: int, count: int, timeout: float = 120) -> 
         time.sleep(0.01)
 
 
-def run_case(bench: Bench, name: str, handler: str, mib: int, count: int) -> dict:
+def run_case(bench: Bench, handler: str, mib: int, count: int) -> dict:
     before = len(bench.log_lines())
     with KernelSettings() as settings:
         settings.set(bench.pattern(handler), pipe_limit=64)
@@ -294,7 +304,6 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {','.join(CASES)}")
     parser.add_argument("--handlers", default=",".join(HANDLERS), help=f"comma-separated, of {','.join(HANDLERS)}")
     parser.add_argument("--reps", type=int, help="repetitions of every case (default: per case)")
-    parser.add_argument("--python", default=sys.executable, help="interpreter for corepipe's launcher")
     parser.add_argument("--config-extra", default="", help="lines added to corepipe's config (to measure a setting)")
     parser.add_argument("--json", default=str(TESTS / "bench" / "results.json"), help="where to write the results")
     ns = parser.parse_args()
@@ -309,7 +318,7 @@ def main() -> int:
     if os.geteuid() != 0:
         parser.error("run as root: it sets kernel.core_pattern")
     resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-    bench = Bench(ns.python, ns.config_extra.replace('\\n', '\n'))
+    bench = Bench(ns.config_extra.replace('\\n', '\n'))
     results: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      "cases": {}}
     service = None
@@ -330,7 +339,7 @@ def main() -> int:
             for rep in range(reps):
                 # Rotate the order: whoever runs after a big raw write pays for its writeback otherwise.
                 for handler in handlers[rep % len(handlers):] + handlers[:rep % len(handlers)]:
-                    run = run_case(bench, case, handler, mib, count)
+                    run = run_case(bench, handler, mib, count)
                     runs[handler].append(run)
                     print(f"{case} {rep + 1}/{reps} {handler}: {run['seconds']:.3f} s, "
                           f"rss {run['peak_rss_kib']} KiB, {run['collected']}/{count} collected", file=sys.stderr)
