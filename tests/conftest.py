@@ -34,3 +34,20 @@ def kernel_handler(handler_dir: Path) -> Handler:
     with KernelSettings() as settings:
         settings.set(handler.pattern())
         yield handler
+
+
+@pytest.fixture(scope="session")
+def rootfs(tmp_path_factory: pytest.TempPathFactory, crasher: Path) -> Path:
+    from runtimes import make_rootfs
+
+    return make_rootfs(tmp_path_factory.mktemp("rootfs"), crasher)
+
+
+@pytest.fixture(scope="session")
+def docker_image(rootfs: Path) -> str:
+    """A Docker image of the test rootfs, removed at the end of the session."""
+    from runtimes import docker_import, unique
+
+    name = docker_import(rootfs, unique("corepipe-test") + ":1")
+    yield name
+    subprocess.run(["docker", "rmi", "-f", name], capture_output=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -30,6 +31,15 @@ class Config:
     #: Environment variables whose names contain one of these (case-insensitive) are stored as "<redacted>".
     redact_env: list = field(default_factory=lambda: ["PASSWORD", "PASSWD", "SECRET", "TOKEN", "KEY",
                                                        "CREDENTIAL", "AUTH", "COOKIE", "SESSION"])
+    #: Keep the crashed process's executable and mapped libraries (by build-id) so ``debug`` works without
+    #: the image; for host processes too with ``binaries_host``; at most ``binaries_max_size`` bytes per crash.
+    binaries: bool = True
+    binaries_host: bool = False
+    binaries_max_size: int = 512 << 20
+    #: Take a backtrace with gdb or eu-stack after the core is stored, if one is installed (bounded).
+    backtrace: bool = True
+    backtrace_timeout: int = 30
+    backtrace_max_core_size: int = 256 << 20
     #: The path it was loaded from, or None for the built-in defaults.
     path: Optional[str] = None
 
@@ -48,34 +58,45 @@ def _check(name: str, value: object, default: object) -> object:
     return value
 
 
-def parse(text: str, path: Optional[str] = None) -> Config:
+def parse(text: str, path: Optional[str] = None, problems: Optional[list] = None) -> Config:
+    """Parse a config; with ``problems`` a bad key is reported there and left at its default instead of raising."""
     try:
         import tomllib  # type: ignore[import-not-found]
     except ImportError:  # Python < 3.11
         import tomli as tomllib  # type: ignore[no-redef]
+    where = path or "config"
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path or 'config'}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
     defaults = Config()
     known = {f.name for f in fields(Config)} - {"path"}
     values = {}
     for name, value in data.items():
-        if name not in known:
-            raise ConfigError(f"{path or 'config'}: unknown key {name!r}")
-        values[name] = _check(name, value, getattr(defaults, name))
-    config = Config(**values, path=path)
-    if not os.path.isabs(config.store):
-        raise ConfigError(f"{path or 'config'}: store must be an absolute path")
-    if not 1 <= config.compression_level <= 22:
-        raise ConfigError(f"{path or 'config'}: compression_level must be 1..22")
-    if config.timeout < 1:
-        raise ConfigError(f"{path or 'config'}: timeout must be at least 1")
-    return config
+        try:
+            if name not in known:
+                raise ConfigError(f"{where}: unknown key {name!r}")
+            values[name] = _check(name, value, getattr(defaults, name))
+            _validate(name, values[name], where)
+        except ConfigError:
+            if problems is None:
+                raise
+            problems.append(str(sys.exc_info()[1]))
+            values.pop(name, None)
+    return Config(**values, path=path)
 
 
-def load(path: Optional[str] = None) -> Config:
-    """Read the config; a missing file at the default path means the defaults."""
+def _validate(name: str, value: object, where: str) -> None:
+    if name == "store" and not os.path.isabs(str(value)):
+        raise ConfigError(f"{where}: store must be an absolute path")
+    if name == "compression_level" and not 1 <= int(value) <= 22:  # type: ignore[call-overload]
+        raise ConfigError(f"{where}: compression_level must be 1..22")
+    if name in ("timeout", "backtrace_timeout") and int(value) < 1:  # type: ignore[call-overload]
+        raise ConfigError(f"{where}: {name} must be at least 1")
+
+
+def load(path: Optional[str] = None, problems: Optional[list] = None) -> Config:
+    """Read the config; a missing file at the default path means the defaults (see ``parse`` for ``problems``)."""
     explicit = path is not None
     path = path or DEFAULT_PATH
     try:
@@ -87,7 +108,7 @@ def load(path: Optional[str] = None) -> Config:
         return Config()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
-    return parse(text, path)
+    return parse(text, path, problems)
 
 
 def render(config: Config) -> str:

@@ -64,8 +64,12 @@ def build_pattern(executable: str, config: Optional[str] = None, pidfd: bool = T
     return pattern
 
 
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 20
+
+
 def _number(text: str) -> int:
-    if not text.isdigit() or len(text) > 20:
+    if not _is_number(text):
         raise ValueError(text)
     return int(text)
 
@@ -80,7 +84,7 @@ def parse_args(argv: list[str]) -> KernelArgs:
     if len(rest) != len(FIELDS):
         args.errors.append(f"expected {len(FIELDS)} kernel arguments ({' '.join(SPECIFIERS)}), got {len(rest)}")
         # Trust nothing positional when the count is off, except a leading host PID.
-        rest = rest[:1] if rest and rest[0].isdigit() else []
+        rest = rest[:1] if rest and _is_number(rest[0]) else []
     for name, value in zip(FIELDS, rest):
         if name in ("hostname", "comm"):
             setattr(args, name, value)

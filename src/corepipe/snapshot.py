@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 _TEXT_FILES = ("comm", "cmdline", "status", "limits", "cgroup", "maps", "mountinfo", "environ", "stat")
 
@@ -57,17 +57,24 @@ class Snapshot:
             self.dir_fd = None
 
 
+def read_fd(fd: int, limit: int, check: Optional[Callable[[], None]] = None) -> bytes:
+    """At most ``limit`` bytes from ``fd``; ``check`` runs before each read (a deadline may raise)."""
+    chunks, size = [], 0
+    while size < limit:
+        if check is not None:
+            check()
+        chunk = os.read(fd, min(65536, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def _read(dir_fd: int, name: str, limit: int) -> bytes:
     fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
     try:
-        chunks, size = [], 0
-        while size < limit:
-            chunk = os.read(fd, min(65536, limit - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
+        return read_fd(fd, limit)
     finally:
         os.close(fd)
 

@@ -12,12 +12,15 @@ import os
 import resource
 import signal
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from corepipe import config as configuration
-from corepipe import containers, kernel, record, snapshot
+from corepipe import containers, kernel, postmortem, record, snapshot
 from corepipe.log import ERR, INFO, WARNING, log
 from corepipe.store import CORE, RECORD, CrashDir, Store
+
+if TYPE_CHECKING:
+    from corepipe.binaries import HeldFiles
 
 STDIN = 0
 
@@ -35,8 +38,10 @@ def run(argv: list) -> int:
     errors: list = []
     args = kernel.parse_args(argv)
     errors += args.errors
+    problems: list = []
     try:
-        cfg = configuration.load(args.config)
+        cfg = configuration.load(args.config, problems)
+        errors += [f"config: {p}; that key is left at its default" for p in problems]
     except configuration.ConfigError as exc:
         errors.append(f"config: {exc}; using the defaults")
         cfg = configuration.Config()
@@ -60,15 +65,17 @@ def _collect(args: kernel.KernelArgs, cfg: configuration.Config, errors: list, s
         snap = snapshot.take(args.pid, ns_pid=args.ns_pid, uid=args.uid, gid=args.gid, pidfd=args.pidfd,
                              limit=cfg.proc_read_limit)
     if snap is not None and snap.trusted:
-        container = containers.identify(snap.text("cgroup"))
+        container = containers.identify(snap.text("cgroup"), mountinfo=snap.text("mountinfo"),
+                                        hostname=args.hostname)
         if not container.is_host:
-            containers.enrich(container)
+            containers.enrich(container, pid=args.pid)
     elif snap is None:
         container = containers.Container(runtime="unknown", source="none", confidence="guess")
     else:
         container = containers.Container(runtime="unknown", source="untrusted snapshot", confidence="guess")
     for message in errors:
         log(f"error: pid {args.pid}: {message}", ERR)
+    held = postmortem.hold(snap, cfg)
     try:
         store = Store(cfg.store)
     except OSError as exc:
@@ -81,16 +88,18 @@ def _collect(args: kernel.KernelArgs, cfg: configuration.Config, errors: list, s
             log(f"error: pid {args.pid}: cannot create a crash directory: {exc}; core not saved", ERR)
             return 1
         try:
-            return _store_crash(crash, args, cfg, snap, container, errors, started)
+            return _store_crash(store, crash, args, cfg, snap, container, errors, started, held)
         finally:
+            if held is not None:
+                held.close()
             crash.close()
             if snap is not None:
                 snap.close()
 
 
-def _store_crash(crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Config,
+def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Config,
                  snap: Optional[snapshot.Snapshot], container: containers.Container, errors: list,
-                 started: float) -> int:
+                 started: float, held: Optional[HeldFiles]) -> int:
     rec = record.build(crash_id=crash.id, args=args, snapshot=snap, container=container,
                        redact_env=cfg.redact_env)
     rec["collector"]["errors"] = errors
@@ -123,6 +132,7 @@ def _store_crash(crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Co
                         sha256=result.sha256, truncated=result.truncated)
             if result.truncated:
                 core["reason"] = f"truncated at RLIMIT_CORE ({limit} bytes)"
+    postmortem.finish(store, crash, rec, held, cfg, container.is_host)
     rec["status"] = "failed" if failed else "complete"
     rec["collector"]["duration"] = round(time.monotonic() - started, 6)
     rec["collector"]["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

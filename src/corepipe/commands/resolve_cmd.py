@@ -14,7 +14,8 @@ HELP = "show which container a process (or a /proc/<pid>/cgroup text) belongs to
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("pid", nargs="?", type=int, help="a process ID on this host")
-    what.add_argument("--cgroup-file", metavar="FILE", help="a saved /proc/<pid>/cgroup ('-' for stdin)")
+    what.add_argument("--cgroup-file", metavar="FILE",
+                      help="a saved /proc/<pid>/cgroup ('-' for stdin); names and images come from this host's state")
     parser.add_argument("--json", action="store_true", help="print the container object as in the record")
 
 
@@ -26,15 +27,16 @@ def resolve(ns: argparse.Namespace) -> containers.Container:
             text = sys.stdin.read() if ns.cgroup_file == "-" else open(ns.cgroup_file).read()
         except OSError as exc:
             raise UserError(f"cannot read {ns.cgroup_file}: {exc.strerror}") from None
-        return containers.identify(text)
-    snap = snapshot.take(ns.pid)
-    try:
-        if "cgroup" not in snap.files:
-            raise UserError(f"no process {ns.pid} (or /proc/{ns.pid}/cgroup unreadable; run as root)")
-        container = containers.identify(snap.text("cgroup"))
-    finally:
-        snap.close()
-    return containers.enrich(container) if not container.is_host else container
+        container = containers.identify(text)
+    else:
+        snap = snapshot.take(ns.pid)
+        try:
+            if "cgroup" not in snap.files:
+                raise UserError(f"no process {ns.pid} (or /proc/{ns.pid}/cgroup unreadable; run as root)")
+            container = containers.identify(snap.text("cgroup"), mountinfo=snap.text("mountinfo"))
+        finally:
+            snap.close()
+    return containers.enrich(container, pid=ns.pid) if not container.is_host else container
 
 
 def run(ns: argparse.Namespace) -> int:

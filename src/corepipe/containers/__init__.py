@@ -1,26 +1,30 @@
-"""Which container a crashed process belongs to, from its cgroup and the runtimes' files on disk.
+"""Which container a crashed process belongs to, from its cgroup, its mounts and the runtimes' files on disk.
 
-Each runtime family has a small module with ``match(paths)`` (does this cgroup name one
-of its containers?) and, where it keeps state on disk, ``enrich(container, deadline)``.
-Nothing here talks to a daemon: the crashing process may be the daemon.
+One small module per runtime family, each with ``match(segments, root)`` -> ``(index, Container)``
+for the first cgroup path segment that names one of its containers, and ``enrich(container,
+deadline, root)`` that adds name, image and pod from the runtime's on-disk state. The match at
+the smallest index wins: the outermost container scope is the container, whatever a (possibly
+privileged) process created below it. Nothing here talks to a daemon: the crashing process may
+be the daemon. ``root`` is "/" except in tests, which replay real files under a temporary root.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from corepipe.containers import cgroup
+from corepipe.containers import cgroup, state
+from corepipe.containers.state import HEX_ID, NAME, POD_UID  # noqa: F401 - re-exported for the runtime modules
 
-HEX_ID = re.compile(r"[0-9a-f]{64}")
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 @dataclass
 class Container:
-    #: "host", "docker", "containerd", "cri-o", "podman", "runc", ... ("unknown": looks contained, no runtime matched).
+    #: "host", "docker", "containerd", "cri-o", "podman", "runc", "lxc", "nspawn", "kubernetes" (a pod whose
+    #: CRI runtime left no state to tell which), "unknown" (no trustworthy data).
     runtime: str = "host"
     id: Optional[str] = None
     name: Optional[str] = None
@@ -30,10 +34,11 @@ class Container:
     pod_uid: Optional[str] = None
     #: The cgroup path the decision was made from.
     cgroup: Optional[str] = None
-    #: How the answer was reached ("cgroup", "cgroup+state", ...) and how sure it is ("certain", "likely", "guess").
+    #: How the answer was reached ("cgroup", "cgroup+state", "mountinfo", ...) and how sure it is
+    #: ("certain": the runtime's own naming or state confirms it, "likely": one indirect sign, "guess").
     source: str = "cgroup"
     confidence: str = "certain"
-    #: Extra facts from the runtime's state files (bundle path, labels, ...), and why enrichment failed.
+    #: Extra facts (QoS class, namespace, bundle, labels, evidence), and why enrichment failed.
     details: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)
 
@@ -50,43 +55,96 @@ class Container:
             return ("host",)
         return (safe_name(self.runtime), safe_name(self.id or self.name or "unknown"))
 
+    def confirmed(self, how: str = "state") -> None:
+        """The runtime's state agrees with the cgroup: record it."""
+        if "+" + how not in self.source:
+            self.source += "+" + how
+        self.confidence = "certain"
+
 
 def safe_name(text: str, limit: int = 100) -> str:
     """A file name made of [A-Za-z0-9_.-], never '.', '..' or hidden; altered names get a hash suffix."""
     cleaned = _SAFE.sub("_", text)[:limit].lstrip(".") or "_"
     if cleaned != text:
-        import hashlib
-
-        cleaned = f"{cleaned[:limit - 9]}-{hashlib.sha256(text.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+        digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        cleaned = f"{cleaned[:limit - 9]}-{digest}"
     return cleaned
 
 
-def identify(cgroup_text: str) -> Container:
-    """Decide from /proc/<pid>/cgroup alone; the first (outermost) container scope in the path wins."""
-    for path in cgroup.candidate_paths(cgroup_text):
-        segments = cgroup.segments(path)
-        for runtime in RUNTIMES:
-            found = runtime.match(segments)
-            if found is not None:
-                found.cgroup = path
-                return found
+def identify(cgroup_text: str, *, mountinfo: str = "", hostname: Optional[str] = None,
+             root: str = "/") -> Container:
+    """Decide from /proc/<pid>/cgroup, checked against the process's mounts and %h.
+
+    Every distinct cgroup path (v2 first, then v1) is tried; in a path the outermost container
+    scope wins. Where no path names a container, bind mounts the runtimes make (a container's
+    /etc/hostname from its state directory) are the fallback ("likely"), then a root filesystem
+    that looks like a container's ("unknown", a "guess"); otherwise it is the host.
+    """
     paths = cgroup.candidate_paths(cgroup_text)
-    return Container(runtime="host", cgroup=paths[0] if paths else None)
+    found = None
+    for path in paths:
+        found = _match(cgroup.segments(path), root)
+        if found is not None:
+            found.cgroup = path
+            break
+    seen = evidence.from_mountinfo(mountinfo)
+    if found is None:
+        found = evidence.fallback(seen) or host.describe(paths)
+    else:
+        evidence.check(found, seen, hostname)
+    return found
 
 
-def enrich(container: Container, budget: float = 0.5) -> Container:
-    """Add name, image and pod from the runtime's on-disk state, within ``budget`` seconds."""
-    deadline = time.monotonic() + budget
+def _match(segments: list, root: str) -> Optional[Container]:
+    best = None
     for runtime in RUNTIMES:
-        if runtime.NAME == container.runtime or container.runtime in getattr(runtime, "ALSO", ()):
+        hit = runtime.match(segments, root)
+        if hit is not None and (best is None or hit[0] < best[0]):
+            best = hit
+    return best[1] if best else None
+
+
+_STATE_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, TimeoutError)
+
+
+def enrich(container: Container, budget: float = 0.5, root: str = "/", pid: Optional[int] = None) -> Container:
+    """Add name, image and pod from the runtime's on-disk state, within ``budget`` seconds; never raises.
+
+    ``pid`` (the crashed process, host PID) lets Podman's name come from its conmon's command
+    line when containers/storage does not list the container.
+    """
+    deadline = state.Deadline(budget)
+    for runtime in RUNTIMES:
+        if container.runtime in runtime.ENRICHES:
             try:
-                runtime.enrich(container, deadline)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                container.errors.append(f"{runtime.NAME} state: {exc}")
+                runtime.enrich(container, deadline, root)
+            except _STATE_ERRORS as exc:
+                container.errors.append(f"{container.runtime} state: {exc}")
+                if container.confidence == "certain" and "state" not in container.source:
+                    container.confidence = "likely"
+            break
+    if container.runtime == podman.NAME and container.name is None and pid is not None:
+        try:
+            podman.name_from_conmon(container, pid, deadline, root)
+        except _STATE_ERRORS as exc:
+            container.errors.append(f"podman conmon: {exc}")
     return container
 
 
-from corepipe.containers import docker, kubernetes, podman, runc  # noqa: E402
+from corepipe.containers import (  # noqa: E402 - the runtime modules import Container from here
+    containerd,
+    crio,
+    docker,
+    ecs,
+    evidence,
+    host,
+    kubernetes,
+    lxc,
+    nspawn,
+    podman,
+    probe,
+    runc,
+)
 
-#: Checked in this order for each cgroup path segment list.
-RUNTIMES = (kubernetes, docker, podman, runc)
+#: On a tie (two runtimes claim the same segment) the earlier module wins: kubernetes knows the pod.
+RUNTIMES = (kubernetes, ecs, docker, podman, crio, containerd, runc, lxc, nspawn, probe)

@@ -1,33 +1,72 @@
-"""Docker / Moby: ``/docker/<id>`` (cgroupfs driver) and ``docker-<id>.scope`` (systemd driver)."""
+"""Docker / Moby: ``/docker/<id>`` (cgroupfs driver) and ``docker-<id>.scope`` (systemd driver).
+
+State: ``<data-root>/containers/<id>/config.v2.json`` (name, image, labels); data-root is
+/var/lib/docker unless /etc/docker/daemon.json says otherwise. Labels that Kubernetes
+(dockershim, cri-dockerd) and Amazon ECS put on containers fill in the pod fields.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
-from corepipe.containers import HEX_ID, Container
+from corepipe.containers import HEX_ID, Container, cgroup, state
 
 NAME = "docker"
-STATE_ROOT = "/var/lib/docker/containers"
+ENRICHES = (NAME,)
+DATA_ROOT = "var/lib/docker"
+DAEMON_JSON = "etc/docker/daemon.json"
+#: Labels -> Container fields, from Kubernetes (dockershim / cri-dockerd) and Amazon ECS.
+LABELS = {
+    "io.kubernetes.pod.name": "pod_name",
+    "io.kubernetes.pod.namespace": "pod_namespace",
+    "io.kubernetes.pod.uid": "pod_uid",
+}
+ECS_LABELS = ("com.amazonaws.ecs.cluster", "com.amazonaws.ecs.task-arn", "com.amazonaws.ecs.container-name",
+              "com.amazonaws.ecs.task-definition-family", "com.docker.compose.project",
+              "com.docker.compose.service", "io.kubernetes.container.name")
 
 
-def match(segments: list) -> Optional[Container]:
+def match(segments: list, root: str) -> Optional[tuple]:
     for i, seg in enumerate(segments):
-        if seg.startswith("docker-") and seg.endswith(".scope") and HEX_ID.fullmatch(seg[7:-6]):
-            return Container(runtime=NAME, id=seg[7:-6])
+        cid = cgroup.scope_id(seg, "docker-")
+        if seg.endswith(".scope") and HEX_ID.fullmatch(cid):
+            return i, Container(runtime=NAME, id=cid)
         if seg == "docker" and i + 1 < len(segments) and HEX_ID.fullmatch(segments[i + 1]):
-            return Container(runtime=NAME, id=segments[i + 1])
+            return i + 1, Container(runtime=NAME, id=segments[i + 1])
     return None
 
 
-def enrich(container: Container, deadline: float) -> None:
+def has_state(cid: str, root: str) -> bool:
+    return state.exists(state.path(_data_root(root, None), "containers", cid, "config.v2.json"))
+
+
+def _data_root(root: str, deadline: Optional[state.Deadline]) -> str:
+    """Docker's data-root: daemon.json's "data-root" when it is an absolute path, else /var/lib/docker."""
+    try:
+        config = state.read_json(state.path(root, DAEMON_JSON), deadline or state.Deadline(0.1), 1 << 20)
+        configured = state.text(config.get("data-root")) if isinstance(config, dict) else None
+    except (OSError, ValueError):
+        configured = None
+    if configured and os.path.isabs(configured):
+        return os.path.join(root, configured.lstrip("/"))
+    return state.path(root, DATA_ROOT)
+
+
+def enrich(container: Container, deadline: state.Deadline, root: str) -> None:
     if not container.id or not HEX_ID.fullmatch(container.id):
         return
-    path = os.path.join(STATE_ROOT, container.id, "config.v2.json")
-    with open(path, "rb") as f:
-        config = json.loads(f.read(4 << 20))
-    container.name = (config.get("Name") or "").lstrip("/") or None
-    container.image = (config.get("Config") or {}).get("Image") or None
-    container.details["image_id"] = config.get("Image")
-    container.source = "cgroup+state"
+    config = state.read_json(state.path(_data_root(root, deadline), "containers", container.id, "config.v2.json"),
+                             deadline)
+    settings = config.get("Config") or {}
+    container.name = (state.text(config.get("Name")) or "").lstrip("/") or container.name
+    container.image = state.text(settings.get("Image")) or container.image
+    container.details["image_id"] = state.text(config.get("Image"))
+    labels = settings.get("Labels") or {}
+    for label, attribute in LABELS.items():
+        if state.text(labels.get(label)):
+            setattr(container, attribute, labels[label])
+    found = {k: labels[k] for k in ECS_LABELS if state.text(labels.get(k))}
+    if found:
+        container.details["labels"] = found
+    container.confirmed()

@@ -1,51 +1,78 @@
-"""Kubernetes pods under containerd (CRI) or CRI-O: ``kubepods`` paths and ``cri-containerd-``/``crio-`` scopes."""
+"""Kubernetes pods: ``kubepods`` cgroups, for every QoS class and both cgroup drivers.
+
+- cgroupfs: ``/kubepods[/burstable|/besteffort]/pod<uid>/<id>`` (guaranteed pods have no QoS level);
+  the container segment is a bare id, so which CRI runtime runs it is read from the state on disk.
+- systemd: ``/kubepods.slice[/kubepods-<qos>.slice]/kubepods[-<qos>]-pod<uid_with_underscores>.slice/
+  <prefix>-<id>.scope`` with prefix ``cri-containerd``, ``crio`` or ``docker`` (slice names carry the
+  kubelet's cgroup root as a prefix when it has one: ``kubelet-kubepods-besteffort.slice``).
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
-from corepipe.containers import HEX_ID, Container
+from corepipe.containers import HEX_ID, NAME, POD_UID, Container, cgroup, containerd, crio, docker, state
 
-NAME = "containerd"
-ALSO = ("cri-o",)
-_PREFIXES = (("cri-containerd-", "containerd"), ("crio-", "cri-o"), ("docker-", "docker"))
+RUNTIME = "kubernetes"
+ENRICHES = (RUNTIME,)
+QOS = ("burstable", "besteffort")
+#: ``kubepods.slice``, ``kubepods-burstable.slice``; with a kubelet ``--cgroup-root`` (kind) ``kubelet-kubepods...``.
+_KUBEPODS = re.compile(r"(?:[A-Za-z0-9_]+-)?kubepods[.-]")
+_SCOPES = (("cri-containerd-", "containerd"), ("crio-", "cri-o"), ("docker-", "docker"))
 
 
-def match(segments: list) -> Optional[Container]:
-    pod_uid = None
-    in_kubepods = False
-    for seg in segments:
-        if seg.startswith("kubepods"):
-            in_kubepods = True
-            uid = _pod_uid(seg)
-            pod_uid = uid or pod_uid
+def match(segments: list, root: str) -> Optional[tuple]:
+    start = next((i for i, s in enumerate(segments) if s == "kubepods" or _KUBEPODS.match(s)), None)
+    if start is None:
+        return None
+    qos, pod_uid = "guaranteed", None
+    for i in range(start, len(segments)):
+        seg = segments[i]
+        for level in QOS:
+            if seg == level or f"kubepods-{level}." in seg or f"kubepods-{level}-" in seg:
+                qos = level
+        uid = _pod_uid(seg)
+        if uid:
+            pod_uid = uid
             continue
-        for prefix, runtime in _PREFIXES:
-            if seg.startswith(prefix) and seg.endswith(".scope") and not seg.startswith("crio-conmon-"):
-                cid = seg[len(prefix):-6]
-                if HEX_ID.fullmatch(cid) and (in_kubepods or runtime != "docker"):
-                    return Container(runtime=runtime, id=cid, pod_uid=pod_uid)
-        if in_kubepods and seg.startswith("pod"):
-            pod_uid = _pod_uid(seg) or pod_uid
+        if pod_uid is None:
             continue
-        if in_kubepods and HEX_ID.fullmatch(seg):
-            return Container(runtime="containerd", id=seg, pod_uid=pod_uid, confidence="likely")
+        for prefix, runtime in _SCOPES:
+            cid = cgroup.scope_id(seg, prefix)
+            if HEX_ID.fullmatch(cid):
+                return i, Container(runtime=runtime, id=cid, pod_uid=pod_uid, details={"qos": qos})
+        if seg.startswith("crio-conmon-"):
+            return None
+        if HEX_ID.fullmatch(seg) or NAME.fullmatch(seg):
+            return i, Container(runtime=RUNTIME, id=seg, pod_uid=pod_uid, confidence="likely",
+                                details={"qos": qos})
     return None
 
 
 def _pod_uid(seg: str) -> Optional[str]:
-    """``pod<uid>`` (cgroupfs) or ``kubepods-besteffort-pod<uid_with_underscores>.slice`` (systemd)."""
-    start = seg.rfind("pod")
-    if start < 0 or seg.startswith("kubepods") and "-pod" not in seg:
+    """``pod<uid>`` (cgroupfs) or ``kubepods[-<qos>]-pod<uid_with_underscores>.slice`` (systemd)."""
+    if seg.startswith("pod"):
+        uid = seg[3:]
+    elif _KUBEPODS.match(seg) and "-pod" in seg and seg.endswith(".slice"):
+        uid = seg[seg.rindex("-pod") + 4:-6].replace("_", "-")
+    else:
         return None
-    uid = seg[start + 3:]
-    if uid.endswith(".slice"):
-        uid = uid[:-6]
-    uid = uid.replace("_", "-")
-    if len(uid) == 36 and all(c in "0123456789abcdef-" for c in uid):
-        return uid
-    return None
+    return uid if POD_UID.fullmatch(uid) else None
 
 
-def enrich(container: Container, deadline: float) -> None:
+def enrich(container: Container, deadline: state.Deadline, root: str) -> None:
+    """A bare id below a pod: the runtime whose state has this id runs it."""
+    cid = container.id or ""
+    if HEX_ID.fullmatch(cid) or NAME.fullmatch(cid):
+        if containerd.namespace_of(cid, root):
+            container.runtime = containerd.NAME
+            return containerd.enrich(container, deadline, root)
+        if HEX_ID.fullmatch(cid) and crio.has_state(cid, deadline, root):
+            container.runtime = crio.NAME
+            return crio.enrich(container, deadline, root)
+        if HEX_ID.fullmatch(cid) and docker.has_state(cid, root):
+            container.runtime = docker.NAME
+            return docker.enrich(container, deadline, root)
+    container.errors.append("no containerd, CRI-O or Docker state names this container")
     return None

@@ -1,22 +1,106 @@
-"""Podman: ``libpod-<id>`` (cgroupfs driver, under ``libpod_parent``) and ``libpod-<id>.scope`` (systemd)."""
+"""Podman: ``libpod-<id>`` (cgroupfs driver, under ``libpod_parent``) and ``libpod-<id>.scope`` (systemd).
+
+Names and images live in containers/storage, not in the OCI bundle: ``<driver>-containers/
+containers.json`` under the graph root (``volatile-containers.json`` under the run root for
+``--rm`` containers) lists each container's names and image; ``<driver>-images/images.json``
+names the image when the container's metadata does not.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Optional
 
-from corepipe.containers import HEX_ID, Container
+from corepipe.containers import HEX_ID, Container, cgroup, state
 
 NAME = "podman"
+ENRICHES = (NAME,)
+GRAPH_ROOT = "var/lib/containers/storage"
+RUN_ROOT = "run/containers/storage"
+DRIVERS = ("overlay", "vfs", "btrfs", "zfs")
 
 
-def match(segments: list) -> Optional[Container]:
-    for seg in segments:
-        if seg.startswith("libpod-") and not seg.startswith("libpod-conmon-"):
-            cid = seg[7:-6] if seg.endswith(".scope") else seg[7:]
-            if HEX_ID.fullmatch(cid):
-                return Container(runtime=NAME, id=cid)
+def match(segments: list, root: str) -> Optional[tuple]:
+    for i, seg in enumerate(segments):
+        if seg.startswith("libpod-conmon-"):
+            return None  # conmon is the runtime's monitor, a host process
+        cid = cgroup.scope_id(seg, "libpod-")
+        if HEX_ID.fullmatch(cid):
+            return i, Container(runtime=NAME, id=cid)
     return None
 
 
-def enrich(container: Container, deadline: float) -> None:
+def storage_entry(cid: str, deadline: state.Deadline, root: str) -> tuple:
+    """(container entry, driver) from containers/storage's lists, or (None, None)."""
+    for driver in DRIVERS:
+        for base, file in ((GRAPH_ROOT, "containers.json"), (RUN_ROOT, "volatile-containers.json")):
+            listing = state.path(root, base, f"{driver}-containers", file)
+            if not state.exists(listing):
+                continue
+            for entry in state.read_json(listing, deadline):
+                if isinstance(entry, dict) and entry.get("id") == cid:
+                    return entry, driver
+    return None, None
+
+
+def bundle_config(cid: str, deadline: state.Deadline, root: str) -> Optional[dict]:
+    """The OCI config.json conmon started the container from (run root first, then graph root)."""
+    for base in (RUN_ROOT, GRAPH_ROOT):
+        for driver in DRIVERS:
+            file = state.path(root, base, f"{driver}-containers", cid, "userdata", "config.json")
+            if state.exists(file):
+                return state.read_json(file, deadline)
     return None
+
+
+def enrich(container: Container, deadline: state.Deadline, root: str) -> None:
+    if not container.id or not HEX_ID.fullmatch(container.id):
+        return
+    entry, driver = storage_entry(container.id, deadline, root)
+    if entry is None:
+        raise FileNotFoundError(f"container {container.id[:12]} is not in containers/storage's lists")
+    names = [n for n in entry.get("names") or [] if state.text(n)]
+    container.name = names[0] if names else container.name
+    try:
+        metadata = json.loads(entry.get("metadata") or "{}")
+    except ValueError:
+        metadata = {}
+    image_id = state.text(entry.get("image"))
+    container.image = state.text(metadata.get("image-name")) or _image_name(image_id, driver, deadline, root)
+    container.details["image_id"] = image_id
+    container.details["storage_driver"] = driver
+    container.confirmed()
+
+
+def _image_name(image_id: Optional[str], driver: str, deadline: state.Deadline, root: str) -> Optional[str]:
+    if not image_id:
+        return None
+    listing = state.path(root, GRAPH_ROOT, f"{driver}-images", "images.json")
+    if not state.exists(listing):
+        return None
+    for image in state.read_json(listing, deadline):
+        if isinstance(image, dict) and image.get("id") == image_id:
+            names = [n for n in image.get("names") or [] if state.text(n)]
+            return names[0] if names else None
+    return None
+
+
+def name_from_conmon(container: Container, pid: int, deadline: state.Deadline, root: str) -> None:
+    """The name on the command line of the container's conmon (``-c <id> -n <name>``), an ancestor of ``pid``."""
+    for _ in range(32):
+        status = state.read(state.path(root, "proc", str(pid), "status"), deadline, 65536).decode(errors="replace")
+        ppid = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), 0)
+        if ppid <= 1:
+            return
+        pid = ppid
+        args = state.read(state.path(root, "proc", str(pid), "cmdline"), deadline, 65536).decode(
+            errors="replace").split("\0")
+        if not args or not args[0].endswith("conmon"):
+            continue
+        options = {flag: value for flag, value in zip(args, args[1:])}
+        cid = options.get("-c") or options.get("--cid")
+        name = options.get("-n") or options.get("--name")
+        if cid == container.id and name:
+            container.name = name
+            container.details["name_from"] = "conmon"
+        return

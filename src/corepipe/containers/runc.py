@@ -1,35 +1,64 @@
-"""runc used directly: the cgroup is ``/<id>`` and runc keeps ``/run/runc/<id>/state.json``."""
+"""runc used directly, and the runc state every runc-based runtime keeps.
+
+Direct runc: the cgroup is ``/<id>`` (cgroupfs; v1 controllers may nest it below the caller's
+group) or ``runc-<id>.scope`` (``--systemd-cgroup``), and ``/run/runc/<id>/state.json`` exists.
+The state's ``bundle=`` label leads to the OCI ``config.json`` and its annotations.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from typing import Optional
 
-from corepipe.containers import Container
+from corepipe.containers import NAME as VALID_NAME
+from corepipe.containers import Container, cgroup, state
 
 NAME = "runc"
-STATE_ROOT = "/run/runc"
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+ENRICHES = (NAME,)
+STATE_ROOT = "run/runc"
 
 
-def match(segments: list) -> Optional[Container]:
-    if len(segments) >= 1 and _ID.fullmatch(segments[0]):
-        try:
-            os.stat(os.path.join(STATE_ROOT, segments[0], "state.json"))
-        except OSError:
-            return None
-        return Container(runtime=NAME, id=segments[0], name=segments[0], source="cgroup+state")
+def state_file(state_root: str, cid: str) -> str:
+    return state.path(state_root, cid, "state.json")
+
+
+def match(segments: list, root: str) -> Optional[tuple]:
+    for i, seg in enumerate(segments):
+        cid = cgroup.scope_id(seg, "runc-") if seg.endswith(".scope") else seg
+        if VALID_NAME.fullmatch(cid) and state.exists(state_file(state.path(root, STATE_ROOT), cid)):
+            return i, Container(runtime=NAME, id=cid, name=cid, confidence="likely")
     return None
 
 
-def enrich(container: Container, deadline: float) -> None:
-    if not container.id or not _ID.fullmatch(container.id):
-        return
-    with open(os.path.join(STATE_ROOT, container.id, "state.json"), "rb") as f:
-        state = json.loads(f.read(4 << 20))
-    bundle = (state.get("config") or {}).get("labels") or []
-    for label in bundle:
+def read_state(state_root: str, cid: str, container: Container, deadline: state.Deadline) -> dict:
+    """Load runc's state.json; note the bundle and whether its cgroup is the process's."""
+    doc = state.read_json(state_file(state_root, cid), deadline)
+    config = doc.get("config") or {}
+    for label in config.get("labels") or []:
         if isinstance(label, str) and label.startswith("bundle="):
-            container.details["bundle"] = label[7:]
+            container.details["bundle"] = label[len("bundle="):]
+    paths = [p for p in (doc.get("cgroup_paths") or {}).values() if isinstance(p, str)]
+    if container.cgroup and paths:
+        container.details["state_cgroup_matches"] = any(p.endswith(container.cgroup) for p in paths)
+    return doc
+
+
+def bundle_annotations(container: Container, deadline: state.Deadline, root: str) -> dict:
+    """The annotations of the OCI config.json in the bundle runc's state names (absolute path only)."""
+    bundle = container.details.get("bundle")
+    if not bundle or not bundle.startswith("/") or "/../" in bundle + "/":
+        return {}
+    config = state.read_json(state.path(root, bundle.lstrip("/"), "config.json"), deadline)
+    annotations = config.get("annotations") or {}
+    return {k: v for k, v in annotations.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def enrich(container: Container, deadline: state.Deadline, root: str) -> None:
+    if not container.id or not VALID_NAME.fullmatch(container.id):
+        return
+    read_state(state.path(root, STATE_ROOT), container.id, container, deadline)
+    annotations = bundle_annotations(container, deadline, root)
+    container.image = annotations.get("org.opencontainers.image.ref.name") or container.image
+    if annotations:
+        container.details["annotations"] = annotations
+    if container.details.get("state_cgroup_matches") is not False:
+        container.confirmed()

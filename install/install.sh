@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs corepipe from this checkout and turns collection on:
+#   sudo bash install/install.sh [corepipe install options, e.g. --store DIR --force]
+# 1. python3 with venv (apt-get on Debian/Ubuntu when missing), and busybox-static when Docker is
+#    present (the selftest's throwaway container needs a static busybox);
+# 2. a virtualenv at $COREPIPE_PREFIX (/opt/corepipe) with this checkout installed into it;
+# 3. `corepipe install` (launcher $COREPIPE_BIN, config $COREPIPE_CONFIG), then `corepipe selftest`.
+# Safe to run again: it upgrades the virtualenv in place and install changes only what differs.
+set -euo pipefail
+src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+prefix="${COREPIPE_PREFIX:-/opt/corepipe}"
+bin="${COREPIPE_BIN:-/usr/local/bin/corepipe}"
+config="${COREPIPE_CONFIG:-/etc/corepipe/config.toml}"
+python="${COREPIPE_PYTHON:-/usr/bin/python3}"
+
+say() { echo "install.sh: $*"; }
+die() { echo "install.sh: error: $*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root: sudo bash install/install.sh"
+
+apt_install() {
+    command -v apt-get >/dev/null || die "install $* with your package manager, then run this again"
+    say "installing $* (apt-get)"
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null
+}
+if ! "$python" -c 'import venv, ensurepip' 2>/dev/null; then
+    apt_install python3 python3-venv
+fi
+if command -v docker >/dev/null && [ ! -x /bin/busybox ]; then
+    apt_install busybox-static
+fi
+
+if [ ! -x "$prefix/bin/python" ]; then
+    say "creating the virtualenv $prefix"
+    "$python" -m venv "$prefix"
+fi
+say "installing corepipe from $src into $prefix"
+# A copy, not an editable install: the kernel runs it even after the checkout is gone.
+# --force-reinstall --no-deps: this checkout's code replaces an installed one of the same version.
+"$prefix/bin/pip" install -q --disable-pip-version-check "$src"
+"$prefix/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps "$src"
+
+"$prefix/bin/python" -I -m corepipe install --config "$config" --bin "$bin" "$@"
+"$bin" selftest --config "$config"

@@ -1,0 +1,178 @@
+"""A backtrace of all threads, taken right after the core is stored (config ``backtrace``).
+
+The core is decompressed into a nameless file (O_TMPFILE in the store root: on disk, never
+visible, gone when closed) and gdb (or eu-stack) reads it in a child that runs as ``nobody``
+with no new privileges, in its own session, killed at ``backtrace_timeout``. The child gets
+the core and the crashed process's files only as inherited fds (a sysroot of symlinks to
+``/proc/self/fd/N``), so it can read them but write nothing to the store; the parent files its
+output. A failure is recorded in the result, never raised.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from typing import Optional
+
+from corepipe import sysroot, unpack
+from corepipe.binaries import HeldFiles
+
+MAX_OUTPUT = 256 * 1024
+_PATH = "/usr/local/bin:/usr/bin:/bin"
+_NOBODY = "nobody"
+_PR_SET_NO_NEW_PRIVS = 38
+
+
+def find_tool() -> Optional[str]:
+    for name in ("gdb", "eu-stack"):
+        path = shutil.which(name, path=_PATH)
+        if path:
+            return path
+    return None
+
+
+def take(store_fd: int, crash_path: str, record: dict, held: HeldFiles, *, timeout: int,
+         max_core_size: int) -> Optional[dict]:
+    """The ``backtrace`` record field, or None when no tool is installed."""
+    tool = find_tool()
+    if tool is None:
+        return None
+    result = {"tool": os.path.basename(tool), "text": None, "error": None, "truncated": False, "duration": None}
+    started = time.monotonic()
+    size = (record.get("core") or {}).get("size") or 0
+    if size > max_core_size:
+        result["error"] = f"core of {size} bytes is over backtrace_max_core_size ({max_core_size})"
+        return result
+    core_fd = work = None
+    try:
+        core_fd = _decompressed(store_fd, crash_path, record)
+        work = tempfile.mkdtemp(prefix="corepipe-bt-", dir="/tmp")
+        result["text"], result["truncated"], result["error"] = _run(tool, core_fd, held, work, timeout)
+    except (OSError, unpack.CoreError) as exc:
+        result["error"] = str(exc)
+    finally:
+        if core_fd is not None:
+            os.close(core_fd)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        result["duration"] = round(time.monotonic() - started, 3)
+    return result
+
+
+def _nobody() -> tuple:
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(_NOBODY)
+        return entry.pw_uid, entry.pw_gid
+    except KeyError:
+        return 65534, 65534
+
+
+def _decompressed(store_fd: int, crash_path: str, record: dict) -> int:
+    source = unpack.open_core(crash_path, record)
+    try:
+        fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=store_fd)
+        try:
+            unpack.to_fd(source, record, fd)
+            os.fchown(fd, *_nobody())  # only the child (and root) can open it again, through its fd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    finally:
+        os.close(source)
+
+
+def _command(tool: str, core: str, exe: Optional[str], root: str) -> list:
+    if os.path.basename(tool) == "eu-stack":
+        return [tool, "-s", f"--core={core}"] + ([f"--executable={exe}"] if exe else [])
+    return [tool, "-batch", "-nx", "-iex", "set auto-load off", "-iex", "set libthread-db-search-path $sdir",
+            "-iex", "set debuginfod enabled off",
+            "-ex", f"set sysroot {root}", "-ex", "thread apply all bt", *([exe] if exe else []), core]
+
+
+def _run(tool: str, core_fd: int, held: HeldFiles, work: str, timeout: int) -> tuple:
+    # The handler starts without stdout/stderr, so held fds may be 1 or 2, which the child's own
+    # stdout/stderr would replace: hand the child copies numbered 3 and up.
+    fds = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in [core_fd] + [h.fd for h in held.files]]
+    try:
+        return _run_child(tool, fds[0], list(zip(held.files, fds[1:])), work, timeout)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _run_child(tool: str, core_fd: int, files: list, work: str, timeout: int) -> tuple:
+    uid, gid = _nobody()
+    root = os.path.join(work, "root")
+    os.mkdir(root)
+    sysroot.build(root, [(h.path, f"/proc/self/fd/{fd}") for h, fd in files], dir_mode=0o711)
+    os.chmod(work, 0o711)
+    exe = next((f"/proc/self/fd/{fd}" for h, fd in files if h.exe), None)
+
+    def drop() -> None:
+        import ctypes
+
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+    proc = subprocess.Popen(_command(tool, f"/proc/self/fd/{core_fd}", exe, root), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd="/", start_new_session=True,
+                            pass_fds=[core_fd] + [fd for _h, fd in files], preexec_fn=drop,
+                            env={"PATH": _PATH, "HOME": "/nonexistent", "LC_ALL": "C"})
+    try:
+        output, truncated, timed_out = _read(proc, time.monotonic() + timeout)
+    except BaseException:  # the handler's own time limit: leave no debugger behind
+        _kill(proc)
+        raise
+    text = output.decode("utf-8", "replace")
+    if timed_out:
+        return text, truncated, f"timed out after {timeout} s (backtrace_timeout)"
+    if proc.returncode != 0 and not text.strip():
+        return text, truncated, f"{os.path.basename(tool)} exited with status {proc.returncode}"
+    return text, truncated, None
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _read(proc: subprocess.Popen, deadline: float) -> tuple:
+    """Up to MAX_OUTPUT bytes of the child's output; the whole session is killed at ``deadline``."""
+    chunks, size, truncated = [], 0, False
+    fd = proc.stdout.fileno()
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                _kill(proc)
+                return b"".join(chunks), truncated, True
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            if size < MAX_OUTPUT:
+                chunks.append(chunk[:MAX_OUTPUT - size])
+                truncated = truncated or size + len(chunk) > MAX_OUTPUT
+                size += len(chunk)
+            else:
+                truncated = True
+        proc.wait(max(deadline - time.monotonic(), 0.1))
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        return b"".join(chunks), truncated, True
+    finally:
+        proc.stdout.close()
+    return b"".join(chunks), truncated, False

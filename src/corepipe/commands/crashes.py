@@ -1,0 +1,118 @@
+"""What list, info, extract, debug and rm share: the store from the config, id lookup, output helpers."""
+
+from __future__ import annotations
+
+import argparse
+import calendar
+import os
+import re
+import sys
+import time
+from typing import Optional
+
+from corepipe import catalog
+from corepipe import config as configuration
+from corepipe.cli import UserError
+from corepipe.log import clean
+from corepipe.store import CORE
+
+
+def load_config(ns: argparse.Namespace) -> configuration.Config:
+    try:
+        return configuration.load(ns.config)
+    except configuration.ConfigError as exc:
+        raise UserError(f"{exc}; fix the config or pass --config") from None
+
+
+def store_root(ns: argparse.Namespace) -> str:
+    return load_config(ns).store
+
+
+def warn_problems(problems: list) -> None:
+    for path, message in problems:
+        print(f"corepipe: warning: {path}: {message}", file=sys.stderr)
+
+
+def all_records(root: str) -> list:
+    """(path, record) of every crash, oldest first; broken records are warned about on stderr."""
+    problems: list = []
+    try:
+        items = sorted(catalog.iter_records(root, problems), key=catalog.sort_key)
+    except OSError as exc:
+        raise UserError(f"cannot read the store {root}: {exc.strerror or exc} (run as root)") from None
+    warn_problems(problems)
+    return items
+
+
+def lookup(ns: argparse.Namespace, prefix: Optional[str]) -> tuple:
+    """The crash named by an id prefix (the latest when None), as (path, record)."""
+    root = store_root(ns)
+    problems: list = []
+    try:
+        found = catalog.find(root, prefix, problems)
+    except catalog.LookupFailed as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(f"cannot read the store {root}: {exc.strerror or exc} (run as root)") from None
+    finally:
+        warn_problems(problems)
+    return found
+
+
+def core_state(path: str, rec: dict) -> str:
+    """present, truncated, missing (recorded but gone), none (not stored) or collecting."""
+    if rec.get("status") == "collecting":
+        return "collecting"
+    core = rec.get("core") or {}
+    if not core.get("stored"):
+        return "none"
+    if not os.path.lexists(os.path.join(path, CORE)):
+        return "missing"
+    return "truncated" if core.get("truncated") else "present"
+
+
+def json_item(path: str, rec: dict) -> dict:
+    """A record as ``--json`` prints it: the stored record plus ``path`` and ``core_state``."""
+    return {**rec, "path": path, "core_state": core_state(path, rec)}
+
+
+def human_size(size: Optional[int]) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "K", "M", "G"):
+        if value < 1024 or unit == "G":
+            return f"{value:.0f}{unit}" if unit == "B" or value >= 10 else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}T"
+
+
+def table(headers: list, rows: list) -> str:
+    """Aligned columns on a terminal; tab-separated fields, no padding, when piped."""
+    lines = [headers] + [[clean(str(cell)) for cell in row] for row in rows]
+    if not sys.stdout.isatty():
+        return "".join("\t".join(line) + "\n" for line in lines)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
+    return "".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() + "\n" for line in lines)
+
+
+_RELATIVE = re.compile(r"(\d+)\s*([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_FORMATS = ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S")
+
+
+def parse_time(text: str) -> float:
+    """Epoch seconds from '2026-11-27[T09:24[:57]][Z]' (UTC), '@EPOCH' or an age like '30m', '2h', '1d'."""
+    value = text.strip()
+    if value.startswith("@") and value[1:].isdigit():
+        return float(value[1:])
+    match = _RELATIVE.fullmatch(value)
+    if match:
+        return time.time() - int(match.group(1)) * _UNITS[match.group(2)]
+    for fmt in _FORMATS:
+        try:
+            return float(calendar.timegm(time.strptime(value.rstrip("Z"), fmt)))
+        except ValueError:
+            continue
+    raise argparse.ArgumentTypeError(f"{text!r} is not a time (use 2026-11-27, 2026-11-27T09:24:57, @EPOCH "
+                                     "or an age: 30m, 2h, 1d)")

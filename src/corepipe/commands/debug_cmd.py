@@ -1,0 +1,129 @@
+"""``corepipe debug``: gdb on a crash's core, with the executable and libraries saved at collection.
+
+The core is decompressed (and checked) into a private temporary directory with a sysroot of
+symlinks from the crashed process's paths to the saved copies in ``<store>/.build-id``, so
+gdb finds the container's files after the container and its image are gone. The directory
+is removed when the debugger exits, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from typing import Optional
+
+from corepipe import binaries, buildid, sysroot, unpack
+from corepipe.cli import UserError
+from corepipe.commands import crashes
+
+HELP = "start gdb on a crash's core with its saved executable and libraries (default: the latest crash)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("id", nargs="?", help="crash id or a unique prefix of it (default: the latest)")
+    parser.add_argument("--debugger", metavar="CMD", default="gdb",
+                        help="debugger command (default gdb); others get EXE CORE and $COREPIPE_SYSROOT")
+    parser.add_argument("args", nargs="*", metavar="-- ARGS",
+                        help="more debugger arguments after '--' (options go before ID), e.g. ID -- -batch -ex bt")
+
+
+def links(store: str, rec: dict) -> list:
+    """(path in the crashed process, file to use) for its exe and libraries: the copies saved with the
+    crash, and for a host process the host's own files where no copy was saved."""
+    result = []
+    host = (rec.get("container") or {}).get("runtime") == "host"
+    for entry in (rec.get("binaries") or {}).get("files") or []:
+        name = binaries.stored_name(entry) if entry.get("stored") else None
+        path = entry.get("path")
+        if name is None:
+            if host and isinstance(path, str) and os.path.isfile(path):
+                result.append((path, path))
+            continue
+        target = os.path.join(store, binaries.AREA, *name)
+        try:
+            if stat.S_ISREG(os.lstat(target).st_mode):
+                result.append((path, target))
+        except OSError:
+            print(f"corepipe debug: warning: saved copy of {path} is gone ({target})", file=sys.stderr)
+    return result
+
+
+def _executable(rec: dict, made: dict) -> Optional[str]:
+    """The saved exe; for a host process without one, the exe on the host if its build-id still matches."""
+    for entry in (rec.get("binaries") or {}).get("files") or []:
+        if entry.get("exe") and entry.get("path") in made:
+            return made[entry["path"]]
+    exe = rec.get("exe")
+    if (rec.get("container") or {}).get("runtime") != "host" or not exe or not os.path.isfile(exe):
+        print("corepipe debug: warning: the executable was not saved; gdb gets the core only", file=sys.stderr)
+        return None
+    recorded = next((e.get("build_id") for e in (rec.get("binaries") or {}).get("files") or [] if e.get("exe")), None)
+    if recorded:
+        with open(exe, "rb") as f:
+            if buildid.read(f.fileno()) != recorded:
+                print(f"corepipe debug: warning: {exe} has changed since the crash (build-id differs)", file=sys.stderr)
+    return exe
+
+
+def debugger_argv(debugger: str) -> list:
+    try:
+        argv = shlex.split(debugger)
+    except ValueError as exc:
+        raise UserError(f"--debugger {debugger!r}: {exc}", 2) from None
+    if not argv or shutil.which(argv[0]) is None:
+        raise UserError(f"debugger {argv[0] if argv else debugger!r} not found; install gdb or pass --debugger CMD")
+    return argv
+
+
+def command(argv: list, extra: list, exe: Optional[str], core: str, root: str, search: list) -> list:
+    argv = list(argv)
+    if os.path.basename(argv[0]).startswith("gdb"):
+        # The saved files come from the container: never let gdb run scripts or libthread_db from them.
+        argv += ["-q", "-iex", "set auto-load off", "-iex", "set libthread-db-search-path $sdir",
+                 "-iex", f"set sysroot {root}",
+                 "-iex", f"set solib-search-path {':'.join(search)}"]
+    return argv + extra + ([exe] if exe else []) + [core]
+
+
+def run(ns: argparse.Namespace) -> int:
+    crash_id, extra = ns.id, list(ns.args)
+    if crash_id is not None and crash_id.startswith("-"):  # 'debug -- -batch ...': no id, all for the debugger
+        crash_id, extra = None, [crash_id] + extra
+    debugger = debugger_argv(ns.debugger)
+    path, rec = crashes.lookup(ns, crash_id)
+    store = crashes.store_root(ns)
+    try:
+        source = unpack.open_core(path, rec)
+    except unpack.CoreError as exc:
+        raise UserError(str(exc)) from None
+    work = tempfile.mkdtemp(prefix="corepipe-debug-")
+    try:
+        core = os.path.join(work, "core")
+        fd = os.open(core, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            unpack.to_fd(source, rec, fd)
+        except unpack.CoreError as exc:
+            raise UserError(str(exc)) from None
+        finally:
+            os.close(fd)
+            os.close(source)
+        root = os.path.join(work, "root")
+        os.mkdir(root, 0o700)
+        made = sysroot.build(root, links(store, rec))
+        search = sorted({os.path.dirname(link) for link in made.values()})
+        argv = command(debugger, extra, _executable(rec, made), core, root, search)
+        # Ctrl-C is the debugger's: a no-op handler (not SIG_IGN, which the debugger would inherit).
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+        try:
+            return subprocess.run(argv, env={**os.environ, "COREPIPE_SYSROOT": root}).returncode
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

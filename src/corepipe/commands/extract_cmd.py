@@ -1,0 +1,65 @@
+"""``corepipe extract``: write a crash's decompressed core, checked against the sha256 in its record."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from corepipe import unpack
+from corepipe.cli import UserError
+from corepipe.commands import crashes
+
+HELP = "write the decompressed core of a crash to a file or stdout (default: the latest crash)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("id", nargs="?", help="crash id or a unique prefix of it (default: the latest)")
+    parser.add_argument("-o", "--output", metavar="FILE",
+                        help="write here (a new 0600 file, replacing FILE); '-' or omitted: stdout, not a terminal")
+
+
+def run(ns: argparse.Namespace) -> int:
+    path, rec = crashes.lookup(ns, ns.id)
+    to_stdout = ns.output in (None, "-")
+    if to_stdout and sys.stdout.isatty():
+        raise UserError("refusing to write a core to a terminal; use -o FILE or a pipe", 2)
+    try:
+        source = unpack.open_core(path, rec)
+    except unpack.CoreError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        if to_stdout:
+            sys.stdout.flush()
+            unpack.to_fd(source, rec, sys.stdout.fileno())
+            return 0
+        _to_file(source, rec, ns.output)
+    except unpack.CoreError as exc:
+        raise UserError(f"{exc}; nothing complete was written") from None
+    finally:
+        os.close(source)
+    print(f"wrote {rec['core']['size']} bytes (sha256 verified) to {ns.output}", file=sys.stderr)
+    return 0
+
+
+def _to_file(source: int, rec: dict, output: str) -> None:
+    """Write under a hidden temporary name beside ``output`` and rename: ``output`` is complete or untouched."""
+    directory, name = os.path.split(os.path.abspath(output))
+    tmp = os.path.join(directory, f".{name}.{os.urandom(4).hex()}.part")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise UserError(f"cannot write {output}: {exc.strerror}") from None
+    try:
+        unpack.to_fd(source, rec, fd)
+        os.fsync(fd)
+        os.close(fd)
+        fd = None
+        os.rename(tmp, output)
+    except BaseException as exc:
+        if fd is not None:
+            os.close(fd)
+        os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write {output}: {exc.strerror or exc}") from None
+        raise

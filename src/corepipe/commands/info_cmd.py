@@ -1,0 +1,89 @@
+"""``corepipe info``: everything in one crash's record, readable (or as JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from corepipe.commands import crashes
+from corepipe.log import clean
+
+HELP = "show one crash in full, with its backtrace if one was taken (default: the latest crash)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("id", nargs="?", help="crash id or a unique prefix of it (default: the latest)")
+    parser.add_argument("--json", action="store_true", help="print the record as JSON (see README)")
+
+
+def _line(out: list, key: str, value: object) -> None:
+    if value not in (None, "", [], {}):
+        out.append(f"{key + ':':<20} {clean(str(value), 1 << 20)}")
+
+
+def render(path: str, rec: dict) -> str:
+    out: list = []
+    signal = rec.get("signal") or {}
+    container = rec.get("container") or {}
+    core = rec.get("core") or {}
+    _line(out, "id", rec.get("id"))
+    _line(out, "time", rec.get("time"))
+    _line(out, "status", rec.get("status"))
+    _line(out, "signal", f"{signal.get('name') or '?'} ({signal.get('number')})")
+    _line(out, "pid", f"{rec.get('pid')} (in its namespace {rec.get('ns_pid')}), thread {rec.get('tid')}")
+    _line(out, "uid/gid", f"{rec.get('uid')}/{rec.get('gid')}")
+    _line(out, "comm", rec.get("comm"))
+    _line(out, "exe", rec.get("exe"))
+    _line(out, "cmdline", " ".join(rec.get("cmdline") or []))
+    _line(out, "cwd", rec.get("cwd"))
+    _line(out, "hostname", rec.get("hostname"))
+    for key in ("runtime", "id", "name", "image", "pod_namespace", "pod_name", "pod_uid", "cgroup"):
+        _line(out, f"container.{key}", container.get(key))
+    _line(out, "container.from", f"{container.get('source')} ({container.get('confidence')})")
+    for message in container.get("errors") or []:
+        _line(out, "container.error", message)
+    _line(out, "core", crashes.core_state(path, rec))
+    if core.get("stored"):
+        _line(out, "core.size", f"{core.get('size')} bytes, {core.get('compressed_size')} compressed "
+                                f"({core.get('compression')})")
+        _line(out, "core.sha256", core.get("sha256"))
+    _line(out, "core.reason", core.get("reason"))
+    _line(out, "directory", path)
+    process = rec.get("process") or {}
+    if process.get("trusted") is False:
+        _line(out, "untrusted", "; ".join(process.get("untrusted_reasons") or []))
+    collector = rec.get("collector") or {}
+    _line(out, "collected by", f"corepipe {collector.get('version')} in {collector.get('duration')} s")
+    for message in collector.get("errors") or []:
+        _line(out, "error", message)
+    binaries = rec.get("binaries")
+    if binaries:
+        out.append("")
+        out.append("binaries:")
+        for entry in binaries.get("files") or []:
+            state = "saved" if entry.get("stored") else f"not saved: {entry.get('reason')}"
+            out.append(f"  {clean(str(entry.get('path')))}  build-id {entry.get('build_id') or '-'}  "
+                       f"{crashes.human_size(entry.get('size'))}  {state}")
+        for message in binaries.get("errors") or []:
+            out.append(f"  error: {clean(str(message))}")
+    trace = rec.get("backtrace")
+    if trace:
+        out.append("")
+        out.append(f"backtrace ({trace.get('tool')}, {trace.get('duration')} s"
+                   f"{', truncated' if trace.get('truncated') else ''}):")
+        if trace.get("error"):
+            out.append(f"  error: {clean(str(trace['error']))}")
+        text = (trace.get("text") or "").rstrip("\n")
+        out.extend("  " + clean(line.expandtabs(), 1 << 20) for line in text.splitlines())
+    return "\n".join(out) + "\n"
+
+
+def run(ns: argparse.Namespace) -> int:
+    path, rec = crashes.lookup(ns, ns.id)
+    if ns.json:
+        json.dump(crashes.json_item(path, rec), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(render(path, rec))
+    return 0

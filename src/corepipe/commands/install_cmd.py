@@ -1,0 +1,53 @@
+"""``corepipe install``: make corepipe the kernel's core handler on this host, persistently."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+from corepipe import config as configuration
+from corepipe import install
+from corepipe.cli import UserError
+
+HELP = "make corepipe the kernel's core dump handler on this host (idempotent)"
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """``--config`` after the subcommand too; SUPPRESS keeps a ``corepipe --config X`` given before it."""
+    parser.add_argument("--config", default=argparse.SUPPRESS,
+                        help=f"config file; the install state lives beside it (default {configuration.DEFAULT_PATH})")
+
+
+def paths(ns: argparse.Namespace) -> install.Paths:
+    defaults = install.Paths()
+    return install.Paths(bin=getattr(ns, "bin", defaults.bin), config=ns.config or defaults.config,
+                         sysctl_dir=getattr(ns, "sysctl_dir", defaults.sysctl_dir))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_option(parser)
+    parser.add_argument("--store", metavar="DIR", help=f"where cores are kept (default: the config's store, "
+                                                       f"else {configuration.DEFAULT_STORE})")
+    parser.add_argument("--bin", metavar="PATH", default=install.Paths.bin,
+                        help="the launcher the kernel runs (default %(default)s)")
+    parser.add_argument("--sysctl-dir", metavar="DIR", default=install.Paths.sysctl_dir,
+                        help=f"where the {install.DROPIN_NAME} drop-in goes (default %(default)s)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace another handler's core_pattern (uninstall gives it back) or a foreign --bin")
+
+
+def report(action: Callable[[], list]) -> int:
+    """Run install or uninstall and print its lines; its refusals become one-line errors."""
+    try:
+        lines = action()
+    except install.InstallError as exc:
+        raise UserError(str(exc)) from None
+    for line in lines:
+        print(line)
+    return 0
+
+
+def run(ns: argparse.Namespace) -> int:
+    report(lambda: install.install(paths(ns), store=ns.store, force=ns.force))
+    print("next: 'corepipe selftest' proves a crash is collected")
+    return 0

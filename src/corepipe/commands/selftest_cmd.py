@@ -1,0 +1,26 @@
+"""``corepipe selftest``: crash throwaway processes and check that corepipe collected them."""
+
+from __future__ import annotations
+
+import argparse
+
+from corepipe import selftest
+from corepipe.cli import UserError
+from corepipe.commands.install_cmd import add_config_option, paths
+
+HELP = "crash a throwaway process (and a throwaway Docker container) and verify their cores were collected"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_option(parser)
+    parser.add_argument("--no-container", action="store_true", help="skip the container crash")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each record (%(default)s)")
+
+
+def run(ns: argparse.Namespace) -> int:
+    try:
+        selftest.run(paths(ns), container=not ns.no_container, timeout=ns.timeout,
+                     say=lambda line: print(line, flush=True))
+    except selftest.SelftestError as exc:
+        raise UserError(str(exc)) from None
+    return 0

@@ -1,0 +1,66 @@
+"""``corepipe status``: is corepipe collecting, as installed, and what has it collected."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from corepipe import status
+from corepipe.commands.install_cmd import add_config_option, paths
+
+HELP = ("show whether corepipe is the active core handler and what its store holds "
+        "(exit 0 healthy, 3 not installed, 4 drifted, 5 broken)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_option(parser)
+    parser.add_argument("--json", action="store_true", help="print the facts as JSON")
+
+
+def size(n: object) -> str:
+    if not isinstance(n, int):
+        return "?"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return "?"
+
+
+def run(ns: argparse.Namespace) -> int:
+    facts = status.gather(paths(ns))
+    if ns.json:
+        print(json.dumps(facts, indent=1))
+        return facts["code"]
+    state = {status.HEALTHY: "healthy", status.NOT_INSTALLED: "not installed", status.DRIFTED: "drifted",
+             status.BROKEN: "broken"}[facts["code"]]
+    print(f"corepipe: {state}{' (the active core handler)' if facts['active'] else ''}")
+    print(f"kernel.core_pattern = {facts['pattern']}")
+    print(f"kernel.core_pipe_limit = {facts['pipe_limit']}")
+    if facts["expected"] and not facts["active"]:
+        print(f"installed pattern    = {facts['expected']['pattern']}")
+    for problem in facts["problems"]:
+        print(f"problem: {problem}")
+    store = facts["store"]
+    if store is None:
+        return facts["code"]
+    if not store["exists"]:
+        print(f"store: {store['path']} (not created yet)")
+        return facts["code"]
+    print(f"store: {store['path']}: {store['crashes']} crashes, {size(store['used_bytes'])} used, "
+          f"{size(store['free_bytes'])} free")
+    if store["containers"]:
+        print("crashes per container:")
+        for group in store["containers"]:
+            where = "host" if group["runtime"] == "host" else f"{group['runtime']} {(group['id'] or '?')[:12]}"
+            print(f"  {where:<20} {group['name'] or '':<24} {group['crashes']:>5} ({group['cores']} with core)")
+    if store["recent"]:
+        print("last crashes:")
+        for crash in store["recent"]:
+            where = "host" if crash["runtime"] == "host" else f"{crash['runtime']}/{(crash['container'] or '?')[:12]}"
+            print(f"  {crash['time']}  {where:<20} pid {crash['pid']} ({crash['comm'] or '?'}) "
+                  f"{crash['signal'] or '?'}  core {size(crash['core_size'])}  {crash['status']}")
+    for error in store["errors"]:
+        print(f"unreadable: {error}")
+    return facts["code"]

@@ -1,0 +1,72 @@
+"""Reading a runtime's on-disk state: bounded, never following a final symlink, paths from validated parts only.
+
+Runtimes keep their state in root-owned directories (/run, /var/lib); the parts that come
+from the crashed process (its container id or name) are checked against strict patterns
+before they become a path component, so raw cgroup text never reaches the filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import time
+from typing import Optional
+
+from corepipe.snapshot import read_fd
+
+#: A 64-hex container id (Docker, containerd CRI, CRI-O, Podman).
+HEX_ID = re.compile(r"[0-9a-f]{64}")
+#: A runtime-chosen name or id (runc, ctr, LXC, machine names): no '/', no leading '.', bounded.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+POD_UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+JSON_LIMIT = 16 << 20
+
+
+class Deadline:
+    """The time enrichment may still spend; checked before every read."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def check(self) -> None:
+        if time.monotonic() > self.end:
+            raise TimeoutError("time budget for reading runtime state used up")
+
+
+def path(root: str, *parts: str) -> str:
+    """``root`` joined with fixed or validated parts; refuses anything that could climb or jump."""
+    for part in parts:
+        if any(piece in ("", ".", "..") for piece in part.split("/")):
+            raise ValueError(f"unsafe path component {part!r}")
+    return os.path.join(root, *parts)
+
+
+def exists(file: str) -> bool:
+    try:
+        os.lstat(file)
+    except OSError:
+        return False
+    return True
+
+
+def read(file: str, deadline: Deadline, limit: int = JSON_LIMIT) -> bytes:
+    """A regular file's first ``limit`` bytes; a symlink as last component, a FIFO or a device is refused."""
+    deadline.check()
+    fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{file} is not a regular file")
+        return read_fd(fd, limit, deadline.check)
+    finally:
+        os.close(fd)
+
+
+def read_json(file: str, deadline: Deadline, limit: int = JSON_LIMIT):
+    return json.loads(read(file, deadline, limit))
+
+
+def text(value: object) -> Optional[str]:
+    """A JSON value as a non-empty str, else None (state files are data, not trusted to be well-formed)."""
+    return value if isinstance(value, str) and value else None

@@ -1,0 +1,373 @@
+"""Turning corepipe on and off on a host: launcher, config, store, kernel settings, sysctl drop-in.
+
+Everything install changes is written down in a state file beside the config (the previous
+kernel values and the previous content of every file it wrote), so uninstall puts back
+exactly what was there. A failed install undoes what it did before reporting the error.
+Every path is a parameter (``Paths``) so tests run it against temporary files and a fake
+/proc/sys.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from corepipe import catalog, kernel
+from corepipe import config as configuration
+from corepipe.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, PROC_SYS, Sysctl, SysctlError
+
+#: core_pipe_limit: non-zero makes the kernel wait for the handler before reaping the process, so
+#: /proc/<pid> stays readable; it also caps concurrent handlers. A crash storm beyond 16 at once loses
+#: the extra cores (the kernel logs "over core_pipe_limit") instead of 16+ compressors fighting for
+#: memory and disk on a host that is already in trouble.
+PIPE_LIMIT = 16
+#: Sorted after systemd's 50-coredump.conf so it wins at boot; /etc/sysctl.conf (99-sysctl.conf) still wins.
+DROPIN_NAME = "90-corepipe.conf"
+STATE_NAME = "install.json"
+LAUNCHER_MARK = "# corepipe launcher: written by 'corepipe install', removed by 'corepipe uninstall'"
+#: %F (a pidfd of the crashed process) arrived in Linux 6.16; older kernels expand it to nothing.
+PIDFD_KERNEL = (6, 16)
+#: The kernel's own default, given back when what was there before is unknown.
+DEFAULT_PATTERN = "core"
+_COREPIPE_PATTERN = re.compile(r"\|\S+ collect( --config \S+)? %P ")
+
+
+class InstallError(Exception):
+    """Install or uninstall cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class Paths:
+    bin: str = "/usr/local/bin/corepipe"
+    config: str = configuration.DEFAULT_PATH
+    sysctl_dir: str = "/etc/sysctl.d"
+    proc_sys: str = PROC_SYS
+
+    @property
+    def state(self) -> str:
+        return os.path.join(os.path.dirname(os.path.abspath(self.config)), STATE_NAME)
+
+    @property
+    def dropin(self) -> str:
+        return os.path.join(self.sysctl_dir, DROPIN_NAME)
+
+
+def kernel_has_pidfd(release: str) -> bool:
+    """Whether the running kernel (``os.uname().release``) expands %F; by version, as a probe needs a crash."""
+    match = re.match(r"(\d+)\.(\d+)", release)
+    return bool(match) and (int(match.group(1)), int(match.group(2))) >= PIDFD_KERNEL
+
+
+def is_handler(pattern: str) -> bool:
+    """A pattern that hands cores to a program or socket (systemd-coredump, apport, corepipe, ...)."""
+    return pattern.startswith(("|", "@"))
+
+
+def describe(pattern: str) -> str:
+    for needle, name in (("systemd-coredump", "systemd-coredump"), ("apport", "apport"), ("abrt", "abrt")):
+        if needle in pattern:
+            return name
+    if _COREPIPE_PATTERN.match(pattern):
+        return "another corepipe installation"
+    return "another handler"
+
+
+def launcher_text(python: str) -> str:
+    """A script the kernel can run with an empty environment: absolute interpreter, isolated mode (-I)."""
+    if not os.path.isabs(python) or any(c.isspace() for c in python):
+        raise InstallError(f"the interpreter path {python!r} must be absolute and without spaces")
+    return f"#!{python} -I\n{LAUNCHER_MARK}\nfrom corepipe.cli import main\n\nraise SystemExit(main())\n"
+
+
+def dropin_text(pattern: str, pipe_limit: int) -> str:
+    return (f"# Written by 'corepipe install'; removed by 'corepipe uninstall'.\n"
+            f"{CORE_PIPE_LIMIT} = {pipe_limit}\n{CORE_PATTERN} = {pattern}\n")
+
+
+def load_state(path: str) -> Optional[dict]:
+    try:
+        with open(path, "rb") as f:
+            state = json.loads(f.read(1 << 20))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise InstallError(f"cannot read the install state {path}: {exc}; fix or remove it") from None
+    if not isinstance(state, dict) or state.get("schema") != 1:
+        raise InstallError(f"{path} is not a corepipe install state; remove it or pass the right --config")
+    return state
+
+
+def _read(path: str) -> Optional[bytes]:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _write_file(path: str, data: bytes, mode: int) -> None:
+    """Replace ``path`` atomically (temporary file, fsync, rename): a reader sees the old or the new file."""
+    tmp = f"{path}.{os.urandom(4).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, path)
+
+
+def _saved(path: str) -> Optional[dict]:
+    """A file's content and mode as the state keeps them; None if there is no such file."""
+    data = _read(path)
+    if data is None:
+        return None
+    return {"data": base64.b64encode(data).decode(), "mode": os.stat(path).st_mode & 0o7777}
+
+
+def _restore_file(path: str, saved: Optional[dict]) -> None:
+    """Put back a file as ``_saved`` found it, or remove it if it did not exist."""
+    if saved is None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    else:
+        _write_file(path, base64.b64decode(saved["data"]), saved["mode"])
+
+
+def _makedirs(path: str, created: list) -> None:
+    """mkdir -p that remembers which directories it made (uninstall removes them if empty)."""
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        os.mkdir(directory, 0o755)
+        created.append(directory)
+
+
+def _check_store(store: str) -> str:
+    """The store must be a dedicated directory below a top-level one: --purge deletes it."""
+    store = os.path.normpath(store)
+    if not os.path.isabs(store) or store.count("/") < 2:
+        raise InstallError(f"--store {store} must be an absolute path of a dedicated directory, "
+                           f"e.g. {configuration.DEFAULT_STORE}")
+    return store
+
+
+class _Changes:
+    """What install has done so far, with the steps to undo it if a later step fails."""
+
+    def __init__(self, state: dict):
+        self.state = state
+        self.done: list = []
+        self.undo: list = []
+
+    def file(self, path: str, data: bytes, mode: int, what: str) -> None:
+        old = _saved(path)
+        if old is not None and base64.b64decode(old["data"]) == data and old["mode"] == mode:
+            return
+        self.state["files"].setdefault(path, old)
+        self.undo.append(lambda: _restore_file(path, old))
+        _write_file(path, data, mode)
+        self.done.append(f"wrote {what} {path}")
+
+    def rollback(self) -> None:
+        for step in reversed(self.undo):
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - keep undoing; the user is told what is left
+                print(f"corepipe install: could not undo a step: {exc}", file=sys.stderr)
+
+
+def install(paths: Paths, store: Optional[str] = None, force: bool = False, python: str = sys.executable,
+            release: Optional[str] = None) -> list:
+    """Install or update in place; returns the lines to print (empty changes mean nothing was done)."""
+    sysctl = Sysctl(paths.proc_sys)
+    try:
+        sysctl.check_writable(CORE_PATTERN, CORE_PIPE_LIMIT)
+        current = sysctl.read(CORE_PATTERN)
+        current_limit = sysctl.read(CORE_PIPE_LIMIT)
+    except SysctlError as exc:
+        raise InstallError(str(exc)) from None
+    pidfd = kernel_has_pidfd(release if release is not None else os.uname().release)
+    config_arg = None if os.path.abspath(paths.config) == configuration.DEFAULT_PATH else os.path.abspath(paths.config)
+    try:
+        pattern = kernel.build_pattern(os.path.abspath(paths.bin), config_arg, pidfd=pidfd)
+    except ValueError as exc:
+        raise InstallError(f"{exc}; use shorter --bin/--config paths") from None
+
+    old = load_state(paths.state)
+    if old is not None and (old["bin"], old["dropin"]) != (os.path.abspath(paths.bin), paths.dropin):
+        raise InstallError(f"installed with --bin {old['bin']} and drop-in {old['dropin']}; "
+                           "run 'corepipe uninstall' first to change them")
+    ours = old is not None and current == old["pattern"]
+    if not ours and is_handler(current) and not force:
+        raise InstallError(f"kernel.core_pattern belongs to {describe(current)} ({current!r}); "
+                           "run again with --force to replace it (uninstall gives it back)")
+    previous = old["previous"] if ours else {CORE_PATTERN: current, CORE_PIPE_LIMIT: current_limit}
+    if not ours and current == pattern:
+        # Our own pattern without our state (the state was lost): giving it back would point at nothing.
+        previous = {CORE_PATTERN: DEFAULT_PATTERN, CORE_PIPE_LIMIT: "0"}
+    state = {
+        "schema": 1,
+        "bin": os.path.abspath(paths.bin),
+        "config": os.path.abspath(paths.config),
+        "dropin": paths.dropin,
+        "pattern": pattern,
+        "pipe_limit": PIPE_LIMIT,
+        "pidfd": pidfd,
+        "previous": previous,
+        "files": dict(old["files"]) if old else {},
+        "dirs": list(old["dirs"]) if old else [],
+        "store": None,
+        "store_created": False,
+    }
+    existing = _read(paths.bin)
+    if existing is not None and state["bin"] not in state["files"] and LAUNCHER_MARK.encode() not in existing \
+            and not force:
+        raise InstallError(f"{paths.bin} exists and is not a corepipe launcher; remove it, choose another --bin "
+                           "or use --force")
+    try:
+        cfg = configuration.load(paths.config) if os.path.exists(paths.config) else configuration.Config()
+    except configuration.ConfigError as exc:
+        raise InstallError(f"{exc}; fix the config or remove it") from None
+    state["store"] = _check_store(store or cfg.store)
+    if old is not None and old["store"] == state["store"]:
+        state["store_created"] = old["store_created"]
+
+    changes = _Changes(state)
+    try:
+        _apply(paths, state, changes, cfg, python, sysctl, current, current_limit)
+    except BaseException:
+        changes.rollback()
+        raise
+    lines = changes.done or ["already installed; nothing changed"]
+    return lines + [f"kernel.core_pattern = {pattern}", f"kernel.core_pipe_limit = {PIPE_LIMIT}",
+                    f"store: {state['store']}",
+                    f"previous kernel.core_pattern (restored by uninstall): {state['previous'][CORE_PATTERN]!r}"]
+
+
+def _apply(paths: Paths, state: dict, changes: _Changes, cfg: configuration.Config, python: str,
+           sysctl: Sysctl, current: str, current_limit: str) -> None:
+    created: list = []
+    changes.undo.append(lambda: [_rmdir(d) for d in reversed(created)])
+    for directory in (os.path.dirname(state["bin"]), os.path.dirname(state["config"]), paths.sysctl_dir,
+                      os.path.dirname(state["store"])):
+        _makedirs(directory, created)
+    state["dirs"] += [d for d in created if d not in state["dirs"]]
+
+    changes.file(state["bin"], launcher_text(python).encode(), 0o755, "launcher")
+    _check_launcher(state["bin"])
+    if not os.path.exists(paths.config) or cfg.store != state["store"]:
+        cfg.store = state["store"]
+        changes.file(state["config"], configuration.render(cfg).encode(), 0o644, "config")
+    if not os.path.isdir(state["store"]):
+        from corepipe.store import Store
+
+        Store(state["store"]).close()
+        state["store_created"] = True
+        changes.undo.append(lambda: shutil.rmtree(state["store"]))
+        changes.done.append(f"created the store {state['store']}")
+
+    if current_limit != str(PIPE_LIMIT):
+        changes.undo.append(lambda: sysctl.write(CORE_PIPE_LIMIT, current_limit))
+        _kernel_write(sysctl, CORE_PIPE_LIMIT, str(PIPE_LIMIT))
+        changes.done.append(f"set kernel.core_pipe_limit = {PIPE_LIMIT} (was {current_limit})")
+    if current != state["pattern"]:
+        changes.undo.append(lambda: sysctl.write(CORE_PATTERN, current))
+        _kernel_write(sysctl, CORE_PATTERN, state["pattern"])
+        changes.done.append(f"set kernel.core_pattern (was {current!r})")
+    changes.file(paths.dropin, dropin_text(state["pattern"], PIPE_LIMIT).encode(), 0o644, "sysctl drop-in")
+
+    data = (json.dumps(state, indent=1, sort_keys=True) + "\n").encode()
+    if _read(paths.state) != data:
+        _write_file(paths.state, data, 0o600)
+
+
+def _kernel_write(sysctl: Sysctl, name: str, value: str) -> None:
+    try:
+        sysctl.write(name, value)
+    except SysctlError as exc:
+        raise InstallError(f"{exc}; nothing was changed") from None
+
+
+def _check_launcher(path: str) -> None:
+    """Run the launcher the way the kernel will: empty environment, cwd /."""
+    try:
+        proc = subprocess.run([path, "--version"], env={}, cwd="/", capture_output=True, text=True, timeout=60)
+    except OSError as exc:
+        raise InstallError(f"the launcher {path} cannot run: {exc.strerror}; is its file system mounted noexec?") \
+            from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise InstallError(f"the launcher {path} fails with an empty environment: {last}")
+
+
+def _rmdir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def uninstall(paths: Paths, purge: bool = False, force: bool = False) -> list:
+    """Put back what install saved and remove what it created; returns the lines to print."""
+    state = load_state(paths.state)
+    if state is None:
+        raise InstallError(f"not installed: no install state at {paths.state} (installed with another --config?)")
+    sysctl = Sysctl(paths.proc_sys)
+    lines = []
+    try:
+        sysctl.check_writable(CORE_PATTERN, CORE_PIPE_LIMIT)
+        current = sysctl.read(CORE_PATTERN)
+        previous = state["previous"]
+        if current == state["pattern"] or force:
+            sysctl.write(CORE_PIPE_LIMIT, previous[CORE_PIPE_LIMIT])
+            sysctl.write(CORE_PATTERN, previous[CORE_PATTERN])
+            lines.append(f"restored kernel.core_pattern = {previous[CORE_PATTERN]!r}, "
+                         f"kernel.core_pipe_limit = {previous[CORE_PIPE_LIMIT]}")
+        else:
+            lines.append(f"kernel.core_pattern was changed since install to {current!r}; left as it is "
+                         f"(--force restores {previous[CORE_PATTERN]!r})")
+    except SysctlError as exc:
+        raise InstallError(f"{exc}; the install state is kept: fix that and run uninstall again") from None
+    for path, saved in state["files"].items():
+        _restore_file(path, saved)
+        lines.append(f"{'removed' if saved is None else 'restored'} {path}")
+    if purge:
+        lines.append(purge_store(state["store"], state["store_created"]))
+    else:
+        lines.append(f"kept the store {state['store']} (--purge deletes it)")
+    os.unlink(paths.state)
+    for directory in sorted(state["dirs"], key=len, reverse=True):
+        _rmdir(directory)
+    return lines
+
+
+def purge_store(store: str, created: bool) -> str:
+    """Delete the collected crashes; the store directory itself too if install created it."""
+    if created:
+        shutil.rmtree(store)
+        return f"deleted the store {store}"
+    from corepipe.commands import rm_cmd
+
+    crashes = [path for path, _rec in catalog.iter_records(store)]
+    for path in crashes:
+        shutil.rmtree(path)
+    rm_cmd.prune_binaries(store, set(), 0)
+    return f"deleted {len(crashes)} crashes from {store} (the directory existed before install: kept)"

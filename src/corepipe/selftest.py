@@ -1,0 +1,232 @@
+"""Proving the whole path on this host: crash throwaway processes, find their records, verify, clean up.
+
+A host process (``sh`` killing itself with SIGSEGV) always; a throwaway Docker container built
+from /bin/busybox (busybox-static) when Docker is usable. Each crash is verified through what
+the handler stored (record status, container id, the core's size, sha256 and ELF type), then
+every record, container and image the selftest made is removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import tarfile
+import time
+from typing import Callable, Optional
+
+from corepipe import catalog, containers
+from corepipe.install import Paths, load_state
+from corepipe.store import CORE
+from corepipe.sysctl import CORE_PATTERN, Sysctl
+
+BUSYBOX = "/bin/busybox"
+#: A shell that is not the container's PID 1 (init ignores signals it sends itself) crashes itself.
+CONTAINER_COMMAND = ["/bin/sh", "-c", 'sh -c "kill -SEGV \\$\\$"; true']
+Say = Callable[[str], None]
+
+
+class SelftestError(Exception):
+    """The path does not work; the message says where it broke."""
+
+
+def run(paths: Paths, container: bool = True, timeout: float = 60.0, say: Say = print) -> None:
+    state = load_state(paths.state)
+    if state is None:
+        raise SelftestError(f"corepipe is not installed (no {paths.state}); run 'corepipe install' first")
+    current = Sysctl(paths.proc_sys).read(CORE_PATTERN)
+    if current != state["pattern"]:
+        raise SelftestError(f"kernel.core_pattern is {current!r}, not corepipe's; run 'corepipe install'")
+    store = state["store"]
+    say(f"store: {store}")
+    _host_crash(store, timeout, say)
+    if container:
+        _container_crash(store, timeout, say)
+    say("selftest passed; the crashes it made were removed")
+
+
+def _unlimited_core() -> None:
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    except (OSError, ValueError):  # no CAP_SYS_RESOURCE to raise the hard limit: go as high as it allows
+        hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+        resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+
+
+def _host_crash(store: str, timeout: float, say: Say) -> None:
+    started = time.time()
+    proc = subprocess.Popen(["/bin/sh", "-c", "kill -SEGV $$"], preexec_fn=_unlimited_core,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if proc.wait(timeout) != -signal.SIGSEGV:
+        raise SelftestError(f"the test shell did not die of SIGSEGV (exit {proc.returncode})")
+
+    def match(rec: dict) -> bool:
+        return rec.get("pid") == proc.pid and (rec.get("timestamp") or 0) >= int(started) - 1
+
+    path, rec = _wait_and_verify(store, match, timeout, "host process")
+    # Filed where this process itself belongs: the host, or the pod/container selftest runs in.
+    with open("/proc/self/cgroup") as f:
+        expected = containers.identify(f.read())
+    found = rec.get("container") or {}
+    if (found.get("runtime"), found.get("id")) != (expected.runtime, expected.id):
+        raise SelftestError(f"the crash was filed as {found.get('runtime')} {found.get('id')}, not as "
+                            f"{expected.runtime} {expected.id} like the selftest itself: {path}")
+    where = "host" if expected.is_host else f"{expected.runtime} {(expected.id or '')[:12]} (selftest's own)"
+    say(f"host process: pid {proc.pid} (sh) SIGSEGV in {where} -> {path}: {_core_line(rec)}")
+
+
+def _docker_usable(say: Say) -> Optional[str]:
+    docker = shutil.which("docker")
+    if docker is None:
+        say("container: skipped (no docker on PATH)")
+        return None
+    info = subprocess.run([docker, "info"], capture_output=True, text=True, timeout=60)
+    if info.returncode != 0:
+        say("container: skipped (docker is installed but its daemon is not usable)")
+        return None
+    if not is_static(BUSYBOX):
+        say(f"container: skipped (needs a static {BUSYBOX}: apt-get install busybox-static)")
+        return None
+    return docker
+
+
+def is_static(path: str) -> bool:
+    """An ELF executable without a program interpreter runs in an empty root file system."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(64)
+            if header[:4] != b"\x7fELF" or header[4] != 2:
+                return False
+            phoff, = struct.unpack_from("<Q", header, 32)
+            phentsize, phnum = struct.unpack_from("<HH", header, 54)
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+    except (OSError, struct.error):
+        return False
+    return all(struct.unpack_from("<I", table, i * phentsize)[0] != 3 for i in range(phnum))  # 3: PT_INTERP
+
+
+def _rootfs_tar() -> bytes:
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w") as tar:
+        for name in ("bin", "proc", "sys", "dev", "etc"):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        tar.add(BUSYBOX, "bin/busybox")
+        link = tarfile.TarInfo("bin/sh")
+        link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+        tar.addfile(link)
+    return data.getvalue()
+
+
+def _container_crash(store: str, timeout: float, say: Say) -> None:
+    docker = _docker_usable(say)
+    if docker is None:
+        return
+    started = time.time()
+    tag = f"corepipe-selftest:{os.urandom(4).hex()}"
+    name = tag.replace(":", "-")
+    try:
+        _docker(docker, ["import", "-", tag], input=_rootfs_tar())
+        _docker(docker, ["run", "--name", name, "--network=none", "--ulimit", "core=-1", "--log-driver=none",
+                         tag, *CONTAINER_COMMAND])
+        container_id = _docker(docker, ["inspect", "-f", "{{.Id}}", name]).strip()
+
+        def match(rec: dict) -> bool:
+            # Picked by what the kernel says (%h: Docker's default hostname is the short id), then checked
+            # against what corepipe worked out from the cgroup.
+            return rec.get("hostname") == container_id[:12] and (rec.get("timestamp") or 0) >= int(started) - 1
+
+        path, rec = _wait_and_verify(store, match, timeout, "container", throwaway_container=True)
+        found = rec["container"]
+        if (found.get("runtime"), found.get("id")) != ("docker", container_id):
+            raise SelftestError(f"the container crash was filed as {found.get('runtime')} {found.get('id')}, "
+                                f"not docker {container_id}: {path}")
+        say(f"container: docker {container_id[:12]} ({found.get('name') or name}) pid {rec.get('pid')} "
+            f"(ns pid {rec.get('ns_pid')}) SIGSEGV -> {path}: container id matches, {_core_line(rec)}")
+    finally:
+        subprocess.run([docker, "rm", "-f", name], capture_output=True, timeout=120)
+        subprocess.run([docker, "rmi", "-f", tag], capture_output=True, timeout=120)
+
+
+def _docker(docker: str, args: list, input: Optional[bytes] = None) -> str:
+    proc = subprocess.run([docker, *args], input=input, capture_output=True, timeout=300)
+    if proc.returncode != 0:
+        last = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        raise SelftestError(f"docker {args[0]} failed: {last}")
+    return proc.stdout.decode(errors="replace")
+
+
+def _wait_and_verify(store: str, match: Callable[[dict], bool], timeout: float, what: str,
+                     throwaway_container: bool = False) -> tuple:
+    """The finished record ``match`` picks, verified; every matching crash is removed afterwards, and with
+    ``throwaway_container`` its container's directory too (nothing else can crash in that container)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            found = [(p, r) for p, r in catalog.iter_records(store) if match(r)]
+            done = [(p, r) for p, r in found if r.get("status") != "collecting"]
+            if done:
+                path, rec = done[0]
+                _verify(path, rec, what)
+                return path, rec
+            if time.monotonic() > deadline:
+                state = "only a record still collecting" if found else "no record"
+                raise SelftestError(f"the {what} crash left {state} in {store} after {timeout:.0f}s; "
+                                    "see dmesg for corepipe errors")
+            time.sleep(0.1)
+    finally:
+        _remove(store, [(p, r) for p, r in catalog.iter_records(store) if match(r)], throwaway_container)
+
+
+def _remove(store: str, items: list, throwaway_container: bool) -> None:
+    """Delete the selftest's crashes and the saved binaries only they referred to."""
+    from corepipe.binaries import AREA
+    from corepipe.commands.rm_cmd import referenced
+
+    for path, _rec in items:
+        shutil.rmtree(path)
+        if throwaway_container:
+            try:
+                os.rmdir(os.path.dirname(path))
+            except OSError:
+                pass
+    for directory, name in referenced(items) - referenced(list(catalog.iter_records(store))):
+        try:
+            os.unlink(os.path.join(store, AREA, directory, name))
+        except FileNotFoundError:
+            pass
+
+
+def _verify(path: str, rec: dict, what: str) -> None:
+    core = rec.get("core") or {}
+    if rec.get("status") != "complete" or not core.get("stored"):
+        errors = "; ".join((rec.get("collector") or {}).get("errors") or []) or core.get("reason") or "no reason given"
+        raise SelftestError(f"the {what} crash was recorded as {rec.get('status')!r} without a core: {errors}")
+    import zstandard
+
+    digest, size, head = hashlib.sha256(), 0, b""
+    with open(os.path.join(path, CORE), "rb") as f:
+        reader = zstandard.ZstdDecompressor().stream_reader(f)
+        while True:
+            chunk = reader.read(1 << 20)
+            if not chunk:
+                break
+            head = head or chunk[:18]
+            digest.update(chunk)
+            size += len(chunk)
+    if head[:4] != b"\x7fELF" or int.from_bytes(head[16:18], "little") != 4:
+        raise SelftestError(f"the {what} core in {path} is not an ELF core file")
+    if size != core.get("size") or digest.hexdigest() != core.get("sha256"):
+        raise SelftestError(f"the {what} core in {path} does not match its record (size or sha256)")
+
+
+def _core_line(rec: dict) -> str:
+    core = rec["core"]
+    return f"core {core['size']} bytes (zstd {core['compressed_size']}), sha256 verified"

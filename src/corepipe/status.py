@@ -1,0 +1,112 @@
+"""Is corepipe the kernel's handler, as installed, and what is in its store: the facts ``status`` prints."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from corepipe import catalog
+from corepipe import config as configuration
+from corepipe.install import Paths, load_state
+from corepipe.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, Sysctl, SysctlError
+
+#: Exit codes of ``corepipe status`` (documented in the README).
+HEALTHY, NOT_INSTALLED, DRIFTED, BROKEN = 0, 3, 4, 5
+RECENT = 5
+
+
+def _disk_use(root: str) -> int:
+    """Bytes allocated under ``root``; links are not followed."""
+    total = 0
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def store_summary(root: str, recent: int = RECENT) -> dict:
+    """Disk use, free space, cores per container and the last crashes of the store at ``root``."""
+    summary: dict = {"path": root, "exists": os.path.isdir(root), "used_bytes": None, "free_bytes": None,
+                     "crashes": 0, "containers": [], "recent": [], "errors": []}
+    if not summary["exists"]:
+        return summary
+    vfs = os.statvfs(root)
+    summary["free_bytes"] = vfs.f_bavail * vfs.f_frsize
+    summary["used_bytes"] = _disk_use(root)
+    groups: dict = {}
+    crashes = []
+    problems: list = []
+    for path, rec in catalog.iter_records(root, problems):
+        container = rec.get("container") or {}
+        key = (container.get("runtime"), container.get("id"))
+        group = groups.setdefault(key, {"runtime": key[0], "id": key[1], "name": container.get("name"),
+                                        "image": container.get("image"), "crashes": 0, "cores": 0})
+        group["crashes"] += 1
+        group["cores"] += bool((rec.get("core") or {}).get("stored"))
+        crashes.append({
+            "path": path, "id": rec.get("id"), "time": rec.get("time"), "timestamp": rec.get("timestamp") or 0,
+            "status": rec.get("status"), "runtime": key[0], "container": key[1], "name": container.get("name"),
+            "pid": rec.get("pid"), "comm": rec.get("comm"), "signal": (rec.get("signal") or {}).get("name"),
+            "core_size": (rec.get("core") or {}).get("size"),
+        })
+    summary["errors"] = [f"{path}: {message}" for path, message in problems]
+    summary["crashes"] = len(crashes)
+    summary["containers"] = sorted(groups.values(), key=lambda g: (-g["crashes"], str(g["runtime"]), str(g["id"])))
+    summary["recent"] = sorted(crashes, key=lambda c: c["timestamp"], reverse=True)[:recent]
+    return summary
+
+
+def gather(paths: Paths) -> dict:
+    """Everything ``status`` reports, with ``code`` (HEALTHY, NOT_INSTALLED, DRIFTED, BROKEN) and ``problems``."""
+    sysctl = Sysctl(paths.proc_sys)
+    result: dict = {"installed": False, "active": False, "code": NOT_INSTALLED, "problems": [],
+                    "state": paths.state, "pattern": None, "pipe_limit": None, "expected": None, "store": None}
+    try:
+        result["pattern"] = sysctl.read(CORE_PATTERN)
+        result["pipe_limit"] = sysctl.read(CORE_PIPE_LIMIT)
+    except SysctlError as exc:
+        result["problems"].append(str(exc))
+    state = load_state(paths.state)
+    store: Optional[str] = None
+    if state is None:
+        result["problems"].append(f"not installed (no {paths.state}); run 'corepipe install'")
+        try:
+            store = configuration.load(paths.config if os.path.exists(paths.config) else None).store
+        except configuration.ConfigError as exc:
+            result["problems"].append(str(exc))
+    else:
+        result["installed"] = True
+        result["expected"] = {"pattern": state["pattern"], "pipe_limit": str(state["pipe_limit"])}
+        result["active"] = result["pattern"] == state["pattern"]
+        result["code"] = HEALTHY
+        if not result["active"]:
+            result["code"] = DRIFTED
+            result["problems"].append(f"kernel.core_pattern was changed since install (expected {state['pattern']!r}); "
+                                      "run 'corepipe install' (--force if another handler took over)")
+        elif result["pipe_limit"] != str(state["pipe_limit"]):
+            result["code"] = DRIFTED
+            result["problems"].append(f"kernel.core_pipe_limit is {result['pipe_limit']}, installed "
+                                      f"{state['pipe_limit']}; run 'corepipe install'")
+        store = state["store"]
+        broken = _broken(state)
+        if broken and result["code"] == HEALTHY:
+            result["code"] = BROKEN
+        result["problems"] += broken
+    if store is not None:
+        result["store"] = store_summary(store)
+    return result
+
+
+def _broken(state: dict) -> list:
+    """Problems that make an active pattern lose crashes: a missing launcher or an unusable config."""
+    problems = []
+    if not os.access(state["bin"], os.X_OK):
+        problems.append(f"the launcher {state['bin']} is missing or not executable; run 'corepipe install'")
+    try:
+        configuration.load(state["config"])
+    except configuration.ConfigError as exc:
+        problems.append(f"{exc}; the handler falls back to the defaults")
+    return problems

@@ -1,0 +1,281 @@
+"""Crashes inside real containers, through the real kernel: Docker, Podman, runc and containerd.
+
+For each runtime: the crash is filed under the id the runtime itself reports, the record's
+name and image are the runtime's, gdb finds ``main`` at the crashing line in the stored core,
+and a container started without a core limit override gets what its limit says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from runtimes import PODMAN, PODMAN_ULIMITS, podman_import, runc_bundle, unique
+from support import CRASH_LINE, decompress, gdb_backtrace, need, need_tool, set_core_limit, short_tempdir
+
+from corepipe import cli, containers
+
+UNLIMITED = 2**64 - 1
+
+
+def _core_limit(run_image: list) -> int:
+    """RLIMIT_CORE (soft, bytes) a container gets from ``run_image``, as its own /proc/self/limits says."""
+    limits = subprocess.run([*run_image, "cat", "/proc/self/limits"], capture_output=True, text=True, check=True,
+                            timeout=120).stdout
+    soft = next(line for line in limits.splitlines() if line.startswith("Max core file size")).split()[4]
+    return UNLIMITED if soft == "unlimited" else int(soft)
+
+
+def _check_core(rec: dict, crasher: Path, tmp_path: Path) -> None:
+    assert rec["status"] == "complete", rec["collector"]["errors"]
+    assert rec["core"]["stored"] is True, rec["core"]
+    decompress(Path(rec["_dir"]) / "core.zst", tmp_path / "core")
+    bt = gdb_backtrace(str(crasher), tmp_path / "core")
+    assert " main " in bt and f"crasher.c:{CRASH_LINE}" in bt, bt
+
+
+def _check_filed(rec: dict, store: Path, runtime: str, cid: str) -> None:
+    assert rec["container"]["runtime"] == runtime and rec["container"]["id"] == cid
+    assert Path(rec["_dir"]).parent == store / runtime / cid
+    assert rec["container"]["confidence"] == "certain", rec["container"]
+    assert rec["container"]["errors"] == []
+    assert rec["process"]["trusted"] is True, rec["process"]["untrusted_reasons"]
+
+
+# Docker ---------------------------------------------------------------------------------------
+
+def _docker(args: list, name: str) -> tuple:
+    """Run a container to its end; returns (exit code, id as `docker inspect` reports it)."""
+    run = subprocess.run(["docker", "run", "--name", name, "--network=none", *args], capture_output=True,
+                         text=True, timeout=120)
+    cid = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    return run.returncode, cid
+
+
+@pytest.fixture
+def docker_name() -> str:
+    name = unique("corepipe-3")
+    yield name
+    subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+
+
+@pytest.mark.parametrize("command, pid1", [(["/crasher"], True), (["sh", "-c", "/crasher; true"], False)],
+                         ids=["pid1", "child"])
+def test_docker(kernel_handler, docker_image: str, docker_name: str, crasher: Path, tmp_path: Path,
+                command: list, pid1: bool) -> None:
+    code, cid = _docker(["--ulimit", "core=-1", docker_image, *command], docker_name)
+    assert code == (139 if pid1 else 0)
+    rec = kernel_handler.wait_record(lambda r: r["container"]["id"] == cid and r["comm"] == "crasher")
+    _check_filed(rec, kernel_handler.store, "docker", cid)
+    assert (rec["ns_pid"] == 1) is pid1 and rec["pid"] != 1
+    assert rec["container"]["name"] == docker_name and rec["container"]["image"] == docker_image
+    assert rec["core_limit"] == UNLIMITED
+    _check_core(rec, crasher, tmp_path)
+
+
+def test_docker_default_core_limit(kernel_handler, docker_image: str, docker_name: str) -> None:
+    """No --ulimit: the record follows the limit Docker gives containers (0 here: a record, no core)."""
+    expected = _core_limit(["docker", "run", "--rm", "--network=none", docker_image])
+    _code, cid = _docker([docker_image, "/crasher"], docker_name)
+    rec = kernel_handler.wait_record(lambda r: r["container"]["id"] == cid)
+    _check_filed(rec, kernel_handler.store, "docker", cid)
+    assert rec["core_limit"] == expected
+    assert rec["core"]["stored"] is (expected != 0)
+    if expected == 0:
+        assert "RLIMIT_CORE" in rec["core"]["reason"] and not (Path(rec["_dir"]) / "core.zst").exists()
+
+
+# Podman ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def podman_image(rootfs: Path) -> str:
+    ref = podman_import(rootfs, unique("corepipe-3") + ":1")
+    yield ref
+    subprocess.run(["podman", "rmi", "-f", ref], capture_output=True)
+
+
+@pytest.fixture
+def podman_name() -> str:
+    name = unique("corepipe-3")
+    yield name
+    subprocess.run(["podman", "rm", "-f", "-t", "0", name], capture_output=True)
+
+
+def _podman(args: list, name: str) -> dict:
+    subprocess.run([*PODMAN, "run", "--name", name, "--network=none", *args], capture_output=True, timeout=120)
+    inspect = subprocess.run(["podman", "inspect", name], capture_output=True, text=True, check=True).stdout
+    return json.loads(inspect)[0]
+
+
+@pytest.mark.parametrize("command, pid1", [(["/crasher"], True), (["sh", "-c", "/crasher; true"], False)],
+                         ids=["pid1", "child"])
+def test_podman(kernel_handler, podman_image: str, podman_name: str, crasher: Path, tmp_path: Path,
+                command: list, pid1: bool) -> None:
+    info = _podman([*PODMAN_ULIMITS, "--ulimit", "core=-1", podman_image, *command], podman_name)
+    cid = info["Id"]
+    rec = kernel_handler.wait_record(lambda r: r["container"]["id"] == cid and r["comm"] == "crasher")
+    _check_filed(rec, kernel_handler.store, "podman", cid)
+    assert (rec["ns_pid"] == 1) is pid1
+    assert rec["container"]["name"] == info["Name"] == podman_name
+    assert rec["container"]["image"] == info["ImageName"] == podman_image
+    _check_core(rec, crasher, tmp_path)
+
+
+def test_podman_default_core_limit(kernel_handler, podman_image: str, podman_name: str) -> None:
+    expected = _core_limit([*PODMAN, "run", "--rm", "--network=none", podman_image])
+    cid = _podman([podman_image, "/crasher"], podman_name)["Id"]
+    rec = kernel_handler.wait_record(lambda r: r["container"]["id"] == cid)
+    _check_filed(rec, kernel_handler.store, "podman", cid)
+    assert rec["core_limit"] == expected and rec["core"]["stored"] is (expected != 0)
+
+
+# runc -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("limit", [UNLIMITED, 0], ids=["core-unlimited", "core-0"])
+def test_runc(kernel_handler, rootfs: Path, crasher: Path, tmp_path: Path, limit: int) -> None:
+    bundle = runc_bundle(tmp_path, rootfs, ["/crasher"], core_limit=limit)
+    cid = unique("corepipe-3")
+    try:
+        run = subprocess.run(["runc", "run", cid], cwd=bundle, capture_output=True, timeout=120,
+                             stdin=subprocess.DEVNULL)
+        assert run.returncode == 139, run.stderr.decode(errors="replace")[-300:]
+        rec = kernel_handler.wait_record(lambda r: r["container"]["id"] == cid)
+    finally:
+        subprocess.run(["runc", "delete", "-f", cid], capture_output=True)
+    _check_filed(rec, kernel_handler.store, "runc", cid)
+    assert rec["container"]["name"] == cid and rec["container"]["image"] is None
+    assert rec["container"]["details"]["bundle"] == str(bundle)
+    assert rec["core_limit"] == limit
+    if limit:
+        _check_core(rec, crasher, tmp_path)
+    else:
+        assert rec["core"]["stored"] is False and "RLIMIT_CORE" in rec["core"]["reason"]
+
+
+# containerd (its own daemon on its own socket, as Kubernetes' CRI plugin would label a container) -----
+
+CRI_ANNOTATIONS = {
+    "io.kubernetes.cri.container-type": "container",
+    "io.kubernetes.cri.container-name": "app",
+    "io.kubernetes.cri.sandbox-name": "web-7d4b9c-x2x5p",
+    "io.kubernetes.cri.sandbox-namespace": "shop",
+    "io.kubernetes.cri.sandbox-uid": "0f3e8a52-8c1b-4a51-9a43-2f7c7d1c9e11",
+    "io.kubernetes.cri.image-name": "registry.example/shop/web:1.2",
+}
+
+
+@pytest.fixture(scope="module")
+def ctr() -> list:
+    """A containerd of our own (root, state and socket in a temporary directory), stopped afterwards."""
+    need_tool("containerd")
+    need_tool("ctr")
+    base = short_tempdir()
+    sock = base / "c.sock"
+    (base / "config.toml").write_text(
+        f'version = 2\nroot = "{base}/root"\nstate = "{base}/state"\n'
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        f'[grpc]\n  address = "{sock}"\n[ttrpc]\n  address = "{sock}.ttrpc"\n')
+    command = ["ctr", "--address", str(sock), "--namespace", "k8s.io"]
+    daemon = None
+    try:
+        with open(base / "log", "wb") as log:
+            daemon = subprocess.Popen(["containerd", "--config", str(base / "config.toml")], stdout=log,
+                                      stderr=log, preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+        for _ in range(100):
+            if subprocess.run([*command, "version"], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"containerd did not start: {(base / 'log').read_text()[-500:]}")
+        yield command
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(30)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_containerd_cri_annotations(kernel_handler, ctr: list, rootfs: Path, crasher: Path, tmp_path: Path) -> None:
+    cid = unique("corepipe-3")
+    annotations = [arg for key, value in CRI_ANNOTATIONS.items() for arg in ("--annotation", f"{key}={value}")]
+    try:
+        subprocess.run([*ctr, "run", "--rm", *annotations, "--rootfs", str(rootfs), cid, "/crasher"],
+                       capture_output=True, timeout=120)
+        rec = kernel_handler.wait_record(lambda r: r["container"]["id"] == cid)
+    finally:
+        subprocess.run([*ctr, "task", "rm", "-f", cid], capture_output=True)
+        subprocess.run([*ctr, "container", "rm", cid], capture_output=True)
+    _check_filed(rec, kernel_handler.store, "containerd", cid)
+    container = rec["container"]
+    assert container["cgroup"] == f"/k8s.io/{cid}"
+    assert container["details"]["namespace"] == "k8s.io"
+    assert (container["name"], container["image"]) == ("app", "registry.example/shop/web:1.2")
+    assert (container["pod_name"], container["pod_namespace"], container["pod_uid"]) == (
+        "web-7d4b9c-x2x5p", "shop", "0f3e8a52-8c1b-4a51-9a43-2f7c7d1c9e11")
+    _check_core(rec, crasher, tmp_path)
+
+
+def test_podman_name_from_conmon(podman_image: str, podman_name: str, tmp_path: Path) -> None:
+    """Without containers/storage's lists, the name comes from conmon's command line, found above the process."""
+    subprocess.run([*PODMAN, "run", "-d", "--name", podman_name, "--network=none", podman_image,
+                    "sh", "-c", "sleep 60 & wait"], check=True, capture_output=True, timeout=120)
+    pid1 = int(subprocess.run(["podman", "inspect", "-f", "{{.State.Pid}}", podman_name], check=True,
+                              capture_output=True, text=True).stdout)
+    child = None
+    for _ in range(100):
+        child = Path(f"/proc/{pid1}/task/{pid1}/children").read_text().split()
+        if child:
+            break
+        time.sleep(0.05)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "proc").symlink_to("/proc")  # the real processes, but none of podman's storage
+    for pid in (pid1, int(child[0])):
+        found = containers.identify(Path(f"/proc/{pid}/cgroup").read_text(), root=str(root))
+        containers.enrich(found, root=str(root), pid=pid)
+        assert (found.runtime, found.name, found.details["name_from"]) == ("podman", podman_name, "conmon")
+        assert "containers/storage" in found.errors[0]
+
+
+def test_runc_inherits_core_limit(kernel_handler, rootfs: Path, tmp_path: Path) -> None:
+    """A bundle without RLIMIT_CORE: the container has the limit `runc run` had, and the record honours it."""
+    bundle = runc_bundle(tmp_path, rootfs, ["/crasher", "4"])
+    config = json.loads((bundle / "config.json").read_text())
+    config["process"]["rlimits"] = []
+    (bundle / "config.json").write_text(json.dumps(config))
+    cid = unique("corepipe-3")
+    limit = 65536
+    try:
+        subprocess.run(["runc", "run", cid], cwd=bundle, capture_output=True, timeout=120, stdin=subprocess.DEVNULL,
+                       preexec_fn=set_core_limit(limit))
+        rec = kernel_handler.wait_record(lambda r: r["container"]["id"] == cid)
+    finally:
+        subprocess.run(["runc", "delete", "-f", cid], capture_output=True)
+    _check_filed(rec, kernel_handler.store, "runc", cid)
+    assert rec["core_limit"] == limit
+    assert rec["core"]["stored"] is True and rec["core"]["truncated"] is True and rec["core"]["size"] == limit
+
+
+# corepipe resolve on a live container --------------------------------------------------------
+
+def test_resolve_live_docker_container(docker_image: str, capsys: pytest.CaptureFixture) -> None:
+    need(os.geteuid() == 0, "needs root to read a container's /proc entries")
+    name = unique("corepipe-3")
+    subprocess.run(["docker", "run", "-d", "--name", name, "--network=none", docker_image, "sleep", "60"],
+                   check=True, capture_output=True, timeout=120)
+    try:
+        inspect = subprocess.run(["docker", "inspect", "-f", "{{.Id}} {{.State.Pid}}", name], check=True,
+                                 capture_output=True, text=True).stdout.split()
+        assert cli.main(["resolve", "--json", inspect[1]]) == 0
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    out = json.loads(capsys.readouterr().out)
+    assert (out["runtime"], out["id"], out["name"], out["image"]) == ("docker", inspect[0], name, docker_image)
+    assert out["confidence"] == "certain" and "mountinfo" in out["details"]["evidence"]

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import pytest
+
+from corepipe import config
+
+
+def test_defaults_without_a_file(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(config, "DEFAULT_PATH", str(tmp_path / "absent.toml"))
+    assert config.load(None) == config.Config()
+
+
+def test_explicit_missing_file_is_an_error(tmp_path) -> None:
+    with pytest.raises(config.ConfigError, match="no such file"):
+        config.load(str(tmp_path / "none.toml"))
+
+
+def test_round_trip_through_render(tmp_path) -> None:
+    original = config.Config(store="/srv/cores", compression_level=7, honour_core_limit=False)
+    path = tmp_path / "c.toml"
+    path.write_text(config.render(original))
+    loaded = config.load(str(path))
+    assert loaded.store == "/srv/cores" and loaded.compression_level == 7 and loaded.honour_core_limit is False
+    assert loaded.redact_env == original.redact_env
+
+
+@pytest.mark.parametrize("text,message", [
+    ("store = 'relative'", "absolute"),
+    ("compression_level = 99", "1..22"),
+    ("timeout = 0", "at least 1"),
+    ("honour_core_limit = 1", "must be bool"),
+    ("nope = 1", "unknown key"),
+    ("store = [", "c.toml"),
+])
+def test_invalid_values_are_refused(tmp_path, text: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(str(path))
+
+
+def test_lenient_parse_keeps_good_keys() -> None:
+    problems: list = []
+    cfg = config.parse('store = "/srv/x"\ntimeout = -1\n', "c.toml", problems)
+    assert cfg.store == "/srv/x" and cfg.timeout == config.Config().timeout
+    assert problems == ["c.toml: timeout must be at least 1"]

@@ -1,0 +1,252 @@
+"""catalog, list/info/extract/rm on a store written by the store and compress modules (no kernel needed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from corepipe import catalog, compress, record
+from corepipe.cli import main
+from corepipe.containers import Container
+from corepipe.kernel import KernelArgs
+from corepipe.store import CORE, RECORD, Store
+
+T0 = 1_790_000_000  # 2026-09-21T...Z
+
+
+def add_crash(root: Path, *, container: Container, when: int, comm: str = "app", signal: int = 11,
+              core: bytes = b"", exe: str = "/usr/bin/app", tmp: Path) -> tuple:
+    """A crash as collect files it: record + zstd core; returns (crash dir, record)."""
+    with Store(str(root)) as store:
+        crash = store.new_crash(container.directory(), when)
+        rec = record.build(crash_id=crash.id, args=KernelArgs(pid=100, ns_pid=1, tid=100, signal=signal, time=when,
+                                                              comm=comm), snapshot=None, container=container,
+                           redact_env=[])
+        rec["exe"] = exe
+        if core:
+            source = tmp / f"core-{crash.id}"
+            source.write_bytes(core)
+            fd, name = crash.open_temp(CORE)
+            with open(source, "rb") as f:
+                result = compress.compress_stream(f.fileno(), fd, threads=0)
+            crash.commit(fd, name, CORE)
+            rec["core"].update(file=CORE, stored=True, size=result.size, compressed_size=result.compressed_size,
+                               sha256=result.sha256)
+        rec["status"] = "complete"
+        crash.write(RECORD, record.dumps(rec))
+        crash.close()
+        return Path(crash.path), rec
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    root = tmp_path / "store"
+    (tmp_path / "c.toml").write_text(f'store = "{root}"\n')
+    return root
+
+
+@pytest.fixture
+def crashes(store: Path, tmp_path: Path) -> dict:
+    docker = Container(runtime="docker", id="a" * 64, name="web", image="registry.local/web:1.2")
+    pod = Container(runtime="docker", id="b" * 64, name="k8s_api", image="api:3", pod_name="api-7f",
+                    pod_namespace="prod")
+    return {
+        "host": add_crash(store, container=Container(runtime="host"), when=T0, comm="hostd", exe="/usr/sbin/hostd",
+                          core=b"\x7fELF host core" * 1000, tmp=tmp_path),
+        "web": add_crash(store, container=docker, when=T0 + 60, signal=6, core=b"\x7fELF web core" * 5000,
+                         tmp=tmp_path),
+        "api": add_crash(store, container=pod, when=T0 + 120, comm="api", exe="/srv/api", tmp=tmp_path),
+    }
+
+
+def cli(tmp_path: Path, capsys: pytest.CaptureFixture, *args: str) -> tuple:
+    code = main(["--config", str(tmp_path / "c.toml"), *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def listed(tmp_path: Path, capsys: pytest.CaptureFixture, *args: str) -> list:
+    code, out, err = cli(tmp_path, capsys, "list", "--json", *args)
+    assert code == 0, err
+    return [item["comm"] for item in json.loads(out)]
+
+
+def test_iter_records_and_find(store: Path, crashes: dict) -> None:
+    items = list(catalog.iter_records(str(store)))
+    assert sorted(rec["id"] for _path, rec in items) == sorted(rec["id"] for _path, rec in crashes.values())
+    path, rec = catalog.find(str(store), None)
+    assert rec["comm"] == "api" and path == str(crashes["api"][0])
+    web_id = crashes["web"][1]["id"]
+    assert catalog.find(str(store), web_id[:7].upper())[1]["id"] == web_id
+    with pytest.raises(catalog.LookupFailed, match="no crash with id"):
+        catalog.find(str(store), next(c for c in "0123456789abcdef" if not any(
+            r["id"].startswith(c) for _p, r in crashes.values())))
+    with pytest.raises(catalog.LookupFailed, match="not a crash id"):
+        catalog.find(str(store), "../etc")
+
+
+def test_ambiguous_prefix(store: Path, tmp_path: Path) -> None:
+    ids = set()
+    while True:  # ids are random: add crashes until two share a first digit
+        _path, rec = add_crash(store, container=Container(runtime="host"), when=T0, tmp=tmp_path)
+        if rec["id"][0] in ids:
+            break
+        ids.add(rec["id"][0])
+    with pytest.raises(catalog.LookupFailed, match=f"id prefix {rec['id'][0]} is ambiguous: 2 crashes"):
+        catalog.find(str(store), rec["id"][0])
+
+
+def test_corrupt_and_planted_entries_are_reported_not_followed(store: Path, crashes: dict, tmp_path: Path) -> None:
+    web_dir, web = crashes["web"]
+    (web_dir / RECORD).write_text("{not json")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / RECORD).write_text(json.dumps({"schema": 1, "id": "0" * 12}))
+    (store / "host" / "20260101T000000Z-000000000000").symlink_to(outside)
+    problems: list = []
+    items = list(catalog.iter_records(str(store), problems))
+    assert {rec["comm"] for _path, rec in items} == {"hostd", "api"}
+    assert [(path, message.split(":")[0]) for path, message in problems] == [(str(web_dir), "corrupt record.json")]
+
+
+def test_missing_store_lists_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "c.toml").write_text(f'store = "{tmp_path / "none"}"\n')
+    assert cli(tmp_path, capsys, "list") == (0, "", "no crashes match\n")
+    code, _out, err = cli(tmp_path, capsys, "info")
+    assert code == 1 and "no crashes in" in err
+
+
+def test_list_filters(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert listed(tmp_path, capsys) == ["hostd", "app", "api"]  # oldest first
+    assert listed(tmp_path, capsys, "--container", "web") == ["app"]
+    assert listed(tmp_path, capsys, "--container", "bbbb") == ["api"]
+    assert listed(tmp_path, capsys, "--pod", "api-7f") == ["api"]
+    assert listed(tmp_path, capsys, "--namespace", "prod") == ["api"]
+    assert listed(tmp_path, capsys, "--namespace", "dev") == []
+    assert listed(tmp_path, capsys, "--image", "registry.local/web") == ["app"]
+    assert listed(tmp_path, capsys, "--image", "registry.local/web:1.2") == ["app"]
+    assert listed(tmp_path, capsys, "--image", "registry.local") == []
+    assert listed(tmp_path, capsys, "--signal", "abrt") == ["app"]
+    assert listed(tmp_path, capsys, "--signal", "SIGSEGV") == ["hostd", "api"]
+    assert listed(tmp_path, capsys, "--signal", "6") == ["app"]
+    assert listed(tmp_path, capsys, "--exe", "hostd") == ["hostd"]
+    assert listed(tmp_path, capsys, "--exe", "/srv/api") == ["api"]
+    assert listed(tmp_path, capsys, "--since", f"@{T0 + 60}") == ["app", "api"]
+    assert listed(tmp_path, capsys, "--until", f"@{T0 + 60}") == ["hostd", "app"]
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(T0 + 60))
+    assert listed(tmp_path, capsys, "--since", stamp, "--until", stamp + "Z") == ["app"]
+    assert listed(tmp_path, capsys, "--since", "1h") == []
+    assert listed(tmp_path, capsys, "-n", "2") == ["app", "api"]
+    with pytest.raises(SystemExit):
+        cli(tmp_path, capsys, "list", "--since", "yesterday-ish")
+
+
+def test_list_table_when_piped(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, _err = cli(tmp_path, capsys, "list")
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert code == 0 and lines[0] == ["ID", "TIME", "CONTAINER", "POD", "PID", "SIGNAL", "COMM", "SIZE", "CORE"]
+    rows = {row[6]: row for row in lines[1:]}
+    assert rows["hostd"][2] == "host" and rows["hostd"][8] == "present"
+    assert rows["app"][2] == "web" and rows["app"][5] == "SIGABRT"
+    assert rows["api"][3] == "prod/api-7f" and rows["api"][7] == "-" and rows["api"][8] == "none"
+    assert all(len(row) == 9 for row in lines)
+
+
+def test_json_schema(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, _err = cli(tmp_path, capsys, "list", "--json")
+    items = json.loads(out)
+    path, rec = crashes["web"]
+    item = next(i for i in items if i["id"] == rec["id"])
+    assert item == {**rec, "path": str(path), "core_state": "present"}
+    code, out, _err = cli(tmp_path, capsys, "info", "--json", rec["id"][:8])
+    assert code == 0 and json.loads(out) == item
+
+
+def test_info_is_readable(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path, rec = crashes["web"]
+    rec["backtrace"] = {"tool": "gdb", "text": "#0  main () at x.c:3\n\x1b[31mred\n", "error": None,
+                        "truncated": False, "duration": 0.1}
+    (path / RECORD).write_bytes(record.dumps(rec))
+    code, out, _err = cli(tmp_path, capsys, "info", rec["id"])
+    assert code == 0
+    assert f"id:                  {rec['id']}" in out and "signal:              SIGABRT (6)" in out
+    assert "container.name:      web" in out and "core:                present" in out
+    assert "backtrace (gdb, 0.1 s):\n  #0  main () at x.c:3\n  ?[31mred" in out  # no terminal escapes
+
+
+def test_extract_verifies(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path, rec = crashes["web"]
+    out = tmp_path / "web.core"
+    code, _out, err = cli(tmp_path, capsys, "extract", rec["id"], "-o", str(out))
+    assert code == 0, err
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == rec["core"]["sha256"]
+    assert out.stat().st_mode & 0o777 == 0o600
+
+
+def test_extract_checksum_mismatch(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path, rec = crashes["web"]
+    rec["core"]["sha256"] = "0" * 64
+    (path / RECORD).write_bytes(record.dumps(rec))
+    out = tmp_path / "web.core"
+    code, _out, err = cli(tmp_path, capsys, "extract", rec["id"], "-o", str(out))
+    assert code == 1 and "does not match its record" in err and len(err.splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".web.core.*"))
+
+
+def test_extract_corrupt_core(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path, rec = crashes["host"]
+    data = bytearray((path / CORE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / CORE).write_bytes(bytes(data))
+    out = tmp_path / "host.core"
+    code, _out, err = cli(tmp_path, capsys, "extract", rec["id"], "-o", str(out))
+    assert code == 1 and ("is corrupt" in err or "does not match" in err), err
+    assert not out.exists() and not list(tmp_path.glob(".host.core.*"))
+
+
+def test_missing_and_absent_cores(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path, rec = crashes["web"]
+    os.unlink(path / CORE)
+    code, out, _err = cli(tmp_path, capsys, "list", "--container", "web")
+    assert out.splitlines()[1].endswith("\tmissing")
+    code, _out, err = cli(tmp_path, capsys, "extract", rec["id"], "-o", str(tmp_path / "x"))
+    assert code == 1 and "is missing" in err
+    code, _out, err = cli(tmp_path, capsys, "debug", rec["id"])
+    assert code == 1 and "is missing" in err
+    code, _out, err = cli(tmp_path, capsys, "extract", crashes["api"][1]["id"], "-o", str(tmp_path / "x"))
+    assert code == 1 and "has no core" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_rm(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    web_path, web = crashes["web"]
+    api_path, api = crashes["api"]
+    code, out, _err = cli(tmp_path, capsys, "rm", web["id"][:6], api["id"])
+    assert code == 0 and f"removed {web['id']}" in out
+    assert not web_path.exists() and not api_path.exists() and web_path.parent.is_dir()
+    assert listed(tmp_path, capsys) == ["hostd"]
+    code, _out, err = cli(tmp_path, capsys, "rm", web["id"])
+    assert code == 1 and "no crash with id" in err
+
+
+def test_debug_cleans_up_and_leaves_ctrl_c_to_the_debugger(store: Path, crashes: dict, tmp_path: Path) -> None:
+    """A stand-in debugger checks the core it got, sends Ctrl-C to corepipe, and exits 7."""
+    _path, rec = crashes["web"]
+    seen = tmp_path / "seen"
+    script = (f'cmp -s "$0" {tmp_path / ("core-" + rec["id"])} && echo core-ok > {seen}; '
+              f'echo "$COREPIPE_SYSROOT" >> {seen}; kill -INT $PPID; sleep 0.2; exit 7')
+    proc = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(tmp_path / "c.toml"), "debug",
+                           "--debugger", f"sh -c {shlex.quote(script)}", rec["id"]],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 7, proc.stderr
+    core_ok, sysroot_dir = seen.read_text().split()
+    assert core_ok == "core-ok" and sysroot_dir.endswith("/root")
+    assert not Path(sysroot_dir).parent.exists()

@@ -1,0 +1,220 @@
+"""install/uninstall/status logic against a fake /proc/sys (plain files) and temporary paths.
+
+The real kernel is exercised in tests/e2e/test_install_kernel.py; here the bookkeeping is
+checked: what is saved, what is restored byte for byte, what a refusal leaves untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from corepipe import catalog, install, kernel, record, status
+from corepipe.containers import Container
+from corepipe.install import InstallError, Paths
+from corepipe.kernel import KernelArgs
+from corepipe.store import RECORD, Store
+
+SYSTEMD = "|/usr/lib/systemd/systemd-coredump %P %u %g %s %t %c %h"
+
+
+@pytest.fixture
+def root(handler_dir: Path) -> Path:
+    """A short temporary directory: the whole pattern, paths included, must fit in 127 bytes."""
+    return handler_dir
+
+
+@pytest.fixture
+def paths(root: Path) -> Paths:
+    proc = root / "proc-sys" / "kernel"
+    proc.mkdir(parents=True)
+    (proc / "core_pattern").write_bytes(b"core\n")
+    (proc / "core_pipe_limit").write_bytes(b"0\n")
+    return Paths(bin=str(root / "bin" / "cp"), config=str(root / "etc" / "c.toml"),
+                 sysctl_dir=str(root / "sysctl.d"), proc_sys=str(root / "proc-sys"))
+
+
+def kernel_file(paths: Paths, name: str) -> bytes:
+    return (Path(paths.proc_sys) / "kernel" / name).read_bytes()
+
+
+def tree(root: Path) -> dict:
+    """Every path under ``root`` with its content and mtime: what 'nothing changed' compares."""
+    return {str(p): (p.read_bytes() if p.is_file() else None, p.lstat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def test_install_then_uninstall_restores_everything(paths: Paths, root: Path) -> None:
+    before = tree(root)
+    store = root / "var" / "store"
+    install.install(paths, store=str(store), release="6.18.0")
+    pattern = kernel.build_pattern(paths.bin, paths.config, pidfd=True)
+    assert kernel_file(paths, "core_pattern") == pattern.encode() + b"\n"
+    assert kernel_file(paths, "core_pipe_limit") == b"16\n"
+    dropin = Path(paths.dropin).read_text()
+    assert f"kernel.core_pattern = {pattern}\n" in dropin and "kernel.core_pipe_limit = 16\n" in dropin
+    assert f'store = "{store}"' in Path(paths.config).read_text()
+    assert store.is_dir() and (store.stat().st_mode & 0o777) == 0o700
+    # The launcher runs as the kernel runs it: empty environment, cwd /.
+    proc = subprocess.run([paths.bin, "--version"], env={}, cwd="/", capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("corepipe "), proc.stderr
+    saved = json.loads(Path(paths.state).read_text())["previous"]
+    assert saved == {"kernel.core_pattern": "core", "kernel.core_pipe_limit": "0"}
+
+    lines = install.uninstall(paths)
+    assert any("kept the store" in line for line in lines)
+    assert kernel_file(paths, "core_pattern") == b"core\n"
+    assert kernel_file(paths, "core_pipe_limit") == b"0\n"
+    after = tree(root)
+    assert {p for p in after if not p.startswith(str(root / "var"))} == set(before)
+
+
+def test_purge_deletes_the_store_install_created(paths: Paths, root: Path) -> None:
+    store = root / "var" / "store"
+    install.install(paths, store=str(store))
+    install.uninstall(paths, purge=True)
+    assert not (root / "var").exists()
+
+
+def test_install_twice_changes_nothing(paths: Paths, root: Path) -> None:
+    install.install(paths, store=str(root / "var" / "s"))
+    before = tree(root)
+    lines = install.install(paths, store=str(root / "var" / "s"))
+    assert lines[0] == "already installed; nothing changed"
+    assert tree(root) == before
+    # The saved previous values are still the original ones, not corepipe's own pattern.
+    install.uninstall(paths)
+    assert kernel_file(paths, "core_pattern") == b"core\n"
+
+
+def test_foreign_handler_refused_then_forced(paths: Paths, root: Path) -> None:
+    (Path(paths.proc_sys) / "kernel" / "core_pattern").write_text(SYSTEMD + "\n")
+    before = tree(root)
+    with pytest.raises(InstallError, match="systemd-coredump.*--force"):
+        install.install(paths, store=str(root / "var" / "s"))
+    assert tree(root) == before
+    install.install(paths, store=str(root / "var" / "s"), force=True)
+    assert kernel_file(paths, "core_pattern").startswith(f"|{paths.bin} collect".encode())
+    install.uninstall(paths)
+    assert kernel_file(paths, "core_pattern") == SYSTEMD.encode() + b"\n"
+
+
+def test_another_corepipe_is_foreign(paths: Paths, root: Path) -> None:
+    other = kernel.build_pattern("/opt/other/corepipe")
+    (Path(paths.proc_sys) / "kernel" / "core_pattern").write_text(other + "\n")
+    with pytest.raises(InstallError, match="another corepipe installation"):
+        install.install(paths, store=str(root / "var" / "s"))
+
+
+def test_file_pattern_is_replaced_without_force(paths: Paths, root: Path) -> None:
+    (Path(paths.proc_sys) / "kernel" / "core_pattern").write_text("/var/crash/core.%e.%p\n")
+    install.install(paths, store=str(root / "var" / "s"))
+    install.uninstall(paths)
+    assert kernel_file(paths, "core_pattern") == b"/var/crash/core.%e.%p\n"
+
+
+def test_pidfd_only_on_kernels_that_have_it(paths: Paths, root: Path) -> None:
+    install.install(paths, store=str(root / "var" / "s"), release="6.1.0-28-amd64")
+    assert kernel_file(paths, "core_pattern").split()[-3:-2] == [b"-"]
+    assert install.kernel_has_pidfd("6.16.0") and install.kernel_has_pidfd("7.0.1")
+    assert not install.kernel_has_pidfd("6.15.9") and not install.kernel_has_pidfd("5.10.0")
+
+
+def test_too_long_pattern_changes_nothing(paths: Paths, root: Path) -> None:
+    before = tree(root)
+    paths.bin = "/" + "b" * 100
+    with pytest.raises(InstallError, match="127"):
+        install.install(paths, store=str(root / "var" / "s"))
+    assert tree(root) == before
+
+
+def test_kernel_not_keeping_the_pattern_rolls_back(paths: Paths, root: Path) -> None:
+    # A core_pattern that reads back something else than was written, as a truncating kernel does.
+    pattern_file = Path(paths.proc_sys) / "kernel" / "core_pattern"
+    pattern_file.unlink()
+    pattern_file.symlink_to("/dev/null")
+    before = tree(root)
+    with pytest.raises(InstallError, match="kernel kept"):
+        install.install(paths, store=str(root / "var" / "s"))
+    assert {p: v[0] for p, v in tree(root).items()} == {p: v[0] for p, v in before.items()}
+    assert kernel_file(paths, "core_pipe_limit") == b"0\n"
+
+
+def test_foreign_launcher_refused(paths: Paths, root: Path) -> None:
+    Path(paths.bin).parent.mkdir(parents=True)
+    Path(paths.bin).write_text("#!/bin/sh\necho someone else's\n")
+    Path(paths.bin).chmod(0o751)
+    with pytest.raises(InstallError, match="not a corepipe launcher"):
+        install.install(paths, store=str(root / "var" / "s"))
+    install.install(paths, store=str(root / "var" / "s"), force=True)
+    install.uninstall(paths)
+    assert Path(paths.bin).read_text() == "#!/bin/sh\necho someone else's\n"
+    assert Path(paths.bin).stat().st_mode & 0o777 == 0o751
+
+
+def test_uninstall_leaves_a_pattern_changed_since(paths: Paths, root: Path) -> None:
+    install.install(paths, store=str(root / "var" / "s"))
+    (Path(paths.proc_sys) / "kernel" / "core_pattern").write_text(SYSTEMD + "\n")
+    lines = install.uninstall(paths)
+    assert any("changed since install" in line for line in lines)
+    assert kernel_file(paths, "core_pattern") == SYSTEMD.encode() + b"\n"
+    assert not Path(paths.bin).exists() and not Path(paths.dropin).exists()
+
+
+def test_store_must_be_dedicated(paths: Paths) -> None:
+    with pytest.raises(InstallError, match="dedicated"):
+        install.install(paths, store="/var")
+
+
+def test_status_codes(paths: Paths, root: Path) -> None:
+    assert status.gather(paths)["code"] == status.NOT_INSTALLED
+    install.install(paths, store=str(root / "var" / "s"))
+    facts = status.gather(paths)
+    assert facts["code"] == status.HEALTHY and facts["active"] and facts["problems"] == []
+    assert facts["store"]["path"] == str(root / "var" / "s") and facts["store"]["crashes"] == 0
+    limit = Path(paths.proc_sys) / "kernel" / "core_pipe_limit"
+    limit.write_text("0\n")
+    assert status.gather(paths)["code"] == status.DRIFTED
+    limit.write_text("16\n")
+    os.unlink(paths.bin)
+    assert status.gather(paths)["code"] == status.BROKEN
+    (Path(paths.proc_sys) / "kernel" / "core_pattern").write_text(SYSTEMD + "\n")
+    assert status.gather(paths)["code"] == status.DRIFTED
+
+
+def file_crash(store: Path, container: Container, pid: int) -> str:
+    """A crash filed the way the collector files it (store.Store + record.build), without a core."""
+    with Store(str(store)) as s:
+        crash = s.new_crash(container.directory())
+        try:
+            rec = record.build(crash_id=crash.id, args=KernelArgs(pid=pid, signal=11, comm="x", time=1700000000 + pid),
+                               snapshot=None, container=container, redact_env=[])
+            rec["status"] = "complete"
+            crash.write(RECORD, record.dumps(rec))
+        finally:
+            crash.close()
+    return crash.path
+
+
+def test_status_counts_crashes_per_container(root: Path) -> None:
+    store = root / "s"
+    cid = "ab" * 32
+    for pid in (10, 11):
+        file_crash(store, Container(runtime="docker", id=cid, name="web"), pid)
+    file_crash(store, Container(), 12)
+    summary = status.store_summary(str(store), recent=2)
+    assert summary["crashes"] == 3 and summary["errors"] == []
+    assert [(g["runtime"], g["id"], g["name"], g["crashes"], g["cores"]) for g in summary["containers"]] == [
+        ("docker", cid, "web", 2, 0), ("host", None, None, 1, 0)]
+    assert [c["pid"] for c in summary["recent"]] == [12, 11]
+
+
+def test_purge_keeps_a_store_that_existed_before(root: Path) -> None:
+    store = root / "s"
+    file_crash(store, Container(), 16)
+    file_crash(store, Container(runtime="docker", id="cd" * 32), 17)
+    assert "deleted 2 crashes" in install.purge_store(str(store), created=False)
+    assert store.is_dir() and list(catalog.iter_records(str(store))) == []

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from corepipe import snapshot
+
+
+def test_reads_a_live_process() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.read()",
+                              "arg one"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             env={"SECRET_TOKEN": "s3cret", "PLAIN": "1"})
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        snap = snapshot.take(child.pid, ns_pid=child.pid, uid=os.getuid(), gid=os.getgid())
+        assert snap.trusted, snap.untrusted
+        assert snap.cmdline()[-1] == "arg one"
+        assert "SECRET_TOKEN=s3cret" in snap.environ()
+        assert snap.exe == os.path.realpath(sys.executable)
+        assert snap.status()["Pid"] == str(child.pid)
+        assert snap.start_ticks and snap.text("cgroup")
+        snap.close()
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_uid_mismatch_makes_it_untrusted() -> None:
+    snap = snapshot.take(os.getpid(), uid=os.getuid() + 1)
+    assert not snap.trusted and "Uid" in snap.untrusted[0]
+    snap.close()
+
+
+def test_ns_pid_mismatch_makes_it_untrusted() -> None:
+    snap = snapshot.take(os.getpid(), ns_pid=os.getpid() + 1)
+    assert not snap.trusted and "NSpid" in snap.untrusted[0]
+    snap.close()
+
+
+def test_pidfd_of_another_process_makes_it_untrusted() -> None:
+    if not hasattr(os, "pidfd_open"):
+        return
+    child = subprocess.Popen(["sleep", "30"])
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        snap = snapshot.take(os.getpid(), pidfd=pidfd)
+        assert not snap.trusted and "pidfd" in snap.untrusted[0]
+        snap.close()
+    finally:
+        os.close(pidfd)
+        child.kill()
+        child.wait()
+
+
+def test_gone_process_is_tolerated() -> None:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    snap = snapshot.take(child.pid)
+    assert snap.files == {} and snap.errors and not snap.trusted
+
+
+def test_start_ticks_with_hostile_comm() -> None:
+    stat = b"123 (a) b) (c) S 1 1 1 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 98765 1000 10"
+    assert snapshot.parse_start_ticks(stat) == 98765
+    assert snapshot.parse_start_ticks(b"garbage") is None
