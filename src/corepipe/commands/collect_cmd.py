@@ -148,12 +148,20 @@ def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: co
 
 
 def _release(fd: int) -> None:
-    """Close the kernel's pipe once the core is read: the kernel holds the crashed process (and its
-    container's restart) until every reader has closed it, and fsyncing the core need not keep it waiting."""
+    """Let go of the kernel's pipe once the core is read: the kernel holds the crashed process (and its
+    container's restart) until every reader has closed it, and fsyncing the core, saving binaries and
+    taking a backtrace need not keep it waiting. /dev/null takes the fd's place, so no later open reuses it."""
     try:
-        os.close(fd)
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.dup2(null, fd, inheritable=False)
+        finally:
+            os.close(null)
     except OSError:
-        pass
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _write_record(crash: CrashDir, rec: dict) -> None:
