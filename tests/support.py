@@ -9,7 +9,6 @@ import os
 import resource
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
+
+from corepipe import launcher
 
 HERE = Path(__file__).resolve().parent
 STRICT = os.environ.get("COREPIPE_TEST_STRICT") == "1"
@@ -56,7 +57,7 @@ class Handler:
         self.config = workdir / "c.toml"
         self.launcher = workdir / "h"
         self.config.write_text(f'store = "{self.store}"\n{config_extra}')
-        self.launcher.write_text(f"#!{sys.executable}\nfrom corepipe.cli import main\nraise SystemExit(main())\n")
+        self.launcher.write_text(launcher.script())
         self.launcher.chmod(0o755)
 
     def pattern(self, pidfd: bool = True) -> str:

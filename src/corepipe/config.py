@@ -19,7 +19,7 @@ class ConfigError(Exception):
 class Config:
     #: Where cores and records are filed.
     store: str = DEFAULT_STORE
-    #: zstd level (1-19) and worker threads (0: compress in the calling thread, -1: one per CPU).
+    #: zstd level (1-19) and worker threads (0: compress in the calling thread, -1: automatic, see compress.workers).
     compression_level: int = 3
     compression_threads: int = -1
     #: Honour the crashed process's RLIMIT_CORE (%c): 0 records without a core, N truncates at N bytes.

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from corepipe import catalog, kernel
+from corepipe import catalog, kernel, launcher
 from corepipe import config as configuration
 from corepipe.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, PROC_SYS, Sysctl, SysctlError
 
@@ -80,10 +80,11 @@ def describe(pattern: str) -> str:
 
 
 def launcher_text(python: str) -> str:
-    """A script the kernel can run with an empty environment: absolute interpreter, isolated mode (-I)."""
+    """A script the kernel can run with an empty environment (see launcher.py), marked as ours."""
     if not os.path.isabs(python) or any(c.isspace() for c in python):
         raise InstallError(f"the interpreter path {python!r} must be absolute and without spaces")
-    return f"#!{python} -I\n{LAUNCHER_MARK}\nfrom corepipe.cli import main\n\nraise SystemExit(main())\n"
+    shebang, _, body = launcher.script(python).partition("\n")
+    return f"{shebang}\n{LAUNCHER_MARK}\n{body}"
 
 
 def dropin_text(pattern: str, pipe_limit: int) -> str:

@@ -86,7 +86,7 @@ def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], cont
             "complete": None,
             "compression": "zstd",
         },
-        "collector": {"version": __version__, "duration": None, "errors": []},
+        "collector": {"version": __version__, "duration": None, "peak_rss": None, "errors": []},
     }
 
 

@@ -179,7 +179,7 @@ def test_install_sh_then_selftest_then_uninstall(settings: KernelSettings, handl
                            capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "selftest passed" in first.stdout and "container: docker" in first.stdout
-    assert Path(f"{d}/b").read_text().startswith(f"#!{d}/v/bin/python -I\n")
+    assert Path(f"{d}/b").read_text().startswith(f"#!{d}/v/bin/python -IS\n")
     start_task = HERE.parent / "install" / "azure-batch" / "start-task.sh"
     again = subprocess.run(["bash", str(start_task), "--sysctl-dir", f"{d}/sd"],
                            env=dict(env, AZ_BATCH_NODE_SHARED_DIR=f"{d}/sh"), capture_output=True, text=True,

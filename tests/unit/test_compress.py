@@ -60,3 +60,52 @@ def test_core_of_exactly_the_limit_is_not_truncated(tmp_path) -> None:
 def test_empty_input(tmp_path) -> None:
     result, back, _ = _run(b"", tmp_path)
     assert result.size == 0 and result.complete and back == b""
+
+
+@pytest.mark.parametrize("threads", [-1, 1])
+def test_ring_reuse_over_many_buffers(tmp_path, threads: int) -> None:
+    """Far more data than the ring of read buffers holds, so every buffer is hashed and reused many times."""
+    quarter = 6 << 20
+    text = (b"the quick brown fox jumps over the lazy dog 0123456789\n" * (quarter // 55 + 1))[:quarter]
+    data = os.urandom(quarter) + text + bytes(2 * quarter) + os.urandom(12345)
+    result, back, out = _run(data, tmp_path, threads=threads)
+    assert back == data
+    assert result.sha256 == hashlib.sha256(data).hexdigest() and result.size == len(data)
+    assert zstandard.get_frame_parameters(out.read_bytes()[:18]).has_checksum
+
+
+def test_write_failure_raises_and_stops_the_hashing_thread() -> None:
+    read_fd, write_fd = os.pipe()
+
+    def feed() -> None:
+        try:
+            with os.fdopen(write_fd, "wb") as w:
+                w.write(os.urandom(8 << 20))
+        except BrokenPipeError:
+            pass
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    fd = os.open("/dev/full", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError):
+            compress_stream(read_fd, fd, threads=0)
+    finally:
+        os.close(fd)
+        os.close(read_fd)
+        feeder.join()
+    assert not [t for t in threading.enumerate() if t.name == "sha256"]
+
+
+def test_zstd_backend_is_the_packages() -> None:
+    from corepipe import compress
+
+    assert compress.zstd.ZstdCompressor is zstandard.ZstdCompressor
+
+
+def test_workers_setting() -> None:
+    from corepipe.compress import workers
+
+    assert workers(0) == 0 and workers(3) == 3
+    cpus = len(os.sched_getaffinity(0))
+    assert workers(-1) == (0 if cpus <= 2 else cpus - 1)

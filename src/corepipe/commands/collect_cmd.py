@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import time
 from collections.abc import Iterator
@@ -117,6 +118,7 @@ def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: co
     postmortem.finish(store, crash, rec, held, cfg, container.is_host)
     rec["status"] = "failed" if failed else "complete"
     rec["collector"]["duration"] = round(time.monotonic() - started, 6)
+    rec["collector"]["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     _write_final(store, crash, args, rec)
     where = "/".join(container.directory())
     what = (f"core {core['size']} bytes -> {core['compressed_size']}" if core["stored"]
@@ -170,9 +172,12 @@ def _write_core(crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Con
     fd, tmp = crash.open_temp(CORE)
     try:
         compress.widen_pipe(STDIN)
-        result = compress.compress_stream(STDIN, fd, limit=cap,
-                                          level=cfg.compression_level, threads=cfg.compression_threads,
-                                          max_output=admission.budget, grow=grow)
+        try:
+            result = compress.compress_stream(STDIN, fd, limit=cap,
+                                              level=cfg.compression_level, threads=cfg.compression_threads,
+                                              max_output=admission.budget, grow=grow)
+        finally:
+            _release(STDIN)
     except compress.OutputTooLarge as exc:
         # The storage policy's decision, like a core refused before it was read: not a failure.
         crash.discard(fd, tmp)
@@ -269,6 +274,23 @@ def _kib(*values: Optional[str]) -> Optional[int]:
         except (ValueError, IndexError):
             return None
     return total
+
+
+def _release(fd: int) -> None:
+    """Let go of the kernel's pipe once the core is read: the kernel holds the crashed process (and its
+    container's restart) until every reader has closed it, and fsyncing the core, saving binaries and
+    taking a backtrace need not keep it waiting. /dev/null takes the fd's place, so no later open reuses it."""
+    try:
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.dup2(null, fd, inheritable=False)
+        finally:
+            os.close(null)
+    except OSError:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _write_record(crash: CrashDir, rec: dict) -> None:

@@ -1,0 +1,360 @@
+"""Benchmark: crash-to-reap time and handler peak RSS of corepipe against other core_pattern handlers.
+
+Run as root from the worktree (not part of the pytest run)::
+
+    sudo .venv/bin/python tests/bench/bench_collect.py [--quick] [--cases 1m,1g] [--handlers corepipe,zstd]
+
+For each case it installs every handler in turn as kernel.core_pattern (through
+support.KernelSettings: the tests' global lock, and core_pattern/core_pipe_limit restored
+afterwards), crashes tests/crasher.c and measures the parent's wait on the crashing child.
+The crasher fills its heap, stops itself (SIGSTOP); the clock starts at SIGCONT, after which
+it crashes at once, so the fill is not timed. Handlers run under rsswrap.c, which logs their
+peak RSS and wall time. Every case is repeated; medians are printed as ratios to the zstd CLI
+from the same run and everything is written as JSON. Outputs go to a temporary directory and
+are deleted after each crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+TESTS = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS.parent / "src"))
+
+from support import KernelSettings  # noqa: E402
+
+from corepipe import launcher  # noqa: E402
+from corepipe.kernel import build_pattern  # noqa: E402
+
+ZSTD = shutil.which("zstd") or "/usr/bin/zstd"
+CAT = shutil.which("cat") or "/bin/cat"
+SYSTEMD_COREDUMP = "/lib/systemd/systemd-coredump"
+SYSTEMD_STORE = Path("/var/lib/systemd/coredump")
+MIB = 1 << 20
+
+#: name -> (crasher MiB, crashes at once, repetitions, repetitions with --quick)
+CASES = {
+    "1m": (1, 1, 15, 5),
+    "256m": (256, 1, 5, 2),
+    "1g": (1024, 1, 5, 2),
+    "2g": (2048, 1, 3, 1),
+    "burst": (16, 32, 3, 1),
+}
+HANDLERS = ("corepipe", "zstd", "cat", "kernel", "systemd-coredump")
+BASELINE = "zstd"
+
+
+class Bench:
+    """The scratch directory with the crasher, the wrapper, the handler scripts and their outputs."""
+
+    def __init__(self, config_extra: str = ""):
+        self.dir = Path(tempfile.mkdtemp(prefix="cpb-", dir="/tmp"))  # short: core_pattern has 127 bytes
+        self.dir.chmod(0o755)
+        self.out = self.dir / "o"
+        self.out.mkdir()
+        self.store = self.dir / "s"
+        self.crasher = self.dir / "crasher"
+        self.wrapper = self.dir / "w"
+        self.log = Path(f"{self.wrapper}.log")
+        subprocess.run(["gcc", "-O0", "-static", "-o", str(self.crasher), str(TESTS / "crasher.c")], check=True)
+        subprocess.run(["gcc", "-O2", "-o", str(self.wrapper), str(TESTS / "bench" / "rsswrap.c")], check=True)
+        (self.dir / "c").write_text(f'store = "{self.store}"\n{config_extra}\n')
+        self._script("h", launcher.script())
+        self._script("z", f'#!/bin/sh\nexec {ZSTD} -q -T0 -3 > "{self.out}/$1.zst"\n')
+        self._script("k", f'#!/bin/sh\nexec {CAT} > "{self.out}/$1.core"\n')
+
+    def _script(self, name: str, text: str) -> None:
+        path = self.dir / name
+        path.write_text(text)
+        path.chmod(0o755)
+
+    def pattern(self, handler: str) -> str:
+        w = self.wrapper
+        if handler == "corepipe":
+            return f"|{w} " + build_pattern(str(self.dir / "h"), str(self.dir / "c"))[1:]
+        if handler == "zstd":
+            return f"|{w} {self.dir}/z %P"
+        if handler == "cat":
+            return f"|{w} {self.dir}/k %P"
+        if handler == "kernel":
+            return f"{self.out}/%P.core"
+        if handler == "systemd-coredump":
+            return f"|{SYSTEMD_COREDUMP} %P %u %g %s %t %c %h"
+        raise ValueError(handler)
+
+    def log_lines(self) -> list:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+    def outputs(self, handler: str) -> list:
+        """(uncompressed size or None, stored bytes) for each core the handler stored, then deletes them."""
+        found = []
+        if handler == "corepipe":
+            for rec_path in self.store.rglob("record.json"):
+                rec = json.loads(rec_path.read_text())
+                core = rec_path.parent / "core.zst"
+                if rec.get("status") == "complete" and core.exists():
+                    found.append((rec["core"]["size"], core.stat().st_size, rec["collector"].get("peak_rss")))
+            shutil.rmtree(self.store, ignore_errors=True)
+        elif handler == "systemd-coredump":
+            for path in SYSTEMD_STORE.glob("core.crasher.*"):
+                found.append((None, path.stat().st_size, None))
+                path.unlink()
+        else:
+            for path in self.out.iterdir():
+                found.append((None, path.stat().st_blocks * 512 if handler == "kernel" else path.stat().st_size,
+                              None))
+                path.unlink()
+        return found
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+SYSTEMD_SOCKET = "/run/systemd/coredump"
+
+
+def listening(path: str) -> bool:
+    """Whether something accepts connections on the AF_UNIX socket ``path`` (a stale file does not)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+class SystemdCoredump:
+    """systemd-coredump's socket-activated half, started by hand (no systemd as PID 1 here)."""
+
+    def __init__(self, wrapper: Path):
+        if os.path.exists(SYSTEMD_SOCKET):
+            os.unlink(SYSTEMD_SOCKET)  # stale: available() checked that nothing listens
+        self.proc = subprocess.Popen(["systemd-socket-activate", "--seqpacket", "-a", "-l", SYSTEMD_SOCKET,
+                                      str(wrapper), SYSTEMD_COREDUMP], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(SYSTEMD_SOCKET) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        if os.path.exists(SYSTEMD_SOCKET):
+            os.unlink(SYSTEMD_SOCKET)
+
+
+def available(handler: str) -> Optional[str]:
+    """None when the handler can run here, else why not."""
+    if handler == "systemd-coredump":
+        if not os.path.exists(SYSTEMD_COREDUMP) or not shutil.which("systemd-socket-activate"):
+            return "systemd-coredump is not installed (apt-get install systemd-coredump)"
+        if listening(SYSTEMD_SOCKET):
+            return f"another systemd-coredump is listening on {SYSTEMD_SOCKET}"
+    return None
+
+
+def stopped_crashers(bench: Bench, mib: int, count: int) -> list:
+    """Start ``count`` crashers that fill ``mib`` MiB and stop themselves before crashing."""
+    pids = [os.posix_spawn(str(bench.crasher), [str(bench.crasher), str(mib), "crasher", str(int(signal.SIGSTOP))],
+                           {}) for _ in range(count)]
+    for pid in pids:
+        _, status = os.waitpid(pid, os.WUNTRACED)
+        if not os.WIFSTOPPED(status):
+            for other in pids:
+                if other != pid:
+                    os.kill(other, signal.SIGKILL)
+                    os.waitpid(other, 0)
+            raise RuntimeError(f"crasher {pid} did not stop (status {status:#x})")
+    return pids
+
+
+def crash(bench: Bench, mib: int, count: int) -> tuple:
+    """Crash ``count`` crashers at once; returns (seconds until the last is reaped, how many dumped a core)."""
+    pids = stopped_crashers(bench, mib, count)
+    try:
+        started = time.perf_counter()
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        dumped = 0
+        while pids:
+            _, status = os.waitpid(pids[0], 0)
+            pids.pop(0)
+            dumped += os.WIFSIGNALED(status) and os.WCOREDUMP(status)
+        return time.perf_counter() - started, dumped
+    finally:
+        for pid in pids:  # interrupted: no stopped crasher left behind
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def wait_logged(bench: Bench, before: int, count: int, timeout: float = 120) -> list:
+    """The wrapper's lines for the ``count`` handlers started since the log had ``before`` lines."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = bench.log_lines()[before:]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return [line.split() for line in lines]
+        time.sleep(0.01)
+
+
+def run_case(bench: Bench, handler: str, mib: int, count: int) -> dict:
+    before = len(bench.log_lines())
+    with KernelSettings() as settings:
+        settings.set(bench.pattern(handler), pipe_limit=64)
+        seconds, dumped = crash(bench, mib, count)
+        logged = wait_logged(bench, before, count) if handler != "kernel" else []
+    if handler == "systemd-coredump":
+        time.sleep(0.2)  # its files are renamed into place after the kernel lets go
+    stored = bench.outputs(handler)
+    os.sync()  # the next run starts without this one's dirty pages being written back
+    return {
+        "seconds": seconds,
+        "dumped": dumped,
+        "collected": len(stored),
+        "peak_rss_kib": max((int(line[0]) for line in logged), default=None),
+        "handler_seconds": max((float(line[1]) for line in logged), default=None),
+        "stored_bytes": sum(s[1] for s in stored),
+        "core_bytes": sum(s[0] for s in stored if s[0] is not None) or None,
+        "self_reported_peak_rss": max((s[2] for s in stored if s[2] is not None), default=None),
+    }
+
+
+def summarise(runs: list) -> dict:
+    def median(key: str) -> Optional[float]:
+        values = [r[key] for r in runs if r[key] is not None]
+        return statistics.median(values) if values else None
+
+    return {
+        "median_seconds": median("seconds"),
+        "min_seconds": min(r["seconds"] for r in runs),
+        "median_handler_seconds": median("handler_seconds"),
+        "max_peak_rss_kib": max((r["peak_rss_kib"] for r in runs if r["peak_rss_kib"] is not None), default=None),
+        "median_stored_bytes": median("stored_bytes"),
+        "min_collected": min(r["collected"] for r in runs),
+        "runs": runs,
+    }
+
+
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "?")
+    zstd_version = subprocess.run([ZSTD, "--version"], capture_output=True, text=True).stdout.strip()
+    import zstandard
+
+    return {
+        "kernel": platform.release(),
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "memory_mib": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // MIB,
+        "python": sys.version.split()[0],
+        "python-zstandard": zstandard.__version__,
+        "zstd-cli": zstd_version,
+        "load_before": os.getloadavg(),
+    }
+
+
+def report(results: dict) -> None:
+    print(f"\n{'case':6} {'handler':17} {'median s':>9} {'x zstd':>7} {'paired':>7} {'handler s':>9} {'peak RSS':>9} "
+          f"{'stored MiB':>10} {'x zstd':>7} {'collected':>9}")
+    for case, handlers in results["cases"].items():
+        base = handlers.get(BASELINE)
+        for handler, s in handlers.items():
+            if "skipped" in s:
+                print(f"{case:6} {handler:17} skipped: {s['skipped']}")
+                continue
+            ratio = s["median_seconds"] / base["median_seconds"] if base else None
+            # Each run against the baseline's run of the same round: less sensitive to the machine's load drifting.
+            s["median_paired_ratio_to_zstd"] = (statistics.median(
+                r["seconds"] / b["seconds"] for r, b in zip(s["runs"], base["runs"])) if base else None)
+            size_ratio = (s["median_stored_bytes"] / base["median_stored_bytes"]
+                          if base and base["median_stored_bytes"] else None)
+            s["ratio_to_zstd"] = ratio
+            s["size_ratio_to_zstd"] = size_ratio
+            rss = f"{s['max_peak_rss_kib'] / 1024:.1f}M" if s["max_peak_rss_kib"] else "-"
+            hs = f"{s['median_handler_seconds']:.3f}" if s["median_handler_seconds"] is not None else "-"
+            count = CASES[case][1]
+            print(f"{case:6} {handler:17} {s['median_seconds']:9.3f} {_fmt(ratio):>7} "
+                  f"{_fmt(s['median_paired_ratio_to_zstd']):>7} {hs:>9} {rss:>9} "
+                  f"{s['median_stored_bytes'] / MIB:10.1f} {_fmt(size_ratio):>7} {s['min_collected']:>5}/{count}")
+
+
+def _fmt(value: Optional[float]) -> str:
+    return f"{value:.2f}" if value is not None else "-"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {','.join(CASES)}")
+    parser.add_argument("--handlers", default=",".join(HANDLERS), help=f"comma-separated, of {','.join(HANDLERS)}")
+    parser.add_argument("--reps", type=int, help="repetitions of every case (default: per case)")
+    parser.add_argument("--config-extra", default="", help="lines added to corepipe's config (to measure a setting)")
+    parser.add_argument("--json", default=str(TESTS / "bench" / "results.json"), help="where to write the results")
+    ns = parser.parse_args()
+    cases = ns.cases.split(",")
+    handlers = ns.handlers.split(",")
+    if BASELINE in handlers:  # the baseline first, then the others, in the same round
+        handlers.remove(BASELINE)
+        handlers.insert(0, BASELINE)
+    for name in cases + handlers:
+        if name not in CASES and name not in HANDLERS:
+            parser.error(f"unknown case or handler {name!r}")
+    if os.geteuid() != 0:
+        parser.error("run as root: it sets kernel.core_pattern")
+    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    bench = Bench(ns.config_extra.replace('\\n', '\n'))
+    results: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "cases": {}}
+    service = None
+    try:
+        for handler in list(handlers):
+            why = available(handler)
+            if why:
+                print(f"skipping {handler}: {why}", file=sys.stderr)
+                handlers.remove(handler)
+                for case in cases:
+                    results["cases"].setdefault(case, {})[handler] = {"skipped": why}
+        if "systemd-coredump" in handlers:
+            service = SystemdCoredump(bench.wrapper)
+        for case in cases:
+            mib, count, reps, quick_reps = CASES[case]
+            reps = ns.reps or (quick_reps if ns.quick else reps)
+            runs: dict = {h: [] for h in handlers}
+            for rep in range(reps):
+                # Rotate the order: whoever runs after a big raw write pays for its writeback otherwise.
+                for handler in handlers[rep % len(handlers):] + handlers[:rep % len(handlers)]:
+                    run = run_case(bench, handler, mib, count)
+                    runs[handler].append(run)
+                    print(f"{case} {rep + 1}/{reps} {handler}: {run['seconds']:.3f} s, "
+                          f"rss {run['peak_rss_kib']} KiB, {run['collected']}/{count} collected", file=sys.stderr)
+            for handler in handlers:
+                results["cases"].setdefault(case, {})[handler] = summarise(runs[handler])
+    finally:
+        if service:
+            service.stop()
+        bench.cleanup()
+    results["machine"]["load_after"] = os.getloadavg()
+    report(results)
+    Path(ns.json).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nresults written to {ns.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

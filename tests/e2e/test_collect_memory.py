@@ -1,0 +1,30 @@
+"""The handler's memory does not grow with the core: a big crash through the real kernel stays under 64 MiB."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+from support import crash, need_tool
+
+MIB = 1 << 20
+RSS_CEILING = 64 * MIB
+
+def test_big_core_constant_memory(kernel_handler, crasher: Path, tmp_path: Path) -> None:
+    crash([str(crasher), "256", "bigcore"])
+    rec = kernel_handler.wait_record(lambda r: r["comm"] == "bigcore", timeout=120)
+    assert rec["status"] == "complete", rec["collector"]["errors"]
+    core = rec["core"]
+    assert core["stored"] is True and core["size"] > 256 * MIB
+    peak = rec["collector"]["peak_rss"]
+    assert 0 < peak < RSS_CEILING, f"handler peak RSS {peak / MIB:.1f} MiB for a {core['size'] / MIB:.0f} MiB core"
+    # The stored frame holds the whole core: stream it back through zstd and compare the hash.
+
+    digest = hashlib.sha256()
+    with subprocess.Popen([need_tool("zstd"), "-q", "-d", "-c", str(Path(rec["_dir"]) / "core.zst")],
+                          stdout=subprocess.PIPE) as proc:
+        while chunk := proc.stdout.read(MIB):
+            digest.update(chunk)
+    assert proc.returncode == 0
+    assert digest.hexdigest() == core["sha256"]
