@@ -1,8 +1,8 @@
 """The crashed process's executable and shared libraries, kept so a core stays debuggable.
 
-``hold`` opens ``/proc/<pid>/exe`` and ``/proc/<pid>/map_files/<range>`` while the kernel still
-holds the process: the files are the ones the process really ran, seen through its own
-filesystem, and the fds keep them reachable after the process (and its container) is gone.
+capture.open_mapped opens ``/proc/<pid>/exe`` and ``/proc/<pid>/map_files/<range>`` while the kernel
+still holds the process (``held`` wraps them): the files are the ones the process really ran, seen
+through its own filesystem, and the fds keep them reachable after the process (and its container) is gone.
 ``save`` runs after the core is stored: it reads each file's build-id and copies it into
 ``<store>/.build-id/<xx>/<rest>-<sha256 prefix>``, shared by all crashes (the sha256 in the name
 means a file that fakes another's build-id can never replace it).
@@ -21,8 +21,6 @@ from corepipe import buildid
 from corepipe.store import CrashDir, open_dir
 
 AREA = ".build-id"
-MAX_FILES = 1024
-_RANGE = re.compile(r"[0-9a-f]{1,16}-[0-9a-f]{1,16}")
 _HEX = re.compile(r"[0-9a-f]+")
 _CHUNK = 1 << 20
 
@@ -47,47 +45,9 @@ class HeldFiles:
         self.files = []
 
 
-def mapped_files(maps: str) -> list:
-    """(address range, path) of each distinct file-backed mapping in a /proc/<pid>/maps text."""
-    seen, result = set(), []
-    for line in maps.splitlines():
-        parts = line.split(maxsplit=5)
-        if len(parts) < 6 or parts[4] == "0" or not parts[5].startswith("/") or not _RANGE.fullmatch(parts[0]):
-            continue
-        key = (parts[3], parts[4])
-        if key not in seen:
-            seen.add(key)
-            result.append((parts[0], parts[5]))
-    return result
-
-
-def hold(dir_fd: int, maps: str, exe: Optional[str]) -> HeldFiles:
-    """Open the exe and each mapped file relative to the /proc/<pid> directory fd."""
-    held = HeldFiles()
-    try:
-        exe_fd = os.open("exe", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError as exc:
-        held.errors.append(f"exe: {exc.strerror}")
-        exe_fd = None
-    exe_id = None
-    if exe_fd is not None:
-        st = os.fstat(exe_fd)
-        exe_id = (st.st_dev, st.st_ino)
-        held.files.append(Held(path=exe or "?", fd=exe_fd, exe=True))
-    for address, path in mapped_files(maps)[:MAX_FILES]:
-        try:
-            fd = os.open(f"map_files/{address}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-        except OSError as exc:
-            held.errors.append(f"{path}: {exc.strerror}")
-            continue
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) == exe_id or not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            if exe_id is not None and (st.st_dev, st.st_ino) == exe_id:
-                held.files[0].path = path  # the mapping's path is the one the core's notes use
-            continue
-        held.files.append(Held(path=path, fd=fd))
-    return held
+def held(entries: list, errors: list) -> HeldFiles:
+    """The files capture.open_mapped opened (``[path, fd, is_exe]`` each), as HeldFiles."""
+    return HeldFiles(files=[Held(path=path, fd=fd, exe=exe) for path, fd, exe in entries], errors=list(errors))
 
 
 def stored_name(entry: dict) -> Optional[tuple]:

@@ -10,7 +10,6 @@ Exit codes (all commands): 0 success, 1 failure (one line on stderr says what to
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 #: Subcommand name -> module in corepipe.commands; each has ``HELP``, ``add_arguments(parser)`` and ``run(ns)``.
 COMMANDS = {
@@ -36,7 +35,7 @@ class UserError(Exception):
         self.code = code
 
 
-def main(argv: Optional[list] = None) -> int:
+def main(argv: list | None = None) -> int:  # no typing import: the collect path starts here
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["collect"]:
         from corepipe.commands import collect_cmd

@@ -9,7 +9,6 @@ Measured choices are in the README, "Performance".
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import queue
@@ -26,7 +25,6 @@ RING = 4
 JOB_SIZE = 2 << 20
 #: How much of the start of the core is kept in ``CoreResult.head`` (ELF and program headers).
 HEAD = 256 << 10
-_F_SETPIPE_SZ = 1031
 
 
 def _zstd_backend() -> object:
@@ -96,14 +94,6 @@ class _Budget:
         self.raw.flush()
 
 
-def widen_pipe(fd: int) -> None:
-    """Ask for a 1 MiB pipe so each read returns up to a megabyte instead of 64 KiB."""
-    try:
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, CHUNK)
-    except OSError:
-        pass
-
-
 def workers(threads: int) -> int:
     """zstd worker threads for the ``compression_threads`` setting; -1 picks by the CPUs this process may use.
 
@@ -153,11 +143,30 @@ class _Hasher:
         return self.digest.hexdigest()
 
 
+class _Source:
+    """The input: ``prefix`` (bytes already read from the pipe, see capture.py), then ``fd`` unless
+    ``eof`` says the prefix was all of it."""
+
+    def __init__(self, fd: int, prefix: bytes, eof: bool):
+        self.fd, self.prefix, self.eof, self.offset = fd, memoryview(prefix), eof, 0
+
+    def readinto(self, view: memoryview) -> int:
+        if self.offset < len(self.prefix):
+            n = min(len(view), len(self.prefix) - self.offset)
+            view[:n] = self.prefix[self.offset:self.offset + n]
+            self.offset += n
+            return n
+        return 0 if self.eof else os.readv(self.fd, [view])
+
+
 def compress_stream(source_fd: int, target_fd: int, *, limit: Optional[int] = None, level: int = 3,
                     threads: int = -1, max_output: Optional[int] = None,
-                    grow: Optional[Callable[[int, int], int]] = None) -> CoreResult:
-    """Copy ``source_fd`` to ``target_fd`` as one zstd frame; raises OSError on a write failure and
-    OutputTooLarge when the compressed bytes would pass ``max_output`` (and ``grow`` gives no more)."""
+                    grow: Optional[Callable[[int, int], int]] = None, prefix: bytes = b"",
+                    eof: bool = False) -> CoreResult:
+    """Copy ``prefix`` and then ``source_fd`` (not read if ``eof``) to ``target_fd`` as one zstd frame; raises
+    OSError on a write failure and OutputTooLarge when the compressed bytes would pass ``max_output`` (and
+    ``grow`` gives no more)."""
+    source = _Source(source_fd, prefix, eof)
     result = CoreResult()
     free: queue.SimpleQueue = queue.SimpleQueue()
     for _ in range(RING):
@@ -172,11 +181,11 @@ def compress_stream(source_fd: int, target_fd: int, *, limit: Optional[int] = No
                     want = CHUNK if limit is None else min(CHUNK, limit - result.size)
                     if want <= 0:
                         # At the limit: a core of exactly ``limit`` bytes is complete, not truncated.
-                        result.complete = os.read(source_fd, 1) == b""
+                        result.complete = source.readinto(memoryview(bytearray(1))) == 0
                         result.truncated = not result.complete
                         break
                     view = free.get()
-                    n = os.readv(source_fd, [view[:want]])
+                    n = source.readinto(view[:want])
                     if n == 0:
                         result.complete = True
                         break

@@ -1,12 +1,13 @@
 """The optional work of ``collect`` around the core: hold the process's files, then save them and a backtrace.
 
-``hold`` is cheap and runs before the core is read (the files must be opened while the
-process exists); ``finish`` runs after the core is committed. Nothing here may fail the
+The files are opened by capture.py while the process exists, before it is known whether they
+will be used; ``hold`` keeps them or closes them. ``finish`` runs after the core is committed. Nothing here may fail the
 collection: every error ends up in the record (``binaries.errors``, ``backtrace.error``) and the log.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from corepipe import binaries
@@ -16,15 +17,14 @@ from corepipe.snapshot import Snapshot
 from corepipe.store import CrashDir, Store
 
 
-def hold(snap: Optional[Snapshot], cfg: Config) -> Optional[binaries.HeldFiles]:
-    """Open the exe and mapped files of a trusted snapshot, if anything will use them."""
-    if snap is None or not snap.trusted or snap.dir_fd is None or not (cfg.binaries or cfg.backtrace):
+def hold(snap: Optional[Snapshot], cfg: Config, entries: list, errors: list) -> Optional[binaries.HeldFiles]:
+    """The exe and mapped files capture.py opened, kept if the snapshot is trusted and anything will use
+    them (closed otherwise)."""
+    if snap is None or not snap.trusted or not (cfg.binaries or cfg.backtrace):
+        for _path, fd, _exe in entries:
+            os.close(fd)
         return None
-    try:
-        return binaries.hold(snap.dir_fd, snap.text("maps"), snap.exe)
-    except Exception as exc:  # noqa: BLE001 - optional work must never cost the core
-        log(f"error: pid {snap.pid}: cannot hold its files: {exc}", ERR)
-        return None
+    return binaries.held(entries, errors)
 
 
 def finish(store: Store, crash: CrashDir, rec: dict, held: Optional[binaries.HeldFiles], cfg: Config,

@@ -1,17 +1,18 @@
-"""What /proc says about the crashed process, read while the kernel still holds it.
+"""What /proc says about the crashed process, read while the kernel still holds it, and whether to trust it.
 
-The directory ``/proc/<pid>`` is opened once and every file is read relative to it,
-so a PID recycled half-way cannot mix two processes. Each read is bounded and a
-vanished process is normal: whatever was read is kept, the rest is listed in ``errors``.
+The reads are capture.py's (the handler does them before anything else is imported): the
+directory ``/proc/<pid>`` is opened once and every file is read relative to it, so a PID
+recycled half-way cannot mix two processes. Each read is bounded and a vanished process is
+normal: whatever was read is kept, the rest is listed in ``errors``. The checks run here, on
+the bytes read then.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
-_TEXT_FILES = ("comm", "cmdline", "status", "limits", "cgroup", "maps", "mountinfo", "environ", "stat")
+from corepipe import capture
 
 
 @dataclass
@@ -25,8 +26,6 @@ class Snapshot:
     errors: list[str] = field(default_factory=list)
     #: Reasons not to attribute this data to the crash (PID reuse, uid mismatch, ...). Empty means trusted.
     untrusted: list[str] = field(default_factory=list)
-    #: An fd on the /proc/<pid> directory, kept so later stages can open more of it; closed by close().
-    dir_fd: Optional[int] = None
 
     @property
     def trusted(self) -> bool:
@@ -51,33 +50,6 @@ class Snapshot:
         raw = self.files.get("environ", b"")
         return [a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0")] if raw else []
 
-    def close(self) -> None:
-        if self.dir_fd is not None:
-            os.close(self.dir_fd)
-            self.dir_fd = None
-
-
-def read_fd(fd: int, limit: int, check: Optional[Callable[[], None]] = None) -> bytes:
-    """At most ``limit`` bytes from ``fd``; ``check`` runs before each read (a deadline may raise)."""
-    chunks, size = [], 0
-    while size < limit:
-        if check is not None:
-            check()
-        chunk = os.read(fd, min(65536, limit - size))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
-def _read(dir_fd: int, name: str, limit: int) -> bytes:
-    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
-    try:
-        return read_fd(fd, limit)
-    finally:
-        os.close(fd)
-
 
 def parse_start_ticks(stat: bytes) -> Optional[int]:
     """Field 22 of /proc/<pid>/stat; the comm in field 2 may hold spaces and ')' so split after the last ')'."""
@@ -91,59 +63,46 @@ def parse_start_ticks(stat: bytes) -> Optional[int]:
         return None
 
 
-def pidfd_pid(pidfd: int) -> Optional[int]:
-    """The PID a pidfd refers to, from its fdinfo: -1 once the process is gone, None if unknown."""
-    try:
-        with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
-            for line in f.read(4096).splitlines():
-                if line.startswith(b"Pid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def take(pid: int, *, ns_pid: Optional[int] = None, uid: Optional[int] = None, gid: Optional[int] = None,
          pidfd: Optional[int] = None, limit: int = 1 << 20) -> Snapshot:
-    snap = Snapshot(pid=pid)
+    """Read /proc/<pid> now (``corepipe resolve``); the handler reads it earlier, see capture.py."""
+    proc = capture.Proc(pid, pidfd)
+    capture.read_proc(proc, limit)
+    return checked(proc, ns_pid=ns_pid, uid=uid, gid=gid, limit=limit)
+
+
+def checked(proc: capture.Proc, *, ns_pid: Optional[int] = None, uid: Optional[int] = None,
+            gid: Optional[int] = None, limit: int = 1 << 20) -> Snapshot:
+    """The snapshot of what was read into ``proc``, with each file cut at ``limit`` bytes and the trust checks
+    (the kernel's pidfd, PID reuse, uid, gid, NSpid) applied."""
+    snap = Snapshot(pid=proc.pid)
+    pidfd = proc.pidfd
     if pidfd is not None:
-        owner = pidfd_pid(pidfd)
-        if owner is None:
+        if proc.owner is None:
             snap.errors.append(f"fd {pidfd} is not a pidfd")
             pidfd = None
-        elif owner != pid:
-            snap.untrusted.append(f"the kernel's pidfd refers to pid {owner}, not {pid}")
-    try:
-        snap.dir_fd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        snap.errors.append(f"/proc/{pid}: {exc.strerror}")
+        elif proc.owner != proc.pid:
+            snap.untrusted.append(f"the kernel's pidfd refers to pid {proc.owner}, not {proc.pid}")
+    snap.errors += proc.errors
+    if not proc.opened:
         snap.untrusted.append("process gone before it could be read")
         return snap
-    for name in _TEXT_FILES:
-        try:
-            snap.files[name] = _read(snap.dir_fd, name, limit)
-        except OSError as exc:
-            snap.errors.append(f"{name}: {exc.strerror}")
-    for name in ("exe", "cwd", "root"):
-        try:
-            setattr(snap, name, os.readlink(name, dir_fd=snap.dir_fd))
-        except OSError as exc:
-            snap.errors.append(f"{name}: {exc.strerror}")
-    snap.start_ticks = parse_start_ticks(snap.files.get("stat", b""))
-    _verify(snap, ns_pid=ns_pid, uid=uid, gid=gid, pidfd=pidfd)
+    if proc.timed_out:
+        snap.untrusted.append(f"reading /proc/{proc.pid} did not finish within {capture.PROC_SECONDS} s")
+    snap.files = {name: data[:limit] for name, data in proc.files.items()}
+    snap.exe, snap.cwd, snap.root = (proc.links.get(name) for name in capture.PROC_LINKS)
+    snap.start_ticks = parse_start_ticks(proc.files.get("stat", b""))
+    _verify(snap, proc, ns_pid=ns_pid, uid=uid, gid=gid, pidfd=pidfd)
     return snap
 
 
-def _verify(snap: Snapshot, *, ns_pid: Optional[int], uid: Optional[int], gid: Optional[int],
-            pidfd: Optional[int]) -> None:
-    """After reading: is this still the process the kernel is dumping?"""
-    try:
-        again = parse_start_ticks(_read(snap.dir_fd, "stat", 4096))
-    except OSError:
-        again = None
+def _verify(snap: Snapshot, proc: capture.Proc, *, ns_pid: Optional[int], uid: Optional[int],
+            gid: Optional[int], pidfd: Optional[int]) -> None:
+    """After reading: was it still the process the kernel is dumping?"""
+    again = parse_start_ticks(proc.stat_again) if proc.stat_again is not None else None
     if snap.start_ticks is not None and again is not None and again != snap.start_ticks:
         snap.untrusted.append("the process's start time changed while it was read (PID reused)")
-    if pidfd is not None and pidfd_pid(pidfd) != snap.pid:
+    if pidfd is not None and proc.owner_after != snap.pid:
         snap.untrusted.append("the kernel's pidfd no longer refers to this PID")
     status = snap.status()
     if not status:

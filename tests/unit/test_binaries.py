@@ -12,7 +12,7 @@ from pathlib import Path
 
 from support import need
 
-from corepipe import binaries, buildid, sysroot
+from corepipe import binaries, buildid, capture, sysroot
 from corepipe.commands import rm_cmd
 from corepipe.store import Store
 
@@ -63,7 +63,7 @@ def test_mapped_files() -> None:
             "7f0000000000-7f0000001000 r--p 00000000 fd:01 99 /lib/libc.so.6 (deleted)\n"
             "7f0000002000-7f0000003000 rw-p 00000000 00:00 0 \n"
             "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]\n")
-    assert binaries.mapped_files(maps) == [("55d0c0a00000-55d0c0a01000", "/app/bin/my server"),
+    assert capture.mapped_files(maps) == [("55d0c0a00000-55d0c0a01000", "/app/bin/my server"),
                                            ("7f0000000000-7f0000001000", "/lib/libc.so.6 (deleted)")]
 
 
@@ -82,7 +82,11 @@ def _hold_self() -> binaries.HeldFiles:
     need(os.geteuid() == 0, "needs root to open /proc/<pid>/map_files")
     dir_fd = os.open("/proc/self", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        return binaries.hold(dir_fd, Path("/proc/self/maps").read_text(), os.readlink("/proc/self/exe"))
+        entries: list = []
+        errors: list = []
+        capture.open_mapped(dir_fd, Path("/proc/self/maps").read_text(), os.readlink("/proc/self/exe"), entries,
+                            errors)
+        return binaries.held(entries, errors)
     finally:
         os.close(dir_fd)
 

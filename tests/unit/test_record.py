@@ -22,7 +22,6 @@ def _record(snap=None) -> dict:
 def test_schema_fields() -> None:
     snap = snapshot.take(os.getpid())
     rec = _record(snap)
-    snap.close()
     assert set(rec) == KEYS
     assert rec["signal"] == {"number": 6, "name": "SIGABRT"}
     assert rec["time"] == "2023-11-14T22:13:20Z" and rec["dump_mode"] == 2

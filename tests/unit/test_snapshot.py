@@ -20,7 +20,6 @@ def test_reads_a_live_process() -> None:
         assert snap.exe == os.path.realpath(sys.executable)
         assert snap.status()["Pid"] == str(child.pid)
         assert snap.start_ticks and snap.text("cgroup")
-        snap.close()
     finally:
         child.kill()
         child.wait()
@@ -29,13 +28,11 @@ def test_reads_a_live_process() -> None:
 def test_uid_mismatch_makes_it_untrusted() -> None:
     snap = snapshot.take(os.getpid(), uid=os.getuid() + 1)
     assert not snap.trusted and "Uid" in snap.untrusted[0]
-    snap.close()
 
 
 def test_ns_pid_mismatch_makes_it_untrusted() -> None:
     snap = snapshot.take(os.getpid(), ns_pid=os.getpid() + 1)
     assert not snap.trusted and "NSpid" in snap.untrusted[0]
-    snap.close()
 
 
 def test_pidfd_of_another_process_makes_it_untrusted() -> None:
@@ -46,7 +43,6 @@ def test_pidfd_of_another_process_makes_it_untrusted() -> None:
     try:
         snap = snapshot.take(os.getpid(), pidfd=pidfd)
         assert not snap.trusted and "pidfd" in snap.untrusted[0]
-        snap.close()
     finally:
         os.close(pidfd)
         child.kill()

@@ -30,12 +30,9 @@ def resolve(ns: argparse.Namespace) -> containers.Container:
         container = containers.identify(text)
     else:
         snap = snapshot.take(ns.pid)
-        try:
-            if "cgroup" not in snap.files:
-                raise UserError(f"no process {ns.pid} (or /proc/{ns.pid}/cgroup unreadable; run as root)")
-            container = containers.identify(snap.text("cgroup"), mountinfo=snap.text("mountinfo"))
-        finally:
-            snap.close()
+        if "cgroup" not in snap.files:
+            raise UserError(f"no process {ns.pid} (or /proc/{ns.pid}/cgroup unreadable; run as root)")
+        container = containers.identify(snap.text("cgroup"), mountinfo=snap.text("mountinfo"))
     return containers.enrich(container, pid=ns.pid) if not container.is_host else container
 
 

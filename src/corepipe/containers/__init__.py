@@ -107,11 +107,13 @@ def _match(segments: list, root: str) -> Optional[Container]:
 _STATE_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, TimeoutError)
 
 
-def enrich(container: Container, budget: float = 0.5, root: str = "/", pid: Optional[int] = None) -> Container:
+def enrich(container: Container, budget: float = 0.5, root: str = "/", pid: Optional[int] = None,
+           parent: Optional[int] = None) -> Container:
     """Add name, image and pod from the runtime's on-disk state, within ``budget`` seconds; never raises.
 
     ``pid`` (the crashed process, host PID) lets Podman's name come from its conmon's command
-    line when containers/storage does not list the container.
+    line when containers/storage does not list the container; ``parent``, its parent's PID when
+    known (the handler's snapshot has it; the process itself may be gone).
     """
     deadline = state.Deadline(budget)
     for runtime in RUNTIMES:
@@ -125,7 +127,7 @@ def enrich(container: Container, budget: float = 0.5, root: str = "/", pid: Opti
             break
     if container.runtime == podman.NAME and container.name is None and pid is not None:
         try:
-            podman.name_from_conmon(container, pid, deadline, root)
+            podman.name_from_conmon(container, pid, deadline, root, parent)
         except _STATE_ERRORS as exc:
             container.errors.append(f"podman conmon: {exc}")
     return container

@@ -85,14 +85,18 @@ def _image_name(image_id: Optional[str], driver: str, deadline: state.Deadline, 
     return None
 
 
-def name_from_conmon(container: Container, pid: int, deadline: state.Deadline, root: str) -> None:
-    """The name on the command line of the container's conmon (``-c <id> -n <name>``), an ancestor of ``pid``."""
+def name_from_conmon(container: Container, pid: int, deadline: state.Deadline, root: str,
+                     parent: Optional[int] = None) -> None:
+    """The name on the command line of the container's conmon (``-c <id> -n <name>``), an ancestor of ``pid``
+    (whose parent is ``parent`` if known)."""
     for _ in range(32):
-        status = state.read(state.path(root, "proc", str(pid), "status"), deadline, 65536).decode(errors="replace")
-        ppid = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), 0)
-        if ppid <= 1:
+        if parent is None:
+            status = state.read(state.path(root, "proc", str(pid), "status"), deadline, 65536).decode(
+                errors="replace")
+            parent = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), 0)
+        if parent <= 1:
             return
-        pid = ppid
+        pid, parent = parent, None
         args = state.read(state.path(root, "proc", str(pid), "cmdline"), deadline, 65536).decode(
             errors="replace").split("\0")
         if not args or not args[0].endswith("conmon"):

@@ -1,0 +1,304 @@
+"""The handler's first moments: everything that needs the crashed process, with nothing but ``os`` loaded.
+
+The kernel keeps the crashed process (and its container's restart) until the handler closes
+the pipe, and for a small core the handler's own start-up is most of that wait: the standard
+library the rest of ``collect`` uses takes ~20 ms to import. So ``take`` runs first, before any
+other corepipe module is imported: it parses the host PID and pidfd from the kernel's arguments,
+reads the raw ``/proc/<pid>`` files (the trust checks on them run later, in snapshot.py, on the
+same bytes), opens the executable and mapped files that binaries.py and backtrace.py use later,
+and reads the start of the core into memory. When the whole core fitted (``CORE_PREFIX``), the
+pipe is let go at once and the kernel reaps the process; the config, the container, the storage
+policy and the record are all decided afterwards, on what was captured here. A bigger core is
+read on from the pipe by compress.py as before.
+
+Only ``os``, ``time``, ``_signal`` (the builtin behind ``signal``, without its ``enum``), and the
+small C modules ``fcntl`` and ``select`` may be imported here (tests/unit/test_launcher.py checks
+what is loaded when the pipe is let go). Annotations are strings (``from __future__``), so the
+``X | None`` spelling costs no ``typing`` import. Nothing here raises: what fails is listed in ``errors``.
+"""
+
+from __future__ import annotations
+
+import _signal
+import os
+import stat  # loaded by os already
+import time
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+STDIN = 0
+#: The kernel's arguments after ``collect [--config PATH]``: kernel.FIELDS, where pid and pidfd sit.
+ARG_COUNT = 12
+PID_AT = 0
+PIDFD_AT = 9
+#: The /proc/<pid> files read (each at most PROC_LIMIT bytes: the config, with its proc_read_limit,
+#: is read only later) and the links.
+PROC_FILES = ("comm", "cmdline", "status", "limits", "cgroup", "maps", "mountinfo", "environ", "stat")
+PROC_LINKS = ("exe", "cwd", "root")
+PROC_LIMIT = 1 << 20
+#: Mapped files held open at most.
+MAX_FILES = 1024
+#: Bytes of the core read before the pipe may be let go; a bigger core is streamed from the pipe.
+CORE_PREFIX = 4 << 20
+#: Bounds on this stage (the config's ``timeout`` is not known yet). A hostile process can stall a
+#: /proc read or open (a FUSE-backed mapping) or its own dump: what was done by then is kept, the
+#: rest of the collection goes on under the config's timeout.
+PROC_SECONDS = 10
+CORE_SECONDS = 10
+_PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = 1031
+_HEX = frozenset("0123456789abcdef")
+
+
+class Timeout(Exception):
+    """A time limit of the handler ran out (raised from SIGALRM)."""
+
+
+def on_alarm(signum: int, frame: object) -> None:
+    raise Timeout("the handler's time limit ran out")
+
+
+class Proc:
+    """The raw reads of /proc/<pid>, in the order snapshot.py's checks rely on: the pidfd's owner,
+    the files and links, then ``stat`` and the pidfd's owner again."""
+
+    def __init__(self, pid: int, pidfd: int | None):
+        self.pid, self.pidfd = pid, pidfd
+        self.owner: int | None = None
+        self.owner_after: int | None = None
+        self.files: dict = {}
+        self.links: dict = {}
+        self.stat_again: bytes | None = None
+        self.errors: list = []
+        #: False when the process was gone (or /proc unreadable) before anything was read.
+        self.opened = False
+        #: True when PROC_SECONDS ran out before every read was done.
+        self.timed_out = False
+
+
+class Capture:
+    """What ``take`` got: the process's /proc data, its files held open, and the start of the core."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.proc: Proc | None = None
+        #: (path, fd, is the executable) of each file held open, and why others could not be.
+        self.held: list = []
+        self.hold_errors: list = []
+        #: The first bytes of the core; ``eof`` when they are all of it (the pipe then is let go).
+        self.core: memoryview = memoryview(b"")
+        self.eof = False
+        self.released = False
+        self.errors: list = []
+
+
+def is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 20
+
+
+def kernel_ids(argv: list) -> tuple:
+    """(host PID, pidfd) from ``[--config PATH] <specifiers>``, by kernel.parse_args' rules; None where unusable."""
+    rest = argv[2:] if len(argv) >= 2 and argv[0] == "--config" else argv
+    if not rest or not is_number(rest[PID_AT]):
+        return None, None
+    pidfd = rest[PIDFD_AT] if len(rest) == ARG_COUNT else ""
+    return int(rest[PID_AT]), int(pidfd) if is_number(pidfd) else None
+
+
+def read_fd(fd: int, limit: int, check: Callable[[], None] | None = None) -> bytes:
+    """At most ``limit`` bytes from ``fd``; ``check`` runs before each read (a deadline may raise)."""
+    chunks, size = [], 0
+    while size < limit:
+        if check is not None:
+            check()
+        chunk = os.read(fd, min(65536, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _read(dir_fd: int, name: str, limit: int) -> bytes:
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        return read_fd(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def pidfd_pid(pidfd: int) -> int | None:
+    """The PID a pidfd refers to, from its fdinfo: -1 once the process is gone, None if unknown."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
+            for line in f.read(4096).splitlines():
+                if line.startswith(b"Pid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def read_proc(proc: Proc, limit: int = PROC_LIMIT, hold: bool = False, out: Capture | None = None) -> None:
+    """Fill ``proc``; with ``hold``, also open the exe and mapped files into ``out`` before /proc/<pid> is closed."""
+    if proc.pidfd is not None:
+        proc.owner = pidfd_pid(proc.pidfd)
+    try:
+        dir_fd = os.open(f"/proc/{proc.pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        proc.errors.append(f"/proc/{proc.pid}: {exc.strerror}")
+        return
+    proc.opened = True
+    try:
+        for name in PROC_FILES:
+            try:
+                proc.files[name] = _read(dir_fd, name, limit)
+            except OSError as exc:
+                proc.errors.append(f"{name}: {exc.strerror}")
+        for name in PROC_LINKS:
+            try:
+                proc.links[name] = os.readlink(name, dir_fd=dir_fd)
+            except OSError as exc:
+                proc.errors.append(f"{name}: {exc.strerror}")
+        try:
+            proc.stat_again = _read(dir_fd, "stat", 4096)
+        except OSError:
+            pass
+        if proc.pidfd is not None:
+            proc.owner_after = pidfd_pid(proc.pidfd)
+        if hold and out is not None:
+            maps = proc.files.get("maps", b"").decode("utf-8", "replace")
+            open_mapped(dir_fd, maps, proc.links.get("exe"), out.held, out.hold_errors)
+    finally:
+        os.close(dir_fd)
+
+
+def mapped_files(maps: str) -> list:
+    """(address range, path) of each distinct file-backed mapping in a /proc/<pid>/maps text."""
+    seen, result = set(), []
+    for line in maps.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or parts[4] == "0" or not parts[5].startswith("/") or not _is_range(parts[0]):
+            continue
+        key = (parts[3], parts[4])
+        if key not in seen:
+            seen.add(key)
+            result.append((parts[0], parts[5]))
+    return result
+
+
+def _is_range(text: str) -> bool:
+    start, sep, end = text.partition("-")
+    return bool(sep) and all(0 < len(x) <= 16 and _HEX.issuperset(x) for x in (start, end))
+
+
+def open_mapped(dir_fd: int, maps: str, exe: str | None, held: list, errors: list) -> None:
+    """Open the exe and each mapped regular file relative to a /proc/<pid> directory fd, adding
+    ``[path, fd, is_exe]`` to ``held`` (as it goes: a timeout keeps what was opened) and failures to
+    ``errors``. The fds keep the files reachable after the process is gone."""
+    try:
+        exe_fd = os.open("exe", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        errors.append(f"exe: {exc.strerror}")
+        exe_fd = None
+    exe_id = None
+    if exe_fd is not None:
+        st = os.fstat(exe_fd)
+        exe_id = (st.st_dev, st.st_ino)
+        held.append([exe or "?", exe_fd, True])
+    for address, path in mapped_files(maps)[:MAX_FILES]:
+        try:
+            fd = os.open(f"map_files/{address}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as exc:
+            errors.append(f"{path}: {exc.strerror}")
+            continue
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == exe_id or not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            if exe_id is not None and (st.st_dev, st.st_ino) == exe_id:
+                held[0][0] = path  # the mapping's path is the one the core's notes use
+            continue
+        held.append([path, fd, False])
+
+
+def widen_pipe(fd: int) -> None:
+    """Ask for a 1 MiB pipe so each read returns up to a megabyte instead of 64 KiB."""
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+    except OSError:
+        pass
+
+
+def read_prefix(fd: int, size: int, seconds: float) -> tuple:
+    """(bytes, at end of input) of the first ``size`` bytes of ``fd``, for at most ``seconds``.
+
+    Bounded by poll, not by an alarm: an exception between a read and its bookkeeping would lose
+    bytes the compressor then never sees. A read error stops here; the compressor meets it again.
+    """
+    import select
+
+    buffer = memoryview(bytearray(size))
+    done, eof = 0, False
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + seconds
+    try:
+        while done < size:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                break
+            n = os.readv(fd, [buffer[done:]])
+            if n == 0:
+                eof = True
+                break
+            done += n
+    except OSError:
+        pass
+    return buffer[:done], eof
+
+
+def release(fd: int) -> None:
+    """Let go of the kernel's pipe: the kernel holds the crashed process (and its container's restart)
+    until every reader has closed it. /dev/null takes the fd's place, so no later open reuses it."""
+    try:
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.dup2(null, fd, inheritable=False)
+        finally:
+            os.close(null)
+    except OSError:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def take(argv: list, core_seconds: float = CORE_SECONDS) -> Capture:
+    """The early stage of ``collect`` (see the module's text); never raises."""
+    cap = Capture()
+    try:
+        pid, pidfd = kernel_ids(argv)
+        if pid is not None:
+            cap.proc = Proc(pid, pidfd)
+            previous = _signal.signal(_signal.SIGALRM, on_alarm)
+            _signal.alarm(PROC_SECONDS)
+            try:
+                read_proc(cap.proc, hold=True, out=cap)
+            except Timeout:
+                cap.proc.timed_out = True
+                cap.errors.append(f"reading /proc/{pid} took more than {PROC_SECONDS} s; the rest was skipped")
+            finally:
+                _signal.alarm(0)
+                _signal.signal(_signal.SIGALRM, previous)
+        widen_pipe(STDIN)
+        cap.core, cap.eof = read_prefix(STDIN, CORE_PREFIX, core_seconds)
+        if cap.eof:
+            release(STDIN)
+            cap.released = True
+    except Exception as exc:  # noqa: BLE001 - the collection goes on from whatever was captured
+        cap.errors.append(f"early capture: {type(exc).__name__}: {exc}")
+    return cap
