@@ -109,3 +109,27 @@ def test_workers_setting() -> None:
     assert workers(0) == 0 and workers(3) == 3
     cpus = len(os.sched_getaffinity(0))
     assert workers(-1) == (0 if cpus <= 2 else cpus - 1)
+
+
+@pytest.mark.parametrize("split", [0, 1, 1_500_000, 3_000_000])
+def test_prefix_then_the_pipe(tmp_path, split: int) -> None:
+    """capture.py's in-memory start of the core, continued from the fd: one stream, one hash."""
+    data = os.urandom(1_000_000) + b"\0" * 2_000_000
+    result, back, _ = _run(data[split:], tmp_path, prefix=data[:split])
+    assert back == data and result.size == len(data) and result.complete
+    assert result.sha256 == hashlib.sha256(data).hexdigest() and result.head == data[:len(result.head)]
+
+
+def test_prefix_at_eof_never_reads_the_fd(tmp_path) -> None:
+    data = os.urandom(2_500_000)
+    result, back, _ = _run(b"not part of the core", tmp_path, prefix=memoryview(bytearray(data)), eof=True)
+    assert back == data and result.complete and result.sha256 == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("eof", [True, False])
+def test_limit_inside_the_prefix(tmp_path, eof: bool) -> None:
+    data = os.urandom(3_000_000)
+    result, back, _ = _run(b"" if eof else b"more", tmp_path, prefix=data, eof=eof, limit=2_000_000)
+    assert result.truncated and not result.complete and back == data[:2_000_000]
+    whole, back, _ = _run(b"", tmp_path, prefix=data, eof=eof, limit=len(data))
+    assert whole.complete and not whole.truncated and back == data
