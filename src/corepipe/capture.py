@@ -8,8 +8,10 @@ reads the raw ``/proc/<pid>`` files (the trust checks on them run later, in snap
 same bytes), opens the executable and mapped files that binaries.py and backtrace.py use later,
 and reads the start of the core into memory. When the whole core fitted (``CORE_PREFIX``), the
 pipe is let go at once and the kernel reaps the process; the config, the container, the storage
-policy and the record are all decided afterwards, on what was captured here. A bigger core is
-read on from the pipe by compress.py as before.
+policy and the record are all decided afterwards, on what was captured here. Not so for a process
+in a mount namespace of its own (a container): its runtime's state (runc's state.json, Docker's
+config of a ``--rm`` container) can vanish with it, so collector.py lets go only once the container
+is identified. A bigger core is read on from the pipe by compress.py as before.
 
 Only ``os``, ``time``, ``_signal`` (the builtin behind ``signal``, without its ``enum``), and the
 small C modules ``fcntl`` and ``select`` may be imported here (tests/unit/test_launcher.py checks
@@ -71,6 +73,8 @@ class Proc:
         self.files: dict = {}
         self.links: dict = {}
         self.stat_again: bytes | None = None
+        #: Its mount namespace (``ns/mnt``), to tell a process of the host's from a container's.
+        self.mnt_ns: str | None = None
         self.errors: list = []
         #: False when the process was gone (or /proc unreadable) before anything was read.
         self.opened = False
@@ -87,10 +91,13 @@ class Capture:
         #: (path, fd, is the executable) of each file held open, and why others could not be.
         self.held: list = []
         self.hold_errors: list = []
-        #: The first bytes of the core; ``eof`` when they are all of it (the pipe then is let go).
+        #: The first bytes of the core; ``eof`` when they are all of it (the pipe then may be let go).
         self.core: memoryview = memoryview(b"")
         self.eof = False
         self.released = False
+        #: The process has a mount namespace of its own (or it is not known): the pipe is kept until
+        #: the container is identified.
+        self.own_mounts = False
         self.errors: list = []
 
 
@@ -162,6 +169,10 @@ def read_proc(proc: Proc, limit: int = PROC_LIMIT, hold: bool = False, out: Capt
                 proc.links[name] = os.readlink(name, dir_fd=dir_fd)
             except OSError as exc:
                 proc.errors.append(f"{name}: {exc.strerror}")
+        try:
+            proc.mnt_ns = os.readlink("ns/mnt", dir_fd=dir_fd)
+        except OSError as exc:
+            proc.errors.append(f"ns/mnt: {exc.strerror}")
         try:
             proc.stat_again = _read(dir_fd, "stat", 4096)
         except OSError:
@@ -294,9 +305,11 @@ def take(argv: list, core_seconds: float = CORE_SECONDS) -> Capture:
             finally:
                 _signal.alarm(0)
                 _signal.signal(_signal.SIGALRM, previous)
+            if cap.proc.opened and not cap.proc.timed_out:
+                cap.own_mounts = cap.proc.mnt_ns is None or cap.proc.mnt_ns != os.readlink("/proc/self/ns/mnt")
         widen_pipe(STDIN)
         cap.core, cap.eof = read_prefix(STDIN, CORE_PREFIX, core_seconds)
-        if cap.eof:
+        if cap.eof and not cap.own_mounts:
             release(STDIN)
             cap.released = True
     except Exception as exc:  # noqa: BLE001 - the collection goes on from whatever was captured

@@ -69,6 +69,8 @@ def _collect(args: kernel.KernelArgs, cfg: configuration.Config, errors: list, e
         container = containers.Container(runtime="unknown", source="none", confidence="guess")
     else:
         container = containers.Container(runtime="unknown", source="untrusted snapshot", confidence="guess")
+    if early.eof:
+        _let_go(early)  # the container is known: its runtime's state may go with the process
     for message in errors:
         log(f"error: pid {args.pid}: {message}", ERR)
     held = postmortem.hold(snap, cfg, early.held, early.hold_errors)
@@ -169,9 +171,7 @@ def _write_core(crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Con
                                               level=cfg.compression_level, threads=cfg.compression_threads,
                                               max_output=admission.budget, grow=grow)
         finally:
-            if not early.released:
-                release(STDIN)
-                early.released = True
+            _let_go(early)
     except compress.OutputTooLarge as exc:
         # The storage policy's decision, like a core refused before it was read: not a failure.
         crash.discard(fd, tmp)
@@ -268,6 +268,12 @@ def _kib(*values: Optional[str]) -> Optional[int]:
         except (ValueError, IndexError):
             return None
     return total
+
+
+def _let_go(early: Capture) -> None:
+    if not early.released:
+        release(STDIN)
+        early.released = True
 
 
 def _ppid(snap: snapshot.Snapshot) -> Optional[int]:

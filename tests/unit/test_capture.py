@@ -26,7 +26,7 @@ rest = capture.read_fd(0, 1 << 30)
 proc = cap.proc
 print(json.dumps({{
     "core": hashlib.sha256(bytes(cap.core) + rest).hexdigest(), "prefix": len(cap.core), "rest": len(rest),
-    "eof": cap.eof, "released": cap.released, "stdin": os.readlink("/proc/self/fd/0"), "errors": cap.errors,
+    "eof": cap.eof, "released": cap.released, "own_mounts": cap.own_mounts, "stdin": os.readlink("/proc/self/fd/0"), "errors": cap.errors,
     "opened": proc and proc.opened, "files": proc and sorted(proc.files), "links": proc and proc.links,
     "owner": proc and [proc.owner, proc.owner_after], "stat_again": proc and proc.stat_again is not None,
     "held": [[path, os.fstat(fd).st_ino, exe] for path, fd, exe in cap.held], "hold_errors": cap.hold_errors,
@@ -75,6 +75,7 @@ def test_small_core_is_read_whole_and_the_pipe_let_go(tmp_path: Path) -> None:
         child.wait()
         os.close(pidfd)
     assert got["eof"] and got["released"] and got["stdin"] == "/dev/null" and got["rest"] == 0
+    assert got["own_mounts"] is False
     assert got["prefix"] == len(data) and got["core"] == hashlib.sha256(data).hexdigest()
     assert got["files"] == sorted(capture.PROC_FILES) and set(got["links"]) == set(capture.PROC_LINKS)
     assert got["owner"] == [child.pid, child.pid] and got["stat_again"] and got["errors"] == []
@@ -82,6 +83,23 @@ def test_small_core_is_read_whole_and_the_pipe_let_go(tmp_path: Path) -> None:
     assert [h for h in got["held"] if h[2]] == [[got["links"]["exe"], exe, True]]
     if os.geteuid() == 0:  # map_files needs CAP_SYS_ADMIN: sleep's libc is held too
         assert any(not h[2] and "libc" in h[0] for h in got["held"]), got
+
+
+def test_a_container_process_keeps_the_pipe_until_it_is_identified(tmp_path: Path) -> None:
+    """A mount namespace of its own: the runtime's state may vanish once the process is reaped."""
+    need(os.geteuid() == 0, "needs root for a mount namespace")
+    child = subprocess.Popen(["unshare", "--mount", "sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while os.readlink(f"/proc/{child.pid}/exe") != os.path.realpath("/bin/sleep") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (tmp_path / "core").write_bytes(b"core")
+        with open(tmp_path / "core", "rb") as stdin:
+            got = _take(_argv(child.pid), stdin)
+    finally:
+        child.kill()
+        child.wait()
+    assert got["own_mounts"] is True and got["eof"] and not got["released"] and got["prefix"] == 4
 
 
 def test_big_core_is_left_in_the_pipe_after_the_prefix(tmp_path: Path) -> None:
