@@ -26,7 +26,8 @@ rest = capture.read_fd(0, 1 << 30)
 proc = cap.proc
 print(json.dumps({{
     "core": hashlib.sha256(bytes(cap.core) + rest).hexdigest(), "prefix": len(cap.core), "rest": len(rest),
-    "eof": cap.eof, "released": cap.released, "own_mounts": cap.own_mounts, "stdin": os.readlink("/proc/self/fd/0"), "errors": cap.errors,
+    "eof": cap.eof, "released": cap.released, "own_mounts": cap.own_mounts, "errors": cap.errors,
+    "stdin": os.readlink("/proc/self/fd/0"),
     "opened": proc and proc.opened, "files": proc and sorted(proc.files), "links": proc and proc.links,
     "owner": proc and [proc.owner, proc.owner_after], "stat_again": proc and proc.stat_again is not None,
     "held": [[path, os.fstat(fd).st_ino, exe] for path, fd, exe in cap.held], "hold_errors": cap.hold_errors,
