@@ -133,3 +133,27 @@ def test_limit_inside_the_prefix(tmp_path, eof: bool) -> None:
     assert result.truncated and not result.complete and back == data[:2_000_000]
     whole, back, _ = _run(b"", tmp_path, prefix=data, eof=eof, limit=len(data))
     assert whole.complete and not whole.truncated and back == data
+
+
+def test_no_block_is_split_after_compressible_data(tmp_path) -> None:
+    """Without workers every block holds BLOCK input bytes: random data after zeros (a core's pages after
+    its headers) is stored as raw blocks of that size, not pre-split by libzstd 1.5.7 at 3 bytes a block."""
+    from corepipe.compress import BLOCK
+
+    data = bytes(200_000) + os.urandom(2_000_000)
+    result, back, out = _run(data, tmp_path, threads=0)
+    assert back == data
+    frame = out.read_bytes()
+    assert frame[4] & 0xE3 == 0  # no content size, not single-segment, no dict id: the header ends at 6
+    pos = 6  # magic, frame header descriptor, window descriptor
+    sizes = []
+    while True:
+        header = int.from_bytes(frame[pos:pos + 3], "little")
+        kind, size = (header >> 1) & 3, header >> 3
+        sizes.append((kind, size))
+        pos += 3 + (1 if kind == 1 else size)
+        if header & 1:
+            break
+    raw = [size for kind, size in sizes if kind == 0]
+    assert len(raw) >= 14 and all(size == BLOCK for size in raw[:-1]), sizes
+    assert result.compressed_size < len(data) - 200_000 + 3 * len(sizes) + 1000
