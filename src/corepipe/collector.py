@@ -108,6 +108,7 @@ def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: co
     else:
         pending, core_failed = _policed_core(store, crash, args, cfg, snap, container.directory(), rec, limit, early)
         failed = _commit(store, crash, args, rec, pending) or core_failed or failed
+    _let_go(early)  # also when no core is read: saving binaries need not keep the process
     postmortem.finish(store, crash, rec, held, cfg, container.is_host)
     rec["status"] = "failed" if failed else "complete"
     rec["collector"]["duration"] = round(time.monotonic() - early.started, 6)

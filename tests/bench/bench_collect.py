@@ -54,6 +54,9 @@ CASES = {
     "2g": (2048, 1, 3, 1),
     "burst": (16, 32, 3, 1),
 }
+#: corepipe runs with its default config except the crash-loop limits: the burst is 32 crashes of one
+#: executable, of which the default ``rate_limit_exe`` (5 in 10 minutes) would store 5 cores.
+RATE_LIMITS_OFF = "rate_limit_exe = 0\nrate_limit_container = 0\n"
 HANDLERS = ("corepipe", "zstd", "cat", "kernel", "systemd-coredump")
 BASELINE = "zstd"
 
@@ -72,7 +75,7 @@ class Bench:
         self.log = Path(f"{self.wrapper}.log")
         subprocess.run(["gcc", "-O0", "-static", "-o", str(self.crasher), str(TESTS / "crasher.c")], check=True)
         subprocess.run(["gcc", "-O2", "-o", str(self.wrapper), str(TESTS / "bench" / "rsswrap.c")], check=True)
-        (self.dir / "c").write_text(f'store = "{self.store}"\n{config_extra}\n')
+        (self.dir / "c").write_text(f'store = "{self.store}"\n{RATE_LIMITS_OFF}{config_extra}\n')
         self._script("h", launcher.script())
         self._script("z", f'#!/bin/sh\nexec {ZSTD} -q -T0 -3 > "{self.out}/$1.zst"\n')
         self._script("k", f'#!/bin/sh\nexec {CAT} > "{self.out}/$1.core"\n')
