@@ -42,4 +42,18 @@ say "installing corepipe from $src into $prefix"
 "$prefix/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps "$src"
 
 "$prefix/bin/python" -I -m corepipe install --config "$config" --bin "$bin" "$@"
+
+# Retention: where systemd runs, a daily timer runs `corepipe prune` (install/systemd/).
+units=/etc/systemd/system
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+    sed "s|^ExecStart=.*|ExecStart=$bin --config $config prune|" \
+        "$src/install/systemd/corepipe-prune.service" > "$units/corepipe-prune.service"
+    cp "$src/install/systemd/corepipe-prune.timer" "$units/corepipe-prune.timer"
+    systemctl daemon-reload
+    systemctl enable --now corepipe-prune.timer >/dev/null
+    say "enabled corepipe-prune.timer (daily 'corepipe prune')"
+else
+    say "systemd is not running: schedule '$bin --config $config prune' yourself (e.g. cron, daily)"
+fi
+
 "$bin" selftest --config "$config"

@@ -7,5 +7,12 @@ config="${COREPIPE_CONFIG:-/etc/corepipe/config.toml}"
 [ "$(id -u)" = 0 ] || { echo "uninstall.sh: error: run as root: sudo bash install/uninstall.sh" >&2; exit 1; }
 [ -x "$prefix/bin/python" ] || { echo "uninstall.sh: error: no corepipe virtualenv at $prefix" >&2; exit 1; }
 "$prefix/bin/python" -I -m corepipe uninstall --config "$config" "$@"
+units=/etc/systemd/system
+if [ -f "$units/corepipe-prune.timer" ]; then
+    systemctl disable --now corepipe-prune.timer >/dev/null 2>&1 || true
+    rm -f "$units/corepipe-prune.timer" "$units/corepipe-prune.service"
+    systemctl daemon-reload 2>/dev/null || true
+    echo "uninstall.sh: removed corepipe-prune.timer"
+fi
 rm -rf "$prefix"
 echo "uninstall.sh: removed $prefix"

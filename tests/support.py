@@ -194,3 +194,17 @@ def gdb_backtrace(exe: str, core: Path, extra: Optional[list] = None) -> str:
     proc = subprocess.run([gdb, "-batch", "-nx", *(extra or []), "-ex", "bt", exe, str(core)],
                           capture_output=True, text=True, timeout=120)
     return proc.stdout + proc.stderr
+
+
+def installed_files(d: Path) -> list:
+    """What ``corepipe install`` writes when pointed at the short temporary directory ``d``."""
+    from corepipe import install
+
+    return [f"{d}/b", f"{d}/c.toml", f"{d}/sd/{install.DROPIN_NAME}", f"{d}/{install.STATE_NAME}"]
+
+
+def check_restored(settings: KernelSettings, d: Path) -> None:
+    """After uninstall: the kernel settings are back byte for byte and nothing install wrote is left."""
+    assert CORE_PATTERN.read_bytes() == settings.saved_pattern
+    assert PIPE_LIMIT.read_bytes() == settings.saved_limit
+    assert not any(os.path.lexists(p) for p in installed_files(d))

@@ -75,8 +75,9 @@ def _digest(fd: int, size: int, copy_to: Optional[int] = None) -> str:
     return digest.hexdigest()
 
 
-def save(store_fd: int, store_path: str, held: HeldFiles, *, copy: bool, max_size: int) -> dict:
-    """Describe every held file (build-id, size) and, if ``copy``, store it unless the crash's budget is spent."""
+def save(store_fd: int, store_path: str, held: HeldFiles, *, copy: bool, max_size: int, keep_free: int = 0) -> dict:
+    """Describe every held file (build-id, size) and, if ``copy``, store it unless the crash's budget is spent
+    or the copy would leave less than ``keep_free`` bytes free on the store's filesystem."""
     result: dict = {"files": [], "saved_size": 0, "errors": list(held.errors)}
     area_fd = None
     try:
@@ -91,6 +92,8 @@ def save(store_fd: int, store_path: str, held: HeldFiles, *, copy: bool, max_siz
                 entry["reason"] = "no build-id"
             elif result["saved_size"] + size > max_size:
                 entry["reason"] = f"over binaries_max_size ({max_size} bytes for this crash)"
+            elif _free(store_fd) - size < keep_free:
+                entry["reason"] = f"would leave less than keep_free ({keep_free} bytes) free"
             else:
                 try:
                     if area_fd is None:
@@ -104,6 +107,11 @@ def save(store_fd: int, store_path: str, held: HeldFiles, *, copy: bool, max_siz
         if area_fd is not None:
             os.close(area_fd)
     return result
+
+
+def _free(fd: int) -> int:
+    st = os.fstatvfs(fd)
+    return st.f_bavail * st.f_frsize
 
 
 def _store(area_fd: int, area_path: str, fd: int, entry: dict) -> None:

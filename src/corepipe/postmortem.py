@@ -34,8 +34,11 @@ def finish(store: Store, crash: CrashDir, rec: dict, held: Optional[binaries.Hel
         return
     try:
         if cfg.binaries:
+            from corepipe import accounting
+
             rec["binaries"] = binaries.save(store.fd, store.root, held, copy=cfg.binaries_host or not is_host,
-                                            max_size=cfg.binaries_max_size)
+                                            max_size=cfg.binaries_max_size,
+                                            keep_free=accounting.measure(store, cfg)[0].keep_free)
         if cfg.backtrace and rec["core"]["stored"]:
             from corepipe import backtrace
 

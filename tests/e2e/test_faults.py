@@ -162,6 +162,7 @@ def test_unusable_config_falls_back_to_the_defaults(kernel_handler, crasher: Pat
     else:
         config.write_text("store = [\n")
     name = f"cfg-{problem.split()[-1]}"
+    default_store_existed = DEFAULT_STORE.exists()
     proc = start_crash([str(crasher), "0", name])
     proc.wait(timeout=60)
     try:
@@ -177,6 +178,8 @@ def test_unusable_config_falls_back_to_the_defaults(kernel_handler, crasher: Pat
         for p in (DEFAULT_STORE / "host").glob("*/record.json"):
             if json.loads(p.read_text()).get("pid") == proc.pid:
                 shutil.rmtree(p.parent)
+        if not default_store_existed:  # leave no trace on the machine
+            shutil.rmtree(DEFAULT_STORE, ignore_errors=True)
     if problem == "a directory":
         config.rmdir()
     config.write_text(f'store = "{kernel_handler.store}"\n')

@@ -18,7 +18,19 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-from support import CORE_PATTERN, HERE, PIPE_LIMIT, KernelSettings, crash, decompress, need, need_root_kernel
+from runtimes import docker_usable
+from support import (
+    CORE_PATTERN,
+    HERE,
+    PIPE_LIMIT,
+    KernelSettings,
+    check_restored,
+    crash,
+    decompress,
+    installed_files,
+    need,
+    need_root_kernel,
+)
 
 from corepipe import accounting, catalog, install
 
@@ -39,16 +51,6 @@ def cli(*args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
 
 def install_args(d: Path) -> list:
     return ["--config", f"{d}/c.toml", "--bin", f"{d}/b", "--sysctl-dir", f"{d}/sd", "--store", f"{d}/s"]
-
-
-def installed_files(d: Path) -> list:
-    return [f"{d}/b", f"{d}/c.toml", f"{d}/sd/{install.DROPIN_NAME}", f"{d}/{install.STATE_NAME}"]
-
-
-def check_restored(settings: KernelSettings, d: Path) -> None:
-    assert CORE_PATTERN.read_bytes() == settings.saved_pattern
-    assert PIPE_LIMIT.read_bytes() == settings.saved_limit
-    assert not any(os.path.lexists(p) for p in installed_files(d))
 
 
 def wait_record(store: Path, exe: str, timeout: float = 30) -> tuple:
@@ -138,11 +140,6 @@ def test_read_only_proc_sys_is_a_clear_error(settings: KernelSettings, handler_d
     assert "read-only" in proc.stderr and "host" in proc.stderr
     assert os.listdir(d) == []
     assert CORE_PATTERN.read_bytes() == settings.saved_pattern
-
-
-def docker_usable() -> bool:
-    docker = shutil.which("docker")
-    return docker is not None and subprocess.run([docker, "info"], capture_output=True, timeout=60).returncode == 0
 
 
 def test_selftest(settings: KernelSettings, handler_dir: Path) -> None:

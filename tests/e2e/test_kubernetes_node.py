@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from support import CORE_PATTERN, HERE, KernelSettings, need, need_root_kernel, need_tool
-from test_install_kernel import check_restored, docker_usable
+from runtimes import docker_usable
+from support import CORE_PATTERN, HERE, KernelSettings, check_restored, need, need_root_kernel, need_tool
 
 from corepipe import selftest
 

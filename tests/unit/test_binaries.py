@@ -128,3 +128,19 @@ def test_prune_keeps_referenced_and_recent(tmp_path: Path) -> None:
     os.utime(old, (1, 1))
     assert rm_cmd.prune_binaries(str(tmp_path), {("ab", "cd-1")}, 3600) == 1
     assert keep.exists() and not old.exists() and recent.exists()
+
+
+def test_save_leaves_keep_free(tmp_path: Path) -> None:
+    held = _hold_self()
+    try:
+        with Store(str(tmp_path / "store")) as store:
+            st = os.statvfs(store.root)
+            free = st.f_bavail * st.f_frsize
+            refused = binaries.save(store.fd, store.root, held, copy=True, max_size=1 << 40, keep_free=free)
+            allowed = binaries.save(store.fd, store.root, held, copy=True, max_size=1 << 40, keep_free=0)
+    finally:
+        held.close()
+    with_id = [e for e in refused["files"] if e["build_id"]]
+    assert with_id and not any(e["stored"] for e in with_id)
+    assert all("keep_free" in e["reason"] for e in with_id)
+    assert any(e["stored"] for e in allowed["files"])
