@@ -272,6 +272,7 @@ def test_the_crashed_process_root_is_never_used(handler_dir: Path, crasher: Path
     sock.bind(str(evil / "docker.sock"))
     sock.listen(8)
     sock.setblocking(False)
+    etc_existed = os.path.exists("/etc/corepipe")  # the script's mkdir reaches the host's /etc
     with installed_handler(handler_dir, NO_RATE_LIMIT) as handler:
         script = (f"mount --bind {evil}/c.toml {handler.config} && mount --bind {evil}/h {handler.launcher} && "
                   f"mkdir -p /etc/corepipe && mount --bind {evil}/etc-corepipe /etc/corepipe && "
@@ -290,6 +291,8 @@ def test_the_crashed_process_root_is_never_used(handler_dir: Path, crasher: Path
             sock.accept()
     finally:
         sock.close()
+        if not etc_existed:
+            os.rmdir("/etc/corepipe")
 
 
 def _recycle(pid: int) -> subprocess.Popen:
