@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import signal
+import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from support import CRASH_LINE, crash, decompress, gdb_backtrace, need_tool
@@ -82,3 +86,38 @@ def test_kernel_log_has_one_line_per_crash(kernel_handler, crasher: Path) -> Non
     dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
     lines = [line for line in dmesg.splitlines() if f"id {rec['id']}" in line]
     assert len(lines) == 1 and "corepipe" in lines[0] and "(logged)" in lines[0], lines
+
+
+@contextlib.contextmanager
+def _syslog_socket(directory: Path) -> Iterator[socket.socket]:
+    """Our own datagram socket at /dev/log for the duration: bind-mounted over a real one, else created."""
+    path = directory / "log.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    existed = os.path.lexists("/dev/log")
+    try:
+        if existed:
+            subprocess.run(["mount", "--bind", str(path), "/dev/log"], check=True)
+        else:
+            os.symlink(path, "/dev/log")
+        yield sock
+    finally:
+        if existed:
+            subprocess.run(["umount", "/dev/log"], check=False)
+        else:
+            os.unlink("/dev/log")
+        sock.close()
+
+
+def test_syslog_has_one_line_per_crash(kernel_handler, crasher: Path) -> None:
+    with _syslog_socket(kernel_handler.workdir) as sock:
+        crash([str(crasher), "0", "syslogged"])
+        rec = kernel_handler.wait_record(lambda r: r["comm"] == "syslogged")
+        sock.settimeout(10)
+        messages = []
+        while not any(f"id {rec['id']}" in m for m in messages):
+            messages.append(sock.recv(65536).decode(errors="replace"))
+    [line] = [m for m in messages if f"id {rec['id']}" in m]
+    # <priority>: facility daemon (3), and the program name with the handler's PID.
+    assert re.match(r"<(\d+)>", line) and int(re.match(r"<(\d+)>", line).group(1)) >> 3 == 3, line
+    assert re.search(r"corepipe\[\d+\]: pid \d+ \(syslogged\) signal SIGSEGV", line), line
