@@ -46,11 +46,10 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory, crasher: Path) -> Path:
 @pytest.fixture(scope="session")
 def docker_image(rootfs: Path) -> str:
     """A Docker image of the test rootfs, removed at the end of the session."""
-    from runtimes import docker_import, unique
+    from runtimes import image
 
-    name = docker_import(rootfs, unique("corepipe-test") + ":1")
-    yield name
-    subprocess.run(["docker", "rmi", "-f", name], capture_output=True)
+    with image("docker", rootfs, "corepipe-test") as ref:
+        yield ref
 
 
 @pytest.fixture

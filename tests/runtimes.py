@@ -7,11 +7,13 @@ removed by its creator.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from support import need
@@ -61,6 +63,16 @@ def podman_import(root: Path, name: str) -> str:
     ref = f"localhost/{name}"
     subprocess.run(["podman", "import", "-", ref], input=_tar(root), check=True, capture_output=True)
     return ref
+
+
+@contextlib.contextmanager
+def image(tool: str, root: Path, prefix: str) -> Iterator[str]:
+    """An image of ``root`` imported into ``tool`` ("docker" or "podman") under a unique name, removed after."""
+    ref = (docker_import if tool == "docker" else podman_import)(root, unique(prefix) + ":1")
+    try:
+        yield ref
+    finally:
+        subprocess.run([tool, "rmi", "-f", ref], capture_output=True)
 
 
 def runc_bundle(directory: Path, root: Path, args: list, core_limit: int = 2**64 - 1) -> Path:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from runtimes import PODMAN, PODMAN_ULIMITS, podman_import, runc_bundle, unique
+from runtimes import PODMAN, PODMAN_ULIMITS, image, runc_bundle, unique
 from support import CRASH_LINE, decompress, gdb_backtrace, need, need_tool, set_core_limit, short_tempdir
 
 from corepipe import cli, containers
@@ -96,9 +96,8 @@ def test_docker_default_core_limit(kernel_handler, docker_image: str, docker_nam
 
 @pytest.fixture(scope="module")
 def podman_image(rootfs: Path) -> str:
-    ref = podman_import(rootfs, unique("corepipe-3") + ":1")
-    yield ref
-    subprocess.run(["podman", "rmi", "-f", ref], capture_output=True)
+    with image("podman", rootfs, "corepipe-3") as ref:
+        yield ref
 
 
 @pytest.fixture
