@@ -8,7 +8,6 @@ every record, container and image the selftest made is removed.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import resource
@@ -20,9 +19,8 @@ import tarfile
 import time
 from typing import Callable, Optional
 
-from corepipe import catalog, containers
+from corepipe import catalog, containers, unpack
 from corepipe.install import Paths, load_state
-from corepipe.store import CORE
 from corepipe.sysctl import CORE_PATTERN, Sysctl
 
 BUSYBOX = "/bin/busybox"
@@ -209,22 +207,22 @@ def _verify(path: str, rec: dict, what: str) -> None:
     if rec.get("status") != "complete" or not core.get("stored"):
         errors = "; ".join((rec.get("collector") or {}).get("errors") or []) or core.get("reason") or "no reason given"
         raise SelftestError(f"the {what} crash was recorded as {rec.get('status')!r} without a core: {errors}")
-    import zstandard
+    head = bytearray()
 
-    digest, size, head = hashlib.sha256(), 0, b""
-    with open(os.path.join(path, CORE), "rb") as f:
-        reader = zstandard.ZstdDecompressor().stream_reader(f)
-        while True:
-            chunk = reader.read(1 << 20)
-            if not chunk:
-                break
-            head = head or chunk[:18]
-            digest.update(chunk)
-            size += len(chunk)
+    def keep_head(chunk: bytes) -> None:
+        if not head:
+            head.extend(chunk[:18])
+
+    try:
+        source = unpack.open_core(path, rec)
+        try:
+            unpack.copy(source, rec, keep_head)  # checks size and sha256 against the record
+        finally:
+            os.close(source)
+    except unpack.CoreError as exc:
+        raise SelftestError(f"the {what} core: {exc}") from None
     if head[:4] != b"\x7fELF" or int.from_bytes(head[16:18], "little") != 4:
         raise SelftestError(f"the {what} core in {path} is not an ELF core file")
-    if size != core.get("size") or digest.hexdigest() != core.get("sha256"):
-        raise SelftestError(f"the {what} core in {path} does not match its record (size or sha256)")
 
 
 def _core_line(rec: dict) -> str:
