@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from corepipe import buildid
-from corepipe.store import CrashDir, open_dir
+from corepipe.store import CrashDir, open_dir, write_all
 
 AREA = ".build-id"
 _HEX = re.compile(r"[0-9a-f]+")
@@ -68,9 +68,7 @@ def _digest(fd: int, size: int, copy_to: Optional[int] = None) -> str:
             raise OSError(f"file shrank to {offset} bytes while read")
         digest.update(chunk)
         if copy_to is not None:
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(copy_to, view):]
+            write_all(copy_to, chunk)
         offset += len(chunk)
     return digest.hexdigest()
 

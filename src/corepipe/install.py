@@ -21,6 +21,7 @@ from typing import Optional
 
 from corepipe import catalog, kernel, launcher
 from corepipe import config as configuration
+from corepipe.store import write_all
 from corepipe.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, PROC_SYS, Sysctl, SysctlError
 
 #: core_pipe_limit: non-zero makes the kernel wait for the handler before reaping the process, so
@@ -118,9 +119,7 @@ def _write_file(path: str, data: bytes, mode: int) -> None:
     tmp = f"{path}.{os.urandom(4).hex()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         os.fchmod(fd, mode)
         os.fsync(fd)
     except BaseException:

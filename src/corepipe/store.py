@@ -26,6 +26,13 @@ RECORD = "record.json"
 CORE = "core.zst"
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a write may take only part of a large buffer)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class StoreError(OSError):
     """The store cannot be used safely; the message says why."""
 
@@ -149,9 +156,7 @@ class CrashDir:
     def write(self, final: str, data: bytes) -> None:
         fd, tmp = self.open_temp(final)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
         except BaseException:
             self.discard(fd, tmp)
             raise

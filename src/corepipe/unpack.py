@@ -11,7 +11,7 @@ import hashlib
 import os
 from typing import Callable
 
-from corepipe.store import CORE
+from corepipe.store import CORE, write_all
 
 CHUNK = 1 << 20
 
@@ -68,9 +68,4 @@ def copy(source_fd: int, record: dict, write: Callable[[bytes], object]) -> int:
 
 
 def to_fd(source_fd: int, record: dict, out_fd: int) -> int:
-    def write(data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(out_fd, view):]
-
-    return copy(source_fd, record, write)
+    return copy(source_fd, record, lambda data: write_all(out_fd, data))
