@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs corepipe from this checkout and turns collection on:
-#   sudo bash install/install.sh [corepipe install options, e.g. --store DIR --force]
+#   bash install/install.sh [corepipe install options, e.g. --store DIR --force]
 # 1. python3 with venv (apt-get on Debian/Ubuntu when missing), and busybox-static when Docker is
 #    present (the selftest's throwaway container needs a static busybox);
 # 2. a virtualenv at $COREPIPE_PREFIX (/opt/corepipe) with this checkout installed into it;
@@ -16,7 +16,12 @@ python="${COREPIPE_PYTHON:-/usr/bin/python3}"
 say() { echo "install.sh: $*"; }
 die() { echo "install.sh: error: $*" >&2; exit 1; }
 
-[ "$(id -u)" = 0 ] || die "run as root: sudo bash install/install.sh"
+# As another user, run again through sudo (these variables kept); as root, go on as is.
+if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || die "run as root (no sudo here): bash install/install.sh"
+    exec sudo COREPIPE_PREFIX="$prefix" COREPIPE_BIN="$bin" COREPIPE_CONFIG="$config" COREPIPE_PYTHON="$python" \
+        bash "${BASH_SOURCE[0]}" "$@"
+fi
 
 apt_install() {
     command -v apt-get >/dev/null || die "install $* with your package manager, then run this again"

@@ -4,7 +4,10 @@
 set -euo pipefail
 prefix="${COREPIPE_PREFIX:-/opt/corepipe}"
 config="${COREPIPE_CONFIG:-/etc/corepipe/config.toml}"
-[ "$(id -u)" = 0 ] || { echo "uninstall.sh: error: run as root: sudo bash install/uninstall.sh" >&2; exit 1; }
+if [ "$(id -u)" != 0 ]; then  # as another user, run again through sudo
+    command -v sudo >/dev/null || { echo "uninstall.sh: error: run as root: bash install/uninstall.sh" >&2; exit 1; }
+    exec sudo bash "${BASH_SOURCE[0]}" "$@"
+fi
 [ -x "$prefix/bin/python" ] || { echo "uninstall.sh: error: no corepipe virtualenv at $prefix" >&2; exit 1; }
 "$prefix/bin/python" -I -m corepipe uninstall --config "$config" "$@"
 units=/etc/systemd/system

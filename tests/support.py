@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import pytest
 
-from corepipe import launcher
+from corepipe.platform import launcher
 
 HERE = Path(__file__).resolve().parent
 STRICT = os.environ.get("COREPIPE_TEST_STRICT") == "1"
@@ -61,7 +61,7 @@ class Handler:
         self.launcher.chmod(0o755)
 
     def pattern(self, pidfd: bool = True) -> str:
-        from corepipe.kernel import build_pattern
+        from corepipe.platform.kernel import build_pattern
 
         return build_pattern(str(self.launcher), str(self.config), pidfd=pidfd)
 
@@ -198,7 +198,7 @@ def gdb_backtrace(exe: str, core: Path, extra: Optional[list] = None) -> str:
 
 def installed_files(d: Path) -> list:
     """What ``corepipe install`` writes when pointed at the short temporary directory ``d``."""
-    from corepipe import install
+    from corepipe.services import install
 
     return [f"{d}/b", f"{d}/c.toml", f"{d}/sd/{install.DROPIN_NAME}", f"{d}/{install.STATE_NAME}"]
 

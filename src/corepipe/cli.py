@@ -27,14 +27,6 @@ COMMANDS = {
 }
 
 
-class UserError(Exception):
-    """A failure to report as one line on stderr; ``code`` is the exit code."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
-
-
 def main(argv: list | None = None) -> int:  # no typing import: the collect path starts here
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["collect"]:
@@ -49,6 +41,7 @@ def _main(argv: list) -> int:
     import importlib
 
     from corepipe import __version__
+    from corepipe.platform.errors import UserError
 
     parser = argparse.ArgumentParser(prog="corepipe", description="Collect core dumps from containers.")
     parser.add_argument("--version", action="version", version=f"corepipe {__version__}")

@@ -37,8 +37,8 @@ sys.path.insert(0, str(TESTS.parent / "src"))
 
 from support import KernelSettings  # noqa: E402
 
-from corepipe import launcher  # noqa: E402
-from corepipe.kernel import build_pattern  # noqa: E402
+from corepipe.platform import launcher  # noqa: E402
+from corepipe.platform.kernel import build_pattern  # noqa: E402
 
 ZSTD = shutil.which("zstd") or "/usr/bin/zstd"
 CAT = shutil.which("cat") or "/bin/cat"

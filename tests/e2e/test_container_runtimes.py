@@ -19,7 +19,8 @@ import pytest
 from runtimes import PODMAN, PODMAN_ULIMITS, image, runc_bundle, unique
 from support import CRASH_LINE, decompress, gdb_backtrace, need, need_tool, set_core_limit, short_tempdir
 
-from corepipe import cli, containers
+from corepipe import cli
+from corepipe.domain import containers
 
 UNLIMITED = 2**64 - 1
 

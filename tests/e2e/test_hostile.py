@@ -26,7 +26,7 @@ from support import (
     wait_log,
 )
 
-from corepipe import containers
+from corepipe.domain import containers
 
 
 def _store_entries(store: Path) -> set:

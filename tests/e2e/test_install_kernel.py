@@ -32,7 +32,8 @@ from support import (
     need_root_kernel,
 )
 
-from corepipe import accounting, catalog, install
+from corepipe.domain import accounting, catalog
+from corepipe.services import install
 
 FOREIGN = "|/bin/false %p"
 

@@ -21,7 +21,7 @@ from typing import Optional
 from runtimes import docker_usable
 from support import CORE_PATTERN, HERE, KernelSettings, check_restored, need, need_root_kernel, need_tool
 
-from corepipe import selftest
+from corepipe.services import selftest
 
 REPO = HERE.parent
 APPLETS = ("sh", "cp", "rm", "sleep")

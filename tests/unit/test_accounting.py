@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from corepipe import accounting
-from corepipe.config import Config
-from corepipe.store import Store
+from corepipe.domain import accounting
+from corepipe.platform.config import Config
+from corepipe.platform.store import Store
 
 MIB = 1 << 20
 

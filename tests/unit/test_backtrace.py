@@ -10,8 +10,8 @@ from pathlib import Path
 
 from support import need, short_tempdir
 
-from corepipe import backtrace
-from corepipe.binaries import Held, HeldFiles
+from corepipe.domain import backtrace
+from corepipe.domain.binaries import Held, HeldFiles
 
 
 def _popen(argv: list) -> subprocess.Popen:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from support import need
 
-from corepipe import binaries, buildid, capture, sysroot
 from corepipe.commands import rm_cmd
-from corepipe.store import Store
+from corepipe.domain import binaries
+from corepipe.platform import buildid, capture, sysroot
+from corepipe.platform.store import Store
 
 
 def _readelf_build_id(path: Path) -> str:

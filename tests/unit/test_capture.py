@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from support import need
 
-from corepipe import capture, kernel
+from corepipe.platform import capture, kernel
 
-SRC = str(Path(capture.__file__).resolve().parent.parent)
+SRC = str(Path(capture.__file__).resolve().parents[2])
 #: Runs capture.take in a fresh process (it takes over fd 0 and SIGALRM) and prints what it got.
 PROBE = """
 import hashlib, json, os, sys
 sys.path.insert(0, {src!r})
-from corepipe import capture
+from corepipe.platform import capture
 cap = capture.take(sys.argv[1:], core_seconds=float(os.environ.get("CORE_SECONDS", "10")))
 rest = capture.read_fd(0, 1 << 30)
 proc = cap.proc

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import zstandard
 
-from corepipe.kernel import RLIM_INFINITY
+from corepipe.platform.kernel import RLIM_INFINITY
 
 CORE = b"\x7fELF" + os.urandom(200_000) + b"\0" * 500_000
 

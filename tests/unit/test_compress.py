@@ -7,7 +7,7 @@ import threading
 import pytest
 import zstandard
 
-from corepipe.compress import compress_stream
+from corepipe.platform.compress import compress_stream
 
 
 def _run(data: bytes, tmp_path, **kwargs):
@@ -98,13 +98,13 @@ def test_write_failure_raises_and_stops_the_hashing_thread() -> None:
 
 
 def test_zstd_backend_is_the_packages() -> None:
-    from corepipe import compress
+    from corepipe.platform import compress
 
     assert compress.zstd.ZstdCompressor is zstandard.ZstdCompressor
 
 
 def test_workers_setting() -> None:
-    from corepipe.compress import workers
+    from corepipe.platform.compress import workers
 
     assert workers(0) == 0 and workers(3) == 3
     cpus = len(os.sched_getaffinity(0))
@@ -138,7 +138,7 @@ def test_limit_inside_the_prefix(tmp_path, eof: bool) -> None:
 def test_no_block_is_split_after_compressible_data(tmp_path) -> None:
     """Without workers every block holds BLOCK input bytes: random data after zeros (a core's pages after
     its headers) is stored as raw blocks of that size, not pre-split by libzstd 1.5.7 at 3 bytes a block."""
-    from corepipe.compress import BLOCK
+    from corepipe.platform.compress import BLOCK
 
     data = bytes(200_000) + os.urandom(2_000_000)
     result, back, out = _run(data, tmp_path, threads=0)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from corepipe import config
+from corepipe.platform import config
 
 
 def test_defaults_without_a_file(tmp_path, monkeypatch) -> None:

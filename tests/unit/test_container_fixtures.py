@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from corepipe import containers
+from corepipe.domain import containers
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "cgroup"
 CASES = json.loads((FIXTURES / "expected.json").read_text())

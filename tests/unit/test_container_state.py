@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from corepipe import containers
+from corepipe.domain import containers
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 DOCKER_ID = "8fbe35a6874a457740ba1a4869c05bc9978f8d3b8ec868f8b9249d36988a61d2"

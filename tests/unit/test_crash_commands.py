@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from corepipe import catalog, compress, record
 from corepipe.cli import main
-from corepipe.containers import Container
-from corepipe.kernel import KernelArgs
-from corepipe.store import CORE, RECORD, Store
+from corepipe.domain import catalog, record
+from corepipe.domain.containers import Container
+from corepipe.platform import compress
+from corepipe.platform.kernel import KernelArgs
+from corepipe.platform.store import CORE, RECORD, Store
 
 T0 = 1_790_000_000  # 2026-09-21T...Z
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from corepipe.elfcore import expected_size
+from corepipe.platform.elfcore import expected_size
 
 
 def core_header(segments: list, e_type: int = 4) -> bytes:

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from corepipe import catalog, install, kernel, record, status
-from corepipe.containers import Container
-from corepipe.install import InstallError, Paths
-from corepipe.kernel import KernelArgs
-from corepipe.store import RECORD, Store
+from corepipe.domain import catalog, record
+from corepipe.domain.containers import Container
+from corepipe.platform import kernel
+from corepipe.platform.kernel import KernelArgs
+from corepipe.platform.store import RECORD, Store
+from corepipe.services import install, status
+from corepipe.services.install import InstallError, Paths
 
 SYSTEMD = "|/usr/lib/systemd/systemd-coredump %P %u %g %s %t %c %h"
 

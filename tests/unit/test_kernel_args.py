@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from corepipe.kernel import PATTERN_MAX, RLIM_INFINITY, SPECIFIERS, PatternTooLong, build_pattern, parse_args
+from corepipe.platform.kernel import PATTERN_MAX, RLIM_INFINITY, SPECIFIERS, PatternTooLong, build_pattern, parse_args
 
 GOOD = ["4242", "1", "4243", "1000", "1001", "11", "1700000000", str(RLIM_INFINITY), "1", "3", "web-1", "my prog"]
 

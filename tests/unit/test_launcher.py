@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from corepipe import launcher
+from corepipe.platform import launcher
 
 
 def _script(tmp_path: Path, body: str = "") -> Path:
@@ -29,13 +29,13 @@ def test_launcher_runs_without_site_or_environment(tmp_path: Path) -> None:
 #: What may be loaded, beyond a bare ``python -IS``, when capture.py lets the kernel's pipe go.
 BEFORE_RELEASE = {"__future__", "os", "os.path", "stat", "_stat", "posixpath", "genericpath", "_collections_abc",
                   "fcntl", "select", "corepipe", "corepipe.cli", "corepipe.commands", "corepipe.commands.collect_cmd",
-                  "corepipe.capture"}
+                  "corepipe.platform", "corepipe.platform.capture"}
 
 
 def test_only_os_is_loaded_when_a_small_core_releases_the_kernel(tmp_path: Path) -> None:
     """The real ``collect`` entry point, with a spy on capture.release: the crashed process is let go
     before config, containers, compression, json or typing are imported."""
-    spy = ("import sys\nfrom corepipe import capture\nreal = capture.release\n"
+    spy = ("import sys\nfrom corepipe.platform import capture\nreal = capture.release\n"
            "def spy(fd):\n    real(fd)\n    print(' '.join(sorted(sys.modules)), flush=True)\n"
            "capture.release = spy\nfrom corepipe.cli import main\nraise SystemExit(main())\n")
     script = _script(tmp_path, spy)
@@ -56,15 +56,15 @@ def test_only_os_is_loaded_when_a_small_core_releases_the_kernel(tmp_path: Path)
     bare = subprocess.run([sys.executable, "-IS", "-c", "import sys; print(' '.join(sys.modules))"],
                           capture_output=True, text=True, check=True, env={}).stdout.split()
     extra = set(at_release.split()) - set(bare)
-    assert "corepipe.capture" in extra and not extra - BEFORE_RELEASE, extra - BEFORE_RELEASE
+    assert "corepipe.platform.capture" in extra and not extra - BEFORE_RELEASE, extra - BEFORE_RELEASE
     assert list((tmp_path / "store").rglob("core.zst")), "the core was not stored"
 
 
 def test_collect_path_imports_stay_lean(tmp_path: Path) -> None:
     """The kernel's handler must not pay for zstandard's backend probe, argparse or psutil."""
-    script = _script(tmp_path, "from corepipe import collector, compress\n"
+    script = _script(tmp_path, "from corepipe.services import collect\nfrom corepipe.platform import compress\n"
                                "print(' '.join(sorted(sys.modules)))\n")
     loaded = set(subprocess.run([str(script)], capture_output=True, text=True, check=True, env={}).stdout.split())
-    assert "corepipe.compress" in loaded and "zstandard.backend_c" in loaded
+    assert "corepipe.platform.compress" in loaded and "zstandard.backend_c" in loaded
     unwanted = loaded & {"platform", "zstandard", "argparse", "psutil", "site"}
     assert not unwanted, unwanted

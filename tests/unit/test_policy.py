@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from corepipe import policy
-from corepipe.policy import Core, Limits
+from corepipe.domain import policy
+from corepipe.domain.policy import Core, Limits
 
 MIB = 1 << 20
 

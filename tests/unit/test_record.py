@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from corepipe import containers, record, snapshot
-from corepipe.kernel import parse_args
+from corepipe.domain import containers, record, snapshot
+from corepipe.platform.kernel import parse_args
 
 KEYS = {"schema", "id", "status", "time", "timestamp", "pid", "ns_pid", "tid", "uid", "gid", "signal", "comm",
         "exe", "cmdline", "cwd", "hostname", "dump_mode", "core_limit", "container", "cgroup", "process", "core",

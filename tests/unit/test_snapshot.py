@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from corepipe import snapshot
+from corepipe.domain import snapshot
 
 
 def test_reads_a_live_process() -> None:

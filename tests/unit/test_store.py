@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from corepipe.store import Store, StoreError
+from corepipe.platform.store import Store, StoreError
 
 
 def test_layout_and_modes(tmp_path) -> None:

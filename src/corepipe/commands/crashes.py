@@ -10,11 +10,11 @@ import sys
 import time
 from typing import Optional
 
-from corepipe import catalog
-from corepipe import config as configuration
-from corepipe.cli import UserError
-from corepipe.log import clean
-from corepipe.store import CORE
+from corepipe.domain import catalog
+from corepipe.platform import config as configuration
+from corepipe.platform.errors import UserError
+from corepipe.platform.log import clean
+from corepipe.platform.store import CORE
 
 
 def load_config(ns: argparse.Namespace) -> configuration.Config:

@@ -19,9 +19,10 @@ import sys
 import tempfile
 from typing import Optional
 
-from corepipe import binaries, buildid, sysroot, unpack
-from corepipe.cli import UserError
 from corepipe.commands import crashes
+from corepipe.domain import binaries
+from corepipe.platform import buildid, sysroot, unpack
+from corepipe.platform.errors import UserError
 
 HELP = "start gdb on a crash's core with its saved executable and libraries (default: the latest crash)"
 

@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
-from corepipe import unpack
-from corepipe.cli import UserError
 from corepipe.commands import crashes
+from corepipe.platform import unpack
+from corepipe.platform.errors import UserError
 
 HELP = "write the decompressed core of a crash to a file or stdout (default: the latest crash)"
 

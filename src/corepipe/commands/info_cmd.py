@@ -7,7 +7,7 @@ import json
 import sys
 
 from corepipe.commands import crashes
-from corepipe.log import clean
+from corepipe.platform.log import clean
 
 HELP = "show one crash in full, with its backtrace if one was taken (default: the latest crash)"
 

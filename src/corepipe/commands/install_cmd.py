@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from corepipe import config as configuration
-from corepipe import install
-from corepipe.cli import UserError
+from corepipe.platform import config as configuration
+from corepipe.platform.errors import UserError
+from corepipe.services import install
 
 HELP = "make corepipe the kernel's core dump handler on this host (idempotent)"
 

@@ -7,10 +7,10 @@ import os
 import time
 from typing import Callable
 
-from corepipe import accounting, policy
-from corepipe.cli import UserError
 from corepipe.commands import crashes
-from corepipe.store import Store
+from corepipe.domain import accounting, policy
+from corepipe.platform.errors import UserError
+from corepipe.platform.store import Store
 
 HELP = "delete old crashes and cores over the storage limits (--dry-run: only show what would go)"
 

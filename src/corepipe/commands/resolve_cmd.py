@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from corepipe import containers, snapshot
-from corepipe.cli import UserError
+from corepipe.domain import containers, snapshot
+from corepipe.platform.errors import UserError
 
 HELP = "show which container a process (or a /proc/<pid>/cgroup text) belongs to"
 

@@ -8,9 +8,9 @@ import shutil
 import stat
 import time
 
-from corepipe import binaries, catalog
-from corepipe.cli import UserError
 from corepipe.commands import crashes
+from corepipe.domain import binaries, catalog
+from corepipe.platform.errors import UserError
 
 HELP = "remove crashes (core, record and saved binaries no other crash uses)"
 

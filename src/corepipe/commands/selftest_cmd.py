@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from corepipe import selftest
-from corepipe.cli import UserError
 from corepipe.commands.install_cmd import add_config_option, paths
+from corepipe.platform.errors import UserError
+from corepipe.services import selftest
 
 HELP = "crash a throwaway process (and a throwaway Docker container) and verify their cores were collected"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from corepipe import status
 from corepipe.commands.install_cmd import add_config_option, paths
+from corepipe.services import status
 
 HELP = ("show whether corepipe is the active core handler and what its store holds "
         "(exit 0 healthy, 3 not installed, 4 drifted, 5 broken)")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from corepipe import install
 from corepipe.commands.install_cmd import add_config_option, paths, report
+from corepipe.services import install
 
 HELP = "restore the previous core handler and remove corepipe's launcher and drop-in (cores are kept)"
 

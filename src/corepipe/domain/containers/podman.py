@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from corepipe.containers import HEX_ID, Container, cgroup, state
+from corepipe.domain.containers import cgroup, state
+from corepipe.domain.containers.model import Container
+from corepipe.domain.containers.state import HEX_ID
 
 NAME = "podman"
 ENRICHES = (NAME,)

@@ -13,8 +13,8 @@ import stat
 from collections.abc import Iterator
 from typing import Optional
 
-from corepipe import record as records
-from corepipe.store import RECORD, open_dir
+from corepipe.domain import record as records
+from corepipe.platform.store import RECORD, open_dir
 
 CRASH_DIR = re.compile(r"\d{8}T\d{6}Z-([0-9a-f]{12})")
 _MAX_RECORD = 64 << 20

@@ -11,7 +11,7 @@ import hashlib
 import os
 from typing import Callable
 
-from corepipe.store import CORE, write_all
+from corepipe.platform.store import CORE, write_all
 
 CHUNK = 1 << 20
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from corepipe.containers import HEX_ID, NAME, Container, docker
+from corepipe.domain.containers import docker
+from corepipe.domain.containers.model import Container
+from corepipe.domain.containers.state import HEX_ID, NAME
 
 FARGATE_ID = re.compile(r"[0-9a-f]{32}-[0-9]{1,12}")
 ENRICHES = ("ecs",)

@@ -21,11 +21,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from corepipe import catalog, policy, record
-from corepipe.config import Config
-from corepipe.log import ERR, log
-from corepipe.snapshot import parse_start_ticks
-from corepipe.store import CORE, RECORD, CrashDir, Store, StoreError, open_dir
+from corepipe.domain import catalog, policy, record
+from corepipe.domain.snapshot import parse_start_ticks
+from corepipe.platform.config import Config
+from corepipe.platform.log import ERR, log
+from corepipe.platform.store import CORE, RECORD, CrashDir, Store, StoreError, open_dir
 
 LOCK = ".lock"
 STATE = ".state.json"

@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from corepipe.containers import HEX_ID, Container, cgroup, runc, state
-from corepipe.containers import NAME as VALID_NAME
+from corepipe.domain.containers import cgroup, runc, state
+from corepipe.domain.containers.model import Container
+from corepipe.domain.containers.state import HEX_ID
+from corepipe.domain.containers.state import NAME as VALID_NAME
 
 NAME = "containerd"
 ENRICHES = (NAME,)

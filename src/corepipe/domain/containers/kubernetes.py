@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from corepipe.containers import HEX_ID, NAME, POD_UID, Container, cgroup, containerd, crio, docker, state
+from corepipe.domain.containers import cgroup, containerd, crio, docker, state
+from corepipe.domain.containers.model import Container
+from corepipe.domain.containers.state import HEX_ID, NAME, POD_UID
 
 RUNTIME = "kubernetes"
 ENRICHES = (RUNTIME,)

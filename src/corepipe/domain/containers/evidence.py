@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from corepipe.containers import Container
+from corepipe.domain.containers.model import Container
 
 _DOCKER = re.compile(r"/containers/([0-9a-f]{64})/(?:hostname|hosts|resolv\.conf)$")
 _STORAGE = re.compile(r"-containers/([0-9a-f]{64})/userdata/(?:hostname|hosts|resolv\.conf)$")

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from corepipe import binaries
-from corepipe.config import Config
-from corepipe.log import ERR, WARNING, log
-from corepipe.snapshot import Snapshot
-from corepipe.store import CrashDir, Store
+from corepipe.domain import binaries
+from corepipe.domain.snapshot import Snapshot
+from corepipe.platform.config import Config
+from corepipe.platform.log import ERR, WARNING, log
+from corepipe.platform.store import CrashDir, Store
 
 
 def hold(snap: Optional[Snapshot], cfg: Config, entries: list, errors: list) -> Optional[binaries.HeldFiles]:
@@ -34,13 +34,13 @@ def finish(store: Store, crash: CrashDir, rec: dict, held: Optional[binaries.Hel
         return
     try:
         if cfg.binaries:
-            from corepipe import accounting
+            from corepipe.domain import accounting
 
             rec["binaries"] = binaries.save(store.fd, store.root, held, copy=cfg.binaries_host or not is_host,
                                             max_size=cfg.binaries_max_size,
                                             keep_free=accounting.measure(store, cfg)[0].keep_free)
         if cfg.backtrace and rec["core"]["stored"]:
-            from corepipe import backtrace
+            from corepipe.domain import backtrace
 
             result = backtrace.take(store.fd, crash.path, rec, held, timeout=cfg.backtrace_timeout,
                                     max_core_size=cfg.backtrace_max_core_size)

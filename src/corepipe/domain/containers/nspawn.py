@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from corepipe.containers import NAME, Container, cgroup, state
+from corepipe.domain.containers import cgroup, state
+from corepipe.domain.containers.model import Container
+from corepipe.domain.containers.state import NAME
 
 RUNTIME = "nspawn"
 ENRICHES = (RUNTIME, "libvirt")

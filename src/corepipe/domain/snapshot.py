@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from corepipe import capture
+from corepipe.platform import capture
 
 
 @dataclass

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from corepipe.containers import HEX_ID, Container, cgroup, podman, state
+from corepipe.domain.containers import cgroup, podman, state
+from corepipe.domain.containers.model import Container
+from corepipe.domain.containers.state import HEX_ID
 
 NAME = "cri-o"
 ENRICHES = (NAME,)

@@ -19,9 +19,10 @@ import tarfile
 import time
 from typing import Callable, Optional
 
-from corepipe import catalog, containers, unpack
-from corepipe.install import Paths, load_state
-from corepipe.sysctl import CORE_PATTERN, Sysctl
+from corepipe.domain import catalog, containers
+from corepipe.platform import unpack
+from corepipe.platform.sysctl import CORE_PATTERN, Sysctl
+from corepipe.services.install import Paths, load_state
 
 BUSYBOX = "/bin/busybox"
 #: A shell that is not the container's PID 1 (init ignores signals it sends itself) crashes itself.
@@ -185,8 +186,8 @@ def _wait_and_verify(store: str, match: Callable[[dict], bool], timeout: float, 
 
 def _remove(store: str, items: list, throwaway_container: bool) -> None:
     """Delete the selftest's crashes and the saved binaries only they referred to."""
-    from corepipe.binaries import AREA
     from corepipe.commands.rm_cmd import referenced
+    from corepipe.domain.binaries import AREA
 
     for path, _rec in items:
         shutil.rmtree(path)

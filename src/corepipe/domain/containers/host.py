@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from corepipe.containers import Container, cgroup
+from corepipe.domain.containers import cgroup
+from corepipe.domain.containers.model import Container
 
 
 def describe(paths: list) -> Container:

@@ -8,9 +8,9 @@ import time
 from typing import Optional
 
 from corepipe import __version__
-from corepipe.containers import Container
-from corepipe.kernel import KernelArgs
-from corepipe.snapshot import Snapshot
+from corepipe.domain.containers import Container
+from corepipe.domain.snapshot import Snapshot
+from corepipe.platform.kernel import KernelArgs
 
 SCHEMA = 1
 REDACTED = "<redacted>"

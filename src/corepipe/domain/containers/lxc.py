@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from corepipe.containers import NAME, Container, state
+from corepipe.domain.containers import state
+from corepipe.domain.containers.model import Container
+from corepipe.domain.containers.state import NAME
 
 RUNTIME = "lxc"
 ENRICHES = (RUNTIME,)

@@ -19,10 +19,11 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from corepipe import catalog, kernel, launcher
-from corepipe import config as configuration
-from corepipe.store import write_all
-from corepipe.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, PROC_SYS, Sysctl, SysctlError
+from corepipe.domain import catalog
+from corepipe.platform import config as configuration
+from corepipe.platform import kernel, launcher
+from corepipe.platform.store import write_all
+from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, PROC_SYS, Sysctl, SysctlError
 
 #: core_pipe_limit: non-zero makes the kernel wait for the handler before reaping the process, so
 #: /proc/<pid> stays readable; it also caps concurrent handlers. A crash storm beyond 16 at once loses
@@ -277,7 +278,7 @@ def _apply(paths: Paths, state: dict, changes: _Changes, cfg: configuration.Conf
         cfg.store = state["store"]
         changes.file(state["config"], configuration.render(cfg).encode(), 0o644, "config")
     if not os.path.isdir(state["store"]):
-        from corepipe.store import Store
+        from corepipe.platform.store import Store
 
         Store(state["store"]).close()
         state["store_created"] = True

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from corepipe.containers import NAME as VALID_NAME
-from corepipe.containers import Container, cgroup, state
+from corepipe.domain.containers import cgroup, state
+from corepipe.domain.containers.model import Container
+from corepipe.domain.containers.state import NAME as VALID_NAME
 
 NAME = "runc"
 ENRICHES = (NAME,)

@@ -17,8 +17,8 @@ import stat
 from dataclasses import dataclass, field
 from typing import Optional
 
-from corepipe import buildid
-from corepipe.store import CrashDir, open_dir, write_all
+from corepipe.platform import buildid
+from corepipe.platform.store import CrashDir, open_dir, write_all
 
 AREA = ".build-id"
 _HEX = re.compile(r"[0-9a-f]+")

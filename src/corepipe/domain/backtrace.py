@@ -20,8 +20,8 @@ import tempfile
 import time
 from typing import Optional
 
-from corepipe import sysroot, unpack
-from corepipe.binaries import HeldFiles
+from corepipe.domain.binaries import HeldFiles
+from corepipe.platform import sysroot, unpack
 
 MAX_OUTPUT = 256 * 1024
 _PATH = "/usr/local/bin:/usr/bin:/bin"

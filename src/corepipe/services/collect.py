@@ -18,15 +18,16 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Callable, Optional
 
-from corepipe import accounting, catalog, containers, kernel, policy, postmortem, record, snapshot
-from corepipe import config as configuration
-from corepipe.accounting import PARTIAL_CORE
-from corepipe.capture import STDIN, Capture, Timeout, on_alarm, release
-from corepipe.log import ERR, INFO, WARNING, log
-from corepipe.store import CORE, RECORD, CrashDir, Store
+from corepipe.domain import accounting, catalog, containers, policy, postmortem, record, snapshot
+from corepipe.domain.accounting import PARTIAL_CORE
+from corepipe.platform import config as configuration
+from corepipe.platform import kernel
+from corepipe.platform.capture import STDIN, Capture, Timeout, on_alarm, release
+from corepipe.platform.log import ERR, INFO, WARNING, log
+from corepipe.platform.store import CORE, RECORD, CrashDir, Store
 
 if TYPE_CHECKING:
-    from corepipe.binaries import HeldFiles
+    from corepipe.domain.binaries import HeldFiles
 
 
 def run(argv: list, early: Capture) -> int:
@@ -162,7 +163,7 @@ def _write_core(crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Con
                 grow: Callable[[int, int], int], pending: _Pending, early: Capture) -> bool:
     """The captured prefix and the rest of stdin into a temporary file (``pending``); True if the core could
     not be stored whole."""
-    from corepipe import compress, elfcore
+    from corepipe.platform import compress, elfcore
 
     core = rec["core"]
     fd, tmp = crash.open_temp(CORE)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from corepipe import catalog
-from corepipe import config as configuration
-from corepipe.install import Paths, load_state
-from corepipe.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, Sysctl, SysctlError
+from corepipe.domain import catalog
+from corepipe.platform import config as configuration
+from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, Sysctl, SysctlError
+from corepipe.services.install import Paths, load_state
 
 #: Exit codes of ``corepipe status`` (documented in the README).
 HEALTHY, NOT_INSTALLED, DRIFTED, BROKEN = 0, 3, 4, 5

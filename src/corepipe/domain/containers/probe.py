@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from corepipe.containers import HEX_ID, Container, containerd, crio, docker, podman, state
+from corepipe.domain.containers import containerd, crio, docker, podman, state
+from corepipe.domain.containers.model import Container
+from corepipe.domain.containers.state import HEX_ID
 
 ENRICHES = ()
 

@@ -1,0 +1,1 @@
+"""What the commands run: collect, install, status, selftest."""
