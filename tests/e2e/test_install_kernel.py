@@ -32,7 +32,8 @@ from support import (
     need_root_kernel,
 )
 
-from corepipe.domain import accounting, catalog
+from corepipe.domain import catalog
+from corepipe.platform import store
 from corepipe.services import install
 
 FOREIGN = "|/bin/false %p"
@@ -154,7 +155,7 @@ def test_selftest(settings: KernelSettings, handler_dir: Path) -> None:
     assert "host process: pid" in proc.stdout and "sha256 verified" in proc.stdout
     assert "container: docker" in proc.stdout and "container id matches" in proc.stdout
     assert list(catalog.iter_records(f"{d}/s")) == [], "selftest must remove the records it made"
-    saved = [p for p in Path(f"{d}/s").rglob("*") if p.is_file() and p.name not in (accounting.LOCK, accounting.STATE)]
+    saved = [p for p in Path(f"{d}/s").rglob("*") if p.is_file() and p.name not in (store.LOCK, store.STATE)]
     assert saved == [], "selftest must remove the binaries its crashes saved"
     assert list(Path(f"{d}/s").glob("docker/*")) == [], "the throwaway container's directory is removed"
     leftovers = subprocess.run(["docker", "ps", "-a", "-q", "--filter", "name=corepipe-selftest"],

@@ -11,7 +11,7 @@ import pytest
 
 from corepipe.domain import accounting
 from corepipe.platform.config import Config
-from corepipe.platform.store import Store
+from corepipe.platform.store import LOCK, STATE, Store
 
 MIB = 1 << 20
 
@@ -27,13 +27,13 @@ def _cfg(**kw) -> Config:
 
 
 def _state(store: Store) -> dict:
-    return json.loads((Path(store.root) / accounting.STATE).read_text())
+    return json.loads((Path(store.root) / STATE).read_text())
 
 
 @pytest.mark.parametrize("damage", [b"", b"not json", b"[1, 2]", b'{"rate": 5, "reservations": []}',
                                     b'{"rate": {"container:host": 7}, "reservations": {"x": "y"}}'])
 def test_a_damaged_state_file_is_replaced(store: Store, damage: bytes) -> None:
-    (Path(store.root) / accounting.STATE).write_bytes(damage)
+    (Path(store.root) / STATE).write_bytes(damage)
     admission = accounting.admit(store, _cfg(), crash_id="a" * 12, group=("host",), exe="/bin/x", want=MIB)
     assert admission.budget == MIB
     assert _state(store)["reservations"]["a" * 12][0] == MIB
@@ -56,7 +56,7 @@ def test_reservations_of_dead_handlers_are_dropped(store: Store) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
     state = {"rate": {}, "reservations": {"d" * 12: [500 * MIB, dead.pid, 1, 1e12]}}
-    (Path(store.root) / accounting.STATE).write_text(json.dumps(state))
+    (Path(store.root) / STATE).write_text(json.dumps(state))
     admission = accounting.admit(store, _cfg(max_use=500 * MIB + MIB // 2), crash_id="e" * 12, group=("host",),
                                  exe="/x", want=MIB)
     assert admission.budget == MIB
@@ -74,7 +74,7 @@ def test_live_reservations_count(store: Store) -> None:
 def test_a_planted_lock_file_is_replaced_not_used(store: Store, tmp_path: Path, plant: str) -> None:
     target = tmp_path / "target"
     target.write_text("keep me\n")
-    lock = Path(store.root) / accounting.LOCK
+    lock = Path(store.root) / LOCK
     if plant == "symlink":
         lock.symlink_to(target)
     elif plant == "fifo":

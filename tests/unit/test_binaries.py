@@ -15,7 +15,7 @@ from support import need
 from corepipe.commands import rm_cmd
 from corepipe.domain import binaries
 from corepipe.platform import buildid, capture, sysroot
-from corepipe.platform.store import Store
+from corepipe.platform.store import BUILD_ID, Store
 
 
 def _readelf_build_id(path: Path) -> str:
@@ -107,7 +107,7 @@ def test_save_dedups_and_respects_the_limit(tmp_path: Path) -> None:
     saved = [e for e in first["files"] if e["stored"]]
     assert saved and all(e["build_id"] for e in saved)
     assert [e["sha256"] for e in again["files"]] == [e["sha256"] for e in first["files"]]
-    area = tmp_path / "store" / binaries.AREA
+    area = tmp_path / "store" / BUILD_ID
     stored = sorted(p for p in area.rglob("*") if p.is_file())
     assert len(stored) == len(saved)  # the second save added nothing
     for entry in saved:
@@ -120,7 +120,7 @@ def test_save_dedups_and_respects_the_limit(tmp_path: Path) -> None:
 
 
 def test_prune_keeps_referenced_and_recent(tmp_path: Path) -> None:
-    area = tmp_path / binaries.AREA / "ab"
+    area = tmp_path / BUILD_ID / "ab"
     area.mkdir(parents=True)
     keep, old, recent = area / "cd-1", area / "cd-2", area / "cd-3"
     for path in (keep, old, recent):

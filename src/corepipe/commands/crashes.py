@@ -14,7 +14,7 @@ from corepipe.domain import catalog
 from corepipe.platform import config as configuration
 from corepipe.platform.errors import UserError
 from corepipe.platform.log import clean
-from corepipe.platform.store import CORE
+from corepipe.platform.store import PARTIAL_CORE, core_file
 
 
 def load_config(ns: argparse.Namespace) -> configuration.Config:
@@ -60,14 +60,18 @@ def lookup(ns: argparse.Namespace, prefix: Optional[str]) -> tuple:
 
 
 def core_state(path: str, rec: dict) -> str:
-    """present, truncated, missing (recorded but gone), none (not stored) or collecting."""
+    """present, truncated, partial (the dump was cut short), missing (recorded but gone), none (not stored)
+    or collecting."""
     if rec.get("status") == "collecting":
         return "collecting"
     core = rec.get("core") or {}
-    if not core.get("stored"):
+    name = core_file(rec)
+    if not core.get("stored") or name is None:
         return "none"
-    if not os.path.lexists(os.path.join(path, CORE)):
+    if not os.path.lexists(os.path.join(path, name)):
         return "missing"
+    if name == PARTIAL_CORE:
+        return "partial"
     return "truncated" if core.get("truncated") else "present"
 
 

@@ -23,6 +23,7 @@ from corepipe.commands import crashes
 from corepipe.domain import binaries
 from corepipe.platform import buildid, sysroot, unpack
 from corepipe.platform.errors import UserError
+from corepipe.platform.store import BUILD_ID
 
 HELP = "start gdb on a crash's core with its saved executable and libraries (default: the latest crash)"
 
@@ -47,7 +48,7 @@ def links(store: str, rec: dict) -> list:
             if host and isinstance(path, str) and os.path.isfile(path):
                 result.append((path, path))
             continue
-        target = os.path.join(store, binaries.AREA, *name)
+        target = os.path.join(store, BUILD_ID, *name)
         try:
             if stat.S_ISREG(os.lstat(target).st_mode):
                 result.append((path, target))

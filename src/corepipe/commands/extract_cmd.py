@@ -38,7 +38,8 @@ def run(ns: argparse.Namespace) -> int:
         raise UserError(f"{exc}; nothing complete was written") from None
     finally:
         os.close(source)
-    print(f"wrote {rec['core']['size']} bytes (sha256 verified) to {ns.output}", file=sys.stderr)
+    partial = " of a partial core (the dump was cut short)" if rec["core"].get("complete") is False else ""
+    print(f"wrote {rec['core']['size']} bytes{partial} (sha256 verified) to {ns.output}", file=sys.stderr)
     return 0
 
 

@@ -11,6 +11,7 @@ import time
 from corepipe.commands import crashes
 from corepipe.domain import binaries, catalog
 from corepipe.platform.errors import UserError
+from corepipe.platform.store import BUILD_ID
 
 HELP = "remove crashes (core, record and saved binaries no other crash uses)"
 
@@ -33,7 +34,7 @@ def referenced(items: list) -> set:
 def prune_binaries(store: str, keep: set, min_age: float) -> int:
     """Delete saved binaries no record refers to, if older than ``min_age`` seconds (a collection may be
     about to refer to a newer one). Returns how many were deleted."""
-    area = os.path.join(store, binaries.AREA)
+    area = os.path.join(store, BUILD_ID)
     removed = 0
     now = time.time()
     for directory in sorted(os.listdir(area)) if os.path.isdir(area) and not os.path.islink(area) else []:

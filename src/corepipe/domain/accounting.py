@@ -9,13 +9,11 @@ is followed if it is a link; a lock or state file that is not a plain file is re
 
 from __future__ import annotations
 
-import calendar
 import errno
 import fcntl
 import hashlib
 import json
 import os
-import re
 import stat
 import time
 from dataclasses import dataclass, field
@@ -25,24 +23,22 @@ from corepipe.domain import catalog, policy, record
 from corepipe.domain.snapshot import parse_start_ticks
 from corepipe.platform.config import Config
 from corepipe.platform.log import ERR, log
-from corepipe.platform.store import CORE, RECORD, CrashDir, Store, StoreError, open_dir
+from corepipe.platform.store import (
+    CORE_FILES,
+    LOCK,
+    RECORD,
+    STATE,
+    TEMP_NAME,
+    CrashDir,
+    Store,
+    StoreError,
+    crash_time,
+    open_dir,
+)
 
-LOCK = ".lock"
-STATE = ".state.json"
-PARTIAL_CORE = "core.partial.zst"
-CORE_FILES = (CORE, PARTIAL_CORE)
-TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
 _STATE_MAX = 4 << 20
 #: Below this many bytes of room a core is not even attempted.
 MIN_BUDGET = 4096
-
-
-def crash_time(name: str) -> float:
-    """The dump time in a crash directory's name (``<UTC time>-<id>``)."""
-    try:
-        return float(calendar.timegm(time.strptime(name.split("-", 1)[0], "%Y%m%dT%H%M%SZ")))
-    except ValueError:
-        return 0.0
 
 
 def _self_start() -> Optional[int]:

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import stat
 from dataclasses import dataclass, field
 from typing import Optional
 
 from corepipe.platform import buildid
-from corepipe.platform.store import CrashDir, open_dir, write_all
+from corepipe.platform.store import BUILD_ID, CrashDir, binary_name, open_dir, write_all
 
-AREA = ".build-id"
-_HEX = re.compile(r"[0-9a-f]+")
 _CHUNK = 1 << 20
 
 
@@ -51,12 +48,8 @@ def held(entries: list, errors: list) -> HeldFiles:
 
 
 def stored_name(entry: dict) -> Optional[tuple]:
-    """(directory, file name) below the area for a record's ``binaries.files`` entry, from checked hex only."""
-    build_id, digest = entry.get("build_id"), entry.get("sha256")
-    if not (isinstance(build_id, str) and isinstance(digest, str) and len(build_id) >= 4
-            and _HEX.fullmatch(build_id) and len(digest) == 64 and _HEX.fullmatch(digest)):
-        return None
-    return build_id[:2], f"{build_id[2:]}-{digest[:16]}"
+    """(directory, file name) below BUILD_ID for a record's ``binaries.files`` entry, from checked hex only."""
+    return binary_name(entry.get("build_id"), entry.get("sha256"))
 
 
 def _digest(fd: int, size: int, copy_to: Optional[int] = None) -> str:
@@ -95,8 +88,8 @@ def save(store_fd: int, store_path: str, held: HeldFiles, *, copy: bool, max_siz
             else:
                 try:
                     if area_fd is None:
-                        area_fd = open_dir(store_fd, AREA)
-                    _store(area_fd, f"{store_path.rstrip('/')}/{AREA}", item.fd, entry)
+                        area_fd = open_dir(store_fd, BUILD_ID)
+                    _store(area_fd, f"{store_path.rstrip('/')}/{BUILD_ID}", item.fd, entry)
                     result["saved_size"] += size
                 except OSError as exc:
                     entry["reason"] = f"save failed: {exc}"

@@ -14,9 +14,8 @@ from collections.abc import Iterator
 from typing import Optional
 
 from corepipe.domain import record as records
-from corepipe.platform.store import RECORD, open_dir
+from corepipe.platform.store import RECORD, crash_id, open_dir
 
-CRASH_DIR = re.compile(r"\d{8}T\d{6}Z-([0-9a-f]{12})")
 _MAX_RECORD = 64 << 20
 
 
@@ -54,7 +53,7 @@ def crash_dirs(root_fd: int, root: str, problems: Optional[list]) -> Iterator[tu
             continue
         try:
             if top == "host":
-                yield from ((top_fd, (top, name)) for name in _subdirs(top_fd) if CRASH_DIR.fullmatch(name))
+                yield from ((top_fd, (top, name)) for name in _subdirs(top_fd) if crash_id(name))
                 continue
             for container in _subdirs(top_fd):
                 container_fd = _open(top_fd, container, os.path.join(root, top, container), problems)
@@ -62,7 +61,7 @@ def crash_dirs(root_fd: int, root: str, problems: Optional[list]) -> Iterator[tu
                     continue
                 try:
                     yield from ((container_fd, (top, container, name)) for name in _subdirs(container_fd)
-                                if CRASH_DIR.fullmatch(name))
+                                if crash_id(name))
                 finally:
                     os.close(container_fd)
         finally:
@@ -106,7 +105,7 @@ def iter_records(store_root: str, problems: Optional[list] = None) -> Iterator[t
             except ValueError as exc:
                 message = f"corrupt record.json: {exc}"
             else:
-                if rec.get("id") == CRASH_DIR.fullmatch(parts[-1]).group(1):
+                if rec.get("id") == crash_id(parts[-1]):
                     yield path, rec
                     continue
                 message = f"record.json has id {str(rec.get('id'))[:20]!r}, not the directory's"

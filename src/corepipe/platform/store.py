@@ -1,10 +1,14 @@
 """The on-disk store: root-only directories, written without ever following a link.
 
-Layout::
+Layout (README, "Store layout"); every name in it is made and parsed here, nowhere else::
 
     <root>/host/<crash>/                 crashes of host processes
     <root>/<runtime>/<container>/<crash>/ crashes inside containers
-    <crash>/record.json, <crash>/core.zst
+    <crash>/record.json, <crash>/core.zst (or core.partial.zst), <crash>/.<name>.<8 hex>.tmp while written
+    <root>/.lock, .state.json, .ledger.json, .build-id/<xx>/<rest>-<sha256:16>
+
+``<crash>`` is ``<UTC time>-<12 hex id>``. Readers take a core's file name from its record
+(``core_file``), checked against the names a core may have, never a path built from the record.
 
 Every directory is opened relative to its parent with O_NOFOLLOW, so a symlink
 planted anywhere in the store is refused, never followed. Files are written under
@@ -13,8 +17,10 @@ a hidden temporary name, fsynced and renamed, so a final name is always complete
 
 from __future__ import annotations
 
+import calendar
 import errno
 import os
+import re
 import stat
 import time
 from typing import Optional
@@ -23,7 +29,66 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 RECORD = "record.json"
+#: A whole core, and one the kernel stopped sending before the length its ELF headers announce.
 CORE = "core.zst"
+PARTIAL_CORE = "core.partial.zst"
+CORE_FILES = (CORE, PARTIAL_CORE)
+#: The store's own files (store.lock, accounting, ledger) and the shared area of saved binaries (binaries).
+LOCK = ".lock"
+STATE = ".state.json"
+LEDGER = ".ledger.json"
+BUILD_ID = ".build-id"
+#: The directory of one crash, and the hidden temporary name a file has while it is written.
+CRASH_DIR = re.compile(r"(\d{8}T\d{6}Z)-([0-9a-f]{12})")
+TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+_STAMP = "%Y%m%dT%H%M%SZ"
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+def crash_dir_name(crash: str, timestamp: Optional[float] = None) -> str:
+    """``<UTC time>-<id>`` for the crash ``crash`` dumped at ``timestamp`` (now when None)."""
+    return f"{time.strftime(_STAMP, time.gmtime(timestamp))}-{crash}"
+
+
+def crash_id(name: str) -> Optional[str]:
+    """The id in a crash directory's name; None if ``name`` is not one."""
+    match = CRASH_DIR.fullmatch(name)
+    return match.group(2) if match else None
+
+
+def crash_time(name: str) -> float:
+    """The dump time in a crash directory's name (0 when it has none)."""
+    match = CRASH_DIR.fullmatch(name)
+    try:
+        return float(calendar.timegm(time.strptime(match.group(1), _STAMP))) if match else 0.0
+    except ValueError:
+        return 0.0
+
+
+def temp_name(final: str) -> str:
+    return f".{final}.{os.urandom(4).hex()}.tmp"
+
+
+def core_file(record: dict) -> Optional[str]:
+    """The name of the core a record says is stored, if it is one a core may have (else None)."""
+    core = record.get("core") if isinstance(record, dict) else None
+    name = core.get("file") if isinstance(core, dict) else None
+    return name if name in CORE_FILES else None
+
+
+def binary_name(build_id: object, sha256: object) -> Optional[tuple]:
+    """(directory, file name) below BUILD_ID of a saved binary, from checked hex only."""
+    if not (isinstance(build_id, str) and isinstance(sha256, str) and len(build_id) >= 4
+            and _HEX.fullmatch(build_id) and len(sha256) == 64 and _HEX.fullmatch(sha256)):
+        return None
+    return build_id[:2], f"{build_id[2:]}-{sha256[:16]}"
+
+
+def is_binary_name(directory: str, name: str) -> bool:
+    """Whether ``directory/name`` below BUILD_ID is one ``binary_name`` makes (a temporary file is not)."""
+    rest, sep, digest = name.rpartition("-")
+    return (len(directory) == 2 and bool(_HEX.fullmatch(directory)) and bool(sep) and bool(_HEX.fullmatch(rest))
+            and len(digest) == 16 and bool(_HEX.fullmatch(digest)))
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -93,16 +158,15 @@ class Store:
             for component in group:
                 fd = open_dir(fd, component)
                 opened.append(fd)
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(timestamp))
             for _ in range(16):
-                crash_id = os.urandom(6).hex()
-                name = f"{stamp}-{crash_id}"
+                new_id = os.urandom(6).hex()
+                name = crash_dir_name(new_id, timestamp)
                 try:
                     os.mkdir(name, DIR_MODE, dir_fd=fd)
                 except FileExistsError:
                     continue
                 crash_fd = open_dir(fd, name, create=False)
-                return CrashDir(crash_fd, "/".join((self.root.rstrip("/"),) + tuple(group) + (name,)), crash_id)
+                return CrashDir(crash_fd, "/".join((self.root.rstrip("/"),) + tuple(group) + (name,)), new_id)
             raise StoreError(errno.EEXIST, "could not create a unique crash directory")
         finally:
             for f in opened:
@@ -123,7 +187,7 @@ class CrashDir:
     def open_temp(self, final: str) -> tuple:
         """A new hidden file for ``final``; returns (fd, temporary name)."""
         for _ in range(16):
-            tmp = f".{final}.{os.urandom(4).hex()}.tmp"
+            tmp = temp_name(final)
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                              FILE_MODE, dir_fd=self.fd)

@@ -11,7 +11,7 @@ import hashlib
 import os
 from typing import Callable
 
-from corepipe.platform.store import CORE, write_all
+from corepipe.platform.store import core_file, write_all
 
 CHUNK = 1 << 20
 
@@ -21,16 +21,18 @@ class CoreError(Exception):
 
 
 def open_core(crash_path: str, record: dict) -> int:
-    """An fd on ``<crash>/core.zst``, never through a symlink; CoreError when the record or disk says no core."""
+    """An fd on the core the record names (``core.zst`` or ``core.partial.zst``), never through a symlink;
+    CoreError when the record or disk says no core."""
     core = record.get("core") or {}
-    if not core.get("stored"):
+    name = core_file(record)
+    if not core.get("stored") or name is None:
         raise CoreError(f"crash {record.get('id')} has no core ({core.get('reason') or 'not stored'})")
     try:
-        return os.open(os.path.join(crash_path, CORE), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return os.open(os.path.join(crash_path, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise CoreError(f"the core of crash {record.get('id')} is missing ({crash_path}/{CORE} was removed)") from None
+        raise CoreError(f"the core of crash {record.get('id')} is missing ({crash_path}/{name} was removed)") from None
     except OSError as exc:
-        raise CoreError(f"cannot open {crash_path}/{CORE}: {exc.strerror}") from None
+        raise CoreError(f"cannot open {crash_path}/{name}: {exc.strerror}") from None
 
 
 def copy(source_fd: int, record: dict, write: Callable[[bytes], object]) -> int:

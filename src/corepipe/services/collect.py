@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from corepipe.domain import accounting, catalog, containers, policy, postmortem, record, snapshot
-from corepipe.domain.accounting import PARTIAL_CORE
 from corepipe.domain.context import Context
 from corepipe.platform import config as configuration
 from corepipe.platform import kernel
 from corepipe.platform.capture import STDIN, Capture, Timeout, on_alarm
 from corepipe.platform.log import ERR, INFO, WARNING, log
-from corepipe.platform.store import CORE, RECORD, CrashDir, Store
+from corepipe.platform.store import CORE, PARTIAL_CORE, RECORD, CrashDir, Store
 
 
 def run(argv: list, early: Capture) -> int:

@@ -187,7 +187,7 @@ def _wait_and_verify(store: str, match: Callable[[dict], bool], timeout: float, 
 def _remove(store: str, items: list, throwaway_container: bool) -> None:
     """Delete the selftest's crashes and the saved binaries only they referred to."""
     from corepipe.commands.rm_cmd import referenced
-    from corepipe.domain.binaries import AREA
+    from corepipe.platform.store import BUILD_ID
 
     for path, _rec in items:
         shutil.rmtree(path)
@@ -198,7 +198,7 @@ def _remove(store: str, items: list, throwaway_container: bool) -> None:
                 pass
     for directory, name in referenced(items) - referenced(list(catalog.iter_records(store))):
         try:
-            os.unlink(os.path.join(store, AREA, directory, name))
+            os.unlink(os.path.join(store, BUILD_ID, directory, name))
         except FileNotFoundError:
             pass
 
