@@ -1,4 +1,4 @@
-"""The store's accounting on a real directory: state file damage, planted lock files, reservations."""
+"""The store's accounting and lock on a real directory: state file damage, planted lock files, reservations."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from corepipe.domain import accounting
+from corepipe.domain import accounting, catalog
 from corepipe.platform.config import Config
+from corepipe.platform.lock import StoreLock
 from corepipe.platform.store import LOCK, STATE, Store
 
 MIB = 1 << 20
@@ -43,8 +44,8 @@ def test_rate_limit_and_release(store: Store) -> None:
     cfg = _cfg()
     for n in range(2):
         assert accounting.admit(store, cfg, crash_id=f"{n:012x}", group=("docker", "c1"), exe="/x", want=MIB).budget
-        with accounting.Accounting(store) as acc:
-            acc.release(f"{n:012x}")
+        with catalog.Locked(store) as books:
+            accounting.release(books, f"{n:012x}")
     third = accounting.admit(store, cfg, crash_id="2" * 12, group=("docker", "c1"), exe="/x", want=MIB)
     assert third.budget == 0 and third.reason.startswith("rate limited: 2 cores of this container")
     other = accounting.admit(store, cfg, crash_id="3" * 12, group=("docker", "c2"), exe="/x", want=MIB)
@@ -83,7 +84,7 @@ def test_a_planted_lock_file_is_replaced_not_used(store: Store, tmp_path: Path, 
         lock.mkdir()
     else:
         os.link(target, lock)
-    with accounting.Accounting(store):
+    with StoreLock(store):
         st = os.lstat(lock)
         assert st.st_nlink == 1 and (st.st_mode & 0o170000) == 0o100000
     assert target.read_text() == "keep me\n" and target.stat().st_nlink == 1

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from support import need
 
-from corepipe.commands import rm_cmd
 from corepipe.domain import binaries
 from corepipe.platform import buildid, capture, sysroot
 from corepipe.platform.store import BUILD_ID, Store
@@ -127,7 +126,8 @@ def test_prune_keeps_referenced_and_recent(tmp_path: Path) -> None:
         path.write_bytes(b"x")
     os.utime(keep, (1, 1))
     os.utime(old, (1, 1))
-    assert rm_cmd.prune_binaries(str(tmp_path), {("ab", "cd-1")}, 3600) == 1
+    with Store(str(tmp_path)) as store:
+        assert binaries.prune_unused(store.fd, {"ab/cd-1"}, 3600) == 1
     assert keep.exists() and not old.exists() and recent.exists()
 
 

@@ -6,6 +6,10 @@ through its own filesystem, and the fds keep them reachable after the process (a
 ``save`` runs after the core is stored: it reads each file's build-id and copies it into
 ``<store>/.build-id/<xx>/<rest>-<sha256 prefix>``, shared by all crashes (the sha256 in the name
 means a file that fakes another's build-id can never replace it).
+
+A saved file lives as long as a stored core uses it: the ledger (ledger.py) counts the cores
+referring to each one, catalog.Locked deletes it (``remove``) with the last of them, and
+``prune_unused`` sweeps files nothing refers to (a handler killed before it registered them).
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 from corepipe.platform import buildid
-from corepipe.platform.store import BUILD_ID, CrashDir, binary_name, open_dir, write_all
+from corepipe.platform.store import BUILD_ID, CrashDir, binary_name, is_binary_name, open_dir, write_all
 
 _CHUNK = 1 << 20
 
@@ -52,6 +57,99 @@ def stored_name(entry: dict) -> Optional[tuple]:
     return binary_name(entry.get("build_id"), entry.get("sha256"))
 
 
+def key(entry: dict) -> Optional[str]:
+    """The ledger's key ("xx/name") of a record's stored ``binaries.files`` entry; None if not stored."""
+    name = stored_name(entry) if isinstance(entry, dict) and entry.get("stored") else None
+    return "/".join(name) if name else None
+
+
+def referenced(records: list) -> set:
+    """The keys of the saved binaries the records ``records`` refer to."""
+    return {k for rec in records for k in map(key, (rec.get("binaries") or {}).get("files") or []) if k}
+
+
+def on_disk(store_fd: int, rec: dict) -> list:
+    """(key, bytes on disk) of each saved binary the record refers to that is in the store; an entry whose
+    file is gone (deleted by another handler before this crash registered it) is marked not stored."""
+    items = []
+    for entry in (rec.get("binaries") or {}).get("files") or []:
+        name = key(entry)
+        if name is None:
+            continue
+        directory, _, file = name.partition("/")
+        try:
+            sub_fd = _open_area(store_fd, directory)
+            try:
+                st = os.stat(file, dir_fd=sub_fd, follow_symlinks=False)
+            finally:
+                os.close(sub_fd)
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
+            entry.update(stored=False, reason="deleted before this crash could keep it")
+            continue
+        items.append((name, st.st_blocks * 512))
+    return items
+
+
+def _open_area(store_fd: int, directory: str) -> int:
+    """An fd on .build-id/<directory>, each step opened without following links."""
+    area_fd = open_dir(store_fd, BUILD_ID, create=False)
+    try:
+        return open_dir(area_fd, directory, create=False)
+    finally:
+        os.close(area_fd)
+
+
+def remove(store_fd: int, keys: list) -> int:
+    """Delete the saved binaries ``keys`` (no core uses them any more); returns how many were deleted."""
+    removed = 0
+    for name in keys:
+        directory, _, file = name.partition("/")
+        if not is_binary_name(directory, file):
+            continue
+        try:
+            area_fd = _open_area(store_fd, directory)
+        except FileNotFoundError:
+            continue
+        try:
+            os.unlink(file, dir_fd=area_fd)
+            removed += 1
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(area_fd)
+    return removed
+
+
+def prune_unused(store_fd: int, keep: set, min_age: float) -> int:
+    """Delete saved binaries not in ``keep`` and older than ``min_age`` seconds (a collection may be about to
+    refer to a newer one), and temporary files of killed copies; returns how many were deleted."""
+    try:
+        area_fd = open_dir(store_fd, BUILD_ID, create=False)
+    except FileNotFoundError:
+        return 0
+    removed, now = 0, time.time()
+    try:
+        for directory in sorted(os.listdir(area_fd)):
+            try:
+                sub_fd = open_dir(area_fd, directory, create=False)
+            except OSError:
+                continue
+            try:
+                for name in os.listdir(sub_fd):
+                    st = os.stat(name, dir_fd=sub_fd, follow_symlinks=False)
+                    if (stat.S_ISREG(st.st_mode) and f"{directory}/{name}" not in keep
+                            and now - st.st_mtime > min_age):
+                        os.unlink(name, dir_fd=sub_fd)
+                        removed += 1
+            finally:
+                os.close(sub_fd)
+    finally:
+        os.close(area_fd)
+    return removed
+
+
 def _digest(fd: int, size: int, copy_to: Optional[int] = None) -> str:
     digest = hashlib.sha256()
     offset = 0
@@ -66,9 +164,11 @@ def _digest(fd: int, size: int, copy_to: Optional[int] = None) -> str:
     return digest.hexdigest()
 
 
-def save(store_fd: int, store_path: str, held: HeldFiles, *, copy: bool, max_size: int, keep_free: int = 0) -> dict:
-    """Describe every held file (build-id, size) and, if ``copy``, store it unless the crash's budget is spent
-    or the copy would leave less than ``keep_free`` bytes free on the store's filesystem."""
+def save(store_fd: int, store_path: str, held: HeldFiles, *, copy: bool, max_size: int, keep_free: int = 0,
+         core_kept: bool = True) -> dict:
+    """Describe every held file (build-id, size) and, if ``copy`` and the crash's core is kept, store it unless
+    the crash's budget is spent or the copy would leave less than ``keep_free`` bytes free on the store's
+    filesystem (binaries are only worth their room beside a core)."""
     result: dict = {"files": [], "saved_size": 0, "errors": list(held.errors)}
     area_fd = None
     try:
@@ -79,6 +179,8 @@ def save(store_fd: int, store_path: str, held: HeldFiles, *, copy: bool, max_siz
             result["files"].append(entry)
             if not copy:
                 entry["reason"] = "not saved for host processes (binaries_host = false)"
+            elif not core_kept:
+                entry["reason"] = "not saved: the core was not kept"
             elif entry["build_id"] is None:
                 entry["reason"] = "no build-id"
             elif result["saved_size"] + size > max_size:

@@ -1,8 +1,12 @@
-"""The crashes in a store: walk its layout (README, "Store layout") and find one by id prefix.
+"""The crashes in a store: walk its layout (README, "Store layout"), find one by id prefix, and delete.
 
 The walk opens every directory relative to its parent without following links (store.open_dir),
 so a planted symlink is skipped, not followed. A record that cannot be read or parsed is
 reported through ``problems`` and skipped: one broken crash must not hide the others.
+
+Every deletion (``rm``, ``prune``, the storage policy, ``uninstall --purge``, ``selftest``) goes
+through ``Locked``: under the store lock, keeping the ledger exact and deleting the saved
+binaries the last core using them took along.
 """
 
 from __future__ import annotations
@@ -10,11 +14,32 @@ from __future__ import annotations
 import os
 import re
 import stat
+import time
 from collections.abc import Iterator
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional, TypeVar
 
+from corepipe.domain import binaries, ledger, policy
 from corepipe.domain import record as records
-from corepipe.platform.store import RECORD, crash_id, open_dir
+from corepipe.platform.lock import StoreLock
+from corepipe.platform.log import ERR, log
+from corepipe.platform.store import (
+    CORE_FILES,
+    GROUP_LEDGER,
+    LEDGER,
+    RECORD,
+    TEMP_NAME,
+    CrashDir,
+    Store,
+    StoreError,
+    crash_id,
+    crash_time,
+    open_dir,
+    read_file,
+)
+
+_MAX_LEDGER = 256 << 20
+T = TypeVar("T")
 
 _MAX_RECORD = 64 << 20
 
@@ -145,3 +170,270 @@ def select(items: list, prefix: str) -> tuple:
         more = ", ..." if len(matches) > 5 else ""
         raise LookupFailed(f"id prefix {prefix} is ambiguous: {len(matches)} crashes ({ids}{more}); give more digits")
     return matches[0]
+
+
+# -- what the store holds, from its directories (prune, and a ledger rebuilt) --------------------------
+
+
+@dataclass
+class Temp:
+    """A hidden temporary file left in a crash directory (a handler still writing, or killed)."""
+
+    group: str
+    crash: str
+    name: str
+    mtime: float
+
+
+@dataclass
+class Contents:
+    crashes: list = field(default_factory=list)  # policy.Core, one per crash directory
+    temps: list = field(default_factory=list)
+
+
+def scan(store: Store) -> Contents:
+    """Every crash directory and leftover temporary file, without following any link. A crash's time is
+    when its core was written (crashes in the same second keep their order), or the dump time in its name
+    when it has no core."""
+    contents = Contents()
+    for parent_fd, parts in crash_dirs(store.fd, store.root, None):
+        crash_fd = _open_logged(store, parent_fd, parts[-1])
+        if crash_fd is None:
+            continue
+        group, crash = "/".join(parts[:-1]), parts[-1]
+        try:
+            core, size, when = None, 0, crash_time(crash)
+            for name in os.listdir(crash_fd):
+                try:
+                    st = os.stat(name, dir_fd=crash_fd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                if name in CORE_FILES:
+                    core, size, when = name, st.st_blocks * 512, st.st_mtime
+                elif TEMP_NAME.fullmatch(name):
+                    contents.temps.append(Temp(group, crash, name, st.st_mtime))
+            contents.crashes.append(policy.Core(group=group, crash=crash, size=size, time=when, file=core))
+        finally:
+            os.close(crash_fd)
+    return contents
+
+
+def rebuild_ledger(store: Store, contents: Optional[Contents] = None) -> ledger.Ledger:
+    """The ledger from the store's directories and records (``contents``: a scan already made); every group
+    seen is marked for writing, so a stale group file goes too."""
+    contents = contents if contents is not None else scan(store)
+    books = ledger.Ledger()
+    for core in contents.crashes:
+        books.dirty.add(core.group)
+        if core.file is None:
+            continue
+        books.add_core(core.group, core.crash, core.file, core.size, core.time)
+        try:
+            crash = _open_crash(store, core.group, core.crash)
+        except OSError:
+            continue
+        try:
+            rec = read_record(crash.fd)
+        except (OSError, ValueError):
+            continue
+        finally:
+            crash.close()
+        books.add_binaries(core.group, core.crash, binaries.on_disk(store.fd, rec))
+    return books
+
+
+def _open_logged(store: Store, parent: int, name: str) -> Optional[int]:
+    try:
+        return open_dir(parent, name, create=False)
+    except OSError as exc:
+        log(f"error: store {store.root}: skipping {name}: {exc}", ERR)
+        return None
+
+
+def _open_path(store: Store, components: list) -> int:
+    """An fd on store/<components...>, each opened without following links."""
+    fd = store.fd
+    for component in components:
+        child = open_dir(fd, component, create=False)
+        if fd != store.fd:
+            os.close(fd)
+        fd = child
+    return fd
+
+
+def _open_crash(store: Store, group: str, crash: str) -> CrashDir:
+    return CrashDir(_open_path(store, group.split("/") + [crash]), f"{store.root}/{group}/{crash}", crash)
+
+
+class Locked:
+    """The store under its lock, with its ledger (loaded when first used, rebuilt when missing, unreadable or
+    inconsistent, saved when changed): what adds a core to the store or deletes anything from it does it here."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._lock = StoreLock(store)
+        self._ledger: Optional[ledger.Ledger] = None
+        self._rebuilt = False
+
+    def __enter__(self) -> Locked:
+        self._lock.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._ledger is not None and (self._ledger.dirty or self._rebuilt):
+                self.save_ledger()
+        finally:
+            self._lock.__exit__(*exc)
+
+    @property
+    def ledger(self) -> ledger.Ledger:
+        if self._ledger is None:
+            self._ledger = self._load_ledger()
+        return self._ledger
+
+    def _load_ledger(self) -> ledger.Ledger:
+        try:
+            data = read_file(self.store.fd, LEDGER, _MAX_LEDGER)
+        except (OSError, StoreError) as exc:
+            log(f"error: {self.store.root}/{LEDGER}: {exc}; rebuilding it", ERR)
+            data = b""
+        loaded = ledger.loads(data, self._load_group) if data is not None else None
+        if loaded is not None:
+            return loaded
+        if data is not None:
+            log(f"error: {self.store.root}/{LEDGER} is not a ledger of ours; rebuilding it", ERR)
+        return self.rebuild()
+
+    def _load_group(self, group: str) -> Optional[dict]:
+        try:
+            fd = _open_path(self.store, group.split("/"))
+        except FileNotFoundError:
+            return None
+        try:
+            data = read_file(fd, GROUP_LEDGER, _MAX_LEDGER)
+        except (OSError, StoreError) as exc:
+            log(f"error: {self.store.root}/{group}/{GROUP_LEDGER}: {exc}", ERR)
+            data = b""
+        finally:
+            os.close(fd)
+        return ledger.group_loads(data) if data is not None else None
+
+    def rebuild(self, contents: Optional[Contents] = None) -> ledger.Ledger:
+        """Replace the ledger by what the store's directories say (``corepipe prune``, or a damaged ledger)."""
+        self._ledger = rebuild_ledger(self.store, contents)
+        self._rebuilt = True
+        return self._ledger
+
+    def checked(self, action: Callable[[], T]) -> T:
+        """``action()`` on the ledger; if a group's file turns out inconsistent, once more on a rebuilt one."""
+        try:
+            return action()
+        except ledger.Inconsistent as exc:
+            log(f"error: {self.store.root}: the ledger is inconsistent ({exc}); rebuilding it", ERR)
+            stale = exc.group
+            self.rebuild().dirty.add(stale)
+            return action()
+
+    def save_ledger(self) -> None:
+        """The dirty groups' files, then the summary (written like any store file: hidden temporary, fsync,
+        rename over whatever is there, never through it)."""
+        books = self.ledger
+        for group in sorted(books.dirty):
+            try:
+                fd = _open_path(self.store, group.split("/"))
+            except FileNotFoundError:
+                continue
+            directory = CrashDir(fd, f"{self.store.root}/{group}", "")
+            try:
+                data = books.group_dumps(group)
+                if data is not None:
+                    directory.write(GROUP_LEDGER, data)
+                else:
+                    try:
+                        os.unlink(GROUP_LEDGER, dir_fd=fd)
+                    except FileNotFoundError:
+                        pass
+            finally:
+                directory.close()
+        books.dirty.clear()
+        CrashDir(self.store.fd, self.store.root, "").write(LEDGER, books.dumps())
+        self._rebuilt = False
+
+    def add_core(self, crash: CrashDir, group: str, file: str) -> None:
+        """A core was just put in place as ``file`` in ``crash`` (of ``group``)."""
+        st = os.stat(file, dir_fd=crash.fd, follow_symlinks=False)
+        name = os.path.basename(crash.path)
+        unused = self.checked(lambda: self.ledger.add_core(group, name, file, st.st_blocks * 512, time.time()))
+        binaries.remove(self.store.fd, unused)
+
+    def add_binaries(self, crash: CrashDir, group: str, rec: dict) -> None:
+        """Register the binaries the record says were saved for its (stored) core."""
+        name = os.path.basename(crash.path)
+        items = binaries.on_disk(self.store.fd, rec)
+        self.checked(lambda: self.ledger.add_binaries(group, name, items))
+
+    def drop_binaries(self, keys: set) -> int:
+        """Binaries saved for a crash whose core went before they were registered: delete those no core uses."""
+        return binaries.remove(self.store.fd, sorted(k for k in keys if k not in self.ledger.binaries))
+
+    def delete_core(self, core: policy.Core, reason: str) -> int:
+        """Delete a crash's core and say so in its record (which stays), with the saved binaries only it used;
+        returns how many of those were deleted."""
+        try:
+            crash = _open_crash(self.store, core.group, core.crash)
+        except FileNotFoundError:
+            return self._forget(core.group, core.crash)  # gone already: the ledger was behind
+        try:
+            try:
+                os.unlink(core.file, dir_fd=crash.fd)
+            except FileNotFoundError:
+                pass
+            try:
+                rec = read_record(crash.fd)
+                records.core_deleted(rec, reason)
+                crash.write(RECORD, records.dumps(rec))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                log(f"error: {crash.path}: core deleted but its record not updated: {exc}", ERR)
+        finally:
+            crash.close()
+        return self._forget(core.group, core.crash)
+
+    def delete_crash(self, group: str, crash: str) -> int:
+        """Delete a whole crash directory (its files are never followed), with the saved binaries only its core
+        used; returns how many of those were deleted."""
+        crash_dir = _open_crash(self.store, group, crash)
+        try:
+            for name in os.listdir(crash_dir.fd):
+                try:
+                    os.unlink(name, dir_fd=crash_dir.fd)
+                except IsADirectoryError:
+                    pass
+        finally:
+            crash_dir.close()
+        removed = self._forget(group, crash)  # its core is gone, even if the directory cannot go
+        parent_fd = _open_path(self.store, group.split("/"))
+        try:
+            os.rmdir(crash, dir_fd=parent_fd)
+        finally:
+            os.close(parent_fd)
+        return removed
+
+    def delete_temp(self, temp: Temp) -> None:
+        crash = _open_crash(self.store, temp.group, temp.crash)
+        try:
+            os.unlink(temp.name, dir_fd=crash.fd)
+        finally:
+            crash.close()
+
+    def _forget(self, group: str, crash: str) -> int:
+        unused = self.checked(lambda: self.ledger.remove(group, crash))
+        return binaries.remove(self.store.fd, unused)
+
+
+def group_of(path: str, root: str) -> tuple:
+    """(group, crash directory name) of a crash directory ``path`` found below ``root`` by ``iter_records``."""
+    parts = os.path.relpath(path, root).split(os.sep)
+    return "/".join(parts[:-1]), parts[-1]

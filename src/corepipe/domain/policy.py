@@ -2,9 +2,9 @@
 
 Nothing here touches the disk, so every rule can be unit-tested with made-up figures.
 The rules (README, "Storage policy"): a container keeps at most ``container_max_cores``
-cores and ``container_max_bytes`` bytes of cores; the store uses at most ``max_use`` and
-leaves ``keep_free`` free on its filesystem. Room is made by deleting the oldest cores,
-first of the container the new core belongs to (for its own limits), then of whichever
+cores and ``container_max_bytes`` bytes of cores; the store (cores and the saved binaries they
+use) uses at most ``max_use`` and leaves ``keep_free`` free on its filesystem. Room is made by
+deleting the oldest cores, first of the container the new core belongs to (for its own limits), then of whichever
 container uses the most (for the global ones). A crash not yet stored is never a candidate.
 """
 
@@ -24,13 +24,15 @@ MARGIN = 256 * 1024
 @dataclass(frozen=True)
 class Core:
     """A crash in the store: its container group ("host", "docker/<id>"), directory name, time, and its core
-    file's name and bytes on disk (``file`` None: no core)."""
+    file's name and bytes on disk (``file`` None: no core), and the saved binaries its core uses (keys of
+    ``plan``'s ``shared``)."""
 
     group: str
     crash: str
     size: int
     time: float
     file: Optional[str] = None
+    binaries: tuple = ()
 
 
 @dataclass
@@ -68,47 +70,91 @@ def limits(*, max_use: int, keep_free: int, container_max_cores: int, container_
                   container_max_cores=container_max_cores, container_max_bytes=container_max_bytes)
 
 
-def plan(cores: list, lim: Limits, *, fs_free: int, reserved: int = 0, group: Optional[str] = None,
-         want: int = 0) -> Plan:
+class Holdings:
+    """What the store holds, as ``plan`` reads it: per container group its number and bytes of cores, the
+    cores of a group (asked only for the groups ``plan`` needs: a ledger loads them on demand), and per
+    saved binary its bytes and how many cores use it. Built here from a list; ledger.Ledger is another."""
+
+    def __init__(self, cores: list, shared: Optional[dict] = None):
+        self._cores: dict = {}
+        self.binaries: dict = {}
+        for core in cores:
+            if core.file:
+                self._cores.setdefault(core.group, []).append(core)
+                for name in core.binaries:
+                    self.binaries.setdefault(name, [(shared or {}).get(name, 0), 0])[1] += 1
+
+    def groups(self) -> dict:
+        return {g: [len(cores), sum(c.size for c in cores)] for g, cores in self._cores.items()}
+
+    def cores(self, group: str) -> list:
+        return list(self._cores.get(group, []))
+
+
+def plan(cores: object, lim: Limits, *, fs_free: int, reserved: int = 0, group: Optional[str] = None,
+         want: int = 0, shared: Optional[dict] = None) -> Plan:
     """What to delete so the limits hold with one more core of ``want`` bytes in ``group``.
 
-    With ``group`` None (``corepipe prune``) only the existing cores are brought within the limits.
-    ``reserved`` is room already promised to handlers still writing; it counts as used.
+    ``cores`` is a list of Core (``shared``: the bytes of each saved binary they use) or a Holdings-like
+    object; only the groups the decision needs are asked for their cores (the new core's own, and the
+    biggest while the global limits are over). With ``group`` None (``corepipe prune``) only the existing
+    cores are brought within the limits. ``reserved`` is room already promised to handlers still writing;
+    it counts as used. Saved binaries count towards ``max_use`` while a core uses them, and deleting the
+    last core that uses one frees it too.
     """
+    holdings = Holdings(cores, shared) if isinstance(cores, list) else cores
     result = Plan()
-    remaining = sorted((c for c in cores if c.file), key=lambda c: (c.time, c.crash))
+    counts = {g: n for g, (n, _size) in holdings.groups().items() if n}
+    bytes_of = {g: size for g, (n, size) in holdings.groups().items() if n}
+    users = {name: refs for name, (_size, refs) in holdings.binaries.items() if refs > 0}
+    sizes = {name: size for name, (size, _refs) in holdings.binaries.items()}
+    binary_use = sum(sizes[name] for name in users)
+    freed = 0
+    loaded: dict = {}
     new = 1 if group is not None else 0
 
+    def remaining(g: str) -> list:
+        """The cores of ``g`` not yet dropped, oldest first."""
+        if g not in loaded:
+            loaded[g] = sorted((c for c in holdings.cores(g) if c.file), key=lambda c: (c.time, c.crash))
+        return loaded[g]
+
     def drop(core: Core, reason: str) -> None:
-        remaining.remove(core)
+        nonlocal binary_use, freed
+        remaining(core.group).remove(core)
+        counts[core.group] -= 1
+        bytes_of[core.group] -= core.size
         result.delete.append((core, reason))
+        freed += core.size
+        for name in core.binaries:
+            if name in users:
+                users[name] -= 1
+                if not users[name]:
+                    del users[name]
+                    binary_use -= sizes[name]
+                    freed += sizes[name]
 
-    groups = {c.group for c in remaining} if group is None else {group}
-    for g in sorted(groups):
-        own = [c for c in remaining if c.group == g]
+    for g in sorted(counts) if group is None else [group]:
+        own = remaining(g)
         while lim.container_max_cores and own and len(own) + new > lim.container_max_cores:
-            drop(own.pop(0), f"container {g} is over container_max_cores ({lim.container_max_cores})")
+            drop(own[0], f"container {g} is over container_max_cores ({lim.container_max_cores})")
         while lim.container_max_bytes and own and sum(c.size for c in own) + want * new > lim.container_max_bytes:
-            drop(own.pop(0), f"container {g} is over container_max_bytes ({lim.container_max_bytes})")
-
-    free = fs_free + sum(c.size for c, _ in result.delete)
+            drop(own[0], f"container {g} is over container_max_bytes ({lim.container_max_bytes})")
 
     def used() -> int:
-        return sum(c.size for c in remaining) + reserved
+        return sum(bytes_of.values()) + binary_use + reserved
 
-    while remaining:
+    while any(counts.values()):
         if lim.max_use and used() + want > lim.max_use:
             reason = f"the store is over max_use ({lim.max_use} bytes)"
-        elif lim.keep_free and free - want < lim.keep_free:
+        elif lim.keep_free and fs_free + freed - want < lim.keep_free:
             reason = f"the filesystem has less than keep_free ({lim.keep_free} bytes) free"
         else:
             break
-        biggest = max(sorted({c.group for c in remaining}), key=lambda g: sum(c.size for c in remaining
-                                                                             if c.group == g))
-        victim = next(c for c in remaining if c.group == biggest)
-        drop(victim, f"{reason}; {biggest} uses the most")
-        free += victim.size
+        biggest = max(sorted(g for g, n in counts.items() if n), key=lambda g: bytes_of[g])
+        drop(remaining(biggest)[0], f"{reason}; {biggest} uses the most")
 
+    free = fs_free + freed
     if group is not None:
         # Room promised to other handlers is not on the disk yet but will be: it is not free.
         rooms = [("free space on the filesystem", free - reserved - MARGIN)]
@@ -117,7 +163,7 @@ def plan(cores: list, lim: Limits, *, fs_free: int, reserved: int = 0, group: Op
         if lim.keep_free:
             rooms.append((f"keep_free ({lim.keep_free} bytes)", free - reserved - lim.keep_free - MARGIN))
         if lim.container_max_bytes:
-            own_bytes = sum(c.size for c in remaining if c.group == group)
+            own_bytes = bytes_of.get(group, 0)
             rooms.append((f"container_max_bytes ({lim.container_max_bytes})", lim.container_max_bytes - own_bytes))
         name, room = min(rooms, key=lambda r: r[1])
         result.budget = max(0, room)

@@ -37,7 +37,8 @@ def finish(store: Store, crash: CrashDir, rec: dict, held: Optional[binaries.Hel
             from corepipe.domain import accounting
 
             saved = binaries.save(store.fd, store.root, held, copy=cfg.binaries_host or not is_host,
-                                  max_size=cfg.binaries_max_size, keep_free=accounting.measure(store, cfg)[0].keep_free)
+                                  max_size=cfg.binaries_max_size, keep_free=accounting.measure(store, cfg)[0].keep_free,
+                                  core_kept=bool(rec["core"]["stored"]))
             record.set_binaries(rec, saved)
         if cfg.backtrace and rec["core"]["stored"]:
             from corepipe.domain import backtrace

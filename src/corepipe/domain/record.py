@@ -125,14 +125,21 @@ def core_deleted(record: dict, reason: str) -> None:
     """The core was deleted (to make room, or by prune); the record stays, and so do the binaries' names,
     which are no longer kept either (binaries live as long as a core that needs them)."""
     record["core"].update(stored=False, file=None, reason=f"deleted: {reason}")
-    for entry in (record.get("binaries") or {}).get("files") or []:
-        if entry.get("stored"):
-            entry.update(stored=False, reason="deleted with the core")
+    binaries_dropped(record, "deleted with the core")
 
 
 def core_as_on_disk(record: dict, stored: dict) -> None:
-    """Take the ``core`` of the record on disk, which another handler changed (it deleted the core)."""
+    """Take the ``core`` of the record on disk, which another handler changed (it deleted the core); the
+    binaries saved for it are not kept either."""
     record["core"] = stored
+    binaries_dropped(record, "deleted with the core")
+
+
+def binaries_dropped(record: dict, reason: str) -> None:
+    """The saved binaries of this crash are no longer kept for it."""
+    for entry in (record.get("binaries") or {}).get("files") or []:
+        if entry.get("stored"):
+            entry.update(stored=False, reason=reason)
 
 
 def set_binaries(record: dict, result: dict) -> None:

@@ -5,7 +5,7 @@ Layout (README, "Store layout"); every name in it is made and parsed here, nowhe
     <root>/host/<crash>/                 crashes of host processes
     <root>/<runtime>/<container>/<crash>/ crashes inside containers
     <crash>/record.json, <crash>/core.zst (or core.partial.zst), <crash>/.<name>.<8 hex>.tmp while written
-    <root>/.lock, .state.json, .ledger.json, .build-id/<xx>/<rest>-<sha256:16>
+    <root>/.lock, .state.json, .ledger.json, .build-id/<xx>/<rest>-<sha256:16>, <group>/.cores.json
 
 ``<crash>`` is ``<UTC time>-<12 hex id>``. Readers take a core's file name from its record
 (``core_file``), checked against the names a core may have, never a path built from the record.
@@ -37,6 +37,8 @@ CORE_FILES = (CORE, PARTIAL_CORE)
 LOCK = ".lock"
 STATE = ".state.json"
 LEDGER = ".ledger.json"
+#: In each container group's directory (``host``, ``docker/<id>``): that group's stored cores (ledger.py).
+GROUP_LEDGER = ".cores.json"
 BUILD_ID = ".build-id"
 #: The directory of one crash, and the hidden temporary name a file has while it is written.
 CRASH_DIR = re.compile(r"(\d{8}T\d{6}Z)-([0-9a-f]{12})")
@@ -100,6 +102,29 @@ def write_all(fd: int, data: bytes) -> None:
 
 class StoreError(OSError):
     """The store cannot be used safely; the message says why."""
+
+
+def read_file(dir_fd: int, name: str, limit: int) -> Optional[bytes]:
+    """A small file of the store's own (state, ledger), never through a link or from a FIFO; None when it
+    does not exist. StoreError when it is not a plain file of ours or over ``limit`` bytes."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > limit:
+            raise StoreError(errno.EINVAL, f"{name} is not a plain file of ours")
+        chunks = []
+        while True:
+            chunk = os.read(fd, limit + 1 - sum(map(len, chunks)))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            if sum(map(len, chunks)) > limit:
+                raise StoreError(errno.EFBIG, f"{name} is over {limit} bytes")
+    finally:
+        os.close(fd)
 
 
 def _check_dir(fd: int, what: str) -> None:

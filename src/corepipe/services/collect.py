@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
-from corepipe.domain import accounting, catalog, containers, policy, postmortem, record, snapshot
+from corepipe.domain import accounting, binaries, catalog, containers, policy, postmortem, record, snapshot
 from corepipe.domain.context import Context
 from corepipe.platform import config as configuration
 from corepipe.platform import kernel
@@ -258,43 +258,55 @@ def write_core(ctx: Context, admission: accounting.Admission, limit: Optional[in
 
 
 def commit(ctx: Context, staged: Optional[Staged]) -> None:
-    """Put the core under its final name and record that, holding the store's lock (so a handler making
-    room never sees a core whose record does not say it is stored), and give back the reservation."""
-    with _locked(ctx) as acc:
+    """Put the core under its final name, in the ledger and in the record, holding the store's lock (so a
+    handler making room never sees a core whose record does not say it is stored), and give back the
+    reservation."""
+    with _locked(ctx) as books:
         if staged is not None:
             try:
                 ctx.crash.commit(staged.fd, staged.tmp, staged.name)
             except OSError as exc:
                 ctx.crash.discard(staged.fd, staged.tmp)
                 _not_saved(ctx, f"write failed: {exc}")
+            else:
+                if books is not None:
+                    books.add_core(ctx.crash, "/".join(ctx.container.directory()), staged.name)
             write_record(ctx)
-        if acc is not None:
-            acc.release(ctx.crash.id)
+        if books is not None:
+            accounting.release(books, ctx.crash.id)
+
 
 
 def write_final(ctx: Context) -> None:
-    """The final record, under the lock: if another handler deleted the core to make room in the
-    meantime, the record keeps what it said about that."""
+    """The final record, under the lock. The binaries saved for the core now count it among their users (in
+    the ledger); if another handler deleted the core to make room in the meantime, the record keeps what it
+    said about that, and the binaries only this crash would have used go."""
     rec, crash = ctx.record, ctx.crash
     if not rec["core"]["stored"]:
         write_record(ctx)
         return
-    with _locked(ctx):
+    with _locked(ctx) as books:
         try:
             os.stat(rec["core"]["file"], dir_fd=crash.fd, follow_symlinks=False)
         except FileNotFoundError:
+            saved = binaries.referenced([rec])
             try:
                 record.core_as_on_disk(rec, catalog.read_record(crash.fd)["core"])
             except (OSError, ValueError, KeyError) as exc:
                 record.core_deleted(rec, f"its record was unreadable: {exc}")
+            if books is not None:
+                books.drop_binaries(saved)
+        else:
+            if books is not None:
+                books.add_binaries(ctx.crash, "/".join(ctx.container.directory()), rec)
         write_record(ctx)
 
 
 @contextlib.contextmanager
-def _locked(ctx: Context) -> Iterator[Optional[accounting.Accounting]]:
+def _locked(ctx: Context) -> Iterator[Optional[catalog.Locked]]:
     """The store's lock, or (logged) nothing when it cannot be had: the record matters more."""
     try:
-        lock = accounting.Accounting(ctx.store)
+        lock = catalog.Locked(ctx.store)
     except OSError as exc:
         log(f"error: pid {ctx.args.pid}: cannot lock the store to finish crash {ctx.crash.id}: {exc}", ERR)
         yield None

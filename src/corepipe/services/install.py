@@ -365,10 +365,12 @@ def purge_store(store: str, created: bool) -> str:
     if created:
         shutil.rmtree(store)
         return f"deleted the store {store}"
-    from corepipe.commands import rm_cmd
+    from corepipe.domain import binaries
+    from corepipe.platform.store import Store
 
     crashes = [path for path, _rec in catalog.iter_records(store)]
-    for path in crashes:
-        shutil.rmtree(path)
-    rm_cmd.prune_binaries(store, set(), 0)
+    with Store(store, create=False) as opened, catalog.Locked(opened) as books:
+        for path in crashes:
+            books.delete_crash(*catalog.group_of(path, store))
+        binaries.prune_unused(opened.fd, set(), 0)
     return f"deleted {len(crashes)} crashes from {store} (the directory existed before install: kept)"

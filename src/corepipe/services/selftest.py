@@ -186,21 +186,19 @@ def _wait_and_verify(store: str, match: Callable[[dict], bool], timeout: float, 
 
 def _remove(store: str, items: list, throwaway_container: bool) -> None:
     """Delete the selftest's crashes and the saved binaries only they referred to."""
-    from corepipe.commands.rm_cmd import referenced
-    from corepipe.platform.store import BUILD_ID
+    from corepipe.platform.store import Store
 
-    for path, _rec in items:
-        shutil.rmtree(path)
-        if throwaway_container:
+    if not items:
+        return
+    with Store(store, create=False) as opened, catalog.Locked(opened) as books:
+        for path, _rec in items:
+            books.delete_crash(*catalog.group_of(path, store))
+    if throwaway_container:  # once the lock is let go: its ledger file for the container is gone by then
+        for directory in {os.path.dirname(path) for path, _rec in items}:
             try:
-                os.rmdir(os.path.dirname(path))
+                os.rmdir(directory)
             except OSError:
                 pass
-    for directory, name in referenced(items) - referenced(list(catalog.iter_records(store))):
-        try:
-            os.unlink(os.path.join(store, BUILD_ID, directory, name))
-        except FileNotFoundError:
-            pass
 
 
 def _verify(path: str, rec: dict, what: str) -> None:

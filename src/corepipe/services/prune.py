@@ -1,0 +1,66 @@
+"""``corepipe prune``: apply retention and the storage limits to what the store holds (daily, by a timer).
+
+Under the store lock, from a fresh scan (which also rebuilds the ledger, so any drift is corrected
+daily): crashes older than ``max_age_days`` go whole, temporary files of killed handlers go, saved
+binaries no stored core uses go, and then the oldest cores until the limits hold (policy.plan, with
+the binaries counted as in admission).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from corepipe.domain import accounting, binaries, catalog, policy
+from corepipe.platform.config import Config
+from corepipe.platform.store import Store
+
+
+def prune(store: Store, cfg: Config, *, dry_run: bool, say: Callable[[str], None]) -> int:
+    """Delete (or with ``dry_run`` only list) what the policy says, one line each to ``say``; returns how many
+    deletions failed."""
+    failed = 0
+    min_age = cfg.timeout + 60  # a handler still collecting may be about to use a temporary file or binary
+
+    def apply(action: Callable[[], object], path: str, reason: str) -> None:
+        nonlocal failed
+        if dry_run:
+            say(f"would delete {path} ({reason})")
+            return
+        try:
+            action()
+        except OSError as exc:
+            failed += 1
+            say(f"error: cannot delete {path}: {exc}")
+            return
+        say(f"deleted {path} ({reason})")
+
+    with catalog.Locked(store) as books:
+        contents = catalog.scan(store)
+        # The ledger as the directories say; a dry run changes nothing, not even the ledger file.
+        held = catalog.rebuild_ledger(store, contents) if dry_run else books.rebuild(contents)
+        now = time.time()
+        old = policy.expired(contents.crashes, now=now, max_age_days=cfg.max_age_days)
+        for crash in old:
+            apply(lambda c=crash: books.delete_crash(c.group, c.crash), f"{store.root}/{crash.group}/{crash.crash}",
+                  f"older than max_age_days = {cfg.max_age_days}")
+        for temp in contents.temps:
+            if now - temp.mtime > min_age:
+                apply(lambda t=temp: books.delete_temp(t), f"{store.root}/{temp.group}/{temp.crash}/{temp.name}",
+                      "left by a handler that died")
+        if not dry_run:
+            unused = binaries.prune_unused(store.fd, set(held.binaries), min_age)
+            if unused:
+                say(f"deleted {unused} saved binaries no stored core uses")
+        lim, free = accounting.measure(store, cfg)
+        gone = {(c.group, c.crash) for c in old}
+        if dry_run:  # nothing was deleted: count the old crashes as gone, as they would be
+            free += sum(c.size for c in old)
+        reserved = sum(r[0] for r in accounting.reservations(accounting.load_state(store), min_age).values())
+        entries = [c for g in held.groups() for c in held.cores(g) if (c.group, c.crash) not in gone]
+        plan = policy.plan(entries, lim, fs_free=free, reserved=reserved,
+                           shared={name: size for name, (size, _refs) in held.binaries.items()})
+        for core, reason in plan.delete:
+            apply(lambda c=core, r=reason: books.delete_core(c, f"{r} (corepipe prune)"),
+                  f"{store.root}/{core.group}/{core.crash}/{core.file}", reason)
+    return failed
