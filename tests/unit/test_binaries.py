@@ -13,7 +13,7 @@ from pathlib import Path
 from support import need
 
 from corepipe.domain import binaries
-from corepipe.platform import buildid, capture, sysroot
+from corepipe.platform import capture, elf, sysroot
 from corepipe.platform.store import BUILD_ID, Store
 
 
@@ -26,7 +26,7 @@ def _readelf_build_id(path: Path) -> str:
 
 def _build_id(path: Path) -> object:
     with open(path, "rb") as f:
-        return buildid.read(f.fileno())
+        return elf.build_id(f.fileno())
 
 
 def test_build_id_matches_readelf(crasher: Path, tmp_path: Path) -> None:

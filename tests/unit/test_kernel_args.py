@@ -2,7 +2,16 @@ from __future__ import annotations
 
 import pytest
 
-from corepipe.platform.kernel import PATTERN_MAX, RLIM_INFINITY, SPECIFIERS, PatternTooLong, build_pattern, parse_args
+from corepipe.platform import capture
+from corepipe.platform.kernel import (
+    PATTERN_MAX,
+    RLIM_INFINITY,
+    SPECIFIERS,
+    PatternTooLong,
+    build_pattern,
+    is_corepipe_pattern,
+    parse_args,
+)
 
 GOOD = ["4242", "1", "4243", "1000", "1001", "11", "1700000000", str(RLIM_INFINITY), "1", "3", "web-1", "my prog"]
 
@@ -61,3 +70,19 @@ def test_pattern_too_long_is_refused_not_truncated() -> None:
         build_pattern("/usr/local/bin/corepipe", config="/" + "x" * 80)
     with pytest.raises(ValueError):
         build_pattern("/usr/local/bin/core pipe")
+
+
+@pytest.mark.parametrize("argv", [
+    ["10", "1", "1", "0", "0", "11", "1700000000", "0", "1", "7", "h", "c"],
+    ["--config", "/c.toml", "10", "1", "1", "0", "0", "11", "1700000000", "0", "1", "-", "h", "c"],
+    ["10", "x"], ["--config"], [],
+])
+def test_capture_reads_pid_and_pidfd_as_parse_args_does(argv: list) -> None:
+    args = parse_args(argv)
+    assert capture.kernel_ids(argv) == (args.pid, args.pidfd)
+
+
+def test_our_pattern_is_recognised() -> None:
+    assert is_corepipe_pattern(build_pattern("/usr/local/bin/corepipe", "/etc/c.toml"))
+    assert is_corepipe_pattern(build_pattern("/x/h", pidfd=False))
+    assert not is_corepipe_pattern("|/usr/lib/systemd/systemd-coredump %P %u %g %s %t %c %h")

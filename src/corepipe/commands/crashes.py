@@ -80,8 +80,9 @@ def json_item(path: str, rec: dict) -> dict:
     return {**rec, "path": path, "core_state": core_state(path, rec)}
 
 
-def human_size(size: Optional[int]) -> str:
-    if size is None:
+def human_size(size: object) -> str:
+    """A byte count as every command shows one (``512B``, ``1.5K``, ``12M``, ``3.2G``); ``-`` when unknown."""
+    if not isinstance(size, int) or isinstance(size, bool):
         return "-"
     value = float(size)
     for unit in ("B", "K", "M", "G"):

@@ -21,7 +21,7 @@ from typing import Optional
 
 from corepipe.commands import crashes
 from corepipe.domain import binaries
-from corepipe.platform import buildid, sysroot, unpack
+from corepipe.platform import elf, gdb, sysroot, unpack
 from corepipe.platform.errors import UserError
 from corepipe.platform.store import BUILD_ID
 
@@ -69,7 +69,7 @@ def _executable(rec: dict, made: dict) -> Optional[str]:
     recorded = next((e.get("build_id") for e in (rec.get("binaries") or {}).get("files") or [] if e.get("exe")), None)
     if recorded:
         with open(exe, "rb") as f:
-            if buildid.read(f.fileno()) != recorded:
+            if elf.build_id(f.fileno()) != recorded:
                 print(f"corepipe debug: warning: {exe} has changed since the crash (build-id differs)", file=sys.stderr)
     return exe
 
@@ -88,8 +88,7 @@ def command(argv: list, extra: list, exe: Optional[str], core: str, root: str, s
     argv = list(argv)
     if os.path.basename(argv[0]).startswith("gdb"):
         # The saved files come from the container: never let gdb run scripts or libthread_db from them.
-        argv += ["-q", "-iex", "set auto-load off", "-iex", "set libthread-db-search-path $sdir",
-                 "-iex", f"set sysroot {root}",
+        argv += ["-q", *gdb.HARDENING, "-iex", f"set sysroot {root}",
                  "-iex", f"set solib-search-path {':'.join(search)}"]
     return argv + extra + ([exe] if exe else []) + [core]
 

@@ -7,7 +7,7 @@ import os
 import sys
 
 from corepipe.commands import crashes
-from corepipe.platform import unpack
+from corepipe.platform import fs, unpack
 from corepipe.platform.errors import UserError
 
 HELP = "write the decompressed core of a crash to a file or stdout (default: the latest crash)"
@@ -44,23 +44,9 @@ def run(ns: argparse.Namespace) -> int:
 
 
 def _to_file(source: int, rec: dict, output: str) -> None:
-    """Write under a hidden temporary name beside ``output`` and rename: ``output`` is complete or untouched."""
-    directory, name = os.path.split(os.path.abspath(output))
-    tmp = os.path.join(directory, f".{name}.{os.urandom(4).hex()}.part")
+    """Write under a hidden temporary name beside ``output`` and rename (fs.replace): ``output`` is complete
+    or untouched."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fs.replace(os.path.abspath(output), lambda fd: unpack.to_fd(source, rec, fd), mode=0o600)
     except OSError as exc:
-        raise UserError(f"cannot write {output}: {exc.strerror}") from None
-    try:
-        unpack.to_fd(source, rec, fd)
-        os.fsync(fd)
-        os.close(fd)
-        fd = None
-        os.rename(tmp, output)
-    except BaseException as exc:
-        if fd is not None:
-            os.close(fd)
-        os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise UserError(f"cannot write {output}: {exc.strerror or exc}") from None
-        raise
+        raise UserError(f"cannot write {output}: {exc.strerror or exc}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from corepipe.commands.crashes import human_size as size
 from corepipe.commands.install_cmd import add_config_option, paths
 from corepipe.services import status
 
@@ -15,17 +16,6 @@ HELP = ("show whether corepipe is the active core handler and what its store hol
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_option(parser)
     parser.add_argument("--json", action="store_true", help="print the facts as JSON")
-
-
-def size(n: object) -> str:
-    if not isinstance(n, int):
-        return "?"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return "?"
 
 
 def run(ns: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from typing import Optional
 
 from corepipe.domain import catalog, policy
 from corepipe.domain.snapshot import parse_start_ticks
+from corepipe.platform import fs
 from corepipe.platform.config import Config
 from corepipe.platform.log import ERR, log
 from corepipe.platform.store import STATE, CrashDir, Store, StoreError, read_file
@@ -85,10 +86,9 @@ def release(books: catalog.Locked, crash_id: str) -> None:
 
 def measure(store: Store, cfg: Config) -> tuple:
     """(the effective policy.Limits, bytes free) for the store's filesystem as it is now."""
-    st = os.fstatvfs(store.fd)
-    lim = policy.limits(max_use=cfg.max_use, keep_free=cfg.keep_free, fs_size=st.f_blocks * st.f_frsize,
+    lim = policy.limits(max_use=cfg.max_use, keep_free=cfg.keep_free, fs_size=fs.fs_size(store.fd),
                         container_max_cores=cfg.container_max_cores, container_max_bytes=cfg.container_max_bytes)
-    return lim, st.f_bavail * st.f_frsize
+    return lim, fs.free_bytes(store.fd)
 
 
 def _valid_state(state: object) -> dict:

@@ -21,7 +21,7 @@ import time
 from typing import Optional
 
 from corepipe.domain.binaries import HeldFiles
-from corepipe.platform import sysroot, unpack
+from corepipe.platform import gdb, sysroot, unpack
 
 MAX_OUTPUT = 256 * 1024
 _PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -93,8 +93,7 @@ def _decompressed(store_fd: int, crash_path: str, record: dict) -> int:
 def _command(tool: str, core: str, exe: Optional[str], root: str) -> list:
     if os.path.basename(tool) == "eu-stack":
         return [tool, "-s", f"--core={core}"] + ([f"--executable={exe}"] if exe else [])
-    return [tool, "-batch", "-nx", "-iex", "set auto-load off", "-iex", "set libthread-db-search-path $sdir",
-            "-iex", "set debuginfod enabled off",
+    return [tool, "-batch", "-nx", *gdb.HARDENING,
             "-ex", f"set sysroot {root}", "-ex", "thread apply all bt", *([exe] if exe else []), core]
 
 

@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from corepipe.platform import buildid
-from corepipe.platform.store import BUILD_ID, CrashDir, binary_name, is_binary_name, open_dir, write_all
+from corepipe.platform import elf
+from corepipe.platform.fs import free_bytes, write_all
+from corepipe.platform.store import BUILD_ID, CrashDir, binary_name, is_binary_name, open_dir
 
 _CHUNK = 1 << 20
 
@@ -174,7 +175,7 @@ def save(store_fd: int, store_path: str, held: HeldFiles, *, copy: bool, max_siz
     try:
         for item in held.files:
             size = os.fstat(item.fd).st_size
-            entry = {"path": item.path, "exe": item.exe, "build_id": buildid.read(item.fd), "size": size,
+            entry = {"path": item.path, "exe": item.exe, "build_id": elf.build_id(item.fd), "size": size,
                      "sha256": None, "stored": False, "reason": None}
             result["files"].append(entry)
             if not copy:
@@ -185,7 +186,7 @@ def save(store_fd: int, store_path: str, held: HeldFiles, *, copy: bool, max_siz
                 entry["reason"] = "no build-id"
             elif result["saved_size"] + size > max_size:
                 entry["reason"] = f"over binaries_max_size ({max_size} bytes for this crash)"
-            elif _free(store_fd) - size < keep_free:
+            elif free_bytes(store_fd) - size < keep_free:
                 entry["reason"] = f"would leave less than keep_free ({keep_free} bytes) free"
             else:
                 try:
@@ -200,11 +201,6 @@ def save(store_fd: int, store_path: str, held: HeldFiles, *, copy: bool, max_siz
         if area_fd is not None:
             os.close(area_fd)
     return result
-
-
-def _free(fd: int) -> int:
-    st = os.fstatvfs(fd)
-    return st.f_bavail * st.f_frsize
 
 
 def _store(area_fd: int, area_path: str, fd: int, entry: dict) -> None:

@@ -31,7 +31,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 STDIN = 0
-#: The kernel's arguments after ``collect [--config PATH]``: kernel.FIELDS, where pid and pidfd sit.
+#: The kernel's arguments after ``collect [--config PATH]``: kernel.FIELDS, where pid and pidfd sit
+#: (kernel.py checks these against FIELDS when it is imported).
+CONFIG_OPTION = "--config"
 ARG_COUNT = 12
 PID_AT = 0
 PIDFD_AT = 9
@@ -107,7 +109,7 @@ def is_number(text: str) -> bool:
 
 def kernel_ids(argv: list) -> tuple:
     """(host PID, pidfd) from ``[--config PATH] <specifiers>``, by kernel.parse_args' rules; None where unusable."""
-    rest = argv[2:] if len(argv) >= 2 and argv[0] == "--config" else argv
+    rest = argv[2:] if len(argv) >= 2 and argv[0] == CONFIG_OPTION else argv
     if not rest or not is_number(rest[PID_AT]):
         return None, None
     pidfd = rest[PIDFD_AT] if len(rest) == ARG_COUNT else ""

@@ -3,17 +3,31 @@
 The kernel splits the pattern on spaces *before* it expands the specifiers, so a
 comm (%e) or hostname (%h) with spaces still arrives as one argument. A specifier
 the kernel does not know expands to an empty string, which keeps the positions fixed.
+
+This module is the one statement of that contract: the pattern written (``build_pattern``), the
+pattern recognised as corepipe's (``is_corepipe_pattern``) and the arguments parsed (``parse_args``).
+capture.py, which must run before this module is imported, keeps only the positions of the pid and
+pidfd; they are checked against FIELDS here, at import.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
+
+from corepipe.platform import capture
 
 #: The order of the specifiers after ``corepipe collect [--config PATH]``; documented in the README.
 SPECIFIERS = ("%P", "%p", "%I", "%u", "%g", "%s", "%t", "%c", "%d", "%F", "%h", "%e")
 FIELDS = ("pid", "ns_pid", "tid", "uid", "gid", "signal", "time", "core_limit", "dump_mode",
           "pidfd", "hostname", "comm")
+#: The option before the specifiers, as capture.kernel_ids reads it too.
+CONFIG_OPTION = "--config"
+if (capture.ARG_COUNT, capture.PID_AT, capture.PIDFD_AT, capture.CONFIG_OPTION) != (
+        len(FIELDS), FIELDS.index("pid"), FIELDS.index("pidfd"), CONFIG_OPTION):
+    raise ImportError("capture.py's kernel argument positions disagree with kernel.FIELDS")
+_OURS = re.compile(rf"\|\S+ collect( {CONFIG_OPTION} \S+)? {re.escape(SPECIFIERS[0])} ")
 #: What ``%c`` expands to for ``ulimit -c unlimited`` (RLIM_INFINITY as an unsigned long).
 RLIM_INFINITY = 2**64 - 1
 #: The kernel silently truncates core_pattern to this many bytes (CORENAME_MAX_SIZE - 1).
@@ -54,7 +68,7 @@ def build_pattern(executable: str, config: Optional[str] = None, pidfd: bool = T
     """The ``|...`` line for kernel.core_pattern; raises PatternTooLong rather than be truncated."""
     words = ["|" + executable, "collect"]
     if config:
-        words += ["--config", config]
+        words += [CONFIG_OPTION, config]
     words += [s if (s != "%F" or pidfd) else "-" for s in SPECIFIERS]
     pattern = " ".join(words)
     if any(c.isspace() for c in executable + (config or "")):
@@ -64,12 +78,13 @@ def build_pattern(executable: str, config: Optional[str] = None, pidfd: bool = T
     return pattern
 
 
-def _is_number(text: str) -> bool:
-    return text.isascii() and text.isdigit() and len(text) <= 20
+def is_corepipe_pattern(pattern: str) -> bool:
+    """A core_pattern that ``build_pattern`` made (for any handler path and config)."""
+    return bool(_OURS.match(pattern))
 
 
 def _number(text: str) -> int:
-    if not _is_number(text):
+    if not capture.is_number(text):
         raise ValueError(text)
     return int(text)
 
@@ -78,13 +93,13 @@ def parse_args(argv: list[str]) -> KernelArgs:
     """Parse ``[--config PATH] <specifiers>``; never raises, collects what is wrong in ``errors``."""
     args = KernelArgs()
     rest = list(argv)
-    if len(rest) >= 2 and rest[0] == "--config":
+    if len(rest) >= 2 and rest[0] == CONFIG_OPTION:
         args.config = rest[1]
         rest = rest[2:]
     if len(rest) != len(FIELDS):
         args.errors.append(f"expected {len(FIELDS)} kernel arguments ({' '.join(SPECIFIERS)}), got {len(rest)}")
         # Trust nothing positional when the count is off, except a leading host PID.
-        rest = rest[:1] if rest and _is_number(rest[0]) else []
+        rest = rest[:1] if rest and capture.is_number(rest[0]) else []
     for name, value in zip(FIELDS, rest):
         if name in ("hostname", "comm"):
             setattr(args, name, value)

@@ -25,6 +25,9 @@ import stat
 import time
 from typing import Optional
 
+from corepipe.platform import fs
+from corepipe.platform.fs import write_all
+
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -40,7 +43,7 @@ LEDGER = ".ledger.json"
 #: In each container group's directory (``host``, ``docker/<id>``): that group's stored cores (ledger.py).
 GROUP_LEDGER = ".cores.json"
 BUILD_ID = ".build-id"
-#: The directory of one crash, and the hidden temporary name a file has while it is written.
+#: The directory of one crash, and the hidden temporary name a file has while it is written (fs.temp_name).
 CRASH_DIR = re.compile(r"(\d{8}T\d{6}Z)-([0-9a-f]{12})")
 TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
 _STAMP = "%Y%m%dT%H%M%SZ"
@@ -67,10 +70,6 @@ def crash_time(name: str) -> float:
         return 0.0
 
 
-def temp_name(final: str) -> str:
-    return f".{final}.{os.urandom(4).hex()}.tmp"
-
-
 def core_file(record: dict) -> Optional[str]:
     """The name of the core a record says is stored, if it is one a core may have (else None)."""
     core = record.get("core") if isinstance(record, dict) else None
@@ -91,13 +90,6 @@ def is_binary_name(directory: str, name: str) -> bool:
     rest, sep, digest = name.rpartition("-")
     return (len(directory) == 2 and bool(_HEX.fullmatch(directory)) and bool(sep) and bool(_HEX.fullmatch(rest))
             and len(digest) == 16 and bool(_HEX.fullmatch(digest)))
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """os.write until every byte is written (a write may take only part of a large buffer)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 class StoreError(OSError):
@@ -211,42 +203,14 @@ class CrashDir:
 
     def open_temp(self, final: str) -> tuple:
         """A new hidden file for ``final``; returns (fd, temporary name)."""
-        for _ in range(16):
-            tmp = temp_name(final)
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             FILE_MODE, dir_fd=self.fd)
-            except FileExistsError:
-                continue
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise StoreError(errno.EINVAL, f"{tmp} is not a regular file")
-            return fd, tmp
-        raise StoreError(errno.EEXIST, f"could not create a temporary file for {final}")
+        return fs.create_temp(self.fd, "", final, FILE_MODE)
 
     def commit(self, fd: int, tmp: str, final: str) -> None:
         """fsync and rename into place; the final name then always holds a complete file."""
-        os.fsync(fd)
-        os.close(fd)
-        os.rename(tmp, final, src_dir_fd=self.fd, dst_dir_fd=self.fd)
-        os.fsync(self.fd)
+        fs.commit(self.fd, fd, tmp, final)
 
     def discard(self, fd: Optional[int], tmp: str) -> None:
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        try:
-            os.unlink(tmp, dir_fd=self.fd)
-        except OSError:
-            pass
+        fs.discard(self.fd, fd, tmp)
 
     def write(self, final: str, data: bytes) -> None:
-        fd, tmp = self.open_temp(final)
-        try:
-            write_all(fd, data)
-        except BaseException:
-            self.discard(fd, tmp)
-            raise
-        self.commit(fd, tmp, final)
+        fs.replace(final, lambda fd: write_all(fd, data), mode=FILE_MODE, dir_fd=self.fd)

@@ -11,7 +11,8 @@ import hashlib
 import os
 from typing import Callable
 
-from corepipe.platform.store import core_file, write_all
+from corepipe.platform.fs import write_all
+from corepipe.platform.store import core_file
 
 CHUNK = 1 << 20
 

@@ -210,7 +210,7 @@ def write_core(ctx: Context, admission: accounting.Admission, limit: Optional[in
                cap: Optional[int]) -> Optional[Staged]:
     """The captured prefix and the rest of the core fd, compressed into a temporary file; None when nothing
     is to be committed (refused for room, or failed: the record says which)."""
-    from corepipe.platform import compress, elfcore
+    from corepipe.platform import compress, elf
 
     rec, crash, cfg, group = ctx.record, ctx.crash, ctx.cfg, ctx.container.directory()
 
@@ -238,7 +238,7 @@ def write_core(ctx: Context, admission: accounting.Admission, limit: Optional[in
         crash.discard(fd, tmp)
         _not_saved(ctx, "the kernel sent no core data (the pipe was empty)")
         return None
-    expected = None if result.truncated else elfcore.expected_size(result.head)
+    expected = None if result.truncated else elf.expected_size(result.head)
     whole = expected is None or result.size >= expected
     reason = None
     if result.truncated:

@@ -21,8 +21,8 @@ from typing import Optional
 
 from corepipe.domain import catalog
 from corepipe.platform import config as configuration
-from corepipe.platform import kernel, launcher
-from corepipe.platform.store import write_all
+from corepipe.platform import fs, kernel, launcher
+from corepipe.platform.fs import write_all
 from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, PROC_SYS, Sysctl, SysctlError
 
 #: core_pipe_limit: non-zero makes the kernel wait for the handler before reaping the process, so
@@ -38,7 +38,6 @@ LAUNCHER_MARK = "# corepipe launcher: written by 'corepipe install', removed by 
 PIDFD_KERNEL = (6, 16)
 #: The kernel's own default, given back when what was there before is unknown.
 DEFAULT_PATTERN = "core"
-_COREPIPE_PATTERN = re.compile(r"\|\S+ collect( --config \S+)? %P ")
 
 
 class InstallError(Exception):
@@ -76,7 +75,7 @@ def describe(pattern: str) -> str:
     for needle, name in (("systemd-coredump", "systemd-coredump"), ("apport", "apport"), ("abrt", "abrt")):
         if needle in pattern:
             return name
-    if _COREPIPE_PATTERN.match(pattern):
+    if kernel.is_corepipe_pattern(pattern):
         return "another corepipe installation"
     return "another handler"
 
@@ -116,19 +115,8 @@ def _read(path: str) -> Optional[bytes]:
 
 
 def _write_file(path: str, data: bytes, mode: int) -> None:
-    """Replace ``path`` atomically (temporary file, fsync, rename): a reader sees the old or the new file."""
-    tmp = f"{path}.{os.urandom(4).hex()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        write_all(fd, data)
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.rename(tmp, path)
+    """Replace ``path`` atomically (fs.replace): a reader sees the old or the new file."""
+    fs.replace(path, lambda fd: write_all(fd, data), mode=mode)
 
 
 def _saved(path: str) -> Optional[dict]:

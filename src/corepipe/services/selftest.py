@@ -13,14 +13,13 @@ import os
 import resource
 import shutil
 import signal
-import struct
 import subprocess
 import tarfile
 import time
 from typing import Callable, Optional
 
 from corepipe.domain import catalog, containers
-from corepipe.platform import unpack
+from corepipe.platform import elf, unpack
 from corepipe.platform.sysctl import CORE_PATTERN, Sysctl
 from corepipe.services.install import Paths, load_state
 
@@ -98,16 +97,9 @@ def is_static(path: str) -> bool:
     """An ELF executable without a program interpreter runs in an empty root file system."""
     try:
         with open(path, "rb") as f:
-            header = f.read(64)
-            if header[:4] != b"\x7fELF" or header[4] != 2:
-                return False
-            phoff, = struct.unpack_from("<Q", header, 32)
-            phentsize, phnum = struct.unpack_from("<HH", header, 54)
-            f.seek(phoff)
-            table = f.read(phentsize * phnum)
-    except (OSError, struct.error):
+            return elf.has_interpreter(f.fileno()) is False
+    except OSError:
         return False
-    return all(struct.unpack_from("<I", table, i * phentsize)[0] != 3 for i in range(phnum))  # 3: PT_INTERP
 
 
 def _rootfs_tar() -> bytes:
@@ -210,7 +202,7 @@ def _verify(path: str, rec: dict, what: str) -> None:
 
     def keep_head(chunk: bytes) -> None:
         if not head:
-            head.extend(chunk[:18])
+            head.extend(chunk[:64])
 
     try:
         source = unpack.open_core(path, rec)
@@ -220,7 +212,7 @@ def _verify(path: str, rec: dict, what: str) -> None:
             os.close(source)
     except unpack.CoreError as exc:
         raise SelftestError(f"the {what} core: {exc}") from None
-    if head[:4] != b"\x7fELF" or int.from_bytes(head[16:18], "little") != 4:
+    if not elf.is_core(bytes(head)):
         raise SelftestError(f"the {what} core in {path} is not an ELF core file")
 
 

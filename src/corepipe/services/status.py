@@ -7,6 +7,7 @@ from typing import Optional
 
 from corepipe.domain import catalog
 from corepipe.platform import config as configuration
+from corepipe.platform import fs
 from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, Sysctl, SysctlError
 from corepipe.services.install import Paths, load_state
 
@@ -33,8 +34,7 @@ def store_summary(root: str, recent: int = RECENT) -> dict:
                      "crashes": 0, "containers": [], "recent": [], "errors": []}
     if not summary["exists"]:
         return summary
-    vfs = os.statvfs(root)
-    summary["free_bytes"] = vfs.f_bavail * vfs.f_frsize
+    summary["free_bytes"] = fs.free_bytes(root)
     summary["used_bytes"] = _disk_use(root)
     groups: dict = {}
     crashes = []

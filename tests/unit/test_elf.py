@@ -1,10 +1,11 @@
-"""The expected length of an ELF core, from its program headers."""
+"""ELF headers: the expected length of a core, its type, and an executable's interpreter."""
 
 from __future__ import annotations
 
 import struct
 
-from corepipe.platform.elfcore import expected_size
+from corepipe.platform import elf
+from corepipe.platform.elf import expected_size
 
 
 def core_header(segments: list, e_type: int = 4) -> bytes:
@@ -26,3 +27,16 @@ def test_unknown_when_not_an_elf_core_or_headers_missing() -> None:
     assert expected_size(core_header([(4096, 1)], e_type=2)) is None, "an executable, not a core"
     assert expected_size(core_header([(4096, 1), (8192, 1)])[:64 + 56]) is None, "program headers cut off"
     assert expected_size(core_header([])) is None
+
+
+def test_core_type_and_interpreter(tmp_path) -> None:
+    assert elf.is_core(core_header([(4096, 1)])) and not elf.is_core(core_header([(4096, 1)], e_type=2))
+    assert not elf.is_core(b"\x7fELF" + bytes(12))
+    with open("/bin/sh", "rb") as f:
+        assert elf.has_interpreter(f.fileno()) is True
+    static = tmp_path / "static"
+    static.write_bytes(core_header([(4096, 1)], e_type=2))  # program headers of type PT_LOAD only
+    with open(static, "rb") as f:
+        assert elf.has_interpreter(f.fileno()) is False
+    with open(__file__, "rb") as f:
+        assert elf.has_interpreter(f.fileno()) is None and elf.build_id(f.fileno()) is None
