@@ -107,5 +107,5 @@ def test_the_checks_see_what_they_should() -> None:
     """The parser finds function-level imports and ``from pkg import module``; the cycle finder finds cycles."""
     graph = _graph()
     assert "corepipe.services.collect" in graph["corepipe.commands.collect_cmd"]  # imported inside run()
-    assert "corepipe.platform.capture" in graph["corepipe.commands.collect_cmd"]  # from corepipe.platform import …
+    assert "corepipe.platform.capture" in graph["corepipe.commands.collect_cmd"]  # from corepipe.platform import ...
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"d"}, "e": set()}) == [["a", "b", "c"], ["d"]]
