@@ -63,6 +63,7 @@ def measure(src: Path, crashes: int, reps: int) -> float:
         store = work / "store"
         store.mkdir(mode=0o700)
         prefill(store, crashes)
+        os.sync()  # the pre-fill's writeback must not land on the measured crashes' fsyncs
         config = work / "c.toml"
         config.write_text(f'store = "{store}"\nrate_limit_container = 0\nrate_limit_exe = 0\n'
                           "container_max_cores = 0\nmax_use = 0\nkeep_free = 0\nbacktrace = false\n"

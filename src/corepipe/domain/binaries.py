@@ -69,10 +69,10 @@ def referenced(records: list) -> set:
     return {k for rec in records for k in map(key, (rec.get("binaries") or {}).get("files") or []) if k}
 
 
-def on_disk(store_fd: int, rec: dict) -> list:
-    """(key, bytes on disk) of each saved binary the record refers to that is in the store; an entry whose
-    file is gone (deleted by another handler before this crash registered it) is marked not stored."""
-    items = []
+def on_disk(store_fd: int, rec: dict) -> tuple:
+    """([(key, bytes on disk)] of each saved binary the record refers to that is in the store, [keys of those
+    whose file is gone]: deleted by another handler before this crash registered it)."""
+    items, missing = [], []
     for entry in (rec.get("binaries") or {}).get("files") or []:
         name = key(entry)
         if name is None:
@@ -87,10 +87,10 @@ def on_disk(store_fd: int, rec: dict) -> list:
         except OSError:
             st = None
         if st is None or not stat.S_ISREG(st.st_mode):
-            entry.update(stored=False, reason="deleted before this crash could keep it")
+            missing.append(name)
             continue
         items.append((name, st.st_blocks * 512))
-    return items
+    return items, missing
 
 
 def _open_area(store_fd: int, directory: str) -> int:

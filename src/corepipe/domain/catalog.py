@@ -240,7 +240,7 @@ def rebuild_ledger(store: Store, contents: Optional[Contents] = None) -> ledger.
             continue
         finally:
             crash.close()
-        books.add_binaries(core.group, core.crash, binaries.on_disk(store.fd, rec))
+        books.add_binaries(core.group, core.crash, binaries.on_disk(store.fd, rec)[0])
     return books
 
 
@@ -372,7 +372,9 @@ class Locked:
     def add_binaries(self, crash: CrashDir, group: str, rec: dict) -> None:
         """Register the binaries the record says were saved for its (stored) core."""
         name = os.path.basename(crash.path)
-        items = binaries.on_disk(self.store.fd, rec)
+        items, missing = binaries.on_disk(self.store.fd, rec)
+        if missing:
+            records.binaries_dropped(rec, "deleted before this crash could keep it", set(missing))
         self.checked(lambda: self.ledger.add_binaries(group, name, items))
 
     def drop_binaries(self, keys: set) -> int:

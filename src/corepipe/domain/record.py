@@ -11,6 +11,7 @@ from corepipe import __version__
 from corepipe.domain.containers import Container
 from corepipe.domain.snapshot import Snapshot
 from corepipe.platform.kernel import KernelArgs
+from corepipe.platform.store import binary_name
 
 SCHEMA = 1
 REDACTED = "<redacted>"
@@ -135,10 +136,12 @@ def core_as_on_disk(record: dict, stored: dict) -> None:
     binaries_dropped(record, "deleted with the core")
 
 
-def binaries_dropped(record: dict, reason: str) -> None:
-    """The saved binaries of this crash are no longer kept for it."""
+def binaries_dropped(record: dict, reason: str, only: Optional[set] = None) -> None:
+    """The saved binaries of this crash (those of the keys ``only``, "xx/name" below .build-id) are no longer
+    kept for it."""
     for entry in (record.get("binaries") or {}).get("files") or []:
-        if entry.get("stored"):
+        name = binary_name(entry.get("build_id"), entry.get("sha256"))
+        if entry.get("stored") and (only is None or (name is not None and "/".join(name) in only)):
             entry.update(stored=False, reason=reason)
 
 
