@@ -196,8 +196,9 @@ def scan(store: Store) -> Contents:
     when its core was written (crashes in the same second keep their order), or the dump time in its name
     when it has no core."""
     contents = Contents()
-    for parent_fd, parts in crash_dirs(store.fd, store.root, None):
-        crash_fd = _open_logged(store, parent_fd, parts[-1])
+    problems: list = []
+    for parent_fd, parts in crash_dirs(store.fd, store.root, problems):
+        crash_fd = _open(parent_fd, parts[-1], os.path.join(store.root, *parts), problems)
         if crash_fd is None:
             continue
         group, crash = "/".join(parts[:-1]), parts[-1]
@@ -217,6 +218,8 @@ def scan(store: Store) -> Contents:
             contents.crashes.append(policy.Core(group=group, crash=crash, size=size, time=when, file=core))
         finally:
             os.close(crash_fd)
+    for path, message in problems:
+        log(f"error: store {store.root}: skipping {path}: {message}", ERR)
     return contents
 
 
@@ -242,14 +245,6 @@ def rebuild_ledger(store: Store, contents: Optional[Contents] = None) -> ledger.
             crash.close()
         books.add_binaries(core.group, core.crash, binaries.on_disk(store.fd, rec)[0])
     return books
-
-
-def _open_logged(store: Store, parent: int, name: str) -> Optional[int]:
-    try:
-        return open_dir(parent, name, create=False)
-    except OSError as exc:
-        log(f"error: store {store.root}: skipping {name}: {exc}", ERR)
-        return None
 
 
 def _open_path(store: Store, components: list) -> int:
