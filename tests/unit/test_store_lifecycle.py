@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from inprocess import collect_in_process
+from support import wait_for
 
 from corepipe import cli
 from corepipe.domain import catalog, ledger
@@ -25,6 +26,9 @@ CORE = b"\x7fELF" + os.urandom(MIB)  # incompressible: the stored core takes abo
 @pytest.fixture
 def sleepers() -> list:
     children = [subprocess.Popen(["sleep", "60"]), subprocess.Popen(["tail", "-f", "/dev/null"])]
+    for child in children:  # every library mapped (the loader done) before a crash of it is collected
+        wait_for(lambda c=child: "libc" in Path(f"/proc/{c.pid}/maps").read_text() and
+                 Path(f"/proc/{c.pid}/wchan").read_text() not in ("", "0"), 10, "the process to start")
     yield children
     for child in children:
         child.kill()
