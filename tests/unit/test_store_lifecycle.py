@@ -137,3 +137,16 @@ def test_the_ledger_stays_exact_and_is_rebuilt_when_damaged(tmp_path: Path, slee
         _assert_exact(tmp_path)
     assert _cli(tmp_path, cfg, "prune", "--dry-run") == 0
     _assert_exact(tmp_path)
+
+
+def test_a_ledger_that_cannot_be_saved_is_rebuilt_next_time(tmp_path: Path, sleepers: list) -> None:
+    cfg = _cfg(tmp_path)
+    collect_in_process(cfg, sleepers[0].pid, "first", CORE)
+    with Store(cfg.store, create=False) as store, catalog.Locked(store) as books:
+        books.ledger.dirty.add("host")
+        (tmp_path / "store" / "host" / ".cores.json").unlink()
+        (tmp_path / "store" / "host" / ".cores.json").mkdir()  # the group file cannot be replaced now
+    assert not (tmp_path / "store" / LEDGER).exists()
+    (tmp_path / "store" / "host" / ".cores.json").rmdir()
+    collect_in_process(cfg, sleepers[0].pid, "second", CORE)
+    _assert_exact(tmp_path)

@@ -280,6 +280,12 @@ class Locked:
         try:
             if self._ledger is not None and (self._ledger.dirty or self._rebuilt):
                 self.save_ledger()
+        except OSError as error:  # a full disk: what was decided stands; the next user rebuilds the ledger
+            log(f"error: {self.store.root}/{LEDGER}: cannot save it ({error}); it will be rebuilt", ERR)
+            try:
+                os.unlink(LEDGER, dir_fd=self.store.fd)
+            except OSError:
+                pass
         finally:
             self._lock.__exit__(*exc)
 
