@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from corepipe.domain import accounting, catalog, containers, policy, postmortem, record, snapshot
 from corepipe.domain.accounting import PARTIAL_CORE
 from corepipe.platform import config as configuration
-from corepipe.platform import kernel
+from corepipe.platform import kernel, slots
 from corepipe.platform.capture import STDIN, Capture, Timeout, on_alarm, release
 from corepipe.platform.log import ERR, INFO, WARNING, log
 from corepipe.platform.store import CORE, RECORD, CrashDir, Store
@@ -104,13 +104,23 @@ def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: co
     core = rec["core"]
     limit = args.core_limit_bytes() if cfg.honour_core_limit else None
     failed = bool(errors)
+    storm = None
     if limit == 0:
         core["reason"] = "RLIMIT_CORE is 0"
     else:
-        pending, core_failed = _policed_core(store, crash, args, cfg, snap, container.directory(), rec, limit, early)
-        failed = _commit(store, crash, args, rec, pending) or core_failed or failed
+        with _noted(rec, slots.core_turn(store, cfg)) as turn:  # before the core is read
+            storm = core["reason"] = turn.refused
+            if storm is None:
+                pending, core_failed = _policed_core(store, crash, args, cfg, snap, container.directory(), rec,
+                                                     limit, early)
+                failed = _commit(store, crash, args, rec, pending) or core_failed or failed
     _let_go(early)  # also when no core is read: saving binaries need not keep the process
-    postmortem.finish(store, crash, rec, held, cfg, container.is_host)
+    if storm is None and held is not None:  # a crash refused in a storm stays cheap
+        with _noted(rec, slots.postmortem_turn(store, cfg)) as turn:
+            if turn.refused:
+                rec["postmortem"] = {"skipped": turn.refused}
+            else:
+                postmortem.finish(store, crash, rec, held, cfg, container.is_host)
     rec["status"] = "failed" if failed else "complete"
     rec["collector"]["duration"] = round(time.monotonic() - early.started, 6)
     rec["collector"]["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -250,6 +260,13 @@ def _locked(store: Store, args: kernel.KernelArgs, crash: CrashDir) -> Iterator[
         return
     with lock:
         yield lock
+
+
+def _noted(rec: dict, turn: slots.Turn) -> slots.Turn:
+    """``turn``, with its error (the slots could not be used, so the work goes on unbounded) in the record."""
+    if turn.error:
+        rec["collector"]["errors"].append(turn.error)
+    return turn
 
 
 def _not_saved(args: kernel.KernelArgs, rec: dict, reason: str) -> bool:
