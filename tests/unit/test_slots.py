@@ -25,7 +25,7 @@ def _holder(store: Path, kind: str) -> subprocess.Popen:
     """Another process holding one slot of ``kind`` until it is killed; returns once it holds it."""
     code = ("import sys\nfrom corepipe.platform import slots\nfrom corepipe.platform.config import Config\n"
             "from corepipe.platform.store import Store\n"
-            f"cfg = Config(store={str(store)!r}, concurrent_cores=2, concurrent_postmortems=1)\n"
+            f"cfg = Config(store={str(store)!r}, concurrent_cores=2, concurrent_postmortems=1, core_wait=0)\n"
             f"turn = slots.{kind}_turn(Store(cfg.store), cfg)\n"
             "print('held' if turn.fd is not None else turn.refused, flush=True)\nsys.stdin.read()\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -47,7 +47,7 @@ def _holds(pid: int, path: Path) -> bool:
 
 
 def test_core_slots_refuse_beyond_the_count_and_come_back_when_a_holder_dies(tmp_path: Path) -> None:
-    cfg = _config(tmp_path, concurrent_cores=2)
+    cfg = _config(tmp_path, concurrent_cores=2, core_wait=0)
     with Store(cfg.store) as store:
         first = slots.core_turn(store, cfg)
         other = _holder(tmp_path / "store", "core")
@@ -72,7 +72,7 @@ def test_no_limit_and_one_per_cpu(tmp_path: Path) -> None:
     with Store(str(tmp_path / "store")) as store:
         unbounded = [slots.core_turn(store, _config(tmp_path, concurrent_cores=0)) for _ in range(3)]
         assert all(t.fd is None and t.refused is None and t.error is None for t in unbounded)
-        cfg = _config(tmp_path)
+        cfg = _config(tmp_path, core_wait=0)
         cpus = len(os.sched_getaffinity(0))
         held = [slots.core_turn(store, cfg) for _ in range(cpus)]
         assert all(t.fd is not None for t in held)
@@ -81,10 +81,13 @@ def test_no_limit_and_one_per_cpu(tmp_path: Path) -> None:
             turn.close()
 
 
-def test_a_postmortem_waits_in_the_queue_for_a_free_slot(tmp_path: Path) -> None:
+def test_a_postmortem_waits_in_a_bounded_queue_for_a_free_slot(tmp_path: Path) -> None:
     cfg = _config(tmp_path, concurrent_postmortems=1, postmortem_wait=60)
+    places = slots.WAITING_PER_SLOT
     with Store(cfg.store) as store:
         other = _holder(tmp_path / "store", "postmortem")
+        queued = [slots._take(store, f"{slots.POSTMORTEM}-queue", places) for _ in range(places - 1)]
+        assert None not in queued
         code = ("from corepipe.platform import slots\nfrom corepipe.platform.config import Config\n"
                 "from corepipe.platform.store import Store\n"
                 f"cfg = Config(store={cfg.store!r}, concurrent_postmortems=1, postmortem_wait=60)\n"
@@ -92,31 +95,37 @@ def test_a_postmortem_waits_in_the_queue_for_a_free_slot(tmp_path: Path) -> None
         waiter = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                                   env={"PYTHONPATH": str(SRC)})
         try:
-            # The waiter holds the one queue place while it waits (seen in /proc/locks, without touching it),
-            # so a third handler skips at once.
-            wait_for(lambda: _holds(waiter.pid, tmp_path / "store" / slots.DIRECTORY / f"{slots.QUEUE}.0"),
-                     30, "the waiter to take its queue place")
-            third = slots.postmortem_turn(store, cfg)
-            assert third.fd is None and third.refused.endswith("and 1 waiting; skipped"), third.refused
+            # The waiter takes the last waiting place (seen in /proc/locks, without touching it), so another
+            # handler is refused at once.
+            queue = tmp_path / "store" / slots.DIRECTORY
+            wait_for(lambda: any(_holds(waiter.pid, p) for p in queue.glob(f"{slots.POSTMORTEM}-queue.*")),
+                     30, "the waiter to take its place")
+            started = time.monotonic()
+            refused = slots.postmortem_turn(store, cfg)
+            assert time.monotonic() - started < 5
+            assert refused.fd is None and refused.refused.endswith(f"and {places} waiting"), refused.refused
             assert waiter.poll() is None
             other.kill()
             other.wait()
             assert waiter.communicate(timeout=30)[0].split() == ["True", "None"]
         finally:
+            for fd in queued:
+                os.close(fd)
             for proc in (other, waiter):
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
 
 
-def test_a_postmortem_gives_up_after_its_wait(tmp_path: Path) -> None:
-    cfg = _config(tmp_path, concurrent_postmortems=1, postmortem_wait=1)
+def test_a_turn_gives_up_after_its_wait(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, concurrent_cores=1, core_wait=1)
     with Store(cfg.store) as store:
-        held = slots.postmortem_turn(store, cfg)
+        held = slots.core_turn(store, cfg)
         started = time.monotonic()
-        turn = slots.postmortem_turn(store, cfg)
+        turn = slots.core_turn(store, cfg)
         assert time.monotonic() - started >= 1
-        assert turn.fd is None and turn.refused.endswith("waited 1 s, skipped")
+        assert turn.fd is None and turn.refused.endswith("waited 1 s"), turn.refused
+        assert turn.refused.startswith("storm: 1 handlers busy storing cores (concurrent_cores)")
         held.close()
 
 

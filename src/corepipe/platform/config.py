@@ -55,11 +55,12 @@ class Config:
     rate_limit_exe: int = 5
     rate_limit_window: int = 600
     #: Crash storms (slots.py): at most concurrent_cores handlers host-wide read and store a core at the same
-    #: time; a crash beyond them gets a record without a core ("storm: ...") and the kernel is let go at once.
-    #: At most concurrent_postmortems save binaries and take a backtrace at once, as many more wait up to
-    #: postmortem_wait seconds for a turn, the rest skip it (the record says so). -1: one per CPU; 0: no limit.
+    #: time, at most concurrent_postmortems save binaries and take a backtrace (-1: one per CPU; 0: no limit).
+    #: Up to 8 handlers per slot wait for a turn, at most core_wait / postmortem_wait seconds; the rest go on
+    #: without it at once: a record without a core ("storm: ..."), or without binaries and backtrace.
     concurrent_cores: int = -1
     concurrent_postmortems: int = -1
+    core_wait: int = 10
     postmortem_wait: int = 60
     #: ``corepipe prune`` deletes crashes older than this many days; 0: keep them.
     max_age_days: int = 30
@@ -125,7 +126,8 @@ def _validate(name: str, value: object, where: str) -> None:
 
 
 _NOT_NEGATIVE = ("container_max_cores", "container_max_bytes", "max_core_size", "rate_limit_container",
-                 "rate_limit_exe", "rate_limit_window", "max_age_days", "postmortem_wait")
+                 "rate_limit_exe", "rate_limit_window", "max_age_days", "core_wait",
+                 "postmortem_wait")
 
 
 def load(path: Optional[str] = None, problems: Optional[list] = None) -> Config:

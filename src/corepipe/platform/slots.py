@@ -5,11 +5,16 @@ while it holds the kernel's pipe. So that a crash storm neither loses crashes (a
 kernel skip them without a trace) nor runs any number of root compressors, gdbs and copies at once
 (everything after the pipe is let go is outside the limit), the handler itself takes a slot:
 
-- a *core* slot to read and compress a core. Never waited for: a handler that finds every core slot
-  taken records the crash without a core ("storm: ...") and lets the kernel go at once;
-- a *postmortem* slot to save binaries and take a backtrace after the pipe is let go. As many
-  handlers again may wait for one, each for at most ``postmortem_wait`` seconds; the rest skip it,
-  and the record says why.
+- a *core* slot (``concurrent_cores``) to read and compress a core;
+- a *postmortem* slot (``concurrent_postmortems``) to save binaries and take a backtrace after the
+  pipe is let go.
+
+A handler that finds every slot of its kind taken waits for one, in one of ``WAITING_PER_SLOT``
+places per slot, for at most ``core_wait`` / ``postmortem_wait`` seconds; when the places are
+taken too, or the wait runs out, it goes on without: the crash is recorded without a core
+("storm: ...", and the kernel is let go at once), or without binaries and backtrace, and the
+record says why. Waiting for a core keeps the crashed process (the kernel holds it until the
+pipe is let go), which is why both the wait and the places are bounded.
 
 A slot is ``flock(LOCK_EX | LOCK_NB)`` on one of N empty files in ``<store>/.slots``. The kernel
 drops the lock when the holder's file is closed, however the handler ends (finished, killed,
@@ -34,9 +39,12 @@ from corepipe.platform.store import Store, StoreError, open_dir
 DIRECTORY = ".slots"
 CORE = "core"
 POSTMORTEM = "postmortem"
-QUEUE = "postmortem-queue"
-#: How often a waiting handler tries the postmortem slots again (a lock file cannot be waited on
-#: for "any of N" without polling; ~20 tries a second cost nothing next to a backtrace).
+CONFIG_KEYS = {CORE: "concurrent_cores", POSTMORTEM: "concurrent_postmortems"}
+#: Handlers that may wait for a slot, per slot; beyond them a handler is refused at once. They bound how
+#: many crashed processes (cores) and finished ones (postmortems) wait, and the memory of their handlers.
+WAITING_PER_SLOT = 8
+#: How often a waiting handler tries the slots again (a lock file cannot be waited on for "any of N"
+#: without polling; ~20 tries a second cost nothing next to a compression or a backtrace).
 RETRY_SECONDS = 0.05
 
 
@@ -122,40 +130,36 @@ def _unusable(exc: OSError, what: str) -> Turn:
     return Turn(error=message)
 
 
-def core_turn(store: Store, cfg: Config) -> Turn:
-    """A core slot now, or a refusal saying the storm took them all (see the module's text)."""
-    number = count(cfg.concurrent_cores)
+def _turn(store: Store, kind: str, setting: int, wait: int, busy: str) -> Turn:
+    """A slot of ``kind`` now or, from one of the waiting places, within ``wait`` seconds; else a refusal."""
+    number = count(setting)
     if number == 0:
         return Turn()
+    places = number * WAITING_PER_SLOT
+    busy = f"storm: {number} handlers busy {busy} ({CONFIG_KEYS[kind]})"
     try:
-        fd = _take(store, CORE, number)
-    except OSError as exc:
-        return _unusable(exc, CORE)
-    if fd is None:
-        return Turn(refused=f"storm: {number} handlers busy storing cores (concurrent_cores); recorded without "
-                            "a core")
-    return Turn(fd)
-
-
-def postmortem_turn(store: Store, cfg: Config) -> Turn:
-    """A postmortem slot, waited for in one of as many queue places for at most ``postmortem_wait`` seconds;
-    or a refusal saying why the binaries and backtrace are skipped."""
-    number = count(cfg.concurrent_postmortems)
-    if number == 0:
-        return Turn()
-    busy = f"storm: {number} handlers busy saving binaries and backtraces (concurrent_postmortems)"
-    try:
-        fd = _take(store, POSTMORTEM, number)
+        fd = _take(store, kind, number)
         if fd is None:
-            place = _take(store, QUEUE, number)
+            place = _take(store, f"{kind}-queue", places) if wait > 0 else None
             if place is None:
-                return Turn(refused=f"{busy} and {number} waiting; skipped")
+                return Turn(refused=f"{busy} and {places} waiting")
             try:
-                fd = _take(store, POSTMORTEM, number, cfg.postmortem_wait)
+                fd = _take(store, kind, number, wait)
             finally:
                 os.close(place)
     except OSError as exc:
-        return _unusable(exc, POSTMORTEM)
+        return _unusable(exc, kind)
     if fd is None:
-        return Turn(refused=f"{busy}; waited {cfg.postmortem_wait} s, skipped")
+        return Turn(refused=f"{busy}; waited {wait} s")
     return Turn(fd)
+
+
+def core_turn(store: Store, cfg: Config) -> Turn:
+    """A core slot, or a refusal saying the storm took them all (see the module's text)."""
+    return _turn(store, CORE, cfg.concurrent_cores, cfg.core_wait, "storing cores")
+
+
+def postmortem_turn(store: Store, cfg: Config) -> Turn:
+    """A postmortem slot, or a refusal saying why the binaries and backtrace are skipped."""
+    return _turn(store, POSTMORTEM, cfg.concurrent_postmortems, cfg.postmortem_wait,
+                 "saving binaries and backtraces")

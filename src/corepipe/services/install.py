@@ -26,10 +26,13 @@ from corepipe.platform.store import write_all
 from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, PROC_SYS, Sysctl, SysctlError
 
 #: core_pipe_limit: non-zero makes the kernel wait for the handler before reaping the process, so
-#: /proc/<pid> stays readable; it also caps concurrent handlers. A crash storm beyond 16 at once loses
-#: the extra cores (the kernel logs "over core_pipe_limit") instead of 16+ compressors fighting for
-#: memory and disk on a host that is already in trouble.
-PIPE_LIMIT = 16
+#: /proc/<pid> stays readable (0 would not wait). It only caps handlers holding the kernel's pipe, and
+#: a crash beyond it is skipped by the kernel with nothing but an "over core_pipe_limit" line: so it is
+#: set well above any storm the host can run handlers for (a handler refused a core slot costs ~15 MB
+#: and lets go within a second or so; 128 at once peaked at ~0.4 GiB here), and the handlers bound
+#: their own heavy work host-wide (platform/slots.py): cores for concurrent_cores at a time, a record
+#: with the reason for the rest.
+PIPE_LIMIT = 256
 #: Sorted after systemd's 50-coredump.conf so it wins at boot; /etc/sysctl.conf (99-sysctl.conf) still wins.
 DROPIN_NAME = "90-corepipe.conf"
 STATE_NAME = "install.json"
