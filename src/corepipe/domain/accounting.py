@@ -235,7 +235,7 @@ class Accounting:
             os.unlink(core.file, dir_fd=crash.fd)
             try:
                 rec = catalog.read_record(crash.fd)
-                rec["core"].update(stored=False, file=None, reason=f"deleted: {reason}")
+                record.core_deleted(rec, reason)
                 crash.write(RECORD, record.dumps(rec))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 log(f"error: {crash.path}: core deleted but its record not updated: {exc}", ERR)
