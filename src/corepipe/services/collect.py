@@ -49,14 +49,15 @@ def run(argv: list, early: Capture) -> int:
 
 
 def collect(args: kernel.KernelArgs, early: Capture, *, core_fd: int = STDIN,
-            cfg: Optional[configuration.Config] = None) -> int:
+            cfg: Optional[configuration.Config] = None, refused: Optional[str] = None) -> int:
     """The pipeline for a second entry point (a socket server, a test): the crash ``args`` describe, its core
     on ``core_fd`` after what ``early`` (capture.take_process) read of it. No alarm is set: the caller bounds
-    the time. Never raises; the exit code ``corepipe collect`` would give."""
+    the time. ``refused``: the reason no core is to be read (decided before the dump). Never raises; the exit
+    code ``corepipe collect`` would give."""
     errors = list(early.errors) + list(args.errors)
     if cfg is None:
         cfg = load_config(args.config, errors)
-    return run_context(Context(args=args, early=early, core_fd=core_fd, cfg=cfg, errors=errors))
+    return run_context(Context(args=args, early=early, core_fd=core_fd, cfg=cfg, errors=errors, refused=refused))
 
 
 def run_context(ctx: Context) -> int:
@@ -94,8 +95,9 @@ def load_config(path: Optional[str], errors: list) -> configuration.Config:
 
 def _stages(ctx: Context) -> int:
     args = ctx.args
-    ctx.snapshot = take_snapshot(ctx)
-    ctx.container = identify(ctx)
+    if ctx.container is None:  # a socket server has identified it already, to decide before the dump
+        ctx.snapshot = take_snapshot(ctx)
+        ctx.container = identify(ctx)
     if ctx.early.eof:
         ctx.let_go()  # the container is known: its runtime's state may go with the process
     for message in ctx.errors:
@@ -157,7 +159,9 @@ def store_crash(ctx: Context) -> int:
                                     redact_env=cfg.redact_env, errors=tuple(ctx.errors))
     write_record(ctx)  # a handler killed from here on still leaves a record
     limit = args.core_limit_bytes() if cfg.honour_core_limit else None
-    if limit == 0:
+    if ctx.refused is not None:
+        record.core_refused(rec, ctx.refused)
+    elif limit == 0:
         record.core_refused(rec, "RLIMIT_CORE is 0")
     else:
         caps = [x for x in (limit, cfg.max_core_size) if x]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
 import errno
 import json
 import os
@@ -33,12 +34,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from corepipe.domain import accounting, containers, snapshot
+from corepipe.domain import accounting
+from corepipe.domain.context import Context
 from corepipe.platform import capture, coredump_socket, elfcore
-from corepipe.platform import config as configuration
+from corepipe.platform.kernel import RLIM_INFINITY, KernelArgs
 from corepipe.platform.log import ERR, INFO, WARNING, log
 from corepipe.platform.store import Store
 from corepipe.platform.sysctl import CORE_PATTERN, Sysctl, SysctlError
+from corepipe.services import collect
 
 DEFAULT_SOCKET = "/run/corepipe/coredump.socket"
 RUN_DIR = "/run/corepipe"
@@ -55,6 +58,9 @@ EXIT_WAIT = 2.0
 SD_LISTEN_FDS_START = 3
 _CLONE_NEWUTS = 0x04000000
 _PF_DUMPCORE = 0x200
+_SO_RCVBUFFORCE = 33
+#: How loaded the server is when a crash's turn comes: NORMAL, FAST (compression level 1) or RECORD_ONLY.
+NORMAL, FAST, RECORD_ONLY = "normal", "fast", "record-only"
 
 
 @dataclass
@@ -75,12 +81,11 @@ class Stats:
     """The server's counters, in its health file (and for a metrics endpoint)."""
 
     accepted: int = 0
-    rejected_saturated: int = 0
     workers_started: int = 0
     worker_failures: int = 0
-    not_dumping: int = 0
     max_queue: int = 0
-    extra: dict = field(default_factory=dict)
+    #: Crashes collected at each load (NORMAL, FAST, RECORD_ONLY).
+    degraded: dict = field(default_factory=dict)
 
 
 def worker_count(requested: int) -> int:
@@ -243,17 +248,25 @@ class Server:
                     return  # the rest waits in the backlog until a worker frees fds
                 raise
             self.stats.accepted += 1
-            self.queue.append((conn, time.time()))
+            self.queue.append((conn, time.monotonic()))
             self.stats.max_queue = max(self.stats.max_queue, len(self.queue))
 
     def _dispatch(self) -> None:
         while self.queue and len(self.children) < self.workers:
             conn, accepted = self.queue.popleft()
-            saturated = len(self.queue) >= self.options.queue_limit
-            self.stats.rejected_saturated += saturated
-            self._fork(conn, accepted, saturated)
+            load = self.load()
+            self.stats.degraded[load] = self.stats.degraded.get(load, 0) + 1
+            self._fork(conn, accepted, load)
 
-    def _fork(self, conn: socket.socket, accepted: float, saturated: bool) -> None:
+    def load(self) -> str:
+        """How the next crash is collected: a long queue gets a faster level, an overlong one records only."""
+        if len(self.queue) >= self.options.queue_limit:
+            return RECORD_ONLY
+        if len(self.queue) >= 2 * self.workers:
+            return FAST
+        return NORMAL
+
+    def _fork(self, conn: socket.socket, accepted: float, load: str) -> None:
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -265,7 +278,7 @@ class Server:
                     self.listener.close()
                 for other, _ in self.queue:
                     other.close()
-                code = handle(conn, self.options.config, accepted, saturated)
+                code = handle(conn, self.options.config, accepted, load)
             except BaseException as exc:  # noqa: BLE001 - a worker reports, it never unwinds into the loop
                 log(f"error: serve worker: {type(exc).__name__}: {exc}", ERR)
             finally:
@@ -323,9 +336,8 @@ def _raise_nofile() -> None:
 
 def _preload() -> None:
     """Import in the parent what every worker needs, so a fork starts warm."""
-    from corepipe.domain import binaries, postmortem, record  # noqa: F401
+    from corepipe.domain import backtrace, binaries  # noqa: F401
     from corepipe.platform import compress
-    from corepipe.services import collect  # noqa: F401
 
     compress.compressor()
 
@@ -384,93 +396,87 @@ def core_limit(limits: bytes) -> Optional[int]:
         if line.startswith("Max core file size"):
             soft = line[len("Max core file size"):].split()[:1]
             if soft == ["unlimited"]:
-                return 2**64 - 1
+                return RLIM_INFINITY
             if soft and soft[0].isdigit():
                 return int(soft[0])
     return None
 
 
-def decide(snap: Optional[snapshot.Snapshot], limit: Optional[int], cfg: configuration.Config,
-           hostname: Optional[str], saturated: bool, pid: int) -> Decision:
-    """KERNEL (+WAIT), or REJECT with the reason the record will give."""
-    if saturated:
-        return Decision(coredump_socket.REJECT, "the server was saturated: record only")
-    if limit == 0 and cfg.honour_core_limit:
+def decide(ctx: Context, load: str) -> Decision:
+    """KERNEL (+WAIT), or REJECT with the reason the record will give: the kernel then writes nothing."""
+    if load == RECORD_ONLY:
+        return Decision(coredump_socket.REJECT, "the collector was saturated (too many crashes waiting): "
+                                                "record only")
+    limit = ctx.args.core_limit_bytes() if ctx.cfg.honour_core_limit else None
+    if limit == 0:
         return Decision(coredump_socket.REJECT, "RLIMIT_CORE is 0")
+    snap = ctx.snapshot
     if snap is None or not snap.trusted:
         return Decision(coredump_socket.KERNEL)
-    container = containers.identify(snap.text("cgroup"), mountinfo=snap.text("mountinfo"), hostname=hostname)
-    if not container.is_host:
-        containers.enrich(container, pid=pid, parent=_ppid(snap))
     try:
-        with Store(cfg.store) as store:
-            reason = accounting.rate_limited(store, cfg, group=container.directory(),
-                                             exe=snap.exe or snap.text("comm").strip())
+        with Store(ctx.cfg.store) as store:
+            reason = accounting.rate_limited(store, ctx.cfg, group=ctx.container.directory(),
+                                             exe=snap.exe or ctx.args.comm or "")
     except OSError as exc:
-        log(f"error: pid {pid}: rate limits not checked before the dump: {exc}", ERR)
+        log(f"error: pid {ctx.args.pid}: rate limits not checked before the dump: {exc}", ERR)
         reason = None
     return Decision(coredump_socket.REJECT if reason else coredump_socket.KERNEL, reason)
 
 
-def handle(conn: socket.socket, config: Optional[str], accepted: float, saturated: bool) -> int:
-    """One kernel connection: check the peer, decide, ack, then ``collect``'s pipeline; the exit code."""
+def handle(conn: socket.socket, config: Optional[str], accepted: float, load: str) -> int:
+    """One kernel connection: check the peer, read /proc, decide, ack, then ``collect``'s pipeline on the
+    socket; the exit code ``corepipe collect`` would give."""
     pidfd = coredump_socket.peer_pidfd(conn)
     info = coredump_socket.pidfd_info(pidfd)
     if not info.dumping:
         log(f"error: serve: pid {info.pid} connected to the coredump socket but is not dumping core; ignored", ERR)
         return 2
     request = _request(conn)
-    early = capture.Capture()
-    early.started = accepted if accepted <= time.time() else early.started
-    early.proc = capture.Proc(info.pid, pidfd)
-    capture.read_proc(early.proc, hold=True, out=early)
-    early.own_mounts = early.proc.mnt_ns is None or early.proc.mnt_ns != os.readlink("/proc/self/ns/mnt")
-    hostname = _hostname(info.pid, pidfd)
-    try:
-        cfg = configuration.load(config)
-    except configuration.ConfigError:
-        cfg = configuration.Config()  # the pipeline loads it again and records the error
-    snap = snapshot.checked(early.proc, uid=info.ruid, gid=info.rgid) if early.proc.opened else None
-    limit = core_limit(early.proc.files.get("limits", b""))
-    decision = decide(snap, limit, cfg, hostname, saturated, info.pid) if request else Decision(coredump_socket.KERNEL)
-    signum = None
+    early = capture.take_proc(info.pid, pidfd)
+    early.started = accepted
+    errors = list(early.errors)
+    args = kernel_args(info, early.proc, when=int(time.time()), hostname=_hostname(info.pid, pidfd),
+                       config=config)
+    cfg = collect.load_config(config, errors)
+    if load == FAST:
+        cfg = dataclasses.replace(cfg, compression_level=1)
+    signal.signal(signal.SIGALRM, capture.on_alarm)
+    signal.alarm(cfg.timeout)
+    ctx = Context(args=args, early=early, core_fd=capture.STDIN, cfg=cfg, errors=errors)
+    ctx.snapshot = collect.take_snapshot(ctx)
+    ctx.container = collect.identify(ctx)
+    decision = decide(ctx, load) if request is not None else Decision(coredump_socket.KERNEL)
     if request is not None:
         coredump_socket.send_ack(conn, coredump_socket.choose(request, decision.mask))
     if decision.mask == coredump_socket.REJECT:
         conn.close()
         _null_stdin()
         early.eof = early.released = True
-        signum = _exit_signal(pidfd)
-        if decision.reason and decision.reason != "RLIMIT_CORE is 0" and "rate limited" not in decision.reason:
-            early.errors.append(f"core not taken: {decision.reason}")
+        args.signal = _exit_signal(pidfd)
+        ctx.refused = decision.reason
     else:
         _grow_receive_buffer(conn)
         os.dup2(conn.fileno(), capture.STDIN, inheritable=False)
         conn.close()
-        early.core, early.eof = capture.read_prefix(capture.STDIN, capture.CORE_PREFIX, capture.CORE_SECONDS)
-        signum = elfcore.signal_number(early.core)
-        if early.eof and not early.own_mounts:
-            capture.release(capture.STDIN)
-            early.released = True
-    argv = kernel_argv(info, early.proc, signum=signum, when=int(accepted), limit=limit, hostname=hostname)
-    from corepipe.services import collect
-
-    return collect.run((["--config", config] if config else []) + argv, early)
+        capture.take_core(early, capture.STDIN)
+        args.signal = elfcore.signal_number(early.core)
+    return collect.run_context(ctx)
 
 
-def kernel_argv(info: coredump_socket.PidfdInfo, proc: capture.Proc, *, signum: Optional[int], when: int,
-                limit: Optional[int], hostname: Optional[str]) -> list:
-    """What the kernel's ``%P %p %I %u %g %s %t %c %d %F %h %e`` would have said, from the pidfd and /proc."""
-    status = proc.files.get("status", b"").decode("utf-8", "replace")
+def kernel_args(info: coredump_socket.PidfdInfo, proc: Optional[capture.Proc], *, when: int,
+                hostname: Optional[str], config: Optional[str]) -> KernelArgs:
+    """What the kernel's ``%P %p %I %u %g %t %c %d %F %h %e`` would have said, from the pidfd and /proc
+    (the signal comes later, from the core or the exit status)."""
+    files = proc.files if proc is not None else {}
+    status = files.get("status", b"").decode("utf-8", "replace")
     nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
-    dump_mode = 2 if info.coredump_mask & coredump_socket.PIDFD_COREDUMP_ROOT else 1
-    comm = proc.files.get("comm", b"").decode("utf-8", "replace").rstrip("\n")
-
-    def text(value: object) -> str:
-        return "" if value is None else str(value)
-
-    return [str(info.pid), text(nspid[-1] if nspid else None), text(_dumping_thread(info.pid)), str(info.ruid),
-            str(info.rgid), text(signum), str(when), text(limit), str(dump_mode), "-", hostname or "", comm]
+    comm = files.get("comm", b"").decode("utf-8", "replace").rstrip("\n")
+    return KernelArgs(pid=info.pid, ns_pid=int(nspid[-1]) if nspid and nspid[-1].isdigit() else None,
+                      tid=_dumping_thread(info.pid), uid=info.ruid, gid=info.rgid, time=when,
+                      core_limit=core_limit(files.get("limits", b"")),
+                      dump_mode=2 if info.coredump_mask & coredump_socket.PIDFD_COREDUMP_ROOT else 1,
+                      pidfd=proc.pidfd if proc is not None else None, hostname=hostname, comm=comm or None,
+                      config=config)
 
 
 def _request(conn: socket.socket) -> Optional[coredump_socket.Request]:
@@ -502,14 +508,13 @@ def _dumping_thread(pid: int) -> Optional[int]:
 
 def _hostname(pid: int, pidfd: int) -> Optional[str]:
     """The crashed process's hostname (%h): this worker joins its UTS namespace, which changes nothing
-    else, and only if the pidfd still refers to that pid afterwards is the name used."""
+    else, and the name counts only if the pidfd still refers to that pid afterwards."""
     try:
         fd = os.open(f"/proc/{pid}/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, _CLONE_NEWUTS) != 0:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWUTS) != 0:
             return None
     finally:
         os.close(fd)
@@ -519,12 +524,15 @@ def _hostname(pid: int, pidfd: int) -> Optional[str]:
 
 
 def _exit_signal(pidfd: int) -> Optional[int]:
-    """After a REJECT the process dies at once: its signal from its exit status, if it comes in time."""
+    """After a REJECT the process dies at once: its signal from its exit status, if that comes in time."""
     deadline = time.monotonic() + EXIT_WAIT
     while time.monotonic() < deadline:
-        info = coredump_socket.pidfd_exit(pidfd)
-        if info is not None:
-            return os.WTERMSIG(info) if os.WIFSIGNALED(info) else None
+        try:
+            status = coredump_socket.pidfd_exit(pidfd)
+        except OSError:
+            return None
+        if status is not None:
+            return os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         select.select([pidfd], [], [], 0.05)
     return None
 
@@ -537,16 +545,9 @@ def _null_stdin() -> None:
 
 def _grow_receive_buffer(conn: socket.socket) -> None:
     try:
-        conn.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)  # SO_RCVBUFFORCE: as root, past rmem_max
+        conn.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 4 << 20)  # as root, past net.core.rmem_max
     except OSError:
         pass
-
-
-def _ppid(snap: snapshot.Snapshot) -> Optional[int]:
-    try:
-        return int(snap.status().get("PPid", ""))
-    except ValueError:
-        return None
 
 
 def serve(options: Options) -> int:
