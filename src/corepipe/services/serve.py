@@ -308,8 +308,8 @@ class Server:
     def health(self) -> dict:
         return {"pid": os.getpid(), "started": self.started, "heartbeat": time.time(),
                 "socket": self.options.socket_path, "pattern": self.pattern, "fallback": self.fallback,
-                "activated": self.activated, "workers": self.workers, "busy": len(self.children),
-                "queued": len(self.queue), "stats": self.stats.__dict__}
+                "activated": self.activated, "guardian": self.guardian, "workers": self.workers,
+                "busy": len(self.children), "queued": len(self.queue), "stats": self.stats.__dict__}
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
