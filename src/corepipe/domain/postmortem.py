@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from corepipe.domain import binaries
+from corepipe.domain import binaries, record
 from corepipe.domain.snapshot import Snapshot
 from corepipe.platform.config import Config
 from corepipe.platform.log import ERR, WARNING, log
@@ -36,22 +36,22 @@ def finish(store: Store, crash: CrashDir, rec: dict, held: Optional[binaries.Hel
         if cfg.binaries:
             from corepipe.domain import accounting
 
-            rec["binaries"] = binaries.save(store.fd, store.root, held, copy=cfg.binaries_host or not is_host,
-                                            max_size=cfg.binaries_max_size,
-                                            keep_free=accounting.measure(store, cfg)[0].keep_free)
+            saved = binaries.save(store.fd, store.root, held, copy=cfg.binaries_host or not is_host,
+                                  max_size=cfg.binaries_max_size, keep_free=accounting.measure(store, cfg)[0].keep_free)
+            record.set_binaries(rec, saved)
         if cfg.backtrace and rec["core"]["stored"]:
             from corepipe.domain import backtrace
 
             result = backtrace.take(store.fd, crash.path, rec, held, timeout=cfg.backtrace_timeout,
                                     max_core_size=cfg.backtrace_max_core_size)
             if result is not None:
-                rec["backtrace"] = result
+                record.set_backtrace(rec, result)
                 if result["error"]:
                     log(f"pid {rec.get('pid')}: no backtrace: {result['error']}", WARNING)
         for message in (rec.get("binaries") or {}).get("errors") or []:
             log(f"pid {rec.get('pid')}: binaries: {message}", WARNING)
     except Exception as exc:  # noqa: BLE001 - as above; the collect timeout included
-        rec["collector"]["errors"].append(f"binaries/backtrace: {exc}")
+        record.add_error(rec, f"binaries/backtrace: {exc}")
         log(f"error: pid {rec.get('pid')}: binaries/backtrace: {type(exc).__name__}: {exc}", ERR)
     finally:
         held.close()

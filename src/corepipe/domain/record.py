@@ -37,8 +37,9 @@ def redact(environ: list, patterns: list) -> list:
 
 
 def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], container: Container,
-          redact_env: list) -> dict:
-    """The record before the core is stored; ``core`` and ``collector`` are filled in as collection goes on."""
+          redact_env: list, errors: tuple = ()) -> dict:
+    """The record before the core is stored (``errors``: the collection's so far); ``core`` and ``collector``
+    are filled in as collection goes on, through the functions below."""
     snap = snapshot
     status = snap.status() if snap else {}
     when = args.time if args.time is not None else int(time.time())
@@ -86,8 +87,72 @@ def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], cont
             "complete": None,
             "compression": "zstd",
         },
-        "collector": {"version": __version__, "duration": None, "peak_rss": None, "errors": []},
+        "collector": {"version": __version__, "duration": None, "peak_rss": None, "errors": list(errors)},
     }
+
+
+# -- the named changes a record goes through (collect, postmortem, accounting and catalog use only these) --
+
+
+def add_error(record: dict, message: str) -> None:
+    """A failure of this collection; a record with errors ends as ``failed``."""
+    record["collector"]["errors"].append(message)
+
+
+def has_errors(record: dict) -> bool:
+    return bool(record["collector"]["errors"])
+
+
+def core_refused(record: dict, reason: str) -> None:
+    """The storage policy (or RLIMIT_CORE) decided not to store the core: not a failure."""
+    record["core"]["reason"] = reason
+
+
+def postmortem_skipped(record: dict, reason: str) -> None:
+    """No binaries saved and no backtrace taken, by a storm's bound (platform/slots.py): not a failure."""
+    record["postmortem"] = {"skipped": reason}
+
+
+def core_not_saved(record: dict, reason: str) -> None:
+    """The core could not be stored (a failure): no file, the reason, and an error."""
+    record["core"].update(file=None, stored=False, complete=None, reason=reason)
+    add_error(record, f"core not saved: {reason}")
+
+
+def core_stored(record: dict, *, file: str, size: int, compressed_size: int, sha256: str, truncated: bool,
+                complete: bool, reason: Optional[str] = None) -> None:
+    """The core is in the crash directory as ``file`` (store.CORE, or store.PARTIAL_CORE when cut short)."""
+    record["core"].update(file=file, stored=True, size=size, compressed_size=compressed_size, sha256=sha256,
+                          truncated=truncated, complete=complete, reason=reason)
+
+
+def core_deleted(record: dict, reason: str) -> None:
+    """The core was deleted (to make room, or by prune); the record stays, and so do the binaries' names,
+    which are no longer kept either (binaries live as long as a core that needs them)."""
+    record["core"].update(stored=False, file=None, reason=f"deleted: {reason}")
+    for entry in (record.get("binaries") or {}).get("files") or []:
+        if entry.get("stored"):
+            entry.update(stored=False, reason="deleted with the core")
+
+
+def core_as_on_disk(record: dict, stored: dict) -> None:
+    """Take the ``core`` of the record on disk, which another handler changed (it deleted the core)."""
+    record["core"] = stored
+
+
+def set_binaries(record: dict, result: dict) -> None:
+    record["binaries"] = result
+
+
+def set_backtrace(record: dict, result: dict) -> None:
+    record["backtrace"] = result
+
+
+def finish(record: dict, *, failed: bool, duration: float, peak_rss: int) -> None:
+    """The final status and the collector's own figures."""
+    record["status"] = "failed" if failed else "complete"
+    record["collector"]["duration"] = round(duration, 6)
+    record["collector"]["peak_rss"] = peak_rss
 
 
 def dumps(record: dict) -> bytes:

@@ -289,29 +289,62 @@ def release(fd: int) -> None:
 
 
 def take(argv: list, core_seconds: float = CORE_SECONDS) -> Capture:
-    """The early stage of ``collect`` (see the module's text); never raises."""
-    cap = Capture()
+    """The early stage of ``collect`` (see the module's text), for the kernel's pipe on stdin; never raises."""
     try:
         pid, pidfd = kernel_ids(argv)
+    except Exception as exc:  # noqa: BLE001 - as in take_process
+        cap = Capture()
+        cap.errors.append(f"early capture: {type(exc).__name__}: {exc}")
+        return cap
+    return take_process(pid, pidfd, STDIN, core_seconds)
+
+
+def take_process(pid: int | None, pidfd: int | None, core_fd: int = STDIN,
+                 core_seconds: float = CORE_SECONDS) -> Capture:
+    """The early stage for the crashed process ``pid`` whose core arrives on ``core_fd`` (the kernel's pipe,
+    or a socket server's connection); never raises."""
+    cap = take_proc(pid, pidfd)
+    take_core(cap, core_fd, core_seconds)
+    return cap
+
+
+def take_proc(pid: int | None, pidfd: int | None) -> Capture:
+    """The first half of ``take_process``: /proc and the held files, before any of the core is read (a
+    socket server decides on them whether the kernel is to write the core at all); never raises."""
+    cap = Capture()
+    try:
         if pid is not None:
             cap.proc = Proc(pid, pidfd)
-            previous = _signal.signal(_signal.SIGALRM, on_alarm)
-            _signal.alarm(PROC_SECONDS)
+            try:
+                previous, timed = _signal.signal(_signal.SIGALRM, on_alarm), True
+            except ValueError:  # not the main thread (a server's worker): its caller bounds the time
+                previous, timed = None, False
+            if timed:
+                _signal.alarm(PROC_SECONDS)
             try:
                 read_proc(cap.proc, hold=True, out=cap)
             except Timeout:
                 cap.proc.timed_out = True
                 cap.errors.append(f"reading /proc/{pid} took more than {PROC_SECONDS} s; the rest was skipped")
             finally:
-                _signal.alarm(0)
-                _signal.signal(_signal.SIGALRM, previous)
+                if timed:
+                    _signal.alarm(0)
+                    _signal.signal(_signal.SIGALRM, previous)
             if cap.proc.opened and not cap.proc.timed_out:
                 cap.own_mounts = cap.proc.mnt_ns is None or cap.proc.mnt_ns != os.readlink("/proc/self/ns/mnt")
-        widen_pipe(STDIN)
-        cap.core, cap.eof = read_prefix(STDIN, CORE_PREFIX, core_seconds)
-        if cap.eof and not cap.own_mounts:
-            release(STDIN)
-            cap.released = True
     except Exception as exc:  # noqa: BLE001 - the collection goes on from whatever was captured
         cap.errors.append(f"early capture: {type(exc).__name__}: {exc}")
     return cap
+
+
+def take_core(cap: Capture, core_fd: int, core_seconds: float = CORE_SECONDS) -> None:
+    """The second half: the start of the core, and the kernel let go at once if that was all of it (and the
+    process has no mounts of its own); never raises."""
+    try:
+        widen_pipe(core_fd)
+        cap.core, cap.eof = read_prefix(core_fd, CORE_PREFIX, core_seconds)
+        if cap.eof and not cap.own_mounts:
+            release(core_fd)
+            cap.released = True
+    except Exception as exc:  # noqa: BLE001 - the collection goes on from whatever was captured
+        cap.errors.append(f"early capture: {type(exc).__name__}: {exc}")

@@ -12,10 +12,13 @@ from typing import Optional
 
 _ET_CORE = 4
 _PN_XNUM = 0xFFFF
+_PT_NOTE = 4
+_NT_PRSTATUS = 1
 
 
-def expected_size(head: bytes) -> Optional[int]:
-    """The size the core announces, or None when ``head`` is not an ELF core or its headers are not all in it."""
+def _segments(head: bytes) -> Optional[tuple]:
+    """(byte order, program headers end, [(p_type, p_offset, p_filesz), ...]) of an ELF core, or None when
+    ``head`` is not one or its headers are not all in it."""
     if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) or head[5] not in (1, 2):
         return None
     wide, order = head[4] == 2, "<" if head[5] == 1 else ">"
@@ -33,8 +36,41 @@ def expected_size(head: bytes) -> Optional[int]:
         return None
     if e_phoff + e_phnum * e_phentsize > len(head):
         return None
-    end = e_phoff + e_phnum * e_phentsize
+    segments = []
     for i in range(e_phnum):
         fields = struct.unpack_from(phdr, head, e_phoff + i * e_phentsize)
-        end = max(end, fields[offsets[0]] + fields[offsets[1]])
-    return end
+        segments.append((fields[0], fields[offsets[0]], fields[offsets[1]]))
+    return order, e_phoff + e_phnum * e_phentsize, segments
+
+
+def expected_size(head: bytes) -> Optional[int]:
+    """The size the core announces, or None when ``head`` is not an ELF core or its headers are not all in it."""
+    parsed = _segments(head)
+    if parsed is None:
+        return None
+    _order, end, segments = parsed
+    return max([end] + [offset + size for _type, offset, size in segments])
+
+
+def signal_number(head: bytes) -> Optional[int]:
+    """The fatal signal (``si_signo`` of the first NT_PRSTATUS note, the dumping thread's), or None when
+    the notes are not in ``head``: socket mode passes no ``%s``, the core says it."""
+    parsed = _segments(head)
+    if parsed is None:
+        return None
+    order, _end, segments = parsed
+    for p_type, offset, size in segments:
+        if p_type != _PT_NOTE:
+            continue
+        at, stop = offset, min(offset + size, len(head))
+        while at + 12 <= stop:
+            namesz, descsz, n_type = struct.unpack_from(order + "III", head, at)
+            desc = at + 12 + _align4(namesz)
+            if n_type == _NT_PRSTATUS and desc + 4 <= stop:
+                return struct.unpack_from(order + "i", head, desc)[0]
+            at = desc + _align4(descsz)
+    return None
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3

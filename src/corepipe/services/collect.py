@@ -6,6 +6,11 @@ For a small core the kernel has already been let go (capture.py) and all of this
 the crashed process is reaped; for a bigger one the pipe is let go once the core is read.
 It prints nothing; it logs one line per crash (kernel log and syslog) and an error line for
 each failure. Exit codes: see commands/collect_cmd.py.
+
+One domain/context.Context goes through the stages; each stage returns what it produces. Entry
+points: ``run`` (``corepipe collect``: kernel argv, core on stdin, SIGALRM at the config's timeout),
+``collect`` (any other caller with its own core fd and KernelArgs, in-process, e.g. a socket server),
+and ``run_context`` under both.
 """
 
 from __future__ import annotations
@@ -16,116 +21,173 @@ import resource
 import signal
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Callable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 from corepipe.domain import accounting, catalog, containers, policy, postmortem, record, snapshot
 from corepipe.domain.accounting import PARTIAL_CORE
+from corepipe.domain.context import Context
 from corepipe.platform import config as configuration
 from corepipe.platform import kernel, slots
-from corepipe.platform.capture import STDIN, Capture, Timeout, on_alarm, release
+from corepipe.platform.capture import STDIN, Capture, Timeout, on_alarm
 from corepipe.platform.log import ERR, INFO, WARNING, log
 from corepipe.platform.store import CORE, RECORD, CrashDir, Store
 
-if TYPE_CHECKING:
-    from corepipe.domain.binaries import HeldFiles
-
 
 def run(argv: list, early: Capture) -> int:
-    """Collect the crash the kernel's ``argv`` describe, from what capture.take got; the exit code."""
-    errors: list = list(early.errors)
+    """``corepipe collect``: the crash the kernel's ``argv`` describe, from what capture.take got on stdin,
+    bounded by the config's ``timeout`` (SIGALRM); the exit code."""
     args = kernel.parse_args(argv)
-    errors += args.errors
-    problems: list = []
-    try:
-        cfg = configuration.load(args.config, problems)
-        errors += [f"config: {p}; that key is left at its default" for p in problems]
-    except configuration.ConfigError as exc:
-        errors.append(f"config: {exc}; using the defaults")
-        cfg = configuration.Config()
+    errors = list(early.errors) + args.errors
+    cfg = load_config(args.config, errors)
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(cfg.timeout)
     try:
-        return _collect(args, cfg, errors, early)
-    except Timeout as exc:
-        log(f"error: pid {args.pid}: {exc}", ERR)
-        return 1
-    except Exception as exc:  # noqa: BLE001 - the kernel shows nobody a traceback; the log must
-        log(f"error: pid {args.pid}: internal error {type(exc).__name__}: {exc}", ERR)
-        return 1
+        return run_context(Context(args=args, early=early, core_fd=STDIN, cfg=cfg, errors=errors))
     finally:
         signal.alarm(0)
 
 
-def _collect(args: kernel.KernelArgs, cfg: configuration.Config, errors: list, early: Capture) -> int:
-    snap: Optional[snapshot.Snapshot] = None
-    if early.proc is not None:
-        snap = snapshot.checked(early.proc, ns_pid=args.ns_pid, uid=args.uid, gid=args.gid,
-                                limit=cfg.proc_read_limit)
-    if snap is not None and snap.trusted:
-        container = containers.identify(snap.text("cgroup"), mountinfo=snap.text("mountinfo"),
-                                        hostname=args.hostname)
-        if not container.is_host:
-            containers.enrich(container, pid=args.pid, parent=_ppid(snap))
-    elif snap is None:
-        container = containers.Container(runtime="unknown", source="none", confidence="guess")
-    else:
-        container = containers.Container(runtime="unknown", source="untrusted snapshot", confidence="guess")
-    if early.eof:
-        _let_go(early)  # the container is known: its runtime's state may go with the process
-    for message in errors:
-        log(f"error: pid {args.pid}: {message}", ERR)
-    held = postmortem.hold(snap, cfg, early.held, early.hold_errors)
+def collect(args: kernel.KernelArgs, early: Capture, *, core_fd: int = STDIN,
+            cfg: Optional[configuration.Config] = None, refused: Optional[str] = None) -> int:
+    """The pipeline for a second entry point (a socket server, a test): the crash ``args`` describe, its core
+    on ``core_fd`` after what ``early`` (capture.take_process) read of it. No alarm is set: the caller bounds
+    the time. ``refused``: the reason no core is to be read (decided before the dump). Never raises; the exit
+    code ``corepipe collect`` would give."""
+    errors = list(early.errors) + list(args.errors)
+    if cfg is None:
+        cfg = load_config(args.config, errors)
+    return run_context(Context(args=args, early=early, core_fd=core_fd, cfg=cfg, errors=errors, refused=refused))
+
+
+def run_context(ctx: Context) -> int:
+    """Every stage for ``ctx``; never raises (the kernel shows nobody a traceback: everything is logged)."""
     try:
-        store = Store(cfg.store)
-    except OSError as exc:
-        log(f"error: pid {args.pid} ({args.comm!r}): cannot open the store {cfg.store}: {exc}; core not saved", ERR)
+        return _stages(ctx)
+    except Timeout as exc:
+        log(f"error: pid {ctx.args.pid}: {exc}", ERR)
         return 1
-    with store:
-        try:
-            crash = store.new_crash(container.directory(), args.time)
-        except OSError as exc:
-            log(f"error: pid {args.pid}: cannot create a crash directory: {exc}; core not saved", ERR)
-            return 1
-        try:
-            return _store_crash(store, crash, args, cfg, snap, container, errors, early, held)
-        finally:
-            if held is not None:
-                held.close()
-            crash.close()
+    except Exception as exc:  # noqa: BLE001 - see above
+        log(f"error: pid {ctx.args.pid}: internal error {type(exc).__name__}: {exc}", ERR)
+        return 1
+    finally:
+        if ctx.held is not None:
+            ctx.held.close()
+        if ctx.crash is not None:
+            ctx.crash.close()
+            ctx.crash = None
+        if ctx.store is not None:
+            ctx.store.close()
+            ctx.store = None
 
 
-def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Config,
-                 snap: Optional[snapshot.Snapshot], container: containers.Container, errors: list,
-                 early: Capture, held: Optional[HeldFiles]) -> int:
-    rec = record.build(crash_id=crash.id, args=args, snapshot=snap, container=container,
-                       redact_env=cfg.redact_env)
-    rec["collector"]["errors"] = errors
-    _write_record(crash, rec)  # a handler killed from here on still leaves a record
-    core = rec["core"]
+def load_config(path: Optional[str], errors: list) -> configuration.Config:
+    """The config at ``path``; what is wrong with it goes to ``errors`` and falls back to the defaults."""
+    problems: list = []
+    try:
+        cfg = configuration.load(path, problems)
+    except configuration.ConfigError as exc:
+        errors.append(f"config: {exc}; using the defaults")
+        return configuration.Config()
+    errors += [f"config: {p}; that key is left at its default" for p in problems]
+    return cfg
+
+
+def _stages(ctx: Context) -> int:
+    args = ctx.args
+    if ctx.container is None:  # a socket server has identified it already, to decide before the dump
+        ctx.snapshot = take_snapshot(ctx)
+        ctx.container = identify(ctx)
+    if ctx.early.eof:
+        ctx.let_go()  # the container is known: its runtime's state may go with the process
+    for message in ctx.errors:
+        log(f"error: pid {args.pid}: {message}", ERR)
+    ctx.held = postmortem.hold(ctx.snapshot, ctx.cfg, ctx.early.held, ctx.early.hold_errors)
+    ctx.store = open_store(ctx)
+    if ctx.store is None:
+        return 1
+    ctx.crash = new_crash(ctx)
+    if ctx.crash is None:
+        return 1
+    return store_crash(ctx)
+
+
+def take_snapshot(ctx: Context) -> Optional[snapshot.Snapshot]:
+    """The trust-checked snapshot of what capture read of /proc/<pid>, or None when nothing was read."""
+    if ctx.early.proc is None:
+        return None
+    args = ctx.args
+    return snapshot.checked(ctx.early.proc, ns_pid=args.ns_pid, uid=args.uid, gid=args.gid,
+                            limit=ctx.cfg.proc_read_limit)
+
+
+def identify(ctx: Context) -> containers.Container:
+    """The container the crashed process ran in, from a trusted snapshot only."""
+    snap = ctx.snapshot
+    if snap is None:
+        return containers.Container(runtime="unknown", source="none", confidence="guess")
+    if not snap.trusted:
+        return containers.Container(runtime="unknown", source="untrusted snapshot", confidence="guess")
+    container = containers.identify(snap.text("cgroup"), mountinfo=snap.text("mountinfo"),
+                                    hostname=ctx.args.hostname)
+    if not container.is_host:
+        containers.enrich(container, pid=ctx.args.pid, parent=_ppid(snap))
+    return container
+
+
+def open_store(ctx: Context) -> Optional[Store]:
+    try:
+        return Store(ctx.cfg.store)
+    except OSError as exc:
+        log(f"error: pid {ctx.args.pid} ({ctx.args.comm!r}): cannot open the store {ctx.cfg.store}: {exc}; "
+            "core not saved", ERR)
+        return None
+
+
+def new_crash(ctx: Context) -> Optional[CrashDir]:
+    try:
+        return ctx.store.new_crash(ctx.container.directory(), ctx.args.time)
+    except OSError as exc:
+        log(f"error: pid {ctx.args.pid}: cannot create a crash directory: {exc}; core not saved", ERR)
+        return None
+
+
+def store_crash(ctx: Context) -> int:
+    """Record, core (within the policy), binaries and backtrace, final record; the exit code."""
+    args, cfg, crash = ctx.args, ctx.cfg, ctx.crash
+    rec = ctx.record = record.build(crash_id=crash.id, args=args, snapshot=ctx.snapshot, container=ctx.container,
+                                    redact_env=cfg.redact_env, errors=tuple(ctx.errors))
+    write_record(ctx)  # a handler killed from here on still leaves a record
     limit = args.core_limit_bytes() if cfg.honour_core_limit else None
-    failed = bool(errors)
     storm = None
-    if limit == 0:
-        core["reason"] = "RLIMIT_CORE is 0"
+    if ctx.refused is not None:
+        record.core_refused(rec, ctx.refused)
+    elif limit == 0:
+        record.core_refused(rec, "RLIMIT_CORE is 0")
     else:
-        with _noted(rec, slots.core_turn(store, cfg)) as turn:  # before the core is read
-            storm = core["reason"] = turn.refused
-            if storm is None:
-                pending, core_failed = _policed_core(store, crash, args, cfg, snap, container.directory(), rec,
-                                                     limit, early)
-                failed = _commit(store, crash, args, rec, pending) or core_failed or failed
-    _let_go(early)  # also when no core is read: saving binaries need not keep the process
-    if storm is None and held is not None:  # a crash refused in a storm stays cheap
-        with _noted(rec, slots.postmortem_turn(store, cfg)) as turn:
-            if turn.refused:
-                rec["postmortem"] = {"skipped": turn.refused}
+        with _turn(ctx, slots.core_turn(ctx.store, cfg)) as turn:  # a storm's bound, before the core is read
+            storm = turn.refused
+            if storm is not None:
+                record.core_refused(rec, storm)
             else:
-                postmortem.finish(store, crash, rec, held, cfg, container.is_host)
-    rec["status"] = "failed" if failed else "complete"
-    rec["collector"]["duration"] = round(time.monotonic() - early.started, 6)
-    rec["collector"]["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    _write_final(store, crash, args, rec)
-    where = "/".join(container.directory())
+                caps = [x for x in (limit, cfg.max_core_size) if x]
+                cap = min(caps) if caps else None
+                admission = admit(ctx, cap)
+                if admission is not None and admission.budget:
+                    commit(ctx, write_core(ctx, admission, limit, cap))
+    failed = record.has_errors(rec)
+    ctx.let_go()  # also when no core is read: saving binaries need not keep the process
+    if storm is None and ctx.held is not None:  # a crash refused in a storm stays cheap
+        with _turn(ctx, slots.postmortem_turn(ctx.store, cfg)) as turn:  # bounded after the kernel is let go
+            if turn.refused is not None:
+                record.postmortem_skipped(rec, turn.refused)
+            else:
+                postmortem.finish(ctx.store, crash, rec, ctx.held, cfg, ctx.container.is_host)
+    record.finish(rec, failed=failed, duration=time.monotonic() - ctx.early.started,
+                  peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    write_final(ctx)
+    core = rec["core"]
+    where = "/".join(ctx.container.directory())
     what = (f"core {core['size']} bytes -> {core['compressed_size']}" if core["stored"]
             else f"no core ({core['reason']})")
     log(f"pid {args.pid} ({args.comm}) signal {rec['signal']['name'] or args.signal} in {where}: "
@@ -135,145 +197,138 @@ def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: co
     return 1 if failed else 0
 
 
-class _Pending:
-    """Room was reserved for this crash; ``tmp`` (if any) holds its core, to be renamed to ``name``."""
-
-    def __init__(self, fd: Optional[int] = None, tmp: Optional[str] = None, name: Optional[str] = None):
-        self.fd, self.tmp, self.name = fd, tmp, name
-
-
-def _policed_core(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Config,
-                  snap: Optional[snapshot.Snapshot], group: tuple, rec: dict, limit: Optional[int],
-                  early: Capture) -> tuple:
-    """Read the core within the storage policy and rate limits (accounting.py).
-    Returns (a _Pending when room was reserved, True if something failed)."""
-    core = rec["core"]
-    caps = [x for x in (limit, cfg.max_core_size) if x]
-    cap = min(caps) if caps else None
-    status = snap.status() if snap is not None and snap.trusted else {}
+def admit(ctx: Context, cap: Optional[int]) -> Optional[accounting.Admission]:
+    """The storage policy's and rate limits' decision on this core (accounting.py); None if it failed."""
+    rec = ctx.record
+    status = ctx.snapshot.status() if ctx.snapshot is not None and ctx.snapshot.trusted else {}
     want = policy.estimate(_kib(status.get("VmRSS"), status.get("VmSwap")), _kib(status.get("VmSize")), cap)
     try:
-        admission = accounting.admit(store, cfg, crash_id=crash.id, group=group,
-                                     exe=rec["exe"] or args.comm or "", want=want)
+        admission = accounting.admit(ctx.store, ctx.cfg, crash_id=ctx.crash.id, group=ctx.container.directory(),
+                                     exe=rec["exe"] or ctx.args.comm or "", want=want)
     except (OSError, Timeout) as exc:
-        return None, _not_saved(args, rec, f"storage accounting failed: {exc}")
+        _not_saved(ctx, f"storage accounting failed: {exc}")
+        return None
     if not admission.budget:
-        core["reason"] = admission.reason
-        return None, False
-
-    def grow(needed: int, written: int) -> int:
-        return accounting.grow(store, cfg, crash_id=crash.id, group=group, needed=needed, written=written)
-
-    pending = _Pending()
-    return pending, _write_core(crash, args, cfg, rec, limit, cap, admission, grow, pending, early)
+        record.core_refused(rec, admission.reason)
+    return admission
 
 
-def _write_core(crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Config, rec: dict,
-                limit: Optional[int], cap: Optional[int], admission: accounting.Admission,
-                grow: Callable[[int, int], int], pending: _Pending, early: Capture) -> bool:
-    """The captured prefix and the rest of stdin into a temporary file (``pending``); True if the core could
-    not be stored whole."""
+@dataclass
+class Staged:
+    """A core written under a temporary name in the crash directory, waiting for ``commit``."""
+
+    fd: int
+    tmp: str
+    name: str
+
+
+def write_core(ctx: Context, admission: accounting.Admission, limit: Optional[int],
+               cap: Optional[int]) -> Optional[Staged]:
+    """The captured prefix and the rest of the core fd, compressed into a temporary file; None when nothing
+    is to be committed (refused for room, or failed: the record says which)."""
     from corepipe.platform import compress, elfcore
 
-    core = rec["core"]
+    rec, crash, cfg, group = ctx.record, ctx.crash, ctx.cfg, ctx.container.directory()
+
+    def grow(needed: int, written: int) -> int:
+        return accounting.grow(ctx.store, cfg, crash_id=crash.id, group=group, needed=needed, written=written)
+
     fd, tmp = crash.open_temp(CORE)
     try:
         try:
-            result = compress.compress_stream(STDIN, fd, limit=cap, prefix=early.core, eof=early.eof,
+            result = compress.compress_stream(ctx.core_fd, fd, limit=cap, prefix=ctx.early.core, eof=ctx.early.eof,
                                               level=cfg.compression_level, threads=cfg.compression_threads,
                                               max_output=admission.budget, grow=grow)
         finally:
-            _let_go(early)
+            ctx.let_go()
     except compress.OutputTooLarge as exc:
         # The storage policy's decision, like a core refused before it was read: not a failure.
         crash.discard(fd, tmp)
-        core["reason"] = f"no room for the core: {exc} (limited by {admission.limited_by})"
-        return False
+        record.core_refused(rec, f"no room for the core: {exc} (limited by {admission.limited_by})")
+        return None
     except (OSError, Timeout) as exc:
         crash.discard(fd, tmp)
-        return _not_saved(args, rec, f"write failed: {exc}")
+        _not_saved(ctx, f"write failed: {exc}")
+        return None
     if result.size == 0:
         crash.discard(fd, tmp)
-        return _not_saved(args, rec, "the kernel sent no core data (the pipe was empty)")
+        _not_saved(ctx, "the kernel sent no core data (the pipe was empty)")
+        return None
     expected = None if result.truncated else elfcore.expected_size(result.head)
     whole = expected is None or result.size >= expected
-    pending.fd, pending.tmp, pending.name = fd, tmp, CORE if whole else PARTIAL_CORE
-    core.update(file=pending.name, stored=True, size=result.size, complete=whole,
-                compressed_size=result.compressed_size, sha256=result.sha256, truncated=result.truncated)
+    reason = None
     if result.truncated:
-        core["reason"] = (f"truncated at RLIMIT_CORE ({limit} bytes)" if cap == limit
-                          else f"truncated at max_core_size ({cap} bytes)")
+        reason = (f"truncated at RLIMIT_CORE ({limit} bytes)" if cap == limit
+                  else f"truncated at max_core_size ({cap} bytes)")
     elif not whole:
-        core["reason"] = (f"the core ended after {result.size} of {expected} bytes: the kernel stopped the dump "
-                          f"(the process was killed) or the pipe closed early; kept as {PARTIAL_CORE}")
-        rec["collector"]["errors"].append(core["reason"])
-        log(f"error: pid {args.pid}: {core['reason']}", ERR)
-    return not whole
+        reason = (f"the core ended after {result.size} of {expected} bytes: the kernel stopped the dump "
+                  f"(the process was killed) or the pipe closed early; kept as {PARTIAL_CORE}")
+    staged = Staged(fd, tmp, CORE if whole else PARTIAL_CORE)
+    record.core_stored(rec, file=staged.name, size=result.size, complete=whole,
+                       compressed_size=result.compressed_size, sha256=result.sha256, truncated=result.truncated,
+                       reason=reason)
+    if not whole:
+        record.add_error(rec, reason)
+        log(f"error: pid {ctx.args.pid}: {reason}", ERR)
+    return staged
 
 
-def _commit(store: Store, crash: CrashDir, args: kernel.KernelArgs, rec: dict, pending: Optional[_Pending]) -> bool:
+def commit(ctx: Context, staged: Optional[Staged]) -> None:
     """Put the core under its final name and record that, holding the store's lock (so a handler making
-    room never sees a core whose record does not say it is stored), and give back the reservation.
-    True if the core could not be put in place."""
-    if pending is None:
-        return False
-    failed = False
-    with _locked(store, args, crash) as acc:
-        if pending.tmp is not None:
+    room never sees a core whose record does not say it is stored), and give back the reservation."""
+    with _locked(ctx) as acc:
+        if staged is not None:
             try:
-                crash.commit(pending.fd, pending.tmp, pending.name)
+                ctx.crash.commit(staged.fd, staged.tmp, staged.name)
             except OSError as exc:
-                crash.discard(pending.fd, pending.tmp)
-                rec["core"].update(file=None, stored=False, complete=None)
-                failed = _not_saved(args, rec, f"write failed: {exc}")
-            _write_record(crash, rec)
+                ctx.crash.discard(staged.fd, staged.tmp)
+                _not_saved(ctx, f"write failed: {exc}")
+            write_record(ctx)
         if acc is not None:
-            acc.release(crash.id)
-    return failed
+            acc.release(ctx.crash.id)
 
 
-def _write_final(store: Store, crash: CrashDir, args: kernel.KernelArgs, rec: dict) -> None:
+def write_final(ctx: Context) -> None:
     """The final record, under the lock: if another handler deleted the core to make room in the
     meantime, the record keeps what it said about that."""
+    rec, crash = ctx.record, ctx.crash
     if not rec["core"]["stored"]:
-        _write_record(crash, rec)
+        write_record(ctx)
         return
-    with _locked(store, args, crash):
+    with _locked(ctx):
         try:
             os.stat(rec["core"]["file"], dir_fd=crash.fd, follow_symlinks=False)
         except FileNotFoundError:
             try:
-                rec["core"] = catalog.read_record(crash.fd)["core"]
+                record.core_as_on_disk(rec, catalog.read_record(crash.fd)["core"])
             except (OSError, ValueError, KeyError) as exc:
-                rec["core"].update(file=None, stored=False, reason=f"deleted (its record was unreadable: {exc})")
-        _write_record(crash, rec)
+                record.core_deleted(rec, f"its record was unreadable: {exc}")
+        write_record(ctx)
 
 
 @contextlib.contextmanager
-def _locked(store: Store, args: kernel.KernelArgs, crash: CrashDir) -> Iterator[Optional[accounting.Accounting]]:
+def _locked(ctx: Context) -> Iterator[Optional[accounting.Accounting]]:
     """The store's lock, or (logged) nothing when it cannot be had: the record matters more."""
     try:
-        lock = accounting.Accounting(store)
+        lock = accounting.Accounting(ctx.store)
     except OSError as exc:
-        log(f"error: pid {args.pid}: cannot lock the store to finish crash {crash.id}: {exc}", ERR)
+        log(f"error: pid {ctx.args.pid}: cannot lock the store to finish crash {ctx.crash.id}: {exc}", ERR)
         yield None
         return
     with lock:
         yield lock
 
 
-def _noted(rec: dict, turn: slots.Turn) -> slots.Turn:
+def _turn(ctx: Context, turn: slots.Turn) -> slots.Turn:
     """``turn``, with its error (the slots could not be used, so the work goes on unbounded) in the record."""
     if turn.error:
-        rec["collector"]["errors"].append(turn.error)
+        record.add_error(ctx.record, turn.error)
     return turn
 
 
-def _not_saved(args: kernel.KernelArgs, rec: dict, reason: str) -> bool:
-    rec["core"]["reason"] = reason
-    rec["collector"]["errors"].append(f"core not saved: {reason}")
-    log(f"error: pid {args.pid}: core not saved: {reason}", ERR)
-    return True
+def _not_saved(ctx: Context, reason: str) -> None:
+    record.core_not_saved(ctx.record, reason)
+    log(f"error: pid {ctx.args.pid}: core not saved: {reason}", ERR)
 
 
 def _kib(*values: Optional[str]) -> Optional[int]:
@@ -289,12 +344,6 @@ def _kib(*values: Optional[str]) -> Optional[int]:
     return total
 
 
-def _let_go(early: Capture) -> None:
-    if not early.released:
-        release(STDIN)
-        early.released = True
-
-
 def _ppid(snap: snapshot.Snapshot) -> Optional[int]:
     """The crashed process's parent, from its snapshot: the process itself may be reaped by now."""
     try:
@@ -303,5 +352,5 @@ def _ppid(snap: snapshot.Snapshot) -> Optional[int]:
         return None
 
 
-def _write_record(crash: CrashDir, rec: dict) -> None:
-    crash.write(RECORD, record.dumps(rec))
+def write_record(ctx: Context) -> None:
+    ctx.crash.write(RECORD, record.dumps(ctx.record))

@@ -1,0 +1,556 @@
+"""``corepipe serve``: the resident collector behind ``core_pattern = @@/run/corepipe/coredump.socket``.
+
+The kernel connects for every crash (platform/coredump_socket.py). The accept loop only accepts:
+each connection is handed to a forked worker (at most ``workers`` at once; the rest wait, connected,
+in a queue, the kernel holding their processes) and the worker runs the very pipeline of ``corepipe
+collect`` (services/collect.py), with the socket where the kernel's pipe would be, so socket and pipe
+mode write the same records. Forked workers, not threads: the pipeline bounds itself with SIGALRM
+and holds process-wide state (its rlimits, its fds), the parent has already imported everything
+(no interpreter start per crash), and a worker that dies takes only its own crash with it.
+
+Before the dump a worker decides (``decide``): RLIMIT_CORE 0 (from /proc/<pid>/limits: the kernel
+applies none to sockets), over a rate limit, or the server saturated -> REJECT, so the kernel writes
+no byte of memory; the crash still gets its record, with the reason. Otherwise KERNEL + WAIT: the
+kernel holds the task until the worker has read what it needs from /proc and the core is stored.
+
+Never a silent window: without socket activation the server writes the socket pattern on start and
+the fallback (pipe) pattern on stop or on a fatal error; a guardian process it forks first puts the
+fallback back if the server is killed. ``<run_dir>/serve.json`` is its health: pid, heartbeat, counts.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import dataclasses
+import errno
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from corepipe.domain import accounting
+from corepipe.domain.context import Context
+from corepipe.platform import capture, coredump_socket, elfcore
+from corepipe.platform.kernel import RLIM_INFINITY, KernelArgs
+from corepipe.platform.log import ERR, INFO, WARNING, log
+from corepipe.platform.store import Store
+from corepipe.platform.sysctl import CORE_PATTERN, Sysctl, SysctlError
+from corepipe.services import collect
+
+DEFAULT_SOCKET = "/run/corepipe/coredump.socket"
+RUN_DIR = "/run/corepipe"
+HEALTH = "serve.json"
+#: A heartbeat older than this many seconds means the server is stuck (``status`` says so).
+HEARTBEAT = 2.0
+STALE = 15.0
+#: The listen backlog; the kernel caps it at net.core.somaxconn (4096 by default).
+BACKLOG = 4096
+#: Connections held beyond this many waiting ones are answered REJECT (record only) instead of a core.
+QUEUE_LIMIT = 512
+#: How long a worker waits after a REJECT for the process's exit status (its signal).
+EXIT_WAIT = 2.0
+SD_LISTEN_FDS_START = 3
+_CLONE_NEWUTS = 0x04000000
+_PF_DUMPCORE = 0x200
+_SO_RCVBUFFORCE = 33
+#: How loaded the server is when a crash's turn comes: NORMAL, FAST (compression level 1) or RECORD_ONLY.
+NORMAL, FAST, RECORD_ONLY = "normal", "fast", "record-only"
+
+
+@dataclass
+class Options:
+    socket_path: str = DEFAULT_SOCKET
+    config: Optional[str] = None
+    workers: int = 0  # 0: one per CPU, at least 2
+    queue_limit: int = QUEUE_LIMIT
+    backlog: int = BACKLOG
+    run_dir: str = RUN_DIR
+    #: The pattern to put back when the server stops (a pipe pattern); None: what was there at start.
+    fallback: Optional[str] = None
+    proc_sys: str = "/proc/sys"
+
+
+@dataclass
+class Stats:
+    """The server's counters, in its health file (and for a metrics endpoint)."""
+
+    accepted: int = 0
+    workers_started: int = 0
+    worker_failures: int = 0
+    max_queue: int = 0
+    #: Crashes collected at each load (NORMAL, FAST, RECORD_ONLY).
+    degraded: dict = field(default_factory=dict)
+
+
+def worker_count(requested: int) -> int:
+    if requested > 0:
+        return requested
+    return max(2, len(os.sched_getaffinity(0)))
+
+
+def activated_socket() -> Optional[socket.socket]:
+    """The listening socket systemd passed (LISTEN_FDS), or None without socket activation."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    os.set_inheritable(sock.fileno(), False)
+    return sock
+
+
+def read_health(run_dir: str = RUN_DIR) -> Optional[dict]:
+    """The running server's health file with ``alive`` (its pid is a corepipe serve) and ``fresh``
+    (heartbeat within STALE seconds); None when there is none."""
+    try:
+        with open(os.path.join(run_dir, HEALTH), "rb") as f:
+            health = json.loads(f.read(1 << 16))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(health, dict):
+        return None
+    try:
+        with open(f"/proc/{int(health.get('pid', 0))}/cmdline", "rb") as f:
+            alive = b"serve" in f.read(4096)
+    except (OSError, ValueError, TypeError):
+        alive = False
+    health["alive"] = alive
+    health["fresh"] = alive and time.time() - float(health.get("heartbeat") or 0) < STALE
+    return health
+
+
+class Server:
+    """The accept loop and its workers; ``run`` returns the exit code."""
+
+    def __init__(self, options: Options):
+        self.options = options
+        self.stats = Stats()
+        self.workers = worker_count(options.workers)
+        self.queue: collections.deque = collections.deque()
+        self.children: dict = {}
+        self.guardian: Optional[int] = None
+        self.stopping = False
+        self.sysctl = Sysctl(options.proc_sys)
+        self.pattern: Optional[str] = None
+        self.fallback: Optional[str] = options.fallback
+        self.listener: Optional[socket.socket] = None
+        self.activated = False
+        self.started = time.time()
+        self.last_beat = 0.0
+
+    # -- start and stop -------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """The listening socket and, without socket activation, the kernel's pattern pointing at it."""
+        _raise_nofile()
+        _preload()
+        self.listener = activated_socket()
+        self.activated = self.listener is not None
+        if self.listener is None:
+            os.makedirs(os.path.dirname(self.options.socket_path), mode=0o700, exist_ok=True)
+            self.listener = coredump_socket.listen(self.options.socket_path, self.options.backlog)
+        self.listener.setblocking(False)
+        modes = coredump_socket.core_modes(self.options.proc_sys)
+        if "socket" not in modes:
+            raise SysctlError(f"this kernel has no coredump socket mode (kernel.core_modes: {' '.join(modes) or '-'}); "
+                              "use 'corepipe install --mode pipe'")
+        if self.activated:
+            return  # install wrote the pattern persistently; the socket unit keeps the socket between restarts
+        previous = self.sysctl.read(CORE_PATTERN)
+        if self.fallback is None and not previous.startswith("@"):
+            self.fallback = previous
+        self.pattern = _set_socket_pattern(self.sysctl, self.options.socket_path)
+        self.guardian = _start_guardian(self.sysctl, self.pattern, self.fallback, self.listener)
+        log(f"serve: listening on {self.options.socket_path}, kernel.core_pattern = {self.pattern}, "
+            f"{self.workers} workers; on stop: {self.fallback!r}")
+
+    def close(self, why: str) -> None:
+        """Fallback pattern first (so no crash meets a closed socket), then the socket."""
+        if self.pattern is not None and self.fallback is not None:
+            try:
+                if self.sysctl.read(CORE_PATTERN) == self.pattern:
+                    self.sysctl.write(CORE_PATTERN, self.fallback)
+                    log(f"serve: {why}; kernel.core_pattern set back to {self.fallback!r}", WARNING)
+            except SysctlError as exc:
+                log(f"error: serve: {why}; cannot put back kernel.core_pattern: {exc}", ERR)
+        self._accept_all()  # connected before the switch: still ours to collect
+        while self.queue or self.children:
+            self._dispatch()
+            self._reap(block=bool(self.children))
+        if self.listener is not None:
+            self.listener.close()
+            if not self.activated:
+                try:
+                    os.unlink(self.options.socket_path)
+                except FileNotFoundError:
+                    pass
+        if self.guardian is not None:
+            os.kill(self.guardian, signal.SIGKILL)
+            os.waitpid(self.guardian, 0)
+        try:
+            os.unlink(os.path.join(self.options.run_dir, HEALTH))
+        except FileNotFoundError:
+            pass
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._stop)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        why = "stopped"
+        try:
+            self.open()
+            poller = select.poll()
+            poller.register(self.listener.fileno(), select.POLLIN)
+            poller.register(wake_r, select.POLLIN)
+            while not self.stopping:
+                self._heartbeat()
+                poller.poll(HEARTBEAT * 1000)
+                try:
+                    while os.read(wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                self._accept_all()
+                self._reap()
+                self._dispatch()
+            return 0
+        except BaseException as exc:
+            why = f"fatal error {type(exc).__name__}: {exc}"
+            log(f"error: serve: {why}", ERR)
+            raise
+        finally:
+            self.close(why)
+            signal.set_wakeup_fd(-1)
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def _accept_all(self) -> None:
+        while self.listener is not None:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    return  # the rest waits in the backlog until a worker frees fds
+                raise
+            self.stats.accepted += 1
+            self.queue.append((conn, time.monotonic()))
+            self.stats.max_queue = max(self.stats.max_queue, len(self.queue))
+
+    def _dispatch(self) -> None:
+        while self.queue and len(self.children) < self.workers:
+            conn, accepted = self.queue.popleft()
+            load = self.load()
+            self.stats.degraded[load] = self.stats.degraded.get(load, 0) + 1
+            self._fork(conn, accepted, load)
+
+    def load(self) -> str:
+        """How the next crash is collected: a long queue gets a faster level, an overlong one records only."""
+        if len(self.queue) >= self.options.queue_limit:
+            return RECORD_ONLY
+        if len(self.queue) >= 2 * self.workers:
+            return FAST
+        return NORMAL
+
+    def _fork(self, conn: socket.socket, accepted: float, load: str) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                    signal.signal(signum, signal.SIG_DFL)
+                if self.listener is not None:
+                    self.listener.close()
+                for other, _ in self.queue:
+                    other.close()
+                code = handle(conn, self.options.config, accepted, load)
+            except BaseException as exc:  # noqa: BLE001 - a worker reports, it never unwinds into the loop
+                log(f"error: serve worker: {type(exc).__name__}: {exc}", ERR)
+            finally:
+                os._exit(code)
+        conn.close()
+        self.children[pid] = time.monotonic()
+        self.stats.workers_started += 1
+
+    def _reap(self, block: bool = False) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            block = False
+            if pid == self.guardian:
+                self.guardian = None
+                continue
+            self.children.pop(pid, None)
+            if os.waitstatus_to_exitcode(status) not in (0, 1, 2):
+                self.stats.worker_failures += 1
+                log(f"error: serve: worker {pid} ended with {os.waitstatus_to_exitcode(status)}", ERR)
+
+    def health(self) -> dict:
+        return {"pid": os.getpid(), "started": self.started, "heartbeat": time.time(),
+                "socket": self.options.socket_path, "pattern": self.pattern, "fallback": self.fallback,
+                "activated": self.activated, "guardian": self.guardian, "workers": self.workers,
+                "busy": len(self.children), "queued": len(self.queue), "stats": self.stats.__dict__}
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self.last_beat < HEARTBEAT:
+            return
+        self.last_beat = now
+        try:
+            os.makedirs(self.options.run_dir, mode=0o755, exist_ok=True)
+            path = os.path.join(self.options.run_dir, HEALTH)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.health(), f)
+            os.rename(tmp, path)
+        except OSError as exc:
+            log(f"error: serve: cannot write the health file: {exc}", ERR)
+
+
+def _raise_nofile() -> None:
+    """Queued connections are fds: allow as many as the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _preload() -> None:
+    """Import in the parent what every worker needs, so a fork starts warm."""
+    from corepipe.domain import backtrace, binaries  # noqa: F401
+    from corepipe.platform import compress
+
+    compress.compressor()
+
+
+def _set_socket_pattern(sysctl: Sysctl, path: str) -> str:
+    """``@@path`` where the kernel takes it (6.17), else ``@path``; read back either way."""
+    for ack in (True, False):
+        value = coredump_socket.pattern(path, ack=ack)
+        try:
+            sysctl.write(CORE_PATTERN, value)
+            return value
+        except SysctlError:
+            continue
+    raise SysctlError(f"the kernel took neither @@{path} nor @{path} as kernel.core_pattern")
+
+
+def _start_guardian(sysctl: Sysctl, pattern: str, fallback: Optional[str], listener: socket.socket) -> Optional[int]:
+    """A child that outlives a killed server just long enough to put the fallback pattern back."""
+    if fallback is None:
+        return None
+    parent = os.getpid()
+    parent_fd = os.pidfd_open(parent)
+    pid = os.fork()
+    if pid != 0:
+        os.close(parent_fd)
+        return pid
+    code = 0
+    try:
+        listener.close()  # a dead server's socket must refuse at once, not queue crashes nobody accepts
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        select.select([parent_fd], [], [])
+        if sysctl.read(CORE_PATTERN) == pattern:
+            sysctl.write(CORE_PATTERN, fallback)
+            log(f"error: serve (pid {parent}) is gone; kernel.core_pattern set back to {fallback!r}", ERR)
+    except BaseException as exc:  # noqa: BLE001
+        log(f"error: serve guardian: {type(exc).__name__}: {exc}", ERR)
+        code = 1
+    finally:
+        os._exit(code)
+
+
+# -- one crash, in a worker ---------------------------------------------------------------------------
+
+
+@dataclass
+class Decision:
+    mask: int
+    reason: Optional[str] = None
+
+
+def core_limit(limits: bytes) -> Optional[int]:
+    """The soft RLIMIT_CORE in a /proc/<pid>/limits text (RLIM_INFINITY as the kernel's %c prints it)."""
+    for line in limits.decode("ascii", "replace").splitlines():
+        if line.startswith("Max core file size"):
+            soft = line[len("Max core file size"):].split()[:1]
+            if soft == ["unlimited"]:
+                return RLIM_INFINITY
+            if soft and soft[0].isdigit():
+                return int(soft[0])
+    return None
+
+
+def decide(ctx: Context, load: str) -> Decision:
+    """KERNEL (+WAIT), or REJECT with the reason the record will give: the kernel then writes nothing."""
+    if load == RECORD_ONLY:
+        return Decision(coredump_socket.REJECT, "the collector was saturated (too many crashes waiting): "
+                                                "record only")
+    limit = ctx.args.core_limit_bytes() if ctx.cfg.honour_core_limit else None
+    if limit == 0:
+        return Decision(coredump_socket.REJECT, "RLIMIT_CORE is 0")
+    snap = ctx.snapshot
+    if snap is None or not snap.trusted:
+        return Decision(coredump_socket.KERNEL)
+    try:
+        with Store(ctx.cfg.store) as store:
+            reason = accounting.rate_limited(store, ctx.cfg, group=ctx.container.directory(),
+                                             exe=snap.exe or ctx.args.comm or "")
+    except OSError as exc:
+        log(f"error: pid {ctx.args.pid}: rate limits not checked before the dump: {exc}", ERR)
+        reason = None
+    return Decision(coredump_socket.REJECT if reason else coredump_socket.KERNEL, reason)
+
+
+def handle(conn: socket.socket, config: Optional[str], accepted: float, load: str) -> int:
+    """One kernel connection: check the peer, read /proc, decide, ack, then ``collect``'s pipeline on the
+    socket; the exit code ``corepipe collect`` would give."""
+    pidfd = coredump_socket.peer_pidfd(conn)
+    info = coredump_socket.pidfd_info(pidfd)
+    if not info.dumping:
+        log(f"error: serve: pid {info.pid} connected to the coredump socket but is not dumping core; ignored", ERR)
+        return 2
+    request = _request(conn)
+    early = capture.take_proc(info.pid, pidfd)
+    early.started = accepted
+    errors = list(early.errors)
+    args = kernel_args(info, early.proc, when=int(time.time()), hostname=_hostname(info.pid, pidfd),
+                       config=config)
+    cfg = collect.load_config(config, errors)
+    if load == FAST:
+        cfg = dataclasses.replace(cfg, compression_level=1)
+    signal.signal(signal.SIGALRM, capture.on_alarm)
+    signal.alarm(cfg.timeout)
+    ctx = Context(args=args, early=early, core_fd=capture.STDIN, cfg=cfg, errors=errors)
+    ctx.snapshot = collect.take_snapshot(ctx)
+    ctx.container = collect.identify(ctx)
+    decision = decide(ctx, load) if request is not None else Decision(coredump_socket.KERNEL)
+    if request is not None:
+        coredump_socket.send_ack(conn, coredump_socket.choose(request, decision.mask))
+    if decision.mask == coredump_socket.REJECT:
+        conn.close()
+        _null_stdin()
+        early.eof = early.released = True
+        args.signal = _exit_signal(pidfd)
+        ctx.refused = decision.reason
+    else:
+        _grow_receive_buffer(conn)
+        os.dup2(conn.fileno(), capture.STDIN, inheritable=False)
+        conn.close()
+        capture.take_core(early, capture.STDIN)
+        args.signal = elfcore.signal_number(early.core)
+    return collect.run_context(ctx)
+
+
+def kernel_args(info: coredump_socket.PidfdInfo, proc: Optional[capture.Proc], *, when: int,
+                hostname: Optional[str], config: Optional[str]) -> KernelArgs:
+    """What the kernel's ``%P %p %I %u %g %t %c %d %F %h %e`` would have said, from the pidfd and /proc
+    (the signal comes later, from the core or the exit status)."""
+    files = proc.files if proc is not None else {}
+    status = files.get("status", b"").decode("utf-8", "replace")
+    nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+    comm = files.get("comm", b"").decode("utf-8", "replace").rstrip("\n")
+    return KernelArgs(pid=info.pid, ns_pid=int(nspid[-1]) if nspid and nspid[-1].isdigit() else None,
+                      tid=_dumping_thread(info.pid), uid=info.ruid, gid=info.rgid, time=when,
+                      core_limit=core_limit(files.get("limits", b"")),
+                      dump_mode=2 if info.coredump_mask & coredump_socket.PIDFD_COREDUMP_ROOT else 1,
+                      pidfd=proc.pidfd if proc is not None else None, hostname=hostname, comm=comm or None,
+                      config=config)
+
+
+def _request(conn: socket.socket) -> Optional[coredump_socket.Request]:
+    """The ``@@`` request; None under ``@`` (the core follows at once: its first bytes are ELF)."""
+    head = conn.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL)
+    if head == b"\x7fELF":
+        return None
+    return coredump_socket.read_request(conn)
+
+
+def _dumping_thread(pid: int) -> Optional[int]:
+    """The thread that dumps (PF_DUMPCORE in its stat flags), the kernel's %I."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    if len(tasks) == 1:
+        return int(tasks[0])
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                flags = int(f.read(4096).rpartition(b")")[2].split()[6])
+        except (OSError, ValueError, IndexError):
+            continue
+        if flags & _PF_DUMPCORE:
+            return int(tid)
+    return None
+
+
+def _hostname(pid: int, pidfd: int) -> Optional[str]:
+    """The crashed process's hostname (%h): this worker joins its UTS namespace, which changes nothing
+    else, and the name counts only if the pidfd still refers to that pid afterwards."""
+    try:
+        fd = os.open(f"/proc/{pid}/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWUTS) != 0:
+            return None
+    finally:
+        os.close(fd)
+    if capture.pidfd_pid(pidfd) != pid:
+        return None
+    return os.uname().nodename
+
+
+def _exit_signal(pidfd: int) -> Optional[int]:
+    """After a REJECT the process dies at once: its signal from its exit status, if that comes in time."""
+    deadline = time.monotonic() + EXIT_WAIT
+    while time.monotonic() < deadline:
+        try:
+            status = coredump_socket.pidfd_exit(pidfd)
+        except OSError:
+            return None
+        if status is not None:
+            return os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        select.select([pidfd], [], [], 0.05)
+    return None
+
+
+def _null_stdin() -> None:
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    os.dup2(null, capture.STDIN, inheritable=False)
+    os.close(null)
+
+
+def _grow_receive_buffer(conn: socket.socket) -> None:
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 4 << 20)  # as root, past net.core.rmem_max
+    except OSError:
+        pass
+
+
+def serve(options: Options) -> int:
+    log_line = f"serve: starting (pid {os.getpid()})"
+    log(log_line, INFO)
+    return Server(options).run()
