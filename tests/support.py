@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -251,3 +252,26 @@ def served_handler(workdir: Path, config_extra: str = "", pipe_limit: int = 64) 
             yield served
         finally:
             served.stop()
+
+
+#: How the kernel logs a dump it dropped without a handler ("coredump: PID(COMM): over core_pipe_limit,
+#: skipping core dump"; socket mode's failures the same way).
+DROPPED_DUMP = re.compile(r"\] coredump: \d+\((?P<comm>[^)]*)\): ")
+
+
+def kernel_log_time(line: str) -> float:
+    """The timestamp of a dmesg line ("[ 1234.567890] ...")."""
+    return float(line[1:line.index("]")])
+
+
+def kernel_log_now() -> float:
+    """The kernel log's latest timestamp: a mark to look for lines after."""
+    lines = subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout.splitlines()
+    return kernel_log_time(lines[-1]) if lines else 0.0
+
+
+def dropped_dumps(since: float, comms: set) -> list:
+    """The kernel's lines about dumps of ``comms`` it dropped after ``since`` (by timestamp: the ring
+    buffer drops old lines, so counts before and after do not compare)."""
+    return [line for line in dmesg_lines("coredump: ") if kernel_log_time(line) > since
+            and (match := DROPPED_DUMP.search(line)) and match.group("comm") in comms]

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import resource
 import shutil
 import subprocess
@@ -25,7 +24,16 @@ from typing import Optional
 import pytest
 from cgroups import FakeContainers
 from runtimes import unique
-from support import dmesg_lines, installed_handler, mounted_tmpfs, need_tool, served_handler, start_crash, wait_for
+from support import (
+    dropped_dumps,
+    installed_handler,
+    kernel_log_now,
+    mounted_tmpfs,
+    need_tool,
+    served_handler,
+    start_crash,
+    wait_for,
+)
 
 from corepipe.platform import slots
 from corepipe.platform.config import Config
@@ -176,28 +184,6 @@ def test_64_simultaneous_crashes_across_containers(handler_dir: Path, crasher: P
 
 
 STORM, STORM_DOCKER = 128, 16
-#: How the kernel logs a dump it dropped ("coredump: PID(COMM): over core_pipe_limit, skipping core dump";
-#: socket mode's failures the same way).
-KERNEL_SKIP = re.compile(r"\] coredump: \d+\((?P<comm>[^)]*)\): ")
-
-
-def _kernel_time(line: str) -> float:
-    """The timestamp of a dmesg line ("[ 1234.567890] ...")."""
-    return float(line[1:line.index("]")])
-
-
-def _kernel_skips(since: float, comms: set) -> list:
-    """The kernel's lines about dumps of ``comms`` it dropped, logged after ``since`` (by timestamp: the
-    ring buffer drops old lines, so counts before and after do not compare)."""
-    return [line for line in dmesg_lines("coredump: ") if _kernel_time(line) > since
-            and (match := KERNEL_SKIP.search(line)) and match.group("comm") in comms]
-
-
-def _kernel_now() -> float:
-    lines = subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout.splitlines()
-    return _kernel_time(lines[-1]) if lines else 0.0
-
-
 def _final_records(handler: object, count: int, timeout: float) -> list:
     """The records once ``count`` are final (none left at ``collecting``); fails after ``timeout``."""
     def final() -> list:
@@ -231,7 +217,7 @@ def test_storm_of_128_executables_at_install_defaults(handler_dir: Path, crasher
     serve = served_handler if mode == "socket" else installed_handler
     try:
         with serve(handler_dir, pipe_limit=install.PIPE_LIMIT) as handler:
-            started = _kernel_now()
+            started = kernel_log_now()
             for n in range(STORM_DOCKER):
                 dockers.append(subprocess.Popen(
                     ["docker", "run", "-i", "--name", names[n], "--network=none", "--ulimit", "core=-1",
@@ -252,7 +238,7 @@ def test_storm_of_128_executables_at_install_defaults(handler_dir: Path, crasher
                 assert d.wait(timeout=300) == 139, d.stderr.read()
             # Every crasher is reaped, so the kernel has logged any dump it dropped.
             comms = {f"d{n}" for n in range(STORM_DOCKER)} | {f"s{n}" for n in range(STORM_DOCKER, STORM)}
-            assert not _kernel_skips(started, comms), _kernel_skips(started, comms)[:3]
+            assert not dropped_dumps(started, comms), dropped_dumps(started, comms)[:3]
             recs = _final_records(handler, STORM, 300)
         assert len(recs) == STORM and {r["comm"] for r in recs} == comms
         assert all(r["status"] == "complete" for r in recs), [r["collector"]["errors"] for r in recs
