@@ -28,8 +28,8 @@ from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, PROC_SYS, Sy
 #: core_pipe_limit: non-zero makes the kernel wait for the handler before reaping the process, so
 #: /proc/<pid> stays readable (0 would not wait). It only caps handlers holding the kernel's pipe, and
 #: a crash beyond it is skipped by the kernel with nothing but an "over core_pipe_limit" line: so it is
-#: set well above any storm the host can run handlers for (a handler refused a core slot costs ~15 MB
-#: and lets go within a second or so; 128 at once peaked at ~0.4 GiB here), and the handlers bound
+#: set well above any storm the host can run handlers for (a handler refused a core slot costs ~12 MB
+#: and lets go within seconds; 128 crashes at once peaked at 0.2-0.4 GiB here), and the handlers bound
 #: their own heavy work host-wide (platform/slots.py): cores for concurrent_cores at a time, a record
 #: with the reason for the rest.
 PIPE_LIMIT = 256
