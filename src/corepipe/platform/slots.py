@@ -142,7 +142,7 @@ def _turn(store: Store, kind: str, setting: int, wait: int, busy: str) -> Turn:
         if fd is None:
             place = _take(store, f"{kind}-queue", places) if wait > 0 else None
             if place is None:
-                return Turn(refused=f"{busy} and {places} waiting")
+                return Turn(refused=f"{busy} and {places} waiting" if wait > 0 else busy)
             try:
                 fd = _take(store, kind, number, wait)
             finally:
