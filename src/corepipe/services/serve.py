@@ -24,6 +24,7 @@ import collections
 import ctypes
 import dataclasses
 import errno
+import functools
 import json
 import os
 import resource
@@ -37,13 +38,14 @@ from typing import Optional
 from corepipe.domain import accounting
 from corepipe.domain.context import Context
 from corepipe.platform import capture, coredump_socket, elfcore
+from corepipe.platform import config as configuration
 from corepipe.platform.kernel import RLIM_INFINITY, KernelArgs
 from corepipe.platform.log import ERR, INFO, WARNING, log
 from corepipe.platform.store import Store
 from corepipe.platform.sysctl import CORE_PATTERN, Sysctl, SysctlError
 from corepipe.services import collect
+from corepipe.services.install import DEFAULT_SOCKET
 
-DEFAULT_SOCKET = "/run/corepipe/coredump.socket"
 RUN_DIR = "/run/corepipe"
 HEALTH = "serve.json"
 #: A heartbeat older than this many seconds means the server is stuck (``status`` says so).
@@ -133,7 +135,9 @@ class Server:
         self.stats = Stats()
         self.workers = worker_count(options.workers)
         self.queue: collections.deque = collections.deque()
-        self.children: dict = {}
+        #: Idle workers, (pid, socketpair end), and the pids of those collecting a crash.
+        self.spares: collections.deque = collections.deque()
+        self.busy: set = set()
         self.guardian: Optional[int] = None
         self.stopping = False
         self.sysctl = Sysctl(options.proc_sys)
@@ -179,10 +183,17 @@ class Server:
                     log(f"serve: {why}; kernel.core_pattern set back to {self.fallback!r}", WARNING)
             except SysctlError as exc:
                 log(f"error: serve: {why}; cannot put back kernel.core_pattern: {exc}", ERR)
+        self.stopping = True
         self._accept_all()  # connected before the switch: still ours to collect
-        while self.queue or self.children:
+        while self.queue or self.busy:
+            if self.queue and not self.spares and len(self.busy) < self.workers:
+                self._fork_spare()
             self._dispatch()
-            self._reap(block=bool(self.children))
+            self._reap(block=True)
+        for _pid, channel in self.spares:
+            channel.close()  # an idle worker exits when its channel closes
+        while self.spares:
+            self._reap(block=True)
         if self.listener is not None:
             self.listener.close()
             if not self.activated:
@@ -212,6 +223,7 @@ class Server:
             poller = select.poll()
             poller.register(self.listener.fileno(), select.POLLIN)
             poller.register(wake_r, select.POLLIN)
+            self._dispatch()  # the first idle workers
             while not self.stopping:
                 self._heartbeat()
                 poller.poll(HEARTBEAT * 1000)
@@ -252,11 +264,23 @@ class Server:
             self.stats.max_queue = max(self.stats.max_queue, len(self.queue))
 
     def _dispatch(self) -> None:
-        while self.queue and len(self.children) < self.workers:
+        """Hand waiting crashes to idle workers, then fork idle ones up to ``workers`` in all."""
+        while self.queue and self.spares:
             conn, accepted = self.queue.popleft()
             load = self.load()
+            pid, channel = self.spares.popleft()
+            try:
+                socket.send_fds(channel, [f"{accepted!r} {load}".encode()], [conn.fileno()])
+            except OSError:  # that worker died idle: the crash waits for the next one
+                self.queue.appendleft((conn, accepted))
+                continue
+            finally:
+                channel.close()
+            conn.close()
+            self.busy.add(pid)
             self.stats.degraded[load] = self.stats.degraded.get(load, 0) + 1
-            self._fork(conn, accepted, load)
+        while not self.stopping and len(self.busy) + len(self.spares) < self.workers:
+            self._fork_spare()
 
     def load(self) -> str:
         """How the next crash is collected: a long queue gets a faster level, an overlong one records only."""
@@ -266,7 +290,10 @@ class Server:
             return FAST
         return NORMAL
 
-    def _fork(self, conn: socket.socket, accepted: float, load: str) -> None:
+    def _fork_spare(self) -> None:
+        """A worker forked ahead of the crash (the fork is not on the crash's path), waiting for its
+        connection on a socketpair; it collects one crash and exits."""
+        channel, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -274,25 +301,24 @@ class Server:
                 signal.set_wakeup_fd(-1)
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                     signal.signal(signum, signal.SIG_DFL)
-                if self.listener is not None:
-                    self.listener.close()
-                for other, _ in self.queue:
-                    other.close()
-                code = handle(conn, self.options.config, accepted, load)
+                channel.close()
+                for sock in [self.listener] + [c for c, _ in self.queue] + [c for _, c in self.spares]:
+                    if sock is not None:
+                        sock.close()
+                code = _worker(child_end, self.options.config)
             except BaseException as exc:  # noqa: BLE001 - a worker reports, it never unwinds into the loop
                 log(f"error: serve worker: {type(exc).__name__}: {exc}", ERR)
             finally:
                 os._exit(code)
-        conn.close()
-        self.children[pid] = time.monotonic()
+        child_end.close()
+        self.spares.append((pid, channel))
         self.stats.workers_started += 1
 
     def _reap(self, block: bool = False) -> None:
-        while self.children:
+        while True:
             try:
                 pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
             except ChildProcessError:
-                self.children.clear()
                 return
             if pid == 0:
                 return
@@ -300,16 +326,21 @@ class Server:
             if pid == self.guardian:
                 self.guardian = None
                 continue
-            self.children.pop(pid, None)
-            if os.waitstatus_to_exitcode(status) not in (0, 1, 2):
+            self.busy.discard(pid)
+            for spare in [s for s in self.spares if s[0] == pid]:
+                self.spares.remove(spare)
+                spare[1].close()
+            code = os.waitstatus_to_exitcode(status)
+            if code not in (0, 1, 2):
                 self.stats.worker_failures += 1
-                log(f"error: serve: worker {pid} ended with {os.waitstatus_to_exitcode(status)}", ERR)
+                log(f"error: serve: worker {pid} ended with {code}", ERR)
 
     def health(self) -> dict:
         return {"pid": os.getpid(), "started": self.started, "heartbeat": time.time(),
                 "socket": self.options.socket_path, "pattern": self.pattern, "fallback": self.fallback,
                 "activated": self.activated, "guardian": self.guardian, "workers": self.workers,
-                "busy": len(self.children), "queued": len(self.queue), "stats": self.stats.__dict__}
+                "busy": len(self.busy), "idle": len(self.spares), "queued": len(self.queue),
+                "stats": self.stats.__dict__}
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
@@ -340,6 +371,8 @@ def _preload() -> None:
     from corepipe.platform import compress
 
     compress.compressor()
+    configuration.parse("", "<preload>")
+    _libc()
 
 
 def _set_socket_pattern(sysctl: Sysctl, path: str) -> str:
@@ -423,7 +456,43 @@ def decide(ctx: Context, load: str) -> Decision:
     return Decision(coredump_socket.REJECT if reason else coredump_socket.KERNEL, reason)
 
 
-def handle(conn: socket.socket, config: Optional[str], accepted: float, load: str) -> int:
+class Prepared:
+    """What an idle worker readies before its crash comes: the config, loaded again only if its file changed."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = path
+        self.stamp = self._stamp()
+        self.errors: list = []
+        self.cfg = collect.load_config(path, self.errors)
+
+    def _stamp(self) -> Optional[tuple]:
+        try:
+            st = os.stat(self.path or configuration.DEFAULT_PATH)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def current(self) -> tuple:
+        """(config, its problems) as the file is now."""
+        if self._stamp() != self.stamp:
+            self.errors = []
+            self.cfg = collect.load_config(self.path, self.errors)
+        return self.cfg, list(self.errors)
+
+
+def _worker(channel: socket.socket, config: Optional[str]) -> int:
+    """An idle worker: ready the config, wait for one connection from the accept loop, collect it."""
+    prepared = Prepared(config)
+    message, fds, _flags, _addr = socket.recv_fds(channel, 256, 1)
+    channel.close()
+    if not fds:
+        return 0  # the server is stopping
+    conn = socket.socket(fileno=fds[0])
+    accepted, load = message.decode().split()
+    return handle(conn, prepared, float(accepted), load)
+
+
+def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str) -> int:
     """One kernel connection: check the peer, read /proc, decide, ack, then ``collect``'s pipeline on the
     socket; the exit code ``corepipe collect`` would give."""
     pidfd = coredump_socket.peer_pidfd(conn)
@@ -436,8 +505,9 @@ def handle(conn: socket.socket, config: Optional[str], accepted: float, load: st
     early.started = accepted
     errors = list(early.errors)
     args = kernel_args(info, early.proc, when=int(time.time()), hostname=_hostname(info.pid, pidfd),
-                       config=config)
-    cfg = collect.load_config(config, errors)
+                       config=prepared.path)
+    cfg, problems = prepared.current()
+    errors += problems
     if load == FAST:
         cfg = dataclasses.replace(cfg, compression_level=1)
     signal.signal(signal.SIGALRM, capture.on_alarm)
@@ -514,13 +584,18 @@ def _hostname(pid: int, pidfd: int) -> Optional[str]:
     except OSError:
         return None
     try:
-        if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWUTS) != 0:
+        if _libc().setns(fd, _CLONE_NEWUTS) != 0:
             return None
     finally:
         os.close(fd)
     if capture.pidfd_pid(pidfd) != pid:
         return None
     return os.uname().nodename
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _exit_signal(pidfd: int) -> Optional[int]:
