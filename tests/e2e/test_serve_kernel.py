@@ -21,9 +21,12 @@ from support import (
     CORE_PATTERN,
     CRASH_LINE,
     NO_RATE_LIMIT,
+    KernelSettings,
+    Served,
     decompress,
     gdb_backtrace,
     installed_handler,
+    need_root_kernel,
     need_tool,
     served_handler,
     set_core_limit,
@@ -230,3 +233,45 @@ def test_stop_puts_the_pipe_pattern_back(workdirs, crasher: Path) -> None:
         assert not served.socket.exists() and not (served.run_dir / "serve.json").exists()
         _run([str(crasher), "0", "after-stop"])
         assert served.wait_record(lambda r: r["comm"] == "after-stop")["core"]["stored"] is True
+
+
+def test_systemd_units_are_hardened_and_verify() -> None:
+    units = Path(__file__).resolve().parents[2] / "install" / "systemd"
+    sock, service = (units / "corepipe.socket").read_text(), (units / "corepipe.service").read_text()
+    assert "ListenStream=/run/corepipe/coredump.socket\n" in sock and "SocketMode=0600\n" in sock
+    assert "ExecStart=/usr/local/bin/corepipe serve\n" in service and "Requires=corepipe.socket\n" in service
+    for line in ("ProtectSystem=strict", "ReadWritePaths=/var/lib/corepipe /run/corepipe", "PrivateNetwork=yes",
+                 "RestrictAddressFamilies=AF_UNIX", "NoNewPrivileges=yes", "Restart=always", "KillMode=mixed"):
+        assert f"\n{line}\n" in service, line
+    analyze = need_tool("systemd-analyze")
+    check = subprocess.run([analyze, "verify", "--man=no", str(units / "corepipe.socket"),
+                            str(units / "corepipe.service")], capture_output=True, text=True)
+    problems = [line for line in check.stderr.splitlines() if "corepipe" in line and "/usr/local/bin" not in line]
+    assert not problems, check.stderr
+
+
+def test_socket_activation(workdirs, crasher: Path) -> None:
+    """Started the way systemd starts it (LISTEN_FDS): it serves the socket it was given, and writes the pattern."""
+    activate = need_tool("systemd-socket-activate")
+    need_root_kernel()
+    served = Served(workdirs())
+    with KernelSettings() as settings:
+        settings.set(served.pattern())
+        served.proc = subprocess.Popen([activate, "-l", str(served.socket), str(served.launcher), "serve", "--config",
+                                        str(served.config), "--socket", "/nonexistent/ignored.sock", "--run-dir",
+                                        str(served.run_dir), "--fallback", served.pattern()],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(served.socket.exists, 30, "the activator's socket")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as nudge:  # it starts the server on a connection
+                nudge.connect(str(served.socket))
+                wait_for(lambda: (served.run_dir / "serve.json").exists(), 30, "the server's health file")
+            health = json.loads((served.run_dir / "serve.json").read_text())
+            assert health["activated"] is True and health["socket"] == str(served.socket)
+            assert CORE_PATTERN.read_text().rstrip("\n") == f"@@{served.socket}"
+            assert os.WCOREDUMP(_run([str(crasher), "0", "activated"]))
+            rec = served.wait_record(lambda r: r["comm"] == "activated")
+            assert rec["status"] == "complete" and rec["core"]["stored"] is True
+        finally:
+            assert served.stop() == 0
+        assert CORE_PATTERN.read_text().rstrip("\n") == served.pattern()

@@ -13,9 +13,11 @@ applies none to sockets), over a rate limit, or the server saturated -> REJECT, 
 no byte of memory; the crash still gets its record, with the reason. Otherwise KERNEL + WAIT: the
 kernel holds the task until the worker has read what it needs from /proc and the core is stored.
 
-Never a silent window: without socket activation the server writes the socket pattern on start and
-the fallback (pipe) pattern on stop or on a fatal error; a guardian process it forks first puts the
-fallback back if the server is killed. ``<run_dir>/serve.json`` is its health: pid, heartbeat, counts.
+Never a silent window: the server writes the socket pattern on start and the fallback (the installed
+pipe handler) on stop or on a fatal error; a guardian process it forks first puts the fallback back
+if the server is killed. Under systemd (corepipe.socket, LISTEN_FDS) the listening socket outlives
+a restart of the service, so crashes that connect meanwhile wait in its backlog.
+``<run_dir>/serve.json`` is its health: pid, heartbeat, counts (``read_health``).
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ class Server:
     # -- start and stop -------------------------------------------------------------------------------
 
     def open(self) -> None:
-        """The listening socket and, without socket activation, the kernel's pattern pointing at it."""
+        """The listening socket (systemd's, or our own) and the kernel's pattern pointing at it."""
         _raise_nofile()
         _preload()
         self.listener = activated_socket()
@@ -164,8 +166,8 @@ class Server:
         if "socket" not in modes:
             raise SysctlError(f"this kernel has no coredump socket mode (kernel.core_modes: {' '.join(modes) or '-'}); "
                               "use 'corepipe install --mode pipe'")
-        if self.activated:
-            return  # install wrote the pattern persistently; the socket unit keeps the socket between restarts
+        if self.activated:  # the socket unit's path, which systemd keeps open between restarts
+            self.options.socket_path = self.listener.getsockname()
         previous = self.sysctl.read(CORE_PATTERN)
         if self.fallback is None and not previous.startswith("@"):
             self.fallback = previous
