@@ -275,3 +275,24 @@ def test_socket_activation(workdirs, crasher: Path) -> None:
         finally:
             assert served.stop() == 0
         assert CORE_PATTERN.read_text().rstrip("\n") == served.pattern()
+
+
+def test_server_in_its_own_mount_namespace(workdirs, crasher: Path) -> None:
+    """As in a pod (or systemd's sandbox): the kernel takes a socket pattern only from the host's mount
+    namespace, so the server writes it (and the fallback on stop) from there."""
+    unshare = need_tool("unshare")
+    need_root_kernel()
+    served = Served(workdirs())
+    with KernelSettings() as settings:
+        settings.set(served.pattern())
+        try:
+            # This test is the host process whose mounts the server joins (PID 1 may not be ours to join).
+            served.start("--host-pid", str(os.getpid()), prefix=(unshare, "--mount", "--propagation", "private"))
+            assert os.readlink(f"/proc/{served.proc.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+            assert CORE_PATTERN.read_text().rstrip("\n") == f"@@{served.socket}"
+            assert os.WCOREDUMP(_run([str(crasher), "0", "own-mounts"]))
+            rec = served.wait_record(lambda r: r["comm"] == "own-mounts")
+            assert rec["status"] == "complete" and rec["core"]["stored"] is True
+        finally:
+            assert served.stop() == 0
+        assert CORE_PATTERN.read_text().rstrip("\n") == served.pattern()

@@ -61,6 +61,7 @@ QUEUE_LIMIT = 512
 EXIT_WAIT = 2.0
 SD_LISTEN_FDS_START = 3
 _CLONE_NEWUTS = 0x04000000
+_CLONE_NEWNS = 0x00020000
 _PF_DUMPCORE = 0x200
 _SO_RCVBUFFORCE = 33
 #: How loaded the server is when a crash's turn comes: NORMAL, FAST (compression level 1) or RECORD_ONLY.
@@ -78,6 +79,8 @@ class Options:
     #: The pattern to put back when the server stops (a pipe pattern); None: what was there at start.
     fallback: Optional[str] = None
     proc_sys: str = "/proc/sys"
+    #: A process of the host's mount namespace, from which the pattern is written (see write_pattern).
+    host_pid: int = 1
 
 
 @dataclass
@@ -171,8 +174,8 @@ class Server:
         previous = self.sysctl.read(CORE_PATTERN)
         if self.fallback is None and not previous.startswith("@"):
             self.fallback = previous
-        self.pattern = _set_socket_pattern(self.sysctl, self.options.socket_path)
-        self.guardian = _start_guardian(self.sysctl, self.pattern, self.fallback, self.listener)
+        self.pattern = _set_socket_pattern(self.sysctl, self.options.socket_path, self.options.host_pid)
+        self.guardian = _start_guardian(self.sysctl, self.pattern, self.fallback, self.listener, self.options.host_pid)
         log(f"serve: listening on {self.options.socket_path}, kernel.core_pattern = {self.pattern}, "
             f"{self.workers} workers; on stop: {self.fallback!r}")
 
@@ -181,7 +184,7 @@ class Server:
         if self.pattern is not None and self.fallback is not None:
             try:
                 if self.sysctl.read(CORE_PATTERN) == self.pattern:
-                    self.sysctl.write(CORE_PATTERN, self.fallback)
+                    write_pattern(self.sysctl, self.fallback, self.options.host_pid)
                     log(f"serve: {why}; kernel.core_pattern set back to {self.fallback!r}", WARNING)
             except SysctlError as exc:
                 log(f"error: serve: {why}; cannot put back kernel.core_pattern: {exc}", ERR)
@@ -377,19 +380,51 @@ def _preload() -> None:
     _libc()
 
 
-def _set_socket_pattern(sysctl: Sysctl, path: str) -> str:
+def write_pattern(sysctl: Sysctl, value: str, host_pid: int = 1) -> None:
+    """kernel.core_pattern = ``value``, written from the host's mount namespace (``host_pid``'s, the node's
+    init by default): the kernel takes a socket pattern only from there (EIO from any other), and a server
+    in a pod (hostPID) or in systemd's sandbox has mounts of its own. A forked child joins the host's mounts
+    for the write (setns needs a single thread); the value is read back here."""
+    try:
+        same = os.readlink(f"/proc/{host_pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        same = True  # not ours to join (or no such process): write from here, the read-back tells
+    if same:
+        sysctl.write(CORE_PATTERN, value)
+        return
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fd = os.open(f"/proc/{host_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            if _libc().setns(fd, _CLONE_NEWNS) == 0:
+                sysctl.write(CORE_PATTERN, value)
+                code = 0
+        except BaseException:  # noqa: BLE001 - the parent reads the value back and reports
+            pass
+        finally:
+            os._exit(code)
+    os.waitpid(pid, 0)
+    kept = sysctl.read(CORE_PATTERN)
+    if kept != value:
+        raise SysctlError(f"kernel.core_pattern = {value!r} could not be written from the mount namespace of pid "
+                          f"{host_pid} (it is {kept!r}); run the server with the host's PID namespace (hostPID)")
+
+
+def _set_socket_pattern(sysctl: Sysctl, path: str, host_pid: int) -> str:
     """``@@path`` where the kernel takes it (6.17), else ``@path``; read back either way."""
     for ack in (True, False):
         value = coredump_socket.pattern(path, ack=ack)
         try:
-            sysctl.write(CORE_PATTERN, value)
+            write_pattern(sysctl, value, host_pid)
             return value
         except SysctlError:
             continue
     raise SysctlError(f"the kernel took neither @@{path} nor @{path} as kernel.core_pattern")
 
 
-def _start_guardian(sysctl: Sysctl, pattern: str, fallback: Optional[str], listener: socket.socket) -> Optional[int]:
+def _start_guardian(sysctl: Sysctl, pattern: str, fallback: Optional[str], listener: socket.socket,
+                    host_pid: int) -> Optional[int]:
     """A child that outlives a killed server just long enough to put the fallback pattern back."""
     if fallback is None:
         return None
@@ -403,11 +438,12 @@ def _start_guardian(sysctl: Sysctl, pattern: str, fallback: Optional[str], liste
     try:
         listener.close()  # a dead server's socket must refuse at once, not queue crashes nobody accepts
         signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for signum in (signal.SIGTERM, signal.SIGINT):  # systemd signals what is left once the server is gone
+            signal.signal(signum, signal.SIG_IGN)
         select.select([parent_fd], [], [])
         if sysctl.read(CORE_PATTERN) == pattern:
-            sysctl.write(CORE_PATTERN, fallback)
+            write_pattern(sysctl, fallback, host_pid)
             log(f"error: serve (pid {parent}) is gone; kernel.core_pattern set back to {fallback!r}", ERR)
     except BaseException as exc:  # noqa: BLE001
         log(f"error: serve guardian: {type(exc).__name__}: {exc}", ERR)
