@@ -92,7 +92,7 @@ def _run(argv: list, core_limit: int = resource.RLIM_INFINITY) -> int:
     proc = subprocess.Popen(argv, preexec_fn=set_core_limit(core_limit), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     _, status = os.waitpid(proc.pid, 0)
-    proc.returncode = 0
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
     return status
 
 
@@ -235,6 +235,14 @@ def test_stop_puts_the_pipe_pattern_back(workdirs, crasher: Path) -> None:
         assert served.wait_record(lambda r: r["comm"] == "after-stop")["core"]["stored"] is True
 
 
+def _collects(served: Served, crasher: Path, comm: str) -> None:
+    """The kernel points at the server's socket, and a crash there is stored whole."""
+    assert CORE_PATTERN.read_text().rstrip("\n") == f"@@{served.socket}"
+    assert os.WCOREDUMP(_run([str(crasher), "0", comm]))
+    rec = served.wait_record(lambda r: r["comm"] == comm)
+    assert rec["status"] == "complete" and rec["core"]["stored"] is True
+
+
 def test_systemd_units_are_hardened_and_verify() -> None:
     units = Path(__file__).resolve().parents[2] / "install" / "systemd"
     sock, service = (units / "corepipe.socket").read_text(), (units / "corepipe.service").read_text()
@@ -268,10 +276,7 @@ def test_socket_activation(workdirs, crasher: Path) -> None:
                 wait_for(lambda: (served.run_dir / "serve.json").exists(), 30, "the server's health file")
             health = json.loads((served.run_dir / "serve.json").read_text())
             assert health["activated"] is True and health["socket"] == str(served.socket)
-            assert CORE_PATTERN.read_text().rstrip("\n") == f"@@{served.socket}"
-            assert os.WCOREDUMP(_run([str(crasher), "0", "activated"]))
-            rec = served.wait_record(lambda r: r["comm"] == "activated")
-            assert rec["status"] == "complete" and rec["core"]["stored"] is True
+            _collects(served, crasher, "activated")
         finally:
             assert served.stop() == 0
         assert CORE_PATTERN.read_text().rstrip("\n") == served.pattern()
@@ -289,10 +294,7 @@ def test_server_in_its_own_mount_namespace(workdirs, crasher: Path) -> None:
             # This test is the host process whose mounts the server joins (PID 1 may not be ours to join).
             served.start("--host-pid", str(os.getpid()), prefix=(unshare, "--mount", "--propagation", "private"))
             assert os.readlink(f"/proc/{served.proc.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
-            assert CORE_PATTERN.read_text().rstrip("\n") == f"@@{served.socket}"
-            assert os.WCOREDUMP(_run([str(crasher), "0", "own-mounts"]))
-            rec = served.wait_record(lambda r: r["comm"] == "own-mounts")
-            assert rec["status"] == "complete" and rec["core"]["stored"] is True
+            _collects(served, crasher, "own-mounts")
         finally:
             assert served.stop() == 0
         assert CORE_PATTERN.read_text().rstrip("\n") == served.pattern()

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support import wait_for
 
 from corepipe.domain import catalog, record
 from corepipe.domain.containers import Container
@@ -266,6 +267,7 @@ def test_socket_mode_status_follows_the_server(paths: Paths, root: Path) -> None
     # A live process whose command line says serve.
     server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "serve"])
     try:
+        wait_for(lambda: b"serve" in Path(f"/proc/{server.pid}/cmdline").read_bytes(), 30, "the exec")
         _health(run_dir, server.pid, time.time(), sock)
         facts = status.gather(paths, run_dir=str(run_dir))
         assert facts["code"] == status.HEALTHY and facts["server"]["alive"] and facts["problems"] == []
