@@ -538,10 +538,14 @@ def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str) 
     if not info.dumping:
         log(f"error: serve: pid {info.pid} connected to the coredump socket but is not dumping core; ignored", ERR)
         return 2
-    request = _request(conn)
     early = capture.take_proc(info.pid, pidfd)
     early.started = accepted
     errors = list(early.errors)
+    broken: Optional[str] = None  # the exchange with the kernel failed: a record without a core says why
+    try:
+        request = _request(conn)
+    except (coredump_socket.ProtocolError, OSError) as exc:
+        request, broken = None, f"coredump socket: {exc}"
     args = kernel_args(info, early.proc, when=int(time.time()), hostname=_hostname(info.pid, pidfd),
                        config=prepared.path)
     cfg, problems = prepared.current()
@@ -555,7 +559,13 @@ def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str) 
     ctx.container = collect.identify(ctx)
     decision = decide(ctx, load) if request is not None else Decision(coredump_socket.KERNEL)
     if request is not None:
-        coredump_socket.send_ack(conn, coredump_socket.choose(request, decision.mask))
+        try:
+            coredump_socket.send_ack(conn, coredump_socket.choose(request, decision.mask))
+        except (coredump_socket.ProtocolError, OSError) as exc:
+            broken = f"coredump socket: {exc}"
+    if broken is not None:
+        errors.append(f"{broken}; no core")
+        decision = Decision(coredump_socket.REJECT, broken)
     if decision.mask == coredump_socket.REJECT:
         conn.close()
         _null_stdin()
