@@ -12,6 +12,7 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from support import (
     wait_for,
     wait_log,
 )
+
+from corepipe.services import install, status
 
 
 @pytest.fixture
@@ -298,3 +301,42 @@ def test_server_in_its_own_mount_namespace(workdirs, crasher: Path) -> None:
         finally:
             assert served.stop() == 0
         assert CORE_PATTERN.read_text().rstrip("\n") == served.pattern()
+
+
+def test_install_socket_mode_then_serve_then_uninstall(workdirs, crasher: Path) -> None:
+    """install --mode socket writes the pipe handler; the server (its fallback taken from the install state)
+    switches the kernel to its socket, status follows, and uninstall restores the pattern found before."""
+    need_root_kernel()
+    d = workdirs()
+    sock, run_dir = d / "s.sock", d / "run"
+    paths = install.Paths(bin=f"{d}/b", config=f"{d}/c.toml", sysctl_dir=f"{d}/sd")
+    with KernelSettings() as settings:
+        # --force: whatever handler this machine has now, the test's KernelSettings puts it back.
+        cli = [sys.executable, "-m", "corepipe"]
+        done = subprocess.run([*cli, "install", "--config", paths.config, "--bin", paths.bin, "--sysctl-dir",
+                               paths.sysctl_dir, "--store", f"{d}/store", "--mode", "socket", "--socket", str(sock),
+                               "--force"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        pipe = CORE_PATTERN.read_text().rstrip("\n")
+        assert pipe.startswith(f"|{paths.bin} collect ")
+        facts = status.gather(paths, run_dir=str(run_dir))
+        assert (facts["mode"], facts["active_mode"], facts["code"]) == ("socket", "pipe", status.HEALTHY)
+        server = subprocess.Popen([paths.bin, "serve", "--config", paths.config, "--socket", str(sock),
+                                   "--run-dir", str(run_dir)], env={}, cwd="/", stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: (run_dir / "serve.json").exists() and CORE_PATTERN.read_text().startswith("@@"), 30,
+                     "the server")
+            facts = status.gather(paths, run_dir=str(run_dir))
+            assert (facts["active_mode"], facts["code"]) == ("socket", status.HEALTHY), facts["problems"]
+            assert facts["server"]["alive"] and facts["server"]["fallback"] == pipe
+            assert os.WCOREDUMP(_run([str(crasher), "0", "installed"]))
+            wait_for(lambda: [p for p in (d / "store").rglob("record.json") if '"installed"' in p.read_text()
+                              and '"complete"' in p.read_text()], 30, "the record")
+        finally:
+            server.terminate()
+            assert server.wait(60) == 0
+        assert CORE_PATTERN.read_text().rstrip("\n") == pipe, "the server gave the kernel back the pipe handler"
+        done = subprocess.run([*cli, "uninstall", "--config", paths.config], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert CORE_PATTERN.read_bytes() == settings.saved_pattern
