@@ -221,8 +221,9 @@ class Served(Handler):
         self.run_dir = workdir / "run"
         self.proc: Optional[subprocess.Popen] = None
 
-    def start(self, *extra: str) -> subprocess.Popen:
-        self.proc = subprocess.Popen([str(self.launcher), "serve", "--config", str(self.config), "--socket",
+    def start(self, *extra: str, prefix: tuple = ()) -> subprocess.Popen:
+        """``prefix``: a command the server runs under (e.g. ``unshare --mount``, as in a pod)."""
+        self.proc = subprocess.Popen([*prefix, str(self.launcher), "serve", "--config", str(self.config), "--socket",
                                       str(self.socket), "--run-dir", str(self.run_dir), "--fallback", self.pattern(),
                                       *extra], env={}, cwd="/", stdout=subprocess.DEVNULL,
                                      stderr=(self.workdir / "serve.err").open("w"))

@@ -12,6 +12,7 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,9 +22,12 @@ from support import (
     CORE_PATTERN,
     CRASH_LINE,
     NO_RATE_LIMIT,
+    KernelSettings,
+    Served,
     decompress,
     gdb_backtrace,
     installed_handler,
+    need_root_kernel,
     need_tool,
     served_handler,
     set_core_limit,
@@ -31,6 +35,8 @@ from support import (
     wait_for,
     wait_log,
 )
+
+from corepipe.services import install, status
 
 
 @pytest.fixture
@@ -89,7 +95,7 @@ def _run(argv: list, core_limit: int = resource.RLIM_INFINITY) -> int:
     proc = subprocess.Popen(argv, preexec_fn=set_core_limit(core_limit), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     _, status = os.waitpid(proc.pid, 0)
-    proc.returncode = 0
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
     return status
 
 
@@ -230,3 +236,107 @@ def test_stop_puts_the_pipe_pattern_back(workdirs, crasher: Path) -> None:
         assert not served.socket.exists() and not (served.run_dir / "serve.json").exists()
         _run([str(crasher), "0", "after-stop"])
         assert served.wait_record(lambda r: r["comm"] == "after-stop")["core"]["stored"] is True
+
+
+def _collects(served: Served, crasher: Path, comm: str) -> None:
+    """The kernel points at the server's socket, and a crash there is stored whole."""
+    assert CORE_PATTERN.read_text().rstrip("\n") == f"@@{served.socket}"
+    assert os.WCOREDUMP(_run([str(crasher), "0", comm]))
+    rec = served.wait_record(lambda r: r["comm"] == comm)
+    assert rec["status"] == "complete" and rec["core"]["stored"] is True
+
+
+def test_systemd_units_are_hardened_and_verify() -> None:
+    units = Path(__file__).resolve().parents[2] / "install" / "systemd"
+    sock, service = (units / "corepipe.socket").read_text(), (units / "corepipe.service").read_text()
+    assert "ListenStream=/run/corepipe/coredump.socket\n" in sock and "SocketMode=0600\n" in sock
+    assert "ExecStart=/usr/local/bin/corepipe serve\n" in service and "Requires=corepipe.socket\n" in service
+    for line in ("ProtectSystem=strict", "ReadWritePaths=/var/lib/corepipe /run/corepipe", "PrivateNetwork=yes",
+                 "RestrictAddressFamilies=AF_UNIX", "NoNewPrivileges=yes", "Restart=always", "KillMode=mixed"):
+        assert f"\n{line}\n" in service, line
+    analyze = need_tool("systemd-analyze")
+    check = subprocess.run([analyze, "verify", "--man=no", str(units / "corepipe.socket"),
+                            str(units / "corepipe.service")], capture_output=True, text=True)
+    problems = [line for line in check.stderr.splitlines() if "corepipe" in line and "/usr/local/bin" not in line]
+    assert not problems, check.stderr
+
+
+def test_socket_activation(workdirs, crasher: Path) -> None:
+    """Started the way systemd starts it (LISTEN_FDS): it serves the socket it was given, and writes the pattern."""
+    activate = need_tool("systemd-socket-activate")
+    need_root_kernel()
+    served = Served(workdirs())
+    with KernelSettings() as settings:
+        settings.set(served.pattern())
+        served.proc = subprocess.Popen([activate, "-l", str(served.socket), str(served.launcher), "serve", "--config",
+                                        str(served.config), "--socket", "/nonexistent/ignored.sock", "--run-dir",
+                                        str(served.run_dir), "--fallback", served.pattern()],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(served.socket.exists, 30, "the activator's socket")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as nudge:  # it starts the server on a connection
+                nudge.connect(str(served.socket))
+                wait_for(lambda: (served.run_dir / "serve.json").exists(), 30, "the server's health file")
+            health = json.loads((served.run_dir / "serve.json").read_text())
+            assert health["activated"] is True and health["socket"] == str(served.socket)
+            _collects(served, crasher, "activated")
+        finally:
+            assert served.stop() == 0
+        assert CORE_PATTERN.read_text().rstrip("\n") == served.pattern()
+
+
+def test_server_in_its_own_mount_namespace(workdirs, crasher: Path) -> None:
+    """As in a pod (or systemd's sandbox): the kernel takes a socket pattern only from the host's mount
+    namespace, so the server writes it (and the fallback on stop) from there."""
+    unshare = need_tool("unshare")
+    need_root_kernel()
+    served = Served(workdirs())
+    with KernelSettings() as settings:
+        settings.set(served.pattern())
+        try:
+            # This test is the host process whose mounts the server joins (PID 1 may not be ours to join).
+            served.start("--host-pid", str(os.getpid()), prefix=(unshare, "--mount", "--propagation", "private"))
+            assert os.readlink(f"/proc/{served.proc.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+            _collects(served, crasher, "own-mounts")
+        finally:
+            assert served.stop() == 0
+        assert CORE_PATTERN.read_text().rstrip("\n") == served.pattern()
+
+
+def test_install_socket_mode_then_serve_then_uninstall(workdirs, crasher: Path) -> None:
+    """install --mode socket writes the pipe handler; the server (its fallback taken from the install state)
+    switches the kernel to its socket, status follows, and uninstall restores the pattern found before."""
+    need_root_kernel()
+    d = workdirs()
+    sock, run_dir = d / "s.sock", d / "run"
+    paths = install.Paths(bin=f"{d}/b", config=f"{d}/c.toml", sysctl_dir=f"{d}/sd")
+    with KernelSettings() as settings:
+        # --force: whatever handler this machine has now, the test's KernelSettings puts it back.
+        cli = [sys.executable, "-m", "corepipe"]
+        done = subprocess.run([*cli, "install", "--config", paths.config, "--bin", paths.bin, "--sysctl-dir",
+                               paths.sysctl_dir, "--store", f"{d}/store", "--mode", "socket", "--socket", str(sock),
+                               "--force"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        pipe = CORE_PATTERN.read_text().rstrip("\n")
+        assert pipe.startswith(f"|{paths.bin} collect ")
+        facts = status.gather(paths, run_dir=str(run_dir))
+        assert (facts["mode"], facts["active_mode"], facts["code"]) == ("socket", "pipe", status.HEALTHY)
+        server = subprocess.Popen([paths.bin, "serve", "--config", paths.config, "--socket", str(sock),
+                                   "--run-dir", str(run_dir)], env={}, cwd="/", stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: (run_dir / "serve.json").exists() and CORE_PATTERN.read_text().startswith("@@"), 30,
+                     "the server")
+            facts = status.gather(paths, run_dir=str(run_dir))
+            assert (facts["active_mode"], facts["code"]) == ("socket", status.HEALTHY), facts["problems"]
+            assert facts["server"]["alive"] and facts["server"]["fallback"] == pipe
+            assert os.WCOREDUMP(_run([str(crasher), "0", "installed"]))
+            wait_for(lambda: [p for p in (d / "store").rglob("record.json") if '"installed"' in p.read_text()
+                              and '"complete"' in p.read_text()], 30, "the record")
+        finally:
+            server.terminate()
+            assert server.wait(60) == 0
+        assert CORE_PATTERN.read_text().rstrip("\n") == pipe, "the server gave the kernel back the pipe handler"
+        done = subprocess.run([*cli, "uninstall", "--config", paths.config], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert CORE_PATTERN.read_bytes() == settings.saved_pattern

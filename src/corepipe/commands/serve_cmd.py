@@ -27,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fallback", metavar="PATTERN",
                         help="kernel.core_pattern to put back on stop (default: the installed pipe handler, "
                              "else the pattern found at start)")
+    parser.add_argument("--host-pid", type=int, default=1, metavar="PID",
+                        help="a process in the host's mount namespace, from which kernel.core_pattern is written "
+                             "(the kernel takes a socket pattern only from there; default %(default)s, the init of "
+                             "the node: a pod needs hostPID)")
     parser.add_argument("--run-dir", default=serve.RUN_DIR, metavar="DIR",
                         help="where the health file serve.json goes (default %(default)s)")
 
@@ -43,7 +47,7 @@ def run(ns: argparse.Namespace) -> int:
             fallback = state.get("fallback_pattern") or (state["pattern"] if state["pattern"].startswith("|")
                                                          else None)
     options = serve.Options(socket_path=ns.socket, config=config, workers=ns.workers, queue_limit=ns.queue_limit,
-                            run_dir=ns.run_dir, fallback=fallback)
+                            run_dir=ns.run_dir, fallback=fallback, host_pid=ns.host_pid)
     try:
         return serve.serve(options)
     except (SysctlError, ValueError, OSError) as exc:

@@ -13,9 +13,11 @@ applies none to sockets), over a rate limit, or the server saturated -> REJECT, 
 no byte of memory; the crash still gets its record, with the reason. Otherwise KERNEL + WAIT: the
 kernel holds the task until the worker has read what it needs from /proc and the core is stored.
 
-Never a silent window: without socket activation the server writes the socket pattern on start and
-the fallback (pipe) pattern on stop or on a fatal error; a guardian process it forks first puts the
-fallback back if the server is killed. ``<run_dir>/serve.json`` is its health: pid, heartbeat, counts.
+Never a silent window: the server writes the socket pattern on start and the fallback (the installed
+pipe handler) on stop or on a fatal error; a guardian process it forks first puts the fallback back
+if the server is killed. Under systemd (corepipe.socket, LISTEN_FDS) the listening socket outlives
+a restart of the service, so crashes that connect meanwhile wait in its backlog.
+``<run_dir>/serve.json`` is its health: pid, heartbeat, counts (``read_health``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import collections
 import ctypes
 import dataclasses
 import errno
+import functools
 import json
 import os
 import resource
@@ -37,13 +40,14 @@ from typing import Optional
 from corepipe.domain import accounting
 from corepipe.domain.context import Context
 from corepipe.platform import capture, coredump_socket, elfcore
+from corepipe.platform import config as configuration
 from corepipe.platform.kernel import RLIM_INFINITY, KernelArgs
 from corepipe.platform.log import ERR, INFO, WARNING, log
 from corepipe.platform.store import Store
 from corepipe.platform.sysctl import CORE_PATTERN, Sysctl, SysctlError
 from corepipe.services import collect
+from corepipe.services.install import DEFAULT_SOCKET
 
-DEFAULT_SOCKET = "/run/corepipe/coredump.socket"
 RUN_DIR = "/run/corepipe"
 HEALTH = "serve.json"
 #: A heartbeat older than this many seconds means the server is stuck (``status`` says so).
@@ -57,6 +61,7 @@ QUEUE_LIMIT = 512
 EXIT_WAIT = 2.0
 SD_LISTEN_FDS_START = 3
 _CLONE_NEWUTS = 0x04000000
+_CLONE_NEWNS = 0x00020000
 _PF_DUMPCORE = 0x200
 _SO_RCVBUFFORCE = 33
 #: How loaded the server is when a crash's turn comes: NORMAL, FAST (compression level 1) or RECORD_ONLY.
@@ -74,6 +79,8 @@ class Options:
     #: The pattern to put back when the server stops (a pipe pattern); None: what was there at start.
     fallback: Optional[str] = None
     proc_sys: str = "/proc/sys"
+    #: A process of the host's mount namespace, from which the pattern is written (see write_pattern).
+    host_pid: int = 1
 
 
 @dataclass
@@ -133,7 +140,9 @@ class Server:
         self.stats = Stats()
         self.workers = worker_count(options.workers)
         self.queue: collections.deque = collections.deque()
-        self.children: dict = {}
+        #: Idle workers, (pid, socketpair end), and the pids of those collecting a crash.
+        self.spares: collections.deque = collections.deque()
+        self.busy: set = set()
         self.guardian: Optional[int] = None
         self.stopping = False
         self.sysctl = Sysctl(options.proc_sys)
@@ -147,7 +156,7 @@ class Server:
     # -- start and stop -------------------------------------------------------------------------------
 
     def open(self) -> None:
-        """The listening socket and, without socket activation, the kernel's pattern pointing at it."""
+        """The listening socket (systemd's, or our own) and the kernel's pattern pointing at it."""
         _raise_nofile()
         _preload()
         self.listener = activated_socket()
@@ -160,13 +169,13 @@ class Server:
         if "socket" not in modes:
             raise SysctlError(f"this kernel has no coredump socket mode (kernel.core_modes: {' '.join(modes) or '-'}); "
                               "use 'corepipe install --mode pipe'")
-        if self.activated:
-            return  # install wrote the pattern persistently; the socket unit keeps the socket between restarts
+        if self.activated:  # the socket unit's path, which systemd keeps open between restarts
+            self.options.socket_path = self.listener.getsockname()
         previous = self.sysctl.read(CORE_PATTERN)
         if self.fallback is None and not previous.startswith("@"):
             self.fallback = previous
-        self.pattern = _set_socket_pattern(self.sysctl, self.options.socket_path)
-        self.guardian = _start_guardian(self.sysctl, self.pattern, self.fallback, self.listener)
+        self.pattern = _set_socket_pattern(self.sysctl, self.options.socket_path, self.options.host_pid)
+        self.guardian = _start_guardian(self.sysctl, self.pattern, self.fallback, self.listener, self.options.host_pid)
         log(f"serve: listening on {self.options.socket_path}, kernel.core_pattern = {self.pattern}, "
             f"{self.workers} workers; on stop: {self.fallback!r}")
 
@@ -175,14 +184,21 @@ class Server:
         if self.pattern is not None and self.fallback is not None:
             try:
                 if self.sysctl.read(CORE_PATTERN) == self.pattern:
-                    self.sysctl.write(CORE_PATTERN, self.fallback)
+                    write_pattern(self.sysctl, self.fallback, self.options.host_pid)
                     log(f"serve: {why}; kernel.core_pattern set back to {self.fallback!r}", WARNING)
             except SysctlError as exc:
                 log(f"error: serve: {why}; cannot put back kernel.core_pattern: {exc}", ERR)
+        self.stopping = True
         self._accept_all()  # connected before the switch: still ours to collect
-        while self.queue or self.children:
+        while self.queue or self.busy:
+            if self.queue and not self.spares and len(self.busy) < self.workers:
+                self._fork_spare()
             self._dispatch()
-            self._reap(block=bool(self.children))
+            self._reap(block=True)
+        for _pid, channel in self.spares:
+            channel.close()  # an idle worker exits when its channel closes
+        while self.spares:
+            self._reap(block=True)
         if self.listener is not None:
             self.listener.close()
             if not self.activated:
@@ -212,6 +228,7 @@ class Server:
             poller = select.poll()
             poller.register(self.listener.fileno(), select.POLLIN)
             poller.register(wake_r, select.POLLIN)
+            self._dispatch()  # the first idle workers
             while not self.stopping:
                 self._heartbeat()
                 poller.poll(HEARTBEAT * 1000)
@@ -252,11 +269,23 @@ class Server:
             self.stats.max_queue = max(self.stats.max_queue, len(self.queue))
 
     def _dispatch(self) -> None:
-        while self.queue and len(self.children) < self.workers:
+        """Hand waiting crashes to idle workers, then fork idle ones up to ``workers`` in all."""
+        while self.queue and self.spares:
             conn, accepted = self.queue.popleft()
             load = self.load()
+            pid, channel = self.spares.popleft()
+            try:
+                socket.send_fds(channel, [f"{accepted!r} {load}".encode()], [conn.fileno()])
+            except OSError:  # that worker died idle: the crash waits for the next one
+                self.queue.appendleft((conn, accepted))
+                continue
+            finally:
+                channel.close()
+            conn.close()
+            self.busy.add(pid)
             self.stats.degraded[load] = self.stats.degraded.get(load, 0) + 1
-            self._fork(conn, accepted, load)
+        while not self.stopping and len(self.busy) + len(self.spares) < self.workers:
+            self._fork_spare()
 
     def load(self) -> str:
         """How the next crash is collected: a long queue gets a faster level, an overlong one records only."""
@@ -266,7 +295,10 @@ class Server:
             return FAST
         return NORMAL
 
-    def _fork(self, conn: socket.socket, accepted: float, load: str) -> None:
+    def _fork_spare(self) -> None:
+        """A worker forked ahead of the crash (the fork is not on the crash's path), waiting for its
+        connection on a socketpair; it collects one crash and exits."""
+        channel, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -274,25 +306,24 @@ class Server:
                 signal.set_wakeup_fd(-1)
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                     signal.signal(signum, signal.SIG_DFL)
-                if self.listener is not None:
-                    self.listener.close()
-                for other, _ in self.queue:
-                    other.close()
-                code = handle(conn, self.options.config, accepted, load)
+                channel.close()
+                for sock in [self.listener] + [c for c, _ in self.queue] + [c for _, c in self.spares]:
+                    if sock is not None:
+                        sock.close()
+                code = _worker(child_end, self.options.config)
             except BaseException as exc:  # noqa: BLE001 - a worker reports, it never unwinds into the loop
                 log(f"error: serve worker: {type(exc).__name__}: {exc}", ERR)
             finally:
                 os._exit(code)
-        conn.close()
-        self.children[pid] = time.monotonic()
+        child_end.close()
+        self.spares.append((pid, channel))
         self.stats.workers_started += 1
 
     def _reap(self, block: bool = False) -> None:
-        while self.children:
+        while True:
             try:
                 pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
             except ChildProcessError:
-                self.children.clear()
                 return
             if pid == 0:
                 return
@@ -300,16 +331,21 @@ class Server:
             if pid == self.guardian:
                 self.guardian = None
                 continue
-            self.children.pop(pid, None)
-            if os.waitstatus_to_exitcode(status) not in (0, 1, 2):
+            self.busy.discard(pid)
+            for spare in [s for s in self.spares if s[0] == pid]:
+                self.spares.remove(spare)
+                spare[1].close()
+            code = os.waitstatus_to_exitcode(status)
+            if code not in (0, 1, 2):
                 self.stats.worker_failures += 1
-                log(f"error: serve: worker {pid} ended with {os.waitstatus_to_exitcode(status)}", ERR)
+                log(f"error: serve: worker {pid} ended with {code}", ERR)
 
     def health(self) -> dict:
         return {"pid": os.getpid(), "started": self.started, "heartbeat": time.time(),
                 "socket": self.options.socket_path, "pattern": self.pattern, "fallback": self.fallback,
                 "activated": self.activated, "guardian": self.guardian, "workers": self.workers,
-                "busy": len(self.children), "queued": len(self.queue), "stats": self.stats.__dict__}
+                "busy": len(self.busy), "idle": len(self.spares), "queued": len(self.queue),
+                "stats": self.stats.__dict__}
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
@@ -340,21 +376,55 @@ def _preload() -> None:
     from corepipe.platform import compress
 
     compress.compressor()
+    configuration.parse("", "<preload>")
+    _libc()
 
 
-def _set_socket_pattern(sysctl: Sysctl, path: str) -> str:
+def write_pattern(sysctl: Sysctl, value: str, host_pid: int = 1) -> None:
+    """kernel.core_pattern = ``value``, written from the host's mount namespace (``host_pid``'s, the node's
+    init by default): the kernel takes a socket pattern only from there (EIO from any other), and a server
+    in a pod (hostPID) or in systemd's sandbox has mounts of its own. A forked child joins the host's mounts
+    for the write (setns needs a single thread); the value is read back here."""
+    try:
+        same = os.readlink(f"/proc/{host_pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        same = True  # not ours to join (or no such process): write from here, the read-back tells
+    if same:
+        sysctl.write(CORE_PATTERN, value)
+        return
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fd = os.open(f"/proc/{host_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            if _libc().setns(fd, _CLONE_NEWNS) == 0:
+                sysctl.write(CORE_PATTERN, value)
+                code = 0
+        except BaseException:  # noqa: BLE001 - the parent reads the value back and reports
+            pass
+        finally:
+            os._exit(code)
+    os.waitpid(pid, 0)
+    kept = sysctl.read(CORE_PATTERN)
+    if kept != value:
+        raise SysctlError(f"kernel.core_pattern = {value!r} could not be written from the mount namespace of pid "
+                          f"{host_pid} (it is {kept!r}); run the server with the host's PID namespace (hostPID)")
+
+
+def _set_socket_pattern(sysctl: Sysctl, path: str, host_pid: int) -> str:
     """``@@path`` where the kernel takes it (6.17), else ``@path``; read back either way."""
     for ack in (True, False):
         value = coredump_socket.pattern(path, ack=ack)
         try:
-            sysctl.write(CORE_PATTERN, value)
+            write_pattern(sysctl, value, host_pid)
             return value
         except SysctlError:
             continue
     raise SysctlError(f"the kernel took neither @@{path} nor @{path} as kernel.core_pattern")
 
 
-def _start_guardian(sysctl: Sysctl, pattern: str, fallback: Optional[str], listener: socket.socket) -> Optional[int]:
+def _start_guardian(sysctl: Sysctl, pattern: str, fallback: Optional[str], listener: socket.socket,
+                    host_pid: int) -> Optional[int]:
     """A child that outlives a killed server just long enough to put the fallback pattern back."""
     if fallback is None:
         return None
@@ -368,11 +438,12 @@ def _start_guardian(sysctl: Sysctl, pattern: str, fallback: Optional[str], liste
     try:
         listener.close()  # a dead server's socket must refuse at once, not queue crashes nobody accepts
         signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for signum in (signal.SIGTERM, signal.SIGINT):  # systemd signals what is left once the server is gone
+            signal.signal(signum, signal.SIG_IGN)
         select.select([parent_fd], [], [])
         if sysctl.read(CORE_PATTERN) == pattern:
-            sysctl.write(CORE_PATTERN, fallback)
+            write_pattern(sysctl, fallback, host_pid)
             log(f"error: serve (pid {parent}) is gone; kernel.core_pattern set back to {fallback!r}", ERR)
     except BaseException as exc:  # noqa: BLE001
         log(f"error: serve guardian: {type(exc).__name__}: {exc}", ERR)
@@ -423,7 +494,43 @@ def decide(ctx: Context, load: str) -> Decision:
     return Decision(coredump_socket.REJECT if reason else coredump_socket.KERNEL, reason)
 
 
-def handle(conn: socket.socket, config: Optional[str], accepted: float, load: str) -> int:
+class Prepared:
+    """What an idle worker readies before its crash comes: the config, loaded again only if its file changed."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = path
+        self.stamp = self._stamp()
+        self.errors: list = []
+        self.cfg = collect.load_config(path, self.errors)
+
+    def _stamp(self) -> Optional[tuple]:
+        try:
+            st = os.stat(self.path or configuration.DEFAULT_PATH)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def current(self) -> tuple:
+        """(config, its problems) as the file is now."""
+        if self._stamp() != self.stamp:
+            self.errors = []
+            self.cfg = collect.load_config(self.path, self.errors)
+        return self.cfg, list(self.errors)
+
+
+def _worker(channel: socket.socket, config: Optional[str]) -> int:
+    """An idle worker: ready the config, wait for one connection from the accept loop, collect it."""
+    prepared = Prepared(config)
+    message, fds, _flags, _addr = socket.recv_fds(channel, 256, 1)
+    channel.close()
+    if not fds:
+        return 0  # the server is stopping
+    conn = socket.socket(fileno=fds[0])
+    accepted, load = message.decode().split()
+    return handle(conn, prepared, float(accepted), load)
+
+
+def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str) -> int:
     """One kernel connection: check the peer, read /proc, decide, ack, then ``collect``'s pipeline on the
     socket; the exit code ``corepipe collect`` would give."""
     pidfd = coredump_socket.peer_pidfd(conn)
@@ -431,13 +538,18 @@ def handle(conn: socket.socket, config: Optional[str], accepted: float, load: st
     if not info.dumping:
         log(f"error: serve: pid {info.pid} connected to the coredump socket but is not dumping core; ignored", ERR)
         return 2
-    request = _request(conn)
     early = capture.take_proc(info.pid, pidfd)
     early.started = accepted
     errors = list(early.errors)
+    broken: Optional[str] = None  # the exchange with the kernel failed: a record without a core says why
+    try:
+        request = _request(conn)
+    except (coredump_socket.ProtocolError, OSError) as exc:
+        request, broken = None, f"coredump socket: {exc}"
     args = kernel_args(info, early.proc, when=int(time.time()), hostname=_hostname(info.pid, pidfd),
-                       config=config)
-    cfg = collect.load_config(config, errors)
+                       config=prepared.path)
+    cfg, problems = prepared.current()
+    errors += problems
     if load == FAST:
         cfg = dataclasses.replace(cfg, compression_level=1)
     signal.signal(signal.SIGALRM, capture.on_alarm)
@@ -447,7 +559,13 @@ def handle(conn: socket.socket, config: Optional[str], accepted: float, load: st
     ctx.container = collect.identify(ctx)
     decision = decide(ctx, load) if request is not None else Decision(coredump_socket.KERNEL)
     if request is not None:
-        coredump_socket.send_ack(conn, coredump_socket.choose(request, decision.mask))
+        try:
+            coredump_socket.send_ack(conn, coredump_socket.choose(request, decision.mask))
+        except (coredump_socket.ProtocolError, OSError) as exc:
+            broken = f"coredump socket: {exc}"
+    if broken is not None:
+        errors.append(f"{broken}; no core")
+        decision = Decision(coredump_socket.REJECT, broken)
     if decision.mask == coredump_socket.REJECT:
         conn.close()
         _null_stdin()
@@ -514,13 +632,18 @@ def _hostname(pid: int, pidfd: int) -> Optional[str]:
     except OSError:
         return None
     try:
-        if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWUTS) != 0:
+        if _libc().setns(fd, _CLONE_NEWUTS) != 0:
             return None
     finally:
         os.close(fd)
     if capture.pidfd_pid(pidfd) != pid:
         return None
     return os.uname().nodename
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _exit_signal(pidfd: int) -> Optional[int]:
