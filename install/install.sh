@@ -61,4 +61,22 @@ else
     say "systemd is not running: schedule '$bin --config $config prune' yourself (e.g. cron, daily)"
 fi
 
+# Socket mode (`corepipe install --mode auto` picks it where the kernel has it): corepipe.socket keeps the
+# kernel's socket and starts corepipe serve, which switches the kernel to it while it runs.
+mode="$("$prefix/bin/python" -I -c 'import json, sys; print(json.load(open(sys.argv[1])).get("mode", "pipe"))' \
+    "$(dirname "$config")/install.json")"
+if [ "$mode" = socket ]; then
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+        sed "s|^ExecStart=.*|ExecStart=$bin --config $config serve|" \
+            "$src/install/systemd/corepipe.service" > "$units/corepipe.service"
+        cp "$src/install/systemd/corepipe.socket" "$units/corepipe.socket"
+        systemctl daemon-reload
+        systemctl enable --now corepipe.socket corepipe.service >/dev/null
+        say "enabled corepipe.socket and corepipe.service (socket mode)"
+    else
+        say "socket mode: systemd is not running: run '$bin --config $config serve' under your supervisor;" \
+            "until it runs, the pipe handler collects"
+    fi
+fi
+
 "$bin" selftest --config "$config"

@@ -9,8 +9,14 @@ if [ "$(id -u)" != 0 ]; then  # as another user, run again through sudo
     exec sudo bash "${BASH_SOURCE[0]}" "$@"
 fi
 [ -x "$prefix/bin/python" ] || { echo "uninstall.sh: error: no corepipe virtualenv at $prefix" >&2; exit 1; }
-"$prefix/bin/python" -I -m corepipe uninstall --config "$config" "$@"
 units=/etc/systemd/system
+if [ -f "$units/corepipe.socket" ]; then  # socket mode: the server hands the kernel back to the pipe handler
+    systemctl disable --now corepipe.service corepipe.socket >/dev/null 2>&1 || true
+    rm -f "$units/corepipe.service" "$units/corepipe.socket"
+    systemctl daemon-reload 2>/dev/null || true
+    echo "uninstall.sh: removed corepipe.socket and corepipe.service"
+fi
+"$prefix/bin/python" -I -m corepipe uninstall --config "$config" "$@"
 if [ -f "$units/corepipe-prune.timer" ]; then
     systemctl disable --now corepipe-prune.timer >/dev/null 2>&1 || true
     rm -f "$units/corepipe-prune.timer" "$units/corepipe-prune.service"

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -208,3 +209,70 @@ def check_restored(settings: KernelSettings, d: Path) -> None:
     assert CORE_PATTERN.read_bytes() == settings.saved_pattern
     assert PIPE_LIMIT.read_bytes() == settings.saved_limit
     assert not any(os.path.lexists(p) for p in installed_files(d))
+
+
+class Served(Handler):
+    """``corepipe serve`` on a socket in ``workdir``, its pattern set by the server itself; the handler's
+    pipe pattern is its fallback. Stopped (by PID) when the block ends; KernelSettings restores the rest."""
+
+    def __init__(self, workdir: Path, config_extra: str = ""):
+        super().__init__(workdir, config_extra=config_extra)
+        self.socket = workdir / "s.sock"
+        self.run_dir = workdir / "run"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self, *extra: str, prefix: tuple = ()) -> subprocess.Popen:
+        """``prefix``: a command the server runs under (e.g. ``unshare --mount``, as in a pod)."""
+        self.proc = subprocess.Popen([*prefix, str(self.launcher), "serve", "--config", str(self.config), "--socket",
+                                      str(self.socket), "--run-dir", str(self.run_dir), "--fallback", self.pattern(),
+                                      *extra], env={}, cwd="/", stdout=subprocess.DEVNULL,
+                                     stderr=(self.workdir / "serve.err").open("w"))
+        wait_for(lambda: CORE_PATTERN.read_text().startswith("@") and (self.run_dir / "serve.json").exists()
+                 or self.proc.poll() is not None, 30, "the server to set the socket pattern")
+        assert self.proc.poll() is None, (self.workdir / "serve.err").read_text()
+        return self.proc
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.terminate()
+        return self.proc.wait(60)
+
+
+@contextlib.contextmanager
+def served_handler(workdir: Path, config_extra: str = "", pipe_limit: int = 64) -> Iterator[Served]:
+    """The socket-mode twin of installed_handler: the kernel streams cores to a running ``corepipe serve``."""
+    need_root_kernel()
+    need("socket" in Path("/proc/sys/kernel/core_modes").read_text().split()
+         if Path("/proc/sys/kernel/core_modes").exists() else False, "needs a kernel with coredump socket mode (6.16+)")
+    served = Served(workdir, config_extra=config_extra)
+    with KernelSettings() as settings:
+        settings.set(served.pattern(), pipe_limit=pipe_limit)
+        try:
+            served.start()
+            yield served
+        finally:
+            served.stop()
+
+
+#: How the kernel logs a dump it dropped without a handler ("coredump: PID(COMM): over core_pipe_limit,
+#: skipping core dump"; socket mode's failures the same way).
+DROPPED_DUMP = re.compile(r"\] coredump: \d+\((?P<comm>[^)]*)\): ")
+
+
+def kernel_log_time(line: str) -> float:
+    """The timestamp of a dmesg line ("[ 1234.567890] ...")."""
+    return float(line[1:line.index("]")])
+
+
+def kernel_log_now() -> float:
+    """The kernel log's latest timestamp: a mark to look for lines after."""
+    lines = subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout.splitlines()
+    return kernel_log_time(lines[-1]) if lines else 0.0
+
+
+def dropped_dumps(since: float, comms: set) -> list:
+    """The kernel's lines about dumps of ``comms`` it dropped after ``since`` (by timestamp: the ring
+    buffer drops old lines, so counts before and after do not compare)."""
+    return [line for line in dmesg_lines("coredump: ") if kernel_log_time(line) > since
+            and (match := DROPPED_DUMP.search(line)) and match.group("comm") in comms]

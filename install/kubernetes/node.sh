@@ -1,16 +1,48 @@
 #!/bin/sh
-# Runs in the DaemonSet's pod (privileged, host PID namespace): puts this image's checkout on the node
-# and runs install/install.sh in the node's own namespaces, because the kernel runs the core handler
-# on the host, never in a pod. Then waits; the pod's preStop hook runs `corepipe uninstall`.
-# COREPIPE_* variables reach install.sh (nsenter keeps the environment); COREPIPE_NODE_PID is the
-# host process whose namespaces are entered (1, the node's init; tests give another host process).
+# Runs in the DaemonSet's pod (privileged, host PID namespace). COREPIPE_MODE picks how crashes are collected:
+#   socket (auto's choice where /proc/sys/kernel/core_modes lists it, Linux 6.16+): `corepipe serve` runs here,
+#     in the pod, on the hostPath socket /run/corepipe/coredump.socket; the kernel streams cores to it and
+#     nothing is installed or executed on the node. The server writes kernel.core_pattern from the node's
+#     mount namespace and gives the previous pattern back when the pod stops (SIGTERM) or the server dies.
+#   pipe: this image's checkout is put on the node and install/install.sh runs in the node's own namespaces
+#     (the kernel runs a pipe handler on the host, never in a pod); the preStop hook (`node.sh stop`)
+#     runs `corepipe uninstall` there.
+# COREPIPE_* variables reach install.sh (nsenter keeps the environment); COREPIPE_NODE_PID is the host
+# process whose namespaces are entered (1, the node's init; tests give another host process).
 set -eu
+node_pid="${COREPIPE_NODE_PID:-1}"
+mode_file=/tmp/corepipe-pod-mode   # the pod's own /run is the node's, read-only
+on_node() { /usr/bin/nsenter --target "$node_pid" --mount --uts --ipc --net --pid --cgroup -- "$@"; }
+
+if [ "${1:-}" = stop ]; then   # the preStop hook
+    if [ "$(cat "$mode_file" 2>/dev/null)" = pipe ]; then
+        on_node "${COREPIPE_BIN:-/usr/local/bin/corepipe}" uninstall --config "${COREPIPE_CONFIG:-/etc/corepipe/config.toml}"
+    fi
+    exit 0   # socket mode: the server puts the pattern back itself on SIGTERM
+fi
+
+mode="${COREPIPE_MODE:-auto}"
+if [ "$mode" = auto ]; then
+    if grep -qx socket /proc/sys/kernel/core_modes 2>/dev/null; then mode=socket; else mode=pipe; fi
+fi
+echo "$mode" > "$mode_file"
+
+if [ "$mode" = socket ]; then
+    store="${COREPIPE_STORE:-/var/lib/corepipe}"   # a hostPath at the same path
+    mkdir -p /etc/corepipe
+    printf 'store = "%s"\n' "$store" > /etc/corepipe/config.toml
+    echo "corepipe: socket mode: serving /run/corepipe/coredump.socket in this pod"
+    # shellcheck disable=SC2086 # COREPIPE_SERVE_ARGS is a list of options
+    exec /opt/corepipe/bin/python -I -m corepipe serve --config /etc/corepipe/config.toml \
+        --socket /run/corepipe/coredump.socket --run-dir /run/corepipe --host-pid "$node_pid" ${COREPIPE_SERVE_ARGS:-}
+fi
+
 host_src="${COREPIPE_HOST_SRC:-/opt/corepipe-src}"   # the hostPath mounted at /host-src
 rm -rf /host-src/checkout
 cp -a /corepipe /host-src/checkout
 # shellcheck disable=SC2086 # COREPIPE_INSTALL_ARGS is a list of options
-/usr/bin/nsenter --target "${COREPIPE_NODE_PID:-1}" --mount --uts --ipc --net --pid --cgroup -- \
-    bash "$host_src/checkout/install/install.sh" --store "${COREPIPE_STORE:-/var/lib/corepipe}" ${COREPIPE_INSTALL_ARGS:-}
+on_node bash "$host_src/checkout/install/install.sh" --mode pipe --store "${COREPIPE_STORE:-/var/lib/corepipe}" \
+    ${COREPIPE_INSTALL_ARGS:-}
 echo "corepipe installed on the node; waiting (the preStop hook uninstalls it when this pod is removed)"
 trap 'exit 0' TERM INT
 while :; do sleep 3600 & wait $!; done

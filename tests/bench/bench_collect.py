@@ -57,7 +57,7 @@ CASES = {
 #: corepipe runs with its default config except the crash-loop limits: the burst is 32 crashes of one
 #: executable, of which the default ``rate_limit_exe`` (5 in 10 minutes) would store 5 cores.
 RATE_LIMITS_OFF = "rate_limit_exe = 0\nrate_limit_container = 0\n"
-HANDLERS = ("corepipe", "zstd", "cat", "kernel", "systemd-coredump")
+HANDLERS = ("corepipe", "corepipe-serve", "zstd", "cat", "kernel", "systemd-coredump")
 BASELINE = "zstd"
 
 
@@ -97,6 +97,8 @@ class Bench:
             return f"{self.out}/%P.core"
         if handler == "systemd-coredump":
             return f"|{SYSTEMD_COREDUMP} %P %u %g %s %t %c %h"
+        if handler == "corepipe-serve":
+            return CorepipeServe.pattern(self)
         raise ValueError(handler)
 
     def log_lines(self) -> list:
@@ -105,7 +107,7 @@ class Bench:
     def outputs(self, handler: str) -> list:
         """(uncompressed size or None, stored bytes) for each core the handler stored, then deletes them."""
         found = []
-        if handler == "corepipe":
+        if handler in ("corepipe", "corepipe-serve"):
             for rec_path in self.store.rglob("record.json"):
                 rec = json.loads(rec_path.read_text())
                 core = rec_path.parent / "core.zst"
@@ -162,11 +164,37 @@ class SystemdCoredump:
             os.unlink(SYSTEMD_SOCKET)
 
 
+class CorepipeServe:
+    """``corepipe serve`` (socket mode), started for each run under the run's KernelSettings lock (it writes
+    the pattern itself) with the pipe handler as its fallback, and stopped (by PID) at the run's end."""
+
+    def __init__(self, bench: Bench):
+        self.proc = subprocess.Popen([str(bench.dir / "h"), "serve", "--config", str(bench.dir / "c"), "--socket",
+                                      str(bench.dir / "s.sock"), "--run-dir", str(bench.dir / "run"), "--fallback",
+                                      bench.pattern("corepipe")], env={}, cwd="/", stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not (bench.dir / "run" / "serve.json").exists() and self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("corepipe serve did not start")
+            time.sleep(0.02)
+
+    @staticmethod
+    def pattern(bench: Bench) -> str:
+        return f"@@{bench.dir}/s.sock"
+
+    def stop(self, bench: Bench) -> None:
+        """Once every crash has its final record: the server stops only after its workers anyway."""
+        self.proc.terminate()
+        self.proc.wait(120)
+
+
 def available(handler: str) -> Optional[str]:
     """None when the handler can run here, else why not."""
     if handler == "systemd-coredump":
         if not os.path.exists(SYSTEMD_COREDUMP) or not shutil.which("systemd-socket-activate"):
             return "systemd-coredump is not installed (apt-get install systemd-coredump)"
+    if handler == "corepipe-serve" and "socket" not in Path("/proc/sys/kernel/core_modes").read_text().split():
+        return "this kernel has no coredump socket mode (6.16+)"
         if listening(SYSTEMD_SOCKET):
             return f"another systemd-coredump is listening on {SYSTEMD_SOCKET}"
     return None
@@ -219,9 +247,12 @@ def wait_logged(bench: Bench, before: int, count: int, timeout: float = 120) -> 
 def run_case(bench: Bench, handler: str, mib: int, count: int) -> dict:
     before = len(bench.log_lines())
     with KernelSettings() as settings:
-        settings.set(bench.pattern(handler), pipe_limit=64)
+        settings.set(bench.pattern("corepipe" if handler == "corepipe-serve" else handler), pipe_limit=64)
+        server = CorepipeServe(bench) if handler == "corepipe-serve" else None
         seconds, dumped = crash(bench, mib, count)
-        logged = wait_logged(bench, before, count) if handler != "kernel" else []
+        logged = wait_logged(bench, before, count) if handler not in ("kernel", "corepipe-serve") else []
+        if server is not None:
+            server.stop(bench)
     if handler == "systemd-coredump":
         time.sleep(0.2)  # its files are renamed into place after the kernel lets go
     stored = bench.outputs(handler)

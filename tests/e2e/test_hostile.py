@@ -27,6 +27,7 @@ from support import (
 )
 
 from corepipe.domain import containers
+from corepipe.platform import slots
 
 
 def _store_entries(store: Path) -> set:
@@ -49,7 +50,7 @@ def test_hostile_comm_names(handler_dir: Path, crasher: Path) -> None:
             assert time.monotonic() < deadline, "not every crash was filed"
             time.sleep(0.05)
         recs = {r["pid"]: r for r in handler.records()}
-    assert _store_entries(handler.store) == {"host", ".lock", ".state.json", ".ledger.json"}
+    assert _store_entries(handler.store) == {"host", ".lock", ".state.json", ".ledger.json", slots.DIRECTORY}
     for pid, name in pids.items():
         rec = recs[pid]
         text = name.decode("utf-8", "surrogateescape")
@@ -74,7 +75,7 @@ def test_hostile_exe_path(handler_dir: Path, crasher: Path) -> None:
     assert rec["exe"] == os.fsdecode(exe) and rec["cmdline"][0] == os.fsdecode(exe).replace("\udcff", "\ufffd")
     assert rec["comm"] == "crash )er\nname"[:15]
     assert Path(rec["_dir"]).parent == handler.store / "host" and rec["core"]["stored"]
-    assert _store_entries(handler.store) == {"host", ".lock", ".state.json", ".ledger.json"}
+    assert _store_entries(handler.store) == {"host", ".lock", ".state.json", ".ledger.json", slots.DIRECTORY}
 
 
 def test_megabytes_of_cmdline_and_environ(kernel_handler, crasher: Path) -> None:

@@ -24,7 +24,7 @@ from support import CORE_PATTERN, HERE, KernelSettings, check_restored, need, ne
 from corepipe.services import selftest
 
 REPO = HERE.parent
-APPLETS = ("sh", "cp", "rm", "sleep")
+APPLETS = ("sh", "cp", "rm", "sleep", "cat")
 #: What daemonset.yaml asks for is --privileged; this VM's capability bounding set lacks CAP_SYS_RESOURCE,
 #: so runc cannot start a privileged container here: these are the privileges node.sh actually uses.
 PRIVILEGES = ["--cap-add", "SYS_ADMIN", "--cap-add", "SYS_PTRACE", "--security-opt", "seccomp=unconfined",
@@ -72,16 +72,15 @@ def test_daemonset_node_script_installs_on_the_host_and_uninstalls(handler_dir: 
     manifest = (REPO / "install" / "kubernetes" / "daemonset.yaml").read_text()
     assert "hostPID: true" in manifest and "privileged: true" in manifest
     assert "path: /opt/corepipe-src" in manifest and "mountPath: /host-src" in manifest
-    assert "--pid, --cgroup, --," in manifest and "/usr/local/bin/corepipe, uninstall]" in manifest
+    assert "command: [/bin/sh, /corepipe/install/kubernetes/node.sh, stop]" in manifest
+    assert "mountPath: /run/corepipe}" in manifest and "path: /run/corepipe, type: DirectoryOrCreate" in manifest
     env = {"COREPIPE_HOST_SRC": f"{d}/src", "COREPIPE_PREFIX": f"{d}/v", "COREPIPE_BIN": f"{d}/b",
            "COREPIPE_CONFIG": f"{d}/c.toml", "COREPIPE_STORE": f"{d}/s",
-           "COREPIPE_INSTALL_ARGS": f"--sysctl-dir {d}/sd"}
+           "COREPIPE_INSTALL_ARGS": f"--sysctl-dir {d}/sd", "COREPIPE_MODE": "pipe"}
     # The node's namespaces are entered through a host process of ours: this VM's PID 1 belongs to the
     # sandbox and refuses nsenter; on a node it is init (node.sh's default COREPIPE_NODE_PID=1).
     host = subprocess.Popen(["sleep", "900"])
     env["COREPIPE_NODE_PID"] = str(host.pid)
-    nsenter = ["/usr/bin/nsenter", "--target", str(host.pid), "--mount", "--uts", "--ipc", "--net", "--pid",
-               "--cgroup", "--"]
     with KernelSettings() as settings:
         try:
             subprocess.run([docker, "import", "-", tag], input=installer_image_tar(), check=True, capture_output=True)
@@ -105,9 +104,9 @@ def test_daemonset_node_script_installs_on_the_host_and_uninstalls(handler_dir: 
             assert "SIGSEGV in docker" in logs and "(selftest's own)" in logs, logs
             assert CORE_PATTERN.read_text().startswith(f"|{d}/b collect ")
             assert (d / "src" / "checkout" / "install" / "install.sh").exists()
-            # The preStop hook, with this test's config.
-            prestop = subprocess.run([docker, "exec", name, *nsenter, f"{d}/b", "uninstall", "--config",
-                                      f"{d}/c.toml"], capture_output=True, text=True, timeout=120)
+            # The preStop hook: node.sh stop (the container's COREPIPE_BIN and COREPIPE_CONFIG are this test's).
+            prestop = subprocess.run([docker, "exec", name, "/bin/sh", "/corepipe/install/kubernetes/node.sh", "stop"],
+                                     capture_output=True, text=True, timeout=120)
             assert prestop.returncode == 0, prestop.stderr
             subprocess.run([docker, "stop", "-t", "30", name], check=True, capture_output=True)
             code = subprocess.run([docker, "inspect", "-f", "{{.State.ExitCode}}", name], capture_output=True,

@@ -1,4 +1,12 @@
-"""64 processes crashing at the same moment across containers: every one is accounted for."""
+"""Crash storms through the real kernel: every crash is accounted for.
+
+- 64 processes across (cgroup-only and real Docker) containers, all compressing at once: the store's
+  accounting and rate limits add up under concurrency.
+- 128 different executables, host processes and real Docker containers, at install's defaults
+  (core_pipe_limit and the config's storm bounds), in pipe and socket mode: 128 records, none skipped.
+- A crash beyond the storm bounds (platform/slots.py): recorded without a core, or without a
+  postmortem, and the reason said.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -15,30 +24,49 @@ from typing import Optional
 import pytest
 from cgroups import FakeContainers
 from runtimes import unique
-from support import installed_handler, mounted_tmpfs, need_tool
+from support import (
+    dropped_dumps,
+    installed_handler,
+    kernel_log_now,
+    mounted_tmpfs,
+    need_tool,
+    served_handler,
+    start_crash,
+    wait_for,
+)
+
+from corepipe.platform import slots
+from corepipe.platform.config import Config
+from corepipe.platform.store import Store
+from corepipe.services import install
 
 FAKE_CONTAINERS, PER_CONTAINER, DOCKER = 10, 6, 4
 RATE = 5
 
 
-def _wait_running(name: str, timeout: float = 60) -> None:
+def _wait_running(name: str, timeout: float = 120) -> int:
+    """The host PID of container ``name``'s first process, once it runs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", name], capture_output=True,
-                               text=True).stdout.strip()
-        if state == "true":
-            return
+        state = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}} {{.State.Pid}}", name],
+                               capture_output=True, text=True).stdout.split()
+        if state and state[0] == "true":
+            return int(state[1])
         time.sleep(0.1)
     raise AssertionError(f"container {name} did not start")
 
 
-def _blocked_in_read(pids: list, timeout: float = 30) -> None:
+#: Where a shell waits for its stdin: dash in read(2), busybox's ``read`` in poll(2).
+WAITING_FOR_INPUT = ("pipe_read", "pipe_wait", "poll_schedule_timeout.constprop.0", "poll_schedule_timeout")
+
+
+def _blocked_in_read(pids: list, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         waiting = 0
         for pid in pids:
             try:
-                waiting += Path(f"/proc/{pid}/wchan").read_text() .endswith(("pipe_read", "pipe_wait"))
+                waiting += Path(f"/proc/{pid}/wchan").read_text().endswith(WAITING_FOR_INPUT)
             except OSError:
                 pass
         if waiting == len(pids):
@@ -82,14 +110,15 @@ def test_64_simultaneous_crashes_across_containers(handler_dir: Path, crasher: P
     names = [unique("6-storm") for _ in range(DOCKER)]
     read_end, write_end = os.pipe()
     procs = []
-    config = f"rate_limit_container = {RATE}\nrate_limit_exe = 0\ncompression_threads = 0\n"
+    # Every core compressing at once (no storm bound): the store's accounting is what is tested here.
+    config = f"rate_limit_container = {RATE}\nrate_limit_exe = 0\ncompression_threads = 0\nconcurrent_cores = 0\n"
     if max_use:
         config += f"max_use = {max_use}\nkeep_free = 0\n"
     try:
         with contextlib.ExitStack() as stack:
             if max_use:
                 stack.enter_context(mounted_tmpfs(handler_dir / "store", "64m"))
-            handler = stack.enter_context(installed_handler(handler_dir, config, pipe_limit=128))
+            handler = stack.enter_context(installed_handler(handler_dir, config, pipe_limit=install.PIPE_LIMIT))
             for c, cid in enumerate(ids):
                 enter = fakes.join(cid)
 
@@ -106,10 +135,8 @@ def test_64_simultaneous_crashes_across_containers(handler_dir: Path, crasher: P
                        for n, name in enumerate(names)]
             os.close(read_end)
             read_end = -1
-            for name in names:
-                _wait_running(name)
-            _blocked_in_read([p.pid for p in procs])
-            time.sleep(0.5)  # the docker shells reach their read too
+            inits = [_wait_running(name) for name in names]
+            _blocked_in_read([p.pid for p in procs] + inits)  # the docker shells reach their read too
             os.close(write_end)  # every reader sees end-of-file at once
             write_end = -1
             for p in procs:
@@ -154,3 +181,133 @@ def test_64_simultaneous_crashes_across_containers(handler_dir: Path, crasher: P
                 p.kill()
         subprocess.run(["docker", "rm", "-f", *names], capture_output=True)
         fakes.remove()
+
+
+STORM, STORM_DOCKER = 128, 16
+def _final_records(handler: object, count: int, timeout: float) -> list:
+    """The records once ``count`` are final (none left at ``collecting``); fails after ``timeout``."""
+    def final() -> list:
+        recs = [r for r in handler.records() if r.get("status") != "collecting"] if handler.store.exists() else []
+        return recs if len(recs) >= count else []
+    try:
+        return wait_for(final, timeout, f"{count} final records")
+    except AssertionError:
+        recs = handler.records() if handler.store.exists() else []
+        raise AssertionError(f"{len(recs)} records of {count} after {timeout} s, "
+                             f"{sum(r.get('status') == 'collecting' for r in recs)} still collecting") from None
+
+
+@pytest.mark.parametrize("mode", ["pipe", "socket"])
+def test_storm_of_128_executables_at_install_defaults(handler_dir: Path, crasher: Path, docker_image: str,
+                                                      mode: str) -> None:
+    """128 different executables crash at once, 16 of them in real Docker containers, with the config's
+    defaults and install's core_pipe_limit: 128 records, none dropped by the kernel, every core whole."""
+    zstd = need_tool("zstd")
+    copies = handler_dir / "x"
+    copies.mkdir(mode=0o755)
+    exes = []
+    for n in range(STORM):  # one executable each: the per-executable rate limit sees 128, not one
+        exe = copies / f"c{n}"
+        shutil.copy2(crasher, exe)
+        exes.append(exe)
+    names = [unique("6-storm128") for _ in range(STORM_DOCKER)]
+    read_end, write_end = os.pipe()
+    procs: list = []
+    dockers: list = []
+    serve = served_handler if mode == "socket" else installed_handler
+    try:
+        with serve(handler_dir, pipe_limit=install.PIPE_LIMIT) as handler:
+            started = kernel_log_now()
+            for n in range(STORM_DOCKER):
+                dockers.append(subprocess.Popen(
+                    ["docker", "run", "-i", "--name", names[n], "--network=none", "--ulimit", "core=-1",
+                     "-v", f"{exes[n]}:/c{n}:ro", docker_image, "/bin/sh", "-c", f"read x; exec /c{n} 0 d{n}"],
+                    stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            for n in range(STORM_DOCKER, STORM):
+                procs.append(start_crash(["/bin/sh", "-c", f'read x; exec "$0" 0 s{n}', str(exes[n])], stdin=read_end,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            os.close(read_end)
+            read_end = -1
+            inits = [_wait_running(name) for name in names]
+            _blocked_in_read([p.pid for p in procs] + inits, timeout=120)
+            os.close(write_end)  # every reader sees end-of-file at once
+            write_end = -1
+            for p in procs:
+                assert p.wait(timeout=300) == -11
+            for d in dockers:
+                assert d.wait(timeout=300) == 139, d.stderr.read()
+            # Every crasher is reaped, so the kernel has logged any dump it dropped.
+            comms = {f"d{n}" for n in range(STORM_DOCKER)} | {f"s{n}" for n in range(STORM_DOCKER, STORM)}
+            assert not dropped_dumps(started, comms), dropped_dumps(started, comms)[:3]
+            recs = _final_records(handler, STORM, 300)
+        assert len(recs) == STORM and {r["comm"] for r in recs} == comms
+        assert all(r["status"] == "complete" for r in recs), [r["collector"]["errors"] for r in recs
+                                                              if r["status"] != "complete"]
+        for r in recs:
+            if r["comm"].startswith("d"):
+                name = names[int(r["comm"][1:])]
+                assert (r["container"]["runtime"], r["container"]["name"]) == ("docker", name), r["container"]
+            else:
+                assert r["container"]["runtime"] == "host", r["container"]
+            core = Path(r["_dir"]) / "core.zst"
+            assert core.exists() == r["core"]["stored"], r["core"]
+            if r["core"]["stored"]:
+                data = subprocess.run([zstd, "-q", "-d", "-c", str(core)], capture_output=True, check=True).stdout
+                assert hashlib.sha256(data).hexdigest() == r["core"]["sha256"]
+            else:  # the defaults keep 10 host cores per 10 minutes; a storm beyond its bound says so
+                assert r["core"]["reason"].startswith(("rate limited", "storm: ", "deleted: ",
+                                                       "the collector was saturated")), r["core"]
+        assert all(r["core"]["stored"] for r in recs if r["comm"].startswith("d") and
+                   not r["core"]["reason"]), "a container's core is missing without a reason"
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+        for p in procs + dockers:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        subprocess.run(["docker", "rm", "-f", *names], capture_output=True)
+
+
+def _hold_all(store: Path, kind: str, config: Config) -> list:
+    """Every slot of ``kind`` held by this test (the handler's config waits for none)."""
+    with Store(str(store)) as opened:
+        turns = [getattr(slots, f"{kind}_turn")(opened, config) for _ in range(slots.count(-1))]
+        assert all(t.fd is not None for t in turns), [t.refused for t in turns]
+    return turns
+
+
+def test_a_crash_beyond_the_storm_bounds_is_recorded_with_the_reason(handler_dir: Path, crasher: Path) -> None:
+    """With every core slot taken (by this test, as a storm would), a crash is recorded without a core and
+    the kernel is let go; with every postmortem slot taken, its core is stored and the record says
+    the binaries and backtrace were skipped. Once the slots are free, the next crash gets both."""
+    config = "core_wait = 0\npostmortem_wait = 0\nrate_limit_exe = 0\nbinaries_host = true\n"
+    with installed_handler(handler_dir, config, pipe_limit=install.PIPE_LIMIT) as handler:
+        handler.store.mkdir(mode=0o700)
+        cfg = Config(store=str(handler.store), core_wait=0, postmortem_wait=0)
+        held = _hold_all(handler.store, "core", cfg)
+        try:
+            assert start_crash([str(crasher), "64", "storm-core"]).wait(timeout=120) == -11
+            rec = handler.wait_record(lambda r: r["comm"] == "storm-core", timeout=60)
+            assert not rec["core"]["stored"] and rec["status"] == "complete"
+            assert rec["core"]["reason"].startswith(f"storm: {slots.count(-1)} handlers busy storing cores"), rec
+            assert "postmortem" not in rec and not rec.get("binaries") and not rec.get("backtrace")
+        finally:
+            for turn in held:
+                turn.close()
+        held = _hold_all(handler.store, "postmortem", cfg)
+        try:
+            assert start_crash([str(crasher), "0", "storm-post"]).wait(timeout=120) == -11
+            rec = handler.wait_record(lambda r: r["comm"] == "storm-post", timeout=60)
+            assert rec["core"]["stored"] and rec["status"] == "complete", rec["core"]
+            assert rec["postmortem"]["skipped"].startswith(
+                f"storm: {slots.count(-1)} handlers busy saving binaries and backtraces"), rec["postmortem"]
+            assert not rec.get("binaries") and not rec.get("backtrace")
+        finally:
+            for turn in held:
+                turn.close()
+        assert start_crash([str(crasher), "0", "storm-after"]).wait(timeout=120) == -11
+        rec = handler.wait_record(lambda r: r["comm"] == "storm-after", timeout=120)
+        assert rec["core"]["stored"] and "postmortem" not in rec
+        assert rec["binaries"]["files"], rec.get("binaries")

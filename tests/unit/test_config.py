@@ -31,6 +31,9 @@ def test_round_trip_through_render(tmp_path) -> None:
     ("honour_core_limit = 1", "must be bool"),
     ("nope = 1", "unknown key"),
     ("store = [", "c.toml"),
+    ("concurrent_cores = -2", "one per CPU"),
+    ("concurrent_postmortems = -5", "one per CPU"),
+    ("core_wait = -1", "must not be negative"),
 ])
 def test_invalid_values_are_refused(tmp_path, text: str, message: str) -> None:
     path = tmp_path / "c.toml"

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from support import wait_for
 
 from corepipe.domain import catalog, record
 from corepipe.domain.containers import Container
@@ -55,9 +58,10 @@ def test_install_then_uninstall_restores_everything(paths: Paths, root: Path) ->
     install.install(paths, store=str(store), release="6.18.0")
     pattern = kernel.build_pattern(paths.bin, paths.config, pidfd=True)
     assert kernel_file(paths, "core_pattern") == pattern.encode() + b"\n"
-    assert kernel_file(paths, "core_pipe_limit") == b"16\n"
+    assert kernel_file(paths, "core_pipe_limit") == f"{install.PIPE_LIMIT}\n".encode()
     dropin = Path(paths.dropin).read_text()
-    assert f"kernel.core_pattern = {pattern}\n" in dropin and "kernel.core_pipe_limit = 16\n" in dropin
+    assert f"kernel.core_pattern = {pattern}\n" in dropin
+    assert f"kernel.core_pipe_limit = {install.PIPE_LIMIT}\n" in dropin
     assert f'store = "{store}"' in Path(paths.config).read_text()
     assert store.is_dir() and (store.stat().st_mode & 0o777) == 0o700
     # The launcher runs as the kernel runs it: empty environment, cwd /.
@@ -180,7 +184,7 @@ def test_status_codes(paths: Paths, root: Path) -> None:
     limit = Path(paths.proc_sys) / "kernel" / "core_pipe_limit"
     limit.write_text("0\n")
     assert status.gather(paths)["code"] == status.DRIFTED
-    limit.write_text("16\n")
+    limit.write_text(f"{install.PIPE_LIMIT}\n")
     os.unlink(paths.bin)
     assert status.gather(paths)["code"] == status.BROKEN
     (Path(paths.proc_sys) / "kernel" / "core_pattern").write_text(SYSTEMD + "\n")
@@ -220,3 +224,61 @@ def test_purge_keeps_a_store_that_existed_before(root: Path) -> None:
     file_crash(store, Container(runtime="docker", id="cd" * 32), 17)
     assert "deleted 2 crashes" in install.purge_store(str(store), created=False)
     assert store.is_dir() and list(catalog.iter_records(str(store))) == []
+
+
+def _core_modes(paths: Paths, *modes: str) -> None:
+    (Path(paths.proc_sys) / "kernel" / "core_modes").write_text("\n".join(modes) + "\n")
+
+
+def test_mode_auto_picks_socket_where_the_kernel_has_it(paths: Paths) -> None:
+    assert install.choose_mode("auto", paths.proc_sys) == install.PIPE  # no core_modes: before 6.16
+    _core_modes(paths, "file", "pipe")
+    assert install.choose_mode("auto", paths.proc_sys) == install.PIPE
+    with pytest.raises(InstallError, match="no coredump socket mode"):
+        install.choose_mode("socket", paths.proc_sys)
+    _core_modes(paths, "file", "pipe", "socket")
+    assert install.choose_mode("auto", paths.proc_sys) == install.SOCKET
+    assert install.choose_mode("pipe", paths.proc_sys) == install.PIPE
+
+
+def _health(run_dir: Path, pid: int, heartbeat: float, socket_path: str) -> None:
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "serve.json").write_text(json.dumps({
+        "pid": pid, "heartbeat": heartbeat, "socket": socket_path, "busy": 0, "queued": 0,
+        "stats": {"accepted": 3}}))
+
+
+def test_socket_mode_status_follows_the_server(paths: Paths, root: Path) -> None:
+    """Socket mode installs the pipe pattern (the fallback); the server's socket pattern is active only
+    while a live server keeps its heartbeat, and uninstall restores the previous pattern from either."""
+    _core_modes(paths, "file", "pipe", "socket")
+    sock = str(root / "run" / "s.sock")
+    run_dir = root / "run"
+    lines = install.install(paths, store=str(root / "var" / "s"), mode="auto", socket_path=sock)
+    pipe = kernel.build_pattern(paths.bin, paths.config, pidfd=True)
+    assert kernel_file(paths, "core_pattern") == pipe.encode() + b"\n"
+    assert any(line.startswith("mode: socket") for line in lines)
+    facts = status.gather(paths, run_dir=str(run_dir))
+    assert (facts["mode"], facts["active_mode"], facts["code"]) == ("socket", "pipe", status.HEALTHY)
+
+    (Path(paths.proc_sys) / "kernel" / "core_pattern").write_text(f"@@{sock}\n")  # as a running server does
+    facts = status.gather(paths, run_dir=str(run_dir))
+    assert facts["active_mode"] == "socket" and facts["code"] == status.BROKEN
+    assert "not running" in facts["problems"][0]
+    # A live process whose command line says serve.
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "serve"])
+    try:
+        wait_for(lambda: b"serve" in Path(f"/proc/{server.pid}/cmdline").read_bytes(), 30, "the exec")
+        _health(run_dir, server.pid, time.time(), sock)
+        facts = status.gather(paths, run_dir=str(run_dir))
+        assert facts["code"] == status.HEALTHY and facts["server"]["alive"] and facts["problems"] == []
+        _health(run_dir, server.pid, time.time() - 60, sock)
+        facts = status.gather(paths, run_dir=str(run_dir))
+        assert facts["code"] == status.BROKEN and "heartbeat" in facts["problems"][0]
+    finally:
+        server.kill()
+        server.wait()
+    install.install(paths, store=str(root / "var" / "s"), mode="socket", socket_path=sock)
+    assert kernel_file(paths, "core_pattern") == f"@@{sock}\n".encode(), "a running server's pattern is kept"
+    install.uninstall(paths)
+    assert kernel_file(paths, "core_pattern") == b"core\n"

@@ -49,6 +49,7 @@ def render(path: str, rec: dict) -> str:
                                 f"({core.get('compression')})")
         _line(out, "core.sha256", core.get("sha256"))
     _line(out, "core.reason", core.get("reason"))
+    _line(out, "postmortem", (rec.get("postmortem") or {}).get("skipped"))
     _line(out, "directory", path)
     process = rec.get("process") or {}
     if process.get("trusted") is False:

@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"where the {install.DROPIN_NAME} drop-in goes (default %(default)s)")
     parser.add_argument("--force", action="store_true",
                         help="replace another handler's core_pattern (uninstall gives it back) or a foreign --bin")
+    parser.add_argument("--mode", choices=("auto", install.SOCKET, install.PIPE), default="auto",
+                        help="socket: the resident 'corepipe serve' collects on the kernel's coredump socket while "
+                             "it runs, the pipe handler otherwise; pipe: a 'corepipe collect' per crash; "
+                             "auto (default): socket where the kernel has it (kernel.core_modes)")
+    parser.add_argument("--socket", default=install.DEFAULT_SOCKET, metavar="PATH",
+                        help="the socket of socket mode (default %(default)s)")
 
 
 def report(action: Callable[[], list]) -> int:
@@ -48,6 +54,6 @@ def report(action: Callable[[], list]) -> int:
 
 
 def run(ns: argparse.Namespace) -> int:
-    report(lambda: install.install(paths(ns), store=ns.store, force=ns.force))
+    report(lambda: install.install(paths(ns), store=ns.store, force=ns.force, mode=ns.mode, socket_path=ns.socket))
     print("next: 'corepipe selftest' proves a crash is collected")
     return 0

@@ -28,6 +28,13 @@ def run(ns: argparse.Namespace) -> int:
     print(f"corepipe: {state}{' (the active core handler)' if facts['active'] else ''}")
     print(f"kernel.core_pattern = {facts['pattern']}")
     print(f"kernel.core_pipe_limit = {facts['pipe_limit']}")
+    if facts["mode"]:
+        print(f"mode: {facts['mode']} installed, {facts['active_mode'] or 'neither'} active")
+    server = facts["server"]
+    if server:
+        state = "healthy" if server["fresh"] else "stuck (no heartbeat)" if server["alive"] else "not running"
+        print(f"server: corepipe serve pid {server['pid']} {state}, socket {server['socket']}, "
+              f"{server['busy']} busy, {server['queued']} waiting, {server['stats']['accepted']} crashes accepted")
     if facts["expected"] and not facts["active"]:
         print(f"installed pattern    = {facts['expected']['pattern']}")
     for problem in facts["problems"]:

@@ -29,6 +29,9 @@ class Context:
     #: Where the rest of the core comes from; letting go of it lets the kernel reap the process.
     core_fd: int = STDIN
     cfg: Config = field(default_factory=Config)
+    #: Decided before the dump (a socket server answered the kernel REJECT): no core is read and the
+    #: record gives this reason, as for a core the storage policy refused.
+    refused: Optional[str] = None
     #: Failures so far, before there is a record to put them in (kernel arguments, config, early capture).
     errors: list = field(default_factory=list)
     snapshot: Optional[Snapshot] = None

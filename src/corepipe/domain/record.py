@@ -109,6 +109,11 @@ def core_refused(record: dict, reason: str) -> None:
     record["core"]["reason"] = reason
 
 
+def postmortem_skipped(record: dict, reason: str) -> None:
+    """No binaries saved and no backtrace taken, by a storm's bound (platform/slots.py): not a failure."""
+    record["postmortem"] = {"skipped": reason}
+
+
 def core_not_saved(record: dict, reason: str) -> None:
     """The core could not be stored (a failure): no file, the reason, and an error."""
     record["core"].update(file=None, stored=False, complete=None, reason=reason)

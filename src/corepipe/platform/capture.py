@@ -305,6 +305,14 @@ def take_process(pid: int | None, pidfd: int | None, core_fd: int = STDIN,
                  core_seconds: float = CORE_SECONDS) -> Capture:
     """The early stage for the crashed process ``pid`` whose core arrives on ``core_fd`` (the kernel's pipe,
     or a socket server's connection); never raises."""
+    cap = take_proc(pid, pidfd)
+    take_core(cap, core_fd, core_seconds)
+    return cap
+
+
+def take_proc(pid: int | None, pidfd: int | None) -> Capture:
+    """The first half of ``take_process``: /proc and the held files, before any of the core is read (a
+    socket server decides on them whether the kernel is to write the core at all); never raises."""
     cap = Capture()
     try:
         if pid is not None:
@@ -326,6 +334,15 @@ def take_process(pid: int | None, pidfd: int | None, core_fd: int = STDIN,
                     _signal.signal(_signal.SIGALRM, previous)
             if cap.proc.opened and not cap.proc.timed_out:
                 cap.own_mounts = cap.proc.mnt_ns is None or cap.proc.mnt_ns != os.readlink("/proc/self/ns/mnt")
+    except Exception as exc:  # noqa: BLE001 - the collection goes on from whatever was captured
+        cap.errors.append(f"early capture: {type(exc).__name__}: {exc}")
+    return cap
+
+
+def take_core(cap: Capture, core_fd: int, core_seconds: float = CORE_SECONDS) -> None:
+    """The second half: the start of the core, and the kernel let go at once if that was all of it (and the
+    process has no mounts of its own); never raises."""
+    try:
         widen_pipe(core_fd)
         cap.core, cap.eof = read_prefix(core_fd, CORE_PREFIX, core_seconds)
         if cap.eof and not cap.own_mounts:
@@ -333,4 +350,3 @@ def take_process(pid: int | None, pidfd: int | None, core_fd: int = STDIN,
             cap.released = True
     except Exception as exc:  # noqa: BLE001 - the collection goes on from whatever was captured
         cap.errors.append(f"early capture: {type(exc).__name__}: {exc}")
-    return cap

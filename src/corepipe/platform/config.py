@@ -54,6 +54,14 @@ class Config:
     rate_limit_container: int = 10
     rate_limit_exe: int = 5
     rate_limit_window: int = 600
+    #: Crash storms (slots.py): at most concurrent_cores handlers host-wide read and store a core at the same
+    #: time, at most concurrent_postmortems save binaries and take a backtrace (-1: one per CPU; 0: no limit).
+    #: Up to 8 handlers per slot wait for a turn, at most core_wait / postmortem_wait seconds; the rest go on
+    #: without it at once: a record without a core ("storm: ..."), or without binaries and backtrace.
+    concurrent_cores: int = -1
+    concurrent_postmortems: int = -1
+    core_wait: int = 10
+    postmortem_wait: int = 60
     #: ``corepipe prune`` deletes crashes older than this many days; 0: keep them.
     max_age_days: int = 30
     #: The path it was loaded from, or None for the built-in defaults.
@@ -111,12 +119,15 @@ def _validate(name: str, value: object, where: str) -> None:
         raise ConfigError(f"{where}: {name} must be at least 1")
     if name in ("max_use", "keep_free") and int(value) < -1:  # type: ignore[call-overload]
         raise ConfigError(f"{where}: {name} must be -1 (automatic), 0 (no limit) or a byte count")
+    if name in ("concurrent_cores", "concurrent_postmortems") and int(value) < -1:  # type: ignore[call-overload]
+        raise ConfigError(f"{where}: {name} must be -1 (one per CPU), 0 (no limit) or a number of handlers")
     if name in _NOT_NEGATIVE and int(value) < 0:  # type: ignore[call-overload]
         raise ConfigError(f"{where}: {name} must not be negative")
 
 
 _NOT_NEGATIVE = ("container_max_cores", "container_max_bytes", "max_core_size", "rate_limit_container",
-                 "rate_limit_exe", "rate_limit_window", "max_age_days")
+                 "rate_limit_exe", "rate_limit_window", "max_age_days", "core_wait",
+                 "postmortem_wait")
 
 
 def load(path: Optional[str] = None, problems: Optional[list] = None) -> Config:

@@ -27,7 +27,7 @@ from typing import Optional
 from corepipe.domain import accounting, binaries, catalog, containers, policy, postmortem, record, snapshot
 from corepipe.domain.context import Context
 from corepipe.platform import config as configuration
-from corepipe.platform import kernel
+from corepipe.platform import kernel, slots
 from corepipe.platform.capture import STDIN, Capture, Timeout, on_alarm
 from corepipe.platform.log import ERR, INFO, WARNING, log
 from corepipe.platform.store import CORE, PARTIAL_CORE, RECORD, CrashDir, Store
@@ -48,14 +48,15 @@ def run(argv: list, early: Capture) -> int:
 
 
 def collect(args: kernel.KernelArgs, early: Capture, *, core_fd: int = STDIN,
-            cfg: Optional[configuration.Config] = None) -> int:
+            cfg: Optional[configuration.Config] = None, refused: Optional[str] = None) -> int:
     """The pipeline for a second entry point (a socket server, a test): the crash ``args`` describe, its core
     on ``core_fd`` after what ``early`` (capture.take_process) read of it. No alarm is set: the caller bounds
-    the time. Never raises; the exit code ``corepipe collect`` would give."""
+    the time. ``refused``: the reason no core is to be read (decided before the dump). Never raises; the exit
+    code ``corepipe collect`` would give."""
     errors = list(early.errors) + list(args.errors)
     if cfg is None:
         cfg = load_config(args.config, errors)
-    return run_context(Context(args=args, early=early, core_fd=core_fd, cfg=cfg, errors=errors))
+    return run_context(Context(args=args, early=early, core_fd=core_fd, cfg=cfg, errors=errors, refused=refused))
 
 
 def run_context(ctx: Context) -> int:
@@ -93,8 +94,9 @@ def load_config(path: Optional[str], errors: list) -> configuration.Config:
 
 def _stages(ctx: Context) -> int:
     args = ctx.args
-    ctx.snapshot = take_snapshot(ctx)
-    ctx.container = identify(ctx)
+    if ctx.container is None:  # a socket server has identified it already, to decide before the dump
+        ctx.snapshot = take_snapshot(ctx)
+        ctx.container = identify(ctx)
     if ctx.early.eof:
         ctx.let_go()  # the container is known: its runtime's state may go with the process
     for message in ctx.errors:
@@ -156,17 +158,30 @@ def store_crash(ctx: Context) -> int:
                                     redact_env=cfg.redact_env, errors=tuple(ctx.errors))
     write_record(ctx)  # a handler killed from here on still leaves a record
     limit = args.core_limit_bytes() if cfg.honour_core_limit else None
-    if limit == 0:
+    storm = None
+    if ctx.refused is not None:
+        record.core_refused(rec, ctx.refused)
+    elif limit == 0:
         record.core_refused(rec, "RLIMIT_CORE is 0")
     else:
-        caps = [x for x in (limit, cfg.max_core_size) if x]
-        cap = min(caps) if caps else None
-        admission = admit(ctx, cap)
-        if admission is not None and admission.budget:
-            commit(ctx, write_core(ctx, admission, limit, cap))
+        with _turn(ctx, slots.core_turn(ctx.store, cfg)) as turn:  # a storm's bound, before the core is read
+            storm = turn.refused
+            if storm is not None:
+                record.core_refused(rec, storm)
+            else:
+                caps = [x for x in (limit, cfg.max_core_size) if x]
+                cap = min(caps) if caps else None
+                admission = admit(ctx, cap)
+                if admission is not None and admission.budget:
+                    commit(ctx, write_core(ctx, admission, limit, cap))
     failed = record.has_errors(rec)
     ctx.let_go()  # also when no core is read: saving binaries need not keep the process
-    postmortem.finish(ctx.store, crash, rec, ctx.held, cfg, ctx.container.is_host)
+    if storm is None and ctx.held is not None:  # a crash refused in a storm stays cheap
+        with _turn(ctx, slots.postmortem_turn(ctx.store, cfg)) as turn:  # bounded after the kernel is let go
+            if turn.refused is not None:
+                record.postmortem_skipped(rec, turn.refused)
+            else:
+                postmortem.finish(ctx.store, crash, rec, ctx.held, cfg, ctx.container.is_host)
     record.finish(rec, failed=failed, duration=time.monotonic() - ctx.early.started,
                   peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     write_final(ctx)
@@ -313,6 +328,13 @@ def _locked(ctx: Context) -> Iterator[Optional[catalog.Locked]]:
         return
     with lock:
         yield lock
+
+
+def _turn(ctx: Context, turn: slots.Turn) -> slots.Turn:
+    """``turn``, with its error (the slots could not be used, so the work goes on unbounded) in the record."""
+    if turn.error:
+        record.add_error(ctx.record, turn.error)
+    return turn
 
 
 def _not_saved(ctx: Context, reason: str) -> None:

@@ -21,21 +21,34 @@ from typing import Optional
 
 from corepipe.domain import catalog
 from corepipe.platform import config as configuration
+<<<<<<< HEAD
 from corepipe.platform import fs, kernel, launcher
 from corepipe.platform.fs import write_all
+=======
+from corepipe.platform import coredump_socket, kernel, launcher
+from corepipe.platform.store import write_all
+>>>>>>> storms
 from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, PROC_SYS, Sysctl, SysctlError
 
 #: core_pipe_limit: non-zero makes the kernel wait for the handler before reaping the process, so
-#: /proc/<pid> stays readable; it also caps concurrent handlers. A crash storm beyond 16 at once loses
-#: the extra cores (the kernel logs "over core_pipe_limit") instead of 16+ compressors fighting for
-#: memory and disk on a host that is already in trouble.
-PIPE_LIMIT = 16
+#: /proc/<pid> stays readable (0 would not wait). It only caps handlers holding the kernel's pipe, and
+#: a crash beyond it is skipped by the kernel with nothing but an "over core_pipe_limit" line: so it is
+#: set well above any storm the host can run handlers for (a handler refused a core slot costs ~12 MB
+#: and lets go within seconds; 128 crashes at once peaked at 0.2-0.4 GiB here), and the handlers bound
+#: their own heavy work host-wide (platform/slots.py): cores for concurrent_cores at a time, a record
+#: with the reason for the rest.
+PIPE_LIMIT = 256
 #: Sorted after systemd's 50-coredump.conf so it wins at boot; /etc/sysctl.conf (99-sysctl.conf) still wins.
 DROPIN_NAME = "90-corepipe.conf"
 STATE_NAME = "install.json"
 LAUNCHER_MARK = "# corepipe launcher: written by 'corepipe install', removed by 'corepipe uninstall'"
 #: %F (a pidfd of the crashed process) arrived in Linux 6.16; older kernels expand it to nothing.
 PIDFD_KERNEL = (6, 16)
+#: ``--mode``: the kernel's pipe runs ``corepipe collect`` per crash, or the resident ``corepipe serve`` takes
+#: them on its socket (Linux 6.16+).
+PIPE, SOCKET = "pipe", "socket"
+#: Where ``corepipe serve`` listens by default (the socket unit's ListenStream).
+DEFAULT_SOCKET = "/run/corepipe/coredump.socket"
 #: The kernel's own default, given back when what was there before is unknown.
 DEFAULT_PATTERN = "core"
 
@@ -183,9 +196,28 @@ class _Changes:
                 print(f"corepipe install: could not undo a step: {exc}", file=sys.stderr)
 
 
+def choose_mode(mode: str, proc_sys: str = PROC_SYS) -> str:
+    """``pipe`` or ``socket`` for ``--mode auto|socket|pipe``: auto is socket where kernel.core_modes lists it."""
+    has_socket = "socket" in coredump_socket.core_modes(proc_sys)
+    if mode == "auto":
+        return SOCKET if has_socket else PIPE
+    if mode == SOCKET and not has_socket:
+        raise InstallError("this kernel has no coredump socket mode (kernel.core_modes lacks 'socket', Linux 6.16+); "
+                           "use --mode pipe or --mode auto")
+    if mode not in (PIPE, SOCKET):
+        raise InstallError(f"unknown --mode {mode!r}; use auto, socket or pipe")
+    return mode
+
+
 def install(paths: Paths, store: Optional[str] = None, force: bool = False, python: str = sys.executable,
-            release: Optional[str] = None) -> list:
-    """Install or update in place; returns the lines to print (empty changes mean nothing was done)."""
+            release: Optional[str] = None, mode: str = PIPE, socket_path: str = DEFAULT_SOCKET) -> list:
+    """Install or update in place; returns the lines to print (empty changes mean nothing was done).
+
+    Both modes write the pipe pattern to the kernel and its sysctl drop-in: in socket mode it is what
+    collects whenever ``corepipe serve`` is not running (at boot, between restarts, after a crash of the
+    server), and the server switches the kernel to its socket while it runs and back when it stops."""
+    mode = choose_mode(mode, paths.proc_sys)
+    coredump_socket.pattern(socket_path)  # an absolute path without spaces, or ValueError
     sysctl = Sysctl(paths.proc_sys)
     try:
         sysctl.check_writable(CORE_PATTERN, CORE_PIPE_LIMIT)
@@ -204,7 +236,7 @@ def install(paths: Paths, store: Optional[str] = None, force: bool = False, pyth
     if old is not None and (old["bin"], old["dropin"]) != (os.path.abspath(paths.bin), paths.dropin):
         raise InstallError(f"installed with --bin {old['bin']} and drop-in {old['dropin']}; "
                            "run 'corepipe uninstall' first to change them")
-    ours = old is not None and current == old["pattern"]
+    ours = old is not None and current in (old["pattern"], socket_pattern(old))
     if not ours and is_handler(current) and not force:
         raise InstallError(f"kernel.core_pattern belongs to {describe(current)} ({current!r}); "
                            "run again with --force to replace it (uninstall gives it back)")
@@ -220,6 +252,8 @@ def install(paths: Paths, store: Optional[str] = None, force: bool = False, pyth
         "pattern": pattern,
         "pipe_limit": PIPE_LIMIT,
         "pidfd": pidfd,
+        "mode": mode,
+        "socket": socket_path if mode == SOCKET else None,
         "previous": previous,
         "files": dict(old["files"]) if old else {},
         "dirs": list(old["dirs"]) if old else [],
@@ -246,9 +280,21 @@ def install(paths: Paths, store: Optional[str] = None, force: bool = False, pyth
         changes.rollback()
         raise
     lines = changes.done or ["already installed; nothing changed"]
-    return lines + [f"kernel.core_pattern = {pattern}", f"kernel.core_pipe_limit = {PIPE_LIMIT}",
-                    f"store: {state['store']}",
-                    f"previous kernel.core_pattern (restored by uninstall): {state['previous'][CORE_PATTERN]!r}"]
+    lines += [f"kernel.core_pattern = {pattern}", f"kernel.core_pipe_limit = {PIPE_LIMIT}",
+              f"store: {state['store']}",
+              f"previous kernel.core_pattern (restored by uninstall): {state['previous'][CORE_PATTERN]!r}"]
+    if mode == SOCKET:
+        lines.append(f"mode: socket: 'corepipe serve --socket {socket_path}' switches the kernel to "
+                     f"{socket_pattern(state)} while it runs (corepipe.socket/.service where systemd runs); "
+                     "the pipe handler above collects whenever it does not")
+    return lines
+
+
+def socket_pattern(state: dict) -> Optional[str]:
+    """The pattern a running server of this installation writes, if it is in socket mode."""
+    if state.get("mode") != SOCKET or not state.get("socket"):
+        return None
+    return coredump_socket.pattern(state["socket"])
 
 
 def _apply(paths: Paths, state: dict, changes: _Changes, cfg: configuration.Config, python: str,
@@ -277,7 +323,7 @@ def _apply(paths: Paths, state: dict, changes: _Changes, cfg: configuration.Conf
         changes.undo.append(lambda: sysctl.write(CORE_PIPE_LIMIT, current_limit))
         _kernel_write(sysctl, CORE_PIPE_LIMIT, str(PIPE_LIMIT))
         changes.done.append(f"set kernel.core_pipe_limit = {PIPE_LIMIT} (was {current_limit})")
-    if current != state["pattern"]:
+    if current != state["pattern"] and current != socket_pattern(state):  # a running server keeps its socket
         changes.undo.append(lambda: sysctl.write(CORE_PATTERN, current))
         _kernel_write(sysctl, CORE_PATTERN, state["pattern"])
         changes.done.append(f"set kernel.core_pattern (was {current!r})")
@@ -325,7 +371,7 @@ def uninstall(paths: Paths, purge: bool = False, force: bool = False) -> list:
         sysctl.check_writable(CORE_PATTERN, CORE_PIPE_LIMIT)
         current = sysctl.read(CORE_PATTERN)
         previous = state["previous"]
-        if current == state["pattern"] or force:
+        if current in (state["pattern"], socket_pattern(state)) or force:
             sysctl.write(CORE_PIPE_LIMIT, previous[CORE_PIPE_LIMIT])
             sysctl.write(CORE_PATTERN, previous[CORE_PATTERN])
             lines.append(f"restored kernel.core_pattern = {previous[CORE_PATTERN]!r}, "
@@ -338,6 +384,9 @@ def uninstall(paths: Paths, purge: bool = False, force: bool = False) -> list:
     for path, saved in state["files"].items():
         _restore_file(path, saved)
         lines.append(f"{'removed' if saved is None else 'restored'} {path}")
+    if socket_pattern(state) is not None:
+        lines.append("socket mode: stop 'corepipe serve' (systemctl disable --now corepipe.socket corepipe.service); "
+                     "it leaves the restored pattern alone")
     if purge:
         lines.append(purge_store(state["store"], state["store_created"]))
     else:

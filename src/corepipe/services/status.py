@@ -9,7 +9,8 @@ from corepipe.domain import catalog
 from corepipe.platform import config as configuration
 from corepipe.platform import fs
 from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, Sysctl, SysctlError
-from corepipe.services.install import Paths, load_state
+from corepipe.services.install import PIPE, SOCKET, Paths, load_state, socket_pattern
+from corepipe.services.serve import RUN_DIR, STALE, read_health
 
 #: Exit codes of ``corepipe status`` (documented in the README).
 HEALTHY, NOT_INSTALLED, DRIFTED, BROKEN = 0, 3, 4, 5
@@ -59,11 +60,14 @@ def store_summary(root: str, recent: int = RECENT) -> dict:
     return summary
 
 
-def gather(paths: Paths) -> dict:
-    """Everything ``status`` reports, with ``code`` (HEALTHY, NOT_INSTALLED, DRIFTED, BROKEN) and ``problems``."""
+def gather(paths: Paths, run_dir: str = RUN_DIR) -> dict:
+    """Everything ``status`` reports, with ``code`` (HEALTHY, NOT_INSTALLED, DRIFTED, BROKEN) and ``problems``;
+    ``mode`` is what is installed, ``active_mode`` what the kernel uses now, ``server`` the health of a
+    running ``corepipe serve`` (its serve.json under ``run_dir``)."""
     sysctl = Sysctl(paths.proc_sys)
     result: dict = {"installed": False, "active": False, "code": NOT_INSTALLED, "problems": [],
-                    "state": paths.state, "pattern": None, "pipe_limit": None, "expected": None, "store": None}
+                    "state": paths.state, "pattern": None, "pipe_limit": None, "expected": None, "store": None,
+                    "mode": None, "active_mode": None, "server": read_health(run_dir)}
     try:
         result["pattern"] = sysctl.read(CORE_PATTERN)
         result["pipe_limit"] = sysctl.read(CORE_PIPE_LIMIT)
@@ -80,8 +84,16 @@ def gather(paths: Paths) -> dict:
     else:
         result["installed"] = True
         result["expected"] = {"pattern": state["pattern"], "pipe_limit": str(state["pipe_limit"])}
-        result["active"] = result["pattern"] == state["pattern"]
+        result["mode"] = state.get("mode", PIPE)
+        served = socket_pattern(state)
+        result["active"] = result["pattern"] in (state["pattern"], served)
+        result["active_mode"] = (SOCKET if served and result["pattern"] == served
+                                 else PIPE if result["pattern"] == state["pattern"] else None)
         result["code"] = HEALTHY
+        if result["active"] and served:
+            result["problems"] += _server_problems(result)
+            if result["problems"] and result["active_mode"] == SOCKET:
+                result["code"] = BROKEN
         if not result["active"]:
             result["code"] = DRIFTED
             result["problems"].append(f"kernel.core_pattern was changed since install (expected {state['pattern']!r}); "
@@ -98,6 +110,20 @@ def gather(paths: Paths) -> dict:
     if store is not None:
         result["store"] = store_summary(store)
     return result
+
+
+def _server_problems(result: dict) -> list:
+    """Socket mode: the server's health, as far as it decides whether crashes are collected."""
+    server = result["server"]
+    if result["active_mode"] == PIPE:
+        return [] if server is None or not server["alive"] else [
+            f"corepipe serve (pid {server['pid']}) runs but the kernel uses the pipe handler; restart it"]
+    if server is None or not server["alive"]:
+        return ["kernel.core_pattern points at the socket but corepipe serve is not running: crashes are lost; "
+                "start it (systemctl start corepipe.socket) or run 'corepipe install' for the pipe handler"]
+    if not server["fresh"]:
+        return [f"corepipe serve (pid {server['pid']}) has not written its heartbeat for {STALE:.0f} s: stuck?"]
+    return []
 
 
 def _broken(state: dict) -> list:

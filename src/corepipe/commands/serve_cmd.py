@@ -1,0 +1,54 @@
+"""``corepipe serve``: the resident collector for the kernel's coredump socket (``@@`` / ``@`` patterns).
+
+Runs in the foreground (systemd, a Kubernetes pod, or a shell). Exit codes: 0 stopped by SIGTERM/SIGINT,
+1 could not start or a fatal error (the kernel's pattern is then back to the fallback pipe handler).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from corepipe.commands.install_cmd import add_config_option
+from corepipe.platform.errors import UserError
+from corepipe.platform.sysctl import SysctlError
+from corepipe.services import install, serve
+
+HELP = "run the resident collector on the kernel's coredump socket (Linux 6.16+; exit 0 stopped, 1 failed)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_option(parser)
+    parser.add_argument("--socket", default=serve.DEFAULT_SOCKET, metavar="PATH",
+                        help="where to listen, an absolute path in the host's root (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="crashes collected at once (default: one per CPU, at least 2)")
+    parser.add_argument("--queue-limit", type=int, default=serve.QUEUE_LIMIT, metavar="N",
+                        help="waiting crashes beyond which the rest get a record without a core (default %(default)s)")
+    parser.add_argument("--fallback", metavar="PATTERN",
+                        help="kernel.core_pattern to put back on stop (default: the installed pipe handler, "
+                             "else the pattern found at start)")
+    parser.add_argument("--host-pid", type=int, default=1, metavar="PID",
+                        help="a process in the host's mount namespace, from which kernel.core_pattern is written "
+                             "(the kernel takes a socket pattern only from there; default %(default)s, the init of "
+                             "the node: a pod needs hostPID)")
+    parser.add_argument("--run-dir", default=serve.RUN_DIR, metavar="DIR",
+                        help="where the health file serve.json goes (default %(default)s)")
+
+
+def run(ns: argparse.Namespace) -> int:
+    config = getattr(ns, "config", None)
+    fallback = ns.fallback
+    if fallback is None:
+        try:
+            state = install.load_state(install.Paths(config=config or install.Paths.config).state)
+        except install.InstallError as exc:
+            raise UserError(str(exc)) from None
+        if state is not None:
+            fallback = state.get("fallback_pattern") or (state["pattern"] if state["pattern"].startswith("|")
+                                                         else None)
+    options = serve.Options(socket_path=ns.socket, config=config, workers=ns.workers, queue_limit=ns.queue_limit,
+                            run_dir=ns.run_dir, fallback=fallback, host_pid=ns.host_pid)
+    try:
+        return serve.serve(options)
+    except (SysctlError, ValueError, OSError) as exc:
+        raise UserError(f"{exc}") from None

@@ -1,0 +1,679 @@
+"""``corepipe serve``: the resident collector behind ``core_pattern = @@/run/corepipe/coredump.socket``.
+
+The kernel connects for every crash (platform/coredump_socket.py). The accept loop only accepts:
+each connection is handed to a forked worker (at most ``workers`` at once; the rest wait, connected,
+in a queue, the kernel holding their processes) and the worker runs the very pipeline of ``corepipe
+collect`` (services/collect.py), with the socket where the kernel's pipe would be, so socket and pipe
+mode write the same records. Forked workers, not threads: the pipeline bounds itself with SIGALRM
+and holds process-wide state (its rlimits, its fds), the parent has already imported everything
+(no interpreter start per crash), and a worker that dies takes only its own crash with it.
+
+Before the dump a worker decides (``decide``): RLIMIT_CORE 0 (from /proc/<pid>/limits: the kernel
+applies none to sockets), over a rate limit, or the server saturated -> REJECT, so the kernel writes
+no byte of memory; the crash still gets its record, with the reason. Otherwise KERNEL + WAIT: the
+kernel holds the task until the worker has read what it needs from /proc and the core is stored.
+
+Never a silent window: the server writes the socket pattern on start and the fallback (the installed
+pipe handler) on stop or on a fatal error; a guardian process it forks first puts the fallback back
+if the server is killed. Under systemd (corepipe.socket, LISTEN_FDS) the listening socket outlives
+a restart of the service, so crashes that connect meanwhile wait in its backlog.
+``<run_dir>/serve.json`` is its health: pid, heartbeat, counts (``read_health``).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import dataclasses
+import errno
+import functools
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from corepipe.domain import accounting
+from corepipe.domain.context import Context
+from corepipe.platform import capture, coredump_socket, elfcore
+from corepipe.platform import config as configuration
+from corepipe.platform.kernel import RLIM_INFINITY, KernelArgs
+from corepipe.platform.log import ERR, INFO, WARNING, log
+from corepipe.platform.store import Store
+from corepipe.platform.sysctl import CORE_PATTERN, Sysctl, SysctlError
+from corepipe.services import collect
+from corepipe.services.install import DEFAULT_SOCKET
+
+RUN_DIR = "/run/corepipe"
+HEALTH = "serve.json"
+#: A heartbeat older than this many seconds means the server is stuck (``status`` says so).
+HEARTBEAT = 2.0
+STALE = 15.0
+#: The listen backlog; the kernel caps it at net.core.somaxconn (4096 by default).
+BACKLOG = 4096
+#: Connections held beyond this many waiting ones are answered REJECT (record only) instead of a core.
+QUEUE_LIMIT = 512
+#: How long a worker waits after a REJECT for the process's exit status (its signal).
+EXIT_WAIT = 2.0
+SD_LISTEN_FDS_START = 3
+_CLONE_NEWUTS = 0x04000000
+_CLONE_NEWNS = 0x00020000
+_PF_DUMPCORE = 0x200
+_SO_RCVBUFFORCE = 33
+#: How loaded the server is when a crash's turn comes: NORMAL, FAST (compression level 1) or RECORD_ONLY.
+NORMAL, FAST, RECORD_ONLY = "normal", "fast", "record-only"
+
+
+@dataclass
+class Options:
+    socket_path: str = DEFAULT_SOCKET
+    config: Optional[str] = None
+    workers: int = 0  # 0: one per CPU, at least 2
+    queue_limit: int = QUEUE_LIMIT
+    backlog: int = BACKLOG
+    run_dir: str = RUN_DIR
+    #: The pattern to put back when the server stops (a pipe pattern); None: what was there at start.
+    fallback: Optional[str] = None
+    proc_sys: str = "/proc/sys"
+    #: A process of the host's mount namespace, from which the pattern is written (see write_pattern).
+    host_pid: int = 1
+
+
+@dataclass
+class Stats:
+    """The server's counters, in its health file (and for a metrics endpoint)."""
+
+    accepted: int = 0
+    workers_started: int = 0
+    worker_failures: int = 0
+    max_queue: int = 0
+    #: Crashes collected at each load (NORMAL, FAST, RECORD_ONLY).
+    degraded: dict = field(default_factory=dict)
+
+
+def worker_count(requested: int) -> int:
+    if requested > 0:
+        return requested
+    return max(2, len(os.sched_getaffinity(0)))
+
+
+def activated_socket() -> Optional[socket.socket]:
+    """The listening socket systemd passed (LISTEN_FDS), or None without socket activation."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    os.set_inheritable(sock.fileno(), False)
+    return sock
+
+
+def read_health(run_dir: str = RUN_DIR) -> Optional[dict]:
+    """The running server's health file with ``alive`` (its pid is a corepipe serve) and ``fresh``
+    (heartbeat within STALE seconds); None when there is none."""
+    try:
+        with open(os.path.join(run_dir, HEALTH), "rb") as f:
+            health = json.loads(f.read(1 << 16))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(health, dict):
+        return None
+    try:
+        with open(f"/proc/{int(health.get('pid', 0))}/cmdline", "rb") as f:
+            alive = b"serve" in f.read(4096)
+    except (OSError, ValueError, TypeError):
+        alive = False
+    health["alive"] = alive
+    health["fresh"] = alive and time.time() - float(health.get("heartbeat") or 0) < STALE
+    return health
+
+
+class Server:
+    """The accept loop and its workers; ``run`` returns the exit code."""
+
+    def __init__(self, options: Options):
+        self.options = options
+        self.stats = Stats()
+        self.workers = worker_count(options.workers)
+        self.queue: collections.deque = collections.deque()
+        #: Idle workers, (pid, socketpair end), and the pids of those collecting a crash.
+        self.spares: collections.deque = collections.deque()
+        self.busy: set = set()
+        self.guardian: Optional[int] = None
+        self.stopping = False
+        self.sysctl = Sysctl(options.proc_sys)
+        self.pattern: Optional[str] = None
+        self.fallback: Optional[str] = options.fallback
+        self.listener: Optional[socket.socket] = None
+        self.activated = False
+        self.started = time.time()
+        self.last_beat = 0.0
+
+    # -- start and stop -------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """The listening socket (systemd's, or our own) and the kernel's pattern pointing at it."""
+        _raise_nofile()
+        _preload()
+        self.listener = activated_socket()
+        self.activated = self.listener is not None
+        if self.listener is None:
+            os.makedirs(os.path.dirname(self.options.socket_path), mode=0o700, exist_ok=True)
+            self.listener = coredump_socket.listen(self.options.socket_path, self.options.backlog)
+        self.listener.setblocking(False)
+        modes = coredump_socket.core_modes(self.options.proc_sys)
+        if "socket" not in modes:
+            raise SysctlError(f"this kernel has no coredump socket mode (kernel.core_modes: {' '.join(modes) or '-'}); "
+                              "use 'corepipe install --mode pipe'")
+        if self.activated:  # the socket unit's path, which systemd keeps open between restarts
+            self.options.socket_path = self.listener.getsockname()
+        previous = self.sysctl.read(CORE_PATTERN)
+        if self.fallback is None and not previous.startswith("@"):
+            self.fallback = previous
+        self.pattern = _set_socket_pattern(self.sysctl, self.options.socket_path, self.options.host_pid)
+        self.guardian = _start_guardian(self.sysctl, self.pattern, self.fallback, self.listener, self.options.host_pid)
+        log(f"serve: listening on {self.options.socket_path}, kernel.core_pattern = {self.pattern}, "
+            f"{self.workers} workers; on stop: {self.fallback!r}")
+
+    def close(self, why: str) -> None:
+        """Fallback pattern first (so no crash meets a closed socket), then the socket."""
+        if self.pattern is not None and self.fallback is not None:
+            try:
+                if self.sysctl.read(CORE_PATTERN) == self.pattern:
+                    write_pattern(self.sysctl, self.fallback, self.options.host_pid)
+                    log(f"serve: {why}; kernel.core_pattern set back to {self.fallback!r}", WARNING)
+            except SysctlError as exc:
+                log(f"error: serve: {why}; cannot put back kernel.core_pattern: {exc}", ERR)
+        self.stopping = True
+        self._accept_all()  # connected before the switch: still ours to collect
+        while self.queue or self.busy:
+            if self.queue and not self.spares and len(self.busy) < self.workers:
+                self._fork_spare()
+            self._dispatch()
+            self._reap(block=True)
+        for _pid, channel in self.spares:
+            channel.close()  # an idle worker exits when its channel closes
+        while self.spares:
+            self._reap(block=True)
+        if self.listener is not None:
+            self.listener.close()
+            if not self.activated:
+                try:
+                    os.unlink(self.options.socket_path)
+                except FileNotFoundError:
+                    pass
+        if self.guardian is not None:
+            os.kill(self.guardian, signal.SIGKILL)
+            os.waitpid(self.guardian, 0)
+        try:
+            os.unlink(os.path.join(self.options.run_dir, HEALTH))
+        except FileNotFoundError:
+            pass
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._stop)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        why = "stopped"
+        try:
+            self.open()
+            poller = select.poll()
+            poller.register(self.listener.fileno(), select.POLLIN)
+            poller.register(wake_r, select.POLLIN)
+            self._dispatch()  # the first idle workers
+            while not self.stopping:
+                self._heartbeat()
+                poller.poll(HEARTBEAT * 1000)
+                try:
+                    while os.read(wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                self._accept_all()
+                self._reap()
+                self._dispatch()
+            return 0
+        except BaseException as exc:
+            why = f"fatal error {type(exc).__name__}: {exc}"
+            log(f"error: serve: {why}", ERR)
+            raise
+        finally:
+            self.close(why)
+            signal.set_wakeup_fd(-1)
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def _accept_all(self) -> None:
+        while self.listener is not None:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    return  # the rest waits in the backlog until a worker frees fds
+                raise
+            self.stats.accepted += 1
+            self.queue.append((conn, time.monotonic()))
+            self.stats.max_queue = max(self.stats.max_queue, len(self.queue))
+
+    def _dispatch(self) -> None:
+        """Hand waiting crashes to idle workers, then fork idle ones up to ``workers`` in all."""
+        while self.queue and self.spares:
+            conn, accepted = self.queue.popleft()
+            load = self.load()
+            pid, channel = self.spares.popleft()
+            try:
+                socket.send_fds(channel, [f"{accepted!r} {load}".encode()], [conn.fileno()])
+            except OSError:  # that worker died idle: the crash waits for the next one
+                self.queue.appendleft((conn, accepted))
+                continue
+            finally:
+                channel.close()
+            conn.close()
+            self.busy.add(pid)
+            self.stats.degraded[load] = self.stats.degraded.get(load, 0) + 1
+        while not self.stopping and len(self.busy) + len(self.spares) < self.workers:
+            self._fork_spare()
+
+    def load(self) -> str:
+        """How the next crash is collected: a long queue gets a faster level, an overlong one records only."""
+        if len(self.queue) >= self.options.queue_limit:
+            return RECORD_ONLY
+        if len(self.queue) >= 2 * self.workers:
+            return FAST
+        return NORMAL
+
+    def _fork_spare(self) -> None:
+        """A worker forked ahead of the crash (the fork is not on the crash's path), waiting for its
+        connection on a socketpair; it collects one crash and exits."""
+        channel, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                    signal.signal(signum, signal.SIG_DFL)
+                channel.close()
+                for sock in [self.listener] + [c for c, _ in self.queue] + [c for _, c in self.spares]:
+                    if sock is not None:
+                        sock.close()
+                code = _worker(child_end, self.options.config)
+            except BaseException as exc:  # noqa: BLE001 - a worker reports, it never unwinds into the loop
+                log(f"error: serve worker: {type(exc).__name__}: {exc}", ERR)
+            finally:
+                os._exit(code)
+        child_end.close()
+        self.spares.append((pid, channel))
+        self.stats.workers_started += 1
+
+    def _reap(self, block: bool = False) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            block = False
+            if pid == self.guardian:
+                self.guardian = None
+                continue
+            self.busy.discard(pid)
+            for spare in [s for s in self.spares if s[0] == pid]:
+                self.spares.remove(spare)
+                spare[1].close()
+            code = os.waitstatus_to_exitcode(status)
+            if code not in (0, 1, 2):
+                self.stats.worker_failures += 1
+                log(f"error: serve: worker {pid} ended with {code}", ERR)
+
+    def health(self) -> dict:
+        return {"pid": os.getpid(), "started": self.started, "heartbeat": time.time(),
+                "socket": self.options.socket_path, "pattern": self.pattern, "fallback": self.fallback,
+                "activated": self.activated, "guardian": self.guardian, "workers": self.workers,
+                "busy": len(self.busy), "idle": len(self.spares), "queued": len(self.queue),
+                "stats": self.stats.__dict__}
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self.last_beat < HEARTBEAT:
+            return
+        self.last_beat = now
+        try:
+            os.makedirs(self.options.run_dir, mode=0o755, exist_ok=True)
+            path = os.path.join(self.options.run_dir, HEALTH)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.health(), f)
+            os.rename(tmp, path)
+        except OSError as exc:
+            log(f"error: serve: cannot write the health file: {exc}", ERR)
+
+
+def _raise_nofile() -> None:
+    """Queued connections are fds: allow as many as the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _preload() -> None:
+    """Import in the parent what every worker needs, so a fork starts warm."""
+    from corepipe.domain import backtrace, binaries  # noqa: F401
+    from corepipe.platform import compress
+
+    compress.compressor()
+    configuration.parse("", "<preload>")
+    _libc()
+
+
+def write_pattern(sysctl: Sysctl, value: str, host_pid: int = 1) -> None:
+    """kernel.core_pattern = ``value``, written from the host's mount namespace (``host_pid``'s, the node's
+    init by default): the kernel takes a socket pattern only from there (EIO from any other), and a server
+    in a pod (hostPID) or in systemd's sandbox has mounts of its own. A forked child joins the host's mounts
+    for the write (setns needs a single thread); the value is read back here."""
+    try:
+        same = os.readlink(f"/proc/{host_pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        same = True  # not ours to join (or no such process): write from here, the read-back tells
+    if same:
+        sysctl.write(CORE_PATTERN, value)
+        return
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fd = os.open(f"/proc/{host_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            if _libc().setns(fd, _CLONE_NEWNS) == 0:
+                sysctl.write(CORE_PATTERN, value)
+                code = 0
+        except BaseException:  # noqa: BLE001 - the parent reads the value back and reports
+            pass
+        finally:
+            os._exit(code)
+    os.waitpid(pid, 0)
+    kept = sysctl.read(CORE_PATTERN)
+    if kept != value:
+        raise SysctlError(f"kernel.core_pattern = {value!r} could not be written from the mount namespace of pid "
+                          f"{host_pid} (it is {kept!r}); run the server with the host's PID namespace (hostPID)")
+
+
+def _set_socket_pattern(sysctl: Sysctl, path: str, host_pid: int) -> str:
+    """``@@path`` where the kernel takes it (6.17), else ``@path``; read back either way."""
+    for ack in (True, False):
+        value = coredump_socket.pattern(path, ack=ack)
+        try:
+            write_pattern(sysctl, value, host_pid)
+            return value
+        except SysctlError:
+            continue
+    raise SysctlError(f"the kernel took neither @@{path} nor @{path} as kernel.core_pattern")
+
+
+def _start_guardian(sysctl: Sysctl, pattern: str, fallback: Optional[str], listener: socket.socket,
+                    host_pid: int) -> Optional[int]:
+    """A child that outlives a killed server just long enough to put the fallback pattern back."""
+    if fallback is None:
+        return None
+    parent = os.getpid()
+    parent_fd = os.pidfd_open(parent)
+    pid = os.fork()
+    if pid != 0:
+        os.close(parent_fd)
+        return pid
+    code = 0
+    try:
+        listener.close()  # a dead server's socket must refuse at once, not queue crashes nobody accepts
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for signum in (signal.SIGTERM, signal.SIGINT):  # systemd signals what is left once the server is gone
+            signal.signal(signum, signal.SIG_IGN)
+        select.select([parent_fd], [], [])
+        if sysctl.read(CORE_PATTERN) == pattern:
+            write_pattern(sysctl, fallback, host_pid)
+            log(f"error: serve (pid {parent}) is gone; kernel.core_pattern set back to {fallback!r}", ERR)
+    except BaseException as exc:  # noqa: BLE001
+        log(f"error: serve guardian: {type(exc).__name__}: {exc}", ERR)
+        code = 1
+    finally:
+        os._exit(code)
+
+
+# -- one crash, in a worker ---------------------------------------------------------------------------
+
+
+@dataclass
+class Decision:
+    mask: int
+    reason: Optional[str] = None
+
+
+def core_limit(limits: bytes) -> Optional[int]:
+    """The soft RLIMIT_CORE in a /proc/<pid>/limits text (RLIM_INFINITY as the kernel's %c prints it)."""
+    for line in limits.decode("ascii", "replace").splitlines():
+        if line.startswith("Max core file size"):
+            soft = line[len("Max core file size"):].split()[:1]
+            if soft == ["unlimited"]:
+                return RLIM_INFINITY
+            if soft and soft[0].isdigit():
+                return int(soft[0])
+    return None
+
+
+def decide(ctx: Context, load: str) -> Decision:
+    """KERNEL (+WAIT), or REJECT with the reason the record will give: the kernel then writes nothing."""
+    if load == RECORD_ONLY:
+        return Decision(coredump_socket.REJECT, "the collector was saturated (too many crashes waiting): "
+                                                "record only")
+    limit = ctx.args.core_limit_bytes() if ctx.cfg.honour_core_limit else None
+    if limit == 0:
+        return Decision(coredump_socket.REJECT, "RLIMIT_CORE is 0")
+    snap = ctx.snapshot
+    if snap is None or not snap.trusted:
+        return Decision(coredump_socket.KERNEL)
+    try:
+        with Store(ctx.cfg.store) as store:
+            reason = accounting.rate_limited(store, ctx.cfg, group=ctx.container.directory(),
+                                             exe=snap.exe or ctx.args.comm or "")
+    except OSError as exc:
+        log(f"error: pid {ctx.args.pid}: rate limits not checked before the dump: {exc}", ERR)
+        reason = None
+    return Decision(coredump_socket.REJECT if reason else coredump_socket.KERNEL, reason)
+
+
+class Prepared:
+    """What an idle worker readies before its crash comes: the config, loaded again only if its file changed."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = path
+        self.stamp = self._stamp()
+        self.errors: list = []
+        self.cfg = collect.load_config(path, self.errors)
+
+    def _stamp(self) -> Optional[tuple]:
+        try:
+            st = os.stat(self.path or configuration.DEFAULT_PATH)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def current(self) -> tuple:
+        """(config, its problems) as the file is now."""
+        if self._stamp() != self.stamp:
+            self.errors = []
+            self.cfg = collect.load_config(self.path, self.errors)
+        return self.cfg, list(self.errors)
+
+
+def _worker(channel: socket.socket, config: Optional[str]) -> int:
+    """An idle worker: ready the config, wait for one connection from the accept loop, collect it."""
+    prepared = Prepared(config)
+    message, fds, _flags, _addr = socket.recv_fds(channel, 256, 1)
+    channel.close()
+    if not fds:
+        return 0  # the server is stopping
+    conn = socket.socket(fileno=fds[0])
+    accepted, load = message.decode().split()
+    return handle(conn, prepared, float(accepted), load)
+
+
+def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str) -> int:
+    """One kernel connection: check the peer, read /proc, decide, ack, then ``collect``'s pipeline on the
+    socket; the exit code ``corepipe collect`` would give."""
+    pidfd = coredump_socket.peer_pidfd(conn)
+    info = coredump_socket.pidfd_info(pidfd)
+    if not info.dumping:
+        log(f"error: serve: pid {info.pid} connected to the coredump socket but is not dumping core; ignored", ERR)
+        return 2
+    early = capture.take_proc(info.pid, pidfd)
+    early.started = accepted
+    errors = list(early.errors)
+    broken: Optional[str] = None  # the exchange with the kernel failed: a record without a core says why
+    try:
+        request = _request(conn)
+    except (coredump_socket.ProtocolError, OSError) as exc:
+        request, broken = None, f"coredump socket: {exc}"
+    args = kernel_args(info, early.proc, when=int(time.time()), hostname=_hostname(info.pid, pidfd),
+                       config=prepared.path)
+    cfg, problems = prepared.current()
+    errors += problems
+    if load == FAST:
+        cfg = dataclasses.replace(cfg, compression_level=1)
+    signal.signal(signal.SIGALRM, capture.on_alarm)
+    signal.alarm(cfg.timeout)
+    ctx = Context(args=args, early=early, core_fd=capture.STDIN, cfg=cfg, errors=errors)
+    ctx.snapshot = collect.take_snapshot(ctx)
+    ctx.container = collect.identify(ctx)
+    decision = decide(ctx, load) if request is not None else Decision(coredump_socket.KERNEL)
+    if request is not None:
+        try:
+            coredump_socket.send_ack(conn, coredump_socket.choose(request, decision.mask))
+        except (coredump_socket.ProtocolError, OSError) as exc:
+            broken = f"coredump socket: {exc}"
+    if broken is not None:
+        errors.append(f"{broken}; no core")
+        decision = Decision(coredump_socket.REJECT, broken)
+    if decision.mask == coredump_socket.REJECT:
+        conn.close()
+        _null_stdin()
+        early.eof = early.released = True
+        args.signal = _exit_signal(pidfd)
+        ctx.refused = decision.reason
+    else:
+        _grow_receive_buffer(conn)
+        os.dup2(conn.fileno(), capture.STDIN, inheritable=False)
+        conn.close()
+        capture.take_core(early, capture.STDIN)
+        args.signal = elfcore.signal_number(early.core)
+    return collect.run_context(ctx)
+
+
+def kernel_args(info: coredump_socket.PidfdInfo, proc: Optional[capture.Proc], *, when: int,
+                hostname: Optional[str], config: Optional[str]) -> KernelArgs:
+    """What the kernel's ``%P %p %I %u %g %t %c %d %F %h %e`` would have said, from the pidfd and /proc
+    (the signal comes later, from the core or the exit status)."""
+    files = proc.files if proc is not None else {}
+    status = files.get("status", b"").decode("utf-8", "replace")
+    nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+    comm = files.get("comm", b"").decode("utf-8", "replace").rstrip("\n")
+    return KernelArgs(pid=info.pid, ns_pid=int(nspid[-1]) if nspid and nspid[-1].isdigit() else None,
+                      tid=_dumping_thread(info.pid), uid=info.ruid, gid=info.rgid, time=when,
+                      core_limit=core_limit(files.get("limits", b"")),
+                      dump_mode=2 if info.coredump_mask & coredump_socket.PIDFD_COREDUMP_ROOT else 1,
+                      pidfd=proc.pidfd if proc is not None else None, hostname=hostname, comm=comm or None,
+                      config=config)
+
+
+def _request(conn: socket.socket) -> Optional[coredump_socket.Request]:
+    """The ``@@`` request; None under ``@`` (the core follows at once: its first bytes are ELF)."""
+    head = conn.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL)
+    if head == b"\x7fELF":
+        return None
+    return coredump_socket.read_request(conn)
+
+
+def _dumping_thread(pid: int) -> Optional[int]:
+    """The thread that dumps (PF_DUMPCORE in its stat flags), the kernel's %I."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    if len(tasks) == 1:
+        return int(tasks[0])
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                flags = int(f.read(4096).rpartition(b")")[2].split()[6])
+        except (OSError, ValueError, IndexError):
+            continue
+        if flags & _PF_DUMPCORE:
+            return int(tid)
+    return None
+
+
+def _hostname(pid: int, pidfd: int) -> Optional[str]:
+    """The crashed process's hostname (%h): this worker joins its UTS namespace, which changes nothing
+    else, and the name counts only if the pidfd still refers to that pid afterwards."""
+    try:
+        fd = os.open(f"/proc/{pid}/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if _libc().setns(fd, _CLONE_NEWUTS) != 0:
+            return None
+    finally:
+        os.close(fd)
+    if capture.pidfd_pid(pidfd) != pid:
+        return None
+    return os.uname().nodename
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _exit_signal(pidfd: int) -> Optional[int]:
+    """After a REJECT the process dies at once: its signal from its exit status, if that comes in time."""
+    deadline = time.monotonic() + EXIT_WAIT
+    while time.monotonic() < deadline:
+        try:
+            status = coredump_socket.pidfd_exit(pidfd)
+        except OSError:
+            return None
+        if status is not None:
+            return os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        select.select([pidfd], [], [], 0.05)
+    return None
+
+
+def _null_stdin() -> None:
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    os.dup2(null, capture.STDIN, inheritable=False)
+    os.close(null)
+
+
+def _grow_receive_buffer(conn: socket.socket) -> None:
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 4 << 20)  # as root, past net.core.rmem_max
+    except OSError:
+        pass
+
+
+def serve(options: Options) -> int:
+    log_line = f"serve: starting (pid {os.getpid()})"
+    log(log_line, INFO)
+    return Server(options).run()

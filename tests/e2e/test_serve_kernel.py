@@ -1,0 +1,342 @@
+"""Socket mode through the real kernel: ``corepipe serve`` on ``@@<socket>``, against the pipe handler.
+
+Each crash is collected once by the pipe handler and once by the server; the two records must have
+the same fields and the same identity, and gdb must find ``main`` at the crashing line in both cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from runtimes import PODMAN, PODMAN_ULIMITS, image, unique
+from support import (
+    CORE_PATTERN,
+    CRASH_LINE,
+    NO_RATE_LIMIT,
+    KernelSettings,
+    Served,
+    decompress,
+    gdb_backtrace,
+    installed_handler,
+    need_root_kernel,
+    need_tool,
+    served_handler,
+    set_core_limit,
+    short_tempdir,
+    wait_for,
+    wait_log,
+)
+
+from corepipe.services import install, status
+
+
+@pytest.fixture
+def workdirs() -> Callable[[], Path]:
+    made: list = []
+
+    def make() -> Path:
+        path = short_tempdir()
+        path.chmod(0o755)
+        made.append(path)
+        return path
+    yield make
+    for path in made:
+        subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def _both(workdirs: Callable[[], Path], run: Callable[[str], object], match: Callable[[dict, object], bool],
+          config: str = NO_RATE_LIMIT) -> tuple:
+    """(pipe record, socket record) of the same crash, ``run(mode)`` crashing it once in each mode."""
+    records = []
+    for mode, handler in (("pipe", installed_handler), ("socket", served_handler)):
+        with handler(workdirs(), config_extra=config) as h:
+            token = run(mode)
+            records.append(h.wait_record(lambda r, token=token: match(r, token)))
+    return tuple(records)
+
+
+def _same(pipe: dict, sock: dict, crasher: Path, tmp_path: Path) -> None:
+    """Same fields and identity; both cores open in gdb at the crash line."""
+    assert pipe["status"] == sock["status"] == "complete", (pipe["collector"], sock["collector"])
+    assert set(pipe) == set(sock) and set(pipe["process"]) == set(sock["process"])
+    assert set(pipe["core"]) == set(sock["core"]) and set(pipe["container"]) == set(sock["container"])
+    assert set(pipe["process"]["status"]) == set(sock["process"]["status"])
+    for rec in (pipe, sock):
+        assert rec["tid"] == rec["pid"]
+        nspid = rec["process"]["status"]["NSpid"].split()
+        assert nspid[0] == str(rec["pid"]) and nspid[-1] == str(rec["ns_pid"])
+    same = ("schema", "uid", "gid", "signal", "comm", "exe", "cmdline", "cwd", "dump_mode", "core_limit")
+    if pipe["container"]["runtime"] == "host":
+        same += ("hostname",)  # a container's is its own (tested by the caller)
+    assert {k: pipe[k] for k in same} == {k: sock[k] for k in same}
+    ident = ("runtime", "source", "confidence", "errors")
+    assert {k: pipe["container"][k] for k in ident} == {k: sock["container"][k] for k in ident}
+    assert pipe["process"]["trusted"] is sock["process"]["trusted"] is True
+    keep = ("file", "stored", "reason", "size", "truncated", "complete", "compression")
+    assert {k: pipe["core"][k] for k in keep} == {k: sock["core"][k] for k in keep}
+    assert pipe["collector"]["errors"] == sock["collector"]["errors"] == []
+    for n, rec in enumerate((pipe, sock)):
+        decompress(Path(rec["_dir"]) / rec["core"]["file"], tmp_path / f"core{n}")
+        bt = gdb_backtrace(str(crasher), tmp_path / f"core{n}")
+        assert " main " in bt and f"crasher.c:{CRASH_LINE}" in bt, bt
+
+
+def _run(argv: list, core_limit: int = resource.RLIM_INFINITY) -> int:
+    """Run ``argv`` to its end; its raw wait status (WCOREDUMP tells whether the kernel wrote a core)."""
+    proc = subprocess.Popen(argv, preexec_fn=set_core_limit(core_limit), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _, status = os.waitpid(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    return status
+
+
+def test_host_crash_same_as_pipe(workdirs, crasher: Path, tmp_path: Path) -> None:
+    def run(mode: str) -> None:
+        status = _run([str(crasher), "0", "host"])
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV and os.WCOREDUMP(status)
+    pipe, sock = _both(workdirs, run, lambda r, _: r["comm"] == "host")
+    _same(pipe, sock, crasher, tmp_path)
+    assert sock["container"]["runtime"] == "host" and sock["ns_pid"] == sock["pid"]
+
+
+def test_pid_namespace_same_as_pipe(workdirs, crasher: Path, tmp_path: Path) -> None:
+    unshare = need_tool("unshare")
+
+    def run(mode: str) -> str:
+        _run([unshare, "--pid", "--fork", "--mount-proc", str(crasher)])
+        return mode
+
+    def match(rec: dict, mode: str) -> bool:
+        # unshare re-raises its child's signal: two crashes; ours is PID 1 in its namespace.
+        return rec["exe"] == str(crasher) and rec["ns_pid"] == 1
+    pipe, sock = _both(workdirs, run, match)
+    _same(pipe, sock, crasher, tmp_path)
+    assert sock["pid"] != 1 and sock["process"]["status"]["NSpid"].split() == [str(sock["pid"]), "1"]
+
+
+@pytest.fixture(scope="module")
+def podman_image(rootfs: Path) -> str:
+    with image("podman", rootfs, "corepipe-12") as ref:
+        yield ref
+
+
+@pytest.mark.parametrize("tool", ["docker", "podman"])
+def test_container_same_as_pipe(workdirs, request, tool: str, crasher: Path, tmp_path: Path) -> None:
+    need_tool(tool)
+    ref = request.getfixturevalue("docker_image" if tool == "docker" else "podman_image")
+    names: list = []
+    run_argv = ["docker"] if tool == "docker" else [*PODMAN]
+    ulimits = ["--ulimit", "core=-1"] if tool == "docker" else [*PODMAN_ULIMITS, "--ulimit", "core=-1"]
+
+    def run(mode: str) -> str:
+        name = unique(f"corepipe-12-{mode}")
+        names.append(name)
+        subprocess.run([*run_argv, "run", "--name", name, "--network=none", *ulimits, ref, "/crasher"],
+                       capture_output=True, timeout=120)
+        return subprocess.run([tool, "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        pipe, sock = _both(workdirs, run, lambda r, cid: r["container"]["id"] == cid)
+    finally:
+        for name in names:
+            subprocess.run([tool, "rm", "-f", name], capture_output=True)
+    _same(pipe, sock, crasher, tmp_path)
+    for rec in (pipe, sock):
+        assert rec["container"]["runtime"] == tool and rec["container"]["confidence"] == "certain"
+        assert rec["container"]["name"].startswith("corepipe-12-") and rec["container"]["image"] == ref
+        assert rec["ns_pid"] == 1 and rec["hostname"] == rec["container"]["id"][:12]
+        assert Path(rec["_dir"]).parent.name == rec["container"]["id"]
+
+
+def test_over_rate_limit_is_rejected(workdirs, crasher: Path) -> None:
+    """The second crash of one executable within the window (limit 1): REJECT, the kernel writes no core."""
+    with served_handler(workdirs(), config_extra="rate_limit_exe = 1\n") as served:
+        first = _run([str(crasher), "0", "rate-1"])
+        served.wait_record(lambda r: r["comm"] == "rate-1")
+        second = _run([str(crasher), "0", "rate-2"])
+        rec = served.wait_record(lambda r: r["comm"] == "rate-2")
+    assert os.WCOREDUMP(first) and not os.WCOREDUMP(second)
+    assert os.WIFSIGNALED(second) and os.WTERMSIG(second) == signal.SIGSEGV
+    assert rec["status"] == "complete" and rec["core"]["stored"] is False and rec["core"]["file"] is None
+    assert rec["core"]["reason"].startswith("rate limited: 1 cores of this executable"), rec["core"]
+    assert rec["signal"] == {"number": signal.SIGSEGV, "name": "SIGSEGV"}, "the signal from the exit status"
+    assert sorted(p.name for p in Path(rec["_dir"]).iterdir()) == ["record.json"]
+
+
+def test_core_limit_zero_is_rejected(workdirs, crasher: Path) -> None:
+    with served_handler(workdirs()) as served:
+        status = _run([str(crasher), "0", "nocore"], core_limit=0)
+        rec = served.wait_record(lambda r: r["comm"] == "nocore")
+    assert not os.WCOREDUMP(status)
+    assert rec["core_limit"] == 0 and rec["core"]["reason"] == "RLIMIT_CORE is 0"
+    assert rec["core"]["stored"] is False and sorted(p.name for p in Path(rec["_dir"]).iterdir()) == ["record.json"]
+
+
+def test_not_dumping_peer_is_ignored(workdirs) -> None:
+    """A local process that connects to the socket is not the kernel: no record, the server goes on."""
+    with served_handler(workdirs()) as served:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(served.socket))
+            sock.sendall(b"\x10\0\0\0\x10\0\0\0\x0f" + b"\0" * 7)
+            sock.settimeout(30)
+            try:
+                answer = sock.recv(16)
+            except ConnectionResetError:  # closed with our request unread
+                answer = b""
+            assert answer == b"", "the server closes a peer that is not dumping core, with no ack"
+        wait_log(f"pid {os.getpid()} connected to the coredump socket but is not dumping core")
+        assert served.proc.poll() is None
+        assert not served.store.exists() or served.records() == []
+
+
+def _children(pid: int) -> set:
+    return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def test_server_killed_mid_dump(workdirs, crasher: Path) -> None:
+    """SIGKILL the server and the worker streaming a big core: the record is left 'collecting' with no core
+    under its final name, and the guardian's fallback (the pipe handler) collects the next crash."""
+    with served_handler(workdirs()) as served:
+        health = json.loads((served.run_dir / "serve.json").read_text())
+        big = subprocess.Popen([str(crasher), "512", "big"], preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+        rec = wait_for(lambda: next((r for r in served.records() if r["comm"] == "big"), None), 60,
+                       "the big crash's first record")
+        assert rec["status"] == "collecting"
+        workers = _children(served.proc.pid) - {health["guardian"]}
+        assert workers, "a worker is streaming the core"
+        os.kill(served.proc.pid, signal.SIGKILL)
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        served.proc.wait(30)
+        wait_for(lambda: CORE_PATTERN.read_text().rstrip("\n") == served.pattern(), 30, "the fallback pattern")
+        big.wait(120)
+        [left] = [r for r in served.records() if r["comm"] == "big"]
+        assert left["status"] == "collecting" and left["core"]["stored"] is False
+        assert not (Path(left["_dir"]) / "core.zst").exists()
+        after = _run([str(crasher), "0", "after-kill"])
+        assert os.WCOREDUMP(after)
+        rec = served.wait_record(lambda r: r["comm"] == "after-kill")
+        assert rec["status"] == "complete" and rec["core"]["stored"] is True
+
+
+def test_stop_puts_the_pipe_pattern_back(workdirs, crasher: Path) -> None:
+    with served_handler(workdirs()) as served:
+        assert CORE_PATTERN.read_text().rstrip("\n") == f"@@{served.socket}"
+        assert served.stop() == 0
+        assert CORE_PATTERN.read_text().rstrip("\n") == served.pattern()
+        assert not served.socket.exists() and not (served.run_dir / "serve.json").exists()
+        _run([str(crasher), "0", "after-stop"])
+        assert served.wait_record(lambda r: r["comm"] == "after-stop")["core"]["stored"] is True
+
+
+def _collects(served: Served, crasher: Path, comm: str) -> None:
+    """The kernel points at the server's socket, and a crash there is stored whole."""
+    assert CORE_PATTERN.read_text().rstrip("\n") == f"@@{served.socket}"
+    assert os.WCOREDUMP(_run([str(crasher), "0", comm]))
+    rec = served.wait_record(lambda r: r["comm"] == comm)
+    assert rec["status"] == "complete" and rec["core"]["stored"] is True
+
+
+def test_systemd_units_are_hardened_and_verify() -> None:
+    units = Path(__file__).resolve().parents[2] / "install" / "systemd"
+    sock, service = (units / "corepipe.socket").read_text(), (units / "corepipe.service").read_text()
+    assert "ListenStream=/run/corepipe/coredump.socket\n" in sock and "SocketMode=0600\n" in sock
+    assert "ExecStart=/usr/local/bin/corepipe serve\n" in service and "Requires=corepipe.socket\n" in service
+    for line in ("ProtectSystem=strict", "ReadWritePaths=/var/lib/corepipe /run/corepipe", "PrivateNetwork=yes",
+                 "RestrictAddressFamilies=AF_UNIX", "NoNewPrivileges=yes", "Restart=always", "KillMode=mixed"):
+        assert f"\n{line}\n" in service, line
+    analyze = need_tool("systemd-analyze")
+    check = subprocess.run([analyze, "verify", "--man=no", str(units / "corepipe.socket"),
+                            str(units / "corepipe.service")], capture_output=True, text=True)
+    problems = [line for line in check.stderr.splitlines() if "corepipe" in line and "/usr/local/bin" not in line]
+    assert not problems, check.stderr
+
+
+def test_socket_activation(workdirs, crasher: Path) -> None:
+    """Started the way systemd starts it (LISTEN_FDS): it serves the socket it was given, and writes the pattern."""
+    activate = need_tool("systemd-socket-activate")
+    need_root_kernel()
+    served = Served(workdirs())
+    with KernelSettings() as settings:
+        settings.set(served.pattern())
+        served.proc = subprocess.Popen([activate, "-l", str(served.socket), str(served.launcher), "serve", "--config",
+                                        str(served.config), "--socket", "/nonexistent/ignored.sock", "--run-dir",
+                                        str(served.run_dir), "--fallback", served.pattern()],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(served.socket.exists, 30, "the activator's socket")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as nudge:  # it starts the server on a connection
+                nudge.connect(str(served.socket))
+                wait_for(lambda: (served.run_dir / "serve.json").exists(), 30, "the server's health file")
+            health = json.loads((served.run_dir / "serve.json").read_text())
+            assert health["activated"] is True and health["socket"] == str(served.socket)
+            _collects(served, crasher, "activated")
+        finally:
+            assert served.stop() == 0
+        assert CORE_PATTERN.read_text().rstrip("\n") == served.pattern()
+
+
+def test_server_in_its_own_mount_namespace(workdirs, crasher: Path) -> None:
+    """As in a pod (or systemd's sandbox): the kernel takes a socket pattern only from the host's mount
+    namespace, so the server writes it (and the fallback on stop) from there."""
+    unshare = need_tool("unshare")
+    need_root_kernel()
+    served = Served(workdirs())
+    with KernelSettings() as settings:
+        settings.set(served.pattern())
+        try:
+            # This test is the host process whose mounts the server joins (PID 1 may not be ours to join).
+            served.start("--host-pid", str(os.getpid()), prefix=(unshare, "--mount", "--propagation", "private"))
+            assert os.readlink(f"/proc/{served.proc.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+            _collects(served, crasher, "own-mounts")
+        finally:
+            assert served.stop() == 0
+        assert CORE_PATTERN.read_text().rstrip("\n") == served.pattern()
+
+
+def test_install_socket_mode_then_serve_then_uninstall(workdirs, crasher: Path) -> None:
+    """install --mode socket writes the pipe handler; the server (its fallback taken from the install state)
+    switches the kernel to its socket, status follows, and uninstall restores the pattern found before."""
+    need_root_kernel()
+    d = workdirs()
+    sock, run_dir = d / "s.sock", d / "run"
+    paths = install.Paths(bin=f"{d}/b", config=f"{d}/c.toml", sysctl_dir=f"{d}/sd")
+    with KernelSettings() as settings:
+        # --force: whatever handler this machine has now, the test's KernelSettings puts it back.
+        cli = [sys.executable, "-m", "corepipe"]
+        done = subprocess.run([*cli, "install", "--config", paths.config, "--bin", paths.bin, "--sysctl-dir",
+                               paths.sysctl_dir, "--store", f"{d}/store", "--mode", "socket", "--socket", str(sock),
+                               "--force"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        pipe = CORE_PATTERN.read_text().rstrip("\n")
+        assert pipe.startswith(f"|{paths.bin} collect ")
+        facts = status.gather(paths, run_dir=str(run_dir))
+        assert (facts["mode"], facts["active_mode"], facts["code"]) == ("socket", "pipe", status.HEALTHY)
+        server = subprocess.Popen([paths.bin, "serve", "--config", paths.config, "--socket", str(sock),
+                                   "--run-dir", str(run_dir)], env={}, cwd="/", stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: (run_dir / "serve.json").exists() and CORE_PATTERN.read_text().startswith("@@"), 30,
+                     "the server")
+            facts = status.gather(paths, run_dir=str(run_dir))
+            assert (facts["active_mode"], facts["code"]) == ("socket", status.HEALTHY), facts["problems"]
+            assert facts["server"]["alive"] and facts["server"]["fallback"] == pipe
+            assert os.WCOREDUMP(_run([str(crasher), "0", "installed"]))
+            wait_for(lambda: [p for p in (d / "store").rglob("record.json") if '"installed"' in p.read_text()
+                              and '"complete"' in p.read_text()], 30, "the record")
+        finally:
+            server.terminate()
+            assert server.wait(60) == 0
+        assert CORE_PATTERN.read_text().rstrip("\n") == pipe, "the server gave the kernel back the pipe handler"
+        done = subprocess.run([*cli, "uninstall", "--config", paths.config], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert CORE_PATTERN.read_bytes() == settings.saved_pattern
