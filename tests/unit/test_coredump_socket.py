@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from corepipe.platform import coredump_socket as cs
-from corepipe.platform import elfcore
+from corepipe.platform import elf
 from corepipe.services import serve
 
 
@@ -152,10 +152,10 @@ def _core_with_prstatus(signo: int) -> bytes:
 
 def test_signal_from_the_core_notes() -> None:
     core = _core_with_prstatus(signal.SIGABRT)
-    assert elfcore.signal_number(core) == signal.SIGABRT
-    assert elfcore.expected_size(core) == len(core)
-    assert elfcore.signal_number(core[:100]) is None, "notes not in the head"
-    assert elfcore.signal_number(b"not an ELF core" * 10) is None
+    assert elf.signal_number(core) == signal.SIGABRT
+    assert elf.expected_size(core) == len(core)
+    assert elf.signal_number(core[:100]) is None, "notes not in the head"
+    assert elf.signal_number(b"not an ELF core" * 10) is None
 
 
 def test_load_degrades_with_the_queue() -> None:

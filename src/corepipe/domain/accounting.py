@@ -129,24 +129,11 @@ def admit(store: Store, cfg: Config, *, crash_id: str, group: tuple, exe: str, w
         state = load_state(store)
         rates = state.setdefault("rate", {})
         keys = rate_keys(group, exe)
-<<<<<<< HEAD
-        limits_by_key = {"container": cfg.rate_limit_container, "executable": cfg.rate_limit_exe}
-        for what, key in keys:
-            allowed, recent = policy.rate_allows(rates.get(key, []), now=now, window=cfg.rate_limit_window,
-                                                 limit=limits_by_key[what])
-            rates[key] = recent
-            if not allowed:
-                _forget_idle(rates)
-                save_state(store, state)
-                return Admission(reason=f"rate limited: {len(recent)} cores of this {what} in the last "
-                                        f"{cfg.rate_limit_window} s (limit {limits_by_key[what]})")
-=======
         reason = _over_rate(rates, keys, cfg, now)
         if reason is not None:
             _forget_idle(rates)
-            acc.save_state(state)
+            save_state(store, state)
             return Admission(reason=reason)
->>>>>>> storms
         want = min(want or FIRST_RESERVATION, FIRST_RESERVATION)
         budget, limited_by = _reserve(books, state, cfg, crash_id, group, want, written=0)
         if budget < MIN_BUDGET:
@@ -164,8 +151,8 @@ def admit(store: Store, cfg: Config, *, crash_id: str, group: tuple, exe: str, w
 def rate_limited(store: Store, cfg: Config, *, group: tuple, exe: str) -> Optional[str]:
     """Why a crash of ``exe`` in ``group`` would be refused a core by the rate limits now (``admit``'s reason),
     or None; it records nothing: the socket server asks before the dump, ``admit`` decides after."""
-    with Accounting(store) as acc:
-        rates = acc.load_state().get("rate", {})
+    with catalog.Locked(store):
+        rates = load_state(store).get("rate", {})
         return _over_rate(rates, rate_keys(group, exe), cfg, time.time())
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 ET_EXEC, ET_DYN, ET_CORE = 2, 3, 4
 PT_INTERP, PT_NOTE = 3, 4
+_NT_PRSTATUS = 1
 _PN_XNUM = 0xFFFF
 _NT_GNU_BUILD_ID = 3
 _MAX_PHNUM = 4096
@@ -137,6 +138,29 @@ def expected_size(head: bytes) -> Optional[int]:
     if not found:
         return None
     return max([hdr.phoff + hdr.phnum * hdr.phentsize] + [offset + size for _type, offset, size in found])
+
+
+def signal_number(head: bytes) -> Optional[int]:
+    """The fatal signal (``si_signo`` of the first NT_PRSTATUS note, the dumping thread's), or None when
+    the notes are not in ``head``: socket mode passes no ``%s``, the core says it."""
+    read = bytes_reader(head)
+    hdr = header(read)
+    if hdr is None or hdr.e_type != ET_CORE:
+        return None
+    try:
+        for p_type, offset, size in segments(hdr, read):
+            if p_type != PT_NOTE:
+                continue
+            at, stop = offset, min(offset + size, len(head))
+            while at + 12 <= stop:
+                namesz, descsz, n_type = struct.unpack_from(hdr.order + "III", head, at)
+                desc = at + 12 + ((namesz + 3) & ~3)
+                if n_type == _NT_PRSTATUS and desc + 4 <= stop:
+                    return struct.unpack_from(hdr.order + "i", head, desc)[0]
+                at = desc + ((descsz + 3) & ~3)
+    except (ValueError, struct.error):
+        return None
+    return None
 
 
 def has_interpreter(fd: int) -> Optional[bool]:

@@ -21,13 +21,8 @@ from typing import Optional
 
 from corepipe.domain import catalog
 from corepipe.platform import config as configuration
-<<<<<<< HEAD
-from corepipe.platform import fs, kernel, launcher
+from corepipe.platform import coredump_socket, fs, kernel, launcher
 from corepipe.platform.fs import write_all
-=======
-from corepipe.platform import coredump_socket, kernel, launcher
-from corepipe.platform.store import write_all
->>>>>>> storms
 from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, PROC_SYS, Sysctl, SysctlError
 
 #: core_pipe_limit: non-zero makes the kernel wait for the handler before reaping the process, so

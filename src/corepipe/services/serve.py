@@ -39,7 +39,7 @@ from typing import Optional
 
 from corepipe.domain import accounting
 from corepipe.domain.context import Context
-from corepipe.platform import capture, coredump_socket, elfcore
+from corepipe.platform import capture, coredump_socket, elf
 from corepipe.platform import config as configuration
 from corepipe.platform.kernel import RLIM_INFINITY, KernelArgs
 from corepipe.platform.log import ERR, INFO, WARNING, log
@@ -577,7 +577,7 @@ def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str) 
         os.dup2(conn.fileno(), capture.STDIN, inheritable=False)
         conn.close()
         capture.take_core(early, capture.STDIN)
-        args.signal = elfcore.signal_number(early.core)
+        args.signal = elf.signal_number(early.core)
     return collect.run_context(ctx)
 
 
