@@ -33,7 +33,7 @@ from support import (
 )
 
 from corepipe.domain import catalog
-from corepipe.platform import store
+from corepipe.platform import slots, store
 from corepipe.services import install
 
 FOREIGN = "|/bin/false %p"
@@ -155,8 +155,9 @@ def test_selftest(settings: KernelSettings, handler_dir: Path) -> None:
     assert "host process: pid" in proc.stdout and "sha256 verified" in proc.stdout
     assert "container: docker" in proc.stdout and "container id matches" in proc.stdout
     assert list(catalog.iter_records(f"{d}/s")) == [], "selftest must remove the records it made"
-    own = (store.LOCK, store.STATE, store.LEDGER)  # the store's bookkeeping
-    saved = [p for p in Path(f"{d}/s").rglob("*") if p.is_file() and p.name not in own]
+    own = (store.LOCK, store.STATE, store.LEDGER)  # the store's bookkeeping, and the storm slots' lock files
+    saved = [p for p in Path(f"{d}/s").rglob("*")
+             if p.is_file() and p.name not in own and p.parent.name != slots.DIRECTORY]
     assert saved == [], "selftest must remove the binaries its crashes saved"
     assert list(Path(f"{d}/s").glob("docker/*")) == [], "the throwaway container's directory is removed"
     leftovers = subprocess.run(["docker", "ps", "-a", "-q", "--filter", "name=corepipe-selftest"],
