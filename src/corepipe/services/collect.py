@@ -62,10 +62,7 @@ def _collect(args: kernel.KernelArgs, cfg: configuration.Config, errors: list, e
         snap = snapshot.checked(early.proc, ns_pid=args.ns_pid, uid=args.uid, gid=args.gid,
                                 limit=cfg.proc_read_limit)
     if snap is not None and snap.trusted:
-        container = containers.identify(snap.text("cgroup"), mountinfo=snap.text("mountinfo"),
-                                        hostname=args.hostname)
-        if not container.is_host:
-            containers.enrich(container, pid=args.pid, parent=_ppid(snap))
+        container = containers.of_process(snap, early.proc, hostname=args.hostname)
     elif snap is None:
         container = containers.Container(runtime="unknown", source="none", confidence="guess")
     else:
@@ -82,7 +79,7 @@ def _collect(args: kernel.KernelArgs, cfg: configuration.Config, errors: list, e
         return 1
     with store:
         try:
-            crash = store.new_crash(container.directory(), args.time)
+            crash = store.new_crash(container.policy_group(args.uid), args.time)
         except OSError as exc:
             log(f"error: pid {args.pid}: cannot create a crash directory: {exc}; core not saved", ERR)
             return 1
@@ -107,7 +104,8 @@ def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: co
     if limit == 0:
         core["reason"] = "RLIMIT_CORE is 0"
     else:
-        pending, core_failed = _policed_core(store, crash, args, cfg, snap, container.directory(), rec, limit, early)
+        pending, core_failed = _policed_core(store, crash, args, cfg, snap, container.policy_group(args.uid), rec,
+                                             limit, early)
         failed = _commit(store, crash, args, rec, pending) or core_failed or failed
     _let_go(early)  # also when no core is read: saving binaries need not keep the process
     postmortem.finish(store, crash, rec, held, cfg, container.is_host)
@@ -115,7 +113,7 @@ def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: co
     rec["collector"]["duration"] = round(time.monotonic() - early.started, 6)
     rec["collector"]["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     _write_final(store, crash, args, rec)
-    where = "/".join(container.directory())
+    where = "/".join(container.policy_group(args.uid))
     what = (f"core {core['size']} bytes -> {core['compressed_size']}" if core["stored"]
             else f"no core ({core['reason']})")
     log(f"pid {args.pid} ({args.comm}) signal {rec['signal']['name'] or args.signal} in {where}: "
@@ -276,14 +274,6 @@ def _let_go(early: Capture) -> None:
     if not early.released:
         release(STDIN)
         early.released = True
-
-
-def _ppid(snap: snapshot.Snapshot) -> Optional[int]:
-    """The crashed process's parent, from its snapshot: the process itself may be reaped by now."""
-    try:
-        return int(snap.status().get("PPid", ""))
-    except ValueError:
-        return None
 
 
 def _write_record(crash: CrashDir, rec: dict) -> None:

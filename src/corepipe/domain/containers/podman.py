@@ -1,5 +1,9 @@
 """Podman: ``libpod-<id>`` (cgroupfs driver, under ``libpod_parent``) and ``libpod-<id>.scope`` (systemd).
 
+``libpod-conmon-<id>.scope`` (systemd driver) holds the container's monitor, conmon: its crash belongs
+to that container, marked ``details.monitor``. conmon writes the container's init PID to
+``userdata/pidfile`` and its own to ``userdata/conmon.pid`` under the run root (CRI-O's conmon too).
+
 Names and images live in containers/storage, not in the OCI bundle: ``<driver>-containers/
 containers.json`` under the graph root (``volatile-containers.json`` under the run root for
 ``--rm`` containers) lists each container's names and image; ``<driver>-images/images.json``
@@ -11,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from corepipe.domain.containers import cgroup, state
+from corepipe.domain.containers import cgroup, runc, state
 from corepipe.domain.containers.model import Container
 from corepipe.domain.containers.state import HEX_ID
 
@@ -24,8 +28,9 @@ DRIVERS = ("overlay", "vfs", "btrfs", "zfs")
 
 def match(segments: list, root: str) -> Optional[tuple]:
     for i, seg in enumerate(segments):
-        if seg.startswith("libpod-conmon-"):
-            return None  # conmon is the runtime's monitor, a host process
+        cid = cgroup.scope_id(seg, "libpod-conmon-")
+        if seg.endswith(".scope") and HEX_ID.fullmatch(cid):
+            return i, Container(runtime=NAME, id=cid, details={"monitor": "conmon"})
         cid = cgroup.scope_id(seg, "libpod-")
         if HEX_ID.fullmatch(cid):
             return i, Container(runtime=NAME, id=cid)
@@ -71,7 +76,23 @@ def enrich(container: Container, deadline: state.Deadline, root: str) -> None:
     container.image = state.text(metadata.get("image-name")) or _image_name(image_id, driver, deadline, root)
     container.details["image_id"] = image_id
     container.details["storage_driver"] = driver
-    container.confirmed()
+    conmon_pids(container, deadline, root)
+    container.state_confirmed()
+
+
+def conmon_pids(container: Container, deadline: state.Deadline, root: str) -> None:
+    """The init PID conmon wrote (else runc's state), and conmon's own PID, into ``details``."""
+    for driver in DRIVERS:
+        userdata = state.path(root, RUN_ROOT, f"{driver}-containers", container.id, "userdata")
+        if state.exists(userdata):
+            for file, key in (("pidfile", "init_pid"), ("conmon.pid", "monitor_pid"),
+                              ("conmon-pidfile", "monitor_pid")):
+                if state.exists(state.path(userdata, file)):
+                    container.details[key] = state.read_pid(state.path(userdata, file), deadline)
+            break
+    if not container.details.get("init_pid") and state.exists(runc.state_file(state.path(root, runc.STATE_ROOT),
+                                                                              container.id)):
+        runc.read_state(state.path(root, runc.STATE_ROOT), container.id, container, deadline)
 
 
 def _image_name(image_id: Optional[str], driver: str, deadline: state.Deadline, root: str) -> Optional[str]:
