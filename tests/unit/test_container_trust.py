@@ -142,6 +142,7 @@ def test_forged_hostname_mount_is_not_enough(root: Path) -> None:
     assert (found.runtime, found.id, found.source) == ("docker", VICTIM, "mountinfo+state")
     assert found.confidence == "likely" and "PID namespace" in found.details["unconfirmed"]
     assert found.policy_group(1000) == ("uid", "1000")
+    assert found.name is None and found.details["state_says"] == {"name": "victim", "image": "shop/web:1"}
 
 
 def _podman(root: Path, cid: str, init: int, conmon: int) -> None:

@@ -59,16 +59,18 @@ def check(container: Container, process: Optional[Process], deadline: state.Dead
     if process is None or not process.pid_ns:
         return "the crashed process's namespaces are not known (no live process)"
     monitor = container.details.get("monitor")
-    init = container.details.get("monitor_pid" if monitor else "init_pid")
+    if monitor:
+        # The crashed process itself, whose cgroup (captured while the kernel held it) is the monitor's scope.
+        recorded = container.details.get("monitor_pid")
+        return None if process.pid == recorded else f"not the container's {monitor} (pid {recorded})"
+    init = container.details.get("init_pid")
     if not isinstance(init, int) or init <= 0:
-        return f"the runtime's state records no {'monitor' if monitor else 'init'} process"
+        return "the runtime's state records no init process"
     proc = state.path(root, "proc", str(init))
     paths = cgroup.candidate_paths(state.read(state.path(proc, "cgroup"), deadline, 1 << 16).decode(errors="replace"))
     scope = container.scope
     if not any(p == scope or p.startswith(scope + "/") for p in paths):
-        return f"the recorded {'monitor' if monitor else 'init'} (pid {init}) is not in the container's cgroup"
-    if monitor:
-        return None if process.pid == init else f"not the container's {monitor} (pid {init})"
+        return f"the recorded init (pid {init}) is not in the container's cgroup"
     init_ns = os.readlink(state.path(proc, "ns", "pid"))
     if process.pid_ns[0] == init_ns:
         if process.mnt_ns and os.readlink(state.path(proc, "ns", "mnt")) != process.mnt_ns:

@@ -144,6 +144,8 @@ def enrich(container: Container, budget: float = 0.5, root: str = "/", pid: Opti
         else:
             link.unconfirmed(why)
     chosen = chosen or container
+    if chosen.confidence != "certain" and process is not None:
+        _demote(chosen)
     at = links.index(chosen)
     chosen.outer = links[:at]
     chosen.details.pop("outer", None)
@@ -157,6 +159,21 @@ def enrich(container: Container, budget: float = 0.5, root: str = "/", pid: Opti
         except _STATE_ERRORS as exc:
             chosen.errors.append(f"podman conmon: {exc}")
     return chosen
+
+
+#: What the state says of a container; not the crash's own facts until the crash is confirmed to be in it.
+_CLAIMED = ("name", "image", "pod_name", "pod_namespace")
+
+
+def _demote(container: Container) -> None:
+    """A crashed process not confirmed in its container keeps the id that was seen, but the names the runtime's
+    state gives that id move to ``details.state_says``: a forger must not appear under its victim's name
+    (``corepipe list``). Without a process (``resolve --cgroup-file``) the names stay."""
+    said = {key: getattr(container, key) for key in _CLAIMED if getattr(container, key) is not None}
+    if said and "+state" in container.source:
+        container.details["state_says"] = said
+        for key in said:
+            setattr(container, key, None)
 
 
 def _read_state(container: Container, deadline: state.Deadline, root: str) -> None:

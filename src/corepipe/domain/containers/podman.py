@@ -63,6 +63,9 @@ def bundle_config(cid: str, deadline: state.Deadline, root: str) -> Optional[dic
 def enrich(container: Container, deadline: state.Deadline, root: str) -> None:
     if not container.id or not HEX_ID.fullmatch(container.id):
         return
+    conmon_pids(container, deadline, root)
+    if container.details.get("init_pid") or container.details.get("monitor_pid"):
+        container.state_confirmed()  # conmon's pid files in the run root: the container is running
     entry, driver = storage_entry(container.id, deadline, root)
     if entry is None:
         raise FileNotFoundError(f"container {container.id[:12]} is not in containers/storage's lists")
@@ -76,7 +79,6 @@ def enrich(container: Container, deadline: state.Deadline, root: str) -> None:
     container.image = state.text(metadata.get("image-name")) or _image_name(image_id, driver, deadline, root)
     container.details["image_id"] = image_id
     container.details["storage_driver"] = driver
-    conmon_pids(container, deadline, root)
     container.state_confirmed()
 
 
@@ -111,7 +113,9 @@ def _image_name(image_id: Optional[str], driver: str, deadline: state.Deadline, 
 def name_from_conmon(container: Container, pid: int, deadline: state.Deadline, root: str,
                      parent: Optional[int] = None) -> None:
     """The name on the command line of the container's conmon (``-c <id> -n <name>``), an ancestor of ``pid``
-    (whose parent is ``parent`` if known)."""
+    (whose parent is ``parent`` if known). Only the conmon whose PID the run root records counts: anyone can
+    start a process called conmon with any arguments."""
+    monitor = container.details.get("monitor_pid")
     for _ in range(32):
         if parent is None:
             status = state.read(state.path(root, "proc", str(pid), "status"), deadline, 65536).decode(
@@ -120,10 +124,12 @@ def name_from_conmon(container: Container, pid: int, deadline: state.Deadline, r
         if parent <= 1:
             return
         pid, parent = parent, None
+        if pid != monitor:
+            continue
         args = state.read(state.path(root, "proc", str(pid), "cmdline"), deadline, 65536).decode(
             errors="replace").split("\0")
-        if not args or not args[0].endswith("conmon"):
-            continue
+        if not args[0].endswith("conmon"):
+            return
         options = {flag: value for flag, value in zip(args, args[1:])}
         cid = options.get("-c") or options.get("--cid")
         name = options.get("-n") or options.get("--name")
