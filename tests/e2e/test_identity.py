@@ -140,3 +140,25 @@ def test_docker_custom_cgroup_parent(kernel_handler, docker_image: str) -> None:
     assert (container["runtime"], container["id"], container["name"]) == ("docker", cid, name)
     assert container["cgroup"] == f"{parent}/{cid}" and container["confidence"] == "certain", container
     assert Path(rec["_dir"]).parent == kernel_handler.store / "docker" / cid and rec["core"]["stored"]
+
+
+def test_a_pid_namespace_nested_in_a_container_is_that_container(kernel_handler, docker_image: str) -> None:
+    """A process in a PID namespace of its own inside a Docker container (as an inner runtime makes one): the
+    outer container, confirmed because the process's PID namespace descends from its init's."""
+    name = unique("corepipe-11")
+    subprocess.run(["docker", "run", "-d", "--name", name, "--network=none", "--ulimit", "core=-1", "--cap-add",
+                    "SYS_ADMIN", "--security-opt", "seccomp=unconfined", docker_image, "sleep", "600"],
+                   check=True, capture_output=True, timeout=120)
+    try:
+        cid = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], check=True, capture_output=True,
+                             text=True).stdout.strip()
+        run = subprocess.run(["docker", "exec", name, "/bin/busybox", "unshare", "-p", "-f", "/crasher", "0", "nested"],
+                             capture_output=True, timeout=120)
+        need(b"Operation not permitted" not in run.stderr, f"unshare -p in the container: {run.stderr[-200:]}")
+        rec = kernel_handler.wait_record(lambda r: r["comm"] == "nested")
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    container = rec["container"]
+    assert (container["runtime"], container["id"], container["confidence"]) == ("docker", cid, "certain"), container
+    assert container["details"]["nested_pid_ns"] is True and rec["ns_pid"] == 1
+    assert Path(rec["_dir"]).parent == kernel_handler.store / "docker" / cid
