@@ -5,6 +5,9 @@ Layout::
     <root>/host/<crash>/                 crashes of host processes
     <root>/<runtime>/<container>/<crash>/ crashes inside containers
     <crash>/record.json, <crash>/core.zst
+    <crash>/shipped.json                 written by ``corepipe ship`` once the crash is verified remotely
+    <crash>/ship-progress.json           an upload in progress (upload id, parts done), for resuming
+    <root>/.ship-status.json             the shipper's last sweep: backlog, last error
 
 Every directory is opened relative to its parent with O_NOFOLLOW, so a symlink
 planted anywhere in the store is refused, never followed. Files are written under
@@ -24,6 +27,9 @@ FILE_MODE = 0o600
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 RECORD = "record.json"
 CORE = "core.zst"
+SHIPPED = "shipped.json"
+SHIP_PROGRESS = "ship-progress.json"
+SHIP_STATUS = ".ship-status.json"
 
 
 def write_all(fd: int, data: bytes) -> None:

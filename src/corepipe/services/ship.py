@@ -1,0 +1,248 @@
+"""``corepipe ship``: every finished crash of this node to one object store, verified, exactly once.
+
+Per crash, in this order: the saved binaries it references (content-addressed, so each is uploaded
+once per fleet: an existing object of the right size and sha256 is not sent again), the core (in
+parts, resumable from ``ship-progress.json``), and the record last, with its summary as metadata.
+Each upload is read back (size and checksum as the store reports them) before the next step; then
+``shipped.json`` is written, and only then, if configured, the local crash is deleted. A crash still
+being collected is never touched. Shipping runs in its own process, never in the kernel's handler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from corepipe.domain import binaries, catalog, fleet
+from corepipe.platform import log
+from corepipe.platform.config import Config
+from corepipe.platform.objectstore import Destination, DestinationError, open_destination, parts
+from corepipe.platform.store import CORE, RECORD, SHIP_PROGRESS, SHIP_STATUS, SHIPPED, CrashDir, open_dir
+
+#: Files up to this size go in one request; larger ones in parts.
+SINGLE_SHOT = 8 * parts.MIB
+#: Seconds between sweeps when nothing wakes the shipper (inotify missing, or a missed event).
+POLL = 60
+
+
+@dataclass
+class Sweep:
+    shipped: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+    pending: int = 0
+
+
+def node_name(cfg: Config) -> str:
+    name = cfg.ship_node or socket.gethostname().split(".")[0]
+    if not fleet.NODE.fullmatch(name):
+        raise ValueError(f"node name {name[:70]!r} cannot be part of an object key; set ship_node in the config")
+    return name
+
+
+def connect(url: str, cfg: Config) -> Destination:
+    return open_destination(url, concurrency=cfg.ship_concurrency, bandwidth=cfg.ship_bandwidth)
+
+
+def _open_crash(store_fd: int, relative: tuple) -> int:
+    fd = store_fd
+    opened = []
+    try:
+        for name in relative:
+            fd = open_dir(fd, name, create=False)
+            opened.append(fd)
+        return os.dup(fd)
+    finally:
+        for f in opened:
+            os.close(f)
+
+
+def _read_file(dir_fd: int, name: str) -> tuple:
+    """(fd, size) of a regular file in ``dir_fd``, never through a link."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    st = os.fstat(fd)
+    if not (st.st_mode & 0o170000 == 0o100000):
+        os.close(fd)
+        raise OSError(f"{name} is not a regular file")
+    return fd, st.st_size
+
+
+def _load_json(dir_fd: int, name: str) -> dict:
+    try:
+        fd, _size = _read_file(dir_fd, name)
+    except FileNotFoundError:
+        return {}
+    with open(fd, "rb") as f:
+        try:
+            value = json.loads(f.read(1 << 20))
+        except ValueError:
+            return {}
+    return value if isinstance(value, dict) else {}
+
+
+class Shipper:
+    def __init__(self, cfg: Config, destination: Destination, node: str):
+        self.cfg = cfg
+        self.destination = destination
+        self.node = node
+        self.prefix = destination.location.prefix
+
+    def pending(self, problems: Optional[list] = None) -> list:
+        """(path, record) of the finished crashes not yet shipped, oldest first."""
+        items = []
+        for path, rec in sorted(catalog.iter_records(self.cfg.store, problems), key=catalog.sort_key):
+            if rec.get("status") == "collecting":
+                continue
+            if not os.path.lexists(os.path.join(path, SHIPPED)) or self.cfg.delete_after_ship:
+                items.append((path, rec))
+        return items
+
+    def sweep(self) -> Sweep:
+        """Ship everything pending; an access-denied error stops the sweep (every crash would fail alike)."""
+        result = Sweep()
+        items = self.pending()
+        result.pending = len(items)
+        for path, rec in items:
+            try:
+                self.ship(path, rec)
+                result.shipped.append(rec["id"])
+            except DestinationError as exc:
+                result.errors.append(f"crash {rec.get('id')}: cannot ship to {self.destination.location.url}: {exc}")
+                if exc.auth:
+                    break
+            except OSError as exc:
+                result.errors.append(f"crash {rec.get('id')}: cannot ship from {path}: {exc.strerror or exc}")
+        self._write_status(result)
+        return result
+
+    def ship(self, path: str, rec: dict) -> None:
+        relative = tuple(os.path.relpath(path, self.cfg.store).split(os.sep))
+        store_fd = open_dir(None, self.cfg.store, create=False)
+        try:
+            crash_fd = _open_crash(store_fd, relative)
+            crash = CrashDir(crash_fd, path, rec["id"])
+            try:
+                if not os.path.lexists(os.path.join(path, SHIPPED)):
+                    self._upload(store_fd, crash, relative, rec)
+                if self.cfg.delete_after_ship:
+                    self._delete(path, rec)
+            finally:
+                crash.close()
+        finally:
+            os.close(store_fd)
+
+    def _upload(self, store_fd: int, crash: CrashDir, relative: tuple, rec: dict) -> None:
+        progress = _load_json(crash.fd, SHIP_PROGRESS)
+        if progress.get("destination") != self.destination.location.url:
+            progress = {"destination": self.destination.location.url}
+
+        def save(_part: dict) -> None:
+            crash.write(SHIP_PROGRESS, json.dumps(progress).encode())
+
+        objects = {}
+        for entry in (rec.get("binaries") or {}).get("files") or []:
+            stored = binaries.stored_name(entry) if entry.get("stored") else None
+            if stored is not None:
+                key = fleet.binary_key(self.prefix, stored)
+                objects[key] = self._binary(store_fd, stored, key, entry, progress.setdefault(key, {}), save)
+        if (rec.get("core") or {}).get("stored"):
+            key = fleet.crash_key(self.prefix, self.node, relative, CORE)
+            fd, size = _read_file(crash.fd, CORE)
+            try:
+                objects[key] = self._put(key, fd, size, progress.setdefault(key, {}), save, {})
+            finally:
+                os.close(fd)
+        key = fleet.crash_key(self.prefix, self.node, relative, RECORD)
+        fd, size = _read_file(crash.fd, RECORD)
+        with open(fd, "rb") as f:
+            data = f.read(size)
+        info = self.destination.put_small(key, data, {fleet.SUMMARY: fleet.summary(rec, self.node)})
+        objects[key] = info.size
+        crash.write(SHIPPED, json.dumps({"destination": self.destination.location.url, "node": self.node,
+                                         "time": time.time(), "objects": objects}, indent=1).encode())
+        try:
+            os.unlink(SHIP_PROGRESS, dir_fd=crash.fd)
+        except FileNotFoundError:
+            pass
+        log.log(f"shipped crash {rec['id']} to {self.destination.location.url}/{key.rsplit('/', 1)[0]}")
+
+    def _binary(self, store_fd: int, stored: tuple, key: str, entry: dict, progress: dict, save) -> int:
+        existing = self.destination.head(key)
+        if existing is not None and existing.size == entry.get("size") and (
+                existing.metadata.get("sha256") in (entry.get("sha256"), None)):
+            return existing.size  # another crash (of any node) already sent it: content-addressed
+        area_fd = open_dir(store_fd, binaries.AREA, create=False)
+        try:
+            sub_fd = open_dir(area_fd, stored[0], create=False)
+            try:
+                fd, size = _read_file(sub_fd, stored[1])
+            finally:
+                os.close(sub_fd)
+        finally:
+            os.close(area_fd)
+        try:
+            return self._put(key, fd, size, progress, save, {"sha256": entry["sha256"]})
+        finally:
+            os.close(fd)
+
+    def _put(self, key: str, fd: int, size: int, progress: dict, save, metadata: dict) -> int:
+        if size <= SINGLE_SHOT:
+            return self.destination.put_small(key, os.pread(fd, size, 0), metadata).size
+        return self.destination.put_large(key, fd, size, progress, save, metadata).size
+
+    def _delete(self, path: str, rec: dict) -> None:
+        """Remove the shipped crash; only after shipped.json (written after verification) is in place."""
+        crash_fd = open_dir(None, path, create=False)
+        try:
+            marker = _load_json(crash_fd, SHIPPED)
+        finally:
+            os.close(crash_fd)
+        if marker.get("destination") != self.destination.location.url:
+            return  # shipped elsewhere before the destination changed: keep it
+        shutil.rmtree(path)
+        log.log(f"deleted local crash {rec['id']} after a verified upload")
+
+    def _write_status(self, result: Sweep) -> None:
+        try:
+            store_fd = open_dir(None, self.cfg.store, create=False)
+        except FileNotFoundError:
+            return  # nothing collected yet
+        area = CrashDir(store_fd, self.cfg.store, "")
+        try:
+            previous = _load_json(store_fd, SHIP_STATUS)
+            now = time.time()
+            status = {"destination": self.destination.location.url, "node": self.node, "time": now,
+                      "pending": result.pending - len(result.shipped), "shipped": len(result.shipped),
+                      "ok": not result.errors, "last_error": previous.get("last_error"),
+                      "last_shipped": previous.get("last_shipped")}
+            if result.errors:
+                status["last_error"] = {"time": now, "message": result.errors[-1]}
+            if result.shipped:
+                status["last_shipped"] = {"time": now, "id": result.shipped[-1]}
+            area.write(SHIP_STATUS, json.dumps(status, indent=1).encode())
+        finally:
+            area.close()
+
+
+def report(result: Sweep) -> None:
+    """One line per failure, on stderr and in the system log."""
+    for message in result.errors:
+        print(f"corepipe ship: error: {message}", file=sys.stderr)
+        log.log(f"ship: {message}", log.ERR)
+
+
+def resident(shipper: Shipper, watcher, stop=lambda: False) -> None:
+    """Sweep on start, then whenever a crash is filed (or every POLL seconds), retrying failures with
+    exponential backoff up to ``ship_retry_max`` seconds."""
+    delay = 0.0
+    while not stop():
+        watcher.watch_tree()
+        result = shipper.sweep()
+        report(result)
+        delay = min(max(1.0, delay * 2), shipper.cfg.ship_retry_max) if result.errors else 0.0
+        watcher.wait(delay or POLL)
