@@ -153,8 +153,16 @@ class Shipper:
         if (rec.get("core") or {}).get("stored"):
             key = fleet.crash_key(self.prefix, self.node, relative, CORE)
             fd, size = _read_file(crash.fd, CORE)
+            first = [True]
+
+            def save_core(part: dict) -> None:
+                if first and (part.get("parts") or part.get("blocks")):
+                    print(f"corepipe ship: resuming {key}: {len(part.get('parts') or part.get('blocks'))} parts "
+                          "already uploaded", file=sys.stderr)
+                first.clear()
+                save(part)
             try:
-                objects[key] = self._put(key, fd, size, progress.setdefault(key, {}), save, {})
+                objects[key] = self._put(key, fd, size, progress.setdefault(key, {}), save_core, {})
             finally:
                 os.close(fd)
         key = fleet.crash_key(self.prefix, self.node, relative, RECORD)
