@@ -177,7 +177,8 @@ class Shipper:
             os.unlink(SHIP_PROGRESS, dir_fd=crash.fd)
         except FileNotFoundError:
             pass
-        log.log(f"shipped crash {rec['id']} to {self.destination.location.url}/{key.rsplit('/', 1)[0]}")
+        where = self.destination.location
+        log.log(f"shipped crash {rec['id']} to {where.scheme}://{where.bucket}/{key.rsplit('/', 1)[0]}")
 
     def _binary(self, store_fd: int, stored: tuple, key: str, entry: dict, progress: dict, save) -> int:
         existing = self.destination.head(key)
