@@ -17,6 +17,12 @@ from typing import Optional
 
 from support import HERE, need
 
+from corepipe.domain import record
+from corepipe.domain.containers import Container
+from corepipe.platform import compress
+from corepipe.platform.kernel import KernelArgs
+from corepipe.platform.store import CORE, RECORD, Store
+
 REPO = HERE.parent
 AZURITE = REPO / ".servers" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
 AZURITE_ACCOUNT = "devstoreaccount1"
@@ -154,6 +160,27 @@ class MotoS3(Server):
                 '{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:*","Resource":"*"}]}'))
             self.keys = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
         self.client().create_bucket(Bucket=self.bucket)
+
+
+def stored_crash(store: Path, size: int, comm: str = "big") -> tuple:
+    """A crash filed the way the collector files it (record + zstd core), with ``size`` bytes of random core."""
+    with Store(str(store)) as opened:
+        now = int(time.time())
+        made = opened.new_crash(("host",), now)
+        rec = record.build(crash_id=made.id, args=KernelArgs(pid=4242, ns_pid=4242, tid=4242, signal=11, time=now,
+                                                             comm=comm), snapshot=None,
+                           container=Container(runtime="host"), redact_env=[])
+        source = subprocess.Popen(["head", "-c", str(size), "/dev/urandom"], stdout=subprocess.PIPE)
+        fd, tmp = made.open_temp(CORE)
+        result = compress.compress_stream(source.stdout.fileno(), fd, level=1, threads=0)
+        assert source.wait() == 0
+        made.commit(fd, tmp, CORE)
+        rec["core"].update(file=CORE, stored=True, size=result.size, compressed_size=result.compressed_size,
+                           sha256=result.sha256)
+        rec["status"] = "complete"
+        made.write(RECORD, record.dumps(rec))
+        made.close()
+        return Path(made.path), rec
 
 
 def make(kind: str, workdir: Path, **options: object) -> Server:

@@ -11,6 +11,19 @@ cp -a /corepipe /host-src/checkout
 # shellcheck disable=SC2086 # COREPIPE_INSTALL_ARGS is a list of options
 /usr/bin/nsenter --target "${COREPIPE_NODE_PID:-1}" --mount --uts --ipc --net --pid --cgroup -- \
     bash "$host_src/checkout/install/install.sh" --store "${COREPIPE_STORE:-/var/lib/corepipe}" ${COREPIPE_INSTALL_ARGS:-}
+if [ -n "${COREPIPE_SHIP_TO:-}" ]; then
+    # The shipper runs here, in the pod (its credentials: the pod's Secret or workload identity, never the
+    # node's or a crashed container's), on the node's store mounted at the same path.
+    config=/tmp/corepipe-ship.toml
+    printf 'store = "%s"\ndelete_after_ship = %s\n' "${COREPIPE_STORE:-/var/lib/corepipe}" \
+        "${COREPIPE_DELETE_AFTER_SHIP:-false}" > "$config"
+    /opt/corepipe/bin/corepipe --config "$config" ship --to "$COREPIPE_SHIP_TO" --node "${NODE_NAME:-$(hostname)}" &
+    shipper=$!
+    trap 'kill "$shipper" 2>/dev/null; exit 0' TERM INT
+    echo "corepipe installed on the node; shipping its crashes to $COREPIPE_SHIP_TO"
+    wait "$shipper"
+    exit 1  # the shipper stopped by itself: let the kubelet restart the pod
+fi
 echo "corepipe installed on the node; waiting (the preStop hook uninstalls it when this pod is removed)"
 trap 'exit 0' TERM INT
 while :; do sleep 3600 & wait $!; done

@@ -11,18 +11,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import objectstores
 import pytest
 from support import CRASH_LINE, NO_RATE_LIMIT, crash, dmesg_lines, installed_handler, need_tool, wait_for
 
-from corepipe.domain import record
-from corepipe.domain.containers import Container
-from corepipe.platform import compress
-from corepipe.platform.kernel import KernelArgs
-from corepipe.platform.store import CORE, RECORD, SHIP_PROGRESS, SHIP_STATUS, SHIPPED, Store
+from corepipe.platform.store import CORE, RECORD, SHIP_PROGRESS, SHIP_STATUS, SHIPPED
 
 KINDS = ["azure", "s3"]
 GIB = 1 << 30
@@ -42,27 +37,6 @@ def corepipe(config: Path, env: dict, *args: str, check: bool = True) -> subproc
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
-
-
-def stored_crash(store: Path, size: int, comm: str = "big") -> tuple:
-    """A crash filed the way the collector files it (record + zstd core), with ``size`` bytes of random core."""
-    with Store(str(store)) as opened:
-        now = int(time.time())
-        made = opened.new_crash(("host",), now)
-        rec = record.build(crash_id=made.id, args=KernelArgs(pid=4242, ns_pid=4242, tid=4242, signal=11, time=now,
-                                                             comm=comm), snapshot=None,
-                           container=Container(runtime="host"), redact_env=[])
-        source = subprocess.Popen(["head", "-c", str(size), "/dev/urandom"], stdout=subprocess.PIPE)
-        fd, tmp = made.open_temp(CORE)
-        result = compress.compress_stream(source.stdout.fileno(), fd, level=1, threads=0)
-        assert source.wait() == 0
-        made.commit(fd, tmp, CORE)
-        rec["core"].update(file=CORE, stored=True, size=result.size, compressed_size=result.compressed_size,
-                           sha256=result.sha256)
-        rec["status"] = "complete"
-        made.write(RECORD, record.dumps(rec))
-        made.close()
-        return Path(made.path), rec
 
 
 def config(path: Path, store: Path, extra: str = "") -> Path:
@@ -154,7 +128,7 @@ def test_ship_verify_dedup_delete_and_debug_remotely(server, handler_dir: Path, 
 
 def test_kill_9_mid_upload_then_resume(server, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    path, rec = stored_crash(store, GIB)
+    path, rec = objectstores.stored_crash(store, GIB)
     # A bandwidth cap keeps the upload going long enough to be killed in the middle of it.
     slow = config(tmp_path / "slow.toml", store, "ship_bandwidth = 67108864\ndelete_after_ship = true\n")
     url = server.url("resume")
@@ -213,7 +187,7 @@ def test_server_down_then_back(server, tmp_path: Path) -> None:
     """The resident shipper: retries while the server is down, ships once it is back, then wakes up for a
     crash filed later (inotify: well before its 60 s poll)."""
     store = tmp_path / "store"
-    path, rec = stored_crash(store, 20 << 20, comm="early")
+    path, rec = objectstores.stored_crash(store, 20 << 20, comm="early")
     cfg = config(tmp_path / "c.toml", store, f'ship_to = "{server.url("down")}"\nship_retry_max = 1\n'
                                              "delete_after_ship = true\n")
     server.stop()
@@ -227,7 +201,7 @@ def test_server_down_then_back(server, tmp_path: Path) -> None:
         wait_for(lambda: not path.exists(), 120, "the crash shipped and deleted after the server came back")
         assert json.loads(corepipe(cfg, server.env, "list", "--remote", server.url("down"), "--json").stdout)[0][
             "id"] == rec["id"]
-        later, late = stored_crash(store, 1 << 20, comm="late")
+        later, late = objectstores.stored_crash(store, 1 << 20, comm="late")
         wait_for(lambda: not later.exists(), 30, "the later crash shipped on its inotify event")
         ids = [i["id"] for i in json.loads(corepipe(cfg, server.env, "list", "--remote", server.url("down"),
                                                     "--json").stdout)]
@@ -244,8 +218,8 @@ def test_bad_credentials(kind: str, tmp_path: Path) -> None:
     server.start()
     try:
         store = tmp_path / "store"
-        path, rec = stored_crash(store, 1 << 20, comm="creds")
-        other, rec2 = stored_crash(store, 1 << 20, comm="creds2")
+        path, rec = objectstores.stored_crash(store, 1 << 20, comm="creds")
+        other, rec2 = objectstores.stored_crash(store, 1 << 20, comm="creds2")
         cfg = config(tmp_path / "c.toml", store, f'ship_to = "{server.url("creds")}"\ndelete_after_ship = true\n')
         denied = corepipe(cfg, server.bad_env(), "ship", "--once", check=False)
         assert denied.returncode == 1

@@ -17,6 +17,8 @@ HELP = ("upload finished crashes to az://CONTAINER/PREFIX or s3://BUCKET/PREFIX,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--once", action="store_true", help="one sweep of what is pending, then exit (cron, tests)")
     parser.add_argument("--to", metavar="URL", help="destination (default: ship_to in the config)")
+    parser.add_argument("--node", metavar="NAME", help="this node's name in the object keys (default: ship_node "
+                                                       "in the config, else the host name)")
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -25,6 +27,7 @@ def run(ns: argparse.Namespace) -> int:
     if not url:
         raise UserError("no destination: pass --to az://CONTAINER/PREFIX or s3://BUCKET/PREFIX, or set ship_to "
                         "in the config", 2)
+    cfg.ship_node = ns.node or cfg.ship_node
     try:
         node = ship.node_name(cfg)
         shipper = ship.Shipper(cfg, ship.connect(url, cfg), node)

@@ -117,7 +117,7 @@ class AzureDestination:
         blob = self.container.get_blob_client(key)
         part_size, concurrency = parts.plan(size, MAX_BLOCKS, concurrency=self.concurrency)
         if progress.get("completed") and progress.get("key") == key and progress.get("size") == size:
-            return self._verify_blocks(blob, key, size, part_size, progress["sha256"])
+            return self._verify_blocks(blob, key, size, part_size)
         if progress.get("key") != key or progress.get("part_size") != part_size or progress.get("size") != size:
             progress.clear()
             progress.update({"key": key, "part_size": part_size, "size": size, "blocks": {}})
@@ -137,15 +137,13 @@ class AzureDestination:
             progress["blocks"][str(number)] = length
             save(progress)
 
-        sha256 = parts.upload(fd, size, part_size, concurrency, finished, send, done,
-                              parts.Bandwidth(self.bandwidth))
+        parts.upload(fd, size, part_size, concurrency, finished, send, done, parts.Bandwidth(self.bandwidth))
         count = (size + part_size - 1) // part_size
-        metadata = {**metadata, "sha256": sha256}
         self._call(f"commit {key}", blob.commit_block_list, [BlobBlock(_block_id(n)) for n in range(1, count + 1)],
                    metadata=metadata)
-        progress.update({"completed": True, "sha256": sha256})
+        progress["completed"] = True
         save(progress)
-        return self._verify_blocks(blob, key, size, part_size, sha256)
+        return self._verify_blocks(blob, key, size, part_size)
 
     def _staged(self, blob: object) -> dict:
         try:
@@ -156,14 +154,14 @@ class AzureDestination:
             raise _error(exc, "list staged blocks") from None
         return {block.id: block.size for block in uncommitted}
 
-    def _verify_blocks(self, blob: object, key: str, size: int, part_size: int, sha256: str) -> ObjectInfo:
-        """The committed block list and the blob's size and metadata, as the service reports them."""
+    def _verify_blocks(self, blob: object, key: str, size: int, part_size: int) -> ObjectInfo:
+        """The committed block list (each block was checked against its MD5 when staged) and the blob's size,
+        as the service reports them."""
         committed, _ = self._call(f"read back {key}", blob.get_block_list, "committed")  # type: ignore
         expected = [(_block_id(n + 1), min(part_size, size - n * part_size))
                     for n in range((size + part_size - 1) // part_size)]
         info = self.head(key)
-        if (info is None or info.size != size or info.metadata.get("sha256") != sha256
-                or [(b.id, b.size) for b in committed] != expected):
+        if info is None or info.size != size or [(b.id, b.size) for b in committed] != expected:
             raise DestinationError(f"{key} read back as {info and info.size} bytes in {len(committed)} blocks; "
                                    f"expected {size} bytes")
         return info

@@ -1,14 +1,12 @@
 """Uploading one file in numbered parts with bounded memory and concurrency, resuming what was done.
 
-Shared by the vendor adapters: a single reader goes through the file in order (so the whole-file
-sha256 is computed even for parts already uploaded before a restart), and at most ``concurrency``
-parts are in memory or on the wire at once. Each finished part is reported to ``done`` so the
-caller can persist it before the next one counts on it.
+Shared by the vendor adapters: a single reader goes through the file in order, skipping the parts
+already uploaded before a restart, and at most ``concurrency`` parts are in memory or on the wire at
+once. Each finished part is reported to ``done`` so the caller can persist it before counting on it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -52,10 +50,9 @@ class Bandwidth:
 
 def upload(fd: int, size: int, part_size: int, concurrency: int, finished: dict,
            send: Callable[[int, bytes], object], done: Callable[[int, object], None],
-           bandwidth: Optional[Bandwidth] = None) -> str:
-    """Send every part of ``fd`` not in ``finished`` (part number -> token) through ``send(number, data)``,
-    calling ``done(number, token)`` as each completes; returns the whole file's sha256 (hex)."""
-    digest = hashlib.sha256()
+           bandwidth: Optional[Bandwidth] = None) -> None:
+    """Send every part of ``fd`` not in ``finished`` (part numbers) through ``send(number, data)``,
+    calling ``done(number, token)`` with what ``send`` returned as each completes."""
     lock = threading.Lock()
 
     def one(number: int, data: bytes) -> None:
@@ -69,19 +66,17 @@ def upload(fd: int, size: int, part_size: int, concurrency: int, finished: dict,
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="corepipe-part") as pool:
         offset, number = 0, 1
         while offset < size:
-            data = os.pread(fd, min(part_size, size - offset), offset)
-            if len(data) != min(part_size, size - offset):
-                raise DestinationError(f"the file shrank while it was uploaded (at byte {offset + len(data)})")
-            digest.update(data)
             if number not in finished:
+                data = os.pread(fd, min(part_size, size - offset), offset)
+                if len(data) != min(part_size, size - offset):
+                    raise DestinationError(f"the file shrank while it was uploaded (at byte {offset + len(data)})")
                 while len(pending) >= concurrency:
                     complete, pending = wait(pending, return_when=FIRST_EXCEPTION)
                     for future in complete:
                         future.result()
                 pending.add(pool.submit(one, number, data))
-            del data
+                del data
             offset += part_size
             number += 1
         for future in wait(pending).done:
             future.result()
-    return digest.hexdigest()
