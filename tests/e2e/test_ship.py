@@ -240,3 +240,15 @@ def test_bad_credentials(kind: str, tmp_path: Path) -> None:
         assert "0 crashes not shipped yet" in status and "last sweep" in status and " ok" in status, status
     finally:
         server.stop()
+
+
+def test_a_crash_still_being_collected_is_not_shipped(server, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    path, rec = objectstores.stored_crash(store, 1 << 20, comm="busy")
+    (path / RECORD).write_text(json.dumps({**rec, "status": "collecting"}))
+    cfg = config(tmp_path / "c.toml", store, f'ship_to = "{server.url("busy")}"\ndelete_after_ship = true\n')
+    quiet = corepipe(cfg, server.env, "ship", "--once")
+    assert quiet.stdout == "" and objects(server, server.env, "busy") == {}
+    assert (path / CORE).exists() and not (path / SHIPPED).exists()
+    (path / RECORD).write_text(json.dumps(rec))
+    assert f"shipped {rec['id']}" in corepipe(cfg, server.env, "ship", "--once").stdout

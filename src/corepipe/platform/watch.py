@@ -12,6 +12,7 @@ import ctypes.util
 import os
 import select
 import struct
+import time
 from typing import Optional
 
 from corepipe.platform.store import RECORD
@@ -55,8 +56,14 @@ class Watcher:
         if self.fd is None:
             select.select([], [], [], timeout)
             return False
-        ready, _, _ = select.select([self.fd], [], [], timeout)
-        return bool(ready) and self._relevant()
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready and self._relevant():
+                return True
 
     def _relevant(self) -> bool:
         found = False
