@@ -3,6 +3,7 @@ Azurite for Azure Blob Storage, moto's server for S3. Every test runs against bo
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import objectstores
 import pytest
 from support import CRASH_LINE, NO_RATE_LIMIT, crash, dmesg_lines, installed_handler, need_tool, wait_for
 
-from corepipe.platform.store import CORE, RECORD, SHIP_PROGRESS, SHIP_STATUS, SHIPPED
+from corepipe.platform.store import CORE, RECORD, SHIP_LOCK, SHIP_PROGRESS, SHIP_STATUS, SHIPPED
 
 KINDS = ["azure", "s3"]
 GIB = 1 << 30
@@ -242,7 +243,7 @@ def test_bad_credentials(kind: str, tmp_path: Path) -> None:
         server.stop()
 
 
-def test_a_crash_still_being_collected_is_not_shipped(server, tmp_path: Path) -> None:
+def test_a_crash_still_being_collected_is_not_shipped_and_one_shipper_at_a_time(server, tmp_path: Path) -> None:
     store = tmp_path / "store"
     path, rec = objectstores.stored_crash(store, 1 << 20, comm="busy")
     (path / RECORD).write_text(json.dumps({**rec, "status": "collecting"}))
@@ -251,4 +252,9 @@ def test_a_crash_still_being_collected_is_not_shipped(server, tmp_path: Path) ->
     assert quiet.stdout == "" and objects(server, server.env, "busy") == {}
     assert (path / CORE).exists() and not (path / SHIPPED).exists()
     (path / RECORD).write_text(json.dumps(rec))
+    # One shipper per store: while another holds the store's ship lock, a sweep does nothing and says so.
+    with open(store / SHIP_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        busy = corepipe(cfg, server.env, "ship", "--once", check=False)
+    assert busy.returncode == 1 and "another 'corepipe ship' is sweeping" in busy.stderr and busy.stdout == ""
     assert f"shipped {rec['id']}" in corepipe(cfg, server.env, "ship", "--once").stdout

@@ -8,6 +8,7 @@ Layout::
     <crash>/shipped.json                 written by ``corepipe ship`` once the crash is verified remotely
     <crash>/ship-progress.json           an upload in progress (upload id, parts done), for resuming
     <root>/.ship-status.json             the shipper's last sweep: backlog, last error
+    <root>/.ship.lock                    held (flock) by the one shipper sweeping the store
 
 Every directory is opened relative to its parent with O_NOFOLLOW, so a symlink
 planted anywhere in the store is refused, never followed. Files are written under
@@ -30,6 +31,7 @@ CORE = "core.zst"
 SHIPPED = "shipped.json"
 SHIP_PROGRESS = "ship-progress.json"
 SHIP_STATUS = ".ship-status.json"
+SHIP_LOCK = ".ship.lock"
 
 
 def write_all(fd: int, data: bytes) -> None:

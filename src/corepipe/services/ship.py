@@ -10,6 +10,7 @@ being collected is never touched. Shipping runs in its own process, never in the
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -23,7 +24,17 @@ from corepipe.domain import binaries, catalog, fleet
 from corepipe.platform import log
 from corepipe.platform.config import Config
 from corepipe.platform.objectstore import Destination, DestinationError, open_destination, parts
-from corepipe.platform.store import CORE, RECORD, SHIP_PROGRESS, SHIP_STATUS, SHIPPED, CrashDir, open_dir
+from corepipe.platform.store import (
+    CORE,
+    FILE_MODE,
+    RECORD,
+    SHIP_LOCK,
+    SHIP_PROGRESS,
+    SHIP_STATUS,
+    SHIPPED,
+    CrashDir,
+    open_dir,
+)
 
 #: Files up to this size go in one request; larger ones in parts.
 SINGLE_SHOT = 8 * parts.MIB
@@ -103,7 +114,27 @@ class Shipper:
         return items
 
     def sweep(self) -> Sweep:
-        """Ship everything pending; an access-denied error stops the sweep (every crash would fail alike)."""
+        """Ship everything pending; an access-denied error stops the sweep (every crash would fail alike).
+        One shipper at a time per store (cron and a resident one must not upload the same crash at once)."""
+        try:
+            store_fd = open_dir(None, self.cfg.store, create=False)
+        except FileNotFoundError:
+            return Sweep()  # nothing collected yet
+        try:
+            lock = os.open(SHIP_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE, dir_fd=store_fd)
+        finally:
+            os.close(store_fd)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            return Sweep(errors=[f"another 'corepipe ship' is sweeping {self.cfg.store}; nothing done"])
+        try:
+            return self._sweep()
+        finally:
+            os.close(lock)
+
+    def _sweep(self) -> Sweep:
         result = Sweep()
         items = self.pending()
         result.pending = len(items)
@@ -149,7 +180,12 @@ class Shipper:
             stored = binaries.stored_name(entry) if entry.get("stored") else None
             if stored is not None:
                 key = fleet.binary_key(self.prefix, stored)
-                objects[key] = self._binary(store_fd, stored, key, entry, progress.setdefault(key, {}), save)
+                size = self._binary(store_fd, stored, key, entry, progress.setdefault(key, {}), save)
+                if size is None:  # removed locally since (rm, prune): the crash ships without it
+                    print(f"corepipe ship: warning: crash {rec['id']}: the saved copy of {entry.get('path')} is "
+                          "gone; shipped without it", file=sys.stderr)
+                else:
+                    objects[key] = size
         if (rec.get("core") or {}).get("stored"):
             key = fleet.crash_key(self.prefix, self.node, relative, CORE)
             fd, size = _read_file(crash.fd, CORE)
@@ -180,20 +216,23 @@ class Shipper:
         where = self.destination.location
         log.log(f"shipped crash {rec['id']} to {where.scheme}://{where.bucket}/{key.rsplit('/', 1)[0]}")
 
-    def _binary(self, store_fd: int, stored: tuple, key: str, entry: dict, progress: dict, save) -> int:
+    def _binary(self, store_fd: int, stored: tuple, key: str, entry: dict, progress: dict, save) -> Optional[int]:
         existing = self.destination.head(key)
         if existing is not None and existing.size == entry.get("size") and (
                 existing.metadata.get("sha256") in (entry.get("sha256"), None)):
             return existing.size  # another crash (of any node) already sent it: content-addressed
-        area_fd = open_dir(store_fd, binaries.AREA, create=False)
         try:
-            sub_fd = open_dir(area_fd, stored[0], create=False)
+            area_fd = open_dir(store_fd, binaries.AREA, create=False)
             try:
-                fd, size = _read_file(sub_fd, stored[1])
+                sub_fd = open_dir(area_fd, stored[0], create=False)
+                try:
+                    fd, size = _read_file(sub_fd, stored[1])
+                finally:
+                    os.close(sub_fd)
             finally:
-                os.close(sub_fd)
-        finally:
-            os.close(area_fd)
+                os.close(area_fd)
+        except FileNotFoundError:
+            return None
         try:
             return self._put(key, fd, size, progress, save, {"sha256": entry["sha256"]})
         finally:
@@ -217,10 +256,7 @@ class Shipper:
         log.log(f"deleted local crash {rec['id']} after a verified upload")
 
     def _write_status(self, result: Sweep) -> None:
-        try:
-            store_fd = open_dir(None, self.cfg.store, create=False)
-        except FileNotFoundError:
-            return  # nothing collected yet
+        store_fd = open_dir(None, self.cfg.store, create=False)
         area = CrashDir(store_fd, self.cfg.store, "")
         try:
             previous = _load_json(store_fd, SHIP_STATUS)
