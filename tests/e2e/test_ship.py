@@ -16,7 +16,16 @@ from pathlib import Path
 
 import objectstores
 import pytest
-from support import CRASH_LINE, NO_RATE_LIMIT, crash, dmesg_lines, installed_handler, need_tool, wait_for
+from support import (
+    CRASH_LINE,
+    NO_RATE_LIMIT,
+    crash,
+    dmesg_lines,
+    installed_handler,
+    mounted_tmpfs,
+    need_tool,
+    wait_for,
+)
 
 from corepipe.platform.store import CORE, RECORD, SHIP_LOCK, SHIP_PROGRESS, SHIP_STATUS, SHIPPED
 
@@ -258,3 +267,29 @@ def test_a_crash_still_being_collected_is_not_shipped_and_one_shipper_at_a_time(
         busy = corepipe(cfg, server.env, "ship", "--once", check=False)
     assert busy.returncode == 1 and "another 'corepipe ship' is sweeping" in busy.stderr and busy.stdout == ""
     assert f"shipped {rec['id']}" in corepipe(cfg, server.env, "ship", "--once").stdout
+
+
+def test_full_local_disk_loses_nothing(server, tmp_path: Path) -> None:
+    """The store's filesystem is full: the progress file cannot be written, so the sweep fails with one line,
+    the crash stays and no object looks complete; with room again it ships."""
+    with mounted_tmpfs(tmp_path / "disk", "40m") as disk:
+        store = disk / "store"
+        path, rec = objectstores.stored_crash(store, 20 << 20, comm="full")
+        filler = disk / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+            except OSError:
+                pass
+        cfg = config(tmp_path / "c.toml", store, f'ship_to = "{server.url("full")}"\ndelete_after_ship = true\n')
+        full = corepipe(cfg, server.env, "ship", "--once", check=False)
+        assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
+        assert f"corepipe ship: error: crash {rec['id']}: cannot ship from {path}: No space left on device" in \
+            full.stderr.splitlines(), full.stderr
+        assert (path / CORE).exists() and not (path / SHIPPED).exists()
+        assert not any(key.endswith((CORE, RECORD)) for key in objects(server, server.env, "full"))
+        filler.unlink()
+        assert f"shipped {rec['id']}" in corepipe(cfg, server.env, "ship", "--once").stdout
+        assert not path.exists()

@@ -148,7 +148,10 @@ class Shipper:
                     break
             except OSError as exc:
                 result.errors.append(f"crash {rec.get('id')}: cannot ship from {path}: {exc.strerror or exc}")
-        self._write_status(result)
+        try:
+            self._write_status(result)
+        except OSError as exc:
+            result.errors.append(f"cannot write {self.cfg.store}/{SHIP_STATUS}: {exc.strerror or exc}")
         return result
 
     def ship(self, path: str, rec: dict) -> None:
