@@ -293,3 +293,14 @@ def test_full_local_disk_loses_nothing(server, tmp_path: Path) -> None:
         filler.unlink()
         assert f"shipped {rec['id']}" in corepipe(cfg, server.env, "ship", "--once").stdout
         assert not path.exists()
+
+
+def test_a_record_whose_core_the_policy_removed_still_ships(server, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    path, rec = objectstores.stored_crash(store, 1 << 20, comm="nocore")
+    (path / CORE).unlink()  # as container_max_cores does: the record stays
+    cfg = config(tmp_path / "c.toml", store, f'ship_to = "{server.url("nocore")}"\n')
+    assert f"shipped {rec['id']}" in corepipe(cfg, server.env, "ship", "--once").stdout
+    listed = json.loads(corepipe(cfg, server.env, "list", "--remote", server.url("nocore"), "--json").stdout)
+    assert [(item["id"], item["core_state"]) for item in listed] == [(rec["id"], "none")]
+    assert not any(key.endswith(CORE) for key in objects(server, server.env, "nocore"))

@@ -103,10 +103,10 @@ class Shipper:
         self.node = node
         self.prefix = destination.location.prefix
 
-    def pending(self, problems: Optional[list] = None) -> list:
-        """(path, record) of the finished crashes not yet shipped, oldest first."""
+    def pending(self) -> list:
+        """(path, record) of the finished crashes not yet shipped (or shipped, not yet deleted), oldest first."""
         items = []
-        for path, rec in sorted(catalog.iter_records(self.cfg.store, problems), key=catalog.sort_key):
+        for path, rec in sorted(catalog.iter_records(self.cfg.store), key=catalog.sort_key):
             if rec.get("status") == "collecting":
                 continue
             if not os.path.lexists(os.path.join(path, SHIPPED)) or self.cfg.delete_after_ship:
@@ -189,7 +189,11 @@ class Shipper:
                           "gone; shipped without it", file=sys.stderr)
                 else:
                     objects[key] = size
-        if (rec.get("core") or {}).get("stored"):
+        listed = rec
+        if (rec.get("core") or {}).get("stored") and not os.path.lexists(os.path.join(crash.path, CORE)):
+            # The storage policy removed the core and kept the record: ship the record, listed as without core.
+            listed = {**rec, "core": {**rec["core"], "stored": False}}
+        if (listed.get("core") or {}).get("stored"):
             key = fleet.crash_key(self.prefix, self.node, relative, CORE)
             fd, size = _read_file(crash.fd, CORE)
             first = [True]
@@ -208,7 +212,7 @@ class Shipper:
         fd, size = _read_file(crash.fd, RECORD)
         with open(fd, "rb") as f:
             data = f.read(size)
-        info = self.destination.put_small(key, data, {fleet.SUMMARY: fleet.summary(rec, self.node)})
+        info = self.destination.put_small(key, data, {fleet.SUMMARY: fleet.summary(listed, self.node)})
         objects[key] = info.size
         crash.write(SHIPPED, json.dumps({"destination": self.destination.location.url, "node": self.node,
                                          "time": time.time(), "objects": objects}, indent=1).encode())
