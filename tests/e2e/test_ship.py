@@ -136,6 +136,16 @@ def test_ship_verify_dedup_delete_and_debug_remotely(server, handler_dir: Path, 
     assert not list(Path("/tmp").glob("corepipe-remote-*")), "the downloads were left behind"
 
 
+def parts_done(crash: Path) -> int:
+    """How many parts of the crash's core ship-progress.json says are uploaded."""
+    try:
+        progress = json.loads((crash / SHIP_PROGRESS).read_text())
+    except (OSError, ValueError):
+        return 0
+    entry = next((v for v in progress.values() if isinstance(v, dict) and v.get("key", "").endswith(CORE)), {})
+    return len(entry.get("parts") or entry.get("blocks") or {})
+
+
 def test_kill_9_mid_upload_then_resume(server, tmp_path: Path) -> None:
     store = tmp_path / "store"
     path, rec = objectstores.stored_crash(store, GIB)
@@ -146,20 +156,11 @@ def test_kill_9_mid_upload_then_resume(server, tmp_path: Path) -> None:
                                 url], env={**os.environ, **server.env}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
     try:
-        def parts_done() -> int:
-            try:
-                progress = json.loads((path / SHIP_PROGRESS).read_text())
-            except (OSError, ValueError):
-                return 0
-            entry = next((v for v in progress.values() if isinstance(v, dict) and v.get("key", "").endswith(CORE)),
-                         {})
-            return len(entry.get("parts") or entry.get("blocks") or {})
-        wait_for(lambda: parts_done() >= 3, 120, "three parts uploaded")
+        wait_for(lambda: parts_done(path) >= 3, 120, "three parts uploaded")
     finally:
         os.kill(shipper.pid, signal.SIGKILL)
         shipper.wait()
-    done_before = parts_done()
-    assert done_before < 128, "the upload finished before it was killed"
+    assert parts_done(path) < 128, "the upload finished before it was killed"
     # Nothing that looks complete: no core object, no record object, nothing in the fleet view.
     held = objects(server, server.env, "resume")
     assert not any(key.endswith((CORE, RECORD)) for key in held), held
@@ -304,3 +305,29 @@ def test_a_record_whose_core_the_policy_removed_still_ships(server, tmp_path: Pa
     listed = json.loads(corepipe(cfg, server.env, "list", "--remote", server.url("nocore"), "--json").stdout)
     assert [(item["id"], item["core_state"]) for item in listed] == [(rec["id"], "none")]
     assert not any(key.endswith(CORE) for key in objects(server, server.env, "nocore"))
+
+
+def test_network_loss_mid_upload(server, tmp_path: Path) -> None:
+    """The server goes away in the middle of a core's parts: the sweep fails with one line, nothing looks
+    complete, the crash stays; once the server is back the next sweep completes a verified object."""
+    store = tmp_path / "store"
+    path, rec = objectstores.stored_crash(store, 160 << 20, comm="netloss")
+    cfg = config(tmp_path / "c.toml", store, f'ship_to = "{server.url("net")}"\nship_bandwidth = 33554432\n'
+                                             "delete_after_ship = true\n")
+    shipper = subprocess.Popen([sys.executable, "-m", "corepipe", "--config", str(cfg), "ship", "--once"],
+                               env={**os.environ, **server.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    wait_for(lambda: parts_done(path) >= 2 or shipper.poll() is not None, 120, "two parts uploaded")
+    server.stop()
+    out, err = shipper.communicate(timeout=300)
+    assert shipper.returncode == 1 and out == "", out + err
+    errors = [line for line in err.splitlines() if line.startswith("corepipe ship: error:")]
+    assert len(errors) == 1 and rec["id"] in errors[0], err
+    assert (path / CORE).exists() and not (path / SHIPPED).exists()
+    server.start()
+    assert not any(key.endswith((CORE, RECORD)) for key in objects(server, server.env, "net"))
+    assert f"shipped {rec['id']}" in corepipe(cfg, server.env, "ship", "--once").stdout
+    listed = json.loads(corepipe(cfg, server.env, "list", "--remote", server.url("net"), "--json").stdout)
+    assert [item["id"] for item in listed] == [rec["id"]] and not path.exists()
+    core = next(size for key, (size, _etag) in objects(server, server.env, "net").items() if key.endswith(CORE))
+    assert core == rec["core"]["compressed_size"]

@@ -22,7 +22,7 @@ from azure.core.exceptions import (
     ClientAuthenticationError,
     ResourceNotFoundError,
 )
-from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings
+from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings, ExponentialRetry
 
 from corepipe.platform.objectstore import DestinationError, Location, ObjectInfo, parts
 
@@ -32,7 +32,10 @@ _AUTH_CODES = {"AuthenticationFailed", "AuthorizationFailure", "AuthorizationPer
 
 
 def _service(retries: int) -> BlobServiceClient:
-    options = {"retry_total": retries, "connection_timeout": 20, "read_timeout": 300}
+    # Quick retries (1 s, 3 s, 5 s): the shipper retries a failed crash itself with a longer backoff.
+    options = {"retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=retries,
+                                                random_jitter_range=1),
+               "connection_timeout": 20, "read_timeout": 300}
     url = os.environ.get("AZURE_STORAGE_ACCOUNT_URL")
     if url:
         sas = os.environ.get("AZURE_STORAGE_SAS_TOKEN")
