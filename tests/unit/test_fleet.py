@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
 from corepipe.domain import fleet
-from corepipe.platform import objectstore
+from corepipe.platform import config, objectstore
 from corepipe.platform.objectstore import parts
 from corepipe.platform.store import RECORD, SHIP_PROGRESS, Store
 from corepipe.platform.watch import Watcher
@@ -71,3 +73,17 @@ def test_watcher_wakes_for_a_filed_record_not_for_the_shippers_own_files(tmp_pat
     finally:
         watcher.close()
         crash.close()
+
+
+def test_ship_config_is_checked_and_loads_no_sdk() -> None:
+    """The handler reads the same config: a ship_to in it must not pull an SDK onto the collect path."""
+    code = ("import sys\nfrom corepipe.platform import config\n"
+            "cfg = config.parse('ship_to = \"s3://bucket/fleet\"\\nship_bandwidth = 1000\\n')\n"
+            "assert cfg.ship_to == 's3://bucket/fleet' and cfg.ship_bandwidth == 1000\n"
+            "print(' '.join(m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore', 'azure')))\n")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == ""
+    for text, message in (('ship_to = "gs://x/y"', "ship_to:"), ("ship_concurrency = 0", "at least 1"),
+                          ("ship_bandwidth = -1", "must not be negative")):
+        with pytest.raises(config.ConfigError, match=message):
+            config.parse(text)
