@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 from typing import Callable, Optional
 
@@ -27,6 +28,9 @@ from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings, Ex
 from corepipe.platform.objectstore import DestinationError, Location, ObjectInfo, parts
 
 MAX_BLOCKS = 50000
+# The SDK's warnings (each credential the identity chain tried, each retry) would be many lines per failure;
+# the one line the shipper prints says what failed and what to check.
+logging.getLogger("azure").setLevel(logging.ERROR)
 _AUTH_CODES = {"AuthenticationFailed", "AuthorizationFailure", "AuthorizationPermissionMismatch",
                "InvalidAuthenticationInfo", "NoAuthenticationInformation"}
 
@@ -46,7 +50,10 @@ def _service(retries: int) -> BlobServiceClient:
         except ImportError:
             raise DestinationError("AZURE_STORAGE_ACCOUNT_URL without a SAS needs azure-identity: "
                                    "pip install 'corepipe[azure]'") from None
-        return BlobServiceClient(url, credential=DefaultAzureCredential(), **options)
+        try:
+            return BlobServiceClient(url, credential=DefaultAzureCredential(), **options)
+        except ValueError as exc:
+            raise DestinationError(f"AZURE_STORAGE_ACCOUNT_URL={url}: {exc}", auth=True) from None
     connection = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
     if connection:
         try:
@@ -60,8 +67,11 @@ def _service(retries: int) -> BlobServiceClient:
 def _error(exc: Exception, what: str) -> DestinationError:
     code = getattr(exc, "error_code", None)
     status = getattr(exc, "status_code", None)
-    auth = isinstance(exc, ClientAuthenticationError) or code in _AUTH_CODES or status in (401, 403)
-    if auth:
+    if isinstance(exc, ClientAuthenticationError) and status is None:  # no token from the identity chain
+        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        return DestinationError(f"{what}: no Azure credential worked ({reason}); set AZURE_CLIENT_ID for a "
+                                "user-assigned identity, or use AZURE_STORAGE_CONNECTION_STRING / a SAS", auth=True)
+    if isinstance(exc, ClientAuthenticationError) or code in _AUTH_CODES or status in (401, 403):
         return DestinationError(f"{what}: access denied ({code or status}); check the credentials "
                                 "(AZURE_STORAGE_CONNECTION_STRING, the SAS, or the identity's role on the container)",
                                 auth=True)
