@@ -16,6 +16,7 @@ from pathlib import Path
 
 import objectstores
 import pytest
+from runtimes import unique
 from support import (
     CRASH_LINE,
     NO_RATE_LIMIT,
@@ -331,3 +332,37 @@ def test_network_loss_mid_upload(server, tmp_path: Path) -> None:
     assert [item["id"] for item in listed] == [rec["id"]] and not path.exists()
     core = next(size for key, (size, _etag) in objects(server, server.env, "net").items() if key.endswith(CORE))
     assert core == rec["core"]["compressed_size"]
+
+
+def test_two_containers_of_one_image_upload_its_binaries_once(server, handler_dir: Path, docker_image: str) -> None:
+    """Docker crashes land under <node>/docker/<container id>/; the image's executable is one object for both,
+    and ``list --remote --image/--container`` select them from the metadata alone."""
+    url = server.url("images")
+    extra = f'ship_to = "{url}"\nship_node = "node-c"\n{NO_RATE_LIMIT}'
+    names = [unique("corepipe-13"), unique("corepipe-13")]
+    with installed_handler(handler_dir, config_extra=extra) as handler:
+        try:
+            for name in names:
+                subprocess.run(["docker", "run", "--name", name, "--network=none", "--ulimit", "core=-1", docker_image,
+                                "/crasher", "0", "imgcrash"], capture_output=True, timeout=120)
+            ids = [subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True,
+                                  check=True).stdout.strip() for name in names]
+        finally:
+            subprocess.run(["docker", "rm", "-f", *names], capture_output=True)
+        recs = [handler.wait_record(lambda r, cid=cid: r["container"]["id"] == cid) for cid in ids]
+    assert all(rec["container"]["image"] == docker_image for rec in recs)
+    exe = {e["build_id"] for rec in recs for e in rec["binaries"]["files"] if e["exe"] and e["stored"]}
+    assert len(exe) == 1, recs[0]["binaries"]
+    shipped = corepipe(handler.config, server.env, "ship", "--once").stdout
+    assert all(f"shipped {rec['id']}" in shipped for rec in recs), shipped
+    held = objects(server, server.env, "images")
+    for rec, cid in zip(recs, ids):
+        assert f"images/node-c/docker/{cid}/{Path(rec['_dir']).name}/{RECORD}" in held
+    assert len([key for key in held if key.startswith("images/.build-id/")]) == len(
+        {e["build_id"] for rec in recs for e in rec["binaries"]["files"] if e["stored"]})
+    listed = json.loads(corepipe(handler.config, server.env, "list", "--remote", url, "--image",
+                                 docker_image.rsplit(":", 1)[0], "--json").stdout)
+    assert sorted(item["id"] for item in listed) == sorted(rec["id"] for rec in recs)
+    one = json.loads(corepipe(handler.config, server.env, "list", "--remote", url, "--container", ids[1][:12],
+                              "--json").stdout)
+    assert [item["id"] for item in one] == [recs[1]["id"]]
