@@ -119,9 +119,13 @@ class RemoteCatalog:
         if size > _MAX_RECORD:
             raise DestinationError(f"{path}/{RECORD} is {size} bytes, too large for a record")
         try:
-            return records.load(b"".join(chunks))
+            rec = records.load(b"".join(chunks))
         except ValueError as exc:
             raise DestinationError(f"{path}/{RECORD} is corrupt: {exc}") from None
+        crash = self._crash_name(self._key(path, RECORD))
+        if crash is None or rec.get("id") != crash.group(1):
+            raise DestinationError(f"{path}/{RECORD} has id {str(rec.get('id'))[:20]!r}, not the directory's")
+        return rec
 
     def fetch_core(self, path: str, crash_dir: str) -> None:
         """Download the core into ``crash_dir/core.zst`` (a new 0600 file); ``unpack`` then checks it."""
