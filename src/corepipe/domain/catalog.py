@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Optional
 
 from corepipe.domain import record as records
-from corepipe.platform.store import RECORD, open_dir
+from corepipe.platform.store import FAILED, RECORD, open_dir
 
 CRASH_DIR = re.compile(r"\d{8}T\d{6}Z-([0-9a-f]{12})")
 _MAX_RECORD = 64 << 20
@@ -47,13 +47,13 @@ def _open(parent_fd: int, name: str, path: str, problems: Optional[list]) -> Opt
 def crash_dirs(root_fd: int, root: str, problems: Optional[list]) -> Iterator[tuple]:
     """(fd of the parent directory, relative path components) of each crash directory."""
     for top in _subdirs(root_fd):
-        if top.startswith("."):
+        if top.startswith(".") and top != FAILED:
             continue  # .build-id and other store-level areas
         top_fd = _open(root_fd, top, os.path.join(root, top), problems)
         if top_fd is None:
             continue
         try:
-            if top == "host":
+            if top in ("host", FAILED):
                 yield from ((top_fd, (top, name)) for name in _subdirs(top_fd) if CRASH_DIR.fullmatch(name))
                 continue
             for container in _subdirs(top_fd):

@@ -4,6 +4,7 @@ Layout::
 
     <root>/host/<crash>/                 crashes of host processes
     <root>/<runtime>/<container>/<crash>/ crashes inside containers
+    <root>/.failed/<crash>/              crashes whose own directory could not be made (record only)
     <crash>/record.json, <crash>/core.zst
 
 Every directory is opened relative to its parent with O_NOFOLLOW, so a symlink
@@ -24,6 +25,9 @@ FILE_MODE = 0o600
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 RECORD = "record.json"
 CORE = "core.zst"
+#: Where a crash is filed when its own directory cannot be made (a link planted in its place, a full
+#: directory): laid out like ``host/``, so ``list`` shows it; its record says why.
+FAILED = ".failed"
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -24,7 +24,7 @@ from corepipe.platform import config as configuration
 from corepipe.platform import kernel
 from corepipe.platform.capture import STDIN, Capture, Timeout, on_alarm, release
 from corepipe.platform.log import ERR, INFO, WARNING, log
-from corepipe.platform.store import CORE, RECORD, CrashDir, Store
+from corepipe.platform.store import CORE, FAILED, RECORD, CrashDir, Store
 
 if TYPE_CHECKING:
     from corepipe.domain.binaries import HeldFiles
@@ -81,36 +81,67 @@ def _collect(args: kernel.KernelArgs, cfg: configuration.Config, errors: list, e
         log(f"error: pid {args.pid} ({args.comm!r}): cannot open the store {cfg.store}: {exc}; core not saved", ERR)
         return 1
     with store:
+        refused = None
         try:
             crash = store.new_crash(container.directory(), args.time)
         except OSError as exc:
-            log(f"error: pid {args.pid}: cannot create a crash directory: {exc}; core not saved", ERR)
-            return 1
+            refused = f"cannot create its directory under {'/'.join(container.directory())}: {exc}"
+            log(f"error: pid {args.pid}: {refused}; filing the record in {FAILED} without the core", ERR)
+            try:
+                crash = store.new_crash((FAILED,), args.time)
+            except OSError as again:
+                log(f"error: pid {args.pid}: cannot create a crash directory in {FAILED} either: {again}; "
+                    "nothing recorded", ERR)
+                return 1
         try:
-            return _store_crash(store, crash, args, cfg, snap, container, errors, early, held)
+            return _store_crash(store, crash, args, cfg, snap, container, errors, early, held, refused)
         finally:
             if held is not None:
-                held.close()
+                for message in held.close():
+                    log(f"error: pid {args.pid}: binaries: {message}", ERR)
             crash.close()
 
 
 def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Config,
                  snap: Optional[snapshot.Snapshot], container: containers.Container, errors: list,
-                 early: Capture, held: Optional[HeldFiles]) -> int:
+                 early: Capture, held: Optional[HeldFiles], refused: Optional[str]) -> int:
+    """File the crash in ``crash`` (with ``refused``, why its own directory could not be made: then no core)."""
     rec = record.build(crash_id=crash.id, args=args, snapshot=snap, container=container,
                        redact_env=cfg.redact_env)
     rec["collector"]["errors"] = errors
+    if refused is not None:
+        errors.append(refused)
     _write_record(crash, rec)  # a handler killed from here on still leaves a record
+    try:
+        return _file_crash(store, crash, args, cfg, snap, container, rec, early, held, refused)
+    except BaseException as exc:  # the time limit or a bug: the record must not stay at "collecting"
+        what = str(exc) if isinstance(exc, Timeout) else f"internal error {type(exc).__name__}: {exc}"
+        rec["status"] = "failed"
+        rec["collector"]["errors"].append(what)
+        try:
+            _write_record(crash, rec)
+        except OSError as write_error:
+            log(f"error: pid {args.pid}: cannot write the final record of {crash.id}: {write_error}", ERR)
+        raise
+
+
+def _file_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Config,
+                snap: Optional[snapshot.Snapshot], container: containers.Container, rec: dict, early: Capture,
+                held: Optional[HeldFiles], refused: Optional[str]) -> int:
+    errors = rec["collector"]["errors"]
     core = rec["core"]
     limit = args.core_limit_bytes() if cfg.honour_core_limit else None
     failed = bool(errors)
-    if limit == 0:
+    if refused is not None:
+        core["reason"] = f"not saved: the crash {refused}"
+    elif limit == 0:
         core["reason"] = "RLIMIT_CORE is 0"
     else:
         pending, core_failed = _policed_core(store, crash, args, cfg, snap, container.directory(), rec, limit, early)
         failed = _commit(store, crash, args, rec, pending) or core_failed or failed
     _let_go(early)  # also when no core is read: saving binaries need not keep the process
-    postmortem.finish(store, crash, rec, held, cfg, container.is_host)
+    if refused is None:
+        postmortem.finish(store, crash, rec, held, cfg, container.is_host)
     rec["status"] = "failed" if failed else "complete"
     rec["collector"]["duration"] = round(time.monotonic() - early.started, 6)
     rec["collector"]["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
