@@ -242,14 +242,15 @@ def test_setuid_dump_mode_2_stays_root_only(kernel_handler, crasher: Path, handl
 
 
 def test_secret_environment_is_redacted_by_default_and_configurable(kernel_handler, crasher: Path) -> None:
-    env = {"API_TOKEN": "hunter2-token", "DB_PASSWORD": "hunter2-pw", "HARMLESS": "visible-value"}
+    env = {"API_TOKEN": "hunter2-token", "DB_PASSWORD": "hunter2-pw", "HARMLESS": "visible-value",
+           "DATABASE_URL": "postgres://app:hunter2-url@db/app", "LANG": "C.UTF-8"}
     crash([str(crasher), "0", "secrets"], env=env)
     rec = kernel_handler.wait_record(lambda r: r["comm"] == "secrets")
     text = (Path(rec["_dir"]) / "record.json").read_text()
     assert "hunter2" not in text
-    assert {"API_TOKEN=<redacted>", "DB_PASSWORD=<redacted>", "HARMLESS=visible-value"} <= set(
-        rec["process"]["environ"])
-    kernel_handler.config.write_text(kernel_handler.config.read_text() + "redact_env = []\n")
+    assert {"API_TOKEN=<redacted>", "DB_PASSWORD=<redacted>", "HARMLESS=<redacted>", "DATABASE_URL=<redacted>",
+            "LANG=C.UTF-8"} <= set(rec["process"]["environ"])  # kept by allow-list (env_keep)
+    kernel_handler.config.write_text(kernel_handler.config.read_text() + 'env_keep = ["*"]\nredact_env = []\n')
     crash([str(crasher), "0", "plain"], env=env)
     rec = kernel_handler.wait_record(lambda r: r["comm"] == "plain")
     assert "API_TOKEN=hunter2-token" in rec["process"]["environ"]

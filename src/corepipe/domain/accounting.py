@@ -191,7 +191,7 @@ class Accounting:
 
     def _crash(self, fd: int, group: str, crash: str, contents: Contents) -> policy.Core:
         """A crash's time is when its core was written (crashes in the same second keep their order),
-        or the dump time in its name when it has no core."""
+        or the dump time in its name when it has no core; its size is every file in it (records count)."""
         core, size, when = None, 0, crash_time(crash)
         for name in os.listdir(fd):
             try:
@@ -200,8 +200,9 @@ class Accounting:
                 continue
             if not stat.S_ISREG(st.st_mode):
                 continue
+            size += st.st_blocks * 512
             if name in CORE_FILES:
-                core, size, when = name, st.st_blocks * 512, st.st_mtime
+                core, when = name, st.st_mtime
             elif TEMP_NAME.fullmatch(name):
                 contents.temps.append(Temp(group, crash, name, st.st_mtime))
         return policy.Core(group=group, crash=crash, size=size, time=when, file=core)

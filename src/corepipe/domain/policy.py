@@ -77,6 +77,7 @@ def plan(cores: list, lim: Limits, *, fs_free: int, reserved: int = 0, group: Op
     """
     result = Plan()
     remaining = sorted((c for c in cores if c.file), key=lambda c: (c.time, c.crash))
+    records_only = sum(c.size for c in cores if not c.file)  # crashes without a core take room too
     new = 1 if group is not None else 0
 
     def drop(core: Core, reason: str) -> None:
@@ -94,7 +95,7 @@ def plan(cores: list, lim: Limits, *, fs_free: int, reserved: int = 0, group: Op
     free = fs_free + sum(c.size for c, _ in result.delete)
 
     def used() -> int:
-        return sum(c.size for c in remaining) + reserved
+        return sum(c.size for c in remaining) + records_only + reserved
 
     while remaining:
         if lim.max_use and used() + want > lim.max_use:

@@ -107,7 +107,8 @@ def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: co
                  early: Capture, held: Optional[HeldFiles], refused: Optional[str]) -> int:
     """File the crash in ``crash`` (with ``refused``, why its own directory could not be made: then no core)."""
     rec = record.build(crash_id=crash.id, args=args, snapshot=snap, container=container,
-                       redact_env=cfg.redact_env)
+                       redact_env=cfg.redact_env, env_keep=cfg.env_keep, redact_args=cfg.redact_args,
+                       field_max=cfg.record_field_max)
     rec["collector"]["errors"] = errors
     if refused is not None:
         errors.append(refused)
@@ -180,6 +181,7 @@ def _policed_core(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: c
         return None, _not_saved(args, rec, f"storage accounting failed: {exc}")
     if not admission.budget:
         core["reason"] = admission.reason
+        record.omit_details(rec, "no core kept")  # a crash loop's records stay small
         return None, False
 
     def grow(needed: int, written: int) -> int:
