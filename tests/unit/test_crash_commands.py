@@ -239,15 +239,18 @@ def test_rm(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_debug_cleans_up_and_leaves_ctrl_c_to_the_debugger(store: Path, crashes: dict, tmp_path: Path) -> None:
-    """A stand-in debugger checks the core it got, sends Ctrl-C to corepipe, and exits 7."""
+    """A stand-in debugger hashes the core it got, sends Ctrl-C to corepipe, and exits 7; it sees only its
+    sandbox (the store and this test's directory are not there)."""
     _path, rec = crashes["web"]
-    seen = tmp_path / "seen"
-    script = (f'cmp -s "$0" {tmp_path / ("core-" + rec["id"])} && echo core-ok > {seen}; '
-              f'echo "$COREPIPE_SYSROOT" >> {seen}; kill -INT $PPID; sleep 0.2; exit 7')
+    script = (f'sha256sum "$0"; echo "$COREPIPE_SYSROOT"; ls -d {store} {tmp_path} >/dev/null 2>&1; echo $?; '
+              'kill -INT $PPID; sleep 0.2; exit 7')
+    temp = tmp_path / "t"
+    temp.mkdir()
     proc = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(tmp_path / "c.toml"), "debug",
                            "--debugger", f"sh -c {shlex.quote(script)}", rec["id"]],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "TMPDIR": str(temp)})
     assert proc.returncode == 7, proc.stderr
-    core_ok, sysroot_dir = seen.read_text().split()
-    assert core_ok == "core-ok" and sysroot_dir.endswith("/root")
-    assert not Path(sysroot_dir).parent.exists()
+    digest, sysroot_dir, listed = proc.stdout.split("\n")[:3]
+    assert digest.split() == [rec["core"]["sha256"], "/corepipe/core"] and sysroot_dir == "/corepipe/root"
+    assert listed == "2"  # ls: no such file, for both
+    assert list(temp.iterdir()) == []  # the work directory is gone

@@ -2,8 +2,12 @@
 
 The core is decompressed (and checked) into a private temporary directory with a sysroot of
 symlinks from the crashed process's paths to the saved copies in ``<store>/.build-id``, so
-gdb finds the container's files after the container and its image are gone. The directory
-is removed when the debugger exits, Ctrl-C included.
+gdb finds the container's files after the container and its image are gone. The debugger runs
+as root on names the crashed process chose (the libraries in the core's link map), so it runs in
+platform/sandbox.py's root: the system's read-only trees, the core at ``/corepipe/core``, the
+sysroot at ``/corepipe/root`` and the saved binaries, nothing else (a ``/../..`` in a name stops
+there), with the same gdb options as the collection-time backtrace. The directory is removed
+when the debugger exits, Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Optional
 
 from corepipe.commands import crashes
 from corepipe.domain import binaries
-from corepipe.platform import buildid, sysroot, unpack
+from corepipe.platform import buildid, sandbox, sysroot, unpack
 from corepipe.platform.errors import UserError
 
 HELP = "start gdb on a crash's core with its saved executable and libraries (default: the latest crash)"
@@ -78,19 +82,41 @@ def debugger_argv(debugger: str) -> list:
         argv = shlex.split(debugger)
     except ValueError as exc:
         raise UserError(f"--debugger {debugger!r}: {exc}", 2) from None
-    if not argv or shutil.which(argv[0]) is None:
+    found = shutil.which(argv[0]) if argv else None
+    if found is None:
         raise UserError(f"debugger {argv[0] if argv else debugger!r} not found; install gdb or pass --debugger CMD")
-    return argv
+    return [os.path.abspath(found)] + argv[1:]  # a path: it is bound at the same place in the sandbox
+
+
+#: Where the work directory's parts appear in the debugger's root.
+INSIDE = "/corepipe"
 
 
 def command(argv: list, extra: list, exe: Optional[str], core: str, root: str, search: list) -> list:
     argv = list(argv)
-    if os.path.basename(argv[0]).startswith("gdb"):
-        # The saved files come from the container: never let gdb run scripts or libthread_db from them.
-        argv += ["-q", "-iex", "set auto-load off", "-iex", "set libthread-db-search-path $sdir",
-                 "-iex", f"set sysroot {root}",
-                 "-iex", f"set solib-search-path {':'.join(search)}"]
-    return argv + extra + ([exe] if exe else []) + [core]
+    if not os.path.basename(argv[0]).startswith("gdb"):
+        return argv + extra + ([exe] if exe else []) + [core]
+    # The saved files come from the container: never let gdb run scripts or libthread_db from them.
+    argv += ["-q", *sandbox.GDB_OPTIONS, "-iex", f"set sysroot {root}",
+             "-iex", f"set solib-search-path {':'.join(search)}"]
+    return argv + extra + ([exe] if exe else []) + ["-c", core]  # -c: a lone core is not taken for an exe
+
+
+def _room(directory: str, rec: dict) -> None:
+    """Refuse before decompressing a core the filesystem cannot hold (a core of zero pages compresses 30000:1)."""
+    size = (rec.get("core") or {}).get("size") or 0
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    if size > free:
+        raise UserError(f"the core of crash {rec.get('id')} is {crashes.human_size(size)} uncompressed and "
+                        f"{directory} has {crashes.human_size(free)} free; set TMPDIR to a bigger filesystem")
+
+
+def _binds(store: str, links: list, made: dict) -> list:
+    """(host path, path inside) for the debugger's root: the saved binaries, and host files used in place."""
+    binds = [(os.path.join(store, binaries.AREA), os.path.join(store, binaries.AREA))]
+    binds += [(target, target) for path, target in links if path in made and not target.startswith(binds[0][0])]
+    return binds
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -106,6 +132,7 @@ def run(ns: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     work = tempfile.mkdtemp(prefix="corepipe-debug-")
     try:
+        _room(work, rec)
         core = os.path.join(work, "core")
         fd = os.open(core, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -117,13 +144,23 @@ def run(ns: argparse.Namespace) -> int:
             os.close(source)
         root = os.path.join(work, "root")
         os.mkdir(root, 0o700)
-        made = sysroot.build(root, links(store, rec))
-        search = sorted({os.path.dirname(link) for link in made.values()})
-        argv = command(debugger, extra, _executable(rec, made), core, root, search)
+        wanted = links(store, rec)
+        made = sysroot.build(root, wanted)
+        inside = {path: f"{INSIDE}/root/{os.path.relpath(link, root)}" for path, link in made.items()}
+        search = sorted({os.path.dirname(link) for link in inside.values()})
+        exe = _executable(rec, inside)
+        own = [path for path in (debugger[0], exe) if path and not path.startswith(f"{INSIDE}/")]
+        jail = sandbox.Jail(os.path.join(work, "jail"), [(core, f"{INSIDE}/core"), (root, f"{INSIDE}/root"),
+                                                          *_binds(store, wanted, made), *((p, p) for p in own)])
+        jail.prepare()
+        argv = command(debugger, extra, exe, f"{INSIDE}/core", f"{INSIDE}/root", search)
         # Ctrl-C is the debugger's: a no-op handler (not SIG_IGN, which the debugger would inherit).
         previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
         try:
-            return subprocess.run(argv, env={**os.environ, "COREPIPE_SYSROOT": root}).returncode
+            env = sandbox.debugger_env({**os.environ, "COREPIPE_SYSROOT": f"{INSIDE}/root"})
+            return subprocess.run(argv, env=env, cwd="/", preexec_fn=sandbox.preexec(jail, None)).returncode
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise UserError(f"cannot start the debugger in its sandbox: {exc} (run as root)") from None
         finally:
             signal.signal(signal.SIGINT, previous)
     finally:
