@@ -153,12 +153,14 @@ def test_list_filters(store: Path, crashes: dict, tmp_path: Path, capsys: pytest
 def test_list_table_when_piped(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, _err = cli(tmp_path, capsys, "list")
     lines = [line.split("\t") for line in out.splitlines()]
-    assert code == 0 and lines[0] == ["ID", "TIME", "CONTAINER", "POD", "PID", "SIGNAL", "COMM", "SIZE", "CORE"]
+    assert code == 0 and lines[0] == ["ID", "TIME", "CONTAINER", "POD", "PID", "SIGNAL", "COMM", "SIZE", "STORED",
+                                      "CORE"]
     rows = {row[6]: row for row in lines[1:]}
-    assert rows["hostd"][2] == "host" and rows["hostd"][8] == "present"
+    assert rows["hostd"][2] == "host" and rows["hostd"][9] == "present"
+    assert rows["hostd"][7] == "14K" and rows["hostd"][8] != "14K"  # uncompressed, then as stored
     assert rows["app"][2] == "web" and rows["app"][5] == "SIGABRT"
-    assert rows["api"][3] == "prod/api-7f" and rows["api"][7] == "-" and rows["api"][8] == "none"
-    assert all(len(row) == 9 for row in lines)
+    assert rows["api"][3] == "prod/api-7f" and rows["api"][7] == "-" and rows["api"][9] == "none"
+    assert all(len(row) == 10 for row in lines)
 
 
 def test_json_schema(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -144,3 +144,18 @@ def test_debug_refuses_a_core_bigger_than_its_temporary_filesystem(tmp_path: Pat
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert "32M uncompressed" in proc.stderr and "set TMPDIR" in proc.stderr
     assert leftovers == []
+
+
+def test_extract_refuses_a_core_bigger_than_the_target_filesystem(tmp_path: Path) -> None:
+    need(os.geteuid() == 0, "needs root to mount a small tmpfs")
+    from support import mounted_tmpfs
+
+    _store, _path, rec = _stored(tmp_path, b"\x7fELF" + bytes(32 << 20))
+    small = tmp_path / "small"
+    small.mkdir()
+    with mounted_tmpfs(small, "8m"):
+        proc = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(tmp_path / "c.toml"), "extract",
+                               rec["id"], "-o", str(small / "core")], capture_output=True, text=True, timeout=60)
+        leftovers = list(small.iterdir())
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "32M uncompressed" in proc.stderr and leftovers == []

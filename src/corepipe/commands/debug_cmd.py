@@ -102,16 +102,6 @@ def command(argv: list, extra: list, exe: Optional[str], core: str, root: str, s
     return argv + extra + ([exe] if exe else []) + ["-c", core]  # -c: a lone core is not taken for an exe
 
 
-def _room(directory: str, rec: dict) -> None:
-    """Refuse before decompressing a core the filesystem cannot hold (a core of zero pages compresses 30000:1)."""
-    size = (rec.get("core") or {}).get("size") or 0
-    st = os.statvfs(directory)
-    free = st.f_bavail * st.f_frsize
-    if size > free:
-        raise UserError(f"the core of crash {rec.get('id')} is {crashes.human_size(size)} uncompressed and "
-                        f"{directory} has {crashes.human_size(free)} free; set TMPDIR to a bigger filesystem")
-
-
 def _binds(store: str, links: list, made: dict) -> list:
     """(host path, path inside) for the debugger's root: the saved binaries, and host files used in place."""
     binds = [(os.path.join(store, binaries.AREA), os.path.join(store, binaries.AREA))]
@@ -132,7 +122,7 @@ def run(ns: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     work = tempfile.mkdtemp(prefix="corepipe-debug-")
     try:
-        _room(work, rec)
+        crashes.check_room(work, rec, "set TMPDIR to a bigger filesystem")
         core = os.path.join(work, "core")
         fd = os.open(core, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:

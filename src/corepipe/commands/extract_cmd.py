@@ -45,6 +45,7 @@ def run(ns: argparse.Namespace) -> int:
 def _to_file(source: int, rec: dict, output: str) -> None:
     """Write under a hidden temporary name beside ``output`` and rename: ``output`` is complete or untouched."""
     directory, name = os.path.split(os.path.abspath(output))
+    crashes.check_room(directory, rec, "write it to a bigger filesystem (or to a pipe: -o -)")
     tmp = os.path.join(directory, f".{name}.{os.urandom(4).hex()}.part")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
