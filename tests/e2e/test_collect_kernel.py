@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from support import CRASH_LINE, crash, decompress, gdb_backtrace, need_tool
+from support import CRASH_LINE, crash, decompress, gdb_backtrace, need_tool, wait_log
 
 
 def _check_core(rec: dict, tmp_path: Path, crasher: Path) -> bytes:
@@ -83,8 +83,7 @@ def test_small_core_limit_truncates(kernel_handler, crasher: Path, tmp_path: Pat
 def test_kernel_log_has_one_line_per_crash(kernel_handler, crasher: Path) -> None:
     crash([str(crasher), "0", "logged"])
     rec = kernel_handler.wait_record(lambda r: r["comm"] == "logged")
-    dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
-    lines = [line for line in dmesg.splitlines() if f"id {rec['id']}" in line]
+    lines = wait_log(f"id {rec['id']}")  # the handler logs after it writes the final record
     assert len(lines) == 1 and "corepipe" in lines[0] and "(logged)" in lines[0], lines
 
 

@@ -19,7 +19,6 @@ from support import (
     NO_RATE_LIMIT,
     collect_by_hand,
     crash,
-    dmesg_lines,
     installed_handler,
     set_core_limit,
     start_crash,
@@ -27,6 +26,7 @@ from support import (
 )
 
 from corepipe.domain import containers
+from corepipe.platform.store import FAILED
 
 
 def _store_entries(store: Path) -> set:
@@ -59,7 +59,7 @@ def test_hostile_comm_names(handler_dir: Path, crasher: Path) -> None:
         escaped = text.replace("/", "!")
         assert rec["comm"] == ("!" + escaped[1:] if escaped in (".", "..") else escaped), (rec["comm"], text)
         assert Path(rec["_dir"]).parent == handler.store / "host" and rec["core"]["stored"]
-        lines = dmesg_lines(f"id {rec['id']}")
+        lines = wait_log(f"id {rec['id']}")  # logged after the final record is written
         assert len(lines) == 1, lines
 
 
@@ -160,14 +160,17 @@ def test_planted_links_and_files_in_the_store(kernel_handler, crasher: Path, han
     (store / "host").symlink_to(elsewhere)
     proc = start_crash([str(crasher), "0", "hostlink"])
     proc.wait(timeout=60)
-    assert "a symlink?" in wait_log(f"pid {proc.pid}: cannot create a crash directory")[0]
+    assert "a symlink?" in wait_log(f"pid {proc.pid}: cannot create its directory under host")[0]
     assert list(elsewhere.iterdir()) == []
+    orphan = kernel_handler.wait_record(lambda r: r["comm"] == "hostlink")  # recorded, root-only, listed
+    assert Path(orphan["_dir"]).parent == store / FAILED and "a symlink?" in orphan["core"]["reason"]
 
     (store / "host").unlink()
     os.mkfifo(store / "host")
     proc = start_crash([str(crasher), "0", "hostfifo"])
     proc.wait(timeout=60)  # the handler must not block opening a FIFO
-    wait_log(f"pid {proc.pid}: cannot create a crash directory")
+    wait_log(f"pid {proc.pid}: cannot create its directory under host")
+    assert kernel_handler.wait_record(lambda r: r["comm"] == "hostfifo")["status"] == "failed"
     (store / "host").unlink()
     crash([str(crasher), "0", "healed"])
     assert kernel_handler.wait_record(lambda r: r["comm"] == "healed")["core"]["stored"]
