@@ -173,6 +173,7 @@ def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], cont
                                      field_max, "process.environ", truncated),
             "maps": text(snap.text("maps") if snap else None, "process.maps"),
             "mountinfo": text(snap.text("mountinfo") if snap else None, "process.mountinfo"),
+            "pidfd": snap.pidfd if snap else "absent",
             "trusted": snap.trusted if snap else False,
             "untrusted_reasons": list(snap.untrusted) if snap else ["no snapshot"],
             "errors": list(snap.errors) if snap else [],
