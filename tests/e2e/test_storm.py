@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import resource
@@ -15,7 +14,7 @@ from typing import Optional
 import pytest
 from cgroups import FakeContainers
 from runtimes import unique
-from support import installed_handler, mounted_tmpfs, need_tool
+from support import core_digest, installed_handler, mounted_tmpfs, need_tool
 
 FAKE_CONTAINERS, PER_CONTAINER, DOCKER = 10, 6, 4
 RATE = 5
@@ -57,7 +56,7 @@ def _check_store(store: Path, recs: list, zstd: str) -> None:
         assert core.exists() == r["core"]["stored"], r["core"]
         if r["core"]["stored"]:
             data = subprocess.run([zstd, "-q", "-d", "-c", str(core)], capture_output=True, check=True).stdout
-            assert hashlib.sha256(data).hexdigest() == r["core"]["sha256"] and len(data) == r["core"]["size"]
+            assert core_digest(data) == r["core"]["digest"] and len(data) == r["core"]["size"]
     assert not list(store.rglob(".*.tmp")), "temporary files left behind"
     assert json.loads((store / ".state.json").read_text())["reservations"] == {}
 

@@ -1,4 +1,4 @@
-"""``corepipe extract``: write a crash's decompressed core, checked against the sha256 in its record."""
+"""``corepipe extract``: write a crash's decompressed core, checked against the digest in its record."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import sys
 
 from corepipe.commands import crashes
-from corepipe.platform import unpack
+from corepipe.platform import digest, unpack
 from corepipe.platform.errors import UserError
 
 HELP = "write the decompressed core of a crash to a file or stdout (default: the latest crash)"
@@ -38,7 +38,8 @@ def run(ns: argparse.Namespace) -> int:
         raise UserError(f"{exc}; nothing complete was written") from None
     finally:
         os.close(source)
-    print(f"wrote {rec['core']['size']} bytes (sha256 verified) to {ns.output}", file=sys.stderr)
+    print(f"wrote {rec['core']['size']} bytes ({digest.stated(rec['core'])[0]} verified) to {ns.output}",
+          file=sys.stderr)
     return 0
 
 

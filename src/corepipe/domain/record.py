@@ -81,7 +81,7 @@ def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], cont
             "reason": None,
             "size": None,
             "compressed_size": None,
-            "sha256": None,
+            "digest": None,
             "truncated": False,
             "complete": None,
             "compression": "zstd",

@@ -1,25 +1,20 @@
 """Stream a core from a pipe through zstd into a file, hashing the uncompressed bytes on the way.
 
-Memory is bounded whatever the core's size: a ring of ``RING`` read buffers plus zstd's
-window and worker buffers (``JOB_SIZE`` jobs). The sha256 (about 0.7 s of one core per
-GiB) runs in its own thread on the same buffers, so it overlaps the reads and zstd's
-workers instead of adding to them (hashlib and zstd both release the GIL on big buffers).
-Measured choices are in the README, "Performance".
+Memory is bounded whatever the core's size: one read buffer plus zstd's window and worker
+buffers (``JOB_SIZE`` jobs). The digest (digest.py, XXH3-128: ~0.02 s of a core per GiB) is
+computed in the reading thread on the same buffer. Measured choices are in the README, "Performance".
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import queue
 import sys
-import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from corepipe.platform import digest
+
 CHUNK = 1 << 20
-#: Read buffers in flight between the reader and the hashing thread.
-RING = 4
 #: zstd's multi-threaded job size: its default (8 MiB at level 3) keeps ~45 MiB of job buffers;
 #: 2 MiB jobs keep the handler near 40 MiB in all at the same speed and a size within 0.001%.
 JOB_SIZE = 2 << 20
@@ -70,7 +65,8 @@ class CoreResult:
     #: Uncompressed bytes stored (after truncation), and compressed bytes written.
     size: int = 0
     compressed_size: int = 0
-    sha256: str = ""
+    #: The record's ``core.digest`` of the uncompressed bytes stored.
+    digest: Optional[dict] = None
     #: True when the core was cut at ``limit``; ``complete`` when the input was read to its end.
     truncated: bool = False
     complete: bool = False
@@ -103,8 +99,8 @@ class _Budget:
 def workers(threads: int) -> int:
     """zstd worker threads for the ``compression_threads`` setting; -1 picks by the CPUs this process may use.
 
-    The reader and the sha256 thread each want a core too: with 2 CPUs, zstd in the reading
-    thread (0 workers) was fastest and smallest; with more, one worker per CPU beyond the first.
+    The kernel, writing the core into the pipe, takes a core of its own: with 2 CPUs, zstd in the
+    reading thread (0 workers) was fastest and smallest; with more, one worker per CPU beyond the first.
     """
     if threads >= 0:
         return threads
@@ -119,34 +115,6 @@ def compressor(level: int = 3, threads: int = -1) -> object:
     if threads:
         options["job_size"] = JOB_SIZE
     return zstd.ZstdCompressor(compression_params=zstd.ZstdCompressionParameters.from_level(level, **options))
-
-
-class _Hasher:
-    """sha256 of the buffers handed to ``add``, computed in a thread; the buffer is free again after."""
-
-    def __init__(self, free: queue.SimpleQueue):
-        self.digest = hashlib.sha256()
-        self.free = free
-        self.work: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="sha256", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self.work.get()
-            if item is None:
-                return
-            view, n = item
-            self.digest.update(view[:n])
-            self.free.put(view)
-
-    def add(self, view: memoryview, n: int) -> None:
-        self.work.put((view, n))
-
-    def finish(self) -> str:
-        self.work.put(None)
-        self.thread.join()
-        return self.digest.hexdigest()
 
 
 class _Blocks:
@@ -191,35 +159,30 @@ def compress_stream(source_fd: int, target_fd: int, *, limit: Optional[int] = No
     ``grow`` gives no more)."""
     source = _Source(source_fd, prefix, eof)
     result = CoreResult()
-    free: queue.SimpleQueue = queue.SimpleQueue()
-    for _ in range(RING):
-        free.put(memoryview(bytearray(CHUNK)))
-    hasher = _Hasher(free)
+    view = memoryview(bytearray(CHUNK))
+    hasher = digest.new()
     head = bytearray()
-    try:
-        with open(target_fd, "wb", buffering=0, closefd=False) as raw:
-            target = raw if max_output is None else _Budget(raw, max_output, grow)
-            with compressor(level, threads).stream_writer(target, closefd=False, write_size=CHUNK) as writer:
-                feed = writer if workers(threads) else _Blocks(writer)  # with workers, a flush would end a job
-                while True:
-                    want = CHUNK if limit is None else min(CHUNK, limit - result.size)
-                    if want <= 0:
-                        # At the limit: a core of exactly ``limit`` bytes is complete, not truncated.
-                        result.complete = source.readinto(memoryview(bytearray(1))) == 0
-                        result.truncated = not result.complete
-                        break
-                    view = free.get()
-                    n = source.readinto(view[:want])
-                    if n == 0:
-                        result.complete = True
-                        break
-                    if len(head) < HEAD:
-                        head += view[:min(n, HEAD - len(head))]
-                    hasher.add(view, n)
-                    feed.write(view[:n])  # zstd has copied the bytes when this returns
-                    result.size += n
-    finally:
-        result.sha256 = hasher.finish()
+    with open(target_fd, "wb", buffering=0, closefd=False) as raw:
+        target = raw if max_output is None else _Budget(raw, max_output, grow)
+        with compressor(level, threads).stream_writer(target, closefd=False, write_size=CHUNK) as writer:
+            feed = writer if workers(threads) else _Blocks(writer)  # with workers, a flush would end a job
+            while True:
+                want = CHUNK if limit is None else min(CHUNK, limit - result.size)
+                if want <= 0:
+                    # At the limit: a core of exactly ``limit`` bytes is complete, not truncated.
+                    result.complete = source.readinto(memoryview(bytearray(1))) == 0
+                    result.truncated = not result.complete
+                    break
+                n = source.readinto(view[:want])
+                if n == 0:
+                    result.complete = True
+                    break
+                if len(head) < HEAD:
+                    head += view[:min(n, HEAD - len(head))]
+                hasher.update(view[:n])
+                feed.write(view[:n])  # zstd has copied the bytes when this returns
+                result.size += n
+    result.digest = {"algorithm": digest.ALGORITHM, "value": hasher.hexdigest()}
     result.compressed_size = os.fstat(target_fd).st_size
     result.head = bytes(head)
     return result

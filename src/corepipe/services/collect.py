@@ -189,7 +189,7 @@ def _write_core(crash: CrashDir, args: kernel.KernelArgs, cfg: configuration.Con
     whole = expected is None or result.size >= expected
     pending.fd, pending.tmp, pending.name = fd, tmp, CORE if whole else PARTIAL_CORE
     core.update(file=pending.name, stored=True, size=result.size, complete=whole,
-                compressed_size=result.compressed_size, sha256=result.sha256, truncated=result.truncated)
+                compressed_size=result.compressed_size, digest=result.digest, truncated=result.truncated)
     if result.truncated:
         core["reason"] = (f"truncated at RLIMIT_CORE ({limit} bytes)" if cap == limit
                           else f"truncated at max_core_size ({cap} bytes)")
