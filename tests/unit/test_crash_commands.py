@@ -199,7 +199,7 @@ def test_extract_verifies_an_old_record_by_its_sha256(store: Path, crashes: dict
     """A record written before core.digest states only core.sha256: extract checks that instead."""
     path, rec = crashes["web"]
     data = decompress(path / CORE, tmp_path / "plain")
-    del rec["core"]["digest"]
+    rec["core"]["digest"] = None
     rec["core"]["sha256"] = hashlib.sha256(data).hexdigest()
     (path / RECORD).write_bytes(record.dumps(rec))
     out = tmp_path / "web.core"

@@ -81,6 +81,7 @@ def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], cont
             "reason": None,
             "size": None,
             "compressed_size": None,
+            "sha256": None,  # in records before core.digest; kept, null: keys are only ever added
             "digest": None,
             "truncated": False,
             "complete": None,
