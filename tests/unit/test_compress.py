@@ -107,7 +107,7 @@ def test_workers_setting() -> None:
 
     assert workers(0) == 0 and workers(3) == 3
     cpus = len(os.sched_getaffinity(0))
-    assert workers(-1) == (0 if cpus <= 2 else cpus - 1)
+    assert workers(-1) == min(cpus, 2)
 
 
 @pytest.mark.parametrize("split", [0, 1, 1_500_000, 3_000_000])

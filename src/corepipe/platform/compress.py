@@ -15,9 +15,12 @@ from typing import Callable, Optional
 from corepipe.platform import digest
 
 CHUNK = 1 << 20
-#: zstd's multi-threaded job size: its default (8 MiB at level 3) keeps ~45 MiB of job buffers;
-#: 2 MiB jobs keep the handler near 40 MiB in all at the same speed and a size within 0.001%.
-JOB_SIZE = 2 << 20
+#: zstd's multi-threaded job size: its default (8 MiB at level 3) keeps ~45 MiB of job buffers; with
+#: 2 workers, 2 MiB jobs took the handler to 54 MiB, 1 MiB jobs keep it near 40 MiB (size within 0.002%).
+JOB_SIZE = 1 << 20
+#: Workers at most for ``compression_threads = -1``: each adds ~7 MiB, and two already compress faster
+#: than the kernel fills the pipe.
+MAX_WORKERS = 2
 #: With no zstd workers the input goes in as blocks of this many bytes, each ended by FLUSH_BLOCK: just
 #: under zstd's 128 KiB block maximum, so libzstd 1.5.7's pre-splitter (it splits full 128 KiB blocks
 #: once a frame has saved bytes, and python-zstandard cannot turn it off) never cuts a block in two.
@@ -99,13 +102,14 @@ class _Budget:
 def workers(threads: int) -> int:
     """zstd worker threads for the ``compression_threads`` setting; -1 picks by the CPUs this process may use.
 
-    The kernel, writing the core into the pipe, takes a core of its own: with 2 CPUs, zstd in the
-    reading thread (0 workers) was fastest and smallest; with more, one worker per CPU beyond the first.
+    One per CPU, up to MAX_WORKERS, like the zstd CLI's ``-T0``. With the digest cheap, zstd is
+    the handler's work; on a busy host the scheduler shares the CPUs per thread (a kernel-started
+    handler is in no autogroup), and a handler compressing in its reading thread alone got half
+    the share the CLI's three threads got (README, "Performance").
     """
     if threads >= 0:
         return threads
-    cpus = len(os.sched_getaffinity(0))
-    return 0 if cpus <= 2 else cpus - 1
+    return min(len(os.sched_getaffinity(0)), MAX_WORKERS)
 
 
 def compressor(level: int = 3, threads: int = -1) -> object:
