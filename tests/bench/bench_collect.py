@@ -120,16 +120,17 @@ class Bench:
                 rec = json.loads(rec_path.read_text())
                 core = rec_path.parent / "core.zst"
                 if rec.get("status") == "complete" and core.exists():
-                    found.append((rec["core"]["size"], core.stat().st_size, rec["collector"].get("peak_rss")))
+                    found.append((rec["core"]["size"], core.stat().st_size, rec["collector"].get("peak_rss"),
+                                  rec["container"]["runtime"]))
             shutil.rmtree(self.store, ignore_errors=True)
         elif handler == "systemd-coredump":
             for path in SYSTEMD_STORE.glob("core.crasher.*"):
-                found.append((None, path.stat().st_size, None))
+                found.append((None, path.stat().st_size, None, None))
                 path.unlink()
         else:
             for path in self.out.iterdir():
                 found.append((None, path.stat().st_blocks * 512 if handler == "kernel" else path.stat().st_size,
-                              None))
+                              None, None))
                 path.unlink()
         return found
 
@@ -323,6 +324,7 @@ def run_case(bench: Bench, handler: str, mib: int, count: int, container: Option
         "stored_bytes": sum(s[1] for s in stored),
         "core_bytes": sum(s[0] for s in stored if s[0] is not None) or None,
         "self_reported_peak_rss": max((s[2] for s in stored if s[2] is not None), default=None),
+        "runtimes": sorted({s[3] for s in stored if s[3] is not None}),
     }
 
 
@@ -393,6 +395,9 @@ def report(results: dict) -> None:
                   f"{_fmt(s['median_paired_ratio_to_zstd']):>7} {s['spread']:7.0%} {_fmt(cpu, 3):>7} "
                   f"{_fmt(s['cpu_ratio_to_zstd']):>7} {rss:>9} {s['median_stored_bytes'] / MIB:10.1f} "
                   f"{_fmt(size_ratio):>7} {_fmt(s['paired_ratio_to_host']):>7} {s['min_collected']:>5}/{count}")
+            wanted = CONTAINER_CASES.get(case, "host")
+            if handler == "corepipe" and any(r["runtimes"] != [wanted] for r in s["runs"]):
+                warnings.append(f"warning: {case} {handler}: a record's container.runtime was not {wanted!r}")
             for what, summary in (("", s), (" (on the host)", s.get("host"))):
                 if summary and summary["spread"] > SPREAD:
                     times = [r["seconds"] for r in summary["runs"]]
