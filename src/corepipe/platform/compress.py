@@ -15,9 +15,9 @@ from typing import Callable, Optional
 from corepipe.platform import digest
 
 CHUNK = 1 << 20
-#: zstd's multi-threaded job size: its default (8 MiB at level 3) keeps ~45 MiB of job buffers; with
-#: 2 workers, 2 MiB jobs took the handler to 54 MiB, 1 MiB jobs keep it near 40 MiB (size within 0.002%).
-JOB_SIZE = 1 << 20
+#: zstd's multi-threaded job size. With 2 workers, libzstd's own (8 MiB at level 3) took the handler to
+#: 91 MiB and 4 MiB jobs to 79; 2 MiB jobs keep it near 50 MiB, and 1 MiB jobs (37 MiB) were slower.
+JOB_SIZE = 2 << 20
 #: Workers at most for ``compression_threads = -1``: each adds ~7 MiB, and two already compress faster
 #: than the kernel fills the pipe.
 MAX_WORKERS = 2
