@@ -306,23 +306,27 @@ FIRST_RESERVATION = 1 << 20
 GROW_STEP = 8 << 20
 
 
-def admit(store: Store, cfg: Config, *, crash_id: str, group: tuple, exe: str, want: Optional[int]) -> Admission:
-    """Decide under the lock whether this crash's core is stored, make room for ``want`` bytes, reserve it."""
+def admit(store: Store, cfg: Config, *, crash_id: str, group: tuple, exe: str, want: Optional[int],
+          signature: Optional[str] = None) -> Admission:
+    """Decide under the lock whether this crash's core is stored, make room for ``want`` bytes, reserve it.
+    ``signature`` (the crash site's, known before the core is read) is limited across all containers."""
     now = time.time()
     with Accounting(store) as acc:
         state = acc.load_state()
         rates = state.setdefault("rate", {})
-        keys = rate_keys(group, exe)
-        limits_by_key = {"container": cfg.rate_limit_container, "executable": cfg.rate_limit_exe}
+        keys = rate_keys(group, exe) + ([("signature", f"signature:{signature}")] if signature else [])
+        limits_by_key = {"container": (cfg.rate_limit_container, cfg.rate_limit_window),
+                         "executable": (cfg.rate_limit_exe, cfg.rate_limit_window),
+                         "signature": (cfg.signature_max_cores, cfg.signature_window)}
         for what, key in keys:
-            allowed, recent = policy.rate_allows(rates.get(key, []), now=now, window=cfg.rate_limit_window,
-                                                 limit=limits_by_key[what])
+            limit, window = limits_by_key[what]
+            allowed, recent = policy.rate_allows(rates.get(key, []), now=now, window=window, limit=limit)
             rates[key] = recent
             if not allowed:
                 _forget_idle(rates)
                 acc.save_state(state)
                 return Admission(reason=f"rate limited: {len(recent)} cores of this {what} in the last "
-                                        f"{cfg.rate_limit_window} s (limit {limits_by_key[what]})")
+                                        f"{window} s (limit {limit})")
         want = min(want or FIRST_RESERVATION, FIRST_RESERVATION)
         budget, limited_by = _reserve(acc, state, cfg, crash_id, group, want, written=0)
         if budget < MIN_BUDGET:

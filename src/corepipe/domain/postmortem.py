@@ -1,8 +1,10 @@
 """The optional work of ``collect`` around the core: hold the process's files, then save them and a backtrace.
 
 The files are opened by capture.py while the process exists, before it is known whether they
-will be used; ``hold`` keeps them or closes them. ``finish`` runs after the core is committed. Nothing here may fail the
-collection: every error ends up in the record (``binaries.errors``, ``backtrace.error``) and the log.
+will be used; ``hold`` keeps them or closes them. ``presign`` gives the crash its crash-site signature
+before the core is read; ``finish`` runs after the core is committed and replaces it with the
+backtrace's when there is one. Nothing here may fail the collection: every error ends up in the
+record (``binaries.errors``, ``backtrace.error``, ``collector.errors``) and the log.
 """
 
 from __future__ import annotations
@@ -27,10 +29,77 @@ def hold(snap: Optional[Snapshot], cfg: Config, entries: list, errors: list) -> 
     return binaries.held(entries, errors)
 
 
+def presign(rec: dict, core_head: memoryview, held: Optional[binaries.HeldFiles]) -> None:
+    """``rec["signature"]`` from the crash site (the faulting instruction in the core's notes, placed with the
+    captured maps): known before the core is read, so the storage policy can count cores per signature."""
+    from corepipe.domain import signature
+    from corepipe.platform import elfcore
+
+    try:
+        rec["signature"] = signature.from_site(rec, elfcore.crash_site(core_head), _modules(rec, held),
+                                               "no backtrace yet")
+        rec["signature"]["site"] = rec["signature"]["hash"]
+    except Exception as exc:  # noqa: BLE001 - as above
+        rec["collector"]["errors"].append(f"signature: {exc}")
+        log(f"error: pid {rec.get('pid')}: signature: {type(exc).__name__}: {exc}", ERR)
+
+
+def _modules(rec: dict, held: Optional[binaries.HeldFiles]):  # -> signature.Modules (imported late)
+    """The crashed process's mappings and build-ids: from ``binaries`` once saved, else read from the held files."""
+    from corepipe.domain import signature
+    from corepipe.platform import buildid
+
+    files = (rec.get("binaries") or {}).get("files")
+    if files:
+        ids = {f["path"]: f["build_id"] for f in files if f.get("build_id")}
+        exe = next((f["path"] for f in files if f.get("exe")), None)
+    else:
+        entries = held.files if held is not None else []
+        ids = {h.path: bid for h in entries for bid in [buildid.read(h.fd)] if bid}
+        exe = next((h.path for h in entries if h.exe), None)
+    return signature.Modules((rec.get("process") or {}).get("maps"), ids, exe)
+
+
+def _sign(rec: dict, held: Optional[binaries.HeldFiles], cfg: Config) -> None:
+    """The backtrace's signature in place of the crash site's, or the crash site's with why there are no frames."""
+    from corepipe.domain import signature
+
+    site = rec.get("signature")
+    if site is None:
+        return
+    trace = rec.get("backtrace")
+    modules = _modules(rec, held)
+    result = None
+    if trace and trace.get("frames"):
+        result = signature.from_frames(rec, trace["frames"], modules)
+    if result is None:
+        result = dict(site, fallback_reason=_no_frames(rec, held, cfg))
+    result["site"] = site.get("site")
+    rec["signature"] = result
+
+
+def _no_frames(rec: dict, held: Optional[binaries.HeldFiles], cfg: Config) -> str:
+    trace = rec.get("backtrace")
+    if not cfg.backtrace:
+        return "backtrace is off (config backtrace = false)"
+    if held is None:
+        return "no backtrace: the crashed process's snapshot is not trusted, so its files were not held"
+    if not rec["core"]["stored"]:
+        return f"no backtrace: no core stored ({rec['core'].get('reason')})"
+    if trace is None:
+        return "no backtrace: neither gdb nor eu-stack is installed"
+    if trace.get("error"):
+        return f"no backtrace: {trace['error']}"
+    if trace.get("frames") is None:
+        return f"{trace.get('tool')} gave no frames of the crashing thread"
+    return "no frame of the crashing thread is left after the skip rules"
+
+
 def finish(store: Store, crash: CrashDir, rec: dict, held: Optional[binaries.HeldFiles], cfg: Config,
            is_host: bool) -> None:
-    """Fill ``binaries`` and ``backtrace`` in ``rec``; closes ``held``."""
+    """Fill ``binaries``, ``backtrace`` and the final ``signature`` in ``rec``; closes ``held``."""
     if held is None:
+        _signed(rec, held, cfg)
         return
     try:
         if cfg.binaries:
@@ -54,4 +123,13 @@ def finish(store: Store, crash: CrashDir, rec: dict, held: Optional[binaries.Hel
         rec["collector"]["errors"].append(f"binaries/backtrace: {exc}")
         log(f"error: pid {rec.get('pid')}: binaries/backtrace: {type(exc).__name__}: {exc}", ERR)
     finally:
+        _signed(rec, held, cfg)
         held.close()
+
+
+def _signed(rec: dict, held: Optional[binaries.HeldFiles], cfg: Config) -> None:
+    try:
+        _sign(rec, held, cfg)
+    except Exception as exc:  # noqa: BLE001 - as above
+        rec["collector"]["errors"].append(f"signature: {exc}")
+        log(f"error: pid {rec.get('pid')}: signature: {type(exc).__name__}: {exc}", ERR)

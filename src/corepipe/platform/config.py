@@ -54,6 +54,10 @@ class Config:
     rate_limit_container: int = 10
     rate_limit_exe: int = 5
     rate_limit_window: int = 600
+    #: Keep only the first signature_max_cores cores of one crash-site signature (domain/signature.py) within
+    #: signature_window seconds, across all containers; later crashes of it get a record only. 0: no limit.
+    signature_max_cores: int = 0
+    signature_window: int = 3600
     #: ``corepipe prune`` deletes crashes older than this many days; 0: keep them.
     max_age_days: int = 30
     #: The path it was loaded from, or None for the built-in defaults.
@@ -116,7 +120,8 @@ def _validate(name: str, value: object, where: str) -> None:
 
 
 _NOT_NEGATIVE = ("container_max_cores", "container_max_bytes", "max_core_size", "rate_limit_container",
-                 "rate_limit_exe", "rate_limit_window", "max_age_days")
+                 "rate_limit_exe", "rate_limit_window", "max_age_days", "signature_max_cores",
+                 "signature_window")
 
 
 def load(path: Optional[str] = None, problems: Optional[list] = None) -> Config:

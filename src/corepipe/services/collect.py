@@ -100,6 +100,7 @@ def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: co
     rec = record.build(crash_id=crash.id, args=args, snapshot=snap, container=container,
                        redact_env=cfg.redact_env)
     rec["collector"]["errors"] = errors
+    postmortem.presign(rec, early.core, held)
     _write_record(crash, rec)  # a handler killed from here on still leaves a record
     core = rec["core"]
     limit = args.core_limit_bytes() if cfg.honour_core_limit else None
@@ -144,7 +145,8 @@ def _policed_core(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: c
     want = policy.estimate(_kib(status.get("VmRSS"), status.get("VmSwap")), _kib(status.get("VmSize")), cap)
     try:
         admission = accounting.admit(store, cfg, crash_id=crash.id, group=group,
-                                     exe=rec["exe"] or args.comm or "", want=want)
+                                     exe=rec["exe"] or args.comm or "", want=want,
+                                     signature=(rec.get("signature") or {}).get("site"))
     except (OSError, Timeout) as exc:
         return None, _not_saved(args, rec, f"storage accounting failed: {exc}")
     if not admission.budget:
