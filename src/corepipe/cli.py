@@ -24,6 +24,7 @@ COMMANDS = {
     "status": "status_cmd",
     "selftest": "selftest_cmd",
     "prune": "prune_cmd",
+    "metrics": "metrics_cmd",
 }
 
 

@@ -58,6 +58,8 @@ class Config:
     #: signature_window seconds, across all containers; later crashes of it get a record only. 0: no limit.
     signature_max_cores: int = 0
     signature_window: int = 3600
+    #: ``corepipe metrics``: signatures with a label of their own (the most crashes); the rest count as "other".
+    metrics_max_signatures: int = 50
     #: ``corepipe prune`` deletes crashes older than this many days; 0: keep them.
     max_age_days: int = 30
     #: The path it was loaded from, or None for the built-in defaults.
@@ -121,7 +123,7 @@ def _validate(name: str, value: object, where: str) -> None:
 
 _NOT_NEGATIVE = ("container_max_cores", "container_max_bytes", "max_core_size", "rate_limit_container",
                  "rate_limit_exe", "rate_limit_window", "max_age_days", "signature_max_cores",
-                 "signature_window")
+                 "signature_window", "metrics_max_signatures")
 
 
 def load(path: Optional[str] = None, problems: Optional[list] = None) -> Config:

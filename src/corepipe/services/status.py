@@ -15,7 +15,7 @@ HEALTHY, NOT_INSTALLED, DRIFTED, BROKEN = 0, 3, 4, 5
 RECENT = 5
 
 
-def _disk_use(root: str) -> int:
+def disk_use(root: str) -> int:
     """Bytes allocated under ``root``; links are not followed."""
     total = 0
     for directory, _dirs, files in os.walk(root):
@@ -35,7 +35,7 @@ def store_summary(root: str, recent: int = RECENT) -> dict:
         return summary
     vfs = os.statvfs(root)
     summary["free_bytes"] = vfs.f_bavail * vfs.f_frsize
-    summary["used_bytes"] = _disk_use(root)
+    summary["used_bytes"] = disk_use(root)
     groups: dict = {}
     crashes = []
     problems: list = []
