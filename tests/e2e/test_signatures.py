@@ -20,7 +20,8 @@ import pytest
 from runtimes import unique
 from support import HERE, NO_RATE_LIMIT, crash, installed_handler, need, need_tool, short_tempdir, wait_for
 
-#: The loop's crashes, of which the policy keeps the first LOOP_CORES cores.
+#: The loop's crashes, of which the policy keeps the first LOOP_CORES cores (as many as bugs.c's crashes at
+#: write_site that must have a core: they share one crash site).
 LOOP, LOOP_CORES = 6, 4
 MODES = ("near-a", "near-b", "deep-a", "deep-b", "other", "abort", "handler")
 
@@ -62,6 +63,7 @@ def crashed(tmp_path_factory: pytest.TempPathFactory, crasher: Path, docker_imag
             containers = [_docker_crash(docker_image) for _ in range(2)]
             for mode in MODES:
                 crash([str(programs["bugs"]), mode, mode])
+            crash([str(programs["bugs"]), "near-a", "nocore"], core_limit=0)
             for mode in ("near-a", "near-a", "other"):
                 crash([str(programs["stripped"]), mode, "s-" + mode])
             for _ in range(LOOP):
@@ -71,7 +73,7 @@ def crashed(tmp_path_factory: pytest.TempPathFactory, crasher: Path, docker_imag
                      "containers": [handler.wait_record(lambda r, c=c: r["container"]["id"] == c) for c in containers]}
             for mode in MODES:
                 found[mode] = handler.wait_record(lambda r, m=mode: r["comm"] == m)
-            for comm, count in (("s-near-a", 2), ("s-other", 1), ("loop", LOOP), ("newbug", 1)):
+            for comm, count in (("nocore", 1), ("s-near-a", 2), ("s-other", 1), ("loop", LOOP), ("newbug", 1)):
                 wait_for(lambda c=comm, n=count: len([r for r in handler.records() if r["comm"] == c
                                                       and r["status"] != "collecting"]) == n, 60, f"{count} {comm}")
         found["records"] = handler.records()
@@ -139,6 +141,33 @@ def test_stripped_binary_gets_a_stable_build_id_offset_signature(crashed: dict) 
     # The same code: the offsets are those of the unstripped build's functions (one file, two names).
     unstripped = subprocess.run(["nm", str(Path(crashed["near-a"]["exe"]))], capture_output=True, text=True).stdout
     assert " write_site" in unstripped
+
+
+def test_without_a_backtrace_the_crash_site_stands_in(crashed: dict) -> None:
+    rec = _by_comm(crashed, "nocore")[0]
+    sig = rec["signature"]
+    assert rec["core"]["stored"] is False and "backtrace" not in rec
+    assert sig["source"] == "crash site" and sig["fallback_reason"] == "no backtrace: no core stored (RLIMIT_CORE is 0)"
+    build_id = next(f["build_id"] for f in rec["binaries"]["files"] if f["exe"])
+    match = re.fullmatch(rf"bugs@{build_id[:16]} SIGSEGV: at bugs@{build_id[:16]}\+(0x[0-9a-f]+)", sig["text"])
+    assert match, sig
+    # The faulting instruction (from the core's NT_PRSTATUS note, placed with the maps captured at the crash)
+    # is inside write_site: its file offset, through the exe's mapping, against the symbol table.
+    symbols = subprocess.run(["nm", "-S", rec["exe"]], capture_output=True, text=True, check=True).stdout
+    address, size = next((int(a, 16), int(n, 16)) for a, n, _t, name in (line.split() for line in
+                         symbols.splitlines() if len(line.split()) == 4) if name == "write_site")
+    start, offset = next((int(line.split("-")[0], 16), int(line.split()[2], 16))
+                         for line in rec["process"]["maps"].splitlines()
+                         if line.endswith(rec["exe"]) and int(line.split("-")[0], 16) <= address
+                         < int(line.split()[0].split("-")[1], 16))
+    assert address - start + offset <= int(match.group(1), 16) < address - start + offset + size
+    # Its crash site is that of the backtraced crashes of write_site; they have four signatures between them,
+    # so it joins none of their groups.
+    assert sig["site"] == crashed["near-a"]["signature"]["site"]
+    from corepipe.domain.signature import keys
+
+    assert keys([crashed["near-a"], crashed["near-b"], rec]) == [crashed["near-a"]["signature"]["hash"],
+                                                               crashed["near-b"]["signature"]["hash"], sig["hash"]]
 
 
 def test_crash_loop_keeps_the_first_cores_of_its_signature(crashed: dict) -> None:
