@@ -18,24 +18,12 @@ from pathlib import Path
 
 import pytest
 from runtimes import unique
-from support import HERE, NO_RATE_LIMIT, crash, installed_handler, need, need_tool, short_tempdir, wait_for
+from support import NO_RATE_LIMIT, crash, installed_handler, need_tool, short_tempdir, wait_for
 
 #: The loop's crashes, of which the policy keeps the first LOOP_CORES cores (as many as bugs.c's crashes at
 #: write_site that must have a core: they share one crash site).
 LOOP, LOOP_CORES = 6, 4
 MODES = ("near-a", "near-b", "deep-a", "deep-b", "other", "abort", "handler")
-
-
-def _build(directory: Path) -> dict:
-    gcc = shutil.which("gcc")
-    need(gcc is not None, "needs gcc to build tests/bugs.c")
-    bugs = directory / "bugs"
-    subprocess.run([gcc, "-g", "-O0", "-static", "-o", str(bugs), str(HERE / "bugs.c")], check=True)
-    stripped = directory / "bugs-stripped"
-    subprocess.run(["strip", "-o", str(stripped), str(bugs)], check=True)
-    looper = directory / "looper"
-    shutil.copy2(bugs, looper)
-    return {"bugs": bugs, "stripped": stripped, "looper": looper}
 
 
 def _docker_crash(image: str) -> str:
@@ -51,9 +39,9 @@ def _docker_crash(image: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def crashed(tmp_path_factory: pytest.TempPathFactory, crasher: Path, docker_image: str) -> dict:
+def crashed(bugs: dict, crasher: Path, docker_image: str) -> dict:
     need_tool("gdb")
-    programs = _build(tmp_path_factory.mktemp("bugs"))
+    programs = bugs
     workdir = short_tempdir()
     workdir.chmod(0o755)
     config = NO_RATE_LIMIT + f"signature_max_cores = {LOOP_CORES}\n"

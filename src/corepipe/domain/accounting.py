@@ -281,8 +281,11 @@ def _valid_state(state: object) -> dict:
         return {}
     rates = state.get("rate")
     reservations = state.get("reservations")
+    signatures = state.get("signatures")
     return {"rate": {k: v for k, v in rates.items() if isinstance(v, list)} if isinstance(rates, dict) else {},
-            "reservations": reservations if isinstance(reservations, dict) else {}}
+            "reservations": reservations if isinstance(reservations, dict) else {},
+            "signatures": ({k: v for k, v in signatures.items() if isinstance(v, (int, float))}
+                           if isinstance(signatures, dict) else {})}
 
 
 def rate_keys(group: tuple, exe: str) -> list:

@@ -116,6 +116,8 @@ def _store_crash(store: Store, crash: CrashDir, args: kernel.KernelArgs, cfg: co
     rec["collector"]["duration"] = round(time.monotonic() - early.started, 6)
     rec["collector"]["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     _write_final(store, crash, args, rec)
+    if cfg.notify_command:
+        _notify(store, crash, args, rec, cfg)
     where = "/".join(container.directory())
     what = (f"core {core['size']} bytes -> {core['compressed_size']}" if core["stored"]
             else f"no core ({core['reason']})")
@@ -252,6 +254,20 @@ def _locked(store: Store, args: kernel.KernelArgs, crash: CrashDir) -> Iterator[
         return
     with lock:
         yield lock
+
+
+def _notify(store: Store, crash: CrashDir, args: kernel.KernelArgs, rec: dict, cfg: configuration.Config) -> None:
+    """The hook for a new signature (domain/notify.py), once the record is final; what it did goes in the record."""
+    from corepipe.domain import notify
+
+    try:
+        result = notify.after_collection(store, rec, cfg)
+    except OSError as exc:
+        result = {"error": f"cannot decide whether the signature is new: {exc}"}
+        log(f"error: pid {args.pid}: notify_command: {result['error']}", ERR)
+    if result is not None:
+        rec["notify"] = result
+        _write_final(store, crash, args, rec)
 
 
 def _not_saved(args: kernel.KernelArgs, rec: dict, reason: str) -> bool:
