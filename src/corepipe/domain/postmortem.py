@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from corepipe.domain import binaries
+from corepipe.domain import binaries, signature
 from corepipe.domain.snapshot import Snapshot
+from corepipe.platform import buildid, elfcore
 from corepipe.platform.config import Config
 from corepipe.platform.log import ERR, WARNING, log
 from corepipe.platform.store import CrashDir, Store
@@ -32,38 +33,36 @@ def hold(snap: Optional[Snapshot], cfg: Config, entries: list, errors: list) -> 
 def presign(rec: dict, core_head: memoryview, held: Optional[binaries.HeldFiles]) -> None:
     """``rec["signature"]`` from the crash site (the faulting instruction in the core's notes, placed with the
     captured maps): known before the core is read, so the storage policy can count cores per signature."""
-    from corepipe.domain import signature
-    from corepipe.platform import elfcore
-
     try:
-        rec["signature"] = signature.from_site(rec, elfcore.crash_site(core_head), _modules(rec, held),
-                                               "no backtrace yet")
+        site = elfcore.crash_site(core_head)
+        maps = (rec.get("process") or {}).get("maps")
+        found = signature.Modules(maps, {}, None).locate(site["pc"]) if site else None
+        # Only the two files it names: for a big core this runs before the kernel is let go.
+        modules = _modules(rec, held, only={found[0]} if found else set())
+        rec["signature"] = signature.from_site(rec, site, modules, "no backtrace yet")
         rec["signature"]["site"] = rec["signature"]["hash"]
-    except Exception as exc:  # noqa: BLE001 - as above
+    except Exception as exc:  # noqa: BLE001 - a signature must never fail the collection
         rec["collector"]["errors"].append(f"signature: {exc}")
         log(f"error: pid {rec.get('pid')}: signature: {type(exc).__name__}: {exc}", ERR)
 
 
-def _modules(rec: dict, held: Optional[binaries.HeldFiles]):  # -> signature.Modules (imported late)
-    """The crashed process's mappings and build-ids: from ``binaries`` once saved, else read from the held files."""
-    from corepipe.domain import signature
-    from corepipe.platform import buildid
-
+def _modules(rec: dict, held: Optional[binaries.HeldFiles], only: Optional[set] = None) -> signature.Modules:
+    """The crashed process's mappings and build-ids: from ``binaries`` once saved, else read from the held files
+    (of the executable and the paths in ``only``, if given)."""
     files = (rec.get("binaries") or {}).get("files")
     if files:
         ids = {f["path"]: f["build_id"] for f in files if f.get("build_id")}
         exe = next((f["path"] for f in files if f.get("exe")), None)
     else:
         entries = held.files if held is not None else []
-        ids = {h.path: bid for h in entries for bid in [buildid.read(h.fd)] if bid}
+        ids = {h.path: bid for h in entries if only is None or h.exe or h.path in only
+               for bid in [buildid.read(h.fd)] if bid}
         exe = next((h.path for h in entries if h.exe), None)
     return signature.Modules((rec.get("process") or {}).get("maps"), ids, exe)
 
 
 def _sign(rec: dict, held: Optional[binaries.HeldFiles], cfg: Config) -> None:
     """The backtrace's signature in place of the crash site's, or the crash site's with why there are no frames."""
-    from corepipe.domain import signature
-
     site = rec.get("signature")
     if site is None:
         return
@@ -130,6 +129,6 @@ def finish(store: Store, crash: CrashDir, rec: dict, held: Optional[binaries.Hel
 def _signed(rec: dict, held: Optional[binaries.HeldFiles], cfg: Config) -> None:
     try:
         _sign(rec, held, cfg)
-    except Exception as exc:  # noqa: BLE001 - as above
+    except Exception as exc:  # noqa: BLE001 - a signature must never fail the collection
         rec["collector"]["errors"].append(f"signature: {exc}")
         log(f"error: pid {rec.get('pid')}: signature: {type(exc).__name__}: {exc}", ERR)
