@@ -33,11 +33,15 @@ def run(ns: argparse.Namespace) -> int:
         try:
             metrics.write_textfile(ns.textfile, cfg)
         except OSError as exc:
-            raise UserError(f"cannot write {ns.textfile}/{metrics.TEXTFILE}: {exc.strerror or exc}") from None
+            raise UserError(f"cannot write {ns.textfile}/{metrics.TEXTFILE} from the store {cfg.store}: "
+                            f"{exc.strerror or exc} (run as root)") from None
         return 0
     if ns.listen is not None:
         return _serve(metrics, ns.listen, cfg)
-    body, _content_type = metrics.render(cfg)
+    try:
+        body, _content_type = metrics.render(cfg)
+    except OSError as exc:
+        raise UserError(f"cannot read the store {cfg.store}: {exc.strerror or exc} (run as root)") from None
     sys.stdout.write(body.decode())
     return 0
 
