@@ -185,6 +185,13 @@ def wait_log(needle: str) -> list:
     return wait_for(lambda: dmesg_lines(needle), 30, f"a log line with {needle!r}")
 
 
+def core_digest(data: bytes) -> dict:
+    """The ``core.digest`` a record states for a core of ``data``, computed here with xxhash itself."""
+    import xxhash
+
+    return {"algorithm": "xxh3-128", "value": xxhash.xxh3_128_hexdigest(data)}
+
+
 def decompress(path: Path, out: Path) -> bytes:
     subprocess.run([need_tool("zstd"), "-q", "-d", "-f", str(path), "-o", str(out)], check=True)
     return out.read_bytes()

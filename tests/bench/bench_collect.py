@@ -10,8 +10,11 @@ afterwards), crashes tests/crasher.c and measures the parent's wait on the crash
 The crasher fills its heap, stops itself (SIGSTOP); the clock starts at SIGCONT, after which
 it crashes at once, so the fill is not timed. Handlers run under rsswrap.c, which logs their
 peak RSS and wall time. Every case is repeated; medians are printed as ratios to the zstd CLI
-from the same run and everything is written as JSON. Outputs go to a temporary directory and
-are deleted after each crash.
+from the same run, with the machine's load average, and a warning for a case whose runs spread
+by more than SPREAD; everything is written as JSON. Outputs go to a temporary directory and are
+deleted after each crash. A container case (``docker-1g``) crashes the crasher inside a Docker
+container (the handler identifies it before letting go) and, in the same round, on the host:
+its ``x host`` is the ratio of the two.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import select
 import shutil
 import signal
 import statistics
@@ -35,6 +39,7 @@ TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(TESTS.parent / "src"))
 
+import runtimes  # noqa: E402
 from support import KernelSettings  # noqa: E402
 
 from corepipe.platform import launcher  # noqa: E402
@@ -51,9 +56,14 @@ CASES = {
     "1m": (1, 1, 15, 5),
     "256m": (256, 1, 5, 2),
     "1g": (1024, 1, 5, 2),
-    "2g": (2048, 1, 3, 1),
+    "2g": (2048, 1, 5, 1),
     "burst": (16, 32, 3, 1),
+    "docker-1g": (1024, 1, 5, 2),
 }
+#: Cases whose crasher runs in a container of this runtime (each round also crashes it on the host).
+CONTAINER_CASES = {"docker-1g": "docker"}
+#: (slowest - fastest) / median of a case's runs above which the report warns that it is noisy.
+SPREAD = 0.20
 #: corepipe runs with its default config except the crash-loop limits: the burst is 32 crashes of one
 #: executable, of which the default ``rate_limit_exe`` (5 in 10 minutes) would store 5 cores.
 RATE_LIMITS_OFF = "rate_limit_exe = 0\nrate_limit_container = 0\n"
@@ -112,16 +122,17 @@ class Bench:
                 rec = json.loads(rec_path.read_text())
                 core = rec_path.parent / "core.zst"
                 if rec.get("status") == "complete" and core.exists():
-                    found.append((rec["core"]["size"], core.stat().st_size, rec["collector"].get("peak_rss")))
+                    found.append((rec["core"]["size"], core.stat().st_size, rec["collector"].get("peak_rss"),
+                                  rec["container"]["runtime"]))
             shutil.rmtree(self.store, ignore_errors=True)
         elif handler == "systemd-coredump":
             for path in SYSTEMD_STORE.glob("core.crasher.*"):
-                found.append((None, path.stat().st_size, None))
+                found.append((None, path.stat().st_size, None, None))
                 path.unlink()
         else:
             for path in self.out.iterdir():
                 found.append((None, path.stat().st_blocks * 512 if handler == "kernel" else path.stat().st_size,
-                              None))
+                              None, None))
                 path.unlink()
         return found
 
@@ -200,6 +211,77 @@ def available(handler: str) -> Optional[str]:
     return None
 
 
+class DockerCrasher:
+    """A Docker image of the crasher (tests/runtimes.py), and crashers started in containers of it."""
+
+    def __init__(self, bench: Bench):
+        self.images = runtimes.image("docker", runtimes.make_rootfs(bench.dir / "docker", bench.crasher), "cpbench")
+        self.image = self.images.__enter__()
+        self.name: Optional[str] = None
+
+    def stopped(self, mib: int) -> int:
+        """Start a container whose crasher fills ``mib`` MiB and stops itself; its host PID.
+
+        The crasher is the child of the container's shell (a PID 1 cannot stop itself)."""
+        self.name = runtimes.unique("cpbench")
+        subprocess.run(["docker", "run", "-d", "--name", self.name, "--network=none", "--ulimit", "core=-1",
+                        self.image, "/bin/sh", "-c", f"/crasher {mib} crasher {int(signal.SIGSTOP)}; true"],
+                       check=True, capture_output=True, timeout=120)
+        shell = int(subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", self.name], check=True,
+                                   capture_output=True, text=True, timeout=60).stdout)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            children = Path(f"/proc/{shell}/task/{shell}/children").read_text().split()
+            if children and _state(int(children[0])) == "T":
+                return int(children[0])
+            time.sleep(0.05)
+        raise RuntimeError(f"the crasher in container {self.name} did not stop")
+
+    def remove(self) -> None:
+        if self.name:
+            subprocess.run(["docker", "rm", "-f", self.name], capture_output=True, timeout=120)
+            self.name = None
+
+    def close(self) -> None:
+        self.remove()
+        self.images.__exit__(None, None, None)
+
+
+def _state(pid: int) -> str:
+    """A process's state letter from /proc/<pid>/stat ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def crash_in_container(pid: int) -> tuple:
+    """Crash a stopped crasher that is not our child; (seconds until it has exited, 1).
+
+    Its pidfd turns readable when it exits, which the kernel allows once the handler has let go,
+    as our own child's waitpid does in ``crash``."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        started = time.perf_counter()
+        os.kill(pid, signal.SIGCONT)
+        if not poller.poll(300_000):
+            raise RuntimeError(f"the crasher {pid} did not exit within 300 s")
+        return time.perf_counter() - started, 1
+    finally:
+        os.close(pidfd)
+
+
+def container_unavailable() -> Optional[str]:
+    """None when Docker and busybox-static are there for a container case, else why not."""
+    if not os.path.exists(runtimes.BUSYBOX):
+        return f"needs busybox-static at {runtimes.BUSYBOX}"
+    if not runtimes.docker_usable():
+        return "needs a running dockerd (docker info failed)"
+    return None
+
+
 def stopped_crashers(bench: Bench, mib: int, count: int) -> list:
     """Start ``count`` crashers that fill ``mib`` MiB and stop themselves before crashing."""
     pids = [os.posix_spawn(str(bench.crasher), [str(bench.crasher), str(mib), "crasher", str(int(signal.SIGSTOP))],
@@ -244,15 +326,20 @@ def wait_logged(bench: Bench, before: int, count: int, timeout: float = 120) -> 
         time.sleep(0.01)
 
 
-def run_case(bench: Bench, handler: str, mib: int, count: int) -> dict:
+def run_case(bench: Bench, handler: str, mib: int, count: int, container: Optional[DockerCrasher] = None) -> dict:
     before = len(bench.log_lines())
-    with KernelSettings() as settings:
-        settings.set(bench.pattern("corepipe" if handler == "corepipe-serve" else handler), pipe_limit=64)
-        server = CorepipeServe(bench) if handler == "corepipe-serve" else None
-        seconds, dumped = crash(bench, mib, count)
-        logged = wait_logged(bench, before, count) if handler not in ("kernel", "corepipe-serve") else []
-        if server is not None:
-            server.stop(bench)
+    try:
+        pid = container.stopped(mib) if container else None  # before the lock: other tests wait on it
+        with KernelSettings() as settings:
+            settings.set(bench.pattern("corepipe" if handler == "corepipe-serve" else handler), pipe_limit=64)
+            server = CorepipeServe(bench) if handler == "corepipe-serve" else None
+            seconds, dumped = crash_in_container(pid) if container else crash(bench, mib, count)
+            logged = wait_logged(bench, before, count) if handler not in ("kernel", "corepipe-serve") else []
+            if server is not None:
+                server.stop(bench)
+    finally:
+        if container:
+            container.remove()
     if handler == "systemd-coredump":
         time.sleep(0.2)  # its files are renamed into place after the kernel lets go
     stored = bench.outputs(handler)
@@ -263,9 +350,12 @@ def run_case(bench: Bench, handler: str, mib: int, count: int) -> dict:
         "collected": len(stored),
         "peak_rss_kib": max((int(line[0]) for line in logged), default=None),
         "handler_seconds": max((float(line[1]) for line in logged), default=None),
+        "handler_cpu_seconds": sum(float(line[3]) for line in logged) if logged else None,
+        "load": os.getloadavg()[0],
         "stored_bytes": sum(s[1] for s in stored),
         "core_bytes": sum(s[0] for s in stored if s[0] is not None) or None,
         "self_reported_peak_rss": max((s[2] for s in stored if s[2] is not None), default=None),
+        "runtimes": sorted({s[3] for s in stored if s[3] is not None}),
     }
 
 
@@ -274,10 +364,13 @@ def summarise(runs: list) -> dict:
         values = [r[key] for r in runs if r[key] is not None]
         return statistics.median(values) if values else None
 
+    seconds = [r["seconds"] for r in runs]
     return {
         "median_seconds": median("seconds"),
-        "min_seconds": min(r["seconds"] for r in runs),
+        "min_seconds": min(seconds),
+        "spread": (max(seconds) - min(seconds)) / statistics.median(seconds),
         "median_handler_seconds": median("handler_seconds"),
+        "median_handler_cpu_seconds": median("handler_cpu_seconds"),
         "max_peak_rss_kib": max((r["peak_rss_kib"] for r in runs if r["peak_rss_kib"] is not None), default=None),
         "median_stored_bytes": median("stored_bytes"),
         "min_collected": min(r["collected"] for r in runs),
@@ -304,32 +397,58 @@ def machine() -> dict:
 
 
 def report(results: dict) -> None:
-    print(f"\n{'case':6} {'handler':17} {'median s':>9} {'x zstd':>7} {'paired':>7} {'handler s':>9} {'peak RSS':>9} "
-          f"{'stored MiB':>10} {'x zstd':>7} {'collected':>9}")
+    machine_info = results["machine"]
+    print(f"\nload average (1, 5, 15 min): {_loads(machine_info['load_before'])} at the start, "
+          f"{_loads(machine_info['load_after'])} at the end")
+    print(f"{'case':9} {'handler':17} {'median s':>9} {'x zstd':>7} {'paired':>7} {'spread':>7} {'cpu s':>7} "
+          f"{'x zstd':>7} {'peak RSS':>9} {'stored MiB':>10} {'x zstd':>7} {'x host':>7} {'collected':>9}")
+    warnings = []
     for case, handlers in results["cases"].items():
         base = handlers.get(BASELINE)
+        base = base if base and "skipped" not in base else None
         for handler, s in handlers.items():
             if "skipped" in s:
-                print(f"{case:6} {handler:17} skipped: {s['skipped']}")
+                print(f"{case:9} {handler:17} skipped: {s['skipped']}")
                 continue
             ratio = s["median_seconds"] / base["median_seconds"] if base else None
             # Each run against the baseline's run of the same round: less sensitive to the machine's load drifting.
-            s["median_paired_ratio_to_zstd"] = (statistics.median(
-                r["seconds"] / b["seconds"] for r, b in zip(s["runs"], base["runs"])) if base else None)
+            s["median_paired_ratio_to_zstd"] = _paired(s["runs"], base["runs"]) if base else None
             size_ratio = (s["median_stored_bytes"] / base["median_stored_bytes"]
                           if base and base["median_stored_bytes"] else None)
+            cpu, base_cpu = s["median_handler_cpu_seconds"], base and base["median_handler_cpu_seconds"]
             s["ratio_to_zstd"] = ratio
             s["size_ratio_to_zstd"] = size_ratio
+            s["cpu_ratio_to_zstd"] = cpu / base_cpu if cpu is not None and base_cpu else None
+            s["paired_ratio_to_host"] = _paired(s["runs"], s["host"]["runs"]) if "host" in s else None
             rss = f"{s['max_peak_rss_kib'] / 1024:.1f}M" if s["max_peak_rss_kib"] else "-"
-            hs = f"{s['median_handler_seconds']:.3f}" if s["median_handler_seconds"] is not None else "-"
             count = CASES[case][1]
-            print(f"{case:6} {handler:17} {s['median_seconds']:9.3f} {_fmt(ratio):>7} "
-                  f"{_fmt(s['median_paired_ratio_to_zstd']):>7} {hs:>9} {rss:>9} "
-                  f"{s['median_stored_bytes'] / MIB:10.1f} {_fmt(size_ratio):>7} {s['min_collected']:>5}/{count}")
+            print(f"{case:9} {handler:17} {s['median_seconds']:9.3f} {_fmt(ratio):>7} "
+                  f"{_fmt(s['median_paired_ratio_to_zstd']):>7} {s['spread']:7.0%} {_fmt(cpu, 3):>7} "
+                  f"{_fmt(s['cpu_ratio_to_zstd']):>7} {rss:>9} {s['median_stored_bytes'] / MIB:10.1f} "
+                  f"{_fmt(size_ratio):>7} {_fmt(s['paired_ratio_to_host']):>7} {s['min_collected']:>5}/{count}")
+            wanted = CONTAINER_CASES.get(case, "host")
+            if handler == "corepipe" and any(r["runtimes"] != [wanted] for r in s["runs"]):
+                warnings.append(f"warning: {case} {handler}: a record's container.runtime was not {wanted!r}")
+            for what, summary in (("", s), (" (on the host)", s.get("host"))):
+                if summary and summary["spread"] > SPREAD:
+                    times = [r["seconds"] for r in summary["runs"]]
+                    warnings.append(f"warning: {case} {handler}{what}: its runs spread by {summary['spread']:.0%} "
+                                    f"({min(times):.3f}-{max(times):.3f} s), over {SPREAD:.0%}: a noisy measurement")
+    for line in warnings:
+        print(line)
 
 
-def _fmt(value: Optional[float]) -> str:
-    return f"{value:.2f}" if value is not None else "-"
+def _paired(runs: list, base_runs: list) -> float:
+    """The median of each run's time over that of the baseline's run in the same round."""
+    return statistics.median(r["seconds"] / b["seconds"] for r, b in zip(runs, base_runs))
+
+
+def _loads(loads: tuple) -> str:
+    return ", ".join(f"{x:.2f}" for x in loads)
+
+
+def _fmt(value: Optional[float], digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if value is not None else "-"
 
 
 def main() -> int:
@@ -356,6 +475,7 @@ def main() -> int:
     results: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      "cases": {}}
     service = None
+    container: Optional[DockerCrasher] = None
     try:
         for handler in list(handlers):
             why = available(handler)
@@ -369,19 +489,36 @@ def main() -> int:
         for case in cases:
             mib, count, reps, quick_reps = CASES[case]
             reps = ns.reps or (quick_reps if ns.quick else reps)
-            runs: dict = {h: [] for h in handlers}
+            case_handlers, places = handlers, [None]
+            if case in CONTAINER_CASES:
+                why = container_unavailable()
+                if why:
+                    print(f"skipping {case}: {why}", file=sys.stderr)
+                    results["cases"][case] = {h: {"skipped": why} for h in handlers}
+                    continue
+                container = container or DockerCrasher(bench)
+                # The kernel would write its file inside the container's own mount namespace.
+                case_handlers, places = [h for h in handlers if h != "kernel"], [None, container]
+            runs: dict = {(h, p): [] for h in case_handlers for p in places}
             for rep in range(reps):
                 # Rotate the order: whoever runs after a big raw write pays for its writeback otherwise.
-                for handler in handlers[rep % len(handlers):] + handlers[:rep % len(handlers)]:
-                    run = run_case(bench, handler, mib, count)
-                    runs[handler].append(run)
-                    print(f"{case} {rep + 1}/{reps} {handler}: {run['seconds']:.3f} s, "
-                          f"rss {run['peak_rss_kib']} KiB, {run['collected']}/{count} collected", file=sys.stderr)
-            for handler in handlers:
-                results["cases"].setdefault(case, {})[handler] = summarise(runs[handler])
+                for handler in case_handlers[rep % len(case_handlers):] + case_handlers[:rep % len(case_handlers)]:
+                    for place in places[rep % len(places):] + places[:rep % len(places)]:
+                        run = run_case(bench, handler, mib, count, place)
+                        runs[handler, place].append(run)
+                        where = " on the host" if len(places) > 1 and not place else ""
+                        print(f"{case} {rep + 1}/{reps} {handler}{where}: {run['seconds']:.3f} s, "
+                              f"cpu {run['handler_cpu_seconds']} s, rss {run['peak_rss_kib']} KiB, "
+                              f"{run['collected']}/{count} collected", file=sys.stderr)
+            for handler in case_handlers:
+                summary = results["cases"].setdefault(case, {})[handler] = summarise(runs[handler, places[-1]])
+                if len(places) > 1:
+                    summary["host"] = summarise(runs[handler, None])
     finally:
         if service:
             service.stop()
+        if container:
+            container.close()
         bench.cleanup()
     results["machine"]["load_after"] = os.getloadavg()
     report(results)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import signal
@@ -12,7 +11,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from support import CRASH_LINE, crash, decompress, gdb_backtrace, need_tool
+from support import CRASH_LINE, core_digest, crash, decompress, gdb_backtrace, need_tool
 
 
 def _check_core(rec: dict, tmp_path: Path, crasher: Path) -> bytes:
@@ -21,7 +20,7 @@ def _check_core(rec: dict, tmp_path: Path, crasher: Path) -> bytes:
     data = decompress(Path(rec["_dir"]) / "core.zst", tmp_path / "core")
     assert data[:4] == b"\x7fELF" and int.from_bytes(data[16:18], "little") == 4, "not an ELF core (ET_CORE)"
     assert len(data) == core["size"]
-    assert hashlib.sha256(data).hexdigest() == core["sha256"]
+    assert core_digest(data) == core["digest"]
     assert core["compressed_size"] == (Path(rec["_dir"]) / "core.zst").stat().st_size
     assert core["truncated"] is False
     bt = gdb_backtrace(str(crasher), tmp_path / "core")
@@ -77,7 +76,7 @@ def test_small_core_limit_truncates(kernel_handler, crasher: Path, tmp_path: Pat
     assert core["stored"] is True and core["truncated"] is True and core["size"] == limit
     data = decompress(Path(rec["_dir"]) / "core.zst", tmp_path / "core")
     assert len(data) == limit and data[:4] == b"\x7fELF"
-    assert hashlib.sha256(data).hexdigest() == core["sha256"]
+    assert core_digest(data) == core["digest"]
 
 
 def test_kernel_log_has_one_line_per_crash(kernel_handler, crasher: Path) -> None:

@@ -7,7 +7,6 @@ through the copies corepipe saved at collection.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from runtimes import docker_import, make_rootfs, unique
-from support import CRASH_LINE, HERE, Handler, KernelSettings, crash, need, need_root_kernel, need_tool
+from support import CRASH_LINE, HERE, Handler, KernelSettings, core_digest, crash, need, need_root_kernel, need_tool
 
 RAISE_LINE = next(i for i, line in enumerate((HERE / "crasher.c").read_text().splitlines(), 1)
                   if "raise(atoi" in line)
@@ -75,7 +74,7 @@ def _check_extract(handler, rec: dict, tmp_path: Path) -> None:
     corepipe(handler, "extract", rec["id"][:6], "-o", str(out))
     data = out.read_bytes()
     assert data[:4] == b"\x7fELF" and len(data) == rec["core"]["size"]
-    assert hashlib.sha256(data).hexdigest() == rec["core"]["sha256"]
+    assert core_digest(data) == rec["core"]["digest"]
     assert out.stat().st_mode & 0o777 == 0o600
     piped = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(handler.config), "extract", rec["id"]],
                            capture_output=True, timeout=300)

@@ -7,7 +7,6 @@ says what happened, the failure is logged, and the next crash is handled normall
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ import pytest
 from support import (
     Handler,
     collect_by_hand,
+    core_digest,
     crash,
     decompress,
     dmesg_lines,
@@ -72,11 +72,11 @@ def assert_next_crash_is_normal(handler: Handler, crasher: Path, name: str) -> d
 
 
 def assert_only_complete_cores(store: Path, tmp: Path) -> None:
-    """Every core.zst under its final name decompresses whole and matches its record's sha256."""
+    """Every core.zst under its final name decompresses whole and matches its record's digest."""
     for core in store.rglob("core.zst"):
         rec = json.loads((core.parent / "record.json").read_text())
         data = decompress(core, tmp / "check")
-        assert hashlib.sha256(data).hexdigest() == rec["core"]["sha256"]
+        assert core_digest(data) == rec["core"]["digest"]
 
 
 def test_disk_full_during_the_write(handler_dir: Path, crasher: Path, real_core: bytes, tmp_path: Path) -> None:
@@ -227,7 +227,7 @@ def test_process_sigkilled_mid_dump_keeps_a_marked_partial_core(kernel_handler, 
     assert "the core ended after" in core["reason"] and core["reason"] in rec["collector"]["errors"]
     assert not (Path(rec["_dir"]) / "core.zst").exists()
     data = decompress(Path(rec["_dir"]) / "core.partial.zst", tmp_path / "partial")
-    assert len(data) == core["size"] < 400 << 20 and hashlib.sha256(data).hexdigest() == core["sha256"]
+    assert len(data) == core["size"] < 400 << 20 and core_digest(data) == core["digest"]
     assert dmesg_lines(f"pid {rec['pid']}: the core ended after")
     assert_next_crash_is_normal(kernel_handler, crasher, "after-sigkill")
 

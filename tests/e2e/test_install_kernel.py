@@ -7,7 +7,6 @@ byte for byte against the values KernelSettings saved.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from support import (
     PIPE_LIMIT,
     KernelSettings,
     check_restored,
+    core_digest,
     crash,
     decompress,
     installed_files,
@@ -81,7 +81,7 @@ def test_install_collect_status_uninstall(settings: KernelSettings, handler_dir:
     path, rec = wait_record(d / "s", str(crasher))
     assert rec["status"] == "complete" and rec["container"]["runtime"] == "host"
     data = decompress(Path(path) / "core.zst", tmp_path / "core")
-    assert hashlib.sha256(data).hexdigest() == rec["core"]["sha256"]
+    assert core_digest(data) == rec["core"]["digest"]
 
     proc = cli("status", "--json", "--config", f"{d}/c.toml")
     facts = json.loads(proc.stdout)
@@ -152,7 +152,7 @@ def test_selftest(settings: KernelSettings, handler_dir: Path) -> None:
     assert cli("install", *install_args(d)).returncode == 0
     proc = cli("selftest", "--config", f"{d}/c.toml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "host process: pid" in proc.stdout and "sha256 verified" in proc.stdout
+    assert "host process: pid" in proc.stdout and "xxh3-128 verified" in proc.stdout
     assert "container: docker" in proc.stdout and "container id matches" in proc.stdout
     assert list(catalog.iter_records(f"{d}/s")) == [], "selftest must remove the records it made"
     own = (store.LOCK, store.STATE, store.LEDGER)  # the store's bookkeeping, and the storm slots' lock files

@@ -7,14 +7,13 @@ extract writes it, debug opens it in gdb, and the backtrace taken at collection 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from support import installed_handler, need_tool, short_tempdir, start_crash, wait_for
+from support import core_digest, installed_handler, need_tool, short_tempdir, start_crash, wait_for
 
 
 def _corepipe(config: Path, *args: str) -> subprocess.CompletedProcess:
@@ -52,7 +51,7 @@ def test_core_cut_short_by_sigkill_lists_extracts_debugs(crasher: Path, tmp_path
         _corepipe(handler.config, "extract", rec["id"], "-o", str(out))
         data = out.read_bytes()
         assert data[:4] == b"\x7fELF" and len(data) == core["size"]
-        assert hashlib.sha256(data).hexdigest() == core["sha256"]
+        assert core_digest(data) == core["digest"]
 
         debug = _corepipe(handler.config, "debug", rec["id"], "--", "-batch", "-ex", "bt")
         assert " main " in debug.stdout and "crasher.c" in debug.stdout, debug.stdout + debug.stderr

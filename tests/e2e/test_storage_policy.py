@@ -27,7 +27,7 @@ def test_container_max_cores_deletes_the_oldest_core_and_keeps_its_record(handle
     recs = {r["comm"]: r for r in handler.records()}
     assert len(recs) == 3
     first = recs["keep0"]["core"]
-    assert first["stored"] is False and first["file"] is None and first["sha256"]
+    assert first["stored"] is False and first["file"] is None and first["digest"]
     assert first["reason"].startswith("deleted: container host is over container_max_cores (2)")
     assert recs["keep2"]["id"] in first["reason"]
     assert not (Path(recs["keep0"]["_dir"]) / "core.zst").exists()

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import resource
@@ -25,6 +24,7 @@ import pytest
 from cgroups import FakeContainers
 from runtimes import unique
 from support import (
+    core_digest,
     dropped_dumps,
     installed_handler,
     kernel_log_now,
@@ -85,7 +85,7 @@ def _check_store(store: Path, recs: list, zstd: str) -> None:
         assert core.exists() == r["core"]["stored"], r["core"]
         if r["core"]["stored"]:
             data = subprocess.run([zstd, "-q", "-d", "-c", str(core)], capture_output=True, check=True).stdout
-            assert hashlib.sha256(data).hexdigest() == r["core"]["sha256"] and len(data) == r["core"]["size"]
+            assert core_digest(data) == r["core"]["digest"] and len(data) == r["core"]["size"]
     assert not list(store.rglob(".*.tmp")), "temporary files left behind"
     assert json.loads((store / ".state.json").read_text())["reservations"] == {}
 
@@ -253,7 +253,7 @@ def test_storm_of_128_executables_at_install_defaults(handler_dir: Path, crasher
             assert core.exists() == r["core"]["stored"], r["core"]
             if r["core"]["stored"]:
                 data = subprocess.run([zstd, "-q", "-d", "-c", str(core)], capture_output=True, check=True).stdout
-                assert hashlib.sha256(data).hexdigest() == r["core"]["sha256"]
+                assert core_digest(data) == r["core"]["digest"]
             else:  # the defaults keep 10 host cores per 10 minutes; a storm beyond its bound says so
                 assert r["core"]["reason"].startswith(("rate limited", "storm: ", "deleted: ",
                                                        "the collector was saturated")), r["core"]

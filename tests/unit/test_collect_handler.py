@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import sys
 from pathlib import Path
 
 import zstandard
+from support import core_digest
 
 from corepipe.platform.kernel import RLIM_INFINITY
 
@@ -48,7 +48,7 @@ def test_stores_core_and_record_prints_nothing(tmp_path: Path) -> None:
     assert rec["process"]["trusted"] is True
     core_file = next((tmp_path / "store").rglob("core.zst"))
     assert zstandard.ZstdDecompressor().decompressobj().decompress(core_file.read_bytes()) == CORE
-    assert rec["core"]["sha256"] == hashlib.sha256(CORE).hexdigest() and rec["core"]["size"] == len(CORE)
+    assert rec["core"]["digest"] == core_digest(CORE) and rec["core"]["size"] == len(CORE)
     assert oct(core_file.stat().st_mode & 0o777) == "0o600"
     assert oct(core_file.parent.stat().st_mode & 0o777) == "0o700"
 

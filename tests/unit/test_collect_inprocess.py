@@ -3,7 +3,6 @@ core fd and KernelArgs built without the kernel's argv, no subprocess, no SIGALR
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import zstandard
 from inprocess import collect_in_process
+from support import core_digest
 
 from corepipe.platform.config import Config
 
@@ -39,4 +39,4 @@ def test_collect_in_process_with_its_own_core_fd(tmp_path: Path) -> None:
         assert core["stored"] and core["file"] == "core.zst" and core["size"] == len(CORE)
         with open(rec["_dir"] / core["file"], "rb") as f:
             data = zstandard.ZstdDecompressor().stream_reader(f).read()
-        assert data == CORE and hashlib.sha256(data).hexdigest() == core["sha256"]
+        assert data == CORE and core_digest(data) == core["digest"]

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+import zstandard
+from support import core_digest, decompress
 
 from corepipe.cli import main
 from corepipe.domain import catalog, record
@@ -40,7 +42,7 @@ def add_crash(root: Path, *, container: Container, when: int, comm: str = "app",
                 result = compress.compress_stream(f.fileno(), fd, threads=0)
             crash.commit(fd, name, CORE)
             rec["core"].update(file=CORE, stored=True, size=result.size, compressed_size=result.compressed_size,
-                               sha256=result.sha256)
+                               digest=result.digest)
         rec["status"] = "complete"
         crash.write(RECORD, record.dumps(rec))
         crash.close()
@@ -188,18 +190,63 @@ def test_extract_verifies(store: Path, crashes: dict, tmp_path: Path, capsys: py
     out = tmp_path / "web.core"
     code, _out, err = cli(tmp_path, capsys, "extract", rec["id"], "-o", str(out))
     assert code == 0, err
-    assert hashlib.sha256(out.read_bytes()).hexdigest() == rec["core"]["sha256"]
+    assert core_digest(out.read_bytes()) == rec["core"]["digest"] and "xxh3-128 verified" in err
     assert out.stat().st_mode & 0o777 == 0o600
+
+
+def test_extract_verifies_an_old_record_by_its_sha256(store: Path, crashes: dict, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """A record written before core.digest states only core.sha256: extract checks that instead."""
+    path, rec = crashes["web"]
+    data = decompress(path / CORE, tmp_path / "plain")
+    rec["core"]["digest"] = None
+    rec["core"]["sha256"] = hashlib.sha256(data).hexdigest()
+    (path / RECORD).write_bytes(record.dumps(rec))
+    out = tmp_path / "web.core"
+    code, _out, err = cli(tmp_path, capsys, "extract", rec["id"], "-o", str(out))
+    assert code == 0 and "sha256 verified" in err, err
+    assert out.read_bytes() == data
+    rec["core"]["sha256"] = "0" * 64
+    (path / RECORD).write_bytes(record.dumps(rec))
+    code, _out, err = cli(tmp_path, capsys, "extract", rec["id"], "-o", str(tmp_path / "bad"))
+    assert code == 1 and "does not match its record" in err and "sha256" in err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("digest", [None, {"algorithm": "md5", "value": "0" * 32}])
+def test_extract_refuses_a_core_it_cannot_check(store: Path, crashes: dict, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture, digest: dict) -> None:
+    path, rec = crashes["web"]
+    rec["core"]["digest"] = digest
+    (path / RECORD).write_bytes(record.dumps(rec))
+    out = tmp_path / "web.core"
+    code, _out, err = cli(tmp_path, capsys, "extract", rec["id"], "-o", str(out))
+    assert code == 1 and len(err.splitlines()) == 1 and ("states no digest" in err or "'md5' digest" in err), err
+    assert not out.exists()
 
 
 def test_extract_checksum_mismatch(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path, rec = crashes["web"]
-    rec["core"]["sha256"] = "0" * 64
+    rec["core"]["digest"]["value"] = "0" * 32
     (path / RECORD).write_bytes(record.dumps(rec))
     out = tmp_path / "web.core"
     code, _out, err = cli(tmp_path, capsys, "extract", rec["id"], "-o", str(out))
     assert code == 1 and "does not match its record" in err and len(err.splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".web.core.*"))
+
+
+def test_extract_refuses_a_replaced_core_of_the_same_size(store: Path, crashes: dict, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """A core.zst that decompresses cleanly, to as many bytes as recorded, but to other bytes: only the
+    digest tells, and extract writes nothing."""
+    path, rec = crashes["host"]
+    data = bytearray(decompress(path / CORE, tmp_path / "plain"))
+    data[len(data) // 3] ^= 0x01
+    (path / CORE).write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(bytes(data)))
+    out = tmp_path / "host.core"
+    code, _out, err = cli(tmp_path, capsys, "extract", rec["id"], "-o", str(out))
+    assert code == 1 and "does not match its record" in err and "xxh3-128" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".host.core.*"))
 
 
 def test_extract_corrupt_core(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

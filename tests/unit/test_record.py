@@ -25,7 +25,7 @@ def test_schema_fields() -> None:
     assert set(rec) == KEYS
     assert rec["signal"] == {"number": 6, "name": "SIGABRT"}
     assert rec["time"] == "2023-11-14T22:13:20Z" and rec["dump_mode"] == 2
-    assert set(rec["core"]) == {"file", "stored", "reason", "size", "compressed_size", "sha256", "truncated",
+    assert set(rec["core"]) == {"file", "stored", "reason", "size", "compressed_size", "sha256", "digest", "truncated",
                                 "complete", "compression"}
     assert set(rec["container"]) >= {"runtime", "id", "name", "image", "pod_name", "pod_namespace", "pod_uid"}
     assert record.load(record.dumps(rec)) == json.loads(json.dumps(rec))

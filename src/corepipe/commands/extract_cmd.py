@@ -1,4 +1,4 @@
-"""``corepipe extract``: write a crash's decompressed core, checked against the sha256 in its record."""
+"""``corepipe extract``: write a crash's decompressed core, checked against the digest in its record."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import sys
 
 from corepipe.commands import crashes
-from corepipe.platform import fs, unpack
+from corepipe.platform import digest, fs, unpack
 from corepipe.platform.errors import UserError
 
 HELP = "write the decompressed core of a crash to a file or stdout (default: the latest crash)"
@@ -39,7 +39,8 @@ def run(ns: argparse.Namespace) -> int:
     finally:
         os.close(source)
     partial = " of a partial core (the dump was cut short)" if rec["core"].get("complete") is False else ""
-    print(f"wrote {rec['core']['size']} bytes{partial} (sha256 verified) to {ns.output}", file=sys.stderr)
+    print(f"wrote {rec['core']['size']} bytes{partial} ({digest.stated(rec['core'])[0]} verified) to {ns.output}",
+          file=sys.stderr)
     return 0
 
 

@@ -7,6 +7,7 @@ import json
 import sys
 
 from corepipe.commands import crashes
+from corepipe.platform import digest
 from corepipe.platform.log import clean
 
 HELP = "show one crash in full, with its backtrace if one was taken (default: the latest crash)"
@@ -47,7 +48,8 @@ def render(path: str, rec: dict) -> str:
     if core.get("stored"):
         _line(out, "core.size", f"{core.get('size')} bytes, {core.get('compressed_size')} compressed "
                                 f"({core.get('compression')})")
-        _line(out, "core.sha256", core.get("sha256"))
+        stated = digest.stated(core)
+        _line(out, "core.digest", f"{stated[0]} {stated[1]}" if stated else None)
     _line(out, "core.reason", core.get("reason"))
     _line(out, "postmortem", (rec.get("postmortem") or {}).get("skipped"))
     _line(out, "directory", path)

@@ -83,7 +83,8 @@ def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], cont
             "reason": None,
             "size": None,
             "compressed_size": None,
-            "sha256": None,
+            "sha256": None,  # in records before core.digest; kept, null: keys are only ever added
+            "digest": None,
             "truncated": False,
             "complete": None,
             "compression": "zstd",
@@ -120,10 +121,10 @@ def core_not_saved(record: dict, reason: str) -> None:
     add_error(record, f"core not saved: {reason}")
 
 
-def core_stored(record: dict, *, file: str, size: int, compressed_size: int, sha256: str, truncated: bool,
+def core_stored(record: dict, *, file: str, size: int, compressed_size: int, digest: dict, truncated: bool,
                 complete: bool, reason: Optional[str] = None) -> None:
     """The core is in the crash directory as ``file`` (store.CORE, or store.PARTIAL_CORE when cut short)."""
-    record["core"].update(file=file, stored=True, size=size, compressed_size=compressed_size, sha256=sha256,
+    record["core"].update(file=file, stored=True, size=size, compressed_size=compressed_size, digest=digest,
                           truncated=truncated, complete=complete, reason=reason)
 
 

@@ -1,28 +1,26 @@
 """Stream a core from a pipe through zstd into a file, hashing the uncompressed bytes on the way.
 
-Memory is bounded whatever the core's size: a ring of ``RING`` read buffers plus zstd's
-window and worker buffers (``JOB_SIZE`` jobs). The sha256 (about 0.7 s of one core per
-GiB) runs in its own thread on the same buffers, so it overlaps the reads and zstd's
-workers instead of adding to them (hashlib and zstd both release the GIL on big buffers).
-Measured choices are in the README, "Performance".
+Memory is bounded whatever the core's size: one read buffer plus zstd's window and worker
+buffers (``JOB_SIZE`` jobs). The digest (digest.py, XXH3-128: ~0.02 s of a core per GiB) is
+computed in the reading thread on the same buffer. Measured choices are in the README, "Performance".
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import queue
 import sys
-import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from corepipe.platform import digest
+
 CHUNK = 1 << 20
-#: Read buffers in flight between the reader and the hashing thread.
-RING = 4
-#: zstd's multi-threaded job size: its default (8 MiB at level 3) keeps ~45 MiB of job buffers;
-#: 2 MiB jobs keep the handler near 40 MiB in all at the same speed and a size within 0.001%.
+#: zstd's multi-threaded job size. With 2 workers, libzstd's own (8 MiB at level 3) took the handler to
+#: 91 MiB and 4 MiB jobs to 79; 2 MiB jobs keep it near 50 MiB, and 1 MiB jobs (37 MiB) were slower.
 JOB_SIZE = 2 << 20
+#: Workers at most for ``compression_threads = -1``: each adds ~7 MiB, and two already compress faster
+#: than the kernel fills the pipe.
+MAX_WORKERS = 2
 #: With no zstd workers the input goes in as blocks of this many bytes, each ended by FLUSH_BLOCK: just
 #: under zstd's 128 KiB block maximum, so libzstd 1.5.7's pre-splitter (it splits full 128 KiB blocks
 #: once a frame has saved bytes, and python-zstandard cannot turn it off) never cuts a block in two.
@@ -70,7 +68,8 @@ class CoreResult:
     #: Uncompressed bytes stored (after truncation), and compressed bytes written.
     size: int = 0
     compressed_size: int = 0
-    sha256: str = ""
+    #: The record's ``core.digest`` of the uncompressed bytes stored.
+    digest: Optional[dict] = None
     #: True when the core was cut at ``limit``; ``complete`` when the input was read to its end.
     truncated: bool = False
     complete: bool = False
@@ -103,13 +102,14 @@ class _Budget:
 def workers(threads: int) -> int:
     """zstd worker threads for the ``compression_threads`` setting; -1 picks by the CPUs this process may use.
 
-    The reader and the sha256 thread each want a core too: with 2 CPUs, zstd in the reading
-    thread (0 workers) was fastest and smallest; with more, one worker per CPU beyond the first.
+    One per CPU, up to MAX_WORKERS, like the zstd CLI's ``-T0``. With the digest cheap, zstd is
+    the handler's work; on a busy host the scheduler shares the CPUs per thread (a kernel-started
+    handler is in no autogroup), and a handler compressing in its reading thread alone got half
+    the share the CLI's three threads got (README, "Performance").
     """
     if threads >= 0:
         return threads
-    cpus = len(os.sched_getaffinity(0))
-    return 0 if cpus <= 2 else cpus - 1
+    return min(len(os.sched_getaffinity(0)), MAX_WORKERS)
 
 
 def compressor(level: int = 3, threads: int = -1) -> object:
@@ -119,34 +119,6 @@ def compressor(level: int = 3, threads: int = -1) -> object:
     if threads:
         options["job_size"] = JOB_SIZE
     return zstd.ZstdCompressor(compression_params=zstd.ZstdCompressionParameters.from_level(level, **options))
-
-
-class _Hasher:
-    """sha256 of the buffers handed to ``add``, computed in a thread; the buffer is free again after."""
-
-    def __init__(self, free: queue.SimpleQueue):
-        self.digest = hashlib.sha256()
-        self.free = free
-        self.work: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="sha256", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self.work.get()
-            if item is None:
-                return
-            view, n = item
-            self.digest.update(view[:n])
-            self.free.put(view)
-
-    def add(self, view: memoryview, n: int) -> None:
-        self.work.put((view, n))
-
-    def finish(self) -> str:
-        self.work.put(None)
-        self.thread.join()
-        return self.digest.hexdigest()
 
 
 class _Blocks:
@@ -191,35 +163,30 @@ def compress_stream(source_fd: int, target_fd: int, *, limit: Optional[int] = No
     ``grow`` gives no more)."""
     source = _Source(source_fd, prefix, eof)
     result = CoreResult()
-    free: queue.SimpleQueue = queue.SimpleQueue()
-    for _ in range(RING):
-        free.put(memoryview(bytearray(CHUNK)))
-    hasher = _Hasher(free)
+    view = memoryview(bytearray(CHUNK))
+    hasher = digest.new()
     head = bytearray()
-    try:
-        with open(target_fd, "wb", buffering=0, closefd=False) as raw:
-            target = raw if max_output is None else _Budget(raw, max_output, grow)
-            with compressor(level, threads).stream_writer(target, closefd=False, write_size=CHUNK) as writer:
-                feed = writer if workers(threads) else _Blocks(writer)  # with workers, a flush would end a job
-                while True:
-                    want = CHUNK if limit is None else min(CHUNK, limit - result.size)
-                    if want <= 0:
-                        # At the limit: a core of exactly ``limit`` bytes is complete, not truncated.
-                        result.complete = source.readinto(memoryview(bytearray(1))) == 0
-                        result.truncated = not result.complete
-                        break
-                    view = free.get()
-                    n = source.readinto(view[:want])
-                    if n == 0:
-                        result.complete = True
-                        break
-                    if len(head) < HEAD:
-                        head += view[:min(n, HEAD - len(head))]
-                    hasher.add(view, n)
-                    feed.write(view[:n])  # zstd has copied the bytes when this returns
-                    result.size += n
-    finally:
-        result.sha256 = hasher.finish()
+    with open(target_fd, "wb", buffering=0, closefd=False) as raw:
+        target = raw if max_output is None else _Budget(raw, max_output, grow)
+        with compressor(level, threads).stream_writer(target, closefd=False, write_size=CHUNK) as writer:
+            feed = writer if workers(threads) else _Blocks(writer)  # with workers, a flush would end a job
+            while True:
+                want = CHUNK if limit is None else min(CHUNK, limit - result.size)
+                if want <= 0:
+                    # At the limit: a core of exactly ``limit`` bytes is complete, not truncated.
+                    result.complete = source.readinto(memoryview(bytearray(1))) == 0
+                    result.truncated = not result.complete
+                    break
+                n = source.readinto(view[:want])
+                if n == 0:
+                    result.complete = True
+                    break
+                if len(head) < HEAD:
+                    head += view[:min(n, HEAD - len(head))]
+                hasher.update(view[:n])
+                feed.write(view[:n])  # zstd has copied the bytes when this returns
+                result.size += n
+    result.digest = {"algorithm": digest.ALGORITHM, "value": hasher.hexdigest()}
     result.compressed_size = os.fstat(target_fd).st_size
     result.head = bytes(head)
     return result

@@ -15,7 +15,7 @@ import sys
 from typing import Optional
 
 #: What ``corepipe collect`` imports from outside the standard library.
-COLLECT_DEPENDENCIES = ("corepipe", "zstandard") + (("tomli",) if sys.version_info < (3, 11) else ())
+COLLECT_DEPENDENCIES = ("corepipe", "zstandard", "xxhash") + (("tomli",) if sys.version_info < (3, 11) else ())
 
 
 def search_path() -> list:

@@ -1,4 +1,4 @@
-"""Decompress a stored core, checking it against the size and sha256 in its record.
+"""Decompress a stored core, checking it against the size and digest in its record (digest.py).
 
 Used by ``extract``, ``debug`` and the collection-time backtrace. A core that does not
 decompress, or whose bytes differ from what was recorded, raises CoreError: the check is
@@ -7,10 +7,10 @@ the whole point of keeping the hash, so a mismatch is never passed off as a good
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Callable
 
+from corepipe.platform import digest
 from corepipe.platform.fs import write_all
 from corepipe.platform.store import core_file
 
@@ -45,7 +45,15 @@ def copy(source_fd: int, record: dict, write: Callable[[bytes], object]) -> int:
     import zstandard
 
     core = record.get("core") or {}
-    digest = hashlib.sha256()
+    stated = digest.stated(core)
+    if stated is None:
+        raise CoreError(f"the record of crash {record.get('id')} states no digest of its core, so it cannot be checked")
+    algorithm, expected = stated
+    try:
+        hasher = digest.new(algorithm)
+    except KeyError:
+        raise CoreError(f"the core of crash {record.get('id')} has a {algorithm!r} digest, which this corepipe "
+                        f"cannot check; use a newer corepipe") from None
     size = 0
     pending = b""
     try:
@@ -56,15 +64,15 @@ def copy(source_fd: int, record: dict, write: Callable[[bytes], object]) -> int:
                     break
                 if pending:
                     write(pending)
-                digest.update(chunk)
+                hasher.update(chunk)
                 size += len(chunk)
                 pending = chunk
     except zstandard.ZstdError as exc:
         raise CoreError(f"the core of crash {record.get('id')} is corrupt: {exc}") from None
-    if size != core.get("size") or digest.hexdigest() != core.get("sha256"):
+    if size != core.get("size") or hasher.hexdigest() != expected:
         raise CoreError(f"the core of crash {record.get('id')} does not match its record: "
-                        f"{size} bytes, sha256 {digest.hexdigest()[:16]}..., expected {core.get('size')} bytes, "
-                        f"sha256 {str(core.get('sha256'))[:16]}...")
+                        f"{size} bytes, {algorithm} {hasher.hexdigest()[:16]}..., expected {core.get('size')} bytes, "
+                        f"{algorithm} {expected[:16]}...")
     if pending:
         write(pending)
     return size

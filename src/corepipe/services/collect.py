@@ -264,7 +264,7 @@ def write_core(ctx: Context, admission: accounting.Admission, limit: Optional[in
                   f"(the process was killed) or the pipe closed early; kept as {PARTIAL_CORE}")
     staged = Staged(fd, tmp, CORE if whole else PARTIAL_CORE)
     record.core_stored(rec, file=staged.name, size=result.size, complete=whole,
-                       compressed_size=result.compressed_size, sha256=result.sha256, truncated=result.truncated,
+                       compressed_size=result.compressed_size, digest=result.digest, truncated=result.truncated,
                        reason=reason)
     if not whole:
         record.add_error(rec, reason)

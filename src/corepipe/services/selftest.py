@@ -2,7 +2,7 @@
 
 A host process (``sh`` killing itself with SIGSEGV) always; a throwaway Docker container built
 from /bin/busybox (busybox-static) when Docker is usable. Each crash is verified through what
-the handler stored (record status, container id, the core's size, sha256 and ELF type), then
+the handler stored (record status, container id, the core's size, digest and ELF type), then
 every record, container and image the selftest made is removed.
 """
 
@@ -19,7 +19,7 @@ import time
 from typing import Callable, Optional
 
 from corepipe.domain import catalog, containers
-from corepipe.platform import elf, unpack
+from corepipe.platform import digest, elf, unpack
 from corepipe.platform.sysctl import CORE_PATTERN, Sysctl
 from corepipe.services.install import Paths, load_state
 
@@ -207,7 +207,7 @@ def _verify(path: str, rec: dict, what: str) -> None:
     try:
         source = unpack.open_core(path, rec)
         try:
-            unpack.copy(source, rec, keep_head)  # checks size and sha256 against the record
+            unpack.copy(source, rec, keep_head)  # checks size and digest against the record
         finally:
             os.close(source)
     except unpack.CoreError as exc:
@@ -218,4 +218,4 @@ def _verify(path: str, rec: dict, what: str) -> None:
 
 def _core_line(rec: dict) -> str:
     core = rec["core"]
-    return f"core {core['size']} bytes (zstd {core['compressed_size']}), sha256 verified"
+    return f"core {core['size']} bytes (zstd {core['compressed_size']}), {digest.stated(core)[0]} verified"
