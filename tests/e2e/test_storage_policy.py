@@ -108,6 +108,7 @@ def test_prune_dry_run_then_prune(handler_dir: Path, crasher: Path) -> None:
         for i in range(4):
             crash([str(crasher), "0", f"p{i}"], core_limit=0 if i == 1 else resource.RLIM_INFINITY)
             handler.wait_record(lambda r, i=i: r["comm"] == f"p{i}")
+        handler.wait_idle()
     recs = {r["comm"]: r for r in handler.records()}
     three_days_ago = time.time() - 3 * 86400
     os.utime(Path(recs["p0"]["_dir"]) / "core.zst", (three_days_ago, three_days_ago))
