@@ -55,4 +55,6 @@ def finish(store: Store, crash: CrashDir, rec: dict, held: Optional[binaries.Hel
         record.add_error(rec, f"binaries/backtrace: {exc}")
         log(f"error: pid {rec.get('pid')}: binaries/backtrace: {type(exc).__name__}: {exc}", ERR)
     finally:
-        held.close()
+        for message in held.close():
+            rec["collector"]["errors"].append(f"binaries: {message}")
+            log(f"error: pid {rec.get('pid')}: binaries: {message}", ERR)
