@@ -47,3 +47,11 @@ def test_lenient_parse_keeps_good_keys() -> None:
     cfg = config.parse('store = "/srv/x"\ntimeout = -1\n', "c.toml", problems)
     assert cfg.store == "/srv/x" and cfg.timeout == config.Config().timeout
     assert problems == ["c.toml: timeout must be at least 1"]
+
+
+def test_exclusion_patterns() -> None:
+    cfg = config.parse('exclude_executables = ["*/chrome"]\nexclude_images = ["debug/*", "x:1"]\n', "c.toml")
+    assert cfg.exclude_executables == ["*/chrome"] and cfg.exclude_images == ["debug/*", "x:1"]
+    assert cfg.exclude_containers == [] and config.Config().exclude_executables == []
+    with pytest.raises(config.ConfigError, match="exclude_containers must be list"):
+        config.parse('exclude_containers = "web-*"', "c.toml")

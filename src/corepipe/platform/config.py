@@ -62,6 +62,12 @@ class Config:
     concurrent_postmortems: int = -1
     core_wait: int = 10
     postmortem_wait: int = 60
+    #: Crashes that get a record but no core ("not stored: excluded by config"), by shell-style pattern
+    #: (policy.excluded): the executable's path, the container's name or id, the container's image. In
+    #: socket mode the kernel is answered REJECT and writes no byte of the core.
+    exclude_executables: list = field(default_factory=list)
+    exclude_containers: list = field(default_factory=list)
+    exclude_images: list = field(default_factory=list)
     #: ``corepipe prune`` deletes crashes older than this many days; 0: keep them.
     max_age_days: int = 30
     #: The path it was loaded from, or None for the built-in defaults.
