@@ -34,6 +34,10 @@ class Deadline:
         if time.monotonic() > self.end:
             raise TimeoutError("time budget for reading runtime state used up")
 
+    def remaining(self) -> float:
+        """Seconds left (at least a millisecond: a socket timeout of 0 would mean non-blocking)."""
+        return max(self.end - time.monotonic(), 0.001)
+
 
 def path(root: str, *parts: str) -> str:
     """``root`` joined with fixed or validated parts; refuses anything that could climb or jump."""
