@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exe", metavar="PATH|NAME", help="executable path, its file name, or comm")
     parser.add_argument("-n", type=int, metavar="N", help="only the last N crashes")
     parser.add_argument("--json", action="store_true", help="print one JSON array of records (see README)")
+    crashes.add_remote_option(parser)
 
 
 def _image_matches(image: str, wanted: str) -> bool:
@@ -85,7 +86,7 @@ def row(path: str, rec: dict) -> list:
 
 
 def run(ns: argparse.Namespace) -> int:
-    items = [(path, rec) for path, rec in crashes.all_records(crashes.store_root(ns)) if matches(rec, ns)]
+    items = [(path, rec) for path, rec in crashes.records(ns) if matches(rec, ns)]
     if ns.n is not None:
         items = items[-ns.n:] if ns.n > 0 else []
     if ns.json:
