@@ -79,21 +79,23 @@ class Handler:
             time.sleep(0.05)
         raise AssertionError(f"no matching record within {timeout}s; have {[r.get('pid') for r in self.records()]}")
 
+    def pids(self) -> list:
+        """The handlers of this launcher running now (``collect`` in their argv)."""
+        launcher, pids = str(self.launcher).encode(), []
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if launcher in argv and b"collect" in argv:
+                    pids.append(int(entry.name))
+        return pids
+
     def wait_idle(self, timeout: float = 60.0) -> None:
         """Until no handler of this launcher runs: a record is complete before the handler's last
         bookkeeping (the group's core list, the ledger) is written."""
-        launcher = str(self.launcher).encode()
-
-        def running() -> bool:
-            for entry in os.scandir("/proc"):
-                try:
-                    if entry.name.isdigit() and launcher in Path(entry.path, "cmdline").read_bytes().split(b"\0"):
-                        return True
-                except OSError:
-                    continue
-            return False
-
-        wait_for(lambda: not running(), timeout, f"no handler of {self.launcher} running")
+        wait_for(lambda: not self.pids(), timeout, f"no handler of {self.launcher} running")
 
 
 def collect_by_hand(handler: Handler, pid: int, comm: str, pidfd: Optional[int] = None) -> subprocess.Popen:

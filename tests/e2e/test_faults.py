@@ -51,19 +51,6 @@ def temp_files(store: Path) -> list:
     return sorted(store.rglob(".core.zst.*.tmp")) if store.exists() else []
 
 
-def handler_pids(handler: Handler) -> list:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if str(handler.launcher).encode() in argv and b"collect" in argv:
-                pids.append(int(entry.name))
-    return pids
-
-
 def assert_next_crash_is_normal(handler: Handler, crasher: Path, name: str) -> dict:
     crash([str(crasher), "0", name])
     rec = handler.wait_record(lambda r: r["comm"] == name)
@@ -199,7 +186,7 @@ def test_a_bad_key_is_left_at_its_default(kernel_handler, crasher: Path, line: s
 def test_handler_killed_mid_write(kernel_handler, crasher: Path, tmp_path: Path) -> None:
     proc = start_crash([str(crasher), "400", "killme"])
     wait_for(lambda: temp_files(kernel_handler.store), what="the handler's temporary core")
-    pids = handler_pids(kernel_handler)
+    pids = kernel_handler.pids()
     assert pids
     for pid in pids:
         os.kill(pid, signal.SIGKILL)

@@ -186,7 +186,7 @@ def compress_stream(source_fd: int, target_fd: int, *, limit: Optional[int] = No
                 hasher.update(view[:n])
                 feed.write(view[:n])  # zstd has copied the bytes when this returns
                 result.size += n
-    result.digest = {"algorithm": digest.ALGORITHM, "value": hasher.hexdigest()}
+    result.digest = digest.as_stated(hasher)
     result.compressed_size = os.fstat(target_fd).st_size
     result.head = bytes(head)
     return result

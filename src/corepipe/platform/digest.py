@@ -24,6 +24,11 @@ def new(algorithm: str = ALGORITHM) -> object:
     return _ALGORITHMS[algorithm]()
 
 
+def as_stated(hasher: object) -> dict:
+    """The ``core.digest`` a record states for what ``hasher`` (from ``new()``) has read."""
+    return {"algorithm": ALGORITHM, "value": hasher.hexdigest()}
+
+
 def stated(core: dict) -> Optional[tuple]:
     """(algorithm, hex value) that a record's ``core`` states, new form or old (``sha256``); None if neither."""
     digest = core.get("digest")
