@@ -18,6 +18,20 @@ def crasher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def bugs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """tests/bugs.c built statically with debug info (``bugs``), a stripped copy (``stripped``) and a copy under
+    another name (``looper``), for the signature tests."""
+    gcc = shutil.which("gcc")
+    need(gcc is not None, "needs gcc to build tests/bugs.c")
+    out = tmp_path_factory.mktemp("bugs")
+    programs = {"bugs": out / "bugs", "stripped": out / "bugs-stripped", "looper": out / "looper"}
+    subprocess.run([gcc, "-g", "-O0", "-static", "-o", str(programs["bugs"]), str(HERE / "bugs.c")], check=True)
+    subprocess.run(["strip", "-o", str(programs["stripped"]), str(programs["bugs"])], check=True)
+    shutil.copy2(programs["bugs"], programs["looper"])
+    return programs
+
+
 @pytest.fixture
 def handler_dir() -> Path:
     path = short_tempdir()

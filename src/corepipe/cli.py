@@ -25,6 +25,7 @@ COMMANDS = {
     "selftest": "selftest_cmd",
     "prune": "prune_cmd",
     "serve": "serve_cmd",
+    "metrics": "metrics_cmd",
 }
 
 

@@ -55,7 +55,7 @@ def test_child_runs_as_nobody_without_new_privileges_and_reads_only_fds(tmp_path
         work = short_tempdir()
         try:
             held = HeldFiles(files=[Held(path="/app/exe", fd=exe_fd, exe=True)])
-            text, truncated, error = backtrace._run(str(tool), core_fd, held, str(work), 30)
+            text, truncated, error = backtrace._run(str(tool), core_fd, held, str(work), 30, "marker: ")
         finally:
             os.close(core_fd)
             os.close(exe_fd)

@@ -47,3 +47,13 @@ def test_lenient_parse_keeps_good_keys() -> None:
     cfg = config.parse('store = "/srv/x"\ntimeout = -1\n', "c.toml", problems)
     assert cfg.store == "/srv/x" and cfg.timeout == config.Config().timeout
     assert problems == ["c.toml: timeout must be at least 1"]
+
+
+def test_signature_metrics_and_notify_keys() -> None:
+    cfg = config.parse('signature_max_cores = 3\nsignature_window = 60\nmetrics_max_signatures = 5\n'
+                       'notify_command = ["/usr/local/bin/page", "--team", "x"]\nnotify_user = "alerts"\n')
+    assert (cfg.signature_max_cores, cfg.signature_window, cfg.metrics_max_signatures) == (3, 60, 5)
+    assert cfg.notify_command == ["/usr/local/bin/page", "--team", "x"] and cfg.notify_user == "alerts"
+    for bad in ('notify_user = "root"', 'notify_user = "0"', "notify_timeout = 0", "signature_max_cores = -1"):
+        problems: list = []
+        assert config.parse(bad, problems=problems) == config.Config() and len(problems) == 1, bad

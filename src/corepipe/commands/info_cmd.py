@@ -7,6 +7,7 @@ import json
 import sys
 
 from corepipe.commands import crashes
+from corepipe.domain import signature
 from corepipe.platform import digest
 from corepipe.platform.log import clean
 
@@ -53,6 +54,12 @@ def render(path: str, rec: dict) -> str:
     _line(out, "core.reason", core.get("reason"))
     _line(out, "postmortem", (rec.get("postmortem") or {}).get("skipped"))
     _line(out, "directory", path)
+    sig = rec.get("signature") or {}
+    if sig:
+        _line(out, "signature", sig.get("text"))
+        _line(out, "signature.hash", f"{sig.get('hash')} ({sig.get('source')}, {sig.get('algorithm')} "
+                                     f"v{sig.get('version')}); crashes with it: {rec.get('signature_count', '?')}")
+        _line(out, "signature.fallback", sig.get("fallback_reason"))
     process = rec.get("process") or {}
     if process.get("trusted") is False:
         _line(out, "untrusted", "; ".join(process.get("untrusted_reasons") or []))
@@ -84,6 +91,11 @@ def render(path: str, rec: dict) -> str:
 
 def run(ns: argparse.Namespace) -> int:
     path, rec = crashes.lookup(ns, ns.id)
+    if rec.get("signature"):
+        records = [other for _p, other in crashes.all_records(crashes.store_root(ns))]
+        grouped = dict(zip((other.get("id") for other in records), signature.keys(records)))
+        same = grouped.get(rec.get("id"), signature.key(rec))
+        rec = {**rec, "signature_count": sum(k == same for k in grouped.values())}
     if ns.json:
         json.dump(crashes.json_item(path, rec), sys.stdout, indent=1)
         sys.stdout.write("\n")

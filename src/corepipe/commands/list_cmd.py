@@ -8,9 +8,11 @@ import os
 import sys
 
 from corepipe.commands import crashes
+from corepipe.domain import signature
 
 HELP = "list collected crashes (newest last)"
 HEADERS = ["ID", "TIME", "CONTAINER", "POD", "PID", "SIGNAL", "COMM", "SIZE", "CORE"]
+GROUP_HEADERS = ["HASH", "COUNT", "CORES", "FIRST", "LAST", "CONTAINERS", "SAMPLE", "SIGNATURE"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--until", metavar="TIME", type=crashes.parse_time, help="crashes at or before TIME")
     parser.add_argument("--signal", metavar="SIG", help="signal name (SEGV, SIGABRT) or number")
     parser.add_argument("--exe", metavar="PATH|NAME", help="executable path, its file name, or comm")
+    parser.add_argument("--signature", metavar="HASH|TEXT", help="signature hash (or a prefix of it), or its text")
     parser.add_argument("-n", type=int, metavar="N", help="only the last N crashes")
+    parser.add_argument("--group", action="store_true",
+                        help="one row per signature: count, cores, first and last seen, containers, a sample id")
     parser.add_argument("--json", action="store_true", help="print one JSON array of records (see README)")
 
 
@@ -62,6 +67,20 @@ def matches(rec: dict, ns: argparse.Namespace) -> bool:
     return ns.exe is None or ns.exe in (exe, os.path.basename(exe), rec.get("comm"))
 
 
+def with_signature(items: list, wanted: str) -> list:
+    """The (path, record) items whose signature (as grouped: signature.keys) has the hash prefix or text
+    ``wanted``."""
+    records = [rec for _path, rec in items]
+    texts = {g["hash"] for g in signature.groups(items) if g["signature"] == wanted}
+    return [item for item, k in zip(items, signature.keys(records))
+            if wanted and (k.startswith(wanted.lower()) or k in texts)]
+
+
+def group_row(group: dict) -> list:
+    return [group["hash"], group["count"], group["cores"], group["first_seen"] or "-", group["last_seen"] or "-",
+            ",".join(group["containers"]) or "-", group["sample"], group["signature"]]
+
+
 def _container_cell(container: dict) -> str:
     if container.get("runtime") == "host":
         return "host"
@@ -85,14 +104,30 @@ def row(path: str, rec: dict) -> list:
 
 
 def run(ns: argparse.Namespace) -> int:
-    items = [(path, rec) for path, rec in crashes.all_records(crashes.store_root(ns)) if matches(rec, ns)]
+    items = crashes.all_records(crashes.store_root(ns))
+    if ns.signature is not None:
+        items = with_signature(items, ns.signature)
+    items = [(path, rec) for path, rec in items if matches(rec, ns)]
     if ns.n is not None:
         items = items[-ns.n:] if ns.n > 0 else []
+    if ns.group:
+        return _print_groups(signature.groups(items), ns.json)
     if ns.json:
         json.dump([crashes.json_item(path, rec) for path, rec in items], sys.stdout, indent=1)
         sys.stdout.write("\n")
     elif items:
         sys.stdout.write(crashes.table(HEADERS, [row(path, rec) for path, rec in items]))
+    else:
+        print("no crashes match", file=sys.stderr)
+    return 0
+
+
+def _print_groups(groups: list, as_json: bool) -> int:
+    if as_json:
+        json.dump(groups, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    elif groups:
+        sys.stdout.write(crashes.table(GROUP_HEADERS, [group_row(group) for group in groups]))
     else:
         print("no crashes match", file=sys.stderr)
     return 0

@@ -97,8 +97,11 @@ def _valid_state(state: object) -> dict:
         return {}
     rates = state.get("rate")
     reservations = state.get("reservations")
+    signatures = state.get("signatures")
     return {"rate": {k: v for k, v in rates.items() if isinstance(v, list)} if isinstance(rates, dict) else {},
-            "reservations": reservations if isinstance(reservations, dict) else {}}
+            "reservations": reservations if isinstance(reservations, dict) else {},
+            "signatures": ({k: v for k, v in signatures.items() if isinstance(v, (int, float))}
+                           if isinstance(signatures, dict) else {})}
 
 
 def rate_keys(group: tuple, exe: str) -> list:
@@ -122,13 +125,15 @@ FIRST_RESERVATION = 1 << 20
 GROW_STEP = 8 << 20
 
 
-def admit(store: Store, cfg: Config, *, crash_id: str, group: tuple, exe: str, want: Optional[int]) -> Admission:
-    """Decide under the lock whether this crash's core is stored, make room for ``want`` bytes, reserve it."""
+def admit(store: Store, cfg: Config, *, crash_id: str, group: tuple, exe: str, want: Optional[int],
+          signature: Optional[str] = None) -> Admission:
+    """Decide under the lock whether this crash's core is stored, make room for ``want`` bytes, reserve it.
+    ``signature`` (the crash site's, known before the core is read) is limited across all containers."""
     now = time.time()
     with catalog.Locked(store) as books:
         state = load_state(store)
         rates = state.setdefault("rate", {})
-        keys = rate_keys(group, exe)
+        keys = rate_keys(group, exe) + ([("signature", f"signature:{signature}")] if signature else [])
         reason = _over_rate(rates, keys, cfg, now)
         if reason is not None:
             _forget_idle(rates)
@@ -158,14 +163,15 @@ def rate_limited(store: Store, cfg: Config, *, group: tuple, exe: str) -> Option
 
 def _over_rate(rates: dict, keys: list, cfg: Config, now: float) -> Optional[str]:
     """The first rate limit ``keys`` are over (their histories in ``rates`` trimmed to the window), or None."""
-    limits_by_key = {"container": cfg.rate_limit_container, "executable": cfg.rate_limit_exe}
+    limits_by_key = {"container": (cfg.rate_limit_container, cfg.rate_limit_window),
+                     "executable": (cfg.rate_limit_exe, cfg.rate_limit_window),
+                     "signature": (cfg.signature_max_cores, cfg.signature_window)}
     for what, key in keys:
-        allowed, recent = policy.rate_allows(rates.get(key, []), now=now, window=cfg.rate_limit_window,
-                                             limit=limits_by_key[what])
+        limit, window = limits_by_key[what]
+        allowed, recent = policy.rate_allows(rates.get(key, []), now=now, window=window, limit=limit)
         rates[key] = recent
         if not allowed:
-            return (f"rate limited: {len(recent)} cores of this {what} in the last "
-                    f"{cfg.rate_limit_window} s (limit {limits_by_key[what]})")
+            return f"rate limited: {len(recent)} cores of this {what} in the last {window} s (limit {limit})"
     return None
 
 

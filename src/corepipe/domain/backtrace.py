@@ -11,6 +11,7 @@ output. A failure is recorded in the result, never raised.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import select
 import shutil
@@ -19,11 +20,14 @@ import subprocess
 import tempfile
 import time
 from typing import Optional
+from uuid import uuid4
 
 from corepipe.domain.binaries import HeldFiles
 from corepipe.platform import gdb, sysroot, unpack
 
 MAX_OUTPUT = 256 * 1024
+#: Frames of the crashing thread kept for the signature (domain/signature.py uses only the top few).
+MAX_FRAMES = 64
 _PATH = "/usr/local/bin:/usr/bin:/bin"
 _NOBODY = "nobody"
 _PR_SET_NO_NEW_PRIVS = 38
@@ -43,7 +47,8 @@ def take(store_fd: int, crash_path: str, record: dict, held: HeldFiles, *, timeo
     tool = find_tool()
     if tool is None:
         return None
-    result = {"tool": os.path.basename(tool), "text": None, "error": None, "truncated": False, "duration": None}
+    result = {"tool": os.path.basename(tool), "text": None, "error": None, "truncated": False, "duration": None,
+              "frames": None}
     started = time.monotonic()
     size = (record.get("core") or {}).get("size") or 0
     if size > max_core_size:
@@ -53,7 +58,9 @@ def take(store_fd: int, crash_path: str, record: dict, held: HeldFiles, *, timeo
     try:
         core_fd = _decompressed(store_fd, crash_path, record)
         work = tempfile.mkdtemp(prefix="corepipe-bt-", dir="/tmp")
-        result["text"], result["truncated"], result["error"] = _run(tool, core_fd, held, work, timeout)
+        marker = f"corepipe-frames-{uuid4().hex}: "
+        text, result["truncated"], result["error"] = _run(tool, core_fd, held, work, timeout, marker)
+        result["text"], result["frames"] = split_frames(text, marker)
     except (OSError, unpack.CoreError) as exc:
         result["error"] = str(exc)
     finally:
@@ -90,25 +97,76 @@ def _decompressed(store_fd: int, crash_path: str, record: dict) -> int:
         os.close(source)
 
 
-def _command(tool: str, core: str, exe: Optional[str], root: str) -> list:
+def _command(tool: str, core: str, exe: Optional[str], root: str, marker: str) -> list:
     if os.path.basename(tool) == "eu-stack":
         return [tool, "-s", f"--core={core}"] + ([f"--executable={exe}"] if exe else [])
     return [tool, "-batch", "-nx", *gdb.HARDENING,
-            "-ex", f"set sysroot {root}", "-ex", "thread apply all bt", *([exe] if exe else []), core]
+            "-ex", f"set sysroot {root}", "-ex", frames_command(marker), "-ex", "thread apply all bt",
+            *([exe] if exe else []), core]
 
 
-def _run(tool: str, core_fd: int, held: HeldFiles, work: str, timeout: int) -> tuple:
+# The crashing thread's frames for the signature, as one JSON line after a marker: gdb selects the thread
+# that got the signal (the kernel writes it first in the core). Each frame is [pc, function name or None,
+# is the signal trampoline]. The marker holds a nonce drawn for each backtrace (``take``), so text from the
+# core (the command line gdb echoes, symbol names) cannot forge the line, in the resident server too.
+_FRAMES_SCRIPT = """
+import json
+frames = []
+try:
+    frame = gdb.newest_frame()
+    while frame is not None and len(frames) < %d:
+        frames.append([frame.pc(), frame.name(), frame.type() == gdb.SIGTRAMP_FRAME])
+        frame = frame.older()
+except gdb.error:
+    pass
+print(%r + json.dumps(frames))
+"""
+
+
+def frames_command(marker: str) -> str:
+    """The gdb command that prints the crashing thread's frames after ``marker`` (see split_frames)."""
+    return "python exec(" + repr(_FRAMES_SCRIPT % (MAX_FRAMES, marker)) + ")"
+
+
+def split_frames(text: str, marker: str) -> tuple:
+    """(the text without the frames line, the frames as [{pc, function, sigtramp}] or None if gdb printed none)."""
+    frames, kept = None, []
+    for line in text.splitlines(keepends=True):
+        if frames is None and line.startswith(marker):
+            frames = _frames(line[len(marker):])
+        else:
+            kept.append(line)
+    return "".join(kept), frames
+
+
+def _frames(data: str) -> Optional[list]:
+    try:
+        raw = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(raw, list):
+        return None
+    frames = []
+    for entry in raw[:MAX_FRAMES]:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], int)):
+            return None
+        name = entry[1] if isinstance(entry[1], str) else None
+        frames.append({"pc": entry[0], "function": name, "sigtramp": entry[2] is True})
+    return frames
+
+
+def _run(tool: str, core_fd: int, held: HeldFiles, work: str, timeout: int, marker: str) -> tuple:
     # The handler starts without stdout/stderr, so held fds may be 1 or 2, which the child's own
     # stdout/stderr would replace: hand the child copies numbered 3 and up.
     fds = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in [core_fd] + [h.fd for h in held.files]]
     try:
-        return _run_child(tool, fds[0], list(zip(held.files, fds[1:])), work, timeout)
+        return _run_child(tool, fds[0], list(zip(held.files, fds[1:])), work, timeout, marker)
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def _run_child(tool: str, core_fd: int, files: list, work: str, timeout: int) -> tuple:
+def _run_child(tool: str, core_fd: int, files: list, work: str, timeout: int, marker: str) -> tuple:
     uid, gid = _nobody()
     root = os.path.join(work, "root")
     os.mkdir(root)
@@ -124,7 +182,7 @@ def _run_child(tool: str, core_fd: int, files: list, work: str, timeout: int) ->
         os.setuid(uid)
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 
-    proc = subprocess.Popen(_command(tool, f"/proc/self/fd/{core_fd}", exe, root), stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(_command(tool, f"/proc/self/fd/{core_fd}", exe, root, marker), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd="/", start_new_session=True,
                             pass_fds=[core_fd] + [fd for _h, fd in files], preexec_fn=drop,
                             env={"PATH": _PATH, "HOME": "/nonexistent", "LC_ALL": "C"})

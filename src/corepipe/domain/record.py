@@ -159,6 +159,15 @@ def set_backtrace(record: dict, result: dict) -> None:
     record["backtrace"] = result
 
 
+def set_signature(record: dict, result: dict) -> None:
+    record["signature"] = result
+
+
+def set_notify(record: dict, result: dict) -> None:
+    """What the notification hook did (domain/notify.py): not a failure of the collection, whatever it says."""
+    record["notify"] = result
+
+
 def finish(record: dict, *, failed: bool, duration: float, peak_rss: int) -> None:
     """The final status and the collector's own figures."""
     record["status"] = "failed" if failed else "complete"

@@ -62,6 +62,17 @@ class Config:
     concurrent_postmortems: int = -1
     core_wait: int = 10
     postmortem_wait: int = 60
+    #: Keep only the first signature_max_cores cores of one crash-site signature (domain/signature.py) within
+    #: signature_window seconds, across all containers; later crashes of it get a record only. 0: no limit.
+    signature_max_cores: int = 0
+    signature_window: int = 3600
+    #: For each new signature, run notify_command (an argv, no shell) as notify_user (never root) with the
+    #: final record on stdin, killed after notify_timeout seconds. Empty: no hook.
+    notify_command: list = field(default_factory=list)
+    notify_user: str = "nobody"
+    notify_timeout: int = 10
+    #: ``corepipe metrics``: signatures with a label of their own (the most crashes); the rest count as "other".
+    metrics_max_signatures: int = 50
     #: ``corepipe prune`` deletes crashes older than this many days; 0: keep them.
     max_age_days: int = 30
     #: The path it was loaded from, or None for the built-in defaults.
@@ -115,19 +126,21 @@ def _validate(name: str, value: object, where: str) -> None:
         raise ConfigError(f"{where}: store must be an absolute path")
     if name == "compression_level" and not 1 <= int(value) <= 22:  # type: ignore[call-overload]
         raise ConfigError(f"{where}: compression_level must be 1..22")
-    if name in ("timeout", "backtrace_timeout") and int(value) < 1:  # type: ignore[call-overload]
+    if name in ("timeout", "backtrace_timeout", "notify_timeout") and int(value) < 1:  # type: ignore[call-overload]
         raise ConfigError(f"{where}: {name} must be at least 1")
     if name in ("max_use", "keep_free") and int(value) < -1:  # type: ignore[call-overload]
         raise ConfigError(f"{where}: {name} must be -1 (automatic), 0 (no limit) or a byte count")
     if name in ("concurrent_cores", "concurrent_postmortems") and int(value) < -1:  # type: ignore[call-overload]
         raise ConfigError(f"{where}: {name} must be -1 (one per CPU), 0 (no limit) or a number of handlers")
+    if name == "notify_user" and str(value) in ("root", "0", ""):
+        raise ConfigError(f"{where}: notify_user must be an unprivileged user, not {value!r}")
     if name in _NOT_NEGATIVE and int(value) < 0:  # type: ignore[call-overload]
         raise ConfigError(f"{where}: {name} must not be negative")
 
 
 _NOT_NEGATIVE = ("container_max_cores", "container_max_bytes", "max_core_size", "rate_limit_container",
                  "rate_limit_exe", "rate_limit_window", "max_age_days", "core_wait",
-                 "postmortem_wait")
+                 "postmortem_wait", "signature_max_cores", "signature_window", "metrics_max_signatures")
 
 
 def load(path: Optional[str] = None, problems: Optional[list] = None) -> Config:

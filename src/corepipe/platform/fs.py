@@ -92,3 +92,15 @@ def free_bytes(where: int | str) -> int:
 def fs_size(where: int | str) -> int:
     st = os.statvfs(where)
     return st.f_blocks * st.f_frsize
+
+
+def disk_use(root: str) -> int:
+    """Bytes allocated under ``root``; links are not followed."""
+    total = 0
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total

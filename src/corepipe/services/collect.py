@@ -156,6 +156,7 @@ def store_crash(ctx: Context) -> int:
     args, cfg, crash = ctx.args, ctx.cfg, ctx.crash
     rec = ctx.record = record.build(crash_id=crash.id, args=args, snapshot=ctx.snapshot, container=ctx.container,
                                     redact_env=cfg.redact_env, errors=tuple(ctx.errors))
+    postmortem.presign(rec, ctx.early.core, ctx.held)  # before the core: the policy may count its signature
     write_record(ctx)  # a handler killed from here on still leaves a record
     limit = args.core_limit_bytes() if cfg.honour_core_limit else None
     storm = None
@@ -182,9 +183,12 @@ def store_crash(ctx: Context) -> int:
                 record.postmortem_skipped(rec, turn.refused)
             else:
                 postmortem.finish(ctx.store, crash, rec, ctx.held, cfg, ctx.container.is_host)
+    postmortem.sign(rec, ctx.held, cfg)
     record.finish(rec, failed=failed, duration=time.monotonic() - ctx.early.started,
                   peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     write_final(ctx)
+    if cfg.notify_command:
+        _notify(ctx)
     core = rec["core"]
     where = "/".join(ctx.container.directory())
     what = (f"core {core['size']} bytes -> {core['compressed_size']}" if core["stored"]
@@ -203,7 +207,8 @@ def admit(ctx: Context, cap: Optional[int]) -> Optional[accounting.Admission]:
     want = policy.estimate(_kib(status.get("VmRSS"), status.get("VmSwap")), _kib(status.get("VmSize")), cap)
     try:
         admission = accounting.admit(ctx.store, ctx.cfg, crash_id=ctx.crash.id, group=ctx.container.directory(),
-                                     exe=rec["exe"] or ctx.args.comm or "", want=want)
+                                     exe=rec["exe"] or ctx.args.comm or "", want=want,
+                                     signature=(rec.get("signature") or {}).get("site"))
     except (OSError, Timeout) as exc:
         _not_saved(ctx, f"storage accounting failed: {exc}")
         return None
@@ -335,6 +340,20 @@ def _turn(ctx: Context, turn: slots.Turn) -> slots.Turn:
     if turn.error:
         record.add_error(ctx.record, turn.error)
     return turn
+
+
+def _notify(ctx: Context) -> None:
+    """The hook for a new signature (domain/notify.py), once the record is final; what it did goes in the record."""
+    from corepipe.domain import notify
+
+    try:
+        result = notify.after_collection(ctx.store, ctx.record, ctx.cfg)
+    except (OSError, Timeout) as exc:
+        result = {"error": f"cannot decide whether the signature is new: {exc}"}
+        log(f"error: pid {ctx.args.pid}: notify_command: {result['error']}", ERR)
+    if result is not None:
+        record.set_notify(ctx.record, result)
+        write_final(ctx)
 
 
 def _not_saved(ctx: Context, reason: str) -> None:

@@ -17,18 +17,6 @@ HEALTHY, NOT_INSTALLED, DRIFTED, BROKEN = 0, 3, 4, 5
 RECENT = 5
 
 
-def _disk_use(root: str) -> int:
-    """Bytes allocated under ``root``; links are not followed."""
-    total = 0
-    for directory, _dirs, files in os.walk(root):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(directory, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total
-
-
 def store_summary(root: str, recent: int = RECENT) -> dict:
     """Disk use, free space, cores per container and the last crashes of the store at ``root``."""
     summary: dict = {"path": root, "exists": os.path.isdir(root), "used_bytes": None, "free_bytes": None,
@@ -36,7 +24,7 @@ def store_summary(root: str, recent: int = RECENT) -> dict:
     if not summary["exists"]:
         return summary
     summary["free_bytes"] = fs.free_bytes(root)
-    summary["used_bytes"] = _disk_use(root)
+    summary["used_bytes"] = fs.disk_use(root)
     groups: dict = {}
     crashes = []
     problems: list = []
