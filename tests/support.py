@@ -241,6 +241,8 @@ class Served(Handler):
     pipe pattern is its fallback. Stopped (by PID) when the block ends; KernelSettings restores the rest."""
 
     def __init__(self, workdir: Path, config_extra: str = ""):
+        if "metrics_listen" not in config_extra:  # any free port: servers of concurrent tests never collide
+            config_extra = f'metrics_listen = "127.0.0.1:0"\n{config_extra}'
         super().__init__(workdir, config_extra=config_extra)
         self.socket = workdir / "s.sock"
         self.run_dir = workdir / "run"
@@ -256,6 +258,9 @@ class Served(Handler):
                  or self.proc.poll() is not None, 30, "the server to set the socket pattern")
         assert self.proc.poll() is None, (self.workdir / "serve.err").read_text()
         return self.proc
+
+    def health(self) -> dict:
+        return json.loads((self.run_dir / "serve.json").read_text())
 
     def stop(self) -> int:
         if self.proc is None or self.proc.poll() is not None:

@@ -1,8 +1,10 @@
-"""``corepipe metrics`` on a store of real crashes: the textfile parsed by prometheus-client's parser, and a real
-Prometheus server (Debian's package, on loopback, its TSDB in a temporary directory) scraping ``--listen``."""
+"""Metrics of real crashes: the textfile parsed by prometheus-client's parser, and a real Prometheus server
+(Debian's package, on loopback, its TSDB in a temporary directory) scraping ``corepipe metrics --listen`` and
+the endpoint of the resident collector, ``corepipe serve``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -11,11 +13,24 @@ import subprocess
 import sys
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from runtimes import unique
-from support import NO_RATE_LIMIT, crash, installed_handler, need, need_tool, short_tempdir, wait_for
+from support import (
+    NO_RATE_LIMIT,
+    crash,
+    dmesg_lines,
+    installed_handler,
+    kernel_log_now,
+    kernel_log_time,
+    need,
+    need_tool,
+    served_handler,
+    short_tempdir,
+    wait_for,
+)
 
 from corepipe.platform.config import Config
 from corepipe.services import metrics
@@ -128,22 +143,32 @@ def _query(port: int, expr: str) -> list:
     return answer["data"]["result"] if answer.get("status") == "success" else []
 
 
-def test_prometheus_scrapes_the_endpoint(store: dict, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _prometheus(tmp_path: Path, target: int) -> Iterator[int]:
+    """Debian's Prometheus on loopback, scraping 127.0.0.1:``target`` every second as job ``corepipe``; yields
+    the port of its query API. Stopped (by PID) afterwards."""
     prometheus = shutil.which("prometheus")
     need(prometheus is not None, "needs Debian's prometheus package (tests/setup.sh installs it)")
-    port, web = _free_port(), _free_port()
+    web = _free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n"
+        f"scrape_configs:\n  - job_name: corepipe\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n")
+    scraper = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{web}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield web
+    finally:
+        _stop(scraper)
+
+
+def test_prometheus_scrapes_the_endpoint(store: dict, tmp_path: Path) -> None:
+    port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "corepipe", "--config", str(store["handler"].config),
                                "metrics", "--listen", str(port)], stderr=subprocess.PIPE, text=True)
     try:
         assert "serving http://127.0.0.1:" in server.stderr.readline()
-        (tmp_path / "prometheus.yml").write_text(
-            "global:\n  scrape_interval: 1s\n"
-            f"scrape_configs:\n  - job_name: corepipe\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n")
-        scraper = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-                                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                    f"--web.listen-address=127.0.0.1:{web}"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
+        with _prometheus(tmp_path, port) as web:
             result = wait_for(lambda: _query(web, 'sum by (runtime, signal) (corepipe_crashes_total{job="corepipe"})'),
                               120, "Prometheus to have scraped corepipe")
             counts = {(r["metric"]["runtime"], r["metric"]["signal"]): float(r["value"][1]) for r in result}
@@ -152,10 +177,69 @@ def test_prometheus_scrapes_the_endpoint(store: dict, tmp_path: Path) -> None:
             assert [float(r["value"][1]) for r in up] == [1.0]
             rejected = _query(web, 'corepipe_cores_total{outcome="rejected"}')
             assert [(r["metric"]["reason"], float(r["value"][1])) for r in rejected] == [("rlimit_core_zero", 1.0)]
-        finally:
-            _stop(scraper)
     finally:
         _stop(server)
+
+
+def test_prometheus_scrapes_the_resident_collector(crasher: Path, tmp_path: Path) -> None:
+    """``corepipe serve`` serves the endpoint itself (metrics_listen; the test's servers take any free port on
+    loopback): crashes through the kernel's socket, then Prometheus's query API has their counts."""
+    workdir = short_tempdir()
+    workdir.chmod(0o755)
+    try:
+        with served_handler(workdir, config_extra=NO_RATE_LIMIT) as served:
+            host, port = served.health()["metrics_address"].rsplit(":", 1)
+            assert host == "127.0.0.1"
+            for _ in range(2):
+                crash([str(crasher), "0", "s-segv"])
+            crash([str(crasher), "0", "s-abrt", str(int(signal.SIGABRT))])
+            crash([str(crasher), "0", "s-nocore"], core_limit=0)
+            wait_for(lambda: len([r for r in served.records() if r["status"] != "collecting"]) == 4, 60, "4 records")
+            segv = next(r for r in served.records() if r["comm"] == "s-segv")["signature"]
+            assert segv["source"] == "backtrace" and segv["text"].startswith("crasher SIGSEGV: ")
+            # The server's counters reach the endpoint through its health file, rewritten every 2 s.
+            wait_for(lambda: served.health()["stats"]["accepted"] == 4, 30, "the health file to count 4 crashes")
+            with _prometheus(tmp_path, int(port)) as web:
+                result = wait_for(lambda: _query(web, 'sum by (signal) (corepipe_crashes_total{job="corepipe"})'),
+                                  120, "Prometheus to have scraped corepipe serve")
+                assert {r["metric"]["signal"]: float(r["value"][1]) for r in result} == {"SIGSEGV": 3, "SIGABRT": 1}
+                cores = _query(web, 'corepipe_cores_total{job="corepipe"}')
+                assert {(r["metric"]["outcome"], r["metric"]["reason"]): float(r["value"][1]) for r in cores} == {
+                    ("stored", "whole"): 3, ("rejected", "rlimit_core_zero"): 1}
+                # Refused before the dump, the crash without a core has no notes, so no crash site to join by.
+                nocore = next(r for r in served.records() if r["comm"] == "s-nocore")["signature"]
+                assert nocore["source"] == "crash site" and nocore["text"].endswith(" SIGSEGV: at ?")
+                signatures = _query(web, 'corepipe_signature_crashes_total{job="corepipe"}')
+                per_signature = {r["metric"]["signature"]: float(r["value"][1]) for r in signatures}
+                assert {k: v for k, v in per_signature.items() if k in (segv["hash"], nocore["hash"])} == {
+                    segv["hash"]: 2, nocore["hash"]: 1}
+                accepted = _query(web, 'corepipe_serve_accepted_total{job="corepipe"}')
+                assert [float(r["value"][1]) for r in accepted] == [4.0]
+            metrics_pid = served.health()["metrics"]
+            assert served.stop() == 0
+            assert not Path(f"/proc/{metrics_pid}").exists(), "the metrics process ends with the server"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_resident_collector_collects_without_its_endpoint(crasher: Path) -> None:
+    """A metrics port in use is one error line in the server's log; crashes are collected all the same."""
+    workdir = short_tempdir()
+    workdir.chmod(0o755)
+    try:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            address = f"127.0.0.1:{taken.getsockname()[1]}"
+            since = kernel_log_now()
+            with served_handler(workdir, config_extra=f'metrics_listen = "{address}"\n') as served:
+                assert served.health()["metrics"] is None
+                [line] = [x for x in dmesg_lines(f"cannot listen on {address}") if kernel_log_time(x) > since]
+                assert "error: serve: no metrics endpoint: " in line and "set metrics_listen to a free" in line
+                crash([str(crasher), "0", "s-noport"])
+                assert served.wait_record(lambda r: r["comm"] == "s-noport")["core"]["stored"] is True
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_listen_refuses_a_bad_address_and_a_port_in_use(store: dict) -> None:

@@ -211,7 +211,7 @@ def test_server_killed_mid_dump(workdirs, crasher: Path) -> None:
         rec = wait_for(lambda: next((r for r in served.records() if r["comm"] == "big"), None), 60,
                        "the big crash's first record")
         assert rec["status"] == "collecting"
-        workers = _children(served.proc.pid) - {health["guardian"]}
+        workers = _children(served.proc.pid) - {health["guardian"], health["metrics"]}
         assert workers, "a worker is streaming the core"
         os.kill(served.proc.pid, signal.SIGKILL)
         for pid in workers:

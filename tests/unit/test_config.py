@@ -57,3 +57,16 @@ def test_signature_metrics_and_notify_keys() -> None:
     for bad in ('notify_user = "root"', 'notify_user = "0"', "notify_timeout = 0", "signature_max_cores = -1"):
         problems: list = []
         assert config.parse(bad, problems=problems) == config.Config() and len(problems) == 1, bad
+
+
+def test_metrics_listen_is_loopback_by_default_and_checked() -> None:
+    assert config.listen_address(config.Config().metrics_listen) == ("127.0.0.1", 19839)
+    assert config.listen_address("9000") == ("127.0.0.1", 9000)
+    assert config.listen_address("[::1]:0") == ("::1", 0)
+    assert config.listen_address("0.0.0.0:80") == ("0.0.0.0", 80)
+    assert config.parse('metrics_listen = ""\n').metrics_listen == ""
+    for bad in ('metrics_listen = "127.0.0.1:http"', 'metrics_listen = "70000"', 'metrics_listen = "a:-1"'):
+        problems: list = []
+        assert config.parse(bad, problems=problems) == config.Config(), bad
+        assert len(problems) == 1 and "metrics_listen: " in problems[0] and "is not [HOST:]PORT" in problems[0]
+    assert config.is_loopback("127.0.0.1") and config.is_loopback("::1") and not config.is_loopback("0.0.0.0")

@@ -7,6 +7,7 @@ import os
 import sys
 
 from corepipe.commands import crashes
+from corepipe.platform import config as configuration
 from corepipe.platform.errors import UserError
 
 HELP = ("Prometheus metrics of the store: print them, write them for node_exporter's textfile collector "
@@ -46,16 +47,16 @@ def run(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(metrics, address: str, cfg) -> int:  # metrics: the module, imported late
+def _serve(metrics, address: str, cfg: configuration.Config) -> int:  # metrics: the module, imported late
     try:
-        host, port = metrics.parse_address(address)
+        host, port = configuration.listen_address(address)
     except ValueError as exc:
         raise UserError(f"--listen: {exc}") from None
     try:
-        _server, thread = metrics.listen(host, port, cfg)
+        _server, thread, port = metrics.listen(host, port, cfg)
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --listen") from None
-    if not (host in ("localhost", "::1") or host.startswith("127.")):
+    if not configuration.is_loopback(host):
         print(f"corepipe metrics: warning: serving on {host}, not loopback: anyone who reaches it sees "
               "container names and images", file=sys.stderr)
     print(f"corepipe metrics: serving http://{host}:{port}/metrics", file=sys.stderr, flush=True)

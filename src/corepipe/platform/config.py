@@ -9,6 +9,9 @@ from typing import Optional
 
 DEFAULT_PATH = "/etc/corepipe/config.toml"
 DEFAULT_STORE = "/var/lib/corepipe"
+#: Outside the Prometheus exporters' 9100-9999 range (all of it allocated) and below the ephemeral ports;
+#: loopback only unless configured otherwise.
+DEFAULT_METRICS_LISTEN = "127.0.0.1:19839"
 
 
 class ConfigError(Exception):
@@ -71,8 +74,11 @@ class Config:
     notify_command: list = field(default_factory=list)
     notify_user: str = "nobody"
     notify_timeout: int = 10
-    #: ``corepipe metrics``: signatures with a label of their own (the most crashes); the rest count as "other".
+    #: Metrics: signatures with a label of their own (the most crashes); the rest count as "other".
     metrics_max_signatures: int = 50
+    #: Where ``corepipe serve`` serves its Prometheus endpoint, ``[HOST:]PORT`` (HOST 127.0.0.1 if left out;
+    #: port 0: any free one, named in serve.json); "": no endpoint (the textfile mode needs none).
+    metrics_listen: str = DEFAULT_METRICS_LISTEN
     #: ``corepipe prune`` deletes crashes older than this many days; 0: keep them.
     max_age_days: int = 30
     #: The path it was loaded from, or None for the built-in defaults.
@@ -134,6 +140,11 @@ def _validate(name: str, value: object, where: str) -> None:
         raise ConfigError(f"{where}: {name} must be -1 (one per CPU), 0 (no limit) or a number of handlers")
     if name == "notify_user" and str(value) in ("root", "0", ""):
         raise ConfigError(f"{where}: notify_user must be an unprivileged user, not {value!r}")
+    if name == "metrics_listen" and value:
+        try:
+            listen_address(str(value))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: metrics_listen: {exc}") from None
     if name in _NOT_NEGATIVE and int(value) < 0:  # type: ignore[call-overload]
         raise ConfigError(f"{where}: {name} must not be negative")
 
@@ -141,6 +152,22 @@ def _validate(name: str, value: object, where: str) -> None:
 _NOT_NEGATIVE = ("container_max_cores", "container_max_bytes", "max_core_size", "rate_limit_container",
                  "rate_limit_exe", "rate_limit_window", "max_age_days", "core_wait",
                  "postmortem_wait", "signature_max_cores", "signature_window", "metrics_max_signatures")
+
+
+def listen_address(text: str) -> tuple:
+    """(host, port) from ``[HOST:]PORT`` (an IPv6 host in brackets); the host defaults to 127.0.0.1, port 0 is
+    any free one."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.strip("[]") or "127.0.0.1"
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
+        raise ValueError(f"{text!r} is not [HOST:]PORT (a port is 0..65535)")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def load(path: Optional[str] = None, problems: Optional[list] = None) -> Config:

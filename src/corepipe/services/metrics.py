@@ -5,9 +5,11 @@ counters survive restarts and the collect path (one short process per crash) nev
 ``corepipe_crashes_total`` is the number of records, by runtime, container, image and signal. Removing
 records (``prune``, ``rm``) lowers a counter, which Prometheus reads as a counter reset.
 
-Entry points: ``render(cfg)`` (the exposition bytes and content type, for any server that wants to
-answer ``/metrics`` itself, e.g. the resident collector), ``write_textfile(directory, cfg)`` (node_exporter's
-textfile collector) and ``listen(host, port, cfg)``.
+Entry points: ``render(cfg, extra)`` (the exposition bytes and content type of one scrape),
+``write_textfile(directory, cfg)`` (node_exporter's textfile collector) and ``listen(host, port, cfg, extra)``
+(an HTTP server in a thread: ``corepipe metrics --listen``, and the resident collector's metrics process,
+services/serve.py). ``extra`` takes more prometheus-client collectors: the server adds its own counters
+(``ServerCollector``); a shipping backlog gauge would be one more.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Iterator
+from typing import Callable, Optional, Union
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -36,6 +39,9 @@ _OUTCOMES = [
     (re.compile(r"rate limited: \d+ cores of this (container|executable|signature)"), "rate_limited", None),
     (re.compile(r"RLIMIT_CORE is 0"), "rejected", "rlimit_core_zero"),
     (re.compile(r"no room for the core"), "rejected", "no_room"),
+    (re.compile(r"^storm: "), "rejected", "storm"),
+    (re.compile(r"the collector was saturated"), "rejected", "saturated"),
+    (re.compile(r"coredump socket: "), "failed", "socket"),
     (re.compile(r"storage accounting failed"), "failed", "accounting"),
     (re.compile(r"write failed"), "failed", "write"),
     (re.compile(r"the kernel sent no core data"), "failed", "empty"),
@@ -46,7 +52,8 @@ _DELETED = re.compile(r"deleted: .*?(container_max_cores|container_max_bytes|max
 def outcome(rec: dict) -> tuple:
     """(outcome, reason) of a record's core, both from small fixed sets: stored (reason ``whole``,
     ``truncated``, ``partial`` or ``deleted_<limit>`` when deleted later), rate_limited (container,
-    executable, signature), rejected, failed, collecting."""
+    executable, signature), rejected (``rlimit_core_zero``, ``no_room``, ``storm``, ``saturated``), failed,
+    collecting."""
     core = rec.get("core") or {}
     reason = str(core.get("reason") or "")
     if rec.get("status") == "collecting":
@@ -69,21 +76,26 @@ def _container_label(container: dict) -> str:
     return str(container.get("name") or (container.get("id") or "")[:12] or container.get("runtime") or "unknown")
 
 
+#: A config, or what returns the current one (a long-running server follows changes to the file).
+Configured = Union[Config, Callable[[], Config]]
+
+
 class StoreCollector(Collector):
     """The metrics of the store at ``cfg.store``, read afresh at each scrape."""
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Configured):
+        self.current = cfg if callable(cfg) else lambda: cfg
 
     def collect(self) -> Iterator[Metric]:
+        cfg = self.current()
         problems: list = []
-        items = sorted(catalog.iter_records(self.cfg.store, problems), key=catalog.sort_key)
+        items = sorted(catalog.iter_records(cfg.store, problems), key=catalog.sort_key)
         records = [rec for _path, rec in items]
         yield self._crashes(records)
-        yield from self._signatures(items)
+        yield from self._signatures(items, cfg.metrics_max_signatures)
         yield from self._cores(records)
         yield self._durations(records)
-        yield from self._store(len(problems))
+        yield from self._store(cfg.store, len(problems))
 
     def _crashes(self, records: list) -> Metric:
         family = CounterMetricFamily("corepipe_crashes", "Crashes recorded in the store",
@@ -99,13 +111,12 @@ class StoreCollector(Collector):
             family.add_metric(list(labels), count)
         return family
 
-    def _signatures(self, items: list) -> Iterator[Metric]:
+    def _signatures(self, items: list, cap: int) -> Iterator[Metric]:
         """Crashes per signature: the ``metrics_max_signatures`` with the most crashes by hash, the rest
         summed as ``other`` (a crash loop of new signatures cannot explode the label set)."""
         crashes = CounterMetricFamily("corepipe_signature_crashes", "Crashes per signature (see corepipe list --group)",
                                       labels=["signature", "title"])
         groups = signature.groups(items)
-        cap = self.cfg.metrics_max_signatures
         for group in groups[:cap]:
             crashes.add_metric([group["hash"], group["signature"][:MAX_TITLE]], group["count"])
         if len(groups) > cap:
@@ -150,23 +161,50 @@ class StoreCollector(Collector):
                                      "Time the handler took per crash (record's collector.duration)",
                                      buckets=buckets, sum_value=sum(durations))
 
-    def _store(self, unreadable: int) -> Iterator[Metric]:
+    def _store(self, store: str, unreadable: int) -> Iterator[Metric]:
         yield GaugeMetricFamily("corepipe_records_unreadable", "Crash directories whose record cannot be read",
                                 value=unreadable)
-        if not os.path.isdir(self.cfg.store):
+        if not os.path.isdir(store):
             return
         yield GaugeMetricFamily("corepipe_store_used_bytes", "Bytes allocated under the store (cores, records, "
-                                "saved binaries)", value=fs.disk_use(self.cfg.store))
+                                "saved binaries)", value=fs.disk_use(store))
         yield GaugeMetricFamily("corepipe_store_free_bytes", "Bytes available on the store's filesystem",
-                                value=fs.free_bytes(self.cfg.store))
+                                value=fs.free_bytes(store))
         yield GaugeMetricFamily("corepipe_store_size_bytes", "Size of the store's filesystem",
-                                value=fs.fs_size(self.cfg.store))
+                                value=fs.fs_size(store))
 
 
-def registry(cfg: Config, extra: Iterable[Collector] = ()) -> CollectorRegistry:
+class ServerCollector(Collector):
+    """The resident collector's own counters, from ``health()`` (its serve.json, rewritten every 2 s by the
+    accept loop; None when there is none): they start again at 0 when the server restarts."""
+
+    def __init__(self, health: Callable[[], Optional[dict]]):
+        self.health = health
+
+    def collect(self) -> Iterator[Metric]:
+        health = self.health()
+        if not health:
+            return
+        stats = health.get("stats") or {}
+        yield CounterMetricFamily("corepipe_serve_accepted", "Kernel connections the resident collector accepted",
+                                  value=stats.get("accepted", 0))
+        yield CounterMetricFamily("corepipe_serve_worker_failures", "Workers that ended abnormally",
+                                  value=stats.get("worker_failures", 0))
+        loads = CounterMetricFamily("corepipe_serve_dispatched", "Crashes handed to a worker, by the load then "
+                                    "(normal, fast: compression level 1, record-only)", labels=["load"])
+        for load, count in sorted((stats.get("degraded") or {}).items()):
+            loads.add_metric([str(load)], count)
+        yield loads
+        workers = GaugeMetricFamily("corepipe_serve_workers", "Workers, busy (collecting) or idle", labels=["state"])
+        workers.add_metric(["busy"], health.get("busy", 0))
+        workers.add_metric(["idle"], health.get("idle", 0))
+        yield workers
+        yield GaugeMetricFamily("corepipe_serve_queued", "Crashes waiting for a worker", value=health.get("queued", 0))
+
+
+def registry(cfg: Configured, extra: Iterable[Collector] = ()) -> CollectorRegistry:
     """A registry of the store's metrics; ``extra`` collectors are added to it: the hook for metrics of other
-    parts, such as a shipping backlog (records not yet shipped), which this module cannot count until the
-    store marks shipped records."""
+    parts (the server's counters, a shipping backlog)."""
     result = CollectorRegistry(auto_describe=False)
     result.register(StoreCollector(cfg))
     for collector in extra:
@@ -174,7 +212,7 @@ def registry(cfg: Config, extra: Iterable[Collector] = ()) -> CollectorRegistry:
     return result
 
 
-def render(cfg: Config, extra: Iterable[Collector] = ()) -> tuple:
+def render(cfg: Configured, extra: Iterable[Collector] = ()) -> tuple:
     """(exposition bytes, content type) of a fresh scrape: what a server answers to ``GET /metrics``."""
     return generate_latest(registry(cfg, extra)), CONTENT_TYPE_LATEST
 
@@ -187,18 +225,8 @@ def write_textfile(directory: str, cfg: Config) -> str:
     return path
 
 
-def listen(host: str, port: int, cfg: Config) -> tuple:
-    """Serve the metrics over HTTP (every path, ``/metrics`` included) from a thread; (server, thread)."""
-    return start_http_server(port, addr=host, registry=registry(cfg))
-
-
-def parse_address(text: str) -> tuple:
-    """(host, port) from ``[HOST:]PORT`` (IPv6 hosts in brackets); the host defaults to 127.0.0.1."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = "127.0.0.1", text
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r} is not [HOST:]PORT (a port is 1..65535)")
-    return host, int(port)
-
+def listen(host: str, port: int, cfg: Configured, extra: Iterable[Collector] = ()) -> tuple:
+    """Serve the metrics over HTTP (every path, ``/metrics`` included) from a thread; (server, thread, the
+    port bound: ``port`` 0 takes any free one)."""
+    server, thread = start_http_server(port, addr=host, registry=registry(cfg, extra))
+    return server, thread, server.server_address[1]

@@ -18,6 +18,10 @@ pipe handler) on stop or on a fatal error; a guardian process it forks first put
 if the server is killed. Under systemd (corepipe.socket, LISTEN_FDS) the listening socket outlives
 a restart of the service, so crashes that connect meanwhile wait in its backlog.
 ``<run_dir>/serve.json`` is its health: pid, heartbeat, counts (``read_health``).
+
+Its Prometheus endpoint (config ``metrics_listen``, loopback by default) is served by a child process of
+its own (``_start_metrics``): the accept loop stays one thread (it forks workers, and a fork must not
+copy another thread's locks) and a scrape, which reads every record, never delays a crash.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ _CLONE_NEWUTS = 0x04000000
 _CLONE_NEWNS = 0x00020000
 _PF_DUMPCORE = 0x200
 _SO_RCVBUFFORCE = 33
+_PR_SET_PDEATHSIG = 1
 #: How loaded the server is when a crash's turn comes: NORMAL, FAST (compression level 1) or RECORD_ONLY.
 NORMAL, FAST, RECORD_ONLY = "normal", "fast", "record-only"
 
@@ -144,6 +149,9 @@ class Server:
         self.spares: collections.deque = collections.deque()
         self.busy: set = set()
         self.guardian: Optional[int] = None
+        #: The metrics process and the address it serves, when there is one.
+        self.metrics: Optional[int] = None
+        self.metrics_address: Optional[str] = None
         self.stopping = False
         self.sysctl = Sysctl(options.proc_sys)
         self.pattern: Optional[str] = None
@@ -159,6 +167,7 @@ class Server:
         """The listening socket (systemd's, or our own) and the kernel's pattern pointing at it."""
         _raise_nofile()
         _preload()
+        self._start_metrics()  # before the listener and the guardian: it holds neither
         self.listener = activated_socket()
         self.activated = self.listener is not None
         if self.listener is None:
@@ -206,9 +215,11 @@ class Server:
                     os.unlink(self.options.socket_path)
                 except FileNotFoundError:
                     pass
-        if self.guardian is not None:
-            os.kill(self.guardian, signal.SIGKILL)
-            os.waitpid(self.guardian, 0)
+        for pid in (self.guardian, self.metrics):
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        self.guardian = self.metrics = None
         try:
             os.unlink(os.path.join(self.options.run_dir, HEALTH))
         except FileNotFoundError:
@@ -331,6 +342,11 @@ class Server:
             if pid == self.guardian:
                 self.guardian = None
                 continue
+            if pid == self.metrics:
+                self.metrics = self.metrics_address = None
+                log(f"error: serve: the metrics process ended ({os.waitstatus_to_exitcode(status)}); no metrics "
+                    "are served until the server restarts", ERR)
+                continue
             self.busy.discard(pid)
             for spare in [s for s in self.spares if s[0] == pid]:
                 self.spares.remove(spare)
@@ -343,9 +359,48 @@ class Server:
     def health(self) -> dict:
         return {"pid": os.getpid(), "started": self.started, "heartbeat": time.time(),
                 "socket": self.options.socket_path, "pattern": self.pattern, "fallback": self.fallback,
-                "activated": self.activated, "guardian": self.guardian, "workers": self.workers,
+                "activated": self.activated, "guardian": self.guardian, "metrics": self.metrics,
+                "metrics_address": self.metrics_address, "workers": self.workers,
                 "busy": len(self.busy), "idle": len(self.spares), "queued": len(self.queue),
                 "stats": self.stats.__dict__}
+
+    def _start_metrics(self) -> None:
+        """Fork the metrics process (config ``metrics_listen``) and wait until it listens or says why not. A
+        missing prometheus-client or a port in use is logged, never fatal: collecting crashes comes first."""
+        cfg = Prepared(self.options.config).cfg
+        if not cfg.metrics_listen:
+            return
+        try:
+            from corepipe.services import metrics  # noqa: F401 - here, to say at start that it is missing
+        except ImportError as exc:
+            log(f"error: serve: no metrics endpoint: {exc}; install the metrics extra (pip install "
+                "'corepipe[metrics]') or set metrics_listen = \"\"", ERR)
+            return
+        host, port = configuration.listen_address(cfg.metrics_listen)
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(ready_r)
+                code = _metrics_process(host, port, self.options, parent, ready_w)
+            except BaseException as exc:  # noqa: BLE001 - a child reports, it never unwinds into the loop
+                log(f"error: serve metrics: {type(exc).__name__}: {exc}", ERR)
+            finally:
+                os._exit(code)
+        os.close(ready_w)
+        with os.fdopen(ready_r, "rb") as ready:
+            answer = ready.read(4096).decode("utf-8", "replace")
+        if not answer.startswith("port "):
+            os.waitpid(pid, 0)
+            log(f"error: serve: no metrics endpoint: {answer or 'the metrics process died'}", ERR)
+            return
+        self.metrics, self.metrics_address = pid, f"{host}:{answer.split()[1]}"
+        if not configuration.is_loopback(host):
+            log(f"serve: metrics on {host}, not loopback: anyone who reaches it sees container names and images",
+                WARNING)
+        log(f"serve: metrics on http://{self.metrics_address}/metrics (pid {pid})", INFO)
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
@@ -361,6 +416,32 @@ class Server:
             os.rename(tmp, path)
         except OSError as exc:
             log(f"error: serve: cannot write the health file: {exc}", ERR)
+
+
+def _metrics_process(host: str, port: int, options: Options, parent: int, ready: int) -> int:
+    """The metrics process: prometheus-client's HTTP server (its threads are this process's own), the store's
+    metrics under the config as the file is now, and the server's counters from its health file. It ends
+    with the server (SIGKILL on the parent's death, whatever kills it)."""
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        return 1
+    from corepipe.services import metrics
+
+    prepared = Prepared(options.config)
+    try:
+        _server, thread, port = metrics.listen(host, port, lambda: prepared.current()[0],
+                                               [metrics.ServerCollector(lambda: read_health(options.run_dir))])
+    except OSError as exc:
+        os.write(ready, f"cannot listen on {host}:{port}: {exc.strerror or exc}; set metrics_listen to a free "
+                        "[HOST:]PORT, or \"\" for none".encode())
+        return 1
+    os.write(ready, f"port {port}".encode())
+    os.close(ready)
+    thread.join()
+    return 0
 
 
 def _raise_nofile() -> None:
