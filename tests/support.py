@@ -10,6 +10,7 @@ import re
 import resource
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -170,6 +171,15 @@ def set_core_limit(limit: int) -> Callable[[], None]:
 def crash(argv: list, core_limit: int = resource.RLIM_INFINITY, **kwargs) -> subprocess.CompletedProcess:
     """Run a program that crashes, with RLIMIT_CORE set; returns once the kernel has reaped it."""
     proc = subprocess.run(argv, preexec_fn=set_core_limit(core_limit), capture_output=True, timeout=120, **kwargs)
+    return proc
+
+
+def corepipe_cli(config: Path, *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``corepipe --config CONFIG ARGS...`` from this checkout; with ``check``, it must exit 0."""
+    proc = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr
     return proc
 
 

@@ -20,6 +20,7 @@ import pytest
 from runtimes import unique
 from support import (
     NO_RATE_LIMIT,
+    corepipe_cli,
     crash,
     dmesg_lines,
     installed_handler,
@@ -76,13 +77,9 @@ def _samples(text: str) -> dict:
     return found
 
 
-def _corepipe(config: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "corepipe", "--config", str(config), "metrics", *args],
-                          capture_output=True, text=True, timeout=60, **kwargs)
-
 
 def test_textfile_parses_and_counts_the_crashes(store: dict, tmp_path: Path, docker_image: str) -> None:
-    proc = _corepipe(store["handler"].config, "--textfile", str(tmp_path))
+    proc = corepipe_cli(store["handler"].config, "metrics", "--textfile", str(tmp_path), check=False)
     assert proc.returncode == 0, proc.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["corepipe.prom"]  # no temporary file left beside it
     found = _samples((tmp_path / "corepipe.prom").read_text())
@@ -243,12 +240,12 @@ def test_resident_collector_collects_without_its_endpoint(crasher: Path) -> None
 
 
 def test_listen_refuses_a_bad_address_and_a_port_in_use(store: dict) -> None:
-    proc = _corepipe(store["handler"].config, "--listen", "127.0.0.1:notaport")
+    proc = corepipe_cli(store["handler"].config, "metrics", "--listen", "127.0.0.1:notaport", check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "is not [HOST:]PORT" in proc.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        proc = _corepipe(store["handler"].config, "--listen", str(taken.getsockname()[1]))
+        proc = corepipe_cli(store["handler"].config, "metrics", "--listen", str(taken.getsockname()[1]), check=False)
     assert proc.returncode == 1 and "cannot listen on 127.0.0.1:" in proc.stderr and "pick another" in proc.stderr
-    proc = _corepipe(store["handler"].config, "--textfile", "/nonexistent/dir")
+    proc = corepipe_cli(store["handler"].config, "metrics", "--textfile", "/nonexistent/dir", check=False)
     assert proc.returncode == 1 and "is not a directory" in proc.stderr

@@ -10,17 +10,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
-from support import core_digest, installed_handler, need_tool, short_tempdir, start_crash, wait_for
-
-
-def _corepipe(config: Path, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(config), *args],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return proc
+from support import core_digest, corepipe_cli, installed_handler, need_tool, short_tempdir, start_crash, wait_for
 
 
 def test_core_cut_short_by_sigkill_lists_extracts_debugs(crasher: Path, tmp_path: Path) -> None:
@@ -41,19 +33,19 @@ def test_core_cut_short_by_sigkill_lists_extracts_debugs(crasher: Path, tmp_path
         crash_dir = Path(rec["_dir"])
         assert sorted(p.name for p in crash_dir.iterdir()) == ["core.partial.zst", "record.json"]
 
-        listed = _corepipe(handler.config, "list").stdout.splitlines()
+        listed = corepipe_cli(handler.config, "list").stdout.splitlines()
         [row] = [line.split("\t") for line in listed[1:] if line.startswith(rec["id"])]
         assert row[-1] == "partial", listed
-        info = _corepipe(handler.config, "info", rec["id"]).stdout
+        info = corepipe_cli(handler.config, "info", rec["id"]).stdout
         assert any(line.split() == ["core:", "partial"] for line in info.splitlines()), info
 
         out = tmp_path / "core"
-        _corepipe(handler.config, "extract", rec["id"], "-o", str(out))
+        corepipe_cli(handler.config, "extract", rec["id"], "-o", str(out))
         data = out.read_bytes()
         assert data[:4] == b"\x7fELF" and len(data) == core["size"]
         assert core_digest(data) == core["digest"]
 
-        debug = _corepipe(handler.config, "debug", rec["id"], "--", "-batch", "-ex", "bt")
+        debug = corepipe_cli(handler.config, "debug", rec["id"], "--", "-batch", "-ex", "bt")
         assert " main " in debug.stdout and "crasher.c" in debug.stdout, debug.stdout + debug.stderr
 
         trace = rec["backtrace"]

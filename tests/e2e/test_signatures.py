@@ -13,12 +13,11 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from runtimes import unique
-from support import NO_RATE_LIMIT, crash, installed_handler, need_tool, short_tempdir, wait_for
+from support import NO_RATE_LIMIT, corepipe_cli, crash, installed_handler, need_tool, short_tempdir, wait_for
 
 #: The loop's crashes, of which the policy keeps the first LOOP_CORES cores (as many as bugs.c's crashes at
 #: write_site that must have a core: they share one crash site).
@@ -172,12 +171,6 @@ def test_crash_loop_keeps_the_first_cores_of_its_signature(crashed: dict) -> Non
     assert _by_comm(crashed, "newbug")[0]["core"]["stored"] is True
 
 
-def _corepipe(config: Path, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(config), *args],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return proc
-
 
 def test_list_group_shows_the_loop_and_the_new_bug(crashed: dict, tmp_path: Path) -> None:
     store = tmp_path / "store"
@@ -185,7 +178,7 @@ def test_list_group_shows_the_loop_and_the_new_bug(crashed: dict, tmp_path: Path
         shutil.copytree(rec["_dir"], store / "host" / Path(rec["_dir"]).name)
     config = tmp_path / "c.toml"
     config.write_text(f'store = "{store}"\n')
-    groups = json.loads(_corepipe(config, "list", "--group", "--json").stdout)
+    groups = json.loads(corepipe_cli(config, "list", "--group", "--json").stdout)
     loop_sig = next(r for r in _by_comm(crashed, "loop") if r["core"]["stored"])["signature"]
     new_sig = _by_comm(crashed, "newbug")[0]["signature"]
     assert [(g["signature"], g["count"], g["cores"]) for g in groups] == [
@@ -193,27 +186,27 @@ def test_list_group_shows_the_loop_and_the_new_bug(crashed: dict, tmp_path: Path
     assert groups[0]["hash"] == loop_sig["hash"] and groups[0]["containers"] == ["host"]
     assert groups[0]["sample"] in {r["id"] for r in _by_comm(crashed, "loop")}
     assert groups[0]["first_seen"] <= groups[0]["last_seen"]
-    table = _corepipe(config, "list", "--group").stdout.splitlines()
+    table = corepipe_cli(config, "list", "--group").stdout.splitlines()
     assert table[0].split("\t")[:2] == ["HASH", "COUNT"] and len(table) == 3
     assert table[1].split("\t")[:3] == [loop_sig["hash"], str(LOOP), str(LOOP_CORES)]
 
-    listed = json.loads(_corepipe(config, "list", "--json", "--signature", loop_sig["hash"][:8]).stdout)
+    listed = json.loads(corepipe_cli(config, "list", "--json", "--signature", loop_sig["hash"][:8]).stdout)
     assert len(listed) == LOOP  # the rate-limited crashes too, by their crash site
-    assert len(json.loads(_corepipe(config, "list", "--json", "--signature", new_sig["text"]).stdout)) == 1
+    assert len(json.loads(corepipe_cli(config, "list", "--json", "--signature", new_sig["text"]).stdout)) == 1
 
-    info = _corepipe(config, "info", _by_comm(crashed, "newbug")[0]["id"]).stdout
+    info = corepipe_cli(config, "info", _by_comm(crashed, "newbug")[0]["id"]).stdout
     assert f"signature:           {new_sig['text']}" in info and "crashes with it: 1" in info, info
     some_loop = _by_comm(crashed, "loop")[-1]["id"]
-    assert f"crashes with it: {LOOP}" in _corepipe(config, "info", some_loop).stdout
+    assert f"crashes with it: {LOOP}" in corepipe_cli(config, "info", some_loop).stdout
 
 
 def test_list_filters_by_image_and_signature(crashed: dict, docker_image: str) -> None:
     handler = crashed["store"]
-    groups = json.loads(_corepipe(handler.config, "list", "--group", "--json", "--image", docker_image).stdout)
+    groups = json.loads(corepipe_cli(handler.config, "list", "--group", "--json", "--image", docker_image).stdout)
     assert [(g["count"], g["hash"], g["images"]) for g in groups] == [
         (2, crashed["host"]["signature"]["hash"], [docker_image])]
-    every = json.loads(_corepipe(handler.config, "list", "--group", "--json",
+    every = json.loads(corepipe_cli(handler.config, "list", "--group", "--json",
                                  "--signature", crashed["host"]["signature"]["hash"]).stdout)
     assert every[0]["count"] == 3 and "host" in every[0]["containers"] and len(every[0]["containers"]) == 3
-    none = _corepipe(handler.config, "list", "--json", "--since", "1d", "--signature", "0" * 16).stdout
+    none = corepipe_cli(handler.config, "list", "--json", "--since", "1d", "--signature", "0" * 16).stdout
     assert json.loads(none) == []
