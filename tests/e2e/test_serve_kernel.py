@@ -251,8 +251,9 @@ def test_systemd_units_are_hardened_and_verify() -> None:
     sock, service = (units / "corepipe.socket").read_text(), (units / "corepipe.service").read_text()
     assert "ListenStream=/run/corepipe/coredump.socket\n" in sock and "SocketMode=0600\n" in sock
     assert "ExecStart=/usr/local/bin/corepipe serve\n" in service and "Requires=corepipe.socket\n" in service
-    for line in ("ProtectSystem=strict", "ReadWritePaths=/var/lib/corepipe /run/corepipe", "PrivateNetwork=yes",
-                 "RestrictAddressFamilies=AF_UNIX", "NoNewPrivileges=yes", "Restart=always", "KillMode=mixed"):
+    for line in ("ProtectSystem=strict", "ReadWritePaths=/var/lib/corepipe /run/corepipe", "IPAddressDeny=any",
+                 "IPAddressAllow=localhost", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "NoNewPrivileges=yes",
+                 "Restart=always", "KillMode=mixed"):
         assert f"\n{line}\n" in service, line
     analyze = need_tool("systemd-analyze")
     check = subprocess.run([analyze, "verify", "--man=no", str(units / "corepipe.socket"),
