@@ -125,3 +125,17 @@ def test_crash_site_is_the_faulting_pc_from_the_notes(gdb_core: tuple) -> None:
     assert elf.crash_site(core[:200]) is None  # the notes are not in the head
     assert elf.crash_site(b"\x7fELF" + b"\0" * 100) is None
     assert elf.crash_site(Path(__file__).read_bytes()) is None
+
+
+def test_a_storm_that_skipped_the_backtrace_keeps_the_crash_site_and_says_why() -> None:
+    from corepipe.domain import postmortem
+    from corepipe.domain.binaries import HeldFiles
+    from corepipe.platform.config import Config
+
+    site = signature.from_site(REC, {"pc": 0x401642}, MODULES, "no backtrace yet")
+    rec = dict(REC, signature=dict(site, site=site["hash"]), core={"stored": True}, collector={"errors": []},
+               postmortem={"skipped": "storm: 2 handlers busy (concurrent_postmortems)"})
+    postmortem.sign(rec, HeldFiles(), Config())
+    assert rec["signature"]["hash"] == site["hash"] and rec["signature"]["site"] == site["hash"]
+    assert rec["signature"]["fallback_reason"] == "no backtrace: storm: 2 handlers busy (concurrent_postmortems)"
+    assert rec["collector"]["errors"] == []
