@@ -63,6 +63,7 @@ def test_metrics_listen_is_loopback_by_default_and_checked() -> None:
     assert config.listen_address(config.Config().metrics_listen) == ("127.0.0.1", 19839)
     assert config.listen_address("9000") == ("127.0.0.1", 9000)
     assert config.listen_address("[::1]:0") == ("::1", 0)
+    assert config.join_address("::1", 80) == "[::1]:80" and config.join_address("127.0.0.1", 80) == "127.0.0.1:80"
     assert config.listen_address("0.0.0.0:80") == ("0.0.0.0", 80)
     assert config.parse('metrics_listen = ""\n').metrics_listen == ""
     for bad in ('metrics_listen = "127.0.0.1:http"', 'metrics_listen = "70000"', 'metrics_listen = "a:-1"'):

@@ -59,6 +59,7 @@ def _serve(metrics, address: str, cfg: configuration.Config) -> int:  # metrics:
     if not configuration.is_loopback(host):
         print(f"corepipe metrics: warning: serving on {host}, not loopback: anyone who reaches it sees "
               "container names and images", file=sys.stderr)
-    print(f"corepipe metrics: serving http://{host}:{port}/metrics", file=sys.stderr, flush=True)
+    print(f"corepipe metrics: serving http://{configuration.join_address(host, port)}/metrics", file=sys.stderr,
+          flush=True)
     thread.join()
     return 0

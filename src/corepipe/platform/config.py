@@ -166,6 +166,11 @@ def listen_address(text: str) -> tuple:
     return host, int(port)
 
 
+def join_address(host: str, port: int) -> str:
+    """``host:port``, an IPv6 host in brackets (as in a URL)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 

@@ -396,7 +396,7 @@ class Server:
             os.waitpid(pid, 0)
             log(f"error: serve: no metrics endpoint: {answer or 'the metrics process died'}", ERR)
             return
-        self.metrics, self.metrics_address = pid, f"{host}:{answer.split()[1]}"
+        self.metrics, self.metrics_address = pid, configuration.join_address(host, int(answer.split()[1]))
         if not configuration.is_loopback(host):
             log(f"serve: metrics on {host}, not loopback: anyone who reaches it sees container names and images",
                 WARNING)
