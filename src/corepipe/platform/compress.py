@@ -145,8 +145,7 @@ class _Source:
 
     From a socket (``corepipe serve``: the kernel's coredump connection) a plain read returns what one
     wake-up brought (9430 reads for a 1 GiB core here); recv with MSG_WAITALL fills the buffer in the
-    kernel first (1026 reads), so zstd
-    and the digest are fed a CHUNK at a time, as from the 1 MiB pipe."""
+    kernel first (1026 reads), so zstd and the digest are fed a CHUNK at a time, as from the 1 MiB pipe."""
 
     def __init__(self, fd: int, prefix: bytes, eof: bool):
         self.fd, self.prefix, self.eof, self.offset = fd, memoryview(prefix), eof, 0
