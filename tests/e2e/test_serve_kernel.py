@@ -246,7 +246,7 @@ def _collects(served: Served, crasher: Path, comm: str) -> None:
     assert rec["status"] == "complete" and rec["core"]["stored"] is True
 
 
-def test_systemd_units_are_hardened_and_verify() -> None:
+def test_systemd_units_are_hardened() -> None:
     units = Path(__file__).resolve().parents[2] / "install" / "systemd"
     sock, service = (units / "corepipe.socket").read_text(), (units / "corepipe.service").read_text()
     assert "ListenStream=/run/corepipe/coredump.socket\n" in sock and "SocketMode=0600\n" in sock
@@ -255,11 +255,7 @@ def test_systemd_units_are_hardened_and_verify() -> None:
                  "IPAddressAllow=localhost", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "NoNewPrivileges=yes",
                  "Restart=always", "KillMode=mixed"):
         assert f"\n{line}\n" in service, line
-    analyze = need_tool("systemd-analyze")
-    check = subprocess.run([analyze, "verify", "--man=no", str(units / "corepipe.socket"),
-                            str(units / "corepipe.service")], capture_output=True, text=True)
-    problems = [line for line in check.stderr.splitlines() if "corepipe" in line and "/usr/local/bin" not in line]
-    assert not problems, check.stderr
+    # systemd-analyze verify of every unit: tests/unit/test_systemd_units.py
 
 
 def test_socket_activation(workdirs, crasher: Path) -> None:

@@ -1,0 +1,59 @@
+"""The systemd units in install/systemd, checked by ``systemd-analyze verify``.
+
+PID 1 is not systemd on the test machines, so the units cannot run here; ``verify`` still parses every
+unit and key, and checks that the sockets and services they name exist together. It exits 0 on a
+misspelt key or a bad value (it only prints a warning), so any line it prints is a failure. The units'
+ExecStart names the installed ``/usr/local/bin/corepipe``; it points at a stand-in here so that its
+absence on a test machine is not what the check reports.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from support import need_tool
+
+UNITS = Path(__file__).resolve().parents[2] / "install" / "systemd"
+INSTALLED = "/usr/local/bin/corepipe"
+
+
+def verify(units: dict, where: Path) -> list:
+    """What ``systemd-analyze verify`` says about the units ``{file name: text}`` (nothing when they are good)."""
+    analyze = need_tool("systemd-analyze")
+    stand_in = where / "corepipe"
+    stand_in.write_text("#!/bin/sh\nexit 0\n")
+    stand_in.chmod(0o755)
+    paths = []
+    for name, text in units.items():
+        path = where / name
+        path.write_text(text.replace(INSTALLED, str(stand_in)))
+        paths.append(str(path))
+    check = subprocess.run([analyze, "verify", "--man=no", *paths], capture_output=True, text=True, timeout=60)
+    return [line for line in (check.stdout + check.stderr).splitlines() if line.strip()] + (
+        [f"systemd-analyze verify exited with {check.returncode}"] if check.returncode else [])
+
+
+def shipped() -> dict:
+    return {path.name: path.read_text() for path in sorted(UNITS.iterdir())
+            if path.suffix in (".service", ".socket", ".timer")}
+
+
+def test_shipped_units_verify(tmp_path: Path) -> None:
+    units = shipped()
+    assert {"corepipe.service", "corepipe.socket", "corepipe-prune.service", "corepipe-prune.timer"} <= set(units)
+    assert verify(units, tmp_path) == []
+
+
+@pytest.mark.parametrize("change", [("ProtectSystem=strict", "ProtectSystem=stricter"),
+                                    ("NoNewPrivileges=yes", "NoNewPrivilege=yes"),
+                                    ("Requires=corepipe.socket", "Requires=corepipe.socket\nAfter=nonsense=1")])
+def test_a_bad_unit_fails_the_check(tmp_path: Path, change: tuple) -> None:
+    """The check is not vacuous: one bad value, one misspelt key, one bad line each make it fail."""
+    units = shipped()
+    old, new = change
+    assert old in units["corepipe.service"]
+    units["corepipe.service"] = units["corepipe.service"].replace(old, new)
+    problems = verify(units, tmp_path)
+    assert any("corepipe.service" in line for line in problems), problems
