@@ -181,6 +181,58 @@ def test_core_limit_zero_is_rejected(workdirs, crasher: Path) -> None:
     assert rec["core"]["stored"] is False and sorted(p.name for p in Path(rec["_dir"]).iterdir()) == ["record.json"]
 
 
+def _no_core(rec: dict, reason: str) -> None:
+    """A record without a core whose reason starts with ``reason``."""
+    assert rec["status"] == "complete" and rec["core"]["stored"] is False and rec["core"]["file"] is None
+    assert rec["core"]["reason"].startswith(reason), rec["core"]
+    assert not list(Path(rec["_dir"]).glob("core*")), "no core file, not even a partial one"
+
+
+def test_excluded_by_config(workdirs, crasher: Path) -> None:
+    """exclude_executables: socket mode answers REJECT (the kernel writes no core), pipe mode reads and drops
+    the core; both records say why, and another executable is still collected whole."""
+    config = f'{NO_RATE_LIMIT}exclude_executables = ["*/{crasher.name}"]\n'
+    reason = f"not stored: excluded by config (exclude_executables: '{crasher}' matches '*/{crasher.name}')"
+    other = crasher.with_name("kept")
+    other.write_bytes(crasher.read_bytes())
+    other.chmod(0o755)
+    statuses = {}
+    for mode, handler in (("pipe", installed_handler), ("socket", served_handler)):
+        with handler(workdirs(), config_extra=config) as h:
+            statuses[mode] = _run([str(crasher), "0", f"excl-{mode}"])
+            _no_core(h.wait_record(lambda r, mode=mode: r["comm"] == f"excl-{mode}"), reason)
+            assert os.WCOREDUMP(_run([str(other), "0", f"kept-{mode}"]))
+            assert h.wait_record(lambda r, mode=mode: r["comm"] == f"kept-{mode}")["core"]["stored"] is True
+    assert os.WCOREDUMP(statuses["pipe"]), "a pipe handler cannot refuse the kernel's dump"
+    assert not os.WCOREDUMP(statuses["socket"]) and os.WTERMSIG(statuses["socket"]) == signal.SIGSEGV
+
+
+def test_container_image_excluded_is_rejected(workdirs, docker_image: str) -> None:
+    """exclude_images, in socket mode: the container is identified before the ack, the record says why."""
+    need_tool("docker")
+    name = unique("corepipe-12-excl")
+    with served_handler(workdirs(), config_extra=f'{NO_RATE_LIMIT}exclude_images = ["{docker_image}"]\n') as served:
+        try:
+            subprocess.run(["docker", "run", "--name", name, "--network=none", "--ulimit", "core=-1", docker_image,
+                            "/crasher"], capture_output=True, timeout=120)
+            rec = served.wait_record(lambda r: r["container"]["name"] == name)
+        finally:
+            subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    _no_core(rec, f"not stored: excluded by config (exclude_images: {docker_image!r} matches {docker_image!r})")
+    assert rec["container"]["runtime"] == "docker" and rec["container"]["image"] == docker_image
+    assert rec["signal"]["name"] == "SIGSEGV"
+
+
+def test_over_quota_is_rejected(workdirs, crasher: Path) -> None:
+    """max_use too small for any core, nothing to delete: REJECT before the dump, the record says why."""
+    with served_handler(workdirs(), config_extra="max_use = 1000\n") as served:
+        status = _run([str(crasher), "0", "quota"])
+        rec = served.wait_record(lambda r: r["comm"] == "quota")
+    assert not os.WCOREDUMP(status) and os.WTERMSIG(status) == signal.SIGSEGV
+    _no_core(rec, "no room for the core: max_use (1000 bytes) leaves ")
+    assert rec["signal"] == {"number": signal.SIGSEGV, "name": "SIGSEGV"}
+
+
 def test_not_dumping_peer_is_ignored(workdirs) -> None:
     """A local process that connects to the socket is not the kernel: no record, the server goes on."""
     with served_handler(workdirs()) as served:

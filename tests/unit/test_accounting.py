@@ -88,3 +88,19 @@ def test_a_planted_lock_file_is_replaced_not_used(store: Store, tmp_path: Path, 
         st = os.lstat(lock)
         assert st.st_nlink == 1 and (st.st_mode & 0o170000) == 0o100000
     assert target.read_text() == "keep me\n" and target.stat().st_nlink == 1
+
+
+def test_refusal_gives_admits_reason_and_changes_nothing(store: Store) -> None:
+    """What the socket server asks before the dump: the same reason ``admit`` gives after, nothing recorded."""
+    cfg, full = _cfg(rate_limit_container=1), _cfg(max_use=1000)
+    assert accounting.refusal(store, cfg, group=("host",), exe="/x") is None
+    assert accounting.admit(store, cfg, crash_id="1" * 12, group=("host",), exe="/x", want=MIB).budget
+    before = _state(store)
+    limited = accounting.refusal(store, cfg, group=("host",), exe="/x")
+    no_room = accounting.refusal(store, full, group=("docker", "c1"), exe="/y")
+    assert _state(store) == before
+    assert limited.startswith("rate limited: 1 cores of this container")
+    assert limited == accounting.admit(store, cfg, crash_id="2" * 12, group=("host",), exe="/x", want=MIB).reason
+    assert no_room == "no room for the core: max_use (1000 bytes) leaves 0 bytes"
+    assert no_room == accounting.admit(store, full, crash_id="3" * 12, group=("docker", "c1"), exe="/y",
+                                       want=MIB).reason

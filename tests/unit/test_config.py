@@ -71,3 +71,11 @@ def test_metrics_listen_is_loopback_by_default_and_checked() -> None:
         assert config.parse(bad, problems=problems) == config.Config(), bad
         assert len(problems) == 1 and "metrics_listen: " in problems[0] and "is not [HOST:]PORT" in problems[0]
     assert config.is_loopback("127.0.0.1") and config.is_loopback("::1") and not config.is_loopback("0.0.0.0")
+
+
+def test_exclusion_patterns() -> None:
+    cfg = config.parse('exclude_executables = ["*/chrome"]\nexclude_images = ["debug/*", "x:1"]\n', "c.toml")
+    assert cfg.exclude_executables == ["*/chrome"] and cfg.exclude_images == ["debug/*", "x:1"]
+    assert cfg.exclude_containers == [] and config.Config().exclude_executables == []
+    with pytest.raises(config.ConfigError, match="exclude_containers must be list"):
+        config.parse('exclude_containers = "web-*"', "c.toml")

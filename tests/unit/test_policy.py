@@ -100,3 +100,18 @@ def test_estimate() -> None:
     assert policy.estimate(None, None, 5) == 5
     assert policy.estimate(1024, 1000 * 1024, None) == MIB + 1024 * 1024 + MIB
     assert policy.estimate(1 << 30, None, 4096) == 4096 + MIB
+
+
+def test_excluded_by_pattern() -> None:
+    none = {"executables": [], "containers": [], "images": []}
+    host = {"exe": "/usr/bin/python3.11", "container_name": None, "container_id": None, "image": None}
+    web = {"exe": "/app/server", "container_name": "web-1", "container_id": "ab" * 32, "image": "nginx:1.25"}
+    assert policy.excluded(**host, **none) is None
+    assert policy.excluded(**host, **{**none, "executables": ["*/python3*"]}) == (
+        "not stored: excluded by config (exclude_executables: '/usr/bin/python3.11' matches '*/python3*')")
+    assert policy.excluded(**host, **{**none, "containers": ["*"], "images": ["*"]}) is None, "a host process"
+    assert policy.excluded(**web, **{**none, "containers": ["web-*"]}).endswith("'web-1' matches 'web-*')")
+    assert policy.excluded(**web, **{**none, "containers": ["abab*"]}) is not None, "by id too"
+    assert policy.excluded(**web, **{**none, "images": ["nginx:*"]}).startswith(
+        "not stored: excluded by config (exclude_images: ")
+    assert policy.excluded(**web, **{**none, "images": ["NGINX:*"], "executables": ["server"]}) is None

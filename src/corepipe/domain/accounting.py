@@ -144,8 +144,7 @@ def admit(store: Store, cfg: Config, *, crash_id: str, group: tuple, exe: str, w
         if budget < MIN_BUDGET:
             state["reservations"].pop(crash_id, None)
             save_state(store, state)
-            return Admission(reason=f"no room for the core: {limited_by} leaves {budget} bytes",
-                             limited_by=limited_by)
+            return Admission(reason=_no_room(limited_by, budget), limited_by=limited_by)
         for _what, key in keys:
             rates[key].append(now)
         _forget_idle(rates)
@@ -153,12 +152,22 @@ def admit(store: Store, cfg: Config, *, crash_id: str, group: tuple, exe: str, w
         return Admission(budget=budget, limited_by=limited_by)
 
 
-def rate_limited(store: Store, cfg: Config, *, group: tuple, exe: str) -> Optional[str]:
-    """Why a crash of ``exe`` in ``group`` would be refused a core by the rate limits now (``admit``'s reason),
-    or None; it records nothing: the socket server asks before the dump, ``admit`` decides after."""
-    with catalog.Locked(store):
-        rates = load_state(store).get("rate", {})
-        return _over_rate(rates, rate_keys(group, exe), cfg, time.time())
+def refusal(store: Store, cfg: Config, *, group: tuple, exe: str) -> Optional[str]:
+    """Why ``admit`` would refuse a crash of ``exe`` in ``group`` a core now (its reason: the rate limits, or
+    no room even after deleting what the policy allows), or None. It deletes, reserves and records nothing:
+    the socket server asks before the dump (a refusal is a REJECT: the kernel writes nothing), ``admit``
+    decides after, for the FIRST_RESERVATION it would ask then."""
+    with catalog.Locked(store) as books:
+        state = load_state(store)
+        reason = _over_rate(state.get("rate", {}), rate_keys(group, exe), cfg, time.time())
+        if reason is not None:
+            return reason
+        plan = _plan(books, state, cfg, None, group, FIRST_RESERVATION, written=0)
+        return _no_room(plan.limited_by, plan.budget) if plan.budget < MIN_BUDGET else None
+
+
+def _no_room(limited_by: Optional[str], budget: int) -> str:
+    return f"no room for the core: {limited_by} leaves {budget} bytes"
 
 
 def _over_rate(rates: dict, keys: list, cfg: Config, now: float) -> Optional[str]:
@@ -191,12 +200,7 @@ def _reserve(books: catalog.Locked, state: dict, cfg: Config, crash_id: str, gro
     """Apply the policy for ``want`` bytes (``written`` of them already on disk), delete what it says,
     and reserve ``want`` plus up to ``extra`` more where there is room without deleting anything more;
     returns (reserved bytes, the limit that decided)."""
-    reserved = reservations(state, cfg.timeout + 60)
-    reserved.pop(crash_id, None)
-    lim, fs_free = measure(books.store, cfg)
-    plan = books.checked(lambda: policy.plan(books.ledger, lim, fs_free=fs_free + written,
-                                             reserved=sum(r[0] for r in reserved.values()), group="/".join(group),
-                                             want=want))
+    plan = _plan(books, state, cfg, crash_id, group, want, written)
     for core, reason in plan.delete:
         try:
             books.delete_core(core, f"{reason} (room for crash {crash_id})")
@@ -204,8 +208,19 @@ def _reserve(books: catalog.Locked, state: dict, cfg: Config, crash_id: str, gro
         except OSError as exc:
             log(f"error: cannot delete the core of {core.group}/{core.crash}: {exc}", ERR)
     budget = min(want + extra, plan.budget)
-    reserved[crash_id] = [budget, os.getpid(), _self_start(), time.time()]
+    state["reservations"][crash_id] = [budget, os.getpid(), _self_start(), time.time()]
     return budget, plan.limited_by
+
+
+def _plan(books: catalog.Locked, state: dict, cfg: Config, crash_id: Optional[str], group: tuple, want: int,
+          written: int) -> policy.Plan:
+    """The policy's plan for ``want`` more bytes in ``group`` (``written`` of them on disk already), counting
+    the room promised to the other live handlers (``crash_id``'s own promise aside); deletes nothing."""
+    reserved = reservations(state, cfg.timeout + 60)
+    lim, fs_free = measure(books.store, cfg)
+    return books.checked(lambda: policy.plan(books.ledger, lim, fs_free=fs_free + written,
+                                             reserved=sum(r[0] for k, r in reserved.items() if k != crash_id),
+                                             group="/".join(group), want=want))
 
 
 def _forget_idle(rates: dict) -> None:

@@ -195,3 +195,24 @@ def estimate(rss_kib: Optional[int], vm_kib: Optional[int], cap: Optional[int]) 
         return cap
     guess = rss_kib * 1024 + (vm_kib or 0) * 1024 // 1000 + (1 << 20)
     return guess if cap is None else min(guess, cap + (1 << 20))
+
+
+def excluded(*, exe: str, container_name: Optional[str], container_id: Optional[str], image: Optional[str],
+             executables: list, containers: list, images: list) -> Optional[str]:
+    """Why the config excludes this crash from having a core stored (the first pattern that matches), or None.
+
+    Shell-style patterns (fnmatch, case-sensitive): ``executables`` against the executable's path (its comm
+    when the path is unknown), ``containers`` against the container's name and its id, ``images`` against
+    its image. A host process has no container name, id or image: only ``executables`` can match it."""
+    if not (executables or containers or images):
+        return None
+    from fnmatch import fnmatchcase  # only with patterns: the pipe handler does without its import
+
+    for key, patterns, values in (("exclude_executables", executables, (exe,)),
+                                  ("exclude_containers", containers, (container_name, container_id)),
+                                  ("exclude_images", images, (image,))):
+        for pattern in patterns:
+            for value in values:
+                if value and fnmatchcase(value, pattern):
+                    return f"not stored: excluded by config ({key}: {value!r} matches {pattern!r})"
+    return None

@@ -79,6 +79,12 @@ class Config:
     #: Where ``corepipe serve`` serves its Prometheus endpoint, ``[HOST:]PORT`` (HOST 127.0.0.1 if left out;
     #: port 0: any free one, named in serve.json); "": no endpoint (the textfile mode needs none).
     metrics_listen: str = DEFAULT_METRICS_LISTEN
+    #: Crashes that get a record but no core ("not stored: excluded by config"), by shell-style pattern
+    #: (policy.excluded): the executable's path, the container's name or id, the container's image. In
+    #: socket mode the kernel is answered REJECT and writes no byte of the core.
+    exclude_executables: list = field(default_factory=list)
+    exclude_containers: list = field(default_factory=list)
+    exclude_images: list = field(default_factory=list)
     #: ``corepipe prune`` deletes crashes older than this many days; 0: keep them.
     max_age_days: int = 30
     #: The path it was loaded from, or None for the built-in defaults.

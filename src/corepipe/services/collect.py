@@ -164,6 +164,8 @@ def store_crash(ctx: Context) -> int:
         record.core_refused(rec, ctx.refused)
     elif limit == 0:
         record.core_refused(rec, "RLIMIT_CORE is 0")
+    elif (exclusion := excluded(ctx)) is not None:
+        record.core_refused(rec, exclusion)
     else:
         with _turn(ctx, slots.core_turn(ctx.store, cfg)) as turn:  # a storm's bound, before the core is read
             storm = turn.refused
@@ -198,6 +200,15 @@ def store_crash(ctx: Context) -> int:
     if args.errors:
         return 2
     return 1 if failed else 0
+
+
+def excluded(ctx: Context) -> Optional[str]:
+    """Why the config excludes this crash from a core (policy.excluded), from its trusted snapshot and container."""
+    snap, container, cfg = ctx.snapshot, ctx.container, ctx.cfg
+    exe = snap.exe if snap is not None and snap.trusted else None
+    return policy.excluded(exe=exe or ctx.args.comm or "", container_name=container.name,
+                           container_id=container.id, image=container.image, executables=cfg.exclude_executables,
+                           containers=cfg.exclude_containers, images=cfg.exclude_images)
 
 
 def admit(ctx: Context, cap: Optional[int]) -> Optional[accounting.Admission]:

@@ -9,7 +9,8 @@ and holds process-wide state (its rlimits, its fds), the parent has already impo
 (no interpreter start per crash), and a worker that dies takes only its own crash with it.
 
 Before the dump a worker decides (``decide``): RLIMIT_CORE 0 (from /proc/<pid>/limits: the kernel
-applies none to sockets), over a rate limit, or the server saturated -> REJECT, so the kernel writes
+applies none to sockets), excluded by the config, over a rate limit, no room in the store even after
+the policy's deletions (max_use, keep_free), or the server saturated -> REJECT, so the kernel writes
 no byte of memory; the crash still gets its record, with the reason. Otherwise KERNEL + WAIT: the
 kernel holds the task until the worker has read what it needs from /proc and the core is stored.
 
@@ -562,15 +563,18 @@ def decide(ctx: Context, load: str) -> Decision:
     limit = ctx.args.core_limit_bytes() if ctx.cfg.honour_core_limit else None
     if limit == 0:
         return Decision(coredump_socket.REJECT, "RLIMIT_CORE is 0")
+    reason = collect.excluded(ctx)
+    if reason is not None:
+        return Decision(coredump_socket.REJECT, reason)
     snap = ctx.snapshot
     if snap is None or not snap.trusted:
         return Decision(coredump_socket.KERNEL)
     try:
         with Store(ctx.cfg.store) as store:
-            reason = accounting.rate_limited(store, ctx.cfg, group=ctx.container.directory(),
-                                             exe=snap.exe or ctx.args.comm or "")
+            reason = accounting.refusal(store, ctx.cfg, group=ctx.container.directory(),
+                                        exe=snap.exe or ctx.args.comm or "")
     except OSError as exc:
-        log(f"error: pid {ctx.args.pid}: rate limits not checked before the dump: {exc}", ERR)
+        log(f"error: pid {ctx.args.pid}: rate limits and room not checked before the dump: {exc}", ERR)
         reason = None
     return Decision(coredump_socket.REJECT if reason else coredump_socket.KERNEL, reason)
 
