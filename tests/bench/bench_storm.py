@@ -3,7 +3,7 @@ cores are stored, how long until the last record is final, and how much memory t
 
 Run as root from the worktree (not part of the pytest run)::
 
-    .venv/bin/python tests/bench/bench_storm.py [--crashes 128] [--mib 16] [--modes pipe,socket]
+    .venv/bin/python tests/bench/bench_storm.py [--crashes 128] [--mib 16] [--modes pipe,socket,zstd,systemd-coredump]
         [--concurrent-cores=-1,1,2,4,8,0]
 
 Each mode and value of ``--concurrent-cores`` (the config key; -1 one per CPU, 0 no limit) is one
@@ -14,7 +14,10 @@ every core could be kept. The crashers (copies of tests/crasher.c under N names)
 stop themselves, and all get SIGCONT at once; the clock starts there. "peak host MiB" is the
 largest rise of MemTotal - MemAvailable over the storm (sampled every 20 ms): the handlers, their
 page cache and the crashed processes held by the kernel; "server MiB" (socket mode) the largest sum of
-the RSS of the server and its workers. "kernel skipped" counts the storm's dmesg lines
+the RSS of the server and its workers. Baselines in the same run: ``zstd`` (the zstd CLI as the pipe
+handler, at the same core_pipe_limit) and ``systemd-coredump`` (its pipe half, and its socket-activated
+half started by hand, at its own core_pipe_limit of 16 from 50-coredump.conf); each of their cores is a
+"record", stored once its handler has ended (the wrapper's log line). "kernel skipped" counts the storm's dmesg lines
 "coredump: PID(COMM): ..." (a dump the kernel dropped). Results are printed and written as JSON.
 """
 
@@ -33,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from bench_collect import MIB, TESTS, Bench, machine
+from bench_collect import MIB, TESTS, Bench, SystemdCoredump, available, machine
 from support import CORE_PATTERN, KernelSettings, dropped_dumps, kernel_log_now, wait_for
 
 from corepipe.services.install import PIPE_LIMIT
@@ -123,6 +126,46 @@ def start_server(bench: Bench) -> subprocess.Popen:
     return proc
 
 
+#: core_pipe_limit of systemd-coredump's own sysctl file (/usr/lib/sysctl.d/50-coredump.conf, systemd 252).
+SYSTEMD_PIPE_LIMIT = 16
+BASELINES = ("zstd", "systemd-coredump")
+
+
+def baseline_storm(bench: Bench, crashers: list, mib: int, mode: str, timeout: float) -> dict:
+    """The same storm for a baseline handler: its cores are its records, final once its handler has ended."""
+    pids = stopped_storm(bench, crashers, mib)
+    service = SystemdCoredump(bench.wrapper) if mode == "systemd-coredump" else None
+    before = len(bench.log_lines())
+    try:
+        with KernelSettings() as settings:
+            settings.set(bench.pattern(mode), pipe_limit=SYSTEMD_PIPE_LIMIT if service else PIPE_LIMIT)
+            mark = kernel_log_now()
+            memory = PeakMemory()
+            started = time.monotonic()
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+            for pid in pids:
+                os.waitpid(pid, 0)
+            reaped = time.monotonic() - started
+            skipped = dropped_dumps(mark, {f"c{n}" for n in range(len(pids))})
+            deadline = started + timeout
+            while len(bench.log_lines()) - before < len(pids) - len(skipped) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            last = time.monotonic() - started
+            peak, _ = memory.stop()
+    finally:
+        if service:
+            service.stop()
+    ended = bench.log_lines()[before:]
+    stored = bench.outputs(mode)
+    return {"mode": mode, "concurrent_cores": None, "crashes": len(pids), "records": len(stored),
+            "cores": len(stored), "no_core": {}, "kernel_skipped": len(skipped),
+            "seconds_reaped": round(reaped, 3), "seconds_last_record": round(last, 3),
+            "stored_mib": round(sum(size for _, size, _, _ in stored) / MIB, 1), "peak_host_mib": peak,
+            "peak_server_mib": None,
+            "max_handler_rss_mib": round(max((int(line.split()[0]) for line in ended), default=0) / 1024, 1)}
+
+
 def storm(bench: Bench, crashers: list, mib: int, mode: str, concurrent: int, timeout: float) -> dict:
     (bench.dir / "c").write_text(f'store = "{bench.store}"\nrate_limit_exe = 0\nrate_limit_container = 0\n'
                                  f"container_max_cores = 0\nconcurrent_cores = {concurrent}\n")
@@ -186,14 +229,19 @@ def main() -> int:
             copy = bench.dir / f"x{n}"
             shutil.copy2(bench.crasher, copy)
             crashers.append(copy)
-        print(f"{'mode':6} {'concurrent_cores':>16} {'records':>9} {'cores':>6} {'kernel skipped':>14} "
+        print(f"{'mode':16} {'concurrent_cores':>16} {'records':>9} {'cores':>6} {'kernel skipped':>14} "
               f"{'reaped s':>9} {'last record s':>13} {'stored MiB':>10} {'peak host MiB':>13} {'server MiB':>10} "
               f"{'handler RSS':>11}  no core")
         for mode in ns.modes.split(","):
-            for value in (int(v) for v in ns.concurrent_cores.split(",")):
-                r = storm(bench, crashers, ns.mib, mode, value, ns.timeout)
+            if mode in BASELINES and available(mode):
+                print(f"{mode}: skipped: {available(mode)}", flush=True)
+                continue
+            for value in [None] if mode in BASELINES else [int(v) for v in ns.concurrent_cores.split(",")]:
+                r = (baseline_storm(bench, crashers, ns.mib, mode, ns.timeout) if value is None
+                     else storm(bench, crashers, ns.mib, mode, value, ns.timeout))
                 results["storms"].append(r)
-                print(f"{mode:6} {value:>16} {r['records']:>4}/{r['crashes']:<4} {r['cores']:>6} "
+                shown = "-" if value is None else value
+                print(f"{mode:16} {shown:>16} {r['records']:>4}/{r['crashes']:<4} {r['cores']:>6} "
                       f"{r['kernel_skipped']:>14} {r['seconds_reaped']:>9.2f} {r['seconds_last_record']:>13.2f} "
                       f"{r['stored_mib']:>10.1f} {r['peak_host_mib']:>13} {r['peak_server_mib'] or '-':>10} "
                       f"{r['max_handler_rss_mib']:>10.1f}M  {r['no_core']}", flush=True)
