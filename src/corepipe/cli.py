@@ -4,7 +4,9 @@
 argparse or any other subcommand is imported: the handler's start-up stays lean.
 
 Exit codes (all commands): 0 success, 1 failure (one line on stderr says what to do),
-2 usage error; ``status`` adds its own (see its help).
+2 usage error, 141 the output pipe was closed early (``corepipe list | head``: quietly, like a command
+ended by SIGPIPE); ``status`` adds its own (see its help). Everything printed goes through
+log.CleanOutput: no command prints a control character from a record or a process.
 """
 
 from __future__ import annotations
@@ -35,12 +37,20 @@ def main(argv: list | None = None) -> int:  # no typing import: the collect path
         from corepipe.commands import collect_cmd
 
         return collect_cmd.run(argv[1:])
-    return _main(argv)
+    from corepipe.platform.log import CleanOutput
+
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = CleanOutput(sys.stdout), CleanOutput(sys.stderr)  # type: ignore[assignment]
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = saved
 
 
 def _main(argv: list) -> int:
     import argparse
     import importlib
+    import os
 
     from corepipe import __version__
     from corepipe.platform.errors import UserError
@@ -61,11 +71,16 @@ def _main(argv: list) -> int:
         parser.print_help()
         return 2
     try:
-        return modules[ns.command].run(ns)
+        code = modules[ns.command].run(ns)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's own flush at exit
+        return code
     except UserError as exc:
         print(f"corepipe {ns.command}: error: {exc}", file=sys.stderr)
         return exc.code
     except BrokenPipeError:
-        return 1
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())  # nothing left for the exit-time flush to fail on
+        os.close(null)
+        return 141
     except KeyboardInterrupt:
         return 130

@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from support import CRASH_LINE, core_digest, crash, decompress, gdb_backtrace, need_tool
+from support import CRASH_LINE, core_digest, crash, decompress, gdb_backtrace, need_tool, wait_log
 
 
 def _check_core(rec: dict, tmp_path: Path, crasher: Path) -> bytes:
@@ -82,8 +82,7 @@ def test_small_core_limit_truncates(kernel_handler, crasher: Path, tmp_path: Pat
 def test_kernel_log_has_one_line_per_crash(kernel_handler, crasher: Path) -> None:
     crash([str(crasher), "0", "logged"])
     rec = kernel_handler.wait_record(lambda r: r["comm"] == "logged")
-    dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
-    lines = [line for line in dmesg.splitlines() if f"id {rec['id']}" in line]
+    lines = wait_log(f"id {rec['id']}")  # the handler logs after it writes the final record
     assert len(lines) == 1 and "corepipe" in lines[0] and "(logged)" in lines[0], lines
 
 
@@ -120,3 +119,18 @@ def test_syslog_has_one_line_per_crash(kernel_handler, crasher: Path) -> None:
     # <priority>: facility daemon (3), and the program name with the handler's PID.
     assert re.match(r"<(\d+)>", line) and int(re.match(r"<(\d+)>", line).group(1)) >> 3 == 3, line
     assert re.search(r"corepipe\[\d+\]: pid \d+ \(syslogged\) signal SIGSEGV", line), line
+
+
+def test_the_kernels_pidfd_arrives_and_is_checked(kernel_handler, crasher: Path) -> None:
+    """%F: on a kernel that has it, the pidfd reaches the handler and names the crashed PID before and after the
+    /proc reads (a pattern or parser that lost it would leave "absent" or "not a pidfd"); without it, "absent"."""
+    from corepipe.services.install import kernel_has_pidfd
+
+    crash([str(crasher), "0", "pidfd"])
+    rec = kernel_handler.wait_record(lambda r: r["comm"] == "pidfd")
+    if kernel_has_pidfd(os.uname().release):
+        assert "%F" in kernel_handler.pattern().split()
+        assert rec["process"]["pidfd"] == "verified", rec["process"]
+    else:
+        assert rec["process"]["pidfd"] == "absent", rec["process"]
+    assert rec["process"]["trusted"] is True and not any("pidfd" in e for e in rec["process"]["errors"])

@@ -110,7 +110,7 @@ def test_core_larger_than_the_free_space(handler_dir: Path, crasher: Path, tmp_p
         assert rec["core"]["stored"] is False and rec["core"]["reason"].startswith("no room for the core"), rec["core"]
         assert "max_use" in rec["core"]["reason"]
         assert not temp_files(store) and not list(store.rglob("core*.zst"))
-        assert dmesg_lines(f"id {rec['id']}")
+        assert wait_log(f"id {rec['id']}")  # logged after the final record is written
         small = assert_next_crash_is_normal(handler, crasher, "fits")
         assert small["core"]["compressed_size"] < (8 << 20) // 10
         assert_only_complete_cores(store, tmp_path)

@@ -19,7 +19,6 @@ from support import (
     NO_RATE_LIMIT,
     collect_by_hand,
     crash,
-    dmesg_lines,
     installed_handler,
     set_core_limit,
     start_crash,
@@ -28,6 +27,7 @@ from support import (
 
 from corepipe.domain import containers
 from corepipe.platform import slots
+from corepipe.platform.store import FAILED
 
 
 def _store_entries(store: Path) -> set:
@@ -60,7 +60,7 @@ def test_hostile_comm_names(handler_dir: Path, crasher: Path) -> None:
         escaped = text.replace("/", "!")
         assert rec["comm"] == ("!" + escaped[1:] if escaped in (".", "..") else escaped), (rec["comm"], text)
         assert Path(rec["_dir"]).parent == handler.store / "host" and rec["core"]["stored"]
-        lines = dmesg_lines(f"id {rec['id']}")
+        lines = wait_log(f"id {rec['id']}")  # logged after the final record is written
         assert len(lines) == 1, lines
 
 
@@ -161,14 +161,17 @@ def test_planted_links_and_files_in_the_store(kernel_handler, crasher: Path, han
     (store / "host").symlink_to(elsewhere)
     proc = start_crash([str(crasher), "0", "hostlink"])
     proc.wait(timeout=60)
-    assert "a symlink?" in wait_log(f"pid {proc.pid}: cannot create a crash directory")[0]
+    assert "a symlink?" in wait_log(f"pid {proc.pid}: cannot create its directory under host")[0]
     assert list(elsewhere.iterdir()) == []
+    orphan = kernel_handler.wait_record(lambda r: r["comm"] == "hostlink")  # recorded, root-only, listed
+    assert Path(orphan["_dir"]).parent == store / FAILED and "a symlink?" in orphan["core"]["reason"]
 
     (store / "host").unlink()
     os.mkfifo(store / "host")
     proc = start_crash([str(crasher), "0", "hostfifo"])
     proc.wait(timeout=60)  # the handler must not block opening a FIFO
-    wait_log(f"pid {proc.pid}: cannot create a crash directory")
+    wait_log(f"pid {proc.pid}: cannot create its directory under host")
+    assert kernel_handler.wait_record(lambda r: r["comm"] == "hostfifo")["status"] == "failed"
     (store / "host").unlink()
     crash([str(crasher), "0", "healed"])
     assert kernel_handler.wait_record(lambda r: r["comm"] == "healed")["core"]["stored"]
@@ -243,14 +246,15 @@ def test_setuid_dump_mode_2_stays_root_only(kernel_handler, crasher: Path, handl
 
 
 def test_secret_environment_is_redacted_by_default_and_configurable(kernel_handler, crasher: Path) -> None:
-    env = {"API_TOKEN": "hunter2-token", "DB_PASSWORD": "hunter2-pw", "HARMLESS": "visible-value"}
+    env = {"API_TOKEN": "hunter2-token", "DB_PASSWORD": "hunter2-pw", "HARMLESS": "visible-value",
+           "DATABASE_URL": "postgres://app:hunter2-url@db/app", "LANG": "C.UTF-8"}
     crash([str(crasher), "0", "secrets"], env=env)
     rec = kernel_handler.wait_record(lambda r: r["comm"] == "secrets")
     text = (Path(rec["_dir"]) / "record.json").read_text()
     assert "hunter2" not in text
-    assert {"API_TOKEN=<redacted>", "DB_PASSWORD=<redacted>", "HARMLESS=visible-value"} <= set(
-        rec["process"]["environ"])
-    kernel_handler.config.write_text(kernel_handler.config.read_text() + "redact_env = []\n")
+    assert {"API_TOKEN=<redacted>", "DB_PASSWORD=<redacted>", "HARMLESS=<redacted>", "DATABASE_URL=<redacted>",
+            "LANG=C.UTF-8"} <= set(rec["process"]["environ"])  # kept by allow-list (env_keep)
+    kernel_handler.config.write_text(kernel_handler.config.read_text() + 'env_keep = ["*"]\nredact_env = []\n')
     crash([str(crasher), "0", "plain"], env=env)
     rec = kernel_handler.wait_record(lambda r: r["comm"] == "plain")
     assert "API_TOKEN=hunter2-token" in rec["process"]["environ"]

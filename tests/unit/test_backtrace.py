@@ -12,6 +12,7 @@ from support import need, short_tempdir
 
 from corepipe.domain import backtrace
 from corepipe.domain.binaries import Held, HeldFiles
+from corepipe.platform import sandbox
 
 
 def _popen(argv: list) -> subprocess.Popen:
@@ -36,7 +37,7 @@ def test_time_is_bounded_and_the_session_killed() -> None:
         time.sleep(0.05)
 
 
-def test_child_runs_as_nobody_without_new_privileges_and_reads_only_fds(tmp_path: Path) -> None:
+def test_child_runs_as_its_own_uid_without_new_privileges_and_reads_only_fds(tmp_path: Path) -> None:
     need(os.geteuid() == 0, "needs root to drop privileges")
     bin_dir = short_tempdir()
     try:
@@ -44,24 +45,35 @@ def test_child_runs_as_nobody_without_new_privileges_and_reads_only_fds(tmp_path
         tool = bin_dir / "fake-debugger"
         # Prints who it runs as, then the first bytes of the core (its last argument) and of the exe link.
         tool.write_text('#!/bin/sh\nid -u\ngrep NoNewPrivs /proc/self/status\nfor last; do :; done\n'
-                        'head -c 5 "$last"; echo; touch /proc/x 2>/dev/null; id -G\n')
+                        f'head -c 5 "$last"; echo; touch /proc/x 2>/dev/null; id -G; ls -d {tmp_path} 2>/dev/null; '
+                        'echo $?\n')
         tool.chmod(0o755)
         core, exe = tmp_path / "core", tmp_path / "exe"  # in a 0700 directory: reachable through fds only
         core.write_bytes(b"CORE!rest")
         exe.write_bytes(b"EXE")
         core_fd = os.open(core, os.O_RDONLY)
         exe_fd = os.open(exe, os.O_RDONLY)
-        os.fchown(core_fd, *backtrace._nobody())
+        uid = sandbox.free_uid()
+        os.fchown(core_fd, uid, uid)
         work = short_tempdir()
         try:
             held = HeldFiles(files=[Held(path="/app/exe", fd=exe_fd, exe=True)])
-            text, truncated, error = backtrace._run(str(tool), core_fd, held, str(work), 30, "marker: ")
+            text, truncated, error = backtrace._run(str(tool), core_fd, held, str(work), 30, "marker: ", uid)
         finally:
             os.close(core_fd)
             os.close(exe_fd)
             shutil.rmtree(work)
-        uid, gid = backtrace._nobody()
         assert error is None and not truncated
-        assert text.splitlines() == [str(uid), "NoNewPrivs:\t1", "CORE!", str(gid)], text
+        # Only the tool itself is bound into its root: the test's directories are not there.
+        assert text.splitlines()[:4] == [str(uid), "NoNewPrivs:\t1", "CORE!", str(uid)], text
+        assert text.splitlines()[4:] == ["2"], text  # ls: the test's directory is not in its root
+        assert uid not in (65534, 0) and str(uid) not in Path("/etc/passwd").read_text()
     finally:
         shutil.rmtree(bin_dir)
+
+
+def test_a_set_uid_core_gets_no_backtrace() -> None:
+    need(backtrace.find_tool() is not None, "needs gdb or eu-stack")
+    result = backtrace.take(-1, "/nonexistent", {"core": {"size": 10}, "dump_mode": 2}, HeldFiles(), timeout=5,
+                            max_core_size=1 << 20)
+    assert result is not None and "dump mode 2" in result["error"] and result["text"] is None

@@ -63,8 +63,8 @@ def test_mapped_files() -> None:
             "7f0000000000-7f0000001000 r--p 00000000 fd:01 99 /lib/libc.so.6 (deleted)\n"
             "7f0000002000-7f0000003000 rw-p 00000000 00:00 0 \n"
             "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]\n")
-    assert capture.mapped_files(maps) == [("55d0c0a00000-55d0c0a01000", "/app/bin/my server"),
-                                           ("7f0000000000-7f0000001000", "/lib/libc.so.6 (deleted)")]
+    assert capture.mapped_files(maps) == [("55d0c0a00000-55d0c0a01000", "/app/bin/my server", "253:1"),
+                                           ("7f0000000000-7f0000001000", "/lib/libc.so.6 (deleted)", "253:1")]
 
 
 def test_sysroot_paths_stay_inside(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def _hold_self() -> binaries.HeldFiles:
         entries: list = []
         errors: list = []
         capture.open_mapped(dir_fd, Path("/proc/self/maps").read_text(), os.readlink("/proc/self/exe"), entries,
-                            errors)
+                            errors, capture.local_devices(b""))
         return binaries.held(entries, errors)
     finally:
         os.close(dir_fd)

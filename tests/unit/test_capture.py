@@ -58,7 +58,7 @@ def test_argument_positions_match_the_kernel_pattern() -> None:
 
 def test_mapped_file_ranges_are_checked() -> None:
     good = "7f0000000000-7f0000001000 r--p 00000000 fd:01 99 /lib/a.so\n"
-    assert capture.mapped_files(good) == [("7f0000000000-7f0000001000", "/lib/a.so")]
+    assert capture.mapped_files(good) == [("7f0000000000-7f0000001000", "/lib/a.so", "253:1")]
     for bad in ("7f00-", "-7f00", "7F00-7f01", "7f00-7f01-7f02", "../x-1", "12345678901234567-1", "7g-1"):
         assert capture.mapped_files(good.replace("7f0000000000-7f0000001000", bad)) == [], bad
 
@@ -153,7 +153,7 @@ def test_held_files_need_root_for_map_files() -> None:
     dir_fd = os.open("/proc/self", os.O_RDONLY | os.O_DIRECTORY)
     try:
         capture.open_mapped(dir_fd, Path("/proc/self/maps").read_text(), os.readlink("/proc/self/exe"), entries,
-                            errors)
+                            errors, capture.local_devices(b""))
     finally:
         os.close(dir_fd)
     try:

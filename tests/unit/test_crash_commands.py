@@ -155,12 +155,14 @@ def test_list_filters(store: Path, crashes: dict, tmp_path: Path, capsys: pytest
 def test_list_table_when_piped(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, _err = cli(tmp_path, capsys, "list")
     lines = [line.split("\t") for line in out.splitlines()]
-    assert code == 0 and lines[0] == ["ID", "TIME", "CONTAINER", "POD", "PID", "SIGNAL", "COMM", "SIZE", "CORE"]
+    assert code == 0 and lines[0] == ["ID", "TIME", "CONTAINER", "POD", "PID", "SIGNAL", "COMM", "SIZE", "STORED",
+                                      "CORE"]
     rows = {row[6]: row for row in lines[1:]}
-    assert rows["hostd"][2] == "host" and rows["hostd"][8] == "present"
+    assert rows["hostd"][2] == "host" and rows["hostd"][9] == "present"
+    assert rows["hostd"][7] == "14K" and rows["hostd"][8] != "14K"  # uncompressed, then as stored
     assert rows["app"][2] == "web" and rows["app"][5] == "SIGABRT"
-    assert rows["api"][3] == "prod/api-7f" and rows["api"][7] == "-" and rows["api"][8] == "none"
-    assert all(len(row) == 9 for row in lines)
+    assert rows["api"][3] == "prod/api-7f" and rows["api"][7] == "-" and rows["api"][9] == "none"
+    assert all(len(row) == 10 for row in lines)
 
 
 def test_json_schema(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -286,15 +288,20 @@ def test_rm(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_debug_cleans_up_and_leaves_ctrl_c_to_the_debugger(store: Path, crashes: dict, tmp_path: Path) -> None:
-    """A stand-in debugger checks the core it got, sends Ctrl-C to corepipe, and exits 7."""
+    """A stand-in debugger hashes the core it got, sends Ctrl-C to corepipe, and exits 7; it sees only its
+    sandbox (the store's crashes and this test's files are not there; the core and sysroot at their own paths)."""
     _path, rec = crashes["web"]
-    seen = tmp_path / "seen"
-    script = (f'cmp -s "$0" {tmp_path / ("core-" + rec["id"])} && echo core-ok > {seen}; '
-              f'echo "$COREPIPE_SYSROOT" >> {seen}; kill -INT $PPID; sleep 0.2; exit 7')
+    script = (f'sha256sum "$0"; echo "$COREPIPE_SYSROOT"; ls -d {store}/host {tmp_path}/c.toml >/dev/null 2>&1; '
+              'echo $?; kill -INT $PPID; sleep 0.2; exit 7')
+    temp = tmp_path / "t"
+    temp.mkdir()
     proc = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(tmp_path / "c.toml"), "debug",
                            "--debugger", f"sh -c {shlex.quote(script)}", rec["id"]],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "TMPDIR": str(temp)})
     assert proc.returncode == 7, proc.stderr
-    core_ok, sysroot_dir = seen.read_text().split()
-    assert core_ok == "core-ok" and sysroot_dir.endswith("/root")
-    assert not Path(sysroot_dir).parent.exists()
+    digest, sysroot_dir, listed = proc.stdout.split("\n")[:3]
+    expected = hashlib.sha256((tmp_path / f"core-{rec['id']}").read_bytes()).hexdigest()
+    work = Path(sysroot_dir).parent
+    assert digest.split() == [expected, str(work / "core")] and sysroot_dir == str(work / "root")
+    assert work.parent == temp and listed == "2"  # ls: no such file, for both
+    assert list(temp.iterdir()) == []  # the work directory is gone

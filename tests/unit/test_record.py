@@ -10,7 +10,7 @@ from corepipe.platform.kernel import parse_args
 
 KEYS = {"schema", "id", "status", "time", "timestamp", "pid", "ns_pid", "tid", "uid", "gid", "signal", "comm",
         "exe", "cmdline", "cwd", "hostname", "dump_mode", "core_limit", "container", "cgroup", "process", "core",
-        "collector"}
+        "collector", "truncated"}
 
 
 def _record(snap=None) -> dict:

@@ -75,6 +75,20 @@ def core_state(path: str, rec: dict) -> str:
     return "truncated" if core.get("truncated") else "present"
 
 
+def check_room(directory: str, rec: dict, advice: str) -> None:
+    """Refuse, before decompressing, a core the filesystem of ``directory`` cannot hold (a core of zero pages
+    is stored 30000:1, so the store's size says nothing about it)."""
+    size = (rec.get("core") or {}).get("size") or 0
+    try:
+        st = os.statvfs(directory)
+    except OSError as exc:
+        raise UserError(f"cannot write to {directory}: {exc.strerror}") from None
+    free = st.f_bavail * st.f_frsize
+    if size > free:
+        raise UserError(f"the core of crash {rec.get('id')} is {human_size(size)} uncompressed and {directory} "
+                        f"has {human_size(free)} free; {advice}")
+
+
 def json_item(path: str, rec: dict) -> dict:
     """A record as ``--json`` prints it: the stored record plus ``path`` and ``core_state``."""
     return {**rec, "path": path, "core_state": core_state(path, rec)}

@@ -2,8 +2,12 @@
 
 The core is decompressed (and checked) into a private temporary directory with a sysroot of
 symlinks from the crashed process's paths to the saved copies in ``<store>/.build-id``, so
-gdb finds the container's files after the container and its image are gone. The directory
-is removed when the debugger exits, Ctrl-C included.
+gdb finds the container's files after the container and its image are gone. The debugger runs
+as root on names the crashed process chose (the libraries in the core's link map), so it runs in
+platform/sandbox.py's root: the system's read-only trees, the core, the sysroot and the saved
+binaries (each at its own path), nothing else (a ``/../..`` in a name stops there), with the
+same gdb options as the collection-time backtrace. The directory is removed when the debugger
+exits, Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Optional
 
 from corepipe.commands import crashes
 from corepipe.domain import binaries
-from corepipe.platform import elf, gdb, sysroot, unpack
+from corepipe.platform import elf, gdb, sandbox, sysroot, unpack
 from corepipe.platform.errors import UserError
 from corepipe.platform.store import BUILD_ID
 
@@ -79,18 +83,27 @@ def debugger_argv(debugger: str) -> list:
         argv = shlex.split(debugger)
     except ValueError as exc:
         raise UserError(f"--debugger {debugger!r}: {exc}", 2) from None
-    if not argv or shutil.which(argv[0]) is None:
+    found = shutil.which(argv[0]) if argv else None
+    if found is None:
         raise UserError(f"debugger {argv[0] if argv else debugger!r} not found; install gdb or pass --debugger CMD")
-    return argv
+    return [os.path.abspath(found)] + argv[1:]  # a path: it is bound at the same place in the sandbox
 
 
 def command(argv: list, extra: list, exe: Optional[str], core: str, root: str, search: list) -> list:
     argv = list(argv)
-    if os.path.basename(argv[0]).startswith("gdb"):
-        # The saved files come from the container: never let gdb run scripts or libthread_db from them.
-        argv += ["-q", *gdb.HARDENING, "-iex", f"set sysroot {root}",
-                 "-iex", f"set solib-search-path {':'.join(search)}"]
-    return argv + extra + ([exe] if exe else []) + [core]
+    if not os.path.basename(argv[0]).startswith("gdb"):
+        return argv + extra + ([exe] if exe else []) + [core]
+    # The saved files come from the container: never let gdb run scripts or libthread_db from them.
+    argv += ["-q", *gdb.HARDENING, "-iex", f"set sysroot {root}",
+             "-iex", f"set solib-search-path {':'.join(search)}"]
+    return argv + extra + ([exe] if exe else []) + ["-c", core]  # -c: a lone core is not taken for an exe
+
+
+def _binds(store: str, links: list, made: dict) -> list:
+    """(host path, path inside) for the debugger's root: the saved binaries, and host files used in place."""
+    binds = [(os.path.join(store, BUILD_ID), os.path.join(store, BUILD_ID))]
+    binds += [(target, target) for path, target in links if path in made and not target.startswith(binds[0][0])]
+    return binds
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -106,6 +119,7 @@ def run(ns: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     work = tempfile.mkdtemp(prefix="corepipe-debug-")
     try:
+        crashes.check_room(work, rec, "set TMPDIR to a bigger filesystem")
         core = os.path.join(work, "core")
         fd = os.open(core, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -117,13 +131,23 @@ def run(ns: argparse.Namespace) -> int:
             os.close(source)
         root = os.path.join(work, "root")
         os.mkdir(root, 0o700)
-        made = sysroot.build(root, links(store, rec))
+        wanted = links(store, rec)
+        made = sysroot.build(root, wanted)
         search = sorted({os.path.dirname(link) for link in made.values()})
-        argv = command(debugger, extra, _executable(rec, made), core, root, search)
+        exe = _executable(rec, made)
+        own = [path for path in (debugger[0], exe) if path and not path.startswith(work + "/")]
+        # Bound at their own paths, so what gdb prints names the files as they are on the host.
+        jail = sandbox.Jail(os.path.join(work, "jail"), [(core, core), (root, root), *_binds(store, wanted, made),
+                                                          *((p, p) for p in own)])
+        jail.prepare()
+        argv = command(debugger, extra, exe, core, root, search)
         # Ctrl-C is the debugger's: a no-op handler (not SIG_IGN, which the debugger would inherit).
         previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
         try:
-            return subprocess.run(argv, env={**os.environ, "COREPIPE_SYSROOT": root}).returncode
+            env = sandbox.debugger_env({**os.environ, "COREPIPE_SYSROOT": root})
+            return subprocess.run(argv, env=env, cwd="/", preexec_fn=sandbox.preexec(jail, None)).returncode
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise UserError(f"cannot start the debugger in its sandbox: {exc} (run as root)") from None
         finally:
             signal.signal(signal.SIGINT, previous)
     finally:

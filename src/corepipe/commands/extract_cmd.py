@@ -47,6 +47,8 @@ def run(ns: argparse.Namespace) -> int:
 def _to_file(source: int, rec: dict, output: str) -> None:
     """Write under a hidden temporary name beside ``output`` and rename (fs.replace): ``output`` is complete
     or untouched."""
+    crashes.check_room(os.path.dirname(os.path.abspath(output)), rec,
+                       "write it to a bigger filesystem (or to a pipe: -o -)")
     try:
         fs.replace(os.path.abspath(output), lambda fd: unpack.to_fd(source, rec, fd), mode=0o600)
     except OSError as exc:

@@ -11,7 +11,8 @@ from corepipe.commands import crashes
 from corepipe.domain import signature
 
 HELP = "list collected crashes (newest last)"
-HEADERS = ["ID", "TIME", "CONTAINER", "POD", "PID", "SIGNAL", "COMM", "SIZE", "CORE"]
+#: SIZE is the core as the process had it (what extract or debug will need), STORED what it takes in the store.
+HEADERS = ["ID", "TIME", "CONTAINER", "POD", "PID", "SIGNAL", "COMM", "SIZE", "STORED", "CORE"]
 GROUP_HEADERS = ["HASH", "COUNT", "CORES", "FIRST", "LAST", "CONTAINERS", "SAMPLE", "SIGNATURE"]
 
 
@@ -100,6 +101,7 @@ def row(path: str, rec: dict) -> list:
     return [rec.get("id"), rec.get("time") or "-", _container_cell(container), _pod_cell(container),
             rec.get("pid") if rec.get("pid") is not None else "-",
             signal.get("name") or signal.get("number") or "-", rec.get("comm") or "-",
+            crashes.human_size((rec.get("core") or {}).get("size")),
             crashes.human_size((rec.get("core") or {}).get("compressed_size")), crashes.core_state(path, rec)]
 
 

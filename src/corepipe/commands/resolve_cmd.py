@@ -24,9 +24,14 @@ def resolve(ns: argparse.Namespace) -> containers.Container:
         import sys
 
         try:
-            text = sys.stdin.read() if ns.cgroup_file == "-" else open(ns.cgroup_file).read()
+            if ns.cgroup_file == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(ns.cgroup_file, "rb") as f:
+                    data = f.read()
         except OSError as exc:
             raise UserError(f"cannot read {ns.cgroup_file}: {exc.strerror}") from None
+        text = data.decode("utf-8", "replace")  # as the handler reads /proc: never fail on a byte
         container = containers.identify(text)
     else:
         snap = snapshot.take(ns.pid)

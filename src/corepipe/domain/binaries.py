@@ -42,10 +42,17 @@ class HeldFiles:
     files: list = field(default_factory=list)
     errors: list = field(default_factory=list)
 
-    def close(self) -> None:
-        for held in self.files:
-            os.close(held.fd)
-        self.files = []
+    def close(self) -> list:
+        """Close every fd exactly once and say which closes failed (a FUSE or NFS FLUSH can fail a close;
+        the fd is gone all the same, so it is never closed again)."""
+        files, self.files = self.files, []
+        failures = []
+        for held in files:
+            try:
+                os.close(held.fd)
+            except OSError as exc:
+                failures.append(f"closing {held.path}: {exc.strerror or exc}")
+        return failures
 
 
 def held(entries: list, errors: list) -> HeldFiles:

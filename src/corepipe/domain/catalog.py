@@ -25,6 +25,7 @@ from corepipe.platform.lock import StoreLock
 from corepipe.platform.log import ERR, log
 from corepipe.platform.store import (
     CORE_FILES,
+    FAILED,
     GROUP_LEDGER,
     LEDGER,
     RECORD,
@@ -71,13 +72,13 @@ def _open(parent_fd: int, name: str, path: str, problems: Optional[list]) -> Opt
 def crash_dirs(root_fd: int, root: str, problems: Optional[list]) -> Iterator[tuple]:
     """(fd of the parent directory, relative path components) of each crash directory."""
     for top in _subdirs(root_fd):
-        if top.startswith("."):
+        if top.startswith(".") and top != FAILED:
             continue  # .build-id and other store-level areas
         top_fd = _open(root_fd, top, os.path.join(root, top), problems)
         if top_fd is None:
             continue
         try:
-            if top == "host":
+            if top in ("host", FAILED):
                 yield from ((top_fd, (top, name)) for name in _subdirs(top_fd) if crash_id(name))
                 continue
             for container in _subdirs(top_fd):
@@ -203,7 +204,7 @@ def scan(store: Store) -> Contents:
             continue
         group, crash = "/".join(parts[:-1]), parts[-1]
         try:
-            core, size, when = None, 0, crash_time(crash)
+            core, size, when, record_size = None, 0, crash_time(crash), 0
             for name in os.listdir(crash_fd):
                 try:
                     st = os.stat(name, dir_fd=crash_fd, follow_symlinks=False)
@@ -213,9 +214,12 @@ def scan(store: Store) -> Contents:
                     continue
                 if name in CORE_FILES:
                     core, size, when = name, st.st_blocks * 512, st.st_mtime
+                elif name == RECORD:
+                    record_size = st.st_blocks * 512
                 elif TEMP_NAME.fullmatch(name):
                     contents.temps.append(Temp(group, crash, name, st.st_mtime))
-            contents.crashes.append(policy.Core(group=group, crash=crash, size=size, time=when, file=core))
+            contents.crashes.append(policy.Core(group=group, crash=crash, size=size, time=when, file=core,
+                                                record=record_size))
         finally:
             os.close(crash_fd)
     for path, message in problems:
@@ -230,9 +234,8 @@ def rebuild_ledger(store: Store, contents: Optional[Contents] = None) -> ledger.
     books = ledger.Ledger()
     for core in contents.crashes:
         books.dirty.add(core.group)
-        if core.file is None:
-            continue
-        books.add_core(core.group, core.crash, core.file, core.size, core.time)
+        if core.file is not None:
+            books.add_core(core.group, core.crash, core.file, core.size, core.time)
         try:
             crash = _open_crash(store, core.group, core.crash)
         except OSError:
@@ -243,7 +246,10 @@ def rebuild_ledger(store: Store, contents: Optional[Contents] = None) -> ledger.
             continue
         finally:
             crash.close()
-        books.add_binaries(core.group, core.crash, binaries.on_disk(store.fd, rec)[0])
+        if rec.get("status") != "collecting":  # a handler still at work counts its record when it finishes
+            books.add_record(core.record)
+        if core.file is not None:
+            books.add_binaries(core.group, core.crash, binaries.on_disk(store.fd, rec)[0])
     return books
 
 
@@ -278,7 +284,7 @@ class Locked:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            if self._ledger is not None and (self._ledger.dirty or self._rebuilt):
+            if self._ledger is not None and (self._ledger.dirty or self._ledger.changed or self._rebuilt):
                 self.save_ledger()
         except OSError as error:  # a full disk: what was decided stands; the next user rebuilds the ledger
             log(f"error: {self.store.root}/{LEDGER}: cannot save it ({error}); it will be rebuilt", ERR)
@@ -361,6 +367,7 @@ class Locked:
                 directory.close()
         books.dirty.clear()
         CrashDir(self.store.fd, self.store.root, "").write(LEDGER, books.dumps())
+        books.changed = False
         self._rebuilt = False
 
     def add_core(self, crash: CrashDir, group: str, file: str) -> None:
@@ -377,6 +384,11 @@ class Locked:
         if missing:
             records.binaries_dropped(rec, "deleted before this crash could keep it", set(missing))
         self.checked(lambda: self.ledger.add_binaries(group, name, items))
+
+    def add_record(self, crash: CrashDir) -> None:
+        """Count the crash's record (just written, final) in the store's use."""
+        st = os.stat(RECORD, dir_fd=crash.fd, follow_symlinks=False)
+        self.checked(lambda: self.ledger.add_record(st.st_blocks * 512))
 
     def drop_binaries(self, keys: set) -> int:
         """Binaries saved for a crash whose core went before they were registered: delete those no core uses."""
@@ -409,6 +421,11 @@ class Locked:
         used; returns how many of those were deleted."""
         crash_dir = _open_crash(self.store, group, crash)
         try:
+            try:
+                record_size = os.stat(RECORD, dir_fd=crash_dir.fd, follow_symlinks=False).st_blocks * 512
+                self.checked(lambda: self.ledger.remove_record(record_size))
+            except FileNotFoundError:
+                pass
             for name in os.listdir(crash_dir.fd):
                 try:
                     os.unlink(name, dir_fd=crash_dir.fd)

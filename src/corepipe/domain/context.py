@@ -32,6 +32,8 @@ class Context:
     #: Decided before the dump (a socket server answered the kernel REJECT): no core is read and the
     #: record gives this reason, as for a core the storage policy refused.
     refused: Optional[str] = None
+    #: Why the crash's own directory could not be made (it is filed in store.FAILED, without its core).
+    unfiled: Optional[str] = None
     #: Failures so far, before there is a record to put them in (kernel arguments, config, early capture).
     errors: list = field(default_factory=list)
     snapshot: Optional[Snapshot] = None

@@ -5,16 +5,19 @@ directory for that made each stored core cost time in proportion to the store (1
 crashes). The ledger is kept exact instead, under the store lock, by the only code that adds a core
 (services/collect.py's commit), registers binaries or deletes (catalog.Locked), in two parts:
 
-- ``<store>/.ledger.json``: per container group its number and bytes of stored cores, and per saved
-  binary (``.build-id``) its bytes and how many stored cores use it; small (groups and binaries,
-  not crashes), read by every admission;
+- ``<store>/.ledger.json``: per container group its number and bytes of stored cores, per saved
+  binary (``.build-id``) its bytes and how many stored cores use it, and the number and bytes of
+  the crashes' records (which stay when their cores go, and count in ``max_use`` too); small
+  (groups and binaries, not crashes), read by every admission;
 - ``<group>/.cores.json``: that group's stored cores (file, bytes, time, binaries used), read only
   when a decision needs them (the new core's own group for the per-container limits, the biggest
   group while the global limits are over).
 
 A group file that disagrees with the summary (a handler killed between the two writes) or a summary
 that is missing or unreadable means a rebuild from a scan (catalog.rebuild_ledger); ``corepipe prune``
-rebuilds it every time. A saved binary goes when the last core using it goes.
+rebuilds it every time. A saved binary goes when the last core using it goes. A record counts with
+the size it had when its crash was finished (later rewrites, such as a deletion's reason, change it
+by a few bytes; prune's rebuild makes it exact again).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Callable, Optional
 
 from corepipe.domain import policy
 
-SCHEMA = 2
+SCHEMA = 3
 
 
 class Inconsistent(Exception):
@@ -39,16 +42,19 @@ class Ledger:
     """The ledger in memory; ``load_group`` reads a group's file (None when it has none)."""
 
     def __init__(self, groups: Optional[dict] = None, binaries: Optional[dict] = None,
-                 load_group: Optional[Callable[[str], Optional[dict]]] = None):
+                 load_group: Optional[Callable[[str], Optional[dict]]] = None, records: Optional[list] = None):
         #: group -> [number of stored cores, their bytes on disk]
         self.totals: dict = groups if groups is not None else {}
         #: "xx/name" below .build-id -> [bytes on disk, number of stored cores using it]
         self.binaries: dict = binaries if binaries is not None else {}
+        #: [number of records, their bytes on disk], of every crash in the store
+        self.records: list = list(records) if records is not None else [0, 0]
         self._load = load_group
         #: group -> {crash directory name: [core file name, bytes on disk, time stored, [binary keys]]}
         self._cores: dict = {}
-        #: Groups whose file must be written.
+        #: Groups whose file must be written; ``changed``: the summary must be (records counted).
         self.dirty: set = set()
+        self.changed = False
 
     # -- reading (policy.Holdings) ----------------------------------------------------------------------
 
@@ -95,6 +101,17 @@ class Ledger:
         self.dirty.add(group)
         return True
 
+    def add_record(self, size: int) -> None:
+        """A crash's (final) record of ``size`` bytes on disk is in the store."""
+        self.records[0] += 1
+        self.records[1] += size
+        self.changed = True
+
+    def remove_record(self, size: int) -> None:
+        """A crash's record of ``size`` bytes went with its directory."""
+        self.records = [max(0, self.records[0] - 1), max(0, self.records[1] - size)]
+        self.changed = True
+
     def remove(self, group: str, crash: str) -> list:
         """Forget a crash's core; returns the binary keys nothing uses any more (forgotten too)."""
         entry = self.group(group).pop(crash, None)
@@ -120,7 +137,8 @@ class Ledger:
     # -- the files --------------------------------------------------------------------------------------
 
     def dumps(self) -> bytes:
-        return json.dumps({"schema": SCHEMA, "groups": self.totals, "binaries": self.binaries},
+        return json.dumps({"schema": SCHEMA, "groups": self.totals, "binaries": self.binaries,
+                           "records": self.records},
                           separators=(",", ":")).encode()
 
     def group_dumps(self, group: str) -> Optional[bytes]:
@@ -137,11 +155,11 @@ def loads(data: bytes, load_group: Optional[Callable[[str], Optional[dict]]] = N
         return None
     if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
         return None
-    groups, binaries = raw.get("groups"), raw.get("binaries")
-    if not (isinstance(groups, dict) and isinstance(binaries, dict)
+    groups, binaries, counted = raw.get("groups"), raw.get("binaries"), raw.get("records")
+    if not (isinstance(groups, dict) and isinstance(binaries, dict) and _pair(counted)
             and all(_pair(v) for v in groups.values()) and all(_pair(v) for v in binaries.values())):
         return None
-    return Ledger(groups, binaries, load_group)
+    return Ledger(groups, binaries, load_group, counted)
 
 
 def group_loads(data: bytes) -> Optional[dict]:

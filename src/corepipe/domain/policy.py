@@ -3,7 +3,8 @@
 Nothing here touches the disk, so every rule can be unit-tested with made-up figures.
 The rules (README, "Storage policy"): a container keeps at most ``container_max_cores``
 cores and ``container_max_bytes`` bytes of cores; the store (cores and the saved binaries they
-use) uses at most ``max_use`` and leaves ``keep_free`` free on its filesystem. Room is made by
+use, and every crash's record) uses at most ``max_use`` and leaves ``keep_free`` free on its
+filesystem. Room is made by
 deleting the oldest cores, first of the container the new core belongs to (for its own limits), then of whichever
 container uses the most (for the global ones). A crash not yet stored is never a candidate.
 """
@@ -24,8 +25,8 @@ MARGIN = 256 * 1024
 @dataclass(frozen=True)
 class Core:
     """A crash in the store: its container group ("host", "docker/<id>"), directory name, time, and its core
-    file's name and bytes on disk (``file`` None: no core), and the saved binaries its core uses (keys of
-    ``plan``'s ``shared``)."""
+    file's name and bytes on disk (``file`` None: no core), the saved binaries its core uses (keys of
+    ``plan``'s ``shared``) and its record's bytes on disk."""
 
     group: str
     crash: str
@@ -33,6 +34,7 @@ class Core:
     time: float
     file: Optional[str] = None
     binaries: tuple = ()
+    record: int = 0
 
 
 @dataclass
@@ -72,12 +74,14 @@ def limits(*, max_use: int, keep_free: int, container_max_cores: int, container_
 
 class Holdings:
     """What the store holds, as ``plan`` reads it: per container group its number and bytes of cores, the
-    cores of a group (asked only for the groups ``plan`` needs: a ledger loads them on demand), and per
-    saved binary its bytes and how many cores use it. Built here from a list; ledger.Ledger is another."""
+    cores of a group (asked only for the groups ``plan`` needs: a ledger loads them on demand), per saved
+    binary its bytes and how many cores use it, and the number and bytes of all records. Built here from a
+    list; ledger.Ledger is another."""
 
     def __init__(self, cores: list, shared: Optional[dict] = None):
         self._cores: dict = {}
         self.binaries: dict = {}
+        self.records = [len(cores), sum(core.record for core in cores)]
         for core in cores:
             if core.file:
                 self._cores.setdefault(core.group, []).append(core)
@@ -100,7 +104,7 @@ def plan(cores: object, lim: Limits, *, fs_free: int, reserved: int = 0, group: 
     biggest while the global limits are over). With ``group`` None (``corepipe prune``) only the existing
     cores are brought within the limits. ``reserved`` is room already promised to handlers still writing;
     it counts as used. Saved binaries count towards ``max_use`` while a core uses them, and deleting the
-    last core that uses one frees it too.
+    last core that uses one frees it too; records count towards it always (deleting a core keeps its record).
     """
     holdings = Holdings(cores, shared) if isinstance(cores, list) else cores
     result = Plan()
@@ -109,6 +113,7 @@ def plan(cores: object, lim: Limits, *, fs_free: int, reserved: int = 0, group: 
     users = {name: refs for name, (_size, refs) in holdings.binaries.items() if refs > 0}
     sizes = {name: size for name, (size, _refs) in holdings.binaries.items()}
     binary_use = sum(sizes[name] for name in users)
+    record_use = holdings.records[1]
     freed = 0
     loaded: dict = {}
     new = 1 if group is not None else 0
@@ -142,7 +147,7 @@ def plan(cores: object, lim: Limits, *, fs_free: int, reserved: int = 0, group: 
             drop(own[0], f"container {g} is over container_max_bytes ({lim.container_max_bytes})")
 
     def used() -> int:
-        return sum(bytes_of.values()) + binary_use + reserved
+        return sum(bytes_of.values()) + binary_use + record_use + reserved
 
     while any(counts.values()):
         if lim.max_use and used() + want > lim.max_use:

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import re
 import signal as signals
 import time
-from typing import Optional
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 from corepipe import __version__
 from corepipe.domain.containers import Container
 from corepipe.domain.snapshot import Snapshot
+from corepipe.platform.config import ENV_KEEP, REDACT_ARGS, Config
 from corepipe.platform.kernel import KernelArgs
 from corepipe.platform.store import binary_name
 
 SCHEMA = 1
 REDACTED = "<redacted>"
+#: Bounds of a record (README, "Record"): each text field, paths, status lines, and the whole file.
+FIELD_MAX = Config.record_field_max
+PATH_MAX = 4096
+MAX_STATUS_KEYS = 128
+MAX_SIZE = 1 << 20
+_DROP_ORDER = ("process.maps", "process.mountinfo", "process.environ", "process.limits", "cgroup", "cmdline",
+               "binaries.files", "backtrace.text", "process.status", "container.details", "collector.errors")
 
 
 def signal_name(number: Optional[int]) -> Optional[str]:
@@ -24,25 +35,126 @@ def signal_name(number: Optional[int]) -> Optional[str]:
         return None
 
 
-def redact(environ: list, patterns: list) -> list:
-    """Values of variables whose name looks like a secret are replaced; names are kept."""
+def redact(environ: list, patterns: list, keep: Sequence[str] = ("*",), words: Sequence[str] = ()) -> list:
+    """The environment with every value redacted except those of variables named in ``keep`` whose name has
+    none of ``patterns``; the kept values are masked like arguments (``mask``); names are kept."""
     upper = [p.upper() for p in patterns]
     result = []
     for entry in environ:
-        name, sep, _value = entry.partition("=")
-        if sep and any(p in name.upper() for p in upper):
+        name, sep, value = entry.partition("=")
+        if not sep:
+            result.append(entry)
+        elif any(p in name.upper() for p in upper) or not any(fnmatch.fnmatchcase(name, k) for k in keep):
             result.append(f"{name}={REDACTED}")
         else:
-            result.append(entry)
+            result.append(f"{name}={mask(value, words)}")
     return result
 
 
+# Every repetition that can start a match is bounded and anchored at the start of a word, so that masking
+# stays linear on a megabyte of hostile text (an unbounded name part made it quadratic: minutes for 64 KiB).
+_URL_USERINFO = re.compile(r"(?i)(?<![a-z0-9+.-])([a-z][a-z0-9+.-]{0,31}://)[^/?#@\s]{0,1024}@")
+_TOKEN = re.compile(r"(?<![\w-])(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}|xox[abprs]-[\w-]{10,}"
+                    r"|AKIA[0-9A-Z]{16}|sk-[A-Za-z0-9_-]{20,}|glpat-[\w-]{20,}|eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]{8,})")
+_BEARER = re.compile(r"(?i)(?<!\w)(bearer|basic)\s{1,8}[\w.~+/=-]{8,}")
+_PAIR = re.compile(r"(?<![A-Za-z0-9_.-])([A-Za-z0-9_.-]{1,128})(\s{0,8}[=:]\s{0,8})([^\s&;,]+)")
+
+
+def _secret_name(name: str, words: Sequence[str]) -> bool:
+    parts = re.split(r"[-_.]+", name.lower().lstrip("-"))
+    return any(part in words for part in parts) or any(len(w) > 4 and w in name.lower() for w in words)
+
+
+def mask(text: str, words: Sequence[str]) -> str:
+    """``text`` with credential-looking values replaced: URL userinfo, ``name=value`` / ``name: value`` where
+    the name has one of ``words``, bearer and well-known token shapes. Nothing when ``words`` is empty."""
+    if not words:
+        return text
+    text = _URL_USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
+    text = _PAIR.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}" if _secret_name(m.group(1), words)
+                     else m.group(0), text)
+    text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    return _TOKEN.sub(REDACTED, text)
+
+
+def mask_args(argv: list, words: Sequence[str]) -> list:
+    """The command line with ``mask`` applied to each argument, and the argument after an option that names a
+    secret (``--password hunter2``, ``-p`` is left alone: too short to tell) replaced."""
+    result: list = []
+    for i, arg in enumerate(argv):
+        previous = argv[i - 1] if i else ""
+        if (words and previous.startswith("--") and "=" not in previous and len(previous) > 2
+                and _secret_name(previous, words) and not arg.startswith("-")):
+            result.append(REDACTED)
+        else:
+            result.append(mask(arg, words))
+    return result
+
+
+def cut(text: Optional[str], limit: int, where: str, truncated: list) -> Optional[str]:
+    """``text`` cut so that its JSON form (escapes included) is at most ``limit`` bytes; a cut is listed in
+    ``truncated`` as ``where``."""
+    if text is None:
+        return None
+    encoded = json.dumps(text, ensure_ascii=True)[1:-1]
+    if len(encoded) <= limit:
+        return text
+    truncated.append(where)
+    for end in range(limit, max(limit - 12, -1), -1):  # never split an escape sequence
+        try:
+            return json.loads(f'"{encoded[:end]}"')
+        except ValueError:
+            continue
+    return ""
+
+
+def _bounded_list(items: list, limit: int, where: str, truncated: list) -> list:
+    """At most ``limit`` bytes of strings in all (each also cut at ``limit``)."""
+    result, used = [], 0
+    for i, item in enumerate(items):
+        if used >= limit:
+            truncated.append(f"{where}[{i}:]")
+            break
+        value = cut(item, limit - used, f"{where}[{i}]", truncated)
+        result.append(value)
+        used += len(json.dumps(value)) + 2
+    return result
+
+
+def _masked_list(items: list, masking: Callable[[list], list], limit: int, where: str, truncated: list) -> list:
+    """``items`` bounded, then masked, then bounded again (a mask can lengthen a value): masking never sees more
+    than ``limit`` bytes, whatever the crashed process put in its memory."""
+    again: list = []
+    result = _bounded_list(masking(_bounded_list(items, limit, where, truncated)), limit, where, again)
+    truncated += [cut for cut in again if cut not in truncated]
+    return result
+
+
+def omit_details(rec: dict, why: str) -> None:
+    """Drop what only helps with a core (maps, mountinfo, limits, environment): keeps a crash whose core is not
+    kept (rate limited, no room) cheap."""
+    process = rec.get("process") or {}
+    for key in ("maps", "mountinfo", "limits", "environ"):
+        if process.get(key):
+            process[key] = [] if key == "environ" else None
+            rec.setdefault("truncated", []).append(f"process.{key} (omitted: {why})")
+
+
 def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], container: Container,
-          redact_env: list, errors: tuple = ()) -> dict:
+          redact_env: list, errors: tuple = (), env_keep: Sequence[str] = ENV_KEEP,
+          redact_args: Sequence[str] = REDACT_ARGS, field_max: int = FIELD_MAX) -> dict:
     """The record before the core is stored (``errors``: the collection's so far); ``core`` and ``collector``
-    are filled in as collection goes on, through the functions below."""
+    are filled in as collection goes on, through the functions below. Every text from the crashed process is
+    bounded (``field_max``) and cuts are listed in ``truncated``."""
     snap = snapshot
-    status = snap.status() if snap else {}
+    truncated: list = []
+
+    def text(value: Optional[str], where: str, limit: int = field_max) -> Optional[str]:
+        return cut(value, limit, where, truncated)
+
+    status = {key: text(value, f"process.status.{key}", 4096)
+              for key, value in list((snap.status() if snap else {}).items())[:MAX_STATUS_KEYS]}
+    words = [w.lower() for w in redact_args]
     when = args.time if args.time is not None else int(time.time())
     return {
         "schema": SCHEMA,
@@ -56,23 +168,27 @@ def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], cont
         "uid": args.uid,
         "gid": args.gid,
         "signal": {"number": args.signal, "name": signal_name(args.signal)},
-        "comm": args.comm,
-        "exe": snap.exe if snap else None,
-        "cmdline": snap.cmdline() if snap else [],
-        "cwd": snap.cwd if snap else None,
-        "hostname": args.hostname,
+        "comm": text(args.comm, "comm", 256),
+        "exe": text(snap.exe if snap else None, "exe", PATH_MAX),
+        "cmdline": _masked_list(snap.cmdline() if snap else [], lambda argv: mask_args(argv, words), field_max,
+                                "cmdline", truncated),
+        "cwd": text(snap.cwd if snap else None, "cwd", PATH_MAX),
+        "hostname": text(args.hostname, "hostname", 256),
         "dump_mode": args.dump_mode,
         "core_limit": args.core_limit,
         "container": container.to_dict(),
-        "cgroup": snap.text("cgroup") if snap else None,
+        "cgroup": text(snap.text("cgroup") if snap else None, "cgroup"),
         "process": {
-            "comm": snap.text("comm").rstrip("\n") if snap else None,
-            "root": snap.root if snap else None,
+            "comm": text(snap.text("comm").rstrip("\n") if snap else None, "process.comm", 256),
+            "root": text(snap.root if snap else None, "process.root", PATH_MAX),
             "status": status,
-            "limits": snap.text("limits") if snap else None,
-            "environ": redact(snap.environ(), redact_env) if snap else [],
-            "maps": snap.text("maps") if snap else None,
-            "mountinfo": snap.text("mountinfo") if snap else None,
+            "limits": text(snap.text("limits") if snap else None, "process.limits"),
+            "environ": _masked_list(snap.environ() if snap else [],
+                                    lambda env: redact(env, redact_env, env_keep, words), field_max,
+                                    "process.environ", truncated),
+            "maps": text(snap.text("maps") if snap else None, "process.maps"),
+            "mountinfo": text(snap.text("mountinfo") if snap else None, "process.mountinfo"),
+            "pidfd": snap.pidfd if snap else "absent",
             "trusted": snap.trusted if snap else False,
             "untrusted_reasons": list(snap.untrusted) if snap else ["no snapshot"],
             "errors": list(snap.errors) if snap else [],
@@ -90,6 +206,7 @@ def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], cont
             "compression": "zstd",
         },
         "collector": {"version": __version__, "duration": None, "peak_rss": None, "errors": list(errors)},
+        "truncated": truncated,
     }
 
 
@@ -175,8 +292,22 @@ def finish(record: dict, *, failed: bool, duration: float, peak_rss: int) -> Non
     record["collector"]["peak_rss"] = peak_rss
 
 
-def dumps(record: dict) -> bytes:
-    return json.dumps(record, indent=1, ensure_ascii=True).encode() + b"\n"
+def dumps(record: dict, max_size: int = MAX_SIZE) -> bytes:
+    """The record's file; over ``max_size`` bytes the bulkiest fields are dropped (and listed in ``truncated``)
+    until it fits, the collector's errors last."""
+    data = json.dumps(record, indent=1, ensure_ascii=True).encode() + b"\n"
+    for path in _DROP_ORDER:
+        if len(data) <= max_size:
+            break
+        parent = record
+        *parents, key = path.split(".")
+        for name in parents:
+            parent = parent.get(name) if isinstance(parent, dict) else None  # type: ignore[assignment]
+        if isinstance(parent, dict) and parent.get(key):
+            parent[key] = [] if isinstance(parent[key], list) else None
+            record.setdefault("truncated", []).append(f"{path} (omitted: the record was over {max_size} bytes)")
+            data = json.dumps(record, indent=1, ensure_ascii=True).encode() + b"\n"
+    return data
 
 
 def load(data: bytes) -> dict:

@@ -26,6 +26,9 @@ class Snapshot:
     errors: list[str] = field(default_factory=list)
     #: Reasons not to attribute this data to the crash (PID reuse, uid mismatch, ...). Empty means trusted.
     untrusted: list[str] = field(default_factory=list)
+    #: What became of the kernel's pidfd (%F): "verified" (it named this PID before and after the reads),
+    #: "absent" (none given), "not a pidfd", "mismatch"; a record says so, so a broken %F shows.
+    pidfd: str = "absent"
 
     @property
     def trusted(self) -> bool:
@@ -80,9 +83,11 @@ def checked(proc: capture.Proc, *, ns_pid: Optional[int] = None, uid: Optional[i
     if pidfd is not None:
         if proc.owner is None:
             snap.errors.append(f"fd {pidfd} is not a pidfd")
+            snap.pidfd = "not a pidfd"
             pidfd = None
         elif proc.owner != proc.pid:
             snap.untrusted.append(f"the kernel's pidfd refers to pid {proc.owner}, not {proc.pid}")
+            snap.pidfd = "mismatch"
     snap.errors += proc.errors
     if not proc.opened:
         snap.untrusted.append("process gone before it could be read")
@@ -104,6 +109,9 @@ def _verify(snap: Snapshot, proc: capture.Proc, *, ns_pid: Optional[int], uid: O
         snap.untrusted.append("the process's start time changed while it was read (PID reused)")
     if pidfd is not None and proc.owner_after != snap.pid:
         snap.untrusted.append("the kernel's pidfd no longer refers to this PID")
+        snap.pidfd = "mismatch"
+    elif pidfd is not None and proc.owner == snap.pid:
+        snap.pidfd = "verified"
     status = snap.status()
     if not status:
         return

@@ -13,6 +13,15 @@ in a mount namespace of its own (a container): its runtime's state (runc's state
 config of a ``--rm`` container) can vanish with it, so collector.py lets go only once the container
 is identified. A bigger core is read on from the pipe by compress.py as before.
 
+A file served by a user-space or network filesystem (FUSE, NFS, CIFS, 9p, ...) can block an open
+or a read for as long as its server likes, and neither SIGALRM nor any other catchable signal
+ends that wait; only SIGKILL does. So mapped files are opened only on filesystems the kernel
+serves from local storage (``LOCAL_FILESYSTEMS``, decided from the mapping's device in ``maps``
+and the mount tables: the process's own and the handler's); the others are listed in
+``hold_errors`` and never touched. And the /proc files the kernel reads out of the crashed
+process's memory (``MEMORY_FILES``: its argv and environment can point into a FUSE-backed
+mapping) are read by a forked child that is SIGKILLed at ``MEMORY_SECONDS`` (``read_in_child``).
+
 Only ``os``, ``time``, ``_signal`` (the builtin behind ``signal``, without its ``enum``), and the
 small C modules ``fcntl`` and ``select`` may be imported here (tests/unit/test_launcher.py checks
 what is loaded when the pipe is let go). Annotations are strings (``from __future__``), so the
@@ -40,6 +49,14 @@ PIDFD_AT = 9
 #: The /proc/<pid> files read (each at most PROC_LIMIT bytes: the config, with its proc_read_limit,
 #: is read only later) and the links.
 PROC_FILES = ("comm", "cmdline", "status", "limits", "cgroup", "maps", "mountinfo", "environ", "stat")
+#: Those of PROC_FILES that the kernel reads from the process's memory (they can fault in a FUSE page).
+MEMORY_FILES = ("cmdline", "environ")
+MEMORY_SECONDS = 5
+#: Filesystems whose files may be opened and read in the handler: served by the kernel from local storage,
+#: so no server can stall an open or a read.
+LOCAL_FILESYSTEMS = frozenset(("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "squashfs", "erofs",
+                               "vfat", "exfat", "f2fs", "iso9660", "ramfs", "devtmpfs", "jfs", "reiserfs",
+                               "nilfs2", "hugetlbfs", "bcachefs", "udf", "ntfs3", "zfs", "shm"))
 PROC_LINKS = ("exe", "cwd", "root")
 PROC_LIMIT = 1 << 20
 #: Mapped files held open at most.
@@ -138,6 +155,76 @@ def _read(dir_fd: int, name: str, limit: int) -> bytes:
         os.close(fd)
 
 
+def read_in_child(dir_fd: int, names: tuple, limit: int, seconds: float) -> tuple:
+    """({name: bytes}, {name: error}) of files below ``dir_fd``, read by a forked child that is SIGKILLed after
+    ``seconds``: a read that blocks where no signal but SIGKILL ends the wait (a FUSE page) cannot hold the
+    handler. A file not read in time has the error "timed out"."""
+    import select
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: read, write "<name> <length or -errno>\n<bytes>" for each, exit; nothing else
+        code = 0
+        try:
+            os.close(read_end)
+            for name in names:
+                try:
+                    data, head = b"", b""
+                    data = _read(dir_fd, name, limit)
+                    head = b"%s %d\n" % (name.encode(), len(data))
+                except OSError as exc:
+                    head = b"%s -%d\n" % (name.encode(), exc.errno or 0)
+                view = memoryview(head + data)
+                while view:
+                    view = view[os.write(write_end, view):]
+        except BaseException:  # noqa: BLE001 - a child must never return into the handler
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    chunks, deadline, done = [], time.monotonic() + seconds, False
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read_end], [], [], left)[0]:
+                break
+            chunk = os.read(read_end, 1 << 20)
+            if not chunk:
+                done = True  # the child closed its end: it is exiting
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        if not done:
+            # SIGKILL ends a wait that SIGALRM cannot; but a FUSE request the server has already taken is
+            # waited out even then, so the child is not waited for: init reaps it when the server answers.
+            os.kill(pid, 9)
+        os.waitpid(pid, 0 if done else os.WNOHANG)
+    return _parse_child_output(b"".join(chunks), names)
+
+
+def _parse_child_output(data: bytes, names: tuple) -> tuple:
+    files, errors = {}, {}
+    pos = 0
+    while pos < len(data):
+        line_end = data.find(b"\n", pos)
+        if line_end < 0:
+            break
+        name, _, size = data[pos:line_end].decode("ascii", "replace").partition(" ")
+        pos = line_end + 1
+        if size.startswith("-"):
+            errors[name] = os.strerror(int(size[1:] or 0))
+            continue
+        if pos + int(size) > len(data):
+            break
+        files[name] = data[pos:pos + int(size)]
+        pos += int(size)
+    for name in names:
+        if name not in files and name not in errors:
+            errors[name] = f"timed out (more than {MEMORY_SECONDS} s: a blocking filesystem?)"
+    return files, errors
+
+
 def pidfd_pid(pidfd: int) -> int | None:
     """The PID a pidfd refers to, from its fdinfo: -1 once the process is gone, None if unknown."""
     try:
@@ -162,10 +249,15 @@ def read_proc(proc: Proc, limit: int = PROC_LIMIT, hold: bool = False, out: Capt
     proc.opened = True
     try:
         for name in PROC_FILES:
+            if name in MEMORY_FILES:
+                continue
             try:
                 proc.files[name] = _read(dir_fd, name, limit)
             except OSError as exc:
                 proc.errors.append(f"{name}: {exc.strerror}")
+        memory, failed = read_in_child(dir_fd, MEMORY_FILES, limit, MEMORY_SECONDS)
+        proc.files.update(memory)
+        proc.errors += [f"{name}: {error}" for name, error in failed.items()]
         for name in PROC_LINKS:
             try:
                 proc.links[name] = os.readlink(name, dir_fd=dir_fd)
@@ -183,13 +275,36 @@ def read_proc(proc: Proc, limit: int = PROC_LIMIT, hold: bool = False, out: Capt
             proc.owner_after = pidfd_pid(proc.pidfd)
         if hold and out is not None:
             maps = proc.files.get("maps", b"").decode("utf-8", "replace")
-            open_mapped(dir_fd, maps, proc.links.get("exe"), out.held, out.hold_errors)
+            local = local_devices(proc.files.get("mountinfo", b""))
+            open_mapped(dir_fd, maps, proc.links.get("exe"), out.held, out.hold_errors, local)
     finally:
         os.close(dir_fd)
 
 
+def local_devices(mountinfo: bytes) -> dict:
+    """{"major:minor": is a LOCAL_FILESYSTEMS type} from the process's mount table and the handler's own
+    (overlayfs maps show the device of the layer below, often in the host's table only)."""
+    result: dict = {}
+    tables = [mountinfo]
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            tables.append(f.read(PROC_LIMIT))
+    except OSError:
+        pass
+    for table in tables:
+        for line in table.decode("utf-8", "replace").splitlines():
+            fields = line.split()
+            if " - " not in line or len(fields) < 3:
+                continue
+            fstype = line.split(" - ", 1)[1].split(" ", 1)[0]
+            device = fields[2]
+            result[device] = result.get(device, True) and fstype in LOCAL_FILESYSTEMS
+    return result
+
+
 def mapped_files(maps: str) -> list:
-    """(address range, path) of each distinct file-backed mapping in a /proc/<pid>/maps text."""
+    """(address range, path, device "major:minor") of each distinct file-backed mapping in a /proc/<pid>/maps
+    text (maps print the device in hex; mountinfo in decimal: this is the decimal form)."""
     seen, result = set(), []
     for line in maps.splitlines():
         parts = line.split(maxsplit=5)
@@ -198,8 +313,16 @@ def mapped_files(maps: str) -> list:
         key = (parts[3], parts[4])
         if key not in seen:
             seen.add(key)
-            result.append((parts[0], parts[5]))
+            result.append((parts[0], parts[5], _decimal_device(parts[3])))
     return result
+
+
+def _decimal_device(text: str) -> str:
+    major, _, minor = text.partition(":")
+    try:
+        return f"{int(major, 16)}:{int(minor, 16)}"
+    except ValueError:
+        return "?"
 
 
 def _is_range(text: str) -> bool:
@@ -207,21 +330,31 @@ def _is_range(text: str) -> bool:
     return bool(sep) and all(0 < len(x) <= 16 and _HEX.issuperset(x) for x in (start, end))
 
 
-def open_mapped(dir_fd: int, maps: str, exe: str | None, held: list, errors: list) -> None:
+def open_mapped(dir_fd: int, maps: str, exe: str | None, held: list, errors: list, local: dict) -> None:
     """Open the exe and each mapped regular file relative to a /proc/<pid> directory fd, adding
     ``[path, fd, is_exe]`` to ``held`` (as it goes: a timeout keeps what was opened) and failures to
-    ``errors``. The fds keep the files reachable after the process is gone."""
-    try:
-        exe_fd = os.open("exe", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError as exc:
-        errors.append(f"exe: {exc.strerror}")
-        exe_fd = None
+    ``errors``. Only files on a device that ``local`` (local_devices) says is a local filesystem are
+    opened. The fds keep the files reachable after the process is gone."""
+    mappings = mapped_files(maps)
+    exe_device = next((device for _address, path, device in mappings if path == exe), None)
+    exe_fd = None
+    if exe_device is None or not local.get(exe_device):
+        errors.append(f"exe: {_not_local(exe_device)}")
+    else:
+        try:
+            exe_fd = os.open("exe", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as exc:
+            errors.append(f"exe: {exc.strerror}")
     exe_id = None
     if exe_fd is not None:
         st = os.fstat(exe_fd)
         exe_id = (st.st_dev, st.st_ino)
         held.append([exe or "?", exe_fd, True])
-    for address, path in mapped_files(maps)[:MAX_FILES]:
+    for address, path, device in mappings[:MAX_FILES]:
+        if not local.get(device):
+            if path != exe:
+                errors.append(f"{path}: {_not_local(device)}")
+            continue
         try:
             fd = os.open(f"map_files/{address}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
         except OSError as exc:
@@ -234,6 +367,12 @@ def open_mapped(dir_fd: int, maps: str, exe: str | None, held: list, errors: lis
                 held[0][0] = path  # the mapping's path is the one the core's notes use
             continue
         held.append([path, fd, False])
+
+
+def _not_local(device: str | None) -> str:
+    if device is None:
+        return "not opened: not found in the process's maps"
+    return f"not opened: device {device} is not a local filesystem (a FUSE or network server could block the handler)"
 
 
 def widen_pipe(fd: int) -> None:

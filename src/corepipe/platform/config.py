@@ -12,6 +12,13 @@ DEFAULT_STORE = "/var/lib/corepipe"
 #: Outside the Prometheus exporters' 9100-9999 range (all of it allocated) and below the ephemeral ports;
 #: loopback only unless configured otherwise.
 DEFAULT_METRICS_LISTEN = "127.0.0.1:19839"
+#: What a debugging user needs from a crashed process's environment (``env_keep``).
+ENV_KEEP = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "PWD", "HOSTNAME", "TERM", "TZ", "LANG", "LANGUAGE",
+            "LC_*", "LD_LIBRARY_PATH", "LD_PRELOAD", "LD_BIND_NOW", "GLIBC_TUNABLES", "MALLOC_*", "GOMAXPROCS",
+            "GOTRACEBACK", "GODEBUG", "RUST_BACKTRACE", "RUST_LOG", "PYTHONPATH", "PYTHONHOME", "JAVA_HOME",
+            "JAVA_TOOL_OPTIONS", "NODE_ENV", "OMP_NUM_THREADS", "KUBERNETES_SERVICE_HOST", "CONTAINER", "container")
+REDACT_ARGS = ("password", "passwd", "pwd", "pass", "passphrase", "secret", "token", "key", "apikey",
+               "credential", "credentials", "auth", "cookie", "session", "dsn")
 
 
 class ConfigError(Exception):
@@ -31,9 +38,18 @@ class Config:
     timeout: int = 900
     #: Most bytes read from any one /proc file (cmdline, environ, maps, ...).
     proc_read_limit: int = 1 << 20
-    #: Environment variables whose names contain one of these (case-insensitive) are stored as "<redacted>".
+    #: The crashed process's environment is kept by allow-list: variables named here (``*`` at the end matches
+    #: any rest; ``["*"]`` keeps all) keep their values, every other value is stored as "<redacted>".
+    env_keep: list = field(default_factory=lambda: list(ENV_KEEP))
+    #: Kept variables whose names contain one of these (case-insensitive) are redacted all the same.
     redact_env: list = field(default_factory=lambda: ["PASSWORD", "PASSWD", "SECRET", "TOKEN", "KEY",
                                                        "CREDENTIAL", "AUTH", "COOKIE", "SESSION"])
+    #: Command-line options and ``name=value`` pairs whose name has one of these words (split at ``-_.``,
+    #: case-insensitive) get their value masked; so do URL passwords and token-shaped values. [] masks nothing.
+    redact_args: list = field(default_factory=lambda: list(REDACT_ARGS))
+    #: Most bytes of any one text field in a record (as stored, JSON escapes included); longer ones are cut and
+    #: listed in the record's ``truncated``.
+    record_field_max: int = 64 << 10
     #: Keep the crashed process's executable and mapped libraries (by build-id) so ``debug`` works without
     #: the image; for host processes too with ``binaries_host``; at most ``binaries_max_size`` bytes per crash.
     binaries: bool = True
@@ -138,7 +154,7 @@ def _validate(name: str, value: object, where: str) -> None:
         raise ConfigError(f"{where}: store must be an absolute path")
     if name == "compression_level" and not 1 <= int(value) <= 22:  # type: ignore[call-overload]
         raise ConfigError(f"{where}: compression_level must be 1..22")
-    if name in ("timeout", "backtrace_timeout", "notify_timeout") and int(value) < 1:  # type: ignore[call-overload]
+    if name in ("timeout", "backtrace_timeout", "notify_timeout", "record_field_max") and int(value) < 1:  # type: ignore[call-overload]
         raise ConfigError(f"{where}: {name} must be at least 1")
     if name in ("max_use", "keep_free") and int(value) < -1:  # type: ignore[call-overload]
         raise ConfigError(f"{where}: {name} must be -1 (automatic), 0 (no limit) or a byte count")

@@ -12,9 +12,24 @@ _FACILITY_DAEMON = 3 << 3
 _MAX = 900  # a /dev/kmsg record holds about 1 KiB
 
 
-def clean(text: str, limit: int = _MAX) -> str:
-    """One printable line: control characters (newlines included) become '?'."""
-    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+def clean(text: str, limit: int = _MAX, keep: str = "") -> str:
+    """One printable line: control characters (newlines included, unless in ``keep``), escape sequences'
+    ESC and undecodable bytes (lone surrogates) become '?'."""
+    return "".join(c if c.isprintable() or c in keep else "?" for c in text[:limit])
+
+
+class CleanOutput:
+    """A text stream that passes every write through ``clean`` (keeping newlines and tabs): whatever a
+    command prints (names chosen by a crashed process included) cannot drive the terminal or fail to encode."""
+
+    def __init__(self, stream: object):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(clean(text, len(text), keep="\n\t"))  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
 
 
 def log(message: str, level: int = INFO) -> None:

@@ -4,6 +4,7 @@ Layout (README, "Store layout"); every name in it is made and parsed here, nowhe
 
     <root>/host/<crash>/                 crashes of host processes
     <root>/<runtime>/<container>/<crash>/ crashes inside containers
+    <root>/.failed/<crash>/              crashes whose own directory could not be made (record only)
     <crash>/record.json, <crash>/core.zst (or core.partial.zst), <crash>/.<name>.<8 hex>.tmp while written
     <root>/.lock, .state.json, .ledger.json, .build-id/<xx>/<rest>-<sha256:16>, <group>/.cores.json
 
@@ -75,6 +76,11 @@ def core_file(record: dict) -> Optional[str]:
     core = record.get("core") if isinstance(record, dict) else None
     name = core.get("file") if isinstance(core, dict) else None
     return name if name in CORE_FILES else None
+
+
+#: Where a crash is filed when its own directory cannot be made (a link planted in its place, a full
+#: directory): laid out like ``host/``, so ``list`` shows it; its record says why.
+FAILED = ".failed"
 
 
 def binary_name(build_id: object, sha256: object) -> Optional[tuple]:

@@ -30,7 +30,7 @@ from corepipe.platform import config as configuration
 from corepipe.platform import kernel, slots
 from corepipe.platform.capture import STDIN, Capture, Timeout, on_alarm
 from corepipe.platform.log import ERR, INFO, WARNING, log
-from corepipe.platform.store import CORE, PARTIAL_CORE, RECORD, CrashDir, Store
+from corepipe.platform.store import CORE, FAILED, PARTIAL_CORE, RECORD, CrashDir, Store
 
 
 def run(argv: list, early: Capture) -> int:
@@ -65,19 +65,35 @@ def run_context(ctx: Context) -> int:
         return _stages(ctx)
     except Timeout as exc:
         log(f"error: pid {ctx.args.pid}: {exc}", ERR)
+        _final_failed(ctx, str(exc))
         return 1
     except Exception as exc:  # noqa: BLE001 - see above
         log(f"error: pid {ctx.args.pid}: internal error {type(exc).__name__}: {exc}", ERR)
+        _final_failed(ctx, f"internal error {type(exc).__name__}: {exc}")
         return 1
     finally:
         if ctx.held is not None:
-            ctx.held.close()
+            for message in ctx.held.close():
+                log(f"error: pid {ctx.args.pid}: binaries: {message}", ERR)
         if ctx.crash is not None:
             ctx.crash.close()
             ctx.crash = None
         if ctx.store is not None:
             ctx.store.close()
             ctx.store = None
+
+
+def _final_failed(ctx: Context, what: str) -> None:
+    """After the first record, any error still ends with a final record (never left at "collecting")."""
+    if ctx.record is None or ctx.crash is None:
+        return
+    record.add_error(ctx.record, what)
+    record.finish(ctx.record, failed=True, duration=time.monotonic() - ctx.early.started,
+                  peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    try:
+        write_record(ctx)
+    except OSError as exc:
+        log(f"error: pid {ctx.args.pid}: cannot write the final record of {ctx.crash.id}: {exc}", ERR)
 
 
 def load_config(path: Optional[str], errors: list) -> configuration.Config:
@@ -144,10 +160,20 @@ def open_store(ctx: Context) -> Optional[Store]:
 
 
 def new_crash(ctx: Context) -> Optional[CrashDir]:
+    """The crash's directory; when it cannot be made (a link planted in its place), one in store.FAILED, and
+    ``ctx.unfiled`` says why (the crash is then recorded without its core)."""
+    where = "/".join(ctx.container.directory())
     try:
         return ctx.store.new_crash(ctx.container.directory(), ctx.args.time)
     except OSError as exc:
-        log(f"error: pid {ctx.args.pid}: cannot create a crash directory: {exc}; core not saved", ERR)
+        ctx.unfiled = f"cannot create its directory under {where}: {exc}"
+    log(f"error: pid {ctx.args.pid}: {ctx.unfiled}; filing the record in {FAILED} without the core", ERR)
+    ctx.errors.append(ctx.unfiled)
+    try:
+        return ctx.store.new_crash((FAILED,), ctx.args.time)
+    except OSError as exc:
+        log(f"error: pid {ctx.args.pid}: cannot create a crash directory in {FAILED} either: {exc}; "
+            "nothing recorded", ERR)
         return None
 
 
@@ -155,12 +181,15 @@ def store_crash(ctx: Context) -> int:
     """Record, core (within the policy), binaries and backtrace, final record; the exit code."""
     args, cfg, crash = ctx.args, ctx.cfg, ctx.crash
     rec = ctx.record = record.build(crash_id=crash.id, args=args, snapshot=ctx.snapshot, container=ctx.container,
-                                    redact_env=cfg.redact_env, errors=tuple(ctx.errors))
+                                    redact_env=cfg.redact_env, errors=tuple(ctx.errors), env_keep=cfg.env_keep,
+                                    redact_args=cfg.redact_args, field_max=cfg.record_field_max)
     postmortem.presign(rec, ctx.early.core, ctx.held)  # before the core: the policy may count its signature
     write_record(ctx)  # a handler killed from here on still leaves a record
     limit = args.core_limit_bytes() if cfg.honour_core_limit else None
     storm = None
-    if ctx.refused is not None:
+    if ctx.unfiled is not None:
+        record.core_refused(rec, f"not saved: the crash {ctx.unfiled}")
+    elif ctx.refused is not None:
         record.core_refused(rec, ctx.refused)
     elif limit == 0:
         record.core_refused(rec, "RLIMIT_CORE is 0")
@@ -171,6 +200,7 @@ def store_crash(ctx: Context) -> int:
             storm = turn.refused
             if storm is not None:
                 record.core_refused(rec, storm)
+                record.omit_details(rec, "no core kept")  # a storm's records stay small
             else:
                 caps = [x for x in (limit, cfg.max_core_size) if x]
                 cap = min(caps) if caps else None
@@ -179,13 +209,17 @@ def store_crash(ctx: Context) -> int:
                     commit(ctx, write_core(ctx, admission, limit, cap))
     failed = record.has_errors(rec)
     ctx.let_go()  # also when no core is read: saving binaries need not keep the process
-    if storm is None and ctx.held is not None:  # a crash refused in a storm stays cheap
+    if storm is None and ctx.unfiled is None and ctx.held is not None:  # a crash refused in a storm stays cheap
         with _turn(ctx, slots.postmortem_turn(ctx.store, cfg)) as turn:  # bounded after the kernel is let go
             if turn.refused is not None:
                 record.postmortem_skipped(rec, turn.refused)
             else:
                 postmortem.finish(ctx.store, crash, rec, ctx.held, cfg, ctx.container.is_host)
     postmortem.sign(rec, ctx.held, cfg)
+    if ctx.held is not None:  # closed before the final record, so that a failed close is in it
+        for message in ctx.held.close():
+            rec["collector"]["errors"].append(f"binaries: {message}")
+            log(f"error: pid {args.pid}: binaries: {message}", ERR)
     record.finish(rec, failed=failed, duration=time.monotonic() - ctx.early.started,
                   peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     write_final(ctx)
@@ -225,6 +259,7 @@ def admit(ctx: Context, cap: Optional[int]) -> Optional[accounting.Admission]:
         return None
     if not admission.budget:
         record.core_refused(rec, admission.reason)
+        record.omit_details(rec, "no core kept")  # a crash loop's records stay small
     return admission
 
 
@@ -309,14 +344,17 @@ def commit(ctx: Context, staged: Optional[Staged]) -> None:
 
 
 def write_final(ctx: Context) -> None:
-    """The final record, under the lock. The binaries saved for the core now count it among their users (in
-    the ledger); if another handler deleted the core to make room in the meantime, the record keeps what it
-    said about that, and the binaries only this crash would have used go."""
+    """The final record, under the lock, counted in the ledger (records count in ``max_use``). The binaries
+    saved for a stored core now count it among their users; if another handler deleted the core to make room
+    in the meantime, the record keeps what it said about that, and the binaries only this crash would have
+    used go."""
     rec, crash = ctx.record, ctx.crash
-    if not rec["core"]["stored"]:
-        write_record(ctx)
-        return
     with _locked(ctx) as books:
+        if not rec["core"]["stored"]:
+            write_record(ctx)
+            if books is not None:
+                books.add_record(crash)
+            return
         try:
             os.stat(rec["core"]["file"], dir_fd=crash.fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -331,6 +369,8 @@ def write_final(ctx: Context) -> None:
             if books is not None:
                 books.add_binaries(ctx.crash, "/".join(ctx.container.directory()), rec)
         write_record(ctx)
+        if books is not None:
+            books.add_record(crash)
 
 
 @contextlib.contextmanager

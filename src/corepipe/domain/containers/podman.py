@@ -99,7 +99,7 @@ def name_from_conmon(container: Container, pid: int, deadline: state.Deadline, r
         if parent <= 1:
             return
         pid, parent = parent, None
-        args = state.read(state.path(root, "proc", str(pid), "cmdline"), deadline, 65536).decode(
+        args = state.read_proc_memory(root, pid, "cmdline", deadline, 65536).decode(
             errors="replace").split("\0")
         if not args or not args[0].endswith("conmon"):
             continue

@@ -14,7 +14,7 @@ import stat
 import time
 from typing import Optional
 
-from corepipe.platform.capture import read_fd
+from corepipe.platform.capture import read_fd, read_in_child
 
 #: A 64-hex container id (Docker, containerd CRI, CRI-O, Podman).
 HEX_ID = re.compile(r"[0-9a-f]{64}")
@@ -33,6 +33,9 @@ class Deadline:
     def check(self) -> None:
         if time.monotonic() > self.end:
             raise TimeoutError("time budget for reading runtime state used up")
+
+    def left(self) -> float:
+        return max(0.0, self.end - time.monotonic())
 
 
 def path(root: str, *parts: str) -> str:
@@ -61,6 +64,20 @@ def read(file: str, deadline: Deadline, limit: int = JSON_LIMIT) -> bytes:
         return read_fd(fd, limit, deadline.check)
     finally:
         os.close(fd)
+
+
+def read_proc_memory(root: str, pid: int, name: str, deadline: Deadline, limit: int) -> bytes:
+    """A /proc/<pid> file the kernel reads from the process's memory (cmdline, environ), read in a child that
+    is killed at the deadline: that memory may be a FUSE-backed mapping whose server never answers."""
+    deadline.check()
+    dir_fd = os.open(path(root, "proc", str(pid)), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        files, errors = read_in_child(dir_fd, (name,), limit, deadline.left())
+    finally:
+        os.close(dir_fd)
+    if name not in files:
+        raise OSError(f"/proc/{pid}/{name}: {errors.get(name)}")
+    return files[name]
 
 
 def read_json(file: str, deadline: Deadline, limit: int = JSON_LIMIT):

@@ -1,0 +1,162 @@
+"""Where a debugger runs on a crash: a uid nothing else has, no new privileges, and a root of its own.
+
+A core and the files of the crashed process are hostile input, and so is every name in them:
+gdb opens ``<sysroot>/<name>`` for each library in the core's link map, and a name like
+``/../../tmp/fifo`` climbs out of any sysroot (a FIFO there hangs gdb; a device node may do
+worse). So the debugger runs in a private mount namespace, chrooted into a directory that holds
+only the system's read-only trees (``SYSTEM_TREES``), ``/proc``, ``/dev/null`` and what the
+caller binds in (its work directory, the saved binaries): a ``..`` stops at that root. It also
+runs (for the collection-time backtrace) as a uid taken from ``UID_RANGE`` that no process and
+no account uses, so no other user can read its fds through ``/proc/<pid>/fd``, ptrace it or
+signal it; platform/gdb.py's options turn off everything gdb would run or fetch on the core's say-so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import resource
+from typing import Callable, Optional
+
+#: Environment variables gdb or its libraries would act on; never passed to a debugger.
+UNSAFE_ENV = ("DEBUGINFOD_URLS", "GDBHISTFILE", "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME",
+              "PYTHONSTARTUP")
+#: Uids (and gids) reserved for debugger children: inside systemd's unused 0x70000000-0x7fffffff range,
+#: above every container and subordinate-id range in common use.
+UID_RANGE = (0x7F000000, 0x7FFFFFFE)
+#: Read-only in the debugger's root, at the same paths (gdb and the libraries it loads live there).
+SYSTEM_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+
+_CLONE_NEWNS = 0x00020000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+_PR_SET_NO_NEW_PRIVS = 38
+
+
+class SandboxError(OSError):
+    """The debugger's sandbox could not be made; the message says which step."""
+
+
+def _used_ids() -> set:
+    """Every uid and gid of a running process or an account or group on this host."""
+    used = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status", "rb") as f:
+                for line in f.read(4096).splitlines():
+                    if line.startswith((b"Uid:", b"Gid:")):
+                        used.update(int(x) for x in line.split()[1:])
+        except (OSError, ValueError):
+            continue
+    for path in ("/etc/passwd", "/etc/group"):
+        try:
+            with open(path, "rb") as f:
+                for line in f:
+                    fields = line.split(b":")
+                    if len(fields) > 2 and fields[2].strip().isdigit():
+                        used.add(int(fields[2]))
+        except OSError:
+            continue
+    return used
+
+
+def free_uid() -> int:
+    """A uid (also used as the gid) in UID_RANGE that nothing on the host uses right now."""
+    used = _used_ids()
+    for _ in range(64):
+        uid = random.randint(*UID_RANGE)
+        if uid not in used:
+            return uid
+    raise SandboxError(f"no free uid in {UID_RANGE[0]}..{UID_RANGE[1]}")
+
+
+def debugger_env(base: Optional[dict] = None) -> dict:
+    """``base`` (default: a minimal environment) without the variables in UNSAFE_ENV."""
+    env = dict(base) if base is not None else {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "LC_ALL": "C"}
+    return {key: value for key, value in env.items() if key not in UNSAFE_ENV}
+
+
+def in_trees(path: str) -> bool:
+    """``path`` is in one of the SYSTEM_TREES, which every Jail has."""
+    real = os.path.realpath(path)
+    return any(real == tree or real.startswith(tree.rstrip("/") + "/") for tree in SYSTEM_TREES)
+
+
+class Jail:
+    """A root directory for the debugger: made (empty mount points) by ``prepare`` in the parent, entered by
+    ``enter`` in the child between fork and exec. ``binds`` are (host path, path inside) pairs, read-only."""
+
+    def __init__(self, root: str, binds: list):
+        self.root = root
+        self.trees = [tree for tree in SYSTEM_TREES if os.path.isdir(tree) and not os.path.islink(tree)]
+        self.binds = [(source, inside) for source, inside in binds if os.path.lexists(source)
+                      and not (source == inside and in_trees(source))]
+        self.links = [tree for tree in SYSTEM_TREES if os.path.islink(tree)]  # /lib -> usr/lib on merged /usr
+        self._libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: nothing to import in the child
+
+    def prepare(self) -> None:
+        os.mkdir(self.root, 0o755)
+        for tree in self.trees + ["/proc"]:
+            os.makedirs(self._inside(tree), 0o755, exist_ok=True)
+        for tree in self.links:
+            os.symlink(os.readlink(tree), self._inside(tree))
+        os.makedirs(self._inside("/dev"), 0o755, exist_ok=True)
+        open(self._inside("/dev/null"), "wb").close()
+        for source, inside in self.binds:
+            target = self._inside(inside)
+            if os.path.isdir(source):
+                os.makedirs(target, 0o755, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+                open(target, "ab").close()
+        for directory, _dirs, _files in os.walk(self.root):
+            os.chmod(directory, 0o755)
+
+    def _inside(self, path: str) -> str:
+        return os.path.join(self.root, path.lstrip("/"))
+
+    def _mount(self, source: Optional[str], target: str, fstype: Optional[str], flags: int) -> None:
+        if self._libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(), flags,
+                            None) != 0:
+            err = ctypes.get_errno()
+            raise SandboxError(err, f"mount {source} on {target}: {os.strerror(err)}")
+
+    def _bind(self, source: str, target: str, extra: int = _MS_NOSUID | _MS_NODEV) -> None:
+        self._mount(source, target, None, _MS_BIND | _MS_REC)
+        self._mount(None, target, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | extra)
+
+    def enter(self) -> None:
+        """In the child: a private mount namespace, the binds, then chroot. Raises SandboxError."""
+        if self._libc.unshare(_CLONE_NEWNS) != 0:
+            err = ctypes.get_errno()
+            raise SandboxError(err, f"unshare(CLONE_NEWNS): {os.strerror(err)}")
+        self._mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing mounted here reaches the host
+        for tree in self.trees:
+            self._bind(tree, self._inside(tree))
+        self._mount("/proc", self._inside("/proc"), None, _MS_BIND)
+        self._bind("/dev/null", self._inside("/dev/null"), extra=_MS_NOSUID)
+        for source, inside in self.binds:
+            self._bind(source, self._inside(inside))
+        os.chroot(self.root)
+        os.chdir("/")
+
+
+def preexec(jail: Optional[Jail], uid: Optional[int]) -> Callable[[], None]:
+    """The function a debugger's child runs before exec: enter ``jail``, then (with ``uid``) become that uid and
+    gid with no groups; always no new privileges and no core of its own."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def run() -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crashing gdb must not feed the handler again
+        if jail is not None:
+            jail.enter()
+        if uid is not None:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise SandboxError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+    return run

@@ -1,0 +1,87 @@
+"""A crashed process whose files are served by a FUSE server that never answers (issue 14, item 2).
+
+The server (tests/fuse_blocker.c, libfuse 3) answers the victim's own open and the first page, and
+nothing after that. The victim (tests/fuse_victim.c) maps the file, maps an unread page of it over
+its own command line and crashes: opening its map_files entry or reading the file would each wait
+on the server, where SIGALRM cannot end the wait (reading its /proc/<pid>/cmdline would too on a
+kernel older than 4.18, which did not yet refuse file-backed pages there). The crash must
+still be recorded, with the core, within the handler's own bounds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from support import HERE, need, need_tool, start_crash, wait_for
+
+from corepipe.platform import capture
+
+
+@pytest.fixture(scope="module")
+def fuse_programs(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    gcc = need_tool("gcc")
+    need(shutil.which("pkg-config") is not None and subprocess.run(["pkg-config", "--exists", "fuse3"]).returncode
+         == 0, "needs libfuse3-dev (tests/setup.sh installs it)")
+    need(Path("/dev/fuse").exists(), "needs /dev/fuse")
+    d = tmp_path_factory.mktemp("fuse")
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    subprocess.run([gcc, "-O1", "-o", str(d / "fuse_blocker"), str(HERE / "fuse_blocker.c"), *flags], check=True)
+    subprocess.run([gcc, "-O0", "-o", str(d / "fuse_victim"), str(HERE / "fuse_victim.c")], check=True)
+    return d / "fuse_blocker", d / "fuse_victim"
+
+
+def test_a_fuse_backed_mapping_cannot_hang_the_handler(kernel_handler, fuse_programs: tuple) -> None:
+    server, victim = fuse_programs
+    mount = kernel_handler.workdir / "mnt"
+    mount.mkdir()
+    proc = subprocess.Popen([str(server), str(mount)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: (mount / "blocker").exists() or proc.poll() is not None, 30, "the FUSE mount")
+        assert proc.poll() is None, proc.stderr.read()
+        crashed = start_crash([str(victim), str(mount / "blocker"), "x" * 16384], stdout=subprocess.PIPE)
+        assert crashed.stdout.readline() == b"ready\n"
+        crashed.wait(timeout=60)
+        rec = kernel_handler.wait_record(lambda r: r["comm"] == "fuse_victim", timeout=60)
+    finally:
+        proc.kill()  # aborts the FUSE connection: anything still waiting on it gets an error
+        proc.wait()
+        subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
+    assert rec["core"]["stored"] is True, rec["core"]
+    # Linux reads cmdline only from anonymous memory: it stops at the FUSE page; an older kernel would wait
+    # on it, and the reading child is killed at MEMORY_SECONDS.
+    cut = [a for a in rec["cmdline"] if set(a) == {"x"}]
+    assert len(cut) == 1 and len(cut[0]) < 16384 or any(e.startswith("cmdline: timed out")
+                                                        for e in rec["process"]["errors"]), rec["cmdline"]
+    assert rec["exe"] == str(victim)
+    errors = rec["binaries"]["errors"]
+    assert any(e.startswith(f"{mount / 'blocker'}: not opened: device") for e in errors), errors
+    assert rec["collector"]["duration"] < capture.PROC_SECONDS + 30  # bounded by the child's kill, not the server
+
+
+def test_a_read_that_blocks_in_fuse_is_killed(handler_dir: Path, fuse_programs: tuple) -> None:
+    """capture.read_in_child, which the handler uses for /proc files read from the process's memory, on a
+    file whose open never returns: the child is killed at the deadline and the caller goes on."""
+    need(os.geteuid() == 0, "needs root to mount a FUSE filesystem")
+    server, _victim = fuse_programs
+    mount = handler_dir / "mnt"
+    mount.mkdir()
+    proc = subprocess.Popen([str(server), str(mount)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: (mount / "blocker").exists() or proc.poll() is not None, 30, "the FUSE mount")
+        first = os.open(mount / "blocker", os.O_RDONLY)  # the one open the server answers
+        os.close(first)
+        dir_fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            files, errors = capture.read_in_child(dir_fd, ("blocker",), 4096, 1)
+        finally:
+            os.close(dir_fd)
+    finally:
+        proc.kill()
+        proc.wait()
+        subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
+    assert files == {} and errors["blocker"].startswith("timed out"), (files, errors)
