@@ -47,6 +47,7 @@ def kernel_handler(handler_dir: Path) -> Handler:
     handler = Handler(handler_dir)
     with KernelSettings() as settings:
         settings.set(handler.pattern())
+        handler.settings = settings
         yield handler
 
 

@@ -61,6 +61,8 @@ class Handler:
         self.config.write_text(f'store = "{self.store}"\n{config_extra}')
         self.launcher.write_text(launcher.script())
         self.launcher.chmod(0o755)
+        #: The KernelSettings block the handler is installed in (for other host changes' undo_on_abort).
+        self.settings: Optional[KernelSettings] = None
 
     def pattern(self, pidfd: bool = True) -> str:
         from corepipe.platform.kernel import build_pattern
@@ -109,8 +111,29 @@ def collect_by_hand(handler: Handler, pid: int, comm: str, pidfd: Optional[int] 
                             env={}, cwd="/", pass_fds=() if pidfd is None else (pidfd,))
 
 
+#: The watchdog of KernelSettings: reads "undo" commands (JSON argv lines) and "done" from stdin; at EOF
+#: without "done" (the test process was killed) it runs the undo commands, newest first, and restores the
+#: kernel settings given as hex in argv. It runs in a session of its own, so a kill of the test's process
+#: group does not take it along, and it holds the settings lock until it has restored them.
+_WATCHDOG = """
+import json, subprocess, sys
+pattern, limit = (bytes.fromhex(x) for x in sys.argv[1:3])
+undo = []
+for line in sys.stdin:
+    if line == "done\\n":
+        sys.exit(0)
+    undo.append(json.loads(line))
+for argv in reversed(undo):
+    subprocess.run(argv, check=False, capture_output=True)
+open("/proc/sys/kernel/core_pattern", "wb").write(pattern)
+open("/proc/sys/kernel/core_pipe_limit", "wb").write(limit)
+"""
+
+
 class KernelSettings:
-    """Saves core_pattern and core_pipe_limit under a lock and restores them, whatever happens."""
+    """Saves core_pattern and core_pipe_limit under a lock and restores them, whatever happens: on any exit of
+    the block, and through a watchdog process when the test process dies without leaving it (SIGKILL, a
+    timeout's kill). Other host changes register their undo command with ``undo_on_abort``."""
 
     def __init__(self) -> None:
         self.lock = open(LOCK_PATH, "w")
@@ -119,6 +142,9 @@ class KernelSettings:
         fcntl.flock(self.lock, fcntl.LOCK_EX)
         self.saved_pattern = CORE_PATTERN.read_bytes()
         self.saved_limit = PIPE_LIMIT.read_bytes()
+        self._watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, self.saved_pattern.hex(),
+                                           self.saved_limit.hex()], stdin=subprocess.PIPE, text=True,
+                                          pass_fds=(self.lock.fileno(),), start_new_session=True)
         return self
 
     def set(self, pattern: str, pipe_limit: int = 64) -> None:
@@ -126,13 +152,23 @@ class KernelSettings:
         CORE_PATTERN.write_text(pattern)
         assert CORE_PATTERN.read_text().rstrip("\n") == pattern, "the kernel did not take the pattern"
 
+    def undo_on_abort(self, argv: list) -> None:
+        """Run ``argv`` if the test process dies inside the block (the block's own cleanup covers the rest)."""
+        self._watchdog.stdin.write(json.dumps(argv) + "\n")
+        self._watchdog.stdin.flush()
+
     def __exit__(self, *exc: object) -> None:
         try:
             CORE_PATTERN.write_bytes(self.saved_pattern)
             PIPE_LIMIT.write_bytes(self.saved_limit)
         finally:
-            fcntl.flock(self.lock, fcntl.LOCK_UN)
-            self.lock.close()
+            try:
+                self._watchdog.stdin.write("done\n")
+                self._watchdog.stdin.close()
+                self._watchdog.wait(timeout=30)
+            finally:
+                fcntl.flock(self.lock, fcntl.LOCK_UN)
+                self.lock.close()
 
 
 @contextlib.contextmanager
@@ -142,6 +178,7 @@ def installed_handler(workdir: Path, config_extra: str = "", pipe_limit: int = 6
     handler = Handler(workdir, config_extra=config_extra)
     with KernelSettings() as settings:
         settings.set(handler.pattern(), pipe_limit=pipe_limit)
+        handler.settings = settings
         yield handler
 
 
@@ -239,11 +276,18 @@ def installed_files(d: Path) -> list:
     return [f"{d}/b", f"{d}/c.toml", f"{d}/sd/{install.DROPIN_NAME}", f"{d}/{install.STATE_NAME}"]
 
 
+#: install.sh enables systemd units (the prune timer; the socket in socket mode) only where systemd runs.
+SYSTEMD_RUNS = os.path.isdir("/run/systemd/system") and shutil.which("systemctl") is not None
+SYSTEMD_UNITS = [f"/etc/systemd/system/{name}" for name in ("corepipe-prune.timer", "corepipe-prune.service",
+                                                             "corepipe.socket", "corepipe.service")]
+
+
 def check_restored(settings: KernelSettings, d: Path) -> None:
-    """After uninstall: the kernel settings are back byte for byte and nothing install wrote is left."""
+    """After uninstall: the kernel settings are back byte for byte and nothing install wrote is left (the
+    systemd units included)."""
     assert CORE_PATTERN.read_bytes() == settings.saved_pattern
     assert PIPE_LIMIT.read_bytes() == settings.saved_limit
-    assert not any(os.path.lexists(p) for p in installed_files(d))
+    assert not any(os.path.lexists(p) for p in installed_files(d) + SYSTEMD_UNITS)
 
 
 class Served(Handler):

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import HERE, need, need_tool, start_crash, wait_for
+from support import HERE, KernelSettings, need, need_tool, start_crash, wait_for
 
 from corepipe.platform import capture
 
@@ -40,6 +40,8 @@ def test_a_fuse_backed_mapping_cannot_hang_the_handler(kernel_handler, fuse_prog
     mount = kernel_handler.workdir / "mnt"
     mount.mkdir()
     proc = subprocess.Popen([str(server), str(mount)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    kernel_handler.settings.undo_on_abort(["umount", "-l", str(mount)])  # should this process die inside
+    kernel_handler.settings.undo_on_abort(["kill", "-9", str(proc.pid)])
     try:
         wait_for(lambda: (mount / "blocker").exists() or proc.poll() is not None, 30, "the FUSE mount")
         assert proc.poll() is None, proc.stderr.read()
@@ -70,18 +72,25 @@ def test_a_read_that_blocks_in_fuse_is_killed(handler_dir: Path, fuse_programs: 
     server, _victim = fuse_programs
     mount = handler_dir / "mnt"
     mount.mkdir()
-    proc = subprocess.Popen([str(server), str(mount)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with KernelSettings() as settings:  # for its watchdog: the mount goes even if this process is killed
+        proc = subprocess.Popen([str(server), str(mount)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        settings.undo_on_abort(["umount", "-l", str(mount)])
+        settings.undo_on_abort(["kill", "-9", str(proc.pid)])
+        files, errors = _read_blocking(proc, mount)
+    assert files == {} and errors["blocker"].startswith("timed out"), (files, errors)
+
+
+def _read_blocking(proc: subprocess.Popen, mount: Path) -> tuple:
     try:
         wait_for(lambda: (mount / "blocker").exists() or proc.poll() is not None, 30, "the FUSE mount")
         first = os.open(mount / "blocker", os.O_RDONLY)  # the one open the server answers
         os.close(first)
         dir_fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            files, errors = capture.read_in_child(dir_fd, ("blocker",), 4096, 1)
+            return capture.read_in_child(dir_fd, ("blocker",), 4096, 1)
         finally:
             os.close(dir_fd)
     finally:
         proc.kill()
         proc.wait()
         subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
-    assert files == {} and errors["blocker"].startswith("timed out"), (files, errors)

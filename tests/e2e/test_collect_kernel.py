@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from support import CRASH_LINE, core_digest, crash, decompress, gdb_backtrace, need_tool, wait_log
+from support import CRASH_LINE, Handler, core_digest, crash, decompress, gdb_backtrace, need_tool, wait_log
 
 
 def _check_core(rec: dict, tmp_path: Path, crasher: Path) -> bytes:
@@ -87,16 +87,19 @@ def test_kernel_log_has_one_line_per_crash(kernel_handler, crasher: Path) -> Non
 
 
 @contextlib.contextmanager
-def _syslog_socket(directory: Path) -> Iterator[socket.socket]:
-    """Our own datagram socket at /dev/log for the duration: bind-mounted over a real one, else created."""
-    path = directory / "log.sock"
+def _syslog_socket(handler: Handler) -> Iterator[socket.socket]:
+    """Our own datagram socket at /dev/log for the duration: bind-mounted over a real one, else created; undone
+    by the handler's KernelSettings watchdog should the test process die inside."""
+    path = handler.workdir / "log.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     existed = os.path.lexists("/dev/log")
     try:
         if existed:
+            handler.settings.undo_on_abort(["umount", "/dev/log"])
             subprocess.run(["mount", "--bind", str(path), "/dev/log"], check=True)
         else:
+            handler.settings.undo_on_abort(["rm", "-f", "/dev/log"])
             os.symlink(path, "/dev/log")
         yield sock
     finally:
@@ -108,7 +111,7 @@ def _syslog_socket(directory: Path) -> Iterator[socket.socket]:
 
 
 def test_syslog_has_one_line_per_crash(kernel_handler, crasher: Path) -> None:
-    with _syslog_socket(kernel_handler.workdir) as sock:
+    with _syslog_socket(kernel_handler) as sock:
         crash([str(crasher), "0", "syslogged"])
         rec = kernel_handler.wait_record(lambda r: r["comm"] == "syslogged")
         sock.settimeout(10)

@@ -19,6 +19,8 @@ import pytest
 from runtimes import docker_import, make_rootfs, unique
 from support import CRASH_LINE, HERE, Handler, KernelSettings, core_digest, crash, need, need_root_kernel, need_tool
 
+from corepipe.commands.crashes import human_size
+
 RAISE_LINE = next(i for i, line in enumerate((HERE / "crasher.c").read_text().splitlines(), 1)
                   if "raise(atoi" in line)
 
@@ -142,7 +144,9 @@ def test_host_process(kernel_handler, dynamic_crasher: Path, tmp_path: Path) -> 
     listed = corepipe(kernel_handler, "list", "--exe", "crasher-dyn").stdout.splitlines()
     assert listed[0].split("\t")[0] == "ID" and len(listed) == 2
     fields = listed[1].split("\t")
-    assert fields[0] == rec["id"] and fields[2] == "host" and fields[5] == "SIGSEGV" and fields[8] == "present"
+    assert fields[0] == rec["id"] and fields[2] == "host" and fields[5] == "SIGSEGV" and fields[9] == "present"
+    # SIZE is the core as the process had it, STORED what it takes compressed.
+    assert fields[7:9] == [human_size(rec["core"]["size"]), human_size(rec["core"]["compressed_size"])], fields
 
     info = corepipe(kernel_handler, "info", rec["id"][:5]).stdout
     assert f"crasher.c:{CRASH_LINE}" in info and "backtrace (gdb" in info, info

@@ -22,6 +22,7 @@ from support import (
     CORE_PATTERN,
     HERE,
     PIPE_LIMIT,
+    SYSTEMD_RUNS,
     KernelSettings,
     check_restored,
     core_digest,
@@ -176,6 +177,9 @@ def test_install_sh_then_selftest_then_uninstall(settings: KernelSettings, handl
     env = dict(os.environ, COREPIPE_PREFIX=f"{d}/v", COREPIPE_BIN=f"{d}/b", COREPIPE_CONFIG=f"{d}/c.toml")
     install_sh = HERE.parent / "install" / "install.sh"
     store = f"{d}/sh/corepipe"
+    # Should this process die mid-test, the watchdog uninstalls (the systemd units of a systemd host too).
+    settings.undo_on_abort(["env", *(f"{k}={env[k]}" for k in ("COREPIPE_PREFIX", "COREPIPE_BIN", "COREPIPE_CONFIG")),
+                            "bash", str(HERE.parent / "install" / "uninstall.sh"), "--purge"])
     first = subprocess.run(["bash", str(install_sh), "--store", store, "--sysctl-dir", f"{d}/sd"], env=env,
                            capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -187,6 +191,9 @@ def test_install_sh_then_selftest_then_uninstall(settings: KernelSettings, handl
                            timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "already installed; nothing changed" in again.stdout and "selftest passed" in again.stdout
+    if SYSTEMD_RUNS:  # the prune timer path: enabled by install.sh, gone after uninstall (check_restored)
+        enabled = subprocess.run(["systemctl", "is-enabled", "corepipe-prune.timer"], capture_output=True, text=True)
+        assert enabled.stdout.strip() == "enabled", enabled.stdout + enabled.stderr
     proc = subprocess.run(["bash", str(HERE.parent / "install" / "uninstall.sh"), "--purge"], env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
