@@ -150,3 +150,19 @@ def test_a_ledger_that_cannot_be_saved_is_rebuilt_next_time(tmp_path: Path, slee
     (tmp_path / "store" / "host" / ".cores.json").rmdir()
     collect_in_process(cfg, sleepers[0].pid, "second", CORE)
     _assert_exact(tmp_path)
+
+
+def test_storing_a_crash_never_scans_the_store(tmp_path: Path, sleepers: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 11: once the ledger exists, admission and the final record read it, never the crash directories
+    (a scan made each stored core cost in proportion to the store; tests/bench/bench_store.py measures it)."""
+    cfg = _cfg(tmp_path)
+    collect_in_process(cfg, sleepers[0].pid, "first", CORE)
+
+    def no_scan(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the store was scanned while storing a crash")
+
+    monkeypatch.setattr(catalog, "crash_dirs", no_scan)
+    code, _fd_state, rec = collect_in_process(cfg, sleepers[1].pid, "second", CORE)
+    assert code == 0 and rec["core"]["stored"] is True and rec["status"] == "complete", rec["collector"]["errors"]
+    monkeypatch.undo()
+    _assert_exact(tmp_path)
