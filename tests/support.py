@@ -332,8 +332,13 @@ def served_handler(workdir: Path, config_extra: str = "", pipe_limit: int = 64) 
     served = Served(workdir, config_extra=config_extra)
     with KernelSettings() as settings:
         settings.set(served.pattern(), pipe_limit=pipe_limit)
+        served.settings = settings
         try:
-            served.start()
+            proc = served.start()
+            # Should this process die inside: stop the server and wait until it and its guardian (which would
+            # put the fallback pattern back) are gone, before the watchdog restores the kernel settings.
+            settings.undo_on_abort(["sh", "-c", f"kill -TERM {proc.pid}; for _ in $(seq 600); do pgrep -f -- "
+                                    f"'--socke[t] {served.socket} ' >/dev/null || break; sleep 0.1; done"])
             yield served
         finally:
             served.stop()

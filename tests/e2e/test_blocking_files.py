@@ -5,7 +5,8 @@ nothing after that. The victim (tests/fuse_victim.c) maps the file, maps an unre
 its own command line and crashes: opening its map_files entry or reading the file would each wait
 on the server, where SIGALRM cannot end the wait (reading its /proc/<pid>/cmdline would too on a
 kernel older than 4.18, which did not yet refuse file-backed pages there). The crash must
-still be recorded, with the core, within the handler's own bounds.
+still be recorded, with the core, within the handler's own bounds: by ``corepipe collect`` (pipe
+mode) and by ``corepipe serve`` (socket mode) alike.
 """
 
 from __future__ import annotations
@@ -13,12 +14,23 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import HERE, KernelSettings, need, need_tool, start_crash, wait_for
+from support import (
+    HERE,
+    Handler,
+    KernelSettings,
+    installed_handler,
+    need,
+    need_tool,
+    served_handler,
+    start_crash,
+    wait_for,
+)
 
-from corepipe.platform import capture
+from corepipe.platform import capture, sandbox
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +47,31 @@ def fuse_programs(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     return d / "fuse_blocker", d / "fuse_victim"
 
 
-def test_a_fuse_backed_mapping_cannot_hang_the_handler(kernel_handler, fuse_programs: tuple) -> None:
+@pytest.fixture(params=["pipe", "socket"])
+def handler(request: pytest.FixtureRequest, handler_dir: Path) -> Iterator[Handler]:
+    """corepipe collect as the kernel's pipe handler, or corepipe serve on its coredump socket."""
+    if request.param == "pipe":
+        with installed_handler(handler_dir) as installed:
+            yield installed
+    else:
+        with served_handler(handler_dir) as served:
+            yield served
+
+
+def test_a_fuse_backed_mapping_cannot_hang_the_handler(handler: Handler, fuse_programs: tuple) -> None:
     server, victim = fuse_programs
-    mount = kernel_handler.workdir / "mnt"
+    mount = handler.workdir / "mnt"
     mount.mkdir()
     proc = subprocess.Popen([str(server), str(mount)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    kernel_handler.settings.undo_on_abort(["umount", "-l", str(mount)])  # should this process die inside
-    kernel_handler.settings.undo_on_abort(["kill", "-9", str(proc.pid)])
+    handler.settings.undo_on_abort(["umount", "-l", str(mount)])  # should this process die inside
+    handler.settings.undo_on_abort(["kill", "-9", str(proc.pid)])
     try:
         wait_for(lambda: (mount / "blocker").exists() or proc.poll() is not None, 30, "the FUSE mount")
         assert proc.poll() is None, proc.stderr.read()
         crashed = start_crash([str(victim), str(mount / "blocker"), "x" * 16384], stdout=subprocess.PIPE)
         assert crashed.stdout.readline() == b"ready\n"
         crashed.wait(timeout=60)
-        rec = kernel_handler.wait_record(lambda r: r["comm"] == "fuse_victim", timeout=60)
+        rec = handler.wait_record(lambda r: r["comm"] == "fuse_victim", timeout=60)
     finally:
         proc.kill()  # aborts the FUSE connection: anything still waiting on it gets an error
         proc.wait()
@@ -62,6 +85,8 @@ def test_a_fuse_backed_mapping_cannot_hang_the_handler(kernel_handler, fuse_prog
     assert rec["exe"] == str(victim)
     errors = rec["binaries"]["errors"]
     assert any(e.startswith(f"{mount / 'blocker'}: not opened: device") for e in errors), errors
+    # The backtrace ran in the debugger sandbox, under a uid of its own (both modes).
+    assert sandbox.UID_RANGE[0] <= rec["backtrace"]["uid"] <= sandbox.UID_RANGE[1], rec["backtrace"]
     assert rec["collector"]["duration"] < capture.PROC_SECONDS + 30  # bounded by the child's kill, not the server
 
 
