@@ -71,6 +71,7 @@ def test_a_fuse_backed_mapping_cannot_hang_the_handler(handler: Handler, fuse_pr
         crashed = start_crash([str(victim), str(mount / "blocker"), "x" * 16384], stdout=subprocess.PIPE)
         assert crashed.stdout.readline() == b"ready\n"
         crashed.wait(timeout=60)
+        # Final within the deadline, while the server still answers nothing: the handler did not wait on it.
         rec = handler.wait_record(lambda r: r["comm"] == "fuse_victim", timeout=60)
     finally:
         proc.kill()  # aborts the FUSE connection: anything still waiting on it gets an error
@@ -87,7 +88,6 @@ def test_a_fuse_backed_mapping_cannot_hang_the_handler(handler: Handler, fuse_pr
     assert any(e.startswith(f"{mount / 'blocker'}: not opened: device") for e in errors), errors
     # The backtrace ran in the debugger sandbox, under a uid of its own (both modes).
     assert sandbox.UID_RANGE[0] <= rec["backtrace"]["uid"] <= sandbox.UID_RANGE[1], rec["backtrace"]
-    assert rec["collector"]["duration"] < capture.PROC_SECONDS + 30  # bounded by the child's kill, not the server
 
 
 def test_a_read_that_blocks_in_fuse_is_killed(handler_dir: Path, fuse_programs: tuple) -> None:
