@@ -25,8 +25,9 @@ from support import (
     wait_log,
 )
 
-from corepipe.domain import containers
+from corepipe.domain import containers, record
 from corepipe.platform import slots
+from corepipe.platform.config import Config
 from corepipe.platform.store import FAILED
 
 
@@ -88,10 +89,13 @@ def test_megabytes_of_cmdline_and_environ(kernel_handler, crasher: Path) -> None
     assert proc.returncode == -signal.SIGSEGV
     rec = kernel_handler.wait_record(lambda r: r["comm"] == "bigargs")
     assert rec["status"] == "complete" and rec["core"]["stored"]
-    limit = 1 << 20
-    assert sum(len(a) + 1 for a in rec["cmdline"]) <= limit + 1 and len(rec["cmdline"]) > 5
-    assert sum(len(e) + 1 for e in rec["process"]["environ"]) <= limit + 1
-    assert (Path(rec["_dir"]) / "record.json").stat().st_size < 8 << 20
+    # Bounded (record_field_max, 64 KiB in all) before anything else looks at them, the cuts listed.
+    limit = Config.record_field_max
+    assert rec["cmdline"][:3] == [str(crasher), "0", "bigargs"] and set(rec["cmdline"][3]) == {"A"}, rec["cmdline"][:3]
+    assert sum(len(a) for a in rec["cmdline"]) <= limit and "cmdline[4:]" in rec["truncated"], rec["truncated"]
+    # Not in env_keep: names kept, values redacted.
+    assert [e for e in rec["process"]["environ"] if e.startswith("VAR")] == [f"VAR{i}=<redacted>" for i in range(30)]
+    assert (Path(rec["_dir"]) / "record.json").stat().st_size < record.MAX_SIZE
 
 
 def test_crafted_cgroup_paths_through_the_kernel(kernel_handler, crasher: Path,
