@@ -36,6 +36,7 @@ from support import (
     wait_log,
 )
 
+from corepipe.platform import sandbox
 from corepipe.services import install, status
 
 
@@ -308,6 +309,29 @@ def test_systemd_units_are_hardened() -> None:
                  "Restart=always", "KillMode=mixed"):
         assert f"\n{line}\n" in service, line
     # systemd-analyze verify of every unit: tests/unit/test_systemd_units.py
+
+
+def test_backtrace_sandbox_within_the_units_capabilities(workdirs, crasher: Path) -> None:
+    """The server under corepipe.service's CapabilityBoundingSet and NoNewPrivileges (applied with setpriv):
+    the backtrace still runs in its sandbox (mount namespace, chroot, a one-off uid it can kill)."""
+    setpriv = need_tool("setpriv")
+    need_root_kernel()
+    service = (Path(__file__).resolve().parents[2] / "install" / "systemd" / "corepipe.service").read_text()
+    caps = [cap.lower().removeprefix("cap_") for line in service.splitlines()
+            if line.startswith("CapabilityBoundingSet=") for cap in line.split("=", 1)[1].split()]
+    served = Served(workdirs())
+    with KernelSettings() as settings:
+        settings.set(served.pattern())
+        try:
+            served.start(prefix=(setpriv, "--no-new-privs", "--bounding-set", ",".join(["-all", *(f"+{c}" for c in
+                                                                                                  caps)])))
+            assert os.WCOREDUMP(_run([str(crasher), "0", "unitcaps"]))
+            rec = served.wait_record(lambda r: r["comm"] == "unitcaps")
+        finally:
+            assert served.stop() == 0
+    backtrace = rec["backtrace"]
+    assert backtrace["error"] is None and f"crasher.c:{CRASH_LINE}" in backtrace["text"], backtrace
+    assert sandbox.UID_RANGE[0] <= backtrace["uid"] <= sandbox.UID_RANGE[1], backtrace
 
 
 def test_socket_activation(workdirs, crasher: Path) -> None:
