@@ -142,3 +142,16 @@ def test_the_handler_masks_its_own_argv_style_secrets(tmp_path: Path) -> None:
     plain = next(r for r in records if r["id"] != rec["id"])
     assert plain["cmdline"][-1] == "--password=hunter2" and "CUSTOM=visible" in plain["process"]["environ"]
     assert os.path.getsize(next((tmp_path / "store").rglob("record.json"))) < 1 << 20
+
+
+def test_masking_sees_only_bounded_text(monkeypatch) -> None:
+    """Megabytes of arguments and environment: masking is given each value cut near record_field_max and at
+    most MAX_ITEMS of them (masking over the whole text made one crash cost minutes)."""
+    seen: list = []
+    real = record.mask
+    monkeypatch.setattr(record, "mask", lambda text, words: seen.append(len(text)) or real(text, words))
+    snap = Snapshot(pid=1, files={"cmdline": (b"a" * 300_000 + b"\0") * 3 + b"x\0" * 10_000,
+                                  "environ": (b"PATH=" + b"p" * 300_000 + b"\0") * 3})
+    rec = _build(snap, field_max=64 << 10)
+    assert seen and max(seen) <= (64 << 10) + 1 and len(seen) <= 2 * record.MAX_ITEMS
+    assert {"cmdline[0]", "cmdline[1:]", "process.environ[0]"} <= set(rec["truncated"])

@@ -23,6 +23,7 @@ REDACTED = "<redacted>"
 FIELD_MAX = Config.record_field_max
 PATH_MAX = 4096
 MAX_STATUS_KEYS = 128
+MAX_ITEMS = 4096  # arguments or environment variables looked at
 MAX_SIZE = 1 << 20
 _DROP_ORDER = ("process.maps", "process.mountinfo", "process.environ", "process.limits", "cgroup", "cmdline",
                "binaries.files", "backtrace.text", "process.status", "container.details", "collector.errors")
@@ -122,12 +123,12 @@ def _bounded_list(items: list, limit: int, where: str, truncated: list) -> list:
 
 
 def _masked_list(items: list, masking: Callable[[list], list], limit: int, where: str, truncated: list) -> list:
-    """``items`` bounded, then masked, then bounded again (a mask can lengthen a value): masking never sees more
-    than ``limit`` bytes, whatever the crashed process put in its memory."""
-    again: list = []
-    result = _bounded_list(masking(_bounded_list(items, limit, where, truncated)), limit, where, again)
-    truncated += [cut for cut in again if cut not in truncated]
-    return result
+    """``items`` masked, then bounded. Masking sees at most MAX_ITEMS items of at most ``limit`` characters each
+    (a longer one is cut by the bound anyway), so hostile megabytes cost it little; an environment is redacted
+    by name before the bound, so the variables whose values go take little room."""
+    if len(items) > MAX_ITEMS:
+        truncated.append(f"{where}[{MAX_ITEMS}:]")
+    return _bounded_list(masking([item[:limit + 1] for item in items[:MAX_ITEMS]]), limit, where, truncated)
 
 
 def omit_details(rec: dict, why: str) -> None:
