@@ -33,6 +33,7 @@ def test_postmortem_records_a_failing_close(tmp_path: Path) -> None:
     rec = {"pid": 1, "core": {"stored": False}, "collector": {"errors": []}}
     held = binaries.HeldFiles(files=[binaries.Held("/lib/bad.so", NEVER_OPEN)])
     postmortem.finish(None, None, rec, held, Config(binaries=False, backtrace=False), True)  # type: ignore[arg-type]
+    postmortem.release(rec, held)
     assert rec["collector"]["errors"] == ["binaries: closing /lib/bad.so: Bad file descriptor"]
 
 

@@ -127,6 +127,15 @@ def finish(store: Store, crash: CrashDir, rec: dict, held: Optional[binaries.Hel
         log(f"error: pid {rec.get('pid')}: binaries/backtrace: {type(exc).__name__}: {exc}", ERR)
 
 
+def release(rec: dict, held: Optional[binaries.HeldFiles]) -> None:
+    """Close the crashed process's held files before the final record, so that a failed close is in it."""
+    if held is None:
+        return
+    for message in held.close():
+        rec["collector"]["errors"].append(f"binaries: {message}")
+        log(f"error: pid {rec.get('pid')}: binaries: {message}", ERR)
+
+
 def sign(rec: dict, held: Optional[binaries.HeldFiles], cfg: Config) -> None:
     """The final ``signature``, after ``finish`` (or without it: a storm skipped it, nothing was held)."""
     try:

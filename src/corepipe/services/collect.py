@@ -216,10 +216,7 @@ def store_crash(ctx: Context) -> int:
             else:
                 postmortem.finish(ctx.store, crash, rec, ctx.held, cfg, ctx.container.is_host)
     postmortem.sign(rec, ctx.held, cfg)
-    if ctx.held is not None:  # closed before the final record, so that a failed close is in it
-        for message in ctx.held.close():
-            rec["collector"]["errors"].append(f"binaries: {message}")
-            log(f"error: pid {args.pid}: binaries: {message}", ERR)
+    postmortem.release(rec, ctx.held)
     record.finish(rec, failed=failed, duration=time.monotonic() - ctx.early.started,
                   peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     write_final(ctx)
