@@ -84,7 +84,7 @@ def test_megabytes_of_cmdline_and_environ(kernel_handler, crasher: Path) -> None
         resource.setrlimit(resource.RLIMIT_STACK, (256 << 20, 256 << 20))
         set_core_limit(resource.RLIM_INFINITY)()
     args = ["0", "bigargs"] + ["A" * 100_000] * 30
-    env = {f"VAR{i}": "B" * 100_000 for i in range(30)}
+    env = {f"VAR{i}": "B" * 30_000 for i in range(30)}  # 900 KB: all of it within the 1 MiB read of environ
     proc = subprocess.run([str(crasher), *args], env=env, preexec_fn=big_stack, timeout=120)
     assert proc.returncode == -signal.SIGSEGV
     rec = kernel_handler.wait_record(lambda r: r["comm"] == "bigargs")

@@ -62,8 +62,9 @@ STALE = 15.0
 BACKLOG = 4096
 #: Connections held beyond this many waiting ones are answered REJECT (record only) instead of a core.
 QUEUE_LIMIT = 512
-#: How long a worker waits after a REJECT for the process's exit status (its signal).
-EXIT_WAIT = 2.0
+#: How long a worker waits after a REJECT for the process's exit status (its signal), on kernels whose pidfd
+#: does not tell the signal (PIDFD_INFO_COREDUMP_SIGNAL); a loaded host can take seconds to reap a container's init.
+EXIT_WAIT = 5.0
 SD_LISTEN_FDS_START = 3
 _CLONE_NEWUTS = 0x04000000
 _CLONE_NEWNS = 0x00020000
@@ -655,7 +656,7 @@ def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str) 
         conn.close()
         _null_stdin()
         early.eof = early.released = True
-        args.signal = _exit_signal(pidfd)
+        args.signal = info.signal if info.signal is not None else _exit_signal(pidfd)
         ctx.refused = decision.reason
     else:
         _grow_receive_buffer(conn)
