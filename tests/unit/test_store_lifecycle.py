@@ -166,3 +166,22 @@ def test_storing_a_crash_never_scans_the_store(tmp_path: Path, sleepers: list, m
     assert code == 0 and rec["core"]["stored"] is True and rec["status"] == "complete", rec["collector"]["errors"]
     monkeypatch.undo()
     _assert_exact(tmp_path)
+
+
+def test_prune_deletes_the_oldest_records_when_records_alone_are_over_max_use(tmp_path: Path, sleepers: list) -> None:
+    """A rate-limited crash loop leaves records only; once they alone exceed max_use, prune deletes the oldest
+    crashes (the core goes first), so records cannot grow past the limit until max_age_days."""
+    cfg = _cfg(tmp_path, rate_limit_exe=1)
+    for n in range(6):
+        collect_in_process(cfg, sleepers[0].pid, f"loop{n}", CORE)
+    with Store(cfg.store, create=False) as store:
+        crashes = catalog.scan(store).crashes
+    assert len(crashes) == 6 and sum(1 for c in crashes if c.file) == 1
+    newest = sorted(c.record for c in crashes)[:2]
+    limit = sum(newest)  # room for the two smallest records: at least four crashes must go
+    assert _cli(tmp_path, _cfg(tmp_path, max_use=limit), "prune") == 0
+    with Store(cfg.store, create=False) as store:
+        left = catalog.scan(store).crashes
+    assert 1 <= len(left) <= 2 and not any(c.file for c in left), left
+    assert sum(c.record for c in left) <= limit
+    _assert_exact(tmp_path)

@@ -55,6 +55,8 @@ class Plan:
     budget: int = 0
     #: The limit that decides ``budget`` (for the record when the core does not fit).
     limited_by: Optional[str] = None
+    #: Bytes the store uses after the deletions (records and reservations included).
+    used: int = 0
 
 
 def automatic(setting: int, fs_size: int, auto: tuple) -> int:
@@ -159,6 +161,7 @@ def plan(cores: object, lim: Limits, *, fs_free: int, reserved: int = 0, group: 
         biggest = max(sorted(g for g, n in counts.items() if n), key=lambda g: bytes_of[g])
         drop(remaining(biggest)[0], f"{reason}; {biggest} uses the most")
 
+    result.used = used()
     free = fs_free + freed
     if group is not None:
         # Room promised to other handlers is not on the disk yet but will be: it is not free.
@@ -174,6 +177,18 @@ def plan(cores: object, lim: Limits, *, fs_free: int, reserved: int = 0, group: 
         result.budget = max(0, room)
         result.limited_by = name
     return result
+
+
+def oldest_records(crashes: list, excess: int) -> list:
+    """The oldest of ``crashes`` (Core entries without a core) whose records free at least ``excess`` bytes:
+    when records alone keep the store over max_use (a crash loop rate limited for weeks), they go too."""
+    chosen, freed = [], 0
+    for crash in sorted(crashes, key=lambda c: (c.time, c.crash)):
+        if freed >= excess:
+            break
+        chosen.append(crash)
+        freed += crash.record
+    return chosen
 
 
 def expired(cores_and_crashes: list, *, now: float, max_age_days: int) -> list:

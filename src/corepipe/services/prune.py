@@ -2,8 +2,9 @@
 
 Under the store lock, from a fresh scan (which also rebuilds the ledger, so any drift is corrected
 daily): crashes older than ``max_age_days`` go whole, temporary files of killed handlers go, saved
-binaries no stored core uses go, and then the oldest cores until the limits hold (policy.plan, with
-the binaries counted as in admission).
+binaries no stored core uses go, then the oldest cores until the limits hold (policy.plan, with the
+binaries counted as in admission), and, if records alone still exceed max_use, the oldest crashes
+without a core.
 """
 
 from __future__ import annotations
@@ -63,4 +64,11 @@ def prune(store: Store, cfg: Config, *, dry_run: bool, say: Callable[[str], None
         for core, reason in plan.delete:
             apply(lambda c=core, r=reason: books.delete_core(c, f"{r} (corepipe prune)"),
                   f"{store.root}/{core.group}/{core.crash}/{core.file}", reason)
+        if lim.max_use and plan.used > lim.max_use:
+            coreless = {(c.group, c.crash) for c, _reason in plan.delete}
+            records = [c for c in contents.crashes
+                       if (c.group, c.crash) not in gone and (not c.file or (c.group, c.crash) in coreless)]
+            for crash in policy.oldest_records(records, plan.used - lim.max_use):
+                apply(lambda c=crash: books.delete_crash(c.group, c.crash), f"{store.root}/{crash.group}/{crash.crash}",
+                      f"records alone are over max_use ({lim.max_use} bytes): the oldest crash without a core")
     return failed
