@@ -1,13 +1,20 @@
-"""Plain cgroup directories that look like containers to corepipe (``.../docker-<64 hex>.scope``).
+"""Cgroups for crash tests without a container runtime.
 
-Enough to file crashes under several "containers" without a runtime; real containers are
-tested elsewhere. Created under the v1 ``pids`` hierarchy (or cgroup2 where that is all
-there is) below a unique parent, and removed by ``remove()``.
+``FakeContainers``: plain cgroup directories that merely look like containers
+(``.../docker-<64 hex>.scope``) with no runtime state behind them: forgeries, which corepipe must
+not believe (they are filed under the crashing uid). ``StandIns``: containers made the way a
+runtime makes one, so corepipe confirms them: a cgroup, an init in new PID and mount namespaces
+placed in it, and runc's ``/run/runc/<id>/state.json`` recording that init; crashes run inside
+its namespaces (``nsenter``). Enough to file crashes under several confirmed containers (the
+storage policy's tests); real runtimes are tested elsewhere. Created under the v1 ``pids``
+hierarchy (or cgroup2 where that is all there is) below a unique parent, and removed by ``remove()``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -61,14 +68,67 @@ class FakeContainers:
             pass
 
 
-def crash_in(containers: FakeContainers, cid: str, argv: list, **kwargs):
-    """support.crash() inside a fake container (``cid``: an id from new(), or a cgroup directory)."""
+class StandIns:
+    RUNC_STATE = Path("/run/runc")
+
+    def __init__(self) -> None:
+        self.cgroups = FakeContainers()
+        self.inits: dict = {}
+
+    def new(self) -> str:
+        """A new container id: its cgroup is <parent>/runc-<id>.scope, its init runs there, runc's state names it."""
+        import subprocess
+
+        cid = uuid.uuid4().hex + uuid.uuid4().hex
+        directory = self.cgroups.parent / f"runc-{cid}.scope"
+        directory.mkdir()
+        self.cgroups.made.append(directory)
+        unshare = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "sleep", "3600"],
+                                   preexec_fn=FakeContainers.join_dir(directory), stdin=subprocess.DEVNULL)
+        children = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children")
+        while not children.read_text().split():
+            if unshare.poll() is not None:
+                raise RuntimeError(f"unshare exited ({unshare.returncode}) before its init started")
+            time.sleep(0.01)
+        init = children.read_text().split()
+        self.inits[cid] = (unshare, int(init[0]))
+        (self.RUNC_STATE / cid).mkdir(parents=True)
+        (self.RUNC_STATE / cid / "state.json").write_text(json.dumps({"id": cid, "init_process_pid": int(init[0])}))
+        return cid
+
+    def join(self, cid: str):
+        return FakeContainers.join_dir(self.cgroups.parent / f"runc-{cid}.scope")
+
+    def command(self, cid: str, argv: list) -> list:
+        """``argv`` run inside the container's PID and mount namespaces. A shell in between exits normally:
+        nsenter re-raises its child's fatal signal, which would make a second crash (of nsenter)."""
+        return ["nsenter", "-t", str(self.inits[cid][1]), "-p", "-m", "--", "/bin/sh", "-c", '"$@"; exit 0', "sh",
+                *argv]
+
+    def remove(self) -> None:
+        import shutil
+
+        for cid, (unshare, init) in self.inits.items():
+            try:
+                os.kill(init, 9)  # the namespace's init: every process in it goes too
+            except ProcessLookupError:
+                pass
+            unshare.wait(30)
+            shutil.rmtree(self.RUNC_STATE / cid, ignore_errors=True)
+        self.cgroups.remove()
+
+
+def crash_in(containers, cid: str, argv: list, **kwargs):
+    """support.crash() inside a FakeContainers or StandIns container (``cid``: an id from new(), or a cgroup
+    directory of FakeContainers)."""
     import resource
     import subprocess
 
     from support import set_core_limit
 
     enter = containers.join_dir(cid) if isinstance(cid, Path) else containers.join(cid)
+    if isinstance(containers, StandIns):
+        argv = containers.command(cid, argv)
     limit = set_core_limit(kwargs.pop("core_limit", resource.RLIM_INFINITY))
 
     def preexec() -> None:

@@ -75,3 +75,13 @@ def fake_containers():
     made = FakeContainers()
     yield made
     made.remove()
+
+
+@pytest.fixture
+def stand_ins():
+    """Containers corepipe confirms, made without a runtime (tests/cgroups.py), removed afterwards."""
+    from cgroups import StandIns
+
+    made = StandIns()
+    yield made
+    made.remove()

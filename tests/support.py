@@ -199,6 +199,15 @@ def short_tempdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="cpt-", dir="/tmp"))
 
 
+def host_dir(store: Path) -> Path:
+    """Where the host crashes of this test's own processes are filed: their system unit's directory
+    (``host/<unit>``) or, outside one, their uid's (``uid/<uid>``)."""
+    from corepipe.domain import containers
+
+    group = containers.identify(Path("/proc/self/cgroup").read_text()).policy_group(os.getuid())
+    return store.joinpath(*group)
+
+
 def set_core_limit(limit: int) -> Callable[[], None]:
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (limit, limit))

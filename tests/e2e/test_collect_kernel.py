@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from support import CRASH_LINE, Handler, core_digest, crash, decompress, gdb_backtrace, need_tool, wait_log
+from support import CRASH_LINE, Handler, core_digest, crash, decompress, gdb_backtrace, host_dir, need_tool, wait_log
 
 
 def _check_core(rec: dict, tmp_path: Path, crasher: Path) -> bytes:
@@ -42,7 +42,7 @@ def test_host_process(kernel_handler, crasher: Path, tmp_path: Path) -> None:
     assert rec["process"]["trusted"] is True, rec["process"]["untrusted_reasons"]
     assert rec["core_limit"] == 2**64 - 1
     assert rec["collector"]["errors"] == []
-    assert Path(rec["_dir"]).parent == kernel_handler.store / "host"
+    assert Path(rec["_dir"]).parent == host_dir(kernel_handler.store)
     _check_core(rec, tmp_path, crasher)
 
 

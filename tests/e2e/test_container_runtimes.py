@@ -11,6 +11,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -202,16 +203,21 @@ def ctr() -> list:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_containerd_cri_annotations(kernel_handler, ctr: list, rootfs: Path, crasher: Path, tmp_path: Path) -> None:
-    cid = unique("corepipe-3")
+def _ctr_crash(kernel_handler, ctr: list, rootfs: Path, cid: str, options: list = ()) -> dict:
+    """Run /crasher as containerd task ``cid`` with the CRI annotations (and ``options``); its record."""
     annotations = [arg for key, value in CRI_ANNOTATIONS.items() for arg in ("--annotation", f"{key}={value}")]
     try:
-        subprocess.run([*ctr, "run", "--rm", *annotations, "--rootfs", str(rootfs), cid, "/crasher"],
+        subprocess.run([*ctr, "run", "--rm", *annotations, *options, "--rootfs", str(rootfs), cid, "/crasher"],
                        capture_output=True, timeout=120)
-        rec = kernel_handler.wait_record(lambda r: r["container"]["id"] == cid)
+        return kernel_handler.wait_record(lambda r: r["container"]["id"] == cid)
     finally:
         subprocess.run([*ctr, "task", "rm", "-f", cid], capture_output=True)
         subprocess.run([*ctr, "container", "rm", cid], capture_output=True)
+
+
+def test_containerd_cri_annotations(kernel_handler, ctr: list, rootfs: Path, crasher: Path, tmp_path: Path) -> None:
+    cid = unique("corepipe-3")
+    rec = _ctr_crash(kernel_handler, ctr, rootfs, cid)
     _check_filed(rec, kernel_handler.store, "containerd", cid)
     container = rec["container"]
     assert container["cgroup"] == f"/k8s.io/{cid}"
@@ -219,6 +225,40 @@ def test_containerd_cri_annotations(kernel_handler, ctr: list, rootfs: Path, cra
     assert (container["name"], container["image"]) == ("app", "registry.example/shop/web:1.2")
     assert (container["pod_name"], container["pod_namespace"], container["pod_uid"]) == (
         "web-7d4b9c-x2x5p", "shop", "0f3e8a52-8c1b-4a51-9a43-2f7c7d1c9e11")
+    _check_core(rec, crasher, tmp_path)
+
+
+def test_podman_conmon_crash_is_the_containers_monitor(kernel_handler, podman_image: str, podman_name: str,
+                                                        fake_containers) -> None:
+    """conmon in ``libpod-conmon-<id>.scope`` (the systemd driver's layout, made by hand: no systemd here) dies:
+    filed with its container, marked as its monitor, because it is the conmon podman's run root records."""
+    subprocess.run([*PODMAN, "run", "-d", "--name", podman_name, "--network=none", podman_image, "sleep", "600"],
+                   check=True, capture_output=True, timeout=120, preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+    cid, conmon = subprocess.run(["podman", "inspect", "-f", "{{.Id}} {{.State.ConmonPid}}", podman_name],
+                                 check=True, capture_output=True, text=True).stdout.split()
+    scope = fake_containers.parent / "machine.slice" / f"libpod-conmon-{cid}.scope"
+    scope.mkdir(parents=True)
+    fake_containers.made.append(scope)
+    (scope / "cgroup.procs").write_text(conmon)
+    os.kill(int(conmon), signal.SIGSEGV)
+    rec = kernel_handler.wait_record(lambda r: r["pid"] == int(conmon))
+    _check_filed(rec, kernel_handler.store, "podman", cid)
+    assert rec["container"]["details"]["monitor"] == "conmon" and rec["container"]["name"] == podman_name
+    assert rec["comm"] == "conmon"
+
+
+def test_containerd_kubelet_systemd_cgroup(kernel_handler, ctr: list, rootfs: Path, crasher: Path,
+                                           tmp_path: Path) -> None:
+    """The kubelet's systemd-driver cgroupsPath ``<pod slice>:cri-containerd:<id>`` given to a cgroupfs runc, which
+    takes it as a directory name: pod, QoS and container from the path, names from the CRI annotations."""
+    cid = unique("corepipe-11")
+    pod_uid = CRI_ANNOTATIONS["io.kubernetes.cri.sandbox-uid"]
+    cgroup = f"/kubepods-besteffort-pod{pod_uid.replace('-', '_')}.slice:cri-containerd:{cid}"
+    rec = _ctr_crash(kernel_handler, ctr, rootfs, cid, ["--cgroup", cgroup])
+    _check_filed(rec, kernel_handler.store, "containerd", cid)
+    container = rec["container"]
+    assert container["cgroup"].endswith(cgroup) and container["details"]["qos"] == "besteffort"
+    assert (container["name"], container["pod_name"], container["pod_uid"]) == ("app", "web-7d4b9c-x2x5p", pod_uid)
     _check_core(rec, crasher, tmp_path)
 
 
@@ -236,12 +276,24 @@ def test_podman_name_from_conmon(podman_image: str, podman_name: str, tmp_path: 
         time.sleep(0.05)
     root = tmp_path / "root"
     root.mkdir()
-    (root / "proc").symlink_to("/proc")  # the real processes, but none of podman's storage
+    # The real processes and conmon's pid files in the run root, but none of containers/storage's lists.
+    (root / "proc").symlink_to("/proc")
+    (root / "run").symlink_to("/run")
     for pid in (pid1, int(child[0])):
         found = containers.identify(Path(f"/proc/{pid}/cgroup").read_text(), root=str(root))
-        containers.enrich(found, root=str(root), pid=pid)
+        found = containers.enrich(found, root=str(root), pid=pid, process=_live(pid))
         assert (found.runtime, found.name, found.details["name_from"]) == ("podman", podman_name, "conmon")
-        assert "containers/storage" in found.errors[0]
+        assert found.confidence == "certain" and "containers/storage" in found.errors[0]
+
+
+def _live(pid: int) -> containers.Process:
+    """A running process's namespaces, as the handler captures a crashed one's."""
+    fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY)
+    try:
+        return containers.Process(pid=pid, pid_ns=containers.pid_namespaces(fd),
+                                  mnt_ns=os.readlink(f"/proc/{pid}/ns/mnt"))
+    finally:
+        os.close(fd)
 
 
 def test_runc_inherits_core_limit(kernel_handler, rootfs: Path, tmp_path: Path) -> None:

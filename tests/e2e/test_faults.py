@@ -22,6 +22,7 @@ from support import (
     crash,
     decompress,
     dmesg_lines,
+    host_dir,
     installed_handler,
     mounted_tmpfs,
     short_tempdir,
@@ -137,7 +138,7 @@ def test_store_missing_is_created(kernel_handler, crasher: Path) -> None:
     shutil.rmtree(kernel_handler.store)
     rec = assert_next_crash_is_normal(kernel_handler, crasher, "recreated")
     assert (kernel_handler.store.stat().st_mode & 0o777) == 0o700
-    assert Path(rec["_dir"]).parent == kernel_handler.store / "host"
+    assert Path(rec["_dir"]).parent == host_dir(kernel_handler.store)
 
 
 @pytest.mark.parametrize("problem", ["bad toml", "a directory"])
@@ -154,7 +155,7 @@ def test_unusable_config_falls_back_to_the_defaults(kernel_handler, crasher: Pat
     proc.wait(timeout=60)
     try:
         rec = wait_for(lambda: [r for r in (json.loads(p.read_text()) | {"_dir": str(p.parent)}
-                                            for p in (DEFAULT_STORE / "host").glob("*/record.json"))
+                                            for p in host_dir(DEFAULT_STORE).glob("*/record.json"))
                                 if r["pid"] == proc.pid and r["status"] != "collecting"],
                        what="the record in the default store")[0]
         # The default store is shared with every earlier run: its default rate limits may apply.
@@ -162,7 +163,7 @@ def test_unusable_config_falls_back_to_the_defaults(kernel_handler, crasher: Pat
         assert any(e.startswith("config: ") and "using the defaults" in e for e in rec["collector"]["errors"])
         assert dmesg_lines(f"pid {proc.pid}: config: ")
     finally:
-        for p in (DEFAULT_STORE / "host").glob("*/record.json"):
+        for p in host_dir(DEFAULT_STORE).glob("*/record.json"):
             if json.loads(p.read_text()).get("pid") == proc.pid:
                 shutil.rmtree(p.parent)
         if not default_store_existed:  # leave no trace on the machine

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -19,6 +20,7 @@ from support import (
     NO_RATE_LIMIT,
     collect_by_hand,
     crash,
+    host_dir,
     installed_handler,
     set_core_limit,
     start_crash,
@@ -29,6 +31,11 @@ from corepipe.domain import containers, record
 from corepipe.platform import slots
 from corepipe.platform.config import Config
 from corepipe.platform.store import FAILED
+
+
+def _host_top(store: Path) -> str:
+    """The store's top-level directory this test's host crashes go to ("uid" or "host")."""
+    return host_dir(store).relative_to(store).parts[0]
 
 
 def _store_entries(store: Path) -> set:
@@ -51,7 +58,8 @@ def test_hostile_comm_names(handler_dir: Path, crasher: Path) -> None:
             assert time.monotonic() < deadline, "not every crash was filed"
             time.sleep(0.05)
         recs = {r["pid"]: r for r in handler.records()}
-    assert _store_entries(handler.store) == {"host", ".lock", ".state.json", ".ledger.json", slots.DIRECTORY}
+    assert _store_entries(handler.store) == {_host_top(handler.store), ".lock", ".state.json", ".ledger.json",
+                                             slots.DIRECTORY}
     for pid, name in pids.items():
         rec = recs[pid]
         text = name.decode("utf-8", "surrogateescape")
@@ -60,7 +68,7 @@ def test_hostile_comm_names(handler_dir: Path, crasher: Path) -> None:
         # %e as the kernel escapes it: '/' becomes '!', and so does the first dot of "." and "..".
         escaped = text.replace("/", "!")
         assert rec["comm"] == ("!" + escaped[1:] if escaped in (".", "..") else escaped), (rec["comm"], text)
-        assert Path(rec["_dir"]).parent == handler.store / "host" and rec["core"]["stored"]
+        assert Path(rec["_dir"]).parent == host_dir(handler.store) and rec["core"]["stored"]
         lines = wait_log(f"id {rec['id']}")  # logged after the final record is written
         assert len(lines) == 1, lines
 
@@ -75,8 +83,9 @@ def test_hostile_exe_path(handler_dir: Path, crasher: Path) -> None:
         rec = handler.wait_record(lambda r: True)
     assert rec["exe"] == os.fsdecode(exe) and rec["cmdline"][0] == os.fsdecode(exe).replace("\udcff", "\ufffd")
     assert rec["comm"] == "crash )er\nname"[:15]
-    assert Path(rec["_dir"]).parent == handler.store / "host" and rec["core"]["stored"]
-    assert _store_entries(handler.store) == {"host", ".lock", ".state.json", ".ledger.json", slots.DIRECTORY}
+    assert Path(rec["_dir"]).parent == host_dir(handler.store) and rec["core"]["stored"]
+    assert _store_entries(handler.store) == {_host_top(handler.store), ".lock", ".state.json", ".ledger.json",
+                                             slots.DIRECTORY}
 
 
 def test_megabytes_of_cmdline_and_environ(kernel_handler, crasher: Path) -> None:
@@ -104,8 +113,12 @@ def test_crafted_cgroup_paths_through_the_kernel(kernel_handler, crasher: Path,
     inner = fake_containers.new(f"docker-{outer}.scope")  # a fake scope made inside another container
     crash_in(fake_containers, inner, [str(crasher), "0", "nested"])
     rec = kernel_handler.wait_record(lambda r: r["comm"] == "nested")
-    assert rec["container"]["id"] == outer, "the nested (inner, forgeable) scope was believed"
-    assert Path(rec["_dir"]).parent == kernel_handler.store / "docker" / outer
+    # Plain cgroups with no runtime behind them: what was seen is recorded, neither id gets the crash.
+    container = rec["container"]
+    assert container["id"] == inner and [o["id"] for o in container["details"]["outer"]] == [outer]
+    assert container["confidence"] == "likely" and "does not confirm" in container["details"]["unconfirmed"]
+    assert Path(rec["_dir"]).parent == kernel_handler.store / "uid" / str(os.getuid())
+    assert not (kernel_handler.store / "docker").exists()
 
     deep = fake_containers.parent
     for i in range(16):
@@ -114,7 +127,7 @@ def test_crafted_cgroup_paths_through_the_kernel(kernel_handler, crasher: Path,
     crash_in(fake_containers, deep, [str(crasher), "0", "longpath"])
     rec = kernel_handler.wait_record(lambda r: r["comm"] == "longpath")
     assert len(rec["container"]["cgroup"]) > 3000
-    assert Path(rec["_dir"]).parent.parent == kernel_handler.store and rec["core"]["stored"]
+    assert Path(rec["_dir"]).parent == kernel_handler.store / "uid" / str(os.getuid()) and rec["core"]["stored"]
     for part in Path(rec["_dir"]).relative_to(kernel_handler.store).parts:
         assert len(part) <= 100 and part not in (".", "..")
 
@@ -129,10 +142,11 @@ def test_crafted_cgroup_paths_through_the_kernel(kernel_handler, crasher: Path,
 ])
 def test_crafted_cgroup_texts_never_make_a_path(text: str) -> None:
     container = containers.identify(text)
-    for part in container.directory():
+    confirmed = dataclasses.replace(container, confidence="certain")  # as if the runtime's state agreed
+    for part in (*container.policy_group(0), *confirmed.policy_group(0)):
         assert "/" not in part and part not in ("", ".", "..") and not part.startswith(".") and len(part) <= 100
     if "1" * 64 in text:
-        assert container.id == "1" * 64
+        assert container.id == "2" * 64 and container.outer[0].id == "1" * 64  # innermost, outer recorded
 
 
 def test_planted_links_and_files_in_the_store(kernel_handler, crasher: Path, handler_dir: Path) -> None:
@@ -161,22 +175,23 @@ def test_planted_links_and_files_in_the_store(kernel_handler, crasher: Path, han
 
     elsewhere = handler_dir / "elsewhere"
     elsewhere.mkdir()
-    shutil.rmtree(store / "host")
-    (store / "host").symlink_to(elsewhere)
+    top = store / _host_top(store)
+    shutil.rmtree(top)
+    top.symlink_to(elsewhere)
     proc = start_crash([str(crasher), "0", "hostlink"])
     proc.wait(timeout=60)
-    assert "a symlink?" in wait_log(f"pid {proc.pid}: cannot create its directory under host")[0]
+    assert "a symlink?" in wait_log(f"pid {proc.pid}: cannot create its directory under ")[0]
     assert list(elsewhere.iterdir()) == []
     orphan = kernel_handler.wait_record(lambda r: r["comm"] == "hostlink")  # recorded, root-only, listed
     assert Path(orphan["_dir"]).parent == store / FAILED and "a symlink?" in orphan["core"]["reason"]
 
-    (store / "host").unlink()
-    os.mkfifo(store / "host")
+    top.unlink()
+    os.mkfifo(top)
     proc = start_crash([str(crasher), "0", "hostfifo"])
     proc.wait(timeout=60)  # the handler must not block opening a FIFO
-    wait_log(f"pid {proc.pid}: cannot create its directory under host")
+    wait_log(f"pid {proc.pid}: cannot create its directory under ")
     assert kernel_handler.wait_record(lambda r: r["comm"] == "hostfifo")["status"] == "failed"
-    (store / "host").unlink()
+    top.unlink()
     crash([str(crasher), "0", "healed"])
     assert kernel_handler.wait_record(lambda r: r["comm"] == "healed")["core"]["stored"]
 
@@ -186,10 +201,10 @@ def test_loose_store_permissions_are_tightened_and_foreign_owner_refused(kernel_
     crash([str(crasher), "0", "first"])
     kernel_handler.wait_record(lambda r: r["comm"] == "first")
     store.chmod(0o777)
-    (store / "host").chmod(0o775)
+    host_dir(store).chmod(0o775)
     crash([str(crasher), "0", "loose"])
     kernel_handler.wait_record(lambda r: r["comm"] == "loose")
-    assert stat.S_IMODE(store.stat().st_mode) == 0o700 and stat.S_IMODE((store / "host").stat().st_mode) == 0o700
+    assert stat.S_IMODE(store.stat().st_mode) == 0o700 and stat.S_IMODE(host_dir(store).stat().st_mode) == 0o700
     os.chown(store, 65534, 65534)
     try:
         proc = start_crash([str(crasher), "0", "foreign"])
@@ -293,8 +308,8 @@ def test_the_crashed_process_root_is_never_used(handler_dir: Path, crasher: Path
         rec = handler.wait_record(lambda r: r["comm"] == "foreignroot")
     try:
         assert rec["container"]["id"] == cid and rec["container"]["name"] is None
-        assert rec["container"]["image"] is None
-        assert Path(rec["_dir"]).parent == handler.store / "docker" / cid and rec["core"]["stored"]
+        assert rec["container"]["image"] is None and rec["container"]["confidence"] == "likely"
+        assert Path(rec["_dir"]).parent == handler.store / "uid" / str(os.getuid()) and rec["core"]["stored"]
         assert not evil_store.exists() and not marker.exists()
         with pytest.raises(BlockingIOError):
             sock.accept()
@@ -335,7 +350,8 @@ def test_pid_reuse_is_detected(kernel_handler) -> None:
             assert f"the kernel's pidfd refers to pid {owner}, not {impostor.pid}" in rec["process"][
                 "untrusted_reasons"]
             assert rec["container"]["runtime"] == "unknown" and rec["container"]["source"] == "untrusted snapshot"
-            assert Path(rec["_dir"]).parent == kernel_handler.store / "unknown" / "unknown"
+            # An untrusted snapshot names no container: the crash counts under the kernel's %u.
+            assert Path(rec["_dir"]).parent == kernel_handler.store / "uid" / str(rec["uid"])
         proc = collect_by_hand(kernel_handler, impostor.pid, "rightfd", pidfd=os.pidfd_open(impostor.pid))
         proc.communicate(b"", timeout=60)
         rec = kernel_handler.wait_record(lambda r: r["comm"] == "rightfd")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-from cgroups import FakeContainers
+from cgroups import StandIns
 from runtimes import unique
 from support import (
     core_digest,
@@ -60,13 +60,22 @@ def _wait_running(name: str, timeout: float = 120) -> int:
 WAITING_FOR_INPUT = ("pipe_read", "pipe_wait", "poll_schedule_timeout.constprop.0", "poll_schedule_timeout")
 
 
+def _leaf(pid: int) -> int:
+    """The innermost first child below ``pid`` (the shell that nsenter started inside a container)."""
+    while True:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if not children:
+            return pid
+        pid = int(children[0])
+
+
 def _blocked_in_read(pids: list, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         waiting = 0
         for pid in pids:
             try:
-                waiting += Path(f"/proc/{pid}/wchan").read_text().endswith(WAITING_FOR_INPUT)
+                waiting += Path(f"/proc/{_leaf(pid)}/wchan").read_text().endswith(WAITING_FOR_INPUT)
             except OSError:
                 pass
         if waiting == len(pids):
@@ -105,7 +114,7 @@ def test_64_simultaneous_crashes_across_containers(handler_dir: Path, crasher: P
     """With room for all, every core the rate limit allows is stored; with a tight max_use, cores are
     deleted and refused concurrently and the store still adds up."""
     zstd = need_tool("zstd")
-    fakes = FakeContainers()
+    fakes = StandIns()
     ids = [fakes.new() for _ in range(FAKE_CONTAINERS)]
     names = [unique("6-storm") for _ in range(DOCKER)]
     read_end, write_end = os.pipe()
@@ -126,7 +135,8 @@ def test_64_simultaneous_crashes_across_containers(handler_dir: Path, crasher: P
                     enter()
                     resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
                 for i in range(PER_CONTAINER):
-                    procs.append(subprocess.Popen(["/bin/sh", "-c", f'read x; exec "$0" 1 s{c}-{i}', str(crasher)],
+                    procs.append(subprocess.Popen(fakes.command(cid, ["/bin/sh", "-c", f'read x; exec "$0" 1 s{c}-{i}',
+                                                                      str(crasher)]),
                                                   stdin=read_end, preexec_fn=preexec, stdout=subprocess.DEVNULL,
                                                   stderr=subprocess.DEVNULL))
             dockers = [subprocess.Popen(["docker", "run", "-i", "--name", name, "--network=none", "--ulimit",
@@ -171,7 +181,7 @@ def test_64_simultaneous_crashes_across_containers(handler_dir: Path, crasher: P
         assert len([r for r in recs if r["core"]["stored"]]) == FAKE_CONTAINERS * RATE + DOCKER
         state = json.loads((handler.store / ".state.json").read_text())
         for cid in ids:
-            assert len(state["rate"][f"container:docker/{cid}"]) == RATE
+            assert len(state["rate"][f"container:runc/{cid}"]) == RATE
     finally:
         for fd in (read_end, write_end):
             if fd >= 0:

@@ -29,7 +29,7 @@ def add_crash(root: Path, *, container: Container, when: int, comm: str = "app",
               core: bytes = b"", exe: str = "/usr/bin/app", tmp: Path) -> tuple:
     """A crash as collect files it: record + zstd core; returns (crash dir, record)."""
     with Store(str(root)) as store:
-        crash = store.new_crash(container.directory(), when)
+        crash = store.new_crash(container.policy_group(0), when)
         rec = record.build(crash_id=crash.id, args=KernelArgs(pid=100, ns_pid=1, tid=100, signal=signal, time=when,
                                                               comm=comm), snapshot=None, container=container,
                            redact_env=[])
@@ -58,11 +58,13 @@ def store(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def crashes(store: Path, tmp_path: Path) -> dict:
-    docker = Container(runtime="docker", id="a" * 64, name="web", image="registry.local/web:1.2")
-    pod = Container(runtime="docker", id="b" * 64, name="k8s_api", image="api:3", pod_name="api-7f",
-                    pod_namespace="prod")
+    docker = Container(runtime="docker", id="a" * 64, confidence="certain", name="web",
+                       image="registry.local/web:1.2")
+    pod = Container(runtime="docker", id="b" * 64, confidence="certain", name="k8s_api", image="api:3",
+                    pod_name="api-7f", pod_namespace="prod")
+    hostd = Container(runtime="host", details={"system_unit": "hostd.service"})
     return {
-        "host": add_crash(store, container=Container(runtime="host"), when=T0, comm="hostd", exe="/usr/sbin/hostd",
+        "host": add_crash(store, container=hostd, when=T0, comm="hostd", exe="/usr/sbin/hostd",
                           core=b"\x7fELF host core" * 1000, tmp=tmp_path),
         "web": add_crash(store, container=docker, when=T0 + 60, signal=6, core=b"\x7fELF web core" * 5000,
                          tmp=tmp_path),

@@ -194,7 +194,7 @@ def test_status_codes(paths: Paths, root: Path) -> None:
 def file_crash(store: Path, container: Container, pid: int) -> str:
     """A crash filed the way the collector files it (store.Store + record.build), without a core."""
     with Store(str(store)) as s:
-        crash = s.new_crash(container.directory())
+        crash = s.new_crash(container.policy_group(0))
         try:
             rec = record.build(crash_id=crash.id, args=KernelArgs(pid=pid, signal=11, comm="x", time=1700000000 + pid),
                                snapshot=None, container=container, redact_env=[])
@@ -209,7 +209,7 @@ def test_status_counts_crashes_per_container(root: Path) -> None:
     store = root / "s"
     cid = "ab" * 32
     for pid in (10, 11):
-        file_crash(store, Container(runtime="docker", id=cid, name="web"), pid)
+        file_crash(store, Container(runtime="docker", id=cid, confidence="certain", name="web"), pid)
     file_crash(store, Container(), 12)
     summary = status.store_summary(str(store), recent=2)
     assert summary["crashes"] == 3 and summary["errors"] == []
@@ -221,7 +221,7 @@ def test_status_counts_crashes_per_container(root: Path) -> None:
 def test_purge_keeps_a_store_that_existed_before(root: Path) -> None:
     store = root / "s"
     file_crash(store, Container(), 16)
-    file_crash(store, Container(runtime="docker", id="cd" * 32), 17)
+    file_crash(store, Container(runtime="docker", id="cd" * 32, confidence="certain"), 17)
     assert "deleted 2 crashes" in install.purge_store(str(store), created=False)
     assert store.is_dir() and list(catalog.iter_records(str(store))) == []
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from inprocess import collect_in_process
-from support import wait_for
+from support import host_dir, wait_for
 
 from corepipe import cli
 from corepipe.domain import catalog, ledger
@@ -33,6 +33,11 @@ def sleepers() -> list:
     for child in children:
         child.kill()
         child.wait()
+
+
+def _host_group(tmp_path: Path) -> str:
+    """The ledger's name for the group this test's own (host) processes crash in."""
+    return host_dir(tmp_path / "store").relative_to(tmp_path / "store").as_posix()
 
 
 def _cfg(tmp_path: Path, **kw) -> Config:
@@ -126,8 +131,8 @@ def test_the_ledger_stays_exact_and_is_rebuilt_when_damaged(tmp_path: Path, slee
         collect_in_process(cfg, sleepers[n % 2].pid, f"crash{n}", CORE)
         _assert_exact(tmp_path)
     with Store(cfg.store, create=False) as store:
-        assert ledger.loads(read_file(store.fd, LEDGER, 1 << 30)).groups() == {"host": [2, pytest.approx(2 * MIB,
-                                                                                                      rel=0.1)]}
+        groups = ledger.loads(read_file(store.fd, LEDGER, 1 << 30)).groups()
+    assert groups == {_host_group(tmp_path): [2, pytest.approx(2 * MIB, rel=0.1)]}
     for damage in (None, b"not json", b'{"schema": 2, "groups": [], "binaries": {}}'):
         path = tmp_path / "store" / LEDGER
         path.unlink()
@@ -143,11 +148,11 @@ def test_a_ledger_that_cannot_be_saved_is_rebuilt_next_time(tmp_path: Path, slee
     cfg = _cfg(tmp_path)
     collect_in_process(cfg, sleepers[0].pid, "first", CORE)
     with Store(cfg.store, create=False) as store, catalog.Locked(store) as books:
-        books.ledger.dirty.add("host")
-        (tmp_path / "store" / "host" / ".cores.json").unlink()
-        (tmp_path / "store" / "host" / ".cores.json").mkdir()  # the group file cannot be replaced now
+        books.ledger.dirty.add(_host_group(tmp_path))
+        (host_dir(tmp_path / "store") / ".cores.json").unlink()
+        (host_dir(tmp_path / "store") / ".cores.json").mkdir()  # the group file cannot be replaced now
     assert not (tmp_path / "store" / LEDGER).exists()
-    (tmp_path / "store" / "host" / ".cores.json").rmdir()
+    (host_dir(tmp_path / "store") / ".cores.json").rmdir()
     collect_in_process(cfg, sleepers[0].pid, "second", CORE)
     _assert_exact(tmp_path)
 

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from corepipe.domain import containers, snapshot
+from corepipe.platform import capture
 from corepipe.platform.errors import UserError
 
 HELP = "show which container a process (or a /proc/<pid>/cgroup text) belongs to"
@@ -34,11 +35,13 @@ def resolve(ns: argparse.Namespace) -> containers.Container:
         text = data.decode("utf-8", "replace")  # as the handler reads /proc: never fail on a byte
         container = containers.identify(text)
     else:
-        snap = snapshot.take(ns.pid)
+        proc = capture.Proc(ns.pid, None)
+        capture.read_proc(proc)
+        snap = snapshot.checked(proc)
         if "cgroup" not in snap.files:
             raise UserError(f"no process {ns.pid} (or /proc/{ns.pid}/cgroup unreadable; run as root)")
-        container = containers.identify(snap.text("cgroup"), mountinfo=snap.text("mountinfo"))
-    return containers.enrich(container, pid=ns.pid) if not container.is_host else container
+        return containers.of_process(snap, proc, hostname=None)
+    return containers.enrich(container) if not container.is_host else container
 
 
 def run(ns: argparse.Namespace) -> int:

@@ -78,10 +78,13 @@ def crash_dirs(root_fd: int, root: str, problems: Optional[list]) -> Iterator[tu
         if top_fd is None:
             continue
         try:
-            if top in ("host", FAILED):
+            if top in ("host", FAILED):  # host/<crash>: from before host processes were grouped by unit
                 yield from ((top_fd, (top, name)) for name in _subdirs(top_fd) if crash_id(name))
+            if top == FAILED:
                 continue
             for container in _subdirs(top_fd):
+                if top == "host" and crash_id(container):
+                    continue
                 container_fd = _open(top_fd, container, os.path.join(root, top, container), problems)
                 if container_fd is None:
                     continue

@@ -43,6 +43,11 @@ class Context:
     crash: Optional[CrashDir] = None
     record: Optional[dict] = None
 
+    @property
+    def group(self) -> tuple:
+        """The policy group the crash counts under (its store directory, its limits): see Container.policy_group."""
+        return self.container.policy_group(self.args.uid)
+
     def let_go(self) -> None:
         """Release the kernel (once): the crashed process is reaped when nothing reads its core any more."""
         if not self.early.released:

@@ -94,6 +94,10 @@ class Proc:
         self.stat_again: bytes | None = None
         #: Its mount namespace (``ns/mnt``), to tell a process of the host's from a container's.
         self.mnt_ns: str | None = None
+        #: Its PID namespace (``ns/pid``) and an fd held on it: containers.belongs compares it with the
+        #: container init's, and walks its parents, even after the process is reaped or its PID reused.
+        self.pid_ns: str | None = None
+        self.pid_ns_fd: int | None = None
         self.errors: list = []
         #: False when the process was gone (or /proc unreadable) before anything was read.
         self.opened = False
@@ -267,6 +271,11 @@ def read_proc(proc: Proc, limit: int = PROC_LIMIT, hold: bool = False, out: Capt
             proc.mnt_ns = os.readlink("ns/mnt", dir_fd=dir_fd)
         except OSError as exc:
             proc.errors.append(f"ns/mnt: {exc.strerror}")
+        try:
+            proc.pid_ns = os.readlink("ns/pid", dir_fd=dir_fd)
+            proc.pid_ns_fd = os.open("ns/pid", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as exc:
+            proc.errors.append(f"ns/pid: {exc.strerror}")
         try:
             proc.stat_again = _read(dir_fd, "stat", 4096)
         except OSError:

@@ -137,17 +137,19 @@ def take_snapshot(ctx: Context) -> Optional[snapshot.Snapshot]:
 
 
 def identify(ctx: Context) -> containers.Container:
-    """The container the crashed process ran in, from a trusted snapshot only."""
-    snap = ctx.snapshot
-    if snap is None:
-        return containers.Container(runtime="unknown", source="none", confidence="guess")
-    if not snap.trusted:
-        return containers.Container(runtime="unknown", source="untrusted snapshot", confidence="guess")
-    container = containers.identify(snap.text("cgroup"), mountinfo=snap.text("mountinfo"),
-                                    hostname=ctx.args.hostname)
-    if not container.is_host:
-        containers.enrich(container, pid=ctx.args.pid, parent=_ppid(snap))
-    return container
+    """The container the crashed process ran in, from a trusted snapshot only, confirmed by its runtime's state
+    and the process's namespaces (containers.of_process)."""
+    snap, proc = ctx.snapshot, ctx.early.proc
+    try:
+        if snap is None:
+            return containers.Container(runtime="unknown", source="none", confidence="guess")
+        if not snap.trusted:
+            return containers.Container(runtime="unknown", source="untrusted snapshot", confidence="guess")
+        return containers.of_process(snap, proc, hostname=ctx.args.hostname)
+    finally:
+        if proc is not None and proc.pid_ns_fd is not None:  # only the confirmation needs it
+            os.close(proc.pid_ns_fd)
+            proc.pid_ns_fd = None
 
 
 def open_store(ctx: Context) -> Optional[Store]:
@@ -162,9 +164,9 @@ def open_store(ctx: Context) -> Optional[Store]:
 def new_crash(ctx: Context) -> Optional[CrashDir]:
     """The crash's directory; when it cannot be made (a link planted in its place), one in store.FAILED, and
     ``ctx.unfiled`` says why (the crash is then recorded without its core)."""
-    where = "/".join(ctx.container.directory())
+    where = "/".join(ctx.group)
     try:
-        return ctx.store.new_crash(ctx.container.directory(), ctx.args.time)
+        return ctx.store.new_crash(ctx.group, ctx.args.time)
     except OSError as exc:
         ctx.unfiled = f"cannot create its directory under {where}: {exc}"
     log(f"error: pid {ctx.args.pid}: {ctx.unfiled}; filing the record in {FAILED} without the core", ERR)
@@ -223,7 +225,7 @@ def store_crash(ctx: Context) -> int:
     if cfg.notify_command:
         _notify(ctx)
     core = rec["core"]
-    where = "/".join(ctx.container.directory())
+    where = "/".join(ctx.group)
     what = (f"core {core['size']} bytes -> {core['compressed_size']}" if core["stored"]
             else f"no core ({core['reason']})")
     log(f"pid {args.pid} ({args.comm}) signal {rec['signal']['name'] or args.signal} in {where}: "
@@ -248,7 +250,7 @@ def admit(ctx: Context, cap: Optional[int]) -> Optional[accounting.Admission]:
     status = ctx.snapshot.status() if ctx.snapshot is not None and ctx.snapshot.trusted else {}
     want = policy.estimate(_kib(status.get("VmRSS"), status.get("VmSwap")), _kib(status.get("VmSize")), cap)
     try:
-        admission = accounting.admit(ctx.store, ctx.cfg, crash_id=ctx.crash.id, group=ctx.container.directory(),
+        admission = accounting.admit(ctx.store, ctx.cfg, crash_id=ctx.crash.id, group=ctx.group,
                                      exe=rec["exe"] or ctx.args.comm or "", want=want,
                                      signature=(rec.get("signature") or {}).get("site"))
     except (OSError, Timeout) as exc:
@@ -275,7 +277,7 @@ def write_core(ctx: Context, admission: accounting.Admission, limit: Optional[in
     is to be committed (refused for room, or failed: the record says which)."""
     from corepipe.platform import compress, elf
 
-    rec, crash, cfg, group = ctx.record, ctx.crash, ctx.cfg, ctx.container.directory()
+    rec, crash, cfg, group = ctx.record, ctx.crash, ctx.cfg, ctx.group
 
     def grow(needed: int, written: int) -> int:
         return accounting.grow(ctx.store, cfg, crash_id=crash.id, group=group, needed=needed, written=written)
@@ -333,7 +335,7 @@ def commit(ctx: Context, staged: Optional[Staged]) -> None:
                 _not_saved(ctx, f"write failed: {exc}")
             else:
                 if books is not None:
-                    books.add_core(ctx.crash, "/".join(ctx.container.directory()), staged.name)
+                    books.add_core(ctx.crash, "/".join(ctx.group), staged.name)
             write_record(ctx)
         if books is not None:
             accounting.release(books, ctx.crash.id)
@@ -364,7 +366,7 @@ def write_final(ctx: Context) -> None:
                 books.drop_binaries(saved)
         else:
             if books is not None:
-                books.add_binaries(ctx.crash, "/".join(ctx.container.directory()), rec)
+                books.add_binaries(ctx.crash, "/".join(ctx.group), rec)
         write_record(ctx)
         if books is not None:
             books.add_record(crash)
@@ -420,14 +422,6 @@ def _kib(*values: Optional[str]) -> Optional[int]:
         except (ValueError, IndexError):
             return None
     return total
-
-
-def _ppid(snap: snapshot.Snapshot) -> Optional[int]:
-    """The crashed process's parent, from its snapshot: the process itself may be reaped by now."""
-    try:
-        return int(snap.status().get("PPid", ""))
-    except ValueError:
-        return None
 
 
 def write_record(ctx: Context) -> None:

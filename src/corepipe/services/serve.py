@@ -572,7 +572,7 @@ def decide(ctx: Context, load: str) -> Decision:
         return Decision(coredump_socket.KERNEL)
     try:
         with Store(ctx.cfg.store) as store:
-            reason = accounting.refusal(store, ctx.cfg, group=ctx.container.directory(),
+            reason = accounting.refusal(store, ctx.cfg, group=ctx.group,
                                         exe=snap.exe or ctx.args.comm or "")
     except OSError as exc:
         log(f"error: pid {ctx.args.pid}: rate limits and room not checked before the dump: {exc}", ERR)

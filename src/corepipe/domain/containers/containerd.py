@@ -37,7 +37,7 @@ def match(segments: list, root: str) -> Optional[tuple]:
             return i, Container(runtime=NAME, id=cid, details={"client": "nerdctl"})
         if i and VALID_NAME.fullmatch(segments[i - 1]) and VALID_NAME.fullmatch(seg) \
                 and state.exists(runc.state_file(state.path(root, RUNC_ROOT, segments[i - 1]), seg)):
-            return i, Container(runtime=NAME, id=seg, confidence="likely", details={"namespace": segments[i - 1]})
+            return i, Container(runtime=NAME, id=seg, details={"namespace": segments[i - 1]})
     return None
 
 
@@ -63,6 +63,8 @@ def enrich(container: Container, deadline: state.Deadline, root: str) -> None:
         raise FileNotFoundError(f"no containerd runc state for {cid}")
     container.details["namespace"] = namespace
     runc.read_state(state.path(root, RUNC_ROOT, namespace), cid, container, deadline)
+    if container.details.get("state_cgroup_matches") is not False:
+        container.state_confirmed()
     container.details.setdefault("bundle", "/" + state.path(TASK_ROOT, namespace, cid))
     annotations = runc.bundle_annotations(container, deadline, root)
     for key, attribute in ANNOTATIONS.items():
@@ -73,5 +75,3 @@ def enrich(container: Container, deadline: state.Deadline, root: str) -> None:
         container.details["container_type"] = kind
     if container.name is None and namespace != CRI_NAMESPACE:
         container.name = cid  # ctr has no names apart from the id
-    if container.details.get("state_cgroup_matches") is not False:
-        container.confirmed()

@@ -2,7 +2,7 @@
 
 CRI-O keeps each container's OCI config.json in containers/storage (``userdata/config.json``
 under the run root, or the graph root), with the pod and image in its annotations.
-``crio-conmon-<id>`` is CRI-O's monitor process, not the container.
+``crio-conmon-<id>`` holds CRI-O's monitor (conmon) of container <id>: filed with it, ``details.monitor``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ def container_id(seg: str) -> str:
 
 def match(segments: list, root: str) -> Optional[tuple]:
     for i, seg in enumerate(segments):
+        cid = cgroup.scope_id(seg, "crio-conmon-")
+        if HEX_ID.fullmatch(cid):
+            return i, Container(runtime=NAME, id=cid, details={"monitor": "conmon"})
         cid = container_id(seg)
         if cid:
             return i, Container(runtime=NAME, id=cid)
@@ -56,4 +59,5 @@ def enrich(container: Container, deadline: state.Deadline, root: str) -> None:
     kind = state.text(annotations.get("io.kubernetes.cri-o.ContainerType"))
     if kind:
         container.details["container_type"] = kind
-    container.confirmed()
+    podman.conmon_pids(container, deadline, root)
+    container.state_confirmed()

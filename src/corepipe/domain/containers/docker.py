@@ -71,4 +71,7 @@ def enrich(container: Container, deadline: state.Deadline, root: str) -> None:
     found = {k: labels[k] for k in ECS_LABELS if state.text(labels.get(k))}
     if found:
         container.details["labels"] = found
-    container.confirmed()
+    running = config.get("State") or {}
+    if running.get("Running") is True and state.positive_int(running.get("Pid")):
+        container.details["init_pid"] = running["Pid"]
+    container.state_confirmed()

@@ -1,4 +1,4 @@
-"""Amazon ECS: ``/ecs/[<cluster>/]<task>/<id>``.
+"""Amazon ECS: ``/ecs/[<cluster>/]<task>/<id>``; EKS on Fargate nests the kubelet's pods in ``/ecs/<task>/...``.
 
 On EC2 the id is Docker's 64-hex id (the Docker state then gives name, image and the ECS
 labels); Fargate's ``<task>-<n>`` ids have no local state.
@@ -21,7 +21,7 @@ def match(segments: list, root: str) -> Optional[tuple]:
     if "ecs" not in segments:
         return None
     start = segments.index("ecs")
-    for i in range(start + 2, len(segments)):
+    for i in range(start + 2, min(start + 4, len(segments))):
         seg = segments[i]
         if HEX_ID.fullmatch(seg) or FARGATE_ID.fullmatch(seg):
             details = {"ecs_task": segments[i - 1]}
@@ -29,6 +29,10 @@ def match(segments: list, root: str) -> Optional[tuple]:
                 details["ecs_cluster"] = segments[start + 1]
             runtime = docker.NAME if HEX_ID.fullmatch(seg) else "ecs"
             return i, Container(runtime=runtime, id=seg, details=details)
+    if start + 2 < len(segments) and NAME.fullmatch(segments[start + 1]):
+        # A task whose containers are not ECS's own (EKS on Fargate: the kubelet's pods inside the task).
+        task = segments[start + 1]
+        return start + 1, Container(runtime="ecs", id=task, details={"ecs_task": task})
     return None
 
 

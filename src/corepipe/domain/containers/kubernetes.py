@@ -28,31 +28,35 @@ def match(segments: list, root: str) -> Optional[tuple]:
     start = next((i for i, s in enumerate(segments) if s == "kubepods" or _KUBEPODS.match(s)), None)
     if start is None:
         return None
-    qos, pod_uid = "guaranteed", None
+    qos, pod = "guaranteed", None
     for i in range(start, len(segments)):
         seg = segments[i]
-        for level in QOS:
-            if seg == level or f"kubepods-{level}." in seg or f"kubepods-{level}-" in seg:
-                qos = level
-        uid = _pod_uid(seg)
+        if seg in QOS or qos_of(seg) != "guaranteed":
+            qos = seg if seg in QOS else qos_of(seg)
+        uid = pod_uid(seg)
         if uid:
-            pod_uid = uid
+            pod = uid
             continue
-        if pod_uid is None:
+        if pod is None:
             continue
         for prefix, runtime in _SCOPES:
             cid = cgroup.scope_id(seg, prefix)
             if HEX_ID.fullmatch(cid):
-                return i, Container(runtime=runtime, id=cid, pod_uid=pod_uid, details={"qos": qos})
+                return i, Container(runtime=runtime, id=cid, pod_uid=pod, details={"qos": qos})
         if seg.startswith("crio-conmon-"):
             return None
         if HEX_ID.fullmatch(seg) or NAME.fullmatch(seg):
-            return i, Container(runtime=RUNTIME, id=seg, pod_uid=pod_uid, confidence="likely",
-                                details={"qos": qos})
+            return i, Container(runtime=RUNTIME, id=seg, pod_uid=pod, details={"qos": qos})
     return None
 
 
-def _pod_uid(seg: str) -> Optional[str]:
+def qos_of(seg: str) -> str:
+    """The QoS class a systemd-driver slice name says (guaranteed pods have no QoS slice)."""
+    return next((level for level in QOS if f"kubepods-{level}." in seg or f"kubepods-{level}-" in seg),
+                "guaranteed")
+
+
+def pod_uid(seg: str) -> Optional[str]:
     """``pod<uid>`` (cgroupfs) or ``kubepods[-<qos>]-pod<uid_with_underscores>.slice`` (systemd)."""
     if seg.startswith("pod"):
         uid = seg[3:]

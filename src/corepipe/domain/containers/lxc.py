@@ -42,5 +42,5 @@ def enrich(container: Container, deadline: state.Deadline, root: str) -> None:
         directory = state.path(root, base, container.name)
         if state.exists(directory):
             container.details.update(manager=manager, directory="/" + state.path(base, container.name))
-            container.confirmed()
+            container.state_confirmed()
             return

@@ -1,4 +1,4 @@
-"""The container a crash is filed under: what is known of it, and the store directory it maps to."""
+"""The container a crash is filed under: what is known of it, and the policy group it counts against."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 @dataclass
 class Container:
-    #: "host", "docker", "containerd", "cri-o", "podman", "runc", "lxc", "nspawn", "kubernetes" (a pod whose
-    #: CRI runtime left no state to tell which), "unknown" (no trustworthy data).
+    #: "host", "docker", "containerd", "cri-o", "podman", "runc", "lxc", "nspawn", "garden", "kubernetes" (a pod
+    #: whose CRI runtime left no state to tell which), "unknown" (no trustworthy data).
     runtime: str = "host"
     id: Optional[str] = None
     name: Optional[str] = None
@@ -23,32 +23,58 @@ class Container:
     pod_uid: Optional[str] = None
     #: The cgroup path the decision was made from.
     cgroup: Optional[str] = None
-    #: How the answer was reached ("cgroup", "cgroup+state", "mountinfo", ...) and how sure it is
-    #: ("certain": the runtime's own naming or state confirms it, "likely": one indirect sign, "guess").
+    #: How the answer was reached ("cgroup", "cgroup+state+pidns", "mountinfo", ...) and how sure it is:
+    #: "certain" only when the runtime's state confirms the container and the process is in its init's PID
+    #: namespace; "likely" or "guess" otherwise, with ``details["unconfirmed"]`` saying why.
     source: str = "cgroup"
-    confidence: str = "certain"
-    #: Extra facts (QoS class, namespace, bundle, labels, evidence), and why enrichment failed.
+    confidence: str = "likely"
+    #: Extra facts (QoS class, namespace, bundle, labels, evidence, outer containers), and why enrichment failed.
     details: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)
+    #: The containers seen around this one in the cgroup path, outermost first (in the record as details.outer).
+    outer: list = field(default_factory=list, repr=False)
 
     @property
     def is_host(self) -> bool:
         return self.runtime == "host"
 
+    @property
+    def scope(self) -> str:
+        """The container's own cgroup (the path up to its segment): its init must be in it or below."""
+        return self.details.get("scope") or self.cgroup or ""
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        result = asdict(self)
+        del result["outer"]
+        return result
 
-    def directory(self) -> tuple:
-        """The store path components for this container, built only from validated or sanitised text."""
-        if self.is_host:
-            return ("host",)
-        return (safe_name(self.runtime), safe_name(self.id or self.name or "unknown"))
-
-    def confirmed(self, how: str = "state") -> None:
-        """The runtime's state agrees with the cgroup: record it."""
+    def state_confirmed(self, how: str = "state") -> None:
+        """The runtime's state on disk names this container: record it (the process is checked apart)."""
         if "+" + how not in self.source:
             self.source += "+" + how
-        self.confidence = "certain"
+
+    def unconfirmed(self, why: str) -> None:
+        """Not a container identity that may spend a container's limits: say why."""
+        self.details["unconfirmed"] = why
+        if self.confidence == "certain":
+            self.confidence = "likely"
+
+    def policy_group(self, uid: Optional[int]) -> tuple:
+        """The key the storage policy and rate limits count this crash under (its store directory).
+
+        A container only when its identity is confirmed (state + the process in its init's PID
+        namespace); a host process under its system unit; everything else under the uid it is
+        attributed to (a rootless runtime's owner, else the crashing uid), so nobody can spend
+        another container's or another user's limits, or evict their cores. Without a uid (bad kernel
+        arguments): ``unknown/unknown``.
+        """
+        if self.confidence == "certain" and not self.is_host and self.runtime != "unknown":
+            return (safe_name(self.runtime), safe_name(self.id or self.name or "unknown"))
+        if self.is_host and self.details.get("system_unit"):
+            return ("host", safe_name(self.details["system_unit"]))
+        owner = self.details.get("owner_uid")
+        owner = owner if isinstance(owner, int) else uid
+        return ("uid", str(owner)) if isinstance(owner, int) else ("unknown", "unknown")
 
 
 def safe_name(text: str, limit: int = 100) -> str:

@@ -42,5 +42,8 @@ def enrich(container: Container, deadline: state.Deadline, root: str) -> None:
         key, sep, value = line.partition("=")
         if sep and key in ("CLASS", "ROOT", "SERVICE", "SCOPE", "LEADER"):
             info[key.lower()] = value
+    leader = info.pop("leader", "")
     container.details.update(info)
-    container.confirmed()
+    if leader.isdigit():
+        container.details["init_pid"] = int(leader)
+    container.state_confirmed()

@@ -1,5 +1,9 @@
 """Podman: ``libpod-<id>`` (cgroupfs driver, under ``libpod_parent``) and ``libpod-<id>.scope`` (systemd).
 
+``libpod-conmon-<id>.scope`` (systemd driver) holds the container's monitor, conmon: its crash belongs
+to that container, marked ``details.monitor``. conmon writes the container's init PID to
+``userdata/pidfile`` and its own to ``userdata/conmon.pid`` under the run root (CRI-O's conmon too).
+
 Names and images live in containers/storage, not in the OCI bundle: ``<driver>-containers/
 containers.json`` under the graph root (``volatile-containers.json`` under the run root for
 ``--rm`` containers) lists each container's names and image; ``<driver>-images/images.json``
@@ -11,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from corepipe.domain.containers import cgroup, state
+from corepipe.domain.containers import cgroup, runc, state
 from corepipe.domain.containers.model import Container
 from corepipe.domain.containers.state import HEX_ID
 
@@ -24,8 +28,9 @@ DRIVERS = ("overlay", "vfs", "btrfs", "zfs")
 
 def match(segments: list, root: str) -> Optional[tuple]:
     for i, seg in enumerate(segments):
-        if seg.startswith("libpod-conmon-"):
-            return None  # conmon is the runtime's monitor, a host process
+        cid = cgroup.scope_id(seg, "libpod-conmon-")
+        if seg.endswith(".scope") and HEX_ID.fullmatch(cid):
+            return i, Container(runtime=NAME, id=cid, details={"monitor": "conmon"})
         cid = cgroup.scope_id(seg, "libpod-")
         if HEX_ID.fullmatch(cid):
             return i, Container(runtime=NAME, id=cid)
@@ -58,6 +63,9 @@ def bundle_config(cid: str, deadline: state.Deadline, root: str) -> Optional[dic
 def enrich(container: Container, deadline: state.Deadline, root: str) -> None:
     if not container.id or not HEX_ID.fullmatch(container.id):
         return
+    conmon_pids(container, deadline, root)
+    if container.details.get("init_pid") or container.details.get("monitor_pid"):
+        container.state_confirmed()  # conmon's pid files in the run root: the container is running
     entry, driver = storage_entry(container.id, deadline, root)
     if entry is None:
         raise FileNotFoundError(f"container {container.id[:12]} is not in containers/storage's lists")
@@ -71,7 +79,22 @@ def enrich(container: Container, deadline: state.Deadline, root: str) -> None:
     container.image = state.text(metadata.get("image-name")) or _image_name(image_id, driver, deadline, root)
     container.details["image_id"] = image_id
     container.details["storage_driver"] = driver
-    container.confirmed()
+    container.state_confirmed()
+
+
+def conmon_pids(container: Container, deadline: state.Deadline, root: str) -> None:
+    """The init PID conmon wrote (else runc's state), and conmon's own PID, into ``details``."""
+    for driver in DRIVERS:
+        userdata = state.path(root, RUN_ROOT, f"{driver}-containers", container.id, "userdata")
+        if state.exists(userdata):
+            for file, key in (("pidfile", "init_pid"), ("conmon.pid", "monitor_pid"),
+                              ("conmon-pidfile", "monitor_pid")):
+                if state.exists(state.path(userdata, file)):
+                    container.details[key] = state.read_pid(state.path(userdata, file), deadline)
+            break
+    if not container.details.get("init_pid") and state.exists(runc.state_file(state.path(root, runc.STATE_ROOT),
+                                                                              container.id)):
+        runc.read_state(state.path(root, runc.STATE_ROOT), container.id, container, deadline)
 
 
 def _image_name(image_id: Optional[str], driver: str, deadline: state.Deadline, root: str) -> Optional[str]:
@@ -90,7 +113,9 @@ def _image_name(image_id: Optional[str], driver: str, deadline: state.Deadline, 
 def name_from_conmon(container: Container, pid: int, deadline: state.Deadline, root: str,
                      parent: Optional[int] = None) -> None:
     """The name on the command line of the container's conmon (``-c <id> -n <name>``), an ancestor of ``pid``
-    (whose parent is ``parent`` if known)."""
+    (whose parent is ``parent`` if known). Only the conmon whose PID the run root records counts: anyone can
+    start a process called conmon with any arguments."""
+    monitor = container.details.get("monitor_pid")
     for _ in range(32):
         if parent is None:
             status = state.read(state.path(root, "proc", str(pid), "status"), deadline, 65536).decode(
@@ -99,10 +124,12 @@ def name_from_conmon(container: Container, pid: int, deadline: state.Deadline, r
         if parent <= 1:
             return
         pid, parent = parent, None
+        if pid != monitor:
+            continue
         args = state.read_proc_memory(root, pid, "cmdline", deadline, 65536).decode(
             errors="replace").split("\0")
-        if not args or not args[0].endswith("conmon"):
-            continue
+        if not args[0].endswith("conmon"):
+            return
         options = {flag: value for flag, value in zip(args, args[1:])}
         cid = options.get("-c") or options.get("--cid")
         name = options.get("-n") or options.get("--name")

@@ -1,4 +1,5 @@
-"""A 64-hex id in an unfamiliar cgroup path (``--cgroup-parent``): ask each runtime's state whose it is."""
+"""A 64-hex id in an unfamiliar cgroup path (``docker run --cgroup-parent``, nerdctl, Nomad): ask each
+runtime's state whose it is; when none has it, an ``unknown`` runtime with that id (never the host)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,7 @@ def match(segments: list, root: str) -> Optional[tuple]:
         cid = seg[:-6].rsplit("-", 1)[-1] if seg.endswith(".scope") else seg
         if not HEX_ID.fullmatch(cid):
             continue
-        runtime = _owner(cid, root)
-        if runtime:
-            return i, Container(runtime=runtime, id=cid, source="cgroup+state", confidence="likely")
+        return i, Container(runtime=_owner(cid, root) or "unknown", id=cid)
     return None
 
 

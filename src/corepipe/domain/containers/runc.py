@@ -26,7 +26,7 @@ def match(segments: list, root: str) -> Optional[tuple]:
     for i, seg in enumerate(segments):
         cid = cgroup.scope_id(seg, "runc-") if seg.endswith(".scope") else seg
         if VALID_NAME.fullmatch(cid) and state.exists(state_file(state.path(root, STATE_ROOT), cid)):
-            return i, Container(runtime=NAME, id=cid, name=cid, confidence="likely")
+            return i, Container(runtime=NAME, id=cid, name=cid)
     return None
 
 
@@ -37,6 +37,9 @@ def read_state(state_root: str, cid: str, container: Container, deadline: state.
     for label in config.get("labels") or []:
         if isinstance(label, str) and label.startswith("bundle="):
             container.details["bundle"] = label[len("bundle="):]
+    init = state.positive_int(doc.get("init_process_pid"))
+    if init:
+        container.details["init_pid"] = init
     paths = [p for p in (doc.get("cgroup_paths") or {}).values() if isinstance(p, str)]
     if container.cgroup and paths:
         container.details["state_cgroup_matches"] = any(p.endswith(container.cgroup) for p in paths)
@@ -62,4 +65,4 @@ def enrich(container: Container, deadline: state.Deadline, root: str) -> None:
     if annotations:
         container.details["annotations"] = annotations
     if container.details.get("state_cgroup_matches") is not False:
-        container.confirmed()
+        container.state_confirmed()

@@ -87,3 +87,14 @@ def read_json(file: str, deadline: Deadline, limit: int = JSON_LIMIT):
 def text(value: object) -> Optional[str]:
     """A JSON value as a non-empty str, else None (state files are data, not trusted to be well-formed)."""
     return value if isinstance(value, str) and value else None
+
+
+def read_pid(file: str, deadline: Deadline) -> Optional[int]:
+    """A PID file's number (conmon's pidfile, conmon.pid), or None when it holds none."""
+    data = read(file, deadline, 64).strip()
+    return int(data) if data.isdigit() and 0 < int(data) < 1 << 22 else None
+
+
+def positive_int(value: object) -> Optional[int]:
+    """A JSON value as a PID (bool is not one), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1 << 22 else None

@@ -1,0 +1,164 @@
+"""Issue 11 through the real kernel: identities only the runtime's own state and the kernel's namespaces
+confirm, and forgeries by an unprivileged user that must neither be filed under their victim nor spend its
+limits or evict its cores.
+
+The victim is a real Docker container; the forger is an unprivileged uid with a cgroup subtree of its own
+(as systemd delegates ``user@UID.service`` to every user: made here under the test's cgroup parent and
+chowned to it), a user namespace, and any command line it likes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from cgroups import FakeContainers
+from runtimes import unique
+from support import installed_handler, need, set_core_limit
+
+FORGER = 54321
+CONFIG = "rate_limit_container = 2\nrate_limit_exe = 0\ncontainer_max_cores = 2\nrate_limit_window = 3600\n"
+
+
+def _fake_id() -> str:
+    return uuid.uuid4().hex + uuid.uuid4().hex
+
+
+@pytest.fixture
+def victim(docker_image: str):
+    """A running Docker container that crashes on request (``docker exec``); yields (name, id)."""
+    name = unique("corepipe-11")
+    subprocess.run(["docker", "run", "-d", "--name", name, "--network=none", "--ulimit", "core=-1", docker_image,
+                    "sleep", "600"], check=True, capture_output=True, timeout=120)
+    cid = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    yield name, cid
+    subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+
+
+def _victim_crash(name: str, comm: str) -> None:
+    subprocess.run(["docker", "exec", name, "/crasher", "0", comm], capture_output=True, timeout=120)
+
+
+def _as_forger(argv: list, cgroup: Path = None, **kwargs) -> subprocess.CompletedProcess:
+    """``argv`` as the unprivileged uid FORGER (in ``cgroup`` if given), with core dumps on."""
+    limit = set_core_limit(resource.RLIM_INFINITY)
+
+    def preexec() -> None:
+        if cgroup is not None:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+        limit()
+        os.setgroups([])
+        os.setgid(FORGER)
+        os.setuid(FORGER)
+    return subprocess.run(argv, preexec_fn=preexec, capture_output=True, timeout=120, **kwargs)
+
+
+def test_forgeries_by_an_unprivileged_user_never_reach_the_victim(victim: tuple, handler_dir: Path,
+                                                                  crasher: Path,
+                                                                  fake_containers: FakeContainers) -> None:
+    need(shutil.which("unshare") is not None, "needs unshare")
+    name, vid = victim
+    # The forger's own world: a crasher it may run, a directory for its forged files, its delegated subtree.
+    home = handler_dir / "forger"
+    home.mkdir()
+    shutil.copy2(crasher, home / "crasher")
+    os.chown(home, FORGER, FORGER)
+    delegated = fake_containers.parent / "user.slice" / f"user-{FORGER}.slice" / f"user@{FORGER}.service"
+    (delegated / "app.slice").mkdir(parents=True)
+    for path in (delegated / "app.slice", delegated / "app.slice" / "cgroup.procs"):
+        os.chown(path, FORGER, FORGER)
+    app = delegated / "app.slice"
+    evil = home / "crasher"
+    with installed_handler(handler_dir, CONFIG) as handler:
+        _victim_crash(name, "victim1")
+        first = handler.wait_record(lambda r: r["comm"] == "victim1")
+        forged = []
+        # 1. docker-<victim id>.scope (then a fresh fake id per crash, and other runtimes' names) in its subtree.
+        for i, scope in enumerate([f"docker-{vid}.scope", f"docker-{_fake_id()}.scope", f"docker-{_fake_id()}.scope",
+                                   f"libpod-{vid}.scope", f"crio-{vid}.scope"]):
+            script = f'mkdir {app}/{scope} && echo $$ > {app}/{scope}/cgroup.procs && exec {evil} 0 scope{i}'
+            _as_forger(["sh", "-c", script], cgroup=app)
+            forged.append(f"scope{i}")
+        # 2. The victim's hostname file, forged and bind-mounted over /etc/hostname in a user namespace.
+        fake = home / "var/lib/docker/containers" / vid
+        script = (f"mkdir -p {fake} && echo {vid[:12]} > {fake}/hostname && "
+                  f"mount --bind {fake}/hostname /etc/hostname && hostname {vid[:12]} && exec {evil} 0 hostname")
+        proc = _as_forger(["unshare", "-Urmu", "sh", "-c", script])
+        need(b"Operation not permitted" not in proc.stderr, f"unprivileged user namespaces: {proc.stderr[-200:]}")
+        forged.append("hostname")
+        # 3. A process named conmon, with the victim's id and a name, as the crasher's parent in a libpod scope.
+        scope = f"libpod-{vid}.scope"
+        script = (f'echo $$ > {app}/{scope}/cgroup.procs && exec -a /usr/bin/conmon sh -c '
+                  f'"{evil} 0 conmon; true" /usr/bin/conmon -c {vid} -n victim-name')
+        _as_forger(["bash", "-c", script], cgroup=app)
+        forged.append("conmon")
+        recs = {r["comm"]: r for r in (handler.wait_record(lambda r, c=c: r["comm"] == c) for c in forged)}
+        _victim_crash(name, "victim2")
+        second = handler.wait_record(lambda r: r["comm"] == "victim2")
+    own = handler.store / "docker" / vid
+    assert Path(first["_dir"]).parent == own and Path(second["_dir"]).parent == own
+    assert first["container"]["confidence"] == "certain" and second["core"]["stored"] is True
+    assert (Path(first["_dir"]) / "core.zst").exists(), "the victim lost its core"
+    assert sorted(p.parent.name for p in own.glob("*/record.json")) == sorted(
+        [Path(first["_dir"]).name, Path(second["_dir"]).name]), "a forgery was filed under the victim"
+    for comm, rec in recs.items():
+        container = rec["container"]
+        assert Path(rec["_dir"]).parent == handler.store / "uid" / str(FORGER), (comm, rec["_dir"])
+        assert container["confidence"] != "certain" and container["details"]["unconfirmed"], (comm, container)
+        assert container["name"] is None and container["image"] is None, (comm, container)
+    seen = recs["hostname"]["container"]
+    assert seen["id"] == vid and seen["source"].startswith("mountinfo")
+    assert seen["details"]["state_says"]["name"] == name, "what the victim's state says is kept apart"
+    # The forger's crashes, whatever ids they showed, count against one group: its uid's.
+    stored = [recs[c]["core"]["stored"] for c in forged]
+    assert stored.count(True) == 2 and all(recs[c]["core"]["reason"].startswith("rate limited")
+                                           for c, kept in zip(forged, stored) if not kept)
+    rate = json.loads((handler.store / ".state.json").read_text())["rate"]
+    assert len(rate[f"container:docker/{vid}"]) == 2
+
+
+def test_docker_custom_cgroup_parent(kernel_handler, docker_image: str) -> None:
+    """``docker run --cgroup-parent``: a 64-hex leaf in an unfamiliar path that Docker's state confirms."""
+    parent = f"/{unique('corepipe-11-parent')}"
+    name = unique("corepipe-11")
+    try:
+        subprocess.run(["docker", "run", "--name", name, "--network=none", "--ulimit", "core=-1", "--cgroup-parent",
+                        parent, docker_image, "/crasher", "0", "cgparent"], capture_output=True, timeout=120)
+        cid = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], check=True, capture_output=True,
+                             text=True).stdout.strip()
+        rec = kernel_handler.wait_record(lambda r: r["comm"] == "cgparent")
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    container = rec["container"]
+    assert (container["runtime"], container["id"], container["name"]) == ("docker", cid, name)
+    assert container["cgroup"] == f"{parent}/{cid}" and container["confidence"] == "certain", container
+    assert Path(rec["_dir"]).parent == kernel_handler.store / "docker" / cid and rec["core"]["stored"]
+
+
+def test_a_pid_namespace_nested_in_a_container_is_that_container(kernel_handler, docker_image: str) -> None:
+    """A process in a PID namespace of its own inside a Docker container (as an inner runtime makes one): the
+    outer container, confirmed because the process's PID namespace descends from its init's."""
+    name = unique("corepipe-11")
+    subprocess.run(["docker", "run", "-d", "--name", name, "--network=none", "--ulimit", "core=-1", "--cap-add",
+                    "SYS_ADMIN", "--security-opt", "seccomp=unconfined", docker_image, "sleep", "600"],
+                   check=True, capture_output=True, timeout=120)
+    try:
+        cid = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], check=True, capture_output=True,
+                             text=True).stdout.strip()
+        run = subprocess.run(["docker", "exec", name, "/bin/busybox", "unshare", "-p", "-f", "/crasher", "0", "nested"],
+                             capture_output=True, timeout=120)
+        need(b"Operation not permitted" not in run.stderr, f"unshare -p in the container: {run.stderr[-200:]}")
+        rec = kernel_handler.wait_record(lambda r: r["comm"] == "nested")
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    container = rec["container"]
+    assert (container["runtime"], container["id"], container["confidence"]) == ("docker", cid, "certain"), container
+    assert container["details"]["nested_pid_ns"] is True and rec["ns_pid"] == 1
+    assert Path(rec["_dir"]).parent == kernel_handler.store / "docker" / cid
