@@ -1,4 +1,4 @@
-"""Crashes inside real containers, through the real kernel: Docker, Podman, runc and containerd.
+"""Crashes inside real containers, through the real kernel: Docker, Podman, runc, containerd and LXC.
 
 For each runtime: the crash is filed under the id the runtime itself reports, the record's
 name and image are the runtime's, gdb finds ``main`` at the crashing line in the stored core,
@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def _check_core(rec: dict, crasher: Path, tmp_path: Path) -> None:
 
 def _check_filed(rec: dict, store: Path, runtime: str, cid: str) -> None:
     assert rec["container"]["runtime"] == runtime and rec["container"]["id"] == cid
-    assert Path(rec["_dir"]).parent == store / runtime / cid
+    assert Path(rec["_dir"]).parent == store / runtime / containers.safe_name(cid)
     assert rec["container"]["confidence"] == "certain", rec["container"]
     assert rec["container"]["errors"] == []
     assert rec["process"]["trusted"] is True, rec["process"]["untrusted_reasons"]
@@ -260,6 +261,68 @@ def test_containerd_kubelet_systemd_cgroup(kernel_handler, ctr: list, rootfs: Pa
     assert container["cgroup"].endswith(cgroup) and container["details"]["qos"] == "besteffort"
     assert (container["name"], container["pod_name"], container["pod_uid"]) == ("app", "web-7d4b9c-x2x5p", pod_uid)
     _check_core(rec, crasher, tmp_path)
+
+
+# LXC (lxc-start on a busybox rootfs, no network) --------------------------------------------------
+
+LXC_PATH = Path("/var/lib/lxc")
+
+
+@pytest.fixture
+def lxc_container(rootfs: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """An LXC container under the system lxcpath (its name as long as the test's parameter asks), destroyed
+    afterwards; yields its name."""
+    need(os.geteuid() == 0, "needs root to start a system LXC container")
+    need_tool("lxc-start")
+    name = unique("corepipe-11-lxc") + "x" * getattr(request, "param", 0)
+    directory = LXC_PATH / name
+    shutil.copytree(rootfs, directory / "rootfs", symlinks=True)
+    (directory / "config").write_text(
+        f"lxc.uts.name = lxc11\nlxc.rootfs.path = dir:{directory}/rootfs\nlxc.net.0.type = empty\n"
+        "lxc.init.cmd = /bin/sleep 600\nlxc.mount.auto = proc:mixed sys:ro\nlxc.autodev = 1\n"
+        "lxc.apparmor.profile = unconfined\nlxc.prlimit.core = unlimited\n")
+    try:
+        yield name
+    finally:
+        subprocess.run(["lxc-stop", "-k", "-n", name], capture_output=True, timeout=60)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize("lxc_container", [0, 80], ids=["name", "hashed-socket-name"], indirect=True)
+def test_lxc_confirmed_by_its_monitor(kernel_handler, lxc_container: str, crasher: Path, tmp_path: Path) -> None:
+    """A process attached to a running LXC container crashes: filed under the container, confirmed because its
+    monitor (the command socket, hashed for a long name) gives the init PID, whose namespaces it shares."""
+    name = lxc_container
+    started = subprocess.run(["lxc-start", "-n", name], capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr
+    init = int(subprocess.run(["lxc-info", "-n", name, "-pH"], capture_output=True, text=True, check=True,
+                              timeout=60).stdout)
+    subprocess.run(["lxc-attach", "-n", name, "--", "/crasher", "0", "lxc-crash"], capture_output=True, timeout=120)
+    rec = kernel_handler.wait_record(lambda r: r["comm"] == "lxc-crash")
+    _check_filed(rec, kernel_handler.store, "lxc", name)
+    container = rec["container"]
+    assert container["source"] == "cgroup+state+pidns" and container["details"]["init_pid"] == init
+    # lxc-attach puts the process in the container's .lxc child cgroup; the container is the payload.
+    assert (container["details"]["manager"], container["details"]["scope"]) == ("lxc", f"/lxc.payload.{name}")
+    assert container["cgroup"] == f"/lxc.payload.{name}/.lxc"
+    _check_core(rec, crasher, tmp_path)
+
+
+def test_lxc_init_crash_and_a_stopped_container(kernel_handler, lxc_container: str) -> None:
+    """The container's init itself crashes (its monitor still answers while the kernel holds it); a cgroup
+    named after a container that is not running is not confirmed: the crashing uid's policy group."""
+    name = lxc_container
+    config = LXC_PATH / name / "config"
+    config.write_text(config.read_text().replace("/bin/sleep 600", "/crasher 0 lxc-init"))
+    run = subprocess.run(["lxc-start", "-F", "-n", name], capture_output=True, text=True, timeout=120,
+                         stdin=subprocess.DEVNULL)
+    rec = kernel_handler.wait_record(lambda r: r["comm"] == "lxc-init")
+    _check_filed(rec, kernel_handler.store, "lxc", name)
+    assert rec["ns_pid"] == 1, run.stderr[-300:]
+    found = containers.identify(f"0::/lxc.payload.{name}\n")
+    found = containers.enrich(found, pid=os.getpid(), process=_live(os.getpid()))
+    assert found.runtime == "lxc" and found.confidence == "likely", found
+    assert "not running" in found.errors[0] and found.policy_group(1000) == ("uid", "1000")
 
 
 def test_podman_name_from_conmon(podman_image: str, podman_name: str, tmp_path: Path) -> None:

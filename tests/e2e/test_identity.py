@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from cgroups import FakeContainers
 from runtimes import unique
-from support import installed_handler, need, set_core_limit
+from support import installed_handler, need, served_handler, set_core_limit
 
 FORGER = 54321
 CONFIG = "rate_limit_container = 2\nrate_limit_exe = 0\ncontainer_max_cores = 2\nrate_limit_window = 3600\n"
@@ -60,9 +60,12 @@ def _as_forger(argv: list, cgroup: Path = None, **kwargs) -> subprocess.Complete
     return subprocess.run(argv, preexec_fn=preexec, capture_output=True, timeout=120, **kwargs)
 
 
+@pytest.mark.parametrize("mode", ["pipe", "socket"])
 def test_forgeries_by_an_unprivileged_user_never_reach_the_victim(victim: tuple, handler_dir: Path,
-                                                                  crasher: Path,
-                                                                  fake_containers: FakeContainers) -> None:
+                                                                  crasher: Path, fake_containers: FakeContainers,
+                                                                  mode: str) -> None:
+    """The same in pipe mode (``corepipe collect``) and socket mode (``corepipe serve`` decides on the identity
+    before the dump, then stores the crash in-process): the same confirmation, the same records."""
     need(shutil.which("unshare") is not None, "needs unshare")
     name, vid = victim
     # The forger's own world: a crasher it may run, a directory for its forged files, its delegated subtree.
@@ -76,7 +79,8 @@ def test_forgeries_by_an_unprivileged_user_never_reach_the_victim(victim: tuple,
         os.chown(path, FORGER, FORGER)
     app = delegated / "app.slice"
     evil = home / "crasher"
-    with installed_handler(handler_dir, CONFIG) as handler:
+    serve = served_handler if mode == "socket" else installed_handler
+    with serve(handler_dir, CONFIG) as handler:
         _victim_crash(name, "victim1")
         first = handler.wait_record(lambda r: r["comm"] == "victim1")
         forged = []

@@ -5,12 +5,21 @@ recorded init (the ns links are symlinks whose text is what the kernel's magic l
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
+import struct
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import need
 
 from corepipe.domain import containers
+from corepipe.domain.containers import lxc
 
 VICTIM = "9ec39b91f3d70e1beff50a308f77067065ea6be0d91a3378375056cd4422cf3d"
 INNER = "ec08435e04266c5ba381fccbb829f626d11d8ddf5f8f547263c7a2d79ab4787a"
@@ -219,3 +228,70 @@ def test_host_policy_groups() -> None:
     assert system.policy_group(0) == ("host", "cron.service")
     assert session.policy_group(1000) == ("uid", "1000")
     assert delegated.policy_group(1000) == ("host", "ci.service"), "a service's own subtree stays that service's"
+
+
+@contextlib.contextmanager
+def _lxc_monitor(address: bytes, answer: bytes, uid: int = 0) -> Iterator[None]:
+    """A process listening on an LXC command socket as ``uid`` that answers one request with ``answer``: what
+    liblxc's monitor does for ``LXC_CMD_GET_INIT_PID`` (seen with strace on ``lxc-info -p``, LXC 5.0)."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+                server.bind(address)
+                server.listen(1)
+                os.write(ready_w, b"x")
+                conn, _ = server.accept()
+                conn.recv(64)
+                conn.sendall(answer)
+                conn.close()
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        yield
+    finally:
+        os.close(ready_r)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def _lxc(root: Path) -> tuple:
+    """An LXC container's directory under the lxcpath, its init in its payload cgroup; (name, cgroup)."""
+    name = f"web-{uuid.uuid4().hex[:8]}"
+    (root / "var/lib/lxc" / name).mkdir(parents=True)
+    cgroup = f"/lxc.payload.{name}"
+    _proc(root, INIT, f"{cgroup}/init.scope", CONTAINER_NS)
+    return name, cgroup
+
+
+def test_lxc_confirmed_by_its_monitors_init_pid(tmp_path: Path) -> None:
+    need(os.geteuid() == 0, "needs root: the monitor's socket must be root's (SO_PEERCRED)")
+    name, cgroup = _lxc(tmp_path)
+    address = lxc.command_socket("/var/lib/lxc", name)
+    with _lxc_monitor(address, struct.pack("iIP", 0, 0, INIT)):
+        found = _resolve(tmp_path, f"{cgroup}/system.slice/nginx.service", [CONTAINER_NS, HOST_NS])
+    assert (found.runtime, found.id, found.confidence, found.details["init_pid"]) == ("lxc", name, "certain", INIT)
+    assert found.source == "cgroup+state+pidns" and found.policy_group(1000) == ("lxc", name)
+
+
+def test_lxc_socket_of_another_uid_or_no_monitor_confirms_nothing(tmp_path: Path) -> None:
+    """A user who binds the victim's command socket name (abstract sockets are anyone's) is not its monitor;
+    a container whose monitor is gone (stopped) is not confirmed either."""
+    need(os.geteuid() == 0, "needs root to answer as another uid")
+    name, cgroup = _lxc(tmp_path)
+    with _lxc_monitor(lxc.command_socket("/var/lib/lxc", name), struct.pack("iIP", 0, 0, INIT), uid=65534):
+        forged = _resolve(tmp_path, cgroup, [CONTAINER_NS, HOST_NS])
+    stopped = _resolve(tmp_path, cgroup, [CONTAINER_NS, HOST_NS])
+    for found, why in ((forged, "belongs to uid 65534, not root"), (stopped, "not running")):
+        assert found.confidence == "likely" and found.policy_group(1000) == ("uid", "1000")
+        assert why in found.errors[0] and "does not confirm" in found.details["unconfirmed"]
+
+
+def test_lxc_command_socket_names() -> None:
+    """As liblxc names them; the hashed form is what a real ``lxc-start`` of a 96-character name bound here."""
+    assert lxc.command_socket("/var/lib/lxc", "web1") == b"\0/var/lib/lxc/web1/command"
+    assert lxc.command_socket("/var/lib/lxc", "cpt11-" + "x" * 90) == b"\0lxc/a169c497f8e98284/command"

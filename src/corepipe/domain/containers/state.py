@@ -35,7 +35,8 @@ class Deadline:
             raise TimeoutError("time budget for reading runtime state used up")
 
     def left(self) -> float:
-        return max(0.0, self.end - time.monotonic())
+        """Seconds left (at least a millisecond: a socket timeout of 0 would mean non-blocking)."""
+        return max(self.end - time.monotonic(), 0.001)
 
 
 def path(root: str, *parts: str) -> str:
