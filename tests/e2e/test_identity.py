@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from cgroups import FakeContainers
 from runtimes import unique
-from support import installed_handler, need, served_handler, set_core_limit
+from support import installed_handler, need, served_handler, set_core_limit, wait_for
 
 FORGER = 54321
 CONFIG = "rate_limit_container = 2\nrate_limit_exe = 0\ncontainer_max_cores = 2\nrate_limit_window = 3600\n"
@@ -166,3 +166,50 @@ def test_a_pid_namespace_nested_in_a_container_is_that_container(kernel_handler,
     assert (container["runtime"], container["id"], container["confidence"]) == ("docker", cid, "certain"), container
     assert container["details"]["nested_pid_ns"] is True and rec["ns_pid"] == 1
     assert Path(rec["_dir"]).parent == kernel_handler.store / "docker" / cid
+
+
+#: An outer container that can run dockerd: every capability this host's bounding set has (it lacks
+#: CAP_SYS_RESOURCE, so ``--privileged`` itself fails here), its own cgroup namespace, the host's binaries.
+DIND = ["--cgroupns=private", "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE", "--security-opt", "seccomp=unconfined",
+        "--security-opt", "apparmor=unconfined", "--network=none", "-v", "/usr:/usr:ro", "-v", "/lib:/lib:ro",
+        "-v", "/lib64:/lib64:ro", "--tmpfs", "/var/lib/docker:exec", "--tmpfs", "/run:exec"]
+#: Inside it, as docker:dind's entrypoint does: the cgroup hierarchies mounted read-write (its own subtree),
+#: then containerd and dockerd (vfs storage, no network).
+DIND_START = ('for m in $(grep " cgroup " /proc/mounts | cut -d" " -f2); do '
+              'o=$(grep " $m " /proc/mounts | cut -d" " -f4 | tr , "\\n" | grep -v "^ro$" | tr "\\n" ,); '
+              'umount "$m" && mount -t cgroup -o "${o%,}" cgroup "$m"; done; export PATH=/usr/sbin:/usr/bin:/bin; '
+              'containerd >/run/containerd.log 2>&1 & exec dockerd --bridge=none --iptables=false --ip6tables=false '
+              '--storage-driver=vfs --containerd=/run/containerd/containerd.sock >/run/dockerd.log 2>&1')
+
+
+def test_docker_in_docker(kernel_handler, docker_image: str, rootfs: Path) -> None:
+    """A crash in a container that a dockerd inside a Docker container runs: the outer container, confirmed by
+    the host's Docker state (the process's PID namespace descends from its init's), with the inner one recorded
+    in details.inner (its state lives in the outer container's filesystem, which the host does not trust)."""
+    name = unique("corepipe-11-dind")
+    subprocess.run(["docker", "run", "-d", "--name", name, *DIND, "-v", f"{rootfs}:/inner:ro", docker_image,
+                    "/bin/sh", "-c", DIND_START], check=True, capture_output=True, timeout=120)
+    inner_docker = ["docker", "exec", name, "/usr/bin/docker"]
+    try:
+        outer = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], check=True, capture_output=True,
+                               text=True).stdout.strip()
+        wait_for(lambda: subprocess.run([*inner_docker, "info"], capture_output=True).returncode == 0, 120,
+                 "dockerd inside the container")
+        subprocess.run(["docker", "exec", name, "/bin/sh", "-c", "/bin/busybox tar -C /inner -c . | "
+                        "/usr/bin/docker import - inner:1"], check=True, capture_output=True, timeout=120)
+        run = subprocess.run([*inner_docker, "run", "--name", "in1", "--network=none", "--ulimit", "core=-1",
+                              "inner:1", "/crasher", "0", "dind"], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 139, run.stderr
+        inner = subprocess.run([*inner_docker, "inspect", "-f", "{{.Id}}", "in1"], check=True, capture_output=True,
+                               text=True).stdout.strip()
+        rec = kernel_handler.wait_record(lambda r: r["comm"] == "dind")
+    finally:
+        subprocess.run([*inner_docker, "rm", "-f", "in1"], capture_output=True, timeout=60)
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
+    container = rec["container"]
+    assert (container["runtime"], container["id"], container["confidence"]) == ("docker", outer, "certain"), container
+    assert container["cgroup"].endswith(f"/docker/{outer}/docker/{inner}") and container["details"]["nested_pid_ns"]
+    [seen] = container["details"]["inner"]
+    assert (seen["runtime"], seen["id"], seen["confidence"]) == ("docker", inner, "likely")
+    assert "does not confirm" in seen["unconfirmed"]
+    assert Path(rec["_dir"]).parent == kernel_handler.store / "docker" / outer and rec["core"]["stored"]

@@ -48,21 +48,23 @@ def identify(cgroup_text: str, *, mountinfo: str = "", hostname: Optional[str] =
              root: str = "/") -> Container:
     """Decide from /proc/<pid>/cgroup, checked against the process's mounts and %h.
 
-    Every distinct cgroup path (v2 first, then v1) is tried; the first that names a container gives
-    the chain of containers along it. Where no path names one, bind mounts the runtimes make (a
+    Every distinct cgroup path (v2 first, then v1) is tried; the one naming the most containers (the
+    first of those) gives the chain of containers along it: on a hybrid host an inner runtime may place
+    its containers in the v1 hierarchies only. Where no path names one, bind mounts the runtimes make (a
     container's /etc/hostname from its state directory) are the fallback ("likely"), then a root
     filesystem that looks like a container's ("unknown", a "guess"); otherwise it is the host.
     """
     paths = cgroup.candidate_paths(cgroup_text)
-    found = None
+    found, best = None, []
     for path in paths:
         chain = _chain(cgroup.segments(path), root)
-        if chain:
-            for link in chain:
-                link.cgroup = path
-            found, found.outer = chain[-1], chain[:-1]
-            _delegated(found, cgroup.segments(path))
-            break
+        if len(chain) > len(best):  # a hybrid host's v2 path may stop at the outer container; a v1 one goes on
+            best, where = chain, path
+    if best:
+        for link in best:
+            link.cgroup = where
+        found, found.outer = best[-1], best[:-1]
+        _delegated(found, cgroup.segments(where))
     seen = evidence.from_mountinfo(mountinfo)
     if found is None:
         found = evidence.fallback(seen) or host.describe(paths)
