@@ -140,6 +140,9 @@ def test_docker_custom_cgroup_parent(kernel_handler, docker_image: str) -> None:
         rec = kernel_handler.wait_record(lambda r: r["comm"] == "cgparent")
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+        for made in [*Path("/sys/fs/cgroup").glob(f"*{parent}"), Path(f"/sys/fs/cgroup{parent}")]:
+            if made.is_dir():  # dockerd leaves the parent it made (in each v1 hierarchy, or in cgroup2)
+                made.rmdir()
     container = rec["container"]
     assert (container["runtime"], container["id"], container["name"]) == ("docker", cid, name)
     assert container["cgroup"] == f"{parent}/{cid}" and container["confidence"] == "certain", container
@@ -213,3 +216,52 @@ def test_docker_in_docker(kernel_handler, docker_image: str, rootfs: Path) -> No
     assert (seen["runtime"], seen["id"], seen["confidence"]) == ("docker", inner, "likely")
     assert "does not confirm" in seen["unconfirmed"]
     assert Path(rec["_dir"]).parent == kernel_handler.store / "docker" / outer and rec["core"]["stored"]
+
+
+@pytest.fixture
+def system_unit() -> Path:
+    """A cgroup as systemd makes one for a system service, ``system.slice/<unit>`` in the v2 hierarchy (what
+    corepipe reads first), made by hand (no systemd here) and removed afterwards."""
+    root = next((r for r in (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
+                 if (r / "cgroup.controllers").exists()), None)
+    need(root is not None and os.access(root, os.W_OK), "needs a writable cgroup2 hierarchy (root)")
+    made = [d for d in (root / "system.slice",) if not d.exists()]
+    unit = root / "system.slice" / f"{unique('corepipe-11')}.service"
+    unit.mkdir(parents=True)
+    yield unit
+    for directory in (unit, *made):
+        directory.rmdir()
+
+
+def test_host_processes_count_per_system_unit_or_uid(handler_dir: Path, crasher: Path, system_unit: Path) -> None:
+    """A root daemon in a system unit, then a flood of crashes by an unprivileged user: the user's crashes count
+    under its uid, so the daemon keeps its core and its rate limit (one shared ``host`` bucket gave both away)."""
+    exe = handler_dir / "crasher"
+    shutil.copy2(crasher, exe)
+    unit = system_unit.name
+
+    limit = set_core_limit(resource.RLIM_INFINITY)
+
+    def in_unit() -> None:
+        (system_unit / "cgroup.procs").write_text(str(os.getpid()))
+        limit()
+
+    def daemon(comm: str) -> None:
+        subprocess.run([str(exe), "0", comm], preexec_fn=in_unit, capture_output=True, timeout=120)
+    with installed_handler(handler_dir, CONFIG) as handler:
+        daemon("daemon1")
+        first = handler.wait_record(lambda r: r["comm"] == "daemon1")
+        flood = [f"user{i}" for i in range(4)]
+        for comm in flood:
+            _as_forger([str(exe), "0", comm])
+        users = [handler.wait_record(lambda r, c=c: r["comm"] == c) for c in flood]
+        daemon("daemon2")
+        second = handler.wait_record(lambda r: r["comm"] == "daemon2")
+    own = handler.store / "host" / unit
+    assert Path(first["_dir"]).parent == own and Path(second["_dir"]).parent == own
+    assert first["container"]["details"]["system_unit"] == unit
+    assert second["core"]["stored"] and (Path(first["_dir"]) / "core.zst").exists(), "the daemon lost a core"
+    assert all(Path(r["_dir"]).parent == handler.store / "uid" / str(FORGER) for r in users)
+    assert [r["core"]["stored"] for r in users].count(True) == 2
+    rate = json.loads((handler.store / ".state.json").read_text())["rate"]
+    assert len(rate[f"container:host/{unit}"]) == 2 and len(rate[f"container:uid/{FORGER}"]) == 2
