@@ -165,7 +165,7 @@ def test_64_simultaneous_crashes_across_containers(handler_dir: Path, crasher: P
             if max_use:
                 _check_tight(handler.store, recs, max_use)
                 return
-        assert all(p.returncode == -11 for p in procs)
+        assert all(p.returncode == 0 for p in procs)  # the shell StandIns.command puts in between exits 0
         by_group: dict = {}
         for r in recs:
             by_group.setdefault(r["container"]["id"], []).append(r)

@@ -295,3 +295,17 @@ def test_lxc_command_socket_names() -> None:
     """As liblxc names them; the hashed form is what a real ``lxc-start`` of a 96-character name bound here."""
     assert lxc.command_socket("/var/lib/lxc", "web1") == b"\0/var/lib/lxc/web1/command"
     assert lxc.command_socket("/var/lib/lxc", "cpt11-" + "x" * 90) == b"\0lxc/a169c497f8e98284/command"
+
+
+def test_docker_init_from_runcs_state_before_dockerd_records_it(tmp_path: Path) -> None:
+    """The init crashes at once: config.v2.json does not say Running yet, runc's state for Docker has the init."""
+    _docker(tmp_path, VICTIM, 0, running=False)
+    runc_state = tmp_path / "run/docker/runtime-runc/moby" / VICTIM
+    runc_state.mkdir(parents=True)
+    (runc_state / "state.json").write_text(json.dumps({"id": VICTIM, "init_process_pid": INIT}))
+    _proc(tmp_path, INIT, SCOPE, CONTAINER_NS)
+    found = _resolve(tmp_path, SCOPE, [CONTAINER_NS, HOST_NS], pid=INIT)
+    assert (found.confidence, found.details["init_pid"], found.name) == ("certain", INIT, "victim")
+    (runc_state / "state.json").unlink()
+    gone = _resolve(tmp_path, SCOPE, [CONTAINER_NS, HOST_NS], pid=INIT)
+    assert gone.confidence == "likely" and "records no init process" in gone.details["unconfirmed"]

@@ -1,8 +1,12 @@
 """Docker / Moby: ``/docker/<id>`` (cgroupfs driver) and ``docker-<id>.scope`` (systemd driver).
 
-State: ``<data-root>/containers/<id>/config.v2.json`` (name, image, labels); data-root is
-/var/lib/docker unless /etc/docker/daemon.json says otherwise. Labels that Kubernetes
-(dockershim, cri-dockerd) and Amazon ECS put on containers fill in the pod fields.
+State: ``<data-root>/containers/<id>/config.v2.json`` (name, image, labels, ``State.Pid``); data-root
+is /var/lib/docker unless /etc/docker/daemon.json says otherwise. Labels that Kubernetes
+(dockershim, cri-dockerd) and Amazon ECS put on containers fill in the pod fields. The init PID
+comes from ``State.Pid`` while ``State.Running``, else from the state runc keeps for Docker
+(``/run/docker/runtime-runc/moby/<id>/state.json``, written when the container is created): dockerd
+writes config.v2.json only after the start returns, so a process that crashes at once (a handler that
+answers fast, like ``corepipe serve``) may find it not yet running.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from corepipe.domain.containers import cgroup, state
+from corepipe.domain.containers import cgroup, runc, state
 from corepipe.domain.containers.model import Container
 from corepipe.domain.containers.state import HEX_ID
 
@@ -18,6 +22,7 @@ NAME = "docker"
 ENRICHES = (NAME,)
 DATA_ROOT = "var/lib/docker"
 DAEMON_JSON = "etc/docker/daemon.json"
+RUNC_ROOT = "run/docker/runtime-runc/moby"
 #: Labels -> Container fields, from Kubernetes (dockershim / cri-dockerd) and Amazon ECS.
 LABELS = {
     "io.kubernetes.pod.name": "pod_name",
@@ -74,4 +79,16 @@ def enrich(container: Container, deadline: state.Deadline, root: str) -> None:
     running = config.get("State") or {}
     if running.get("Running") is True and state.positive_int(running.get("Pid")):
         container.details["init_pid"] = running["Pid"]
+    else:
+        _init_from_runc(container, deadline, root)
     container.state_confirmed()
+
+
+def _init_from_runc(container: Container, deadline: state.Deadline, root: str) -> None:
+    try:
+        doc = state.read_json(runc.state_file(state.path(root, RUNC_ROOT), container.id), deadline)
+    except FileNotFoundError:
+        return  # the container is gone (or not made by runc): no init to check against
+    init = state.positive_int(doc.get("init_process_pid")) if isinstance(doc, dict) else None
+    if init:
+        container.details["init_pid"] = init
