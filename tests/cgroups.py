@@ -21,6 +21,19 @@ from pathlib import Path
 from support import need
 
 ROOTS = (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
+HIERARCHIES = Path("/sys/fs/cgroup")
+
+
+def remove_everywhere(parent: str) -> None:
+    """Remove the cgroup ``parent`` (a unique path of the test's own) and all below it, in every hierarchy: a
+    runtime removes a container's own cgroup but leaves the parents it made (in each v1 hierarchy, and cgroup2)."""
+    for top in (HIERARCHIES, *HIERARCHIES.iterdir()):
+        base = top / parent.strip("/")
+        if base.is_dir():
+            for directory in sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: len(p.parts),
+                                    reverse=True):
+                directory.rmdir()
+            base.rmdir()
 
 
 class FakeContainers:

@@ -14,10 +14,12 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cgroups import remove_everywhere
 from runtimes import PODMAN, PODMAN_ULIMITS, image, runc_bundle, unique
 from support import CRASH_LINE, decompress, gdb_backtrace, need, need_tool, set_core_limit, short_tempdir
 
@@ -248,19 +250,76 @@ def test_podman_conmon_crash_is_the_containers_monitor(kernel_handler, podman_im
     assert rec["comm"] == "conmon"
 
 
-def test_containerd_kubelet_systemd_cgroup(kernel_handler, ctr: list, rootfs: Path, crasher: Path,
-                                           tmp_path: Path) -> None:
-    """The kubelet's systemd-driver cgroupsPath ``<pod slice>:cri-containerd:<id>`` given to a cgroupfs runc, which
-    takes it as a directory name: pod, QoS and container from the path, names from the CRI annotations."""
+POD_SLICE = f"kubepods-besteffort-pod{CRI_ANNOTATIONS['io.kubernetes.cri.sandbox-uid'].replace('-', '_')}.slice"
+
+
+@pytest.mark.parametrize("parent, slice_name", [
+    ("", POD_SLICE), ("system.slice/containerd.service", POD_SLICE), ("", "batch-corepipe.slice"),
+], ids=["kubepods", "below-containerd-service", "not-kubepods"])
+def test_containerd_kubelet_systemd_cgroup(kernel_handler, ctr: list, rootfs: Path, crasher: Path, tmp_path: Path,
+                                           parent: str, slice_name: str) -> None:
+    """The kubelet's systemd-driver cgroupsPath ``<slice>:cri-containerd:<id>`` given to a cgroupfs runc, which
+    takes it as a directory name, under any parent (containerd's own unit, a slice that is not kubepods): the
+    container from the path's last field, QoS from a pod slice, names from the CRI annotations."""
     cid = unique("corepipe-11")
-    pod_uid = CRI_ANNOTATIONS["io.kubernetes.cri.sandbox-uid"]
-    cgroup = f"/kubepods-besteffort-pod{pod_uid.replace('-', '_')}.slice:cri-containerd:{cid}"
-    rec = _ctr_crash(kernel_handler, ctr, rootfs, cid, ["--cgroup", cgroup])
+    top = unique("/corepipe-11-parent")  # every parent below a root of this test's own, removed afterwards
+    cgroup = "/".join(filter(None, (top, parent, f"{slice_name}:cri-containerd:{cid}")))
+    try:
+        rec = _ctr_crash(kernel_handler, ctr, rootfs, cid, ["--cgroup", cgroup])
+    finally:
+        remove_everywhere(top)
     _check_filed(rec, kernel_handler.store, "containerd", cid)
     container = rec["container"]
-    assert container["cgroup"].endswith(cgroup) and container["details"]["qos"] == "besteffort"
+    assert container["cgroup"] == cgroup and container["details"]["cgroup_parent"] == slice_name
+    assert container["details"].get("qos") == ("besteffort" if slice_name == POD_SLICE else None)
+    pod_uid = CRI_ANNOTATIONS["io.kubernetes.cri.sandbox-uid"]
     assert (container["name"], container["pod_name"], container["pod_uid"]) == ("app", "web-7d4b9c-x2x5p", pod_uid)
     _check_core(rec, crasher, tmp_path)
+
+
+def test_containerd_custom_cgroup_parent(kernel_handler, ctr: list, rootfs: Path) -> None:
+    """A 64-hex container under a parent of the client's choosing (``nerdctl --cgroup-parent``, Nomad): no runtime's
+    layout, so the id is looked up in each runtime's state, and containerd's confirms it."""
+    cid = uuid.uuid4().hex + uuid.uuid4().hex
+    top = unique("/corepipe-11-parent")
+    try:
+        rec = _ctr_crash(kernel_handler, ctr, rootfs, cid, ["--cgroup", f"{top}/nomad/{cid}"])
+    finally:
+        remove_everywhere(top)
+    _check_filed(rec, kernel_handler.store, "containerd", cid)
+    assert rec["container"]["cgroup"] == f"{top}/nomad/{cid}" and rec["container"]["name"] == "app"
+
+
+# Cloud Foundry Garden (Guardian runs each container with runc, named by its handle) ------------
+
+@pytest.mark.parametrize("mode, parent", [("runc", "garden"), ("containerd", "system.slice/garden.service/garden")])
+def test_garden(kernel_handler, ctr: list, rootfs: Path, tmp_path: Path, mode: str, parent: str) -> None:
+    """A container in ``garden/<handle>`` (as Guardian puts it, also below garden.service), run as Guardian runs
+    it: by runc itself (runc mode) or by containerd in its ``garden`` namespace; runc's state confirms it."""
+    handle = unique("corepipe-11-garden")
+    top = unique("/corepipe-11-parent")
+    cgroup = f"{top}/{parent}/{handle}"
+    try:
+        if mode == "runc":
+            bundle = runc_bundle(tmp_path, rootfs, ["/crasher", "0", "garden"])
+            config = json.loads((bundle / "config.json").read_text())
+            config["linux"]["cgroupsPath"] = cgroup
+            (bundle / "config.json").write_text(json.dumps(config))
+            try:
+                subprocess.run(["runc", "run", handle], cwd=bundle, capture_output=True, timeout=120,
+                               stdin=subprocess.DEVNULL)
+                rec = kernel_handler.wait_record(lambda r: r["comm"] == "garden")
+            finally:
+                subprocess.run(["runc", "delete", "-f", handle], capture_output=True)
+        else:
+            garden = [arg if arg != "k8s.io" else "garden" for arg in ctr]
+            rec = _ctr_crash(kernel_handler, garden, rootfs, handle, ["--cgroup", cgroup])
+    finally:
+        remove_everywhere(top)
+    _check_filed(rec, kernel_handler.store, "garden", handle)
+    container = rec["container"]
+    assert container["cgroup"] == cgroup and container["name"] == handle
+    assert container["source"] == "cgroup+state+pidns" and container["details"]["init_pid"] > 0
 
 
 # LXC (lxc-start on a busybox rootfs, no network) --------------------------------------------------

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cgroups import FakeContainers
+from cgroups import FakeContainers, crash_in, remove_everywhere
 from runtimes import unique
 from support import installed_handler, need, served_handler, set_core_limit, wait_for
 
@@ -85,9 +85,11 @@ def test_forgeries_by_an_unprivileged_user_never_reach_the_victim(victim: tuple,
         first = handler.wait_record(lambda r: r["comm"] == "victim1")
         forged = []
         # 1. docker-<victim id>.scope (then a fresh fake id per crash, and other runtimes' names) in its subtree.
+        pod = f"kubepods-besteffort-pod{str(uuid.uuid4()).replace('-', '_')}.slice"
         for i, scope in enumerate([f"docker-{vid}.scope", f"docker-{_fake_id()}.scope", f"docker-{_fake_id()}.scope",
-                                   f"libpod-{vid}.scope", f"crio-{vid}.scope"]):
-            script = f'mkdir {app}/{scope} && echo $$ > {app}/{scope}/cgroup.procs && exec {evil} 0 scope{i}'
+                                   f"libpod-{vid}.scope", f"crio-{vid}.scope", f"{pod}/cri-containerd-{vid}.scope",
+                                   f"lxc.payload.{name}"]):
+            script = f'mkdir -p {app}/{scope} && echo $$ > {app}/{scope}/cgroup.procs && exec {evil} 0 scope{i}'
             _as_forger(["sh", "-c", script], cgroup=app)
             forged.append(f"scope{i}")
         # 2. The victim's hostname file, forged and bind-mounted over /etc/hostname in a user namespace.
@@ -116,7 +118,10 @@ def test_forgeries_by_an_unprivileged_user_never_reach_the_victim(victim: tuple,
         container = rec["container"]
         assert Path(rec["_dir"]).parent == handler.store / "uid" / str(FORGER), (comm, rec["_dir"])
         assert container["confidence"] != "certain" and container["details"]["unconfirmed"], (comm, container)
-        assert container["name"] is None and container["image"] is None, (comm, container)
+        # No name the victim's state gives (an LXC container's name is its id, seen in the cgroup).
+        assert container["name"] in (None, container["id"]) and container["image"] is None, (comm, container)
+        if comm != "hostname":  # in its delegated subtree: its own rootless container at most, attributed to it
+            assert container["details"]["rootless"] is True and container["details"]["owner_uid"] == FORGER, comm
     seen = recs["hostname"]["container"]
     assert seen["id"] == vid and seen["source"].startswith("mountinfo")
     assert seen["details"]["state_says"]["name"] == name, "what the victim's state says is kept apart"
@@ -140,13 +145,27 @@ def test_docker_custom_cgroup_parent(kernel_handler, docker_image: str) -> None:
         rec = kernel_handler.wait_record(lambda r: r["comm"] == "cgparent")
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
-        for made in [*Path("/sys/fs/cgroup").glob(f"*{parent}"), Path(f"/sys/fs/cgroup{parent}")]:
-            if made.is_dir():  # dockerd leaves the parent it made (in each v1 hierarchy, or in cgroup2)
-                made.rmdir()
+        remove_everywhere(parent)
     container = rec["container"]
     assert (container["runtime"], container["id"], container["name"]) == ("docker", cid, name)
     assert container["cgroup"] == f"{parent}/{cid}" and container["confidence"] == "certain", container
     assert Path(rec["_dir"]).parent == kernel_handler.store / "docker" / cid and rec["core"]["stored"]
+
+
+def test_an_unconfirmed_hex_leaf_is_unknown_never_host(kernel_handler, crasher: Path,
+                                                       fake_containers: FakeContainers) -> None:
+    """A 64-hex leaf under a custom parent (as Nomad or nerdctl make one) that no runtime's state names: an
+    ``unknown`` runtime with the id that was seen, counted under the crashing uid, never the host."""
+    cid = _fake_id()
+    leaf = fake_containers.parent / "nomad" / cid
+    leaf.mkdir(parents=True)
+    crash_in(fake_containers, leaf, [str(crasher), "0", "hexleaf"])
+    rec = kernel_handler.wait_record(lambda r: r["comm"] == "hexleaf")
+    container = rec["container"]
+    assert (container["runtime"], container["id"]) == ("unknown", cid), container
+    assert container["cgroup"].endswith(f"/nomad/{cid}") and container["confidence"] != "certain"
+    assert "does not confirm" in container["details"]["unconfirmed"]
+    assert Path(rec["_dir"]).parent == kernel_handler.store / "uid" / str(os.getuid()) and rec["core"]["stored"]
 
 
 def test_a_pid_namespace_nested_in_a_container_is_that_container(kernel_handler, docker_image: str) -> None:
