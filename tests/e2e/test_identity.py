@@ -133,6 +133,44 @@ def test_forgeries_by_an_unprivileged_user_never_reach_the_victim(victim: tuple,
     assert len(rate[f"container:docker/{vid}"]) == 2
 
 
+def test_outside_user_slice_the_namespaces_decide(victim: tuple, handler_dir: Path, crasher: Path,
+                                                  system_unit: Path) -> None:
+    """Where no ``user@UID.service`` marks a subtree as a user's, the kernel's namespaces still decide: the forger's
+    ``docker-<victim id>.scope`` in a system service's subtree delegated to it (``Delegate=yes`` with ``User=``),
+    and a host process that root moved into the victim's very cgroup. Neither is in the PID namespace of the
+    init Docker's state records, so each counts under its own uid, and the victim's name is not theirs."""
+    name, vid = victim
+    exe = handler_dir / "crasher"
+    shutil.copy2(crasher, exe)
+    for path in (system_unit, system_unit / "cgroup.procs"):
+        os.chown(path, FORGER, FORGER)
+    init = subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", name], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    own = next(line.split(":", 2)[2] for line in Path(f"/proc/{init}/cgroup").read_text().splitlines()
+               if line.split(":")[1] == "pids")
+    limit = set_core_limit(resource.RLIM_INFINITY)
+    enter = FakeContainers.join_dir(Path("/sys/fs/cgroup/pids" + own))
+
+    def into_victim() -> None:
+        enter()
+        limit()
+    with installed_handler(handler_dir, CONFIG) as handler:
+        scope = system_unit / f"docker-{vid}.scope"
+        _as_forger(["sh", "-c", f"mkdir {scope} && echo $$ > {scope}/cgroup.procs && exec {exe} 0 svcscope"],
+                   cgroup=system_unit)
+        subprocess.run([str(exe), "0", "intovictim"], preexec_fn=into_victim, capture_output=True, timeout=120)
+        forged = handler.wait_record(lambda r: r["comm"] == "svcscope")
+        moved = handler.wait_record(lambda r: r["comm"] == "intovictim")
+    for rec, uid, why in ((forged, FORGER, "is not in the container's cgroup"),
+                          (moved, os.getuid(), "not in the PID namespace of the container's init")):
+        container = rec["container"]
+        assert (container["runtime"], container["id"]) == ("docker", vid), container
+        assert container["confidence"] != "certain" and why in container["details"]["unconfirmed"], container
+        assert container["name"] is None and container["details"]["state_says"]["name"] == name
+        assert Path(rec["_dir"]).parent == handler.store / "uid" / str(uid) and rec["core"]["stored"]
+    assert not (handler.store / "docker").exists()
+
+
 def test_docker_custom_cgroup_parent(kernel_handler, docker_image: str) -> None:
     """``docker run --cgroup-parent``: a 64-hex leaf in an unfamiliar path that Docker's state confirms."""
     parent = f"/{unique('corepipe-11-parent')}"
@@ -240,7 +278,7 @@ def test_docker_in_docker(kernel_handler, docker_image: str, rootfs: Path) -> No
 @pytest.fixture
 def system_unit() -> Path:
     """A cgroup as systemd makes one for a system service, ``system.slice/<unit>`` in the v2 hierarchy (what
-    corepipe reads first), made by hand (no systemd here) and removed afterwards."""
+    corepipe reads first), made by hand (no systemd here) and removed afterwards with the cgroups made in it."""
     root = next((r for r in (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
                  if (r / "cgroup.controllers").exists()), None)
     need(root is not None and os.access(root, os.W_OK), "needs a writable cgroup2 hierarchy (root)")
@@ -248,7 +286,7 @@ def system_unit() -> Path:
     unit = root / "system.slice" / f"{unique('corepipe-11')}.service"
     unit.mkdir(parents=True)
     yield unit
-    for directory in (unit, *made):
+    for directory in (*unit.glob("*/"), unit, *made):  # with the cgroups a test made below the unit
         directory.rmdir()
 
 
