@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from cgroups import FakeContainers, crash_in, remove_everywhere
 from runtimes import unique
-from support import installed_handler, need, served_handler, set_core_limit, wait_for
+from support import NO_RATE_LIMIT, installed_handler, mounted_tmpfs, need, served_handler, set_core_limit, wait_for
 
 FORGER = 54321
 CONFIG = "rate_limit_container = 2\nrate_limit_exe = 0\ncontainer_max_cores = 2\nrate_limit_window = 3600\n"
@@ -60,24 +60,29 @@ def _as_forger(argv: list, cgroup: Path = None, **kwargs) -> subprocess.Complete
     return subprocess.run(argv, preexec_fn=preexec, capture_output=True, timeout=120, **kwargs)
 
 
+@pytest.fixture
+def forger(handler_dir: Path, crasher: Path, fake_containers: FakeContainers) -> tuple:
+    """The forger's own world: a home with a crasher it may run (and where it may forge files), and the
+    ``app.slice`` of the cgroup subtree delegated to it (``user@FORGER.service``); yields (home, app.slice)."""
+    home = handler_dir / "forger"
+    home.mkdir()
+    shutil.copy2(crasher, home / "crasher")
+    os.chown(home, FORGER, FORGER)
+    app = fake_containers.parent / "user.slice" / f"user-{FORGER}.slice" / f"user@{FORGER}.service" / "app.slice"
+    app.mkdir(parents=True)
+    for path in (app, app / "cgroup.procs"):
+        os.chown(path, FORGER, FORGER)
+    return home, app
+
+
 @pytest.mark.parametrize("mode", ["pipe", "socket"])
-def test_forgeries_by_an_unprivileged_user_never_reach_the_victim(victim: tuple, handler_dir: Path,
-                                                                  crasher: Path, fake_containers: FakeContainers,
+def test_forgeries_by_an_unprivileged_user_never_reach_the_victim(victim: tuple, handler_dir: Path, forger: tuple,
                                                                   mode: str) -> None:
     """The same in pipe mode (``corepipe collect``) and socket mode (``corepipe serve`` decides on the identity
     before the dump, then stores the crash in-process): the same confirmation, the same records."""
     need(shutil.which("unshare") is not None, "needs unshare")
     name, vid = victim
-    # The forger's own world: a crasher it may run, a directory for its forged files, its delegated subtree.
-    home = handler_dir / "forger"
-    home.mkdir()
-    shutil.copy2(crasher, home / "crasher")
-    os.chown(home, FORGER, FORGER)
-    delegated = fake_containers.parent / "user.slice" / f"user-{FORGER}.slice" / f"user@{FORGER}.service"
-    (delegated / "app.slice").mkdir(parents=True)
-    for path in (delegated / "app.slice", delegated / "app.slice" / "cgroup.procs"):
-        os.chown(path, FORGER, FORGER)
-    app = delegated / "app.slice"
+    home, app = forger
     evil = home / "crasher"
     serve = served_handler if mode == "socket" else installed_handler
     with serve(handler_dir, CONFIG) as handler:
@@ -131,6 +136,35 @@ def test_forgeries_by_an_unprivileged_user_never_reach_the_victim(victim: tuple,
                                            for c, kept in zip(forged, stored) if not kept)
     rate = json.loads((handler.store / ".state.json").read_text())["rate"]
     assert len(rate[f"container:docker/{vid}"]) == 2
+
+
+def test_a_forgers_flood_of_fake_ids_evicts_only_its_own_cores(victim: tuple, handler_dir: Path,
+                                                               forger: tuple) -> None:
+    """Big crashes, each in a fresh ``docker-<fake id>.scope`` of the forger's subtree, until the store is over
+    max_use: making room takes the forger's own oldest cores (one group, its uid's), never the victim's."""
+    name, vid = victim
+    home, app = forger
+    max_use = 6 << 20
+    config = f"max_use = {max_use}\nkeep_free = 0\n" + NO_RATE_LIMIT
+    with mounted_tmpfs(handler_dir / "store", "64m"), installed_handler(handler_dir, config) as handler:
+        _victim_crash(name, "victim")
+        victim_rec = handler.wait_record(lambda r: r["comm"] == "victim")
+        flood = [f"flood{i}" for i in range(6)]
+        for comm in flood:
+            scope = app / f"docker-{_fake_id()}.scope"
+            _as_forger(["sh", "-c", f"mkdir {scope} && echo $$ > {scope}/cgroup.procs && exec {home}/crasher 4 {comm}"],
+                       cgroup=app)
+            handler.wait_record(lambda r, c=comm: r["comm"] == c)
+        recs = {r["comm"]: r for r in handler.records()}
+        kept = (Path(victim_rec["_dir"]) / "core.zst").exists()  # before the store's tmpfs goes
+    assert Path(victim_rec["_dir"]).parent == handler.store / "docker" / vid
+    assert recs["victim"]["core"]["stored"] and kept, "the victim lost its core"
+    stored = [recs[c]["core"]["stored"] for c in flood]
+    assert stored[0] is False and stored[-1] is True and stored == sorted(stored), stored
+    for comm in flood:
+        assert Path(recs[comm]["_dir"]).parent == handler.store / "uid" / str(FORGER)
+        if not recs[comm]["core"]["stored"]:
+            assert f"uid/{FORGER} uses the most" in recs[comm]["core"]["reason"], recs[comm]["core"]
 
 
 def test_outside_user_slice_the_namespaces_decide(victim: tuple, handler_dir: Path, crasher: Path,
