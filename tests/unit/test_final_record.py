@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import host_dir
 from test_collect_handler import _args, _collect
 
 from corepipe.domain import binaries, postmortem
@@ -69,14 +70,15 @@ def test_a_planted_link_where_the_crash_goes_is_recorded_in_failed(tmp_path: Pat
     store.mkdir(mode=0o700)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    (store / "host").symlink_to(elsewhere)
+    top = host_dir(store).relative_to(store).parts[0]  # this process's policy group: host/<unit> or uid/<uid>
+    (store / top).symlink_to(elsewhere)
     proc, records = _collect(tmp_path, _args(os.getpid()), store=store)
     assert proc.returncode == 1 and proc.stderr == b""
     assert list(elsewhere.iterdir()) == []  # the link was not followed
     [crash] = (store / FAILED).iterdir()
     rec = json.loads((crash / "record.json").read_text())
     assert rec["status"] == "failed" and rec["core"]["stored"] is False
-    assert "cannot create its directory under host" in rec["core"]["reason"]
+    assert f"cannot create its directory under {top}/" in rec["core"]["reason"]
     assert oct(crash.stat().st_mode & 0o777) == "0o700" and oct((store / FAILED).stat().st_mode & 0o777) == "0o700"
     listed = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(tmp_path / "c.toml"), "list", "--json"],
                             capture_output=True, text=True, check=True)
