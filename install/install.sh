@@ -4,7 +4,10 @@
 # 1. python3 with venv (apt-get on Debian/Ubuntu when missing), and busybox-static when Docker is
 #    present (the selftest's throwaway container needs a static busybox);
 # 2. a virtualenv at $COREPIPE_PREFIX (/opt/corepipe) with this checkout installed into it;
-# 3. `corepipe install` (launcher $COREPIPE_BIN, config $COREPIPE_CONFIG), then `corepipe selftest`.
+# 3. `corepipe install` (launcher $COREPIPE_BIN, config $COREPIPE_CONFIG), then `corepipe selftest`;
+# 4. with COREPIPE_SHIP_TO=az://CONTAINER/PREFIX or s3://BUCKET/PREFIX: the SDK extra and the resident
+#    shipper (install/systemd/corepipe-ship.service), node name $COREPIPE_SHIP_NODE (default: host name),
+#    credentials' settings from the AZURE_* / AWS_* variables in install.sh's environment (README, "Shipping").
 # Safe to run again: it upgrades the virtualenv in place and install changes only what differs.
 set -euo pipefail
 src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -80,3 +83,33 @@ if [ "$mode" = socket ]; then
 fi
 
 "$bin" selftest --config "$config"
+
+ship_to="${COREPIPE_SHIP_TO:-}"
+if [ -n "$ship_to" ]; then
+    case "$ship_to" in
+        az://*) extra=azure ;;
+        s3://*) extra=s3 ;;
+        *) die "COREPIPE_SHIP_TO=$ship_to: use az://CONTAINER/PREFIX or s3://BUCKET/PREFIX" ;;
+    esac
+    say "installing the $extra extra for shipping to $ship_to"
+    "$prefix/bin/pip" install -q --disable-pip-version-check "$src[$extra]"
+    env_file="$(dirname "$config")/ship.env"
+    umask 077
+    {
+        echo "COREPIPE_SHIP_TO=$ship_to"
+        echo "COREPIPE_SHIP_NODE=${COREPIPE_SHIP_NODE:-$(hostname -s)}"
+        env | grep -E '^(AZURE_(STORAGE_ACCOUNT_URL|STORAGE_CONNECTION_STRING|STORAGE_SAS_TOKEN|CLIENT_ID|TENANT_ID|FEDERATED_TOKEN_FILE|AUTHORITY_HOST)|AWS_(ENDPOINT_URL|ENDPOINT_URL_S3|REGION|DEFAULT_REGION|PROFILE|ACCESS_KEY_ID|SECRET_ACCESS_KEY|SESSION_TOKEN|ROLE_ARN|WEB_IDENTITY_TOKEN_FILE))=' || true
+    } > "$env_file.tmp"
+    mv "$env_file.tmp" "$env_file"
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+        sed -e "s|^EnvironmentFile=.*|EnvironmentFile=$env_file|" \
+            -e "s|^ExecStart=/usr/local/bin/corepipe |ExecStart=$bin --config $config |" \
+            "$src/install/systemd/corepipe-ship.service" > "$units/corepipe-ship.service"
+        systemctl daemon-reload
+        systemctl enable corepipe-ship.service >/dev/null
+        systemctl restart corepipe-ship.service
+        say "enabled corepipe-ship.service (resident 'corepipe ship --to $ship_to'); 'corepipe status' shows its backlog"
+    else
+        say "systemd is not running: run '$bin --config $config ship' (resident) with the settings in $env_file"
+    fi
+fi

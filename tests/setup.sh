@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs everything the tests need on a fresh Debian machine: system packages, a venv, corepipe[test].
+# Installs everything the tests need on a fresh Debian machine: system packages, a venv, corepipe[test]
+# (with the azure and s3 SDKs and moto's S3 server), and Azurite under .servers/ (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-packages=(gcc libc6-dev gdb zstd util-linux busybox-static elfutils runc docker.io podman containerd prometheus fuse3 libfuse3-dev pkg-config lxc)
+packages=(gcc libc6-dev gdb zstd util-linux busybox-static elfutils runc docker.io podman containerd prometheus fuse3 libfuse3-dev pkg-config lxc nodejs)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -16,3 +17,6 @@ if ! grep -q '^default_ulimits' /etc/containers/containers.conf 2>/dev/null; the
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -e '.[test]'
+# Azurite, Microsoft's Azure Storage emulator, for the shipping tests (tests/objectstores.py).
+[ -x .servers/azurite/node_modules/.bin/azurite-blob ] ||
+    npm install --prefix .servers/azurite --no-audit --no-fund --silent azurite

@@ -13,6 +13,16 @@ set -eu
 node_pid="${COREPIPE_NODE_PID:-1}"
 mode_file=/tmp/corepipe-pod-mode   # the pod's own /run is the node's, read-only
 on_node() { /usr/bin/nsenter --target "$node_pid" --mount --uts --ipc --net --pid --cgroup -- "$@"; }
+# COREPIPE_SHIP_TO set: `corepipe ship` runs here, in the pod (its credentials are the pod's Secret or workload
+# identity, never the node's or a crashed container's), on the node's store, mounted at the same path.
+start_shipper() {
+    [ -n "${COREPIPE_SHIP_TO:-}" ] || return 1
+    printf 'store = "%s"\ndelete_after_ship = %s\n' "${COREPIPE_STORE:-/var/lib/corepipe}" \
+        "${COREPIPE_DELETE_AFTER_SHIP:-false}" > /tmp/corepipe-ship.toml
+    /opt/corepipe/bin/python -I -m corepipe --config /tmp/corepipe-ship.toml ship --to "$COREPIPE_SHIP_TO" \
+        --node "${NODE_NAME:-$(hostname)}" &
+    shipper=$!
+}
 
 if [ "${1:-}" = stop ]; then   # the preStop hook
     if [ "$(cat "$mode_file" 2>/dev/null)" = pipe ]; then
@@ -32,9 +42,21 @@ if [ "$mode" = socket ]; then
     mkdir -p /etc/corepipe
     printf 'store = "%s"\n' "$store" > /etc/corepipe/config.toml
     echo "corepipe: socket mode: serving /run/corepipe/coredump.socket in this pod"
-    # shellcheck disable=SC2086 # COREPIPE_SERVE_ARGS is a list of options
-    exec /opt/corepipe/bin/python -I -m corepipe serve --config /etc/corepipe/config.toml \
-        --socket /run/corepipe/coredump.socket --run-dir /run/corepipe --host-pid "$node_pid" ${COREPIPE_SERVE_ARGS:-}
+    serve="/opt/corepipe/bin/python -I -m corepipe serve --config /etc/corepipe/config.toml \
+        --socket /run/corepipe/coredump.socket --run-dir /run/corepipe --host-pid $node_pid ${COREPIPE_SERVE_ARGS:-}"
+    if ! start_shipper; then
+        # shellcheck disable=SC2086 # a command line of options
+        exec $serve
+    fi
+    # shellcheck disable=SC2086
+    $serve &
+    server=$!
+    # SIGTERM: the server finishes the crashes it has taken and puts the pattern back; the shipper stops.
+    trap 'kill -TERM "$server" "$shipper" 2>/dev/null || true' TERM INT
+    wait "$server" || true
+    wait "$server" 2>/dev/null || true
+    kill -TERM "$shipper" 2>/dev/null || true
+    exit 0
 fi
 
 host_src="${COREPIPE_HOST_SRC:-/opt/corepipe-src}"   # the hostPath mounted at /host-src
@@ -43,6 +65,12 @@ cp -a /corepipe /host-src/checkout
 # shellcheck disable=SC2086 # COREPIPE_INSTALL_ARGS is a list of options
 on_node bash "$host_src/checkout/install/install.sh" --mode pipe --store "${COREPIPE_STORE:-/var/lib/corepipe}" \
     ${COREPIPE_INSTALL_ARGS:-}
+if start_shipper; then
+    trap 'kill "$shipper" 2>/dev/null; exit 0' TERM INT
+    echo "corepipe installed on the node; shipping its crashes to $COREPIPE_SHIP_TO"
+    wait "$shipper" || true
+    exit 1  # the shipper stopped by itself: let the kubelet restart the pod
+fi
 echo "corepipe installed on the node; waiting (the preStop hook uninstalls it when this pod is removed)"
 trap 'exit 0' TERM INT
 while :; do sleep 3600 & wait $!; done

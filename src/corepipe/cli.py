@@ -28,6 +28,7 @@ COMMANDS = {
     "prune": "prune_cmd",
     "serve": "serve_cmd",
     "metrics": "metrics_cmd",
+    "ship": "ship_cmd",
 }
 
 

@@ -1,17 +1,23 @@
-"""What list, info, extract, debug and rm share: the store from the config, id lookup, output helpers."""
+"""What list, info, extract, debug and rm share: the store from the config (or, with ``--remote URL``, the
+crashes shipped to an object store: domain/fleet.RemoteCatalog), id lookup, output helpers."""
 
 from __future__ import annotations
 
 import argparse
 import calendar
+import contextlib
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from typing import Optional
 
 from corepipe.domain import catalog
 from corepipe.platform import config as configuration
+from corepipe.platform import objectstore
 from corepipe.platform.errors import UserError
 from corepipe.platform.log import clean
 from corepipe.platform.store import PARTIAL_CORE, core_file
@@ -46,6 +52,18 @@ def all_records(root: str) -> list:
 
 def lookup(ns: argparse.Namespace, prefix: Optional[str]) -> tuple:
     """The crash named by an id prefix (the latest when None), as (path, record)."""
+    remote = _remote(ns)
+    if remote is not None:
+        try:
+            items = remote.items(ns.node)
+            if prefix is None and not items:
+                raise catalog.LookupFailed(f"no crashes in {ns.remote}")
+            path, _summary = items[-1] if prefix is None else catalog.select(items, prefix)
+            return path, remote.record(path)
+        except catalog.LookupFailed as exc:
+            raise UserError(str(exc)) from None
+        except objectstore.DestinationError as exc:
+            raise UserError(f"cannot read {ns.remote}: {exc}") from None
     root = store_root(ns)
     problems: list = []
     try:
@@ -59,6 +77,67 @@ def lookup(ns: argparse.Namespace, prefix: Optional[str]) -> tuple:
     return found
 
 
+def add_remote_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--remote", metavar="URL",
+                        help="read the crashes shipped to URL (az://CONTAINER/PREFIX, s3://BUCKET/PREFIX) "
+                             "instead of the local store; credentials as for 'corepipe ship'")
+    parser.add_argument("--node", metavar="NAME", help="with --remote: only the crashes node NAME shipped")
+
+
+def _remote(ns: argparse.Namespace):  # -> Optional[fleet.RemoteCatalog]; fleet is imported only for --remote
+    url = getattr(ns, "remote", None)
+    if url is None:
+        if getattr(ns, "node", None) is not None:
+            raise UserError("--node needs --remote URL", 2)
+        return None
+    from corepipe.domain import fleet
+
+    if getattr(ns, "remote_catalog", None) is not None:
+        return ns.remote_catalog
+    try:
+        ns.remote_catalog = fleet.RemoteCatalog(objectstore.open_destination(url))
+        return ns.remote_catalog
+    except ValueError as exc:
+        raise UserError(str(exc), 2) from None
+    except objectstore.DestinationError as exc:
+        raise UserError(f"cannot read {url}: {exc}") from None
+
+
+def records(ns: argparse.Namespace) -> list:
+    """(path, record) of every crash in the store, or shipped to ``--remote`` (a summary record each)."""
+    remote = _remote(ns)
+    if remote is None:
+        return all_records(store_root(ns))
+    try:
+        return remote.items(ns.node)
+    except objectstore.DestinationError as exc:
+        raise UserError(f"cannot list {ns.remote}: {exc}") from None
+
+
+@contextlib.contextmanager
+def local_copy(ns: argparse.Namespace, path: str, rec: dict, with_binaries: bool = False) -> Iterator[tuple]:
+    """(crash directory, store root) on local disk: the store's own, or for ``--remote`` a private temporary
+    directory holding the downloaded core (and binaries), removed afterwards."""
+    remote = _remote(ns)
+    if remote is None:
+        yield path, store_root(ns)
+        return
+    work = tempfile.mkdtemp(prefix="corepipe-remote-")
+    try:
+        crash_dir = os.path.join(work, "crash")
+        os.mkdir(crash_dir, 0o700)
+        try:
+            if (rec.get("core") or {}).get("stored"):
+                remote.fetch_core(path, rec, crash_dir)
+            for warning in remote.fetch_binaries(rec, work) if with_binaries else []:
+                print(f"corepipe: warning: {warning}", file=sys.stderr)
+        except objectstore.DestinationError as exc:
+            raise UserError(f"cannot download {path}: {exc}") from None
+        yield crash_dir, work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def core_state(path: str, rec: dict) -> str:
     """present, truncated, partial (the dump was cut short), missing (recorded but gone), none (not stored)
     or collecting."""
@@ -68,7 +147,8 @@ def core_state(path: str, rec: dict) -> str:
     name = core_file(rec)
     if not core.get("stored") or name is None:
         return "none"
-    if not os.path.lexists(os.path.join(path, name)):
+    # A shipped crash's record object is uploaded only after its core is verified.
+    if not objectstore.is_url(path) and not os.path.lexists(os.path.join(path, name)):
         return "missing"
     if name == PARTIAL_CORE:
         return "partial"

@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="debugger command (default gdb); others get EXE CORE and $COREPIPE_SYSROOT")
     parser.add_argument("args", nargs="*", metavar="-- ARGS",
                         help="more debugger arguments after '--' (options go before ID), e.g. ID -- -batch -ex bt")
+    crashes.add_remote_option(parser)
 
 
 def links(store: str, rec: dict) -> list:
@@ -112,7 +113,11 @@ def run(ns: argparse.Namespace) -> int:
         crash_id, extra = None, [crash_id] + extra
     debugger = debugger_argv(ns.debugger)
     path, rec = crashes.lookup(ns, crash_id)
-    store = crashes.store_root(ns)
+    with crashes.local_copy(ns, path, rec, with_binaries=True) as (local, store):
+        return _debug(local, store, rec, debugger, extra)
+
+
+def _debug(path: str, store: str, rec: dict, debugger: list, extra: list) -> int:
     try:
         source = unpack.open_core(path, rec)
     except unpack.CoreError as exc:

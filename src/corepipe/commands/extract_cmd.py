@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", nargs="?", help="crash id or a unique prefix of it (default: the latest)")
     parser.add_argument("-o", "--output", metavar="FILE",
                         help="write here (a new 0600 file, replacing FILE); '-' or omitted: stdout, not a terminal")
+    crashes.add_remote_option(parser)
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -24,6 +25,11 @@ def run(ns: argparse.Namespace) -> int:
     to_stdout = ns.output in (None, "-")
     if to_stdout and sys.stdout.isatty():
         raise UserError("refusing to write a core to a terminal; use -o FILE or a pipe", 2)
+    with crashes.local_copy(ns, path, rec) as (local, _store):
+        return _extract(local, rec, ns.output, to_stdout)
+
+
+def _extract(path: str, rec: dict, output: str, to_stdout: bool) -> int:
     try:
         source = unpack.open_core(path, rec)
     except unpack.CoreError as exc:
@@ -33,13 +39,13 @@ def run(ns: argparse.Namespace) -> int:
             sys.stdout.flush()
             unpack.to_fd(source, rec, sys.stdout.fileno())
             return 0
-        _to_file(source, rec, ns.output)
+        _to_file(source, rec, output)
     except unpack.CoreError as exc:
         raise UserError(f"{exc}; nothing complete was written") from None
     finally:
         os.close(source)
     partial = " of a partial core (the dump was cut short)" if rec["core"].get("complete") is False else ""
-    print(f"wrote {rec['core']['size']} bytes{partial} ({digest.stated(rec['core'])[0]} verified) to {ns.output}",
+    print(f"wrote {rec['core']['size']} bytes{partial} ({digest.stated(rec['core'])[0]} verified) to {output}",
           file=sys.stderr)
     return 0
 

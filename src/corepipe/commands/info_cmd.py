@@ -17,6 +17,7 @@ HELP = "show one crash in full, with its backtrace if one was taken (default: th
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", nargs="?", help="crash id or a unique prefix of it (default: the latest)")
     parser.add_argument("--json", action="store_true", help="print the record as JSON (see README)")
+    crashes.add_remote_option(parser)
 
 
 def _line(out: list, key: str, value: object) -> None:

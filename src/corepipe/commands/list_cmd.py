@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", action="store_true",
                         help="one row per signature: count, cores, first and last seen, containers, a sample id")
     parser.add_argument("--json", action="store_true", help="print one JSON array of records (see README)")
+    crashes.add_remote_option(parser)
 
 
 def _image_matches(image: str, wanted: str) -> bool:
@@ -106,7 +107,7 @@ def row(path: str, rec: dict) -> list:
 
 
 def run(ns: argparse.Namespace) -> int:
-    items = crashes.all_records(crashes.store_root(ns))
+    items = crashes.records(ns)
     if ns.signature is not None:
         items = with_signature(items, ns.signature)
     items = [(path, rec) for path, rec in items if matches(rec, ns)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 from corepipe.commands.crashes import human_size as size
 from corepipe.commands.install_cmd import add_config_option, paths
@@ -16,6 +17,10 @@ HELP = ("show whether corepipe is the active core handler and what its store hol
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_option(parser)
     parser.add_argument("--json", action="store_true", help="print the facts as JSON")
+
+
+def _when(stamp: object) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp)) if isinstance(stamp, (int, float)) else "?"
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -58,6 +63,13 @@ def run(ns: argparse.Namespace) -> int:
             where = "host" if crash["runtime"] == "host" else f"{crash['runtime']}/{(crash['container'] or '?')[:12]}"
             print(f"  {crash['time']}  {where:<20} pid {crash['pid']} ({crash['comm'] or '?'}) "
                   f"{crash['signal'] or '?'}  core {size(crash['core_size'])}  {crash['status']}")
+    ship = store.get("ship")
+    if ship:
+        print(f"shipping: to {ship.get('destination')} as node {ship.get('node')}: {ship['backlog']} crashes not "
+              f"shipped yet; last sweep {_when(ship.get('time'))} {'ok' if ship.get('ok') else 'FAILED'}")
+        error = ship.get("last_error") or {}
+        if error:
+            print(f"shipping: last error ({_when(error.get('time'))}): {error.get('message')}")
     for error in store["errors"]:
         print(f"unreadable: {error}")
     return facts["code"]

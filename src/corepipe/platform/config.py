@@ -103,6 +103,15 @@ class Config:
     exclude_images: list = field(default_factory=list)
     #: ``corepipe prune`` deletes crashes older than this many days; 0: keep them.
     max_age_days: int = 30
+    #: ``corepipe ship``: destination URL (az://CONTAINER/PREFIX or s3://BUCKET/PREFIX; "" ships nothing), the
+    #: node name in the object keys ("" the host name), delete the local crash once its upload is verified,
+    #: upload bandwidth cap (bytes/s, 0 none), parts in flight, and the longest wait between retries (s).
+    ship_to: str = ""
+    ship_node: str = ""
+    delete_after_ship: bool = False
+    ship_bandwidth: int = 0
+    ship_concurrency: int = 4
+    ship_retry_max: int = 300
     #: The path it was loaded from, or None for the built-in defaults.
     path: Optional[str] = None
 
@@ -167,13 +176,23 @@ def _validate(name: str, value: object, where: str) -> None:
             listen_address(str(value))
         except ValueError as exc:
             raise ConfigError(f"{where}: metrics_listen: {exc}") from None
+    if name == "ship_to" and value:
+        from corepipe.platform import objectstore
+
+        try:
+            objectstore.parse(str(value))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: ship_to: {exc}") from None
+    if name in ("ship_concurrency", "ship_retry_max") and int(value) < 1:  # type: ignore[call-overload]
+        raise ConfigError(f"{where}: {name} must be at least 1")
     if name in _NOT_NEGATIVE and int(value) < 0:  # type: ignore[call-overload]
         raise ConfigError(f"{where}: {name} must not be negative")
 
 
 _NOT_NEGATIVE = ("container_max_cores", "container_max_bytes", "max_core_size", "rate_limit_container",
                  "rate_limit_exe", "rate_limit_window", "max_age_days", "core_wait",
-                 "postmortem_wait", "signature_max_cores", "signature_window", "metrics_max_signatures")
+                 "postmortem_wait", "signature_max_cores", "signature_window", "metrics_max_signatures",
+                 "ship_bandwidth")
 
 
 def listen_address(text: str) -> tuple:

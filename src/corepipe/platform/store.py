@@ -7,6 +7,10 @@ Layout (README, "Store layout"); every name in it is made and parsed here, nowhe
     <root>/.failed/<crash>/              crashes whose own directory could not be made (record only)
     <crash>/record.json, <crash>/core.zst (or core.partial.zst), <crash>/.<name>.<8 hex>.tmp while written
     <root>/.lock, .state.json, .ledger.json, .build-id/<xx>/<rest>-<sha256:16>, <group>/.cores.json
+    <crash>/shipped.json                 written by ``corepipe ship`` once the crash is verified remotely
+    <crash>/ship-progress.json           an upload in progress (upload id, parts done), for resuming
+    <root>/.ship-status.json             the shipper's last sweep: backlog, last error
+    <root>/.ship.lock                    held (flock) by the one shipper sweeping the store
 
 ``<crash>`` is ``<UTC time>-<12 hex id>``. Readers take a core's file name from its record
 (``core_file``), checked against the names a core may have, never a path built from the record.
@@ -44,6 +48,12 @@ LEDGER = ".ledger.json"
 #: In each container group's directory (``host``, ``docker/<id>``): that group's stored cores (ledger.py).
 GROUP_LEDGER = ".cores.json"
 BUILD_ID = ".build-id"
+#: ``corepipe ship``: a crash's marker once verified remotely, its upload in progress; the shipper's
+#: last sweep and the lock one shipper holds.
+SHIPPED = "shipped.json"
+SHIP_PROGRESS = "ship-progress.json"
+SHIP_STATUS = ".ship-status.json"
+SHIP_LOCK = ".ship.lock"
 #: The directory of one crash, and the hidden temporary name a file has while it is written (fs.temp_name).
 CRASH_DIR = re.compile(r"(\d{8}T\d{6}Z)-([0-9a-f]{12})")
 TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")

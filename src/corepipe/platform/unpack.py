@@ -1,6 +1,6 @@
 """Decompress a stored core, checking it against the size and digest in its record (digest.py).
 
-Used by ``extract``, ``debug`` and the collection-time backtrace. A core that does not
+Used by ``extract``, ``debug``, the collection-time backtrace and ``ship`` (StreamCheck). A core that does not
 decompress, or whose bytes differ from what was recorded, raises CoreError: the check is
 the whole point of keeping the hash, so a mismatch is never passed off as a good core.
 """
@@ -36,6 +36,60 @@ def open_core(crash_path: str, record: dict) -> int:
         raise CoreError(f"cannot open {crash_path}/{name}: {exc.strerror}") from None
 
 
+def _hasher(record: dict) -> tuple:
+    """(hasher, expected hex) for the digest the record states; CoreError when it states none this version knows."""
+    stated = digest.stated(record.get("core") or {})
+    if stated is None:
+        raise CoreError(f"the record of crash {record.get('id')} states no digest of its core, so it cannot be checked")
+    algorithm, expected = stated
+    try:
+        return digest.new(algorithm), expected
+    except KeyError:
+        raise CoreError(f"the core of crash {record.get('id')} has a {algorithm!r} digest, which this corepipe "
+                        f"cannot check; use a newer corepipe") from None
+
+
+def _check(record: dict, size: int, hasher: object, expected: str) -> None:
+    core = record.get("core") or {}
+    value = hasher.hexdigest()  # type: ignore[attr-defined]
+    if size != core.get("size") or value != expected:
+        algorithm = digest.stated(core)[0]  # type: ignore[index]
+        raise CoreError(f"the core of crash {record.get('id')} does not match its record: "
+                        f"{size} bytes, {algorithm} {value[:16]}..., expected {core.get('size')} bytes, "
+                        f"{algorithm} {expected[:16]}...")
+
+
+class StreamCheck:
+    """Checks a stored core from its compressed bytes, fed in order by ``update`` (the shipper's reads for
+    its upload), against the record's size and digest; ``verify`` raises CoreError on a mismatch. Memory is
+    bounded: the decompressed bytes go by in CHUNK pieces, whatever the ratio."""
+
+    def __init__(self, record: dict):
+        import zstandard
+
+        self.record = record
+        self.hasher, self.expected = _hasher(record)
+        self.size = 0
+        self._error = zstandard.ZstdError
+        self._writer = zstandard.ZstdDecompressor().stream_writer(self, write_size=CHUNK)
+
+    def write(self, data: bytes) -> int:
+        """The decompressor's output (stream_writer's sink)."""
+        self.hasher.update(data)  # type: ignore[attr-defined]
+        self.size += len(data)
+        return len(data)
+
+    def update(self, compressed: bytes) -> None:
+        try:
+            self._writer.write(compressed)
+        except self._error as exc:
+            raise CoreError(f"the core of crash {self.record.get('id')} is corrupt: {exc}") from None
+
+    def verify(self) -> None:
+        self._writer.flush()
+        _check(self.record, self.size, self.hasher, self.expected)
+
+
 def copy(source_fd: int, record: dict, write: Callable[[bytes], object]) -> int:
     """Feed the decompressed core to ``write`` in chunks; returns its size, raises CoreError on a mismatch.
 
@@ -44,16 +98,7 @@ def copy(source_fd: int, record: dict, write: Callable[[bytes], object]) -> int:
     """
     import zstandard
 
-    core = record.get("core") or {}
-    stated = digest.stated(core)
-    if stated is None:
-        raise CoreError(f"the record of crash {record.get('id')} states no digest of its core, so it cannot be checked")
-    algorithm, expected = stated
-    try:
-        hasher = digest.new(algorithm)
-    except KeyError:
-        raise CoreError(f"the core of crash {record.get('id')} has a {algorithm!r} digest, which this corepipe "
-                        f"cannot check; use a newer corepipe") from None
+    hasher, expected = _hasher(record)
     size = 0
     pending = b""
     try:
@@ -69,10 +114,7 @@ def copy(source_fd: int, record: dict, write: Callable[[bytes], object]) -> int:
                 pending = chunk
     except zstandard.ZstdError as exc:
         raise CoreError(f"the core of crash {record.get('id')} is corrupt: {exc}") from None
-    if size != core.get("size") or hasher.hexdigest() != expected:
-        raise CoreError(f"the core of crash {record.get('id')} does not match its record: "
-                        f"{size} bytes, {algorithm} {hasher.hexdigest()[:16]}..., expected {core.get('size')} bytes, "
-                        f"{algorithm} {expected[:16]}...")
+    _check(record, size, hasher, expected)
     if pending:
         write(pending)
     return size

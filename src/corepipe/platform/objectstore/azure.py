@@ -1,0 +1,200 @@
+"""Azure Blob Storage through azure-storage-blob (the ``azure`` extra).
+
+Credentials, from the shipper's own environment: ``AZURE_STORAGE_ACCOUNT_URL`` with
+``AZURE_STORAGE_SAS_TOKEN`` (or a SAS in the URL) or else azure-identity's DefaultAzureCredential
+(managed identity on an Azure Batch pool, workload identity on AKS, az login on a workstation);
+otherwise ``AZURE_STORAGE_CONNECTION_STRING``.
+
+A large blob is staged as blocks (each checked by the service against its MD5) and committed by one
+Put Block List: until then the blob does not exist, and after a restart the uncommitted blocks
+already staged are reused.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+from typing import Callable, Optional
+
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    ResourceNotFoundError,
+)
+from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings, ExponentialRetry
+
+from corepipe.platform.objectstore import parts
+from corepipe.platform.objectstore.base import DestinationError, Location, ObjectInfo
+
+MAX_BLOCKS = 50000
+# The SDK's warnings (each credential the identity chain tried, each retry) would be many lines per failure;
+# the one line the shipper prints says what failed and what to check.
+logging.getLogger("azure").setLevel(logging.ERROR)
+_AUTH_CODES = {"AuthenticationFailed", "AuthorizationFailure", "AuthorizationPermissionMismatch",
+               "InvalidAuthenticationInfo", "NoAuthenticationInformation"}
+
+
+def _service(retries: int) -> BlobServiceClient:
+    # Quick retries (1 s, 3 s, 5 s): the shipper retries a failed crash itself with a longer backoff.
+    options = {"retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=retries,
+                                                random_jitter_range=1),
+               "connection_timeout": 20, "read_timeout": 300}
+    url = os.environ.get("AZURE_STORAGE_ACCOUNT_URL")
+    if url:
+        sas = os.environ.get("AZURE_STORAGE_SAS_TOKEN")
+        if sas or "sig=" in url:
+            return BlobServiceClient(url, credential=sas, **options)
+        try:
+            from azure.identity import DefaultAzureCredential
+        except ImportError:
+            raise DestinationError("AZURE_STORAGE_ACCOUNT_URL without a SAS needs azure-identity: "
+                                   "pip install 'corepipe[azure]'") from None
+        try:
+            return BlobServiceClient(url, credential=DefaultAzureCredential(), **options)
+        except ValueError as exc:
+            raise DestinationError(f"AZURE_STORAGE_ACCOUNT_URL={url}: {exc}", auth=True) from None
+    connection = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
+    if connection:
+        try:
+            return BlobServiceClient.from_connection_string(connection, **options)
+        except ValueError as exc:
+            raise DestinationError(f"AZURE_STORAGE_CONNECTION_STRING is not usable: {exc}", auth=True) from None
+    raise DestinationError("az:// needs AZURE_STORAGE_ACCOUNT_URL (managed or workload identity, or a SAS) or "
+                           "AZURE_STORAGE_CONNECTION_STRING in the shipper's environment", auth=True)
+
+
+def _error(exc: Exception, what: str) -> DestinationError:
+    code = getattr(exc, "error_code", None)
+    status = getattr(exc, "status_code", None)
+    if isinstance(exc, ClientAuthenticationError) and status is None:  # no token from the identity chain
+        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        return DestinationError(f"{what}: no Azure credential worked ({reason}); set AZURE_CLIENT_ID for a "
+                                "user-assigned identity, or use AZURE_STORAGE_CONNECTION_STRING / a SAS", auth=True)
+    if isinstance(exc, ClientAuthenticationError) or code in _AUTH_CODES or status in (401, 403):
+        return DestinationError(f"{what}: access denied ({code or status}); check the credentials "
+                                "(AZURE_STORAGE_CONNECTION_STRING, the SAS, or the identity's role on the container)",
+                                auth=True)
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return DestinationError(f"{what}: {reason[:300]}")
+
+
+def _block_id(number: int) -> str:
+    return base64.b64encode(f"corepipe-{number:08d}".encode()).decode()
+
+
+def _info(key: str, props: object) -> ObjectInfo:
+    md5 = props.content_settings.content_md5  # type: ignore[attr-defined]
+    return ObjectInfo(key=key, size=props.size, metadata=dict(props.metadata or {}),  # type: ignore[attr-defined]
+                      checksum=base64.b64encode(md5).decode() if md5 else None,
+                      etag=props.etag)  # type: ignore[attr-defined]
+
+
+class AzureDestination:
+    def __init__(self, location: Location, concurrency: int = 4, bandwidth: int = 0, retries: int = 3):
+        self.location = location
+        self.concurrency = concurrency
+        self.bandwidth = bandwidth
+        self.container = _service(retries).get_container_client(location.bucket)
+
+    def _call(self, what: str, function: Callable, *args: object, **kwargs: object) -> object:
+        try:
+            return function(*args, **kwargs)
+        except DestinationError:
+            raise
+        except (AzureError, OSError) as exc:
+            raise _error(exc, what) from None
+
+    def head(self, key: str) -> Optional[ObjectInfo]:
+        try:
+            props = self.container.get_blob_client(key).get_blob_properties()
+        except ResourceNotFoundError:
+            return None
+        except (AzureError, OSError) as exc:
+            raise _error(exc, f"HEAD {key}") from None
+        return _info(key, props)
+
+    def put_small(self, key: str, data: bytes, metadata: dict) -> ObjectInfo:
+        md5 = hashlib.md5(data).digest()
+        blob = self.container.get_blob_client(key)
+        self._call(f"upload {key}", blob.upload_blob, data, overwrite=True, metadata=metadata,
+                   validate_content=True, content_settings=ContentSettings(content_md5=bytearray(md5)))
+        info = self.head(key)
+        if info is None or info.size != len(data) or info.checksum != base64.b64encode(md5).decode():
+            raise DestinationError(f"{key} read back as {info and info.size} bytes, MD5 {info and info.checksum}; "
+                                   f"expected {len(data)} bytes, MD5 {base64.b64encode(md5).decode()}")
+        return info
+
+    def put_large(self, key: str, fd: int, size: int, progress: dict, save: Callable[[dict], None],
+                  metadata: dict, check: Optional[parts.Check] = None) -> ObjectInfo:
+        blob = self.container.get_blob_client(key)
+        part_size, concurrency = parts.plan(size, MAX_BLOCKS, concurrency=self.concurrency)
+        if progress.get("completed") and progress.get("key") == key and progress.get("size") == size:
+            return self._verify_blocks(blob, key, size, part_size)
+        if progress.get("key") != key or progress.get("part_size") != part_size or progress.get("size") != size:
+            progress.clear()
+            progress.update({"key": key, "part_size": part_size, "size": size, "blocks": {}})
+        staged = self._staged(blob)
+        # Only blocks the service still holds, with the size we staged, are reused after a restart.
+        finished = {int(n): True for n, length in progress["blocks"].items()
+                    if staged.get(_block_id(int(n))) == length}
+        progress["blocks"] = {n: progress["blocks"][n] for n in progress["blocks"] if int(n) in finished}
+        save(progress)
+
+        def send(number: int, data: bytes) -> int:
+            self._call(f"upload {key} block {number}", blob.stage_block, _block_id(number), data,
+                       length=len(data), validate_content=True)
+            return len(data)
+
+        def done(number: int, length: int) -> None:
+            progress["blocks"][str(number)] = length
+            save(progress)
+
+        parts.upload(fd, size, part_size, concurrency, finished, send, done, parts.Bandwidth(self.bandwidth), check)
+        count = (size + part_size - 1) // part_size
+        self._call(f"commit {key}", blob.commit_block_list, [BlobBlock(_block_id(n)) for n in range(1, count + 1)],
+                   metadata=metadata)
+        progress["completed"] = True
+        save(progress)
+        return self._verify_blocks(blob, key, size, part_size)
+
+    def _staged(self, blob: object) -> dict:
+        try:
+            _committed, uncommitted = blob.get_block_list("uncommitted")  # type: ignore[attr-defined]
+        except ResourceNotFoundError:
+            return {}
+        except (AzureError, OSError) as exc:
+            raise _error(exc, "list staged blocks") from None
+        return {block.id: block.size for block in uncommitted}
+
+    def _verify_blocks(self, blob: object, key: str, size: int, part_size: int) -> ObjectInfo:
+        """The committed block list (each block was checked against its MD5 when staged) and the blob's size,
+        as the service reports them."""
+        committed, _ = self._call(f"read back {key}", blob.get_block_list, "committed")  # type: ignore
+        expected = [(_block_id(n + 1), min(part_size, size - n * part_size))
+                    for n in range((size + part_size - 1) // part_size)]
+        info = self.head(key)
+        if info is None or info.size != size or [(b.id, b.size) for b in committed] != expected:
+            raise DestinationError(f"{key} read back as {info and info.size} bytes in {len(committed)} blocks; "
+                                   f"expected {size} bytes")
+        return info
+
+    def list(self, prefix: str) -> list:
+        def go() -> list:
+            return [ObjectInfo(key=b.name, size=b.size, metadata=dict(b.metadata or {}), etag=b.etag)
+                    for b in self.container.list_blobs(name_starts_with=prefix, include=["metadata"])]
+        return self._call(f"list {self.location.url}", go)  # type: ignore[return-value]
+
+    def get(self, key: str, write: Callable[[bytes], object]) -> int:
+        def go() -> int:
+            total = 0
+            for chunk in self.container.get_blob_client(key).download_blob(max_concurrency=2).chunks():
+                write(chunk)
+                total += len(chunk)
+            return total
+        return self._call(f"download {key}", go)  # type: ignore[return-value]
+
+
+def open(location: Location, **options: object) -> AzureDestination:  # noqa: A001 - the adapters' entry point
+    return AzureDestination(location, **options)  # type: ignore[arg-type]

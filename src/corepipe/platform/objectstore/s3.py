@@ -1,0 +1,206 @@
+"""S3 and S3-compatible stores through boto3 (the ``s3`` extra).
+
+Credentials come from boto3's standard chain in the shipper's own environment (variables, profile,
+IRSA / web identity, instance metadata); ``AWS_ENDPOINT_URL`` points it at an S3-compatible store.
+
+A large object is a multipart upload: each part carries its SHA-256 (and its ETag is checked
+against its MD5), the object appears only at CompleteMultipartUpload, and the upload id and the
+parts done are persisted so a restart continues the same upload. A multipart ETag is not an MD5
+of the object: verification uses the size, the composite ChecksumSHA256 where the store returns it,
+and the md5-of-md5s ETag where it has that form.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+from typing import Callable, Optional
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from corepipe.platform.objectstore import parts
+from corepipe.platform.objectstore.base import DestinationError, Location, ObjectInfo
+
+MAX_PARTS = 10000
+_AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+               "TokenRefreshRequired", "403", "401", "AllAccessDisabled", "InvalidClientTokenId"}
+_MD5_ETAG = re.compile(r'"?([0-9a-f]{32})(?:-(\d+))?"?')
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+def _error(exc: Exception, what: str) -> DestinationError:
+    if isinstance(exc, NoCredentialsError):
+        return DestinationError(f"{what}: no AWS credentials found (environment, profile, web identity or "
+                                "instance metadata)", auth=True)
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in _AUTH_CODES or status in (401, 403):
+            return DestinationError(f"{what}: access denied ({code}); check the AWS credentials and the bucket "
+                                    "policy", auth=True)
+        return DestinationError(f"{what}: {code}: {exc.response.get('Error', {}).get('Message', '')[:200]}")
+    return DestinationError(f"{what}: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}")
+
+
+class S3Destination:
+    def __init__(self, location: Location, concurrency: int = 4, bandwidth: int = 0, retries: int = 3):
+        self.location = location
+        self.concurrency = concurrency
+        self.bandwidth = bandwidth
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+        config = Config(retries={"max_attempts": retries + 1, "mode": "standard"}, connect_timeout=20,
+                        read_timeout=300, max_pool_connections=max(10, concurrency * 2),
+                        s3={"addressing_style": "path"} if endpoint else None)
+        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+        self.bucket = location.bucket
+
+    def _call(self, what: str, function: Callable, **kwargs: object) -> dict:
+        try:
+            return function(Bucket=self.bucket, **kwargs)
+        except (ClientError, BotoCoreError, OSError) as exc:
+            raise _error(exc, what) from None
+
+    def head(self, key: str) -> Optional[ObjectInfo]:
+        try:
+            reply = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise _error(exc, f"HEAD {key}") from None
+        except (BotoCoreError, OSError) as exc:
+            raise _error(exc, f"HEAD {key}") from None
+        return ObjectInfo(key=key, size=reply["ContentLength"], metadata=dict(reply.get("Metadata") or {}),
+                          checksum=reply.get("ChecksumSHA256"), etag=reply.get("ETag"))
+
+    def put_small(self, key: str, data: bytes, metadata: dict) -> ObjectInfo:
+        md5 = hashlib.md5(data)
+        sha256 = hashlib.sha256(data)
+        metadata = {**metadata, "sha256": sha256.hexdigest()}
+        self._call(f"upload {key}", self.client.put_object, Key=key, Body=data, Metadata=metadata,
+                   ContentMD5=_b64(md5.digest()), ChecksumSHA256=_b64(sha256.digest()))
+        info = self.head(key)
+        etag = _MD5_ETAG.fullmatch(info.etag or "") if info else None
+        if (info is None or info.size != len(data) or (info.checksum and info.checksum != _b64(sha256.digest()))
+                or (etag and not etag.group(2) and etag.group(1) != md5.hexdigest())):
+            raise DestinationError(f"{key} read back as {info and info.size} bytes, ETag {info and info.etag}; "
+                                   f"expected {len(data)} bytes, MD5 {md5.hexdigest()}")
+        return info
+
+    def put_large(self, key: str, fd: int, size: int, progress: dict, save: Callable[[dict], None],
+                  metadata: dict, check: Optional[parts.Check] = None) -> ObjectInfo:
+        part_size, concurrency = parts.plan(size, MAX_PARTS, concurrency=self.concurrency)
+        if progress.get("completed") and progress.get("key") == key and progress.get("size") == size:
+            return self._verify(key, size, [p for _n, p in sorted((int(n), p) for n, p in progress["parts"].items())])
+        finished = self._resume(key, size, part_size, progress, metadata)
+        save(progress)
+        upload_id = progress["upload_id"]
+
+        def send(number: int, data: bytes) -> dict:
+            md5 = hashlib.md5(data).hexdigest()
+            sha256 = _b64(hashlib.sha256(data).digest())
+            reply = self._call(f"upload {key} part {number}", self.client.upload_part, Key=key, UploadId=upload_id,
+                               PartNumber=number, Body=data, ChecksumSHA256=sha256)
+            etag = _MD5_ETAG.fullmatch(reply.get("ETag") or "")
+            if (reply.get("ChecksumSHA256") and reply["ChecksumSHA256"] != sha256) or (etag and etag.group(1) != md5):
+                raise DestinationError(f"{key} part {number} arrived damaged (ETag {reply.get('ETag')}, MD5 {md5})")
+            return {"etag": reply["ETag"], "sha256": sha256, "md5": md5, "size": len(data)}
+
+        def done(number: int, token: dict) -> None:
+            progress["parts"][str(number)] = token
+            save(progress)
+
+        parts.upload(fd, size, part_size, concurrency, finished, send, done, parts.Bandwidth(self.bandwidth), check)
+        numbered = sorted((int(n), p) for n, p in progress["parts"].items())
+        self._call(f"complete {key}", self.client.complete_multipart_upload, Key=key, UploadId=upload_id,
+                   MultipartUpload={"Parts": [{"PartNumber": n, "ETag": p["etag"], "ChecksumSHA256": p["sha256"]}
+                                              for n, p in numbered]})
+        progress["completed"] = True
+        save(progress)
+        return self._verify(key, size, [p for _n, p in numbered])
+
+    def _resume(self, key: str, size: int, part_size: int, progress: dict, metadata: dict) -> dict:
+        """Continue the persisted upload if the store still has it (only parts it lists with our size and ETag);
+        otherwise start a new one. The metadata goes on at creation: it is the object's once completed."""
+        if (progress.get("key") == key and progress.get("part_size") == part_size and progress.get("size") == size
+                and progress.get("upload_id")):
+            try:
+                listed = self._list_parts(key, progress["upload_id"])
+            except DestinationError as exc:
+                if exc.auth:
+                    raise
+                listed = None
+            if listed is not None:
+                kept = {n: p for n, p in progress["parts"].items() if listed.get(int(n)) == (p["size"], p["etag"])}
+                progress["parts"] = kept
+                return {int(n): True for n in kept}
+        reply = self._call(f"start upload of {key}", self.client.create_multipart_upload, Key=key,
+                           ChecksumAlgorithm="SHA256", Metadata=metadata)
+        progress.clear()
+        progress.update({"key": key, "part_size": part_size, "size": size, "upload_id": reply["UploadId"],
+                         "parts": {}})
+        return {}
+
+    def _list_parts(self, key: str, upload_id: str) -> dict:
+        listed: dict = {}
+        marker = 0
+        while True:
+            reply = self._call(f"list parts of {key}", self.client.list_parts, Key=key, UploadId=upload_id,
+                               PartNumberMarker=marker)
+            for part in reply.get("Parts") or []:
+                listed[part["PartNumber"]] = (part["Size"], part["ETag"])
+            if not reply.get("IsTruncated"):
+                return listed
+            marker = reply["NextPartNumberMarker"]
+
+    def _verify(self, key: str, size: int, done: list) -> ObjectInfo:
+        """Size, composite SHA-256 and md5-of-md5s ETag as the store reports them, against the parts we sent."""
+        info = self.head(key)
+        composite = _b64(hashlib.sha256(b"".join(base64.b64decode(p["sha256"]) for p in done)).digest())
+        etag = _MD5_ETAG.fullmatch(info.etag or "") if info else None
+        md5s = hashlib.md5(b"".join(bytes.fromhex(p["md5"]) for p in done)).hexdigest()
+        problems = []
+        if info is None:
+            problems.append("it does not exist")
+        else:
+            if info.size != size:
+                problems.append(f"{info.size} bytes, expected {size}")
+            if info.checksum and info.checksum.split("-")[0] != composite:
+                problems.append(f"ChecksumSHA256 {info.checksum}, expected {composite}-{len(done)}")
+            if etag and etag.group(2) and (etag.group(1), int(etag.group(2))) != (md5s, len(done)):
+                problems.append(f"ETag {info.etag}, expected {md5s}-{len(done)}")
+        if problems:
+            raise DestinationError(f"{key} read back wrong: {'; '.join(problems)}")
+        return info  # type: ignore[return-value]
+
+    def list(self, prefix: str) -> list:
+        found = []
+        token = None
+        while True:
+            kwargs = {"Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+            reply = self._call(f"list {self.location.url}", self.client.list_objects_v2, **kwargs)
+            found += [ObjectInfo(key=o["Key"], size=o["Size"], etag=o.get("ETag")) for o in reply.get("Contents") or []]
+            if not reply.get("IsTruncated"):
+                return found
+            token = reply["NextContinuationToken"]
+
+    def get(self, key: str, write: Callable[[bytes], object]) -> int:
+        reply = self._call(f"download {key}", self.client.get_object, Key=key)
+        total = 0
+        try:
+            for chunk in reply["Body"].iter_chunks(1 << 20):
+                write(chunk)
+                total += len(chunk)
+        except (BotoCoreError, OSError) as exc:
+            raise _error(exc, f"download {key}") from None
+        return total
+
+
+def open(location: Location, **options: object) -> S3Destination:  # noqa: A001 - the adapters' entry point
+    return S3Destination(location, **options)  # type: ignore[arg-type]

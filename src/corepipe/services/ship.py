@@ -1,0 +1,319 @@
+"""``corepipe ship``: every finished crash of this node to one object store, verified, exactly once.
+
+Per crash, in this order: the saved binaries it references (content-addressed, so each is uploaded
+once per fleet: an existing object of the right size and sha256 is not sent again), the core (in
+parts, resumable from ``ship-progress.json``), and the record last, with its summary as metadata.
+The core's bytes are checked against the record's digest (core.digest, or sha256 in old records) as
+they are read for the upload, before the object is committed, and the digest goes on as metadata.
+Each upload is read back (size, the store's checksum, the digest metadata) before the next step; then
+``shipped.json`` is written, and only then, if configured, the local crash is deleted. A crash still
+being collected is never touched. Shipping runs in its own process, never in the kernel's handler.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from corepipe.domain import binaries, catalog, fleet
+from corepipe.platform import log, unpack
+from corepipe.platform.config import Config
+from corepipe.platform.objectstore import Destination, DestinationError, ObjectInfo, open_destination, parts
+from corepipe.platform.store import (
+    BUILD_ID,
+    FILE_MODE,
+    RECORD,
+    SHIP_LOCK,
+    SHIP_PROGRESS,
+    SHIP_STATUS,
+    SHIPPED,
+    CrashDir,
+    core_file,
+    open_dir,
+)
+
+#: Files up to this size go in one request; larger ones in parts.
+SINGLE_SHOT = 8 * parts.MIB
+#: Seconds between sweeps when nothing wakes the shipper (inotify missing, or a missed event).
+POLL = 60
+
+
+@dataclass
+class Sweep:
+    shipped: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+    pending: int = 0
+
+
+def node_name(cfg: Config) -> str:
+    name = cfg.ship_node or socket.gethostname().split(".")[0]
+    if not fleet.NODE.fullmatch(name):
+        raise ValueError(f"node name {name[:70]!r} cannot be part of an object key; set ship_node in the config")
+    return name
+
+
+def connect(url: str, cfg: Config) -> Destination:
+    return open_destination(url, concurrency=cfg.ship_concurrency, bandwidth=cfg.ship_bandwidth)
+
+
+def _open_crash(store_fd: int, relative: tuple) -> int:
+    fd = store_fd
+    opened = []
+    try:
+        for name in relative:
+            fd = open_dir(fd, name, create=False)
+            opened.append(fd)
+        return os.dup(fd)
+    finally:
+        for f in opened:
+            os.close(f)
+
+
+def _read_file(dir_fd: int, name: str) -> tuple:
+    """(fd, size) of a regular file in ``dir_fd``, never through a link."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    st = os.fstat(fd)
+    if not (st.st_mode & 0o170000 == 0o100000):
+        os.close(fd)
+        raise OSError(f"{name} is not a regular file")
+    return fd, st.st_size
+
+
+def _load_json(dir_fd: int, name: str) -> dict:
+    try:
+        fd, _size = _read_file(dir_fd, name)
+    except FileNotFoundError:
+        return {}
+    with open(fd, "rb") as f:
+        try:
+            value = json.loads(f.read(1 << 20))
+        except ValueError:
+            return {}
+    return value if isinstance(value, dict) else {}
+
+
+class Shipper:
+    def __init__(self, cfg: Config, destination: Destination, node: str):
+        self.cfg = cfg
+        self.destination = destination
+        self.node = node
+        self.prefix = destination.location.prefix
+
+    def pending(self) -> list:
+        """(path, record) of the finished crashes not yet shipped (or shipped, not yet deleted), oldest first."""
+        items = []
+        for path, rec in sorted(catalog.iter_records(self.cfg.store), key=catalog.sort_key):
+            if rec.get("status") == "collecting":
+                continue
+            if not os.path.lexists(os.path.join(path, SHIPPED)) or self.cfg.delete_after_ship:
+                items.append((path, rec))
+        return items
+
+    def sweep(self) -> Sweep:
+        """Ship everything pending; an access-denied error stops the sweep (every crash would fail alike).
+        One shipper at a time per store (cron and a resident one must not upload the same crash at once)."""
+        try:
+            store_fd = open_dir(None, self.cfg.store, create=False)
+        except FileNotFoundError:
+            return Sweep()  # nothing collected yet
+        try:
+            lock = os.open(SHIP_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE, dir_fd=store_fd)
+        finally:
+            os.close(store_fd)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            return Sweep(errors=[f"another 'corepipe ship' is sweeping {self.cfg.store}; nothing done"])
+        try:
+            return self._sweep()
+        finally:
+            os.close(lock)
+
+    def _sweep(self) -> Sweep:
+        result = Sweep()
+        items = self.pending()
+        result.pending = len(items)
+        for path, rec in items:
+            try:
+                self.ship(path, rec)
+                result.shipped.append(rec["id"])
+            except DestinationError as exc:
+                result.errors.append(f"crash {rec.get('id')}: cannot ship to {self.destination.location.url}: {exc}")
+                if exc.auth:
+                    break
+            except unpack.CoreError as exc:
+                result.errors.append(f"crash {rec.get('id')}: not shipped, kept locally: {exc}")
+            except OSError as exc:
+                result.errors.append(f"crash {rec.get('id')}: cannot ship from {path}: {exc.strerror or exc}")
+        try:
+            self._write_status(result)
+        except OSError as exc:
+            result.errors.append(f"cannot write {self.cfg.store}/{SHIP_STATUS}: {exc.strerror or exc}")
+        return result
+
+    def ship(self, path: str, rec: dict) -> None:
+        relative = tuple(os.path.relpath(path, self.cfg.store).split(os.sep))
+        store_fd = open_dir(None, self.cfg.store, create=False)
+        try:
+            crash_fd = _open_crash(store_fd, relative)
+            crash = CrashDir(crash_fd, path, rec["id"])
+            try:
+                if not os.path.lexists(os.path.join(path, SHIPPED)):
+                    self._upload(store_fd, crash, relative, rec)
+                if self.cfg.delete_after_ship:
+                    self._delete(path, rec)
+            finally:
+                crash.close()
+        finally:
+            os.close(store_fd)
+
+    def _upload(self, store_fd: int, crash: CrashDir, relative: tuple, rec: dict) -> None:
+        progress = _load_json(crash.fd, SHIP_PROGRESS)
+        if progress.get("destination") != self.destination.location.url:
+            progress = {"destination": self.destination.location.url}
+
+        def save(_part: dict) -> None:
+            crash.write(SHIP_PROGRESS, json.dumps(progress).encode())
+
+        objects = {}
+        for entry in (rec.get("binaries") or {}).get("files") or []:
+            stored = binaries.stored_name(entry) if entry.get("stored") else None
+            if stored is not None:
+                key = fleet.binary_key(self.prefix, stored)
+                size = self._binary(store_fd, stored, key, entry, progress.setdefault(key, {}), save)
+                if size is None:  # removed locally since (rm, prune): the crash ships without it
+                    print(f"corepipe ship: warning: crash {rec['id']}: the saved copy of {entry.get('path')} is "
+                          "gone; shipped without it", file=sys.stderr)
+                else:
+                    objects[key] = size
+        listed = rec
+        name = core_file(rec)
+        if (rec.get("core") or {}).get("stored") and (name is None or not os.path.lexists(os.path.join(crash.path,
+                                                                                                       name))):
+            # The core is gone and the record kept: ship the record, listed as without core.
+            listed = {**rec, "core": {**rec["core"], "stored": False}}
+        if (listed.get("core") or {}).get("stored"):
+            key = fleet.crash_key(self.prefix, self.node, relative, name)
+            wanted = fleet.digest_text(rec["core"])
+            fd, size = _read_file(crash.fd, name)
+            first = [True]
+
+            def save_core(part: dict) -> None:
+                if first and (part.get("parts") or part.get("blocks")):
+                    print(f"corepipe ship: resuming {key}: {len(part.get('parts') or part.get('blocks'))} parts "
+                          "already uploaded", file=sys.stderr)
+                first.clear()
+                save(part)
+            try:
+                info = self._put(key, fd, size, progress.setdefault(key, {}), save_core, {fleet.DIGEST: wanted},
+                                 unpack.StreamCheck(rec))
+            finally:
+                os.close(fd)
+            if info.metadata.get(fleet.DIGEST) != wanted:
+                raise DestinationError(f"{key} read back with digest {info.metadata.get(fleet.DIGEST)!r}, "
+                                       f"expected {wanted}")
+            objects[key] = info.size
+        key = fleet.crash_key(self.prefix, self.node, relative, RECORD)
+        fd, size = _read_file(crash.fd, RECORD)
+        with open(fd, "rb") as f:
+            data = f.read(size)
+        info = self.destination.put_small(key, data, {fleet.SUMMARY: fleet.summary(listed, self.node)})
+        objects[key] = info.size
+        crash.write(SHIPPED, json.dumps({"destination": self.destination.location.url, "node": self.node,
+                                         "time": time.time(), "objects": objects}, indent=1).encode())
+        try:
+            os.unlink(SHIP_PROGRESS, dir_fd=crash.fd)
+        except FileNotFoundError:
+            pass
+        where = self.destination.location
+        log.log(f"shipped crash {rec['id']} to {where.scheme}://{where.bucket}/{key.rsplit('/', 1)[0]}")
+
+    def _binary(self, store_fd: int, stored: tuple, key: str, entry: dict, progress: dict, save) -> Optional[int]:
+        existing = self.destination.head(key)
+        if existing is not None and existing.size == entry.get("size") and (
+                existing.metadata.get("sha256") in (entry.get("sha256"), None)):
+            return existing.size  # another crash (of any node) already sent it: content-addressed
+        try:
+            area_fd = open_dir(store_fd, BUILD_ID, create=False)
+            try:
+                sub_fd = open_dir(area_fd, stored[0], create=False)
+                try:
+                    fd, size = _read_file(sub_fd, stored[1])
+                finally:
+                    os.close(sub_fd)
+            finally:
+                os.close(area_fd)
+        except FileNotFoundError:
+            return None
+        try:
+            return self._put(key, fd, size, progress, save, {"sha256": entry["sha256"]}).size
+        finally:
+            os.close(fd)
+
+    def _put(self, key: str, fd: int, size: int, progress: dict, save, metadata: dict,
+             check: Optional[parts.Check] = None) -> ObjectInfo:
+        """One request for a small file, parts for a large one; ``check`` passes before anything is committed."""
+        if size > SINGLE_SHOT:
+            return self.destination.put_large(key, fd, size, progress, save, metadata, check)
+        data = os.pread(fd, size, 0)
+        if check is not None:
+            check.update(data)
+            check.verify()
+        return self.destination.put_small(key, data, metadata)
+
+    def _delete(self, path: str, rec: dict) -> None:
+        """Remove the shipped crash; only after shipped.json (written after verification) is in place."""
+        crash_fd = open_dir(None, path, create=False)
+        try:
+            marker = _load_json(crash_fd, SHIPPED)
+        finally:
+            os.close(crash_fd)
+        if marker.get("destination") != self.destination.location.url:
+            return  # shipped elsewhere before the destination changed: keep it
+        shutil.rmtree(path)
+        log.log(f"deleted local crash {rec['id']} after a verified upload")
+
+    def _write_status(self, result: Sweep) -> None:
+        store_fd = open_dir(None, self.cfg.store, create=False)
+        area = CrashDir(store_fd, self.cfg.store, "")
+        try:
+            previous = _load_json(store_fd, SHIP_STATUS)
+            now = time.time()
+            status = {"destination": self.destination.location.url, "node": self.node, "time": now,
+                      "pending": result.pending - len(result.shipped), "shipped": len(result.shipped),
+                      "ok": not result.errors, "last_error": previous.get("last_error"),
+                      "last_shipped": previous.get("last_shipped")}
+            if result.errors:
+                status["last_error"] = {"time": now, "message": result.errors[-1]}
+            if result.shipped:
+                status["last_shipped"] = {"time": now, "id": result.shipped[-1]}
+            area.write(SHIP_STATUS, json.dumps(status, indent=1).encode())
+        finally:
+            area.close()
+
+
+def report(result: Sweep) -> None:
+    """One line per failure, on stderr and in the system log."""
+    for message in result.errors:
+        print(f"corepipe ship: error: {message}", file=sys.stderr)
+        log.log(f"ship: {message}", log.ERR)
+
+
+def resident(shipper: Shipper, watcher, stop=lambda: False) -> None:
+    """Sweep on start, then whenever a crash is filed (or every POLL seconds), retrying failures with
+    exponential backoff up to ``ship_retry_max`` seconds."""
+    delay = 0.0
+    while not stop():
+        watcher.watch_tree()
+        result = shipper.sweep()
+        report(result)
+        delay = min(max(1.0, delay * 2), shipper.cfg.ship_retry_max) if result.errors else 0.0
+        watcher.wait(delay or POLL)

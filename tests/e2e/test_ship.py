@@ -1,0 +1,368 @@
+"""``corepipe ship`` and the fleet view against real object-store servers on loopback (tests/objectstores.py):
+Azurite for Azure Blob Storage, moto's server for S3. Every test runs against both."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import objectstores
+import pytest
+from runtimes import unique
+from support import (
+    CRASH_LINE,
+    NO_RATE_LIMIT,
+    crash,
+    dmesg_lines,
+    installed_handler,
+    mounted_tmpfs,
+    need_tool,
+    wait_for,
+)
+
+from corepipe.platform.store import CORE, RECORD, SHIP_LOCK, SHIP_PROGRESS, SHIP_STATUS, SHIPPED
+
+KINDS = ["azure", "s3"]
+GIB = 1 << 30
+
+
+@pytest.fixture(params=KINDS)
+def server(request: pytest.FixtureRequest, tmp_path: Path):
+    made = objectstores.make(request.param, tmp_path)
+    made.start()
+    yield made
+    made.stop()
+
+
+def corepipe(config: Path, env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(config), *args], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **env})
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def config(path: Path, store: Path, extra: str = "") -> Path:
+    path.write_text(f'store = "{store}"\nship_node = "node-a"\n{extra}')
+    return path
+
+
+def objects(server: objectstores.Server, env: dict, prefix: str) -> dict:
+    """key -> (size, etag) of what the server holds under ``prefix``, read with the shipper's own adapter."""
+    from corepipe.platform.objectstore import open_destination
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return {o.key: (o.size, o.etag) for o in open_destination(server.url(prefix)).list(prefix + "/")}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_ship_verify_dedup_delete_and_debug_remotely(server, handler_dir: Path, crasher: Path,
+                                                    tmp_path: Path) -> None:
+    need_tool("gdb")
+    url = server.url("fleet")
+    extra = f'binaries_host = true\nship_to = "{url}"\nship_node = "node-a"\n{NO_RATE_LIMIT}'
+    with installed_handler(handler_dir, config_extra=extra) as handler:
+        crash([str(crasher), "0", "ship-one"])
+        first = handler.wait_record(lambda r: r["comm"] == "ship-one")
+    exe = next(e for e in first["binaries"]["files"] if e["exe"])
+    assert exe["stored"], first["binaries"]
+
+    shipped = corepipe(handler.config, server.env, "ship", "--once")
+    assert f"shipped {first['id']}" in shipped.stdout
+    marker = json.loads((Path(first["_dir"]) / SHIPPED).read_text())
+    assert marker["destination"] == url and marker["node"] == "node-a"
+    held = objects(server, server.env, "fleet")
+    relative = Path(first["_dir"]).relative_to(handler.store)
+    core_key = f"fleet/node-a/{relative}/{CORE}"
+    assert held[core_key][0] == (Path(first["_dir"]) / CORE).stat().st_size
+    assert held[f"fleet/node-a/{relative}/{RECORD}"][0] == (Path(first["_dir"]) / RECORD).stat().st_size
+    binaries = {k: v for k, v in held.items() if k.startswith("fleet/.build-id/")}
+    assert len(binaries) == 1 and next(iter(binaries.values()))[0] == exe["size"]
+    assert (Path(first["_dir"]) / CORE).exists(), "deleted although delete_after_ship is off"
+
+    # A second crash of the same program: its binary is already in the fleet's area and is not sent again.
+    with installed_handler(handler_dir, config_extra=extra + "delete_after_ship = true\n") as handler:
+        crash([str(crasher), "0", "ship-two"])
+        second = handler.wait_record(lambda r: r["comm"] == "ship-two")
+    shipped = corepipe(handler.config, server.env, "ship", "--once")
+    assert shipped.stdout.split() == ["shipped", first["id"], "shipped", second["id"]] or \
+        shipped.stdout.split() == ["shipped", second["id"]], shipped.stdout
+    after = objects(server, server.env, "fleet")
+    assert {k: v for k, v in after.items() if k.startswith("fleet/.build-id/")} == binaries
+    # Verified, then deleted locally (both: the first was shipped before delete_after_ship was turned on).
+    assert not Path(first["_dir"]).exists() and not Path(second["_dir"]).exists()
+
+    # The fleet view, from the objects alone (the local crashes are gone).
+    listed = json.loads(corepipe(handler.config, server.env, "list", "--remote", url, "--json").stdout)
+    assert [(item["id"], item["node"], item["core_state"]) for item in listed] == [
+        (first["id"], "node-a", "present"), (second["id"], "node-a", "present")]
+    assert listed[0]["path"] == f"{url}/node-a/{relative}"
+    assert corepipe(handler.config, server.env, "list", "--remote", url, "--node", "node-b", "--json").stdout \
+        .strip() == "[]"
+    only = json.loads(corepipe(handler.config, server.env, "list", "--remote", url, "--exe", "ship-two",
+                               "--json").stdout)
+    assert [item["id"] for item in only] == [second["id"]]
+    table = corepipe(handler.config, server.env, "list", "--remote", url).stdout
+    assert first["id"] in table and second["id"] in table
+
+    info = corepipe(handler.config, server.env, "info", "--remote", url, first["id"][:6]).stdout
+    assert f"directory:           {url}/node-a/{relative}" in info and f"crasher.c:{CRASH_LINE}" in info, info
+
+    out = tmp_path / "core"
+    corepipe(handler.config, server.env, "extract", "--remote", url, second["id"], "-o", str(out))
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == second["core"]["sha256"]
+
+    shutil.rmtree(handler.store / ".build-id")  # nothing local to fall back on
+    debug = corepipe(handler.config, server.env, "debug", "--remote", url, second["id"], "--", "-batch",
+                     "-ex", "bt", "-ex", f"shell readlink $COREPIPE_SYSROOT{exe['path']}")
+    text = debug.stdout + debug.stderr
+    assert " main " in text and f"crasher.c:{CRASH_LINE}" in text, text
+    # gdb's executable is the copy downloaded from the store, linked from debug's temporary sysroot.
+    assert re.search(r"/corepipe-remote-[^/]+/\.build-id/[0-9a-f]{2}/", text), text
+    assert not list(Path("/tmp").glob("corepipe-remote-*")), "the downloads were left behind"
+
+
+def parts_done(crash: Path) -> int:
+    """How many parts of the crash's core ship-progress.json says are uploaded."""
+    try:
+        progress = json.loads((crash / SHIP_PROGRESS).read_text())
+    except (OSError, ValueError):
+        return 0
+    entry = next((v for v in progress.values() if isinstance(v, dict) and v.get("key", "").endswith(CORE)), {})
+    return len(entry.get("parts") or entry.get("blocks") or {})
+
+
+def test_kill_9_mid_upload_then_resume(server, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    path, rec = objectstores.stored_crash(store, GIB)
+    # A bandwidth cap keeps the upload going long enough to be killed in the middle of it.
+    slow = config(tmp_path / "slow.toml", store, "ship_bandwidth = 67108864\ndelete_after_ship = true\n")
+    url = server.url("resume")
+    shipper = subprocess.Popen([sys.executable, "-m", "corepipe", "--config", str(slow), "ship", "--once", "--to",
+                                url], env={**os.environ, **server.env}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: parts_done(path) >= 3, 120, "three parts uploaded")
+    finally:
+        os.kill(shipper.pid, signal.SIGKILL)
+        shipper.wait()
+    assert parts_done(path) < 128, "the upload finished before it was killed"
+    # Nothing that looks complete: no core object, no record object, nothing in the fleet view.
+    held = objects(server, server.env, "resume")
+    assert not any(key.endswith((CORE, RECORD)) for key in held), held
+    fast = config(tmp_path / "fast.toml", store, "delete_after_ship = true\n")
+    assert json.loads(corepipe(fast, server.env, "list", "--remote", url, "--json").stdout) == []
+    assert (path / CORE).exists() and not (path / SHIPPED).exists()
+
+    resumed = corepipe(fast, server.env, "ship", "--once", "--to", url)
+    assert f"shipped {rec['id']}" in resumed.stdout
+    assert "parts already uploaded" in resumed.stderr, resumed.stderr
+    reused = int(resumed.stderr.split("resuming ")[1].split(": ")[1].split()[0])
+    assert reused >= 3, resumed.stderr
+    assert not path.exists(), "not deleted after the verified upload"
+    held = objects(server, server.env, "resume")
+    core_key = next(key for key in held if key.endswith(CORE))
+    assert held[core_key][0] == rec["core"]["compressed_size"]
+    out = tmp_path / "core"
+    corepipe(fast, server.env, "extract", "--remote", url, rec["id"], "-o", str(out))
+    assert out.stat().st_size == GIB
+    digest = hashlib.sha256()
+    with open(out, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    assert digest.hexdigest() == rec["core"]["sha256"]
+
+
+def _status(store: Path) -> dict:
+    try:
+        return json.loads((store / SHIP_STATUS).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def test_server_down_then_back(server, tmp_path: Path) -> None:
+    """The resident shipper: retries while the server is down, ships once it is back, then wakes up for a
+    crash filed later (inotify: well before its 60 s poll)."""
+    store = tmp_path / "store"
+    path, rec = objectstores.stored_crash(store, 20 << 20, comm="early")
+    cfg = config(tmp_path / "c.toml", store, f'ship_to = "{server.url("down")}"\nship_retry_max = 1\n'
+                                             "delete_after_ship = true\n")
+    server.stop()
+    shipper = subprocess.Popen([sys.executable, "-m", "corepipe", "--config", str(cfg), "ship"],
+                               env={**os.environ, **server.env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        failed = wait_for(lambda: _status(store).get("ok") is False and _status(store), 120, "a failed sweep")
+        assert rec["id"] in failed["last_error"]["message"]
+        assert (path / CORE).exists() and not (path / SHIPPED).exists()
+        server.start()
+        wait_for(lambda: not path.exists(), 120, "the crash shipped and deleted after the server came back")
+        assert json.loads(corepipe(cfg, server.env, "list", "--remote", server.url("down"), "--json").stdout)[0][
+            "id"] == rec["id"]
+        later, late = objectstores.stored_crash(store, 1 << 20, comm="late")
+        wait_for(lambda: not later.exists(), 30, "the later crash shipped on its inotify event")
+        ids = [i["id"] for i in json.loads(corepipe(cfg, server.env, "list", "--remote", server.url("down"),
+                                                    "--json").stdout)]
+        assert ids == [rec["id"], late["id"]]
+    finally:
+        os.kill(shipper.pid, signal.SIGTERM)
+        shipper.wait()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_credentials(kind: str, tmp_path: Path) -> None:
+    """One clear line in the output, the log and status; nothing deleted; shipped once the credentials are fixed."""
+    server = objectstores.make(kind, tmp_path, **({"auth": True} if kind == "s3" else {}))
+    server.start()
+    try:
+        store = tmp_path / "store"
+        path, rec = objectstores.stored_crash(store, 1 << 20, comm="creds")
+        other, rec2 = objectstores.stored_crash(store, 1 << 20, comm="creds2")
+        cfg = config(tmp_path / "c.toml", store, f'ship_to = "{server.url("creds")}"\ndelete_after_ship = true\n')
+        denied = corepipe(cfg, server.bad_env(), "ship", "--once", check=False)
+        assert denied.returncode == 1
+        lines = denied.stderr.strip().splitlines()
+        assert len(lines) == 1 and "access denied" in lines[0] and "check the" in lines[0], denied.stderr
+        assert all((p / CORE).exists() and not (p / SHIPPED).exists() for p in (path, other))
+        status = corepipe(cfg, {}, "status", check=False).stdout
+        errors = [line for line in status.splitlines() if line.startswith("shipping: last error")]
+        assert len(errors) == 1 and "access denied" in errors[0], status
+        assert "2 crashes not shipped yet" in status, status
+        if os.geteuid() == 0:
+            # The sweep stops at the first crash refused (all would be): its line is in the kernel log.
+            assert wait_for(lambda: [line for line in dmesg_lines("access denied")
+                                     if rec["id"] in line or rec2["id"] in line], 10, "the error in the kernel log")
+        fixed = corepipe(cfg, server.env, "ship", "--once")
+        assert fixed.stdout.count("shipped ") == 2 and not path.exists()
+        status = corepipe(cfg, {}, "status", check=False).stdout
+        assert "0 crashes not shipped yet" in status and "last sweep" in status and " ok" in status, status
+    finally:
+        server.stop()
+
+
+def test_a_crash_still_being_collected_is_not_shipped_and_one_shipper_at_a_time(server, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    path, rec = objectstores.stored_crash(store, 1 << 20, comm="busy")
+    (path / RECORD).write_text(json.dumps({**rec, "status": "collecting"}))
+    cfg = config(tmp_path / "c.toml", store, f'ship_to = "{server.url("busy")}"\ndelete_after_ship = true\n')
+    quiet = corepipe(cfg, server.env, "ship", "--once")
+    assert quiet.stdout == "" and objects(server, server.env, "busy") == {}
+    assert (path / CORE).exists() and not (path / SHIPPED).exists()
+    (path / RECORD).write_text(json.dumps(rec))
+    # One shipper per store: while another holds the store's ship lock, a sweep does nothing and says so.
+    with open(store / SHIP_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        busy = corepipe(cfg, server.env, "ship", "--once", check=False)
+    assert busy.returncode == 1 and "another 'corepipe ship' is sweeping" in busy.stderr and busy.stdout == ""
+    assert f"shipped {rec['id']}" in corepipe(cfg, server.env, "ship", "--once").stdout
+
+
+def test_full_local_disk_loses_nothing(server, tmp_path: Path) -> None:
+    """The store's filesystem is full: the progress file cannot be written, so the sweep fails with one line,
+    the crash stays and no object looks complete; with room again it ships."""
+    with mounted_tmpfs(tmp_path / "disk", "40m") as disk:
+        store = disk / "store"
+        path, rec = objectstores.stored_crash(store, 20 << 20, comm="full")
+        filler = disk / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+            except OSError:
+                pass
+        cfg = config(tmp_path / "c.toml", store, f'ship_to = "{server.url("full")}"\ndelete_after_ship = true\n')
+        full = corepipe(cfg, server.env, "ship", "--once", check=False)
+        assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
+        assert f"corepipe ship: error: crash {rec['id']}: cannot ship from {path}: No space left on device" in \
+            full.stderr.splitlines(), full.stderr
+        assert (path / CORE).exists() and not (path / SHIPPED).exists()
+        assert not any(key.endswith((CORE, RECORD)) for key in objects(server, server.env, "full"))
+        filler.unlink()
+        assert f"shipped {rec['id']}" in corepipe(cfg, server.env, "ship", "--once").stdout
+        assert not path.exists()
+
+
+def test_a_record_whose_core_the_policy_removed_still_ships(server, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    path, rec = objectstores.stored_crash(store, 1 << 20, comm="nocore")
+    (path / CORE).unlink()  # as container_max_cores does: the record stays
+    cfg = config(tmp_path / "c.toml", store, f'ship_to = "{server.url("nocore")}"\n')
+    assert f"shipped {rec['id']}" in corepipe(cfg, server.env, "ship", "--once").stdout
+    listed = json.loads(corepipe(cfg, server.env, "list", "--remote", server.url("nocore"), "--json").stdout)
+    assert [(item["id"], item["core_state"]) for item in listed] == [(rec["id"], "none")]
+    assert not any(key.endswith(CORE) for key in objects(server, server.env, "nocore"))
+
+
+def test_network_loss_mid_upload(server, tmp_path: Path) -> None:
+    """The server goes away in the middle of a core's parts: the sweep fails with one line, nothing looks
+    complete, the crash stays; once the server is back the next sweep completes a verified object."""
+    store = tmp_path / "store"
+    path, rec = objectstores.stored_crash(store, 160 << 20, comm="netloss")
+    cfg = config(tmp_path / "c.toml", store, f'ship_to = "{server.url("net")}"\nship_bandwidth = 33554432\n'
+                                             "delete_after_ship = true\n")
+    shipper = subprocess.Popen([sys.executable, "-m", "corepipe", "--config", str(cfg), "ship", "--once"],
+                               env={**os.environ, **server.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    wait_for(lambda: parts_done(path) >= 2 or shipper.poll() is not None, 120, "two parts uploaded")
+    server.stop()
+    out, err = shipper.communicate(timeout=300)
+    assert shipper.returncode == 1 and out == "", out + err
+    errors = [line for line in err.splitlines() if line.startswith("corepipe ship: error:")]
+    assert len(errors) == 1 and rec["id"] in errors[0], err
+    assert (path / CORE).exists() and not (path / SHIPPED).exists()
+    server.start()
+    assert not any(key.endswith((CORE, RECORD)) for key in objects(server, server.env, "net"))
+    assert f"shipped {rec['id']}" in corepipe(cfg, server.env, "ship", "--once").stdout
+    listed = json.loads(corepipe(cfg, server.env, "list", "--remote", server.url("net"), "--json").stdout)
+    assert [item["id"] for item in listed] == [rec["id"]] and not path.exists()
+    core = next(size for key, (size, _etag) in objects(server, server.env, "net").items() if key.endswith(CORE))
+    assert core == rec["core"]["compressed_size"]
+
+
+def test_two_containers_of_one_image_upload_its_binaries_once(server, handler_dir: Path, docker_image: str) -> None:
+    """Docker crashes land under <node>/docker/<container id>/; the image's executable is one object for both,
+    and ``list --remote --image/--container`` select them from the metadata alone."""
+    url = server.url("images")
+    extra = f'ship_to = "{url}"\nship_node = "node-c"\n{NO_RATE_LIMIT}'
+    names = [unique("corepipe-13"), unique("corepipe-13")]
+    with installed_handler(handler_dir, config_extra=extra) as handler:
+        try:
+            for name in names:
+                subprocess.run(["docker", "run", "--name", name, "--network=none", "--ulimit", "core=-1", docker_image,
+                                "/crasher", "0", "imgcrash"], capture_output=True, timeout=120)
+            ids = [subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True,
+                                  check=True).stdout.strip() for name in names]
+        finally:
+            subprocess.run(["docker", "rm", "-f", *names], capture_output=True)
+        recs = [handler.wait_record(lambda r, cid=cid: r["container"]["id"] == cid) for cid in ids]
+    assert all(rec["container"]["image"] == docker_image for rec in recs)
+    exe = {e["build_id"] for rec in recs for e in rec["binaries"]["files"] if e["exe"] and e["stored"]}
+    assert len(exe) == 1, recs[0]["binaries"]
+    shipped = corepipe(handler.config, server.env, "ship", "--once").stdout
+    assert all(f"shipped {rec['id']}" in shipped for rec in recs), shipped
+    held = objects(server, server.env, "images")
+    for rec, cid in zip(recs, ids):
+        assert f"images/node-c/docker/{cid}/{Path(rec['_dir']).name}/{RECORD}" in held
+    assert len([key for key in held if key.startswith("images/.build-id/")]) == len(
+        {e["build_id"] for rec in recs for e in rec["binaries"]["files"] if e["stored"]})
+    listed = json.loads(corepipe(handler.config, server.env, "list", "--remote", url, "--image",
+                                 docker_image.rsplit(":", 1)[0], "--json").stdout)
+    assert sorted(item["id"] for item in listed) == sorted(rec["id"] for rec in recs)
+    one = json.loads(corepipe(handler.config, server.env, "list", "--remote", url, "--container", ids[1][:12],
+                              "--json").stdout)
+    assert [item["id"] for item in one] == [recs[1]["id"]]

@@ -1,0 +1,187 @@
+"""Real object-store servers on loopback for the shipping tests: Azurite (Azure Blob) and moto's
+standalone server (S3), started and stopped by PID; tests/setup.sh installs both.
+
+Each server object has ``url(prefix)`` (a ship destination), ``env`` (the shipper's credentials),
+``stop()`` and ``start()`` (the same port and, for Azurite, the same data: "down for a while, then back").
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+from support import HERE, need
+
+from corepipe.domain import record
+from corepipe.domain.containers import Container
+from corepipe.platform import compress
+from corepipe.platform.kernel import KernelArgs
+from corepipe.platform.store import CORE, RECORD, Store
+
+REPO = HERE.parent
+AZURITE = REPO / ".servers" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+AZURITE_ACCOUNT = "devstoreaccount1"
+# Azurite's documented, public development key (its README): not a secret.
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Until the server accepts connections (or dies)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+class Server:
+    kind = ""
+    argv: list = []
+    proc: Optional[subprocess.Popen] = None
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.port = _free_port()
+        self.log = workdir / f"{self.kind}.log"
+
+    def server_env(self) -> dict:
+        return dict(os.environ)
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.server_env(),
+                                         start_new_session=True)
+        _wait_port(self.port, self.proc)
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Create the bucket or container the tests ship to."""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
+class Azurite(Server):
+    kind = "azurite"
+    container = "crashes"
+
+    def __init__(self, workdir: Path):
+        need(AZURITE.exists(), f"needs Azurite at {AZURITE} (bash tests/setup.sh installs it)")
+        super().__init__(workdir)
+        data = workdir / "azurite-data"
+        data.mkdir(exist_ok=True)
+        self.argv = [str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", str(data),
+                     "--skipApiVersionCheck", "--loose", "--silent"]
+
+    def connection_string(self, key: str = AZURITE_KEY) -> str:
+        return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={key};"
+                f"BlobEndpoint=http://127.0.0.1:{self.port}/{AZURITE_ACCOUNT};")
+
+    @property
+    def env(self) -> dict:
+        return {"AZURE_STORAGE_CONNECTION_STRING": self.connection_string()}
+
+    def bad_env(self) -> dict:
+        return {"AZURE_STORAGE_CONNECTION_STRING": self.connection_string(AZURITE_KEY[:-8] + "AAAAAAA=")}
+
+    def url(self, prefix: str) -> str:
+        return f"az://{self.container}/{prefix}"
+
+    def prepare(self) -> None:
+        from azure.core.exceptions import ResourceExistsError
+        from azure.storage.blob import BlobServiceClient
+
+        try:
+            BlobServiceClient.from_connection_string(self.connection_string()).create_container(self.container)
+        except ResourceExistsError:
+            pass
+
+
+class MotoS3(Server):
+    """moto's server; with ``auth`` it checks signatures (INITIAL_NO_AUTH_ACTION_COUNT: the first three
+    requests, which create the user, its key and its policy, are the only unauthenticated ones)."""
+
+    kind = "moto"
+    bucket = "crashes"
+
+    def __init__(self, workdir: Path, auth: bool = False):
+        moto = REPO / ".venv" / "bin" / "moto_server"
+        need(moto.exists(), "needs moto's server (pip install 'moto[server]'; bash tests/setup.sh does)")
+        super().__init__(workdir)
+        self.auth = auth
+        self.argv = [str(moto), "-H", "127.0.0.1", "-p", str(self.port)]
+        self.keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+    def server_env(self) -> dict:
+        return {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "3"} if self.auth else {})}
+
+    @property
+    def env(self) -> dict:
+        return {**self.keys, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def bad_env(self) -> dict:
+        return {**self.env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+
+    def url(self, prefix: str) -> str:
+        return f"s3://{self.bucket}/{prefix}"
+
+    def client(self, service: str = "s3"):
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                            aws_access_key_id=self.keys["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.keys["AWS_SECRET_ACCESS_KEY"])
+
+    def prepare(self) -> None:
+        if self.auth:
+            iam = self.client("iam")
+            iam.create_user(UserName="shipper")
+            key = iam.create_access_key(UserName="shipper")["AccessKey"]
+            iam.put_user_policy(UserName="shipper", PolicyName="s3", PolicyDocument=(
+                '{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:*","Resource":"*"}]}'))
+            self.keys = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+        self.client().create_bucket(Bucket=self.bucket)
+
+
+def stored_crash(store: Path, size: int, comm: str = "big") -> tuple:
+    """A crash filed the way the collector files it (record + zstd core), with ``size`` bytes of random core."""
+    with Store(str(store)) as opened:
+        now = int(time.time())
+        made = opened.new_crash(("host",), now)
+        rec = record.build(crash_id=made.id, args=KernelArgs(pid=4242, ns_pid=4242, tid=4242, signal=11, time=now,
+                                                             comm=comm), snapshot=None,
+                           container=Container(runtime="host"), redact_env=[])
+        source = subprocess.Popen(["head", "-c", str(size), "/dev/urandom"], stdout=subprocess.PIPE)
+        fd, tmp = made.open_temp(CORE)
+        result = compress.compress_stream(source.stdout.fileno(), fd, level=1, threads=0)
+        assert source.wait() == 0
+        made.commit(fd, tmp, CORE)
+        record.core_stored(rec, file=CORE, size=result.size, compressed_size=result.compressed_size,
+                           digest=result.digest, truncated=False, complete=True)
+        rec["status"] = "complete"
+        made.write(RECORD, record.dumps(rec))
+        made.close()
+        return Path(made.path), rec
+
+
+def make(kind: str, workdir: Path, **options: object) -> Server:
+    return (Azurite if kind == "azure" else MotoS3)(workdir, **options)  # type: ignore[arg-type]

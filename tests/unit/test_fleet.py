@@ -1,0 +1,90 @@
+"""Destination URLs, the record summary kept as object metadata, part planning and the store watcher."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from corepipe.domain import fleet
+from corepipe.platform import config, objectstore
+from corepipe.platform.objectstore import parts
+from corepipe.platform.store import RECORD, SHIP_PROGRESS, Store
+from corepipe.platform.watch import Watcher
+
+
+def test_destination_urls() -> None:
+    assert objectstore.parse("az://crashes/pool-1/x/").url == "az://crashes/pool-1/x"
+    assert objectstore.parse("s3://my.bucket").prefix == ""
+    for bad in ("gs://b/p", "az://", "s3://B/p", "az://c/a//b", "s3://bkt/../up", "crashes/p"):
+        with pytest.raises(ValueError):
+            objectstore.parse(bad)
+
+
+def test_summary_fits_s3_metadata_and_round_trips() -> None:
+    rec = {"id": "0123456789ab", "time": "2026-12-02T06:00:00Z", "timestamp": 1796190000, "status": "complete",
+           "pid": 7, "comm": "app", "exe": "/x" * 5000, "signal": {"number": 11, "name": "SIGSEGV"},
+           "container": {"runtime": "docker", "id": "a" * 64, "name": "n" * 3000, "image": "i" * 3000},
+           "core": {"stored": True, "file": "core.zst", "size": 10, "compressed_size": 5, "sha256": None,
+                    "digest": {"algorithm": "xxh3-128", "value": "f" * 32}}, "environ": ["A=B"] * 999}
+    text = fleet.summary(rec, "node-1")
+    assert len(text) <= 1500  # S3 allows 2 KiB of user metadata in all
+    back = fleet.parse_summary(text)
+    assert back["id"] == rec["id"] and back["node"] == "node-1" and back["core"]["digest"]["value"] == "f" * 32
+    assert back["container"]["image"].startswith("iii") and "environ" not in back
+    assert fleet.parse_summary("not base64!") is None
+
+
+def test_keys_follow_the_store_layout() -> None:
+    assert fleet.crash_key("fleet", "n1", ("docker", "abc", "20261202T060000Z-0123456789ab"), RECORD) == \
+        "fleet/n1/docker/abc/20261202T060000Z-0123456789ab/record.json"
+    assert fleet.binary_key("", ("ab", "cdef-0123")) == ".build-id/ab/cdef-0123"
+
+
+def test_part_plan_bounds_memory_whatever_the_size() -> None:
+    assert parts.plan(1 << 30, 10000) == (8 << 20, 4)
+    for size in (1 << 40, 5 << 40):
+        part_size, concurrency = parts.plan(size, 10000)
+        assert (size + part_size - 1) // part_size <= 10000
+        assert part_size * concurrency <= max(parts.IN_FLIGHT, part_size)
+
+
+def test_watcher_wakes_for_a_filed_record_not_for_the_shippers_own_files(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    with Store(str(root)) as store:
+        crash = store.new_crash(("host",))
+    watcher = Watcher(str(root))
+    try:
+        assert watcher.event_driven
+        watcher.watch_tree()
+        crash.write(SHIP_PROGRESS, b"{}")
+        assert watcher.wait(0.2) is False
+        woke = []
+        thread = threading.Thread(target=lambda: woke.append(watcher.wait(30)))
+        thread.start()
+        crash.write(RECORD, b"{}")
+        thread.join()
+        assert woke == [True]
+        os.mkdir(root / "docker")
+        assert watcher.wait(5) is True
+    finally:
+        watcher.close()
+        crash.close()
+
+
+def test_ship_config_is_checked_and_loads_no_sdk() -> None:
+    """The handler reads the same config: a ship_to in it must not pull an SDK onto the collect path."""
+    code = ("import sys\nfrom corepipe.platform import config\n"
+            "cfg = config.parse('ship_to = \"s3://bucket/fleet\"\\nship_bandwidth = 1000\\n')\n"
+            "assert cfg.ship_to == 's3://bucket/fleet' and cfg.ship_bandwidth == 1000\n"
+            "print(' '.join(m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore', 'azure')))\n")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == ""
+    for text, message in (('ship_to = "gs://x/y"', "ship_to:"), ("ship_concurrency = 0", "at least 1"),
+                          ("ship_bandwidth = -1", "must not be negative")):
+        with pytest.raises(config.ConfigError, match=message):
+            config.parse(text)
