@@ -4,7 +4,6 @@ Azurite for Azure Blob Storage, moto's server for S3. Every test runs against bo
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from support import (
     wait_for,
 )
 
+from corepipe.platform import digest
 from corepipe.platform.store import CORE, RECORD, SHIP_LOCK, SHIP_PROGRESS, SHIP_STATUS, SHIPPED
 
 KINDS = ["azure", "s3"]
@@ -125,7 +125,7 @@ def test_ship_verify_dedup_delete_and_debug_remotely(server, handler_dir: Path, 
 
     out = tmp_path / "core"
     corepipe(handler.config, server.env, "extract", "--remote", url, second["id"], "-o", str(out))
-    assert hashlib.sha256(out.read_bytes()).hexdigest() == second["core"]["sha256"]
+    assert file_digest(out, second["core"])
 
     shutil.rmtree(handler.store / ".build-id")  # nothing local to fall back on
     debug = corepipe(handler.config, server.env, "debug", "--remote", url, second["id"], "--", "-batch",
@@ -135,6 +135,16 @@ def test_ship_verify_dedup_delete_and_debug_remotely(server, handler_dir: Path, 
     # gdb's executable is the copy downloaded from the store, linked from debug's temporary sysroot.
     assert re.search(r"/corepipe-remote-[^/]+/\.build-id/[0-9a-f]{2}/", text), text
     assert not list(Path("/tmp").glob("corepipe-remote-*")), "the downloads were left behind"
+
+
+def file_digest(path: Path, core: dict) -> bool:
+    """Whether the file's bytes have the digest the record states (core.digest, or sha256 in old records)."""
+    algorithm, value = digest.stated(core)
+    hasher = digest.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            hasher.update(chunk)
+    return hasher.hexdigest() == value
 
 
 def parts_done(crash: Path) -> int:
@@ -181,11 +191,7 @@ def test_kill_9_mid_upload_then_resume(server, tmp_path: Path) -> None:
     out = tmp_path / "core"
     corepipe(fast, server.env, "extract", "--remote", url, rec["id"], "-o", str(out))
     assert out.stat().st_size == GIB
-    digest = hashlib.sha256()
-    with open(out, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    assert digest.hexdigest() == rec["core"]["sha256"]
+    assert file_digest(out, rec["core"])
 
 
 def _status(store: Path) -> dict:

@@ -28,7 +28,7 @@ from corepipe.domain import record as records
 from corepipe.platform import digest
 from corepipe.platform.fs import write_all
 from corepipe.platform.objectstore import Destination, DestinationError
-from corepipe.platform.store import BUILD_ID, CRASH_DIR, RECORD, core_file
+from corepipe.platform.store import BUILD_ID, RECORD, core_file, crash_id
 
 NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 SUMMARY = "summary"
@@ -115,13 +115,14 @@ class RemoteCatalog:
         for obj in objects:
             rec = parse_summary(obj.metadata.get(SUMMARY, ""))
             crash = self._crash_name(obj.key)
-            if rec is not None and crash is not None and rec.get("id") == crash.group(1):
+            if rec is not None and crash is not None and rec.get("id") == crash:
                 found.append((self._path(obj.key), rec))
         return sorted(found, key=catalog.sort_key)
 
-    def _crash_name(self, key: str) -> Optional[re.Match]:
+    def _crash_name(self, key: str) -> Optional[str]:
+        """The crash id in the directory part of ``key``; None if it is not a crash directory."""
         parts = key.split("/")
-        return CRASH_DIR.fullmatch(parts[-2]) if len(parts) >= 2 else None
+        return crash_id(parts[-2]) if len(parts) >= 2 else None
 
     def record(self, path: str) -> dict:
         """The full record, downloaded."""
@@ -134,7 +135,7 @@ class RemoteCatalog:
         except ValueError as exc:
             raise DestinationError(f"{path}/{RECORD} is corrupt: {exc}") from None
         crash = self._crash_name(self._key(path, RECORD))
-        if crash is None or rec.get("id") != crash.group(1):
+        if crash is None or rec.get("id") != crash:
             raise DestinationError(f"{path}/{RECORD} has id {str(rec.get('id'))[:20]!r}, not the directory's")
         return rec
 
