@@ -4,6 +4,7 @@ Azurite for Azure Blob Storage, moto's server for S3. Every test runs against bo
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import objectstores
 import pytest
+import zstandard
 from runtimes import unique
 from support import (
     CRASH_LINE,
@@ -28,7 +30,7 @@ from support import (
 )
 
 from corepipe.platform import digest
-from corepipe.platform.store import CORE, RECORD, SHIP_LOCK, SHIP_PROGRESS, SHIP_STATUS, SHIPPED
+from corepipe.platform.store import CORE, PARTIAL_CORE, RECORD, SHIP_LOCK, SHIP_PROGRESS, SHIP_STATUS, SHIPPED
 
 KINDS = ["azure", "s3"]
 GIB = 1 << 30
@@ -312,6 +314,54 @@ def test_a_record_whose_core_the_policy_removed_still_ships(server, tmp_path: Pa
     listed = json.loads(corepipe(cfg, server.env, "list", "--remote", server.url("nocore"), "--json").stdout)
     assert [(item["id"], item["core_state"]) for item in listed] == [(rec["id"], "none")]
     assert not any(key.endswith(CORE) for key in objects(server, server.env, "nocore"))
+
+
+def test_the_core_is_checked_against_its_record_before_anything_is_committed(server, tmp_path: Path) -> None:
+    """The record's digest, computed over the bytes read for the upload: a core that differs from its record is
+    not committed remotely nor deleted locally; an old record (core.sha256, no core.digest) ships and extracts."""
+    store = tmp_path / "store"
+    damaged, rec = objectstores.stored_crash(store, 16 << 20, comm="damaged")
+    with open(damaged / CORE, "r+b") as f:  # one byte in the middle, the size unchanged
+        f.seek(8 << 20)
+        byte = f.read(1)
+        f.seek(8 << 20)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    old, old_rec = objectstores.stored_crash(store, 12 << 20, comm="old")
+    with open(old / CORE, "rb") as f:
+        data = zstandard.ZstdDecompressor().stream_reader(f).read()
+    old_rec["core"].update(digest=None, sha256=hashlib.sha256(data).hexdigest())
+    (old / RECORD).write_text(json.dumps(old_rec))
+    cfg = config(tmp_path / "c.toml", store, f'ship_to = "{server.url("check")}"\ndelete_after_ship = true\n')
+    result = corepipe(cfg, server.env, "ship", "--once", check=False)
+    assert result.returncode == 1 and result.stdout.split() == ["shipped", old_rec["id"]], result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and rec["id"] in lines[0] and "not shipped, kept locally" in lines[0], result.stderr
+    assert (damaged / CORE).exists() and not (damaged / SHIPPED).exists() and not old.exists()
+    held = objects(server, server.env, "check")
+    assert not any(rec["id"] in key for key in held), held
+    listed = json.loads(corepipe(cfg, server.env, "list", "--remote", server.url("check"), "--json").stdout)
+    assert [item["id"] for item in listed] == [old_rec["id"]]
+    out = tmp_path / "core"
+    extracted = corepipe(cfg, server.env, "extract", "--remote", server.url("check"), old_rec["id"], "-o", str(out))
+    assert out.read_bytes() == data and "sha256 verified" in extracted.stderr
+
+
+def test_a_partial_core_ships_under_its_own_name(server, tmp_path: Path) -> None:
+    """core.partial.zst (the kernel stopped sending early): shipped as such, listed remotely as partial."""
+    store = tmp_path / "store"
+    path, rec = objectstores.stored_crash(store, 1 << 20, comm="cut")
+    (path / CORE).rename(path / PARTIAL_CORE)
+    rec["core"].update(file=PARTIAL_CORE, complete=False)
+    (path / RECORD).write_text(json.dumps(rec))
+    url = server.url("partial")
+    cfg = config(tmp_path / "c.toml", store, f'ship_to = "{url}"\n')
+    assert f"shipped {rec['id']}" in corepipe(cfg, server.env, "ship", "--once").stdout
+    assert any(key.endswith(f"{rec['id']}/{PARTIAL_CORE}") for key in objects(server, server.env, "partial"))
+    listed = json.loads(corepipe(cfg, server.env, "list", "--remote", url, "--json").stdout)
+    assert [(item["id"], item["core_state"]) for item in listed] == [(rec["id"], "partial")]
+    out = tmp_path / "core"
+    extracted = corepipe(cfg, server.env, "extract", "--remote", url, rec["id"], "-o", str(out))
+    assert file_digest(out, rec["core"]) and "of a partial core" in extracted.stderr
 
 
 def test_network_loss_mid_upload(server, tmp_path: Path) -> None:
