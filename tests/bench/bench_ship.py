@@ -9,8 +9,9 @@ One crash with a 1 GiB incompressible core is filed the way the collector files 
 SDK's one-shot call (Azure: ``BlobClient.upload_blob(max_concurrency=4)``, the shipper's concurrency;
 S3: boto3's ``upload_file`` with its default transfer settings, 10 threads of 8 MiB parts) and ships
 the crash with ``corepipe ship --once`` (binaries, core in verified parts, record, read-back
-verification, shipped.json), in alternating order. The shipper's wall time and peak RSS
-(``wait4``'s ``ru_maxrss``) are measured as a child process; throughputs are MiB/s of core.zst.
+verification, shipped.json), in alternating order. The shipper's wall time, CPU time and peak RSS
+(``wait4``'s rusage) are measured as a child process, the SDK's CPU time from this process's rusage
+(nothing else runs in it meanwhile); throughputs are MiB/s of core.zst.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -36,8 +38,14 @@ from corepipe.platform.store import CORE, SHIPPED  # noqa: E402
 MIB = 1 << 20
 
 
-def sdk_upload(server: objectstores.Server, source: Path, key: str) -> float:
-    start = time.monotonic()
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def sdk_upload(server: objectstores.Server, source: Path, key: str) -> tuple:
+    """(seconds, CPU seconds) of the SDK's one-shot upload."""
+    start, cpu = time.monotonic(), cpu_seconds()
     if server.kind == "azurite":
         from azure.storage.blob import BlobServiceClient
 
@@ -47,11 +55,11 @@ def sdk_upload(server: objectstores.Server, source: Path, key: str) -> float:
             blob.upload_blob(f, length=source.stat().st_size, overwrite=True, max_concurrency=4)
     else:
         server.client().upload_file(str(source), server.bucket, key)
-    return time.monotonic() - start
+    return time.monotonic() - start, cpu_seconds() - cpu
 
 
 def ship(server: objectstores.Server, config: Path, prefix: str) -> tuple:
-    """(seconds, peak RSS in bytes) of one ``corepipe ship --once``."""
+    """(seconds, CPU seconds, peak RSS in bytes) of one ``corepipe ship --once``."""
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "corepipe", "--config", str(config), "ship", "--once", "--to",
                              server.url(prefix)], env={**os.environ, **server.env}, stdout=subprocess.DEVNULL)
@@ -59,7 +67,7 @@ def ship(server: objectstores.Server, config: Path, prefix: str) -> tuple:
     elapsed = time.monotonic() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"corepipe ship failed with {status}")
-    return elapsed, usage.ru_maxrss * 1024
+    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
 
 
 def main() -> int:
@@ -89,14 +97,15 @@ def main() -> int:
                 run: dict = {}
                 for what in order:
                     if what == "sdk":
-                        run["sdk_s"] = sdk_upload(server, core, f"sdk-{n}/{CORE}")
+                        run["sdk_s"], run["sdk_cpu_s"] = sdk_upload(server, core, f"sdk-{n}/{CORE}")
                     else:
                         (path / SHIPPED).unlink(missing_ok=True)
-                        run["ship_s"], run["ship_rss"] = ship(server, config, f"ship-{n}")
+                        run["ship_s"], run["ship_cpu_s"], run["ship_rss"] = ship(server, config, f"ship-{n}")
                 runs.append(run)
                 print(f"{kind} round {n}: sdk {size / MIB / run['sdk_s']:.0f} MiB/s, corepipe ship "
-                      f"{size / MIB / run['ship_s']:.0f} MiB/s ({run['sdk_s'] / run['ship_s']:.2f}x), peak RSS "
-                      f"{run['ship_rss'] / MIB:.0f} MiB", flush=True)
+                      f"{size / MIB / run['ship_s']:.0f} MiB/s ({run['sdk_s'] / run['ship_s']:.2f}x), CPU "
+                      f"{run['sdk_cpu_s']:.1f} s / {run['ship_cpu_s']:.1f} s, peak RSS "
+                      f"{run['ship_rss'] / MIB:.0f} MiB, load {os.getloadavg()[0]:.1f}", flush=True)
         finally:
             server.stop()
         sdk = statistics.median(r["sdk_s"] for r in runs)
@@ -104,6 +113,8 @@ def main() -> int:
         results["servers"][kind] = {"runs": runs, "sdk_mib_s": size / MIB / sdk, "ship_mib_s": size / MIB / shipped,
                                     "ratio": sdk / shipped, "paired": statistics.median(r["sdk_s"] / r["ship_s"]
                                                                                         for r in runs),
+                                    "sdk_cpu_s": statistics.median(r["sdk_cpu_s"] for r in runs),
+                                    "ship_cpu_s": statistics.median(r["ship_cpu_s"] for r in runs),
                                     "peak_rss_mib": max(r["ship_rss"] for r in runs) / MIB}
         summary = results["servers"][kind]
         print(f"{kind}: median sdk {summary['sdk_mib_s']:.0f} MiB/s, corepipe ship {summary['ship_mib_s']:.0f} MiB/s "

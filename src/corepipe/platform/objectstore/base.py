@@ -24,7 +24,7 @@ class ObjectInfo:
     key: str
     size: int
     metadata: dict = field(default_factory=dict)
-    #: Vendor checksum read back from the store (Azure Content-MD5 base64, S3 ChecksumSHA256), if any.
+    #: Azure's Content-MD5 (base64) as read back, if any; S3's answer is its ETag.
     checksum: Optional[str] = None
     etag: Optional[str] = None
 

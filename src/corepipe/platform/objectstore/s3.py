@@ -3,11 +3,15 @@
 Credentials come from boto3's standard chain in the shipper's own environment (variables, profile,
 IRSA / web identity, instance metadata); ``AWS_ENDPOINT_URL`` points it at an S3-compatible store.
 
-A large object is a multipart upload: each part carries its SHA-256 (and its ETag is checked
-against its MD5), the object appears only at CompleteMultipartUpload, and the upload id and the
-parts done are persisted so a restart continues the same upload. A multipart ETag is not an MD5
-of the object: verification uses the size, the composite ChecksumSHA256 where the store returns it,
-and the md5-of-md5s ETag where it has that form.
+Each request body carries its MD5 (Content-MD5, which S3 checks before it stores anything) and
+the ETag the store answers is checked against it: one hash per byte serves both, which matters
+on a small host (README, "Shipping (fleets)"). The body is not hashed a second time for the
+request signature (``payload_signing_enabled`` off: the signed Content-MD5 header binds it, as
+botocore does itself over https), and botocore adds no checksum of its own (``when_required``).
+
+A large object is a multipart upload: the object appears only at CompleteMultipartUpload, and the
+upload id and the parts done are persisted so a restart continues the same upload. A multipart
+ETag is not an MD5 of the object: verification uses the size and the md5-of-md5s ETag.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ class S3Destination:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
         config = Config(retries={"max_attempts": retries + 1, "mode": "standard"}, connect_timeout=20,
                         read_timeout=300, max_pool_connections=max(10, concurrency * 2),
-                        s3={"addressing_style": "path"} if endpoint else None)
+                        request_checksum_calculation="when_required",
+                        s3={"payload_signing_enabled": False, **({"addressing_style": "path"} if endpoint else {})})
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
         self.bucket = location.bucket
 
@@ -77,17 +82,15 @@ class S3Destination:
         except (BotoCoreError, OSError) as exc:
             raise _error(exc, f"HEAD {key}") from None
         return ObjectInfo(key=key, size=reply["ContentLength"], metadata=dict(reply.get("Metadata") or {}),
-                          checksum=reply.get("ChecksumSHA256"), etag=reply.get("ETag"))
+                          etag=reply.get("ETag"))
 
     def put_small(self, key: str, data: bytes, metadata: dict) -> ObjectInfo:
         md5 = hashlib.md5(data)
-        sha256 = hashlib.sha256(data)
-        metadata = {**metadata, "sha256": sha256.hexdigest()}
         self._call(f"upload {key}", self.client.put_object, Key=key, Body=data, Metadata=metadata,
-                   ContentMD5=_b64(md5.digest()), ChecksumSHA256=_b64(sha256.digest()))
+                   ContentMD5=_b64(md5.digest()))
         info = self.head(key)
         etag = _MD5_ETAG.fullmatch(info.etag or "") if info else None
-        if (info is None or info.size != len(data) or (info.checksum and info.checksum != _b64(sha256.digest()))
+        if (info is None or info.size != len(data)
                 or (etag and not etag.group(2) and etag.group(1) != md5.hexdigest())):
             raise DestinationError(f"{key} read back as {info and info.size} bytes, ETag {info and info.etag}; "
                                    f"expected {len(data)} bytes, MD5 {md5.hexdigest()}")
@@ -103,24 +106,26 @@ class S3Destination:
         upload_id = progress["upload_id"]
 
         def send(number: int, data: bytes) -> dict:
-            md5 = hashlib.md5(data).hexdigest()
-            sha256 = _b64(hashlib.sha256(data).digest())
+            md5 = hashlib.md5(data).digest()
             reply = self._call(f"upload {key} part {number}", self.client.upload_part, Key=key, UploadId=upload_id,
-                               PartNumber=number, Body=data, ChecksumSHA256=sha256)
+                               PartNumber=number, Body=data, ContentMD5=_b64(md5))
             etag = _MD5_ETAG.fullmatch(reply.get("ETag") or "")
-            if (reply.get("ChecksumSHA256") and reply["ChecksumSHA256"] != sha256) or (etag and etag.group(1) != md5):
-                raise DestinationError(f"{key} part {number} arrived damaged (ETag {reply.get('ETag')}, MD5 {md5})")
-            return {"etag": reply["ETag"], "sha256": sha256, "md5": md5, "size": len(data)}
+            if etag and etag.group(1) != md5.hex():
+                raise DestinationError(f"{key} part {number} arrived damaged (ETag {reply.get('ETag')}, "
+                                       f"MD5 {md5.hex()})")
+            return {"etag": reply["ETag"], "md5": md5.hex(), "size": len(data)}
+
+        save_part = parts.throttled(save)
 
         def done(number: int, token: dict) -> None:
             progress["parts"][str(number)] = token
-            save(progress)
+            save_part(progress)
 
         parts.upload(fd, size, part_size, concurrency, finished, send, done, parts.Bandwidth(self.bandwidth), check)
+        save(progress)
         numbered = sorted((int(n), p) for n, p in progress["parts"].items())
         self._call(f"complete {key}", self.client.complete_multipart_upload, Key=key, UploadId=upload_id,
-                   MultipartUpload={"Parts": [{"PartNumber": n, "ETag": p["etag"], "ChecksumSHA256": p["sha256"]}
-                                              for n, p in numbered]})
+                   MultipartUpload={"Parts": [{"PartNumber": n, "ETag": p["etag"]} for n, p in numbered]})
         progress["completed"] = True
         save(progress)
         return self._verify(key, size, [p for _n, p in numbered])
@@ -129,7 +134,7 @@ class S3Destination:
         """Continue the persisted upload if the store still has it (only parts it lists with our size and ETag);
         otherwise start a new one. The metadata goes on at creation: it is the object's once completed."""
         if (progress.get("key") == key and progress.get("part_size") == part_size and progress.get("size") == size
-                and progress.get("upload_id")):
+                and progress.get("upload_id") and progress.get("checksum") == "md5"):
             try:
                 listed = self._list_parts(key, progress["upload_id"])
             except DestinationError as exc:
@@ -140,11 +145,10 @@ class S3Destination:
                 kept = {n: p for n, p in progress["parts"].items() if listed.get(int(n)) == (p["size"], p["etag"])}
                 progress["parts"] = kept
                 return {int(n): True for n in kept}
-        reply = self._call(f"start upload of {key}", self.client.create_multipart_upload, Key=key,
-                           ChecksumAlgorithm="SHA256", Metadata=metadata)
+        reply = self._call(f"start upload of {key}", self.client.create_multipart_upload, Key=key, Metadata=metadata)
         progress.clear()
         progress.update({"key": key, "part_size": part_size, "size": size, "upload_id": reply["UploadId"],
-                         "parts": {}})
+                         "checksum": "md5", "parts": {}})
         return {}
 
     def _list_parts(self, key: str, upload_id: str) -> dict:
@@ -160,9 +164,8 @@ class S3Destination:
             marker = reply["NextPartNumberMarker"]
 
     def _verify(self, key: str, size: int, done: list) -> ObjectInfo:
-        """Size, composite SHA-256 and md5-of-md5s ETag as the store reports them, against the parts we sent."""
+        """Size and md5-of-md5s ETag as the store reports them, against the parts we sent."""
         info = self.head(key)
-        composite = _b64(hashlib.sha256(b"".join(base64.b64decode(p["sha256"]) for p in done)).digest())
         etag = _MD5_ETAG.fullmatch(info.etag or "") if info else None
         md5s = hashlib.md5(b"".join(bytes.fromhex(p["md5"]) for p in done)).hexdigest()
         problems = []
@@ -171,8 +174,6 @@ class S3Destination:
         else:
             if info.size != size:
                 problems.append(f"{info.size} bytes, expected {size}")
-            if info.checksum and info.checksum.split("-")[0] != composite:
-                problems.append(f"ChecksumSHA256 {info.checksum}, expected {composite}-{len(done)}")
             if etag and etag.group(2) and (etag.group(1), int(etag.group(2))) != (md5s, len(done)):
                 problems.append(f"ETag {info.etag}, expected {md5s}-{len(done)}")
         if problems:
