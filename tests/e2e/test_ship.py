@@ -231,6 +231,15 @@ def test_server_down_then_back(server, tmp_path: Path) -> None:
         shipper.wait()
 
 
+def _ship_metrics(cfg: Path) -> dict:
+    """The corepipe_ship_* samples of ``corepipe metrics``, parsed with prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = corepipe(cfg, {}, "metrics").stdout
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name.startswith("corepipe_ship_")}
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_bad_credentials(kind: str, tmp_path: Path) -> None:
     """One clear line in the output, the log and status; nothing deleted; shipped once the credentials are fixed."""
@@ -250,6 +259,12 @@ def test_bad_credentials(kind: str, tmp_path: Path) -> None:
         errors = [line for line in status.splitlines() if line.startswith("shipping: last error")]
         assert len(errors) == 1 and "access denied" in errors[0], status
         assert "2 crashes not shipped yet" in status, status
+        failed_at = _status(store)["last_error"]["time"]
+        backlog = _ship_metrics(cfg)
+        assert backlog == {"corepipe_ship_backlog_crashes": 2, "corepipe_ship_last_sweep_ok": 0,
+                           "corepipe_ship_backlog_bytes": rec["core"]["compressed_size"] +
+                           rec2["core"]["compressed_size"], "corepipe_ship_last_error_timestamp_seconds": failed_at,
+                           "corepipe_ship_last_sweep_timestamp_seconds": failed_at}, backlog
         if os.geteuid() == 0:
             # The sweep stops at the first crash refused (all would be): its line is in the kernel log.
             assert wait_for(lambda: [line for line in dmesg_lines("access denied")
@@ -258,6 +273,10 @@ def test_bad_credentials(kind: str, tmp_path: Path) -> None:
         assert fixed.stdout.count("shipped ") == 2 and not path.exists()
         status = corepipe(cfg, {}, "status", check=False).stdout
         assert "0 crashes not shipped yet" in status and "last sweep" in status and " ok" in status, status
+        backlog = _ship_metrics(cfg)
+        assert backlog["corepipe_ship_backlog_crashes"] == 0 and backlog["corepipe_ship_backlog_bytes"] == 0
+        assert backlog["corepipe_ship_last_sweep_ok"] == 1 and backlog["corepipe_ship_last_error_timestamp_seconds"] \
+            == failed_at < backlog["corepipe_ship_last_sweep_timestamp_seconds"], backlog
     finally:
         server.stop()
 

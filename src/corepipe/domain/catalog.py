@@ -11,6 +11,7 @@ binaries the last core using them took along.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -29,6 +30,8 @@ from corepipe.platform.store import (
     GROUP_LEDGER,
     LEDGER,
     RECORD,
+    SHIP_STATUS,
+    SHIPPED,
     TEMP_NAME,
     CrashDir,
     Store,
@@ -142,6 +145,26 @@ def iter_records(store_root: str, problems: Optional[list] = None) -> Iterator[t
                 problems.append((path, message))
     finally:
         os.close(root_fd)
+
+
+def unshipped(path: str, rec: dict) -> bool:
+    """Whether a finished crash is still to be shipped (its directory has no shipped.json): the backlog
+    that ``status`` and the metrics report."""
+    return rec.get("status") != "collecting" and not os.path.lexists(os.path.join(path, SHIPPED))
+
+
+def last_sweep(store_root: str) -> Optional[dict]:
+    """What the shipper's last sweep wrote (``ship-status.json``: time, ok, last_error...); None if it never
+    ran or the file cannot be read."""
+    try:
+        root_fd = open_dir(None, store_root, create=False)
+        try:
+            last = json.loads(read_file(root_fd, SHIP_STATUS, 1 << 20) or b"null")
+        finally:
+            os.close(root_fd)
+    except (OSError, ValueError):  # StoreError is an OSError
+        return None
+    return last if isinstance(last, dict) else None
 
 
 def sort_key(item: tuple) -> tuple:

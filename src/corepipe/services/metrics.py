@@ -9,7 +9,8 @@ Entry points: ``render(cfg, extra)`` (the exposition bytes and content type of o
 ``write_textfile(directory, cfg)`` (node_exporter's textfile collector) and ``listen(host, port, cfg, extra)``
 (an HTTP server in a thread: ``corepipe metrics --listen``, and the resident collector's metrics process,
 services/serve.py). ``extra`` takes more prometheus-client collectors: the server adds its own counters
-(``ServerCollector``); a shipping backlog gauge would be one more.
+(``ServerCollector``). With ``ship_to`` configured, the shipping backlog comes from the same walk of the
+records (no second one) and the shipper's ship-status.json.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ class StoreCollector(Collector):
         yield from self._cores(records)
         yield self._durations(records)
         yield from self._store(cfg.store, len(problems))
+        if cfg.ship_to:
+            yield from self._ship(cfg.store, items)
 
     def _crashes(self, records: list) -> Metric:
         family = CounterMetricFamily("corepipe_crashes", "Crashes recorded in the store",
@@ -172,6 +175,27 @@ class StoreCollector(Collector):
                                 value=fs.free_bytes(store))
         yield GaugeMetricFamily("corepipe_store_size_bytes", "Size of the store's filesystem",
                                 value=fs.fs_size(store))
+
+
+    def _ship(self, store: str, items: list) -> Iterator[Metric]:
+        """The shipping backlog (finished crashes without shipped.json) and the shipper's last sweep, from
+        its ship-status.json: a node whose backlog grows, or whose last error is recent, is not shipping."""
+        backlog = [rec for path, rec in items if catalog.unshipped(path, rec)]
+        yield GaugeMetricFamily("corepipe_ship_backlog_crashes", "Finished crashes not shipped yet",
+                                value=len(backlog))
+        yield GaugeMetricFamily("corepipe_ship_backlog_bytes", "Compressed bytes of the cores of the crashes not "
+                                "shipped yet", value=sum((rec.get("core") or {}).get("compressed_size") or 0
+                                                          for rec in backlog if (rec.get("core") or {}).get("stored")))
+        last = catalog.last_sweep(store) or {}
+        for name, when, help_text in (
+                ("corepipe_ship_last_sweep_timestamp_seconds", last.get("time"), "When the shipper's last sweep ended"),
+                ("corepipe_ship_last_error_timestamp_seconds", (last.get("last_error") or {}).get("time"),
+                 "When the shipper last failed to ship a crash")):
+            if isinstance(when, (int, float)):
+                yield GaugeMetricFamily(name, help_text, value=when)
+        if last:
+            yield GaugeMetricFamily("corepipe_ship_last_sweep_ok", "1 if the shipper's last sweep shipped "
+                                    "everything it tried, else 0", value=1 if last.get("ok") else 0)
 
 
 class ServerCollector(Collector):

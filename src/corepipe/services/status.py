@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
 from corepipe.domain import catalog
 from corepipe.platform import config as configuration
 from corepipe.platform import fs
-from corepipe.platform.store import SHIP_STATUS, SHIPPED, read_file
 from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, Sysctl, SysctlError
 from corepipe.services.install import PIPE, SOCKET, Paths, load_state, socket_pattern
 from corepipe.services.serve import RUN_DIR, STALE, read_health
@@ -32,7 +30,7 @@ def store_summary(root: str, recent: int = RECENT) -> dict:
     problems: list = []
     unshipped = 0
     for path, rec in catalog.iter_records(root, problems):
-        unshipped += rec.get("status") != "collecting" and not os.path.lexists(os.path.join(path, SHIPPED))
+        unshipped += catalog.unshipped(path, rec)
         container = rec.get("container") or {}
         key = (container.get("runtime"), container.get("id"))
         group = groups.setdefault(key, {"runtime": key[0], "id": key[1], "name": container.get("name"),
@@ -55,15 +53,8 @@ def store_summary(root: str, recent: int = RECENT) -> dict:
 
 def ship_summary(root: str, unshipped: int) -> Optional[dict]:
     """The shipper's last sweep (``corepipe ship`` writes it) and the crashes not shipped yet; None if it never ran."""
-    try:
-        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            last = json.loads(read_file(root_fd, SHIP_STATUS, 1 << 20) or b"null")
-        finally:
-            os.close(root_fd)
-    except (OSError, ValueError):  # StoreError is an OSError
-        return None
-    return {**last, "backlog": unshipped} if isinstance(last, dict) else None
+    last = catalog.last_sweep(root)
+    return {**last, "backlog": unshipped} if last is not None else None
 
 
 def gather(paths: Paths, run_dir: str = RUN_DIR) -> dict:
