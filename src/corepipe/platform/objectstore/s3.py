@@ -3,15 +3,19 @@
 Credentials come from boto3's standard chain in the shipper's own environment (variables, profile,
 IRSA / web identity, instance metadata); ``AWS_ENDPOINT_URL`` points it at an S3-compatible store.
 
-Each request body carries its MD5 (Content-MD5, which S3 checks before it stores anything) and
-the ETag the store answers is checked against it: one hash per byte serves both, which matters
-on a small host (README, "Shipping (fleets)"). The body is not hashed a second time for the
-request signature (``payload_signing_enabled`` off: the signed Content-MD5 header binds it, as
-botocore does itself over https), and botocore adds no checksum of its own (``when_required``).
+A small object's body carries its MD5 (Content-MD5, which S3 checks before it stores anything)
+and the ETag the store answers is checked against it. A large object is a multipart upload whose
+parts each carry their CRC32 (``x-amz-checksum-crc32``, which S3 checks the same way, and echoes):
+zlib's CRC32 runs at ~5 GB/s where MD5 runs at ~0.7 GB/s, 1.5 s of CPU per GiB that on a small
+host competes with everything else (README, "Shipping (fleets)"). One hash per byte serves the
+store's check and ours: the body is not hashed a second time for the request signature
+(``payload_signing_enabled`` off: the signed checksum header binds it, as botocore does itself
+over https), and botocore adds no checksum of its own (``when_required``).
 
-A large object is a multipart upload: the object appears only at CompleteMultipartUpload, and the
-upload id and the parts done are persisted so a restart continues the same upload. A multipart
-ETag is not an MD5 of the object: verification uses the size and the md5-of-md5s ETag.
+The object appears only at CompleteMultipartUpload, and the upload id and the parts done are
+persisted so a restart continues the same upload. Verification reads back the size, the part
+count of the ETag and the object's composite CRC32 (the CRC32 of the parts' CRC32s), computed here
+from the parts sent.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import base64
 import hashlib
 import os
 import re
+import zlib
 from typing import Callable, Optional
 
 import boto3
@@ -82,7 +87,7 @@ class S3Destination:
         except (BotoCoreError, OSError) as exc:
             raise _error(exc, f"HEAD {key}") from None
         return ObjectInfo(key=key, size=reply["ContentLength"], metadata=dict(reply.get("Metadata") or {}),
-                          etag=reply.get("ETag"))
+                          etag=reply.get("ETag"), checksum=reply.get("ChecksumCRC32"))
 
     def put_small(self, key: str, data: bytes, metadata: dict) -> ObjectInfo:
         md5 = hashlib.md5(data)
@@ -99,21 +104,21 @@ class S3Destination:
     def put_large(self, key: str, fd: int, size: int, progress: dict, save: Callable[[dict], None],
                   metadata: dict, check: Optional[parts.Check] = None) -> ObjectInfo:
         part_size, concurrency = parts.plan(size, MAX_PARTS, concurrency=self.concurrency)
-        if progress.get("completed") and progress.get("key") == key and progress.get("size") == size:
+        if (progress.get("completed") and progress.get("key") == key and progress.get("size") == size
+                and progress.get("checksum") == "crc32"):
             return self._verify(key, size, [p for _n, p in sorted((int(n), p) for n, p in progress["parts"].items())])
         finished = self._resume(key, size, part_size, progress, metadata)
         save(progress)
         upload_id = progress["upload_id"]
 
         def send(number: int, data: bytes) -> dict:
-            md5 = hashlib.md5(data).digest()
+            crc = _b64(zlib.crc32(data).to_bytes(4, "big"))
             reply = self._call(f"upload {key} part {number}", self.client.upload_part, Key=key, UploadId=upload_id,
-                               PartNumber=number, Body=data, ContentMD5=_b64(md5))
-            etag = _MD5_ETAG.fullmatch(reply.get("ETag") or "")
-            if etag and etag.group(1) != md5.hex():
-                raise DestinationError(f"{key} part {number} arrived damaged (ETag {reply.get('ETag')}, "
-                                       f"MD5 {md5.hex()})")
-            return {"etag": reply["ETag"], "md5": md5.hex(), "size": len(data)}
+                               PartNumber=number, Body=data, ChecksumAlgorithm="CRC32", ChecksumCRC32=crc)
+            if reply.get("ChecksumCRC32") != crc:
+                raise DestinationError(f"{key} part {number} arrived damaged (CRC32 {reply.get('ChecksumCRC32')}, "
+                                       f"sent {crc})")
+            return {"etag": reply["ETag"], "crc32": crc, "size": len(data)}
 
         save_part = parts.throttled(save)
 
@@ -125,7 +130,8 @@ class S3Destination:
         save(progress)
         numbered = sorted((int(n), p) for n, p in progress["parts"].items())
         self._call(f"complete {key}", self.client.complete_multipart_upload, Key=key, UploadId=upload_id,
-                   MultipartUpload={"Parts": [{"PartNumber": n, "ETag": p["etag"]} for n, p in numbered]})
+                   MultipartUpload={"Parts": [{"PartNumber": n, "ETag": p["etag"], "ChecksumCRC32": p["crc32"]}
+                                              for n, p in numbered]})
         progress["completed"] = True
         save(progress)
         return self._verify(key, size, [p for _n, p in numbered])
@@ -134,7 +140,7 @@ class S3Destination:
         """Continue the persisted upload if the store still has it (only parts it lists with our size and ETag);
         otherwise start a new one. The metadata goes on at creation: it is the object's once completed."""
         if (progress.get("key") == key and progress.get("part_size") == part_size and progress.get("size") == size
-                and progress.get("upload_id") and progress.get("checksum") == "md5"):
+                and progress.get("upload_id") and progress.get("checksum") == "crc32"):
             try:
                 listed = self._list_parts(key, progress["upload_id"])
             except DestinationError as exc:
@@ -145,10 +151,11 @@ class S3Destination:
                 kept = {n: p for n, p in progress["parts"].items() if listed.get(int(n)) == (p["size"], p["etag"])}
                 progress["parts"] = kept
                 return {int(n): True for n in kept}
-        reply = self._call(f"start upload of {key}", self.client.create_multipart_upload, Key=key, Metadata=metadata)
+        reply = self._call(f"start upload of {key}", self.client.create_multipart_upload, Key=key, Metadata=metadata,
+                           ChecksumAlgorithm="CRC32")
         progress.clear()
         progress.update({"key": key, "part_size": part_size, "size": size, "upload_id": reply["UploadId"],
-                         "checksum": "md5", "parts": {}})
+                         "checksum": "crc32", "parts": {}})
         return {}
 
     def _list_parts(self, key: str, upload_id: str) -> dict:
@@ -164,18 +171,20 @@ class S3Destination:
             marker = reply["NextPartNumberMarker"]
 
     def _verify(self, key: str, size: int, done: list) -> ObjectInfo:
-        """Size and md5-of-md5s ETag as the store reports them, against the parts we sent."""
+        """Size, the ETag's part count and the composite CRC32 as the store reports them, against the parts sent."""
         info = self.head(key)
         etag = _MD5_ETAG.fullmatch(info.etag or "") if info else None
-        md5s = hashlib.md5(b"".join(bytes.fromhex(p["md5"]) for p in done)).hexdigest()
+        crcs = _b64(zlib.crc32(b"".join(base64.b64decode(p["crc32"]) for p in done)).to_bytes(4, "big"))
         problems = []
         if info is None:
             problems.append("it does not exist")
         else:
             if info.size != size:
                 problems.append(f"{info.size} bytes, expected {size}")
-            if etag and etag.group(2) and (etag.group(1), int(etag.group(2))) != (md5s, len(done)):
-                problems.append(f"ETag {info.etag}, expected {md5s}-{len(done)}")
+            if etag and etag.group(2) and int(etag.group(2)) != len(done):
+                problems.append(f"ETag {info.etag}, expected {len(done)} parts")
+            if info.checksum is not None and info.checksum.split("-")[0] != crcs:  # a store without checksums
+                problems.append(f"CRC32 {info.checksum}, expected {crcs}-{len(done)}")
         if problems:
             raise DestinationError(f"{key} read back wrong: {'; '.join(problems)}")
         return info  # type: ignore[return-value]
