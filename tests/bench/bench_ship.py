@@ -9,9 +9,9 @@ One crash with a 1 GiB incompressible core is filed the way the collector files 
 SDK's one-shot call (Azure: ``BlobClient.upload_blob(max_concurrency=4)``, the shipper's concurrency;
 S3: boto3's ``upload_file`` with its default transfer settings, 10 threads of 8 MiB parts) and ships
 the crash with ``corepipe ship --once`` (binaries, core in verified parts, record, read-back
-verification, shipped.json), in alternating order. The shipper's wall time, CPU time and peak RSS
-(``wait4``'s rusage) are measured as a child process, the SDK's CPU time from this process's rusage
-(nothing else runs in it meanwhile); throughputs are MiB/s of core.zst.
+verification, shipped.json), in alternating order. Both run as child processes (a fresh interpreter
+importing its SDK, as the vendor's CLI would), their wall time, CPU time and peak RSS from ``wait4``'s
+rusage; throughputs are MiB/s of core.zst.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,36 +37,43 @@ from corepipe.platform.store import CORE, SHIPPED  # noqa: E402
 MIB = 1 << 20
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+#: The SDK's one-shot upload, run as a child process like the shipper (a fresh interpreter that imports the SDK,
+#: as the vendor's CLI would be): argv is the file, the container or bucket, the key.
+SDK_UPLOAD = {
+    "azurite": """
+import os, sys
+from azure.storage.blob import BlobServiceClient
+blob = BlobServiceClient.from_connection_string(os.environ["AZURE_STORAGE_CONNECTION_STRING"]).get_blob_client(
+    sys.argv[2], sys.argv[3])
+with open(sys.argv[1], "rb") as f:
+    blob.upload_blob(f, length=os.fstat(f.fileno()).st_size, overwrite=True, max_concurrency=4)
+""",
+    "moto": """
+import sys, boto3
+boto3.client("s3").upload_file(sys.argv[1], sys.argv[2], sys.argv[3])
+""",
+}
 
 
-def sdk_upload(server: objectstores.Server, source: Path, key: str) -> tuple:
-    """(seconds, CPU seconds) of the SDK's one-shot upload."""
-    start, cpu = time.monotonic(), cpu_seconds()
-    if server.kind == "azurite":
-        from azure.storage.blob import BlobServiceClient
-
-        blob = BlobServiceClient.from_connection_string(server.connection_string()).get_blob_client(
-            server.container, key)
-        with open(source, "rb") as f:
-            blob.upload_blob(f, length=source.stat().st_size, overwrite=True, max_concurrency=4)
-    else:
-        server.client().upload_file(str(source), server.bucket, key)
-    return time.monotonic() - start, cpu_seconds() - cpu
-
-
-def ship(server: objectstores.Server, config: Path, prefix: str) -> tuple:
-    """(seconds, CPU seconds, peak RSS in bytes) of one ``corepipe ship --once``."""
+def child(argv: list, env: dict) -> tuple:
+    """(seconds, CPU seconds, peak RSS in bytes) of one child process (``wait4``'s rusage)."""
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "corepipe", "--config", str(config), "ship", "--once", "--to",
-                             server.url(prefix)], env={**os.environ, **server.env}, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
     _pid, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.monotonic() - start
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"corepipe ship failed with {status}")
+        raise SystemExit(f"{argv[:3]} failed with {status}")
     return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+
+
+def sdk_upload(server: objectstores.Server, source: Path, key: str) -> tuple:
+    bucket = server.container if server.kind == "azurite" else server.bucket
+    return child([sys.executable, "-c", SDK_UPLOAD[server.kind], str(source), bucket, key], server.env)
+
+
+def ship(server: objectstores.Server, config: Path, prefix: str) -> tuple:
+    return child([sys.executable, "-m", "corepipe", "--config", str(config), "ship", "--once", "--to",
+                  server.url(prefix)], server.env)
 
 
 def main() -> int:
@@ -97,7 +103,7 @@ def main() -> int:
                 run: dict = {}
                 for what in order:
                     if what == "sdk":
-                        run["sdk_s"], run["sdk_cpu_s"] = sdk_upload(server, core, f"sdk-{n}/{CORE}")
+                        run["sdk_s"], run["sdk_cpu_s"], run["sdk_rss"] = sdk_upload(server, core, f"sdk-{n}/{CORE}")
                     else:
                         (path / SHIPPED).unlink(missing_ok=True)
                         run["ship_s"], run["ship_cpu_s"], run["ship_rss"] = ship(server, config, f"ship-{n}")
@@ -105,7 +111,8 @@ def main() -> int:
                 print(f"{kind} round {n}: sdk {size / MIB / run['sdk_s']:.0f} MiB/s, corepipe ship "
                       f"{size / MIB / run['ship_s']:.0f} MiB/s ({run['sdk_s'] / run['ship_s']:.2f}x), CPU "
                       f"{run['sdk_cpu_s']:.1f} s / {run['ship_cpu_s']:.1f} s, peak RSS "
-                      f"{run['ship_rss'] / MIB:.0f} MiB, load {os.getloadavg()[0]:.1f}", flush=True)
+                      f"{run['sdk_rss'] / MIB:.0f} / {run['ship_rss'] / MIB:.0f} MiB, load {os.getloadavg()[0]:.1f}",
+                      flush=True)
         finally:
             server.stop()
         sdk = statistics.median(r["sdk_s"] for r in runs)
