@@ -104,3 +104,12 @@ def test_refusal_gives_admits_reason_and_changes_nothing(store: Store) -> None:
     assert no_room == "no room for the core: max_use (1000 bytes) leaves 0 bytes"
     assert no_room == accounting.admit(store, full, crash_id="3" * 12, group=("docker", "c1"), exe="/y",
                                        want=MIB).reason
+
+
+def test_refusal_writes_no_rebuilt_ledger(store: Store) -> None:
+    """Before the ack nothing is fsynced: a ledger refusal had to rebuild is left for admit to write."""
+    cfg = _cfg()
+    assert accounting.refusal(store, cfg, group=("host",), exe="/x") is None
+    assert not os.path.exists(os.path.join(store.root, catalog.LEDGER))
+    assert accounting.admit(store, cfg, crash_id="1" * 12, group=("host",), exe="/x", want=MIB).budget
+    assert os.path.exists(os.path.join(store.root, catalog.LEDGER))

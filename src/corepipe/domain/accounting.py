@@ -156,8 +156,8 @@ def refusal(store: Store, cfg: Config, *, group: tuple, exe: str) -> Optional[st
     """Why ``admit`` would refuse a crash of ``exe`` in ``group`` a core now (its reason: the rate limits, or
     no room even after deleting what the policy allows), or None. It deletes, reserves and records nothing:
     the socket server asks before the dump (a refusal is a REJECT: the kernel writes nothing), ``admit``
-    decides after, for the FIRST_RESERVATION it would ask then."""
-    with catalog.Locked(store) as books:
+    decides after, for the FIRST_RESERVATION it would ask then. Nor does it save a ledger it had to rebuild."""
+    with catalog.Locked(store, save=False) as books:
         state = load_state(store)
         reason = _over_rate(state.get("rate", {}), rate_keys(group, exe), cfg, time.time())
         if reason is not None:
