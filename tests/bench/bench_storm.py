@@ -83,6 +83,16 @@ class PeakMemory:
         return (self.peak - self.base) // 1024, self.server_peak // 1024
 
 
+def release(pids: list) -> tuple:
+    """Let the stopped crashers go at once; (when, seconds until the last was reaped)."""
+    started = time.monotonic()
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return started, time.monotonic() - started
+
+
 def stopped_storm(bench: Bench, crashers: list, mib: int) -> list:
     """One stopped crasher per executable in ``crashers``, each filled with ``mib`` MiB, named c<N>."""
     pids = []
@@ -141,12 +151,7 @@ def baseline_storm(bench: Bench, crashers: list, mib: int, mode: str, timeout: f
             settings.set(bench.pattern(mode), pipe_limit=SYSTEMD_PIPE_LIMIT if service else PIPE_LIMIT)
             mark = kernel_log_now()
             memory = PeakMemory()
-            started = time.monotonic()
-            for pid in pids:
-                os.kill(pid, signal.SIGCONT)
-            for pid in pids:
-                os.waitpid(pid, 0)
-            reaped = time.monotonic() - started
+            started, reaped = release(pids)
             skipped = dropped_dumps(mark, {f"c{n}" for n in range(len(pids))})
             deadline = started + timeout
             while len(bench.log_lines()) - before < len(pids) - len(skipped) and time.monotonic() < deadline:
@@ -178,12 +183,7 @@ def storm(bench: Bench, crashers: list, mib: int, mode: str, concurrent: int, ti
             server = start_server(bench)
         mark = kernel_log_now()
         memory = PeakMemory(server.pid if server else None)
-        started = time.monotonic()
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
-        for pid in pids:
-            os.waitpid(pid, 0)
-        reaped = time.monotonic() - started
+        started, reaped = release(pids)
         deadline = started + timeout
         while len(recs := final_records(bench.store)) < len(pids) and time.monotonic() < deadline:
             time.sleep(0.05)

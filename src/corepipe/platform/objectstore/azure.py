@@ -147,14 +147,8 @@ class AzureDestination:
                        length=len(data), validate_content=True)
             return len(data)
 
-        save_part = parts.throttled(save)
-
-        def done(number: int, length: int) -> None:
-            progress["blocks"][str(number)] = length
-            save_part(progress)
-
-        parts.upload(fd, size, part_size, concurrency, finished, send, done, parts.Bandwidth(self.bandwidth), check)
-        save(progress)
+        parts.upload_recorded(fd, size, part_size, concurrency, finished, send, progress, "blocks", save,
+                              parts.Bandwidth(self.bandwidth), check)
         count = (size + part_size - 1) // part_size
         self._call(f"commit {key}", blob.commit_block_list, [BlobBlock(_block_id(n)) for n in range(1, count + 1)],
                    metadata=metadata)

@@ -110,3 +110,18 @@ def upload(fd: int, size: int, part_size: int, concurrency: int, finished: dict,
             future.result()
     if check is not None:
         check.verify()
+
+
+def upload_recorded(fd: int, size: int, part_size: int, concurrency: int, finished: dict,
+                    send: Callable[[int, bytes], object], progress: dict, field: str, save: Callable[[dict], None],
+                    bandwidth: Optional[Bandwidth] = None, check: Optional[Check] = None) -> None:
+    """``upload`` keeping each finished part's token in ``progress[field]`` (``save``d at most every SAVE_EVERY
+    seconds, and once at the end), so that a restart resumes from the parts the store already has."""
+    save_part = throttled(save)
+
+    def done(number: int, token: object) -> None:
+        progress[field][str(number)] = token
+        save_part(progress)
+
+    upload(fd, size, part_size, concurrency, finished, send, done, bandwidth, check)
+    save(progress)

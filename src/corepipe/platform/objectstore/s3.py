@@ -120,14 +120,8 @@ class S3Destination:
                                        f"sent {crc})")
             return {"etag": reply["ETag"], "crc32": crc, "size": len(data)}
 
-        save_part = parts.throttled(save)
-
-        def done(number: int, token: dict) -> None:
-            progress["parts"][str(number)] = token
-            save_part(progress)
-
-        parts.upload(fd, size, part_size, concurrency, finished, send, done, parts.Bandwidth(self.bandwidth), check)
-        save(progress)
+        parts.upload_recorded(fd, size, part_size, concurrency, finished, send, progress, "parts", save,
+                              parts.Bandwidth(self.bandwidth), check)
         numbered = sorted((int(n), p) for n, p in progress["parts"].items())
         self._call(f"complete {key}", self.client.complete_multipart_upload, Key=key, UploadId=upload_id,
                    MultipartUpload={"Parts": [{"PartNumber": n, "ETag": p["etag"], "ChecksumCRC32": p["crc32"]}
