@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from corepipe.domain import accounting
+from corepipe.domain import accounting, snapshot
 from corepipe.domain.context import Context
 from corepipe.platform import capture, coredump_socket, elf
 from corepipe.platform import config as configuration
@@ -62,9 +62,10 @@ STALE = 15.0
 BACKLOG = 4096
 #: Connections held beyond this many waiting ones are answered REJECT (record only) instead of a core.
 QUEUE_LIMIT = 512
-#: How long a worker waits after a REJECT for the process's exit status (its signal), on kernels whose pidfd
-#: does not tell the signal (PIDFD_INFO_COREDUMP_SIGNAL); a loaded host can take seconds to reap a container's init.
-EXIT_WAIT = 5.0
+#: How long a worker waits after a REJECT for the process's exit status (its signal) when neither the pidfd
+#: (PIDFD_INFO_COREDUMP_SIGNAL) nor /proc/<pid>/stat told it; the status comes only once the process is reaped,
+#: and a worker waiting is a worker a storm does not have.
+EXIT_WAIT = 1.0
 SD_LISTEN_FDS_START = 3
 _CLONE_NEWUTS = 0x04000000
 _CLONE_NEWNS = 0x00020000
@@ -656,7 +657,7 @@ def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str) 
         conn.close()
         _null_stdin()
         early.eof = early.released = True
-        args.signal = info.signal if info.signal is not None else _exit_signal(pidfd)
+        args.signal = info.signal if info.signal is not None else _rejected_signal(early.proc, pidfd)
         ctx.refused = decision.reason
     else:
         _grow_receive_buffer(conn)
@@ -730,6 +731,13 @@ def _hostname(pid: int, pidfd: int) -> Optional[str]:
 @functools.lru_cache(maxsize=1)
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
+
+
+def _rejected_signal(proc: Optional[capture.Proc], pidfd: int) -> Optional[int]:
+    """A REJECTed crash's signal: from the /proc/<pid>/stat read before the ack (the pidfd guarded that read),
+    else from its exit status."""
+    found = snapshot.parse_dump_signal(proc.files.get("stat", b"")) if proc is not None else None
+    return found if found is not None else _exit_signal(pidfd)
 
 
 def _exit_signal(pidfd: int) -> Optional[int]:
