@@ -190,3 +190,13 @@ def test_prune_deletes_the_oldest_records_when_records_alone_are_over_max_use(tm
     # The core went first (its record then says so, and may grow by a block); then the oldest records.
     assert 1 <= len(left) <= 2 and not any(c.file for c in left), left
     _assert_exact(tmp_path)
+
+
+def test_a_record_rewritten_for_the_notify_hook_is_counted_once(tmp_path: Path, sleepers: list) -> None:
+    """The hook's outcome is written into the final record afterwards: the ledger keeps one record of its final
+    size, as a scan of the store says."""
+    cfg = _cfg(tmp_path, notify_command=["/bin/true"], notify_user="nobody")
+    _code, _, rec = collect_in_process(cfg, sleepers[0].pid, "notified", CORE)
+    assert rec["notify"]["exit_status"] == 0, rec["notify"]
+    with Store(cfg.store, create=False) as store, catalog.Locked(store) as books:
+        assert books.ledger.records == catalog.rebuild_ledger(store).records

@@ -418,8 +418,20 @@ class Locked:
 
     def add_record(self, crash: CrashDir) -> None:
         """Count the crash's record (just written, final) in the store's use."""
-        st = os.stat(RECORD, dir_fd=crash.fd, follow_symlinks=False)
-        self.checked(lambda: self.ledger.add_record(st.st_blocks * 512))
+        size = _record_bytes(crash)
+        self.checked(lambda: self.ledger.add_record(size))
+
+    def rewrite_record(self, crash: CrashDir, write: Callable[[], None]) -> None:
+        """``write`` the crash's final record again (already counted by ``add_record``): its bytes in the ledger
+        are replaced, not added again."""
+        before = _record_bytes(crash)
+        write()
+        after = _record_bytes(crash)
+
+        def replace() -> None:
+            self.ledger.remove_record(before)
+            self.ledger.add_record(after)
+        self.checked(replace)
 
     def drop_binaries(self, keys: set) -> int:
         """Binaries saved for a crash whose core went before they were registered: delete those no core uses."""
@@ -482,6 +494,11 @@ class Locked:
     def _forget(self, group: str, crash: str) -> int:
         unused = self.checked(lambda: self.ledger.remove(group, crash))
         return binaries.remove(self.store.fd, unused)
+
+
+def _record_bytes(crash: CrashDir) -> int:
+    """What the crash's record takes on disk, as ``scan`` counts it."""
+    return os.stat(RECORD, dir_fd=crash.fd, follow_symlinks=False).st_blocks * 512
 
 
 def group_of(path: str, root: str) -> tuple:

@@ -403,7 +403,11 @@ def _notify(ctx: Context) -> None:
         log(f"error: pid {ctx.args.pid}: notify_command: {result['error']}", ERR)
     if result is not None:
         record.set_notify(ctx.record, result)
-        write_final(ctx)
+        with _locked(ctx) as books:
+            if books is None:
+                write_record(ctx)
+            else:
+                books.rewrite_record(ctx.crash, lambda: write_record(ctx))
 
 
 def _not_saved(ctx: Context, reason: str) -> None:
