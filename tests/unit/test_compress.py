@@ -51,6 +51,19 @@ def test_truncates_at_limit(tmp_path) -> None:
     assert result.digest == core_digest(data[:1_234_567])
 
 
+@pytest.mark.parametrize("threads", [0, 2])
+@pytest.mark.parametrize("limit", [None, 1_000_000])
+def test_read_done_comes_once_before_the_frame_ends(tmp_path, threads: int, limit) -> None:
+    """The kernel is let go when the input is read: before zstd's last flush writes the frame's end."""
+    out = tmp_path / "out.zst"
+    calls = []
+    result, back, _ = _run(os.urandom(3_000_000), tmp_path, threads=threads, limit=limit,
+                           read_done=lambda: calls.append(out.stat().st_size))
+    assert len(calls) == 1
+    assert result.complete == (limit is None) and len(back) == result.size
+    assert calls[0] + 4 <= out.stat().st_size  # at least the frame's checksum came after
+
+
 def test_core_of_exactly_the_limit_is_not_truncated(tmp_path) -> None:
     data = os.urandom(100_000)
     result, back, _ = _run(data, tmp_path, limit=100_000)

@@ -168,16 +168,20 @@ class _Source:
 def compress_stream(source_fd: int, target_fd: int, *, limit: Optional[int] = None, level: int = 3,
                     threads: int = -1, max_output: Optional[int] = None,
                     grow: Optional[Callable[[int, int], int]] = None, prefix: bytes = b"",
-                    eof: bool = False) -> CoreResult:
+                    eof: bool = False, read_done: Optional[Callable[[], None]] = None) -> CoreResult:
     """Copy ``prefix`` and then ``source_fd`` (not read if ``eof``) to ``target_fd`` as one zstd frame; raises
     OSError on a write failure and OutputTooLarge when the compressed bytes would pass ``max_output`` (and
-    ``grow`` gives no more)."""
+    ``grow`` gives no more).
+
+    ``read_done`` is called once the input is read (to its end, or to ``limit``) and before zstd's last
+    flush: the kernel can be let go while the last bytes are still being compressed."""
     return _compress(_Source(source_fd, prefix, eof), target_fd, limit=limit, level=level, threads=threads,
-                     max_output=max_output, grow=grow)
+                     max_output=max_output, grow=grow, read_done=read_done)
 
 
 def _compress(source: _Source, target_fd: int, *, limit: Optional[int], level: int, threads: int,
-              max_output: Optional[int], grow: Optional[Callable[[int, int], int]]) -> CoreResult:
+              max_output: Optional[int], grow: Optional[Callable[[int, int], int]],
+              read_done: Optional[Callable[[], None]]) -> CoreResult:
     result = CoreResult()
     view = memoryview(bytearray(CHUNK))
     hasher = digest.new()
@@ -202,6 +206,8 @@ def _compress(source: _Source, target_fd: int, *, limit: Optional[int], level: i
                 hasher.update(view[:n])
                 feed.write(view[:n])  # zstd has copied the bytes when this returns
                 result.size += n
+            if read_done is not None:
+                read_done()
     result.digest = digest.as_stated(hasher)
     result.compressed_size = os.fstat(target_fd).st_size
     result.head = bytes(head)

@@ -287,9 +287,9 @@ def write_core(ctx: Context, admission: accounting.Admission, limit: Optional[in
         try:
             result = compress.compress_stream(ctx.core_fd, fd, limit=cap, prefix=ctx.early.core, eof=ctx.early.eof,
                                               level=cfg.compression_level, threads=cfg.compression_threads,
-                                              max_output=admission.budget, grow=grow)
+                                              max_output=admission.budget, grow=grow, read_done=ctx.let_go)
         finally:
-            ctx.let_go()
+            ctx.let_go()  # a failed write ends the dump too
     except compress.OutputTooLarge as exc:
         # The storage policy's decision, like a core refused before it was read: not a failure.
         crash.discard(fd, tmp)
