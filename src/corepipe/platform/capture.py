@@ -163,48 +163,105 @@ def read_in_child(dir_fd: int, names: tuple, limit: int, seconds: float) -> tupl
     """({name: bytes}, {name: error}) of files below ``dir_fd``, read by a forked child that is SIGKILLed after
     ``seconds``: a read that blocks where no signal but SIGKILL ends the wait (a FUSE page) cannot hold the
     handler. A file not read in time has the error "timed out"."""
-    import select
-
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: read, write "<name> <length or -errno>\n<bytes>" for each, exit; nothing else
-        code = 0
-        try:
-            os.close(read_end)
-            for name in names:
-                try:
-                    data, head = b"", b""
-                    data = _read(dir_fd, name, limit)
-                    head = b"%s %d\n" % (name.encode(), len(data))
-                except OSError as exc:
-                    head = b"%s -%d\n" % (name.encode(), exc.errno or 0)
-                view = memoryview(head + data)
-                while view:
-                    view = view[os.write(write_end, view):]
-        except BaseException:  # noqa: BLE001 - a child must never return into the handler
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    chunks, deadline, done = [], time.monotonic() + seconds, False
+    reader = MemoryReader()
     try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([read_end], [], [], left)[0]:
-                break
-            chunk = os.read(read_end, 1 << 20)
-            if not chunk:
-                done = True  # the child closed its end: it is exiting
-                break
-            chunks.append(chunk)
+        return reader.read(dir_fd, names, limit, seconds)
     finally:
-        os.close(read_end)
-        if not done:
-            # SIGKILL ends a wait that SIGALRM cannot; but a FUSE request the server has already taken is
-            # waited out even then, so the child is not waited for: init reaps it when the server answers.
-            os.kill(pid, 9)
-        os.waitpid(pid, 0 if done else os.WNOHANG)
-    return _parse_child_output(b"".join(chunks), names)
+        reader.close()
+
+
+class MemoryReader:
+    """The child of ``read_in_child``, forked when this is made: a socket server's idle worker makes one ahead
+    of its crash, so the fork (~1.7 ms here) is not between the kernel's connection and its ack.
+
+    It is told the directory as an fd number of its parent and opens it through ``/proc/<parent>/fd``: the
+    same directory, with no fd passing (which would need ``socket``). It keeps no other fd of its parent's
+    (not the kernel's pipe either), and exits without reading if the parent closes its request pipe. It
+    closes its output before it exits, so the read ends without waiting for its exit (unmapping its copy of
+    the parent's memory took ~1 ms of the 1.4): ``close`` reaps it, after the crash's urgent part."""
+
+    def __init__(self) -> None:
+        request_read, self._request = os.pipe()
+        self._output, output_write = os.pipe()
+        parent = os.getpid()
+        self._pid = os.fork()
+        if self._pid == 0:
+            code = 0
+            try:
+                low, high = sorted((request_read, output_write))
+                os.closerange(0, low)
+                os.closerange(low + 1, high)
+                os.closerange(high + 1, 1 << 20)
+                _serve_request(parent, request_read, output_write)
+            except BaseException:  # noqa: BLE001 - a child must never return into the handler
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(request_read)
+        os.close(output_write)
+        self._used = self._waited = False
+
+    def read(self, dir_fd: int, names: tuple, limit: int, seconds: float) -> tuple:
+        """``read_in_child``'s result; a reader reads once (a second read forks a new one)."""
+        if self._used:
+            return read_in_child(dir_fd, names, limit, seconds)
+        self._used = True  # from here on the request and output fds are closed whatever happens
+        import select
+
+        chunks, deadline, done = [], time.monotonic() + seconds, False
+        try:
+            try:
+                os.write(self._request, b"%d %d %s\n" % (dir_fd, limit, " ".join(names).encode()))
+            finally:
+                os.close(self._request)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self._output], [], [], left)[0]:
+                    break
+                chunk = os.read(self._output, 1 << 20)
+                if not chunk:
+                    done = True  # the child closed its end: it is exiting
+                    break
+                chunks.append(chunk)
+        finally:
+            os.close(self._output)
+            if not done:
+                # SIGKILL ends a wait that SIGALRM cannot; but a FUSE request the server has already taken is
+                # waited out even then, so the child is not waited for: init reaps it when the server answers.
+                os.kill(self._pid, 9)
+                os.waitpid(self._pid, os.WNOHANG)
+                self._waited = True
+        return _parse_child_output(b"".join(chunks), names)
+
+    def close(self) -> None:
+        """Reap the child; an unused one is let go first (it sees its request pipe closed and exits)."""
+        if not self._used:
+            self._used = True
+            os.close(self._request)
+            os.close(self._output)
+        if not self._waited:
+            self._waited = True
+            os.waitpid(self._pid, 0)
+
+
+def _serve_request(parent: int, request: int, output: int) -> None:
+    """The reader child's work: "<fd> <limit> <names>" in, "<name> <length or -errno>\n<bytes>" out for each."""
+    line = read_fd(request, 4096)
+    if not line:
+        return
+    fd, limit, *names = line.split()
+    dir_fd = os.open(f"/proc/{parent}/fd/{int(fd)}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for name in names:
+        try:
+            data, head = b"", b""
+            data = _read(dir_fd, name.decode(), int(limit))
+            head = b"%s %d\n" % (name, len(data))
+        except OSError as exc:
+            head = b"%s -%d\n" % (name, exc.errno or 0)
+        view = memoryview(head + data)
+        while view:
+            view = view[os.write(output, view):]
+    os.close(output)
 
 
 def _parse_child_output(data: bytes, names: tuple) -> tuple:
@@ -241,8 +298,10 @@ def pidfd_pid(pidfd: int) -> int | None:
     return None
 
 
-def read_proc(proc: Proc, limit: int = PROC_LIMIT, hold: bool = False, out: Capture | None = None) -> None:
-    """Fill ``proc``; with ``hold``, also open the exe and mapped files into ``out`` before /proc/<pid> is closed."""
+def read_proc(proc: Proc, limit: int = PROC_LIMIT, hold: bool = False, out: Capture | None = None,
+              reader: MemoryReader | None = None) -> None:
+    """Fill ``proc``; with ``hold``, also open the exe and mapped files into ``out`` before /proc/<pid> is closed.
+    ``reader``, forked ahead, reads MEMORY_FILES (else ``read_in_child`` forks one now)."""
     if proc.pidfd is not None:
         proc.owner = pidfd_pid(proc.pidfd)
     try:
@@ -259,7 +318,10 @@ def read_proc(proc: Proc, limit: int = PROC_LIMIT, hold: bool = False, out: Capt
                 proc.files[name] = _read(dir_fd, name, limit)
             except OSError as exc:
                 proc.errors.append(f"{name}: {exc.strerror}")
-        memory, failed = read_in_child(dir_fd, MEMORY_FILES, limit, MEMORY_SECONDS)
+        if reader is None:
+            memory, failed = read_in_child(dir_fd, MEMORY_FILES, limit, MEMORY_SECONDS)
+        else:
+            memory, failed = reader.read(dir_fd, MEMORY_FILES, limit, MEMORY_SECONDS)
         proc.files.update(memory)
         proc.errors += [f"{name}: {error}" for name, error in failed.items()]
         for name in PROC_LINKS:
@@ -458,9 +520,10 @@ def take_process(pid: int | None, pidfd: int | None, core_fd: int = STDIN,
     return cap
 
 
-def take_proc(pid: int | None, pidfd: int | None) -> Capture:
+def take_proc(pid: int | None, pidfd: int | None, reader: MemoryReader | None = None) -> Capture:
     """The first half of ``take_process``: /proc and the held files, before any of the core is read (a
-    socket server decides on them whether the kernel is to write the core at all); never raises."""
+    socket server decides on them whether the kernel is to write the core at all; its worker passes the
+    ``reader`` it forked while idle); never raises."""
     cap = Capture()
     try:
         if pid is not None:
@@ -472,7 +535,7 @@ def take_proc(pid: int | None, pidfd: int | None) -> Capture:
             if timed:
                 _signal.alarm(PROC_SECONDS)
             try:
-                read_proc(cap.proc, hold=True, out=cap)
+                read_proc(cap.proc, hold=True, out=cap, reader=reader)
             except Timeout:
                 cap.proc.timed_out = True
                 cap.errors.append(f"reading /proc/{pid} took more than {PROC_SECONDS} s; the rest was skipped")

@@ -606,18 +606,24 @@ class Prepared:
 
 
 def _worker(channel: socket.socket, config: Optional[str]) -> int:
-    """An idle worker: ready the config, wait for one connection from the accept loop, collect it."""
+    """An idle worker: ready the config and the /proc memory reader, wait for one connection from the accept
+    loop, collect it."""
     prepared = Prepared(config)
-    message, fds, _flags, _addr = socket.recv_fds(channel, 256, 1)
-    channel.close()
-    if not fds:
-        return 0  # the server is stopping
-    conn = socket.socket(fileno=fds[0])
-    accepted, load = message.decode().split()
-    return handle(conn, prepared, float(accepted), load)
+    reader = capture.MemoryReader()
+    try:
+        message, fds, _flags, _addr = socket.recv_fds(channel, 256, 1)
+        channel.close()
+        if not fds:
+            return 0  # the server is stopping
+        conn = socket.socket(fileno=fds[0])
+        accepted, load = message.decode().split()
+        return handle(conn, prepared, float(accepted), load, reader)
+    finally:
+        reader.close()
 
 
-def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str) -> int:
+def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str,
+           reader: Optional[capture.MemoryReader] = None) -> int:
     """One kernel connection: check the peer, read /proc, decide, ack, then ``collect``'s pipeline on the
     socket; the exit code ``corepipe collect`` would give."""
     pidfd = coredump_socket.peer_pidfd(conn)
@@ -625,7 +631,7 @@ def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str) 
     if not info.dumping:
         log(f"error: serve: pid {info.pid} connected to the coredump socket but is not dumping core; ignored", ERR)
         return 2
-    early = capture.take_proc(info.pid, pidfd)
+    early = capture.take_proc(info.pid, pidfd, reader)
     early.started = accepted
     errors = list(early.errors)
     broken: Optional[str] = None  # the exchange with the kernel failed: a record without a core says why
