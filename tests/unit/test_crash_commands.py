@@ -98,6 +98,19 @@ def test_iter_records_and_find(store: Path, crashes: dict) -> None:
         catalog.find(str(store), "../etc")
 
 
+def test_crashes_of_one_second_are_listed_in_the_order_they_came(store: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """The kernel's %t has whole seconds; the record's ``received`` orders crashes within one, not their ids."""
+    host = Container(runtime="host")
+    names = [f"app{i}" for i in range(8)]
+    for name in names:
+        add_crash(store, container=host, when=T0, comm=name, tmp=tmp_path)
+    assert listed(tmp_path, capsys) == names
+    assert catalog.find(str(store), None)[1]["comm"] == names[-1]
+    old = {"timestamp": T0, "id": "0" * 12}  # a record from before ``received``: taken at its dump time
+    assert catalog.crash_order(old) < catalog.crash_order({"timestamp": T0, "received": T0 + 0.5, "id": "f"})
+
+
 def test_ambiguous_prefix(store: Path, tmp_path: Path) -> None:
     ids = set()
     while True:  # ids are random: add crashes until two share a first digit

@@ -8,7 +8,7 @@ import pytest
 from corepipe.domain import containers, record, snapshot
 from corepipe.platform.kernel import parse_args
 
-KEYS = {"schema", "id", "status", "time", "timestamp", "pid", "ns_pid", "tid", "uid", "gid", "signal", "comm",
+KEYS = {"schema", "id", "status", "time", "timestamp", "received", "pid", "ns_pid", "tid", "uid", "gid", "signal", "comm",
         "exe", "cmdline", "cwd", "hostname", "dump_mode", "core_limit", "container", "cgroup", "process", "core",
         "collector", "truncated"}
 

@@ -168,10 +168,18 @@ def last_sweep(store_root: str) -> Optional[dict]:
 
 
 def sort_key(item: tuple) -> tuple:
-    """Oldest first: by dump time, then id."""
-    rec = item[1]
+    """Oldest first: by dump time (whole seconds, the kernel's ``%t``), then by when the collector took the crash
+    (records before ``received`` count as taken at their dump time), then id."""
+    return crash_order(item[1])
+
+
+def crash_order(rec: dict) -> tuple:
+    """``sort_key`` of one record (or of a listing with its ``timestamp``, ``received`` and ``id``)."""
     stamp = rec.get("timestamp")
-    return (stamp if isinstance(stamp, (int, float)) else 0, str(rec.get("id")))
+    stamp = stamp if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) else 0
+    received = rec.get("received")
+    received = received if isinstance(received, (int, float)) and not isinstance(received, bool) else stamp
+    return (stamp, received, str(rec.get("id")))
 
 
 def find(store_root: str, prefix: Optional[str], problems: Optional[list] = None) -> tuple:

@@ -66,6 +66,7 @@ def summary(rec: dict, node: str) -> str:
             return value[:limit] if isinstance(value, str) else value
         fields = {
             "id": rec.get("id"), "node": node, "time": rec.get("time"), "timestamp": rec.get("timestamp"),
+            "received": rec.get("received"),
             "status": rec.get("status"), "pid": rec.get("pid"), "comm": cut(rec.get("comm")),
             "exe": cut(rec.get("exe")), "hostname": cut(rec.get("hostname")), "signal": rec.get("signal"),
             "container": {k: cut(container.get(k)) for k in ("runtime", "id", "name", "image", "pod_name",

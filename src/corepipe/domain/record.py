@@ -142,7 +142,7 @@ def omit_details(rec: dict, why: str) -> None:
 
 
 def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], container: Container,
-          redact_env: list, errors: tuple = (), env_keep: Sequence[str] = ENV_KEEP,
+          redact_env: list, errors: tuple = (), received: Optional[float] = None, env_keep: Sequence[str] = ENV_KEEP,
           redact_args: Sequence[str] = REDACT_ARGS, field_max: int = FIELD_MAX) -> dict:
     """The record before the core is stored (``errors``: the collection's so far); ``core`` and ``collector``
     are filled in as collection goes on, through the functions below. Every text from the crashed process is
@@ -163,6 +163,7 @@ def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], cont
         "status": "collecting",
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)),
         "timestamp": when,
+        "received": round(received if received is not None else time.time(), 6),
         "pid": args.pid,
         "ns_pid": args.ns_pid,
         "tid": args.tid,

@@ -110,6 +110,8 @@ class Capture:
 
     def __init__(self) -> None:
         self.started = time.monotonic()
+        #: When the collector took the crash (wall clock, sub-second): orders the crashes of one ``%t`` second.
+        self.received = time.time()
         self.proc: Proc | None = None
         #: (path, fd, is the executable) of each file held open, and why others could not be.
         self.held: list = []

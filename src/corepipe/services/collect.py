@@ -183,7 +183,8 @@ def store_crash(ctx: Context) -> int:
     """Record, core (within the policy), binaries and backtrace, final record; the exit code."""
     args, cfg, crash = ctx.args, ctx.cfg, ctx.crash
     rec = ctx.record = record.build(crash_id=crash.id, args=args, snapshot=ctx.snapshot, container=ctx.container,
-                                    redact_env=cfg.redact_env, errors=tuple(ctx.errors), env_keep=cfg.env_keep,
+                                    redact_env=cfg.redact_env, errors=tuple(ctx.errors),
+                                    received=ctx.early.received, env_keep=cfg.env_keep,
                                     redact_args=cfg.redact_args, field_max=cfg.record_field_max)
     postmortem.presign(rec, ctx.early.core, ctx.held)  # before the core: the policy may count its signature
     write_record(ctx)  # a handler killed from here on still leaves a record

@@ -633,6 +633,7 @@ def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str,
         return 2
     early = capture.take_proc(info.pid, pidfd, reader)
     early.started = accepted
+    early.received = time.time() - (time.monotonic() - accepted)
     errors = list(early.errors)
     broken: Optional[str] = None  # the exchange with the kernel failed: a record without a core says why
     try:

@@ -39,6 +39,7 @@ def store_summary(root: str, recent: int = RECENT) -> dict:
         group["cores"] += bool((rec.get("core") or {}).get("stored"))
         crashes.append({
             "path": path, "id": rec.get("id"), "time": rec.get("time"), "timestamp": rec.get("timestamp") or 0,
+            "received": rec.get("received"),
             "status": rec.get("status"), "runtime": key[0], "container": key[1], "name": container.get("name"),
             "pid": rec.get("pid"), "comm": rec.get("comm"), "signal": (rec.get("signal") or {}).get("name"),
             "core_size": (rec.get("core") or {}).get("size"),
@@ -47,7 +48,7 @@ def store_summary(root: str, recent: int = RECENT) -> dict:
     summary["errors"] = [f"{path}: {message}" for path, message in problems]
     summary["crashes"] = len(crashes)
     summary["containers"] = sorted(groups.values(), key=lambda g: (-g["crashes"], str(g["runtime"]), str(g["id"])))
-    summary["recent"] = sorted(crashes, key=lambda c: c["timestamp"], reverse=True)[:recent]
+    summary["recent"] = sorted(crashes, key=catalog.crash_order, reverse=True)[:recent]
     return summary
 
 
