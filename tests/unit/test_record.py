@@ -8,9 +8,9 @@ import pytest
 from corepipe.domain import containers, record, snapshot
 from corepipe.platform.kernel import parse_args
 
-KEYS = {"schema", "id", "status", "time", "timestamp", "received", "pid", "ns_pid", "tid", "uid", "gid", "signal", "comm",
-        "exe", "cmdline", "cwd", "hostname", "dump_mode", "core_limit", "container", "cgroup", "process", "core",
-        "collector", "truncated"}
+KEYS = {"schema", "id", "status", "time", "timestamp", "received", "pid", "ns_pid", "tid", "uid", "gid", "signal",
+        "comm", "exe", "cmdline", "cwd", "hostname", "dump_mode", "core_limit", "container", "cgroup", "process",
+        "core", "collector", "truncated"}
 
 
 def _record(snap=None) -> dict:
