@@ -56,6 +56,7 @@ def assert_next_crash_is_normal(handler: Handler, crasher: Path, name: str) -> d
     crash([str(crasher), "0", name])
     rec = handler.wait_record(lambda r: r["comm"] == name)
     assert rec["status"] == "complete" and rec["core"]["stored"] and rec["core"]["complete"], rec["core"]
+    handler.wait_idle()  # its ledger is written after the record: the next fault must not race it
     return rec
 
 

@@ -153,6 +153,7 @@ def test_planted_links_and_files_in_the_store(kernel_handler, crasher: Path, han
     store = kernel_handler.store
     crash([str(crasher), "0", "first"])
     kernel_handler.wait_record(lambda r: r["comm"] == "first")
+    kernel_handler.wait_idle()  # the ledger is written after the record
     outside = handler_dir / "outside"
     outside.write_text("not yours\n")
     before = outside.stat()
@@ -172,6 +173,7 @@ def test_planted_links_and_files_in_the_store(kernel_handler, crasher: Path, han
     os.mkfifo(store / ".lock")
     crash([str(crasher), "0", "fifo"])
     assert kernel_handler.wait_record(lambda r: r["comm"] == "fifo")["core"]["stored"]
+    kernel_handler.wait_idle()
 
     elsewhere = handler_dir / "elsewhere"
     elsewhere.mkdir()
@@ -200,10 +202,12 @@ def test_loose_store_permissions_are_tightened_and_foreign_owner_refused(kernel_
     store = kernel_handler.store
     crash([str(crasher), "0", "first"])
     kernel_handler.wait_record(lambda r: r["comm"] == "first")
+    kernel_handler.wait_idle()
     store.chmod(0o777)
     host_dir(store).chmod(0o775)
     crash([str(crasher), "0", "loose"])
     kernel_handler.wait_record(lambda r: r["comm"] == "loose")
+    kernel_handler.wait_idle()
     assert stat.S_IMODE(store.stat().st_mode) == 0o700 and stat.S_IMODE(host_dir(store).stat().st_mode) == 0o700
     os.chown(store, 65534, 65534)
     try:
@@ -219,6 +223,7 @@ def test_store_replaced_by_a_symlink(kernel_handler, crasher: Path, handler_dir:
     store = kernel_handler.store
     crash([str(crasher), "0", "first"])
     kernel_handler.wait_record(lambda r: r["comm"] == "first")
+    kernel_handler.wait_idle()
     real = handler_dir / "real-store"
     store.rename(real)
     store.symlink_to(real)
