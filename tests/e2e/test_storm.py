@@ -172,7 +172,9 @@ def test_64_simultaneous_crashes_across_containers(handler_dir: Path, crasher: P
         for cid in ids:
             group = by_group[cid]
             assert len(group) == PER_CONTAINER
-            assert sum(r["core"]["stored"] for r in group) == RATE, "the rate limit's count went wrong"
+            assert sum(r["core"]["stored"] for r in group) == RATE, (
+                "the rate limit's count went wrong",
+                [(r["_dir"], r["core"].get("reason"), r["container"]) for r in group])
             limited = [r for r in group if not r["core"]["stored"]]
             assert all(r["core"]["reason"].startswith("rate limited") for r in limited)
         for n, name in enumerate(names):
