@@ -43,6 +43,11 @@ from corepipe.domain.containers.model import Container
 _USER_MANAGER = re.compile(r"user@([0-9]{1,10})\.service")
 _STATE_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, TimeoutError)
 
+#: Seconds of wall time reading runtime state may take. Wall time, since a blocked read (a FUSE file)
+#: spends none of the CPU. 2 s: in a storm of 64 handlers on 2 CPUs each gets a thirtieth of a CPU, and
+#: 0.5 s can run out before a few small files are read; the crash then goes unconfirmed, under its uid.
+STATE_BUDGET = 2.0
+
 
 def identify(cgroup_text: str, *, mountinfo: str = "", hostname: Optional[str] = None,
              root: str = "/") -> Container:
@@ -87,12 +92,6 @@ def _chain(segments: list, root: str) -> list:
         chain.append(hit[1])
         start = index + 1
     return chain
-
-
-#: Seconds of wall time reading runtime state may take. Wall time, since a blocked read (a FUSE file)
-#: spends none of the CPU. 2 s: in a storm of 64 handlers on 2 CPUs each gets a thirtieth of a CPU, and
-#: 0.5 s can run out before a few small files are read; the crash then goes unconfirmed, under its uid.
-STATE_BUDGET = 2.0
 
 
 def _match(segments: list, root: str) -> Optional[tuple]:
