@@ -14,7 +14,8 @@ from the same run, with the machine's load average, and a warning for a case who
 by more than SPREAD; everything is written as JSON. Outputs go to a temporary directory and are
 deleted after each crash. A container case (``docker-1g``) crashes the crasher inside a Docker
 container (the handler identifies it before letting go) and, in the same round, on the host:
-its ``x host`` is the ratio of the two.
+its ``x host`` is the ratio of the two. ``zstd-socket`` is the same zstd CLI reading the kernel's coredump
+socket (socket_zstd.py): what the socket costs before any work of corepipe's, for ``corepipe-serve``.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ SPREAD = 0.20
 #: corepipe runs with its default config except the crash-loop limits: the burst is 32 crashes of one
 #: executable, of which the default ``rate_limit_exe`` (5 in 10 minutes) would store 5 cores.
 RATE_LIMITS_OFF = "rate_limit_exe = 0\nrate_limit_container = 0\n"
-HANDLERS = ("corepipe", "corepipe-serve", "zstd", "cat", "kernel", "systemd-coredump")
+HANDLERS = ("corepipe", "corepipe-serve", "zstd", "zstd-socket", "cat", "kernel", "systemd-coredump")
+#: Handlers that read the kernel's coredump socket.
+SOCKET_HANDLERS = ("corepipe-serve", "zstd-socket")
 BASELINE = "zstd"
 
 
@@ -109,6 +112,8 @@ class Bench:
             return f"|{SYSTEMD_COREDUMP} %P %u %g %s %t %c %h"
         if handler == "corepipe-serve":
             return CorepipeServe.pattern(self)
+        if handler == "zstd-socket":
+            return ZstdSocket.pattern(self)
         raise ValueError(handler)
 
     def log_lines(self) -> list:
@@ -199,6 +204,33 @@ class CorepipeServe:
         self.proc.wait(120)
 
 
+class ZstdSocket:
+    """The zstd CLI reading the coredump socket (socket_zstd.py), under rsswrap as the pipe handler is: the
+    socket's own cost, beside the pipe's, in the same run. Started for each run under its lock, before the
+    pattern points at it, and stopped by PID."""
+
+    def __init__(self, bench: Bench):
+        self.path = bench.dir / "zs.sock"
+        ready = Path(f"{self.path}.ready")
+        self.proc = subprocess.Popen([sys.executable, str(TESTS / "bench" / "socket_zstd.py"), str(self.path),
+                                      str(bench.wrapper), str(bench.dir / "z")], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the zstd socket server did not start")
+            time.sleep(0.02)
+
+    @staticmethod
+    def pattern(bench: Bench) -> str:
+        return f"@@{bench.dir}/zs.sock"
+
+    def stop(self, bench: Bench) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        for path in (self.path, Path(f"{self.path}.ready")):
+            path.unlink(missing_ok=True)
+
+
 def available(handler: str) -> Optional[str]:
     """None when the handler can run here, else why not."""
     if handler == "systemd-coredump":
@@ -206,7 +238,7 @@ def available(handler: str) -> Optional[str]:
             return "systemd-coredump is not installed (apt-get install systemd-coredump)"
         if listening(SYSTEMD_SOCKET):
             return f"another systemd-coredump is listening on {SYSTEMD_SOCKET}"
-    if handler == "corepipe-serve" and "socket" not in Path("/proc/sys/kernel/core_modes").read_text().split():
+    if handler in SOCKET_HANDLERS and "socket" not in Path("/proc/sys/kernel/core_modes").read_text().split():
         return "this kernel has no coredump socket mode (6.16+)"
     return None
 
@@ -331,12 +363,16 @@ def run_case(bench: Bench, handler: str, mib: int, count: int, container: Option
     try:
         pid = container.stopped(mib) if container else None  # before the lock: other tests wait on it
         with KernelSettings() as settings:
-            settings.set(bench.pattern("corepipe" if handler == "corepipe-serve" else handler), pipe_limit=64)
-            server = CorepipeServe(bench) if handler == "corepipe-serve" else None
-            seconds, dumped = crash_in_container(pid) if container else crash(bench, mib, count)
-            logged = wait_logged(bench, before, count) if handler not in ("kernel", "corepipe-serve") else []
-            if server is not None:
-                server.stop(bench)
+            server = ZstdSocket(bench) if handler == "zstd-socket" else None  # listening before the pattern
+            try:
+                settings.set(bench.pattern("corepipe" if handler == "corepipe-serve" else handler), pipe_limit=64)
+                if handler == "corepipe-serve":
+                    server = CorepipeServe(bench)
+                seconds, dumped = crash_in_container(pid) if container else crash(bench, mib, count)
+                logged = wait_logged(bench, before, count) if handler not in ("kernel", "corepipe-serve") else []
+            finally:
+                if server is not None:
+                    server.stop(bench)
     finally:
         if container:
             container.remove()
