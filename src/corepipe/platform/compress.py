@@ -1,7 +1,7 @@
 """Stream a core from a pipe through zstd into a file, hashing the uncompressed bytes on the way.
 
 Memory is bounded whatever the core's size: one read buffer plus zstd's window and worker
-buffers (``JOB_SIZE`` jobs). The digest (digest.py, XXH3-128: ~0.02 s of a core per GiB) is
+buffers (``JOB_SIZE`` jobs). The digest (digest.py, XXH3-128: ~0.05 s of CPU per GiB here) is
 computed in the reading thread on the same buffer. Measured choices are in the README, "Performance".
 """
 
