@@ -180,55 +180,59 @@ class SystemdCoredump:
             os.unlink(SYSTEMD_SOCKET)
 
 
-class CorepipeServe:
+def wait_started(proc: subprocess.Popen, ready: Path, what: str, timeout: float = 30) -> None:
+    """Until the server ``proc`` has created ``ready``; RuntimeError if it exits or takes over ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.02)
+
+
+class SocketServer:
+    """A server on the kernel's coredump socket ``SOCKET`` in the bench's directory, stopped by PID (SIGTERM;
+    corepipe serve stops only after its workers, once every crash has its final record)."""
+
+    SOCKET = ""
+    proc: subprocess.Popen
+
+    @classmethod
+    def pattern(cls, bench: Bench) -> str:
+        return f"@@{bench.dir}/{cls.SOCKET}"
+
+    def stop(self, bench: Bench) -> None:
+        self.proc.terminate()
+        self.proc.wait(120)
+        (bench.dir / self.SOCKET).unlink(missing_ok=True)
+
+
+class CorepipeServe(SocketServer):
     """``corepipe serve`` (socket mode), started for each run under the run's KernelSettings lock (it writes
     the pattern itself) with the pipe handler as its fallback, and stopped (by PID) at the run's end."""
 
+    SOCKET = "s.sock"
+
     def __init__(self, bench: Bench):
         self.proc = subprocess.Popen([str(bench.dir / "h"), "serve", "--config", str(bench.dir / "c"), "--socket",
-                                      str(bench.dir / "s.sock"), "--run-dir", str(bench.dir / "run"), "--fallback",
+                                      str(bench.dir / self.SOCKET), "--run-dir", str(bench.dir / "run"), "--fallback",
                                       bench.pattern("corepipe")], env={}, cwd="/", stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while not (bench.dir / "run" / "serve.json").exists() and self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise RuntimeError("corepipe serve did not start")
-            time.sleep(0.02)
-
-    @staticmethod
-    def pattern(bench: Bench) -> str:
-        return f"@@{bench.dir}/s.sock"
-
-    def stop(self, bench: Bench) -> None:
-        """Once every crash has its final record: the server stops only after its workers anyway."""
-        self.proc.terminate()
-        self.proc.wait(120)
+        wait_started(self.proc, bench.dir / "run" / "serve.json", "corepipe serve")
 
 
-class ZstdSocket:
+
+class ZstdSocket(SocketServer):
     """The zstd CLI reading the coredump socket (socket_zstd.py), under rsswrap as the pipe handler is: the
     socket's own cost, beside the pipe's, in the same run. Started for each run under its lock, before the
     pattern points at it, and stopped by PID."""
 
+    SOCKET = "zs.sock"
+
     def __init__(self, bench: Bench):
-        self.path = bench.dir / "zs.sock"
-        ready = Path(f"{self.path}.ready")
-        self.proc = subprocess.Popen([sys.executable, str(TESTS / "bench" / "socket_zstd.py"), str(self.path),
+        path = bench.dir / self.SOCKET
+        self.proc = subprocess.Popen([sys.executable, str(TESTS / "bench" / "socket_zstd.py"), str(path),
                                       str(bench.wrapper), str(bench.dir / "z")], stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the zstd socket server did not start")
-            time.sleep(0.02)
+        wait_started(self.proc, Path(f"{path}.ready"), "the zstd socket server")
 
-    @staticmethod
-    def pattern(bench: Bench) -> str:
-        return f"@@{bench.dir}/zs.sock"
-
-    def stop(self, bench: Bench) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
-        for path in (self.path, Path(f"{self.path}.ready")):
-            path.unlink(missing_ok=True)
 
 
 def available(handler: str) -> Optional[str]:
