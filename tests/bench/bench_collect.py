@@ -219,7 +219,6 @@ class CorepipeServe(SocketServer):
         wait_started(self.proc, bench.dir / "run" / "serve.json", "corepipe serve")
 
 
-
 class ZstdSocket(SocketServer):
     """The zstd CLI reading the coredump socket (socket_zstd.py), under rsswrap as the pipe handler is: the
     socket's own cost, beside the pipe's, in the same run. Started for each run under its lock, before the
@@ -229,10 +228,11 @@ class ZstdSocket(SocketServer):
 
     def __init__(self, bench: Bench):
         path = bench.dir / self.SOCKET
+        ready = Path(f"{path}.ready")
+        ready.unlink(missing_ok=True)  # the last run's server made it: this one has not listened yet
         self.proc = subprocess.Popen([sys.executable, str(TESTS / "bench" / "socket_zstd.py"), str(path),
                                       str(bench.wrapper), str(bench.dir / "z")], stdout=subprocess.DEVNULL)
-        wait_started(self.proc, Path(f"{path}.ready"), "the zstd socket server")
-
+        wait_started(self.proc, ready, "the zstd socket server")
 
 
 def available(handler: str) -> Optional[str]:
