@@ -61,7 +61,7 @@ def test_read_done_comes_once_before_the_frame_ends(tmp_path, threads: int, limi
                            read_done=lambda: calls.append(out.stat().st_size))
     assert len(calls) == 1
     assert result.complete == (limit is None) and len(back) == result.size
-    assert calls[0] + 4 <= out.stat().st_size  # at least the frame's checksum came after
+    assert calls[0] < out.stat().st_size  # at least the frame's last block came after
 
 
 def test_core_of_exactly_the_limit_is_not_truncated(tmp_path) -> None:
@@ -84,7 +84,7 @@ def test_buffer_reuse_over_many_reads(tmp_path, threads: int) -> None:
     result, back, out = _run(data, tmp_path, threads=threads)
     assert back == data
     assert result.digest == core_digest(data) and result.size == len(data)
-    assert zstandard.get_frame_parameters(out.read_bytes()[:18]).has_checksum
+    assert not zstandard.get_frame_parameters(out.read_bytes()[:18]).has_checksum  # the digest is the check
 
 
 def test_write_failure_raises() -> None:
