@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS))
@@ -72,6 +72,16 @@ HANDLERS = ("corepipe", "corepipe-serve", "zstd", "zstd-socket", "cat", "kernel"
 #: Handlers that read the kernel's coredump socket.
 SOCKET_HANDLERS = ("corepipe-serve", "zstd-socket")
 BASELINE = "zstd"
+
+
+class Output(NamedTuple):
+    """One core a handler stored; corepipe's record gives the uncompressed size and its own figures."""
+
+    core_size: Optional[int]
+    stored: int
+    peak_rss: Optional[int] = None
+    cpu: Optional[float] = None
+    runtime: Optional[str] = None
 
 
 class Bench:
@@ -120,24 +130,23 @@ class Bench:
         return self.log.read_text().splitlines() if self.log.exists() else []
 
     def outputs(self, handler: str) -> list:
-        """(uncompressed size or None, stored bytes) for each core the handler stored, then deletes them."""
+        """An Output for each core the handler stored, then deletes them."""
         found = []
         if handler in ("corepipe", "corepipe-serve"):
             for rec_path in self.store.rglob("record.json"):
                 rec = json.loads(rec_path.read_text())
                 core = rec_path.parent / "core.zst"
                 if rec.get("status") == "complete" and core.exists():
-                    found.append((rec["core"]["size"], core.stat().st_size, rec["collector"].get("peak_rss"),
-                                  rec["container"]["runtime"]))
+                    found.append(Output(rec["core"]["size"], core.stat().st_size, rec["collector"].get("peak_rss"),
+                                        rec["collector"].get("cpu"), rec["container"]["runtime"]))
             shutil.rmtree(self.store, ignore_errors=True)
         elif handler == "systemd-coredump":
             for path in SYSTEMD_STORE.glob("core.*"):  # the bench's crashes only: it runs no other
-                found.append((None, path.stat().st_size, None, None))
+                found.append(Output(None, path.stat().st_size))
                 path.unlink()
         else:
             for path in self.out.iterdir():
-                found.append((None, path.stat().st_blocks * 512 if handler == "kernel" else path.stat().st_size,
-                              None, None))
+                found.append(Output(None, path.stat().st_blocks * 512 if handler == "kernel" else path.stat().st_size))
                 path.unlink()
         return found
 
@@ -388,16 +397,17 @@ def run_case(bench: Bench, handler: str, mib: int, count: int, container: Option
         "seconds": seconds,
         "dumped": dumped,
         "collected": len(stored),
-        # corepipe serve's worker is not under rsswrap: its record's collector.peak_rss instead.
+        # corepipe serve's worker is not under rsswrap: its record's collector.peak_rss and cpu instead.
         "peak_rss_kib": max((int(line[0]) for line in logged), default=None) if logged else max(
-            (s[2] // 1024 for s in stored if s[2] is not None), default=None),
+            (s.peak_rss // 1024 for s in stored if s.peak_rss is not None), default=None),
         "handler_seconds": max((float(line[1]) for line in logged), default=None),
-        "handler_cpu_seconds": sum(float(line[3]) for line in logged) if logged else None,
+        "handler_cpu_seconds": sum(float(line[3]) for line in logged) if logged else (
+            sum(s.cpu for s in stored) if stored and all(s.cpu is not None for s in stored) else None),
         "load": os.getloadavg()[0],
-        "stored_bytes": sum(s[1] for s in stored),
-        "core_bytes": sum(s[0] for s in stored if s[0] is not None) or None,
-        "self_reported_peak_rss": max((s[2] for s in stored if s[2] is not None), default=None),
-        "runtimes": sorted({s[3] for s in stored if s[3] is not None}),
+        "stored_bytes": sum(s.stored for s in stored),
+        "core_bytes": sum(s.core_size for s in stored if s.core_size is not None) or None,
+        "self_reported_peak_rss": max((s.peak_rss for s in stored if s.peak_rss is not None), default=None),
+        "runtimes": sorted({s.runtime for s in stored if s.runtime is not None}),
     }
 
 

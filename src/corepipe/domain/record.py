@@ -207,7 +207,8 @@ def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], cont
             "complete": None,
             "compression": "zstd",
         },
-        "collector": {"version": __version__, "duration": None, "peak_rss": None, "errors": list(errors)},
+        "collector": {"version": __version__, "duration": None, "cpu": None, "peak_rss": None,
+                      "errors": list(errors)},
         "truncated": truncated,
     }
 
@@ -287,10 +288,11 @@ def set_notify(record: dict, result: dict) -> None:
     record["notify"] = result
 
 
-def finish(record: dict, *, failed: bool, duration: float, peak_rss: int) -> None:
+def finish(record: dict, *, failed: bool, duration: float, cpu: float, peak_rss: int) -> None:
     """The final status and the collector's own figures."""
     record["status"] = "failed" if failed else "complete"
     record["collector"]["duration"] = round(duration, 6)
+    record["collector"]["cpu"] = round(cpu, 6)
     record["collector"]["peak_rss"] = peak_rss
 
 

@@ -88,12 +88,19 @@ def _final_failed(ctx: Context, what: str) -> None:
     if ctx.record is None or ctx.crash is None:
         return
     record.add_error(ctx.record, what)
-    record.finish(ctx.record, failed=True, duration=time.monotonic() - ctx.early.started,
-                  peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    finish(ctx, failed=True)
     try:
         write_record(ctx)
     except OSError as exc:
         log(f"error: pid {ctx.args.pid}: cannot write the final record of {ctx.crash.id}: {exc}", ERR)
+
+
+def finish(ctx: Context, *, failed: bool) -> None:
+    """The record's final status and what collecting it cost: time since the crash came, CPU of this process
+    (its zstd workers included) and its peak memory."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    record.finish(ctx.record, failed=failed, duration=time.monotonic() - ctx.early.started,
+                  cpu=usage.ru_utime + usage.ru_stime, peak_rss=usage.ru_maxrss * 1024)
 
 
 def load_config(path: Optional[str], errors: list) -> configuration.Config:
@@ -220,8 +227,7 @@ def store_crash(ctx: Context) -> int:
                 postmortem.finish(ctx.store, crash, rec, ctx.held, cfg, ctx.container.is_host)
     postmortem.sign(rec, ctx.held, cfg)
     postmortem.release(rec, ctx.held)
-    record.finish(rec, failed=failed, duration=time.monotonic() - ctx.early.started,
-                  peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    finish(ctx, failed=failed)
     write_final(ctx)
     if cfg.notify_command:
         _notify(ctx)
