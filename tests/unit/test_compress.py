@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 
 import pytest
@@ -30,7 +31,7 @@ def _run(data: bytes, tmp_path, **kwargs):
         os.close(fd)
         os.close(read_fd)
         feeder.join()
-    return result, zstandard.ZstdDecompressor().decompressobj().decompress(out.read_bytes()), out
+    return result, zstandard.ZstdDecompressor().decompressobj(read_across_frames=True).decompress(out.read_bytes()), out
 
 
 @pytest.mark.parametrize("threads", [0, 2])
@@ -169,3 +170,68 @@ def test_no_block_is_split_after_compressible_data(tmp_path) -> None:
     raw = [size for kind, size in sizes if kind == 0]
     assert len(raw) >= 14 and all(size == BLOCK for size in raw[:-1]), sizes
     assert result.compressed_size < len(data) - 200_000 + 3 * len(sizes) + 1000
+
+
+def _frames(path) -> list:
+    """The sizes of the frames in a zstd file, one after the other (the file ends with the last)."""
+    data, offset, sizes = path.read_bytes(), 0, []
+    while offset < len(data):
+        size = zstandard.frame_header_size(data[offset:offset + 18])
+        end = offset + size
+        while True:  # the blocks: 3-byte headers, an RLE block's one byte, other blocks their size
+            header = int.from_bytes(data[end:end + 3], "little")
+            kind, length = (header >> 1) & 3, header >> 3
+            end += 3 + (1 if kind == 1 else length)
+            if header & 1:
+                break
+        sizes.append(end - offset)
+        offset = end
+    return sizes
+
+
+ZERO_CASES = {
+    "middle": lambda: os.urandom(300_000) + bytes(5 << 20) + b"text " * 100_000,
+    "runs": lambda: b"".join(os.urandom(70_000) + bytes(size) for size in (3 << 20, 100_000, 2 << 20, 1 << 20)),
+    "at the end": lambda: b"text " * 50_000 + bytes(9 << 20),
+    "past a flush": lambda: os.urandom(10_000) + bytes(70 << 20) + os.urandom(10_000),
+    "short runs only": lambda: b"".join(os.urandom(50_000) + bytes(500_000) for _ in range(6)),
+}
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+@pytest.mark.parametrize("case", ZERO_CASES)
+def test_zero_runs_as_frames_of_their_own(tmp_path, threads: int, case: str) -> None:
+    """Runs of zeros of ZERO_RUN bytes or more are frames of RLE blocks; the file decompresses, with
+    python-zstandard as with the zstd CLI, to the input; shorter runs stay in the data's frame."""
+    from corepipe.platform.compress import ZERO_FRAME
+
+    data = ZERO_CASES[case]()
+    result, back, out = _run(data, tmp_path, threads=threads)
+    assert back == data and result.size == len(data) and result.complete
+    assert result.digest == core_digest(data) and result.compressed_size == out.stat().st_size
+    cli = subprocess.run(["zstd", "-dc", str(out)], capture_output=True, check=True).stdout
+    assert cli == data
+    frames, raw = _frames(out), out.read_bytes()
+    assert sum(frames) == len(raw)
+    zero_frames = raw.count(ZERO_FRAME)
+    if case == "short runs only":
+        assert len(frames) == 1 and zero_frames == 0
+    else:
+        assert zero_frames >= 1 and len(frames) >= 2
+    if case == "past a flush":
+        assert out.stat().st_size < 40_000  # 70 MiB of zeros in 4 bytes per 128 KiB, and 20 KB of random
+
+
+def test_truncated_inside_a_zero_run(tmp_path) -> None:
+    data = os.urandom(100_000) + bytes(8 << 20)
+    result, back, out = _run(data, tmp_path, limit=3_000_000)
+    assert result.truncated and result.size == 3_000_000 and back == data[:3_000_000]
+    assert subprocess.run(["zstd", "-dc", str(out)], capture_output=True, check=True).stdout == data[:3_000_000]
+
+
+def test_rle_zeros_sizes() -> None:
+    from corepipe.platform.compress import RLE_BLOCK, rle_zeros
+
+    assert rle_zeros(0) == b""
+    assert len(rle_zeros(RLE_BLOCK)) == 4 and len(rle_zeros(RLE_BLOCK + 1)) == 8
+    assert rle_zeros(5) == ((5 << 3) | 2).to_bytes(3, "little") + b"\0"
