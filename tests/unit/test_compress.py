@@ -235,3 +235,26 @@ def test_rle_zeros_sizes() -> None:
     assert rle_zeros(0) == b""
     assert len(rle_zeros(RLE_BLOCK)) == 4 and len(rle_zeros(RLE_BLOCK + 1)) == 8
     assert rle_zeros(5) == ((5 << 3) | 2).to_bytes(3, "little") + b"\0"
+
+
+def test_a_core_of_several_frames_passes_the_checks_that_read_it(tmp_path) -> None:
+    """extract's copy and ship's StreamCheck read every frame, and the record's digest covers them all."""
+    from corepipe.platform import unpack
+
+    data = ZERO_CASES["runs"]()
+    result, _back, out = _run(data, tmp_path, threads=2)
+    assert len(_frames(out)) > 2
+    record = {"id": "x", "core": {"size": result.size, "digest": result.digest}}
+    copied = bytearray()
+    with open(out, "rb") as f:
+        assert unpack.copy(f.fileno(), record, copied.extend) == len(data)
+    assert copied == data
+    check = unpack.StreamCheck(record)
+    raw = out.read_bytes()
+    for offset in range(0, len(raw), 1000):
+        check.update(raw[offset:offset + 1000])
+    check.verify()
+    with pytest.raises(unpack.CoreError, match="does not match"):
+        short = unpack.StreamCheck(record)
+        short.update(raw[:_frames(out)[0]])  # the first frame alone
+        short.verify()
