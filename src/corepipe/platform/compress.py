@@ -119,7 +119,8 @@ def workers(threads: int) -> int:
 
 
 def compressor(level: int = 3, threads: int = -1) -> object:
-    """A zstd compressor whose memory does not grow with the input (one frame).
+    """A zstd compressor whose memory does not grow with the input (a frame for each run of data, see
+    ``_Output``).
 
     No frame checksum: the record's digest (XXH3-128, of the same bytes) is what ``extract``, ``debug`` and
     ``ship`` verify, and zstd's XXH64 of a frame with workers is computed job by job in order, under a lock
