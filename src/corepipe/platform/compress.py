@@ -145,17 +145,23 @@ ZERO_FRAME = b"\x28\xb5\x2f\xfd\x00\x38"
 #: header and the byte it repeats.
 _RLE = 1 << 1
 _LAST_EMPTY_BLOCK = (1).to_bytes(3, "little")  # a raw block of 0 bytes ends the frame
-_FULL_RLE_BLOCK = ((RLE_BLOCK << 3) | _RLE).to_bytes(3, "little") + b"\0"
 #: Zeros a zero frame holds back at most before writing their blocks (4 bytes per 128 KiB).
 _ZERO_FLUSH = 64 << 20
 _ZEROS = bytes(CHUNK)
 
 
+def _zero_block(size: int) -> bytes:
+    """One RLE block, not the last, of ``size`` (at most RLE_BLOCK) zero bytes."""
+    return ((size << 3) | _RLE).to_bytes(3, "little") + b"\0"
+
+
+_FULL_ZERO_BLOCK = _zero_block(RLE_BLOCK)
+
+
 def rle_zeros(size: int) -> bytes:
     """RLE blocks (none of them last) for ``size`` zero bytes."""
     full, rest = divmod(size, RLE_BLOCK)
-    tail = ((rest << 3) | _RLE).to_bytes(3, "little") + b"\0" if rest else b""
-    return _FULL_RLE_BLOCK * full + tail
+    return _FULL_ZERO_BLOCK * full + (_zero_block(rest) if rest else b"")
 
 
 class _Output:
