@@ -27,6 +27,7 @@ from support import (
     decompress,
     gdb_backtrace,
     installed_handler,
+    need,
     need_root_kernel,
     need_tool,
     served_handler,
@@ -279,6 +280,35 @@ def test_server_killed_mid_dump(workdirs, crasher: Path) -> None:
         assert os.WCOREDUMP(after)
         rec = served.wait_record(lambda r: r["comm"] == "after-kill")
         assert rec["status"] == "complete" and rec["core"]["stored"] is True
+
+
+def _one_cpu(pid: int) -> str:
+    """The one CPU ``pid`` may run on ("" while it may run on more, or once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return ""
+    allowed = next(line.split(":", 1)[1].strip() for line in status.splitlines()
+                   if line.startswith("Cpus_allowed_list"))
+    return allowed if allowed.isdigit() else ""
+
+
+@pytest.mark.parametrize("mode", ["pipe", "socket"])
+def test_the_dumping_task_shares_one_cpu_with_the_reader(workdirs, crasher: Path, mode: str) -> None:
+    """While a big core streams, the crashed task runs on one CPU, the reading thread's (affinity.py); the core
+    is whole."""
+    need(len(os.sched_getaffinity(0)) >= 2, "needs 2 CPUs: one is shared, zstd's workers use the others")
+    handler = served_handler if mode == "socket" else installed_handler
+    with handler(workdirs(), config_extra=NO_RATE_LIMIT) as h:
+        big = subprocess.Popen([str(crasher), "512", "onecpu"], preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+        try:
+            cpu = wait_for(lambda: _one_cpu(big.pid), 120, "the crashed task on one CPU")
+        finally:
+            returncode = big.wait(120)
+        assert returncode == -signal.SIGSEGV
+        rec = h.wait_record(lambda r: r["comm"] == "onecpu")
+        assert rec["status"] == "complete" and rec["core"]["stored"] and rec["core"]["complete"]
+        assert int(cpu) in os.sched_getaffinity(0)
 
 
 def test_stop_puts_the_pipe_pattern_back(workdirs, crasher: Path) -> None:

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 import zstandard
-from support import core_digest
+from support import core_digest, need
 
-from corepipe.platform.compress import compress_stream
+from corepipe.platform.compress import STREAMING, compress_stream
 
 
 def _run(data: bytes, tmp_path, **kwargs):
@@ -258,3 +258,46 @@ def test_a_core_of_several_frames_passes_the_checks_that_read_it(tmp_path) -> No
         short = unpack.StreamCheck(record)
         short.update(raw[:_frames(out)[0]])  # the first frame alone
         short.verify()
+
+
+def _cpus_allowed(tid: int) -> str:
+    status = open(f"/proc/{os.getpid()}/task/{tid}/status").read()
+    return next(line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+
+
+@pytest.mark.parametrize("zeros_first", [False, True])
+def test_streaming_once_zstd_has_had_enough_and_workers_keep_their_cpus(tmp_path, zeros_first: bool) -> None:
+    """The caller narrows its own CPUs in ``streaming``: zstd's threads, running by then, keep all of theirs,
+    and no thread starts after it (it would inherit the one CPU)."""
+    need(len(os.sched_getaffinity(0)) >= 2, "needs 2 CPUs: the test narrows a thread to one")
+    mine = os.sched_getaffinity(0)
+    before = set(os.listdir("/proc/self/task"))
+    out = tmp_path / "out.zst"
+    seen = []
+
+    def started() -> None:
+        seen.append((set(os.listdir("/proc/self/task")) - before, out.stat().st_size))
+        os.sched_setaffinity(0, {min(mine)})
+
+    def read_done() -> None:  # zstd's workers are still there: the last bytes are compressed after this
+        threads = set(os.listdir("/proc/self/task")) - before
+        seen.append((threads, {_cpus_allowed(int(tid)) for tid in threads}))
+
+    data = (b"\0" * (3 << 20) if zeros_first else b"") + os.urandom(3_000_000) + b"text " * 400_000
+    try:
+        result, back, _ = _run(data, tmp_path, threads=2, streaming=started, read_done=read_done)
+    finally:
+        os.sched_setaffinity(0, mine)
+    assert back == data and result.complete
+    (at_start, size), (at_end, allowed) = seen
+    assert len(at_start) >= 3  # the feeder and zstd's two workers
+    assert size < out.stat().st_size  # called while the core was still being compressed
+    assert at_end <= at_start and len(at_end) >= 2  # no thread started after it, zstd's workers still run
+    assert str(min(mine)) not in allowed  # none was narrowed with the caller
+
+
+@pytest.mark.parametrize(("threads", "size"), [(0, 3 * STREAMING), (2, STREAMING - 1)])
+def test_no_streaming_call_without_workers_or_for_a_small_core(tmp_path, threads: int, size: int) -> None:
+    calls = []
+    result, back, _ = _run(os.urandom(size), tmp_path, threads=threads, streaming=lambda: calls.append(1))
+    assert len(back) == size and result.complete and calls == []

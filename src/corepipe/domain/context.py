@@ -14,6 +14,7 @@ from typing import Optional
 from corepipe.domain.binaries import HeldFiles
 from corepipe.domain.containers import Container
 from corepipe.domain.snapshot import Snapshot
+from corepipe.platform.affinity import SharedCpu
 from corepipe.platform.capture import STDIN, Capture, release
 from corepipe.platform.config import Config
 from corepipe.platform.kernel import KernelArgs
@@ -42,6 +43,8 @@ class Context:
     store: Optional[Store] = None
     crash: Optional[CrashDir] = None
     record: Optional[dict] = None
+    #: A socket server's dumping thread and reading thread on one CPU while the core is read (affinity.py).
+    shared_cpu: Optional[SharedCpu] = None
 
     @property
     def group(self) -> tuple:
@@ -53,3 +56,5 @@ class Context:
         if not self.early.released:
             release(self.core_fd)
             self.early.released = True
+        if self.shared_cpu is not None:
+            self.shared_cpu.leave()

@@ -33,6 +33,9 @@ MAX_WORKERS = 2
 #: On a core's random pages after its compressible headers that split cost 3 bytes per 128 KiB: the
 #: 1 GiB benchmark core was 4.7 KB larger than the zstd 1.5.4 CLI's and is now 2.9 KB smaller.
 BLOCK = (128 << 10) - 1
+#: Bytes compressed before ``compress_stream`` calls ``streaming``: a smaller core is read before moving a
+#: thread to another CPU would pay off.
+STREAMING = 4 << 20
 #: How much of the start of the core is kept in ``CoreResult.head`` (ELF and program headers).
 HEAD = 256 << 10
 
@@ -178,6 +181,7 @@ class _Output:
         self.filled = 0  # input bytes in zstd's current block (without workers)
         self.zeros = 0  # zero bytes read and not written yet
         self.zero_frame = False  # a zero frame is open in the file
+        self.compressed = 0  # bytes given to the writer
 
     def write(self, data: memoryview) -> None:
         """``data``: one read, at most CHUNK bytes."""
@@ -208,6 +212,7 @@ class _Output:
         self.zeros = 0
 
     def _compress(self, data: memoryview) -> None:
+        self.compressed += len(data)
         if not self.blocks:
             self.writer.write(data)  # with workers, a block flush would end a job
             return
@@ -251,20 +256,24 @@ class _Source:
 def compress_stream(source_fd: int, target_fd: int, *, limit: Optional[int] = None, level: int = 3,
                     threads: int = -1, max_output: Optional[int] = None,
                     grow: Optional[Callable[[int, int], int]] = None, prefix: bytes = b"",
-                    eof: bool = False, read_done: Optional[Callable[[], None]] = None) -> CoreResult:
+                    eof: bool = False, read_done: Optional[Callable[[], None]] = None,
+                    streaming: Optional[Callable[[], None]] = None) -> CoreResult:
     """Copy ``prefix`` and then ``source_fd`` (not read if ``eof``) to ``target_fd`` as one zstd frame; raises
     OSError on a write failure and OutputTooLarge when the compressed bytes would pass ``max_output`` (and
     ``grow`` gives no more).
 
     ``read_done`` is called once the input is read (to its end, or to ``limit``) and before zstd's last
-    flush: the kernel can be let go while the last bytes are still being compressed."""
+    flush: the kernel can be let go while the last bytes are still being compressed. ``streaming`` is called
+    once, when STREAMING bytes went to zstd's workers (libzstd starts them with the first), and never without
+    workers: from then on the caller may narrow this thread's CPUs (affinity.py) without them inheriting it."""
     return _compress(_Source(source_fd, prefix, eof), target_fd, limit=limit, level=level, threads=threads,
-                     max_output=max_output, grow=grow, read_done=read_done)
+                     max_output=max_output, grow=grow, read_done=read_done, streaming=streaming)
 
 
 def _compress(source: _Source, target_fd: int, *, limit: Optional[int], level: int, threads: int,
               max_output: Optional[int], grow: Optional[Callable[[int, int], int]],
-              read_done: Optional[Callable[[], None]]) -> CoreResult:
+              read_done: Optional[Callable[[], None]],
+              streaming: Optional[Callable[[], None]]) -> CoreResult:
     result = CoreResult()
     view = memoryview(bytearray(CHUNK))
     hasher = digest.new()
@@ -273,6 +282,7 @@ def _compress(source: _Source, target_fd: int, *, limit: Optional[int], level: i
         target = raw if max_output is None else _Budget(raw, max_output, grow)
         with compressor(level, threads).stream_writer(target, closefd=False, write_size=CHUNK) as writer:
             output = _Output(writer, target, blocks=not workers(threads))
+            streaming = streaming if not output.blocks else None
             while True:
                 want = CHUNK if limit is None else min(CHUNK, limit - result.size)
                 if want <= 0:
@@ -289,6 +299,9 @@ def _compress(source: _Source, target_fd: int, *, limit: Optional[int], level: i
                 hasher.update(view[:n])
                 output.write(view[:n])  # zstd has copied the bytes when this returns
                 result.size += n
+                if streaming is not None and output.compressed >= STREAMING:
+                    streaming()
+                    streaming = None
             if read_done is not None:
                 read_done()
             output.end_zeros()

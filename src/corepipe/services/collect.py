@@ -26,8 +26,8 @@ from typing import Optional
 
 from corepipe.domain import accounting, binaries, catalog, containers, policy, postmortem, record, snapshot
 from corepipe.domain.context import Context
+from corepipe.platform import affinity, kernel, slots
 from corepipe.platform import config as configuration
-from corepipe.platform import kernel, slots
 from corepipe.platform.capture import STDIN, Capture, Timeout, on_alarm
 from corepipe.platform.log import ERR, INFO, WARNING, log
 from corepipe.platform.store import CORE, FAILED, PARTIAL_CORE, RECORD, CrashDir, Store
@@ -42,7 +42,8 @@ def run(argv: list, early: Capture) -> int:
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(cfg.timeout)
     try:
-        return run_context(Context(args=args, early=early, core_fd=STDIN, cfg=cfg, errors=errors))
+        return run_context(Context(args=args, early=early, core_fd=STDIN, cfg=cfg, errors=errors,
+                                   shared_cpu=affinity.for_crash(args.tid, args.pid, args.pidfd)))
     finally:
         signal.alarm(0)
 
@@ -294,7 +295,8 @@ def write_core(ctx: Context, admission: accounting.Admission, limit: Optional[in
         try:
             result = compress.compress_stream(ctx.core_fd, fd, limit=cap, prefix=ctx.early.core, eof=ctx.early.eof,
                                               level=cfg.compression_level, threads=cfg.compression_threads,
-                                              max_output=admission.budget, grow=grow, read_done=ctx.let_go)
+                                              max_output=admission.budget, grow=grow, read_done=ctx.let_go,
+                                              streaming=ctx.shared_cpu.join if ctx.shared_cpu else None)
         finally:
             ctx.let_go()  # a failed write ends the dump too
     except compress.OutputTooLarge as exc:

@@ -44,7 +44,7 @@ from typing import Optional
 
 from corepipe.domain import accounting, snapshot
 from corepipe.domain.context import Context
-from corepipe.platform import capture, coredump_socket, elf
+from corepipe.platform import affinity, capture, coredump_socket, elf
 from corepipe.platform import config as configuration
 from corepipe.platform.kernel import RLIM_INFINITY, KernelArgs
 from corepipe.platform.log import ERR, INFO, WARNING, log
@@ -668,6 +668,7 @@ def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str,
         ctx.refused = decision.reason
     else:
         _grow_receive_buffer(conn)
+        ctx.shared_cpu = affinity.for_crash(args.tid, info.pid, pidfd)
         os.dup2(conn.fileno(), capture.STDIN, inheritable=False)
         conn.close()
         capture.take_core(early, capture.STDIN)
