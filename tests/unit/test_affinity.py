@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from support import need, wait_for
@@ -38,6 +40,40 @@ def test_join_puts_both_on_the_tasks_cpu_and_leave_gives_this_thread_its_cpus_ba
     assert os.sched_getaffinity(task) == {cpu}  # the dumping thread runs no user code again: it keeps the one
     shared.leave()  # twice is harmless
     assert os.sched_getaffinity(0) == mine
+
+
+def test_the_slot_picks_the_cpu(task: int) -> None:
+    """Streams at the same time hold different core slots: each gets a CPU of its own."""
+    mine = sorted(os.sched_getaffinity(0))
+    for slot in range(len(mine) + 1):
+        shared = SharedCpu(task, alive=lambda: True)
+        shared.join(slot)
+        cpu = mine[slot % len(mine)]
+        assert os.sched_getaffinity(task) == {cpu} and os.sched_getaffinity(0) == {cpu}
+        shared.leave()
+        assert sorted(os.sched_getaffinity(0)) == mine
+
+
+def test_a_slots_cpu_outside_the_tasks_cpuset_falls_back_to_the_tasks(task: int) -> None:
+    """A container's cpuset refuses the slot's CPU: the task and the reader share the CPU the task is on."""
+    root = Path("/sys/fs/cgroup/cpuset")
+    need(os.geteuid() == 0 and (root / "cpuset.cpus").exists(), "needs root and the cgroup v1 cpuset hierarchy")
+    mine = sorted(os.sched_getaffinity(0))
+    allowed, refused = mine[0], mine[1]
+    group = root / f"cp-affinity-{uuid.uuid4().hex[:12]}"
+    group.mkdir()
+    try:
+        (group / "cpuset.cpus").write_text(str(allowed))
+        (group / "cpuset.mems").write_text((root / "cpuset.mems").read_text())
+        (group / "cgroup.procs").write_text(str(task))
+        wait_for(lambda: cpu_of(task) == allowed, 10, "the task to move into its cpuset")
+        shared = SharedCpu(task, alive=lambda: True)
+        shared.join(mine.index(refused))
+        assert os.sched_getaffinity(task) == {allowed} and os.sched_getaffinity(0) == {allowed}
+        shared.leave()
+    finally:
+        (root / "cgroup.procs").write_text(str(task))
+        group.rmdir()
 
 
 def test_a_task_no_longer_alive_is_left_alone(task: int) -> None:

@@ -76,6 +76,8 @@ def test_no_limit_and_one_per_cpu(tmp_path: Path) -> None:
         cpus = len(os.sched_getaffinity(0))
         held = [slots.core_turn(store, cfg) for _ in range(cpus)]
         assert all(t.fd is not None for t in held)
+        assert sorted(t.index for t in held) == list(range(cpus))  # each holder its own number (its CPU)
+        assert all(t.index is None for t in unbounded)
         assert slots.core_turn(store, cfg).refused.startswith(f"storm: {cpus} handlers busy")
         for turn in held:
             turn.close()
@@ -109,7 +111,7 @@ def test_a_postmortem_waits_in_a_bounded_queue_for_a_free_slot(tmp_path: Path) -
             other.wait()
             assert waiter.communicate(timeout=30)[0].split() == ["True", "None"]
         finally:
-            for fd in queued:
+            for fd, _index in queued:
                 os.close(fd)
             for proc in (other, waiter):
                 if proc.poll() is None:

@@ -29,28 +29,37 @@ def cpu_of(tid: int) -> Optional[int]:
 
 
 class SharedCpu:
-    """``join`` puts this thread and the dumping thread ``tid`` on the CPU that thread is on; ``leave`` gives
-    this thread its CPUs back. The dumping thread keeps the one CPU: it runs no user code again, and it exits
-    once the core is read. Its tid cannot be another task's meanwhile: the kernel holds it until the server
-    closes the connection, and ``alive`` (the pidfd's check) says it has not been killed."""
+    """``join`` puts this thread and the dumping thread ``tid`` on one CPU; ``leave`` gives this thread its CPUs
+    back. The dumping thread keeps the one CPU: it runs no user code again, and it exits once the core is read.
+    Its tid cannot be another task's meanwhile: the kernel holds it until the core's reader lets go, and
+    ``alive`` (the pidfd's check) says it has not been killed."""
 
     def __init__(self, tid: int, alive: Optional[Callable[[], bool]] = None):
         self.tid, self.alive = tid, alive
         self.saved: Optional[set] = None
 
-    def join(self) -> None:
-        """Best effort: where a CPU cannot be shared (not in this thread's set, or the task's cpuset refuses it)
-        both go on as they were."""
-        cpu = cpu_of(self.tid)
+    def join(self, slot: Optional[int] = None) -> None:
+        """On the ``slot``-th of this thread's CPUs (the core slot held, so that streams at the same time each
+        have a CPU of their own), else, or where the task's cpuset refuses that one, on the CPU the task is on.
+        Best effort: with one CPU, or none that both may use, both go on as they were."""
         try:
             mine = os.sched_getaffinity(0)
-            if cpu is None or cpu not in mine or len(mine) < 2 or (self.alive is not None and not self.alive()):
+            if len(mine) < 2 or (self.alive is not None and not self.alive()):
                 return
-            os.sched_setaffinity(self.tid, {cpu})
-            os.sched_setaffinity(0, {cpu})
+            choices = [sorted(mine)[slot % len(mine)]] if slot is not None else []
+            choices.append(cpu_of(self.tid))
+            for cpu in choices:
+                if cpu not in mine:
+                    continue
+                try:
+                    os.sched_setaffinity(self.tid, {cpu})
+                except OSError:
+                    continue  # not in the task's cpuset: the CPU it is on is
+                os.sched_setaffinity(0, {cpu})
+                self.saved = mine
+                return
         except OSError:
             return
-        self.saved = mine
 
     def leave(self) -> None:
         if self.saved is not None:

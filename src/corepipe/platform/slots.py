@@ -59,8 +59,11 @@ class Turn:
     """A slot held until ``close``; or, with ``refused``, why none was had. With neither, the work goes on
     unbounded (no limit is set, or the slots could not be used: ``error`` says why)."""
 
-    def __init__(self, fd: Optional[int] = None, refused: Optional[str] = None, error: Optional[str] = None):
-        self.fd, self.refused, self.error = fd, refused, error
+    def __init__(self, fd: Optional[int] = None, index: Optional[int] = None, refused: Optional[str] = None,
+                 error: Optional[str] = None):
+        #: ``index``: which of the N slots, so that holders at the same time have different numbers (a core
+        #: slot's picks the CPU its stream runs on, affinity.py).
+        self.fd, self.index, self.refused, self.error = fd, index, refused, error
 
     def close(self) -> None:
         if self.fd is not None:
@@ -96,31 +99,34 @@ def _open_files(store: Store, kind: str, number: int) -> list:
 
 def _lock_one(fds: list) -> Optional[int]:
     """Lock the first free file of ``fds`` (starting at a pid-chosen one, to spread simultaneous handlers
-    over the slots); None if every one is taken. Closes nothing."""
+    over the slots) and return its index; None if every one is taken. Closes nothing."""
     start = os.getpid() % len(fds)
-    for fd in fds[start:] + fds[:start]:
+    for index in [*range(start, len(fds)), *range(start)]:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fds[index], fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             continue
-        return fd
+        return index
     return None
 
 
-def _take(store: Store, kind: str, number: int, seconds: float = 0) -> Optional[int]:
-    """A locked file of ``kind`` (the others closed), trying again for up to ``seconds``; None if none was free."""
+def _take(store: Store, kind: str, number: int, seconds: float = 0) -> Optional[tuple]:
+    """(fd, index) of a locked file of ``kind`` (the others closed), trying again for up to ``seconds``; None
+    if none was free."""
     fds = _open_files(store, kind, number)
     deadline = time.monotonic() + seconds
-    locked = None
+    index = None
     try:
         while True:
-            locked = _lock_one(fds)
-            if locked is not None or time.monotonic() >= deadline:
-                return locked
+            index = _lock_one(fds)
+            if index is not None:
+                return fds[index], index
+            if time.monotonic() >= deadline:
+                return None
             time.sleep(RETRY_SECONDS)
     finally:
-        for fd in fds:
-            if fd != locked:
+        for i, fd in enumerate(fds):
+            if i != index:
                 os.close(fd)
 
 
@@ -138,20 +144,20 @@ def _turn(store: Store, kind: str, setting: int, wait: int, busy: str) -> Turn:
     places = number * WAITING_PER_SLOT
     busy = f"storm: {number} handlers busy {busy} ({CONFIG_KEYS[kind]})"
     try:
-        fd = _take(store, kind, number)
-        if fd is None:
+        taken = _take(store, kind, number)
+        if taken is None:
             place = _take(store, f"{kind}-queue", places) if wait > 0 else None
             if place is None:
                 return Turn(refused=f"{busy} and {places} waiting" if wait > 0 else busy)
             try:
-                fd = _take(store, kind, number, wait)
+                taken = _take(store, kind, number, wait)
             finally:
-                os.close(place)
+                os.close(place[0])
     except OSError as exc:
         return _unusable(exc, kind)
-    if fd is None:
+    if taken is None:
         return Turn(refused=f"{busy}; waited {wait} s")
-    return Turn(fd)
+    return Turn(*taken)
 
 
 def core_turn(store: Store, cfg: Config) -> Turn:

@@ -217,7 +217,7 @@ def store_crash(ctx: Context) -> int:
                 cap = min(caps) if caps else None
                 admission = admit(ctx, cap)
                 if admission is not None and admission.budget:
-                    commit(ctx, write_core(ctx, admission, limit, cap))
+                    commit(ctx, write_core(ctx, admission, limit, cap, turn.index))
     failed = record.has_errors(rec)
     ctx.let_go()  # also when no core is read: saving binaries need not keep the process
     if storm is None and ctx.unfiled is None and ctx.held is not None:  # a crash refused in a storm stays cheap
@@ -279,10 +279,11 @@ class Staged:
     name: str
 
 
-def write_core(ctx: Context, admission: accounting.Admission, limit: Optional[int],
-               cap: Optional[int]) -> Optional[Staged]:
+def write_core(ctx: Context, admission: accounting.Admission, limit: Optional[int], cap: Optional[int],
+               slot: Optional[int] = None) -> Optional[Staged]:
     """The captured prefix and the rest of the core fd, compressed into a temporary file; None when nothing
-    is to be committed (refused for room, or failed: the record says which)."""
+    is to be committed (refused for room, or failed: the record says which). ``slot``: the core slot held
+    (slots.py), which picks the CPU the stream shares with the dumping thread."""
     from corepipe.platform import compress, elf
 
     rec, crash, cfg, group = ctx.record, ctx.crash, ctx.cfg, ctx.group
@@ -296,7 +297,7 @@ def write_core(ctx: Context, admission: accounting.Admission, limit: Optional[in
             result = compress.compress_stream(ctx.core_fd, fd, limit=cap, prefix=ctx.early.core, eof=ctx.early.eof,
                                               level=cfg.compression_level, threads=cfg.compression_threads,
                                               max_output=admission.budget, grow=grow, read_done=ctx.let_go,
-                                              streaming=ctx.shared_cpu.join if ctx.shared_cpu else None)
+                                              streaming=(lambda: ctx.shared_cpu.join(slot)) if ctx.shared_cpu else None)
         finally:
             ctx.let_go()  # a failed write ends the dump too
     except compress.OutputTooLarge as exc:
