@@ -54,28 +54,15 @@ class Snapshot:
         return [a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0")] if raw else []
 
 
-def _stat_field(stat: bytes, number: int) -> Optional[int]:
-    """Field ``number`` (1-based) of /proc/<pid>/stat, from 3 on; the comm in field 2 may hold spaces and ')'
-    so split after the last ')'."""
-    _, sep, rest = stat.rpartition(b")")
-    fields = rest.split()
-    if not sep or len(fields) < number - 2:
-        return None
-    try:
-        return int(fields[number - 3])
-    except ValueError:
-        return None
-
-
 def parse_start_ticks(stat: bytes) -> Optional[int]:
     """Field 22 of /proc/<pid>/stat: when the process started."""
-    return _stat_field(stat, 22)
+    return capture.stat_field(stat, 22)
 
 
 def parse_dump_signal(stat: bytes) -> Optional[int]:
     """The fatal signal of a process dumping core: field 52 of /proc/<pid>/stat (``exit_code``) is its thread
     group's exit code while it exits, which is the signal until the dump ends. None if it is not one."""
-    code = _stat_field(stat, 52)
+    code = capture.stat_field(stat, 52)
     return code & 0x7F if code is not None and 0 < code & 0x7F < 65 else None
 
 

@@ -15,16 +15,15 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
-from corepipe.platform.capture import pidfd_pid
+from corepipe.platform.capture import pidfd_pid, stat_field
 
 
 def cpu_of(tid: int) -> Optional[int]:
     """The CPU the thread ``tid`` ran on last (field 39 of its stat), None if it is gone."""
     try:
         with open(f"/proc/{tid}/stat", "rb") as f:
-            fields = f.read(4096).rpartition(b")")[2].split()
-        return int(fields[36])
-    except (OSError, ValueError, IndexError):
+            return stat_field(f.read(4096), 39)
+    except OSError:
         return None
 
 

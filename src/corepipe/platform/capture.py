@@ -288,6 +288,19 @@ def _parse_child_output(data: bytes, names: tuple) -> tuple:
     return files, errors
 
 
+def stat_field(stat: bytes, number: int) -> int | None:
+    """Field ``number`` (1-based) of /proc/<pid>/stat, from 3 on; the comm in field 2 may hold spaces and ')'
+    so split after the last ')'."""
+    _, sep, rest = stat.rpartition(b")")
+    fields = rest.split()
+    if not sep or len(fields) < number - 2:
+        return None
+    try:
+        return int(fields[number - 3])
+    except ValueError:
+        return None
+
+
 def pidfd_pid(pidfd: int) -> int | None:
     """The PID a pidfd refers to, from its fdinfo: -1 once the process is gone, None if unknown."""
     try:

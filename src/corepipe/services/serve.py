@@ -711,10 +711,10 @@ def _dumping_thread(pid: int) -> Optional[int]:
     for tid in tasks:
         try:
             with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                flags = int(f.read(4096).rpartition(b")")[2].split()[6])
-        except (OSError, ValueError, IndexError):
+                flags = capture.stat_field(f.read(4096), 9)
+        except OSError:
             continue
-        if flags & _PF_DUMPCORE:
+        if flags is not None and flags & _PF_DUMPCORE:
             return int(tid)
     return None
 
