@@ -43,7 +43,7 @@ class Context:
     store: Optional[Store] = None
     crash: Optional[CrashDir] = None
     record: Optional[dict] = None
-    #: A socket server's dumping thread and reading thread on one CPU while the core is read (affinity.py).
+    #: The crashed task's dumping thread and this reading thread on one CPU while the core is read (affinity.py).
     shared_cpu: Optional[SharedCpu] = None
 
     @property

@@ -13,6 +13,7 @@ used an eighth less (README, "One CPU for the core's two ends").
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Callable, Optional
 
 from corepipe.platform.capture import pidfd_pid, stat_field
@@ -45,9 +46,7 @@ class SharedCpu:
             mine = os.sched_getaffinity(0)
             if len(mine) < 2 or (self.alive is not None and not self.alive()):
                 return
-            choices = [sorted(mine)[slot % len(mine)]] if slot is not None else []
-            choices.append(cpu_of(self.tid))
-            for cpu in choices:
+            for cpu in self._choices(mine, slot):
                 if cpu not in mine:
                     continue
                 try:
@@ -59,6 +58,12 @@ class SharedCpu:
                 return
         except OSError:
             return
+
+    def _choices(self, mine: set, slot: Optional[int]) -> Iterator[Optional[int]]:
+        """The slot's CPU, then the task's (read only if the slot's is refused)."""
+        if slot is not None:
+            yield sorted(mine)[slot % len(mine)]
+        yield cpu_of(self.tid)
 
     def leave(self) -> None:
         if self.saved is not None:
