@@ -238,6 +238,15 @@ def start_crash(argv: list, **kwargs) -> subprocess.Popen:
 NO_RATE_LIMIT = "rate_limit_container = 0\nrate_limit_exe = 0\n"
 
 
+def cpus_allowed(status: Path) -> Optional[str]:
+    """The ``Cpus_allowed_list`` of a /proc status file ("0-1", "1"), None once the task is gone."""
+    try:
+        text = status.read_text()
+    except OSError:
+        return None
+    return next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Cpus_allowed_list"))
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> object:
     """The first true value of ``predicate()``; fails after ``timeout``."""
     deadline = time.monotonic() + timeout

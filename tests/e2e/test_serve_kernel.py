@@ -24,6 +24,7 @@ from support import (
     NO_RATE_LIMIT,
     KernelSettings,
     Served,
+    cpus_allowed,
     decompress,
     gdb_backtrace,
     installed_handler,
@@ -284,12 +285,7 @@ def test_server_killed_mid_dump(workdirs, crasher: Path) -> None:
 
 def _one_cpu(pid: int) -> str:
     """The one CPU ``pid`` may run on ("" while it may run on more, or once it is gone)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return ""
-    allowed = next(line.split(":", 1)[1].strip() for line in status.splitlines()
-                   if line.startswith("Cpus_allowed_list"))
+    allowed = cpus_allowed(Path(f"/proc/{pid}/status")) or ""
     return allowed if allowed.isdigit() else ""
 
 

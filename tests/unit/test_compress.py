@@ -3,10 +3,11 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 import zstandard
-from support import core_digest, need
+from support import core_digest, cpus_allowed, need
 
 from corepipe.platform.compress import STREAMING, compress_stream
 
@@ -260,11 +261,6 @@ def test_a_core_of_several_frames_passes_the_checks_that_read_it(tmp_path) -> No
         short.verify()
 
 
-def _cpus_allowed(tid: int) -> str:
-    status = open(f"/proc/{os.getpid()}/task/{tid}/status").read()
-    return next(line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
-
-
 @pytest.mark.parametrize("zeros_first", [False, True])
 def test_streaming_once_zstd_has_had_enough_and_workers_keep_their_cpus(tmp_path, zeros_first: bool) -> None:
     """The caller narrows its own CPUs in ``streaming``: zstd's threads, running by then, keep all of theirs,
@@ -281,7 +277,7 @@ def test_streaming_once_zstd_has_had_enough_and_workers_keep_their_cpus(tmp_path
 
     def read_done() -> None:  # zstd's workers are still there: the last bytes are compressed after this
         threads = set(os.listdir("/proc/self/task")) - before
-        seen.append((threads, {_cpus_allowed(int(tid)) for tid in threads}))
+        seen.append((threads, {cpus_allowed(Path(f"/proc/self/task/{tid}/status")) for tid in threads}))
 
     data = (b"\0" * (3 << 20) if zeros_first else b"") + os.urandom(3_000_000) + b"text " * 400_000
     try:
