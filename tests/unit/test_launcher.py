@@ -28,8 +28,8 @@ def test_launcher_runs_without_site_or_environment(tmp_path: Path) -> None:
 
 #: What may be loaded, beyond a bare ``python -IS``, when capture.py lets the kernel's pipe go.
 BEFORE_RELEASE = {"__future__", "os", "os.path", "stat", "_stat", "posixpath", "genericpath", "_collections_abc",
-                  "fcntl", "select", "corepipe", "corepipe.cli", "corepipe.commands", "corepipe.commands.collect_cmd",
-                  "corepipe.platform", "corepipe.platform.capture"}
+                  "fcntl", "select", "mmap", "corepipe", "corepipe.cli", "corepipe.commands",
+                  "corepipe.commands.collect_cmd", "corepipe.platform", "corepipe.platform.capture"}
 
 
 def test_only_os_is_loaded_when_a_small_core_releases_the_kernel(tmp_path: Path) -> None:

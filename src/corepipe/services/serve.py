@@ -606,10 +606,11 @@ class Prepared:
 
 
 def _worker(channel: socket.socket, config: Optional[str]) -> int:
-    """An idle worker: ready the config and the /proc memory reader, wait for one connection from the accept
-    loop, collect it."""
+    """An idle worker: ready the config, the /proc memory reader and the core's prefix buffer, wait for one
+    connection from the accept loop, collect it."""
     prepared = Prepared(config)
     reader = capture.MemoryReader()
+    buffer = capture.prefix_buffer()
     try:
         message, fds, _flags, _addr = socket.recv_fds(channel, 256, 1)
         channel.close()
@@ -617,13 +618,13 @@ def _worker(channel: socket.socket, config: Optional[str]) -> int:
             return 0  # the server is stopping
         conn = socket.socket(fileno=fds[0])
         accepted, load = message.decode().split()
-        return handle(conn, prepared, float(accepted), load, reader)
+        return handle(conn, prepared, float(accepted), load, reader, buffer)
     finally:
         reader.close()
 
 
 def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str,
-           reader: Optional[capture.MemoryReader] = None) -> int:
+           reader: Optional[capture.MemoryReader] = None, buffer: Optional[memoryview] = None) -> int:
     """One kernel connection: check the peer, read /proc, decide, ack, then ``collect``'s pipeline on the
     socket; the exit code ``corepipe collect`` would give."""
     pidfd = coredump_socket.peer_pidfd(conn)
@@ -671,7 +672,7 @@ def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str,
         ctx.shared_cpu = affinity.for_crash(args.tid, info.pid, pidfd)
         os.dup2(conn.fileno(), capture.STDIN, inheritable=False)
         conn.close()
-        capture.take_core(early, capture.STDIN)
+        capture.take_core(early, capture.STDIN, buffer=buffer)
         args.signal = elf.signal_number(early.core)
     return collect.run_context(ctx)
 
