@@ -1,4 +1,7 @@
-"""affinity.SharedCpu on real threads: a child process stands in for the kernel's dumping thread."""
+"""affinity.SharedCpu and Placement on real threads: a child process stands in for the kernel's dumping thread.
+
+Placement's clock is the test's: each read takes the time its way's rate gives, so which way is faster is
+the test's choice, and the real affinities of both threads are checked against it."""
 
 from __future__ import annotations
 
@@ -7,11 +10,12 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from support import need, wait_for
 
-from corepipe.platform.affinity import SharedCpu, cpu_of
+from corepipe.platform.affinity import LONGEST_SPELL, PROBE, Placement, SharedCpu, cpu_of
 
 
 @pytest.fixture
@@ -94,6 +98,68 @@ def test_a_cpu_this_thread_may_not_use_is_not_shared(task: int) -> None:
     shared = SharedCpu(task)
     shared.join()
     assert os.sched_getaffinity(0) == mine - {cpu} and os.sched_getaffinity(task) == {cpu}
+
+
+def test_part_gives_both_threads_their_cpus_back(task: int) -> None:
+    mine, theirs = os.sched_getaffinity(0), os.sched_getaffinity(task)
+    shared = SharedCpu(task, alive=lambda: True)
+    shared.join()
+    assert shared.joined and len(os.sched_getaffinity(task)) == 1
+    shared.part()
+    assert not shared.joined
+    assert os.sched_getaffinity(0) == mine and os.sched_getaffinity(task) == theirs
+
+
+READ = 150_000  # what one read of the coredump socket returns here
+
+
+def _stream(placement: Placement, clock: list, rate: Callable[[int, bool], float], size: int) -> list:
+    """Read ``size`` bytes through ``placement``, each read taking READ / rate(offset, joined) seconds; the way each
+    read went (True: together), checked against both threads' real CPUs."""
+    ways, done = [], 4 << 20
+    while done < size:
+        together = placement.shared.joined
+        assert (len(os.sched_getaffinity(0)) == 1) == together
+        assert (len(os.sched_getaffinity(placement.shared.tid)) == 1) == together
+        clock[0] += READ / rate(done, together)
+        done += READ
+        ways.append(together)
+        placement(done)
+    return ways
+
+
+@pytest.mark.parametrize("faster_together", [False, True])
+def test_placement_probes_both_ways_and_keeps_to_the_faster(task: int, faster_together: bool) -> None:
+    clock = [0.0]
+    placement = Placement(SharedCpu(task, alive=lambda: True), clock=lambda: clock[0])
+    ways = _stream(placement, clock, lambda _, together: 2e9 if together == faster_together else 1.3e9, 1 << 30)
+    assert placement.together == faster_together
+    slower = sum(way != faster_together for way in ways) * READ
+    assert 2 * PROBE <= slower <= 1 << 30 >> 4  # probed, and for at most a sixteenth of the core
+    assert placement.spell == LONGEST_SPELL  # each probe confirmed the way: the spells grew
+    assert ways[-1] == faster_together
+
+
+def test_placement_changes_way_when_the_other_gets_faster(task: int) -> None:
+    """Random pages first (zstd the bottleneck: together reads as fast), then zeros (apart twice as fast)."""
+    clock = [0.0]
+    placement = Placement(SharedCpu(task, alive=lambda: True), clock=lambda: clock[0])
+    half = 512 << 20
+    ways = _stream(placement, clock, lambda at, together: 3e9 if at >= half and not together else (
+        1.5e9 if at >= half else (1.1e9 if together else 1e9)), 1 << 30)
+    early = ways[:len(ways) // 4]
+    assert sum(early) > len(early) // 2  # together led on the random pages
+    assert not placement.together and not ways[-1]
+    late = ways[-(len(ways) // 4):]
+    assert sum(late) * READ <= 2 * PROBE  # at most a probe's turn of the last quarter together
+
+
+def test_placement_stops_when_the_threads_cannot_share_a_cpu(task: int) -> None:
+    theirs = os.sched_getaffinity(task)
+    clock = [0.0]
+    placement = Placement(SharedCpu(task, alive=lambda: False), clock=lambda: clock[0])
+    ways = _stream(placement, clock, lambda _, together: 1e9, 256 << 20)
+    assert not any(ways) and placement.done and os.sched_getaffinity(task) == theirs
 
 
 def test_a_gone_task() -> None:

@@ -263,17 +263,21 @@ def test_a_core_of_several_frames_passes_the_checks_that_read_it(tmp_path) -> No
 
 @pytest.mark.parametrize("zeros_first", [False, True])
 def test_streaming_once_zstd_has_had_enough_and_workers_keep_their_cpus(tmp_path, zeros_first: bool) -> None:
-    """The caller narrows its own CPUs in ``streaming``: zstd's threads, running by then, keep all of theirs,
-    and no thread starts after it (it would inherit the one CPU)."""
+    """The caller narrows its own CPUs in ``streaming``'s first call: zstd's threads, running by then, keep all
+    of theirs, and no thread starts after it (it would inherit the one CPU)."""
     need(len(os.sched_getaffinity(0)) >= 2, "needs 2 CPUs: the test narrows a thread to one")
     mine = os.sched_getaffinity(0)
     before = set(os.listdir("/proc/self/task"))
     out = tmp_path / "out.zst"
     seen = []
 
-    def started() -> None:
-        seen.append((set(os.listdir("/proc/self/task")) - before, out.stat().st_size))
-        os.sched_setaffinity(0, {min(mine)})
+    sizes = []
+
+    def started(size: int) -> None:
+        sizes.append(size)
+        if len(sizes) == 1:
+            seen.append((set(os.listdir("/proc/self/task")) - before, out.stat().st_size))
+            os.sched_setaffinity(0, {min(mine)})
 
     def read_done() -> None:  # zstd's workers are still there: the last bytes are compressed after this
         threads = set(os.listdir("/proc/self/task")) - before
@@ -285,6 +289,7 @@ def test_streaming_once_zstd_has_had_enough_and_workers_keep_their_cpus(tmp_path
     finally:
         os.sched_setaffinity(0, mine)
     assert back == data and result.complete
+    assert len(sizes) > 1 and sizes == sorted(sizes) and sizes[-1] == len(data)  # after each read, bytes read so far
     (at_start, size), (at_end, allowed) = seen
     assert len(at_start) >= 3  # the feeder and zstd's two workers
     assert size < out.stat().st_size  # called while the core was still being compressed
@@ -295,5 +300,5 @@ def test_streaming_once_zstd_has_had_enough_and_workers_keep_their_cpus(tmp_path
 @pytest.mark.parametrize(("threads", "size"), [(0, 3 * STREAMING), (2, STREAMING - 1)])
 def test_no_streaming_call_without_workers_or_for_a_small_core(tmp_path, threads: int, size: int) -> None:
     calls = []
-    result, back, _ = _run(os.urandom(size), tmp_path, threads=threads, streaming=lambda: calls.append(1))
+    result, back, _ = _run(os.urandom(size), tmp_path, threads=threads, streaming=calls.append)
     assert len(back) == size and result.complete and calls == []

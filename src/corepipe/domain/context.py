@@ -43,7 +43,8 @@ class Context:
     store: Optional[Store] = None
     crash: Optional[CrashDir] = None
     record: Optional[dict] = None
-    #: The crashed task's dumping thread and this reading thread on one CPU while the core is read (affinity.py).
+    #: The crashed task's dumping thread and this reading thread, on one CPU or apart while the core is read
+    #: (affinity.py: whichever reads it faster).
     shared_cpu: Optional[SharedCpu] = None
 
     @property

@@ -257,15 +257,16 @@ def compress_stream(source_fd: int, target_fd: int, *, limit: Optional[int] = No
                     threads: int = -1, max_output: Optional[int] = None,
                     grow: Optional[Callable[[int, int], int]] = None, prefix: bytes = b"",
                     eof: bool = False, read_done: Optional[Callable[[], None]] = None,
-                    streaming: Optional[Callable[[], None]] = None) -> CoreResult:
+                    streaming: Optional[Callable[[int], None]] = None) -> CoreResult:
     """Copy ``prefix`` and then ``source_fd`` (not read if ``eof``) to ``target_fd`` as one zstd frame; raises
     OSError on a write failure and OutputTooLarge when the compressed bytes would pass ``max_output`` (and
     ``grow`` gives no more).
 
     ``read_done`` is called once the input is read (to its end, or to ``limit``) and before zstd's last
     flush: the kernel can be let go while the last bytes are still being compressed. ``streaming`` is called
-    once, when STREAMING bytes went to zstd's workers (libzstd starts them with the first), and never without
-    workers: from then on the caller may narrow this thread's CPUs (affinity.py) without them inheriting it."""
+    after each read, with the bytes read so far, once STREAMING bytes went to zstd's workers (libzstd starts them
+    with the first), and never without workers: from then on the caller may narrow this thread's CPUs
+    (affinity.py) without them inheriting it."""
     return _compress(_Source(source_fd, prefix, eof), target_fd, limit=limit, level=level, threads=threads,
                      max_output=max_output, grow=grow, read_done=read_done, streaming=streaming)
 
@@ -273,7 +274,7 @@ def compress_stream(source_fd: int, target_fd: int, *, limit: Optional[int] = No
 def _compress(source: _Source, target_fd: int, *, limit: Optional[int], level: int, threads: int,
               max_output: Optional[int], grow: Optional[Callable[[int, int], int]],
               read_done: Optional[Callable[[], None]],
-              streaming: Optional[Callable[[], None]]) -> CoreResult:
+              streaming: Optional[Callable[[int], None]]) -> CoreResult:
     result = CoreResult()
     view = memoryview(bytearray(CHUNK))
     hasher = digest.new()
@@ -300,8 +301,7 @@ def _compress(source: _Source, target_fd: int, *, limit: Optional[int], level: i
                 output.write(view[:n])  # zstd has copied the bytes when this returns
                 result.size += n
                 if streaming is not None and output.compressed >= STREAMING:
-                    streaming()
-                    streaming = None
+                    streaming(result.size)
             if read_done is not None:
                 read_done()
             output.end_zeros()

@@ -291,13 +291,14 @@ def write_core(ctx: Context, admission: accounting.Admission, limit: Optional[in
     def grow(needed: int, written: int) -> int:
         return accounting.grow(ctx.store, cfg, crash_id=crash.id, group=group, needed=needed, written=written)
 
+    placement = affinity.Placement(ctx.shared_cpu, slot) if ctx.shared_cpu else None
     fd, tmp = crash.open_temp(CORE)
     try:
         try:
             result = compress.compress_stream(ctx.core_fd, fd, limit=cap, prefix=ctx.early.core, eof=ctx.early.eof,
                                               level=cfg.compression_level, threads=cfg.compression_threads,
                                               max_output=admission.budget, grow=grow, read_done=ctx.let_go,
-                                              streaming=(lambda: ctx.shared_cpu.join(slot)) if ctx.shared_cpu else None)
+                                              streaming=placement)
         finally:
             ctx.let_go()  # a failed write ends the dump too
     except compress.OutputTooLarge as exc:
