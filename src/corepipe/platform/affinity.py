@@ -120,42 +120,38 @@ class Placement:
         self.shared, self.slot, self.clock = shared, slot, clock
         self.together = False  # the faster way so far
         self.spell = SPELL
-        self.probe: list = []  # (together, bytes a second) of the probe's turns so far
-        self.probing = True
-        self.first = False  # the way the current probe's first turn took
+        self.turn = 0  # 0: a spell (or the start), 1 and 2: a probe's first and second turn
+        self.first = True  # the way the last probe's first turn took (so the first probe starts apart)
+        self.first_rate = 0.0  # bytes a second of the current probe's first turn
         self.end = 0  # bytes read when the current turn or spell ends
-        self.mark: Optional[tuple] = None  # (bytes read, time) when it began
+        self.mark = (0, 0.0)  # (bytes read, time) when it began
         self.done = False
 
     def __call__(self, size: int) -> None:
         if self.done or size < self.end:
             return
-        now = self.clock()
-        if self.mark is None:
+        rate = (size - self.mark[0]) / max(self.clock() - self.mark[1], 1e-9)
+        if self.turn == 0:
+            self.turn, self.first = 1, not self.first
             self._start(size, self.first, PROBE)
-            return
-        if not self.probing:
-            self.probing, self.first = True, not self.first
-            self._start(size, self.first, PROBE)
-            return
-        self.probe.append((self.shared.joined, (size - self.mark[0]) / max(now - self.mark[1], 1e-9)))
-        if len(self.probe) == 1:
+        elif self.turn == 1:
+            self.turn, self.first_rate = 2, rate
             self._start(size, not self.first, PROBE)
-            return
-        rates = dict(self.probe)
-        self.probe, self.probing = [], False
-        if len(rates) < 2:
-            self.done = True  # the threads could not be put together: nothing to choose
-            return
-        if rates[not self.together] > rates[self.together] * MARGIN:
-            self.together, self.spell = not self.together, SPELL
         else:
-            self.spell = min(2 * self.spell, LONGEST_SPELL)
-        self._start(size, self.together, self.spell)
+            rates = {self.first: self.first_rate, not self.first: rate}
+            if rates[not self.together] > rates[self.together] * MARGIN:
+                self.together, self.spell = not self.together, SPELL
+            else:
+                self.spell = min(2 * self.spell, LONGEST_SPELL)
+            self.turn = 0
+            self._start(size, self.together, self.spell)
 
     def _start(self, size: int, together: bool, length: int) -> None:
         if together and not self.shared.joined:
             self.shared.join(self.slot)
+            if not self.shared.joined:
+                self.done = True  # the threads cannot share a CPU: nothing to choose
+                return
         elif not together and self.shared.joined:
             self.shared.part()
         self.end, self.mark = size + length, (size, self.clock())
