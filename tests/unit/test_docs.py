@@ -1,0 +1,159 @@
+"""The docs a person reads stay true to the code: a short README that starts with the two commands, links that
+lead somewhere, man pages that name every command, option and config key, and a code map of the real tree."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from corepipe import cli
+from corepipe.platform import config
+
+REPO = Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
+DOCS = sorted([README, *(REPO / "docs").rglob("*.md")])
+MAN_COMMANDS = REPO / "man" / "corepipe.1"
+MAN_CONFIG = REPO / "man" / "corepipe.toml.5"
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _prose(text: str) -> str:
+    """The text outside fenced code blocks and inline code, where a link is a link."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def _anchors(path: Path) -> set:
+    """GitHub's anchors for the headings of a Markdown file (lower case, punctuation dropped, spaces to -)."""
+    seen: dict = {}
+    anchors = set()
+    for line in re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S).splitlines():
+        heading = re.match(r"#{1,6} +(.*?) *#*$", line)
+        if not heading:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def broken_links(files: list) -> list:
+    """Every relative link in ``files`` whose file, or heading anchor, does not exist."""
+    broken = []
+    for path in files:
+        for target in LINK.findall(_prose(path.read_text())):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:: not ours to check offline
+                continue
+            file_part, _, anchor = target.partition("#")
+            resolved = (path.parent / file_part).resolve() if file_part else path
+            if not resolved.exists():
+                broken.append(f"{_shown(path)}: {target} (no such file)")
+            elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+                broken.append(f"{_shown(path)}: {target} (no such heading)")
+    return broken
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+class _Parsed(Exception):
+    pass
+
+
+def real_parser(monkeypatch: pytest.MonkeyPatch) -> argparse.ArgumentParser:
+    """The parser ``corepipe`` itself builds, caught as it is about to parse."""
+    caught = []
+
+    def catch(self: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        caught.append(self)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(_Parsed):
+        cli._main(["--help"])
+    return caught[0]
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict:
+    """Subcommand name -> its long options."""
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(actions) == 1
+    return {name: {o for a in sub._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+            for name, sub in actions[0].choices.items()}
+
+
+def man_text(path: Path) -> str:
+    """A roff page's words, with the escapes that would hide them (\\-, \\fB, \\(em ...) taken out."""
+    text = path.read_text()
+    text = text.replace("\\-", "-").replace("\\&", "").replace("\\e", "\\")
+    return re.sub(r"\\f[BIRP]|\\f\[[A-Z]*\]|\\\([a-z]{2}", "", text)
+
+
+def test_readme_is_short_and_starts_with_the_two_commands() -> None:
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines: keep it to 250, move the rest to docs/"
+    head = "\n".join(lines[:8])
+    install = head.find("bash install/install.sh")
+    tests = head.find("bash tests/run")
+    assert install != -1 and tests != -1, "README's first lines must give 'bash install/install.sh' and 'bash tests/run'"
+    assert install < tests, "README gives the install command first, then the test command"
+
+
+def test_every_relative_link_resolves() -> None:
+    assert len(DOCS) > 5, DOCS
+    assert broken_links(DOCS) == []
+
+
+def test_a_bogus_link_is_caught(tmp_path: Path) -> None:
+    """The checker itself: a missing file and a missing heading are reported, code spans and URLs are not."""
+    (tmp_path / "there.md").write_text("# There\n")
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n\n[ok](#title) [ok](there.md#there) [gone](nowhere.md) [bad anchor](there.md#nope)\n"
+                    "`[code](ignored.md)` [web](https://example.com/x)\n")
+    assert broken_links([page]) == [f"{page}: nowhere.md (no such file)", f"{page}: there.md#nope (no such heading)"]
+
+
+def test_man_page_names_every_subcommand_and_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = man_text(MAN_COMMANDS)
+    commands = subcommands(real_parser(monkeypatch))
+    assert "collect" in commands and "list" in commands, commands
+    missing = []
+    for name, options in commands.items():
+        if not re.search(rf"^\.SS {re.escape(name)}\b", text, flags=re.M):
+            missing.append(f"section .SS {name}")
+        missing += [f"{name} {option}" for option in sorted(options) if not re.search(rf"{re.escape(option)}\b", text)]
+    assert missing == [], f"man/corepipe.1 does not document: {missing}"
+
+
+def test_man_page_names_every_config_key() -> None:
+    text = man_text(MAN_CONFIG)
+    keys = [f.name for f in dataclasses.fields(config.Config) if f.name != "path"]
+    assert len(keys) > 40, keys
+    missing = [key for key in keys if not re.search(rf"^\.TP\n\.B {key}\b", text, flags=re.M)]
+    assert missing == [], f"man/corepipe.toml.5 does not document: {missing}"
+
+
+def code_map_modules(text: str) -> set:
+    """The module paths the code map's table names: ``dir/a.py``, and a bare ``b.py`` in a row naming ``dir/``."""
+    named = set()
+    for row in (line for line in text.splitlines() if line.startswith("|")):
+        tokens = re.findall(r"`([\w*/]+\.py)`", row)
+        dirs = {token.rpartition("/")[0] for token in tokens if "/" in token}
+        for token in tokens:
+            named |= {token} if "/" in token or not dirs else {f"{d}/{token}" for d in dirs}
+    return {name for name in named if "*" not in name}
+
+
+def test_code_map_names_every_module() -> None:
+    """docs/development.md's code map names each module of src/corepipe, and nothing that is not there."""
+    src = REPO / "src" / "corepipe"
+    modules = {str(p.relative_to(src)) for p in src.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    named = code_map_modules((REPO / "docs" / "development.md").read_text())
+    assert sorted(modules - named) == [], "modules missing from the code map"
+    assert sorted(named - modules) == [], "the code map names modules that do not exist"
