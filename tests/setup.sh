@@ -3,7 +3,7 @@
 # (with the azure and s3 SDKs and moto's S3 server), and Azurite under .servers/ (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-packages=(gcc libc6-dev gdb zstd util-linux busybox-static elfutils runc docker.io podman containerd prometheus fuse3 libfuse3-dev pkg-config lxc nodejs)
+packages=(gcc libc6-dev gdb zstd util-linux busybox-static elfutils runc docker.io podman containerd prometheus fuse3 libfuse3-dev pkg-config lxc nodejs groff-base)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
