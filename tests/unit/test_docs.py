@@ -17,7 +17,7 @@ from corepipe.platform import config
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
-DOCS = sorted([README, *(REPO / "docs").rglob("*.md")])
+DOCS = sorted([README, *(REPO / "docs").rglob("*.md"), *(REPO / "install").rglob("*.md")])
 MAN_COMMANDS = REPO / "man" / "corepipe.1"
 MAN_CONFIG = REPO / "man" / "corepipe.toml.5"
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
