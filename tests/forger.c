@@ -1,5 +1,5 @@
 /* A process that changes its own environment before it crashes, as one that wants to pass for another
- * Azure Batch task would (tests/e2e/test_batch.py):
+ * Azure Batch task would (tests/e2e/test_azure_batch.py):
  *   - every AZ_BATCH_* value is overwritten in place ("forged" padded with 'x'): /proc/<pid>/environ shows it;
  *   - a variable PAD=... is overwritten in place with AZ_BATCH_JOB_ID=injected (padded with '_' variables):
  *     a Batch job appears in /proc/<pid>/environ where there was none;

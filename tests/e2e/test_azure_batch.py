@@ -15,22 +15,13 @@ from pathlib import Path
 import objectstores
 import pytest
 from runtimes import image, make_rootfs, unique
-from support import HERE, Handler, corepipe_cli, crash, installed_handler, need, short_tempdir
+from support import Handler, corepipe_cli, crash, installed_handler, short_tempdir
 
 AGENT = {"AZ_BATCH_POOL_ID": "pool-1", "AZ_BATCH_JOB_ID": "nightly-7", "AZ_BATCH_TASK_ID": "42",
          "AZ_BATCH_NODE_ID": "tvm-3", "AZ_BATCH_NODE_ROOT_DIR": "/mnt/batch/tasks"}
 NAMED = {"pool": "pool-1", "job": "nightly-7", "task": "42", "node": "tvm-3"}
 #: Room the forger overwrites with AZ_BATCH_JOB_ID=injected (tests/forger.c).
 PAD = {"PAD": "p" * 40}
-
-
-@pytest.fixture(scope="module")
-def forger(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    gcc = shutil.which("gcc")
-    need(gcc is not None, "needs gcc to build tests/forger.c")
-    out = tmp_path_factory.mktemp("forger") / "forger"
-    subprocess.run([gcc, "-g", "-O0", "-static", "-o", str(out), str(HERE / "forger.c")], check=True)
-    return out
 
 
 @pytest.fixture(scope="module")
