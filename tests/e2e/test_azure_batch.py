@@ -15,7 +15,7 @@ from pathlib import Path
 import objectstores
 import pytest
 from runtimes import image, make_rootfs, unique
-from support import Handler, corepipe_cli, crash, installed_handler, short_tempdir
+from support import Handler, corepipe_cli, crash, installed_handler, served_handler, short_tempdir
 
 AGENT = {"AZ_BATCH_POOL_ID": "pool-1", "AZ_BATCH_JOB_ID": "nightly-7", "AZ_BATCH_TASK_ID": "42",
          "AZ_BATCH_NODE_ID": "tvm-3", "AZ_BATCH_NODE_ROOT_DIR": "/mnt/batch/tasks"}
@@ -68,6 +68,17 @@ def test_container_task_is_named_from_dockers_state(kernel_handler: Handler, tas
     assert corepipe_cli(kernel_handler.config, "list", "--task", "41").stderr == "no crashes match\n"
     info = corepipe_cli(kernel_handler.config, "info", rec["id"]).stdout
     assert "batch.job:           nightly-7" in info and "batch.from:          docker state (confirmed)" in info
+
+
+def test_container_task_through_the_coredump_socket(task_image: str) -> None:
+    """``corepipe serve`` identifies the container before the dump (to decide on it): the same ``batch``."""
+    workdir = short_tempdir()
+    try:
+        with served_handler(workdir) as served:
+            rec = run_task(served, task_image, "/crasher", AGENT)
+        assert rec["batch"] == {**NAMED, "confirmed": True, "source": "docker state"}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_container_without_the_variables_has_no_batch(kernel_handler: Handler, task_image: str) -> None:
