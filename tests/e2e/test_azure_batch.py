@@ -107,6 +107,10 @@ def test_host_task_is_unconfirmed(kernel_handler: Handler, crasher: Path, forger
     assert (forged["batch"]["pool"], forged["batch"]["job"]) == ("forged", "forgedxxx")
     crash([str(crasher), "0", "batch-none"], env=host_env({}))
     assert kernel_handler.wait_record(lambda r: r["comm"] == "batch-none")["batch"] is None
+    # Hostile values: a terminal escape and 100 KB; recorded cut to 128 characters, the escape made harmless.
+    crash([str(crasher), "0", "batch-big"], env=host_env({"AZ_BATCH_JOB_ID": "\x1b]0;owned\x07" + "j" * 100_000}))
+    big = kernel_handler.wait_record(lambda r: r["comm"] == "batch-big")["batch"]
+    assert big["job"] == "?]0;owned?" + "j" * 118 and big["task"] is None
 
 
 def test_list_remote_by_job_across_the_pool(crasher: Path, task_image: str, tmp_path: Path,
