@@ -8,14 +8,24 @@ import pytest
 from support import HERE, Handler, KernelSettings, need, need_root_kernel, short_tempdir
 
 
+def build_static(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """tests/NAME.c built statically with debug info, so it also runs inside a bare container."""
+    gcc = shutil.which("gcc")
+    need(gcc is not None, f"needs gcc to build tests/{name}.c")
+    out = tmp_path_factory.mktemp(name) / name
+    subprocess.run([gcc, "-g", "-O0", "-static", "-o", str(out), str(HERE / f"{name}.c")], check=True)
+    return out
+
+
 @pytest.fixture(scope="session")
 def crasher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The crasher, built statically with debug info so it also runs inside a bare container."""
-    gcc = shutil.which("gcc")
-    need(gcc is not None, "needs gcc to build the test crasher")
-    out = tmp_path_factory.mktemp("crasher") / "crasher"
-    subprocess.run([gcc, "-g", "-O0", "-static", "-o", str(out), str(HERE / "crasher.c")], check=True)
-    return out
+    return build_static(tmp_path_factory, "crasher")
+
+
+@pytest.fixture(scope="session")
+def forger(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A crasher that rewrites its own environment first (tests/forger.c)."""
+    return build_static(tmp_path_factory, "forger")
 
 
 @pytest.fixture(scope="session")

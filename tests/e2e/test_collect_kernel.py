@@ -33,7 +33,7 @@ def test_host_process(kernel_handler, crasher: Path, tmp_path: Path) -> None:
     assert proc.returncode == -signal.SIGSEGV
     rec = kernel_handler.wait_record(lambda r: r["exe"] == str(crasher))
     pid = rec["pid"]
-    assert rec["schema"] == 1 and rec["status"] == "complete"
+    assert rec["schema"] == 2 and rec["status"] == "complete"
     assert rec["ns_pid"] == pid and rec["tid"] == pid
     assert rec["signal"] == {"number": signal.SIGSEGV, "name": "SIGSEGV"}
     assert rec["uid"] == os.getuid() and rec["gid"] == os.getgid()

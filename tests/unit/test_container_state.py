@@ -61,6 +61,31 @@ def test_docker_kubernetes_labels(root: Path) -> None:
     assert found.details["labels"]["io.kubernetes.container.name"] == "app"
 
 
+BATCH_ENV = ["AZ_BATCH_POOL_ID=pool-1", "AZ_BATCH_JOB_ID=nightly-7", "AZ_BATCH_TASK_ID=42", "AZ_BATCH_NODE_ID=tvm-3"]
+BATCH = {"pool": "pool-1", "job": "nightly-7", "task": "42", "node": "tvm-3"}
+
+
+def test_docker_batch_variables_from_config_env(root: Path) -> None:
+    """The Batch agent's variables in Config.Env; {} (read, none there) for a container without them."""
+    assert _resolve("docker-cgroupfs-hybrid.txt", root).batch == {}
+    config_file = root / "var/lib/docker/containers" / DOCKER_ID / "config.v2.json"
+    config = json.loads(config_file.read_text())
+    config["Config"]["Env"] = ["PATH=/bin", *BATCH_ENV]
+    config_file.write_text(json.dumps(config))
+    found = _resolve("docker-cgroupfs-hybrid.txt", root)
+    assert found.batch == BATCH and "batch" not in found.to_dict()
+
+
+def test_bundle_batch_variables_from_process_env(root: Path) -> None:
+    """containerd and runc: the OCI config.json's process.env, read with its annotations."""
+    assert _resolve("runc-cgroupfs-hybrid.txt", root).batch == {}
+    config_file = root / "bundles/issue3-r1/config.json"
+    config = json.loads(config_file.read_text())
+    config["process"]["env"] += BATCH_ENV
+    config_file.write_text(json.dumps(config))
+    assert _resolve("runc-cgroupfs-hybrid.txt", root).batch == BATCH
+
+
 def test_podman_storage(root: Path) -> None:
     found = _resolve("podman-cgroupfs-hybrid.txt", root)
     assert (found.name, found.image) == ("issue3-p", "localhost/issue3-img:1")

@@ -16,7 +16,7 @@ import zstandard
 from support import core_digest, decompress
 
 from corepipe.cli import main
-from corepipe.domain import catalog, record
+from corepipe.domain import batch, catalog, record
 from corepipe.domain.containers import Container
 from corepipe.platform import compress
 from corepipe.platform.kernel import KernelArgs
@@ -26,13 +26,15 @@ T0 = 1_790_000_000  # 2026-09-21T...Z
 
 
 def add_crash(root: Path, *, container: Container, when: int, comm: str = "app", signal: int = 11,
-              core: bytes = b"", exe: str = "/usr/bin/app", tmp: Path) -> tuple:
+              core: bytes = b"", exe: str = "/usr/bin/app", tmp: Path, environ: tuple = ()) -> tuple:
     """A crash as collect files it: record + zstd core; returns (crash dir, record)."""
     with Store(str(root)) as store:
         crash = store.new_crash(container.policy_group(0), when)
         rec = record.build(crash_id=crash.id, args=KernelArgs(pid=100, ns_pid=1, tid=100, signal=signal, time=when,
                                                               comm=comm), snapshot=None, container=container,
                            redact_env=[])
+        if environ:  # a host process's own variables, as record.build takes them from a snapshot
+            rec["batch"] = batch.of_crash(None, False, container.runtime, list(environ))
         rec["exe"] = exe
         if core:
             source = tmp / f"core-{crash.id}"
@@ -200,6 +202,50 @@ def test_info_is_readable(store: Path, crashes: dict, tmp_path: Path, capsys: py
     assert f"id:                  {rec['id']}" in out and "signal:              SIGABRT (6)" in out
     assert "container.name:      web" in out and "core:                present" in out
     assert "backtrace (gdb, 0.1 s):\n  #0  main () at x.c:3\n  ?[31mred" in out  # no terminal escapes
+
+
+BATCH = {"pool": "pool-1", "job": "nightly-7", "task": "42", "node": "tvm-3"}
+
+
+@pytest.fixture
+def batch_crashes(store: Path, tmp_path: Path) -> dict:
+    """A container task (its runtime's state has the variables: confirmed) and a host task (unconfirmed)."""
+    task = Container(runtime="docker", id="c" * 64, confidence="certain", name="task42", image="app:1", batch=BATCH)
+    host = Container(runtime="host")
+    env = ("AZ_BATCH_POOL_ID=pool-1", "AZ_BATCH_JOB_ID=nightly-7", "AZ_BATCH_TASK_ID=43", "AZ_BATCH_NODE_ID=tvm-3")
+    return {
+        "task": add_crash(store, container=task, when=T0 + 180, comm="task", tmp=tmp_path),
+        "hosttask": add_crash(store, container=host, when=T0 + 240, comm="hosttask", tmp=tmp_path, environ=env),
+        "other": add_crash(store, container=host, when=T0 + 300, comm="other", tmp=tmp_path,
+                           environ=("AZ_BATCH_JOB_ID=weekly-1", "AZ_BATCH_TASK_ID=42")),
+    }
+
+
+def test_batch_list_filters_and_cells(store: Path, crashes: dict, batch_crashes: dict, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture) -> None:
+    assert batch_crashes["task"][1]["batch"] == {**BATCH, "confirmed": True, "source": "docker state"}
+    assert crashes["web"][1]["batch"] is None
+    assert listed(tmp_path, capsys, "--job", "nightly-7") == ["task", "hosttask"]
+    assert listed(tmp_path, capsys, "--task", "42") == ["task", "other"]
+    assert listed(tmp_path, capsys, "--job", "nightly-7", "--task", "43") == ["hosttask"]
+    assert listed(tmp_path, capsys, "--job", "nightly") == []  # ids match whole
+    code, out, _err = cli(tmp_path, capsys, "list")
+    rows = {row[6]: row for row in (line.split("\t") for line in out.splitlines()[1:])}
+    assert rows["task"][2] == "task42 (nightly-7/42)" and rows["task"][3] == "-"
+    assert rows["hosttask"][2] == "host (nightly-7/43?)"  # ?: from the process's own environment
+    assert rows["app"][2] == "web" and rows["hostd"][2] == "host"
+
+
+def test_batch_info(store: Path, batch_crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, _err = cli(tmp_path, capsys, "info", batch_crashes["task"][1]["id"])
+    assert code == 0
+    for line in ("batch.pool:          pool-1", "batch.job:           nightly-7", "batch.task:          42",
+                 "batch.node:          tvm-3", "batch.from:          docker state (confirmed)"):
+        assert line in out
+    code, out, _err = cli(tmp_path, capsys, "info", batch_crashes["hosttask"][1]["id"])
+    assert "batch.task:          43" in out and "batch.from:          process environment (unconfirmed)" in out
+    code, out, _err = cli(tmp_path, capsys, "info", batch_crashes["other"][1]["id"])
+    assert "batch.pool" not in out and "batch.job:           weekly-1" in out
 
 
 def test_extract_verifies(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -39,6 +39,18 @@ def test_summary_fits_s3_metadata_and_round_trips() -> None:
     assert fleet.parse_summary("not base64!") is None
 
 
+def test_summary_carries_batch() -> None:
+    """``list --remote --job/--task`` read the summary's ``batch``; its field names are kept stable."""
+    task = {"pool": "pool-1", "job": "nightly-7", "task": "42", "node": "tvm-3", "confirmed": True,
+            "source": "docker state"}
+    rec = {"id": "0123456789ab", "container": {"runtime": "docker"}, "batch": task}
+    assert fleet.parse_summary(fleet.summary(rec, "tvm-3"))["batch"] == task
+    assert fleet.parse_summary(fleet.summary({"id": "0123456789ab"}, "n"))["batch"] is None
+    big = {**rec, "batch": {**task, "job": "j" * 5000}, "exe": "/x" * 5000}
+    text = fleet.summary(big, "n")
+    assert len(text) <= 1500 and fleet.parse_summary(text)["batch"]["task"] == "42"
+
+
 def test_keys_follow_the_store_layout() -> None:
     assert fleet.crash_key("fleet", "n1", ("docker", "abc", "20261202T060000Z-0123456789ab"), RECORD) == \
         "fleet/n1/docker/abc/20261202T060000Z-0123456789ab/record.json"

@@ -9,8 +9,8 @@ from corepipe.domain import containers, record, snapshot
 from corepipe.platform.kernel import parse_args
 
 KEYS = {"schema", "id", "status", "time", "timestamp", "received", "pid", "ns_pid", "tid", "uid", "gid", "signal",
-        "comm", "exe", "cmdline", "cwd", "hostname", "dump_mode", "core_limit", "container", "cgroup", "process",
-        "core", "collector", "truncated"}
+        "comm", "exe", "cmdline", "cwd", "hostname", "dump_mode", "core_limit", "container", "batch", "cgroup",
+        "process", "core", "collector", "truncated"}
 
 
 def _record(snap=None) -> dict:
@@ -42,8 +42,15 @@ def test_redaction() -> None:
 
 
 def test_load_rejects_other_schemas() -> None:
-    with pytest.raises(ValueError):
-        record.load(b'{"schema": 99}')
+    for other in (b'{"schema": 99}', b'{"schema": true}', b'{"schema": 1.0}', b'{"schema": "2"}', b"[2]"):
+        with pytest.raises(ValueError):
+            record.load(other)
+
+
+def test_load_takes_every_schema_so_far() -> None:
+    """Schema 2 only added ``batch``: records of schema 1 (no ``batch``) still load."""
+    assert record.SCHEMA == 2 and _record()["schema"] == 2
+    assert record.load(b'{"schema": 1, "id": "x"}')["id"] == "x"
 
 
 def test_unknown_signal_number() -> None:

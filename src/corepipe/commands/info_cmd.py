@@ -7,7 +7,7 @@ import json
 import sys
 
 from corepipe.commands import crashes
-from corepipe.domain import signature
+from corepipe.domain import batch, signature
 from corepipe.platform import digest
 from corepipe.platform.log import clean
 
@@ -46,6 +46,12 @@ def render(path: str, rec: dict) -> str:
     _line(out, "container.from", f"{container.get('source')} ({container.get('confidence')})")
     for message in container.get("errors") or []:
         _line(out, "container.error", message)
+    task = batch.of_record(rec)
+    for key in ("pool", "job", "task", "node"):
+        _line(out, f"batch.{key}", task.get(key))
+    if task:
+        _line(out, "batch.from", f"{task.get('source')} "
+                                 f"({'confirmed' if task.get('confirmed') is True else 'unconfirmed'})")
     _line(out, "core", crashes.core_state(path, rec))
     if core.get("stored"):
         _line(out, "core.size", f"{core.get('size')} bytes, {core.get('compressed_size')} compressed "

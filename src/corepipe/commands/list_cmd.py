@@ -8,7 +8,7 @@ import os
 import sys
 
 from corepipe.commands import crashes
-from corepipe.domain import signature
+from corepipe.domain import batch, signature
 
 HELP = "list collected crashes (newest last)"
 #: SIZE is the core as the process had it (what extract or debug will need), STORED what it takes in the store.
@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--container", metavar="NAME|ID", help="container name, or id prefix")
     parser.add_argument("--pod", metavar="NAME", help="Kubernetes pod name")
     parser.add_argument("--namespace", metavar="NAME", help="Kubernetes namespace")
+    parser.add_argument("--job", metavar="JOB", help="Azure Batch job id")
+    parser.add_argument("--task", metavar="TASK", help="Azure Batch task id")
     parser.add_argument("--image", metavar="IMAGE", help="image reference, with or without its tag")
     parser.add_argument("--since", metavar="TIME", type=crashes.parse_time,
                         help="crashes at or after TIME (2026-11-27[T09:24[:57]] UTC, @EPOCH, or an age: 30m, 2h, 1d)")
@@ -58,6 +60,9 @@ def matches(rec: dict, ns: argparse.Namespace) -> bool:
         return False
     if ns.namespace is not None and container.get("pod_namespace") != ns.namespace:
         return False
+    task = batch.of_record(rec)
+    if (ns.job is not None and task.get("job") != ns.job) or (ns.task is not None and task.get("task") != ns.task):
+        return False
     if ns.image is not None and not _image_matches(container.get("image") or "", ns.image):
         return False
     stamp = rec.get("timestamp") if isinstance(rec.get("timestamp"), (int, float)) else 0
@@ -83,10 +88,18 @@ def group_row(group: dict) -> list:
             ",".join(group["containers"]) or "-", group["sample"], group["signature"]]
 
 
-def _container_cell(container: dict) -> str:
+def _container_cell(rec: dict) -> str:
+    """The container, and the Azure Batch job/task it ran when the crash has one (``?``: unconfirmed, from the
+    process's own environment)."""
+    container = rec.get("container") or {}
     if container.get("runtime") == "host":
-        return "host"
-    return container.get("name") or (container.get("id") or "")[:12] or container.get("runtime") or "?"
+        cell = "host"
+    else:
+        cell = container.get("name") or (container.get("id") or "")[:12] or container.get("runtime") or "?"
+    task = batch.of_record(rec)
+    if task.get("job") or task.get("task"):
+        cell += f" ({task.get('job') or '-'}/{task.get('task') or '-'}{'' if task.get('confirmed') is True else '?'})"
+    return cell
 
 
 def _pod_cell(container: dict) -> str:
@@ -99,7 +112,7 @@ def _pod_cell(container: dict) -> str:
 def row(path: str, rec: dict) -> list:
     container = rec.get("container") or {}
     signal = rec.get("signal") or {}
-    return [rec.get("id"), rec.get("time") or "-", _container_cell(container), _pod_cell(container),
+    return [rec.get("id"), rec.get("time") or "-", _container_cell(rec), _pod_cell(container),
             rec.get("pid") if rec.get("pid") is not None else "-",
             signal.get("name") or signal.get("number") or "-", rec.get("comm") or "-",
             crashes.human_size((rec.get("core") or {}).get("size")),

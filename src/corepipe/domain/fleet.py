@@ -23,7 +23,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
-from corepipe.domain import binaries, catalog
+from corepipe.domain import batch, binaries, catalog
 from corepipe.domain import record as records
 from corepipe.platform import digest
 from corepipe.platform.fs import write_all
@@ -35,6 +35,8 @@ SUMMARY = "summary"
 DIGEST = "digest"
 _SUMMARY_LIMIT = 1500  # S3 allows 2 KiB of user metadata in all
 _MAX_RECORD = 64 << 20
+#: The summary's ``batch`` (``list --remote --job/--task`` read it): keep these names, an index may rely on them.
+BATCH_FIELDS = ("pool", "job", "task", "node", "confirmed", "source")
 
 
 def _join(prefix: str, *parts: str) -> str:
@@ -59,6 +61,7 @@ def digest_text(core: dict) -> Optional[str]:
 def summary(rec: dict, node: str) -> str:
     """The record's listing fields, as compact base64 JSON that fits in object metadata."""
     container = rec.get("container") or {}
+    task = batch.of_record(rec)
     core = rec.get("core") or {}
     limit = 200
     while True:
@@ -71,6 +74,7 @@ def summary(rec: dict, node: str) -> str:
             "exe": cut(rec.get("exe")), "hostname": cut(rec.get("hostname")), "signal": rec.get("signal"),
             "container": {k: cut(container.get(k)) for k in ("runtime", "id", "name", "image", "pod_name",
                                                                "pod_namespace")},
+            "batch": {k: cut(task.get(k)) for k in BATCH_FIELDS} if task else None,
             "core": {k: core.get(k) for k in ("stored", "file", "size", "compressed_size", "truncated", "complete",
                                               "digest", "sha256")},
         }

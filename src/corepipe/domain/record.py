@@ -11,13 +11,16 @@ from collections.abc import Sequence
 from typing import Callable, Optional
 
 from corepipe import __version__
+from corepipe.domain import batch
 from corepipe.domain.containers import Container
 from corepipe.domain.snapshot import Snapshot
 from corepipe.platform.config import ENV_KEEP, REDACT_ARGS, Config
 from corepipe.platform.kernel import KernelArgs
 from corepipe.platform.store import binary_name
 
-SCHEMA = 1
+#: 2 added ``batch``; a schema only ever adds keys, so every earlier one still loads.
+SCHEMA = 2
+SCHEMAS = (1, 2)
 REDACTED = "<redacted>"
 #: Bounds of a record (README, "Record"): each text field, paths, status lines, and the whole file.
 FIELD_MAX = Config.record_field_max
@@ -179,6 +182,8 @@ def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], cont
         "dump_mode": args.dump_mode,
         "core_limit": args.core_limit,
         "container": container.to_dict(),
+        "batch": batch.of_crash(container.batch, container.confidence == "certain", container.runtime,
+                                snap.environ() if snap is not None and snap.trusted else []),
         "cgroup": text(snap.text("cgroup") if snap else None, "cgroup"),
         "process": {
             "comm": text(snap.text("comm").rstrip("\n") if snap else None, "process.comm", 256),
@@ -316,6 +321,7 @@ def dumps(record: dict, max_size: int = MAX_SIZE) -> bytes:
 
 def load(data: bytes) -> dict:
     record = json.loads(data)
-    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
-        raise ValueError(f"not a corepipe record of schema {SCHEMA}")
+    schema = record.get("schema") if isinstance(record, dict) else None
+    if type(schema) is not int or schema not in SCHEMAS:
+        raise ValueError(f"not a corepipe record of schema {' or '.join(map(str, SCHEMAS))}")
     return record

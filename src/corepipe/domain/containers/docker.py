@@ -1,12 +1,12 @@
 """Docker / Moby: ``/docker/<id>`` (cgroupfs driver) and ``docker-<id>.scope`` (systemd driver).
 
-State: ``<data-root>/containers/<id>/config.v2.json`` (name, image, labels, ``State.Pid``); data-root
-is /var/lib/docker unless /etc/docker/daemon.json says otherwise. Labels that Kubernetes
-(dockershim, cri-dockerd) and Amazon ECS put on containers fill in the pod fields. The init PID
-comes from ``State.Pid`` while ``State.Running``, else from the state runc keeps for Docker
-(``/run/docker/runtime-runc/moby/<id>/state.json``, written when the container is created): dockerd
-writes config.v2.json only after the start returns, so a process that crashes at once (a handler that
-answers fast, like ``corepipe serve``) may find it not yet running.
+State: ``<data-root>/containers/<id>/config.v2.json`` (name, image, labels, the Azure Batch variables of
+``Config.Env``, ``State.Pid``); data-root is /var/lib/docker unless /etc/docker/daemon.json says
+otherwise. Labels that Kubernetes (dockershim, cri-dockerd) and Amazon ECS put on containers fill in
+the pod fields. The init PID comes from ``State.Pid`` while ``State.Running``, else from the state
+runc keeps for Docker (``/run/docker/runtime-runc/moby/<id>/state.json``, written when the container
+is created): dockerd writes config.v2.json only after the start returns, so a process that crashes at
+once (a handler that answers fast, like ``corepipe serve``) may find it not yet running.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from corepipe.domain import batch
 from corepipe.domain.containers import cgroup, runc, state
 from corepipe.domain.containers.model import Container
 from corepipe.domain.containers.state import HEX_ID
@@ -73,6 +74,7 @@ def enrich(container: Container, deadline: state.Deadline, root: str) -> None:
     for label, attribute in LABELS.items():
         if state.text(labels.get(label)):
             setattr(container, attribute, labels[label])
+    container.batch = batch.from_env(settings.get("Env")) or {}
     found = {k: labels[k] for k in ECS_LABELS if state.text(labels.get(k))}
     if found:
         container.details["labels"] = found

@@ -33,6 +33,9 @@ class Container:
     errors: list = field(default_factory=list)
     #: The containers seen around this one in the cgroup path, outermost first (in the record as details.outer).
     outer: list = field(default_factory=list, repr=False)
+    #: The Azure Batch variables of the container's configuration, from its runtime's state (domain/batch.py):
+    #: None when no state with its environment was read, {} when it has none (the record's ``batch``).
+    batch: Optional[dict] = field(default=None, repr=False)
 
     @property
     def is_host(self) -> bool:
@@ -45,7 +48,7 @@ class Container:
 
     def to_dict(self) -> dict:
         result = asdict(self)
-        del result["outer"]
+        del result["outer"], result["batch"]
         return result
 
     def state_confirmed(self, how: str = "state") -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from corepipe.domain import batch
 from corepipe.domain.containers import cgroup, state
 from corepipe.domain.containers.model import Container
 from corepipe.domain.containers.state import NAME as VALID_NAME
@@ -47,11 +48,14 @@ def read_state(state_root: str, cid: str, container: Container, deadline: state.
 
 
 def bundle_annotations(container: Container, deadline: state.Deadline, root: str) -> dict:
-    """The annotations of the OCI config.json in the bundle runc's state names (absolute path only)."""
+    """The annotations of the OCI config.json in the bundle runc's state names (absolute path only); the Azure
+    Batch variables of its ``process.env`` go to ``container.batch`` on the way, the file being read anyway."""
     bundle = container.details.get("bundle")
     if not bundle or not bundle.startswith("/") or "/../" in bundle + "/":
         return {}
     config = state.read_json(state.path(root, bundle.lstrip("/"), "config.json"), deadline)
+    process = config.get("process")
+    container.batch = batch.from_env(process.get("env") if isinstance(process, dict) else None) or {}
     annotations = config.get("annotations") or {}
     return {k: v for k, v in annotations.items() if isinstance(k, str) and isinstance(v, str)}
 
