@@ -2,8 +2,14 @@
 
 Every figure is derived from the store's records when it is scraped, not counted in a process, so the
 counters survive restarts and the collect path (one short process per crash) never loads this module:
-``corepipe_crashes_total`` is the number of records, by runtime, container, image and signal. Removing
-records (``prune``, ``rm``) lowers a counter, which Prometheus reads as a counter reset.
+``corepipe_crashes_total`` is the number of records, by runtime, container name and image, pod and signal.
+Removing records (``prune``, ``rm``) lowers a counter, which Prometheus reads as a counter reset (the alert
+rules in install/monitoring/ allow for it).
+
+Names follow Prometheus' conventions: units and ``_total`` in names, text in an ``_info`` metric, and no label
+that a scrape's target labels carry (``job``, ``instance``, and Kubernetes' ``container``, ``pod``,
+``namespace``, ``node``): a clash would rename ours to ``exported_*``. Label values are cleaned (one
+printable line, cut): they come from names a crashed process chose.
 
 Entry points: ``render(cfg, extra)`` (the exposition bytes and content type of one scrape),
 ``write_textfile(directory, cfg)`` (node_exporter's textfile collector) and ``listen(host, port, cfg, extra)``
@@ -25,15 +31,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, start_http_server, write_to_textfile
 from prometheus_client.registry import Collector
 
-from corepipe.domain import catalog, signature
+from corepipe.domain import catalog, policy, signature
 from corepipe.platform import fs
 from corepipe.platform.config import Config
+from corepipe.platform.log import clean
 
 TEXTFILE = "corepipe.prom"
 OTHER = "other"
 #: Seconds; collect's duration is mostly the core's size over the compression speed.
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
 MAX_TITLE = 120
+MAX_LABEL = 100
+#: The crash counter's labels: never a target label (see the module's docstring).
+CRASH_LABELS = ["runtime", "container_name", "container_image", "pod_namespace", "pod_name", "signal"]
 
 #: core.reason -> (outcome, reason label); the first match wins. Reasons carry figures, labels must not.
 _OUTCOMES = [
@@ -71,10 +81,20 @@ def outcome(rec: dict) -> tuple:
     return ("failed" if rec.get("status") == "failed" else "rejected"), "other"
 
 
-def _container_label(container: dict) -> str:
-    if container.get("runtime") == "host":
-        return "host"
-    return str(container.get("name") or (container.get("id") or "")[:12] or container.get("runtime") or "unknown")
+def label(value: object, limit: int = MAX_LABEL) -> str:
+    """A label value from record text: one printable line of at most ``limit`` characters (a name that is not
+    UTF-8 would make the whole exposition fail to encode)."""
+    return clean(str(value) if value is not None else "", limit)
+
+
+def _container_labels(container: dict) -> list:
+    """runtime, container_name, container_image, pod_namespace, pod_name."""
+    runtime = container.get("runtime") or "unknown"
+    if runtime == "host":
+        return ["host", "host", "", "", ""]
+    name = container.get("name") or str(container.get("id") or "")[:12] or runtime
+    return [label(runtime), label(name), label(container.get("image")), label(container.get("pod_namespace")),
+            label(container.get("pod_name"))]
 
 
 #: A config, or what returns the current one (a long-running server follows changes to the file).
@@ -96,19 +116,17 @@ class StoreCollector(Collector):
         yield from self._signatures(items, cfg.metrics_max_signatures)
         yield from self._cores(records)
         yield self._durations(records)
-        yield from self._store(cfg.store, len(problems))
+        yield from self._store(cfg, len(problems))
         if cfg.ship_to:
             yield from self._ship(cfg.store, items)
 
     def _crashes(self, records: list) -> Metric:
-        family = CounterMetricFamily("corepipe_crashes", "Crashes recorded in the store",
-                                     labels=["runtime", "container", "image", "signal"])
+        family = CounterMetricFamily("corepipe_crashes", "Crashes recorded in the store", labels=CRASH_LABELS)
         counts: dict = {}
         for rec in records:
-            container = rec.get("container") or {}
             sig = rec.get("signal") or {}
-            labels = (str(container.get("runtime") or "unknown"), _container_label(container),
-                      str(container.get("image") or ""), str(sig.get("name") or sig.get("number") or "unknown"))
+            labels = (*_container_labels(rec.get("container") or {}),
+                      label(sig.get("name") or sig.get("number") or "unknown"))
             counts[labels] = counts.get(labels, 0) + 1
         for labels, count in sorted(counts.items()):
             family.add_metric(list(labels), count)
@@ -116,15 +134,27 @@ class StoreCollector(Collector):
 
     def _signatures(self, items: list, cap: int) -> Iterator[Metric]:
         """Crashes per signature: the ``metrics_max_signatures`` with the most crashes by hash, the rest
-        summed as ``other`` (a crash loop of new signatures cannot explode the label set)."""
+        summed as ``other`` (a crash loop of new signatures cannot explode the label set); their text in
+        ``corepipe_signature_info`` (free text is no counter's label) and when each was first seen (the "new
+        signature" alert)."""
         crashes = CounterMetricFamily("corepipe_signature_crashes", "Crashes per signature (see corepipe list --group)",
-                                      labels=["signature", "title"])
+                                      labels=["signature"])
+        info = GaugeMetricFamily("corepipe_signature_info", "A signature's text (title); always 1",
+                                 labels=["signature", "title"])
+        first = GaugeMetricFamily("corepipe_signature_first_seen_timestamp_seconds",
+                                  "Dump time of the oldest crash in the store with this signature",
+                                  labels=["signature"])
         groups = signature.groups(items)
         for group in groups[:cap]:
-            crashes.add_metric([group["hash"], group["signature"][:MAX_TITLE]], group["count"])
+            crashes.add_metric([label(group["hash"])], group["count"])
+            info.add_metric([label(group["hash"]), label(group["signature"], MAX_TITLE)], 1)
+            if isinstance(group["first_timestamp"], (int, float)):
+                first.add_metric([label(group["hash"])], group["first_timestamp"])
         if len(groups) > cap:
-            crashes.add_metric([OTHER, OTHER], sum(g["count"] for g in groups[cap:]))
+            crashes.add_metric([OTHER], sum(g["count"] for g in groups[cap:]))
         yield crashes
+        yield info
+        yield first
         yield GaugeMetricFamily("corepipe_signatures", "Distinct signatures in the store", value=len(groups))
 
     def _cores(self, records: list) -> Iterator[Metric]:
@@ -164,18 +194,22 @@ class StoreCollector(Collector):
                                      "Time the handler took per crash (record's collector.duration)",
                                      buckets=buckets, sum_value=sum(durations))
 
-    def _store(self, store: str, unreadable: int) -> Iterator[Metric]:
+    def _store(self, cfg: Config, unreadable: int) -> Iterator[Metric]:
         yield GaugeMetricFamily("corepipe_records_unreadable", "Crash directories whose record cannot be read",
                                 value=unreadable)
-        if not os.path.isdir(store):
+        if not os.path.isdir(cfg.store):
             return
+        size = fs.fs_size(cfg.store)
         yield GaugeMetricFamily("corepipe_store_used_bytes", "Bytes allocated under the store (cores, records, "
-                                "saved binaries)", value=fs.disk_use(store))
+                                "saved binaries)", value=fs.disk_use(cfg.store))
         yield GaugeMetricFamily("corepipe_store_free_bytes", "Bytes available on the store's filesystem",
-                                value=fs.free_bytes(store))
-        yield GaugeMetricFamily("corepipe_store_size_bytes", "Size of the store's filesystem",
-                                value=fs.fs_size(store))
-
+                                value=fs.free_bytes(cfg.store))
+        yield GaugeMetricFamily("corepipe_store_size_bytes", "Size of the store's filesystem", value=size)
+        # The storage policy's effective limits (0: none), for the "store near full" alerts.
+        yield GaugeMetricFamily("corepipe_store_max_use_bytes", "The store's max_use in bytes (0: no limit)",
+                                value=policy.automatic(cfg.max_use, size, policy.AUTO_MAX_USE))
+        yield GaugeMetricFamily("corepipe_store_keep_free_bytes", "The store's keep_free in bytes (0: none)",
+                                value=policy.automatic(cfg.keep_free, size, policy.AUTO_KEEP_FREE))
 
     def _ship(self, store: str, items: list) -> Iterator[Metric]:
         """The shipping backlog (finished crashes without shipped.json) and the shipper's last sweep, from
