@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -30,6 +34,7 @@ from support import (
     need,
     need_tool,
     served_handler,
+    set_core_limit,
     short_tempdir,
     wait_for,
 )
@@ -395,3 +400,149 @@ def test_alerts_fire_on_real_crashes(crasher: Path, tmp_path: Path) -> None:
                 _stop(server)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# -- hostile input: issue 30 item 6 ------------------------------------------------------------------------------
+
+FORGED = 3
+RAW_NAME = b"crash\xff\xfe"  # an executable name that is not UTF-8
+
+
+@pytest.fixture(scope="module")
+def hostile(crasher: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Real crashes through the kernel: an executable whose file name and comm are not UTF-8, and FORGED
+    crashes in plain cgroups that look like Docker containers (a forged id each, which no runtime confirms)."""
+    from cgroups import FakeContainers
+
+    workdir = short_tempdir()
+    workdir.chmod(0o755)
+    fakes = FakeContainers()
+    try:
+        raw = os.fsencode(workdir) + b"/" + RAW_NAME
+        shutil.copy2(crasher, raw)
+        with installed_handler(workdir, config_extra=NO_RATE_LIMIT) as handler:
+            crash([raw, b"0", RAW_NAME])
+            unlimited = set_core_limit(resource.RLIM_INFINITY)
+            for _ in range(FORGED):
+                join = fakes.join(fakes.new())
+                subprocess.run([str(crasher), "0", "forged"], preexec_fn=lambda join=join: (unlimited(), join()),
+                               capture_output=True, timeout=120)
+            wait_for(lambda: len([r for r in handler.records() if r["status"] != "collecting"]) == FORGED + 1, 60,
+                     "all records")
+        yield {"handler": handler, "records": handler.records(), "dir": workdir}
+    finally:
+        fakes.remove()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _endpoint(config: Path) -> Iterator[tuple]:
+    """``corepipe metrics --listen`` on a free loopback port: yields (its process, the port)."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "corepipe", "--config", str(config), "metrics", "--listen",
+                               str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving http://127.0.0.1:" in server.stderr.readline()
+        yield server, port
+    finally:
+        _stop(server)
+
+
+def _scrape(port: int, timeout: float = 30) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as response:
+        assert response.status == 200
+        return response.read().decode()
+
+
+def test_hostile_names_and_forged_containers_scrape(hostile: dict) -> None:
+    """A crash of an executable whose name is not UTF-8 is scraped over HTTP (it made every scrape fail: 500,
+    UnicodeEncodeError), its name cleaned; forged container ids make no series of their own."""
+    records = hostile["records"]
+    raw = next(r for r in records if "forged" not in r["comm"])
+    assert not raw["signature"]["text"].isprintable()  # the record keeps the undecodable bytes as such
+    forged = [r for r in records if r["comm"] == "forged"]
+    assert len(forged) == FORGED and all(r["container"]["runtime"] == "docker"
+                                         and r["container"]["confidence"] != "certain" for r in forged)
+    with _endpoint(hostile["handler"].config) as (_server, port):
+        found = _samples(_scrape(port))
+    titles = [dict(labels)["title"] for (name, labels) in found if name == "corepipe_signature_info"]
+    assert any(t.startswith("crash??") for t in titles) and all(t.isprintable() for t in titles)
+    crashes = {dict(labels)["container_name"]: value for (name, labels), value in found.items()
+               if name == "corepipe_crashes_total" and dict(labels)["runtime"] == "docker"}
+    assert crashes == {metrics.UNCONFIRMED: FORGED}
+
+
+def _status(pid: int, field: str) -> int:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def test_idle_connections_do_not_hold_the_endpoint(hostile: dict) -> None:
+    """Idle and half-sent connections cost no thread, never keep a scrape out, and are closed after
+    metrics.TIMEOUT (they each held a thread for ever: 3 to 134 threads in 20 s)."""
+    with _endpoint(hostile["handler"].config) as (server, port):
+        threads = _status(server.pid, "Threads")
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2 * metrics.MAX_CONNECTIONS)]
+        try:
+            idle[-1].sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the end of the head
+            started = time.monotonic()
+            assert "corepipe_crashes_total" in _scrape(port, timeout=5)
+            assert time.monotonic() - started < 5
+            assert _status(server.pid, "Threads") <= threads + 1
+            deadline = time.monotonic() + metrics.TIMEOUT + 10
+            for conn in idle:
+                conn.settimeout(max(0.1, deadline - time.monotonic()))
+                assert conn.recv(1) == b"", "an idle connection was not closed"
+        finally:
+            for conn in idle:
+                conn.close()
+
+
+def test_scrapes_are_bounded_and_read_only_what_changed(hostile: dict, tmp_path: Path) -> None:
+    """100 records of about 1 MiB each (what a record flood leaves): 4 concurrent scrapes stay within a bounded
+    memory (they took 220 MiB), and a scrape after one more crash reads that crash's record, not the store."""
+    store = tmp_path / "store"
+    shutil.copytree(hostile["handler"].store, store, symlinks=True,
+                    ignore=shutil.ignore_patterns("core*", ".build-id", ".*.tmp"))
+    sample = next(store.glob("*/*/*/record.json"))
+    rec = json.loads(sample.read_text())
+    rec["cmdline"] = ["x" * 1000 + str(i) for i in range(900)]
+    big = 100
+
+    def plant(number: int) -> None:
+        crash = f"{number:012x}"
+        directory = sample.parent.parent / f"20261207T000000Z-{crash}"
+        directory.mkdir()
+        (directory / "record.json").write_text(json.dumps({**rec, "id": crash, "timestamp": 1796601600 + number}))
+    for number in range(big):
+        plant(number)
+    config = tmp_path / "corepipe.toml"
+    config.write_text(f'store = "{store}"\n')
+    expected = len(hostile["records"]) + big
+    records = sum(p.stat().st_size for p in store.glob("*/*/*/record.json"))
+    with _endpoint(config) as (server, port):
+        start = _io(server.pid)
+        scrapes: list = []
+        threads = [threading.Thread(target=lambda: scrapes.append(_scrape(port, timeout=120))) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(scrapes) == 4
+        for text in scrapes:
+            assert sum(v for (name, _), v in _samples(text).items() if name == "corepipe_crashes_total") == expected
+        assert _io(server.pid) - start < 1.5 * records  # one computation for the four scrapes
+        peak = _status(server.pid, "VmHWM") << 10
+        assert peak < 120 << 20, f"{peak >> 20} MiB"  # 401 MiB before
+        plant(big)
+        (store / ".ledger.json").touch()  # what the handler does when it finishes a crash: a new generation
+        time.sleep(metrics.FRESH)
+        before = _io(server.pid)
+        text = _scrape(port)
+        assert sum(v for (name, _), v in _samples(text).items() if name == "corepipe_crashes_total") == expected + 1
+        assert _io(server.pid) - before < 4 << 20  # one record of 1 MiB and the small ones, not 100 MiB
+
+
+def _io(pid: int) -> int:
+    """Bytes the process has read (``rchar``)."""
+    return int(next(x for x in Path(f"/proc/{pid}/io").read_text().splitlines() if x.startswith("rchar:")).split()[1])
