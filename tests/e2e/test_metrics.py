@@ -350,6 +350,8 @@ def test_rules_load_in_promtool() -> None:
     """The rules load (promtool check rules) and their unit tests pass (promtool test rules): each alert on
     made-up series, firing and not (a prune's counter reset is no crash loop)."""
     promtool = need_tool("promtool")
+    # The alert's window is the one in which the endpoint gives a new signature a series of its own.
+    assert f"corepipe_signature_first_seen_timestamp_seconds < {metrics.NEW_SIGNATURE})" in RULES.read_text()
     check = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0 and "SUCCESS: 6 rules found" in check.stdout, check.stdout + check.stderr
     tested = subprocess.run([promtool, "test", "rules", "corepipe-rules.test.yml"], cwd=MONITORING,

@@ -4,11 +4,20 @@ labels clean and few."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from corepipe.platform.config import Config
-from corepipe.services.metrics import MAX_LABEL, UNCONFIRMED, StoreCollector, label, outcome, slim
+from corepipe.services.metrics import (
+    MAX_LABEL,
+    NEW_SIGNATURE,
+    UNCONFIRMED,
+    StoreCollector,
+    label,
+    outcome,
+    slim,
+)
 
 
 def rec(reason: object = None, stored: bool = False, status: str = "complete", **core: object) -> dict:
@@ -60,3 +69,17 @@ def test_slim_keeps_a_big_record_small() -> None:
     big = {"id": "0123456789ab", "status": "complete", "cmdline": ["x" * 1000] * 900,
            "signature": {"hash": "h", "text": "t" * 100_000, "site": "s"}, "binaries": {"files": ["/f"] * 10_000}}
     assert len(json.dumps(slim(big))) < 2048
+
+
+def test_a_new_signature_gets_a_series_however_many_old_ones_crash_more() -> None:
+    """With room for one signature, the one first seen within NEW_SIGNATURE takes it (the "new signature"
+    alert needs its first-seen time) and the old, more frequent one goes to ``other``."""
+    now = time.time()
+
+    def crash(number: int, sig: str, when: float) -> tuple:
+        return ("", slim({"id": f"{number:012x}", "timestamp": when, "signature": {"hash": sig, "text": sig}}))
+    items = [crash(n, "old", now - 2 * NEW_SIGNATURE + n) for n in range(5)] + [crash(9, "new", now - 60)]
+    crashes, _info, first, count = StoreCollector(Config())._signatures(items, 1)
+    assert {s.labels["signature"]: s.value for s in crashes.samples} == {"new": 1, "other": 5}
+    assert {s.labels["signature"]: s.value for s in first.samples} == {"new": now - 60}
+    assert count.samples[0].value == 2

@@ -55,6 +55,8 @@ MAX_TEXT = 512
 UNCONFIRMED = "unconfirmed"
 #: Seconds a computed scrape is reused whatever changed, and at most while the store's generation is unchanged.
 FRESH, STALE = 5.0, 60.0
+#: Seconds a signature counts as new: the window of the CorepipeNewCrashSignature alert (install/monitoring/).
+NEW_SIGNATURE = 3600
 #: The HTTP endpoint's bounds: seconds to send a request or take the answer, open connections, request head bytes.
 TIMEOUT, MAX_CONNECTIONS, MAX_REQUEST = 10.0, 32, 16 << 10
 #: The crash counter's labels: never a target label (see the module's docstring).
@@ -186,10 +188,11 @@ class StoreCollector(Collector):
         return family
 
     def _signatures(self, items: list, cap: int) -> Iterator[Metric]:
-        """Crashes per signature: the ``metrics_max_signatures`` with the most crashes by hash, the rest
-        summed as ``other`` (a crash loop of new signatures cannot explode the label set); their text in
-        ``corepipe_signature_info`` (free text is no counter's label) and when each was first seen (the "new
-        signature" alert)."""
+        """Crashes per signature: ``metrics_max_signatures`` of them by hash, those first seen in the last
+        ``NEW_SIGNATURE`` seconds first (so a new signature reaches the "new signature" alert however many old
+        ones crash more), then the most crashes; the rest summed as ``other`` (a crash loop of new signatures
+        cannot explode the label set). Their text in ``corepipe_signature_info`` (free text is no counter's
+        label), and when each was first seen."""
         crashes = CounterMetricFamily("corepipe_signature_crashes", "Crashes per signature (see corepipe list --group)",
                                       labels=["signature"])
         info = GaugeMetricFamily("corepipe_signature_info", "A signature's text (title); always 1",
@@ -198,13 +201,18 @@ class StoreCollector(Collector):
                                   "Dump time of the oldest crash in the store with this signature",
                                   labels=["signature"])
         groups = signature.groups(items)
-        for group in groups[:cap]:
+        since = time.time() - NEW_SIGNATURE
+        new = [g["hash"] for g in groups
+               if isinstance(g["first_timestamp"], (int, float)) and g["first_timestamp"] >= since][:cap]
+        chosen = set(new) | set([g["hash"] for g in groups if g["hash"] not in new][:cap - len(new)])
+        shown = [g for g in groups if g["hash"] in chosen]
+        for group in shown:
             crashes.add_metric([label(group["hash"])], group["count"])
             info.add_metric([label(group["hash"]), label(group["signature"], MAX_TITLE)], 1)
             if isinstance(group["first_timestamp"], (int, float)):
                 first.add_metric([label(group["hash"])], group["first_timestamp"])
-        if len(groups) > cap:
-            crashes.add_metric([OTHER], sum(g["count"] for g in groups[cap:]))
+        if len(groups) > len(shown):
+            crashes.add_metric([OTHER], sum(g["count"] for g in groups if g["hash"] not in chosen))
         yield crashes
         yield info
         yield first
