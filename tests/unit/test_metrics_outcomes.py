@@ -1,10 +1,23 @@
-"""How ``corepipe metrics`` sorts a record's core into a bounded set of outcomes and reasons."""
+"""How ``corepipe metrics`` sorts a record's core into a bounded set of outcomes and reasons, and keeps
+labels clean and few."""
 
 from __future__ import annotations
 
+import json
+import time
+
 import pytest
 
-from corepipe.services.metrics import outcome
+from corepipe.platform.config import Config
+from corepipe.services.metrics import (
+    MAX_LABEL,
+    NEW_SIGNATURE,
+    UNCONFIRMED,
+    StoreCollector,
+    label,
+    outcome,
+    slim,
+)
 
 
 def rec(reason: object = None, stored: bool = False, status: str = "complete", **core: object) -> dict:
@@ -34,3 +47,39 @@ def rec(reason: object = None, stored: bool = False, status: str = "complete", *
 ])
 def test_outcomes(record: dict, expected: tuple) -> None:
     assert outcome(record) == expected
+
+
+def test_labels_are_one_printable_line() -> None:
+    """Names a crashed process chose: undecodable bytes (lone surrogates), newlines and escapes become '?'."""
+    assert label("crash\udcff\udcfe\n\x1b[31m") == "crash????[31m"
+    assert label(None) == "" and len(label("x" * 1000)) == MAX_LABEL
+
+
+def test_only_confirmed_containers_name_a_series() -> None:
+    forged = {"container": {"runtime": "docker", "id": "f" * 64, "confidence": "likely"}, "signal": {"name": "SIGSEGV"}}
+    confirmed = {"container": {"runtime": "docker", "id": "a" * 64, "name": "web", "image": "app:1",
+                               "confidence": "certain"}, "signal": {"name": "SIGSEGV"}}
+    family = StoreCollector(Config())._crashes([slim(forged), slim(confirmed)])
+    assert sorted(tuple(s.labels.values()) for s in family.samples) == [
+        ("docker", UNCONFIRMED, "", "", "", "SIGSEGV"), ("docker", "web", "app:1", "", "", "SIGSEGV")]
+
+
+def test_slim_keeps_a_big_record_small() -> None:
+    """What the endpoint keeps of a record of about 1 MiB (command line, mapped files) is under 2 KiB."""
+    big = {"id": "0123456789ab", "status": "complete", "cmdline": ["x" * 1000] * 900,
+           "signature": {"hash": "h", "text": "t" * 100_000, "site": "s"}, "binaries": {"files": ["/f"] * 10_000}}
+    assert len(json.dumps(slim(big))) < 2048
+
+
+def test_a_new_signature_gets_a_series_however_many_old_ones_crash_more() -> None:
+    """With room for one signature, the one first seen within NEW_SIGNATURE takes it (the "new signature"
+    alert needs its first-seen time) and the old, more frequent one goes to ``other``."""
+    now = time.time()
+
+    def crash(number: int, sig: str, when: float) -> tuple:
+        return ("", slim({"id": f"{number:012x}", "timestamp": when, "signature": {"hash": sig, "text": sig}}))
+    items = [crash(n, "old", now - 2 * NEW_SIGNATURE + n) for n in range(5)] + [crash(9, "new", now - 60)]
+    crashes, _info, first, count = StoreCollector(Config())._signatures(items, 1)
+    assert {s.labels["signature"]: s.value for s in crashes.samples} == {"new": 1, "other": 5}
+    assert {s.labels["signature"]: s.value for s in first.samples} == {"new": now - 60}
+    assert count.samples[0].value == 2

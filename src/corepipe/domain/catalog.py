@@ -115,8 +115,10 @@ def read_record(crash_fd: int) -> dict:
         return records.load(f.read(_MAX_RECORD))
 
 
-def iter_records(store_root: str, problems: Optional[list] = None) -> Iterator[tuple]:
-    """(crash directory path, record) for every readable record, in path order.
+def iter_records(store_root: str, problems: Optional[list] = None,
+                 cache: Optional[RecordCache] = None) -> Iterator[tuple]:
+    """(crash directory path, record) for every readable record, in path order; with ``cache``, what it keeps
+    of each record instead, read again only when the record changed.
 
     Unreadable or corrupt records are skipped and, if ``problems`` is a list, appended to it
     as (path, message). A missing store yields nothing; an unreadable one raises OSError.
@@ -129,7 +131,7 @@ def iter_records(store_root: str, problems: Optional[list] = None) -> Iterator[t
         for parent_fd, parts in crash_dirs(root_fd, store_root, problems):
             path = os.path.join(store_root, *parts)
             try:
-                rec = _read_record(parent_fd, parts[-1])
+                rec = cache.read(parent_fd, parts[-1], path) if cache else _read_record(parent_fd, parts[-1])
             except FileNotFoundError:
                 message = "no record.json"
             except OSError as exc:
@@ -145,6 +147,51 @@ def iter_records(store_root: str, problems: Optional[list] = None) -> Iterator[t
                 problems.append((path, message))
     finally:
         os.close(root_fd)
+
+
+class RecordCache:
+    """What a long-running reader (the metrics endpoint) keeps of each record: ``keep(record)``, a small dict
+    with at least the record's ``id``. A record is read again only when its record.json changed (inode, time,
+    size), so reading a store whose records did not change opens none of them, and a big record is dropped as
+    soon as it is read. ``items`` forgets the crashes that are gone."""
+
+    def __init__(self, keep: Callable[[dict], dict]):
+        self.keep = keep
+        self._known: dict = {}  # path -> (stat of record.json, what was kept)
+        self._seen: set = set()
+
+    def read(self, parent_fd: int, name: str, path: str) -> dict:
+        crash_fd = open_dir(parent_fd, name, create=False)
+        try:
+            st = os.stat(RECORD, dir_fd=crash_fd, follow_symlinks=False)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            known = self._known.get(path)
+            if known is None or known[0] != stamp:
+                known = self._known[path] = (stamp, self.keep(read_record(crash_fd)))
+        finally:
+            os.close(crash_fd)
+        self._seen.add(path)
+        return known[1]
+
+    def items(self, store_root: str, problems: Optional[list] = None) -> list:
+        """(path, kept record) for every readable record, as ``iter_records`` yields them."""
+        self._seen = set()
+        result = list(iter_records(store_root, problems, self))
+        self._known = {path: self._known[path] for path in self._seen}
+        return result
+
+
+def generation(store_root: str) -> tuple:
+    """What changes whenever a crash is finished or deleted, or the shipper ends a sweep: the ledger's and
+    ship-status.json's (inode, time, size); ``None`` for a file that is not there."""
+    stamps = []
+    for name in (LEDGER, SHIP_STATUS):
+        try:
+            st = os.stat(os.path.join(store_root, name), follow_symlinks=False)
+            stamps.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            stamps.append(None)
+    return tuple(stamps)
 
 
 def unshipped(path: str, rec: dict) -> bool:

@@ -208,7 +208,8 @@ def keys(records: list) -> list:
 
 def groups(items: list) -> list:
     """One dict per signature of (path, record) ``items`` (oldest first), the most crashes first:
-    ``{signature, hash, source, count, cores, first_seen, last_seen, containers, images, sample}``;
+    ``{signature, hash, source, count, cores, first_seen, first_timestamp, last_seen, containers, images,
+    sample}``;
     grouped by ``keys``."""
     records = [rec for _path, rec in items]
     found: dict = {}
@@ -216,7 +217,8 @@ def groups(items: list) -> list:
         sig = rec.get("signature") if isinstance(rec.get("signature"), dict) else {}
         entry = found.setdefault(group_key, {
             "signature": "-", "hash": group_key, "source": None, "count": 0, "cores": 0,
-            "first_seen": rec.get("time"), "last_seen": None, "containers": [], "images": [], "sample": rec.get("id")})
+            "first_seen": rec.get("time"), "first_timestamp": rec.get("timestamp"), "last_seen": None,
+            "containers": [], "images": [], "sample": rec.get("id")})
         if key(rec) == group_key and entry["source"] is None:
             entry.update(signature=sig.get("text") or "-", source=sig.get("source"), sample=rec.get("id"))
         entry["count"] += 1

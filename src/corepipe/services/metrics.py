@@ -2,38 +2,65 @@
 
 Every figure is derived from the store's records when it is scraped, not counted in a process, so the
 counters survive restarts and the collect path (one short process per crash) never loads this module:
-``corepipe_crashes_total`` is the number of records, by runtime, container, image and signal. Removing
-records (``prune``, ``rm``) lowers a counter, which Prometheus reads as a counter reset.
+``corepipe_crashes_total`` is the number of records, by runtime, container name and image, pod and signal.
+Removing records (``prune``, ``rm``) lowers a counter, which Prometheus reads as a counter reset (the alert
+rules in install/monitoring/ allow for it).
+
+Names follow Prometheus' conventions: units and ``_total`` in names, text in an ``_info`` metric, and no label
+that a scrape's target labels carry (``job``, ``instance``, and Kubernetes' ``container``, ``pod``,
+``namespace``, ``node``): a clash would rename ours to ``exported_*``. Label values are cleaned (one
+printable line, cut): they come from names a crashed process chose.
+
+Scrapes stay cheap and bounded whatever the store holds (a record can be 1 MiB of hostile text): the endpoint
+keeps a few hundred bytes of each record and reads a record again only when it changed, and reuses a result
+while the store's generation is unchanged (``StoreCollector``); only confirmed containers name a series.
 
 Entry points: ``render(cfg, extra)`` (the exposition bytes and content type of one scrape),
 ``write_textfile(directory, cfg)`` (node_exporter's textfile collector) and ``listen(host, port, cfg, extra)``
-(an HTTP server in a thread: ``corepipe metrics --listen``, and the resident collector's metrics process,
-services/serve.py). ``extra`` takes more prometheus-client collectors: the server adds its own counters
-(``ServerCollector``). With ``ship_to`` configured, the shipping backlog comes from the same walk of the
-records (no second one) and the shipper's ship-status.json.
+(an HTTP endpoint on one event loop in a thread, with timeouts: ``corepipe metrics --listen``, and the
+resident collector's metrics process, services/serve.py). ``extra`` takes more prometheus-client collectors:
+the server adds its own counters (``ServerCollector``). With ``ship_to`` configured, the shipping backlog
+comes from the same walk of the records (no second one) and the shipper's ship-status.json.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import functools
 import os
 import re
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Callable, Optional, Union
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, start_http_server, write_to_textfile
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, write_to_textfile
 from prometheus_client.registry import Collector
 
-from corepipe.domain import catalog, signature
+from corepipe.domain import catalog, policy, signature
 from corepipe.platform import fs
 from corepipe.platform.config import Config
+from corepipe.platform.log import clean
 
 TEXTFILE = "corepipe.prom"
 OTHER = "other"
 #: Seconds; collect's duration is mostly the core's size over the compression speed.
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
 MAX_TITLE = 120
+MAX_LABEL = 100
+MAX_TEXT = 512
+UNCONFIRMED = "unconfirmed"
+#: Seconds a computed scrape is reused whatever changed, and at most while the store's generation is unchanged.
+FRESH, STALE = 5.0, 60.0
+#: Seconds a signature counts as new: the window of the CorepipeNewCrashSignature alert (install/monitoring/).
+NEW_SIGNATURE = 3600
+#: The HTTP endpoint's bounds: seconds to send a request or take the answer, open connections, request head bytes.
+TIMEOUT, MAX_CONNECTIONS, MAX_REQUEST = 10.0, 32, 16 << 10
+#: The crash counter's labels: never a target label (see the module's docstring).
+CRASH_LABELS = ["runtime", "container_name", "container_image", "pod_namespace", "pod_name", "signal"]
 
 #: core.reason -> (outcome, reason label); the first match wins. Reasons carry figures, labels must not.
 _OUTCOMES = [
@@ -71,10 +98,43 @@ def outcome(rec: dict) -> tuple:
     return ("failed" if rec.get("status") == "failed" else "rejected"), "other"
 
 
-def _container_label(container: dict) -> str:
-    if container.get("runtime") == "host":
-        return "host"
-    return str(container.get("name") or (container.get("id") or "")[:12] or container.get("runtime") or "unknown")
+def label(value: object, limit: int = MAX_LABEL) -> str:
+    """A label value from record text: one printable line of at most ``limit`` characters (a name that is not
+    UTF-8 would make the whole exposition fail to encode)."""
+    return clean(str(value) if value is not None else "", limit)
+
+
+def _container_labels(container: dict) -> list:
+    """runtime, container_name, container_image, pod_namespace, pod_name. A container the runtime's state did
+    not confirm (the policy's rule, model.Container.policy_group) is ``unconfirmed``: an id or name a process
+    forged must not make a series of its own."""
+    runtime = label(container.get("runtime") or "unknown")
+    if runtime == "host":
+        return ["host", "host", "", "", ""]
+    if container.get("confidence") != "certain":
+        return [runtime, UNCONFIRMED, "", "", ""]
+    name = container.get("name") or str(container.get("id") or "")[:12] or runtime
+    return [runtime, label(name), label(container.get("image")), label(container.get("pod_namespace")),
+            label(container.get("pod_name"))]
+
+
+def _part(value: object, keys: tuple) -> dict:
+    """The ``keys`` of a record's sub-object, text cut to MAX_TEXT (the metrics never show more)."""
+    value = value if isinstance(value, dict) else {}
+    return {k: value[k][:MAX_TEXT] if isinstance(value.get(k), str) else value.get(k) for k in keys if k in value}
+
+
+def slim(rec: dict) -> dict:
+    """What the metrics use of a record: a few hundred bytes, whatever the record's size (up to 1 MiB of
+    command line, mapped files and binaries)."""
+    kept = {k: rec.get(k) for k in ("id", "status", "time", "timestamp", "received")}
+    kept["signal"] = _part(rec.get("signal"), ("name", "number"))
+    kept["container"] = _part(rec.get("container"), ("runtime", "id", "name", "image", "pod_namespace", "pod_name",
+                                                     "confidence"))
+    kept["core"] = _part(rec.get("core"), ("stored", "reason", "complete", "truncated", "size", "compressed_size"))
+    kept["collector"] = _part(rec.get("collector"), ("duration",))
+    kept["signature"] = _part(rec.get("signature"), ("hash", "text", "source", "site"))
+    return kept
 
 
 #: A config, or what returns the current one (a long-running server follows changes to the file).
@@ -82,49 +142,80 @@ Configured = Union[Config, Callable[[], Config]]
 
 
 class StoreCollector(Collector):
-    """The metrics of the store at ``cfg.store``, read afresh at each scrape."""
+    """The metrics of the store at ``cfg.store``. Called from one thread (the endpoint's event loop, ``listen``),
+    so one computation at a time; a result is reused for ``FRESH`` seconds, or ``STALE`` while the store's
+    generation (its ledger, the shipper's status) and the config are unchanged. A computation reads only the
+    records that changed since the last one (catalog.RecordCache), and keeps only what the metrics need of
+    each (``slim``)."""
 
     def __init__(self, cfg: Configured):
         self.current = cfg if callable(cfg) else lambda: cfg
+        self._cache = catalog.RecordCache(slim)
+        self._result: list = []
+        self._key: object = None
+        self._when = 0.0
 
     def collect(self) -> Iterator[Metric]:
         cfg = self.current()
+        key = (catalog.generation(cfg.store), repr(cfg))
+        age = time.monotonic() - self._when
+        if not self._result or not (age < FRESH or (age < STALE and key == self._key)):
+            self._result, self._key, self._when = list(self._compute(cfg)), key, time.monotonic()
+        return iter(self._result)
+
+    def _compute(self, cfg: Config) -> Iterator[Metric]:
         problems: list = []
-        items = sorted(catalog.iter_records(cfg.store, problems), key=catalog.sort_key)
+        items = sorted(self._cache.items(cfg.store, problems), key=catalog.sort_key)
         records = [rec for _path, rec in items]
         yield self._crashes(records)
         yield from self._signatures(items, cfg.metrics_max_signatures)
         yield from self._cores(records)
         yield self._durations(records)
-        yield from self._store(cfg.store, len(problems))
+        yield from self._store(cfg, len(problems))
         if cfg.ship_to:
             yield from self._ship(cfg.store, items)
 
     def _crashes(self, records: list) -> Metric:
-        family = CounterMetricFamily("corepipe_crashes", "Crashes recorded in the store",
-                                     labels=["runtime", "container", "image", "signal"])
+        family = CounterMetricFamily("corepipe_crashes", "Crashes recorded in the store", labels=CRASH_LABELS)
         counts: dict = {}
         for rec in records:
-            container = rec.get("container") or {}
             sig = rec.get("signal") or {}
-            labels = (str(container.get("runtime") or "unknown"), _container_label(container),
-                      str(container.get("image") or ""), str(sig.get("name") or sig.get("number") or "unknown"))
+            labels = (*_container_labels(rec.get("container") or {}),
+                      label(sig.get("name") or sig.get("number") or "unknown"))
             counts[labels] = counts.get(labels, 0) + 1
         for labels, count in sorted(counts.items()):
             family.add_metric(list(labels), count)
         return family
 
     def _signatures(self, items: list, cap: int) -> Iterator[Metric]:
-        """Crashes per signature: the ``metrics_max_signatures`` with the most crashes by hash, the rest
-        summed as ``other`` (a crash loop of new signatures cannot explode the label set)."""
+        """Crashes per signature: ``metrics_max_signatures`` of them by hash, those first seen in the last
+        ``NEW_SIGNATURE`` seconds first (so a new signature reaches the "new signature" alert however many old
+        ones crash more), then the most crashes; the rest summed as ``other`` (a crash loop of new signatures
+        cannot explode the label set). Their text in ``corepipe_signature_info`` (free text is no counter's
+        label), and when each was first seen."""
         crashes = CounterMetricFamily("corepipe_signature_crashes", "Crashes per signature (see corepipe list --group)",
-                                      labels=["signature", "title"])
+                                      labels=["signature"])
+        info = GaugeMetricFamily("corepipe_signature_info", "A signature's text (title); always 1",
+                                 labels=["signature", "title"])
+        first = GaugeMetricFamily("corepipe_signature_first_seen_timestamp_seconds",
+                                  "Dump time of the oldest crash in the store with this signature",
+                                  labels=["signature"])
         groups = signature.groups(items)
-        for group in groups[:cap]:
-            crashes.add_metric([group["hash"], group["signature"][:MAX_TITLE]], group["count"])
-        if len(groups) > cap:
-            crashes.add_metric([OTHER, OTHER], sum(g["count"] for g in groups[cap:]))
+        since = time.time() - NEW_SIGNATURE
+        new = [g["hash"] for g in groups
+               if isinstance(g["first_timestamp"], (int, float)) and g["first_timestamp"] >= since][:cap]
+        chosen = set(new) | set([g["hash"] for g in groups if g["hash"] not in new][:cap - len(new)])
+        shown = [g for g in groups if g["hash"] in chosen]
+        for group in shown:
+            crashes.add_metric([label(group["hash"])], group["count"])
+            info.add_metric([label(group["hash"]), label(group["signature"], MAX_TITLE)], 1)
+            if isinstance(group["first_timestamp"], (int, float)):
+                first.add_metric([label(group["hash"])], group["first_timestamp"])
+        if len(groups) > len(shown):
+            crashes.add_metric([OTHER], sum(g["count"] for g in groups if g["hash"] not in chosen))
         yield crashes
+        yield info
+        yield first
         yield GaugeMetricFamily("corepipe_signatures", "Distinct signatures in the store", value=len(groups))
 
     def _cores(self, records: list) -> Iterator[Metric]:
@@ -164,18 +255,22 @@ class StoreCollector(Collector):
                                      "Time the handler took per crash (record's collector.duration)",
                                      buckets=buckets, sum_value=sum(durations))
 
-    def _store(self, store: str, unreadable: int) -> Iterator[Metric]:
+    def _store(self, cfg: Config, unreadable: int) -> Iterator[Metric]:
         yield GaugeMetricFamily("corepipe_records_unreadable", "Crash directories whose record cannot be read",
                                 value=unreadable)
-        if not os.path.isdir(store):
+        if not os.path.isdir(cfg.store):
             return
+        size = fs.fs_size(cfg.store)
         yield GaugeMetricFamily("corepipe_store_used_bytes", "Bytes allocated under the store (cores, records, "
-                                "saved binaries)", value=fs.disk_use(store))
+                                "saved binaries)", value=fs.disk_use(cfg.store))
         yield GaugeMetricFamily("corepipe_store_free_bytes", "Bytes available on the store's filesystem",
-                                value=fs.free_bytes(store))
-        yield GaugeMetricFamily("corepipe_store_size_bytes", "Size of the store's filesystem",
-                                value=fs.fs_size(store))
-
+                                value=fs.free_bytes(cfg.store))
+        yield GaugeMetricFamily("corepipe_store_size_bytes", "Size of the store's filesystem", value=size)
+        # The storage policy's effective limits (0: none), for the "store near full" alerts.
+        yield GaugeMetricFamily("corepipe_store_max_use_bytes", "The store's max_use in bytes (0: no limit)",
+                                value=policy.automatic(cfg.max_use, size, policy.AUTO_MAX_USE))
+        yield GaugeMetricFamily("corepipe_store_keep_free_bytes", "The store's keep_free in bytes (0: none)",
+                                value=policy.automatic(cfg.keep_free, size, policy.AUTO_KEEP_FREE))
 
     def _ship(self, store: str, items: list) -> Iterator[Metric]:
         """The shipping backlog (finished crashes without shipped.json) and the shipper's last sweep, from
@@ -251,6 +346,46 @@ def write_textfile(directory: str, cfg: Config) -> str:
 
 def listen(host: str, port: int, cfg: Configured, extra: Iterable[Collector] = ()) -> tuple:
     """Serve the metrics over HTTP (every path, ``/metrics`` included) from a thread; (server, thread, the
-    port bound: ``port`` 0 takes any free one)."""
-    server, thread = start_http_server(port, addr=host, registry=registry(cfg, extra))
-    return server, thread, server.server_address[1]
+    port bound: ``port`` 0 takes any free one).
+
+    One event loop, no thread per connection: a connection must send its request within ``TIMEOUT`` seconds
+    and take the answer within as many, or it is closed; past ``MAX_CONNECTIONS`` the oldest is closed. So
+    idle or slow clients hold nothing for long, and a scrape is computed by one thread, one at a time."""
+    answer = functools.partial(_answer, registry(cfg, extra), collections.OrderedDict())
+    loop = asyncio.new_event_loop()
+    try:
+        server = loop.run_until_complete(asyncio.start_server(answer, host, port, limit=MAX_REQUEST,
+                                                              backlog=MAX_CONNECTIONS))
+    except BaseException:
+        loop.close()
+        raise
+    thread = threading.Thread(target=loop.run_forever, name="corepipe-metrics", daemon=True)
+    thread.start()
+    return server, thread, server.sockets[0].getsockname()[1]
+
+
+async def _answer(metrics: CollectorRegistry, open_connections: collections.OrderedDict,
+                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One HTTP/1.0 exchange: the request's head (at most MAX_REQUEST bytes, within TIMEOUT), then the
+    exposition (or 405 for anything but GET), then close."""
+    open_connections[writer] = None
+    while len(open_connections) > MAX_CONNECTIONS:
+        oldest, _ = open_connections.popitem(last=False)
+        oldest.transport.abort()
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        method = head.split(b" ", 1)[0]
+        status, body, content_type = "405 Method Not Allowed", b"only GET\n", "text/plain; charset=utf-8"
+        if method == b"GET":
+            try:
+                status, body, content_type = "200 OK", generate_latest(metrics), CONTENT_TYPE_LATEST
+            except Exception as exc:  # noqa: BLE001 - a scrape that fails says why; the endpoint stays
+                status, body = "500 Internal Server Error", f"{type(exc).__name__}: {exc}\n".encode(errors="replace")
+        writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                     "Connection: close\r\n\r\n".encode() + body)
+        await asyncio.wait_for(writer.drain(), TIMEOUT)
+    except (OSError, EOFError, asyncio.TimeoutError, asyncio.LimitOverrunError, asyncio.IncompleteReadError):
+        pass  # a client that went, stalled or sent too much: nothing to answer
+    finally:
+        open_connections.pop(writer, None)
+        writer.transport.abort()

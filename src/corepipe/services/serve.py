@@ -22,7 +22,7 @@ a restart of the service, so crashes that connect meanwhile wait in its backlog.
 
 Its Prometheus endpoint (config ``metrics_listen``, loopback by default) is served by a child process of
 its own (``_start_metrics``): the accept loop stays one thread (it forks workers, and a fork must not
-copy another thread's locks) and a scrape, which reads every record, never delays a crash.
+copy another thread's locks) and a scrape, which walks the store, never delays a crash.
 """
 
 from __future__ import annotations
@@ -422,7 +422,7 @@ class Server:
 
 
 def _metrics_process(host: str, port: int, options: Options, parent: int, ready: int) -> int:
-    """The metrics process: prometheus-client's HTTP server (its threads are this process's own), the store's
+    """The metrics process: the metrics endpoint (its event loop's thread is this process's own), the store's
     metrics under the config as the file is now, and the server's counters from its health file. It ends
     with the server (SIGKILL on the parent's death, whatever kills it)."""
     signal.set_wakeup_fd(-1)
