@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import calendar
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -172,6 +173,20 @@ def check_room(directory: str, rec: dict, advice: str) -> None:
 def json_item(path: str, rec: dict) -> dict:
     """A record as ``--json`` prints it: the stored record plus ``path`` and ``core_state``."""
     return {**rec, "path": path, "core_state": core_state(path, rec)}
+
+
+def write_json_array(values: list) -> None:
+    """A JSON array on stdout, one compact value per line: the C encoder writes 3,000 records in a fraction of a
+    second (an indented dump runs the pure-Python one), and ``| head -1`` or ``grep`` still work line by line."""
+    out = sys.stdout
+    if not values:
+        out.write("[]\n")
+        return
+    separator = "[\n"
+    for value in values:
+        out.write(separator + json.dumps(value))
+        separator = ",\n"
+    out.write("\n]\n")
 
 
 def human_size(size: object) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -116,8 +115,7 @@ def run(ns: argparse.Namespace) -> int:
     if ns.group:
         return _print_groups(signature.groups(items), ns.json)
     if ns.json:
-        json.dump([crashes.json_item(path, rec) for path, rec in items], sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        crashes.write_json_array([crashes.json_item(path, rec) for path, rec in items])
     elif items:
         sys.stdout.write(crashes.table(HEADERS, [row(path, rec) for path, rec in items]))
     else:
@@ -127,8 +125,7 @@ def run(ns: argparse.Namespace) -> int:
 
 def _print_groups(groups: list, as_json: bool) -> int:
     if as_json:
-        json.dump(groups, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        crashes.write_json_array(groups)
     elif groups:
         sys.stdout.write(crashes.table(GROUP_HEADERS, [group_row(group) for group in groups]))
     else:
