@@ -15,6 +15,7 @@ import sys
 
 #: Subcommand name -> module in corepipe.commands; each has ``HELP``, ``add_arguments(parser)`` and ``run(ns)``.
 COMMANDS = {
+    "collect": "collect_cmd",
     "resolve": "resolve_cmd",
     "list": "list_cmd",
     "info": "info_cmd",
@@ -37,7 +38,8 @@ def main(argv: list | None = None) -> int:  # no typing import: the collect path
     if argv[:1] == ["collect"]:
         from corepipe.commands import collect_cmd
 
-        return collect_cmd.run(argv[1:])
+        if collect_cmd.from_kernel(argv[1:]):
+            return collect_cmd.collect(argv[1:])
     from corepipe.platform.log import CleanOutput
 
     saved = sys.stdout, sys.stderr
@@ -60,7 +62,6 @@ def _main(argv: list) -> int:
     parser.add_argument("--version", action="version", version=f"corepipe {__version__}")
     parser.add_argument("--config", help="config file (default /etc/corepipe/config.toml)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("collect", help="the kernel's core_pattern handler (run by the kernel, not by hand)")
     modules = {}
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"corepipe.commands.{module_name}")
