@@ -54,11 +54,29 @@ def _main(argv: list) -> int:
     import argparse
     import importlib
     import os
+    from typing import Any, NoReturn
 
     from corepipe import __version__
     from corepipe.platform.errors import UserError
 
-    parser = argparse.ArgumentParser(prog="corepipe", description="Collect core dumps from containers.")
+    class Parser(argparse.ArgumentParser):
+        """A usage error is one line saying what is wrong and where the help is, and exit code 2."""
+
+        def error(self, message: str) -> NoReturn:
+            self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+        def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+            """getopt's rule, as journalctl has it: a long option that takes one value takes the next argument
+            even when it starts with '-' (``--since -1h``), where argparse would call it a missing value."""
+            args = list(sys.argv[1:] if args is None else args)
+            for i in range(len(args) - 1, 0, -1):
+                action = self._option_string_actions.get(args[i - 1])
+                if args[i - 1].startswith("--") and action is not None and action.nargs is None and \
+                        args[i].startswith("-"):
+                    args[i - 1:i + 1] = [f"{args[i - 1]}={args[i]}"]
+            return super().parse_known_args(args, namespace)
+
+    parser = Parser(prog="corepipe", description="Collect core dumps from containers.")
     parser.add_argument("--version", action="version", version=f"corepipe {__version__}")
     parser.add_argument("--config", help="config file (default /etc/corepipe/config.toml)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
