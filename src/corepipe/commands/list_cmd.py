@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from corepipe.commands import crashes
+from corepipe.commands import crashes, times
 from corepipe.domain import signature
 
 HELP = "list collected crashes (newest last)"
@@ -20,9 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pod", metavar="NAME", help="Kubernetes pod name")
     parser.add_argument("--namespace", metavar="NAME", help="Kubernetes namespace")
     parser.add_argument("--image", metavar="IMAGE", help="image reference, with or without its tag")
-    parser.add_argument("--since", metavar="TIME", type=crashes.parse_time,
-                        help="crashes at or after TIME (2026-11-27[T09:24[:57]] UTC, @EPOCH, or an age: 30m, 2h, 1d)")
-    parser.add_argument("--until", metavar="TIME", type=crashes.parse_time, help="crashes at or before TIME")
+    parser.add_argument("--since", metavar="TIME", type=times.parse_time,
+                        help=f"crashes at or after TIME: {times.FORMS}")
+    parser.add_argument("--until", metavar="TIME", type=times.parse_time, help="crashes at or before TIME")
     parser.add_argument("--signal", metavar="SIG", help="signal name (SEGV, SIGABRT) or number")
     parser.add_argument("--exe", metavar="PATH|NAME", help="executable path, its file name, or comm")
     parser.add_argument("--signature", metavar="HASH|TEXT", help="signature hash (or a prefix of it), or its text")
