@@ -186,6 +186,11 @@ def write_json_array(values: list) -> None:
     out.write("\n]\n")
 
 
+def shown(value: object) -> str:
+    """A record's value as the commands print it: ``?`` when it is unknown (None), never Python's ``None``."""
+    return "?" if value is None else str(value)
+
+
 def human_size(size: object) -> str:
     """A byte count as every command shows one (``512B``, ``1.5K``, ``12M``, ``3.2G``); ``-`` when unknown."""
     if not isinstance(size, int) or isinstance(size, bool):
