@@ -1,13 +1,14 @@
 """Benchmark: ``corepipe list`` and ``list --json`` over a store of many crashes (not part of the pytest run).
 
-    .venv/bin/python tests/bench/bench_list.py [--crashes 3000] [--reps 5] [--src DIR]
+    .venv/bin/python tests/bench/bench_list.py [--crashes 3000] [--reps 5] [--src DIR] [--against DIR]
 
 The store is built through the store's own writer (store.Store, record.build, record.dumps), as collect
 files crashes: each record is that of a real process (a snapshot of a live ``sleep`` with its /proc files:
 maps, mountinfo, status, limits, environment), spread over 60 Docker containers and a few signatures, with
 a backtrace and a small core. Then ``corepipe list --json`` and ``corepipe list`` run as a user runs them
 (a process, output to a file), ``--reps`` times each; the median wall time and the output's size are
-printed. Runs as any user (the store is a temporary directory); also against another checkout (``--src``).
+printed. Runs as any user (the store is a temporary directory). ``--against DIR`` (another checkout's
+src, e.g. main's) runs that one too, in turns with this one on the same store, and prints the ratio.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def main() -> int:
     parser.add_argument("--crashes", type=int, default=3000, help="crashes in the store")
     parser.add_argument("--reps", type=int, default=5, help="runs of each command (median)")
     parser.add_argument("--src", default=str(SRC), help="the corepipe source tree to run (default: this one)")
+    parser.add_argument("--against", metavar="DIR", help="another source tree to time in turns with --src")
     ns = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cpbl-"))
     try:
@@ -103,11 +105,20 @@ def main() -> int:
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         print(f"corepipe list over {ns.crashes} crashes (built in {built:.1f} s; median of {ns.reps}, "
               f"load {os.getloadavg()[0]:.2f}, {when})")
+        sources = [Path(ns.src)] + ([Path(ns.against)] if ns.against else [])
         for args in (["--json"], []):
-            out = work / "out"
-            times = [run_once(Path(ns.src), config, args, out) for _ in range(ns.reps)]
-            print(f"  list {' '.join(args) or '(table)':<8} {statistics.median(times):.3f} s  "
-                  f"(min {min(times):.3f}, max {max(times):.3f}), {out.stat().st_size / 1e6:.1f} MB")
+            times: dict = {src: [] for src in sources}
+            sizes: dict = {}
+            for _ in range(ns.reps):
+                for src in sources:
+                    out = work / "out"
+                    times[src].append(run_once(src, config, args, out))
+                    sizes[src] = out.stat().st_size
+            medians = {src: statistics.median(times[src]) for src in sources}
+            for src in sources:
+                ratio = f", {medians[src] / medians[sources[0]]:.1f}x" if src != sources[0] else ""
+                print(f"  list {' '.join(args) or '(table)':<8} {medians[src]:.3f} s  (min {min(times[src]):.3f}, "
+                      f"max {max(times[src]):.3f}), {sizes[src] / 1e6:.1f} MB  {src}{ratio}")
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

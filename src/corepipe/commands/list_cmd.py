@@ -31,11 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     last = parser.add_mutually_exclusive_group()
     last.add_argument("-n", type=count, metavar="N", help="only the last N crashes")
     last.add_argument("-1", dest="n", action="store_const", const=1, help="only the latest crash (-n 1)")
-    parser.add_argument("-r", "--reverse", action="store_true", help="newest first")
+    parser.add_argument("-r", "--reverse", action="store_true",
+                        help="the other way round: newest first (--group: fewest crashes first)")
     parser.add_argument("--no-legend", dest="legend", action="store_false", help="no header line in the table")
     parser.add_argument("--group", action="store_true",
                         help="one row per signature: count, cores, first and last seen, containers, a sample id")
-    parser.add_argument("--json", action="store_true", help="print one JSON array of records (see README)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON array of records, one record a line (see README)")
     crashes.add_remote_option(parser)
 
 
