@@ -1,12 +1,14 @@
 """The ``corepipe`` command line.
 
-``corepipe collect`` is run by the kernel for every crash, so it is dispatched before
-argparse or any other subcommand is imported: the handler's start-up stays lean.
+``corepipe collect`` is run by the kernel for every crash, so the kernel's call is dispatched before
+argparse or any other subcommand is imported: the handler's start-up stays lean. Run by hand, collect
+goes through argparse like the others (collect_cmd.from_kernel decides).
 
-Exit codes (all commands): 0 success, 1 failure (one line on stderr says what to do),
-2 usage error, 141 the output pipe was closed early (``corepipe list | head``: quietly, like a command
-ended by SIGPIPE); ``status`` adds its own (see its help). Everything printed goes through
-log.CleanOutput: no command prints a control character from a record or a process.
+Exit codes (all commands): 0 success, 1 failure (one line on stderr says what to do), 2 usage error
+(one line too: what is wrong, and where the help is), 130 interrupted, 141 the output pipe was closed
+early (``corepipe list | head``: quietly, like a command ended by SIGPIPE); ``status`` adds its own
+(see its help). Everything printed goes through log.CleanOutput: no command prints a control
+character from a record or a process.
 """
 
 from __future__ import annotations
