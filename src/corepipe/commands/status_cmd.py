@@ -12,7 +12,7 @@ from corepipe.commands.install_cmd import add_config_option, paths
 from corepipe.services import status
 
 HELP = ("show whether corepipe is the active core handler and what its store holds "
-        "(exit 0 healthy, 3 not installed, 4 drifted, 5 broken)")
+        "(exit 0 healthy, 3 not installed, 4 drifted, 5 broken, 1 the install state is unreadable: not root)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
