@@ -99,7 +99,7 @@ def test_clean_keeps_only_printable_text(text: str, keep: str, cleaned: str) -> 
 
 def test_list_json_is_one_record_per_line(hostile_store: Path, tmp_path: Path) -> None:
     """Compact lines (fast to write, `head -1` works), the hostile strings escaped, valid JSON as a whole."""
-    add_crash(hostile_store, container=Container(runtime="host"), when=T0 + 1, tmp=tmp_path)
+    add_crash(hostile_store, container=Container(runtime="host"), when=T0 + 1, comm="del\x7f", tmp=tmp_path)
     proc = corepipe(tmp_path, "list", "--json")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.decode("ascii").split("\n")
@@ -107,3 +107,4 @@ def test_list_json_is_one_record_per_line(hostile_store: Path, tmp_path: Path) -
     records = json.loads(proc.stdout)
     assert [json.loads(line.rstrip(",")) for line in lines[1:3]] == records
     assert records[0]["comm"] == HOSTILE and "\\u001b]0;owned\\u0007\\udcff" in lines[1]
+    assert records[1]["comm"] == "del\x7f"  # escaped by json (ensure_ascii), not turned into "?" by the filter
