@@ -94,3 +94,15 @@ def test_a_process_named_help_is_still_collected(setup: tuple, tmp_path: Path) -
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
     assert len(_records(tmp_path)) == 1
 
+
+
+@pytest.mark.parametrize("option", ["--version", "-v"])
+def test_an_option_first_is_a_person_not_the_kernel(setup: tuple, tmp_path: Path, option: str) -> None:
+    """The kernel's first argument is a PID: any option there (and a core on stdin all the same) files nothing."""
+    script, config = setup
+    core = tmp_path / "core"
+    core.write_bytes(CORE)
+    with open(core, "rb") as stdin:
+        proc = _run(script, ["collect", "--config", str(config), option, *_kernel_args(os.getpid())[1:]], stdin)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert _records(tmp_path) == []

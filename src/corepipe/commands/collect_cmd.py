@@ -22,16 +22,15 @@ if TYPE_CHECKING:
     import argparse
 
 HELP = "the kernel's core_pattern handler (run by the kernel for each crash, not by hand)"
-#: The help options; the kernel's first argument after ``[--config PATH]`` is a PID (%P), never one of these.
-HELP_OPTIONS = ("-h", "--help")
 
 
 def from_kernel(argv: list) -> bool:
-    """Whether ``collect ARGV`` is the kernel's call: arguments after ``[--config PATH]`` that do not start with
-    a help option, and a stdin that is not a terminal (the kernel's is the core's pipe). Only then is a crash
-    filed, so a person trying ``corepipe collect --help`` cannot make the store's latest crash."""
+    """Whether ``collect ARGV`` is the kernel's call: arguments after ``[--config PATH]`` whose first is not an
+    option (the kernel's is a PID, %P: ``--help`` or ``--version`` there is a person), and a stdin that is not
+    a terminal (the kernel's is the core's pipe). Only then is a crash filed, so a person trying
+    ``corepipe collect --help`` cannot make the store's latest crash."""
     rest = argv[2:] if argv[:1] == [capture.CONFIG_OPTION] else argv
-    return bool(rest) and rest[0] not in HELP_OPTIONS and not os.isatty(capture.STDIN)
+    return bool(rest) and not rest[0].startswith("-") and not os.isatty(capture.STDIN)
 
 
 def collect(argv: list) -> int:
