@@ -69,9 +69,10 @@ def _main(argv: list) -> int:
 
         def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
             """getopt's rule, as journalctl has it: a long option that takes one value takes the next argument
-            even when it starts with '-' (``--since -1h``), where argparse would call it a missing value."""
+            even when it starts with '-' (``--since -1h``), where argparse would call it a missing value. What
+            follows ``--`` is left alone (``debug -- ARGS`` hands it to the debugger)."""
             args = list(sys.argv[1:] if args is None else args)
-            for i in range(len(args) - 1, 0, -1):
+            for i in range((args.index("--") if "--" in args else len(args)) - 1, 0, -1):
                 action = self._option_string_actions.get(args[i - 1])
                 if args[i - 1].startswith("--") and action is not None and action.nargs is None and \
                         args[i].startswith("-"):

@@ -66,3 +66,10 @@ def test_usage_errors_are_one_line_and_exit_2(recent: list, tmp_path: Path, args
     assert proc.returncode == 2 and proc.stdout == b""
     [line] = proc.stderr.decode().splitlines()
     assert line.startswith("corepipe list: error: ") and says in line and line.endswith("(see 'corepipe list --help')")
+
+
+def test_a_long_option_takes_a_value_that_starts_with_a_dash(recent: list, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """As getopt: ``--container -x`` looks for a container named -x (none), where argparse alone would fail."""
+    code, out, err = cli(tmp_path, capsys, "list", "--container", "-x")
+    assert code == 0 and out == "" and err == "no crashes match\n"
