@@ -83,6 +83,12 @@ def test_closed_pipe_ends_quietly(tmp_path: Path) -> None:
         proc.stdout.close()
         err = proc.stderr.read()
         assert proc.wait(60) in (0, 3, 141) and err == b"", (args, err)  # 0 (3: status): it all fitted
+    # The README's own example: `corepipe list --json | head -1` prints "[" and the list ends with 141.
+    lister = subprocess.Popen([sys.executable, "-m", "corepipe", "--config", str(tmp_path / "c.toml"), "list",
+                               "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    head = subprocess.run(["head", "-1"], stdin=lister.stdout, capture_output=True, timeout=60)
+    lister.stdout.close()
+    assert head.stdout == b"[\n" and lister.wait(60) == 141 and lister.stderr.read() == b""
 
 
 @pytest.mark.parametrize("text, keep, cleaned", [
