@@ -1,12 +1,14 @@
 """The ``corepipe`` command line.
 
-``corepipe collect`` is run by the kernel for every crash, so it is dispatched before
-argparse or any other subcommand is imported: the handler's start-up stays lean.
+``corepipe collect`` is run by the kernel for every crash, so the kernel's call is dispatched before
+argparse or any other subcommand is imported: the handler's start-up stays lean. Run by hand, collect
+goes through argparse like the others (collect_cmd.from_kernel decides).
 
-Exit codes (all commands): 0 success, 1 failure (one line on stderr says what to do),
-2 usage error, 141 the output pipe was closed early (``corepipe list | head``: quietly, like a command
-ended by SIGPIPE); ``status`` adds its own (see its help). Everything printed goes through
-log.CleanOutput: no command prints a control character from a record or a process.
+Exit codes (all commands): 0 success, 1 failure (one line on stderr says what to do), 2 usage error
+(one line too: what is wrong, and where the help is), 130 interrupted, 141 the output pipe was closed
+early (``corepipe list | head``: quietly, like a command ended by SIGPIPE); ``status`` adds its own
+(see its help). Everything printed goes through log.CleanOutput: no command prints a control
+character from a record or a process.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 
 #: Subcommand name -> module in corepipe.commands; each has ``HELP``, ``add_arguments(parser)`` and ``run(ns)``.
 COMMANDS = {
+    "collect": "collect_cmd",
     "resolve": "resolve_cmd",
     "list": "list_cmd",
     "info": "info_cmd",
@@ -37,7 +40,8 @@ def main(argv: list | None = None) -> int:  # no typing import: the collect path
     if argv[:1] == ["collect"]:
         from corepipe.commands import collect_cmd
 
-        return collect_cmd.run(argv[1:])
+        if collect_cmd.from_kernel(argv[1:]):
+            return collect_cmd.collect(argv[1:])
     from corepipe.platform.log import CleanOutput
 
     saved = sys.stdout, sys.stderr
@@ -52,15 +56,33 @@ def _main(argv: list) -> int:
     import argparse
     import importlib
     import os
+    from typing import Any, NoReturn
 
     from corepipe import __version__
     from corepipe.platform.errors import UserError
 
-    parser = argparse.ArgumentParser(prog="corepipe", description="Collect core dumps from containers.")
+    class Parser(argparse.ArgumentParser):
+        """A usage error is one line saying what is wrong and where the help is, and exit code 2."""
+
+        def error(self, message: str) -> NoReturn:
+            self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+        def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+            """getopt's rule, as journalctl has it: a long option that takes one value takes the next argument
+            even when it starts with '-' (``--since -1h``), where argparse would call it a missing value. What
+            follows ``--`` is left alone (``debug -- ARGS`` hands it to the debugger)."""
+            args = list(sys.argv[1:] if args is None else args)
+            for i in range((args.index("--") if "--" in args else len(args)) - 1, 0, -1):
+                action = self._option_string_actions.get(args[i - 1])
+                if args[i - 1].startswith("--") and action is not None and action.nargs is None and \
+                        args[i].startswith("-"):
+                    args[i - 1:i + 1] = [f"{args[i - 1]}={args[i]}"]
+            return super().parse_known_args(args, namespace)
+
+    parser = Parser(prog="corepipe", description="Collect core dumps from containers.")
     parser.add_argument("--version", action="version", version=f"corepipe {__version__}")
     parser.add_argument("--config", help="config file (default /etc/corepipe/config.toml)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("collect", help="the kernel's core_pattern handler (run by the kernel, not by hand)")
     modules = {}
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"corepipe.commands.{module_name}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from support import wait_for
 from test_crash_commands import T0, add_crash
 
 from corepipe.domain.containers import Container
+from corepipe.platform.log import clean
 
 #: A comm with an OSC title sequence, a bell and a byte that is not UTF-8 (Python keeps it as a lone surrogate).
 HOSTILE = "x\x1b]0;owned\x07\udcff"
@@ -81,3 +83,34 @@ def test_closed_pipe_ends_quietly(tmp_path: Path) -> None:
         proc.stdout.close()
         err = proc.stderr.read()
         assert proc.wait(60) in (0, 3, 141) and err == b"", (args, err)  # 0 (3: status): it all fitted
+    # The README's own example: `corepipe list --json | head -1` prints "[" and the list ends with 141.
+    lister = subprocess.Popen([sys.executable, "-m", "corepipe", "--config", str(tmp_path / "c.toml"), "list",
+                               "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    head = subprocess.run(["head", "-1"], stdin=lister.stdout, capture_output=True, timeout=60)
+    lister.stdout.close()
+    assert head.stdout == b"[\n" and lister.wait(60) == 141 and lister.stderr.read() == b""
+
+
+@pytest.mark.parametrize("text, keep, cleaned", [
+    ("plain text", "", "plain text"),
+    ("two\nlines\tand a tab", "\n\t", "two\nlines\tand a tab"),
+    ("two\nlines", "", "two?lines"),
+    ("x\x1b[2J\ny\x07", "\n\t", "x?[2J\ny?"),
+    (HOSTILE, "\n", "x?]0;owned??"),
+    ("caf\u00e9 \u2028", "\n", "caf\u00e9 ?"),  # a line separator is not printable
+])
+def test_clean_keeps_only_printable_text(text: str, keep: str, cleaned: str) -> None:
+    assert clean(text, len(text), keep) == cleaned
+
+
+def test_list_json_is_one_record_per_line(hostile_store: Path, tmp_path: Path) -> None:
+    """Compact lines (fast to write, `head -1` works), the hostile strings escaped, valid JSON as a whole."""
+    add_crash(hostile_store, container=Container(runtime="host"), when=T0 + 1, comm="del\x7f", tmp=tmp_path)
+    proc = corepipe(tmp_path, "list", "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.decode("ascii").split("\n")
+    assert lines[0] == "[" and lines[-2:] == ["]", ""] and len(lines) == 5
+    records = json.loads(proc.stdout)
+    assert [json.loads(line.rstrip(",")) for line in lines[1:3]] == records
+    assert records[0]["comm"] == HOSTILE and "\\u001b]0;owned\\u0007\\udcff" in lines[1]
+    assert records[1]["comm"] == "del\x7f"  # escaped by json (ensure_ascii), not turned into "?" by the filter

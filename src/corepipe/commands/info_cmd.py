@@ -7,6 +7,7 @@ import json
 import sys
 
 from corepipe.commands import crashes
+from corepipe.commands.crashes import shown
 from corepipe.domain import batch, signature
 from corepipe.platform import digest
 from corepipe.platform.log import clean
@@ -33,9 +34,10 @@ def render(path: str, rec: dict) -> str:
     _line(out, "id", rec.get("id"))
     _line(out, "time", rec.get("time"))
     _line(out, "status", rec.get("status"))
-    _line(out, "signal", f"{signal.get('name') or '?'} ({signal.get('number')})")
-    _line(out, "pid", f"{rec.get('pid')} (in its namespace {rec.get('ns_pid')}), thread {rec.get('tid')}")
-    _line(out, "uid/gid", f"{rec.get('uid')}/{rec.get('gid')}")
+    _line(out, "signal", "?" if signal.get("number") is None else f"{signal.get('name') or '?'} ({signal['number']})")
+    _line(out, "pid", "?" if rec.get("pid") is None else f"{rec['pid']} (in its namespace {shown(rec.get('ns_pid'))}), "
+                                                       f"thread {shown(rec.get('tid'))}")
+    _line(out, "uid/gid", f"{shown(rec.get('uid'))}/{shown(rec.get('gid'))}")
     _line(out, "comm", rec.get("comm"))
     _line(out, "exe", rec.get("exe"))
     _line(out, "cmdline", " ".join(rec.get("cmdline") or []))
@@ -43,7 +45,7 @@ def render(path: str, rec: dict) -> str:
     _line(out, "hostname", rec.get("hostname"))
     for key in ("runtime", "id", "name", "image", "pod_namespace", "pod_name", "pod_uid", "cgroup"):
         _line(out, f"container.{key}", container.get(key))
-    _line(out, "container.from", f"{container.get('source')} ({container.get('confidence')})")
+    _line(out, "container.from", f"{shown(container.get('source'))} ({shown(container.get('confidence'))})")
     for message in container.get("errors") or []:
         _line(out, "container.error", message)
     task = batch.of_record(rec)
@@ -54,8 +56,8 @@ def render(path: str, rec: dict) -> str:
                                  f"({'confirmed' if task.get('confirmed') is True else 'unconfirmed'})")
     _line(out, "core", crashes.core_state(path, rec))
     if core.get("stored"):
-        _line(out, "core.size", f"{core.get('size')} bytes, {core.get('compressed_size')} compressed "
-                                f"({core.get('compression')})")
+        _line(out, "core.size", f"{shown(core.get('size'))} bytes, {shown(core.get('compressed_size'))} compressed "
+                                f"({shown(core.get('compression'))})")
         stated = digest.stated(core)
         _line(out, "core.digest", f"{stated[0]} {stated[1]}" if stated else None)
     _line(out, "core.reason", core.get("reason"))
@@ -71,7 +73,7 @@ def render(path: str, rec: dict) -> str:
     if process.get("trusted") is False:
         _line(out, "untrusted", "; ".join(process.get("untrusted_reasons") or []))
     collector = rec.get("collector") or {}
-    _line(out, "collected by", f"corepipe {collector.get('version')} in {collector.get('duration')} s")
+    _line(out, "collected by", f"corepipe {shown(collector.get('version'))} in {shown(collector.get('duration'))} s")
     for message in collector.get("errors") or []:
         _line(out, "error", message)
     binaries = rec.get("binaries")
@@ -87,7 +89,7 @@ def render(path: str, rec: dict) -> str:
     trace = rec.get("backtrace")
     if trace:
         out.append("")
-        out.append(f"backtrace ({trace.get('tool')}, {trace.get('duration')} s"
+        out.append(f"backtrace ({shown(trace.get('tool'))}, {shown(trace.get('duration'))} s"
                    f"{', truncated' if trace.get('truncated') else ''}):")
         if trace.get("error"):
             out.append(f"  error: {clean(str(trace['error']))}")

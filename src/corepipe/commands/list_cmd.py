@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import signal as signals
 import sys
+from typing import Callable
 
-from corepipe.commands import crashes
+from corepipe.commands import crashes, times
 from corepipe.domain import batch, signature
 
 HELP = "list collected crashes (newest last)"
@@ -23,17 +24,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job", metavar="JOB", help="Azure Batch job id")
     parser.add_argument("--task", metavar="TASK", help="Azure Batch task id")
     parser.add_argument("--image", metavar="IMAGE", help="image reference, with or without its tag")
-    parser.add_argument("--since", metavar="TIME", type=crashes.parse_time,
-                        help="crashes at or after TIME (2026-11-27[T09:24[:57]] UTC, @EPOCH, or an age: 30m, 2h, 1d)")
-    parser.add_argument("--until", metavar="TIME", type=crashes.parse_time, help="crashes at or before TIME")
-    parser.add_argument("--signal", metavar="SIG", help="signal name (SEGV, SIGABRT) or number")
+    parser.add_argument("--since", metavar="TIME", type=times.parse_time,
+                        help=f"crashes at or after TIME: {times.FORMS}")
+    parser.add_argument("--until", metavar="TIME", type=times.parse_time, help="crashes at or before TIME")
+    parser.add_argument("--signal", metavar="SIG", type=signal_filter, help="signal name (SEGV, SIGABRT) or number")
     parser.add_argument("--exe", metavar="PATH|NAME", help="executable path, its file name, or comm")
     parser.add_argument("--signature", metavar="HASH|TEXT", help="signature hash (or a prefix of it), or its text")
-    parser.add_argument("-n", type=int, metavar="N", help="only the last N crashes")
+    last = parser.add_mutually_exclusive_group()
+    last.add_argument("-n", type=count, metavar="N", help="only the last N crashes")
+    last.add_argument("-1", dest="n", action="store_const", const=1, help="only the latest crash (-n 1)")
+    parser.add_argument("-r", "--reverse", action="store_true",
+                        help="the other way round: newest first (--group: fewest crashes first)")
+    parser.add_argument("--no-legend", dest="legend", action="store_false", help="no header line in the table")
     parser.add_argument("--group", action="store_true",
                         help="one row per signature: count, cores, first and last seen, containers, a sample id")
-    parser.add_argument("--json", action="store_true", help="print one JSON array of records (see README)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON array of records, one record a line (docs/record.md)")
     crashes.add_remote_option(parser)
+
+
+def count(text: str) -> int:
+    """``-n``'s value: a number of crashes, 1 or more."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of crashes; use 1 or more")
+    return int(text)
+
+
+def signal_filter(text: str) -> object:
+    """``--signal``'s value as records hold it: a number (1 to SIGRTMAX), or the signal's name for a name with
+    or without SIG, in any case, aliases included (``segv``, ``SIGIOT`` is SIGABRT)."""
+    if text.isdigit() and 0 < int(text) <= signals.SIGRTMAX:
+        return int(text)
+    name = text.upper() if text.upper().startswith("SIG") else "SIG" + text.upper()
+    try:
+        return signals.Signals[name].name
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a signal; use a name (SEGV, SIGABRT) or a number "
+                                         f"1-{int(signals.SIGRTMAX)}") from None
 
 
 def _image_matches(image: str, wanted: str) -> bool:
@@ -44,11 +71,8 @@ def _image_matches(image: str, wanted: str) -> bool:
     return ":" in last and name[: len(name) - len(last)] + last.split(":", 1)[0] == wanted
 
 
-def _signal_matches(signal: dict, wanted: str) -> bool:
-    if wanted.isdigit():
-        return signal.get("number") == int(wanted)
-    name = wanted.upper()
-    return signal.get("name") in (name, "SIG" + name)
+def _signal_matches(signal: dict, wanted: object) -> bool:
+    return signal.get("number" if isinstance(wanted, int) else "name") == wanted
 
 
 def matches(rec: dict, ns: argparse.Namespace) -> bool:
@@ -125,25 +149,21 @@ def run(ns: argparse.Namespace) -> int:
         items = with_signature(items, ns.signature)
     items = [(path, rec) for path, rec in items if matches(rec, ns)]
     if ns.n is not None:
-        items = items[-ns.n:] if ns.n > 0 else []
+        items = items[-ns.n:]
     if ns.group:
-        return _print_groups(signature.groups(items), ns.json)
+        return _print(signature.groups(items), ns, GROUP_HEADERS, group_row)
+    return _print(items, ns, HEADERS, lambda item: row(*item),
+                  lambda item: crashes.json_item(*item))
+
+
+def _print(items: list, ns: argparse.Namespace, headers: list, to_row: Callable, to_json: Callable = dict) -> int:
+    """``items`` (oldest first) as the options ask: JSON or a table, ``--reverse``d, with or without legend."""
+    if ns.reverse:
+        items = items[::-1]
     if ns.json:
-        json.dump([crashes.json_item(path, rec) for path, rec in items], sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        crashes.write_json_array([to_json(item) for item in items])
     elif items:
-        sys.stdout.write(crashes.table(HEADERS, [row(path, rec) for path, rec in items]))
-    else:
-        print("no crashes match", file=sys.stderr)
-    return 0
-
-
-def _print_groups(groups: list, as_json: bool) -> int:
-    if as_json:
-        json.dump(groups, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    elif groups:
-        sys.stdout.write(crashes.table(GROUP_HEADERS, [group_row(group) for group in groups]))
+        sys.stdout.write(crashes.table(headers, [to_row(item) for item in items], legend=ns.legend))
     else:
         print("no crashes match", file=sys.stderr)
     return 0

@@ -7,11 +7,12 @@ import json
 import time
 
 from corepipe.commands.crashes import human_size as size
+from corepipe.commands.crashes import shown
 from corepipe.commands.install_cmd import add_config_option, paths
 from corepipe.services import status
 
 HELP = ("show whether corepipe is the active core handler and what its store holds "
-        "(exit 0 healthy, 3 not installed, 4 drifted, 5 broken)")
+        "(exit 0 healthy, 3 not installed, 4 drifted, 5 broken, 1 the install state is unreadable: not root)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +51,9 @@ def run(ns: argparse.Namespace) -> int:
     if not store["exists"]:
         print(f"store: {store['path']} (not created yet)")
         return facts["code"]
+    if not store["readable"]:
+        print(f"store: {store['errors'][0]}")
+        return facts["code"]
     print(f"store: {store['path']}: {store['crashes']} crashes, {size(store['used_bytes'])} used, "
           f"{size(store['free_bytes'])} free")
     if store["containers"]:
@@ -61,7 +65,7 @@ def run(ns: argparse.Namespace) -> int:
         print("last crashes:")
         for crash in store["recent"]:
             where = "host" if crash["runtime"] == "host" else f"{crash['runtime']}/{(crash['container'] or '?')[:12]}"
-            print(f"  {crash['time']}  {where:<20} pid {crash['pid']} ({crash['comm'] or '?'}) "
+            print(f"  {crash['time']}  {where:<20} pid {shown(crash['pid'])} ({crash['comm'] or '?'}) "
                   f"{crash['signal'] or '?'}  core {size(crash['core_size'])}  {crash['status']}")
     ship = store.get("ship")
     if ship:

@@ -15,7 +15,13 @@ _MAX = 900  # a /dev/kmsg record holds about 1 KiB
 def clean(text: str, limit: int = _MAX, keep: str = "") -> str:
     """One printable line: control characters (newlines included, unless in ``keep``), escape sequences'
     ESC and undecodable bytes (lone surrogates) become '?'."""
-    return "".join(c if c.isprintable() or c in keep else "?" for c in text[:limit])
+    text = text[:limit]
+    plain = text
+    for c in keep:
+        plain = plain.replace(c, "")
+    if plain.isprintable():  # the usual case (JSON is all escapes already), checked at C speed
+        return text
+    return "".join(c if c.isprintable() or c in keep else "?" for c in text)
 
 
 class CleanOutput:

@@ -22,6 +22,7 @@ from typing import Optional
 from corepipe.domain import catalog
 from corepipe.platform import config as configuration
 from corepipe.platform import coredump_socket, fs, kernel, launcher
+from corepipe.platform.errors import UserError
 from corepipe.platform.fs import write_all
 from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, PROC_SYS, Sysctl, SysctlError
 
@@ -107,6 +108,8 @@ def load_state(path: str) -> Optional[dict]:
             state = json.loads(f.read(1 << 20))
     except FileNotFoundError:
         return None
+    except PermissionError:
+        raise UserError(f"cannot read the install state {path}: permission denied; run as root") from None
     except (OSError, ValueError) as exc:
         raise InstallError(f"cannot read the install state {path}: {exc}; fix or remove it") from None
     if not isinstance(state, dict) or state.get("schema") != 1:

@@ -9,7 +9,7 @@ from corepipe.domain import catalog
 from corepipe.platform import config as configuration
 from corepipe.platform import fs
 from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, Sysctl, SysctlError
-from corepipe.services.install import PIPE, SOCKET, Paths, load_state, socket_pattern
+from corepipe.services.install import PIPE, SOCKET, InstallError, Paths, load_state, socket_pattern
 from corepipe.services.serve import RUN_DIR, STALE, read_health
 
 #: Exit codes of ``corepipe status`` (documented in the README).
@@ -19,9 +19,13 @@ RECENT = 5
 
 def store_summary(root: str, recent: int = RECENT) -> dict:
     """Disk use, free space, cores per container and the last crashes of the store at ``root``."""
-    summary: dict = {"path": root, "exists": os.path.isdir(root), "used_bytes": None, "free_bytes": None,
-                     "crashes": 0, "containers": [], "recent": [], "errors": []}
+    summary: dict = {"path": root, "exists": os.path.isdir(root), "readable": True, "used_bytes": None,
+                     "free_bytes": None, "crashes": 0, "containers": [], "recent": [], "errors": []}
     if not summary["exists"]:
+        return summary
+    if not os.access(root, os.R_OK | os.X_OK):  # not root: the store is 0700
+        summary["readable"] = False
+        summary["errors"].append(f"{root}: permission denied; run as root to see its crashes")
         return summary
     summary["free_bytes"] = fs.free_bytes(root)
     summary["used_bytes"] = fs.disk_use(root)
@@ -71,10 +75,17 @@ def gather(paths: Paths, run_dir: str = RUN_DIR) -> dict:
         result["pipe_limit"] = sysctl.read(CORE_PIPE_LIMIT)
     except SysctlError as exc:
         result["problems"].append(str(exc))
-    state = load_state(paths.state)
+    try:
+        state = load_state(paths.state)
+        garbled = False
+    except InstallError as exc:  # a garbled state: the install is broken, its store unknown
+        state, garbled = None, True
+        result["code"] = BROKEN
+        result["problems"].append(str(exc))
     store: Optional[str] = None
     if state is None:
-        result["problems"].append(f"not installed (no {paths.state}); run 'corepipe install'")
+        if not garbled:
+            result["problems"].append(f"not installed (no {paths.state}); run 'corepipe install'")
         try:
             store = configuration.load(paths.config if os.path.exists(paths.config) else None).store
         except configuration.ConfigError as exc:
