@@ -2,6 +2,8 @@
 
 - The crashed process is let go before the slow work: with every postmortem slot held by the test, the
   crash is reaped while its collector still waits for a slot, and the binaries and backtrace come after.
+- ``ulimit -c 0`` still records the crash, and keeps the core only with ``honour_core_limit = false``;
+  ``extract`` refuses to write a core to a terminal.
 - A hung identity source (an LXC monitor that accepts and never answers) costs at most ``timeout``: the
   crash is reaped within the bound and recorded.
 """
@@ -14,6 +16,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +25,7 @@ from pathlib import Path
 import pytest
 from support import (
     NO_RATE_LIMIT,
+    crash,
     installed_handler,
     need,
     served_handler,
@@ -170,3 +174,48 @@ def _join_and_unlimit(group: Path):
         (group / "cgroup.procs").write_text(str(os.getpid()))
         resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     return apply
+
+
+# RLIMIT_CORE and honour_core_limit ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("honour", [True, False])
+def test_rlimit_core_zero_keeps_the_core_only_when_not_honoured(honour: bool, workdir: Path, crasher: Path) -> None:
+    """With ``ulimit -c 0`` the kernel still runs the handler (``%c`` = 0): the crash is always recorded, and its
+    core kept only with ``honour_core_limit = false``."""
+    config = f"{NO_RATE_LIMIT}honour_core_limit = {'true' if honour else 'false'}\n"
+    with installed_handler(workdir, config_extra=config) as h:
+        crash([str(crasher), "0", "limit0"], core_limit=0)
+        rec = h.wait_record(lambda r: r["comm"] == "limit0", 60)
+    assert rec["core_limit"] == 0, rec["core_limit"]
+    assert rec["status"] == "complete", rec["collector"].get("errors")
+    if honour:
+        assert not rec["core"]["stored"] and rec["core"]["reason"] == "RLIMIT_CORE is 0", rec["core"]
+        assert not (Path(rec["_dir"]) / "core.zst").exists()
+    else:
+        assert rec["core"]["stored"] and rec["core"]["complete"], rec["core"]
+        assert (Path(rec["_dir"]) / "core.zst").stat().st_size == rec["core"]["compressed_size"]
+
+
+# extract to a terminal ----------------------------------------------------------------------------------
+
+def test_extract_refuses_a_terminal(workdir: Path, crasher: Path) -> None:
+    """``extract`` with stdout a terminal (no ``-o``) refuses in one line rather than write a core to it."""
+    import pty
+
+    with installed_handler(workdir, config_extra=NO_RATE_LIMIT) as h:
+        crash([str(crasher), "0", "toterm"])
+        rec = h.wait_record(lambda r: r["comm"] == "toterm", 60)
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(h.config), "extract", rec["id"]],
+                              stdout=terminal, stderr=subprocess.PIPE, text=True, timeout=120)
+        os.close(terminal)
+        shown = b""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(controller, 1 << 16):
+                shown += chunk
+    finally:
+        os.close(controller)
+    assert proc.returncode != 0 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "terminal" in proc.stderr and "-o" in proc.stderr, proc.stderr
+    assert b"ELF" not in shown and len(shown) < 1024, shown[:200]
