@@ -356,3 +356,57 @@ def test_host_processes_count_per_system_unit_or_uid(handler_dir: Path, crasher:
     assert [r["core"]["stored"] for r in users].count(True) == 2
     rate = json.loads((handler.store / ".state.json").read_text())["rate"]
     assert len(rate[f"container:host/{unit}"]) == 2 and len(rate[f"container:uid/{FORGER}"]) == 2
+
+
+def _move_to(pid: int, relative: str) -> list:
+    """Move ``pid`` into the cgroup ``relative`` (made as needed) in every hierarchy, as a runtime that uses the
+    systemd cgroup driver places its containers; the directories made, deepest first, for removal."""
+    made = []
+    for top in sorted(Path("/sys/fs/cgroup").iterdir()):
+        if not (top / "cgroup.procs").exists():
+            continue
+        directory = top / relative.strip("/")
+        parts = []
+        for parent in [*reversed(directory.relative_to(top).parents)][1:] + [directory.relative_to(top)]:
+            path = top / parent
+            if not path.exists():
+                path.mkdir()
+                parts.append(path)
+                for name in ("cpuset.cpus", "cpuset.mems"):  # a v1 cpuset takes no task before these are set
+                    if (path / name).exists():
+                        (path / name).write_text((path.parent / name).read_text())
+        (directory / "cgroup.procs").write_text(str(pid))
+        made += reversed(parts)
+    return made
+
+
+def test_a_container_placed_as_the_systemd_cgroup_driver_places_it(kernel_handler, docker_image: str) -> None:
+    """Docker with the systemd cgroup driver puts a container in ``system.slice/docker-<id>.scope``. This host runs
+    no systemd, so the container (a real one, with Docker's real state) is moved there by the test before it
+    crashes: the record is the container's, confirmed by Docker's state and the PID namespace."""
+    name = unique("corepipe-sdcg")
+    parent = unique("corepipe-sdcg-parent")
+    made: list = []
+    try:
+        subprocess.run(["docker", "run", "-d", "--name", name, "--network=none", "--ulimit", "core=-1", docker_image,
+                        "/bin/busybox", "sh", "-c", "while [ ! -e /go ]; do sleep 0.1; done; exec /crasher 0 sdcg"],
+                       check=True, capture_output=True, timeout=120)
+        inspect = subprocess.run(["docker", "inspect", "-f", "{{.Id}} {{.State.Pid}}", name], check=True,
+                                 capture_output=True, text=True).stdout.split()
+        cid, pid = inspect[0], int(inspect[1])
+        made = _move_to(pid, f"{parent}/system.slice/docker-{cid}.scope")
+        lines = Path(f"/proc/{pid}/cgroup").read_text()
+        assert f"/system.slice/docker-{cid}.scope" in lines and f"/docker/{cid}" not in lines, lines
+        subprocess.run(["docker", "exec", name, "/bin/busybox", "touch", "/go"], check=True, capture_output=True,
+                       timeout=60)
+        rec = kernel_handler.wait_record(lambda r: r["comm"] == "sdcg")
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+        for directory in made:
+            wait_for(lambda d=directory: not (d / "cgroup.procs").read_text().split(), 30, f"{directory} empty")
+            directory.rmdir()
+    container = rec["container"]
+    assert (container["runtime"], container["id"], container["name"]) == ("docker", cid, name), container
+    assert container["cgroup"].endswith(f"/system.slice/docker-{cid}.scope"), container
+    assert container["confidence"] == "certain", container
+    assert Path(rec["_dir"]).parent == kernel_handler.store / "docker" / cid and rec["core"]["stored"]

@@ -85,8 +85,12 @@ def run_context(ctx: Context) -> int:
 
 
 def _final_failed(ctx: Context, what: str) -> None:
-    """After the first record, any error still ends with a final record (never left at "collecting")."""
-    if ctx.record is None or ctx.crash is None:
+    """After the first record, any error still ends with a final record (never left at "collecting"); before
+    it (a timeout while the container is identified, say), the crash is still filed, in store.FAILED."""
+    if ctx.record is None:
+        _file_failed(ctx, what)
+        return
+    if ctx.crash is None:
         return
     record.add_error(ctx.record, what)
     finish(ctx, failed=True)
@@ -94,6 +98,29 @@ def _final_failed(ctx: Context, what: str) -> None:
         write_record(ctx)
     except OSError as exc:
         log(f"error: pid {ctx.args.pid}: cannot write the final record of {ctx.crash.id}: {exc}", ERR)
+
+
+def _file_failed(ctx: Context, what: str) -> None:
+    """A record without the core in store.FAILED for a crash whose collection failed before its first record."""
+    if ctx.container is None:
+        ctx.container = containers.Container(runtime="unknown", source="not identified", confidence="guess")
+    if ctx.store is None:
+        ctx.store = open_store(ctx)
+    if ctx.store is None:
+        return
+    try:
+        ctx.crash = ctx.store.new_crash((FAILED,), ctx.args.time)
+    except OSError as exc:
+        log(f"error: pid {ctx.args.pid}: cannot create a crash directory in {FAILED}: {exc}; nothing recorded", ERR)
+        return
+    ctx.errors.append(what)
+    build_record(ctx)
+    record.core_refused(ctx.record, f"not saved: {what}")
+    finish(ctx, failed=True)
+    try:
+        write_record(ctx)
+    except OSError as exc:
+        log(f"error: pid {ctx.args.pid}: cannot write the record of {ctx.crash.id}: {exc}", ERR)
 
 
 def finish(ctx: Context, *, failed: bool) -> None:
@@ -190,10 +217,7 @@ def new_crash(ctx: Context) -> Optional[CrashDir]:
 def store_crash(ctx: Context) -> int:
     """Record, core (within the policy), binaries and backtrace, final record; the exit code."""
     args, cfg, crash = ctx.args, ctx.cfg, ctx.crash
-    rec = ctx.record = record.build(crash_id=crash.id, args=args, snapshot=ctx.snapshot, container=ctx.container,
-                                    redact_env=cfg.redact_env, errors=tuple(ctx.errors),
-                                    received=ctx.early.received, env_keep=cfg.env_keep,
-                                    redact_args=cfg.redact_args, field_max=cfg.record_field_max)
+    rec = build_record(ctx)
     postmortem.presign(rec, ctx.early.core, ctx.held)  # before the core: the policy may count its signature
     write_record(ctx)  # a handler killed from here on still leaves a record
     limit = args.core_limit_bytes() if cfg.honour_core_limit else None
@@ -241,6 +265,15 @@ def store_crash(ctx: Context) -> int:
     if args.errors:
         return 2
     return 1 if failed else 0
+
+
+def build_record(ctx: Context) -> dict:
+    """``ctx.record``: the crash's first record, from what is known before the core."""
+    cfg = ctx.cfg
+    ctx.record = record.build(crash_id=ctx.crash.id, args=ctx.args, snapshot=ctx.snapshot, container=ctx.container,
+                              redact_env=cfg.redact_env, errors=tuple(ctx.errors), received=ctx.early.received,
+                              env_keep=cfg.env_keep, redact_args=cfg.redact_args, field_max=cfg.record_field_max)
+    return ctx.record
 
 
 def excluded(ctx: Context) -> Optional[str]:
