@@ -76,7 +76,7 @@ def test_install_collect_status_uninstall(settings: KernelSettings, handler_dir:
     assert pattern == state["pattern"] and pattern.startswith(f"|{d}/b collect --config {d}/c.toml %P %p ")
     assert ("%F" in pattern.split()) == install.kernel_has_pidfd(os.uname().release)
     assert PIPE_LIMIT.read_text() == f"{install.PIPE_LIMIT}\n"
-    assert state["previous"]["kernel.core_pattern"].encode() + b"\n" == settings.saved_pattern
+    assert state["previous"]["kernel.core_pattern"].encode() + b"\n" == settings.start_pattern
 
     crash([str(crasher)])
     path, rec = wait_record(d / "s", str(crasher))
@@ -142,7 +142,7 @@ def test_read_only_proc_sys_is_a_clear_error(settings: KernelSettings, handler_d
     assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "read-only" in proc.stderr and "host" in proc.stderr
     assert os.listdir(d) == []
-    assert CORE_PATTERN.read_bytes() == settings.saved_pattern
+    assert CORE_PATTERN.read_bytes() == settings.start_pattern
 
 
 def test_selftest(settings: KernelSettings, handler_dir: Path) -> None:
