@@ -1,0 +1,32 @@
+"""The command corepipe names for a missing extra: one that works for the way it was installed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from corepipe.platform import extras
+
+
+def test_an_install_sh_installation_is_told_to_run_install_sh_with_the_extra(tmp_path: Path) -> None:
+    checkout = tmp_path / "checkout"
+    (checkout / "install").mkdir(parents=True)
+    (checkout / "install" / "install.sh").write_text("")
+    record = tmp_path / "venv" / extras.CHECKOUT_RECORD
+    record.parent.mkdir(parents=True)
+    record.write_text(f"{checkout}\n")
+    assert extras.install_command("s3", str(tmp_path / "venv")) == f"bash {checkout}/install/install.sh --with s3"
+    # The checkout is gone: the extra's own requirements, with this interpreter's pip.
+    (checkout / "install" / "install.sh").unlink()
+    assert extras.install_command("s3", str(tmp_path / "venv")).startswith(f"{sys.executable} -m pip install ")
+
+
+def test_any_other_installation_is_told_to_pip_install_the_requirements(tmp_path: Path) -> None:
+    command = extras.install_command("metrics", str(tmp_path))
+    assert command == f"{sys.executable} -m pip install 'prometheus-client>=0.20'"
+    assert extras.requirements("azure") == ["azure-storage-blob>=12.19", "azure-identity>=1.15"]
+    # The named requirement is what pip resolves (a dry run against the same index).
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "-q", *extras.requirements("metrics")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
