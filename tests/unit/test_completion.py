@@ -25,7 +25,8 @@ def script(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def complete(script: Path, *words: str, cwd: str = "/") -> list:
     """What TAB offers after ``corepipe WORDS...`` (the last word is the one being completed)."""
     bash = need_tool("bash")
-    program = 'source "$1"; shift; COMP_WORDS=(corepipe "$@"); COMP_CWORD=$#; _corepipe; printf "%s\\n" "${COMPREPLY[@]}"'
+    program = ('source "$1"; shift; COMP_WORDS=(corepipe "$@"); COMP_CWORD=$#; _corepipe; '
+               'printf "%s\\n" "${COMPREPLY[@]}"')
     proc = subprocess.run([bash, "-c", program, "bash", str(script), *words], capture_output=True, text=True,
                           cwd=cwd, timeout=30)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr

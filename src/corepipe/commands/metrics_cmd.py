@@ -27,7 +27,7 @@ def run(ns: argparse.Namespace) -> int:
     try:
         from corepipe.services import metrics
     except ImportError as exc:
-        raise UserError(extras.missing("metrics", str(exc.name))) from None
+        raise UserError(f"metrics need {extras.missing('metrics', str(exc.name))}") from None
     cfg = crashes.load_config(ns)
     if ns.textfile is not None:
         if not os.path.isdir(ns.textfile):

@@ -45,5 +45,5 @@ def requirements(extra: str) -> list:
 
 
 def missing(extra: str, module: str) -> str:
-    """The message for an extra whose module cannot be imported."""
-    return f"{module} is missing: install the '{extra}' extra: {install_command(extra)}"
+    """What is needed, for a message saying that something needs an extra whose ``module`` cannot be imported."""
+    return f"the '{extra}' extra ({module} is missing); install it with: {install_command(extra)}"

@@ -378,8 +378,8 @@ class Server:
         except ImportError as exc:
             from corepipe.platform import extras
 
-            log(f"error: serve: no metrics endpoint: {extras.missing('metrics', str(exc.name))}; "
-                "or set metrics_listen = \"\"", ERR)
+            log(f"error: serve: no metrics endpoint: it needs {extras.missing('metrics', str(exc.name))} "
+                "(or set metrics_listen = \"\")", ERR)
             return
         host, port = configuration.listen_address(cfg.metrics_listen)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
