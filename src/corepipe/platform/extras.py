@@ -19,8 +19,9 @@ CHECKOUT_RECORD = os.path.join("share", "corepipe", "checkout")
 
 
 def install_command(extra: str, prefix: Optional[str] = None) -> str:
-    """A shell command that installs ``extra`` into the environment running now (``prefix``: sys.prefix)."""
-    prefix = sys.prefix if prefix is None else prefix
+    """A shell command that installs ``extra`` into the environment running now (``prefix``: the virtualenv of this
+    interpreter; not sys.prefix, which the launcher's ``python -S`` leaves at the base installation's)."""
+    prefix = os.path.dirname(os.path.dirname(sys.executable)) if prefix is None else prefix
     try:
         with open(os.path.join(prefix, CHECKOUT_RECORD)) as f:
             checkout = f.read(4096).strip()
