@@ -22,7 +22,7 @@ from support import (
     CORE_PATTERN,
     HERE,
     PIPE_LIMIT,
-    SYSTEMD_RUNS,
+    SYSTEMD_DIR,
     KernelSettings,
     check_restored,
     core_digest,
@@ -31,13 +31,17 @@ from support import (
     installed_files,
     need,
     need_root_kernel,
+    need_tool,
+    units_dir,
 )
 
 from corepipe.domain import catalog
+from corepipe.platform import config as configuration
 from corepipe.platform import slots, store
 from corepipe.services import install
 
 FOREIGN = "|/bin/false %p"
+REPO = HERE.parent
 
 
 @pytest.fixture
@@ -169,33 +173,104 @@ def test_selftest(settings: KernelSettings, handler_dir: Path) -> None:
     check_restored(settings, d)
 
 
+#: Man pages of the test's own, for a checkout that has none yet under man/.
+TINY_PAGES = {"corepipe.1": ".TH COREPIPE 1\n.SH NAME\ncorepipe \\- test page of test_install_kernel\n",
+              "corepipe.toml.5": ".TH COREPIPE.TOML 5\n.SH NAME\ncorepipe.toml \\- test page\n"}
+
+
+def checkout_copy(d: Path) -> Path:
+    """This checkout as install.sh installs it, with man pages under man/: the repository's own, or small ones."""
+    copy = d / "checkout"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    copy.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, copy / name)
+    for name in ("src", "install"):
+        shutil.copytree(REPO / name, copy / name, ignore=ignore)
+    if (REPO / "man").is_dir():
+        shutil.copytree(REPO / "man", copy / "man")
+    else:
+        (copy / "man").mkdir()
+        for name, text in TINY_PAGES.items():
+            (copy / "man" / name).write_text(text)
+    return copy
+
+
 def test_install_sh_then_selftest_then_uninstall(settings: KernelSettings, handler_dir: Path) -> None:
-    """The README's first command, then again as the Azure Batch start task (same store): safe to re-run."""
+    """The README's first command, then again with an extra a message named, then as the Azure Batch start task
+    (same store): safe to re-run; then uninstall.sh takes away everything the three wrote."""
     d = handler_dir
     need(os.path.exists("/usr/bin/python3"), "install.sh builds its virtualenv with /usr/bin/python3")
     need(docker_usable(), "needs a usable docker for the selftest's container crash")
-    env = dict(os.environ, COREPIPE_PREFIX=f"{d}/v", COREPIPE_BIN=f"{d}/b", COREPIPE_CONFIG=f"{d}/c.toml")
-    install_sh = HERE.parent / "install" / "install.sh"
+    man = need_tool("man")
+    checkout = checkout_copy(d)
+    units = units_dir(d)
+    env = dict(os.environ, COREPIPE_PREFIX=f"{d}/v", COREPIPE_BIN=f"{d}/b", COREPIPE_CONFIG=f"{d}/c.toml",
+               COREPIPE_COMPLETION_DIR=f"{d}/bc", COREPIPE_MAN_DIR=f"{d}/man")
+    if units != SYSTEMD_DIR:
+        env["COREPIPE_UNITS_DIR"] = units
+    install_sh = checkout / "install" / "install.sh"
     store = f"{d}/sh/corepipe"
     # Should this process die mid-test, the watchdog uninstalls (the systemd units of a systemd host too).
     settings.undo_on_abort(["env", *(f"{k}={env[k]}" for k in ("COREPIPE_PREFIX", "COREPIPE_BIN", "COREPIPE_CONFIG")),
-                            "bash", str(HERE.parent / "install" / "uninstall.sh"), "--purge"])
+                            "bash", str(checkout / "install" / "uninstall.sh"), "--purge"])
     first = subprocess.run(["bash", str(install_sh), "--store", store, "--sysctl-dir", f"{d}/sd"], env=env,
                            capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "selftest passed" in first.stdout and "container: docker" in first.stdout
     assert Path(f"{d}/b").read_text().startswith(f"#!{d}/v/bin/python -IS\n")
-    start_task = HERE.parent / "install" / "azure-batch" / "start-task.sh"
+    installed = [str(p) for p in Path(f"{d}/v/share/corepipe/files").read_text().splitlines()]
+
+    # The metrics extra by default; the config with every default commented out, and valid.
+    corepipe = [f"{d}/b", "--config", f"{d}/c.toml"]
+    proc = subprocess.run([*corepipe, "metrics"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "corepipe_" in proc.stdout, proc.stderr
+    assert Path(f"{d}/c.toml").read_text() == configuration.template(store)
+    assert subprocess.run([*corepipe, "config", "check"], capture_output=True, timeout=120).returncode == 0
+    # The bash completion, as the installed corepipe makes it; the man pages, which man finds.
+    completion = subprocess.run([f"{d}/b", "completion", "bash"], capture_output=True, text=True).stdout
+    assert "complete -F _corepipe corepipe" in completion
+    assert Path(f"{d}/bc/corepipe").read_text() == completion
+    for page in (checkout / "man").iterdir():
+        target = Path(f"{d}/man/man{page.suffix[1:]}/{page.name}")
+        assert target.read_bytes() == page.read_bytes() and str(target) in installed
+    shown = subprocess.run([man, "-M", f"{d}/man", "-P", "cat", "corepipe"], capture_output=True, text=True,
+                           env=dict(os.environ, MANWIDTH="80"), timeout=60)
+    assert shown.returncode == 0 and "corepipe" in shown.stdout.lower(), shown.stderr
+    if units != SYSTEMD_DIR:  # written, not enabled
+        prune = Path(units, "corepipe-prune.service").read_text()
+        assert f"ExecStart={d}/b --config {d}/c.toml prune\n" in prune and Path(units, "corepipe-prune.timer").exists()
+    assert {f"{d}/bc/corepipe", f"{units}/corepipe-prune.timer"} <= set(installed)
+
+    # A missing extra names install.sh with --with: run as given (with this test's own paths), it installs it.
+    proc = subprocess.run([*corepipe, "ship", "--once", "--to", "s3://bucket/prefix"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.split("install it with: ")[1].strip() == f"bash {install_sh} --with s3"
+    again = subprocess.run(["bash", str(install_sh), "--with", "s3", "--sysctl-dir", f"{d}/sd"], env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "already installed; nothing changed" in again.stdout
+    nowhere = dict(os.environ, AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x")
+    proc = subprocess.run([*corepipe, "ship", "--once", "--to", "s3://bucket/prefix"], capture_output=True, text=True,
+                          timeout=300, env=nowhere)
+    assert "extra" not in proc.stderr, proc.stderr
+
+    # The start task: the same installation again; the extras of earlier runs are kept.
+    start_task = checkout / "install" / "azure-batch" / "start-task.sh"
     again = subprocess.run(["bash", str(start_task), "--sysctl-dir", f"{d}/sd"],
                            env=dict(env, AZ_BATCH_NODE_SHARED_DIR=f"{d}/sh"), capture_output=True, text=True,
                            timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "already installed; nothing changed" in again.stdout and "selftest passed" in again.stdout
-    if SYSTEMD_RUNS:  # the prune timer path: enabled by install.sh, gone after uninstall (check_restored)
+    assert "corepipe[metrics,s3]" in again.stdout
+    assert subprocess.run([f"{d}/v/bin/python", "-c", "import boto3, prometheus_client"]).returncode == 0
+    if units == SYSTEMD_DIR:  # the prune timer path: enabled by install.sh, gone after uninstall (check_restored)
         enabled = subprocess.run(["systemctl", "is-enabled", "corepipe-prune.timer"], capture_output=True, text=True)
         assert enabled.stdout.strip() == "enabled", enabled.stdout + enabled.stderr
-    proc = subprocess.run(["bash", str(HERE.parent / "install" / "uninstall.sh"), "--purge"], env=env,
+    proc = subprocess.run(["bash", str(checkout / "install" / "uninstall.sh"), "--purge"], env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    check_restored(settings, d)
+    check_restored(settings, d, units)
     assert not os.path.exists(store) and not os.path.exists(f"{d}/v")
+    assert not [path for path in installed if os.path.lexists(path)]
