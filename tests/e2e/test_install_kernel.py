@@ -21,18 +21,22 @@ from runtimes import docker_usable
 from support import (
     CORE_PATTERN,
     HERE,
+    LOCK_FD_ENV,
     PIPE_LIMIT,
     SYSTEMD_DIR,
     KernelSettings,
+    changes,
     check_restored,
     core_digest,
     crash,
     decompress,
+    fingerprint,
     installed_files,
     need,
     need_root_kernel,
     need_tool,
     units_dir,
+    wait_for,
 )
 
 from corepipe.domain import catalog
@@ -107,6 +111,49 @@ def test_install_collect_status_uninstall(settings: KernelSettings, handler_dir:
     check_restored(settings, d)
     assert Path(path, "core.zst").exists(), "uninstall without --purge keeps the cores"
     assert cli("status", "--config", f"{d}/c.toml").returncode == 3
+
+
+def test_the_install_tests_leave_an_installation_on_the_host_as_it_was(settings: KernelSettings, handler_dir: Path,
+                                                                      crasher: Path) -> None:
+    """The README's two commands in their order: corepipe installed (in temporary paths here, standing for the
+    host's), then install tests: they pass, and the installation is as it was and still collects crashes."""
+    d = handler_dir
+    assert cli("install", *install_args(d)).returncode == 0
+    pattern, limit = CORE_PATTERN.read_bytes(), PIPE_LIMIT.read_bytes()
+    crash([str(crasher)])
+    wait_record(d / "s", str(crasher))
+    wait_for(lambda: not handlers_of(f"{d}/b"), 60, "the handler to finish its bookkeeping")
+    before = fingerprint([str(d)], kernel=False)
+    names = ("test_install_collect_status_uninstall", "test_install_twice_changes_nothing",
+             "test_foreign_handler_needs_force")
+    tests = [f"{__file__}::{name}" for name in names]
+    # This test holds the settings lock: the run inside uses it as its own (support.LOCK_FD_ENV).
+    lock = settings.lock.fileno()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=REPO,
+                          env={**os.environ, LOCK_FD_ENV: str(lock)}, pass_fds=(lock,), capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0 and "3 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert changes(before, fingerprint([str(d)], kernel=False)) == []
+    assert (CORE_PATTERN.read_bytes(), PIPE_LIMIT.read_bytes()) == (pattern, limit)
+    crash([str(crasher), "0", "after-tests"])
+    rec = wait_for(lambda: next((r for _p, r in catalog.iter_records(f"{d}/s")
+                                 if r["comm"] == "after-tests" and r["status"] != "collecting"), None),
+                   30, "the record of a crash after the tests")
+    assert rec["status"] == "complete" and rec["core"]["stored"]
+    assert cli("uninstall", "--config", f"{d}/c.toml").returncode == 0
+    check_restored(settings, d)
+
+
+def handlers_of(launcher: str) -> list:
+    """PIDs of the handlers running ``launcher``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and launcher.encode() in (entry / "cmdline").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def test_install_twice_changes_nothing(settings: KernelSettings, handler_dir: Path) -> None:
