@@ -118,7 +118,7 @@ unit() {  # unit NAME [sed expression]: install/systemd/NAME, with ExecStart poi
     rm -f "$tmp"
 }
 want_units=""
-if [ -n "$systemd" ] || [ -n "${COREPIPE_UNITS_DIR:-}" ]; then
+if [ -n "$systemd" ] || [ "$units" != /etc/systemd/system ]; then
     want_units=yes
 fi
 
