@@ -1,27 +1,44 @@
 #!/usr/bin/env bash
-# Undoes install/install.sh: `corepipe uninstall` (arguments pass through, e.g. --purge), then removes
-# the virtualenv. Same COREPIPE_PREFIX / COREPIPE_CONFIG overrides as install.sh.
+# Undoes install/install.sh: stops and removes its systemd units, runs `corepipe uninstall` (arguments pass
+# through, e.g. --purge), removes the other files install.sh wrote outside the virtualenv (bash completion, man
+# pages: listed in the virtualenv's share/corepipe/files), then the virtualenv. Same COREPIPE_PREFIX /
+# COREPIPE_CONFIG overrides as install.sh.
 set -euo pipefail
 prefix="${COREPIPE_PREFIX:-/opt/corepipe}"
 config="${COREPIPE_CONFIG:-/etc/corepipe/config.toml}"
 if [ "$(id -u)" != 0 ]; then  # as another user, run again through sudo
     command -v sudo >/dev/null || { echo "uninstall.sh: error: run as root: bash install/uninstall.sh" >&2; exit 1; }
-    exec sudo bash "${BASH_SOURCE[0]}" "$@"
+    exec sudo COREPIPE_PREFIX="$prefix" COREPIPE_CONFIG="$config" bash "${BASH_SOURCE[0]}" "$@"
 fi
 [ -x "$prefix/bin/python" ] || { echo "uninstall.sh: error: no corepipe virtualenv at $prefix" >&2; exit 1; }
-units=/etc/systemd/system
-if [ -f "$units/corepipe.socket" ]; then  # socket mode: the server hands the kernel back to the pipe handler
-    systemctl disable --now corepipe.service corepipe.socket >/dev/null 2>&1 || true
-    rm -f "$units/corepipe.service" "$units/corepipe.socket"
-    systemctl daemon-reload 2>/dev/null || true
-    echo "uninstall.sh: removed corepipe.socket and corepipe.service"
+list="$prefix/share/corepipe/files"
+if [ -f "$list" ]; then
+    mapfile -t files < "$list"
+else  # installed by an install.sh that kept no list: its units were in systemd's directory
+    files=()
+    for name in corepipe.socket corepipe.service corepipe-prune.timer corepipe-prune.service corepipe-ship.service; do
+        [ -f "/etc/systemd/system/$name" ] && files+=("/etc/systemd/system/$name")
+    done
 fi
+# Units first: in socket mode the server hands the kernel back to the pipe handler when it stops.
+systemd=""
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+    systemd=yes
+fi
+for file in ${files[@]+"${files[@]}"}; do
+    case "$file" in
+        /etc/systemd/system/*.socket | /etc/systemd/system/*.service | /etc/systemd/system/*.timer)
+            [ -z "$systemd" ] || systemctl disable --now "$(basename "$file")" >/dev/null 2>&1 || true ;;
+    esac
+done
 "$prefix/bin/python" -I -m corepipe uninstall --config "$config" "$@"
-if [ -f "$units/corepipe-prune.timer" ]; then
-    systemctl disable --now corepipe-prune.timer >/dev/null 2>&1 || true
-    rm -f "$units/corepipe-prune.timer" "$units/corepipe-prune.service"
-    systemctl daemon-reload 2>/dev/null || true
-    echo "uninstall.sh: removed corepipe-prune.timer"
-fi
+reload=""
+for file in ${files[@]+"${files[@]}"}; do
+    [ -e "$file" ] || continue
+    rm -f "$file"
+    echo "uninstall.sh: removed $file"
+    case "$file" in /etc/systemd/system/*) reload=yes ;; esac
+done
+[ -z "$systemd" ] || [ -z "$reload" ] || systemctl daemon-reload 2>/dev/null || true
 rm -rf "$prefix"
 echo "uninstall.sh: removed $prefix"

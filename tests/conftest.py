@@ -5,7 +5,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import HERE, Handler, KernelSettings, need, need_root_kernel, short_tempdir
+from support import (
+    HERE,
+    REAL_INSTALLATION,
+    Handler,
+    KernelSettings,
+    changes,
+    fingerprint,
+    need,
+    need_root_kernel,
+    short_tempdir,
+)
 
 
 def build_static(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
@@ -95,3 +105,15 @@ def stand_ins():
     made = StandIns()
     yield made
     made.remove()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def real_installation_untouched() -> None:
+    """Fails the session if any test changed the host's own corepipe installation (or made one where there was
+    none): its config, launcher, store and crashes, virtualenv, units, completion, man pages, sysctl drop-in,
+    and the kernel's core settings."""
+    before = fingerprint(REAL_INSTALLATION)
+    yield
+    changed = changes(before, fingerprint(REAL_INSTALLATION))
+    if changed:
+        pytest.fail(f"the tests changed the host's corepipe installation: {'; '.join(changed[:10])}", pytrace=False)

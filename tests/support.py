@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
 import resource
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -130,21 +132,53 @@ open("/proc/sys/kernel/core_pipe_limit", "wb").write(limit)
 """
 
 
-class KernelSettings:
-    """Saves core_pattern and core_pipe_limit under a lock and restores them, whatever happens: on any exit of
-    the block, and through a watchdog process when the test process dies without leaving it (SIGKILL, a
-    timeout's kill). Other host changes register their undo command with ``undo_on_abort``."""
+#: A process that runs pytest while holding the settings lock itself (a test that runs part of the suite inside
+#: a block of its own) names the lock's inherited file descriptor here: the child's blocks use it without
+#: locking or unlocking it.
+LOCK_FD_ENV = "COREPIPE_TEST_LOCK_FD"
+#: The kernel's defaults: every KernelSettings block starts from them, so an installation of corepipe on the
+#: host (whose pattern install would refuse to replace) is set aside for the block and given back after it.
+START_PATTERN, START_LIMIT = b"core\n", b"0\n"
 
-    def __init__(self) -> None:
-        self.lock = open(LOCK_PATH, "w")
+
+@contextlib.contextmanager
+def settings_lock() -> Iterator:
+    """The host-wide lock of the kernel settings (taken already if the parent process holds it for us)."""
+    inherited = os.environ.get(LOCK_FD_ENV)
+    if inherited:
+        with os.fdopen(int(inherited), "w", closefd=False) as lock:
+            yield lock
+        return
+    with open(LOCK_PATH, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield lock
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class KernelSettings:
+    """Saves core_pattern and core_pipe_limit under a lock, sets the kernel's defaults (``start_pattern``,
+    ``start_limit``) for the block, and restores the saved values whatever happens: on any exit of the block, and
+    through a watchdog process when the test process dies without leaving it (SIGKILL, a timeout's kill). Other
+    host changes register their undo command with ``undo_on_abort``."""
+
+    start_pattern, start_limit = START_PATTERN, START_LIMIT
 
     def __enter__(self) -> KernelSettings:
-        fcntl.flock(self.lock, fcntl.LOCK_EX)
-        self.saved_pattern = CORE_PATTERN.read_bytes()
-        self.saved_limit = PIPE_LIMIT.read_bytes()
-        self._watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, self.saved_pattern.hex(),
-                                           self.saved_limit.hex()], stdin=subprocess.PIPE, text=True,
-                                          pass_fds=(self.lock.fileno(),), start_new_session=True)
+        self._locked = settings_lock()
+        self.lock = self._locked.__enter__()
+        try:
+            self.saved_pattern = CORE_PATTERN.read_bytes()
+            self.saved_limit = PIPE_LIMIT.read_bytes()
+            self._watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, self.saved_pattern.hex(),
+                                               self.saved_limit.hex()], stdin=subprocess.PIPE, text=True,
+                                              pass_fds=(self.lock.fileno(),), start_new_session=True)
+        except BaseException:
+            self._locked.__exit__(*sys.exc_info())
+            raise
+        PIPE_LIMIT.write_bytes(self.start_limit)
+        CORE_PATTERN.write_bytes(self.start_pattern)
         return self
 
     def set(self, pattern: str, pipe_limit: int = 64) -> None:
@@ -167,8 +201,7 @@ class KernelSettings:
                 self._watchdog.stdin.close()
                 self._watchdog.wait(timeout=30)
             finally:
-                fcntl.flock(self.lock, fcntl.LOCK_UN)
-                self.lock.close()
+                self._locked.__exit__(None, None, None)
 
 
 @contextlib.contextmanager
@@ -296,16 +329,80 @@ def installed_files(d: Path) -> list:
 
 #: install.sh enables systemd units (the prune timer; the socket in socket mode) only where systemd runs.
 SYSTEMD_RUNS = os.path.isdir("/run/systemd/system") and shutil.which("systemctl") is not None
-SYSTEMD_UNITS = [f"/etc/systemd/system/{name}" for name in ("corepipe-prune.timer", "corepipe-prune.service",
-                                                             "corepipe.socket", "corepipe.service")]
+SYSTEMD_DIR = "/etc/systemd/system"
+UNIT_NAMES = ("corepipe-prune.timer", "corepipe-prune.service", "corepipe.socket", "corepipe.service",
+              "corepipe-ship.service")
 
 
-def check_restored(settings: KernelSettings, d: Path) -> None:
-    """After uninstall: the kernel settings are back byte for byte and nothing install wrote is left (the
-    systemd units included)."""
-    assert CORE_PATTERN.read_bytes() == settings.saved_pattern
-    assert PIPE_LIMIT.read_bytes() == settings.saved_limit
-    assert not any(os.path.lexists(p) for p in installed_files(d) + SYSTEMD_UNITS)
+def units_dir(d: Path) -> str:
+    """Where a test's install.sh writes its units: systemd's own directory where systemd runs and no installation
+    has units there (a unit's name is host-wide), so that they are enabled as on a host; else ``d/units``, where
+    install.sh writes them without enabling them."""
+    if SYSTEMD_RUNS and not any(os.path.lexists(f"{SYSTEMD_DIR}/{name}") for name in UNIT_NAMES):
+        return SYSTEMD_DIR
+    return f"{d}/units"
+
+
+def check_restored(settings: KernelSettings, d: Path, units: Optional[str] = None) -> None:
+    """After uninstall: the kernel settings are back byte for byte as the block started, and nothing install wrote
+    is left (the systemd units in ``units`` included)."""
+    assert CORE_PATTERN.read_bytes() == settings.start_pattern
+    assert PIPE_LIMIT.read_bytes() == settings.start_limit
+    unit_files = [f"{units}/{name}" for name in UNIT_NAMES] if units else []
+    assert not any(os.path.lexists(p) for p in installed_files(d) + unit_files)
+
+
+#: Everything an installation made by install/install.sh with its defaults owns on the host: the tests must
+#: leave it exactly as they found it (conftest.py checks it around the whole session).
+REAL_INSTALLATION = ("/etc/corepipe", "/usr/local/bin/corepipe", "/var/lib/corepipe", "/etc/sysctl.d/90-corepipe.conf",
+                     "/opt/corepipe", "/usr/share/bash-completion/completions/corepipe",
+                     "/usr/local/share/man/man1/corepipe.1", "/usr/local/share/man/man5/corepipe.toml.5",
+                     *(f"{SYSTEMD_DIR}/{name}" for name in UNIT_NAMES))
+
+
+def fingerprint(paths: Iterable[str], kernel: bool = True) -> dict:
+    """Every file, directory and link at or below ``paths`` (links not followed) with its type, mode, owner, size,
+    modification time and, for files up to 1 MiB, a digest of the content; with ``kernel``, the kernel's core
+    settings too, read under the settings lock so that no test's own values are seen."""
+    seen = {}
+
+    def note(path: str) -> None:
+        st = os.lstat(path)
+        facts = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns)
+        if stat.S_ISREG(st.st_mode) and st.st_size <= 1 << 20:  # bigger ones (cores): size and time suffice
+            with open(path, "rb") as f:
+                facts += (hashlib.file_digest(f, "sha256").hexdigest(),)
+        elif stat.S_ISLNK(st.st_mode):
+            facts += (os.readlink(path),)
+        seen[path] = facts
+
+    for top in paths:
+        if not os.path.lexists(top):
+            continue
+        note(top)
+        if os.path.isdir(top) and not os.path.islink(top):
+            for root, dirs, files in os.walk(top):
+                for name in dirs + files:
+                    note(os.path.join(root, name))
+    if not kernel:
+        return seen
+    with settings_lock():
+        seen[str(CORE_PATTERN)] = CORE_PATTERN.read_bytes()
+        seen[str(PIPE_LIMIT)] = PIPE_LIMIT.read_bytes()
+    return seen
+
+
+def changes(before: dict, after: dict) -> list:
+    """What differs between two fingerprints, one line per path."""
+    lines = []
+    for path in sorted(before.keys() | after.keys()):
+        if path not in after:
+            lines.append(f"{path}: removed")
+        elif path not in before:
+            lines.append(f"{path}: created")
+        elif before[path] != after[path]:
+            lines.append(f"{path}: changed ({before[path]!r} -> {after[path]!r})")
+    return lines
 
 
 class Served(Handler):

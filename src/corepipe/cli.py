@@ -32,6 +32,7 @@ COMMANDS = {
     "serve": "serve_cmd",
     "metrics": "metrics_cmd",
     "ship": "ship_cmd",
+    "config": "config_cmd",
 }
 
 
@@ -89,12 +90,15 @@ def _main(argv: list) -> int:
         modules[name] = module
         command_parser = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command_parser)
+    from corepipe.commands import completion_cmd
+
+    completion_cmd.add_arguments(sub.add_parser("completion"))  # no help: hidden; install.sh runs it
     ns = parser.parse_args(argv)
     if ns.command is None:
         parser.print_help()
         return 2
     try:
-        code = modules[ns.command].run(ns)
+        code = completion_cmd.run(ns, parser) if ns.command == "completion" else modules[ns.command].run(ns)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's own flush at exit
         return code
     except UserError as exc:

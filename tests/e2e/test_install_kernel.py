@@ -21,23 +21,31 @@ from runtimes import docker_usable
 from support import (
     CORE_PATTERN,
     HERE,
+    LOCK_FD_ENV,
     PIPE_LIMIT,
-    SYSTEMD_RUNS,
+    SYSTEMD_DIR,
     KernelSettings,
+    changes,
     check_restored,
     core_digest,
     crash,
     decompress,
+    fingerprint,
     installed_files,
     need,
     need_root_kernel,
+    need_tool,
+    units_dir,
+    wait_for,
 )
 
 from corepipe.domain import catalog
+from corepipe.platform import config as configuration
 from corepipe.platform import slots, store
 from corepipe.services import install
 
 FOREIGN = "|/bin/false %p"
+REPO = HERE.parent
 
 
 @pytest.fixture
@@ -76,7 +84,7 @@ def test_install_collect_status_uninstall(settings: KernelSettings, handler_dir:
     assert pattern == state["pattern"] and pattern.startswith(f"|{d}/b collect --config {d}/c.toml %P %p ")
     assert ("%F" in pattern.split()) == install.kernel_has_pidfd(os.uname().release)
     assert PIPE_LIMIT.read_text() == f"{install.PIPE_LIMIT}\n"
-    assert state["previous"]["kernel.core_pattern"].encode() + b"\n" == settings.saved_pattern
+    assert state["previous"]["kernel.core_pattern"].encode() + b"\n" == settings.start_pattern
 
     crash([str(crasher)])
     path, rec = wait_record(d / "s", str(crasher))
@@ -103,6 +111,49 @@ def test_install_collect_status_uninstall(settings: KernelSettings, handler_dir:
     check_restored(settings, d)
     assert Path(path, "core.zst").exists(), "uninstall without --purge keeps the cores"
     assert cli("status", "--config", f"{d}/c.toml").returncode == 3
+
+
+def test_the_install_tests_leave_an_installation_on_the_host_as_it_was(settings: KernelSettings, handler_dir: Path,
+                                                                      crasher: Path) -> None:
+    """The README's two commands in their order: corepipe installed (in temporary paths here, standing for the
+    host's), then install tests: they pass, and the installation is as it was and still collects crashes."""
+    d = handler_dir
+    assert cli("install", *install_args(d)).returncode == 0
+    pattern, limit = CORE_PATTERN.read_bytes(), PIPE_LIMIT.read_bytes()
+    crash([str(crasher)])
+    wait_record(d / "s", str(crasher))
+    wait_for(lambda: not handlers_of(f"{d}/b"), 60, "the handler to finish its bookkeeping")
+    before = fingerprint([str(d)], kernel=False)
+    names = ("test_install_collect_status_uninstall", "test_install_twice_changes_nothing",
+             "test_foreign_handler_needs_force")
+    tests = [f"{__file__}::{name}" for name in names]
+    # This test holds the settings lock: the run inside uses it as its own (support.LOCK_FD_ENV).
+    lock = settings.lock.fileno()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=REPO,
+                          env={**os.environ, LOCK_FD_ENV: str(lock)}, pass_fds=(lock,), capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0 and "3 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert changes(before, fingerprint([str(d)], kernel=False)) == []
+    assert (CORE_PATTERN.read_bytes(), PIPE_LIMIT.read_bytes()) == (pattern, limit)
+    crash([str(crasher), "0", "after-tests"])
+    rec = wait_for(lambda: next((r for _p, r in catalog.iter_records(f"{d}/s")
+                                 if r["comm"] == "after-tests" and r["status"] != "collecting"), None),
+                   30, "the record of a crash after the tests")
+    assert rec["status"] == "complete" and rec["core"]["stored"]
+    assert cli("uninstall", "--config", f"{d}/c.toml").returncode == 0
+    check_restored(settings, d)
+
+
+def handlers_of(launcher: str) -> list:
+    """PIDs of the handlers running ``launcher``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and launcher.encode() in (entry / "cmdline").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def test_install_twice_changes_nothing(settings: KernelSettings, handler_dir: Path) -> None:
@@ -142,7 +193,7 @@ def test_read_only_proc_sys_is_a_clear_error(settings: KernelSettings, handler_d
     assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "read-only" in proc.stderr and "host" in proc.stderr
     assert os.listdir(d) == []
-    assert CORE_PATTERN.read_bytes() == settings.saved_pattern
+    assert CORE_PATTERN.read_bytes() == settings.start_pattern
 
 
 def test_selftest(settings: KernelSettings, handler_dir: Path) -> None:
@@ -169,33 +220,104 @@ def test_selftest(settings: KernelSettings, handler_dir: Path) -> None:
     check_restored(settings, d)
 
 
+#: Man pages of the test's own, for a checkout that has none yet under man/.
+TINY_PAGES = {"corepipe.1": ".TH COREPIPE 1\n.SH NAME\ncorepipe \\- test page of test_install_kernel\n",
+              "corepipe.toml.5": ".TH COREPIPE.TOML 5\n.SH NAME\ncorepipe.toml \\- test page\n"}
+
+
+def checkout_copy(d: Path) -> Path:
+    """This checkout as install.sh installs it, with man pages under man/: the repository's own, or small ones."""
+    copy = d / "checkout"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    copy.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, copy / name)
+    for name in ("src", "install"):
+        shutil.copytree(REPO / name, copy / name, ignore=ignore)
+    if (REPO / "man").is_dir():
+        shutil.copytree(REPO / "man", copy / "man")
+    else:
+        (copy / "man").mkdir()
+        for name, text in TINY_PAGES.items():
+            (copy / "man" / name).write_text(text)
+    return copy
+
+
 def test_install_sh_then_selftest_then_uninstall(settings: KernelSettings, handler_dir: Path) -> None:
-    """The README's first command, then again as the Azure Batch start task (same store): safe to re-run."""
+    """The README's first command, then again with an extra a message named, then as the Azure Batch start task
+    (same store): safe to re-run; then uninstall.sh takes away everything the three wrote."""
     d = handler_dir
     need(os.path.exists("/usr/bin/python3"), "install.sh builds its virtualenv with /usr/bin/python3")
     need(docker_usable(), "needs a usable docker for the selftest's container crash")
-    env = dict(os.environ, COREPIPE_PREFIX=f"{d}/v", COREPIPE_BIN=f"{d}/b", COREPIPE_CONFIG=f"{d}/c.toml")
-    install_sh = HERE.parent / "install" / "install.sh"
+    man = need_tool("man")
+    checkout = checkout_copy(d)
+    units = units_dir(d)
+    env = dict(os.environ, COREPIPE_PREFIX=f"{d}/v", COREPIPE_BIN=f"{d}/b", COREPIPE_CONFIG=f"{d}/c.toml",
+               COREPIPE_COMPLETION_DIR=f"{d}/bc", COREPIPE_MAN_DIR=f"{d}/man")
+    if units != SYSTEMD_DIR:
+        env["COREPIPE_UNITS_DIR"] = units
+    install_sh = checkout / "install" / "install.sh"
     store = f"{d}/sh/corepipe"
     # Should this process die mid-test, the watchdog uninstalls (the systemd units of a systemd host too).
     settings.undo_on_abort(["env", *(f"{k}={env[k]}" for k in ("COREPIPE_PREFIX", "COREPIPE_BIN", "COREPIPE_CONFIG")),
-                            "bash", str(HERE.parent / "install" / "uninstall.sh"), "--purge"])
+                            "bash", str(checkout / "install" / "uninstall.sh"), "--purge"])
     first = subprocess.run(["bash", str(install_sh), "--store", store, "--sysctl-dir", f"{d}/sd"], env=env,
                            capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "selftest passed" in first.stdout and "container: docker" in first.stdout
     assert Path(f"{d}/b").read_text().startswith(f"#!{d}/v/bin/python -IS\n")
-    start_task = HERE.parent / "install" / "azure-batch" / "start-task.sh"
+    installed = [str(p) for p in Path(f"{d}/v/share/corepipe/files").read_text().splitlines()]
+
+    # The metrics extra by default; the config with every default commented out, and valid.
+    corepipe = [f"{d}/b", "--config", f"{d}/c.toml"]
+    proc = subprocess.run([*corepipe, "metrics"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "corepipe_" in proc.stdout, proc.stderr
+    assert Path(f"{d}/c.toml").read_text() == configuration.template(store)
+    assert subprocess.run([*corepipe, "config", "check"], capture_output=True, timeout=120).returncode == 0
+    # The bash completion, as the installed corepipe makes it; the man pages, which man finds.
+    completion = subprocess.run([f"{d}/b", "completion", "bash"], capture_output=True, text=True).stdout
+    assert "complete -F _corepipe corepipe" in completion
+    assert Path(f"{d}/bc/corepipe").read_text() == completion
+    for page in (checkout / "man").iterdir():
+        target = Path(f"{d}/man/man{page.suffix[1:]}/{page.name}")
+        assert target.read_bytes() == page.read_bytes() and str(target) in installed
+    shown = subprocess.run([man, "-M", f"{d}/man", "-P", "cat", "corepipe"], capture_output=True, text=True,
+                           env=dict(os.environ, MANWIDTH="80"), timeout=60)
+    assert shown.returncode == 0 and "corepipe" in shown.stdout.lower(), shown.stderr
+    if units != SYSTEMD_DIR:  # written, not enabled
+        prune = Path(units, "corepipe-prune.service").read_text()
+        assert f"ExecStart={d}/b --config {d}/c.toml prune\n" in prune and Path(units, "corepipe-prune.timer").exists()
+    assert {f"{d}/bc/corepipe", f"{units}/corepipe-prune.timer"} <= set(installed)
+
+    # A missing extra names install.sh with --with: run as given (with this test's own paths), it installs it.
+    proc = subprocess.run([*corepipe, "ship", "--once", "--to", "s3://bucket/prefix"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.split("install it with: ")[1].strip() == f"bash {install_sh} --with s3"
+    again = subprocess.run(["bash", str(install_sh), "--with", "s3", "--sysctl-dir", f"{d}/sd"], env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "already installed; nothing changed" in again.stdout
+    nowhere = dict(os.environ, AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x")
+    proc = subprocess.run([*corepipe, "ship", "--once", "--to", "s3://bucket/prefix"], capture_output=True, text=True,
+                          timeout=300, env=nowhere)
+    assert "extra" not in proc.stderr, proc.stderr
+
+    # The start task: the same installation again; the extras of earlier runs are kept.
+    start_task = checkout / "install" / "azure-batch" / "start-task.sh"
     again = subprocess.run(["bash", str(start_task), "--sysctl-dir", f"{d}/sd"],
                            env=dict(env, AZ_BATCH_NODE_SHARED_DIR=f"{d}/sh"), capture_output=True, text=True,
                            timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "already installed; nothing changed" in again.stdout and "selftest passed" in again.stdout
-    if SYSTEMD_RUNS:  # the prune timer path: enabled by install.sh, gone after uninstall (check_restored)
+    assert "corepipe[metrics,s3]" in again.stdout
+    assert subprocess.run([f"{d}/v/bin/python", "-c", "import boto3, prometheus_client"]).returncode == 0
+    if units == SYSTEMD_DIR:  # the prune timer path: enabled by install.sh, gone after uninstall (check_restored)
         enabled = subprocess.run(["systemctl", "is-enabled", "corepipe-prune.timer"], capture_output=True, text=True)
         assert enabled.stdout.strip() == "enabled", enabled.stdout + enabled.stderr
-    proc = subprocess.run(["bash", str(HERE.parent / "install" / "uninstall.sh"), "--purge"], env=env,
+    proc = subprocess.run(["bash", str(checkout / "install" / "uninstall.sh"), "--purge"], env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    check_restored(settings, d)
+    check_restored(settings, d, units)
     assert not os.path.exists(store) and not os.path.exists(f"{d}/v")
+    assert not [path for path in installed if os.path.lexists(path)]

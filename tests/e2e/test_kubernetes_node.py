@@ -73,10 +73,14 @@ def test_daemonset_node_script_installs_on_the_host_and_uninstalls(handler_dir: 
     assert "hostPID: true" in manifest and "privileged: true" in manifest
     assert "path: /opt/corepipe-src" in manifest and "mountPath: /host-src" in manifest
     assert "command: [/bin/sh, /corepipe/install/kubernetes/node.sh, stop]" in manifest
+    dockerfile = (REPO / "install" / "kubernetes" / "Dockerfile").read_text()
+    assert re.search(r"pip install .*'/corepipe\[[\w,]*metrics", dockerfile), "serve's metrics endpoint needs the extra"
     assert "mountPath: /run/corepipe}" in manifest and "path: /run/corepipe, type: DirectoryOrCreate" in manifest
     env = {"COREPIPE_HOST_SRC": f"{d}/src", "COREPIPE_PREFIX": f"{d}/v", "COREPIPE_BIN": f"{d}/b",
            "COREPIPE_CONFIG": f"{d}/c.toml", "COREPIPE_STORE": f"{d}/s",
-           "COREPIPE_INSTALL_ARGS": f"--sysctl-dir {d}/sd", "COREPIPE_MODE": "pipe"}
+           "COREPIPE_INSTALL_ARGS": f"--sysctl-dir {d}/sd", "COREPIPE_MODE": "pipe",
+           # install.sh's other files: the node's own are left alone.
+           "COREPIPE_UNITS_DIR": f"{d}/units", "COREPIPE_COMPLETION_DIR": f"{d}/bc", "COREPIPE_MAN_DIR": f"{d}/man"}
     # The node's namespaces are entered through a host process of ours: this VM's PID 1 belongs to the
     # sandbox and refuses nsenter; on a node it is init (node.sh's default COREPIPE_NODE_PID=1).
     host = subprocess.Popen(["sleep", "900"])
@@ -112,7 +116,7 @@ def test_daemonset_node_script_installs_on_the_host_and_uninstalls(handler_dir: 
             code = subprocess.run([docker, "inspect", "-f", "{{.State.ExitCode}}", name], capture_output=True,
                                   text=True).stdout.strip()
             assert code == "0"
-            check_restored(settings, d)
+            check_restored(settings, d)  # node.sh stop runs corepipe uninstall: install.sh's units stay in d/units
         finally:
             subprocess.run([docker, "rm", "-f", name], capture_output=True)
             subprocess.run([docker, "rmi", "-f", tag], capture_output=True)

@@ -33,3 +33,14 @@ def test_as_another_user_both_commands_go_through_sudo_or_say_run_as_root() -> N
             assert "sudo" in proc.stderr, (command, proc.stderr)
         else:
             assert "run as root" in proc.stderr and proc.stderr.count("\n") == 1, (command, proc.stderr)
+
+
+def test_install_sh_refuses_an_unknown_extra_before_changing_anything(tmp_path) -> None:
+    need(os.geteuid() == 0, "needs root (install.sh as the README runs it)")
+    env = {**os.environ, "COREPIPE_PREFIX": f"{tmp_path}/v", "COREPIPE_BIN": f"{tmp_path}/b",
+           "COREPIPE_CONFIG": f"{tmp_path}/c.toml"}
+    proc = subprocess.run(["bash", "install/install.sh", "--with", "s3,gcs"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--with gcs" in proc.stderr and "metrics azure s3" in proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -438,4 +438,4 @@ def test_install_socket_mode_then_serve_then_uninstall(workdirs, crasher: Path) 
         assert CORE_PATTERN.read_text().rstrip("\n") == pipe, "the server gave the kernel back the pipe handler"
         done = subprocess.run([*cli, "uninstall", "--config", paths.config], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-        assert CORE_PATTERN.read_bytes() == settings.saved_pattern
+        assert CORE_PATTERN.read_bytes() == settings.start_pattern

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 
 from corepipe.platform import config
@@ -79,3 +81,37 @@ def test_exclusion_patterns() -> None:
     assert cfg.exclude_containers == [] and config.Config().exclude_executables == []
     with pytest.raises(config.ConfigError, match="exclude_containers must be list"):
         config.parse('exclude_containers = "web-*"', "c.toml")
+
+
+def test_every_key_has_a_one_line_explanation() -> None:
+    keys = {f.name for f in fields(config.Config)} - {"path"}
+    assert set(config.EXPLAIN) == keys
+    assert all("\n" not in text and text.endswith(".") for text in config.EXPLAIN.values())
+
+
+def test_the_installed_config_sets_only_the_store() -> None:
+    """As systemd writes coredump.conf: every other key commented out at its default, under what it does."""
+    text = config.template("/srv/cores")
+    assert config.parse(text) == config.Config(store="/srv/cores")
+    lines = text.splitlines()
+    assert [line for line in lines if line and not line.startswith("#")] == ['store = "/srv/cores"']
+    defaults = config.render(config.Config()).splitlines()
+    for line in defaults[1:]:  # the store is the first key
+        at = lines.index(f"#{line}")
+        assert lines[at - 1] == f"# {config.EXPLAIN[line.split(' = ')[0]]}"
+    # Uncommenting a line overrides that key only.
+    edited = text.replace("#compression_level = 3", "compression_level = 9")
+    assert config.parse(edited) == config.Config(store="/srv/cores", compression_level=9)
+
+
+def test_install_keeps_a_users_config_but_for_its_store() -> None:
+    assert config.installed_text(None, "/srv/a") == config.template("/srv/a")
+    mine = '# mine\nstore = "/srv/a"\ncompression_level = 9  # smaller\n'
+    assert config.installed_text(mine, "/srv/a") == mine
+    assert config.installed_text(mine, "/srv/b") == '# mine\nstore = "/srv/b"\ncompression_level = 9  # smaller\n'
+    assert config.installed_text("timeout = 5\n", "/srv/b") == 'store = "/srv/b"\ntimeout = 5\n'
+    # What an earlier install wrote (every key uncommented, at its default) becomes the commented template...
+    assert config.installed_text(config.render(config.Config(store="/srv/a")), "/srv/a") == config.template("/srv/a")
+    # ...but not once a value differs from the defaults: that is a user's edit.
+    edited = config.render(config.Config(store="/srv/a", max_age_days=7))
+    assert config.installed_text(edited, "/srv/a") == edited

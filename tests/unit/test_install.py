@@ -18,6 +18,7 @@ from support import wait_for
 
 from corepipe.domain import catalog, record
 from corepipe.domain.containers import Container
+from corepipe.platform import config as configuration
 from corepipe.platform import kernel
 from corepipe.platform.kernel import KernelArgs
 from corepipe.platform.store import RECORD, Store
@@ -282,3 +283,32 @@ def test_socket_mode_status_follows_the_server(paths: Paths, root: Path) -> None
     assert kernel_file(paths, "core_pattern") == f"@@{sock}\n".encode(), "a running server's pattern is kept"
     install.uninstall(paths)
     assert kernel_file(paths, "core_pattern") == b"core\n"
+
+
+def test_the_config_install_writes_is_commented_and_a_users_is_kept(paths: Paths, root: Path) -> None:
+    install.install(paths, store=str(root / "var" / "s"))
+    assert Path(paths.config).read_text() == configuration.template(str(root / "var" / "s"))
+    install.uninstall(paths)
+    # A config of the user's: another store changes its store line and nothing else; uninstall puts it back.
+    Path(paths.config).parent.mkdir(parents=True, exist_ok=True)
+    mine = f'# tuned\nstore = "{root}/var/s"\ncompression_level = 9\n'
+    Path(paths.config).write_text(mine)
+    os.chmod(paths.config, 0o600)
+    install.install(paths, store=str(root / "var" / "t"))
+    assert Path(paths.config).read_text() == mine.replace("var/s", "var/t")
+    assert os.stat(paths.config).st_mode & 0o777 == 0o600
+    install.uninstall(paths)
+    assert Path(paths.config).read_text() == mine
+
+
+def test_an_earlier_installs_config_becomes_the_commented_one(paths: Paths, root: Path) -> None:
+    """The config older versions wrote (all 50 keys, uncommented, at their defaults) would pin those defaults."""
+    store = str(root / "var" / "s")
+    old = configuration.render(configuration.Config(store=store))
+    Path(paths.config).parent.mkdir(parents=True, exist_ok=True)
+    Path(paths.config).write_text(old)
+    lines = install.install(paths)
+    assert f"wrote config {paths.config}" in lines
+    assert Path(paths.config).read_text() == configuration.template(store)
+    install.uninstall(paths)
+    assert Path(paths.config).read_text() == old

@@ -8,6 +8,7 @@ import sys
 
 from corepipe.commands import crashes
 from corepipe.platform import config as configuration
+from corepipe.platform import extras
 from corepipe.platform.errors import UserError
 
 HELP = ("Prometheus metrics of the store: print them, write them for node_exporter's textfile collector "
@@ -26,7 +27,7 @@ def run(ns: argparse.Namespace) -> int:
     try:
         from corepipe.services import metrics
     except ImportError as exc:
-        raise UserError(f"{exc}: install the metrics extra (pip install 'corepipe[metrics]')") from None
+        raise UserError(f"metrics need {extras.missing('metrics', str(exc.name))}") from None
     cfg = crashes.load_config(ns)
     if ns.textfile is not None:
         if not os.path.isdir(ns.textfile):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Optional
@@ -232,24 +233,115 @@ def load(path: Optional[str] = None, problems: Optional[list] = None) -> Config:
     return parse(text, path, problems)
 
 
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+#: One line per key for the config install writes (``template``); tests/unit/test_config.py checks every key has one.
+EXPLAIN = {
+    "store": "Where cores and records are filed (a dedicated directory: 'uninstall --purge' deletes it).",
+    "compression_level": "zstd level of the stored cores, 1 (fastest) to 22 (smallest).",
+    "compression_threads": "zstd worker threads: 0 compresses in the handler's own thread, -1 picks a number.",
+    "honour_core_limit": "Honour the crashed process's RLIMIT_CORE: 0 records without a core, N truncates at N bytes.",
+    "timeout": "Seconds after which the whole handler gives up (a handler must never hang).",
+    "proc_read_limit": "Most bytes read from any one /proc file of the crashed process (cmdline, environ, maps).",
+    "env_keep": "Environment variables whose values are kept (a trailing * matches any rest; [\"*\"] keeps all).",
+    "redact_env": "Kept variables whose names contain one of these (any case) are redacted all the same.",
+    "redact_args": "Options and name=value pairs whose name has one of these words get their value masked.",
+    "record_field_max": "Most bytes of any one text field of a record; longer ones are cut and listed in 'truncated'.",
+    "binaries": "Keep the crashed executable and its libraries (by build-id) so that 'debug' works without the image.",
+    "binaries_host": "Keep them for host processes too, not only for containers'.",
+    "binaries_max_size": "Most bytes of binaries kept per crash.",
+    "backtrace": "Take a backtrace with gdb or eu-stack once the core is stored, where one is installed.",
+    "backtrace_timeout": "Seconds the backtrace may take.",
+    "backtrace_max_core_size": "No backtrace for cores bigger than this many bytes.",
+    "max_use": "Most bytes the store uses: -1 10% of its file system (at most 4 GiB), 0 no limit.",
+    "keep_free": "Bytes the store leaves free on its file system: -1 15% (at most 4 GiB), 0 no limit.",
+    "container_max_cores": "Most cores kept per container (host processes count as one); 0 no limit.",
+    "container_max_bytes": "Most bytes of cores kept per container; 0 no limit.",
+    "max_core_size": "Cores are truncated (and marked) at this many uncompressed bytes; 0 no limit.",
+    "rate_limit_container": "Most cores per container within rate_limit_window (the rest: a record only); 0 no limit.",
+    "rate_limit_exe": "Most cores per executable in a container within rate_limit_window; 0 no limit.",
+    "rate_limit_window": "The rate limits' window, in seconds.",
+    "concurrent_cores": "Handlers reading and storing a core at the same time, host-wide: -1 one per CPU, 0 no limit.",
+    "concurrent_postmortems": "Handlers saving binaries and a backtrace at the same time: -1 one per CPU, 0 no limit.",
+    "core_wait": "Seconds a handler waits for a core slot before it files a record without the core.",
+    "postmortem_wait": "Seconds a handler waits for a postmortem slot before it goes on without one.",
+    "signature_max_cores": "Cores kept of one crash signature within signature_window, across containers; 0 no limit.",
+    "signature_window": "The signature limit's window, in seconds.",
+    "notify_command": "For each new signature, run this argv (no shell) with the record on stdin; [] no hook.",
+    "notify_user": "The unprivileged user notify_command runs as.",
+    "notify_timeout": "Seconds after which notify_command is killed.",
+    "metrics_max_signatures": "Signatures with a metrics label of their own (the most crashes); the rest are other.",
+    "metrics_listen": "Where 'corepipe serve' serves Prometheus metrics, [HOST:]PORT (loopback if no HOST); \"\" none.",
+    "exclude_executables": "Executables (shell-style patterns of the path) whose crashes get a record but no core.",
+    "exclude_containers": "Containers (patterns of the name or id) whose crashes get a record but no core.",
+    "exclude_images": "Images (patterns of the reference) whose containers' crashes get a record but no core.",
+    "max_age_days": "'corepipe prune' deletes crashes older than this many days; 0 keeps them.",
+    "ship_to": "Where 'corepipe ship' uploads crashes: az://CONTAINER/PREFIX or s3://BUCKET/PREFIX; \"\" nowhere.",
+    "ship_node": "This node's name in the shipped objects' keys; \"\" the host name.",
+    "delete_after_ship": "Delete a local crash once its upload is verified.",
+    "ship_bandwidth": "Upload bandwidth cap in bytes per second; 0 none.",
+    "ship_concurrency": "Parts uploaded at the same time.",
+    "ship_retry_max": "Longest wait between upload retries, in seconds.",
+}
+#: The top of the config install writes.
+HEADER = """\
+# corepipe's configuration (TOML; every key: corepipe.toml(5), docs/configuration.md).
+# Each commented line is a key at its default, with what it does above it: uncomment the line and change the
+# value to override it; left commented, the key follows the defaults of the version installed.
+# 'corepipe config check' checks this file and prints the settings in effect.
+"""
+
+
+def _value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_quote(v) for v in value) + "]"
+    return _quote(str(value))
+
+
 def render(config: Config) -> str:
-    """The TOML text for a config (used by install)."""
-    lines = []
+    """Every key with its value, one ``key = value`` line each: the settings in effect ('config check')."""
+    return "".join(f"{f.name} = {_value(getattr(config, f.name))}\n" for f in fields(Config) if f.name != "path")
+
+
+def template(store: str) -> str:
+    """The config install writes: ``store`` set, every other key commented out at its default under a line saying
+    what it does (as systemd writes coredump.conf), so that a later version's defaults apply to it."""
+    defaults = Config()
+    parts = [HEADER]
     for f in fields(Config):
         if f.name == "path":
             continue
-        value = getattr(config, f.name)
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int):
-            text = str(value)
-        elif isinstance(value, list):
-            text = "[" + ", ".join(_quote(v) for v in value) + "]"
-        else:
-            text = _quote(value)
-        lines.append(f"{f.name} = {text}")
-    return "\n".join(lines) + "\n"
+        line = f"store = {_value(store)}" if f.name == "store" else f"#{f.name} = {_value(getattr(defaults, f.name))}"
+        parts.append(f"\n# {EXPLAIN[f.name]}\n{line}\n")
+    return "".join(parts)
 
 
-def _quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+_STORE_LINE = re.compile(r"^[ \t]*store[ \t]*=.*$", re.MULTILINE)
+
+
+def with_store(text: str, store: str) -> str:
+    """``text`` with its ``store`` key set to ``store`` and every other line as it was (a user's edits are kept)."""
+    line = f"store = {_value(store)}"
+    if _STORE_LINE.search(text):
+        return _STORE_LINE.sub(lambda _match: line, text, count=1)
+    return f"{line}\n{text}"
+
+
+def installed_text(existing: Optional[str], store: str) -> str:
+    """What install writes to the config: the template where there is none, or where it is what an earlier install
+    wrote untouched (every key at its default, uncommented); otherwise the file as it is, its store set."""
+    if existing is None:
+        return template(store)
+    try:
+        current = parse(existing)
+    except ConfigError:
+        return with_store(existing, store)
+    if existing == render(Config(store=current.store)):
+        return template(store)
+    return existing if current.store == store else with_store(existing, store)

@@ -273,7 +273,7 @@ def install(paths: Paths, store: Optional[str] = None, force: bool = False, pyth
 
     changes = _Changes(state)
     try:
-        _apply(paths, state, changes, cfg, python, sysctl, current, current_limit)
+        _apply(paths, state, changes, python, sysctl, current, current_limit)
     except BaseException:
         changes.rollback()
         raise
@@ -295,7 +295,7 @@ def socket_pattern(state: dict) -> Optional[str]:
     return coredump_socket.pattern(state["socket"])
 
 
-def _apply(paths: Paths, state: dict, changes: _Changes, cfg: configuration.Config, python: str,
+def _apply(paths: Paths, state: dict, changes: _Changes, python: str,
            sysctl: Sysctl, current: str, current_limit: str) -> None:
     created: list = []
     changes.undo.append(lambda: [_rmdir(d) for d in reversed(created)])
@@ -306,9 +306,11 @@ def _apply(paths: Paths, state: dict, changes: _Changes, cfg: configuration.Conf
 
     changes.file(state["bin"], launcher_text(python).encode(), 0o755, "launcher")
     _check_launcher(state["bin"])
-    if not os.path.exists(paths.config) or cfg.store != state["store"]:
-        cfg.store = state["store"]
-        changes.file(state["config"], configuration.render(cfg).encode(), 0o644, "config")
+    # A config of the user's is kept as it is, but for its store (configuration.installed_text).
+    existing = _read(paths.config)
+    text = configuration.installed_text(None if existing is None else existing.decode(), state["store"])
+    mode = 0o644 if existing is None else os.stat(paths.config).st_mode & 0o7777
+    changes.file(state["config"], text.encode(), mode, "config")
     if not os.path.isdir(state["store"]):
         from corepipe.platform.store import Store
 

@@ -376,8 +376,10 @@ class Server:
         try:
             from corepipe.services import metrics  # noqa: F401 - here, to say at start that it is missing
         except ImportError as exc:
-            log(f"error: serve: no metrics endpoint: {exc}; install the metrics extra (pip install "
-                "'corepipe[metrics]') or set metrics_listen = \"\"", ERR)
+            from corepipe.platform import extras
+
+            log(f"error: serve: no metrics endpoint: it needs {extras.missing('metrics', str(exc.name))} "
+                "(or set metrics_listen = \"\")", ERR)
             return
         host, port = configuration.listen_address(cfg.metrics_listen)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)

@@ -22,7 +22,8 @@ def open_destination(url: str, **options: object) -> Destination:
         else:
             from corepipe.platform.objectstore import s3 as vendor  # type: ignore[no-redef]
     except ImportError as exc:
+        from corepipe.platform import extras
+
         extra = "azure" if location.scheme == "az" else "s3"
-        raise DestinationError(f"{location.scheme}:// needs the '{extra}' extra ({exc.name} is missing): "
-                               f"pip install 'corepipe[{extra}]'") from None
+        raise DestinationError(f"{location.scheme}:// needs {extras.missing(extra, str(exc.name))}") from None
     return vendor.open(location, **options)

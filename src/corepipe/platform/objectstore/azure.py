@@ -25,6 +25,7 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings, ExponentialRetry
 
+from corepipe.platform import extras
 from corepipe.platform.objectstore import parts
 from corepipe.platform.objectstore.base import DestinationError, Location, ObjectInfo
 
@@ -49,8 +50,8 @@ def _service(retries: int) -> BlobServiceClient:
         try:
             from azure.identity import DefaultAzureCredential
         except ImportError:
-            raise DestinationError("AZURE_STORAGE_ACCOUNT_URL without a SAS needs azure-identity: "
-                                   "pip install 'corepipe[azure]'") from None
+            raise DestinationError("AZURE_STORAGE_ACCOUNT_URL without a SAS needs "
+                                   f"{extras.missing('azure', 'azure.identity')}") from None
         try:
             return BlobServiceClient(url, credential=DefaultAzureCredential(), **options)
         except ValueError as exc:
