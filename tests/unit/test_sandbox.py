@@ -143,8 +143,8 @@ def test_debug_of_a_core_whose_link_map_escapes(tmp_path: Path, escaping_core: t
     try:
         env = {**os.environ, "DEBUGINFOD_URLS": url}
         proc = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(tmp_path / "c.toml"), "debug",
-                               rec["id"], "--", "-batch", "-ex", "show debuginfod enabled", "-ex", "show debuginfod urls",
-                               "-ex", "info sharedlibrary", "-ex", "bt"],
+                               rec["id"], "--", "-batch", "-ex", "show debuginfod enabled",
+                               "-ex", "show debuginfod urls", "-ex", "info sharedlibrary", "-ex", "bt"],
                               capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
     finally:
         server.shutdown()

@@ -72,7 +72,8 @@ def _assert_exact(tmp_path: Path) -> None:
 
 def _cli(tmp_path: Path, cfg: Config, *args: str) -> int:
     config = tmp_path / "c.toml"
-    config.write_text(f'store = "{cfg.store}"\nmax_use = {cfg.max_use}\nkeep_free = 0\nmax_age_days = {cfg.max_age_days}\n')
+    config.write_text(f'store = "{cfg.store}"\nmax_use = {cfg.max_use}\nkeep_free = 0\n'
+                      f'max_age_days = {cfg.max_age_days}\n')
     return cli.main(["--config", str(config), *args])
 
 
