@@ -83,8 +83,8 @@ def test_small_core_is_read_whole_and_the_pipe_let_go(tmp_path: Path) -> None:
     assert got["owner"] == [child.pid, child.pid] and got["stat_again"] and got["errors"] == []
     exe = os.stat(os.path.realpath("/bin/sleep")).st_ino
     assert [h for h in got["held"] if h[2]] == [[got["links"]["exe"], exe, True]]
-    if os.geteuid() == 0:  # map_files needs CAP_SYS_ADMIN: sleep's libc is held too
-        assert any(not h[2] and "libc" in h[0] for h in got["held"]), got
+    need(os.geteuid() == 0, "needs root: map_files needs CAP_SYS_ADMIN (for sleep's libc held too)")
+    assert any(not h[2] and "libc" in h[0] for h in got["held"]), got
 
 
 def test_a_container_process_keeps_the_pipe_until_it_is_identified(tmp_path: Path) -> None:

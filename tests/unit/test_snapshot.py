@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from support import need
+
 from corepipe.domain import snapshot
 
 
@@ -36,8 +38,7 @@ def test_ns_pid_mismatch_makes_it_untrusted() -> None:
 
 
 def test_pidfd_of_another_process_makes_it_untrusted() -> None:
-    if not hasattr(os, "pidfd_open"):
-        return
+    need(hasattr(os, "pidfd_open"), "needs os.pidfd_open (Python 3.9 on Linux 5.3+)")
     child = subprocess.Popen(["sleep", "30"])
     pidfd = os.pidfd_open(child.pid)
     try:
