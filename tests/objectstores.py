@@ -51,6 +51,9 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None
 
 
 class Server:
+    """An object-store server on loopback; ``listing`` and ``read`` look at what it holds through the vendor's
+    own SDK, so a test never checks the shipper with the shipper's own adapter."""
+
     kind = ""
     argv: list = []
     proc: Optional[subprocess.Popen] = None
@@ -106,6 +109,18 @@ class Azurite(Server):
     def url(self, prefix: str) -> str:
         return f"az://{self.container}/{prefix}"
 
+    def _container_client(self):
+        from azure.storage.blob import BlobServiceClient
+
+        return BlobServiceClient.from_connection_string(self.connection_string()).get_container_client(self.container)
+
+    def listing(self, prefix: str) -> dict:
+        """key -> size of the blobs under ``prefix``, read with Microsoft's SDK (not the shipper's adapter)."""
+        return {b.name: b.size for b in self._container_client().list_blobs(name_starts_with=prefix)}
+
+    def read(self, key: str) -> bytes:
+        return self._container_client().download_blob(key).readall()
+
     def prepare(self) -> None:
         from azure.core.exceptions import ResourceExistsError
         from azure.storage.blob import BlobServiceClient
@@ -150,6 +165,14 @@ class MotoS3(Server):
         return boto3.client(service, endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                             aws_access_key_id=self.keys["AWS_ACCESS_KEY_ID"],
                             aws_secret_access_key=self.keys["AWS_SECRET_ACCESS_KEY"])
+
+    def listing(self, prefix: str) -> dict:
+        """key -> size of the objects under ``prefix``, read with boto3 (not the shipper's adapter)."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
+
+    def read(self, key: str) -> bytes:
+        return self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
     def prepare(self) -> None:
         if self.auth:
