@@ -8,6 +8,7 @@ import json
 import os
 import re
 import resource
+import select
 import shutil
 import subprocess
 import sys
@@ -245,6 +246,14 @@ def cpus_allowed(status: Path) -> Optional[str]:
     except OSError:
         return None
     return next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Cpus_allowed_list"))
+
+
+def read_line(stream: object, timeout: float = 60.0) -> object:
+    """The next line a child writes to its pipe ``stream``; fails after ``timeout`` (a child that never writes
+    must not hang the test)."""
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, f"no line from the child within {timeout}s"
+    return stream.readline()
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> object:

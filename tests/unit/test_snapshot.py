@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from support import need
+from support import need, read_line
 
 from corepipe.domain import snapshot
 
@@ -14,7 +14,7 @@ def test_reads_a_live_process() -> None:
                               "arg one"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              env={"SECRET_TOKEN": "s3cret", "PLAIN": "1"})
     try:
-        assert child.stdout.readline() == b"ready\n"
+        assert read_line(child.stdout) == b"ready\n"
         snap = snapshot.take(child.pid, ns_pid=child.pid, uid=os.getuid(), gid=os.getgid())
         assert snap.trusted, snap.untrusted
         assert snap.cmdline()[-1] == "arg one"
