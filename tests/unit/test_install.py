@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import wait_for
+from support import need, wait_for
 
 from corepipe.domain import catalog, record
 from corepipe.domain.containers import Container
@@ -176,6 +176,7 @@ def test_store_must_be_dedicated(paths: Paths) -> None:
 
 
 def test_status_codes(paths: Paths, root: Path) -> None:
+    need(os.geteuid() == 0, "needs root: status reads the default store")
     assert status.gather(paths)["code"] == status.NOT_INSTALLED
     install.install(paths, store=str(root / "var" / "s"))
     facts = status.gather(paths)

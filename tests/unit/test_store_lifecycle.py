@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from inprocess import collect_in_process
-from support import host_dir, wait_for
+from support import host_dir, need, wait_for
 
 from corepipe import cli
 from corepipe.domain import catalog, ledger
@@ -91,6 +91,7 @@ def test_binaries_are_saved_only_beside_a_kept_core(tmp_path: Path, sleepers: li
 
 
 def test_binaries_count_in_max_use(tmp_path: Path, sleepers: list) -> None:
+    need(os.geteuid() == 0, "needs root: the libraries are saved through map_files")
     _code, _, first = collect_in_process(_cfg(tmp_path), sleepers[0].pid, "first", CORE)
     core_bytes = (first["_dir"] / first["core"]["file"]).stat().st_blocks * 512
     binary_bytes = sum((tmp_path / "store" / BUILD_ID / k).stat().st_blocks * 512 for k in _stored_keys(first))
@@ -201,6 +202,7 @@ def test_prune_deletes_the_oldest_records_when_records_alone_are_over_max_use(tm
 def test_a_record_rewritten_for_the_notify_hook_is_counted_once(tmp_path: Path, sleepers: list) -> None:
     """The hook's outcome is written into the final record afterwards: the ledger keeps one record of its final
     size, as a scan of the store says."""
+    need(os.geteuid() == 0, "needs root: the hook runs as nobody")
     cfg = _cfg(tmp_path, notify_command=["/bin/true"], notify_user="nobody")
     _code, _, rec = collect_in_process(cfg, sleepers[0].pid, "notified", CORE)
     assert rec["notify"]["exit_status"] == 0, rec["notify"]
