@@ -120,13 +120,15 @@ def test_ship_verify_dedup_delete_and_debug_remotely(server, handler_dir: Path, 
     assert file_digest(out, second["core"])
 
     shutil.rmtree(handler.store / ".build-id")  # nothing local to fall back on
-    debug = corepipe(handler.config, server.env, "debug", "--remote", url, second["id"], "--", "-batch",
-                     "-ex", "bt", "-ex", f"shell readlink $COREPIPE_SYSROOT{exe['path']}")
+    temp = handler_dir / "tmp"  # this test's own, reachable by the debugger's uid
+    temp.mkdir()
+    debug = corepipe(handler.config, {**server.env, "TMPDIR": str(temp)}, "debug", "--remote", url, second["id"],
+                     "--", "-batch", "-ex", "bt", "-ex", f"shell readlink $COREPIPE_SYSROOT{exe['path']}")
     text = debug.stdout + debug.stderr
     assert " main " in text and f"crasher.c:{CRASH_LINE}" in text, text
     # gdb's executable is the copy downloaded from the store, linked from debug's temporary sysroot.
     assert re.search(r"/corepipe-remote-[^/]+/\.build-id/[0-9a-f]{2}/", text), text
-    assert not list(Path("/tmp").glob("corepipe-remote-*")), "the downloads were left behind"
+    assert not list(temp.glob("corepipe-remote-*")), "the downloads were left behind"
 
 
 def file_digest(path: Path, core: dict) -> bool:
