@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import inspect
+import os
 import shutil
 import subprocess
 import types
 from pathlib import Path
 
 import pytest
-from support import HERE, Handler, KernelSettings, need, need_root_kernel, short_tempdir
+from support import HERE, Handler, KernelSettings, mark_kernel_log, need, need_root_kernel, short_tempdir
+
+# Podman reads only the tests' own containers.conf (no default ulimits, which runc here refuses to raise): the
+# host's /etc/containers is left as it is.
+os.environ.setdefault("CONTAINERS_CONF", str(HERE / "containers.conf"))
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +94,13 @@ def stand_ins():
     made = StandIns()
     yield made
     made.remove()
+
+
+@pytest.fixture(autouse=True)
+def kernel_log_mark(request: pytest.FixtureRequest) -> None:
+    """Before each test that needs root: a mark in the kernel log, after which support.dmesg_lines reads."""
+    if request.node.get_closest_marker("root") is not None and os.access("/dev/kmsg", os.W_OK):
+        mark_kernel_log(request.node.nodeid)
 
 
 #: Marker -> the fixtures that give it (``item.fixturenames`` holds every fixture a test uses, however indirectly).

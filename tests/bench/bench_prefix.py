@@ -18,7 +18,9 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "src"))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent.parent / "src"), str(Path(__file__).resolve().parent.parent)]
+
+from support import piped  # noqa: E402
 
 from corepipe.platform import capture  # noqa: E402
 
@@ -27,15 +29,6 @@ THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 def faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def piped(data: bytes) -> int:
-    """A pipe's read end holding ``data`` (at most the pipe's 1 MiB), its write end closed."""
-    read_end, write_end = os.pipe()
-    capture.widen_pipe(write_end)
-    os.write(write_end, data)
-    os.close(write_end)
-    return read_end
 
 
 def faulted_read() -> int:

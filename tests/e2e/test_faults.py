@@ -125,6 +125,7 @@ def test_core_larger_than_the_free_space(handler_dir: Path, crasher: Path, tmp_p
 def test_read_only_store(kernel_handler, crasher: Path) -> None:
     assert_next_crash_is_normal(kernel_handler, crasher, "before-ro")
     store = kernel_handler.store
+    kernel_handler.settings.undo_on_abort(["umount", str(store)])
     subprocess.run(["mount", "--bind", str(store), str(store)], check=True)
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(store)], check=True)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import need, wait_for
+from support import need, piped, wait_for
 
 from corepipe.platform import capture, kernel
 
@@ -113,21 +113,12 @@ def test_big_core_is_left_in_the_pipe_after_the_prefix(tmp_path: Path) -> None:
     assert got["core"] == hashlib.sha256(data).hexdigest()
 
 
-def _piped(data: bytes) -> int:
-    """A pipe's read end holding ``data`` (at most the pipe's 1 MiB), its write end closed."""
-    read_end, write_end = os.pipe()
-    capture.widen_pipe(write_end)
-    os.write(write_end, data)
-    os.close(write_end)
-    return read_end
-
-
 def test_a_faulted_prefix_buffer_takes_the_core_in_place() -> None:
     """What a server's idle worker makes ahead of its crash: the core read is a view of that buffer (its page
     faults are a performance figure: tests/bench/bench_prefix.py)."""
     data = os.urandom(1 << 20)
     buffer = capture.prefix_buffer()
-    fd = _piped(data)
+    fd = piped(data)
     try:
         got, eof = capture.read_prefix(fd, capture.CORE_PREFIX, 10, buffer)
     finally:
@@ -140,7 +131,7 @@ def test_the_pipe_handlers_lazy_prefix_buffer_takes_the_core() -> None:
     page until filled is a performance figure: tests/bench/bench_prefix.py)."""
     lazy = capture.prefix_buffer(faulted=False)
     assert len(lazy) == capture.CORE_PREFIX
-    fd = _piped(b"core" * 1000)
+    fd = piped(b"core" * 1000)
     try:
         got, eof = capture.read_prefix(fd, capture.CORE_PREFIX, 10)
     finally:
