@@ -18,7 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
-from support import need
+from support import AbortGuard, need
 
 ROOTS = (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
 HIERARCHIES = Path("/sys/fs/cgroup")
@@ -43,6 +43,8 @@ class FakeContainers:
         self.parent = root / f"corepipe-test-{uuid.uuid4().hex[:8]}"
         self.parent.mkdir()
         self.made: list = []
+        self.guard = AbortGuard()  # the cgroups go even if the test process is killed
+        self.guard.undo_on_abort(["find", str(self.parent), "-depth", "-type", "d", "-exec", "rmdir", "{}", ";"])
 
     def new(self, path: str = "") -> str:
         """A new container id; its cgroup is <parent>/<path>/docker-<id>.scope."""
@@ -79,6 +81,7 @@ class FakeContainers:
             self.parent.rmdir()
         except OSError:
             pass
+        self.guard.close()
 
 
 class StandIns:
@@ -105,6 +108,9 @@ class StandIns:
             time.sleep(0.01)
         init = children.read_text().split()
         self.inits[cid] = (unshare, int(init[0]))
+        # Newest first, should the test process die: the forged runc state, then the container's processes.
+        self.cgroups.guard.undo_on_abort(["sh", "-c", f"kill -9 {init[0]}; sleep 0.5"])
+        self.cgroups.guard.undo_on_abort(["rm", "-rf", str(self.RUNC_STATE / cid)])
         (self.RUNC_STATE / cid).mkdir(parents=True)
         (self.RUNC_STATE / cid / "state.json").write_text(json.dumps({"id": cid, "init_process_pid": int(init[0])}))
         return cid

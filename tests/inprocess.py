@@ -24,16 +24,16 @@ def _feed(fd: int, data: bytes) -> threading.Thread:
     return thread
 
 
-def collect_in_process(cfg: Config, pid: int, comm: str, core: bytes) -> tuple:
+def collect_in_process(cfg: Config, pid: int, comm: str, core: bytes, when: int = 1700000000) -> tuple:
     """(exit code, what the core fd is after the pipeline let go of it, the crash's record) for a crash of
-    the live process ``pid`` whose core is ``core``."""
+    the live process ``pid`` whose core is ``core``, dumped at ``when`` (the kernel's %t)."""
     pidfd = os.pidfd_open(pid)
     read, write = os.pipe()
     feeder = _feed(write, core)
     try:
         # What a server knows from SO_PEERCRED / its peer's pidfd, as KernelArgs.
         args = KernelArgs(pid=pid, ns_pid=pid, tid=pid, uid=os.getuid(), gid=os.getgid(), signal=11,
-                          time=1700000000, core_limit=RLIM_INFINITY, dump_mode=1, pidfd=pidfd, hostname="box",
+                          time=when, core_limit=RLIM_INFINITY, dump_mode=1, pidfd=pidfd, hostname="box",
                           comm=comm)
         early = capture.take_process(pid, pidfd, read)
         code = collect.collect(args, early, core_fd=read, cfg=cfg)

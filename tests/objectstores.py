@@ -31,9 +31,15 @@ AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1
 
 
 def _free_port() -> int:
+    """A port free now: another process may take it before the server binds it (``Server.start`` then tries
+    another; these servers cannot report a port 0 chose)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class ServerExited(AssertionError):
+    """The server exited before it listened (its port taken meanwhile, or a real failure: see its log)."""
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -41,7 +47,7 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"the server exited with {proc.returncode}")
+            raise ServerExited(f"the server exited with {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
@@ -51,9 +57,12 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None
 
 
 class Server:
+    """An object-store server on loopback; ``listing`` and ``read`` look at what it holds through the vendor's
+    own SDK, so a test never checks the shipper with the shipper's own adapter."""
+
     kind = ""
-    argv: list = []
     proc: Optional[subprocess.Popen] = None
+    started = False
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
@@ -63,11 +72,23 @@ class Server:
     def server_env(self) -> dict:
         return dict(os.environ)
 
+    def argv(self) -> list:
+        raise NotImplementedError
+
     def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.server_env(),
-                                         start_new_session=True)
-        _wait_port(self.port, self.proc)
+        """Start it (again: on the same port); a first start whose port was taken meanwhile tries another."""
+        for attempt in range(3):
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                             env=self.server_env(), start_new_session=True)
+            try:
+                _wait_port(self.port, self.proc)
+                break
+            except ServerExited:
+                if self.started or attempt == 2:
+                    raise
+                self.port = _free_port()
+        self.started = True
         self.prepare()
 
     def prepare(self) -> None:
@@ -87,10 +108,12 @@ class Azurite(Server):
     def __init__(self, workdir: Path):
         need(AZURITE.exists(), f"needs Azurite at {AZURITE} (bash tests/setup.sh installs it)")
         super().__init__(workdir)
-        data = workdir / "azurite-data"
-        data.mkdir(exist_ok=True)
-        self.argv = [str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", str(data),
-                     "--skipApiVersionCheck", "--loose", "--silent"]
+        self.data = workdir / "azurite-data"
+        self.data.mkdir(exist_ok=True)
+
+    def argv(self) -> list:
+        return [str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", str(self.data),
+                "--skipApiVersionCheck", "--loose", "--silent"]
 
     def connection_string(self, key: str = AZURITE_KEY) -> str:
         return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={key};"
@@ -105,6 +128,18 @@ class Azurite(Server):
 
     def url(self, prefix: str) -> str:
         return f"az://{self.container}/{prefix}"
+
+    def _container_client(self):
+        from azure.storage.blob import BlobServiceClient
+
+        return BlobServiceClient.from_connection_string(self.connection_string()).get_container_client(self.container)
+
+    def listing(self, prefix: str) -> dict:
+        """key -> size of the blobs under ``prefix``, read with Microsoft's SDK (not the shipper's adapter)."""
+        return {b.name: b.size for b in self._container_client().list_blobs(name_starts_with=prefix)}
+
+    def read(self, key: str) -> bytes:
+        return self._container_client().download_blob(key).readall()
 
     def prepare(self) -> None:
         from azure.core.exceptions import ResourceExistsError
@@ -128,8 +163,11 @@ class MotoS3(Server):
         need(moto.exists(), "needs moto's server (pip install 'moto[server]'; bash tests/setup.sh does)")
         super().__init__(workdir)
         self.auth = auth
-        self.argv = [str(moto), "-H", "127.0.0.1", "-p", str(self.port)]
+        self.moto = moto
         self.keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+    def argv(self) -> list:
+        return [str(self.moto), "-H", "127.0.0.1", "-p", str(self.port)]
 
     def server_env(self) -> dict:
         return {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "3"} if self.auth else {})}
@@ -150,6 +188,14 @@ class MotoS3(Server):
         return boto3.client(service, endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                             aws_access_key_id=self.keys["AWS_ACCESS_KEY_ID"],
                             aws_secret_access_key=self.keys["AWS_SECRET_ACCESS_KEY"])
+
+    def listing(self, prefix: str) -> dict:
+        """key -> size of the objects under ``prefix``, read with boto3 (not the shipper's adapter)."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
+
+    def read(self, key: str) -> bytes:
+        return self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
     def prepare(self) -> None:
         if self.auth:

@@ -10,11 +10,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-# Podman on this kind of host: no default ulimits the sandbox would refuse to raise.
-mkdir -p /etc/containers
-if ! grep -q '^default_ulimits' /etc/containers/containers.conf 2>/dev/null; then
-    printf '[containers]\ndefault_ulimits = []\n' >> /etc/containers/containers.conf
-fi
+# Podman's settings for the tests are in tests/containers.conf (CONTAINERS_CONF, set by tests/conftest.py):
+# nothing under /etc is changed.
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -e '.[test]'
 # Azurite, Microsoft's Azure Storage emulator, for the shipping tests (tests/objectstores.py).

@@ -9,12 +9,14 @@ import json
 import os
 import re
 import resource
+import select
 import shutil
 import stat
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Callable, Optional
@@ -113,13 +115,12 @@ def collect_by_hand(handler: Handler, pid: int, comm: str, pidfd: Optional[int] 
                             env={}, cwd="/", pass_fds=() if pidfd is None else (pidfd,))
 
 
-#: The watchdog of KernelSettings: reads "undo" commands (JSON argv lines) and "done" from stdin; at EOF
+#: The watchdog of AbortGuard: reads "undo" commands (JSON argv lines) and "done" from stdin; at EOF
 #: without "done" (the test process was killed) it runs the undo commands, newest first, and restores the
-#: kernel settings given as hex in argv. It runs in a session of its own, so a kill of the test's process
-#: group does not take it along, and it holds the settings lock until it has restored them.
+#: kernel settings given as hex in argv, if any. It runs in a session of its own, so a kill of the test's
+#: process group does not take it along, and it holds the settings lock (KernelSettings) until it is done.
 _WATCHDOG = """
 import json, subprocess, sys
-pattern, limit = (bytes.fromhex(x) for x in sys.argv[1:3])
 undo = []
 for line in sys.stdin:
     if line == "done\\n":
@@ -127,8 +128,10 @@ for line in sys.stdin:
     undo.append(json.loads(line))
 for argv in reversed(undo):
     subprocess.run(argv, check=False, capture_output=True)
-open("/proc/sys/kernel/core_pattern", "wb").write(pattern)
-open("/proc/sys/kernel/core_pipe_limit", "wb").write(limit)
+if len(sys.argv) == 3:
+    pattern, limit = (bytes.fromhex(x) for x in sys.argv[1:3])
+    open("/proc/sys/kernel/core_pattern", "wb").write(pattern)
+    open("/proc/sys/kernel/core_pipe_limit", "wb").write(limit)
 """
 
 
@@ -139,6 +142,25 @@ LOCK_FD_ENV = "COREPIPE_TEST_LOCK_FD"
 #: The kernel's defaults: every KernelSettings block starts from them, so an installation of corepipe on the
 #: host (whose pattern install would refuse to replace) is set aside for the block and given back after it.
 START_PATTERN, START_LIMIT = b"core\n", b"0\n"
+
+
+class AbortGuard:
+    """Undoes host changes (mounts, forged runtime state) when the test process dies before ``close``: SIGKILL,
+    a timeout's kill. The test's own cleanup covers every other exit."""
+
+    def __init__(self, *settings: str, pass_fds: tuple = ()) -> None:
+        self._watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, *settings], stdin=subprocess.PIPE,
+                                          text=True, pass_fds=pass_fds, start_new_session=True)
+
+    def undo_on_abort(self, argv: list) -> None:
+        """Run ``argv`` if the test process dies before ``close``."""
+        self._watchdog.stdin.write(json.dumps(argv) + "\n")
+        self._watchdog.stdin.flush()
+
+    def close(self) -> None:
+        self._watchdog.stdin.write("done\n")
+        self._watchdog.stdin.close()
+        self._watchdog.wait(timeout=30)
 
 
 @contextlib.contextmanager
@@ -171,9 +193,7 @@ class KernelSettings:
         try:
             self.saved_pattern = CORE_PATTERN.read_bytes()
             self.saved_limit = PIPE_LIMIT.read_bytes()
-            self._watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, self.saved_pattern.hex(),
-                                               self.saved_limit.hex()], stdin=subprocess.PIPE, text=True,
-                                              pass_fds=(self.lock.fileno(),), start_new_session=True)
+            self._guard = AbortGuard(self.saved_pattern.hex(), self.saved_limit.hex(), pass_fds=(self.lock.fileno(),))
         except BaseException:
             self._locked.__exit__(*sys.exc_info())
             raise
@@ -188,8 +208,7 @@ class KernelSettings:
 
     def undo_on_abort(self, argv: list) -> None:
         """Run ``argv`` if the test process dies inside the block (the block's own cleanup covers the rest)."""
-        self._watchdog.stdin.write(json.dumps(argv) + "\n")
-        self._watchdog.stdin.flush()
+        self._guard.undo_on_abort(argv)
 
     def __exit__(self, *exc: object) -> None:
         try:
@@ -197,9 +216,7 @@ class KernelSettings:
             PIPE_LIMIT.write_bytes(self.saved_limit)
         finally:
             try:
-                self._watchdog.stdin.write("done\n")
-                self._watchdog.stdin.close()
-                self._watchdog.wait(timeout=30)
+                self._guard.close()
             finally:
                 self._locked.__exit__(None, None, None)
 
@@ -220,11 +237,14 @@ def mounted_tmpfs(path: Path, size: str) -> Iterator[Path]:
     """A small tmpfs at ``path`` (for disk-full and quota tests), unmounted afterwards."""
     need(os.geteuid() == 0, "needs root to mount a tmpfs")
     path.mkdir(exist_ok=True)
+    guard = AbortGuard()
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True)
+    guard.undo_on_abort(["umount", "-l", str(path)])
     try:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+        guard.close()
 
 
 def short_tempdir() -> Path:
@@ -280,6 +300,25 @@ def cpus_allowed(status: Path) -> Optional[str]:
     return next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Cpus_allowed_list"))
 
 
+def piped(data: bytes) -> int:
+    """A pipe's read end holding ``data`` (at most the pipe's 1 MiB, as capture widens it), its write end closed."""
+    from corepipe.platform import capture
+
+    read_end, write_end = os.pipe()
+    capture.widen_pipe(write_end)
+    os.write(write_end, data)
+    os.close(write_end)
+    return read_end
+
+
+def read_line(stream: object, timeout: float = 60.0) -> object:
+    """The next line a child writes to its pipe ``stream``; fails after ``timeout`` (a child that never writes
+    must not hang the test)."""
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, f"no line from the child within {timeout}s"
+    return stream.readline()
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> object:
     """The first true value of ``predicate()``; fails after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -291,9 +330,28 @@ def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str =
     raise AssertionError(f"timed out waiting for {what}")
 
 
+#: The kernel-log mark of the running test (tests/conftest.py writes one before each test that needs root).
+_log_mark: Optional[str] = None
+
+
+def mark_kernel_log(name: str) -> None:
+    """Write a unique line to the kernel log: from now on ``dmesg_lines`` reads only what follows it, so a line of
+    an earlier test's process that had the same PID never counts."""
+    global _log_mark
+    mark = f"corepipe-tests: mark {uuid.uuid4().hex} {name[-120:]}"
+    with open("/dev/kmsg", "w") as kmsg:
+        kmsg.write(mark + "\n")
+    _log_mark = mark
+
+
 def dmesg_lines(needle: str) -> list:
-    return [line for line in subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
-            if needle in line]
+    """The kernel log's lines holding ``needle``, after the running test's mark (all of them when the ring buffer
+    has dropped the mark: what it kept is newer)."""
+    lines = subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
+    if _log_mark is not None:
+        marked = [i for i, line in enumerate(lines) if _log_mark in line]
+        lines = lines[marked[-1] + 1:] if marked else lines
+    return [line for line in lines if needle in line]
 
 
 def wait_log(needle: str) -> list:

@@ -25,6 +25,7 @@ from support import (
     installed_handler,
     need,
     need_tool,
+    read_line,
     served_handler,
     start_crash,
     wait_for,
@@ -69,7 +70,7 @@ def test_a_fuse_backed_mapping_cannot_hang_the_handler(handler: Handler, fuse_pr
         wait_for(lambda: (mount / "blocker").exists() or proc.poll() is not None, 30, "the FUSE mount")
         assert proc.poll() is None, proc.stderr.read()
         crashed = start_crash([str(victim), str(mount / "blocker"), "x" * 16384], stdout=subprocess.PIPE)
-        assert crashed.stdout.readline() == b"ready\n"
+        assert read_line(crashed.stdout) == b"ready\n"
         crashed.wait(timeout=60)
         # Final within the deadline, while the server still answers nothing: the handler did not wait on it.
         rec = handler.wait_record(lambda r: r["comm"] == "fuse_victim", timeout=60)

@@ -8,6 +8,7 @@ through the copies corepipe saved at collection.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -26,8 +27,11 @@ RAISE_LINE = next(i for i, line in enumerate((HERE / "crasher.c").read_text().sp
 
 
 def corepipe(handler, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``corepipe ARGS`` with the handler's config and a temporary directory of this test's own (TMPDIR)."""
+    temp = handler.workdir / "tmp"
+    temp.mkdir(exist_ok=True)
     proc = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(handler.config), *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(temp)})
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -127,7 +131,7 @@ def test_container_debuggable_after_container_and_image_are_gone(kernel_handler,
     debug = corepipe(kernel_handler, "debug", abrt["id"], "--", "-batch", "-ex", "bt")
     out = debug.stdout + debug.stderr
     assert re.search(r"#\d+ .* in (__GI_)?raise ", out) and f"crasher.c:{RAISE_LINE}" in out, out
-    assert not list(Path("/tmp").glob("corepipe-debug-*/core")), "debug left a decompressed core behind"
+    assert not list((kernel_handler.workdir / "tmp").glob("corepipe-debug-*/core")), "debug left a core behind"
 
 
 def test_host_process(kernel_handler, dynamic_crasher: Path, tmp_path: Path) -> None:

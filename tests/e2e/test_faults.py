@@ -60,12 +60,16 @@ def assert_next_crash_is_normal(handler: Handler, crasher: Path, name: str) -> d
     return rec
 
 
-def assert_only_complete_cores(store: Path, tmp: Path) -> None:
-    """Every core.zst under its final name decompresses whole and matches its record's digest."""
+def assert_only_complete_cores(store: Path, tmp: Path, expected: set) -> None:
+    """The cores under their final name are those of the crashes ``expected`` (ids), and each decompresses
+    whole and matches its record's digest."""
+    found = set()
     for core in store.rglob("core.zst"):
         rec = json.loads((core.parent / "record.json").read_text())
         data = decompress(core, tmp / "check")
         assert core_digest(data) == rec["core"]["digest"]
+        found.add(rec["id"])
+    assert found == expected
 
 
 def test_disk_full_during_the_write(handler_dir: Path, crasher: Path, real_core: bytes, tmp_path: Path) -> None:
@@ -115,12 +119,13 @@ def test_core_larger_than_the_free_space(handler_dir: Path, crasher: Path, tmp_p
         assert wait_log(f"id {rec['id']}")  # logged after the final record is written
         small = assert_next_crash_is_normal(handler, crasher, "fits")
         assert small["core"]["compressed_size"] < (8 << 20) // 10
-        assert_only_complete_cores(store, tmp_path)
+        assert_only_complete_cores(store, tmp_path, {small["id"]})
 
 
 def test_read_only_store(kernel_handler, crasher: Path) -> None:
     assert_next_crash_is_normal(kernel_handler, crasher, "before-ro")
     store = kernel_handler.store
+    kernel_handler.settings.undo_on_abort(["umount", str(store)])
     subprocess.run(["mount", "--bind", str(store), str(store)], check=True)
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(store)], check=True)
@@ -207,7 +212,7 @@ def test_handler_killed_mid_write(kernel_handler, crasher: Path, tmp_path: Path)
     after = assert_next_crash_is_normal(kernel_handler, crasher, "after-kill")
     state = json.loads((kernel_handler.store / ".state.json").read_text())
     assert rec["id"] not in state["reservations"] and after["id"] not in state["reservations"]
-    assert_only_complete_cores(kernel_handler.store, tmp_path)
+    assert_only_complete_cores(kernel_handler.store, tmp_path, {after["id"]})
 
 
 def test_process_sigkilled_mid_dump_keeps_a_marked_partial_core(kernel_handler, crasher: Path,

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from support import HERE, KernelSettings, need_root_kernel
+from support import HERE, KernelSettings, need_root_kernel, read_line
 
 CHILD = """
 import os, sys
@@ -28,7 +28,7 @@ def test_a_killed_test_process_still_restores_the_kernel_settings(tmp_path: Path
     marker = tmp_path / "undone"
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(HERE), str(marker)], stdout=subprocess.PIPE,
                              text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert child.stdout.readline() == "set\n"
+    assert read_line(child.stdout) == "set\n"
     assert child.wait(timeout=60) == -signal.SIGKILL
     with KernelSettings() as settings:  # the lock is free once the watchdog has restored and exited
         assert b"corepipe-killed-test" not in settings.saved_pattern, settings.saved_pattern

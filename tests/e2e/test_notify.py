@@ -43,9 +43,11 @@ def test_hook_runs_once_per_new_signature_as_its_user(bugs: dict) -> None:
             records = {r["comm"]: r for r in handler.records()}
             # A hook that hangs, in a background child too: its whole session is killed at notify_timeout.
             marker = uuid.uuid4().hex
+            seconds = f"300.{uuid.uuid4().int % 10**9:09d}"  # the hook's sleeps, told from any other's
             handler.config.write_text(handler.config.read_text().replace(
                 f"notify_command = {json.dumps(hook)}",
-                f'notify_command = ["/bin/sh", "-c", "sleep 300 & sleep 300; : {marker}"]\nnotify_timeout = 1'))
+                f'notify_command = ["/bin/sh", "-c", "sleep {seconds} & sleep {seconds}; : {marker}"]\n'
+                'notify_timeout = 1'))
             crash([str(bugs["bugs"]), "abort", hang])
             hung = handler.wait_record(lambda r: r["comm"] == hang and "notify" in r, timeout=60)
         outputs = [p.read_text().split("\n", 2) for p in sorted(out.iterdir())]
@@ -65,4 +67,4 @@ def test_hook_runs_once_per_new_signature_as_its_user(bugs: dict) -> None:
 
     assert hung["notify"]["error"] == "timed out after 1 s (notify_timeout); killed" and hung["status"] == "complete"
     assert hung["notify"]["duration"] < 30
-    wait_for(lambda: not _processes_with(marker) and not _processes_with("sleep 300"), 10, "the hook's session gone")
+    wait_for(lambda: not _processes_with(marker) and not _processes_with(seconds), 10, "the hook's session gone")

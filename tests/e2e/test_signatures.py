@@ -17,7 +17,16 @@ from pathlib import Path
 
 import pytest
 from runtimes import unique
-from support import NO_RATE_LIMIT, corepipe_cli, crash, installed_handler, need_tool, short_tempdir, wait_for
+from support import (
+    NO_RATE_LIMIT,
+    corepipe_cli,
+    crash,
+    installed_handler,
+    need_tool,
+    short_tempdir,
+    start_crash,
+    wait_for,
+)
 
 #: The loop's crashes, of which the policy keeps the first LOOP_CORES cores (as many as bugs.c's crashes at
 #: write_site that must have a core: they share one crash site).
@@ -53,8 +62,11 @@ def crashed(bugs: dict, crasher: Path, docker_image: str) -> dict:
             crash([str(programs["bugs"]), "near-a", "nocore"], core_limit=0)
             for mode in ("near-a", "near-a", "other"):
                 crash([str(programs["stripped"]), mode, "s-" + mode])
+            loop_pids = []  # in crash order
             for _ in range(LOOP):
-                crash([str(programs["looper"]), "near-a", "loop"])
+                proc = start_crash([str(programs["looper"]), "near-a", "loop"])
+                proc.wait(timeout=120)
+                loop_pids.append(proc.pid)
             crash([str(programs["looper"]), "other", "newbug"])
             found = {"host": handler.wait_record(lambda r: r["comm"] == "sig-host"),
                      "containers": [handler.wait_record(lambda r, c=c: r["container"]["id"] == c) for c in containers]}
@@ -64,6 +76,7 @@ def crashed(bugs: dict, crasher: Path, docker_image: str) -> dict:
                 wait_for(lambda c=comm, n=count: len([r for r in handler.records() if r["comm"] == c
                                                       and r["status"] != "collecting"]) == n, 60, f"{count} {comm}")
         found["records"] = handler.records()
+        found["loop_pids"] = loop_pids
         found["store"] = handler
         yield found
     finally:
@@ -158,9 +171,9 @@ def test_without_a_backtrace_the_crash_site_stands_in(crashed: dict) -> None:
 
 
 def test_crash_loop_keeps_the_first_cores_of_its_signature(crashed: dict) -> None:
-    loop = sorted(_by_comm(crashed, "loop"), key=lambda r: r["_dir"])
-    stored = [r for r in loop if r["core"]["stored"]]
-    assert len(loop) == LOOP and len(stored) == LOOP_CORES
+    loop = sorted(_by_comm(crashed, "loop"), key=lambda r: crashed["loop_pids"].index(r["pid"]))  # crash order
+    assert len(loop) == LOOP
+    assert [r["core"]["stored"] for r in loop] == [True] * LOOP_CORES + [False] * (LOOP - LOOP_CORES)
     for rec in loop:
         if not rec["core"]["stored"]:
             assert rec["core"]["reason"].startswith(f"rate limited: {LOOP_CORES} cores of this signature"), rec["core"]

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from cgroups import StandIns, crash_in
-from support import HERE, NO_RATE_LIMIT, crash, installed_handler, mounted_tmpfs
+from support import HERE, NO_RATE_LIMIT, crash, installed_handler, mounted_tmpfs, need_tool
 
 
 def _cores(store: Path) -> list:
@@ -156,9 +156,8 @@ def test_systemd_units_run_prune_daily() -> None:
     timer = (units / "corepipe-prune.timer").read_text()
     assert "ExecStart=/usr/local/bin/corepipe prune\n" in service and "Type=oneshot" in service
     assert "OnUnitActiveSec=1d" in timer and "WantedBy=timers.target" in timer
-    analyze = shutil.which("systemd-analyze")
-    if analyze:
-        check = subprocess.run([analyze, "verify", "--man=no", str(units / "corepipe-prune.timer"),
-                                str(units / "corepipe-prune.service")], capture_output=True, text=True)
-        problems = [line for line in check.stderr.splitlines() if "corepipe" in line and "/usr/local/bin" not in line]
-        assert not problems, check.stderr
+    analyze = need_tool("systemd-analyze")
+    check = subprocess.run([analyze, "verify", "--man=no", str(units / "corepipe-prune.timer"),
+                            str(units / "corepipe-prune.service")], capture_output=True, text=True)
+    problems = [line for line in check.stderr.splitlines() if "corepipe" in line and "/usr/local/bin" not in line]
+    assert not problems, check.stderr

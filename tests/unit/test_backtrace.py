@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from support import need, short_tempdir
+from support import need, short_tempdir, wait_for
 
 from corepipe.domain import backtrace
 from corepipe.domain.binaries import Held, HeldFiles
@@ -25,8 +25,10 @@ def test_output_is_bounded() -> None:
     assert len(output) == backtrace.MAX_OUTPUT and truncated and not timed_out
 
 
-def test_time_is_bounded_and_the_session_killed() -> None:
-    proc = _popen(["sh", "-c", "sleep 60 & echo started; wait"])
+def test_time_is_bounded_and_the_session_killed(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    proc = _popen(["sh", "-c", f"sleep 60 & echo started; touch {ready}; wait"])
+    wait_for(ready.exists, 60, "the child's output")  # the bound is short: the output must be there before
     started = time.monotonic()
     output, _truncated, timed_out = backtrace._read(proc, time.monotonic() + 0.5)
     assert timed_out and output == b"started\n" and proc.returncode == -9

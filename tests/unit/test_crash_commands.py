@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from support import core_digest, decompress
+from support import core_digest, decompress, need
 
 from corepipe.cli import main
 from corepipe.domain import batch, catalog, record
@@ -351,6 +351,7 @@ def test_rm(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFi
 def test_debug_cleans_up_and_leaves_ctrl_c_to_the_debugger(store: Path, crashes: dict, tmp_path: Path) -> None:
     """A stand-in debugger hashes the core it got, sends Ctrl-C to corepipe, and exits 7; it sees only its
     sandbox (the store's crashes and this test's files are not there; the core and sysroot at their own paths)."""
+    need(os.geteuid() == 0, "needs root: the debugger's sandbox")
     _path, rec = crashes["web"]
     script = (f'sha256sum "$0"; echo "$COREPIPE_SYSROOT"; ls -d {store}/host {tmp_path}/c.toml >/dev/null 2>&1; '
               'echo $?; kill -INT $PPID; sleep 0.2; exit 7')

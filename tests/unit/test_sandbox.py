@@ -6,10 +6,12 @@ a path that climbs out of any sysroot to a FIFO, and gdb's ``gcore`` dumps it.
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -117,15 +119,40 @@ def test_backtrace_of_a_core_whose_link_map_escapes(tmp_path: Path, escaping_cor
     assert "Thread 1" in result["text"] and "#0" in result["text"], result["text"]  # it ran, and did not hang
 
 
+class _Debuginfod(http.server.BaseHTTPRequestHandler):
+    """A debuginfod server on loopback that has nothing and notes every path asked for."""
+
+    asked: list = []
+
+    def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+        self.asked.append(self.path)
+        self.send_error(404)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 def test_debug_of_a_core_whose_link_map_escapes(tmp_path: Path, escaping_core: tuple) -> None:
+    """It runs and does not hang, and debuginfod is never asked though DEBUGINFOD_URLS names a live server (gdb
+    would fetch the debug info of every build id the hostile core names)."""
     core, _fifo = escaping_core
     _store, _path, rec = _stored(tmp_path, core)
-    env = {**os.environ, "DEBUGINFOD_URLS": "http://127.0.0.1:9"}
-    proc = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(tmp_path / "c.toml"), "debug", rec["id"],
-                           "--", "-batch", "-ex", "info sharedlibrary", "-ex", "bt"],
-                          capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Debuginfod)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        env = {**os.environ, "DEBUGINFOD_URLS": url}
+        proc = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(tmp_path / "c.toml"), "debug",
+                               rec["id"], "--", "-batch", "-ex", "show debuginfod enabled",
+                               "-ex", "show debuginfod urls", "-ex", "info sharedlibrary", "-ex", "bt"],
+                              capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    finally:
+        server.shutdown()
+        server.server_close()
     assert proc.returncode == 0, proc.stderr
     assert "#0" in proc.stdout, proc.stdout + proc.stderr
+    assert 'Debuginfod functionality is currently set to "off"' in proc.stdout, proc.stdout
+    assert url not in proc.stdout + proc.stderr and _Debuginfod.asked == [], _Debuginfod.asked
 
 
 def test_debug_refuses_a_core_bigger_than_its_temporary_filesystem(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from support import wait_for
+from support import read_line, wait_for
 
 from corepipe.platform import slots
 from corepipe.platform.config import Config
@@ -30,7 +30,7 @@ def _holder(store: Path, kind: str) -> subprocess.Popen:
             "print('held' if turn.fd is not None else turn.refused, flush=True)\nsys.stdin.read()\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env={"PYTHONPATH": str(SRC)})
-    assert proc.stdout.readline().strip() == "held"
+    assert read_line(proc.stdout).strip() == "held"
     return proc
 
 

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from support import need, read_line
+
 from corepipe.domain import snapshot
 
 
@@ -12,7 +14,7 @@ def test_reads_a_live_process() -> None:
                               "arg one"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              env={"SECRET_TOKEN": "s3cret", "PLAIN": "1"})
     try:
-        assert child.stdout.readline() == b"ready\n"
+        assert read_line(child.stdout) == b"ready\n"
         snap = snapshot.take(child.pid, ns_pid=child.pid, uid=os.getuid(), gid=os.getgid())
         assert snap.trusted, snap.untrusted
         assert snap.cmdline()[-1] == "arg one"
@@ -36,8 +38,7 @@ def test_ns_pid_mismatch_makes_it_untrusted() -> None:
 
 
 def test_pidfd_of_another_process_makes_it_untrusted() -> None:
-    if not hasattr(os, "pidfd_open"):
-        return
+    need(hasattr(os, "pidfd_open"), "needs os.pidfd_open (Python 3.9 on Linux 5.3+)")
     child = subprocess.Popen(["sleep", "30"])
     pidfd = os.pidfd_open(child.pid)
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from inprocess import collect_in_process
-from support import host_dir, wait_for
+from support import host_dir, need, wait_for
 
 from corepipe import cli
 from corepipe.domain import catalog, ledger
@@ -72,7 +72,8 @@ def _assert_exact(tmp_path: Path) -> None:
 
 def _cli(tmp_path: Path, cfg: Config, *args: str) -> int:
     config = tmp_path / "c.toml"
-    config.write_text(f'store = "{cfg.store}"\nmax_use = {cfg.max_use}\nkeep_free = 0\n')
+    config.write_text(f'store = "{cfg.store}"\nmax_use = {cfg.max_use}\nkeep_free = 0\n'
+                      f'max_age_days = {cfg.max_age_days}\n')
     return cli.main(["--config", str(config), *args])
 
 
@@ -90,6 +91,7 @@ def test_binaries_are_saved_only_beside_a_kept_core(tmp_path: Path, sleepers: li
 
 
 def test_binaries_count_in_max_use(tmp_path: Path, sleepers: list) -> None:
+    need(os.geteuid() == 0, "needs root: the libraries are saved through map_files")
     _code, _, first = collect_in_process(_cfg(tmp_path), sleepers[0].pid, "first", CORE)
     core_bytes = (first["_dir"] / first["core"]["file"]).stat().st_blocks * 512
     binary_bytes = sum((tmp_path / "store" / BUILD_ID / k).stat().st_blocks * 512 for k in _stored_keys(first))
@@ -177,24 +179,30 @@ def test_prune_deletes_the_oldest_records_when_records_alone_are_over_max_use(tm
     """A rate-limited crash loop leaves records only; once they alone exceed max_use, prune deletes the oldest
     crashes (the core goes first), so records cannot grow past the limit until max_age_days."""
     cfg = _cfg(tmp_path, rate_limit_exe=1)
+    order = []  # the crash directories, oldest first
     for n in range(6):
-        collect_in_process(cfg, sleepers[0].pid, f"loop{n}", CORE)
+        rec = collect_in_process(cfg, sleepers[0].pid, f"loop{n}", CORE, when=1700000000 + n)[2]
+        order.append(rec["_dir"].name)
     with Store(cfg.store, create=False) as store:
         crashes = catalog.scan(store).crashes
     assert len(crashes) == 6 and sum(1 for c in crashes if c.file) == 1
+    assert sorted(c.crash for c in crashes) == sorted(order), (order, crashes)
     newest = sorted(c.record for c in crashes)[:2]
     limit = sum(newest)  # room for the two smallest records: at least four crashes must go
-    assert _cli(tmp_path, _cfg(tmp_path, max_use=limit), "prune") == 0
+    # max_age_days = 0: the records' dump time (collect_in_process's, in 2023) must not expire them first.
+    assert _cli(tmp_path, _cfg(tmp_path, max_use=limit, max_age_days=0), "prune") == 0
     with Store(cfg.store, create=False) as store:
         left = catalog.scan(store).crashes
     # The core went first (its record then says so, and may grow by a block); then the oldest records.
     assert 1 <= len(left) <= 2 and not any(c.file for c in left), left
+    assert sorted(c.crash for c in left) == sorted(order[-len(left):]), (order, left)  # the newest are kept
     _assert_exact(tmp_path)
 
 
 def test_a_record_rewritten_for_the_notify_hook_is_counted_once(tmp_path: Path, sleepers: list) -> None:
     """The hook's outcome is written into the final record afterwards: the ledger keeps one record of its final
     size, as a scan of the store says."""
+    need(os.geteuid() == 0, "needs root: the hook runs as nobody")
     cfg = _cfg(tmp_path, notify_command=["/bin/true"], notify_user="nobody")
     _code, _, rec = collect_in_process(cfg, sleepers[0].pid, "notified", CORE)
     assert rec["notify"]["exit_status"] == 0, rec["notify"]

@@ -9,12 +9,13 @@ without a core.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
 from corepipe.domain import accounting, binaries, catalog, policy
 from corepipe.platform.config import Config
-from corepipe.platform.store import Store
+from corepipe.platform.store import Store, crash_time
 
 
 def prune(store: Store, cfg: Config, *, dry_run: bool, say: Callable[[str], None]) -> int:
@@ -59,6 +60,9 @@ def prune(store: Store, cfg: Config, *, dry_run: bool, say: Callable[[str], None
             free += sum(c.size for c in old)
         reserved = sum(r[0] for r in accounting.reservations(accounting.load_state(store), min_age).values())
         entries = [c for g in held.groups() for c in held.cores(g) if (c.group, c.crash) not in gone]
+        # Records count in max_use too, and the ledger's cores carry none: one core-less entry per record.
+        entries += [dataclasses.replace(c, file=None, size=0) for c in contents.crashes
+                    if (c.group, c.crash) not in gone]
         plan = policy.plan(entries, lim, fs_free=free, reserved=reserved,
                            shared={name: size for name, (size, _refs) in held.binaries.items()})
         for core, reason in plan.delete:
@@ -66,7 +70,9 @@ def prune(store: Store, cfg: Config, *, dry_run: bool, say: Callable[[str], None
                   f"{store.root}/{core.group}/{core.crash}/{core.file}", reason)
         if lim.max_use and plan.used > lim.max_use:
             coreless = {(c.group, c.crash) for c, _reason in plan.delete}
-            records = [c for c in contents.crashes
+            # A crash whose core just went is as old as its dump (its time was the core's).
+            records = [c if not c.file else dataclasses.replace(c, time=crash_time(c.crash))
+                       for c in contents.crashes
                        if (c.group, c.crash) not in gone and (not c.file or (c.group, c.crash) in coreless)]
             for crash in policy.oldest_records(records, plan.used - lim.max_use):
                 apply(lambda c=crash: books.delete_crash(c.group, c.crash), f"{store.root}/{crash.group}/{crash.crash}",
