@@ -1,4 +1,4 @@
-"""Fixtures shared by every test, and the markers each test gets from what it uses (docs/drafts/testing.md)."""
+"""Fixtures shared by every test, and the markers each test gets from what it uses (docs/testing.md)."""
 
 from __future__ import annotations
 
