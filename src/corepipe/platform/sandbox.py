@@ -5,7 +5,10 @@ gdb opens ``<sysroot>/<name>`` for each library in the core's link map, and a na
 ``/../../tmp/fifo`` climbs out of any sysroot (a FIFO there hangs gdb; a device node may do
 worse). So the debugger runs in a private mount namespace, chrooted into a directory that holds
 only the system's read-only trees (``SYSTEM_TREES``), ``/proc``, ``/dev/null`` and what the
-caller binds in (its work directory, the saved binaries): a ``..`` stops at that root. It also
+caller binds in (its work directory, the saved binaries, source directories): a ``..`` stops at that root.
+A source directory puts everything below it in reach of those names, so ``source_refusal`` keeps out
+the ones that would undo the jail: ``/``, kernel filesystems, and (for a directory named by the
+binary itself, or the one ``debug`` is run from) directories other users can write to. It also
 runs (for the collection-time backtrace) as a uid taken from ``UID_RANGE`` that no process and
 no account uses, so no other user can read its fds through ``/proc/<pid>/fd``, ptrace it or
 signal it; platform/gdb.py's options turn off everything gdb would run or fetch on the core's say-so.
@@ -17,6 +20,7 @@ import ctypes
 import os
 import random
 import resource
+import stat
 from typing import Callable, Optional
 
 #: Environment variables gdb or its libraries would act on; never passed to a debugger.
@@ -27,6 +31,11 @@ UNSAFE_ENV = ("DEBUGINFOD_URLS", "GDBHISTFILE", "LD_PRELOAD", "LD_LIBRARY_PATH",
 UID_RANGE = (0x7F000000, 0x7FFFFFFE)
 #: Read-only in the debugger's root, at the same paths (gdb and the libraries it loads live there).
 SYSTEM_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+#: Never a source directory: kernel filesystems (a device node, a FIFO or a file that blocks on read).
+KERNEL_TREES = ("/proc", "/sys", "/dev")
+#: Never a source directory the binary names: where runtimes keep containers' files and state, which a crashed
+#: container writes to (a FIFO it made there would hang gdb).
+RUNTIME_TREES = ("/run", "/var/run", "/var/lib")
 
 _CLONE_NEWNS = 0x00020000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
@@ -78,18 +87,53 @@ def debugger_env(base: Optional[dict] = None) -> dict:
     return {key: value for key, value in env.items() if key not in UNSAFE_ENV}
 
 
+def _below(path: str, trees: tuple) -> bool:
+    return any(path == tree or path.startswith(tree.rstrip("/") + "/") for tree in trees)
+
+
 def in_trees(path: str) -> bool:
     """``path`` is in one of the SYSTEM_TREES, which every Jail has."""
+    return _below(os.path.realpath(path), SYSTEM_TREES)
+
+
+def source_refusal(path: str, named_by: str) -> Optional[str]:
+    """Why the directory ``path`` may not be bound into a debugger's root as a source directory; None if it may.
+    ``named_by`` says who chose it: "user" (an option: only what would undo the jail is refused), "cwd" (where
+    ``debug`` runs: also a directory others can write to) or "binary" (its DWARF, hostile: also a symlink, a
+    top-level directory, the runtimes' trees and a directory that is neither root's nor the caller's)."""
     real = os.path.realpath(path)
-    return any(real == tree or real.startswith(tree.rstrip("/") + "/") for tree in SYSTEM_TREES)
+    try:
+        st = os.stat(real)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory"
+    if real == "/":
+        return "it is the root directory"
+    if _below(real, KERNEL_TREES):
+        return "a kernel filesystem"
+    if named_by == "user":
+        return None
+    if st.st_mode & 0o022:
+        return "other users can write to it"
+    if named_by == "cwd":
+        return None
+    if real != os.path.normpath(path):
+        return "its path goes through a symlink or '..'"
+    if real.count("/") < 2 or _below(real, RUNTIME_TREES):
+        return "a system directory"
+    if st.st_uid not in (0, os.getuid()):
+        return f"owned by uid {st.st_uid}"
+    return None
 
 
 class Jail:
     """A root directory for the debugger: made (empty mount points) by ``prepare`` in the parent, entered by
-    ``enter`` in the child between fork and exec. ``binds`` are (host path, path inside) pairs, read-only."""
+    ``enter`` in the child between fork and exec. ``binds`` are (host path, path inside) pairs, read-only; the
+    debugger starts in ``cwd`` (inside), or in ``/`` if that is not there."""
 
-    def __init__(self, root: str, binds: list):
-        self.root = root
+    def __init__(self, root: str, binds: list, cwd: str = "/"):
+        self.root, self.cwd = root, cwd
         self.trees = [tree for tree in SYSTEM_TREES if os.path.isdir(tree) and not os.path.islink(tree)]
         self.binds = [(source, inside) for source, inside in binds if os.path.lexists(source)
                       and not (source == inside and in_trees(source))]
@@ -140,7 +184,10 @@ class Jail:
         for source, inside in self.binds:
             self._bind(source, self._inside(inside))
         os.chroot(self.root)
-        os.chdir("/")
+        try:
+            os.chdir(self.cwd)
+        except OSError:
+            os.chdir("/")
 
 
 def preexec(jail: Optional[Jail], uid: Optional[int]) -> Callable[[], None]:
