@@ -159,3 +159,63 @@ def test_extract_refuses_a_core_bigger_than_the_target_filesystem(tmp_path: Path
         leftovers = list(small.iterdir())
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert "32M uncompressed" in proc.stderr and leftovers == []
+
+
+def test_a_source_directory_is_bound_read_only_and_alone(tmp_path: Path) -> None:
+    """A bound source directory is readable at its own path and the debugger starts in it; it cannot be written,
+    and its siblings on the host are not there (its parent is the jail's own, in the debugger's work directory)."""
+    need(os.geteuid() == 0, "needs root")
+    tmp_path.chmod(0o755)
+    source, sibling = tmp_path / "src", tmp_path / "sibling"
+    for d in (source, sibling):
+        d.mkdir()
+        (d / "hoge.c").write_text("int main() { return 0; }\n")
+    work = short_tempdir()
+    try:
+        jail = sandbox.Jail(str(work / "jail"), [(str(source), str(source))], cwd=str(source))
+        jail.prepare()
+        proc = subprocess.run(["/bin/sh", "-c", 'pwd; cat hoge.c; echo x > new || echo "write failed"; '
+                               'ls ../sibling || echo "no sibling"; mkdir ../made'],
+                              preexec_fn=sandbox.preexec(jail, None), capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(work)
+    lines = proc.stdout.splitlines()
+    assert lines == [str(source), "int main() { return 0; }", "write failed", "no sibling"], proc
+    assert "Read-only file system" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sibling", "src"] and os.listdir(source) == ["hoge.c"]
+
+
+def test_which_source_directories_may_be_bound(tmp_path: Path) -> None:
+    need(os.geteuid() == 0, "needs root to give a directory to another uid")
+    tmp_path.chmod(0o755)
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o755)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    (tmp_path / "link").symlink_to(mine)
+    (tmp_path / "file").write_text("")
+    refusal = sandbox.source_refusal
+    for path in ("/", "/proc/self", "/dev", "/sys/kernel"):  # would undo the jail, whoever names them
+        assert refusal(path, "user") is not None, path
+    assert refusal(str(tmp_path / "file"), "user") == "not a directory"
+    assert refusal(str(tmp_path / "missing"), "user") is not None
+    assert [refusal(str(shared), who) is None for who in ("user", "cwd", "binary")] == [True, False, False]
+    assert [refusal(str(mine), who) is None for who in ("user", "cwd", "binary")] == [True, True, True]
+    assert [refusal(str(theirs), who) is None for who in ("user", "cwd", "binary")] == [True, True, False]
+    assert [refusal(str(tmp_path / "link"), who) is None for who in ("user", "cwd", "binary")] == [True, True, False]
+    for path in ("/tmp", "/root", "/var/lib/docker", "/run/containerd"):  # named by a binary: never
+        if os.path.isdir(path):
+            assert refusal(path, "binary") is not None, path
+
+
+def test_debug_refuses_a_source_option_it_cannot_bind(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text(f'store = "{tmp_path / "store"}"\n')
+    for option in (["--source", str(tmp_path / "missing")], ["--source", "/"], ["--substitute-path", "/src", "/proc"],
+                   ["--source", "/a:b"]):
+        proc = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(tmp_path / "c.toml"), "debug",
+                               *option], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and option[0] in proc.stderr, proc.stderr

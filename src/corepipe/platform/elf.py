@@ -60,6 +60,8 @@ def bytes_reader(data: bytes) -> Reader:
 
 def fd_reader(fd: int) -> Reader:
     def read(size: int, offset: int) -> bytes:
+        if not 0 <= offset < (1 << 62) or size < 0:  # a 64-bit field's offset would overflow pread's off_t
+            raise ValueError("beyond any file")
         data = os.pread(fd, size, offset)
         if len(data) != size:
             raise ValueError("short read")
@@ -205,7 +207,9 @@ def has_interpreter(fd: int) -> Optional[bool]:
 _SHF_COMPRESSED, _ELFCOMPRESS_ZLIB = 0x800, 1
 _MAX_SECTIONS = 1 << 16
 _MAX_SECTION_NAMES = 1 << 20
-_MAX_INFLATED = 64 << 20  # a compressed .debug_* section is inflated up to this much
+_MAX_INFLATED = 16 << 20  # a compressed section is inflated up to this much (the first units are enough)
+#: The sections read for compile directories.
+_DWARF_SECTIONS = (".debug_info", ".debug_abbrev", ".debug_str", ".debug_line_str", ".debug_str_offsets")
 _MAX_UNITS = 4096
 _MAX_DIRS = 16
 _MAX_ABBREVS = 1 << 16  # bytes of an abbreviation table searched for a unit's first entry
@@ -268,7 +272,7 @@ class _Cursor:
 
 
 def _sections(hdr: Header, read: Reader) -> dict:
-    """name -> _Section of each ``.debug_*`` section (a zlib-compressed one inflated, bounded)."""
+    """name -> _Section of each of the _DWARF_SECTIONS there (a zlib-compressed one inflated, bounded)."""
     if hdr.wide:
         shoff, = struct.unpack(hdr.order + "Q", read(8, 40))
         entsize, count, names_at = struct.unpack(hdr.order + "HHH", read(6, 58))
@@ -288,7 +292,7 @@ def _sections(hdr: Header, read: Reader) -> dict:
             name = names.cstring().decode("ascii", "replace")
         except (IndexError, ValueError):
             continue
-        if name.startswith(".debug_") and name not in found:
+        if name in _DWARF_SECTIONS and name not in found:
             found[name] = _section(hdr, read, flags, offset, size)
     return found
 
