@@ -3,10 +3,12 @@
 The core is decompressed (and checked) into a private temporary directory with a sysroot of
 symlinks from the crashed process's paths to the saved copies in ``<store>/.build-id``, so
 gdb finds the container's files after the container and its image are gone. The debugger runs
-as root on names the crashed process chose (the libraries in the core's link map), so it runs in
+on names the crashed process chose (the libraries in the core's link map), so it runs in
 platform/sandbox.py's root: the system's read-only trees, the core, the sysroot and the saved
-binaries (each at its own path), nothing else (a ``/../..`` in a name stops there), with the
-same gdb options as the collection-time backtrace. The directory is removed when the debugger
+binaries (each at its own path), nothing else (a ``/../..`` in a name stops there), in PID,
+network and IPC namespaces of its own, as uid 0 without any capability (the files are root's),
+with the same gdb options as the collection-time backtrace. A crash fetched with ``--remote`` never
+falls back on this host's files. The directory is removed when the debugger
 exits, Ctrl-C included.
 
 Sources are on the host, not in the store: the directories the executable was compiled in (its
@@ -51,11 +53,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     crashes.add_remote_option(parser)
 
 
-def links(store: str, rec: dict) -> list:
+def _on_this_host(rec: dict, remote: bool) -> bool:
+    """Whether the crashed process's files are this host's: a host process's, and not a crash fetched with
+    ``--remote`` (a node's record naming paths must never make gdb read the operator's own files)."""
+    return not remote and (rec.get("container") or {}).get("runtime") == "host"
+
+
+def links(store: str, rec: dict, remote: bool) -> list:
     """(path in the crashed process, file to use) for its exe and libraries: the copies saved with the
-    crash, and for a host process the host's own files where no copy was saved."""
+    crash, and for a process of this host the host's own files where no copy was saved."""
     result = []
-    host = (rec.get("container") or {}).get("runtime") == "host"
+    host = _on_this_host(rec, remote)
     for entry in (rec.get("binaries") or {}).get("files") or []:
         path, target = entry.get("path"), binaries.saved_path(store, entry)
         if target is not None:
@@ -67,13 +75,13 @@ def links(store: str, rec: dict) -> list:
     return result
 
 
-def _executable(rec: dict, made: dict) -> Optional[str]:
-    """The saved exe; for a host process without one, the exe on the host if its build-id still matches."""
+def _executable(rec: dict, made: dict, remote: bool) -> Optional[str]:
+    """The saved exe; for a process of this host without one, the exe on the host if its build-id still matches."""
     for entry in (rec.get("binaries") or {}).get("files") or []:
         if entry.get("exe") and entry.get("path") in made:
             return made[entry["path"]]
     exe = rec.get("exe")
-    if (rec.get("container") or {}).get("runtime") != "host" or not exe or not os.path.isfile(exe):
+    if not _on_this_host(rec, remote) or not exe or not os.path.isfile(exe):
         print("corepipe debug: warning: the executable was not saved; gdb gets the core only", file=sys.stderr)
         return None
     recorded = next((e.get("build_id") for e in (rec.get("binaries") or {}).get("files") or [] if e.get("exe")), None)
@@ -187,10 +195,10 @@ def run(ns: argparse.Namespace) -> int:
     sources = Sources(ns.source, ns.substitute_path)
     path, rec = crashes.lookup(ns, crash_id)
     with crashes.local_copy(ns, path, rec, with_binaries=True) as (local, store):
-        return _debug(local, store, rec, debugger, extra, sources)
+        return _debug(local, store, rec, debugger, extra, sources, getattr(ns, "remote", None) is not None)
 
 
-def _debug(path: str, store: str, rec: dict, debugger: list, extra: list, sources: Sources) -> int:
+def _debug(path: str, store: str, rec: dict, debugger: list, extra: list, sources: Sources, remote: bool) -> int:
     try:
         source = unpack.open_core(path, rec)
     except unpack.CoreError as exc:
@@ -209,10 +217,10 @@ def _debug(path: str, store: str, rec: dict, debugger: list, extra: list, source
             os.close(source)
         root = os.path.join(work, "root")
         os.mkdir(root, 0o700)
-        wanted = links(store, rec)
+        wanted = links(store, rec, remote)
         made = sysroot.build(root, wanted)
         search = sorted({os.path.dirname(link) for link in made.values()})
-        exe = _executable(rec, made)
+        exe = _executable(rec, made, remote)
         sources.add_found(exe)
         own = [path for path in (debugger[0], exe) if path and not path.startswith(work + "/")]
         # Bound at their own paths, so what gdb prints names the files as they are on the host.
