@@ -349,17 +349,20 @@ def test_rm(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_debug_cleans_up_and_leaves_ctrl_c_to_the_debugger(store: Path, crashes: dict, tmp_path: Path) -> None:
-    """A stand-in debugger hashes the core it got, sends Ctrl-C to corepipe, and exits 7; it sees only its
-    sandbox (the store's crashes and this test's files are not there; the core and sysroot at their own paths)."""
+    """A stand-in debugger hashes the core it got, sends Ctrl-C to its process group (corepipe's, in a session of
+    its own: what a terminal's Ctrl-C reaches; corepipe itself is outside the debugger's PID namespace), and exits
+    7; it sees only its sandbox (the store's crashes and this test's files are not there; the core and sysroot at
+    their own paths)."""
     need(os.geteuid() == 0, "needs root: the debugger's sandbox")
     _path, rec = crashes["web"]
     script = (f'sha256sum "$0"; echo "$COREPIPE_SYSROOT"; ls -d {store}/host {tmp_path}/c.toml >/dev/null 2>&1; '
-              'echo $?; kill -INT $PPID; sleep 0.2; exit 7')
+              'echo $?; trap "" INT; kill -INT 0; sleep 0.2; exit 7')  # a debugger handles Ctrl-C, as gdb does
     temp = tmp_path / "t"
     temp.mkdir()
     proc = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(tmp_path / "c.toml"), "debug",
                            "--debugger", f"sh -c {shlex.quote(script)}", rec["id"]],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "TMPDIR": str(temp)})
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "TMPDIR": str(temp)},
+                          start_new_session=True)
     assert proc.returncode == 7, proc.stderr
     digest, sysroot_dir, listed = proc.stdout.split("\n")[:3]
     expected = hashlib.sha256((tmp_path / f"core-{rec['id']}").read_bytes()).hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import subprocess
 
 from corepipe.platform import elf
 from corepipe.platform.elf import expected_size
@@ -64,3 +65,91 @@ def test_one_note_walk_for_build_id_signal_and_crash_site(tmp_path) -> None:
     exe.write_bytes(core_header([(64 + 56, 36)], e_type=2, p_type=4) + note(3, b"GNU\0", bytes.fromhex("ab" * 20)))
     with open(exe, "rb") as f:
         assert elf.build_id(f.fileno()) == "ab" * 20
+
+
+#: Three compile units made by hand: the directory through DW_FORM_strx1 and DW_AT_str_offsets_base (as clang
+#: writes it), inline (DW_FORM_string), and a relative one, which names no place on the host.
+UNITS_ASM = r"""
+.globl _start
+.text
+_start: ret
+.section .debug_abbrev,"",@progbits
+abbrevs:
+.uleb128 1; .uleb128 0x11; .byte 0; .uleb128 0x72; .uleb128 0x17; .uleb128 0x1b; .uleb128 0x25; .uleb128 0; .uleb128 0
+.uleb128 2; .uleb128 0x11; .byte 0; .uleb128 0x13; .uleb128 0x0b; .uleb128 0x1b; .uleb128 0x08; .uleb128 0; .uleb128 0
+.uleb128 0
+.section .debug_info,"",@progbits
+.long 1f - 0f
+0: .value 5; .byte 1; .byte 8; .long abbrevs
+.uleb128 1; .long offsets; .byte 1
+1: .long 1f - 0f
+0: .value 5; .byte 1; .byte 8; .long abbrevs
+.uleb128 2; .byte 12; .asciz "/inline/dir"
+1: .long 1f - 0f
+0: .value 4; .long abbrevs; .byte 8
+.uleb128 2; .byte 12; .asciz "relative/dir"
+1:
+.section .debug_str_offsets,"",@progbits
+.long 1f - 0f
+0: .value 5; .value 0
+offsets: .long other; .long hand
+1:
+.section .debug_str,"MS",@progbits,1
+other: .asciz "/not/this/one"
+hand: .asciz "/hand/made/dir"
+"""
+
+
+def _gcc(tmp_path, name: str, *args: str) -> bytes:
+    from support import need_tool
+
+    subprocess.run([need_tool("gcc"), *args, "-o", str(tmp_path / name)], cwd=tmp_path, check=True,
+                   capture_output=True)
+    return (tmp_path / name).read_bytes()
+
+
+def _dirs(tmp_path, data: bytes) -> list:
+    path = tmp_path / "elf"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        return elf.compile_dirs(f.fileno())
+
+
+def test_compile_dirs_as_gcc_writes_them(tmp_path) -> None:
+    """DWARF 2 to 5, 64-bit DWARF, zlib-compressed sections, a split-DWARF skeleton; two units, two directories."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "main.c").write_text("int f(void);\nint main(void) { return f(); }\n")
+    (tmp_path / "b" / "f.c").write_text("int f(void) { return 0; }\n")
+    for flags in ([], ["-gdwarf-2"], ["-gdwarf-4"], ["-gdwarf64"], ["-gz=zlib"], ["-gsplit-dwarf"]):
+        _gcc(tmp_path / "a", "main.o", "-g", *flags, "-c", "main.c")
+        _gcc(tmp_path / "b", "f.o", "-g", *flags, "-c", "f.c")
+        data = _gcc(tmp_path, "prog", *flags, "a/main.o", "b/f.o")  # the linker keeps -gz's compression
+        assert _dirs(tmp_path, data) == [str(tmp_path / "a"), str(tmp_path / "b")], flags
+    _gcc(tmp_path, "stripped", "-s", "a/main.o", "b/f.o")
+    assert _dirs(tmp_path, (tmp_path / "stripped").read_bytes()) == []
+
+
+def test_compile_dirs_through_string_offsets(tmp_path) -> None:
+    (tmp_path / "units.s").write_text(UNITS_ASM)
+    data = _gcc(tmp_path, "units", "-nostdlib", "-static", "units.s")
+    assert _dirs(tmp_path, data) == ["/hand/made/dir", "/inline/dir"]
+
+
+def test_compile_dirs_of_damaged_files_end_quietly(tmp_path) -> None:
+    """Cut anywhere or with bytes changed anywhere in its DWARF or section table: a list, never an exception."""
+    import random
+
+    (tmp_path / "units.s").write_text(UNITS_ASM)
+    good = _gcc(tmp_path, "units", "-nostdlib", "-static", "units.s")
+    assert _dirs(tmp_path, b"") == [] and _dirs(tmp_path, b"not an ELF file" * 100) == []
+    for size in range(0, len(good), 7):
+        assert isinstance(_dirs(tmp_path, good[:size]), list)
+    rand = random.Random(31)
+    for _ in range(2000):
+        damaged = bytearray(good)
+        for _ in range(rand.randint(1, 8)):
+            damaged[rand.randrange(len(damaged))] = rand.randrange(256)
+        found = _dirs(tmp_path, bytes(damaged))
+        assert isinstance(found, list) and len(found) <= elf._MAX_DIRS
+        assert all(isinstance(d, str) and d.startswith("/") and len(d) < elf._MAX_PATH for d in found)

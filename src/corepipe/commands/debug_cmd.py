@@ -3,11 +3,18 @@
 The core is decompressed (and checked) into a private temporary directory with a sysroot of
 symlinks from the crashed process's paths to the saved copies in ``<store>/.build-id``, so
 gdb finds the container's files after the container and its image are gone. The debugger runs
-as root on names the crashed process chose (the libraries in the core's link map), so it runs in
+on names the crashed process chose (the libraries in the core's link map), so it runs in
 platform/sandbox.py's root: the system's read-only trees, the core, the sysroot and the saved
-binaries (each at its own path), nothing else (a ``/../..`` in a name stops there), with the
-same gdb options as the collection-time backtrace. The directory is removed when the debugger
+binaries (each at its own path), nothing else (a ``/../..`` in a name stops there), in PID,
+network and IPC namespaces of its own, as uid 0 without any capability (the files are root's),
+with the same gdb options as the collection-time backtrace. A crash fetched with ``--remote`` never
+falls back on this host's files. The directory is removed when the debugger
 exits, Ctrl-C included.
+
+Sources are on the host, not in the store: the directories the executable was compiled in (its
+DWARF's DW_AT_comp_dir), the one ``debug`` runs from (gdb starts there), and those named by
+``--source`` and ``--substitute-path`` are bound read-only into the root at their own paths, when
+platform/sandbox.py's ``source_refusal`` allows them.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from corepipe.commands import crashes
 from corepipe.domain import binaries
 from corepipe.platform import elf, gdb, sandbox, sysroot, unpack
 from corepipe.platform.errors import UserError
+from corepipe.platform.log import clean
 from corepipe.platform.store import BUILD_ID
 
 HELP = "start gdb on a crash's core with its saved executable and libraries (default: the latest crash)"
@@ -36,39 +44,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", nargs="?", help="crash id or a unique prefix of it (default: the latest)")
     parser.add_argument("--debugger", metavar="CMD", default="gdb",
                         help="debugger command (default gdb); others get EXE CORE and $COREPIPE_SYSROOT")
+    parser.add_argument("--source", metavar="DIR", action="append", default=[],
+                        help="also look for source files in DIR (repeatable)")
+    parser.add_argument("--substitute-path", nargs=2, metavar=("FROM", "TO"), action="append", default=[],
+                        help="source files the binary names under FROM are in TO (repeatable), e.g. /src ~/work/app")
     parser.add_argument("args", nargs="*", metavar="-- ARGS",
                         help="more debugger arguments after '--' (options go before ID), e.g. ID -- -batch -ex bt")
     crashes.add_remote_option(parser)
 
 
-def links(store: str, rec: dict) -> list:
+def _on_this_host(rec: dict, remote: bool) -> bool:
+    """Whether the crashed process's files are this host's: a host process's, and not a crash fetched with
+    ``--remote`` (a node's record naming paths must never make gdb read the operator's own files)."""
+    return not remote and (rec.get("container") or {}).get("runtime") == "host"
+
+
+def links(store: str, rec: dict, remote: bool) -> list:
     """(path in the crashed process, file to use) for its exe and libraries: the copies saved with the
-    crash, and for a host process the host's own files where no copy was saved."""
+    crash, and for a process of this host the host's own files where no copy was saved."""
     result = []
-    host = (rec.get("container") or {}).get("runtime") == "host"
+    host = _on_this_host(rec, remote)
     for entry in (rec.get("binaries") or {}).get("files") or []:
-        name = binaries.stored_name(entry) if entry.get("stored") else None
-        path = entry.get("path")
-        if name is None:
-            if host and isinstance(path, str) and os.path.isfile(path):
-                result.append((path, path))
-            continue
-        target = os.path.join(store, BUILD_ID, *name)
-        try:
-            if stat.S_ISREG(os.lstat(target).st_mode):
-                result.append((path, target))
-        except OSError:
-            print(f"corepipe debug: warning: saved copy of {path} is gone ({target})", file=sys.stderr)
+        path, target = entry.get("path"), binaries.saved_path(store, entry)
+        if target is not None:
+            result.append((path, target))
+        elif binaries.stored_name(entry) and entry.get("stored"):
+            print(f"corepipe debug: warning: the saved copy of {path} is gone from the store", file=sys.stderr)
+        elif host and isinstance(path, str) and os.path.isfile(path):
+            result.append((path, path))
     return result
 
 
-def _executable(rec: dict, made: dict) -> Optional[str]:
-    """The saved exe; for a host process without one, the exe on the host if its build-id still matches."""
+def _executable(rec: dict, made: dict, remote: bool) -> Optional[str]:
+    """The saved exe; for a process of this host without one, the exe on the host if its build-id still matches."""
     for entry in (rec.get("binaries") or {}).get("files") or []:
         if entry.get("exe") and entry.get("path") in made:
             return made[entry["path"]]
     exe = rec.get("exe")
-    if (rec.get("container") or {}).get("runtime") != "host" or not exe or not os.path.isfile(exe):
+    if not _on_this_host(rec, remote) or not exe or not os.path.isfile(exe):
         print("corepipe debug: warning: the executable was not saved; gdb gets the core only", file=sys.stderr)
         return None
     recorded = next((e.get("build_id") for e in (rec.get("binaries") or {}).get("files") or [] if e.get("exe")), None)
@@ -90,14 +103,81 @@ def debugger_argv(debugger: str) -> list:
     return [os.path.abspath(found)] + argv[1:]  # a path: it is bound at the same place in the sandbox
 
 
-def command(argv: list, extra: list, exe: Optional[str], core: str, root: str, search: list) -> list:
+def _quoted(path: str) -> str:
+    """``path`` as one argument of a gdb command that splits its arguments (directory, set substitute-path)."""
+    return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def command(argv: list, extra: list, exe: Optional[str], core: str, root: str, search: list,
+            sources: Sources) -> list:
     argv = list(argv)
     if not os.path.basename(argv[0]).startswith("gdb"):
         return argv + extra + ([exe] if exe else []) + [core]
     # The saved files come from the container: never let gdb run scripts or libthread_db from them.
     argv += ["-q", *gdb.HARDENING, "-iex", f"set sysroot {root}",
              "-iex", f"set solib-search-path {':'.join(search)}"]
+    for directory in sources.directories:
+        argv += ["-iex", f"directory {_quoted(directory)}"]
+    for old, new in sources.substitutions:
+        argv += ["-iex", f"set substitute-path {_quoted(old)} {_quoted(new)}"]
     return argv + extra + ([exe] if exe else []) + ["-c", core]  # -c: a lone core is not taken for an exe
+
+
+class Sources:
+    """Where gdb looks for source files, and what the debugger's root needs for that: ``binds`` (host
+    directories, read-only at their own paths), ``directories`` and ``substitutions`` for gdb, ``cwd``."""
+
+    def __init__(self, named: list, substitutions: list):
+        self.binds: list = []
+        self.directories = [self._named(path, "--source") for path in named]
+        self.substitutions = [(old, self._named(new, "--substitute-path")) for old, new in substitutions]
+        self.cwd = "/"
+
+    def _named(self, path: str, option: str) -> str:
+        if ":" in path:
+            raise UserError(f"{option} {path}: gdb cannot take a directory whose name has ':'; use a symlink", 2)
+        real = os.path.realpath(os.path.expanduser(path))
+        refusal = sandbox.source_refusal(real, "user")
+        if refusal:
+            raise UserError(f"{option} {path}: {refusal}; name a directory that holds the sources", 2)
+        self.binds.append((real, real))
+        return real
+
+    def add_found(self, exe: Optional[str]) -> None:
+        """The directory ``debug`` runs from (gdb starts there) and the executable's compile directories."""
+        try:
+            cwd = os.getcwd()
+        except OSError:
+            cwd = None
+        if cwd and self._automatic(cwd, "cwd", "the current directory"):
+            self.cwd = cwd
+        for directory in _compile_dirs(exe) if exe else []:
+            self._automatic(directory, "binary", "the compile directory")
+
+    def _automatic(self, path: str, named_by: str, what: str) -> bool:
+        if any(inside == path for _source, inside in self.binds):
+            return True
+        refusal = sandbox.source_refusal(path, named_by)
+        if refusal is None:
+            self.binds.append((path, path))
+            return True
+        if path != "/" and os.path.isdir(path):  # one that is not there is no news
+            print(f"corepipe debug: note: {what} {clean(path)} is not shown to gdb ({refusal}); "
+                  f"pass --source {clean(shlex.quote(path))} to use it", file=sys.stderr)
+        return False
+
+
+def _compile_dirs(exe: str) -> list:
+    """The executable's compile directories; none if it cannot be read as a regular file. (``exe`` is a link
+    in the sysroot to the saved copy, or for a host process the file on the host.)"""
+    try:
+        fd = os.open(exe, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        return elf.compile_dirs(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else []
+    finally:
+        os.close(fd)
 
 
 def _binds(store: str, links: list, made: dict) -> list:
@@ -112,12 +192,13 @@ def run(ns: argparse.Namespace) -> int:
     if crash_id is not None and crash_id.startswith("-"):  # 'debug -- -batch ...': no id, all for the debugger
         crash_id, extra = None, [crash_id] + extra
     debugger = debugger_argv(ns.debugger)
+    sources = Sources(ns.source, ns.substitute_path)
     path, rec = crashes.lookup(ns, crash_id)
     with crashes.local_copy(ns, path, rec, with_binaries=True) as (local, store):
-        return _debug(local, store, rec, debugger, extra)
+        return _debug(local, store, rec, debugger, extra, sources, getattr(ns, "remote", None) is not None)
 
 
-def _debug(path: str, store: str, rec: dict, debugger: list, extra: list) -> int:
+def _debug(path: str, store: str, rec: dict, debugger: list, extra: list, sources: Sources, remote: bool) -> int:
     try:
         source = unpack.open_core(path, rec)
     except unpack.CoreError as exc:
@@ -136,16 +217,17 @@ def _debug(path: str, store: str, rec: dict, debugger: list, extra: list) -> int
             os.close(source)
         root = os.path.join(work, "root")
         os.mkdir(root, 0o700)
-        wanted = links(store, rec)
+        wanted = links(store, rec, remote)
         made = sysroot.build(root, wanted)
         search = sorted({os.path.dirname(link) for link in made.values()})
-        exe = _executable(rec, made)
+        exe = _executable(rec, made, remote)
+        sources.add_found(exe)
         own = [path for path in (debugger[0], exe) if path and not path.startswith(work + "/")]
         # Bound at their own paths, so what gdb prints names the files as they are on the host.
         jail = sandbox.Jail(os.path.join(work, "jail"), [(core, core), (root, root), *_binds(store, wanted, made),
-                                                          *((p, p) for p in own)])
+                                                          *((p, p) for p in own), *sources.binds], cwd=sources.cwd)
         jail.prepare()
-        argv = command(debugger, extra, exe, core, root, search)
+        argv = command(debugger, extra, exe, core, root, search, sources)
         # Ctrl-C is the debugger's: a no-op handler (not SIG_IGN, which the debugger would inherit).
         previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
         try:

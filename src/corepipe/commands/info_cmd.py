@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Optional
 
 from corepipe.commands import crashes
 from corepipe.commands.crashes import shown
-from corepipe.domain import batch, signature
+from corepipe.domain import batch, binaries, signature
 from corepipe.platform import digest
 from corepipe.platform.log import clean
 
@@ -26,7 +27,8 @@ def _line(out: list, key: str, value: object) -> None:
         out.append(f"{key + ':':<20} {clean(str(value), 1 << 20)}")
 
 
-def render(path: str, rec: dict) -> str:
+def render(path: str, rec: dict, store: Optional[str] = None) -> str:
+    """The record, readable; with ``store`` (a local one), each saved binary's path in it, for other tools."""
     out: list = []
     signal = rec.get("signal") or {}
     container = rec.get("container") or {}
@@ -76,15 +78,20 @@ def render(path: str, rec: dict) -> str:
     _line(out, "collected by", f"corepipe {shown(collector.get('version'))} in {shown(collector.get('duration'))} s")
     for message in collector.get("errors") or []:
         _line(out, "error", message)
-    binaries = rec.get("binaries")
-    if binaries:
+    saved_files = rec.get("binaries")
+    if saved_files:
         out.append("")
         out.append("binaries:")
-        for entry in binaries.get("files") or []:
+        for entry in saved_files.get("files") or []:
             state = "saved" if entry.get("stored") else f"not saved: {entry.get('reason')}"
             out.append(f"  {clean(str(entry.get('path')))}  build-id {entry.get('build_id') or '-'}  "
                        f"{crashes.human_size(entry.get('size'))}  {state}")
-        for message in binaries.get("errors") or []:
+            saved = binaries.saved_path(store, entry) if store and entry.get("stored") else None
+            if saved:
+                out.append(f"    saved as {clean(saved)}")
+            elif store and entry.get("stored"):
+                out.append("    saved copy gone from the store")
+        for message in saved_files.get("errors") or []:
             out.append(f"  error: {clean(str(message))}")
     trace = rec.get("backtrace")
     if trace:
@@ -109,5 +116,5 @@ def run(ns: argparse.Namespace) -> int:
         json.dump(crashes.json_item(path, rec), sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(render(path, rec))
+        sys.stdout.write(render(path, rec, None if getattr(ns, "remote", None) else crashes.store_root(ns)))
     return 0

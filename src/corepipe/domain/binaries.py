@@ -65,6 +65,19 @@ def stored_name(entry: dict) -> Optional[tuple]:
     return binary_name(entry.get("build_id"), entry.get("sha256"))
 
 
+def saved_path(store: str, entry: dict) -> Optional[str]:
+    """Where the copy of a record's ``binaries.files`` entry is in the store at ``store``, if one was saved (and is
+    still there, a regular file); None otherwise."""
+    name = stored_name(entry) if isinstance(entry, dict) and entry.get("stored") else None
+    if name is None:
+        return None
+    path = os.path.join(store, BUILD_ID, *name)
+    try:
+        return path if stat.S_ISREG(os.lstat(path).st_mode) else None
+    except OSError:
+        return None
+
+
 def key(entry: dict) -> Optional[str]:
     """The ledger's key ("xx/name") of a record's stored ``binaries.files`` entry; None if not stored."""
     name = stored_name(entry) if isinstance(entry, dict) and entry.get("stored") else None

@@ -3,20 +3,29 @@
 A core and the files of the crashed process are hostile input, and so is every name in them:
 gdb opens ``<sysroot>/<name>`` for each library in the core's link map, and a name like
 ``/../../tmp/fifo`` climbs out of any sysroot (a FIFO there hangs gdb; a device node may do
-worse). So the debugger runs in a private mount namespace, chrooted into a directory that holds
-only the system's read-only trees (``SYSTEM_TREES``), ``/proc``, ``/dev/null`` and what the
-caller binds in (its work directory, the saved binaries): a ``..`` stops at that root. It also
-runs (for the collection-time backtrace) as a uid taken from ``UID_RANGE`` that no process and
-no account uses, so no other user can read its fds through ``/proc/<pid>/fd``, ptrace it or
-signal it; platform/gdb.py's options turn off everything gdb would run or fetch on the core's say-so.
+worse). So the debugger runs in private mount, PID, network and IPC namespaces, chrooted into a directory
+that holds only the system's read-only trees (``SYSTEM_TREES``), a ``/proc`` of its own PID namespace
+(the host's would lead out through ``/proc/1/root``), ``/dev/null`` and what the
+caller binds in (its work directory, the saved binaries, source directories): a ``..`` stops at that root.
+A source directory puts everything below it in reach of those names, so ``source_refusal`` keeps out
+the ones that would undo the jail: ``/``, kernel filesystems, and (for a directory named by the
+binary itself, or the one ``debug`` is run from) directories other users can write to. The root
+itself is read-only too. The collection-time backtrace runs as a uid taken from ``UID_RANGE`` that
+no process and no account uses, so no other user can read its fds through ``/proc/<pid>/fd``,
+ptrace it or signal it; ``debug`` runs as uid 0 without capabilities (the core, the saved copies and
+the sources it reads are root's files). platform/gdb.py's options turn off everything gdb would run
+or fetch on the core's say-so.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import random
 import resource
+import signal
+import stat
 from typing import Callable, Optional
 
 #: Environment variables gdb or its libraries would act on; never passed to a debugger.
@@ -27,8 +36,19 @@ UNSAFE_ENV = ("DEBUGINFOD_URLS", "GDBHISTFILE", "LD_PRELOAD", "LD_LIBRARY_PATH",
 UID_RANGE = (0x7F000000, 0x7FFFFFFE)
 #: Read-only in the debugger's root, at the same paths (gdb and the libraries it loads live there).
 SYSTEM_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+#: Never a source directory: kernel filesystems (a device node, a FIFO or a file that blocks on read).
+KERNEL_TREES = ("/proc", "/sys", "/dev")
+#: Never a source directory the binary names: where runtimes keep containers' files and state, which a crashed
+#: container writes to (a FIFO it made there would hang gdb).
+RUNTIME_TREES = ("/run", "/var/run", "/var/lib")
 
-_CLONE_NEWNS = 0x00020000
+_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
+_PR_SET_PDEATHSIG, _PR_CAPBSET_DROP, _PR_SET_SECUREBITS, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 1, 24, 28, 47, 4
+#: No capabilities from uid 0 at exec, no way back: SECBIT_NOROOT, _NO_SETUID_FIXUP, _NO_CAP_AMBIENT_RAISE, each
+#: locked, and SECBIT_KEEP_CAPS locked off.
+_SECUREBITS = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80
+_CAPABILITY_V3 = 0x20080522
+_MS_NOEXEC = 8
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 _PR_SET_NO_NEW_PRIVS = 38
 
@@ -78,18 +98,53 @@ def debugger_env(base: Optional[dict] = None) -> dict:
     return {key: value for key, value in env.items() if key not in UNSAFE_ENV}
 
 
+def _below(path: str, trees: tuple) -> bool:
+    return any(path == tree or path.startswith(tree.rstrip("/") + "/") for tree in trees)
+
+
 def in_trees(path: str) -> bool:
     """``path`` is in one of the SYSTEM_TREES, which every Jail has."""
+    return _below(os.path.realpath(path), SYSTEM_TREES)
+
+
+def source_refusal(path: str, named_by: str) -> Optional[str]:
+    """Why the directory ``path`` may not be bound into a debugger's root as a source directory; None if it may.
+    ``named_by`` says who chose it: "user" (an option: only what would undo the jail is refused), "cwd" (where
+    ``debug`` runs: also a directory others can write to) or "binary" (its DWARF, hostile: also a symlink, a
+    top-level directory, the runtimes' trees and a directory that is neither root's nor the caller's)."""
     real = os.path.realpath(path)
-    return any(real == tree or real.startswith(tree.rstrip("/") + "/") for tree in SYSTEM_TREES)
+    try:
+        st = os.stat(real)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory"
+    if real == "/":
+        return "it is the root directory"
+    if _below(real, KERNEL_TREES):
+        return "a kernel filesystem"
+    if named_by == "user":
+        return None
+    if st.st_mode & 0o022:
+        return "other users can write to it"
+    if named_by == "cwd":
+        return None
+    if real != os.path.normpath(path):
+        return "its path goes through a symlink or '..'"
+    if real.count("/") < 2 or _below(real, RUNTIME_TREES):
+        return "a system directory"
+    if st.st_uid not in (0, os.getuid()):
+        return f"owned by uid {st.st_uid}"
+    return None
 
 
 class Jail:
     """A root directory for the debugger: made (empty mount points) by ``prepare`` in the parent, entered by
-    ``enter`` in the child between fork and exec. ``binds`` are (host path, path inside) pairs, read-only."""
+    ``enter`` in the child between fork and exec. ``binds`` are (host path, path inside) pairs, read-only; the
+    debugger starts in ``cwd`` (inside), or in ``/`` if that is not there."""
 
-    def __init__(self, root: str, binds: list):
-        self.root = root
+    def __init__(self, root: str, binds: list, cwd: str = "/"):
+        self.root, self.cwd = root, cwd
         self.trees = [tree for tree in SYSTEM_TREES if os.path.isdir(tree) and not os.path.islink(tree)]
         self.binds = [(source, inside) for source, inside in binds if os.path.lexists(source)
                       and not (source == inside and in_trees(source))]
@@ -128,34 +183,83 @@ class Jail:
         self._mount(None, target, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | extra)
 
     def enter(self) -> None:
-        """In the child: a private mount namespace, the binds, then chroot. Raises SandboxError."""
-        if self._libc.unshare(_CLONE_NEWNS) != 0:
+        """In the child: private mount, PID, network and IPC namespaces, the binds, then chroot; the caller forks
+        once more for the PID namespace to take effect (``preexec``). Raises SandboxError."""
+        if self._libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET | _CLONE_NEWIPC) != 0:
             err = ctypes.get_errno()
-            raise SandboxError(err, f"unshare(CLONE_NEWNS): {os.strerror(err)}")
+            raise SandboxError(err, f"unshare(CLONE_NEWNS|NEWPID|NEWNET|NEWIPC): {os.strerror(err)}")
         self._mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing mounted here reaches the host
         for tree in self.trees:
             self._bind(tree, self._inside(tree))
-        self._mount("/proc", self._inside("/proc"), None, _MS_BIND)
         self._bind("/dev/null", self._inside("/dev/null"), extra=_MS_NOSUID)
         for source, inside in self.binds:
             self._bind(source, self._inside(inside))
+        self._bind(self.root, self.root)  # and the root itself read-only: no node or file made in it
         os.chroot(self.root)
-        os.chdir("/")
+        try:
+            os.chdir(self.cwd)
+        except OSError:
+            os.chdir("/")
+
+
+def _wait_and_exit(pid: int) -> None:
+    """The child that made the namespaces: wait for the debugger (the first process of the new PID namespace) and
+    exit as it did. It closes every fd first, so its parent sees EOF on the debugger's output and on subprocess's
+    exec-error pipe as soon as the debugger has them closed; it never returns."""
+    code = 255
+    try:
+        os.closerange(0, os.sysconf("SC_OPEN_MAX"))
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        code = code if code >= 0 else 128 - code  # killed by a signal: as a shell says it
+    finally:
+        os._exit(code)
+
+
+def _mount_proc(libc: ctypes.CDLL) -> None:
+    if libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None) != 0:
+        err = ctypes.get_errno()
+        raise SandboxError(err, f"mount proc on /proc: {os.strerror(err)}")
+
+
+def _drop_capabilities(libc: ctypes.CDLL) -> None:
+    """Give up every capability for good, staying uid 0: root's own files in the jail (the core, the saved copies,
+    sources) stay readable, but nothing can be mounted, chrooted, made (mknod), opened by handle or traced."""
+    if libc.prctl(_PR_SET_SECUREBITS, _SECUREBITS, 0, 0, 0) != 0:
+        raise SandboxError(ctypes.get_errno(), "prctl(PR_SET_SECUREBITS)")
+    for cap in range(64):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
+            raise SandboxError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {cap})")
+    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = (ctypes.c_uint32 * 2)(_CAPABILITY_V3, 0)
+    if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:
+        raise SandboxError(ctypes.get_errno(), "capset")
 
 
 def preexec(jail: Optional[Jail], uid: Optional[int]) -> Callable[[], None]:
-    """The function a debugger's child runs before exec: enter ``jail``, then (with ``uid``) become that uid and
-    gid with no groups; always no new privileges and no core of its own."""
+    """The function a debugger's child runs before exec: enter ``jail`` and fork, so that the debugger is the
+    first process of a PID namespace of its own, with a ``/proc`` that shows only it and its children (the host's
+    would lead out through ``/proc/<pid>/root``), no network and no shared IPC; then (with ``uid``) become that
+    uid and gid with no groups, or (without) stay uid 0 with no capabilities; always no new privileges and no
+    core of its own. The forked-from child waits for
+    the debugger and exits with its status (its parent's Popen sees that); the debugger dies with it."""
     libc = ctypes.CDLL(None, use_errno=True)
 
     def run() -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crashing gdb must not feed the handler again
         if jail is not None:
             jail.enter()
+            pid = os.fork()
+            if pid:
+                _wait_and_exit(pid)
+            _mount_proc(libc)
         if uid is not None:
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
+        elif jail is not None:
+            _drop_capabilities(libc)
+        if jail is not None:  # after the uid change, which would clear it
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             raise SandboxError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
 
