@@ -1,0 +1,198 @@
+"""Pipe mode with ``corepipe serve`` running, through the real kernel: the handler the kernel starts hands the
+crash to the server (platform/forward.py), whose worker collects it while the kernel holds the process.
+
+The records must be the ones the handler alone and socket mode give (apart from ``collector.transport``);
+a server that is stopped or killed loses no crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from runtimes import PODMAN, PODMAN_ULIMITS, unique
+from support import (
+    CORE_PATTERN,
+    NO_RATE_LIMIT,
+    installed_handler,
+    need_tool,
+    served_handler,
+    set_core_limit,
+    wait_for,
+)
+from test_serve_kernel import _children, _run, _same, podman_image, workdirs  # noqa: F401 - fixtures
+
+MODES = {"pipe": (installed_handler, {}), "socket": (served_handler, {}),
+         "forwarded": (served_handler, {"mode": "pipe"})}
+
+
+def _all(workdirs: Callable[[], Path], run: Callable[[str], object], match: Callable[[dict, object], bool],
+         config: str = NO_RATE_LIMIT) -> dict:
+    """{mode: record} of the same crash, ``run(mode)`` crashing it once with the handler alone, once in socket
+    mode and once in pipe mode with the server running."""
+    records = {}
+    for mode, (handler, options) in MODES.items():
+        with handler(workdirs(), config_extra=config, **options) as h:
+            token = run(mode)
+            records[mode] = h.wait_record(lambda r, token=token: match(r, token))
+            if mode == "forwarded":
+                assert CORE_PATTERN.read_text().rstrip("\n") == h.pattern(), "pipe mode keeps the pipe pattern"
+                wait_for(lambda h=h: h.health()["stats"]["forwarded"] >= 1, 10, "the handoff in the server's counts")
+    assert {m: r["collector"]["transport"] for m, r in records.items()} == {
+        "pipe": "pipe", "socket": "socket", "forwarded": "forwarded"}
+    return records
+
+
+def _same_three(records: dict, crasher: Path, tmp_path: Path) -> None:
+    _same(records["pipe"], records["forwarded"], crasher, tmp_path)
+    _same(records["socket"], records["forwarded"], crasher, tmp_path / "s")
+
+
+def test_host_crash_forwarded(workdirs, crasher: Path, tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
+
+    def run(mode: str) -> None:
+        status = _run([str(crasher), "0", "host"])
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV and os.WCOREDUMP(status)
+    records = _all(workdirs, run, lambda r, _: r["comm"] == "host")
+    _same_three(records, crasher, tmp_path)
+    assert records["forwarded"]["container"]["runtime"] == "host"
+
+
+def test_pid_namespace_forwarded(workdirs, crasher: Path, tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
+    unshare = need_tool("unshare")
+
+    def run(mode: str) -> str:
+        _run([unshare, "--pid", "--fork", "--mount-proc", str(crasher)])
+        return mode
+    records = _all(workdirs, run, lambda r, _: r["exe"] == str(crasher) and r["ns_pid"] == 1)
+    _same_three(records, crasher, tmp_path)
+    rec = records["forwarded"]
+    assert rec["pid"] != 1 and rec["process"]["status"]["NSpid"].split() == [str(rec["pid"]), "1"]
+
+
+@pytest.mark.parametrize("tool", ["docker", "podman"])
+def test_container_forwarded(workdirs, request, tool: str, crasher: Path, tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
+    need_tool(tool)
+    ref = request.getfixturevalue("docker_image" if tool == "docker" else "podman_image")
+    names: list = []
+    run_argv = ["docker"] if tool == "docker" else [*PODMAN]
+    ulimits = ["--ulimit", "core=-1"] if tool == "docker" else [*PODMAN_ULIMITS, "--ulimit", "core=-1"]
+
+    def run(mode: str) -> str:
+        name = unique(f"corepipe-33-{mode}")
+        names.append(name)
+        subprocess.run([*run_argv, "run", "--name", name, "--network=none", *ulimits, ref, "/crasher"],
+                       capture_output=True, timeout=120)
+        return subprocess.run([tool, "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        records = _all(workdirs, run, lambda r, cid: r["container"]["id"] == cid)
+    finally:
+        for name in names:
+            subprocess.run([tool, "rm", "-f", name], capture_output=True)
+    _same_three(records, crasher, tmp_path)
+    for rec in records.values():
+        assert rec["container"]["runtime"] == tool and rec["container"]["confidence"] == "certain"
+        assert rec["container"]["name"].startswith("corepipe-33-") and rec["container"]["image"] == ref
+        assert rec["ns_pid"] == 1 and rec["hostname"] == rec["container"]["id"][:12]
+
+
+def test_serve_stopped_the_handler_collects(workdirs, crasher: Path) -> None:
+    """Stop the server: its socket is gone, and the next crash is collected by the handler alone."""
+    with served_handler(workdirs(), config_extra=NO_RATE_LIMIT, mode="pipe") as served:
+        assert os.WCOREDUMP(_run([str(crasher), "0", "before-stop"]))
+        before = served.wait_record(lambda r: r["comm"] == "before-stop")
+        assert served.stop() == 0
+        assert not served.forward_socket.exists() and not (served.run_dir / "serve.json").exists()
+        assert os.WCOREDUMP(_run([str(crasher), "0", "after-stop"]))
+        after = served.wait_record(lambda r: r["comm"] == "after-stop")
+    assert before["collector"]["transport"] == "forwarded" and after["collector"]["transport"] == "pipe"
+    assert before["core"]["stored"] and after["core"]["stored"] and after["status"] == "complete"
+
+
+def _first_record(served: object, comm: str) -> dict:
+    return wait_for(lambda: next((r for r in served.records() if r["comm"] == comm), None), 60,
+                    f"the first record of {comm}")
+
+
+def test_server_killed_mid_forward(workdirs, crasher: Path) -> None:
+    """One worker streams a big core, a second crash waits in the server's queue (the kernel holding it);
+    SIGKILL the server: the worker finishes its core, the guardian records the queued crash from the
+    journal (without its core: the kernel ended that dump when the server's fds closed), and nothing
+    partial looks complete."""
+    with served_handler(workdirs(), config_extra=NO_RATE_LIMIT, mode="pipe", extra=("--workers", "1")) as served:
+        big = subprocess.Popen([str(crasher), "256", "big"], preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+        assert _first_record(served, "big")["status"] == "collecting"
+        queued = subprocess.Popen([str(crasher), "0", "queued"], preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+        wait_for(lambda: served.health()["queued"] >= 1 or list((served.run_dir / "forwarded").glob(
+            str(queued.pid))), 30, "the second crash in the server's queue")
+        assert list((served.run_dir / "forwarded").iterdir()), "the queued crash is journalled"
+        os.kill(served.proc.pid, signal.SIGKILL)
+        served.proc.wait(30)
+        assert queued.wait(60) == -signal.SIGSEGV
+        assert big.wait(120) == -signal.SIGSEGV
+        lost = served.wait_record(lambda r: r["comm"] == "queued", timeout=60)
+        done = served.wait_record(lambda r: r["comm"] == "big", timeout=120)
+        assert not list((served.run_dir / "forwarded").iterdir()), "the journal entry is gone once recorded"
+    assert done["status"] == "complete" and done["core"]["stored"] and done["core"]["complete"]
+    assert lost["pid"] == queued.pid and lost["core"]["stored"] is False and lost["core"]["file"] is None
+    assert "died before a worker took the crash" in lost["core"]["reason"], lost["core"]
+    assert not list(Path(lost["_dir"]).glob("core*"))
+
+
+def test_worker_killed_mid_forward(workdirs, crasher: Path) -> None:
+    """SIGKILL the server and the worker streaming a forwarded core: the record stays 'collecting' with no
+    core under its final name, and the next crash is collected (by the handler alone)."""
+    with served_handler(workdirs(), config_extra=NO_RATE_LIMIT, mode="pipe") as served:
+        health = served.health()
+        big = subprocess.Popen([str(crasher), "512", "big"], preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+        assert _first_record(served, "big")["status"] == "collecting"
+        workers = _children(served.proc.pid) - {health["guardian"], health["metrics"]}
+        os.kill(served.proc.pid, signal.SIGKILL)
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        served.proc.wait(30)
+        big.wait(120)
+        [left] = [r for r in served.records() if r["comm"] == "big"]
+        assert left["status"] == "collecting" and left["core"]["stored"] is False
+        assert not (Path(left["_dir"]) / "core.zst").exists()
+        assert os.WCOREDUMP(_run([str(crasher), "0", "after-kill"]))
+        rec = served.wait_record(lambda r: r["comm"] == "after-kill")
+    assert rec["status"] == "complete" and rec["core"]["stored"] and rec["collector"]["transport"] == "pipe"
+
+
+def test_a_crash_waits_for_a_worker_up_to_the_deadline(workdirs, crasher: Path) -> None:
+    """One worker busy with a big core; a crash handed over meanwhile waits (the kernel holding it) and is kept
+    whole when the wait is within --forward-wait, recorded without its core, saying so, when it is not."""
+    for wait, comm in ((120, "waited"), (0.2, "late")):
+        with served_handler(workdirs(), config_extra=NO_RATE_LIMIT, mode="pipe",
+                            extra=("--workers", "1", "--forward-wait", str(wait))) as served:
+            big = subprocess.Popen([str(crasher), "256", "big"], preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+            _first_record(served, "big")
+            status = _run([str(crasher), "0", comm])
+            rec = served.wait_record(lambda r, comm=comm: r["comm"] == comm, timeout=120)
+            big.wait(120)
+        assert rec["collector"]["transport"] == "forwarded" and rec["status"] == "complete"
+        if comm == "waited":
+            assert os.WCOREDUMP(status) and rec["core"]["stored"] and rec["core"]["complete"], rec["core"]
+        else:
+            assert rec["core"]["stored"] is False and rec["core"]["reason"].startswith(
+                "the crash waited more than 0.2 s for a worker"), rec["core"]
+            assert rec["container"]["runtime"] == "host", "identified while the kernel held it"
+
+
+def test_health_says_pipe_mode(workdirs) -> None:
+    with served_handler(workdirs(), mode="pipe") as served:
+        health = json.loads((served.run_dir / "serve.json").read_text())
+    assert health["mode"] == "pipe" and health["socket"] is None
+    assert health["forward_socket"] == str(served.forward_socket)
+    assert health["guardian"], "a guardian records what a killed server held"
