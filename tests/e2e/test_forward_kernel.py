@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import test_serve_kernel
 from runtimes import PODMAN, PODMAN_ULIMITS, unique
 from support import (
     CORE_PATTERN,
@@ -25,8 +26,12 @@ from support import (
     served_handler,
     set_core_limit,
     wait_for,
+    wait_log,
 )
-from test_serve_kernel import _children, _run, _same, podman_image, workdirs  # noqa: F401 - fixtures
+from test_serve_kernel import _children, _run, _same
+
+#: The fixtures of test_serve_kernel, shared.
+workdirs, podman_image = test_serve_kernel.workdirs, test_serve_kernel.podman_image
 
 MODES = {"pipe": (installed_handler, {}), "socket": (served_handler, {}),
          "forwarded": (served_handler, {"mode": "pipe"})}
@@ -196,3 +201,62 @@ def test_health_says_pipe_mode(workdirs) -> None:
     assert health["mode"] == "pipe" and health["socket"] is None
     assert health["forward_socket"] == str(served.forward_socket)
     assert health["guardian"], "a guardian records what a killed server held"
+
+
+FORWARDER = Path(__file__).resolve().parents[2] / "install" / "forwarder" / "corepipe-forward.c"
+
+
+def _build_forwarder(workdir: Path, socket: Path, handler: Path, name: str = "f") -> Path:
+    """The static forwarder built as CI builds it, pointed at this test's server socket and Python handler."""
+    gcc = need_tool("gcc")
+    out = workdir / name
+    subprocess.run([gcc, "-static", "-O2", "-Wall", "-Wextra", "-Werror", f'-DCOREPIPE_FORWARD_SOCKET="{socket}"',
+                    f'-DCOREPIPE_HANDLER="{handler}"', "-o", str(out), str(FORWARDER)], check=True)
+    file = subprocess.run(["file", str(out)], capture_output=True, text=True).stdout
+    assert "statically linked" in file or "static-pie" in file, file
+    return out
+
+
+def _forwarder_pattern(handler: object, forwarder: Path) -> str:
+    from corepipe.platform.kernel import build_pattern
+
+    return build_pattern(str(forwarder), str(handler.config))
+
+
+def test_static_forwarder_hands_a_container_crash_to_serve(workdirs, docker_image: str) -> None:
+    """The C forwarder as the pattern's program, serve in pipe mode: a Docker crash is collected by the server
+    with its container identified and its core whole."""
+    need_tool("docker")
+    with served_handler(workdirs(), config_extra=NO_RATE_LIMIT, mode="pipe") as served:
+        forwarder = _build_forwarder(served.workdir, served.forward_socket, served.launcher)
+        served.settings.set(_forwarder_pattern(served, forwarder))
+        name = unique("corepipe-33-static")
+        try:
+            subprocess.run(["docker", "run", "--name", name, "--network=none", "--ulimit", "core=-1", docker_image,
+                            "/crasher"], capture_output=True, timeout=120)
+            cid = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True,
+                                 check=True).stdout.strip()
+            rec = served.wait_record(lambda r: r["container"]["id"] == cid)
+        finally:
+            subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    assert rec["collector"]["transport"] == "forwarded" and rec["collector"]["errors"] == []
+    assert rec["container"]["runtime"] == "docker" and rec["container"]["name"] == name
+    assert rec["status"] == "complete" and rec["core"]["stored"] and rec["core"]["complete"]
+
+
+def test_static_forwarder_without_serve(workdirs, crasher: Path) -> None:
+    """No server: the forwarder executes the Python handler, which collects alone; with no handler either,
+    the kernel log says the core was dropped."""
+    with installed_handler(workdirs(), config_extra=NO_RATE_LIMIT) as handler:
+        forwarder = _build_forwarder(handler.workdir, handler.forward_socket, handler.launcher)
+        handler.settings.set(_forwarder_pattern(handler, forwarder))
+        assert os.WCOREDUMP(_run([str(crasher), "0", "fwd-alone"]))
+        rec = handler.wait_record(lambda r: r["comm"] == "fwd-alone")
+        assert rec["collector"]["transport"] == "pipe" and rec["core"]["stored"] and rec["core"]["complete"]
+        assert rec["process"]["pidfd"] == "verified", "the pidfd passed through the exec"
+        nothing = _build_forwarder(handler.workdir, handler.forward_socket, handler.workdir / "absent", "g")
+        handler.settings.set(_forwarder_pattern(handler, nothing))
+        crashed = subprocess.Popen([str(crasher), "0", "fwd-none"], preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+        line = wait_log(f"the core of pid {crashed.pid} is dropped")
+        crashed.wait(30)
+    assert "no corepipe serve at" in line[0] and "start corepipe serve" in line[0]
