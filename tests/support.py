@@ -53,7 +53,8 @@ def need_tool(name: str) -> str:
 class Handler:
     """corepipe installed as the kernel's core_pattern for the duration of a test."""
 
-    def __init__(self, workdir: Path, config_extra: str = ""):
+    def __init__(self, workdir: Path, config_extra: str = "", forward: Optional[Path] = None):
+        """``forward``: the server socket the handler hands crashes to (default: one in ``workdir``)."""
         self.workdir = workdir
         self.store = workdir / "store"
         self.config = workdir / "c.toml"
@@ -61,7 +62,7 @@ class Handler:
         #: A server's run directory: its health file and the socket the handler hands crashes to (none runs
         #: unless a test starts one: a real installation's server never gets a test's crash).
         self.run_dir = workdir / "run"
-        self.forward_socket = self.run_dir / "forward.sock"
+        self.forward_socket = forward or self.run_dir / "forward.sock"
         self.config.write_text(f'store = "{self.store}"\n{config_extra}')
         self.launcher.write_text(launcher.script(forward=str(self.forward_socket)))
         self.launcher.chmod(0o755)

@@ -21,6 +21,7 @@ from runtimes import PODMAN, PODMAN_ULIMITS, unique
 from support import (
     CORE_PATTERN,
     NO_RATE_LIMIT,
+    Handler,
     installed_handler,
     need_tool,
     served_handler,
@@ -29,6 +30,8 @@ from support import (
     wait_log,
 )
 from test_serve_kernel import _children, _run, _same
+
+from corepipe.services import status
 
 #: The fixtures of test_serve_kernel, shared.
 workdirs, podman_image = test_serve_kernel.workdirs, test_serve_kernel.podman_image
@@ -260,3 +263,27 @@ def test_static_forwarder_without_serve(workdirs, crasher: Path) -> None:
         line = wait_log(f"the core of pid {crashed.pid} is dropped")
         crashed.wait(30)
     assert "no corepipe serve at" in line[0] and "start corepipe serve" in line[0]
+
+
+def test_another_installations_handler_is_not_taken(workdirs, crasher: Path) -> None:
+    """A handler whose --config is not the server's (a test's, another installation's) is told to collect its
+    crash itself: into its own store, never the server's."""
+    with served_handler(workdirs(), config_extra=NO_RATE_LIMIT, mode="pipe") as served:
+        other = Handler(workdirs(), config_extra=NO_RATE_LIMIT, forward=served.forward_socket)
+        served.settings.set(other.pattern())
+        assert os.WCOREDUMP(_run([str(crasher), "0", "foreign"]))
+        rec = other.wait_record(lambda r: r["comm"] == "foreign")
+        assert not served.store.exists() or not [r for r in served.records() if r["comm"] == "foreign"]
+        wait_for(lambda: served.health()["stats"]["forward_refused"] == 1, 10, "the refusal in the server's counts")
+    assert rec["collector"]["transport"] == "pipe" and rec["core"]["stored"]
+
+
+def test_status_says_which_transport_collects(workdirs) -> None:
+    """status: "forwarded" while a pipe-mode server of this installation runs, "pipe" once it stopped."""
+    with served_handler(workdirs(), mode="pipe") as served:
+        state = {"pattern": served.pattern(), "bin": str(served.launcher)}
+        facts = status.forwarding(served.health() | {"alive": True}, state["bin"])
+        assert facts == {"works": True, "socket": str(served.forward_socket), "problem": None}
+        served.stop()
+        facts = status.forwarding(None, state["bin"])
+        assert not facts["works"] and "not running" in facts["problem"]

@@ -78,6 +78,19 @@ def _unints(data: bytes) -> list:
     return [int.from_bytes(data[i:i + 4], sys.byteorder, signed=True) for i in range(0, len(data) - 3, 4)]
 
 
+def probe(path: str, seconds: float = ACK_SECONDS) -> str | None:
+    """None when a server accepts connections at ``path``, else why not (for ``corepipe status``)."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(seconds)
+        sock.connect(path)
+    except OSError as exc:
+        return f"cannot connect to {path}: {exc.strerror or exc}"
+    finally:
+        sock.close()
+    return None
+
+
 def socket_path(run_dir: str) -> str:
     """Where a server with this run directory listens for handoffs."""
     return os.path.join(run_dir, SOCKET_NAME)
@@ -88,6 +101,10 @@ def socket_path(run_dir: str) -> str:
 
 class ForwardError(Exception):
     """A handoff that is not to be taken (not root, malformed, wrong fds); the handler collects it."""
+
+
+class Probe(ForwardError):
+    """A connection closed without a message: ``probe`` (``corepipe status``) checking that the server accepts."""
 
 
 class Forwarded:
@@ -139,6 +156,8 @@ def receive(conn: _socket.socket) -> Forwarded:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             fds += _unints(data)
     got = Forwarded([], fds[0], fds[1] if len(fds) > 1 else None) if fds else None
+    if not message and got is None:
+        raise Probe("a probe")
     try:
         if peer_uid(conn) != 0:
             raise ForwardError("the peer is not root")

@@ -46,7 +46,7 @@ from corepipe.domain import accounting, snapshot
 from corepipe.domain.context import Context
 from corepipe.platform import affinity, capture, coredump_socket, elf, forward
 from corepipe.platform import config as configuration
-from corepipe.platform.kernel import RLIM_INFINITY, KernelArgs
+from corepipe.platform.kernel import RLIM_INFINITY, KernelArgs, parse_args
 from corepipe.platform.log import ERR, INFO, WARNING, log
 from corepipe.platform.store import Store
 from corepipe.platform.sysctl import CORE_PATTERN, Sysctl, SysctlError
@@ -351,15 +351,20 @@ class Server:
         conn.settimeout(HANDOFF_SECONDS)
         try:
             got = forward.receive(conn)
+        except forward.Probe:
+            return
         except (forward.ForwardError, OSError) as exc:
             self.stats.forward_refused += 1
             log(f"error: serve: a handoff on {self.forward_path} refused: {exc}", ERR)
             forward.refuse(conn, str(exc))
             return
-        if self.stopping or len(self.queue) >= self.options.queue_limit:
+        why = ("the server is stopping" if self.stopping else
+               "the server is saturated" if len(self.queue) >= self.options.queue_limit else
+               None if self._ours(got.argv) else "the handler of another installation (its --config is not ours)")
+        if why is not None:
             self.stats.forward_refused += 1
             got.close()
-            forward.refuse(conn, "the server is stopping" if self.stopping else "the server is saturated")
+            forward.refuse(conn, why)
             return
         journal = forwarded.note(self.options.run_dir, got)
         if not forward.take(conn):  # the handler gave up waiting: it collects the crash, not us
@@ -391,6 +396,16 @@ class Server:
             self.stats.degraded[load] = self.stats.degraded.get(load, 0) + 1
         while not self.stopping and len(self.busy) + len(self.spares) < self.workers:
             self._fork_spare()
+
+    def _ours(self, argv: list) -> bool:
+        """The handoff comes from this server's installation: its handler's ``--config`` is the server's (a test's
+        or another installation's handler collects its crashes itself, into its own store)."""
+        theirs = parse_args(argv).config or configuration.DEFAULT_PATH
+        ours = self.options.config or configuration.DEFAULT_PATH
+        try:
+            return theirs == ours or os.path.samefile(theirs, ours)
+        except OSError:
+            return False
 
     def load(self, waiting: Optional[Waiting] = None) -> str:
         """How the next crash is collected: a long queue gets a faster level, an overlong one records only, and
