@@ -64,22 +64,30 @@ else
     say "systemd is not running: schedule '$bin --config $config prune' yourself (e.g. cron, daily)"
 fi
 
-# Socket mode (`corepipe install --mode auto` picks it where the kernel has it): corepipe.socket keeps the
-# kernel's socket and starts corepipe serve, which switches the kernel to it while it runs.
+# corepipe serve, in both modes (docs/drafts/forwarding.md). Socket mode (`corepipe install --mode auto` picks
+# it where the kernel has it): corepipe.socket keeps the kernel's socket and the server switches the kernel to
+# it while it runs. Pipe mode: the kernel's pipe handler hands each crash to the server (corepipe-forward.socket)
+# while it runs, and collects it itself when it does not.
 mode="$("$prefix/bin/python" -I -c 'import json, sys; print(json.load(open(sys.argv[1])).get("mode", "pipe"))' \
     "$(dirname "$config")/install.json")"
-if [ "$mode" = socket ]; then
-    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
-        sed "s|^ExecStart=.*|ExecStart=$bin --config $config serve|" \
-            "$src/install/systemd/corepipe.service" > "$units/corepipe.service"
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+    sed "s|^ExecStart=.*|ExecStart=$bin --config $config serve|" \
+        "$src/install/systemd/corepipe.service" > "$units/corepipe.service"
+    cp "$src/install/systemd/corepipe-forward.socket" "$units/corepipe-forward.socket"
+    sockets=corepipe-forward.socket
+    if [ "$mode" = socket ]; then
         cp "$src/install/systemd/corepipe.socket" "$units/corepipe.socket"
-        systemctl daemon-reload
-        systemctl enable --now corepipe.socket corepipe.service >/dev/null
-        say "enabled corepipe.socket and corepipe.service (socket mode)"
-    else
-        say "socket mode: systemd is not running: run '$bin --config $config serve' under your supervisor;" \
-            "until it runs, the pipe handler collects"
+        sockets="corepipe.socket $sockets"
+    elif [ -f "$units/corepipe.socket" ]; then  # an earlier socket-mode install
+        systemctl disable --now corepipe.socket >/dev/null 2>&1 || true
+        rm -f "$units/corepipe.socket"
     fi
+    systemctl daemon-reload
+    systemctl enable --now $sockets corepipe.service >/dev/null
+    say "enabled $sockets and corepipe.service ($mode mode)"
+else
+    say "$mode mode: systemd is not running: run '$bin --config $config serve' under your supervisor;" \
+        "until it runs, the pipe handler collects each crash itself"
 fi
 
 "$bin" selftest --config "$config"

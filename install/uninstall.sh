@@ -10,11 +10,11 @@ if [ "$(id -u)" != 0 ]; then  # as another user, run again through sudo
 fi
 [ -x "$prefix/bin/python" ] || { echo "uninstall.sh: error: no corepipe virtualenv at $prefix" >&2; exit 1; }
 units=/etc/systemd/system
-if [ -f "$units/corepipe.socket" ]; then  # socket mode: the server hands the kernel back to the pipe handler
-    systemctl disable --now corepipe.service corepipe.socket >/dev/null 2>&1 || true
-    rm -f "$units/corepipe.service" "$units/corepipe.socket"
+if [ -f "$units/corepipe.service" ]; then  # socket mode: the server hands the kernel back to the pipe handler
+    systemctl disable --now corepipe.service corepipe.socket corepipe-forward.socket >/dev/null 2>&1 || true
+    rm -f "$units/corepipe.service" "$units/corepipe.socket" "$units/corepipe-forward.socket"
     systemctl daemon-reload 2>/dev/null || true
-    echo "uninstall.sh: removed corepipe.socket and corepipe.service"
+    echo "uninstall.sh: removed corepipe.service and its sockets"
 fi
 "$prefix/bin/python" -I -m corepipe uninstall --config "$config" "$@"
 if [ -f "$units/corepipe-prune.timer" ]; then

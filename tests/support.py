@@ -302,7 +302,8 @@ def installed_files(d: Path) -> list:
 #: install.sh enables systemd units (the prune timer; the socket in socket mode) only where systemd runs.
 SYSTEMD_RUNS = os.path.isdir("/run/systemd/system") and shutil.which("systemctl") is not None
 SYSTEMD_UNITS = [f"/etc/systemd/system/{name}" for name in ("corepipe-prune.timer", "corepipe-prune.service",
-                                                             "corepipe.socket", "corepipe.service")]
+                                                             "corepipe.socket", "corepipe-forward.socket",
+                                                             "corepipe.service")]
 
 
 def check_restored(settings: KernelSettings, d: Path) -> None:

@@ -22,7 +22,10 @@ from support import (
     CORE_PATTERN,
     NO_RATE_LIMIT,
     Handler,
+    KernelSettings,
+    Served,
     installed_handler,
+    need_root_kernel,
     need_tool,
     served_handler,
     set_core_limit,
@@ -287,3 +290,31 @@ def test_status_says_which_transport_collects(workdirs) -> None:
         served.stop()
         facts = status.forwarding(None, state["bin"])
         assert not facts["works"] and "not running" in facts["problem"]
+
+
+def test_socket_activation_in_pipe_mode(workdirs, crasher: Path) -> None:
+    """Started the way corepipe-forward.socket starts it (LISTEN_FDS, a seqpacket socket): the first handoff
+    starts the server, which collects that crash and leaves the socket, systemd's, in place when it stops."""
+    activate = need_tool("systemd-socket-activate")
+    need_root_kernel()
+    served = Served(workdirs(), config_extra=NO_RATE_LIMIT)
+    served.run_dir.mkdir()
+    with KernelSettings() as settings:
+        settings.set(served.pattern())
+        served.proc = subprocess.Popen([activate, "--seqpacket", "-l", str(served.forward_socket), str(served.launcher),
+                                        "serve", "--config", str(served.config), "--mode", "pipe", "--run-dir",
+                                        str(served.run_dir / "elsewhere")],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(served.forward_socket.exists, 30, "the activator's socket")
+            assert os.WCOREDUMP(_run([str(crasher), "0", "activated"]))
+            served.wait_record(lambda r: r["comm"] == "activated", timeout=60)  # by the server or the handler
+            wait_for((served.run_dir / "elsewhere" / "serve.json").exists, 30, "the server's health file")
+            assert os.WCOREDUMP(_run([str(crasher), "0", "activated-2"]))
+            rec = served.wait_record(lambda r: r["comm"] == "activated-2", timeout=60)
+            health = json.loads((served.run_dir / "elsewhere" / "serve.json").read_text())
+        finally:
+            served.proc.terminate()
+            served.proc.wait(60)
+    assert health["forward_activated"] is True and health["forward_socket"] == str(served.forward_socket)
+    assert rec["status"] == "complete" and rec["core"]["stored"] and rec["collector"]["transport"] == "forwarded"

@@ -329,7 +329,7 @@ def test_systemd_units_are_hardened() -> None:
     units = Path(__file__).resolve().parents[2] / "install" / "systemd"
     sock, service = (units / "corepipe.socket").read_text(), (units / "corepipe.service").read_text()
     assert "ListenStream=/run/corepipe/coredump.socket\n" in sock and "SocketMode=0600\n" in sock
-    assert "ExecStart=/usr/local/bin/corepipe serve\n" in service and "Requires=corepipe.socket\n" in service
+    assert "ExecStart=/usr/local/bin/corepipe serve\n" in service and "Wants=corepipe-forward.socket\n" in service
     for line in ("ProtectSystem=strict", "ReadWritePaths=/var/lib/corepipe /run/corepipe", "IPAddressDeny=any",
                  "IPAddressAllow=localhost", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "NoNewPrivileges=yes",
                  "Restart=always", "KillMode=mixed"):

@@ -36,10 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", default=serve.RUN_DIR, metavar="DIR",
                         help="where the health file serve.json and the handlers' socket forward.sock go "
                              "(default %(default)s)")
-    parser.add_argument("--mode", choices=(serve.SOCKET_MODE, serve.PIPE_MODE), default=serve.SOCKET_MODE,
+    parser.add_argument("--mode", choices=(serve.SOCKET_MODE, serve.PIPE_MODE),
                         help="socket: take the kernel's coredump socket (6.16+) and the crashes pipe handlers hand "
                              "over; pipe: leave the kernel's pipe pattern and collect what the handlers hand over, "
-                             "on any kernel (default %(default)s)")
+                             "on any kernel (default: the installed mode, else socket)")
     parser.add_argument("--forward-wait", type=float, default=serve.FORWARD_WAIT, metavar="SECONDS",
                         help="how long a handed-over crash may wait for a worker, the kernel holding the process, "
                              "before it is recorded without its core (default %(default)g)")
@@ -47,17 +47,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     config = getattr(ns, "config", None)
-    fallback = ns.fallback
-    if fallback is None:
+    fallback, state = ns.fallback, None
+    if fallback is None or ns.mode is None:
         try:
             state = install.load_state(install.Paths(config=config or install.Paths.config).state)
         except install.InstallError as exc:
             raise UserError(str(exc)) from None
+    mode = ns.mode or (state or {}).get("mode") or serve.SOCKET_MODE
+    if fallback is None:
         if state is not None:
             fallback = state.get("fallback_pattern") or (state["pattern"] if state["pattern"].startswith("|")
                                                          else None)
     options = serve.Options(socket_path=ns.socket, config=config, workers=ns.workers, queue_limit=ns.queue_limit,
-                            run_dir=ns.run_dir, fallback=fallback, host_pid=ns.host_pid, mode=ns.mode,
+                            run_dir=ns.run_dir, fallback=fallback, host_pid=ns.host_pid, mode=mode,
                             forward_wait=ns.forward_wait)
     try:
         return serve.serve(options)

@@ -123,15 +123,20 @@ def worker_count(requested: int) -> int:
     return max(2, len(os.sched_getaffinity(0)))
 
 
-def activated_socket() -> Optional[socket.socket]:
-    """The listening socket systemd passed (LISTEN_FDS), or None without socket activation."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
-        return None
+def activated_sockets() -> dict:
+    """The listening sockets systemd passed (LISTEN_FDS: corepipe.socket's stream socket for the kernel,
+    corepipe-forward.socket's seqpacket one for the handlers), by type; empty without socket activation."""
+    count = os.environ.get("LISTEN_FDS", "")
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or count not in ("1", "2"):
+        return {}
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)
-    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
-    os.set_inheritable(sock.fileno(), False)
-    return sock
+    found = {}
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
+        sock = socket.socket(fileno=fd)
+        os.set_inheritable(fd, False)
+        found[sock.type] = sock
+    return found
 
 
 def read_health(run_dir: str = RUN_DIR) -> Optional[dict]:
@@ -195,7 +200,8 @@ class Server:
         #: Where pipe handlers hand crashes over (platform/forward.py).
         self.forward_listener: Optional[socket.socket] = None
         self.forward_path = forward.socket_path(options.run_dir)
-        self.activated = False
+        #: The listeners came from systemd (corepipe.socket, corepipe-forward.socket): theirs to remove.
+        self.activated = self.forward_activated = False
         self.started = time.time()
         self.last_beat = 0.0
 
@@ -208,14 +214,23 @@ class Server:
         self._start_metrics()  # before the listeners and the guardian: it holds none
         forwarded.recover(self.options.run_dir, Prepared(self.options.config).cfg,
                           "a previous server died", grace=0)
+        activated = activated_sockets()
         os.makedirs(self.options.run_dir, mode=0o755, exist_ok=True)
-        self.forward_listener = socket.socket(fileno=forward.listen(self.forward_path, self.options.backlog).detach())
+        self.forward_listener = activated.pop(socket.SOCK_SEQPACKET, None)
+        self.forward_activated = self.forward_listener is not None
+        if self.forward_activated:  # the socket unit's path, which systemd keeps open between restarts
+            self.forward_path = self.forward_listener.getsockname()
+        else:
+            self.forward_listener = socket.socket(fileno=forward.listen(self.forward_path,
+                                                                        self.options.backlog).detach())
         self.forward_listener.setblocking(False)
         if self.options.mode == PIPE_MODE:
+            for unused in activated.values():  # corepipe.socket, enabled by an earlier socket-mode install
+                unused.close()
             self.guardian = _start_guardian(self.sysctl, None, None, [self.forward_listener], self.options)
             log(f"serve: pipe mode, taking crashes from the handlers on {self.forward_path}, {self.workers} workers")
             return
-        self.listener = activated_socket()
+        self.listener = activated.pop(socket.SOCK_STREAM, None)
         self.activated = self.listener is not None
         if self.listener is None:
             os.makedirs(os.path.dirname(self.options.socket_path), mode=0o700, exist_ok=True)
@@ -246,7 +261,7 @@ class Server:
             except SysctlError as exc:
                 log(f"error: serve: {why}; cannot put back kernel.core_pattern: {exc}", ERR)
         self.stopping = True
-        if self.forward_listener is not None:  # handlers that come now collect their crashes themselves
+        if self.forward_listener is not None and not self.forward_activated:  # handlers now collect themselves
             try:
                 os.unlink(self.forward_path)
             except FileNotFoundError:
@@ -270,6 +285,7 @@ class Server:
                     pass
         if self.forward_listener is not None:
             self.forward_listener.close()
+        if not self.forward_activated:
             try:
                 os.unlink(self.forward_path)
             except FileNotFoundError:
@@ -475,7 +491,8 @@ class Server:
         return {"pid": os.getpid(), "started": self.started, "heartbeat": time.time(), "mode": self.options.mode,
                 "socket": self.options.socket_path if self.options.mode == SOCKET_MODE else None,
                 "forward_socket": self.forward_path, "pattern": self.pattern, "fallback": self.fallback,
-                "activated": self.activated, "guardian": self.guardian, "metrics": self.metrics,
+                "activated": self.activated, "forward_activated": self.forward_activated,
+                "guardian": self.guardian, "metrics": self.metrics,
                 "metrics_address": self.metrics_address, "workers": self.workers,
                 "busy": len(self.busy), "idle": len(self.spares), "queued": len(self.queue),
                 "stats": self.stats.__dict__}
