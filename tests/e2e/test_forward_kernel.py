@@ -12,6 +12,7 @@ import os
 import resource
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from support import (
 )
 from test_serve_kernel import _children, _run, _same
 
+from corepipe.platform import forward
 from corepipe.services import status
 
 #: The fixtures of test_serve_kernel, shared.
@@ -318,3 +320,44 @@ def test_socket_activation_in_pipe_mode(workdirs, crasher: Path) -> None:
             served.proc.wait(60)
     assert health["forward_activated"] is True and health["forward_socket"] == str(served.forward_socket)
     assert rec["status"] == "complete" and rec["core"]["stored"] and rec["collector"]["transport"] == "forwarded"
+
+
+def test_daemonset_forward_mode(workdirs, docker_image: str) -> None:
+    """install/kubernetes/node.sh in forward mode, run as the pod runs it (here on the host itself: the test
+    image has no Python): the forwarder is copied to the forwarder directory, the kernel's pattern names it,
+    the server runs in pipe mode and collects a Docker crash; SIGTERM puts the kernel's settings back."""
+    need_tool("docker")
+    need_root_kernel()
+    d = workdirs()
+    run_dir = d / "run"
+    built = _build_forwarder(d, forward.socket_path(str(run_dir)), d / "absent", "built")
+    env = {"PATH": os.environ["PATH"], "COREPIPE_MODE": "forward", "COREPIPE_PYTHON": sys.executable,
+           "COREPIPE_POD_CONFIG": f"{d}/c.toml", "COREPIPE_STORE": f"{d}/store", "COREPIPE_FORWARDER_DIR": f"{d}/f",
+           "COREPIPE_FORWARDER": str(built), "COREPIPE_RUN_DIR": str(run_dir), "COREPIPE_POD_STATE": str(d),
+           "COREPIPE_SERVE_ARGS": "--forward-wait 60"}
+    node_sh = Path(__file__).resolve().parents[2] / "install" / "kubernetes" / "node.sh"
+    name = unique("corepipe-33-node")
+    with KernelSettings() as settings:
+        before = CORE_PATTERN.read_text()
+        pod = subprocess.Popen(["sh", str(node_sh)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+        settings.undo_on_abort(["kill", "-TERM", str(pod.pid)])
+        try:
+            wait_for(lambda: CORE_PATTERN.read_text().startswith(f"|{d}/f/corepipe-forward collect ")
+                     and (run_dir / "serve.json").exists(), 60, "the forwarder's pattern and the server")
+            assert Path("/proc/sys/kernel/core_pipe_limit").read_text().strip() == "256"
+            subprocess.run(["docker", "run", "--name", name, "--network=none", "--ulimit", "core=-1", docker_image,
+                            "/crasher"], capture_output=True, timeout=120)
+            cid = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True,
+                                 check=True).stdout.strip()
+            rec = wait_for(lambda: next((r for r in map(json.loads, map(Path.read_text, (d / "store").rglob(
+                "record.json"))) if r["container"]["id"] == cid and r["status"] != "collecting"), None), 60,
+                "the container's record in the pod's store")
+        finally:
+            pod.terminate()
+            out, _ = pod.communicate(timeout=120)
+            subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+        assert pod.returncode == 0, out
+        assert CORE_PATTERN.read_text() == before, "SIGTERM put the kernel's pattern back"
+    assert rec["collector"]["transport"] == "forwarded" and rec["container"]["runtime"] == "docker"
+    assert rec["status"] == "complete" and rec["core"]["stored"] and rec["core"]["complete"]
