@@ -8,7 +8,8 @@ Run as root from the worktree (not part of the pytest run)::
 
 Each mode and value of ``--concurrent-cores`` (the config key; -1 one per CPU, 0 no limit) is one
 storm: corepipe as the pipe handler at install's core_pipe_limit (services/install.PIPE_LIMIT), or
-``corepipe serve`` on a socket (kernel socket mode; the pipe handler as its fallback), through
+``corepipe serve`` on a socket (kernel socket mode; the pipe handler as its fallback), or ``forwarded``: the pipe
+handler with ``corepipe serve --mode pipe`` running (the handler hands each crash to the server), through
 support.KernelSettings (the tests' lock; restored afterwards), the crash-loop limits off so that
 every core could be kept. The crashers (copies of tests/crasher.c under N names) fill ``--mib`` MiB,
 stop themselves, and all get SIGCONT at once; the clock starts there. "peak host MiB" is the
@@ -123,14 +124,16 @@ def final_records(store: Path) -> list:
     return recs
 
 
-def start_server(bench: Bench) -> subprocess.Popen:
-    """``corepipe serve`` on a socket in the bench's directory; it sets the socket pattern itself."""
+def start_server(bench: Bench, mode: str = "socket") -> subprocess.Popen:
+    """``corepipe serve`` in the bench's directory: on a socket (it sets the socket pattern itself), or in pipe
+    mode (the pipe handler hands it the crashes)."""
     proc = subprocess.Popen([str(bench.dir / "h"), "serve", "--config", str(bench.dir / "c"), "--socket",
                              str(bench.dir / "s.sock"), "--run-dir", str(bench.dir / "run"), "--fallback",
-                             bench.pattern("corepipe")], env={}, cwd="/", stdout=subprocess.DEVNULL,
+                             bench.pattern("corepipe"), "--mode", mode], env={}, cwd="/", stdout=subprocess.DEVNULL,
                             stderr=(bench.dir / "serve.err").open("w"))
-    wait_for(lambda: CORE_PATTERN.read_text().startswith("@") or proc.poll() is not None, 30,
-             "the server to set the socket pattern")
+    wait_for(lambda: (CORE_PATTERN.read_text().startswith("@") if mode == "socket" else
+                      (bench.dir / "run" / "serve.json").exists()) or proc.poll() is not None, 30,
+             "the server to start")
     if proc.poll() is not None:
         raise RuntimeError(f"corepipe serve failed: {(bench.dir / 'serve.err').read_text()}")
     return proc
@@ -179,8 +182,8 @@ def storm(bench: Bench, crashers: list, mib: int, mode: str, concurrent: int, ti
     server = None
     with KernelSettings() as settings:
         settings.set(bench.pattern("corepipe"), pipe_limit=PIPE_LIMIT)
-        if mode == "socket":
-            server = start_server(bench)
+        if mode in ("socket", "forwarded"):
+            server = start_server(bench, "pipe" if mode == "forwarded" else "socket")
         mark = kernel_log_now()
         memory = PeakMemory(server.pid if server else None)
         started, reaped = release(pids)
@@ -212,7 +215,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--crashes", type=int, default=128)
     parser.add_argument("--mib", type=int, default=16, help="heap each crasher fills")
-    parser.add_argument("--modes", default="pipe", help="comma-separated, of pipe,socket")
+    parser.add_argument("--modes", default="pipe",
+                        help="comma-separated, of pipe,socket,forwarded (pipe mode with serve running),zstd,"
+                             "systemd-coredump")
     parser.add_argument("--concurrent-cores", default="-1", help="comma-separated values of concurrent_cores")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the records of one storm")
     parser.add_argument("--json", default=str(TESTS / "bench" / "storm.json"), help="where to write the results")
