@@ -1,8 +1,9 @@
 """Pipe mode with ``corepipe serve`` running, through the real kernel: the handler the kernel starts hands the
 crash to the server (platform/forward.py), whose worker collects it while the kernel holds the process.
 
-The records must be the ones the handler alone and socket mode give (apart from ``collector.transport``);
-a server that is stopped or killed loses no crash.
+That its records are the ones the handler alone and socket mode give (apart from ``collector.transport``) is
+tested with those, in test_serve_kernel.py (host, PID namespace, Docker, Podman). Here: a server that is
+stopped or killed loses no crash, storms wait for a worker, the static forwarder, status and activation.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ import resource
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import test_serve_kernel
-from runtimes import PODMAN, PODMAN_ULIMITS, unique
+from runtimes import run_crasher, unique
 from support import (
     CORE_PATTERN,
     NO_RATE_LIMIT,
@@ -33,91 +32,13 @@ from support import (
     wait_for,
     wait_log,
 )
-from test_serve_kernel import _children, _run, _same
+from test_serve_kernel import _children, _run
 
 from corepipe.platform import forward
 from corepipe.services import status
 
-#: The fixtures of test_serve_kernel, shared.
-workdirs, podman_image = test_serve_kernel.workdirs, test_serve_kernel.podman_image
-
-MODES = {"pipe": (installed_handler, {}), "socket": (served_handler, {}),
-         "forwarded": (served_handler, {"mode": "pipe"})}
-
-
-def _all(workdirs: Callable[[], Path], run: Callable[[str], object], match: Callable[[dict, object], bool],
-         config: str = NO_RATE_LIMIT) -> dict:
-    """{mode: record} of the same crash, ``run(mode)`` crashing it once with the handler alone, once in socket
-    mode and once in pipe mode with the server running."""
-    records = {}
-    for mode, (handler, options) in MODES.items():
-        with handler(workdirs(), config_extra=config, **options) as h:
-            token = run(mode)
-            records[mode] = h.wait_record(lambda r, token=token: match(r, token))
-            if mode == "forwarded":
-                assert CORE_PATTERN.read_text().rstrip("\n") == h.pattern(), "pipe mode keeps the pipe pattern"
-                wait_for(lambda h=h: h.health()["stats"]["forwarded"] >= 1, 10, "the handoff in the server's counts")
-    assert {m: r["collector"]["transport"] for m, r in records.items()} == {
-        "pipe": "pipe", "socket": "socket", "forwarded": "forwarded"}
-    return records
-
-
-def _same_three(records: dict, crasher: Path, tmp_path: Path) -> None:
-    _same(records["pipe"], records["forwarded"], crasher, tmp_path)
-    _same(records["socket"], records["forwarded"], crasher, tmp_path / "s")
-
-
-def test_host_crash_forwarded(workdirs, crasher: Path, tmp_path: Path) -> None:
-    (tmp_path / "s").mkdir()
-
-    def run(mode: str) -> None:
-        status = _run([str(crasher), "0", "host"])
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV and os.WCOREDUMP(status)
-    records = _all(workdirs, run, lambda r, _: r["comm"] == "host")
-    _same_three(records, crasher, tmp_path)
-    assert records["forwarded"]["container"]["runtime"] == "host"
-
-
-def test_pid_namespace_forwarded(workdirs, crasher: Path, tmp_path: Path) -> None:
-    (tmp_path / "s").mkdir()
-    unshare = need_tool("unshare")
-
-    def run(mode: str) -> str:
-        _run([unshare, "--pid", "--fork", "--mount-proc", str(crasher)])
-        return mode
-    records = _all(workdirs, run, lambda r, _: r["exe"] == str(crasher) and r["ns_pid"] == 1)
-    _same_three(records, crasher, tmp_path)
-    rec = records["forwarded"]
-    assert rec["pid"] != 1 and rec["process"]["status"]["NSpid"].split() == [str(rec["pid"]), "1"]
-
-
-@pytest.mark.parametrize("tool", ["docker", "podman"])
-def test_container_forwarded(workdirs, request, tool: str, crasher: Path, tmp_path: Path) -> None:
-    (tmp_path / "s").mkdir()
-    need_tool(tool)
-    ref = request.getfixturevalue("docker_image" if tool == "docker" else "podman_image")
-    names: list = []
-    run_argv = ["docker"] if tool == "docker" else [*PODMAN]
-    ulimits = ["--ulimit", "core=-1"] if tool == "docker" else [*PODMAN_ULIMITS, "--ulimit", "core=-1"]
-
-    def run(mode: str) -> str:
-        name = unique(f"corepipe-33-{mode}")
-        names.append(name)
-        subprocess.run([*run_argv, "run", "--name", name, "--network=none", *ulimits, ref, "/crasher"],
-                       capture_output=True, timeout=120)
-        return subprocess.run([tool, "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    try:
-        records = _all(workdirs, run, lambda r, cid: r["container"]["id"] == cid)
-    finally:
-        for name in names:
-            subprocess.run([tool, "rm", "-f", name], capture_output=True)
-    _same_three(records, crasher, tmp_path)
-    for rec in records.values():
-        assert rec["container"]["runtime"] == tool and rec["container"]["confidence"] == "certain"
-        assert rec["container"]["name"].startswith("corepipe-33-") and rec["container"]["image"] == ref
-        assert rec["ns_pid"] == 1 and rec["hostname"] == rec["container"]["id"][:12]
-
+#: The fixture of test_serve_kernel, shared.
+workdirs = test_serve_kernel.workdirs
 
 def test_serve_stopped_the_handler_collects(workdirs, crasher: Path) -> None:
     """Stop the server: its socket is gone, and the next crash is collected by the handler alone."""
@@ -240,10 +161,7 @@ def test_static_forwarder_hands_a_container_crash_to_serve(workdirs, docker_imag
         served.settings.set(_forwarder_pattern(served, forwarder))
         name = unique("corepipe-33-static")
         try:
-            subprocess.run(["docker", "run", "--name", name, "--network=none", "--ulimit", "core=-1", docker_image,
-                            "/crasher"], capture_output=True, timeout=120)
-            cid = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True,
-                                 check=True).stdout.strip()
+            cid = run_crasher("docker", name, docker_image)
             rec = served.wait_record(lambda r: r["container"]["id"] == cid)
         finally:
             subprocess.run(["docker", "rm", "-f", name], capture_output=True)
@@ -346,10 +264,7 @@ def test_daemonset_forward_mode(workdirs, docker_image: str) -> None:
             wait_for(lambda: CORE_PATTERN.read_text().startswith(f"|{d}/f/corepipe-forward collect ")
                      and (run_dir / "serve.json").exists(), 60, "the forwarder's pattern and the server")
             assert Path("/proc/sys/kernel/core_pipe_limit").read_text().strip() == "256"
-            subprocess.run(["docker", "run", "--name", name, "--network=none", "--ulimit", "core=-1", docker_image,
-                            "/crasher"], capture_output=True, timeout=120)
-            cid = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True,
-                                 check=True).stdout.strip()
+            cid = run_crasher("docker", name, docker_image)
             rec = wait_for(lambda: next((r for r in map(json.loads, map(Path.read_text, (d / "store").rglob(
                 "record.json"))) if r["container"]["id"] == cid and r["status"] != "collecting"), None), 60,
                 "the container's record in the pod's store")

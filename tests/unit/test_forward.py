@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from support import need
 
-from corepipe.platform import forward
+from corepipe.platform import coredump_socket, forward
 
 ARGV = ["--config", "/etc/x.toml", "PID", "1", "PID", "0", "0", "11", "1700000000", "0", "1", "FD", "host", "c"]
 
@@ -45,7 +45,7 @@ def _exit_code(pid: int) -> int:
 
 @pytest.fixture
 def server(tmp_path: Path) -> socket.socket:
-    sock = socket.socket(fileno=forward.listen(str(tmp_path / "f.sock"), 8).detach())
+    sock = coredump_socket.listen(str(tmp_path / "f.sock"), 8, socket.SOCK_SEQPACKET)
     sock.settimeout(10)
     yield sock
     sock.close()
@@ -108,7 +108,7 @@ def test_only_roots_well_formed_handoffs_are_taken() -> None:
     need(os.geteuid() == 0, "needs root to hand over as another user")
     tmp_path = Path(tempfile.mkdtemp(prefix="cpf-", dir="/tmp"))  # reachable by another user
     tmp_path.chmod(0o755)
-    server = socket.socket(fileno=forward.listen(str(tmp_path / "f.sock"), 8).detach())
+    server = coredump_socket.listen(str(tmp_path / "f.sock"), 8, socket.SOCK_SEQPACKET)
     server.settimeout(10)
     read, _write = os.pipe()
     os.chmod(tmp_path / "f.sock", 0o666)  # the mode keeps others out; the uid check must too

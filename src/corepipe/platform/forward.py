@@ -126,22 +126,6 @@ class Forwarded:
         self.pipe, self.pidfd = -1, None
 
 
-def listen(path: str, backlog: int) -> _socket.socket:
-    """A fresh listening socket at ``path`` (mode 0600), replacing a stale one."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
-    old = os.umask(0o177)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
-    sock.listen(backlog)
-    return sock
-
-
 def peer_uid(conn: _socket.socket) -> int:
     """The connecting process's uid (SO_PEERCRED: pid, uid, gid as three ints)."""
     return _unints(conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12))[1]

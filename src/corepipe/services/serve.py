@@ -221,8 +221,8 @@ class Server:
         if self.forward_activated:  # the socket unit's path, which systemd keeps open between restarts
             self.forward_path = self.forward_listener.getsockname()
         else:
-            self.forward_listener = socket.socket(fileno=forward.listen(self.forward_path,
-                                                                        self.options.backlog).detach())
+            self.forward_listener = coredump_socket.listen(self.forward_path, self.options.backlog,
+                                                           socket.SOCK_SEQPACKET)
         self.forward_listener.setblocking(False)
         if self.options.mode == PIPE_MODE:
             for unused in activated.values():  # corepipe.socket, enabled by an earlier socket-mode install
