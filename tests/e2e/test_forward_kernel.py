@@ -24,6 +24,8 @@ from support import (
     Handler,
     KernelSettings,
     Served,
+    core_digest,
+    decompress,
     installed_handler,
     need_root_kernel,
     need_tool,
@@ -276,3 +278,30 @@ def test_daemonset_forward_mode(workdirs, docker_image: str) -> None:
         assert CORE_PATTERN.read_text() == before, "SIGTERM put the kernel's pattern back"
     assert rec["collector"]["transport"] == "forwarded" and rec["container"]["runtime"] == "docker"
     assert rec["status"] == "complete" and rec["core"]["stored"] and rec["core"]["complete"]
+
+
+def test_server_killed_mid_storm(workdirs, crasher: Path, tmp_path: Path) -> None:
+    """16 crashes handed over at once to a server with one worker; SIGKILL the server (not its workers) once the
+    first is stored: every crash is recorded (by the workers that had them, the guardian for the queued ones,
+    the handler alone for those that came after), and every stored core is whole."""
+    with served_handler(workdirs(), config_extra=NO_RATE_LIMIT, mode="pipe", extra=("--workers", "1")) as served:
+        crashes = [subprocess.Popen([str(crasher), "8", f"st{n}"], preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+                   for n in range(16)]
+        wait_for(lambda: any(r["status"] == "complete" for r in served.records()) if served.store.exists() else
+                 False, 120, "the first stored crash")
+        os.kill(served.proc.pid, signal.SIGKILL)
+        served.proc.wait(30)
+        for proc in crashes:
+            assert proc.wait(120) == -signal.SIGSEGV
+        recs = wait_for(lambda: (lambda rs: rs if len(rs) == 16 else None)(
+            [r for r in served.records() if r["status"] != "collecting"]), 120, "16 final records")
+    assert {r["comm"] for r in recs} == {f"st{n}" for n in range(16)}
+    assert {r["collector"]["transport"] for r in recs} <= {"forwarded", "pipe"}
+    for rec in recs:
+        assert rec["status"] == "complete", rec["collector"]["errors"]
+        core = Path(rec["_dir"]) / "core.zst"
+        assert core.exists() == rec["core"]["stored"], rec["core"]
+        if rec["core"]["stored"]:
+            assert rec["core"]["complete"] and core_digest(decompress(core, tmp_path / "c")) == rec["core"]["digest"]
+        else:
+            assert "died before a worker took the crash" in rec["core"]["reason"], rec["core"]
