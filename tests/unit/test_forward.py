@@ -128,3 +128,25 @@ def test_only_roots_well_formed_handoffs_are_taken() -> None:
         client.close()
     server.close()
     shutil.rmtree(tmp_path)
+
+
+def test_status_says_why_forwarding_does_not_work(tmp_path: Path, server: socket.socket) -> None:
+    """status.forwarding: the launcher's socket, the server's and a real connection must agree."""
+    from corepipe.platform import launcher
+    from corepipe.services import status
+
+    path = str(tmp_path / "f.sock")
+    script = tmp_path / "h"
+    script.write_text(launcher.script(forward=path))
+    alive = {"alive": True, "forward_socket": path}
+    assert status.forwarding(alive, str(script)) == {"works": True, "socket": path, "problem": None}
+    assert "not running" in status.forwarding(None, str(script))["problem"]
+    elsewhere = status.forwarding({"alive": True, "forward_socket": "/run/x/forward.sock"}, str(script))
+    assert not elsewhere["works"] and "--run-dir" in elsewhere["problem"]
+    script.write_text(launcher.script().replace(f"main(forward={launcher.DEFAULT_SOCKET!r})", "main()"))
+    assert "older corepipe" in status.forwarding(alive, str(script))["problem"]
+    script.write_text(launcher.script(forward=path))
+    server.close()
+    os.unlink(path)
+    gone = status.forwarding(alive, str(script))
+    assert not gone["works"] and gone["problem"].startswith(f"cannot connect to {path}")
