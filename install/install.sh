@@ -137,23 +137,33 @@ else
     say "systemd is not running: schedule '$bin --config $config prune' yourself (e.g. cron, daily)"
 fi
 
-# Socket mode (`corepipe install --mode auto` picks it where the kernel has it): corepipe.socket keeps the
-# kernel's socket and starts corepipe serve, which switches the kernel to it while it runs.
+# corepipe serve, in both modes (docs/forwarding.md). Socket mode (`corepipe install --mode auto` picks
+# it where the kernel has it): corepipe.socket keeps the kernel's socket and the server switches the kernel to
+# it while it runs. Pipe mode: the kernel's pipe handler hands each crash to the server (corepipe-forward.socket)
+# while it runs, and collects it itself when it does not.
 mode="$("$prefix/bin/python" -I -c 'import json, sys; print(json.load(open(sys.argv[1])).get("mode", "pipe"))' \
     "$(dirname "$config")/install.json")"
-if [ "$mode" = socket ]; then
-    if [ -n "$want_units" ]; then
-        unit corepipe.service "s|^ExecStart=.*|ExecStart=$bin --config $config serve|"
+sockets=corepipe-forward.socket
+[ "$mode" != socket ] || sockets="corepipe.socket $sockets"
+if [ -n "$want_units" ]; then
+    unit corepipe.service "s|^ExecStart=.*|ExecStart=$bin --config $config serve|"
+    unit corepipe-forward.socket
+    if [ "$mode" = socket ]; then
         unit corepipe.socket
+    elif [ -f "$units/corepipe.socket" ]; then  # an earlier socket-mode install
+        [ -z "$systemd" ] || systemctl disable --now corepipe.socket >/dev/null 2>&1 || true
+        rm -f "$units/corepipe.socket"
     fi
-    if [ -n "$systemd" ]; then
-        systemctl daemon-reload
-        systemctl enable --now corepipe.socket corepipe.service >/dev/null
-        say "enabled corepipe.socket and corepipe.service (socket mode)"
-    else
-        say "socket mode: systemd is not running: run '$bin --config $config serve' under your supervisor;" \
-            "until it runs, the pipe handler collects"
-    fi
+fi
+if [ -n "$systemd" ]; then
+    systemctl daemon-reload
+    systemctl enable --now $sockets corepipe.service >/dev/null
+    say "enabled $sockets and corepipe.service ($mode mode)"
+elif [ -n "$want_units" ]; then
+    say "wrote corepipe.service and $sockets to $units (not systemd's directory: not enabled)"
+else
+    say "$mode mode: systemd is not running: run '$bin --config $config serve' under your supervisor;" \
+        "until it runs, the pipe handler collects each crash itself"
 fi
 
 # Bash completion, made from the command line's own parser (so it lists what this version has).

@@ -16,7 +16,7 @@ if [ -f "$list" ]; then
     mapfile -t files < "$list"
 else  # installed by an install.sh that kept no list: its units were in systemd's directory
     files=()
-    for name in corepipe.socket corepipe.service corepipe-prune.timer corepipe-prune.service corepipe-ship.service; do
+    for name in corepipe.socket corepipe-forward.socket corepipe.service corepipe-prune.timer corepipe-prune.service corepipe-ship.service; do
         [ -f "/etc/systemd/system/$name" ] && files+=("/etc/systemd/system/$name")
     done
 fi

@@ -28,6 +28,17 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
+def run_crasher(tool: str, name: str, ref: str) -> str:
+    """Run the image's /crasher in a new container ``name`` of ``tool`` (docker or podman, core unlimited) to its
+    crash; the container's id. The caller removes the container."""
+    argv = ["docker"] if tool == "docker" else [*PODMAN]
+    ulimits = ["--ulimit", "core=-1"] if tool == "docker" else [*PODMAN_ULIMITS, "--ulimit", "core=-1"]
+    subprocess.run([*argv, "run", "--name", name, "--network=none", *ulimits, ref, "/crasher"], capture_output=True,
+                   timeout=120)
+    return subprocess.run([tool, "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def make_rootfs(directory: Path, crasher: Path) -> Path:
     """/bin/busybox (+ sh) and /crasher: enough to run and crash a program in a container."""
     need(os.path.exists(BUSYBOX), "needs busybox-static at /bin/busybox")

@@ -57,13 +57,18 @@ def need_tool(name: str) -> str:
 class Handler:
     """corepipe installed as the kernel's core_pattern for the duration of a test."""
 
-    def __init__(self, workdir: Path, config_extra: str = ""):
+    def __init__(self, workdir: Path, config_extra: str = "", forward: Optional[Path] = None):
+        """``forward``: the server socket the handler hands crashes to (default: one in ``workdir``)."""
         self.workdir = workdir
         self.store = workdir / "store"
         self.config = workdir / "c.toml"
         self.launcher = workdir / "h"
+        #: A server's run directory: its health file and the socket the handler hands crashes to (none runs
+        #: unless a test starts one: a real installation's server never gets a test's crash).
+        self.run_dir = workdir / "run"
+        self.forward_socket = forward or self.run_dir / "forward.sock"
         self.config.write_text(f'store = "{self.store}"\n{config_extra}')
-        self.launcher.write_text(launcher.script())
+        self.launcher.write_text(launcher.script(forward=str(self.forward_socket)))
         self.launcher.chmod(0o755)
         #: The KernelSettings block the handler is installed in (for other host changes' undo_on_abort).
         self.settings: Optional[KernelSettings] = None
@@ -388,8 +393,8 @@ def installed_files(d: Path) -> list:
 #: install.sh enables systemd units (the prune timer; the socket in socket mode) only where systemd runs.
 SYSTEMD_RUNS = os.path.isdir("/run/systemd/system") and shutil.which("systemctl") is not None
 SYSTEMD_DIR = "/etc/systemd/system"
-UNIT_NAMES = ("corepipe-prune.timer", "corepipe-prune.service", "corepipe.socket", "corepipe.service",
-              "corepipe-ship.service")
+UNIT_NAMES = ("corepipe-prune.timer", "corepipe-prune.service", "corepipe.socket", "corepipe-forward.socket",
+              "corepipe.service", "corepipe-ship.service")
 
 
 def units_dir(d: Path) -> str:
@@ -472,17 +477,22 @@ class Served(Handler):
             config_extra = f'metrics_listen = "127.0.0.1:0"\n{config_extra}'
         super().__init__(workdir, config_extra=config_extra)
         self.socket = workdir / "s.sock"
-        self.run_dir = workdir / "run"
         self.proc: Optional[subprocess.Popen] = None
+        #: "socket": the server takes the coredump socket; "pipe": the handler's pattern stays, it hands over.
+        self.mode = "socket"
 
     def start(self, *extra: str, prefix: tuple = ()) -> subprocess.Popen:
         """``prefix``: a command the server runs under (e.g. ``unshare --mount``, as in a pod)."""
+        def ready() -> bool:
+            if not (self.run_dir / "serve.json").exists():
+                return False
+            return self.mode == "pipe" or CORE_PATTERN.read_text().startswith("@")
+
         self.proc = subprocess.Popen([*prefix, str(self.launcher), "serve", "--config", str(self.config), "--socket",
                                       str(self.socket), "--run-dir", str(self.run_dir), "--fallback", self.pattern(),
-                                      *extra], env={}, cwd="/", stdout=subprocess.DEVNULL,
-                                     stderr=(self.workdir / "serve.err").open("w"))
-        wait_for(lambda: CORE_PATTERN.read_text().startswith("@") and (self.run_dir / "serve.json").exists()
-                 or self.proc.poll() is not None, 30, "the server to set the socket pattern")
+                                      "--mode", self.mode, *extra], env={}, cwd="/", stdout=subprocess.DEVNULL,
+                                     stderr=(self.workdir / "serve.err").open("a"))
+        wait_for(lambda: ready() or self.proc.poll() is not None, 30, "the server to start")
         assert self.proc.poll() is None, (self.workdir / "serve.err").read_text()
         return self.proc
 
@@ -497,17 +507,22 @@ class Served(Handler):
 
 
 @contextlib.contextmanager
-def served_handler(workdir: Path, config_extra: str = "", pipe_limit: int = 64) -> Iterator[Served]:
-    """The socket-mode twin of installed_handler: the kernel streams cores to a running ``corepipe serve``."""
+def served_handler(workdir: Path, config_extra: str = "", pipe_limit: int = 64, mode: str = "socket",
+                   extra: tuple = ()) -> Iterator[Served]:
+    """The twin of installed_handler with a running ``corepipe serve``: in socket mode the kernel streams cores
+    to it, in pipe mode the kernel's handler hands them over (``extra``: more serve options)."""
     need_root_kernel()
-    need("socket" in Path("/proc/sys/kernel/core_modes").read_text().split()
-         if Path("/proc/sys/kernel/core_modes").exists() else False, "needs a kernel with coredump socket mode (6.16+)")
+    if mode == "socket":
+        need("socket" in Path("/proc/sys/kernel/core_modes").read_text().split()
+             if Path("/proc/sys/kernel/core_modes").exists() else False,
+             "needs a kernel with coredump socket mode (6.16+)")
     served = Served(workdir, config_extra=config_extra)
+    served.mode = mode
     with KernelSettings() as settings:
         settings.set(served.pattern(), pipe_limit=pipe_limit)
         served.settings = settings
         try:
-            proc = served.start()
+            proc = served.start(*extra)
             # Should this process die inside: stop the server and wait until it and its guardian (which would
             # put the fallback pattern back) are gone, before the watchdog restores the kernel settings.
             settings.undo_on_abort(["sh", "-c", f"kill -TERM {proc.pid}; for _ in $(seq 600); do pgrep -f -- "

@@ -36,13 +36,14 @@ COMMANDS = {
 }
 
 
-def main(argv: list | None = None) -> int:  # no typing import: the collect path starts here
+def main(argv: list | None = None, forward: str | None = None) -> int:  # no typing import: the collect path
+    """``forward``: the socket of a ``corepipe serve`` that ``collect`` hands crashes to (the launcher's)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["collect"]:
         from corepipe.commands import collect_cmd
 
         if collect_cmd.from_kernel(argv[1:]):
-            return collect_cmd.collect(argv[1:])
+            return collect_cmd.collect(argv[1:], forward)
     from corepipe.platform.log import CleanOutput
 
     saved = sys.stdout, sys.stderr

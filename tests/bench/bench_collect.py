@@ -16,6 +16,10 @@ deleted after each crash. A container case (``docker-1g``) crashes the crasher i
 container (the handler identifies it before letting go) and, in the same round, on the host:
 its ``x host`` is the ratio of the two. ``zstd-socket`` is the same zstd CLI reading the kernel's coredump
 socket (socket_zstd.py): what the socket costs before any work of corepipe's, for ``corepipe-serve``.
+``corepipe-forward`` is pipe mode with ``corepipe serve --mode pipe`` running: the kernel's pipe handler hands
+the crash to the server (docs/forwarding.md); ``corepipe-forward-c`` the same through the static C
+forwarder (install/forwarder/corepipe-forward.c). Their peak RSS and handler seconds are the forwarder's own
+(under rsswrap); the record's collector figures are the server worker's.
 """
 
 from __future__ import annotations
@@ -68,7 +72,11 @@ SPREAD = 0.20
 #: corepipe runs with its default config except the crash-loop limits: the burst is 32 crashes of one
 #: executable, of which the default ``rate_limit_exe`` (5 in 10 minutes) would store 5 cores.
 RATE_LIMITS_OFF = "rate_limit_exe = 0\nrate_limit_container = 0\n"
-HANDLERS = ("corepipe", "corepipe-serve", "zstd", "zstd-socket", "cat", "kernel", "systemd-coredump")
+HANDLERS = ("corepipe", "corepipe-serve", "corepipe-forward", "corepipe-forward-c", "zstd", "zstd-socket", "cat",
+            "kernel", "systemd-coredump")
+#: Handlers collected by ``corepipe serve``, and those of them in pipe mode (the handler hands the crash over).
+SERVED = ("corepipe-serve", "corepipe-forward", "corepipe-forward-c")
+FORWARDED = ("corepipe-forward", "corepipe-forward-c")
 #: Handlers that read the kernel's coredump socket.
 SOCKET_HANDLERS = ("corepipe-serve", "zstd-socket")
 BASELINE = "zstd"
@@ -99,7 +107,11 @@ class Bench:
         subprocess.run(["gcc", "-O0", "-static", "-o", str(self.crasher), str(TESTS / "crasher.c")], check=True)
         subprocess.run(["gcc", "-O2", "-o", str(self.wrapper), str(TESTS / "bench" / "rsswrap.c")], check=True)
         (self.dir / "c").write_text(f'store = "{self.store}"\n{RATE_LIMITS_OFF}{config_extra}\n')
-        self._script("h", launcher.script())
+        self.forward_socket = self.dir / "run" / "forward.sock"  # the bench's server only, never a real one
+        self._script("h", launcher.script(forward=str(self.forward_socket)))
+        subprocess.run(["gcc", "-static", "-O2", f'-DCOREPIPE_FORWARD_SOCKET="{self.forward_socket}"',
+                        f'-DCOREPIPE_HANDLER="{self.dir / "h"}"', "-o", str(self.dir / "f"),
+                        str(TESTS.parent / "install" / "forwarder" / "corepipe-forward.c")], check=True)
         self._script("z", f'#!/bin/sh\nexec {ZSTD} -q -T0 -3 > "{self.out}/$1.zst"\n')
         self._script("k", f'#!/bin/sh\nexec {CAT} > "{self.out}/$1.core"\n')
 
@@ -110,8 +122,10 @@ class Bench:
 
     def pattern(self, handler: str) -> str:
         w = self.wrapper
-        if handler == "corepipe":
+        if handler in ("corepipe", "corepipe-forward"):
             return f"|{w} " + build_pattern(str(self.dir / "h"), str(self.dir / "c"))[1:]
+        if handler == "corepipe-forward-c":
+            return f"|{w} " + build_pattern(str(self.dir / "f"), str(self.dir / "c"))[1:]
         if handler == "zstd":
             return f"|{w} {self.dir}/z %P"
         if handler == "cat":
@@ -132,7 +146,7 @@ class Bench:
     def outputs(self, handler: str) -> list:
         """An Output for each core the handler stored, then deletes them."""
         found = []
-        if handler in ("corepipe", "corepipe-serve"):
+        if handler == "corepipe" or handler in SERVED:
             for rec_path in self.store.rglob("record.json"):
                 rec = json.loads(rec_path.read_text())
                 core = rec_path.parent / "core.zst"
@@ -221,10 +235,11 @@ class CorepipeServe(SocketServer):
 
     SOCKET = "s.sock"
 
-    def __init__(self, bench: Bench):
+    def __init__(self, bench: Bench, mode: str = "socket"):
         self.proc = subprocess.Popen([str(bench.dir / "h"), "serve", "--config", str(bench.dir / "c"), "--socket",
                                       str(bench.dir / self.SOCKET), "--run-dir", str(bench.dir / "run"), "--fallback",
-                                      bench.pattern("corepipe")], env={}, cwd="/", stdout=subprocess.DEVNULL)
+                                      bench.pattern("corepipe"), "--mode", mode], env={}, cwd="/",
+                                     stdout=subprocess.DEVNULL)
         wait_started(self.proc, bench.dir / "run" / "serve.json", "corepipe serve")
 
 
@@ -379,8 +394,8 @@ def run_case(bench: Bench, handler: str, mib: int, count: int, container: Option
             server = ZstdSocket(bench) if handler == "zstd-socket" else None  # listening before the pattern
             try:
                 settings.set(bench.pattern("corepipe" if handler == "corepipe-serve" else handler), pipe_limit=64)
-                if handler == "corepipe-serve":
-                    server = CorepipeServe(bench)
+                if handler in SERVED:
+                    server = CorepipeServe(bench, "pipe" if handler in FORWARDED else "socket")
                 seconds, dumped = crash_in_container(pid) if container else crash(bench, mib, count)
                 logged = wait_logged(bench, before, count) if handler not in ("kernel", "corepipe-serve") else []
             finally:

@@ -8,7 +8,9 @@ Run as root from the worktree (not part of the pytest run)::
 
 Each mode and value of ``--concurrent-cores`` (the config key; -1 one per CPU, 0 no limit) is one
 storm: corepipe as the pipe handler at install's core_pipe_limit (services/install.PIPE_LIMIT), or
-``corepipe serve`` on a socket (kernel socket mode; the pipe handler as its fallback), through
+``corepipe serve`` on a socket (kernel socket mode; the pipe handler as its fallback), or ``forwarded``: the pipe
+handler with ``corepipe serve --mode pipe`` running (the handler hands each crash to the server; ``forwarded-c``:
+the static C forwarder as the handler), through
 support.KernelSettings (the tests' lock; restored afterwards), the crash-loop limits off so that
 every core could be kept. The crashers (copies of tests/crasher.c under N names) fill ``--mib`` MiB,
 stop themselves, and all get SIGCONT at once; the clock starts there. "peak host MiB" is the
@@ -123,19 +125,23 @@ def final_records(store: Path) -> list:
     return recs
 
 
-def start_server(bench: Bench) -> subprocess.Popen:
-    """``corepipe serve`` on a socket in the bench's directory; it sets the socket pattern itself."""
+def start_server(bench: Bench, mode: str = "socket") -> subprocess.Popen:
+    """``corepipe serve`` in the bench's directory: on a socket (it sets the socket pattern itself), or in pipe
+    mode (the pipe handler hands it the crashes)."""
     proc = subprocess.Popen([str(bench.dir / "h"), "serve", "--config", str(bench.dir / "c"), "--socket",
                              str(bench.dir / "s.sock"), "--run-dir", str(bench.dir / "run"), "--fallback",
-                             bench.pattern("corepipe")], env={}, cwd="/", stdout=subprocess.DEVNULL,
+                             bench.pattern("corepipe"), "--mode", mode], env={}, cwd="/", stdout=subprocess.DEVNULL,
                             stderr=(bench.dir / "serve.err").open("w"))
-    wait_for(lambda: CORE_PATTERN.read_text().startswith("@") or proc.poll() is not None, 30,
-             "the server to set the socket pattern")
+    wait_for(lambda: (CORE_PATTERN.read_text().startswith("@") if mode == "socket" else
+                      (bench.dir / "run" / "serve.json").exists()) or proc.poll() is not None, 30,
+             "the server to start")
     if proc.poll() is not None:
         raise RuntimeError(f"corepipe serve failed: {(bench.dir / 'serve.err').read_text()}")
     return proc
 
 
+#: Pipe mode with serve running: the Python handler, or the static forwarder, hands each crash over.
+FORWARDED = ("forwarded", "forwarded-c")
 #: core_pipe_limit of systemd-coredump's own sysctl file (/usr/lib/sysctl.d/50-coredump.conf, systemd 252).
 SYSTEMD_PIPE_LIMIT = 16
 BASELINES = ("zstd", "systemd-coredump")
@@ -178,9 +184,10 @@ def storm(bench: Bench, crashers: list, mib: int, mode: str, concurrent: int, ti
     pids = stopped_storm(bench, crashers, mib)
     server = None
     with KernelSettings() as settings:
-        settings.set(bench.pattern("corepipe"), pipe_limit=PIPE_LIMIT)
-        if mode == "socket":
-            server = start_server(bench)
+        handler = "corepipe-forward-c" if mode == "forwarded-c" else "corepipe"
+        settings.set(bench.pattern(handler), pipe_limit=PIPE_LIMIT)
+        if mode in ("socket", *FORWARDED):
+            server = start_server(bench, "pipe" if mode in FORWARDED else "socket")
         mark = kernel_log_now()
         memory = PeakMemory(server.pid if server else None)
         started, reaped = release(pids)
@@ -198,7 +205,8 @@ def storm(bench: Bench, crashers: list, mib: int, mode: str, concurrent: int, ti
         if not r["core"]["stored"]:
             key = (r["core"]["reason"] or "?").split(":")[0]
             reasons[key] = reasons.get(key, 0) + 1
-    handler_rss = [int(line.split()[0]) for line in bench.log_lines()[-len(pids):]] if mode == "pipe" else []
+    handler_rss = ([int(line.split()[0]) for line in bench.log_lines()[-len(pids):]] if mode in ("pipe", *FORWARDED)
+                   else [])
     skipped = dropped_dumps(mark, {f"c{n}" for n in range(len(pids))})
     return {"mode": mode, "concurrent_cores": concurrent, "crashes": len(pids), "records": len(recs),
             "cores": len(stored), "no_core": reasons, "kernel_skipped": len(skipped),
@@ -212,7 +220,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--crashes", type=int, default=128)
     parser.add_argument("--mib", type=int, default=16, help="heap each crasher fills")
-    parser.add_argument("--modes", default="pipe", help="comma-separated, of pipe,socket")
+    parser.add_argument("--modes", default="pipe",
+                        help="comma-separated, of pipe,socket,forwarded (pipe mode with serve running),forwarded-c "
+                             "(the same through the static forwarder),zstd,systemd-coredump")
     parser.add_argument("--concurrent-cores", default="-1", help="comma-separated values of concurrent_cores")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the records of one storm")
     parser.add_argument("--json", default=str(TESTS / "bench" / "storm.json"), help="where to write the results")

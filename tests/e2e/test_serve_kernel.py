@@ -1,7 +1,8 @@
 """Socket mode through the real kernel: ``corepipe serve`` on ``@@<socket>``, against the pipe handler.
 
-Each crash is collected once by the pipe handler and once by the server; the two records must have
-the same fields and the same identity, and gdb must find ``main`` at the crashing line in both cores.
+Each crash is collected once by the pipe handler, once by the server on the socket and once by the server
+in pipe mode (the handler hands it over); the records must have the same fields and the same identity,
+and gdb must find ``main`` at the crashing line in every core.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from runtimes import PODMAN, PODMAN_ULIMITS, image, unique
+from runtimes import image, run_crasher, unique
 from support import (
     CORE_PATTERN,
     CRASH_LINE,
@@ -57,15 +58,22 @@ def workdirs() -> Callable[[], Path]:
         subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
+#: How a crash is collected: the pipe handler alone, serve on the coredump socket, and pipe mode with serve
+#: running (the handler hands the crash over: docs/forwarding.md).
+MODES = {"pipe": (installed_handler, {}), "socket": (served_handler, {}),
+         "forwarded": (served_handler, {"mode": "pipe"})}
+
+
 def _both(workdirs: Callable[[], Path], run: Callable[[str], object], match: Callable[[dict, object], bool],
           config: str = NO_RATE_LIMIT) -> tuple:
-    """(pipe record, socket record) of the same crash, ``run(mode)`` crashing it once in each mode."""
-    records = []
-    for mode, handler in (("pipe", installed_handler), ("socket", served_handler)):
-        with handler(workdirs(), config_extra=config) as h:
+    """(pipe, socket, forwarded) records of the same crash, ``run(mode)`` crashing it once in each of MODES."""
+    records = {}
+    for mode, (handler, options) in MODES.items():
+        with handler(workdirs(), config_extra=config, **options) as h:
             token = run(mode)
-            records.append(h.wait_record(lambda r, token=token: match(r, token)))
-    return tuple(records)
+            records[mode] = h.wait_record(lambda r, token=token: match(r, token))
+    assert {m: r["collector"]["transport"] for m, r in records.items()} == {m: m for m in MODES}
+    return records["pipe"], records["socket"], records["forwarded"]
 
 
 def _same(pipe: dict, sock: dict, crasher: Path, tmp_path: Path) -> None:
@@ -107,8 +115,9 @@ def test_host_crash_same_as_pipe(workdirs, crasher: Path, tmp_path: Path) -> Non
     def run(mode: str) -> None:
         status = _run([str(crasher), "0", "host"])
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV and os.WCOREDUMP(status)
-    pipe, sock = _both(workdirs, run, lambda r, _: r["comm"] == "host")
+    pipe, sock, forwarded = _both(workdirs, run, lambda r, _: r["comm"] == "host")
     _same(pipe, sock, crasher, tmp_path)
+    _same(pipe, forwarded, crasher, tmp_path)
     assert sock["container"]["runtime"] == "host" and sock["ns_pid"] == sock["pid"]
 
 
@@ -122,8 +131,9 @@ def test_pid_namespace_same_as_pipe(workdirs, crasher: Path, tmp_path: Path) -> 
     def match(rec: dict, mode: str) -> bool:
         # unshare re-raises its child's signal: two crashes; ours is PID 1 in its namespace.
         return rec["exe"] == str(crasher) and rec["ns_pid"] == 1
-    pipe, sock = _both(workdirs, run, match)
+    pipe, sock, forwarded = _both(workdirs, run, match)
     _same(pipe, sock, crasher, tmp_path)
+    _same(pipe, forwarded, crasher, tmp_path)
     assert sock["pid"] != 1 and sock["process"]["status"]["NSpid"].split() == [str(sock["pid"]), "1"]
 
 
@@ -138,23 +148,18 @@ def test_container_same_as_pipe(workdirs, request, tool: str, crasher: Path, tmp
     need_tool(tool)
     ref = request.getfixturevalue("docker_image" if tool == "docker" else "podman_image")
     names: list = []
-    run_argv = ["docker"] if tool == "docker" else [*PODMAN]
-    ulimits = ["--ulimit", "core=-1"] if tool == "docker" else [*PODMAN_ULIMITS, "--ulimit", "core=-1"]
 
     def run(mode: str) -> str:
-        name = unique(f"corepipe-12-{mode}")
-        names.append(name)
-        subprocess.run([*run_argv, "run", "--name", name, "--network=none", *ulimits, ref, "/crasher"],
-                       capture_output=True, timeout=120)
-        return subprocess.run([tool, "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        names.append(unique(f"corepipe-12-{mode}"))
+        return run_crasher(tool, names[-1], ref)
     try:
-        pipe, sock = _both(workdirs, run, lambda r, cid: r["container"]["id"] == cid)
+        pipe, sock, forwarded = _both(workdirs, run, lambda r, cid: r["container"]["id"] == cid)
     finally:
         for name in names:
             subprocess.run([tool, "rm", "-f", name], capture_output=True)
     _same(pipe, sock, crasher, tmp_path)
-    for rec in (pipe, sock):
+    _same(pipe, forwarded, crasher, tmp_path)
+    for rec in (pipe, sock, forwarded):
         assert rec["container"]["runtime"] == tool and rec["container"]["confidence"] == "certain"
         assert rec["container"]["name"].startswith("corepipe-12-") and rec["container"]["image"] == ref
         assert rec["ns_pid"] == 1 and rec["hostname"] == rec["container"]["id"][:12]
@@ -359,7 +364,7 @@ def test_systemd_units_are_hardened() -> None:
     units = Path(__file__).resolve().parents[2] / "install" / "systemd"
     sock, service = (units / "corepipe.socket").read_text(), (units / "corepipe.service").read_text()
     assert "ListenStream=/run/corepipe/coredump.socket\n" in sock and "SocketMode=0600\n" in sock
-    assert "ExecStart=/usr/local/bin/corepipe serve\n" in service and "Requires=corepipe.socket\n" in service
+    assert "ExecStart=/usr/local/bin/corepipe serve\n" in service and "Wants=corepipe-forward.socket\n" in service
     for line in ("ProtectSystem=strict", "ReadWritePaths=/var/lib/corepipe /run/corepipe", "IPAddressDeny=any",
                  "IPAddressAllow=localhost", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "NoNewPrivileges=yes",
                  "Restart=always", "KillMode=mixed"):

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -209,11 +210,13 @@ def _final_records(handler: object, count: int, timeout: float) -> list:
                              f"{sum(r.get('status') == 'collecting' for r in recs)} still collecting") from None
 
 
-@pytest.mark.parametrize("mode", ["pipe", "socket"])
+@pytest.mark.parametrize("mode", ["pipe", "socket", "forwarded"])
 def test_storm_of_128_executables_at_install_defaults(handler_dir: Path, crasher: Path, docker_image: str,
                                                       mode: str) -> None:
     """128 different executables crash at once, 16 of them in real Docker containers, with the config's
-    defaults and install's core_pipe_limit: 128 records, none dropped by the kernel, every core whole."""
+    defaults and install's core_pipe_limit: 128 records, none dropped by the kernel, every core whole.
+    ``forwarded``: pipe mode with ``corepipe serve`` running: the handlers hand the crashes over, each waits
+    for a worker while the kernel holds it, and every core allowed by the rate limits is stored."""
     zstd = need_tool("zstd")
     copies = handler_dir / "x"
     copies.mkdir(mode=0o755)
@@ -226,7 +229,8 @@ def test_storm_of_128_executables_at_install_defaults(handler_dir: Path, crasher
     read_end, write_end = os.pipe()
     procs: list = []
     dockers: list = []
-    serve = served_handler if mode == "socket" else installed_handler
+    serve = {"pipe": installed_handler, "socket": served_handler,
+             "forwarded": functools.partial(served_handler, mode="pipe")}[mode]
     try:
         with serve(handler_dir, pipe_limit=install.PIPE_LIMIT) as handler:
             started = kernel_log_now()
@@ -271,6 +275,10 @@ def test_storm_of_128_executables_at_install_defaults(handler_dir: Path, crasher
                                                        "the collector was saturated")), r["core"]
         assert all(r["core"]["stored"] for r in recs if r["comm"].startswith("d") and
                    not r["core"]["reason"]), "a container's core is missing without a reason"
+        if mode == "forwarded":
+            assert {r["collector"]["transport"] for r in recs} == {"forwarded"}
+            assert not [r["core"]["reason"] for r in recs if r["core"]["reason"] and
+                        not r["core"]["reason"].startswith("rate limited")], "only the rate limits refuse a core"
     finally:
         for fd in (read_end, write_end):
             if fd >= 0:

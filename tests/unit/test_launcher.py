@@ -11,9 +11,11 @@ from corepipe.platform import launcher
 
 def _script(tmp_path: Path, body: str = "") -> Path:
     path = tmp_path / "corepipe"
-    text = launcher.script()
+    forward = str(tmp_path / "forward.sock")  # no server there: the handler collects (never a real server's)
+    text = launcher.script(forward=forward)
     if body:
-        text = text.replace("from corepipe.cli import main\nraise SystemExit(main())\n", body)
+        text = text.replace(f"from corepipe.cli import main\nraise SystemExit(main(forward={forward!r}))\n",
+                            body.replace("main()", f"main(forward={forward!r})"))
     path.write_text(text)
     path.chmod(0o755)
     return path
@@ -29,7 +31,8 @@ def test_launcher_runs_without_site_or_environment(tmp_path: Path) -> None:
 #: What may be loaded, beyond a bare ``python -IS``, when capture.py lets the kernel's pipe go.
 BEFORE_RELEASE = {"__future__", "os", "os.path", "stat", "_stat", "posixpath", "genericpath", "_collections_abc",
                   "fcntl", "select", "mmap", "corepipe", "corepipe.cli", "corepipe.commands",
-                  "corepipe.commands.collect_cmd", "corepipe.platform", "corepipe.platform.capture"}
+                  "corepipe.commands.collect_cmd", "corepipe.platform", "corepipe.platform.capture",
+                  "_socket", "corepipe.platform.forward"}
 
 
 def test_only_os_is_loaded_when_a_small_core_releases_the_kernel(tmp_path: Path) -> None:

@@ -42,13 +42,15 @@ def shipped() -> dict:
 
 def test_shipped_units_verify(tmp_path: Path) -> None:
     units = shipped()
-    assert {"corepipe.service", "corepipe.socket", "corepipe-prune.service", "corepipe-prune.timer"} <= set(units)
+    assert {"corepipe.service", "corepipe.socket", "corepipe-forward.socket", "corepipe-prune.service",
+            "corepipe-prune.timer"} <= set(units)
     assert verify(units, tmp_path) == []
 
 
 @pytest.mark.parametrize("change", [("ProtectSystem=strict", "ProtectSystem=stricter"),
                                     ("NoNewPrivileges=yes", "NoNewPrivilege=yes"),
-                                    ("Requires=corepipe.socket", "Requires=corepipe.socket\nAfter=nonsense=1")])
+                                    ("Wants=corepipe-forward.socket",
+                                     "Wants=corepipe-forward.socket\nAfter=nonsense=1")])
 def test_a_bad_unit_fails_the_check(tmp_path: Path, change: tuple) -> None:
     """The check is not vacuous: one bad value, one misspelt key, one bad line each make it fail."""
     units = shipped()

@@ -1,11 +1,15 @@
 """``corepipe collect``: the kernel's pipe handler.
 
 Runs as root with an empty environment, cwd /, no usable stdout/stderr and the crashed
-process held by the kernel. capture.py first takes what needs the process (its /proc files,
-its mapped files, a small core) with nothing but ``os`` imported and lets the kernel go;
-only then is the rest of corepipe imported and services/collect.py files the crash. It prints
-nothing; it logs one line per crash (kernel log and syslog) and an error line for each failure.
-Exit codes: 0 stored as configured, 1 something failed (the record says what), 2 bad arguments.
+process held by the kernel. When ``corepipe serve`` runs, the handler hands it the crash
+(platform/forward.py: the kernel's pipe, the pidfd and these arguments) and exits; the server's
+worker collects it while the kernel still holds the process. Otherwise (no server, no answer
+in time, a busy server) it collects the crash itself: capture.py first takes what needs the
+process (its /proc files, its mapped files, a small core) with nothing but ``os`` imported and
+lets the kernel go; only then is the rest of corepipe imported and services/collect.py files
+the crash. It prints nothing; it logs one line per crash (kernel log and syslog) and an error
+line for each failure. Exit codes: 0 stored as configured (or handed to the server), 1 something
+failed (the record says what), 2 bad arguments.
 
 Run by hand (``from_kernel`` is false) it files nothing: cli.py sends it through argparse like any
 other command, which prints its help for ``--help`` and the one-line usage error of ``run`` otherwise.
@@ -33,8 +37,14 @@ def from_kernel(argv: list) -> bool:
     return bool(rest) and not rest[0].startswith("-") and not os.isatty(capture.STDIN)
 
 
-def collect(argv: list) -> int:
-    """File the crash the kernel's ``argv`` describe, its core on stdin."""
+def collect(argv: list, forward: str | None = None) -> int:
+    """File the crash the kernel's ``argv`` describe, its core on stdin; or hand it to the server listening on
+    ``forward`` (the launcher's; None: collect here, always)."""
+    if forward is not None:
+        from corepipe.platform import forward as handoff
+
+        if handoff.handoff(argv, forward):
+            return 0
     early = capture.take(argv)
     from corepipe.services import collect
 

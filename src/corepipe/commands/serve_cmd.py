@@ -1,4 +1,5 @@
-"""``corepipe serve``: the resident collector for the kernel's coredump socket (``@@`` / ``@`` patterns).
+"""``corepipe serve``: the resident collector for the kernel's coredump socket (``@@`` / ``@`` patterns) and for
+the crashes pipe handlers hand over (``--mode pipe`` on any kernel; docs/forwarding.md).
 
 Runs in the foreground (systemd, a Kubernetes pod, or a shell). Exit codes: 0 stopped by SIGTERM/SIGINT,
 1 could not start or a fatal error (the kernel's pattern is then back to the fallback pipe handler).
@@ -13,7 +14,8 @@ from corepipe.platform.errors import UserError
 from corepipe.platform.sysctl import SysctlError
 from corepipe.services import install, serve
 
-HELP = "run the resident collector on the kernel's coredump socket (Linux 6.16+; exit 0 stopped, 1 failed)"
+HELP = ("run the resident collector: on the kernel's coredump socket (Linux 6.16+) and for the crashes the pipe "
+        "handler hands over (any kernel; exit 0 stopped, 1 failed)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,22 +34,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the kernel takes a socket pattern only from there; default %(default)s, the init of "
                              "the node: a pod needs hostPID)")
     parser.add_argument("--run-dir", default=serve.RUN_DIR, metavar="DIR",
-                        help="where the health file serve.json goes (default %(default)s)")
+                        help="where the health file serve.json and the handlers' socket forward.sock go "
+                             "(default %(default)s)")
+    parser.add_argument("--mode", choices=(serve.SOCKET_MODE, serve.PIPE_MODE),
+                        help="socket: take the kernel's coredump socket (6.16+) and the crashes pipe handlers hand "
+                             "over; pipe: leave the kernel's pipe pattern and collect what the handlers hand over, "
+                             "on any kernel (default: the installed mode, else socket)")
+    parser.add_argument("--forward-wait", type=float, default=serve.FORWARD_WAIT, metavar="SECONDS",
+                        help="how long a handed-over crash may wait for a worker, the kernel holding the process, "
+                             "before it is recorded without its core (default %(default)g)")
 
 
 def run(ns: argparse.Namespace) -> int:
     config = getattr(ns, "config", None)
-    fallback = ns.fallback
-    if fallback is None:
+    fallback, state = ns.fallback, None
+    if fallback is None or ns.mode is None:
         try:
             state = install.load_state(install.Paths(config=config or install.Paths.config).state)
         except install.InstallError as exc:
             raise UserError(str(exc)) from None
+    mode = ns.mode or (state or {}).get("mode") or serve.SOCKET_MODE
+    if fallback is None:
         if state is not None:
             fallback = state.get("fallback_pattern") or (state["pattern"] if state["pattern"].startswith("|")
                                                          else None)
     options = serve.Options(socket_path=ns.socket, config=config, workers=ns.workers, queue_limit=ns.queue_limit,
-                            run_dir=ns.run_dir, fallback=fallback, host_pid=ns.host_pid)
+                            run_dir=ns.run_dir, fallback=fallback, host_pid=ns.host_pid, mode=mode,
+                            forward_wait=ns.forward_wait)
     try:
         return serve.serve(options)
     except (SysctlError, ValueError, OSError) as exc:

@@ -36,10 +36,15 @@ def run(ns: argparse.Namespace) -> int:
     print(f"kernel.core_pipe_limit = {facts['pipe_limit']}")
     if facts["mode"]:
         print(f"mode: {facts['mode']} installed, {facts['active_mode'] or 'neither'} active")
+    if facts["transport"]:
+        forwarding = facts["forwarding"]
+        print(f"transport: {facts['transport']}; forwarding to serve: "
+              f"{'works' if forwarding['works'] else forwarding['problem']}")
     server = facts["server"]
     if server:
         state = "healthy" if server["fresh"] else "stuck (no heartbeat)" if server["alive"] else "not running"
-        print(f"server: corepipe serve pid {server['pid']} {state}, socket {server['socket']}, "
+        print(f"server: corepipe serve pid {server['pid']} {state}, {server.get('mode') or 'socket'} mode, socket "
+              f"{server['socket'] or '-'}, handoffs on {server.get('forward_socket') or '-'}, "
               f"{server['busy']} busy, {server['queued']} waiting, {server['stats']['accepted']} crashes accepted")
     if facts["expected"] and not facts["active"]:
         print(f"installed pattern    = {facts['expected']['pattern']}")

@@ -46,6 +46,8 @@ class Context:
     #: The crashed task's dumping thread and this reading thread, on one CPU or apart while the core is read
     #: (affinity.py: whichever reads it faster).
     shared_cpu: Optional[SharedCpu] = None
+    #: How the core comes (record.build's ``transport``): "pipe", "socket" or "forwarded".
+    transport: str = "pipe"
 
     @property
     def group(self) -> tuple:

@@ -146,10 +146,12 @@ def omit_details(rec: dict, why: str) -> None:
 
 def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], container: Container,
           redact_env: list, errors: tuple = (), received: Optional[float] = None, env_keep: Sequence[str] = ENV_KEEP,
-          redact_args: Sequence[str] = REDACT_ARGS, field_max: int = FIELD_MAX) -> dict:
+          redact_args: Sequence[str] = REDACT_ARGS, field_max: int = FIELD_MAX, transport: str = "pipe") -> dict:
     """The record before the core is stored (``errors``: the collection's so far); ``core`` and ``collector``
     are filled in as collection goes on, through the functions below. Every text from the crashed process is
-    bounded (``field_max``) and cuts are listed in ``truncated``."""
+    bounded (``field_max``) and cuts are listed in ``truncated``. ``transport``: how the core came (the
+    kernel's pipe to the handler, "pipe"; the coredump socket, "socket"; a handler's handoff to the server,
+    "forwarded")."""
     snap = snapshot
     truncated: list = []
 
@@ -213,7 +215,7 @@ def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], cont
             "compression": "zstd",
         },
         "collector": {"version": __version__, "duration": None, "cpu": None, "peak_rss": None,
-                      "errors": list(errors)},
+                      "errors": list(errors), "transport": transport},
         "truncated": truncated,
     }
 

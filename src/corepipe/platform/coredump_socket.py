@@ -174,13 +174,14 @@ def set_pattern(value: str, proc_sys: str = "/proc/sys") -> None:
     Sysctl(proc_sys).write(CORE_PATTERN, value)
 
 
-def listen(path: str, backlog: int) -> socket.socket:
-    """A fresh listening socket at ``path`` (root only: mode 0600), replacing a stale one."""
+def listen(path: str, backlog: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A fresh listening socket at ``path`` (root only: mode 0600), replacing a stale one: the kernel's coredump
+    socket (a stream), or with ``kind`` SOCK_SEQPACKET the handlers' (platform/forward.py)."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     old = os.umask(0o177)
     try:
         sock.bind(path)

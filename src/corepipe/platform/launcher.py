@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Optional
 
+from corepipe.platform.forward import DEFAULT_SOCKET
+
 #: What ``corepipe collect`` imports from outside the standard library.
 COLLECT_DEPENDENCIES = ("corepipe", "zstandard", "xxhash") + (("tomli",) if sys.version_info < (3, 11) else ())
 
@@ -31,14 +33,17 @@ def search_path() -> list:
     return paths
 
 
-def script(python: Optional[str] = None, paths: Optional[list] = None) -> str:
-    """The launcher's text: ``#!<python> -IS`` with an explicit sys.path, then ``corepipe.cli.main``."""
+def script(python: Optional[str] = None, paths: Optional[list] = None, forward: Optional[str] = None) -> str:
+    """The launcher's text: ``#!<python> -IS`` with an explicit sys.path, then ``corepipe.cli.main`` with the
+    socket of the ``corepipe serve`` that ``collect`` hands crashes to (``forward``; default the server's
+    default, platform/forward.py)."""
     python = python or sys.executable
     paths = search_path() if paths is None else paths
+    forward = forward or DEFAULT_SOCKET
     if any(c.isspace() for c in python):
         raise ValueError("the interpreter's path must not contain white space (it goes on a #! line)")
     return (f"#!{python} -IS\n"
             f"import sys\n"
             f"sys.path[:0] = {paths!r}\n"
             f"from corepipe.cli import main\n"
-            f"raise SystemExit(main())\n")
+            f"raise SystemExit(main(forward={forward!r}))\n")

@@ -33,17 +33,22 @@ from corepipe.platform.log import ERR, INFO, WARNING, log
 from corepipe.platform.store import CORE, FAILED, PARTIAL_CORE, RECORD, CrashDir, Store
 
 
-def run(argv: list, early: Capture) -> int:
+def run(argv: list, early: Capture, *, cfg: Optional[configuration.Config] = None, problems: tuple = (),
+        refused: Optional[str] = None, transport: str = "pipe") -> int:
     """``corepipe collect``: the crash the kernel's ``argv`` describe, from what capture.take got on stdin,
-    bounded by the config's ``timeout`` (SIGALRM); the exit code."""
+    bounded by the config's ``timeout`` (SIGALRM); the exit code. A server's worker collecting a crash a
+    handler handed over passes its own ``cfg`` (and its ``problems``), ``refused`` (record only: why) and
+    ``transport`` ("forwarded")."""
     args = kernel.parse_args(argv)
-    errors = list(early.errors) + args.errors
-    cfg = load_config(args.config, errors)
+    errors = list(early.errors) + args.errors + list(problems)
+    if cfg is None:
+        cfg = load_config(args.config, errors)
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(cfg.timeout)
     try:
-        return run_context(Context(args=args, early=early, core_fd=STDIN, cfg=cfg, errors=errors,
-                                   shared_cpu=affinity.for_crash(args.tid, args.pid, args.pidfd)))
+        shared_cpu = affinity.for_crash(args.tid, args.pid, args.pidfd) if refused is None else None
+        return run_context(Context(args=args, early=early, core_fd=STDIN, cfg=cfg, errors=errors, refused=refused,
+                                   shared_cpu=shared_cpu, transport=transport))
     finally:
         signal.alarm(0)
 
@@ -272,7 +277,8 @@ def build_record(ctx: Context) -> dict:
     cfg = ctx.cfg
     ctx.record = record.build(crash_id=ctx.crash.id, args=ctx.args, snapshot=ctx.snapshot, container=ctx.container,
                               redact_env=cfg.redact_env, errors=tuple(ctx.errors), received=ctx.early.received,
-                              env_keep=cfg.env_keep, redact_args=cfg.redact_args, field_max=cfg.record_field_max)
+                              env_keep=cfg.env_keep, redact_args=cfg.redact_args, field_max=cfg.record_field_max,
+                              transport=ctx.transport)
     return ctx.record
 
 

@@ -285,6 +285,9 @@ def install(paths: Paths, store: Optional[str] = None, force: bool = False, pyth
         lines.append(f"mode: socket: 'corepipe serve --socket {socket_path}' switches the kernel to "
                      f"{socket_pattern(state)} while it runs (corepipe.socket/.service where systemd runs); "
                      "the pipe handler above collects whenever it does not")
+    else:
+        lines.append("mode: pipe: while 'corepipe serve' runs (corepipe.service where systemd runs) the handler "
+                     "hands each crash to it; the handler collects whenever it does not")
     return lines
 
 
@@ -387,6 +390,9 @@ def uninstall(paths: Paths, purge: bool = False, force: bool = False) -> list:
     if socket_pattern(state) is not None:
         lines.append("socket mode: stop 'corepipe serve' (systemctl disable --now corepipe.socket corepipe.service); "
                      "it leaves the restored pattern alone")
+    else:
+        lines.append("pipe mode: stop 'corepipe serve' if it runs (systemctl disable --now corepipe-forward.socket "
+                     "corepipe.service)")
     if purge:
         lines.append(purge_store(state["store"], state["store_created"]))
     else:

@@ -44,13 +44,13 @@ from typing import Optional
 
 from corepipe.domain import accounting, snapshot
 from corepipe.domain.context import Context
-from corepipe.platform import affinity, capture, coredump_socket, elf
+from corepipe.platform import affinity, capture, coredump_socket, elf, forward
 from corepipe.platform import config as configuration
-from corepipe.platform.kernel import RLIM_INFINITY, KernelArgs
+from corepipe.platform.kernel import RLIM_INFINITY, KernelArgs, parse_args
 from corepipe.platform.log import ERR, INFO, WARNING, log
 from corepipe.platform.store import Store
 from corepipe.platform.sysctl import CORE_PATTERN, Sysctl, SysctlError
-from corepipe.services import collect
+from corepipe.services import collect, forwarded
 from corepipe.services.install import DEFAULT_SOCKET
 
 RUN_DIR = "/run/corepipe"
@@ -72,8 +72,15 @@ _CLONE_NEWNS = 0x00020000
 _PF_DUMPCORE = 0x200
 _SO_RCVBUFFORCE = 33
 _PR_SET_PDEATHSIG = 1
-#: How loaded the server is when a crash's turn comes: NORMAL, FAST (compression level 1) or RECORD_ONLY.
-NORMAL, FAST, RECORD_ONLY = "normal", "fast", "record-only"
+#: How loaded the server is when a crash's turn comes: NORMAL, FAST (compression level 1) or RECORD_ONLY; LATE:
+#: a handed-over crash waited longer than ``forward_wait`` for a worker (record only).
+NORMAL, FAST, RECORD_ONLY, LATE = "normal", "fast", "record-only", "late"
+#: How long a crash a pipe handler handed over may wait for a worker, the kernel holding the crashed process.
+FORWARD_WAIT = 300.0
+#: How long the accept loop gives a handler to send its handoff and its GO (platform/forward.py).
+HANDOFF_SECONDS = 0.5
+#: Where the kernel's crashes come from: the coredump socket and handlers' handoffs, or handoffs only.
+SOCKET_MODE, PIPE_MODE = "socket", "pipe"
 
 
 @dataclass
@@ -89,6 +96,10 @@ class Options:
     proc_sys: str = "/proc/sys"
     #: A process of the host's mount namespace, from which the pattern is written (see write_pattern).
     host_pid: int = 1
+    #: SOCKET_MODE: the coredump socket's pattern, and handoffs; PIPE_MODE: the kernel's pipe pattern is left
+    #: alone and the server collects what the handlers hand over (``<run_dir>/forward.sock``).
+    mode: str = SOCKET_MODE
+    forward_wait: float = FORWARD_WAIT
 
 
 @dataclass
@@ -96,6 +107,9 @@ class Stats:
     """The server's counters, in its health file (and for a metrics endpoint)."""
 
     accepted: int = 0
+    #: Crashes pipe handlers handed over, and handoffs refused (malformed, or the server saturated).
+    forwarded: int = 0
+    forward_refused: int = 0
     workers_started: int = 0
     worker_failures: int = 0
     max_queue: int = 0
@@ -109,15 +123,20 @@ def worker_count(requested: int) -> int:
     return max(2, len(os.sched_getaffinity(0)))
 
 
-def activated_socket() -> Optional[socket.socket]:
-    """The listening socket systemd passed (LISTEN_FDS), or None without socket activation."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
-        return None
+def activated_sockets() -> dict:
+    """The listening sockets systemd passed (LISTEN_FDS: corepipe.socket's stream socket for the kernel,
+    corepipe-forward.socket's seqpacket one for the handlers), by type; empty without socket activation."""
+    count = os.environ.get("LISTEN_FDS", "")
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or count not in ("1", "2"):
+        return {}
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)
-    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
-    os.set_inheritable(sock.fileno(), False)
-    return sock
+    found = {}
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
+        sock = socket.socket(fileno=fd)
+        os.set_inheritable(fd, False)
+        found[sock.type] = sock
+    return found
 
 
 def read_health(run_dir: str = RUN_DIR) -> Optional[dict]:
@@ -140,6 +159,24 @@ def read_health(run_dir: str = RUN_DIR) -> Optional[dict]:
     return health
 
 
+class Waiting:
+    """A crash waiting for a worker: a kernel connection (``conn``) or a handler's handoff (``got``, with its
+    journal entry), and when it was accepted (monotonic)."""
+
+    def __init__(self, accepted: float, conn: Optional[socket.socket] = None,
+                 got: Optional[forward.Forwarded] = None, journal: Optional[str] = None):
+        self.accepted, self.conn, self.got, self.journal = accepted, conn, got, journal
+
+    def fds(self) -> list:
+        return [self.conn.fileno()] if self.conn is not None else self.got.fds()
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        else:
+            self.got.close()
+
+
 class Server:
     """The accept loop and its workers; ``run`` returns the exit code."""
 
@@ -160,7 +197,11 @@ class Server:
         self.pattern: Optional[str] = None
         self.fallback: Optional[str] = options.fallback
         self.listener: Optional[socket.socket] = None
-        self.activated = False
+        #: Where pipe handlers hand crashes over (platform/forward.py).
+        self.forward_listener: Optional[socket.socket] = None
+        self.forward_path = forward.socket_path(options.run_dir)
+        #: The listeners came from systemd (corepipe.socket, corepipe-forward.socket): theirs to remove.
+        self.activated = self.forward_activated = False
         self.started = time.time()
         self.last_beat = 0.0
 
@@ -170,8 +211,26 @@ class Server:
         """The listening socket (systemd's, or our own) and the kernel's pattern pointing at it."""
         _raise_nofile()
         _preload()
-        self._start_metrics()  # before the listener and the guardian: it holds neither
-        self.listener = activated_socket()
+        self._start_metrics()  # before the listeners and the guardian: it holds none
+        forwarded.recover(self.options.run_dir, Prepared(self.options.config).cfg,
+                          "a previous server died", grace=0)
+        activated = activated_sockets()
+        os.makedirs(self.options.run_dir, mode=0o755, exist_ok=True)
+        self.forward_listener = activated.pop(socket.SOCK_SEQPACKET, None)
+        self.forward_activated = self.forward_listener is not None
+        if self.forward_activated:  # the socket unit's path, which systemd keeps open between restarts
+            self.forward_path = self.forward_listener.getsockname()
+        else:
+            self.forward_listener = coredump_socket.listen(self.forward_path, self.options.backlog,
+                                                           socket.SOCK_SEQPACKET)
+        self.forward_listener.setblocking(False)
+        if self.options.mode == PIPE_MODE:
+            for unused in activated.values():  # corepipe.socket, enabled by an earlier socket-mode install
+                unused.close()
+            self.guardian = _start_guardian(self.sysctl, None, None, [self.forward_listener], self.options)
+            log(f"serve: pipe mode, taking crashes from the handlers on {self.forward_path}, {self.workers} workers")
+            return
+        self.listener = activated.pop(socket.SOCK_STREAM, None)
         self.activated = self.listener is not None
         if self.listener is None:
             os.makedirs(os.path.dirname(self.options.socket_path), mode=0o700, exist_ok=True)
@@ -187,9 +246,10 @@ class Server:
         if self.fallback is None and not previous.startswith("@"):
             self.fallback = previous
         self.pattern = _set_socket_pattern(self.sysctl, self.options.socket_path, self.options.host_pid)
-        self.guardian = _start_guardian(self.sysctl, self.pattern, self.fallback, self.listener, self.options.host_pid)
-        log(f"serve: listening on {self.options.socket_path}, kernel.core_pattern = {self.pattern}, "
-            f"{self.workers} workers; on stop: {self.fallback!r}")
+        self.guardian = _start_guardian(self.sysctl, self.pattern, self.fallback,
+                                        [self.listener, self.forward_listener], self.options)
+        log(f"serve: listening on {self.options.socket_path} and {self.forward_path}, kernel.core_pattern = "
+            f"{self.pattern}, {self.workers} workers; on stop: {self.fallback!r}")
 
     def close(self, why: str) -> None:
         """Fallback pattern first (so no crash meets a closed socket), then the socket."""
@@ -201,6 +261,11 @@ class Server:
             except SysctlError as exc:
                 log(f"error: serve: {why}; cannot put back kernel.core_pattern: {exc}", ERR)
         self.stopping = True
+        if self.forward_listener is not None and not self.forward_activated:  # handlers now collect themselves
+            try:
+                os.unlink(self.forward_path)
+            except FileNotFoundError:
+                pass
         self._accept_all()  # connected before the switch: still ours to collect
         while self.queue or self.busy:
             if self.queue and not self.spares and len(self.busy) < self.workers:
@@ -218,6 +283,13 @@ class Server:
                     os.unlink(self.options.socket_path)
                 except FileNotFoundError:
                     pass
+        if self.forward_listener is not None:
+            self.forward_listener.close()
+        if not self.forward_activated:
+            try:
+                os.unlink(self.forward_path)
+            except FileNotFoundError:
+                pass
         for pid in (self.guardian, self.metrics):
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
@@ -240,7 +312,9 @@ class Server:
         try:
             self.open()
             poller = select.poll()
-            poller.register(self.listener.fileno(), select.POLLIN)
+            for listener in (self.listener, self.forward_listener):
+                if listener is not None:
+                    poller.register(listener.fileno(), select.POLLIN)
             poller.register(wake_r, select.POLLIN)
             self._dispatch()  # the first idle workers
             while not self.stopping:
@@ -269,40 +343,92 @@ class Server:
         self.stopping = True
 
     def _accept_all(self) -> None:
-        while self.listener is not None:
-            try:
-                conn, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    return  # the rest waits in the backlog until a worker frees fds
-                raise
-            self.stats.accepted += 1
-            self.queue.append((conn, time.monotonic()))
-            self.stats.max_queue = max(self.stats.max_queue, len(self.queue))
+        for listener in (self.listener, self.forward_listener):
+            while listener is not None:
+                try:
+                    conn, _ = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE):
+                        break  # the rest waits in the backlog until a worker frees fds
+                    raise
+                if listener is self.listener:
+                    self.stats.accepted += 1
+                    self.queue.append(Waiting(time.monotonic(), conn=conn))
+                else:
+                    with conn:
+                        self._take_handoff(conn)
+                self.stats.max_queue = max(self.stats.max_queue, len(self.queue))
+
+    def _take_handoff(self, conn: socket.socket) -> None:
+        """A pipe handler's crash (platform/forward.py), journalled and queued like a kernel connection; when
+        it is malformed or the server saturated, the handler is told to collect it itself."""
+        conn.settimeout(HANDOFF_SECONDS)
+        try:
+            got = forward.receive(conn)
+        except forward.Probe:
+            return
+        except (forward.ForwardError, OSError) as exc:
+            self.stats.forward_refused += 1
+            log(f"error: serve: a handoff on {self.forward_path} refused: {exc}", ERR)
+            forward.refuse(conn, str(exc))
+            return
+        why = ("the server is stopping" if self.stopping else
+               "the server is saturated" if len(self.queue) >= self.options.queue_limit else
+               None if self._ours(got.argv) else "the handler of another installation (its --config is not ours)")
+        if why is not None:
+            self.stats.forward_refused += 1
+            got.close()
+            forward.refuse(conn, why)
+            return
+        journal = forwarded.note(self.options.run_dir, got)
+        if not forward.take(conn):  # the handler gave up waiting: it collects the crash, not us
+            forwarded.forget(journal)
+            got.close()
+            return
+        self.stats.accepted += 1
+        self.stats.forwarded += 1
+        self.queue.append(Waiting(time.monotonic(), got=got, journal=journal))
 
     def _dispatch(self) -> None:
         """Hand waiting crashes to idle workers, then fork idle ones up to ``workers`` in all."""
         while self.queue and self.spares:
-            conn, accepted = self.queue.popleft()
-            load = self.load()
+            waiting = self.queue.popleft()
+            load = self.load(waiting)
             pid, channel = self.spares.popleft()
+            message = f"{waiting.accepted!r} {load}"
+            if waiting.got is not None:
+                message += "\n" + "\0".join([waiting.journal or "", *waiting.got.argv])
             try:
-                socket.send_fds(channel, [f"{accepted!r} {load}".encode()], [conn.fileno()])
+                socket.send_fds(channel, [message.encode("utf-8", "surrogateescape")], waiting.fds())
             except OSError:  # that worker died idle: the crash waits for the next one
-                self.queue.appendleft((conn, accepted))
+                self.queue.appendleft(waiting)
                 continue
             finally:
                 channel.close()
-            conn.close()
+            waiting.close()
             self.busy.add(pid)
             self.stats.degraded[load] = self.stats.degraded.get(load, 0) + 1
         while not self.stopping and len(self.busy) + len(self.spares) < self.workers:
             self._fork_spare()
 
-    def load(self) -> str:
-        """How the next crash is collected: a long queue gets a faster level, an overlong one records only."""
+    def _ours(self, argv: list) -> bool:
+        """The handoff comes from this server's installation: its handler's ``--config`` is the server's (a test's
+        or another installation's handler collects its crashes itself, into its own store)."""
+        theirs = parse_args(argv).config or configuration.DEFAULT_PATH
+        ours = self.options.config or configuration.DEFAULT_PATH
+        try:
+            return theirs == ours or os.path.samefile(theirs, ours)
+        except OSError:
+            return False
+
+    def load(self, waiting: Optional[Waiting] = None) -> str:
+        """How the next crash is collected: a long queue gets a faster level, an overlong one records only, and
+        so does a handed-over crash that waited longer than ``forward_wait``."""
+        if waiting is not None and waiting.got is not None and \
+                time.monotonic() - waiting.accepted > self.options.forward_wait:
+            return LATE
         if len(self.queue) >= self.options.queue_limit:
             return RECORD_ONLY
         if len(self.queue) >= 2 * self.workers:
@@ -321,10 +447,12 @@ class Server:
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                     signal.signal(signum, signal.SIG_DFL)
                 channel.close()
-                for sock in [self.listener] + [c for c, _ in self.queue] + [c for _, c in self.spares]:
+                for sock in [self.listener, self.forward_listener] + [c for _, c in self.spares]:
                     if sock is not None:
                         sock.close()
-                code = _worker(child_end, self.options.config)
+                for waiting in self.queue:
+                    waiting.close()
+                code = _worker(child_end, self.options)
             except BaseException as exc:  # noqa: BLE001 - a worker reports, it never unwinds into the loop
                 log(f"error: serve worker: {type(exc).__name__}: {exc}", ERR)
             finally:
@@ -360,9 +488,11 @@ class Server:
                 log(f"error: serve: worker {pid} ended with {code}", ERR)
 
     def health(self) -> dict:
-        return {"pid": os.getpid(), "started": self.started, "heartbeat": time.time(),
-                "socket": self.options.socket_path, "pattern": self.pattern, "fallback": self.fallback,
-                "activated": self.activated, "guardian": self.guardian, "metrics": self.metrics,
+        return {"pid": os.getpid(), "started": self.started, "heartbeat": time.time(), "mode": self.options.mode,
+                "socket": self.options.socket_path if self.options.mode == SOCKET_MODE else None,
+                "forward_socket": self.forward_path, "pattern": self.pattern, "fallback": self.fallback,
+                "activated": self.activated, "forward_activated": self.forward_activated,
+                "guardian": self.guardian, "metrics": self.metrics,
                 "metrics_address": self.metrics_address, "workers": self.workers,
                 "busy": len(self.busy), "idle": len(self.spares), "queued": len(self.queue),
                 "stats": self.stats.__dict__}
@@ -509,11 +639,10 @@ def _set_socket_pattern(sysctl: Sysctl, path: str, host_pid: int) -> str:
     raise SysctlError(f"the kernel took neither @@{path} nor @{path} as kernel.core_pattern")
 
 
-def _start_guardian(sysctl: Sysctl, pattern: str, fallback: Optional[str], listener: socket.socket,
-                    host_pid: int) -> Optional[int]:
-    """A child that outlives a killed server just long enough to put the fallback pattern back."""
-    if fallback is None:
-        return None
+def _start_guardian(sysctl: Sysctl, pattern: Optional[str], fallback: Optional[str], listeners: list,
+                    options: Options) -> Optional[int]:
+    """A child that outlives a killed server just long enough to put the fallback pattern back (when there is
+    one) and to record the handed-over crashes it held that no worker had (forwarded.recover)."""
     parent = os.getpid()
     parent_fd = os.pidfd_open(parent)
     pid = os.fork()
@@ -522,15 +651,17 @@ def _start_guardian(sysctl: Sysctl, pattern: str, fallback: Optional[str], liste
         return pid
     code = 0
     try:
-        listener.close()  # a dead server's socket must refuse at once, not queue crashes nobody accepts
+        for listener in listeners:  # a dead server's sockets must refuse at once, not queue crashes nobody accepts
+            listener.close()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for signum in (signal.SIGTERM, signal.SIGINT):  # systemd signals what is left once the server is gone
             signal.signal(signum, signal.SIG_IGN)
         select.select([parent_fd], [], [])
-        if sysctl.read(CORE_PATTERN) == pattern:
-            write_pattern(sysctl, fallback, host_pid)
+        if pattern is not None and fallback is not None and sysctl.read(CORE_PATTERN) == pattern:
+            write_pattern(sysctl, fallback, options.host_pid)
             log(f"error: serve (pid {parent}) is gone; kernel.core_pattern set back to {fallback!r}", ERR)
+        forwarded.recover(options.run_dir, Prepared(options.config).cfg, f"the server (pid {parent}) died")
     except BaseException as exc:  # noqa: BLE001
         log(f"error: serve guardian: {type(exc).__name__}: {exc}", ERR)
         code = 1
@@ -539,6 +670,9 @@ def _start_guardian(sysctl: Sysctl, pattern: str, fallback: Optional[str], liste
 
 
 # -- one crash, in a worker ---------------------------------------------------------------------------
+
+
+SATURATED = "the collector was saturated (too many crashes waiting): record only"
 
 
 @dataclass
@@ -562,8 +696,7 @@ def core_limit(limits: bytes) -> Optional[int]:
 def decide(ctx: Context, load: str) -> Decision:
     """KERNEL (+WAIT), or REJECT with the reason the record will give: the kernel then writes nothing."""
     if load == RECORD_ONLY:
-        return Decision(coredump_socket.REJECT, "the collector was saturated (too many crashes waiting): "
-                                                "record only")
+        return Decision(coredump_socket.REJECT, SATURATED)
     limit = ctx.args.core_limit_bytes() if ctx.cfg.honour_core_limit else None
     if limit == 0:
         return Decision(coredump_socket.REJECT, "RLIMIT_CORE is 0")
@@ -607,20 +740,30 @@ class Prepared:
         return self.cfg, list(self.errors)
 
 
-def _worker(channel: socket.socket, config: Optional[str]) -> int:
+def _worker(channel: socket.socket, options: Options) -> int:
     """An idle worker: ready the config, the /proc memory reader and the core's prefix buffer, wait for one
-    connection from the accept loop, collect it."""
-    prepared = Prepared(config)
+    crash from the accept loop (a kernel connection, or a handler's handoff), collect it."""
+    prepared = Prepared(options.config)
     reader = capture.MemoryReader()
     buffer = capture.prefix_buffer()
     try:
-        message, fds, _flags, _addr = socket.recv_fds(channel, 256, 1)
+        message, fds, _flags, _addr = socket.recv_fds(channel, forward.MAX_MESSAGE + 4096, forward.MAX_FDS)
         channel.close()
         if not fds:
             return 0  # the server is stopping
-        conn = socket.socket(fileno=fds[0])
-        accepted, load = message.decode().split()
-        return handle(conn, prepared, float(accepted), load, reader, buffer)
+        head, _, handoff = message.decode("utf-8", "surrogateescape").partition("\n")
+        accepted, load = head.split()
+        if not handoff:
+            return handle(socket.socket(fileno=fds[0]), prepared, float(accepted), load, reader, buffer)
+        journal, *argv = handoff.split("\0")
+        got = forward.Forwarded(argv, fds[0], fds[1] if len(fds) > 1 else None)
+        cfg, problems = prepared.current()
+        if load == FAST:
+            cfg = dataclasses.replace(cfg, compression_level=1)
+        refused = {RECORD_ONLY: SATURATED,
+                   LATE: f"the crash waited more than {options.forward_wait:g} s for a worker (serve "
+                         "--forward-wait): record only"}.get(load)
+        return forwarded.handle(got, journal or None, cfg, problems, float(accepted), refused, reader, buffer)
     finally:
         reader.close()
 
@@ -651,7 +794,7 @@ def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str,
         cfg = dataclasses.replace(cfg, compression_level=1)
     signal.signal(signal.SIGALRM, capture.on_alarm)
     signal.alarm(cfg.timeout)
-    ctx = Context(args=args, early=early, core_fd=capture.STDIN, cfg=cfg, errors=errors)
+    ctx = Context(args=args, early=early, core_fd=capture.STDIN, cfg=cfg, errors=errors, transport="socket")
     ctx.snapshot = collect.take_snapshot(ctx)
     ctx.container = collect.identify(ctx)
     decision = decide(ctx, load) if request is not None else Decision(coredump_socket.KERNEL)

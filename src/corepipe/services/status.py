@@ -7,7 +7,7 @@ from typing import Optional
 
 from corepipe.domain import catalog
 from corepipe.platform import config as configuration
-from corepipe.platform import fs
+from corepipe.platform import forward, fs
 from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, Sysctl, SysctlError
 from corepipe.services.install import PIPE, SOCKET, InstallError, Paths, load_state, socket_pattern
 from corepipe.services.serve import RUN_DIR, STALE, read_health
@@ -65,11 +65,13 @@ def ship_summary(root: str, unshipped: int) -> Optional[dict]:
 def gather(paths: Paths, run_dir: str = RUN_DIR) -> dict:
     """Everything ``status`` reports, with ``code`` (HEALTHY, NOT_INSTALLED, DRIFTED, BROKEN) and ``problems``;
     ``mode`` is what is installed, ``active_mode`` what the kernel uses now, ``server`` the health of a
-    running ``corepipe serve`` (its serve.json under ``run_dir``)."""
+    running ``corepipe serve`` (its serve.json under ``run_dir``), ``transport`` how crashes are collected now
+    (TRANSPORTS) and ``forwarding`` whether the handler's handoff to the server works (``forwarding``)."""
     sysctl = Sysctl(paths.proc_sys)
     result: dict = {"installed": False, "active": False, "code": NOT_INSTALLED, "problems": [],
                     "state": paths.state, "pattern": None, "pipe_limit": None, "expected": None, "store": None,
-                    "mode": None, "active_mode": None, "server": read_health(run_dir)}
+                    "mode": None, "active_mode": None, "server": read_health(run_dir), "transport": None,
+                    "forwarding": None}
     try:
         result["pattern"] = sysctl.read(CORE_PATTERN)
         result["pipe_limit"] = sysctl.read(CORE_PIPE_LIMIT)
@@ -111,6 +113,10 @@ def gather(paths: Paths, run_dir: str = RUN_DIR) -> dict:
             result["code"] = DRIFTED
             result["problems"].append(f"kernel.core_pipe_limit is {result['pipe_limit']}, installed "
                                       f"{state['pipe_limit']}; run 'corepipe install'")
+        result["forwarding"] = forwarding(result["server"], state["bin"])
+        result["transport"] = ("socket" if result["active_mode"] == SOCKET else
+                               "forwarded" if result["active_mode"] == PIPE and result["forwarding"]["works"] else
+                               "pipe" if result["active_mode"] == PIPE else None)
         store = state["store"]
         broken = _broken(state)
         if broken and result["code"] == HEALTHY:
@@ -121,11 +127,39 @@ def gather(paths: Paths, run_dir: str = RUN_DIR) -> dict:
     return result
 
 
+#: What ``transport`` says: the server on the kernel's coredump socket; the pipe handler handing crashes to
+#: the server; the pipe handler collecting each crash itself.
+TRANSPORTS = ("socket", "forwarded", "pipe")
+
+
+def forwarding(server: Optional[dict], launcher: str) -> dict:
+    """Whether the installed handler hands crashes to a running server: the socket its launcher names, the
+    server's, and a connection to it. ``works`` False with the ``problem`` otherwise."""
+    try:
+        with open(launcher, "rb") as f:
+            text = f.read(1 << 16).decode("utf-8", "replace")
+    except OSError as exc:
+        return {"works": False, "socket": None, "problem": f"cannot read the launcher {launcher}: {exc.strerror}"}
+    named = text.split("main(forward=", 1)[1].split(")", 1)[0].strip("'\"") if "main(forward=" in text else None
+    result: dict = {"works": False, "socket": named, "problem": None}
+    if named is None:
+        result["problem"] = f"the launcher {launcher} hands nothing over (installed by an older corepipe)"
+    elif server is None or not server.get("alive"):
+        result["problem"] = "corepipe serve is not running: the handler collects each crash itself"
+    elif server.get("forward_socket") != named:
+        result["problem"] = (f"corepipe serve listens on {server.get('forward_socket')}, the handler hands over to "
+                             f"{named}: start serve with --run-dir {os.path.dirname(named)}")
+    else:
+        result["problem"] = forward.probe(named)
+        result["works"] = result["problem"] is None
+    return result
+
+
 def _server_problems(result: dict) -> list:
     """Socket mode: the server's health, as far as it decides whether crashes are collected."""
     server = result["server"]
     if result["active_mode"] == PIPE:
-        return [] if server is None or not server["alive"] else [
+        return [] if server is None or not server["alive"] or server.get("mode") == "pipe" else [
             f"corepipe serve (pid {server['pid']}) runs but the kernel uses the pipe handler; restart it"]
     if server is None or not server["alive"]:
         return ["kernel.core_pattern points at the socket but corepipe serve is not running: crashes are lost; "
