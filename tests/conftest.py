@@ -162,6 +162,8 @@ MARKER_WORDS = {
 BUDGETS = {"test_storm.py": 900, "test_install_kernel.py": 1200, "test_kubernetes_node.py": 900,
            "test_container_runtimes.py": 600, "test_ship.py": 600, "test_docker_smoke.py": 600}
 TESTS = Path(__file__).resolve().parent
+#: Autouse fixtures every test gets: what they need says nothing about the test's own requirements.
+HOUSEKEEPING = {"real_installation_untouched", "kernel_log_mark"}
 
 
 def _code_text(function: object, seen: set, depth: int = 3) -> str:
@@ -196,7 +198,7 @@ def markers_of(item: pytest.Item) -> set:
     fixtures = set(item.fixturenames)
     seen: set = set()
     text = _code_text(item.function, seen)
-    for name in fixtures:
+    for name in fixtures - HOUSEKEEPING:
         for definition in item._fixtureinfo.name2fixturedefs.get(name, ()):
             if Path(inspect.getsourcefile(definition.func) or "").resolve().is_relative_to(TESTS):
                 text += _code_text(definition.func, seen)
