@@ -252,6 +252,24 @@ def mounted_tmpfs(path: Path, size: str) -> Iterator[Path]:
         guard.close()
 
 
+@contextlib.contextmanager
+def holding_slots(store: Path, kind: str, number: int) -> Iterator[None]:
+    """Hold the ``number`` slots of ``kind`` (slots.CORE, slots.POSTMORTEM) of ``store`` until the block ends, as
+    busy collectors would: a crash that needs one waits (slots.py)."""
+    from corepipe.platform import slots
+
+    fds = []
+    try:
+        for i in range(number):
+            fd = os.open(store / slots.DIRECTORY / f"{kind}.{i}", os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            fds.append(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def short_tempdir() -> Path:
     """A short path: the whole core_pattern must fit in 127 bytes."""
     return Path(tempfile.mkdtemp(prefix="cpt-", dir="/tmp"))

@@ -128,6 +128,27 @@ def test_textfile_parses_and_counts_the_crashes(store: dict, tmp_path: Path, doc
     # The policy's effective limits (the handler's config leaves them automatic: a share of the filesystem).
     assert 0 < found[("corepipe_store_max_use_bytes", ())] < found[("corepipe_store_size_bytes", ())]
     assert 0 < found[("corepipe_store_keep_free_bytes", ())] < found[("corepipe_store_size_bytes", ())]
+    assert found[("corepipe_signatures", ())] == 2
+    assert found[("corepipe_core_uncompressed_bytes_total", ())] == sum(
+        r["core"]["size"] for r in store["records"] if r["core"]["stored"])
+    assert found[("corepipe_store_core_bytes", ())] == stored
+    assert found[("corepipe_records_unreadable", ())] == 0
+
+
+def test_an_unreadable_record_is_counted(store: dict, tmp_path: Path) -> None:
+    """A crash directory whose record.json is not a record (cut short by a full disk, say) is counted, not
+    fatal to the scrape; and the gauge goes back to 0 when it is gone."""
+    crash_dir = Path(next(r["_dir"] for r in store["records"] if r["comm"] == "m-abrt"))
+    bad = crash_dir.parent / (crash_dir.name[:-12] + "0badbadbad00")
+    bad.mkdir(mode=0o700)
+    try:
+        (bad / "record.json").write_text('{"schema": 2, "id": ')
+        proc = corepipe_cli(store["handler"].config, "metrics", check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert _samples(proc.stdout)[("corepipe_records_unreadable", ())] == 1
+    finally:
+        shutil.rmtree(bad)
+    assert _samples(corepipe_cli(store["handler"].config, "metrics").stdout)[("corepipe_records_unreadable", ())] == 0
 
 
 def test_signature_labels_are_capped_with_an_other_bucket(store: dict) -> None:
@@ -240,6 +261,12 @@ def test_prometheus_scrapes_the_resident_collector(crasher: Path, tmp_path: Path
                     segv["hash"]: 2, nocore["hash"]: 1}
                 accepted = _query(web, 'corepipe_serve_accepted_total{job="corepipe"}')
                 assert [float(r["value"][1]) for r in accepted] == [4.0]
+                dispatched = _query(web, 'corepipe_serve_dispatched_total{job="corepipe"}')
+                assert {r["metric"]["load"]: float(r["value"][1]) for r in dispatched if float(r["value"][1])} == {
+                    "normal": 4.0}
+                assert [float(r["value"][1]) for r in _query(web, 'corepipe_serve_queued{job="corepipe"}')] == [0.0]
+                failures = _query(web, 'corepipe_serve_worker_failures_total{job="corepipe"}')
+                assert [float(r["value"][1]) for r in failures] == [0.0]
                 _check_dashboard_queries(web, f"http://{host}:{port}/metrics")
             metrics_pid = served.health()["metrics"]
             assert served.stop() == 0

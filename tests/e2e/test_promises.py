@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import socket
@@ -26,6 +25,7 @@ import pytest
 from support import (
     NO_RATE_LIMIT,
     crash,
+    holding_slots,
     installed_handler,
     need,
     served_handler,
@@ -49,22 +49,6 @@ def workdir() -> Iterator[Path]:
     subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
-@contextlib.contextmanager
-def every_postmortem_slot(store: Path, number: int) -> Iterator[None]:
-    """Hold the ``number`` postmortem slots of ``store`` (slots.py's lock files) until the block ends."""
-    directory = store / slots.DIRECTORY
-    fds = []
-    try:
-        for i in range(number):
-            fd = os.open(directory / f"{slots.POSTMORTEM}.{i}", os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-            fds.append(fd)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        yield
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
 def _collector_alive(h, crash_id_dir: Path) -> bool:
     """The crash's collector is still at work: its record is not final yet."""
     import json
@@ -84,7 +68,7 @@ def test_the_crash_is_reaped_before_binaries_backtrace_and_notify(mode: str, wor
             h.wait_idle()
         else:  # the worker lets go of its postmortem slot after the final record
             time.sleep(0.5)
-        with every_postmortem_slot(h.store, 1):
+        with holding_slots(h.store, slots.POSTMORTEM, 1):
             proc = start_crash([str(crasher), "16", "held"])  # over the 4 MiB read before the config
             proc.wait(60)  # the kernel let it go: reaped while the postmortem slot is still ours
             crash_dir = wait_for(lambda: next((Path(r["_dir"]) for r in h.records() if r["comm"] == "held"), None),

@@ -29,6 +29,7 @@ from support import (
     cpus_allowed,
     decompress,
     gdb_backtrace,
+    holding_slots,
     installed_handler,
     need,
     need_root_kernel,
@@ -40,7 +41,7 @@ from support import (
     wait_log,
 )
 
-from corepipe.platform import sandbox
+from corepipe.platform import sandbox, slots
 from corepipe.services import install, status
 
 
@@ -295,6 +296,50 @@ def _with_children(pid: int) -> list:
         return [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
     except OSError:
         return [pid]
+
+
+def test_server_killed_mid_storm_leaves_a_record_of_every_crash(workdirs, crasher: Path) -> None:
+    """Socket mode saturated (one core at a time; the other crashes wait in the server's queue, the kernel
+    holding them), then the server and its workers SIGKILLed: every crash has a record, complete or left
+    'collecting' with no core under its final name, and the crashes after the kill are collected."""
+    config = NO_RATE_LIMIT + "concurrent_cores = 1\ncore_wait = 120\n"
+    names = [f"storm{i}" for i in range(8)]
+    with served_handler(workdirs(), config_extra=config) as served:
+        _run([str(crasher), "0", "warmup"])  # makes the store and its slot files
+        served.wait_record(lambda r: r["comm"] == "warmup")
+        with holding_slots(served.store, slots.CORE, 1):  # every worker waits for the core slot, the rest queue
+            storm = [subprocess.Popen([str(crasher), "16", name], preexec_fn=set_core_limit(resource.RLIM_INFINITY))
+                     for name in names]
+            wait_for(lambda: served.health()["queued"] >= 3, 120, "a saturated server")
+            health = served.health()
+            workers = _children(served.proc.pid) - {health["guardian"], health["metrics"]}
+            os.kill(served.proc.pid, signal.SIGKILL)
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+        served.proc.wait(30)
+        wait_for(lambda: CORE_PATTERN.read_text().rstrip("\n") == served.pattern(), 30, "the fallback pattern")
+        for proc in storm:
+            proc.wait(120)
+
+        def every_crash() -> dict:
+            got = {r["comm"]: r for r in served.records() if r["comm"] in names}
+            return got if set(got) == set(names) else {}
+        records = wait_for(every_crash, 60, "a record of every crash")
+        for name, rec in records.items():
+            core = Path(rec["_dir"]) / "core.zst"
+            assert rec["status"] in ("complete", "collecting"), (name, rec["status"], rec["collector"])
+            if rec["status"] == "collecting" or not rec["core"]["stored"]:
+                assert not core.exists(), (name, rec["core"])
+            else:
+                assert core.stat().st_size == rec["core"]["compressed_size"], (name, rec["core"])
+        recovered = [rec for rec in records.values() if "before a worker took the crash" in
+                     (rec["core"].get("reason") or "")]
+        assert recovered, "no crash was still queued when the server died: the test proves nothing"
+        assert all(rec["uid"] == os.getuid() and rec["pid"] in {p.pid for p in storm} for rec in recovered)
+        after = _run([str(crasher), "0", "after-storm"])
+        assert os.WCOREDUMP(after)
+        rec = served.wait_record(lambda r: r["comm"] == "after-storm")
+        assert rec["status"] == "complete" and rec["core"]["stored"] is True
 
 
 def _threads_cpus(pids: list) -> set:

@@ -48,6 +48,8 @@ class Context:
     shared_cpu: Optional[SharedCpu] = None
     #: How the core comes (record.build's ``transport``): "pipe", "socket" or "forwarded".
     transport: str = "pipe"
+    #: A server's journal entry of this crash (services/forwarded.py), removed once the crash has a record.
+    journal: Optional[str] = None
 
     @property
     def group(self) -> tuple:

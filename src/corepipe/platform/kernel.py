@@ -89,6 +89,10 @@ def _number(text: str) -> int:
     return int(text)
 
 
+#: An argument the writer did not know (the kernel's own "-" for %F where it lacks pidfds).
+UNKNOWN = "-"
+
+
 def parse_args(argv: list[str]) -> KernelArgs:
     """Parse ``[--config PATH] <specifiers>``; never raises, collects what is wrong in ``errors``."""
     args = KernelArgs()
@@ -103,8 +107,10 @@ def parse_args(argv: list[str]) -> KernelArgs:
     for name, value in zip(FIELDS, rest):
         if name in ("hostname", "comm"):
             setattr(args, name, value)
+        elif value == UNKNOWN:  # not known to whoever wrote the arguments (a server's journal): left None
+            continue
         elif name == "pidfd":
-            if value not in ("", "-"):
+            if value != "":
                 try:
                     args.pidfd = _number(value)
                 except ValueError:

@@ -480,3 +480,9 @@ def _kib(*values: Optional[str]) -> Optional[int]:
 
 def write_record(ctx: Context) -> None:
     ctx.crash.write(RECORD, record.dumps(ctx.record))
+    if ctx.journal is not None:  # recorded now: a server that dies from here on need not record it from its journal
+        try:
+            os.unlink(ctx.journal)
+        except FileNotFoundError:
+            pass
+        ctx.journal = None

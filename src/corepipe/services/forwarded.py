@@ -7,10 +7,12 @@ kernel (it waits until every reader of the pipe has closed it), so /proc, the co
 exactly as the handler would have read them. Only the config is the server's (loaded once per change), and a
 crash that waited too long for a worker, or came to a saturated server, is recorded without its core.
 
-The journal: the accept loop writes ``<run dir>/forwarded/<pid>`` (the handler's arguments) before it takes a
-crash, and the worker deletes it as soon as it has the crash. An entry whose process is gone was held by a
-server that died before any worker had it (the kernel ended the dump when the server's fds closed): the
-server's guardian, or the next start, files a record for it from the arguments (``recover``).
+The journal: the accept loop writes ``<run dir>/forwarded/<pid>`` (the handler's arguments; for a kernel
+connection on the coredump socket, what its peer's credentials say) before it takes a crash, and the worker
+deletes it as soon as it has the crash (a kernel connection's once the crash has its first record). An entry
+whose process is gone was held by a server that died before any worker had it (the kernel ended the dump when
+the server's fds closed): the server's guardian, or the next start, files a record for it from the arguments
+(``recover``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Optional
 
 from corepipe.platform import capture, forward
 from corepipe.platform.config import Config
-from corepipe.platform.kernel import KernelArgs, parse_args
+from corepipe.platform.kernel import UNKNOWN, KernelArgs, parse_args
 from corepipe.platform.log import ERR, WARNING, log
 from corepipe.services import collect
 
@@ -36,8 +38,26 @@ def _journal(run_dir: str) -> str:
 
 
 def note(run_dir: str, got: forward.Forwarded) -> Optional[str]:
-    """The journal entry of a crash about to be taken (its path), or None (logged) when it cannot be written."""
+    """The journal entry of a handed-over crash about to be taken (its path), or None (logged) when it cannot be
+    written."""
     pid, _ = capture.kernel_ids(got.argv)
+    return _write(run_dir, pid, got.argv)
+
+
+def note_peer(run_dir: str, pid: int, uid: int, gid: int) -> Optional[str]:
+    """The journal entry of a kernel connection on the coredump socket, from its peer's credentials: what the
+    accept loop knows (the worker learns the rest from the pidfd), in the kernel's argument order."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as comm_file:
+            comm = comm_file.read(64).rstrip(b"\n").decode("utf-8", "surrogateescape")
+    except OSError:
+        comm = UNKNOWN
+    argv = [str(pid), UNKNOWN, UNKNOWN, str(uid), str(gid), UNKNOWN, str(int(time.time())), UNKNOWN, UNKNOWN,
+            UNKNOWN, UNKNOWN, comm]
+    return _write(run_dir, pid, argv)
+
+
+def _write(run_dir: str, pid: Optional[int], argv: list) -> Optional[str]:
     if pid is None:
         return None
     path = os.path.join(_journal(run_dir), str(pid))
@@ -45,7 +65,7 @@ def note(run_dir: str, got: forward.Forwarded) -> Optional[str]:
         os.makedirs(_journal(run_dir), mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, "\0".join(got.argv).encode("utf-8", "surrogateescape"))
+            os.write(fd, "\0".join(argv).encode("utf-8", "surrogateescape"))
         finally:
             os.close(fd)
     except OSError as exc:

@@ -38,6 +38,7 @@ import resource
 import select
 import signal
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -62,6 +63,8 @@ STALE = 15.0
 BACKLOG = 4096
 #: Connections held beyond this many waiting ones are answered REJECT (record only) instead of a core.
 QUEUE_LIMIT = 512
+#: struct ucred (SO_PEERCRED): the pid, uid and gid of a kernel connection's crashed process.
+_PEERCRED = struct.Struct("3i")
 #: How long a worker waits after a REJECT for the process's exit status (its signal) when neither the pidfd
 #: (PIDFD_INFO_COREDUMP_SIGNAL) nor /proc/<pid>/stat told it; the status comes only once the process is reaped,
 #: and a worker waiting is a worker a storm does not have.
@@ -355,7 +358,10 @@ class Server:
                     raise
                 if listener is self.listener:
                     self.stats.accepted += 1
-                    self.queue.append(Waiting(time.monotonic(), conn=conn))
+                    pid, uid, gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                     _PEERCRED.size))
+                    journal = forwarded.note_peer(self.options.run_dir, pid, uid, gid)
+                    self.queue.append(Waiting(time.monotonic(), conn=conn, journal=journal))
                 else:
                     with conn:
                         self._take_handoff(conn)
@@ -397,9 +403,9 @@ class Server:
             waiting = self.queue.popleft()
             load = self.load(waiting)
             pid, channel = self.spares.popleft()
-            message = f"{waiting.accepted!r} {load}"
+            message = f"{waiting.accepted!r} {load}\n{waiting.journal or ''}"
             if waiting.got is not None:
-                message += "\n" + "\0".join([waiting.journal or "", *waiting.got.argv])
+                message += "\0" + "\0".join(waiting.got.argv)
             try:
                 socket.send_fds(channel, [message.encode("utf-8", "surrogateescape")], waiting.fds())
             except OSError:  # that worker died idle: the crash waits for the next one
@@ -751,11 +757,12 @@ def _worker(channel: socket.socket, options: Options) -> int:
         channel.close()
         if not fds:
             return 0  # the server is stopping
-        head, _, handoff = message.decode("utf-8", "surrogateescape").partition("\n")
+        head, _, rest = message.decode("utf-8", "surrogateescape").partition("\n")
         accepted, load = head.split()
-        if not handoff:
-            return handle(socket.socket(fileno=fds[0]), prepared, float(accepted), load, reader, buffer)
-        journal, *argv = handoff.split("\0")
+        journal, *argv = rest.split("\0")
+        if not argv:
+            return handle(socket.socket(fileno=fds[0]), prepared, float(accepted), load, reader, buffer,
+                          journal or None)
         got = forward.Forwarded(argv, fds[0], fds[1] if len(fds) > 1 else None)
         cfg, problems = prepared.current()
         if load == FAST:
@@ -769,13 +776,16 @@ def _worker(channel: socket.socket, options: Options) -> int:
 
 
 def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str,
-           reader: Optional[capture.MemoryReader] = None, buffer: Optional[memoryview] = None) -> int:
+           reader: Optional[capture.MemoryReader] = None, buffer: Optional[memoryview] = None,
+           journal: Optional[str] = None) -> int:
     """One kernel connection: check the peer, read /proc, decide, ack, then ``collect``'s pipeline on the
-    socket; the exit code ``corepipe collect`` would give."""
+    socket; the exit code ``corepipe collect`` would give. ``journal``: the accept loop's entry of this crash,
+    removed once it has a record."""
     pidfd = coredump_socket.peer_pidfd(conn)
     info = coredump_socket.pidfd_info(pidfd)
     if not info.dumping:
         log(f"error: serve: pid {info.pid} connected to the coredump socket but is not dumping core; ignored", ERR)
+        forwarded.forget(journal)
         return 2
     early = capture.take_proc(info.pid, pidfd, reader)
     early.started = accepted
@@ -794,7 +804,8 @@ def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str,
         cfg = dataclasses.replace(cfg, compression_level=1)
     signal.signal(signal.SIGALRM, capture.on_alarm)
     signal.alarm(cfg.timeout)
-    ctx = Context(args=args, early=early, core_fd=capture.STDIN, cfg=cfg, errors=errors, transport="socket")
+    ctx = Context(args=args, early=early, core_fd=capture.STDIN, cfg=cfg, errors=errors, transport="socket",
+                  journal=journal)
     ctx.snapshot = collect.take_snapshot(ctx)
     ctx.container = collect.identify(ctx)
     decision = decide(ctx, load) if request is not None else Decision(coredump_socket.KERNEL)
