@@ -3,7 +3,7 @@
 # (with the azure and s3 SDKs and moto's S3 server), and Azurite under .servers/ (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-packages=(gcc libc6-dev gdb zstd util-linux busybox-static elfutils runc docker.io podman containerd prometheus fuse3 libfuse3-dev pkg-config lxc nodejs groff-base)
+packages=(gcc libc6-dev gdb zstd util-linux busybox-static elfutils runc docker.io podman containerd prometheus fuse3 libfuse3-dev pkg-config lxc nodejs groff-base debootstrap systemd-container)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -15,6 +15,8 @@ mkdir -p /etc/containers
 if ! grep -q '^default_ulimits' /etc/containers/containers.conf 2>/dev/null; then
     printf '[containers]\ndefault_ulimits = []\n' >> /etc/containers/containers.conf
 fi
+# tests/e2e/test_under_systemd.py boots a Debian tree with systemd-nspawn; it builds the tree itself on first use
+# (debootstrap, cached in /var/cache/corepipe-tests).
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -e '.[test]'
 # Azurite, Microsoft's Azure Storage emulator, for the shipping tests (tests/objectstores.py).
