@@ -114,21 +114,6 @@ class Container:
     def show(self, unit: str, prop: str) -> str:
         return self.systemctl("show", "--value", "-p", prop, unit)
 
-    def host_pid(self, pid: int) -> int:
-        """The host's PID of the container's process ``pid``."""
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                status = Path(entry.path, "status").read_text()
-                pid_ns = os.readlink(f"{entry.path}/ns/pid")
-            except OSError:
-                continue
-            ns_pids = next(line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:"))
-            if ns_pids[-1] == str(pid) and pid_ns == os.readlink(f"/proc/{self.pid1}/ns/pid"):
-                return int(entry.name)
-        raise AssertionError(f"no host process for the container's pid {pid}")
-
     def stop(self) -> None:
         """A clean poweroff (SIGRTMIN+3 to its init), else SIGKILL to nspawn."""
         if self.nspawn is None or self.nspawn.poll() is not None:

@@ -72,7 +72,6 @@ class System:
 
     container: Container
     shared: Path
-    settings: KernelSettings
 
     @property
     def socket(self) -> str:
@@ -145,7 +144,7 @@ def system(crasher: Path) -> Iterator[System]:
             try:
                 container.boot()
                 settings.undo_on_abort(["kill", "-KILL", str(container.nspawn.pid), str(container.pid1)])
-                system = System(container, shared, settings)
+                system = System(container, shared)
                 _install(system)
                 yield system
             finally:
