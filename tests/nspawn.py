@@ -45,8 +45,9 @@ def debian_root() -> Path:
         for old in (building, root):
             if old.exists():
                 shutil.rmtree(old)
-        subprocess.run(["debootstrap", "--variant=minbase", f"--include={PACKAGES}", SUITE, str(building), MIRROR],
-                       check=True, timeout=1500, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        made = subprocess.run(["debootstrap", "--variant=minbase", f"--include={PACKAGES}", SUITE, str(building),
+                               MIRROR], timeout=1500, capture_output=True, text=True)
+        assert made.returncode == 0, f"debootstrap failed: {made.stdout[-2000:]}{made.stderr[-2000:]}"
         building.rename(root)
         stamp.write_text(wanted)
     return root

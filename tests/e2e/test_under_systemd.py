@@ -167,7 +167,8 @@ def _install(system: System) -> None:
     config.parent.mkdir(parents=True)
     config.write_text(f'metrics_listen = "127.0.0.1:0"\n{NO_RATE_LIMIT}')
     before = CORE_PATTERN.read_bytes(), PIPE_LIMIT.read_bytes()
-    # A fresh /proc in a mount namespace of its own: /proc/sys is writable there, as on a host.
+    # A fresh /proc in a mount namespace of its own: /proc/sys is writable there, as on a host. --force: the
+    # socket pattern the test wrote belongs to no installation yet.
     proc = container.service(["unshare", "--mount-proc", "--", "bash", f"{system.shared}/src/install/install.sh",
                               "--mode", "socket", "--socket", system.socket, "--force"], env=_registry_env(),
                              timeout=900, check=False)
