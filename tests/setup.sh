@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the tests need on a fresh Debian machine: system packages, a venv, corepipe[test]
 # (with the azure and s3 SDKs and moto's S3 server), and Azurite under .servers/ (git-ignored).
+# debootstrap and systemd-container: tests/e2e/test_under_systemd.py builds a Debian tree on first use (cached
+# in /var/cache/corepipe-tests) and boots it with systemd-nspawn.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 packages=(gcc libc6-dev gdb zstd util-linux busybox-static elfutils runc docker.io podman containerd prometheus fuse3 libfuse3-dev pkg-config lxc nodejs groff-base debootstrap systemd-container)
@@ -15,8 +17,6 @@ mkdir -p /etc/containers
 if ! grep -q '^default_ulimits' /etc/containers/containers.conf 2>/dev/null; then
     printf '[containers]\ndefault_ulimits = []\n' >> /etc/containers/containers.conf
 fi
-# tests/e2e/test_under_systemd.py boots a Debian tree with systemd-nspawn; it builds the tree itself on first use
-# (debootstrap, cached in /var/cache/corepipe-tests).
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -e '.[test]'
 # Azurite, Microsoft's Azure Storage emulator, for the shipping tests (tests/objectstores.py).
