@@ -21,7 +21,7 @@ from typing import Callable, Optional
 from corepipe.domain import catalog, containers
 from corepipe.platform import digest, elf, unpack
 from corepipe.platform.sysctl import CORE_PATTERN, Sysctl
-from corepipe.services.install import Paths, load_state
+from corepipe.services.install import Paths, load_state, socket_pattern
 
 BUSYBOX = "/bin/busybox"
 #: A shell that is not the container's PID 1 (init ignores signals it sends itself) crashes itself.
@@ -38,7 +38,9 @@ def run(paths: Paths, container: bool = True, timeout: float = 60.0, say: Say = 
     if state is None:
         raise SelftestError(f"corepipe is not installed (no {paths.state}); run 'corepipe install' first")
     current = Sysctl(paths.proc_sys).read(CORE_PATTERN)
-    if current != state["pattern"]:
+    # In socket mode the running server's socket pattern is corepipe's too (install.sh starts the server
+    # before it runs the selftest).
+    if current not in (state["pattern"], socket_pattern(state)):
         raise SelftestError(f"kernel.core_pattern is {current!r}, not corepipe's; run 'corepipe install'")
     store = state["store"]
     say(f"store: {store}")
@@ -67,9 +69,10 @@ def _host_crash(store: str, timeout: float, say: Say) -> None:
         return rec.get("pid") == proc.pid and (rec.get("timestamp") or 0) >= int(started) - 1
 
     path, rec = _wait_and_verify(store, match, timeout, "host process")
-    # Filed where this process itself belongs: the host, or the pod/container selftest runs in.
-    with open("/proc/self/cgroup") as f:
-        expected = containers.identify(f.read())
+    # Filed where this process itself belongs: the host, or the pod/container selftest runs in, told from the
+    # evidence the collector weighs (cgroup, then mounts: a container no cgroup names has a root mount of its own).
+    with open("/proc/self/cgroup") as cgroup, open("/proc/self/mountinfo") as mountinfo:
+        expected = containers.identify(cgroup.read(), mountinfo=mountinfo.read())
     found = rec.get("container") or {}
     if (found.get("runtime"), found.get("id")) != (expected.runtime, expected.id):
         raise SelftestError(f"the crash was filed as {found.get('runtime')} {found.get('id')}, not as "
