@@ -52,15 +52,15 @@ from corepipe.platform import coredump_socket
 
 REPO = Path(__file__).resolve().parents[2]
 #: The units install.sh installs in socket mode, by role, and what this module expects of them.
-UNITS = {"socket": "corepipe.socket", "server": "corepipe.service", "timer": "corepipe-prune.timer",
-         "prune": "corepipe-prune.service"}
+UNITS = {"socket": "corepipe.socket", "forward": "corepipe-forward.socket", "server": "corepipe.service",
+         "timer": "corepipe-prune.timer", "prune": "corepipe-prune.service"}
 STORE = "/var/lib/corepipe"
 RUN_DIR = "/run/corepipe"
 #: corepipe.service's sandboxing as systemd reports it (``systemctl show``; lists compared in any order).
 SANDBOX = {"ProtectSystem": "strict", "ProtectHome": "read-only", "PrivateTmp": "yes", "NoNewPrivileges": "yes",
            "RestrictRealtime": "yes", "RestrictSUIDSGID": "yes", "LockPersonality": "yes",
            "ProtectKernelModules": "yes", "ProtectControlGroups": "yes", "ProtectClock": "yes",
-           "ProtectKernelTunables": "no", "RestrictNamespaces": "mnt uts", "SystemCallArchitectures": "native",
+           "ProtectKernelTunables": "no", "RestrictNamespaces": "ipc mnt net pid uts", "SystemCallArchitectures": "native",
            "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX", "IPAddressDeny": "::/0 0.0.0.0/0",
            "IPAddressAllow": "::1/128 127.0.0.0/8",
            "CapabilityBoundingSet": "cap_chown cap_dac_override cap_dac_read_search cap_fowner cap_kill cap_setgid "
@@ -184,7 +184,7 @@ def test_install_sh_enables_the_units(system: System) -> None:
     """install.sh (socket mode) leaves the socket listening, the server running and the timer waiting; no
     unit failed, and its selftest's crash went through the socket (the fixture checks it passed)."""
     c = system.container
-    for unit in (UNITS["socket"], UNITS["server"], UNITS["timer"]):
+    for unit in (UNITS["socket"], UNITS["forward"], UNITS["server"], UNITS["timer"]):
         assert c.systemctl("is-enabled", unit) == "enabled", unit
         assert c.systemctl("is-active", unit) == "active", unit
     assert c.systemctl("list-units", "--failed", "--plain", "--no-legend", "corepipe*") == ""
