@@ -60,7 +60,8 @@ RUN_DIR = "/run/corepipe"
 SANDBOX = {"ProtectSystem": "strict", "ProtectHome": "read-only", "PrivateTmp": "yes", "NoNewPrivileges": "yes",
            "RestrictRealtime": "yes", "RestrictSUIDSGID": "yes", "LockPersonality": "yes",
            "ProtectKernelModules": "yes", "ProtectControlGroups": "yes", "ProtectClock": "yes",
-           "ProtectKernelTunables": "no", "RestrictNamespaces": "ipc mnt net pid uts", "SystemCallArchitectures": "native",
+           "ProtectKernelTunables": "no", "RestrictNamespaces": "ipc mnt net pid uts",
+           "SystemCallArchitectures": "native",
            "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX", "IPAddressDeny": "::/0 0.0.0.0/0",
            "IPAddressAllow": "::1/128 127.0.0.0/8",
            "CapabilityBoundingSet": "cap_chown cap_dac_override cap_dac_read_search cap_fowner cap_kill cap_setgid "
