@@ -67,6 +67,9 @@ def crashed(bugs: dict, crasher: Path, docker_image: str) -> dict:
                 proc = start_crash([str(programs["looper"]), "near-a", "loop"])
                 proc.wait(timeout=120)
                 loop_pids.append(proc.pid)
+                # A small core lets the process go before its collector is admitted: the next crash waits for this
+                # one's record, so that the admissions come in crash order.
+                handler.wait_record(lambda r, pid=proc.pid: r["pid"] == pid and r["comm"] == "loop", 60)
             crash([str(programs["looper"]), "other", "newbug"])
             found = {"host": handler.wait_record(lambda r: r["comm"] == "sig-host"),
                      "containers": [handler.wait_record(lambda r, c=c: r["container"]["id"] == c) for c in containers]}
@@ -182,7 +185,6 @@ def test_crash_loop_keeps_the_first_cores_of_its_signature(crashed: dict) -> Non
     assert {r["signature"]["site"] for r in loop} == {loop[0]["signature"]["site"]}
     # The new bug in the same executable was not held back by the loop.
     assert _by_comm(crashed, "newbug")[0]["core"]["stored"] is True
-
 
 
 def test_list_group_shows_the_loop_and_the_new_bug(crashed: dict, tmp_path: Path) -> None:
