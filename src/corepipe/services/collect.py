@@ -247,7 +247,6 @@ def store_crash(ctx: Context) -> int:
                 admission = admit(ctx, cap)
                 if admission is not None and admission.budget:
                     commit(ctx, write_core(ctx, admission, limit, cap, turn.index))
-    failed = record.has_errors(rec)
     ctx.let_go()  # also when no core is read: saving binaries need not keep the process
     if storm is None and ctx.unfiled is None and ctx.held is not None:  # a crash refused in a storm stays cheap
         with _turn(ctx, slots.postmortem_turn(ctx.store, cfg)) as turn:  # bounded after the kernel is let go
@@ -257,6 +256,7 @@ def store_crash(ctx: Context) -> int:
                 postmortem.finish(ctx.store, crash, rec, ctx.held, cfg, ctx.container.is_host)
     postmortem.sign(rec, ctx.held, cfg)
     postmortem.release(rec, ctx.held)
+    failed = record.has_errors(rec)  # after the post-mortem: its failures (a bug, the time limit, a close) count too
     finish(ctx, failed=failed)
     write_final(ctx)
     if cfg.notify_command:
