@@ -447,7 +447,7 @@ def _notify(ctx: Context) -> None:
     from corepipe.domain import notify
 
     try:
-        result = notify.after_collection(ctx.store, ctx.record, ctx.cfg)
+        result = notify.after_collection(ctx.store, ctx.record, ctx.cfg, ctx.group)
     except (OSError, Timeout) as exc:
         result = {"error": f"cannot decide whether the signature is new: {exc}"}
         log(f"error: pid {ctx.args.pid}: notify_command: {result['error']}", ERR)
