@@ -173,7 +173,7 @@ def take_snapshot(ctx: Context) -> Optional[snapshot.Snapshot]:
         return None
     args = ctx.args
     return snapshot.checked(ctx.early.proc, ns_pid=args.ns_pid, uid=args.uid, gid=args.gid,
-                            limit=ctx.cfg.proc_read_limit)
+                            limit=ctx.cfg.proc_read_limit, dump_time=args.time)
 
 
 def identify(ctx: Context) -> containers.Container:
