@@ -110,11 +110,14 @@ class Handler:
         wait_for(lambda: not self.pids(), timeout, f"no handler of {self.launcher} running")
 
 
-def collect_by_hand(handler: Handler, pid: int, comm: str, pidfd: Optional[int] = None) -> subprocess.Popen:
+def collect_by_hand(handler: Handler, pid: int, comm: str, pidfd: Optional[int] = None,
+                    dump_time: Optional[int] = None) -> subprocess.Popen:
     """`corepipe collect` run as the kernel runs it (empty environment, cwd /), for a live process of ours,
-    reading the core from a pipe the test writes: for faults the kernel cannot be made to produce."""
+    reading the core from a pipe the test writes: for faults the kernel cannot be made to produce.
+    ``dump_time``: the kernel's %t (default: now)."""
+    when = int(time.time()) if dump_time is None else dump_time
     argv = [str(handler.launcher), "collect", "--config", str(handler.config), str(pid), str(pid), str(pid),
-            str(os.getuid()), str(os.getgid()), "11", str(int(time.time())), str(2**64 - 1), "1",
+            str(os.getuid()), str(os.getgid()), "11", str(when), str(2**64 - 1), "1",
             "-" if pidfd is None else str(pidfd), "host", comm]
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={}, cwd="/", pass_fds=() if pidfd is None else (pidfd,))

@@ -18,18 +18,21 @@ import pytest
 from cgroups import FakeContainers, crash_in
 from support import (
     NO_RATE_LIMIT,
+    Handler,
+    KernelSettings,
     collect_by_hand,
     crash,
     host_dir,
     installed_handler,
     need,
+    need_root_kernel,
     need_tool,
     set_core_limit,
     start_crash,
     wait_log,
 )
 
-from corepipe.domain import containers, record
+from corepipe.domain import containers, record, snapshot
 from corepipe.platform import slots
 from corepipe.platform.config import Config
 from corepipe.platform.kernel import build_pattern
@@ -393,3 +396,34 @@ def test_pid_reuse_is_detected(kernel_handler) -> None:
             p.wait()
         os.close(pidfd)
         os.close(other_fd)
+
+
+def test_pid_reuse_without_a_pidfd_is_caught_by_the_start_time(handler_dir: Path, crasher: Path) -> None:
+    """Kernels before 6.16 give no %F (the pattern then has ``-``): a process that started after the dump time %t
+    is not the crashed one, whatever /proc/<pid> says; the crashed process itself started before it."""
+    need_root_kernel()
+    handler = Handler(handler_dir)
+    with KernelSettings() as settings:
+        settings.set(handler.pattern(pidfd=False))
+        assert " - " in handler.pattern(pidfd=False)
+        crash([str(crasher), "0", "nopidfd"])
+        own = handler.wait_record(lambda r: r["comm"] == "nopidfd")
+        victim = subprocess.Popen(["sleep", "60"])
+        dumped = int(time.time())  # the victim's dump
+        victim.kill()
+        victim.wait()
+        time.sleep(snapshot.START_SLACK + 1.5)
+        impostor = _recycle(victim.pid)
+        try:
+            proc = collect_by_hand(handler, impostor.pid, "recycled", dump_time=dumped)
+            proc.communicate(b"", timeout=60)
+            rec = handler.wait_record(lambda r: r["comm"] == "recycled")
+        finally:
+            impostor.kill()
+            impostor.wait()
+    assert own["process"]["trusted"] is True and own["process"]["pidfd"] == "absent", own["process"]
+    assert rec["process"]["pidfd"] == "absent" and rec["process"]["trusted"] is False
+    assert any(reason.endswith("s after the dump time (%t): PID reused")
+               for reason in rec["process"]["untrusted_reasons"]), rec["process"]["untrusted_reasons"]
+    assert rec["container"]["runtime"] == "unknown" and rec["container"]["source"] == "untrusted snapshot"
+    assert Path(rec["_dir"]).parent == handler.store / "uid" / str(rec["uid"])

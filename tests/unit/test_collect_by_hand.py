@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,8 @@ def _records(tmp_path: Path) -> list:
 
 
 def _kernel_args(pid: int, comm: str = "sleepy") -> list:
-    return [str(pid), str(pid), str(pid), str(os.getuid()), str(os.getgid()), "11", "1700000000", str(RLIM_INFINITY),
+    return [str(pid), str(pid), str(pid), str(os.getuid()), str(os.getgid()), "11",
+            str(int(time.time())), str(RLIM_INFINITY),
             "1", "-", "box", comm]
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import zstandard
@@ -31,7 +32,8 @@ def _collect(tmp_path: Path, argv: list, core: bytes = CORE, store: Path | None 
 
 
 def _args(pid: int, limit: int = RLIM_INFINITY) -> list:
-    return [str(pid), str(pid), str(pid), str(os.getuid()), str(os.getgid()), "11", "1700000000", str(limit),
+    return [str(pid), str(pid), str(pid), str(os.getuid()), str(os.getgid()), "11",
+            str(int(time.time())), str(limit),
             "1", "-", "box", "sleepy"]
 
 

@@ -38,14 +38,10 @@ def test_postmortem_records_a_failing_close(tmp_path: Path) -> None:
     assert rec["collector"]["errors"] == ["binaries: closing /lib/bad.so: Bad file descriptor"]
 
 
-def test_an_unexpected_error_still_writes_a_final_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The collection run in this process (stdin is the core), with the post-mortem step failing."""
-    def broken(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(postmortem, "finish", broken)
+def _collect_here(tmp_path: Path, config_extra: str = "") -> tuple:
+    """The collection run in this process (stdin is the core) for a live process: (exit code, its record)."""
     store = tmp_path / "store"
-    (tmp_path / "c.toml").write_text(f'store = "{store}"\n')
+    (tmp_path / "c.toml").write_text(f'store = "{store}"\n{config_extra}')
     (tmp_path / "core").write_bytes(b"\x7fELF" + b"\0" * 4096)
     child = subprocess.Popen(["sleep", "30"])
     saved = os.dup(0)
@@ -54,14 +50,24 @@ def test_an_unexpected_error_still_writes_a_final_record(tmp_path: Path, monkeyp
         os.dup2(core, 0)
         os.close(core)
         argv = ["--config", str(tmp_path / "c.toml"), *_args(child.pid)]
-        assert collect.run(argv, capture.take(argv)) == 1
+        code = collect.run(argv, capture.take(argv))
     finally:
         os.dup2(saved, 0)
         os.close(saved)
         child.kill()
         child.wait()
     [path] = store.rglob("record.json")
-    rec = json.loads(path.read_text())
+    return code, json.loads(path.read_text())
+
+
+def test_an_unexpected_error_still_writes_a_final_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The collection run in this process, with the post-mortem step failing."""
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(postmortem, "finish", broken)
+    code, rec = _collect_here(tmp_path)
+    assert code == 1
     assert rec["status"] == "failed" and "internal error RuntimeError: boom" in rec["collector"]["errors"]
 
 
@@ -83,3 +89,21 @@ def test_a_planted_link_where_the_crash_goes_is_recorded_in_failed(tmp_path: Pat
     listed = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(tmp_path / "c.toml"), "list", "--json"],
                             capture_output=True, text=True, check=True)
     assert [item["id"] for item in json.loads(listed.stdout)] == [rec["id"]]
+
+
+def test_a_failing_post_mortem_ends_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The post-mortem runs after the core is stored; its failures (here a held file whose close fails, as a FLUSH
+    on FUSE or NFS does) once left the record ``complete`` with errors and the exit code 0."""
+    real_hold = postmortem.hold
+
+    def hold_a_bad_file(*args: object) -> binaries.HeldFiles:
+        held = real_hold(*args)
+        held.files.append(binaries.Held("/lib/bad.so", NEVER_OPEN))
+        return held
+
+    monkeypatch.setattr(postmortem, "hold", hold_a_bad_file)
+    code, rec = _collect_here(tmp_path, "backtrace = false\n")
+    assert code == 1
+    assert rec["core"]["stored"] is True
+    assert "binaries: closing /lib/bad.so: Bad file descriptor" in rec["collector"]["errors"]
+    assert rec["status"] == "failed"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -53,6 +54,43 @@ def test_names_lose_versions_arguments_and_whitespace() -> None:
     spaced = "std::vector<int,  std::allocator<int> >::at"
     assert signature.normalise(spaced) == "std::vector<int, std::allocator<int> >::at"
     assert signature.normalise("x" * 500) == "x" * signature.MAX_LABEL
+
+
+class _Measured:
+    """A compiled expression that checks and notes the length of every text it is given: the work of these
+    expressions grows with the text's length (with its square for some texts), so bounded lengths are bounded
+    work. A longer text fails at once (uncut, the hostile names below cost minutes)."""
+
+    def __init__(self, pattern: re.Pattern, lengths: list):
+        self.pattern, self.lengths = pattern, lengths
+
+    def __getattr__(self, name: str) -> object:
+        method = getattr(self.pattern, name)
+
+        def measured(*args: object, **kwargs: object) -> object:
+            text = args[1] if name in ("sub", "subn") else args[0]
+            assert len(text) <= signature.MAX_NAME, f"{self.pattern.pattern[:40]!r} read {len(text)} characters"
+            self.lengths.append(len(text))
+            return method(*args, **kwargs)
+        return measured
+
+
+def test_huge_names_are_cut_before_any_expression_reads_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crashed program chooses its symbols: a 120 KB ``f(f(f(...`` or ``.part.part...`` name once cost the
+    handler seconds of CPU per frame. Every expression now reads at most MAX_NAME characters of each frame, and
+    a crash's frames are at most backtrace.MAX_FRAMES (here all of them are read: the first ones are skipped)."""
+    lengths: list = []
+    for attr, value in vars(signature).items():
+        if isinstance(value, re.Pattern):
+            monkeypatch.setattr(signature, attr, _Measured(value, lengths))
+    monkeypatch.setattr(signature, "_FOLD", [(_Measured(p, lengths), public) for p, public in signature._FOLD])
+    skipped = "__cxxabiv1::__terminate" + "f(" * 60000  # how it died: skipped, so the next frame is read too
+    names = [skipped] * (backtrace.MAX_FRAMES - 3) + ["f(" * 60000, ".part" * 24000 + "x", "main"]
+    sig = signature.from_frames(REC, frames(*names), MODULES)
+    assert sig["frames"] == [("f(" * 60000)[:signature.MAX_LABEL], (".part" * 24000)[:signature.MAX_LABEL], "main"]
+    assert len(sig["text"]) <= signature.MAX_TEXT
+    assert sum(lengths) <= backtrace.MAX_FRAMES * 16 * signature.MAX_NAME  # per crash: every frame, every rule
+    assert sum(lengths) >= (backtrace.MAX_FRAMES - 3) * signature.MAX_NAME  # the skipped frames were read
 
 
 def test_frames_without_symbols_are_module_build_id_and_file_offset() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 from support import need, read_line
 
@@ -72,3 +73,28 @@ def test_dump_signal_is_the_exit_code_field() -> None:
     assert snapshot.parse_dump_signal(stat[:-2] + b"0") is None  # not exiting
     assert snapshot.parse_dump_signal(stat[:-2] + b"139") == 11  # the core flag set once dumped
     assert snapshot.parse_dump_signal(b"123 (a) S 1 2") is None
+
+
+def test_a_process_that_started_after_the_dump_time_is_not_the_crashed_one() -> None:
+    """Without a pidfd (kernels before 6.16 have no %F), /proc/<pid> of a recycled PID is caught by its start time
+    (field 22 of stat) against the kernel's dump time %t."""
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        started = snapshot.started_at(snapshot.take(child.pid).start_ticks)
+        assert abs(started - time.time()) < 30  # the conversion from clock ticks since boot
+        now = int(time.time())
+        assert snapshot.take(child.pid, dump_time=now).trusted  # dumped after it started
+        reused = snapshot.take(child.pid, dump_time=now - 600)  # the crash was before this process existed
+        assert not reused.trusted
+        assert reused.untrusted == [f"the process started {started - (now - 600):.0f} s after the dump time (%t): "
+                                    "PID reused"]
+        assert snapshot.take(child.pid, dump_time=int(started) - snapshot.START_SLACK + 1).trusted  # whole seconds
+        need(hasattr(os, "pidfd_open"), "needs os.pidfd_open")
+        pidfd = os.pidfd_open(child.pid)
+        try:  # a pidfd proves which process it is: the start time is not needed
+            assert snapshot.take(child.pid, pidfd=pidfd, dump_time=now - 600).trusted
+        finally:
+            os.close(pidfd)
+    finally:
+        child.kill()
+        child.wait()

@@ -104,11 +104,14 @@ def _valid_state(state: object) -> dict:
                            if isinstance(signatures, dict) else {})}
 
 
-def rate_keys(group: tuple, exe: str) -> list:
-    """The rate-limit keys of a crash: its container, and its executable within that container."""
+def rate_keys(group: tuple, exe: str, signature: Optional[str] = None) -> list:
+    """The rate-limit keys of a crash: its container, its executable and (if known) its crash-site signature
+    within that container. All within the policy group: a user who crashes a system program first must not
+    spend another group's cores of that signature."""
     where = "/".join(group)
     return [("container", f"container:{where}"),
-            ("executable", f"exe:{where}:{hashlib.sha256(exe.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}")]
+            ("executable", f"exe:{where}:{hashlib.sha256(exe.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"),
+            *([("signature", f"signature:{where}:{signature}")] if signature else [])]
 
 
 @dataclass
@@ -128,12 +131,12 @@ GROW_STEP = 8 << 20
 def admit(store: Store, cfg: Config, *, crash_id: str, group: tuple, exe: str, want: Optional[int],
           signature: Optional[str] = None) -> Admission:
     """Decide under the lock whether this crash's core is stored, make room for ``want`` bytes, reserve it.
-    ``signature`` (the crash site's, known before the core is read) is limited across all containers."""
+    ``signature`` (the crash site's, known before the core is read) is limited within ``group``."""
     now = time.time()
     with catalog.Locked(store) as books:
         state = load_state(store)
         rates = state.setdefault("rate", {})
-        keys = rate_keys(group, exe) + ([("signature", f"signature:{signature}")] if signature else [])
+        keys = rate_keys(group, exe, signature)
         reason = _over_rate(rates, keys, cfg, now)
         if reason is not None:
             _forget_idle(rates)

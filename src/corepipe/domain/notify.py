@@ -1,11 +1,12 @@
 """The notification hook: a command run for each new signature, with the final record on stdin.
 
-"New" means the store has not seen the signature's hash before (nor, for a crash without a backtrace,
-its crash site), decided under the store's lock with the hashes kept in the state file (at most
-MAX_SEEN, the oldest forgotten first). The command runs after the record is final, so after the
-kernel has let the crashed process go: as ``notify_user`` (never root: refused), without the
-handler's groups, in a session of its own, with an empty environment but PATH, and its whole session
-is killed at ``notify_timeout``. What happened is returned for the record (``notify``) and logged.
+"New" means the crash's policy group has not had the signature's hash before (nor, for a crash without a
+backtrace, its crash site): per group, so that a user who crashes a system program first does not take
+root's or a container's notification for it. It is decided under the store's lock with the hashes
+kept in the state file (at most MAX_SEEN, the oldest forgotten first). The command runs after the
+record is final, so after the kernel has let the crashed process go: as ``notify_user`` (never root:
+refused), without the handler's groups, in a session of its own, with an empty environment but PATH,
+and its whole session is killed at ``notify_timeout``. What happened is returned for the record (``notify``) and logged.
 """
 
 from __future__ import annotations
@@ -26,15 +27,17 @@ MAX_SEEN = 10000
 _PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
-def is_new(store: Store, sig: dict) -> bool:
-    """Whether ``sig`` (a record's ``signature``) is new to the store; remembers it either way."""
-    site = f"site:{sig.get('site')}" if sig.get("site") else None
+def is_new(store: Store, sig: dict, group: tuple) -> bool:
+    """Whether ``sig`` (a record's ``signature``) is new to the policy group ``group``; remembers it either way."""
+    where = "/".join(group)
+    site = f"{where} site:{sig.get('site')}" if sig.get("site") else None
+    known = f"{where} {sig['hash']}"
     with catalog.Locked(store):
         state = accounting.load_state(store)
         seen = state.setdefault("signatures", {})
-        new = sig["hash"] not in seen and not (sig.get("source") == "crash site" and site in seen)
+        new = known not in seen and not (sig.get("source") == "crash site" and site in seen)
         now = time.time()
-        seen[sig["hash"]] = now
+        seen[known] = now
         if site and sig.get("source") == "backtrace":
             seen[site] = now  # later crashes of this site without a backtrace are not new
         for old in sorted(seen, key=seen.get)[:max(0, len(seen) - MAX_SEEN)]:
@@ -92,10 +95,11 @@ def _kill_session(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def after_collection(store: Store, rec: dict, cfg: Config) -> Optional[dict]:
-    """The hook for a collected crash whose signature is new; None when it is not run."""
+def after_collection(store: Store, rec: dict, cfg: Config, group: tuple) -> Optional[dict]:
+    """The hook for a collected crash whose signature is new to its policy group ``group``; None when it is not
+    run."""
     sig = rec.get("signature")
-    if not cfg.notify_command or not sig or not is_new(store, sig):
+    if not cfg.notify_command or not sig or not is_new(store, sig, group):
         return None
     result = run(rec, cfg)
     if result["error"]:

@@ -30,6 +30,10 @@ ALGORITHM = "corepipe-siggen"
 TOP_FRAMES = 3
 MAX_LABEL = 160
 MAX_TEXT = 1024
+#: Characters of a function name that any rule reads. The crashed program chooses its symbols: a 120 KB
+#: ``f(f(f(...`` name cost seconds in the argument and clone-suffix expressions (their work grows with the
+#: square of the length); cut first, a frame costs under a millisecond (backtrace.MAX_FRAMES frames a crash).
+MAX_NAME = 1024
 
 #: Frames that say how the process died, not where: skipped (Socorro's "irrelevant" frames).
 _SKIP = re.compile("|".join([
@@ -106,8 +110,8 @@ def _module_name(path: str) -> str:
 
 def normalise(name: str) -> str:
     """A function name without symbol version, clone suffix, argument list or runs of spaces, at most
-    MAX_LABEL characters."""
-    name = " ".join(name.split())
+    MAX_LABEL characters; only its first MAX_NAME characters are read."""
+    name = " ".join(name[:MAX_NAME].split())
     name = _CLONE_SUFFIX.sub("", _SYMBOL_VERSION.sub("", name))  # gcc's clones are the same function
     name = _ARGUMENTS.sub("", name) if not name.startswith("(") else name
     return name[:MAX_LABEL]

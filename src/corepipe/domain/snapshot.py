@@ -9,10 +9,16 @@ the bytes read then.
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 from corepipe.platform import capture
+
+#: Seconds a process may seem to have started after the dump time: ``%t`` is whole seconds, and the start
+#: time is converted from clock ticks since boot.
+START_SLACK = 2
 
 
 @dataclass
@@ -59,6 +65,11 @@ def parse_start_ticks(stat: bytes) -> Optional[int]:
     return capture.stat_field(stat, 22)
 
 
+def started_at(ticks: int) -> float:
+    """The wall-clock time (epoch seconds) of a start time in clock ticks since boot (suspend included)."""
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def parse_dump_signal(stat: bytes) -> Optional[int]:
     """The fatal signal of a process dumping core: field 52 of /proc/<pid>/stat (``exit_code``) is its thread
     group's exit code while it exits, which is the signal until the dump ends. None if it is not one."""
@@ -67,17 +78,18 @@ def parse_dump_signal(stat: bytes) -> Optional[int]:
 
 
 def take(pid: int, *, ns_pid: Optional[int] = None, uid: Optional[int] = None, gid: Optional[int] = None,
-         pidfd: Optional[int] = None, limit: int = 1 << 20) -> Snapshot:
+         pidfd: Optional[int] = None, limit: int = 1 << 20, dump_time: Optional[int] = None) -> Snapshot:
     """Read /proc/<pid> now (``corepipe resolve``); the handler reads it earlier, see capture.py."""
     proc = capture.Proc(pid, pidfd)
     capture.read_proc(proc, limit)
-    return checked(proc, ns_pid=ns_pid, uid=uid, gid=gid, limit=limit)
+    return checked(proc, ns_pid=ns_pid, uid=uid, gid=gid, limit=limit, dump_time=dump_time)
 
 
 def checked(proc: capture.Proc, *, ns_pid: Optional[int] = None, uid: Optional[int] = None,
-            gid: Optional[int] = None, limit: int = 1 << 20) -> Snapshot:
+            gid: Optional[int] = None, limit: int = 1 << 20, dump_time: Optional[int] = None) -> Snapshot:
     """The snapshot of what was read into ``proc``, with each file cut at ``limit`` bytes and the trust checks
-    (the kernel's pidfd, PID reuse, uid, gid, NSpid) applied."""
+    (the kernel's pidfd, PID reuse, uid, gid, NSpid) applied. ``dump_time``: the kernel's ``%t``; without a
+    pidfd (kernels before 6.16 have no ``%F``) a process that started after it is not the crashed one."""
     snap = Snapshot(pid=proc.pid)
     pidfd = proc.pidfd
     if pidfd is not None:
@@ -97,16 +109,20 @@ def checked(proc: capture.Proc, *, ns_pid: Optional[int] = None, uid: Optional[i
     snap.files = {name: data[:limit] for name, data in proc.files.items()}
     snap.exe, snap.cwd, snap.root = (proc.links.get(name) for name in capture.PROC_LINKS)
     snap.start_ticks = parse_start_ticks(proc.files.get("stat", b""))
-    _verify(snap, proc, ns_pid=ns_pid, uid=uid, gid=gid, pidfd=pidfd)
+    _verify(snap, proc, ns_pid=ns_pid, uid=uid, gid=gid, pidfd=pidfd, dump_time=dump_time)
     return snap
 
 
 def _verify(snap: Snapshot, proc: capture.Proc, *, ns_pid: Optional[int], uid: Optional[int],
-            gid: Optional[int], pidfd: Optional[int]) -> None:
+            gid: Optional[int], pidfd: Optional[int], dump_time: Optional[int]) -> None:
     """After reading: was it still the process the kernel is dumping?"""
     again = parse_start_ticks(proc.stat_again) if proc.stat_again is not None else None
     if snap.start_ticks is not None and again is not None and again != snap.start_ticks:
         snap.untrusted.append("the process's start time changed while it was read (PID reused)")
+    if pidfd is None and dump_time is not None and snap.start_ticks is not None:
+        late = started_at(snap.start_ticks) - dump_time
+        if late > START_SLACK:
+            snap.untrusted.append(f"the process started {late:.0f} s after the dump time (%t): PID reused")
     if pidfd is not None and proc.owner_after != snap.pid:
         snap.untrusted.append("the kernel's pidfd no longer refers to this PID")
         snap.pidfd = "mismatch"

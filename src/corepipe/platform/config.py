@@ -83,7 +83,8 @@ class Config:
     core_wait: int = 10
     postmortem_wait: int = 60
     #: Keep only the first signature_max_cores cores of one crash-site signature (domain/signature.py) within
-    #: signature_window seconds, across all containers; later crashes of it get a record only. 0: no limit.
+    #: signature_window seconds, within each policy group (storage.md); later crashes of it get a record only.
+    #: 0: no limit.
     signature_max_cores: int = 0
     signature_window: int = 3600
     #: For each new signature, run notify_command (an argv, no shell) as notify_user (never root) with the
@@ -267,7 +268,7 @@ EXPLAIN = {
     "concurrent_postmortems": "Handlers saving binaries and a backtrace at the same time: -1 one per CPU, 0 no limit.",
     "core_wait": "Seconds a handler waits for a core slot before it files a record without the core.",
     "postmortem_wait": "Seconds a handler waits for a postmortem slot before it goes on without one.",
-    "signature_max_cores": "Cores kept of one crash signature within signature_window, across containers; 0 no limit.",
+    "signature_max_cores": "Cores kept of one crash signature within signature_window, per policy group; 0 no limit.",
     "signature_window": "The signature limit's window, in seconds.",
     "notify_command": "For each new signature, run this argv (no shell) with the record on stdin; [] no hook.",
     "notify_user": "The unprivileged user notify_command runs as.",

@@ -173,7 +173,7 @@ def take_snapshot(ctx: Context) -> Optional[snapshot.Snapshot]:
         return None
     args = ctx.args
     return snapshot.checked(ctx.early.proc, ns_pid=args.ns_pid, uid=args.uid, gid=args.gid,
-                            limit=ctx.cfg.proc_read_limit)
+                            limit=ctx.cfg.proc_read_limit, dump_time=args.time)
 
 
 def identify(ctx: Context) -> containers.Container:
@@ -247,7 +247,6 @@ def store_crash(ctx: Context) -> int:
                 admission = admit(ctx, cap)
                 if admission is not None and admission.budget:
                     commit(ctx, write_core(ctx, admission, limit, cap, turn.index))
-    failed = record.has_errors(rec)
     ctx.let_go()  # also when no core is read: saving binaries need not keep the process
     if storm is None and ctx.unfiled is None and ctx.held is not None:  # a crash refused in a storm stays cheap
         with _turn(ctx, slots.postmortem_turn(ctx.store, cfg)) as turn:  # bounded after the kernel is let go
@@ -257,6 +256,7 @@ def store_crash(ctx: Context) -> int:
                 postmortem.finish(ctx.store, crash, rec, ctx.held, cfg, ctx.container.is_host)
     postmortem.sign(rec, ctx.held, cfg)
     postmortem.release(rec, ctx.held)
+    failed = record.has_errors(rec)  # after the post-mortem: its failures (a bug, the time limit, a close) count too
     finish(ctx, failed=failed)
     write_final(ctx)
     if cfg.notify_command:
@@ -447,7 +447,7 @@ def _notify(ctx: Context) -> None:
     from corepipe.domain import notify
 
     try:
-        result = notify.after_collection(ctx.store, ctx.record, ctx.cfg)
+        result = notify.after_collection(ctx.store, ctx.record, ctx.cfg, ctx.group)
     except (OSError, Timeout) as exc:
         result = {"error": f"cannot decide whether the signature is new: {exc}"}
         log(f"error: pid {ctx.args.pid}: notify_command: {result['error']}", ERR)
