@@ -99,6 +99,7 @@ def test_seed_program_shows_its_source_line_with_no_flag(kernel_handler, builds:
     saved = re.findall(r"^    saved as (/\S+)$", info, re.M)
     stored = [e for e in rec["binaries"]["files"] if e["stored"]]
     assert stored and len(saved) == len(stored), info
+    assert rec["binaries"]["errors"] == [], rec["binaries"]  # the executable was held: no failure to report
     for path, entry in zip(saved, stored):
         assert Path(path).is_file() and entry["build_id"] in path.replace("/", ""), info
     assert Path(saved[0]).read_bytes() == (source / "segfault").read_bytes()

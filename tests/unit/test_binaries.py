@@ -65,6 +65,9 @@ def test_mapped_files() -> None:
             "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]\n")
     assert capture.mapped_files(maps) == [("55d0c0a00000-55d0c0a01000", "/app/bin/my server", "253:1"),
                                            ("7f0000000000-7f0000001000", "/lib/libc.so.6 (deleted)", "253:1")]
+    # A static executable's first mapping: maps pads the address to 8 digits, map_files does not.
+    static = "00400000-00401000 r--p 00000000 fd:01 7 /crasher\n00401000-00480000 r-xp 00001000 fd:01 7 /crasher\n"
+    assert capture.mapped_files(static) == [("400000-401000", "/crasher", "253:1")]
 
 
 def test_sysroot_paths_stay_inside(tmp_path: Path) -> None:

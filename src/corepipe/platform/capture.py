@@ -389,8 +389,8 @@ def local_devices(mountinfo: bytes) -> dict:
 
 
 def mapped_files(maps: str) -> list:
-    """(address range, path, device "major:minor") of each distinct file-backed mapping in a /proc/<pid>/maps
-    text (maps print the device in hex; mountinfo in decimal: this is the decimal form)."""
+    """(address range as map_files names it, path, device "major:minor") of each distinct file-backed mapping in a
+    /proc/<pid>/maps text (maps print the device in hex; mountinfo in decimal: this is the decimal form)."""
     seen, result = set(), []
     for line in maps.splitlines():
         parts = line.split(maxsplit=5)
@@ -399,7 +399,10 @@ def mapped_files(maps: str) -> list:
         key = (parts[3], parts[4])
         if key not in seen:
             seen.add(key)
-            result.append((parts[0], parts[5], _decimal_device(parts[3])))
+            start, _, end = parts[0].partition("-")
+            # maps pads addresses to 8 digits, map_files names them without: 00400000 (a static executable's
+            # first mapping) is map_files/400000-...
+            result.append((f"{int(start, 16):x}-{int(end, 16):x}", parts[5], _decimal_device(parts[3])))
     return result
 
 
