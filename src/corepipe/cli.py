@@ -29,6 +29,7 @@ COMMANDS = {
     "serve": "serve_cmd",
     "metrics": "metrics_cmd",
     "ship": "ship_cmd",
+    "fleet": "fleet_cmd",
 }
 
 

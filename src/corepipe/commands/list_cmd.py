@@ -107,14 +107,16 @@ def row(path: str, rec: dict) -> list:
 
 
 def run(ns: argparse.Namespace) -> int:
-    items = crashes.records(ns)
+    if ns.remote is not None:
+        return _run_remote(ns)
+    items = crashes.all_records(crashes.store_root(ns))
     if ns.signature is not None:
         items = with_signature(items, ns.signature)
     items = [(path, rec) for path, rec in items if matches(rec, ns)]
     if ns.n is not None:
         items = items[-ns.n:] if ns.n > 0 else []
     if ns.group:
-        return _print_groups(signature.groups(items), ns.json)
+        return _print_groups(signature.groups(items), ns.json, False)
     if ns.json:
         json.dump([crashes.json_item(path, rec) for path, rec in items], sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -125,10 +127,33 @@ def run(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _print_groups(groups: list, as_json: bool) -> int:
+def _run_remote(ns: argparse.Namespace) -> int:
+    """The same listing from a fleet's index, filtered and grouped as SQL (domain/fleet_sql.py)."""
+    from corepipe.domain import fleet_sql
+
+    remote, con = crashes.remote_table(ns)
+    filters = {name: getattr(ns, name) for name in ("node", "container", "pod", "namespace", "image", "since",
+                                                    "until", "signal", "exe", "signature")}
+    if ns.group:
+        return _print_groups(fleet_sql.groups(con, filters, ns.n), ns.json, True)
+    items = [(remote.path(row), row) for row in fleet_sql.crashes_matching(con, filters, ns.n)]
+    if ns.json:
+        json.dump([crashes.json_item(path, rec) for path, rec in items], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    elif items:
+        sys.stdout.write(crashes.table(["NODE", *HEADERS], [[rec["node"], *row(path, rec)] for path, rec in items]))
+    else:
+        print("no crashes match", file=sys.stderr)
+    return 0
+
+
+def _print_groups(groups: list, as_json: bool, fleet: bool) -> int:
     if as_json:
         json.dump(groups, sys.stdout, indent=1)
         sys.stdout.write("\n")
+    elif groups and fleet:
+        sys.stdout.write(crashes.table(GROUP_HEADERS[:5] + ["NODES"] + GROUP_HEADERS[5:],
+                                       [[*group_row(g)[:5], len(g["nodes"]), *group_row(g)[5:]] for g in groups]))
     elif groups:
         sys.stdout.write(crashes.table(GROUP_HEADERS, [group_row(group) for group in groups]))
     else:
