@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import calendar
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -187,6 +188,29 @@ def check_room(directory: str, rec: dict, advice: str) -> None:
 def json_item(path: str, rec: dict) -> dict:
     """A record as ``--json`` prints it: the stored record plus ``path`` and ``core_state``."""
     return {**rec, "path": path, "core_state": core_state(path, rec)}
+
+
+def print_json_items(items: Iterator) -> None:
+    """A JSON array of ``items`` as ``print_json`` prints a list, one item at a time (a fleet may list 100,000)."""
+    first = True
+    for item in items:
+        sys.stdout.write(("[\n " if first else ",\n ") + json.dumps(item, indent=1, default=str).replace("\n", "\n "))
+        first = False
+    sys.stdout.write("[]\n" if first else "\n]\n")
+
+
+def print_json(value: object) -> None:
+    """``value`` as indented JSON on stdout, in writes of about 64 KiB: output goes through log.CleanOutput, where
+    json.dump's many small pieces cost seconds for a fleet's listing, and one string would hold all of it."""
+    pending: list = []
+    size = 0
+    for piece in json.JSONEncoder(indent=1, default=str).iterencode(value):
+        pending.append(piece)
+        size += len(piece)
+        if size >= 1 << 16:
+            sys.stdout.write("".join(pending))
+            pending, size = [], 0
+    sys.stdout.write("".join(pending) + "\n")
 
 
 def human_size(size: object) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 
 from corepipe.commands import crashes
@@ -42,8 +41,7 @@ def run(ns: argparse.Namespace) -> int:
             return _report(ns.remote, fleet.reindex(remote))
         columns, rows = fleet_sql.query(remote.table(), ns.sql)
     if ns.json:
-        json.dump([dict(zip(columns, row)) for row in rows], sys.stdout, indent=1, default=str)
-        sys.stdout.write("\n")
+        crashes.print_json([dict(zip(columns, row)) for row in rows])
     else:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(columns)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -117,14 +116,7 @@ def run(ns: argparse.Namespace) -> int:
         items = items[-ns.n:] if ns.n > 0 else []
     if ns.group:
         return _print_groups(signature.groups(items), ns.json, False)
-    if ns.json:
-        json.dump([crashes.json_item(path, rec) for path, rec in items], sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    elif items:
-        sys.stdout.write(crashes.table(HEADERS, [row(path, rec) for path, rec in items]))
-    else:
-        print("no crashes match", file=sys.stderr)
-    return 0
+    return _print_items(items, ns.json, False)
 
 
 def _run_remote(ns: argparse.Namespace) -> int:
@@ -136,12 +128,21 @@ def _run_remote(ns: argparse.Namespace) -> int:
                                                     "until", "signal", "exe", "signature")}
     if ns.group:
         return _print_groups(fleet_sql.groups(con, filters, ns.n), ns.json, True)
-    items = [(remote.path(row), row) for row in fleet_sql.crashes_matching(con, filters, ns.n)]
-    if ns.json:
-        json.dump([crashes.json_item(path, rec) for path, rec in items], sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    elif items:
+    items = ((remote.path(row), row) for row in fleet_sql.crashes_matching(con, filters, ns.n))
+    if ns.json:  # streamed: a fleet's listing is never all in memory
+        crashes.print_json_items(crashes.json_item(path, rec) for path, rec in items)
+        return 0
+    return _print_items(list(items), False, True)
+
+
+def _print_items(items: list, as_json: bool, fleet: bool) -> int:
+    """The crashes as JSON or a table (with a NODE column for a fleet's)."""
+    if as_json:
+        crashes.print_json([crashes.json_item(path, rec) for path, rec in items])
+    elif items and fleet:
         sys.stdout.write(crashes.table(["NODE", *HEADERS], [[rec["node"], *row(path, rec)] for path, rec in items]))
+    elif items:
+        sys.stdout.write(crashes.table(HEADERS, [row(path, rec) for path, rec in items]))
     else:
         print("no crashes match", file=sys.stderr)
     return 0
@@ -149,8 +150,7 @@ def _run_remote(ns: argparse.Namespace) -> int:
 
 def _print_groups(groups: list, as_json: bool, fleet: bool) -> int:
     if as_json:
-        json.dump(groups, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        crashes.print_json(groups)
     elif groups and fleet:
         sys.stdout.write(crashes.table(GROUP_HEADERS[:5] + ["NODES"] + GROUP_HEADERS[5:],
                                        [[*group_row(g)[:5], len(g["nodes"]), *group_row(g)[5:]] for g in groups]))

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from typing import Callable, Optional
 
 #: The index schema as DuckDB types (rows are checked before they are cached, so they have these types).
@@ -196,16 +197,21 @@ def _matching(filters: dict, last: Optional[int]) -> tuple:
         SELECT * FROM everything WHERE {where} ORDER BY {_NEWEST_FIRST} {limit}""", params)
 
 
-def _rows(cursor) -> list:  # noqa: ANN001
+def _rows(cursor) -> Iterator[dict]:  # noqa: ANN001
+    """The cursor's rows as dicts, a thousand at a time (a fleet's listing is never all in memory at once)."""
     names = [d[0] for d in cursor.description]
-    found = [dict(zip(names, row)) for row in cursor.fetchall()]
-    for value in found:  # DOUBLE in the table; a whole second stays an integer, as in the record
-        if isinstance(value["timestamp"], float) and value["timestamp"].is_integer():
-            value["timestamp"] = int(value["timestamp"])
-    return found
+    while True:
+        batch = cursor.fetchmany(1000)
+        if not batch:
+            return
+        for row in batch:
+            value = dict(zip(names, row))
+            if isinstance(value["timestamp"], float) and value["timestamp"].is_integer():
+                value["timestamp"] = int(value["timestamp"])  # DOUBLE in the table; whole seconds as in the record
+            yield value
 
 
-def crashes_matching(con, filters: dict, last: Optional[int] = None) -> list:  # noqa: ANN001
+def crashes_matching(con, filters: dict, last: Optional[int] = None) -> Iterator[dict]:  # noqa: ANN001
     """The rows (dicts of the index schema) that ``list``'s filters keep, oldest first (the last ``last``)."""
     sql, params = _matching(filters, last)
     return _rows(con.execute(f"SELECT {', '.join(COLUMNS)} FROM ({sql}) ORDER BY {_ORDER}", params))
@@ -216,10 +222,10 @@ def find(con, node: Optional[str], prefix: Optional[str]) -> list:  # noqa: ANN0
     when ``prefix`` is None."""
     if prefix is None:
         sql = f"SELECT {', '.join(COLUMNS)} FROM crashes WHERE ? IS NULL OR node = ? ORDER BY {_NEWEST_FIRST} LIMIT 1"
-        return _rows(con.execute(sql, [node, node]))
+        return list(_rows(con.execute(sql, [node, node])))
     sql = (f"SELECT {', '.join(COLUMNS)} FROM crashes WHERE (? IS NULL OR node = ?) AND starts_with(id, lower(?)) "
            f"ORDER BY {_ORDER} LIMIT 1000")
-    return _rows(con.execute(sql, [node, node, prefix]))
+    return list(_rows(con.execute(sql, [node, node, prefix])))
 
 
 def groups(con, filters: dict, last: Optional[int] = None) -> list:  # noqa: ANN001

@@ -15,7 +15,20 @@ _MAX = 900  # a /dev/kmsg record holds about 1 KiB
 def clean(text: str, limit: int = _MAX, keep: str = "") -> str:
     """One printable line: control characters (newlines included, unless in ``keep``), escape sequences'
     ESC and undecodable bytes (lone surrogates) become '?'."""
-    return "".join(c if c.isprintable() or c in keep else "?" for c in text[:limit])
+    text = text[:limit]
+    if text.isascii():  # the common case, in one pass of C (a command's output may be megabytes)
+        return text.translate(_ascii_table(keep))
+    return "".join(c if c.isprintable() or c in keep else "?" for c in text)
+
+
+_TABLES: dict = {}
+
+
+def _ascii_table(keep: str) -> dict:
+    """str.translate's table turning ASCII control characters not in ``keep`` into '?'."""
+    if keep not in _TABLES:
+        _TABLES[keep] = {c: "?" for c in (*range(0x20), 0x7F) if chr(c) not in keep}
+    return _TABLES[keep]
 
 
 class CleanOutput:
