@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from support import HERE, need
 
@@ -204,6 +204,7 @@ class SeaweedS3(Server):
         data.mkdir(exist_ok=True)
         self.argv = [str(weed), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", f"-s3.port={self.port}",
                      f"-s3.config={identities}", "-s3.autoCreateBucket=false", f"-dir={data}",
+                     "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed ports by default: two servers would clash
                      f"-master.port={_free_grpc_port()}", f"-volume.port={_free_grpc_port()}",
                      f"-filer.port={_free_grpc_port()}"]
 
@@ -241,7 +242,9 @@ class CountingProxy:
     """A loopback HTTP proxy in front of ``port`` that counts the requests it forwards, by method: what a
     command really sends to the store. The Host header goes through unchanged, so signatures still verify."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, fault: Optional[Callable[[str, str], Optional[int]]] = None):
+        """``fault(method, path)`` may answer a request itself with an HTTP status (403 comes as S3's
+        AccessDenied, anything else as InternalError) instead of forwarding it."""
         import http.client
         import http.server
         import threading
@@ -260,6 +263,16 @@ class CountingProxy:
                     counts[self.command] = counts.get(self.command, 0) + 1
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                status = fault(self.command, self.path) if fault else None
+                if status:
+                    code = "AccessDenied" if status == 403 else "InternalError"
+                    data = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+                    self.send_response_only(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 upstream = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
                 upstream.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
                 reply = upstream.getresponse()
@@ -268,7 +281,9 @@ class CountingProxy:
                 for name, value in reply.getheaders():
                     if name.lower() not in ("content-length", "transfer-encoding", "connection"):
                         self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD answer has no body: its Content-Length is the object's, passed on as it is.
+                self.send_header("Content-Length", reply.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
                 upstream.close()

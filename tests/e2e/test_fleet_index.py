@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import Optional
 
 import objectstores
 import pytest
@@ -308,3 +309,39 @@ def test_hostile_index_rows_are_skipped_with_one_line_each(server, tmp_path: Pat
     assert refused.returncode == 1 and "larger than the 10 bytes the index claims" in refused.stderr, refused.stderr
     # The index is unchanged: its rows are not warned about again; the key it cannot read is (it is listed).
     assert len(refused.stderr.splitlines()) == 2 and "not an index object" in refused.stderr, refused.stderr
+
+
+def test_a_denied_list_parts_starts_a_fresh_upload(tmp_path: Path) -> None:
+    """A role without s3:ListMultipartUploadParts (the IRSA policy of old) must not stop the node: the upload
+    that cannot be resumed is started afresh. SeaweedFS; the proxy fails part 3, then denies ListParts."""
+    server = objectstores.make("seaweedfs", tmp_path)
+    server.start()
+    failing = {"parts": 0}
+
+    def part_fails(method: str, path: str) -> Optional[int]:
+        if method == "PUT" and "partNumber=" in path:
+            failing["parts"] += 1
+            return 500 if failing["parts"] > 2 else None
+        return None
+
+    try:
+        path, rec = objectstores.stored_crash(tmp_path / "store", 40 << 20)
+        config = tmp_path / "c.toml"
+        config.write_text(f'store = "{tmp_path / "store"}"\nship_node = "node-a"\n')
+        url = server.url("fleet")
+        proxy = objectstores.CountingProxy(server.port, part_fails)
+        try:
+            first = corepipe(config, through(server, proxy), "ship", "--once", "--to", url, check=False)
+        finally:
+            proxy.close()
+        assert first.returncode == 1 and (path / "ship-progress.json").exists(), first.stderr
+        proxy = objectstores.CountingProxy(server.port, lambda m, p: 403 if m == "GET" and "uploadId=" in p else None)
+        try:
+            again = corepipe(config, through(server, proxy), "ship", "--once", "--to", url, check=False)
+        finally:
+            proxy.close()
+        assert again.returncode == 0 and f"shipped {rec['id']}" in again.stdout, again.stderr
+        assert "access denied" not in again.stderr
+        assert Bucket(server).keys(f"fleet/node-a/{path.relative_to(tmp_path / 'store')}/core.zst")
+    finally:
+        server.stop()

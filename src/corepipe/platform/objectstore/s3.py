@@ -132,14 +132,15 @@ class S3Destination:
 
     def _resume(self, key: str, size: int, part_size: int, progress: dict, metadata: dict) -> dict:
         """Continue the persisted upload if the store still has it (only parts it lists with our size and ETag);
-        otherwise start a new one. The metadata goes on at creation: it is the object's once completed."""
+        otherwise, or when the parts cannot be listed, start a new one. The metadata goes on at creation: it is
+        the object's once completed."""
         if (progress.get("key") == key and progress.get("part_size") == part_size and progress.get("size") == size
                 and progress.get("upload_id") and progress.get("checksum") == "crc32"):
             try:
                 listed = self._list_parts(key, progress["upload_id"])
-            except DestinationError as exc:
-                if exc.auth:
-                    raise
+            except DestinationError:
+                # Any failure to resume (a role without s3:ListMultipartUploadParts answers access denied) starts a
+                # fresh upload: with bad credentials that fails too, and says so.
                 listed = None
             if listed is not None:
                 kept = {n: p for n, p in progress["parts"].items() if listed.get(int(n)) == (p["size"], p["etag"])}
