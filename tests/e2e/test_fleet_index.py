@@ -239,6 +239,20 @@ def test_reindex_a_prefix_shipped_without_an_index_and_tombstones(server, tmp_pa
     assert count.splitlines() == ["n", "5"]
 
 
+def test_a_new_destination_gets_what_the_old_one_has(server, tmp_path: Path) -> None:
+    store = tmp_path / "node-a"
+    ids = sorted(objectstores.stored_crash(store, 2048)[1]["id"] for _ in range(2))
+    config = tmp_path / "a.toml"
+    config.write_text(f'store = "{store}"\nship_node = "node-a"\n')
+    env = {**server.env, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for prefix in ("old", "new"):
+        shipped = corepipe(config, env, "ship", "--once", "--to", server.url(prefix)).stdout
+        assert sorted(shipped.split()[1::2]) == ids, shipped
+        listed = json.loads(corepipe(config, env, "list", "--remote", server.url(prefix), "--json").stdout)
+        assert sorted(item["id"] for item in listed) == ids
+    assert corepipe(config, env, "ship", "--once", "--to", server.url("new")).stdout == ""  # nothing twice
+
+
 def test_hostile_index_rows_are_skipped_with_one_line_each(server, tmp_path: Path) -> None:
     url = server.url("fleet")
     store = tmp_path / "node-a"

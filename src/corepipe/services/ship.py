@@ -107,15 +107,15 @@ class Shipper:
         self.prefix = destination.location.prefix
 
     def pending(self) -> list:
-        """(path, record) of the finished crashes not yet shipped (or shipped, not yet in the index or not yet
-        deleted), oldest first."""
+        """(path, record) of the finished crashes not yet shipped to this destination (or shipped, not yet in the
+        index or not yet deleted), oldest first."""
         items = []
         for path, rec in sorted(catalog.iter_records(self.cfg.store), key=catalog.sort_key):
             if rec.get("status") == "collecting":
                 continue
-            marker = self._marker(path)
-            if not marker or self.cfg.delete_after_ship or (
-                    marker.get("destination") == self.destination.location.url and not marker.get("indexed")):
+            marker = self._marker(path)  # shipped elsewhere (ship_to changed): shipped here too
+            if marker.get("destination") != self.destination.location.url or self.cfg.delete_after_ship or \
+                    not marker.get("indexed"):
                 items.append((path, rec))
         return items
 
@@ -192,7 +192,7 @@ class Shipper:
             crash_fd = _open_crash(store_fd, relative)
             crash = CrashDir(crash_fd, path, rec["id"])
             try:
-                if not os.path.lexists(os.path.join(path, SHIPPED)):
+                if self._marker(path).get("destination") != self.destination.location.url:
                     self._upload(store_fd, crash, relative, rec)
             finally:
                 crash.close()
