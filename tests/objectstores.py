@@ -242,9 +242,10 @@ class CountingProxy:
     """A loopback HTTP proxy in front of ``port`` that counts the requests it forwards, by method: what a
     command really sends to the store. The Host header goes through unchanged, so signatures still verify."""
 
-    def __init__(self, port: int, fault: Optional[Callable[[str, str], Optional[int]]] = None):
+    def __init__(self, port: int, fault: Optional[Callable[[str, str], Optional[int]]] = None, drop: str = ""):
         """``fault(method, path)`` may answer a request itself with an HTTP status (403 comes as S3's
-        AccessDenied, anything else as InternalError) instead of forwarding it."""
+        AccessDenied, anything else as InternalError) instead of forwarding it; answers lose the headers that start
+        with ``drop`` (``x-amz-checksum-``: a store without additional checksums)."""
         import http.client
         import http.server
         import threading
@@ -279,7 +280,8 @@ class CountingProxy:
                 data = reply.read()
                 self.send_response_only(reply.status, reply.reason)
                 for name, value in reply.getheaders():
-                    if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                    if name.lower() not in ("content-length", "transfer-encoding", "connection") and not (
+                            drop and name.lower().startswith(drop)):
                         self.send_header(name, value)
                 # A HEAD answer has no body: its Content-Length is the object's, passed on as it is.
                 self.send_header("Content-Length", reply.getheader("Content-Length", "0") if self.command == "HEAD"

@@ -359,3 +359,24 @@ def test_a_denied_list_parts_starts_a_fresh_upload(tmp_path: Path) -> None:
         assert Bucket(server).keys(f"fleet/node-a/{path.relative_to(tmp_path / 'store')}/core.zst")
     finally:
         server.stop()
+
+
+def test_a_store_without_additional_checksums_is_verified_by_etag(tmp_path: Path) -> None:
+    """Ceph RGW before Squid and older MinIO answer no x-amz-checksum-crc32: a 40 MiB core (in parts) still ships,
+    each part checked against its ETag (its MD5). SeaweedFS behind a proxy that drops the checksum headers."""
+    server = objectstores.make("seaweedfs", tmp_path)
+    server.start()
+    try:
+        path, rec = objectstores.stored_crash(tmp_path / "store", 40 << 20)
+        config = tmp_path / "c.toml"
+        config.write_text(f'store = "{tmp_path / "store"}"\nship_node = "node-a"\n')
+        proxy = objectstores.CountingProxy(server.port, drop="x-amz-checksum-")
+        try:
+            shipped = corepipe(config, through(server, proxy), "ship", "--once", "--to", server.url("fleet"),
+                               check=False)
+        finally:
+            proxy.close()
+        assert shipped.returncode == 0 and f"shipped {rec['id']}" in shipped.stdout, shipped.stderr
+        assert proxy.counts["PUT"] >= 5  # the core went in parts
+    finally:
+        server.stop()

@@ -115,7 +115,12 @@ class S3Destination:
             crc = _b64(zlib.crc32(data).to_bytes(4, "big"))
             reply = self._call(f"upload {key} part {number}", self.client.upload_part, Key=key, UploadId=upload_id,
                                PartNumber=number, Body=data, ChecksumAlgorithm="CRC32", ChecksumCRC32=crc)
-            if reply.get("ChecksumCRC32") != crc:
+            if reply.get("ChecksumCRC32") is None:
+                # A store without additional checksums (Ceph RGW before Squid, older MinIO) answers none: the part's
+                # ETag, the MD5 of what it stored, says instead (computed only for such a store).
+                if reply.get("ETag", "").strip('"') != hashlib.md5(data).hexdigest():
+                    raise DestinationError(f"{key} part {number} arrived damaged (ETag {reply.get('ETag')}, no CRC32)")
+            elif reply["ChecksumCRC32"] != crc:
                 raise DestinationError(f"{key} part {number} arrived damaged (CRC32 {reply.get('ChecksumCRC32')}, "
                                        f"sent {crc})")
             return {"etag": reply["ETag"], "crc32": crc, "size": len(data)}
