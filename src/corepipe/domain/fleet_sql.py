@@ -65,7 +65,7 @@ def connect(directory: str, objects: dict, warn: Callable[[str], None]):  # -> d
 
 
 def _open(duckdb, path: str, directory: str, objects: dict, warn: Callable[[str], None]):  # noqa: ANN001
-    settings = {"threads": 2, "memory_limit": "512MB"}
+    settings = {"threads": 2, "memory_limit": "160MB"}
     if not os.path.exists(path):
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".crashes-", suffix=".duckdb")
         os.close(fd)
