@@ -380,3 +380,29 @@ def test_a_store_without_additional_checksums_is_verified_by_etag(tmp_path: Path
         assert proxy.counts["PUT"] >= 5  # the core went in parts
     finally:
         server.stop()
+
+
+def test_a_completed_upload_found_damaged_is_uploaded_again(tmp_path: Path) -> None:
+    """The multipart upload completed, the read-back failed (a proxy answers 500 to its HEAD), and the object was
+    then damaged: the next sweep uploads it again instead of failing its verification forever. SeaweedFS."""
+    server = objectstores.make("seaweedfs", tmp_path)
+    server.start()
+    try:
+        path, rec = objectstores.stored_crash(tmp_path / "store", 40 << 20)
+        config = tmp_path / "c.toml"
+        config.write_text(f'store = "{tmp_path / "store"}"\nship_node = "node-a"\n')
+        url = server.url("fleet")
+        proxy = objectstores.CountingProxy(server.port, lambda m, p: 500 if m == "HEAD" and "core.zst" in p else None)
+        try:
+            first = corepipe(config, through(server, proxy), "ship", "--once", "--to", url, check=False)
+        finally:
+            proxy.close()
+        assert first.returncode == 1 and json.loads((path / "ship-progress.json").read_text())[
+            f"fleet/node-a/{path.relative_to(tmp_path / 'store')}/core.zst"]["completed"], first.stderr
+        key = f"fleet/node-a/{path.relative_to(tmp_path / 'store')}/core.zst"
+        Bucket(server).put(key, b"damaged")
+        again = corepipe(config, server.env, "ship", "--once", "--to", url, check=False)
+        assert again.returncode == 0 and f"shipped {rec['id']}" in again.stdout, again.stderr
+        assert len(Bucket(server).get(key)) == rec["core"]["compressed_size"]
+    finally:
+        server.stop()

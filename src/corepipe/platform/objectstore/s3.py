@@ -106,7 +106,13 @@ class S3Destination:
         part_size, concurrency = parts.plan(size, MAX_PARTS, concurrency=self.concurrency)
         if (progress.get("completed") and progress.get("key") == key and progress.get("size") == size
                 and progress.get("checksum") == "crc32"):
-            return self._verify(key, size, [p for _n, p in sorted((int(n), p) for n, p in progress["parts"].items())])
+            try:
+                return self._verify(key, size, [p for _n, p in sorted((int(n), p) for n, p in
+                                                                      progress["parts"].items())])
+            except DestinationError as exc:
+                if exc.auth:
+                    raise
+                progress.clear()  # completed, then found damaged (or gone): uploaded again, never re-verified forever
         finished = self._resume(key, size, part_size, progress, metadata)
         save(progress)
         upload_id = progress["upload_id"]
