@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
 from pathlib import Path
 from typing import Optional
 
@@ -325,11 +326,34 @@ def test_hostile_index_rows_are_skipped_with_one_line_each(server, tmp_path: Pat
     assert len(refused.stderr.splitlines()) == 2 and "not an index object" in refused.stderr, refused.stderr
 
 
-def test_a_denied_list_parts_starts_a_fresh_upload(tmp_path: Path) -> None:
-    """A role without s3:ListMultipartUploadParts (the IRSA policy of old) must not stop the node: the upload
-    that cannot be resumed is started afresh. SeaweedFS; the proxy fails part 3, then denies ListParts."""
+@pytest.fixture
+def big_crash(tmp_path: Path):
+    """(SeaweedFS server, crash directory, record, config) of a node with one crash whose 40 MiB core ships in
+    parts."""
     server = objectstores.make("seaweedfs", tmp_path)
     server.start()
+    try:
+        path, rec = objectstores.stored_crash(tmp_path / "store", 40 << 20)
+        config = tmp_path / "c.toml"
+        config.write_text(f'store = "{tmp_path / "store"}"\nship_node = "node-a"\n')
+        yield server, path, rec, config
+    finally:
+        server.stop()
+
+
+def ship_through(server: objectstores.Server, config: Path, **faults: object) -> subprocess.CompletedProcess:
+    """``ship --once`` to the server's ``fleet`` prefix through a CountingProxy(**faults)."""
+    proxy = objectstores.CountingProxy(server.port, **faults)  # type: ignore[arg-type]
+    try:
+        return corepipe(config, through(server, proxy), "ship", "--once", "--to", server.url("fleet"), check=False)
+    finally:
+        proxy.close()
+
+
+def test_a_denied_list_parts_starts_a_fresh_upload(big_crash: tuple) -> None:
+    """A role without s3:ListMultipartUploadParts (the IRSA policy of old) must not stop the node: the upload
+    that cannot be resumed is started afresh. The proxy fails part 3, then denies ListParts."""
+    server, path, rec, config = big_crash
     failing = {"parts": 0}
 
     def part_fails(method: str, path: str) -> Optional[int]:
@@ -338,71 +362,31 @@ def test_a_denied_list_parts_starts_a_fresh_upload(tmp_path: Path) -> None:
             return 500 if failing["parts"] > 2 else None
         return None
 
-    try:
-        path, rec = objectstores.stored_crash(tmp_path / "store", 40 << 20)
-        config = tmp_path / "c.toml"
-        config.write_text(f'store = "{tmp_path / "store"}"\nship_node = "node-a"\n')
-        url = server.url("fleet")
-        proxy = objectstores.CountingProxy(server.port, part_fails)
-        try:
-            first = corepipe(config, through(server, proxy), "ship", "--once", "--to", url, check=False)
-        finally:
-            proxy.close()
-        assert first.returncode == 1 and (path / "ship-progress.json").exists(), first.stderr
-        proxy = objectstores.CountingProxy(server.port, lambda m, p: 403 if m == "GET" and "uploadId=" in p else None)
-        try:
-            again = corepipe(config, through(server, proxy), "ship", "--once", "--to", url, check=False)
-        finally:
-            proxy.close()
-        assert again.returncode == 0 and f"shipped {rec['id']}" in again.stdout, again.stderr
-        assert "access denied" not in again.stderr
-        assert Bucket(server).keys(f"fleet/node-a/{path.relative_to(tmp_path / 'store')}/core.zst")
-    finally:
-        server.stop()
+    first = ship_through(server, config, fault=part_fails)
+    assert first.returncode == 1 and (path / "ship-progress.json").exists(), first.stderr
+    again = ship_through(server, config, fault=lambda m, p: 403 if m == "GET" and "uploadId=" in p else None)
+    assert again.returncode == 0 and f"shipped {rec['id']}" in again.stdout, again.stderr
+    assert "access denied" not in again.stderr
+    assert Bucket(server).keys(f"fleet/node-a/{path.relative_to(config.parent / 'store')}/core.zst")
 
 
-def test_a_store_without_additional_checksums_is_verified_by_etag(tmp_path: Path) -> None:
-    """Ceph RGW before Squid and older MinIO answer no x-amz-checksum-crc32: a 40 MiB core (in parts) still ships,
-    each part checked against its ETag (its MD5). SeaweedFS behind a proxy that drops the checksum headers."""
-    server = objectstores.make("seaweedfs", tmp_path)
-    server.start()
-    try:
-        path, rec = objectstores.stored_crash(tmp_path / "store", 40 << 20)
-        config = tmp_path / "c.toml"
-        config.write_text(f'store = "{tmp_path / "store"}"\nship_node = "node-a"\n')
-        proxy = objectstores.CountingProxy(server.port, drop="x-amz-checksum-")
-        try:
-            shipped = corepipe(config, through(server, proxy), "ship", "--once", "--to", server.url("fleet"),
-                               check=False)
-        finally:
-            proxy.close()
-        assert shipped.returncode == 0 and f"shipped {rec['id']}" in shipped.stdout, shipped.stderr
-        assert proxy.counts["PUT"] >= 5  # the core went in parts
-    finally:
-        server.stop()
+def test_a_store_without_additional_checksums_is_verified_by_etag(big_crash: tuple) -> None:
+    """Ceph RGW before Squid and older MinIO answer no x-amz-checksum-crc32: the core (in parts) still ships,
+    each part checked against its ETag (its MD5). A proxy drops the checksum headers of SeaweedFS's answers."""
+    server, _path, rec, config = big_crash
+    shipped = ship_through(server, config, drop="x-amz-checksum-")
+    assert shipped.returncode == 0 and f"shipped {rec['id']}" in shipped.stdout, shipped.stderr
 
 
-def test_a_completed_upload_found_damaged_is_uploaded_again(tmp_path: Path) -> None:
+def test_a_completed_upload_found_damaged_is_uploaded_again(big_crash: tuple) -> None:
     """The multipart upload completed, the read-back failed (a proxy answers 500 to its HEAD), and the object was
-    then damaged: the next sweep uploads it again instead of failing its verification forever. SeaweedFS."""
-    server = objectstores.make("seaweedfs", tmp_path)
-    server.start()
-    try:
-        path, rec = objectstores.stored_crash(tmp_path / "store", 40 << 20)
-        config = tmp_path / "c.toml"
-        config.write_text(f'store = "{tmp_path / "store"}"\nship_node = "node-a"\n')
-        url = server.url("fleet")
-        proxy = objectstores.CountingProxy(server.port, lambda m, p: 500 if m == "HEAD" and "core.zst" in p else None)
-        try:
-            first = corepipe(config, through(server, proxy), "ship", "--once", "--to", url, check=False)
-        finally:
-            proxy.close()
-        assert first.returncode == 1 and json.loads((path / "ship-progress.json").read_text())[
-            f"fleet/node-a/{path.relative_to(tmp_path / 'store')}/core.zst"]["completed"], first.stderr
-        key = f"fleet/node-a/{path.relative_to(tmp_path / 'store')}/core.zst"
-        Bucket(server).put(key, b"damaged")
-        again = corepipe(config, server.env, "ship", "--once", "--to", url, check=False)
-        assert again.returncode == 0 and f"shipped {rec['id']}" in again.stdout, again.stderr
-        assert len(Bucket(server).get(key)) == rec["core"]["compressed_size"]
-    finally:
-        server.stop()
+    then damaged: the next sweep uploads it again instead of failing its verification forever."""
+    server, path, rec, config = big_crash
+    key = f"fleet/node-a/{path.relative_to(config.parent / 'store')}/core.zst"
+    first = ship_through(server, config, fault=lambda m, p: 500 if m == "HEAD" and "core.zst" in p else None)
+    assert first.returncode == 1 and json.loads((path / "ship-progress.json").read_text())[key]["completed"], \
+        first.stderr
+    Bucket(server).put(key, b"damaged")
+    again = corepipe(config, server.env, "ship", "--once", "--to", server.url("fleet"), check=False)
+    assert again.returncode == 0 and f"shipped {rec['id']}" in again.stdout, again.stderr
+    assert len(Bucket(server).get(key)) == rec["core"]["compressed_size"]
