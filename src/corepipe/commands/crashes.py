@@ -10,15 +10,15 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Optional
 
-from corepipe.domain import catalog
+from corepipe.domain import catalog, fleet_index
 from corepipe.platform import config as configuration
 from corepipe.platform import objectstore
 from corepipe.platform.errors import UserError
 from corepipe.platform.log import clean
-from corepipe.platform.store import PARTIAL_CORE, core_file
+from corepipe.platform.store import core_file
 
 
 def load_config(ns: argparse.Namespace) -> configuration.Config:
@@ -52,16 +52,17 @@ def lookup(ns: argparse.Namespace, prefix: Optional[str]) -> tuple:
     """The crash named by an id prefix (the latest when None), as (path, record)."""
     remote = _remote(ns)
     if remote is not None:
-        try:
-            items = remote.items(ns.node)
+        node = ns.node
+        if prefix is not None and "/" in prefix:
+            node, prefix = prefix.split("/", 1)
+            if ns.node not in (None, node):
+                raise UserError(f"{node}/{prefix} names node {node}, --node names {ns.node}; give one", 2)
+        with remote_errors(ns, remote):
+            items = remote.items(node, prefix)
             if prefix is None and not items:
-                raise catalog.LookupFailed(f"no crashes in {ns.remote}")
-            path, _summary = items[-1] if prefix is None else catalog.select(items, prefix)
+                raise catalog.LookupFailed(f"no crashes in {ns.remote}" + (f" from node {node}" if node else ""))
+            path, _row = items[-1] if prefix is None else catalog.select(items, prefix)
             return path, remote.record(path)
-        except catalog.LookupFailed as exc:
-            raise UserError(str(exc)) from None
-        except objectstore.DestinationError as exc:
-            raise UserError(f"cannot read {ns.remote}: {exc}") from None
     root = store_root(ns)
     problems: list = []
     try:
@@ -79,7 +80,8 @@ def add_remote_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remote", metavar="URL",
                         help="read the crashes shipped to URL (az://CONTAINER/PREFIX, s3://BUCKET/PREFIX) "
                              "instead of the local store; credentials as for 'corepipe ship'")
-    parser.add_argument("--node", metavar="NAME", help="with --remote: only the crashes node NAME shipped")
+    parser.add_argument("--node", metavar="NAME", help="with --remote: only the crashes node NAME shipped "
+                                                       "(an id may also be given as NAME/ID)")
 
 
 def _remote(ns: argparse.Namespace):  # -> Optional[fleet.RemoteCatalog]; fleet is imported only for --remote
@@ -93,7 +95,7 @@ def _remote(ns: argparse.Namespace):  # -> Optional[fleet.RemoteCatalog]; fleet 
     if getattr(ns, "remote_catalog", None) is not None:
         return ns.remote_catalog
     try:
-        ns.remote_catalog = fleet.RemoteCatalog(objectstore.open_destination(url))
+        ns.remote_catalog = fleet.RemoteCatalog(objectstore.open_destination(url), warn_remote)
         return ns.remote_catalog
     except ValueError as exc:
         raise UserError(str(exc), 2) from None
@@ -101,15 +103,34 @@ def _remote(ns: argparse.Namespace):  # -> Optional[fleet.RemoteCatalog]; fleet 
         raise UserError(f"cannot read {url}: {exc}") from None
 
 
-def records(ns: argparse.Namespace) -> list:
-    """(path, record) of every crash in the store, or shipped to ``--remote`` (a summary record each)."""
-    remote = _remote(ns)
-    if remote is None:
-        return all_records(store_root(ns))
+def warn_remote(message: str) -> None:
+    """One line per bad index object or row met in a bucket (they are skipped)."""
+    print(f"corepipe: warning: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def remote_errors(ns: argparse.Namespace, remote) -> Iterator[None]:  # noqa: ANN001 - a fleet.RemoteCatalog
+    """Each failure of reading a fleet's index as one line (UserError)."""
+    from corepipe.domain import fleet_sql
+
     try:
-        return remote.items(ns.node)
+        yield
+    except catalog.LookupFailed as exc:
+        raise UserError(str(exc)) from None
+    except fleet_sql.QueryError as exc:
+        raise UserError(str(exc)) from None
     except objectstore.DestinationError as exc:
-        raise UserError(f"cannot list {ns.remote}: {exc}") from None
+        raise UserError(f"cannot read {ns.remote}: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot use the index cache {remote.index.directory}: {exc.strerror or exc} (it is safe "
+                        "to delete)") from None
+
+
+def remote_table(ns: argparse.Namespace) -> tuple:
+    """(RemoteCatalog, its up-to-date DuckDB table) for ``--remote`` (domain/fleet_sql.py)."""
+    remote = _remote(ns)
+    with remote_errors(ns, remote):
+        return remote, remote.table()
 
 
 @contextlib.contextmanager
@@ -139,18 +160,12 @@ def local_copy(ns: argparse.Namespace, path: str, rec: dict, with_binaries: bool
 def core_state(path: str, rec: dict) -> str:
     """present, truncated, partial (the dump was cut short), missing (recorded but gone), none (not stored)
     or collecting."""
-    if rec.get("status") == "collecting":
-        return "collecting"
-    core = rec.get("core") or {}
-    name = core_file(rec)
-    if not core.get("stored") or name is None:
-        return "none"
+    state = fleet_index.core_state(rec)
     # A shipped crash's record object is uploaded only after its core is verified.
-    if not objectstore.is_url(path) and not os.path.lexists(os.path.join(path, name)):
+    if state not in ("none", "collecting") and not objectstore.is_url(path) and not os.path.lexists(
+            os.path.join(path, core_file(rec))):
         return "missing"
-    if name == PARTIAL_CORE:
-        return "partial"
-    return "truncated" if core.get("truncated") else "present"
+    return state
 
 
 def check_room(directory: str, rec: dict, advice: str) -> None:
@@ -172,18 +187,22 @@ def json_item(path: str, rec: dict) -> dict:
     return {**rec, "path": path, "core_state": core_state(path, rec)}
 
 
-def write_json_array(values: list) -> None:
+def write_json_array(values: Iterable) -> None:
     """A JSON array on stdout, one compact value per line: the C encoder writes 3,000 records in a fraction of a
-    second (an indented dump runs the pure-Python one), and ``| head -1`` or ``grep`` still work line by line."""
+    second (an indented dump runs the pure-Python one), ``| head -1`` or ``grep`` still work line by line, and an
+    iterator is written as it comes (a fleet may list 100,000)."""
     out = sys.stdout
-    if not values:
-        out.write("[]\n")
-        return
     separator = "[\n"
     for value in values:
-        out.write(separator + json.dumps(value))
+        out.write(separator + json.dumps(value, default=str))
         separator = ",\n"
-    out.write("\n]\n")
+    out.write("[]\n" if separator == "[\n" else "\n]\n")
+
+
+def write_json(value: object) -> None:
+    """One JSON value (``info --json``'s record, a query's rows) on stdout, indented."""
+    json.dump(value, sys.stdout, indent=1, default=str)
+    sys.stdout.write("\n")
 
 
 def shown(value: object) -> str:

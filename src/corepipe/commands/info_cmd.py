@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Optional
 
@@ -113,8 +112,7 @@ def run(ns: argparse.Namespace) -> int:
         same = grouped.get(rec.get("id"), signature.key(rec))
         rec = {**rec, "signature_count": sum(k == same for k in grouped.values())}
     if ns.json:
-        json.dump(crashes.json_item(path, rec), sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        crashes.write_json(crashes.json_item(path, rec))
     else:
         sys.stdout.write(render(path, rec, None if getattr(ns, "remote", None) else crashes.store_root(ns)))
     return 0

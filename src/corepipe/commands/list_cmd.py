@@ -144,7 +144,9 @@ def row(path: str, rec: dict) -> list:
 
 
 def run(ns: argparse.Namespace) -> int:
-    items = crashes.records(ns)
+    if ns.remote is not None:
+        return _run_remote(ns)
+    items = crashes.all_records(crashes.store_root(ns))
     if ns.signature is not None:
         items = with_signature(items, ns.signature)
     items = [(path, rec) for path, rec in items if matches(rec, ns)]
@@ -152,7 +154,25 @@ def run(ns: argparse.Namespace) -> int:
         items = items[-ns.n:]
     if ns.group:
         return _print(signature.groups(items), ns, GROUP_HEADERS, group_row)
-    return _print(items, ns, HEADERS, lambda item: row(*item),
+    return _print(items, ns, HEADERS, lambda item: row(*item), lambda item: crashes.json_item(*item))
+
+
+def _run_remote(ns: argparse.Namespace) -> int:
+    """The same listing from a fleet's index, filtered and grouped as SQL (domain/fleet_sql.py), with the node
+    each crash came from."""
+    from corepipe.domain import fleet_sql
+
+    remote, con = crashes.remote_table(ns)
+    filters = {name: getattr(ns, name) for name in ("node", "container", "pod", "namespace", "job", "task", "image",
+                                                    "since", "until", "signal", "exe", "signature")}
+    if ns.group:
+        return _print(fleet_sql.groups(con, filters, ns.n), ns, [*GROUP_HEADERS[:5], "NODES", *GROUP_HEADERS[5:]],
+                      lambda g: [*group_row(g)[:5], len(g["nodes"]), *group_row(g)[5:]])
+    items = ((remote.path(found), found) for found in fleet_sql.crashes_matching(con, filters, ns.n))
+    if ns.json and not ns.reverse:  # streamed: a fleet's listing is never all in memory
+        crashes.write_json_array(crashes.json_item(path, rec) for path, rec in items)
+        return 0
+    return _print(list(items), ns, ["NODE", *HEADERS], lambda item: [item[1]["node"], *row(*item)],
                   lambda item: crashes.json_item(*item))
 
 
@@ -161,7 +181,7 @@ def _print(items: list, ns: argparse.Namespace, headers: list, to_row: Callable,
     if ns.reverse:
         items = items[::-1]
     if ns.json:
-        crashes.write_json_array([to_json(item) for item in items])
+        crashes.write_json_array(to_json(item) for item in items)
     elif items:
         sys.stdout.write(crashes.table(headers, [to_row(item) for item in items], legend=ns.legend))
     else:

@@ -247,6 +247,10 @@ def select(items: list, prefix: str) -> tuple:
     matches = [item for item in items if str(item[1].get("id")).startswith(prefix)]
     if not matches:
         raise LookupFailed(f"no crash with id {prefix} (see 'corepipe list')")
+    nodes = [str(rec.get("node")) for _path, rec in matches if rec.get("node")]
+    if len(matches) > 1 and len(nodes) == len(matches) and len({str(rec.get("id")) for _p, rec in matches}) == 1:
+        raise LookupFailed(f"crash {matches[0][1].get('id')} is in the index of {len(nodes)} nodes "
+                           f"({', '.join(nodes[:5])}); name one: NODE/ID or --node NODE")
     if len(matches) > 1:
         ids = ", ".join(str(rec.get("id")) for _path, rec in matches[:5])
         more = ", ..." if len(matches) > 5 else ""

@@ -212,18 +212,19 @@ def keys(records: list) -> list:
 
 def groups(items: list) -> list:
     """One dict per signature of (path, record) ``items`` (oldest first), the most crashes first:
-    ``{signature, hash, source, count, cores, first_seen, first_timestamp, last_seen, containers, images,
-    sample}``;
-    grouped by ``keys``."""
+    ``{signature, hash, source, count, cores, first_seen, first_timestamp, last_seen, containers, images, nodes,
+    sample}`` (``nodes``: those a fleet's crashes came from, empty for a local store); grouped by ``keys``."""
     records = [rec for _path, rec in items]
     found: dict = {}
+    named: set = set()
     for rec, group_key in zip(records, keys(records)):
         sig = rec.get("signature") if isinstance(rec.get("signature"), dict) else {}
         entry = found.setdefault(group_key, {
             "signature": "-", "hash": group_key, "source": None, "count": 0, "cores": 0,
             "first_seen": rec.get("time"), "first_timestamp": rec.get("timestamp"), "last_seen": None,
-            "containers": [], "images": [], "sample": rec.get("id")})
-        if key(rec) == group_key and entry["source"] is None:
+            "containers": [], "images": [], "nodes": [], "sample": rec.get("id")})
+        if key(rec) == group_key and group_key not in named:  # the first crash with the group's own signature
+            named.add(group_key)
             entry.update(signature=sig.get("text") or "-", source=sig.get("source"), sample=rec.get("id"))
         entry["count"] += 1
         entry["cores"] += bool((rec.get("core") or {}).get("stored"))
@@ -231,7 +232,7 @@ def groups(items: list) -> list:
         container = rec.get("container") or {}
         name = "host" if container.get("runtime") == "host" else (container.get("name") or container.get("id")
                                                                    or container.get("runtime"))
-        for field, value in (("containers", name), ("images", container.get("image"))):
+        for field, value in (("containers", name), ("images", container.get("image")), ("nodes", rec.get("node"))):
             if value and value not in entry[field]:
                 entry[field].append(value)
     return sorted(found.values(), key=lambda g: (-g["count"], str(g["last_seen"]), g["hash"]))

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from corepipe.domain import binaries, catalog, fleet
+from corepipe.domain import binaries, catalog, fleet, fleet_index
 from corepipe.platform import log, unpack
 from corepipe.platform.config import Config
 from corepipe.platform.objectstore import Destination, DestinationError, ObjectInfo, open_destination, parts
@@ -107,14 +107,28 @@ class Shipper:
         self.prefix = destination.location.prefix
 
     def pending(self) -> list:
-        """(path, record) of the finished crashes not yet shipped (or shipped, not yet deleted), oldest first."""
+        """(path, record) of the finished crashes not yet shipped to this destination (or shipped, not yet in the
+        index or not yet deleted), oldest first."""
         items = []
         for path, rec in sorted(catalog.iter_records(self.cfg.store), key=catalog.sort_key):
             if rec.get("status") == "collecting":
                 continue
-            if not os.path.lexists(os.path.join(path, SHIPPED)) or self.cfg.delete_after_ship:
+            marker = self._marker(path)  # shipped elsewhere (ship_to changed): shipped here too
+            if marker.get("destination") != self.destination.location.url or self.cfg.delete_after_ship or \
+                    not marker.get("indexed"):
                 items.append((path, rec))
         return items
+
+    def _marker(self, path: str) -> dict:
+        """The crash's shipped.json ({} if it has none or it is unreadable)."""
+        try:
+            crash_fd = open_dir(None, path, create=False)
+        except OSError:
+            return {}
+        try:
+            return _load_json(crash_fd, SHIPPED)
+        finally:
+            os.close(crash_fd)
 
     def sweep(self) -> Sweep:
         """Ship everything pending; an access-denied error stops the sweep (every crash would fail alike).
@@ -141,10 +155,12 @@ class Shipper:
         result = Sweep()
         items = self.pending()
         result.pending = len(items)
+        done = []
         for path, rec in items:
             try:
                 self.ship(path, rec)
                 result.shipped.append(rec["id"])
+                done.append((path, rec))
             except DestinationError as exc:
                 result.errors.append(f"crash {rec.get('id')}: cannot ship to {self.destination.location.url}: {exc}")
                 if exc.auth:
@@ -153,6 +169,16 @@ class Shipper:
                 result.errors.append(f"crash {rec.get('id')}: not shipped, kept locally: {exc}")
             except OSError as exc:
                 result.errors.append(f"crash {rec.get('id')}: cannot ship from {path}: {exc.strerror or exc}")
+        try:
+            self._index(done)
+            if self.cfg.delete_after_ship:
+                for path, rec in done:
+                    self._delete(path, rec)
+        except DestinationError as exc:
+            result.errors.append(f"cannot write the index at {self.destination.location.url}: {exc}; crashes kept "
+                                 "and indexed on the next sweep")
+        except OSError as exc:
+            result.errors.append(f"cannot update {self.cfg.store} after indexing: {exc.strerror or exc}")
         try:
             self._write_status(result)
         except OSError as exc:
@@ -166,10 +192,8 @@ class Shipper:
             crash_fd = _open_crash(store_fd, relative)
             crash = CrashDir(crash_fd, path, rec["id"])
             try:
-                if not os.path.lexists(os.path.join(path, SHIPPED)):
+                if self._marker(path).get("destination") != self.destination.location.url:
                     self._upload(store_fd, crash, relative, rec)
-                if self.cfg.delete_after_ship:
-                    self._delete(path, rec)
             finally:
                 crash.close()
         finally:
@@ -202,7 +226,7 @@ class Shipper:
             listed = {**rec, "core": {**rec["core"], "stored": False}}
         if (listed.get("core") or {}).get("stored"):
             key = fleet.crash_key(self.prefix, self.node, relative, name)
-            wanted = fleet.digest_text(rec["core"])
+            wanted = fleet_index.digest_text(rec["core"])
             fd, size = _read_file(crash.fd, name)
             first = [True]
 
@@ -269,6 +293,28 @@ class Shipper:
             check.verify()
         return self.destination.put_small(key, data, metadata)
 
+    def _index(self, done: list) -> None:
+        """Write the index rows of the crashes shipped to this destination and not yet indexed (one object per
+        dump day, in this node's partition), then mark them indexed: a crash is deleted locally only after."""
+        rows, marked = [], []
+        for path, rec in done:
+            marker = self._marker(path)
+            if marker.get("destination") != self.destination.location.url or marker.get("indexed"):
+                continue
+            relative = tuple(os.path.relpath(path, self.cfg.store).split(os.sep))
+            objects = marker.get("objects") if isinstance(marker.get("objects"), dict) else {}
+            rows.append(fleet_index.row(rec, self.node, self.prefix, relative, objects))
+            marked.append((path, marker))
+        if rows:
+            for key in fleet.write_rows(self.destination, self.node, rows):
+                log.log(f"indexed {len(rows)} crashes in {key}")
+        for path, marker in marked:
+            crash = CrashDir(open_dir(None, path, create=False), path, "")
+            try:
+                crash.write(SHIPPED, json.dumps({**marker, "indexed": True}, indent=1).encode())
+            finally:
+                crash.close()
+
     def _delete(self, path: str, rec: dict) -> None:
         """Remove the shipped crash; only after shipped.json (written after verification) is in place."""
         crash_fd = open_dir(None, path, create=False)
@@ -276,8 +322,8 @@ class Shipper:
             marker = _load_json(crash_fd, SHIPPED)
         finally:
             os.close(crash_fd)
-        if marker.get("destination") != self.destination.location.url:
-            return  # shipped elsewhere before the destination changed: keep it
+        if marker.get("destination") != self.destination.location.url or not marker.get("indexed"):
+            return  # shipped elsewhere before the destination changed, or not in the index yet: keep it
         shutil.rmtree(path)
         log.log(f"deleted local crash {rec['id']} after a verified upload")
 

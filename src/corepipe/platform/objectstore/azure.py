@@ -132,7 +132,12 @@ class AzureDestination:
         blob = self.container.get_blob_client(key)
         part_size, concurrency = parts.plan(size, MAX_BLOCKS, concurrency=self.concurrency)
         if progress.get("completed") and progress.get("key") == key and progress.get("size") == size:
-            return self._verify_blocks(blob, key, size, part_size)
+            try:
+                return self._verify_blocks(blob, key, size, part_size)
+            except DestinationError as exc:
+                if exc.auth:
+                    raise
+                progress.clear()  # completed, then found damaged (or gone): uploaded again, never re-verified forever
         if progress.get("key") != key or progress.get("part_size") != part_size or progress.get("size") != size:
             progress.clear()
             progress.update({"key": key, "part_size": part_size, "size": size, "blocks": {}})

@@ -106,7 +106,13 @@ class S3Destination:
         part_size, concurrency = parts.plan(size, MAX_PARTS, concurrency=self.concurrency)
         if (progress.get("completed") and progress.get("key") == key and progress.get("size") == size
                 and progress.get("checksum") == "crc32"):
-            return self._verify(key, size, [p for _n, p in sorted((int(n), p) for n, p in progress["parts"].items())])
+            try:
+                return self._verify(key, size, [p for _n, p in sorted((int(n), p) for n, p in
+                                                                      progress["parts"].items())])
+            except DestinationError as exc:
+                if exc.auth:
+                    raise
+                progress.clear()  # completed, then found damaged (or gone): uploaded again, never re-verified forever
         finished = self._resume(key, size, part_size, progress, metadata)
         save(progress)
         upload_id = progress["upload_id"]
@@ -115,7 +121,12 @@ class S3Destination:
             crc = _b64(zlib.crc32(data).to_bytes(4, "big"))
             reply = self._call(f"upload {key} part {number}", self.client.upload_part, Key=key, UploadId=upload_id,
                                PartNumber=number, Body=data, ChecksumAlgorithm="CRC32", ChecksumCRC32=crc)
-            if reply.get("ChecksumCRC32") != crc:
+            if reply.get("ChecksumCRC32") is None:
+                # A store without additional checksums (Ceph RGW before Squid, older MinIO) answers none: the part's
+                # ETag, the MD5 of what it stored, says instead (computed only for such a store).
+                if reply.get("ETag", "").strip('"') != hashlib.md5(data).hexdigest():
+                    raise DestinationError(f"{key} part {number} arrived damaged (ETag {reply.get('ETag')}, no CRC32)")
+            elif reply["ChecksumCRC32"] != crc:
                 raise DestinationError(f"{key} part {number} arrived damaged (CRC32 {reply.get('ChecksumCRC32')}, "
                                        f"sent {crc})")
             return {"etag": reply["ETag"], "crc32": crc, "size": len(data)}
@@ -132,14 +143,15 @@ class S3Destination:
 
     def _resume(self, key: str, size: int, part_size: int, progress: dict, metadata: dict) -> dict:
         """Continue the persisted upload if the store still has it (only parts it lists with our size and ETag);
-        otherwise start a new one. The metadata goes on at creation: it is the object's once completed."""
+        otherwise, or when the parts cannot be listed, start a new one. The metadata goes on at creation: it is
+        the object's once completed."""
         if (progress.get("key") == key and progress.get("part_size") == part_size and progress.get("size") == size
                 and progress.get("upload_id") and progress.get("checksum") == "crc32"):
             try:
                 listed = self._list_parts(key, progress["upload_id"])
-            except DestinationError as exc:
-                if exc.auth:
-                    raise
+            except DestinationError:
+                # Any failure to resume (a role without s3:ListMultipartUploadParts answers access denied) starts a
+                # fresh upload: with bad credentials that fails too, and says so.
                 listed = None
             if listed is not None:
                 kept = {n: p for n, p in progress["parts"].items() if listed.get(int(n)) == (p["size"], p["etag"])}

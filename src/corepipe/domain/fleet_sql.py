@@ -1,0 +1,256 @@
+"""The cached fleet index as a SQL table, ``crashes``, in DuckDB (the ``fleet`` extra, imported only here): what
+``corepipe fleet query`` runs the user's SQL on.
+
+The table is built from the checked rows in the cache (fleet.IndexCache) whenever the index changed, and kept
+in the cache as a DuckDB database: one row per live crash (a crash listed twice keeps the row of the first index
+object by key, with a warning; a tombstoned crash is left out), with the index schema's columns (docs/shipping.md,
+"The fleet index") plus ``dump_time`` (a TIMESTAMP, UTC). It is opened read-only, without access to files and
+with its settings locked: a query reads only that table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from typing import Callable, Optional
+
+#: The index schema as DuckDB types (rows are checked before they are cached, so they have these types).
+COLUMNS = {
+    "v": "INTEGER", "kind": "VARCHAR", "id": "VARCHAR", "node": "VARCHAR", "time": "VARCHAR",
+    "timestamp": "DOUBLE", "received": "DOUBLE", "status": "VARCHAR", "pid": "BIGINT", "uid": "BIGINT",
+    "exe": "VARCHAR", "comm": "VARCHAR", "hostname": "VARCHAR",
+    "signal": "STRUCT(number INTEGER, name VARCHAR)",
+    "container": "STRUCT(runtime VARCHAR, id VARCHAR, name VARCHAR, image VARCHAR, pod_name VARCHAR, "
+                 "pod_namespace VARCHAR, pod_uid VARCHAR, confidence VARCHAR)",
+    "signature": "STRUCT(hash VARCHAR, text VARCHAR, algorithm VARCHAR, version INTEGER, source VARCHAR, "
+                 "site VARCHAR)",
+    "core": "STRUCT(stored BOOLEAN, file VARCHAR, size UBIGINT, compressed_size UBIGINT, truncated BOOLEAN, "
+            "complete BOOLEAN, digest VARCHAR)",
+    "core_state": "VARCHAR",
+    "batch": "STRUCT(pool VARCHAR, job VARCHAR, task VARCHAR, node VARCHAR, confirmed BOOLEAN, source VARCHAR)",
+    "keys": "STRUCT(record STRUCT(key VARCHAR, size UBIGINT), core STRUCT(key VARCHAR, size UBIGINT), "
+            "binaries STRUCT(key VARCHAR, size UBIGINT)[])",
+    "corepipe": "VARCHAR",
+}
+
+
+class QueryError(Exception):
+    """The extra is missing, or DuckDB refused the query; the message is one line."""
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def connect(directory: str, objects: dict, warn: Callable[[str], None]):  # -> duckdb.DuckDBPyConnection
+    """A read-only DuckDB database with the ``crashes`` table of the cache ``directory``; ``objects`` is the
+    cache's manifest (index object key -> {file, etag, size}). The database is kept in the cache, named by the
+    objects it was built from, so a command over an unchanged index opens it and reads nothing else."""
+    try:
+        import duckdb
+    except ImportError:
+        raise QueryError("SQL over the fleet index needs DuckDB: pip install 'corepipe[fleet]'") from None
+    state = json.dumps(sorted((k, v.get("file"), v.get("etag"), v.get("size")) for k, v in objects.items()))
+    path = os.path.join(directory, f"crashes-{hashlib.sha256(state.encode()).hexdigest()[:24]}.duckdb")
+    try:
+        return _open(duckdb, path, directory, objects, warn)
+    except duckdb.Error as exc:
+        raise QueryError(f"the index cache {directory} cannot be used ({str(exc).splitlines()[0][:200]}); it is "
+                         "safe to delete") from None
+
+
+def _open(duckdb, path: str, directory: str, objects: dict, warn: Callable[[str], None]):  # noqa: ANN001
+    settings = {"threads": 2, "memory_limit": "160MB"}
+    if not os.path.exists(path):
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".crashes-", suffix=".duckdb")
+        os.close(fd)
+        os.unlink(tmp)  # DuckDB creates the file itself
+        try:
+            con = duckdb.connect(tmp, config=settings)
+            try:
+                _build(con, directory, objects, warn)
+            finally:
+                con.close()
+            os.replace(tmp, path)
+        finally:
+            for leftover in (tmp, tmp + ".wal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+        for name in os.listdir(directory):  # the databases of earlier states of the index
+            if re.fullmatch(r"crashes-[0-9a-f]{24}\.duckdb", name) and os.path.join(directory, name) != path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
+    con = duckdb.connect(path, read_only=True, config=settings)
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def _build(con, directory: str, objects: dict, warn: Callable[[str], None]) -> None:  # noqa: ANN001
+    columns = "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in {**COLUMNS, "deleted": "DOUBLE"}.items()) \
+        + "}"
+    con.execute("CREATE TEMP TABLE objects (key VARCHAR, file VARCHAR)")
+    files = [(key, os.path.join(directory, seen["file"])) for key, seen in sorted(objects.items())]
+    if files:
+        con.executemany("INSERT INTO objects VALUES (?, ?)", files)
+        source = (f"SELECT r.*, o.key AS object FROM read_json([{', '.join(_literal(f) for _k, f in files)}], "
+                  f"format = 'newline_delimited', columns = {columns}, filename = 'source') r "
+                  "JOIN objects o ON r.source = o.file")
+    else:
+        source = f"SELECT {', '.join(f'NULL::{t} AS {n}' for n, t in COLUMNS.items())}, NULL::VARCHAR AS object, " \
+                 "NULL::DOUBLE AS deleted WHERE false"
+    con.execute(f"CREATE TEMP TABLE raw AS {source}")
+    for node, crash, count, first in con.execute(
+            "SELECT node, id, count(*), min(object) FROM raw WHERE kind = 'crash' GROUP BY node, id "
+            "HAVING count(*) > 1 ORDER BY node, id").fetchall():
+        warn(f"crash {node}/{crash} is in the index {count} times; the row of {first} is used")
+    con.execute(f"""CREATE TABLE crashes AS
+        WITH dead AS (SELECT DISTINCT node, id FROM raw WHERE kind = 'tombstone')
+        SELECT {', '.join(COLUMNS)}, make_timestamp(CAST(round(timestamp * 1e6) AS BIGINT)) AS dump_time
+        FROM raw
+        WHERE kind = 'crash' AND NOT EXISTS (SELECT 1 FROM dead WHERE dead.node = raw.node AND dead.id = raw.id)
+        QUALIFY row_number() OVER (PARTITION BY node, id ORDER BY object) = 1""")
+
+
+def query(con, sql: str) -> tuple:  # noqa: ANN001 - a DuckDB connection, imported lazily
+    """(column names, rows) of ``sql``; QueryError with DuckDB's first line when it refuses it."""
+    import duckdb
+
+    try:
+        cursor = con.execute(sql)
+        if cursor.description is None:
+            return [], []
+        return [d[0] for d in cursor.description], cursor.fetchall()
+    except duckdb.Error as exc:
+        raise QueryError(str(exc).splitlines()[0][:300]) from None
+
+
+#: The order of ``catalog.crash_order``: dump time, then when the collector took it, then id.
+_ORDER = "coalesce(timestamp, 0), coalesce(received, timestamp, 0), id"
+_NEWEST_FIRST = "coalesce(timestamp, 0) DESC, coalesce(received, timestamp, 0) DESC, id DESC"
+
+
+def _keyed(source: str) -> str:
+    """``source``'s rows with ``group_key``, as ``signature.keys`` computes it: a crash-site signature joins the
+    backtrace signature of the same site when there is exactly one among ``source``'s rows."""
+    return f"""(WITH src AS ({source}),
+        sites AS (SELECT signature.site AS site, min(signature.hash) AS hash, count(DISTINCT signature.hash) AS n
+                  FROM src WHERE signature.source = 'backtrace' AND signature.site IS NOT NULL
+                  AND coalesce(signature.hash, '') <> '' GROUP BY 1)
+        SELECT src.*, CASE WHEN src.signature.source = 'crash site' AND sites.n = 1 THEN sites.hash
+                           ELSE coalesce(nullif(src.signature.hash, ''), '-') END AS group_key
+        FROM src LEFT JOIN sites ON src.signature.site = sites.site)"""
+
+
+def _conditions(filters: dict) -> tuple:
+    """(SQL condition, parameters) of ``list``'s filters (list_cmd.matches, as SQL)."""
+    where, params = ["true"], []
+    if filters.get("node") is not None:
+        where.append("node = ?")
+        params.append(filters["node"])
+    if filters.get("container") is not None:
+        where.append("(? IN (container.name, container.id) OR starts_with(container.id, ?))")
+        params += [filters["container"]] * 2
+    for name, column in (("pod", "container.pod_name"), ("namespace", "container.pod_namespace"),
+                         ("job", "batch.job"), ("task", "batch.task")):
+        if filters.get(name) is not None:
+            where.append(f"{column} = ?")
+            params.append(filters[name])
+    if filters.get("image") is not None:  # the reference itself, or its name without the tag
+        where.append("(container.image = ? OR (regexp_matches(split_part(container.image, '@', 1), ':[^/:]*$') AND "
+                     "regexp_replace(split_part(container.image, '@', 1), ':[^/:]*$', '') = ?))")
+        params += [filters["image"]] * 2
+    if filters.get("since") is not None:
+        where.append("coalesce(timestamp, 0) >= ?")
+        params.append(filters["since"])
+    if filters.get("until") is not None:
+        where.append("coalesce(timestamp, 0) <= ?")
+        params.append(filters["until"])
+    wanted = filters.get("signal")  # list_cmd.signal_filter's: a number, or the signal's name (SIGSEGV)
+    if isinstance(wanted, int):
+        where.append("signal.number = ?")
+        params.append(wanted)
+    elif wanted is not None:
+        where.append("signal.name = ?")
+        params.append(wanted)
+    if filters.get("exe") is not None:
+        where.append("? IN (exe, regexp_extract(exe, '[^/]*$'), comm)")
+        params.append(filters["exe"])
+    return " AND ".join(where), params
+
+
+def _matching(filters: dict, last: Optional[int]) -> tuple:
+    """(SQL, parameters) of the rows ``list``'s filters keep, with ``group_key``; ``filters["signature"]`` is a
+    hash prefix or a signature's text, matched on the grouping key over the whole fleet."""
+    where, params = _conditions(filters)
+    wanted = filters.get("signature")
+    if wanted is not None:
+        where += (" AND ? <> '' AND (starts_with(group_key, lower(?)) OR group_key IN "
+                  "(SELECT group_key FROM everything WHERE signature.text = ? AND signature.hash = group_key))")
+        params += [wanted] * 3
+    limit = "" if last is None else f"LIMIT {max(0, int(last))}"
+    return (f"""WITH everything AS {_keyed('SELECT * FROM crashes')}
+        SELECT * FROM everything WHERE {where} ORDER BY {_NEWEST_FIRST} {limit}""", params)
+
+
+def _rows(cursor) -> Iterator[dict]:  # noqa: ANN001
+    """The cursor's rows as dicts, a thousand at a time (a fleet's listing is never all in memory at once)."""
+    names = [d[0] for d in cursor.description]
+    while True:
+        batch = cursor.fetchmany(1000)
+        if not batch:
+            return
+        for row in batch:
+            value = dict(zip(names, row))
+            if isinstance(value["timestamp"], float) and value["timestamp"].is_integer():
+                value["timestamp"] = int(value["timestamp"])  # DOUBLE in the table; whole seconds as in the record
+            yield value
+
+
+def crashes_matching(con, filters: dict, last: Optional[int] = None) -> Iterator[dict]:  # noqa: ANN001
+    """The rows (dicts of the index schema) that ``list``'s filters keep, oldest first (the last ``last``)."""
+    sql, params = _matching(filters, last)
+    return _rows(con.execute(f"SELECT {', '.join(COLUMNS)} FROM ({sql}) ORDER BY {_ORDER}", params))
+
+
+def find(con, node: Optional[str], prefix: Optional[str]) -> list:  # noqa: ANN001
+    """The rows whose id starts with ``prefix`` (of ``node`` only, if given), oldest first; the latest alone
+    when ``prefix`` is None."""
+    if prefix is None:
+        sql = f"SELECT {', '.join(COLUMNS)} FROM crashes WHERE ? IS NULL OR node = ? ORDER BY {_NEWEST_FIRST} LIMIT 1"
+        return list(_rows(con.execute(sql, [node, node])))
+    sql = (f"SELECT {', '.join(COLUMNS)} FROM crashes WHERE (? IS NULL OR node = ?) AND starts_with(id, lower(?)) "
+           f"ORDER BY {_ORDER} LIMIT 1000")
+    return list(_rows(con.execute(sql, [node, node, prefix])))
+
+
+def groups(con, filters: dict, last: Optional[int] = None) -> list:  # noqa: ANN001
+    """One dict per signature of the crashes ``crashes_matching`` keeps, as ``signature.groups`` gives them
+    (``containers``, ``images`` and ``nodes`` sorted), the most crashes first."""
+    sql, params = _matching(filters, last)
+    cursor = con.execute(f"""WITH kept AS ({sql}),
+        keyed AS {_keyed('SELECT * EXCLUDE (group_key) FROM kept')},
+        ordered AS (SELECT *, row_number() OVER (ORDER BY {_ORDER}) AS ord,
+                    CASE WHEN container.runtime = 'host' THEN 'host'
+                         ELSE coalesce(container.name, container.id, container.runtime) END AS shown
+                    FROM keyed)
+        SELECT coalesce(arg_min(signature.text, ord) FILTER (WHERE signature.hash = group_key), '-') AS signature,
+               group_key AS hash,
+               arg_min(signature.source, ord) FILTER (WHERE signature.hash = group_key) AS source,
+               count(*) AS count, count(*) FILTER (WHERE core.stored) AS cores,
+               arg_min(time, ord) AS first_seen, arg_max(time, ord) AS last_seen,
+               list(DISTINCT shown ORDER BY shown) FILTER (WHERE coalesce(shown, '') <> '') AS containers,
+               list(DISTINCT container.image ORDER BY container.image)
+                   FILTER (WHERE coalesce(container.image, '') <> '') AS images,
+               list(DISTINCT node ORDER BY node) AS nodes,
+               coalesce(arg_min(id, ord) FILTER (WHERE signature.hash = group_key), arg_min(id, ord)) AS sample,
+               arg_min(timestamp, ord) AS first_timestamp
+        FROM ordered GROUP BY group_key ORDER BY count DESC, last_seen, hash""", params)
+    names = [d[0] for d in cursor.description]
+    return [{**dict(zip(names, row)), "containers": row[7] or [], "images": row[8] or []}
+            for row in cursor.fetchall()]
