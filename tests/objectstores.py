@@ -248,11 +248,14 @@ class SeaweedS3(Server):
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
         data = workdir / "seaweedfs-data"
         data.mkdir(exist_ok=True)
-        self.argv = [str(weed), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", f"-s3.port={self.port}",
-                     f"-s3.config={identities}", "-s3.autoCreateBucket=false", f"-dir={data}",
-                     "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed ports by default: two servers would clash
-                     f"-master.port={_free_grpc_port()}", f"-volume.port={_free_grpc_port()}",
-                     f"-filer.port={_free_grpc_port()}"]
+        self.fixed = [str(weed), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", f"-s3.config={identities}",
+                      "-s3.autoCreateBucket=false", f"-dir={data}",
+                      "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed ports by default: two servers would clash
+                      f"-master.port={_free_grpc_port()}", f"-volume.port={_free_grpc_port()}",
+                      f"-filer.port={_free_grpc_port()}"]
+
+    def argv(self) -> list:
+        return [*self.fixed, f"-s3.port={self.port}"]
 
     @property
     def env(self) -> dict:

@@ -148,8 +148,8 @@ def test_list_remote_by_job_across_the_pool(crasher: Path, task_image: str, tmp_
         assert [item["id"] for item in json.loads(remote("--task", "43", "--json"))] == [on_host["id"]]
         assert len(json.loads(remote("--json"))) == 3
         rows = [line.split("\t") for line in remote("--job", "nightly-7").splitlines()[1:]]
-        assert [row[2] for row in rows] == [f"{in_container['container']['name']} (nightly-7/42)",
-                                            "host (nightly-7/43?)"]
+        assert [(row[0], row[3]) for row in rows] == [("tvm-3", f"{in_container['container']['name']} (nightly-7/42)"),
+                                                      ("tvm-4", "host (nightly-7/43?)")]  # NODE comes first
     finally:
         server.stop()
         for d in dirs:
