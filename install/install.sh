@@ -4,7 +4,7 @@
 # 1. python3 with venv (apt-get on Debian/Ubuntu when missing), and busybox-static when Docker is
 #    present (the selftest's throwaway container needs a static busybox);
 # 2. a virtualenv at $COREPIPE_PREFIX (/opt/corepipe) with this checkout installed into it, with the metrics
-#    extra (serve's Prometheus endpoint is on by default) and the extras named by --with (azure, s3), and those
+#    extra (serve's Prometheus endpoint is on by default) and the extras named by --with (azure, s3, fleet), and those
 #    of earlier runs: the virtualenv keeps their list in share/corepipe/extras;
 # 3. `corepipe install` (launcher $COREPIPE_BIN, config $COREPIPE_CONFIG), then `corepipe selftest`;
 # 4. the bash completion (in $COREPIPE_COMPLETION_DIR, /usr/share/bash-completion/completions) and every man
@@ -25,7 +25,7 @@ python="${COREPIPE_PYTHON:-/usr/bin/python3}"
 units="${COREPIPE_UNITS_DIR:-/etc/systemd/system}"
 completion_dir="${COREPIPE_COMPLETION_DIR:-/usr/share/bash-completion/completions}"
 man_dir="${COREPIPE_MAN_DIR:-/usr/local/share/man}"
-known_extras=" metrics azure s3 "
+known_extras=" metrics azure s3 fleet "
 
 say() { echo "install.sh: $*"; }
 die() { echo "install.sh: error: $*" >&2; exit 1; }

@@ -54,7 +54,9 @@ def connect(directory: str, objects: dict, warn: Callable[[str], None]):  # -> d
     try:
         import duckdb
     except ImportError:
-        raise QueryError("SQL over the fleet index needs DuckDB: pip install 'corepipe[fleet]'") from None
+        from corepipe.platform import extras
+
+        raise QueryError(f"reading a fleet's index needs {extras.missing('fleet', 'duckdb')}") from None
     state = json.dumps(sorted((k, v.get("file"), v.get("etag"), v.get("size")) for k, v in objects.items()))
     path = os.path.join(directory, f"crashes-{hashlib.sha256(state.encode()).hexdigest()[:24]}.duckdb")
     try:

@@ -1,4 +1,4 @@
-"""The command that installs an optional extra (metrics, azure, s3), for the way this corepipe was installed.
+"""The command that installs an optional extra (metrics, azure, s3, fleet), for the way this corepipe was installed.
 
 corepipe is on no package index, so ``pip install 'corepipe[s3]'`` fails: an installation made by install.sh is
 told to run install.sh again with ``--with`` (its virtualenv records the checkout in share/corepipe/checkout, and
