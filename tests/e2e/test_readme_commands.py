@@ -12,12 +12,24 @@ from support import HERE, need
 REPO = HERE.parent
 
 
-def test_tests_run_as_root_keeps_strict_mode() -> None:
+def test_tests_run_as_root_keeps_strict_mode(tmp_path) -> None:
+    """A probe test whose requirement is missing fails through ``tests/run`` in strict mode, and only skips
+    without it: the README's test command keeps COREPIPE_TEST_STRICT all the way to need()."""
     need(os.geteuid() == 0, "needs root (the README's command as root)")
-    proc = subprocess.run(["bash", "tests/run", "-q", "-p", "no:cacheprovider", "tests/unit/test_layers.py"],
-                          cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "COREPIPE_TEST_STRICT": "1"})
-    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("from support import need\n\n\ndef test_probe() -> None:\n"
+                     "    need(False, 'a requirement this probe never has')\n")
+
+    def run(strict: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "tests/run", "-q", "-p", "no:cacheprovider", str(probe)],
+                              cwd=REPO, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "COREPIPE_TEST_STRICT": strict,
+                                   "PYTHONPATH": str(REPO / "tests")})
+    strict = run("1")
+    assert strict.returncode == 1 and "1 failed" in strict.stdout, strict.stdout[-2000:] + strict.stderr[-2000:]
+    assert "COREPIPE_TEST_STRICT=1 and a requirement is missing: a requirement this probe never has" in strict.stdout
+    lenient = run("")
+    assert lenient.returncode == 0 and "1 skipped" in lenient.stdout, lenient.stdout[-2000:] + lenient.stderr[-2000:]
 
 
 def test_as_another_user_both_commands_go_through_sudo_or_say_run_as_root() -> None:
