@@ -106,6 +106,15 @@ def send_ack(sock: socket.socket, mask: int) -> None:
         raise ProtocolError(f"the kernel refused the ack {mask:#x}: {MARKS.get(mark, f'marker {mark}')}")
 
 
+#: struct ucred (SO_PEERCRED): pid, uid, gid.
+_UCRED = struct.Struct("3i")
+
+
+def peer_credentials(sock: socket.socket) -> tuple:
+    """(pid, uid, gid) of the process at the other end of a connected unix socket."""
+    return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+
+
 def peer_pidfd(sock: socket.socket) -> int:
     """A pidfd of the connecting (crashing) process, owned by the caller."""
     return struct.unpack("=i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]

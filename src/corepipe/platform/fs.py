@@ -20,6 +20,15 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def unlink_if_present(path: Optional[str]) -> None:
+    """Remove ``path`` unless it is None or already gone (a journal entry another process may remove first)."""
+    if path is not None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def temp_name(final: str) -> str:
     """The hidden temporary name a file has while it is written (``.<name>.<8 hex>.tmp``)."""
     return f".{final}.{os.urandom(4).hex()}.tmp"

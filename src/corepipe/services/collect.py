@@ -29,6 +29,7 @@ from corepipe.domain.context import Context
 from corepipe.platform import affinity, kernel, slots
 from corepipe.platform import config as configuration
 from corepipe.platform.capture import STDIN, Capture, Timeout, on_alarm
+from corepipe.platform.fs import unlink_if_present
 from corepipe.platform.log import ERR, INFO, WARNING, log
 from corepipe.platform.store import CORE, FAILED, PARTIAL_CORE, RECORD, CrashDir, Store
 
@@ -481,8 +482,5 @@ def _kib(*values: Optional[str]) -> Optional[int]:
 def write_record(ctx: Context) -> None:
     ctx.crash.write(RECORD, record.dumps(ctx.record))
     if ctx.journal is not None:  # recorded now: a server that dies from here on need not record it from its journal
-        try:
-            os.unlink(ctx.journal)
-        except FileNotFoundError:
-            pass
+        unlink_if_present(ctx.journal)
         ctx.journal = None

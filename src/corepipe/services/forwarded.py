@@ -23,6 +23,7 @@ from typing import Optional
 
 from corepipe.platform import capture, forward
 from corepipe.platform.config import Config
+from corepipe.platform.fs import unlink_if_present
 from corepipe.platform.kernel import UNKNOWN, KernelArgs, parse_args
 from corepipe.platform.log import ERR, WARNING, log
 from corepipe.services import collect
@@ -75,19 +76,11 @@ def _write(run_dir: str, pid: Optional[int], argv: list) -> Optional[str]:
     return path
 
 
-def forget(path: Optional[str]) -> None:
-    if path is not None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-
-
 def handle(got: forward.Forwarded, journal: Optional[str], cfg: Config, problems: list, accepted: float,
            refused: Optional[str], reader: Optional[capture.MemoryReader] = None,
            buffer: Optional[memoryview] = None) -> int:
     """One handed-over crash, in a worker: ``collect.run`` with the pipe as stdin; the exit code of collect."""
-    forget(journal)
+    unlink_if_present(journal)
     os.dup2(got.pipe, capture.STDIN, inheritable=False)
     os.close(got.pipe)
     got.pipe = capture.STDIN
@@ -132,7 +125,7 @@ def recover(run_dir: str, cfg: Config, why: str, grace: float = GRACE) -> int:
             collect.collect(_without_pidfd(argv), early, core_fd=null, cfg=cfg, refused=refused)
         finally:
             os.close(null)
-        forget(path)
+        unlink_if_present(path)
         recorded += 1
         log(f"serve: pid {name}: {refused}; recorded from its journal entry", WARNING)
     return recorded

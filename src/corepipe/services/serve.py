@@ -38,7 +38,6 @@ import resource
 import select
 import signal
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -47,6 +46,7 @@ from corepipe.domain import accounting, snapshot
 from corepipe.domain.context import Context
 from corepipe.platform import affinity, capture, coredump_socket, elf, forward
 from corepipe.platform import config as configuration
+from corepipe.platform.fs import unlink_if_present
 from corepipe.platform.kernel import RLIM_INFINITY, KernelArgs, parse_args
 from corepipe.platform.log import ERR, INFO, WARNING, log
 from corepipe.platform.store import Store
@@ -63,8 +63,6 @@ STALE = 15.0
 BACKLOG = 4096
 #: Connections held beyond this many waiting ones are answered REJECT (record only) instead of a core.
 QUEUE_LIMIT = 512
-#: struct ucred (SO_PEERCRED): the pid, uid and gid of a kernel connection's crashed process.
-_PEERCRED = struct.Struct("3i")
 #: How long a worker waits after a REJECT for the process's exit status (its signal) when neither the pidfd
 #: (PIDFD_INFO_COREDUMP_SIGNAL) nor /proc/<pid>/stat told it; the status comes only once the process is reaped,
 #: and a worker waiting is a worker a storm does not have.
@@ -358,8 +356,7 @@ class Server:
                     raise
                 if listener is self.listener:
                     self.stats.accepted += 1
-                    pid, uid, gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                     _PEERCRED.size))
+                    pid, uid, gid = coredump_socket.peer_credentials(conn)
                     journal = forwarded.note_peer(self.options.run_dir, pid, uid, gid)
                     self.queue.append(Waiting(time.monotonic(), conn=conn, journal=journal))
                 else:
@@ -390,7 +387,7 @@ class Server:
             return
         journal = forwarded.note(self.options.run_dir, got)
         if not forward.take(conn):  # the handler gave up waiting: it collects the crash, not us
-            forwarded.forget(journal)
+            unlink_if_present(journal)
             got.close()
             return
         self.stats.accepted += 1
@@ -785,7 +782,7 @@ def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str,
     info = coredump_socket.pidfd_info(pidfd)
     if not info.dumping:
         log(f"error: serve: pid {info.pid} connected to the coredump socket but is not dumping core; ignored", ERR)
-        forwarded.forget(journal)
+        unlink_if_present(journal)
         return 2
     early = capture.take_proc(info.pid, pidfd, reader)
     early.started = accepted

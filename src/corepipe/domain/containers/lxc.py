@@ -32,7 +32,6 @@ _MESSAGE = struct.Struct("iIP")
 #: lxc_make_abstract_socket_name: a name that does not fit sun_path (108, less the leading and trailing NUL)
 #: becomes lxc/<FNV-1a 64 of "<lxcpath>/<name>">/command.
 _SUN_PATH = 108 - 2
-_CRED = struct.Struct("3i")
 
 
 def match(segments: list, root: str) -> Optional[tuple]:
@@ -74,6 +73,8 @@ def init_pid(lxcpath: str, name: str, deadline: state.Deadline) -> int:
     """The container's init PID as its monitor records it; raises (OSError, ValueError) when it cannot tell."""
     import socket  # only for an LXC container: the collect path does not pay for it otherwise
 
+    from corepipe.platform import coredump_socket
+
     deadline.check()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(deadline.left())
@@ -81,7 +82,7 @@ def init_pid(lxcpath: str, name: str, deadline: state.Deadline) -> int:
             sock.connect(command_socket(lxcpath, name))
         except (ConnectionRefusedError, FileNotFoundError) as exc:
             raise ValueError(f"no monitor answers for {name} (not running): {exc.strerror}") from None
-        _pid, uid, _gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+        _pid, uid, _gid = coredump_socket.peer_credentials(sock)
         if uid != 0:
             raise ValueError(f"the command socket of {name} belongs to uid {uid}, not root: not LXC's monitor")
         sock.sendall(_MESSAGE.pack(GET_INIT_PID, 0, 0))
