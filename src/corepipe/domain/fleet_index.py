@@ -95,9 +95,10 @@ def _pick(value: object, names: tuple) -> Optional[dict]:
     return {k: value.get(k) for k in names} if isinstance(value, dict) else None
 
 
-def row(rec: dict, node: str, prefix: str, relative: tuple, objects: dict) -> dict:
+def row(rec: dict, node: str, prefix: str, relative: tuple, objects: dict, withheld: bool = False) -> dict:
     """The index row of a shipped crash: ``relative`` is its directory below the store, ``objects`` the
-    key -> size of what was uploaded for it (shipped.json)."""
+    key -> size of what was uploaded for it (shipped.json); ``withheld``: its core was kept on the node (the
+    signature's fleet-wide core budget was spent), core_state ``withheld``."""
     directory = _join(prefix, node, *relative)
     name = core_file(rec) if (rec.get("core") or {}).get("stored") else None
     core_key = f"{directory}/{name}" if name and f"{directory}/{name}" in objects else None
@@ -112,7 +113,7 @@ def row(rec: dict, node: str, prefix: str, relative: tuple, objects: dict) -> di
         "container": _pick(rec.get("container") or {}, _CONTAINER),
         "signature": _pick(rec.get("signature"), _SIGNATURE),
         "core": {**_pick(listed.get("core") or {}, _CORE), "digest": digest_text(listed.get("core") or {})},
-        "core_state": core_state(listed),
+        "core_state": "withheld" if withheld else core_state(listed),
         "batch": _pick(rec.get("batch"), BATCH),
         "keys": {"record": {"key": f"{directory}/{RECORD}", "size": objects.get(f"{directory}/{RECORD}")},
                  "core": {"key": core_key, "size": objects[core_key]} if core_key else None,

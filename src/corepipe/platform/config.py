@@ -114,6 +114,9 @@ class Config:
     ship_bandwidth: int = 0
     ship_concurrency: int = 4
     ship_retry_max: int = 300
+    #: The fleet-wide core budget: the first this many cores of a signature (across every node shipping to the
+    #: destination) are shipped, the later crashes ship their record only; 0: no budget.
+    ship_signature_cores: int = 5
     #: The path it was loaded from, or None for the built-in defaults.
     path: Optional[str] = None
 
@@ -194,7 +197,7 @@ def _validate(name: str, value: object, where: str) -> None:
 _NOT_NEGATIVE = ("container_max_cores", "container_max_bytes", "max_core_size", "rate_limit_container",
                  "rate_limit_exe", "rate_limit_window", "max_age_days", "core_wait",
                  "postmortem_wait", "signature_max_cores", "signature_window", "metrics_max_signatures",
-                 "ship_bandwidth")
+                 "ship_bandwidth", "ship_signature_cores")
 
 
 def listen_address(text: str) -> tuple:
@@ -285,6 +288,7 @@ EXPLAIN = {
     "ship_bandwidth": "Upload bandwidth cap in bytes per second; 0 none.",
     "ship_concurrency": "Parts uploaded at the same time.",
     "ship_retry_max": "Longest wait between upload retries, in seconds.",
+    "ship_signature_cores": "Cores of a signature the fleet ships; later crashes ship the record only; 0 no budget.",
 }
 #: The top of the config install writes.
 HEADER = """\

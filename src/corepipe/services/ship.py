@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from corepipe.domain import binaries, catalog, fleet, fleet_index
+from corepipe.domain import binaries, catalog, core_budget, fleet, fleet_index
 from corepipe.platform import log, unpack
 from corepipe.platform.config import Config
 from corepipe.platform.objectstore import Destination, DestinationError, ObjectInfo, open_destination, parts
@@ -114,8 +114,8 @@ class Shipper:
             if rec.get("status") == "collecting":
                 continue
             marker = self._marker(path)  # shipped elsewhere (ship_to changed): shipped here too
-            if marker.get("destination") != self.destination.location.url or self.cfg.delete_after_ship or \
-                    not marker.get("indexed"):
+            if marker.get("destination") != self.destination.location.url or not marker.get("indexed") or \
+                    (self.cfg.delete_after_ship and not marker.get("withheld")):
                 items.append((path, rec))
         return items
 
@@ -207,9 +207,21 @@ class Shipper:
         def save(_part: dict) -> None:
             crash.write(SHIP_PROGRESS, json.dumps(progress).encode())
 
+        listed = rec
+        name = core_file(rec)
+        withheld = False
+        if (rec.get("core") or {}).get("stored") and (name is None or not os.path.lexists(os.path.join(crash.path,
+                                                                                                       name))):
+            # The core is gone and the record kept: ship the record, listed as without core.
+            listed = {**rec, "core": {**rec["core"], "stored": False}}
+        elif (rec.get("core") or {}).get("stored") and not self._within_budget(rec, progress, save):
+            # The fleet has its budget of cores of this signature: the record ships, the core stays here.
+            listed, withheld = {**rec, "core": {**rec["core"], "stored": False}}, True
+            print(f"corepipe ship: crash {rec['id']}: record only, its core kept on this node: the fleet has "
+                  f"{self.cfg.ship_signature_cores} cores of its signature (ship_signature_cores)", file=sys.stderr)
         objects = {}
         for entry in (rec.get("binaries") or {}).get("files") or []:
-            stored = binaries.stored_name(entry) if entry.get("stored") else None
+            stored = binaries.stored_name(entry) if entry.get("stored") and not withheld else None
             if stored is not None:
                 key = fleet.binary_key(self.prefix, stored)
                 size = self._binary(store_fd, stored, key, entry, progress.setdefault(key, {}), save)
@@ -218,12 +230,6 @@ class Shipper:
                           "gone; shipped without it", file=sys.stderr)
                 else:
                     objects[key] = size
-        listed = rec
-        name = core_file(rec)
-        if (rec.get("core") or {}).get("stored") and (name is None or not os.path.lexists(os.path.join(crash.path,
-                                                                                                       name))):
-            # The core is gone and the record kept: ship the record, listed as without core.
-            listed = {**rec, "core": {**rec["core"], "stored": False}}
         if (listed.get("core") or {}).get("stored"):
             key = fleet.crash_key(self.prefix, self.node, relative, name)
             wanted = fleet_index.digest_text(rec["core"])
@@ -252,13 +258,31 @@ class Shipper:
         info = self.destination.put_small(key, data, {fleet.SUMMARY: fleet.summary(listed, self.node)})
         objects[key] = info.size
         crash.write(SHIPPED, json.dumps({"destination": self.destination.location.url, "node": self.node,
-                                         "time": time.time(), "objects": objects}, indent=1).encode())
+                                         "time": time.time(), "objects": objects, "withheld": withheld},
+                                        indent=1).encode())
         try:
             os.unlink(SHIP_PROGRESS, dir_fd=crash.fd)
         except FileNotFoundError:
             pass
         where = self.destination.location
         log.log(f"shipped crash {rec['id']} to {where.scheme}://{where.bucket}/{key.rsplit('/', 1)[0]}")
+
+    def _within_budget(self, rec: dict, progress: dict, save) -> bool:
+        """Whether the crash's core ships under its signature's fleet-wide budget (ship_signature_cores): it
+        holds one of the signature's markers. Decided once; the decision is kept in ship-progress.json."""
+        signature = core_budget.signature(rec)
+        decided = progress.get(core_budget.PROGRESS)
+        if not self.cfg.ship_signature_cores or signature is None:
+            return True
+        if decided not in (None, core_budget.CLAIMING):
+            return decided != core_budget.SPENT
+        progress[core_budget.PROGRESS] = core_budget.CLAIMING
+        save(progress)
+        held = core_budget.claim(self.destination, signature, self.cfg.ship_signature_cores, self.node, rec["id"],
+                                 resumed=decided == core_budget.CLAIMING)
+        progress[core_budget.PROGRESS] = held or core_budget.SPENT
+        save(progress)
+        return held is not None
 
     def _binary(self, store_fd: int, stored: tuple, key: str, entry: dict, progress: dict, save) -> Optional[int]:
         existing = self.destination.head(key)
@@ -303,7 +327,7 @@ class Shipper:
                 continue
             relative = tuple(os.path.relpath(path, self.cfg.store).split(os.sep))
             objects = marker.get("objects") if isinstance(marker.get("objects"), dict) else {}
-            rows.append(fleet_index.row(rec, self.node, self.prefix, relative, objects))
+            rows.append(fleet_index.row(rec, self.node, self.prefix, relative, objects, bool(marker.get("withheld"))))
             marked.append((path, marker))
         if rows:
             for key in fleet.write_rows(self.destination, self.node, rows):
@@ -322,8 +346,9 @@ class Shipper:
             marker = _load_json(crash_fd, SHIPPED)
         finally:
             os.close(crash_fd)
-        if marker.get("destination") != self.destination.location.url or not marker.get("indexed"):
-            return  # shipped elsewhere before the destination changed, or not in the index yet: keep it
+        if marker.get("destination") != self.destination.location.url or not marker.get("indexed") or \
+                marker.get("withheld"):
+            return  # shipped elsewhere before the destination changed, not in the index yet, or its core kept here
         shutil.rmtree(path)
         log.log(f"deleted local crash {rec['id']} after a verified upload")
 

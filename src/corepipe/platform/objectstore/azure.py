@@ -21,6 +21,7 @@ from typing import Callable, Optional
 from azure.core.exceptions import (
     AzureError,
     ClientAuthenticationError,
+    ResourceExistsError,
     ResourceNotFoundError,
 )
 from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings, ExponentialRetry
@@ -126,6 +127,16 @@ class AzureDestination:
             raise DestinationError(f"{key} read back as {info and info.size} bytes, MD5 {info and info.checksum}; "
                                    f"expected {len(data)} bytes, MD5 {base64.b64encode(md5).decode()}")
         return info
+
+    def create(self, key: str, data: bytes, metadata: dict) -> bool:
+        blob = self.container.get_blob_client(key)
+        try:  # overwrite=False sends If-None-Match: *; the service answers 409 BlobAlreadyExists
+            blob.upload_blob(data, overwrite=False, metadata=metadata, validate_content=True)
+        except ResourceExistsError:
+            return False
+        except (AzureError, OSError) as exc:
+            raise _error(exc, f"create {key}") from None
+        return True
 
     def put_large(self, key: str, fd: int, size: int, progress: dict, save: Callable[[dict], None],
                   metadata: dict, check: Optional[parts.Check] = None) -> ObjectInfo:

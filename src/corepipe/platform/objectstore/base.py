@@ -54,6 +54,10 @@ class Destination(Protocol):
         """Upload in parts, resuming from ``progress`` (persisted by ``save`` after each part), commit last,
         and only once ``check`` (parts.Check) has seen every byte and passed."""
 
+    def create(self, key: str, data: bytes, metadata: dict) -> bool:
+        """Create the object only if no object has ``key`` (a conditional create, decided by the store: of two
+        writers at once exactly one wins); False if one has."""
+
     def list(self, prefix: str) -> list:
         """ObjectInfo (with metadata) of every object whose key starts with ``prefix``."""
 

@@ -101,6 +101,22 @@ class S3Destination:
                                    f"expected {len(data)} bytes, MD5 {md5.hexdigest()}")
         return info
 
+    def create(self, key: str, data: bytes, metadata: dict) -> bool:
+        for _attempt in range(3):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, Metadata=metadata,
+                                       ContentMD5=_b64(hashlib.md5(data).digest()), IfNoneMatch="*")
+                return True
+            except ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status == 412:  # PreconditionFailed: the object exists
+                    return False
+                if status != 409:  # 409 ConditionalRequestConflict: another create at the same moment; again
+                    raise _error(exc, f"create {key}") from None
+            except (BotoCoreError, OSError) as exc:
+                raise _error(exc, f"create {key}") from None
+        raise DestinationError(f"create {key}: the store answered a conflict three times")
+
     def put_large(self, key: str, fd: int, size: int, progress: dict, save: Callable[[dict], None],
                   metadata: dict, check: Optional[parts.Check] = None) -> ObjectInfo:
         part_size, concurrency = parts.plan(size, MAX_PARTS, concurrency=self.concurrency)
