@@ -104,7 +104,7 @@ def _main(argv: list) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's own flush at exit
         return code
     except UserError as exc:
-        print(f"corepipe {ns.command}: error: {exc}", file=sys.stderr)
+        print(f"corepipe {ns.command}: error: {exc.line()}", file=sys.stderr)
         return exc.code
     except BrokenPipeError:
         null = os.open(os.devnull, os.O_WRONLY)

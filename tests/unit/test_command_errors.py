@@ -119,3 +119,68 @@ def test_status_as_a_user_who_is_not_root(tmp_path: Path) -> None:
                                                          f"{state}: permission denied; run as root\n")
     finally:
         shutil.rmtree(work)
+
+
+#: A failure of each of the error classes a person can meet, raised where it happens and printed by cli alone:
+#: (arguments after --config, the class, exit code, what the one line says).
+ONE_LINE_FAILURES = [
+    (["info", "0123456789ab"], "LookupFailed", 1, "no crash with id 0123456789ab"),
+    (["list"], "ConfigError", 1, "unknown key 'bogus'; fix the config or pass --config"),
+    (["extract", "-o", "{t}/out"], "CoreError", 1, "has no core"),
+    (["info", "--node", "n1"], "UsageError", 2, "--node needs --remote URL"),
+    (["uninstall", "--config", "{c}"], "InstallError", 1, "not installed"),
+    (["fleet", "query", "--remote", "ftp://x/y", "SELECT 1"], "BadDestination", 2, "is not a destination"),
+]
+
+
+@pytest.mark.parametrize("args, kind, code, says", ONE_LINE_FAILURES, ids=[f[1] for f in ONE_LINE_FAILURES])
+def test_every_user_error_is_one_line_from_cli(tmp_path: Path, args: list, kind: str, code: int, says: str) -> None:
+    """The modules raise their own errors (all derived from platform/errors.UserError); the commands pass them
+    through and cli.py prints each as ``corepipe COMMAND: error: LINE`` with the class's exit code."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'store = "{tmp_path / "store"}"\n' + ('bogus = 1\n' if kind == "ConfigError" else ""))
+    if kind == "CoreError":
+        crash_id = _processless_crash(tmp_path / "store")
+        args = [*args, crash_id]
+    proc = corepipe(tmp_path, *[a.replace("{c}", str(config)).replace("{t}", str(tmp_path)) for a in args])
+    lines = proc.stderr.decode().splitlines()
+    assert proc.returncode == code and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"corepipe {args[0]}: error: ") and says in lines[0], lines
+
+
+def test_the_error_classes_a_person_meets_derive_from_the_one_base() -> None:
+    from corepipe.domain import catalog, fleet_sql
+    from corepipe.platform import config, objectstore, sysctl, unpack
+    from corepipe.platform.errors import UsageError, UserError
+    from corepipe.services import install, selftest
+
+    for cls in (catalog.LookupFailed, fleet_sql.QueryError, config.ConfigError, objectstore.DestinationError,
+                objectstore.BadDestination, sysctl.SysctlError, unpack.CoreError, install.InstallError,
+                selftest.SelftestError, UsageError):
+        assert issubclass(cls, UserError), cls
+    assert UserError("x").code == 1 and UsageError("x").code == 2 and UserError("x", 5).code == 5
+
+
+def test_no_command_translates_an_error_by_hand() -> None:
+    """A handler in commands/ that catches one of corepipe's errors only to raise ``UserError(str(exc))`` is the
+    translation cli.py already does: that class should derive from UserError instead. (Python's own, OSError or
+    ValueError, may be turned into a line where the command knows what it was doing.)"""
+    import ast
+    import builtins
+
+    import corepipe.commands
+
+    found = []
+    for path in sorted(Path(corepipe.commands.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ExceptHandler) and node.name and len(node.body) == 1 and \
+                    isinstance(node.body[0], ast.Raise) and isinstance(node.body[0].exc, ast.Call):
+                call = node.body[0].exc
+                message = call.args[0] if call.args else None
+                bare = isinstance(message, ast.Call) and ast.unparse(message) == f"str({node.name})"
+                bare |= isinstance(message, ast.JoinedStr) and ast.unparse(message) == f"f'{{{node.name}}}'"
+                caught = node.type.elts if isinstance(node.type, ast.Tuple) else [node.type]
+                ours = [ast.unparse(c) for c in caught if ast.unparse(c).split(".")[-1] not in dir(builtins)]
+                if bare and ours:
+                    found.append(f"{path.name}:{node.lineno}: {ast.unparse(node.body[0])}")
+    assert found == [], found

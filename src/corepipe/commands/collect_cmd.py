@@ -69,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     """Reached only when ``from_kernel`` said no (or with ``corepipe --config X collect``): file nothing."""
-    from corepipe.platform.errors import UserError
+    from corepipe.platform.errors import UsageError
 
-    raise UserError("not run by the kernel (it passes the crash's %-arguments and the core on a pipe): "
-                    "nothing was filed; 'corepipe install' makes the kernel run collect, "
-                    "'corepipe collect --help' says more", 2)
+    raise UsageError("not run by the kernel (it passes the crash's %-arguments and the core on a pipe): "
+                     "nothing was filed; 'corepipe install' makes the kernel run collect, "
+                     "'corepipe collect --help' says more")

@@ -16,16 +16,13 @@ from typing import Optional
 from corepipe.domain import catalog, fleet_index
 from corepipe.platform import config as configuration
 from corepipe.platform import objectstore
-from corepipe.platform.errors import UserError
+from corepipe.platform.errors import UsageError, UserError
 from corepipe.platform.log import clean
 from corepipe.platform.store import core_file
 
 
 def load_config(ns: argparse.Namespace) -> configuration.Config:
-    try:
-        return configuration.load(ns.config)
-    except configuration.ConfigError as exc:
-        raise UserError(f"{exc}; fix the config or pass --config") from None
+    return configuration.load(ns.config)
 
 
 def store_root(ns: argparse.Namespace) -> str:
@@ -56,7 +53,7 @@ def lookup(ns: argparse.Namespace, prefix: Optional[str]) -> tuple:
         if prefix is not None and "/" in prefix:
             node, prefix = prefix.split("/", 1)
             if ns.node not in (None, node):
-                raise UserError(f"{node}/{prefix} names node {node}, --node names {ns.node}; give one", 2)
+                raise UsageError(f"{node}/{prefix} names node {node}, --node names {ns.node}; give one")
         with remote_errors(ns, remote):
             items = remote.items(node, prefix)
             if prefix is None and not items:
@@ -67,8 +64,6 @@ def lookup(ns: argparse.Namespace, prefix: Optional[str]) -> tuple:
     problems: list = []
     try:
         found = catalog.find(root, prefix, problems)
-    except catalog.LookupFailed as exc:
-        raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(f"cannot read the store {root}: {exc.strerror or exc} (run as root)") from None
     finally:
@@ -88,7 +83,7 @@ def _remote(ns: argparse.Namespace):  # -> Optional[fleet.RemoteCatalog]; fleet 
     url = getattr(ns, "remote", None)
     if url is None:
         if getattr(ns, "node", None) is not None:
-            raise UserError("--node needs --remote URL", 2)
+            raise UsageError("--node needs --remote URL")
         return None
     from corepipe.domain import fleet
 
@@ -97,8 +92,6 @@ def _remote(ns: argparse.Namespace):  # -> Optional[fleet.RemoteCatalog]; fleet 
     try:
         ns.remote_catalog = fleet.RemoteCatalog(objectstore.open_destination(url), warn_remote)
         return ns.remote_catalog
-    except ValueError as exc:
-        raise UserError(str(exc), 2) from None
     except objectstore.DestinationError as exc:
         raise UserError(f"cannot read {url}: {exc}") from None
 
@@ -110,15 +103,9 @@ def warn_remote(message: str) -> None:
 
 @contextlib.contextmanager
 def remote_errors(ns: argparse.Namespace, remote) -> Iterator[None]:  # noqa: ANN001 - a fleet.RemoteCatalog
-    """Each failure of reading a fleet's index as one line (UserError)."""
-    from corepipe.domain import fleet_sql
-
+    """A failure to read a fleet's bucket or to keep its index cache, as one line naming the URL or the cache."""
     try:
         yield
-    except catalog.LookupFailed as exc:
-        raise UserError(str(exc)) from None
-    except fleet_sql.QueryError as exc:
-        raise UserError(str(exc)) from None
     except objectstore.DestinationError as exc:
         raise UserError(f"cannot read {ns.remote}: {exc}") from None
     except OSError as exc:

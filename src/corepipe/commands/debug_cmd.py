@@ -33,7 +33,7 @@ from typing import Optional
 from corepipe.commands import crashes
 from corepipe.domain import binaries
 from corepipe.platform import elf, gdb, sandbox, sysroot, unpack
-from corepipe.platform.errors import UserError
+from corepipe.platform.errors import UsageError, UserError
 from corepipe.platform.log import clean
 from corepipe.platform.store import BUILD_ID
 
@@ -96,7 +96,7 @@ def debugger_argv(debugger: str) -> list:
     try:
         argv = shlex.split(debugger)
     except ValueError as exc:
-        raise UserError(f"--debugger {debugger!r}: {exc}", 2) from None
+        raise UsageError(f"--debugger {debugger!r}: {exc}") from None
     found = shutil.which(argv[0]) if argv else None
     if found is None:
         raise UserError(f"debugger {argv[0] if argv else debugger!r} not found; install gdb or pass --debugger CMD")
@@ -135,11 +135,11 @@ class Sources:
 
     def _named(self, path: str, option: str) -> str:
         if ":" in path:
-            raise UserError(f"{option} {path}: gdb cannot take a directory whose name has ':'; use a symlink", 2)
+            raise UsageError(f"{option} {path}: gdb cannot take a directory whose name has ':'; use a symlink")
         real = os.path.realpath(os.path.expanduser(path))
         refusal = sandbox.source_refusal(real, "user")
         if refusal:
-            raise UserError(f"{option} {path}: {refusal}; name a directory that holds the sources", 2)
+            raise UsageError(f"{option} {path}: {refusal}; name a directory that holds the sources")
         self.binds.append((real, real))
         return real
 
@@ -199,10 +199,7 @@ def run(ns: argparse.Namespace) -> int:
 
 
 def _debug(path: str, store: str, rec: dict, debugger: list, extra: list, sources: Sources, remote: bool) -> int:
-    try:
-        source = unpack.open_core(path, rec)
-    except unpack.CoreError as exc:
-        raise UserError(str(exc)) from None
+    source = unpack.open_core(path, rec)
     work = tempfile.mkdtemp(prefix="corepipe-debug-")
     try:
         crashes.check_room(work, rec, "set TMPDIR to a bigger filesystem")
@@ -210,8 +207,6 @@ def _debug(path: str, store: str, rec: dict, debugger: list, extra: list, source
         fd = os.open(core, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             unpack.to_fd(source, rec, fd)
-        except unpack.CoreError as exc:
-            raise UserError(str(exc)) from None
         finally:
             os.close(fd)
             os.close(source)

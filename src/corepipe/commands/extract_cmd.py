@@ -8,7 +8,7 @@ import sys
 
 from corepipe.commands import crashes
 from corepipe.platform import digest, fs, unpack
-from corepipe.platform.errors import UserError
+from corepipe.platform.errors import UsageError, UserError
 
 HELP = "write the decompressed core of a crash to a file or stdout (default: the latest crash)"
 
@@ -24,16 +24,13 @@ def run(ns: argparse.Namespace) -> int:
     path, rec = crashes.lookup(ns, ns.id)
     to_stdout = ns.output in (None, "-")
     if to_stdout and sys.stdout.isatty():
-        raise UserError("refusing to write a core to a terminal; use -o FILE or a pipe", 2)
+        raise UsageError("refusing to write a core to a terminal; use -o FILE or a pipe")
     with crashes.local_copy(ns, path, rec) as (local, _store):
         return _extract(local, rec, ns.output, to_stdout)
 
 
 def _extract(path: str, rec: dict, output: str, to_stdout: bool) -> int:
-    try:
-        source = unpack.open_core(path, rec)
-    except unpack.CoreError as exc:
-        raise UserError(str(exc)) from None
+    source = unpack.open_core(path, rec)
     try:
         if to_stdout:
             sys.stdout.flush()

@@ -32,8 +32,6 @@ def run(ns: argparse.Namespace) -> int:
 
     try:
         remote = fleet.RemoteCatalog(objectstore.open_destination(ns.remote), crashes.warn_remote)
-    except ValueError as exc:
-        raise UserError(str(exc), 2) from None
     except objectstore.DestinationError as exc:
         raise UserError(f"cannot read {ns.remote}: {exc}") from None
     with crashes.remote_errors(ns, remote):

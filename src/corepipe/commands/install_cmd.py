@@ -6,7 +6,6 @@ import argparse
 from typing import Callable
 
 from corepipe.platform import config as configuration
-from corepipe.platform.errors import UserError
 from corepipe.services import install
 
 HELP = "make corepipe the kernel's core dump handler on this host (idempotent)"
@@ -43,12 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def report(action: Callable[[], list]) -> int:
-    """Run install or uninstall and print its lines; its refusals become one-line errors."""
-    try:
-        lines = action()
-    except install.InstallError as exc:
-        raise UserError(str(exc)) from None
-    for line in lines:
+    """Run install or uninstall and print its lines."""
+    for line in action():
         print(line)
     return 0
 

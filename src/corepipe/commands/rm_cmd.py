@@ -21,10 +21,7 @@ def run(ns: argparse.Namespace) -> int:
     items = crashes.all_records(cfg.store)
     chosen = {}
     for prefix in ns.ids:
-        try:
-            path, rec = catalog.select(items, prefix)
-        except catalog.LookupFailed as exc:
-            raise UserError(str(exc)) from None
+        path, rec = catalog.select(items, prefix)
         chosen[path] = rec
     pruned = 0
     try:

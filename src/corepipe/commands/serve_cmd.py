@@ -11,7 +11,6 @@ import argparse
 
 from corepipe.commands.install_cmd import add_config_option
 from corepipe.platform.errors import UserError
-from corepipe.platform.sysctl import SysctlError
 from corepipe.services import install, serve
 
 HELP = ("run the resident collector: on the kernel's coredump socket (Linux 6.16+) and for the crashes the pipe "
@@ -49,10 +48,7 @@ def run(ns: argparse.Namespace) -> int:
     config = getattr(ns, "config", None)
     fallback, state = ns.fallback, None
     if fallback is None or ns.mode is None:
-        try:
-            state = install.load_state(install.Paths(config=config or install.Paths.config).state)
-        except install.InstallError as exc:
-            raise UserError(str(exc)) from None
+        state = install.load_state(install.Paths(config=config or install.Paths.config).state)
     mode = ns.mode or (state or {}).get("mode") or serve.SOCKET_MODE
     if fallback is None:
         if state is not None:
@@ -63,5 +59,5 @@ def run(ns: argparse.Namespace) -> int:
                             forward_wait=ns.forward_wait)
     try:
         return serve.serve(options)
-    except (SysctlError, ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:
         raise UserError(f"{exc}") from None

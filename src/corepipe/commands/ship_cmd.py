@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from corepipe.commands import crashes
-from corepipe.platform.errors import UserError
+from corepipe.platform.errors import UsageError, UserError
 from corepipe.platform.objectstore import DestinationError
 from corepipe.services import ship
 
@@ -25,14 +25,12 @@ def run(ns: argparse.Namespace) -> int:
     cfg = crashes.load_config(ns)
     url = ns.to or cfg.ship_to
     if not url:
-        raise UserError("no destination: pass --to az://CONTAINER/PREFIX or s3://BUCKET/PREFIX, or set ship_to "
-                        "in the config", 2)
+        raise UsageError("no destination: pass --to az://CONTAINER/PREFIX or s3://BUCKET/PREFIX, or set ship_to "
+                         "in the config")
     cfg.ship_node = ns.node or cfg.ship_node
     try:
         node = ship.node_name(cfg)
         shipper = ship.Shipper(cfg, ship.connect(url, cfg), node)
-    except ValueError as exc:
-        raise UserError(str(exc), 2) from None
     except DestinationError as exc:
         raise UserError(f"cannot ship to {url}: {exc}") from None
     if ns.once:

@@ -22,6 +22,7 @@ from typing import Callable, Optional, TypeVar
 
 from corepipe.domain import binaries, ledger, policy
 from corepipe.domain import record as records
+from corepipe.platform.errors import UserError
 from corepipe.platform.lock import StoreLock
 from corepipe.platform.log import ERR, log
 from corepipe.platform.store import (
@@ -48,7 +49,7 @@ T = TypeVar("T")
 _MAX_RECORD = 64 << 20
 
 
-class LookupFailed(Exception):
+class LookupFailed(UserError):
     """No crash, or more than one, matches an id prefix; the message says which and what to do."""
 
 

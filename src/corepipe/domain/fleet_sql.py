@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import Callable, Optional
 
+from corepipe.platform.errors import UserError
+
 #: The index schema as DuckDB types (rows are checked before they are cached, so they have these types).
 COLUMNS = {
     "v": "INTEGER", "kind": "VARCHAR", "id": "VARCHAR", "node": "VARCHAR", "time": "VARCHAR",
@@ -39,7 +41,7 @@ COLUMNS = {
 }
 
 
-class QueryError(Exception):
+class QueryError(UserError):
     """The extra is missing, or DuckDB refused the query; the message is one line."""
 
 

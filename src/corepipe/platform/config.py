@@ -8,6 +8,8 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from corepipe.platform.errors import UserError
+
 DEFAULT_PATH = "/etc/corepipe/config.toml"
 DEFAULT_STORE = "/var/lib/corepipe"
 #: Outside the Prometheus exporters' 9100-9999 range (all of it allocated) and below the ephemeral ports;
@@ -22,8 +24,10 @@ REDACT_ARGS = ("password", "passwd", "pwd", "pass", "passphrase", "secret", "tok
                "credential", "credentials", "auth", "cookie", "session", "dsn")
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """The file exists but cannot be used; the message says which key or line."""
+
+    hint = "fix the config or pass --config"
 
 
 @dataclass

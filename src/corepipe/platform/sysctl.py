@@ -9,12 +9,14 @@ from __future__ import annotations
 import errno
 import os
 
+from corepipe.platform.errors import UserError
+
 PROC_SYS = "/proc/sys"
 CORE_PATTERN = "kernel.core_pattern"
 CORE_PIPE_LIMIT = "kernel.core_pipe_limit"
 
 
-class SysctlError(Exception):
+class SysctlError(UserError):
     """A setting cannot be read or written; the message says what to do."""
 
 

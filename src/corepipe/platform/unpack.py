@@ -11,13 +11,14 @@ import os
 from typing import Callable
 
 from corepipe.platform import digest
+from corepipe.platform.errors import UserError
 from corepipe.platform.fs import write_all
 from corepipe.platform.store import core_file
 
 CHUNK = 1 << 20
 
 
-class CoreError(Exception):
+class CoreError(UserError):
     """The core is absent, unreadable or not what the record says; the message says which."""
 
 

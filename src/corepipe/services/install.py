@@ -49,7 +49,7 @@ DEFAULT_SOCKET = "/run/corepipe/coredump.socket"
 DEFAULT_PATTERN = "core"
 
 
-class InstallError(Exception):
+class InstallError(UserError):
     """Install or uninstall cannot go on; the message says why and what to do."""
 
 

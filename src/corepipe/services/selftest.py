@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 from corepipe.domain import catalog, containers
 from corepipe.platform import digest, elf, unpack
+from corepipe.platform.errors import UserError
 from corepipe.platform.sysctl import CORE_PATTERN, Sysctl
 from corepipe.services.install import Paths, load_state, socket_pattern
 
@@ -29,7 +30,7 @@ CONTAINER_COMMAND = ["/bin/sh", "-c", 'sh -c "kill -SEGV \\$\\$"; true']
 Say = Callable[[str], None]
 
 
-class SelftestError(Exception):
+class SelftestError(UserError):
     """The path does not work; the message says where it broke."""
 
 

@@ -25,6 +25,7 @@ from typing import Optional
 from corepipe.domain import binaries, catalog, core_budget, fleet, fleet_index
 from corepipe.platform import log, unpack
 from corepipe.platform.config import Config
+from corepipe.platform.errors import UsageError
 from corepipe.platform.objectstore import Destination, DestinationError, ObjectInfo, open_destination, parts
 from corepipe.platform.store import (
     BUILD_ID,
@@ -55,7 +56,7 @@ class Sweep:
 def node_name(cfg: Config) -> str:
     name = cfg.ship_node or socket.gethostname().split(".")[0]
     if not fleet.NODE.fullmatch(name):
-        raise ValueError(f"node name {name[:70]!r} cannot be part of an object key; set ship_node in the config")
+        raise UsageError(f"node name {name[:70]!r} cannot be part of an object key; set ship_node in the config")
     return name
 
 

@@ -8,9 +8,18 @@ last call commits them, so a store never holds an object that looks complete but
 
 from __future__ import annotations
 
-from corepipe.platform.objectstore.base import Destination, DestinationError, Location, ObjectInfo, is_url, parse
+from corepipe.platform.objectstore.base import (
+    BadDestination,
+    Destination,
+    DestinationError,
+    Location,
+    ObjectInfo,
+    is_url,
+    parse,
+)
 
-__all__ = ["Destination", "DestinationError", "Location", "ObjectInfo", "open_destination", "parse", "is_url"]
+__all__ = ["BadDestination", "Destination", "DestinationError", "Location", "ObjectInfo", "open_destination", "parse",
+           "is_url"]
 
 
 def open_destination(url: str, **options: object) -> Destination:

@@ -6,15 +6,21 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
+from corepipe.platform.errors import UsageError, UserError
+
 _URL = re.compile(r"(az|s3)://([a-z0-9][a-z0-9.-]{1,62})(?:/(.*))?")
 
 
-class DestinationError(Exception):
+class DestinationError(UserError):
     """A request failed; ``auth`` is set when retrying cannot help until the credentials are fixed."""
 
     def __init__(self, message: str, auth: bool = False):
         super().__init__(message)
         self.auth = auth
+
+
+class BadDestination(UsageError, ValueError):
+    """A URL that names no destination (exit code 2); a ValueError too, for callers that check a setting."""
 
 
 @dataclass
@@ -66,13 +72,13 @@ class Destination(Protocol):
 
 
 def parse(url: str) -> Location:
-    """``az://CONTAINER/PREFIX`` or ``s3://BUCKET/PREFIX``; ValueError says what is wrong."""
+    """``az://CONTAINER/PREFIX`` or ``s3://BUCKET/PREFIX``; BadDestination (a ValueError) says what is wrong."""
     match = _URL.fullmatch(url.strip())
     if not match:
-        raise ValueError(f"{url!r} is not a destination (use az://CONTAINER/PREFIX or s3://BUCKET/PREFIX)")
+        raise BadDestination(f"{url!r} is not a destination (use az://CONTAINER/PREFIX or s3://BUCKET/PREFIX)")
     prefix = (match.group(3) or "").strip("/")
     if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
-        raise ValueError(f"{url!r}: the prefix must not have empty, '.' or '..' parts")
+        raise BadDestination(f"{url!r}: the prefix must not have empty, '.' or '..' parts")
     return Location(match.group(1), match.group(2), prefix)
 
 
