@@ -423,3 +423,49 @@ def test_two_containers_of_one_image_upload_its_binaries_once(server, handler_di
     one = json.loads(corepipe(handler.config, server.env, "list", "--remote", url, "--container", ids[1][:12],
                               "--json").stdout)
     assert [item["id"] for item in one] == [recs[1]["id"]]
+
+
+def _ledger_on_disk(store: Path) -> tuple:
+    """(the ledger the store's files hold, the ledger a scan of its directories makes), each as
+    (cores per group with their binaries, group totals, binaries, records)."""
+    from corepipe.domain import books, ledger
+    from corepipe.platform.store import LEDGER, Store, read_file
+
+    def comparable(held: ledger.Ledger) -> tuple:
+        return ({(c.group, c.crash): (c.file, c.size, sorted(c.binaries)) for g in held.groups()
+                 for c in held.cores(g)}, held.groups(), held.binaries, held.records)
+
+    with Store(str(store), create=False) as opened, books.Books(opened, save=False) as kept:
+        on_file = ledger.loads(read_file(opened.fd, LEDGER, 1 << 30), kept.load_group)
+        assert on_file is not None, "no ledger"
+        return comparable(on_file), comparable(books.rebuild_ledger(opened))
+
+
+@pytest.mark.parametrize("kind", ["seaweedfs", "azure"])
+def test_delete_after_ship_leaves_the_ledger_right_at_once(kind: str, handler_dir: Path, crasher: Path,
+                                                           tmp_path: Path) -> None:
+    """Shipped crashes deleted locally go through the store's books under its lock: the ledger admission reads
+    forgets their cores, records and the binary only they used at once, not at prune's next rebuild."""
+    server = objectstores.make(kind, tmp_path)
+    server.start()
+    try:
+        extra = (f'binaries_host = true\nship_to = "{server.url("books")}"\nship_node = "node-a"\n'
+                 f'delete_after_ship = true\n{NO_RATE_LIMIT}')
+        with installed_handler(handler_dir, config_extra=extra) as handler:
+            for name in ("books-one", "books-two"):
+                crash([str(crasher), "0", name])
+            recs = [handler.wait_record(lambda r, n=name: r["comm"] == n) for name in ("books-one", "books-two")]
+            assert all(rec["core"]["stored"] for rec in recs)
+            held, _scanned = _ledger_on_disk(handler.store)
+            assert len(held[0]) == 2 and held[3][0] == 2 and held[2], held  # two cores, two records, the binary
+            shipped = corepipe(handler.config, server.env, "ship", "--once")
+            assert all(f"shipped {rec['id']}" in shipped.stdout for rec in recs), shipped.stdout + shipped.stderr
+            assert not any(Path(rec["_dir"]).exists() for rec in recs)
+            crash([str(crasher), "0", "books-kept"])  # collected after: counted on top of what the ship left
+            kept = handler.wait_record(lambda r: r["comm"] == "books-kept")
+        held, scanned = _ledger_on_disk(handler.store)
+        assert held == scanned, "the ledger still counts what ship deleted"
+        assert list(held[0]) == [tuple(Path(kept["_dir"]).relative_to(handler.store).as_posix().rsplit("/", 1))]
+        assert held[3][0] == 1, held
+    finally:
+        server.stop()

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from corepipe.domain import accounting, catalog
+from corepipe.domain import accounting
+from corepipe.domain.books import Books
 from corepipe.platform.config import Config
 from corepipe.platform.lock import StoreLock
-from corepipe.platform.store import LOCK, STATE, Store
+from corepipe.platform.store import LEDGER, LOCK, STATE, Store
 
 MIB = 1 << 20
 
@@ -44,7 +45,7 @@ def test_rate_limit_and_release(store: Store) -> None:
     cfg = _cfg()
     for n in range(2):
         assert accounting.admit(store, cfg, crash_id=f"{n:012x}", group=("docker", "c1"), exe="/x", want=MIB).budget
-        with catalog.Locked(store) as books:
+        with Books(store) as books:
             accounting.release(books, f"{n:012x}")
     third = accounting.admit(store, cfg, crash_id="2" * 12, group=("docker", "c1"), exe="/x", want=MIB)
     assert third.budget == 0 and third.reason.startswith("rate limited: 2 cores of this container")
@@ -110,6 +111,6 @@ def test_refusal_writes_no_rebuilt_ledger(store: Store) -> None:
     """Before the ack nothing is fsynced: a ledger refusal had to rebuild is left for admit to write."""
     cfg = _cfg()
     assert accounting.refusal(store, cfg, group=("host",), exe="/x") is None
-    assert not os.path.exists(os.path.join(store.root, catalog.LEDGER))
+    assert not os.path.exists(os.path.join(store.root, LEDGER))
     assert accounting.admit(store, cfg, crash_id="1" * 12, group=("host",), exe="/x", want=MIB).budget
-    assert os.path.exists(os.path.join(store.root, catalog.LEDGER))
+    assert os.path.exists(os.path.join(store.root, LEDGER))

@@ -183,6 +183,17 @@ def test_code_map_names_every_module() -> None:
     assert sorted(named - modules) == [], "the code map names modules that do not exist"
 
 
+def test_every_module_says_its_job() -> None:
+    """Every module of src/corepipe opens with a docstring whose first line says what it does."""
+    import ast
+
+    src = REPO / "src" / "corepipe"
+    first_lines = {str(p.relative_to(src)): (ast.get_docstring(ast.parse(p.read_text())) or "").partition("\n")[0]
+                   for p in sorted(src.rglob("*.py"))}
+    silent = [name for name, line in first_lines.items() if len(line) < 20]
+    assert silent == [], "modules without a docstring that says their job"
+
+
 @pytest.mark.parametrize("page", [MAN_COMMANDS, MAN_CONFIG], ids=lambda p: p.name)
 def test_man_page_renders_without_warnings(page: Path) -> None:
     """What ``man`` shows: groff with every warning on prints nothing on stderr."""

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from test_collect_handler import _args, _collect
 
+from corepipe.domain import books as books_module
 from corepipe.domain import catalog, containers, policy, record
+from corepipe.domain.books import Books
 from corepipe.domain.policy import Core, Limits
 from corepipe.domain.snapshot import Snapshot
 from corepipe.platform.config import REDACT_ARGS
@@ -93,8 +95,8 @@ def test_records_count_in_the_ledger_and_go_with_their_crash(tmp_path: Path) -> 
     on_disk = [p.stat().st_blocks * 512 for p in store_dir.rglob("record.json")]
     counted = json.loads((store_dir / LEDGER).read_text())["records"]
     assert counted == [3, sum(on_disk)]
-    with Store(str(store_dir)) as store, catalog.Locked(store) as books:
-        assert catalog.rebuild_ledger(store).records == counted
+    with Store(str(store_dir)) as store, Books(store) as books:
+        assert books_module.rebuild_ledger(store).records == counted
         group, crash = catalog.group_of(str(next(store_dir.rglob("record.json")).parent), str(store_dir))
         books.delete_crash(group, crash)
     assert json.loads((store_dir / LEDGER).read_text())["records"][0] == 2

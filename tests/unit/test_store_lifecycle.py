@@ -15,7 +15,9 @@ from inprocess import collect_in_process
 from support import host_dir, need, wait_for
 
 from corepipe import cli
+from corepipe.domain import books as books_module
 from corepipe.domain import catalog, ledger
+from corepipe.domain.books import Books
 from corepipe.platform.config import Config
 from corepipe.platform.store import BUILD_ID, LEDGER, Store, read_file
 
@@ -64,10 +66,10 @@ def _comparable(books: ledger.Ledger) -> tuple:
 
 def _assert_exact(tmp_path: Path) -> None:
     """The ledger on disk (summary and group files) is what a scan of the store says."""
-    with Store(str(tmp_path / "store"), create=False) as store, catalog.Locked(store) as books:
-        on_file = ledger.loads(read_file(store.fd, LEDGER, 1 << 30), books._load_group)
+    with Store(str(tmp_path / "store"), create=False) as store, Books(store) as books:
+        on_file = ledger.loads(read_file(store.fd, LEDGER, 1 << 30), books.load_group)
         assert on_file is not None, "no ledger"
-        assert _comparable(on_file) == _comparable(catalog.rebuild_ledger(store))
+        assert _comparable(on_file) == _comparable(books_module.rebuild_ledger(store))
 
 
 def _cli(tmp_path: Path, cfg: Config, *args: str) -> int:
@@ -149,7 +151,7 @@ def test_the_ledger_stays_exact_and_is_rebuilt_when_damaged(tmp_path: Path, slee
 def test_a_ledger_that_cannot_be_saved_is_rebuilt_next_time(tmp_path: Path, sleepers: list) -> None:
     cfg = _cfg(tmp_path)
     collect_in_process(cfg, sleepers[0].pid, "first", CORE)
-    with Store(cfg.store, create=False) as store, catalog.Locked(store) as books:
+    with Store(cfg.store, create=False) as store, Books(store) as books:
         books.ledger.dirty.add(_host_group(tmp_path))
         (host_dir(tmp_path / "store") / ".cores.json").unlink()
         (host_dir(tmp_path / "store") / ".cores.json").mkdir()  # the group file cannot be replaced now
@@ -206,5 +208,5 @@ def test_a_record_rewritten_for_the_notify_hook_is_counted_once(tmp_path: Path, 
     cfg = _cfg(tmp_path, notify_command=["/bin/true"], notify_user="nobody")
     _code, _, rec = collect_in_process(cfg, sleepers[0].pid, "notified", CORE)
     assert rec["notify"]["exit_status"] == 0, rec["notify"]
-    with Store(cfg.store, create=False) as store, catalog.Locked(store) as books:
-        assert books.ledger.records == catalog.rebuild_ledger(store).records
+    with Store(cfg.store, create=False) as store, Books(store) as books:
+        assert books.ledger.records == books_module.rebuild_ledger(store).records

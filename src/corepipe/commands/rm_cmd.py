@@ -6,6 +6,7 @@ import argparse
 
 from corepipe.commands import crashes
 from corepipe.domain import catalog
+from corepipe.domain.books import Books
 from corepipe.platform.errors import UserError
 from corepipe.platform.store import Store
 
@@ -25,7 +26,7 @@ def run(ns: argparse.Namespace) -> int:
         chosen[path] = rec
     pruned = 0
     try:
-        with Store(cfg.store, create=False) as store, catalog.Locked(store) as books:
+        with Store(cfg.store, create=False) as store, Books(store) as books:
             for path, rec in chosen.items():
                 group, name = catalog.group_of(path, cfg.store)
                 pruned += books.delete_crash(group, name)

@@ -1,29 +1,29 @@
 """Admission: whether a crash's core is stored and how much room it may take, for every handler at once.
 
-Under the store lock (platform/lock.py, through catalog.Locked) each handler reads what the store
-holds from the ledger (ledger.py: no rescan, whatever the store's size), applies the policy
-(policy.py), deletes what it says (catalog), reserves room for the core about to be written, and
-remembers recent cores for the crash-loop rate limits in ``<store>/.state.json``. The lock is held
-only while deciding, never while a core is written. A state file that is not a plain file is replaced.
+Under the store lock (books.Books) each handler reads what the store holds from the ledger
+(ledger.py: no rescan, whatever the store's size), applies the policy (policy.py), deletes what it
+says (books), reserves room for the core about to be written, and remembers recent cores for the
+crash-loop rate limits in the state file (state.py). The lock is held only while deciding, never
+while a core is written.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass
 from typing import Optional
 
-from corepipe.domain import catalog, policy
+from corepipe.domain import policy
+from corepipe.domain.books import Books
 from corepipe.domain.snapshot import parse_start_ticks
+from corepipe.domain.state import Reservation, State
 from corepipe.platform import fs
 from corepipe.platform.config import Config
 from corepipe.platform.log import ERR, log
-from corepipe.platform.store import STATE, CrashDir, Store, StoreError, read_file
+from corepipe.platform.store import Store
 
-_STATE_MAX = 4 << 20
 #: Below this many bytes of room a core is not even attempted.
 MIN_BUDGET = 4096
 
@@ -41,47 +41,18 @@ def _alive(pid: int, start: Optional[int]) -> bool:
         return False
 
 
-def load_state(store: Store) -> dict:
-    """The rate-limit history and reservations (``<store>/.state.json``); a damaged file starts a new one."""
-    try:
-        data = read_file(store.fd, STATE, _STATE_MAX)
-    except (OSError, StoreError) as exc:
-        log(f"error: {store.root}/{STATE}: {exc}; starting a new one", ERR)
-        return {}
-    if data is None:
-        return {}
-    try:
-        return _valid_state(json.loads(data))
-    except ValueError as exc:
-        log(f"error: {store.root}/{STATE} unreadable ({exc}); starting a new one", ERR)
-        return {}
-
-
-def save_state(store: Store, state: dict) -> None:
-    # Written like any store file: hidden temporary, fsync, rename over whatever is there (never through it).
-    CrashDir(store.fd, store.root, "").write(STATE, json.dumps(state).encode())
-
-
-def reservations(state: dict, max_age: float) -> dict:
-    """Room promised to handlers still writing; entries of dead or overdue handlers are dropped."""
+def reservations(state: State, max_age: float) -> dict:
+    """Room promised to handlers still writing (crash id -> Reservation); those of dead or overdue handlers are
+    dropped."""
     now = time.time()
-    live = {}
-    for crash_id, entry in (state.get("reservations") or {}).items():
-        try:
-            size, pid, start, when = entry
-            if now - when < max_age and _alive(pid, start):
-                live[crash_id] = entry
-        except (TypeError, ValueError):
-            continue
-    state["reservations"] = live
-    return live
+    state.reservations = {crash_id: r for crash_id, r in state.reservations.items()
+                          if now - r.when < max_age and _alive(r.pid, r.start)}
+    return state.reservations
 
 
-def release(books: catalog.Locked, crash_id: str) -> None:
+def release(books: Books, crash_id: str) -> None:
     """The core is in place (or given up): its reservation is no longer needed. The caller holds ``books``."""
-    state = load_state(books.store)
-    if (state.get("reservations") or {}).pop(crash_id, None) is not None:
-        save_state(books.store, state)
+    books.state.reservations.pop(crash_id, None)
 
 
 def measure(store: Store, cfg: Config) -> tuple:
@@ -89,19 +60,6 @@ def measure(store: Store, cfg: Config) -> tuple:
     lim = policy.limits(max_use=cfg.max_use, keep_free=cfg.keep_free, fs_size=fs.fs_size(store.fd),
                         container_max_cores=cfg.container_max_cores, container_max_bytes=cfg.container_max_bytes)
     return lim, fs.free_bytes(store.fd)
-
-
-def _valid_state(state: object) -> dict:
-    """The parts of a loaded state that have the right shape (a damaged file must not stop a handler)."""
-    if not isinstance(state, dict):
-        return {}
-    rates = state.get("rate")
-    reservations = state.get("reservations")
-    signatures = state.get("signatures")
-    return {"rate": {k: v for k, v in rates.items() if isinstance(v, list)} if isinstance(rates, dict) else {},
-            "reservations": reservations if isinstance(reservations, dict) else {},
-            "signatures": ({k: v for k, v in signatures.items() if isinstance(v, (int, float))}
-                           if isinstance(signatures, dict) else {})}
 
 
 def rate_keys(group: tuple, exe: str, signature: Optional[str] = None) -> list:
@@ -133,25 +91,21 @@ def admit(store: Store, cfg: Config, *, crash_id: str, group: tuple, exe: str, w
     """Decide under the lock whether this crash's core is stored, make room for ``want`` bytes, reserve it.
     ``signature`` (the crash site's, known before the core is read) is limited within ``group``."""
     now = time.time()
-    with catalog.Locked(store) as books:
-        state = load_state(store)
-        rates = state.setdefault("rate", {})
+    with Books(store) as books:
+        rates = books.state.rate
         keys = rate_keys(group, exe, signature)
         reason = _over_rate(rates, keys, cfg, now)
         if reason is not None:
             _forget_idle(rates)
-            save_state(store, state)
             return Admission(reason=reason)
         want = min(want or FIRST_RESERVATION, FIRST_RESERVATION)
-        budget, limited_by = _reserve(books, state, cfg, crash_id, group, want, written=0)
+        budget, limited_by = _reserve(books, cfg, crash_id, group, want, written=0)
         if budget < MIN_BUDGET:
-            state["reservations"].pop(crash_id, None)
-            save_state(store, state)
+            release(books, crash_id)
             return Admission(reason=_no_room(limited_by, budget), limited_by=limited_by)
         for _what, key in keys:
             rates[key].append(now)
         _forget_idle(rates)
-        save_state(store, state)
         return Admission(budget=budget, limited_by=limited_by)
 
 
@@ -160,12 +114,11 @@ def refusal(store: Store, cfg: Config, *, group: tuple, exe: str) -> Optional[st
     no room even after deleting what the policy allows), or None. It deletes, reserves and records nothing:
     the socket server asks before the dump (a refusal is a REJECT: the kernel writes nothing), ``admit``
     decides after, for the FIRST_RESERVATION it would ask then. Nor does it save a ledger it had to rebuild."""
-    with catalog.Locked(store, save=False) as books:
-        state = load_state(store)
-        reason = _over_rate(state.get("rate", {}), rate_keys(group, exe), cfg, time.time())
+    with Books(store, save=False) as books:
+        reason = _over_rate(books.state.rate, rate_keys(group, exe), cfg, time.time())
         if reason is not None:
             return reason
-        plan = _plan(books, state, cfg, None, group, FIRST_RESERVATION, written=0)
+        plan = _plan(books, cfg, None, group, FIRST_RESERVATION, written=0)
         return _no_room(plan.limited_by, plan.budget) if plan.budget < MIN_BUDGET else None
 
 
@@ -190,20 +143,17 @@ def _over_rate(rates: dict, keys: list, cfg: Config, now: float) -> Optional[str
 def grow(store: Store, cfg: Config, *, crash_id: str, group: tuple, needed: int, written: int) -> int:
     """A core outgrew its reservation: make room for ``needed`` bytes in all (``written`` of them already
     on disk); returns the new reservation, less than ``needed`` when no more room could be made."""
-    with catalog.Locked(store) as books:
-        state = load_state(store)
-        budget, _ = _reserve(books, state, cfg, crash_id, group, needed, written=written,
-                             extra=max(needed // 2, GROW_STEP))
-        save_state(store, state)
+    with Books(store) as books:
+        budget, _ = _reserve(books, cfg, crash_id, group, needed, written=written, extra=max(needed // 2, GROW_STEP))
         return budget
 
 
-def _reserve(books: catalog.Locked, state: dict, cfg: Config, crash_id: str, group: tuple, want: int,
-             written: int, extra: int = 0) -> tuple:
+def _reserve(books: Books, cfg: Config, crash_id: str, group: tuple, want: int, written: int,
+             extra: int = 0) -> tuple:
     """Apply the policy for ``want`` bytes (``written`` of them already on disk), delete what it says,
     and reserve ``want`` plus up to ``extra`` more where there is room without deleting anything more;
     returns (reserved bytes, the limit that decided)."""
-    plan = _plan(books, state, cfg, crash_id, group, want, written)
+    plan = _plan(books, cfg, crash_id, group, want, written)
     for core, reason in plan.delete:
         try:
             books.delete_core(core, f"{reason} (room for crash {crash_id})")
@@ -211,18 +161,18 @@ def _reserve(books: catalog.Locked, state: dict, cfg: Config, crash_id: str, gro
         except OSError as exc:
             log(f"error: cannot delete the core of {core.group}/{core.crash}: {exc}", ERR)
     budget = min(want + extra, plan.budget)
-    state["reservations"][crash_id] = [budget, os.getpid(), _self_start(), time.time()]
+    books.state.reservations[crash_id] = Reservation(budget, os.getpid(), _self_start(), time.time())
     return budget, plan.limited_by
 
 
-def _plan(books: catalog.Locked, state: dict, cfg: Config, crash_id: Optional[str], group: tuple, want: int,
+def _plan(books: Books, cfg: Config, crash_id: Optional[str], group: tuple, want: int,
           written: int) -> policy.Plan:
     """The policy's plan for ``want`` more bytes in ``group`` (``written`` of them on disk already), counting
     the room promised to the other live handlers (``crash_id``'s own promise aside); deletes nothing."""
-    reserved = reservations(state, cfg.timeout + 60)
+    reserved = reservations(books.state, cfg.timeout + 60)
     lim, fs_free = measure(books.store, cfg)
     return books.checked(lambda: policy.plan(books.ledger, lim, fs_free=fs_free + written,
-                                             reserved=sum(r[0] for k, r in reserved.items() if k != crash_id),
+                                             reserved=sum(r.size for k, r in reserved.items() if k != crash_id),
                                              group="/".join(group), want=want))
 
 

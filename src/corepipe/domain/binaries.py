@@ -8,7 +8,7 @@ through its own filesystem, and the fds keep them reachable after the process (a
 means a file that fakes another's build-id can never replace it).
 
 A saved file lives as long as a stored core uses it: the ledger (ledger.py) counts the cores
-referring to each one, catalog.Locked deletes it (``remove``) with the last of them, and
+referring to each one, books.Books deletes it (``remove``) with the last of them, and
 ``prune_unused`` sweeps files nothing refers to (a handler killed before it registered them).
 """
 
@@ -23,7 +23,7 @@ from typing import Optional
 
 from corepipe.platform import elf
 from corepipe.platform.fs import free_bytes, write_all
-from corepipe.platform.store import BUILD_ID, CrashDir, binary_name, is_binary_name, open_dir
+from corepipe.platform.store import BUILD_ID, StoreDir, binary_name, is_binary_name, open_dir
 
 _CHUNK = 1 << 20
 
@@ -227,7 +227,7 @@ def _store(area_fd: int, area_path: str, fd: int, entry: dict) -> None:
     entry["sha256"] = _digest(fd, entry["size"])
     directory, name = stored_name(entry)
     sub_fd = open_dir(area_fd, directory)
-    target = CrashDir(sub_fd, f"{area_path}/{directory}", "")
+    target = StoreDir(sub_fd, f"{area_path}/{directory}")
     try:
         try:
             st = os.stat(name, dir_fd=sub_fd, follow_symlinks=False)

@@ -1,12 +1,9 @@
-"""The crashes in a store: walk its layout (README, "Store layout"), find one by id prefix, and delete.
+"""The crashes in a store, read: walk its layout (README, "Store layout"), read records, find one by id prefix.
 
 The walk opens every directory relative to its parent without following links (store.open_dir),
 so a planted symlink is skipped, not followed. A record that cannot be read or parsed is
-reported through ``problems`` and skipped: one broken crash must not hide the others.
-
-Every deletion (``rm``, ``prune``, the storage policy, ``uninstall --purge``, ``selftest``) goes
-through ``Locked``: under the store lock, keeping the ledger exact and deleting the saved
-binaries the last core using them took along.
+reported through ``problems`` and skipped: one broken crash must not hide the others. Nothing here
+changes the store: what adds or deletes goes through books.Books.
 """
 
 from __future__ import annotations
@@ -15,36 +12,28 @@ import json
 import os
 import re
 import stat
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional
 
-from corepipe.domain import binaries, ledger, policy
+from corepipe.domain import policy
 from corepipe.domain import record as records
 from corepipe.platform.errors import UserError
-from corepipe.platform.lock import StoreLock
 from corepipe.platform.log import ERR, log
 from corepipe.platform.store import (
     CORE_FILES,
     FAILED,
-    GROUP_LEDGER,
     LEDGER,
     RECORD,
     SHIP_STATUS,
     SHIPPED,
     TEMP_NAME,
-    CrashDir,
     Store,
-    StoreError,
     crash_id,
     crash_time,
     open_dir,
     read_file,
 )
-
-_MAX_LEDGER = 256 << 20
-T = TypeVar("T")
 
 _MAX_RECORD = 64 << 20
 
@@ -259,7 +248,7 @@ def select(items: list, prefix: str) -> tuple:
     return matches[0]
 
 
-# -- what the store holds, from its directories (prune, and a ledger rebuilt) --------------------------
+# -- what the store holds, from its directories (prune, and books.rebuild_ledger) --------------------------
 
 
 @dataclass
@@ -311,254 +300,6 @@ def scan(store: Store) -> Contents:
     for path, message in problems:
         log(f"error: store {store.root}: skipping {path}: {message}", ERR)
     return contents
-
-
-def rebuild_ledger(store: Store, contents: Optional[Contents] = None) -> ledger.Ledger:
-    """The ledger from the store's directories and records (``contents``: a scan already made); every group
-    seen is marked for writing, so a stale group file goes too."""
-    contents = contents if contents is not None else scan(store)
-    books = ledger.Ledger()
-    for core in contents.crashes:
-        books.dirty.add(core.group)
-        if core.file is not None:
-            books.add_core(core.group, core.crash, core.file, core.size, core.time)
-        try:
-            crash = _open_crash(store, core.group, core.crash)
-        except OSError:
-            continue
-        try:
-            rec = read_record(crash.fd)
-        except (OSError, ValueError):
-            continue
-        finally:
-            crash.close()
-        if rec.get("status") != "collecting":  # a handler still at work counts its record when it finishes
-            books.add_record(core.record)
-        if core.file is not None:
-            books.add_binaries(core.group, core.crash, binaries.on_disk(store.fd, rec)[0])
-    return books
-
-
-def _open_path(store: Store, components: list) -> int:
-    """An fd on store/<components...>, each opened without following links."""
-    fd = store.fd
-    for component in components:
-        child = open_dir(fd, component, create=False)
-        if fd != store.fd:
-            os.close(fd)
-        fd = child
-    return fd
-
-
-def _open_crash(store: Store, group: str, crash: str) -> CrashDir:
-    return CrashDir(_open_path(store, group.split("/") + [crash]), f"{store.root}/{group}/{crash}", crash)
-
-
-class Locked:
-    """The store under its lock, with its ledger (loaded when first used, rebuilt when missing, unreadable or
-    inconsistent, saved when changed): what adds a core to the store or deletes anything from it does it here.
-    ``save=False`` is for a question that changes nothing (the socket server's before the dump): a ledger it had
-    to rebuild is not written then (two fsyncs, up to 30 ms on a busy disk, while the kernel waits for the ack);
-    the next user rebuilds and saves it."""
-
-    def __init__(self, store: Store, save: bool = True):
-        self.store = store
-        self.save = save
-        self._lock = StoreLock(store)
-        self._ledger: Optional[ledger.Ledger] = None
-        self._rebuilt = False
-
-    def __enter__(self) -> Locked:
-        self._lock.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if self.save and self._ledger is not None and (self._ledger.dirty or self._ledger.changed
-                                                           or self._rebuilt):
-                self.save_ledger()
-        except OSError as error:  # a full disk: what was decided stands; the next user rebuilds the ledger
-            log(f"error: {self.store.root}/{LEDGER}: cannot save it ({error}); it will be rebuilt", ERR)
-            try:
-                os.unlink(LEDGER, dir_fd=self.store.fd)
-            except OSError:
-                pass
-        finally:
-            self._lock.__exit__(*exc)
-
-    @property
-    def ledger(self) -> ledger.Ledger:
-        if self._ledger is None:
-            self._ledger = self._load_ledger()
-        return self._ledger
-
-    def _load_ledger(self) -> ledger.Ledger:
-        try:
-            data = read_file(self.store.fd, LEDGER, _MAX_LEDGER)
-        except (OSError, StoreError) as exc:
-            log(f"error: {self.store.root}/{LEDGER}: {exc}; rebuilding it", ERR)
-            data = b""
-        loaded = ledger.loads(data, self._load_group) if data is not None else None
-        if loaded is not None:
-            return loaded
-        if data is not None:
-            log(f"error: {self.store.root}/{LEDGER} is not a ledger of ours; rebuilding it", ERR)
-        return self.rebuild()
-
-    def _load_group(self, group: str) -> Optional[dict]:
-        try:
-            fd = _open_path(self.store, group.split("/"))
-        except FileNotFoundError:
-            return None
-        try:
-            data = read_file(fd, GROUP_LEDGER, _MAX_LEDGER)
-        except (OSError, StoreError) as exc:
-            log(f"error: {self.store.root}/{group}/{GROUP_LEDGER}: {exc}", ERR)
-            data = b""
-        finally:
-            os.close(fd)
-        return ledger.group_loads(data) if data is not None else None
-
-    def rebuild(self, contents: Optional[Contents] = None) -> ledger.Ledger:
-        """Replace the ledger by what the store's directories say (``corepipe prune``, or a damaged ledger)."""
-        self._ledger = rebuild_ledger(self.store, contents)
-        self._rebuilt = True
-        return self._ledger
-
-    def checked(self, action: Callable[[], T]) -> T:
-        """``action()`` on the ledger; if a group's file turns out inconsistent, once more on a rebuilt one."""
-        try:
-            return action()
-        except ledger.Inconsistent as exc:
-            log(f"error: {self.store.root}: the ledger is inconsistent ({exc}); rebuilding it", ERR)
-            stale = exc.group
-            self.rebuild().dirty.add(stale)
-            return action()
-
-    def save_ledger(self) -> None:
-        """The dirty groups' files, then the summary (written like any store file: hidden temporary, fsync,
-        rename over whatever is there, never through it)."""
-        books = self.ledger
-        for group in sorted(books.dirty):
-            try:
-                fd = _open_path(self.store, group.split("/"))
-            except FileNotFoundError:
-                continue
-            directory = CrashDir(fd, f"{self.store.root}/{group}", "")
-            try:
-                data = books.group_dumps(group)
-                if data is not None:
-                    directory.write(GROUP_LEDGER, data)
-                else:
-                    try:
-                        os.unlink(GROUP_LEDGER, dir_fd=fd)
-                    except FileNotFoundError:
-                        pass
-            finally:
-                directory.close()
-        books.dirty.clear()
-        CrashDir(self.store.fd, self.store.root, "").write(LEDGER, books.dumps())
-        books.changed = False
-        self._rebuilt = False
-
-    def add_core(self, crash: CrashDir, group: str, file: str) -> None:
-        """A core was just put in place as ``file`` in ``crash`` (of ``group``)."""
-        st = os.stat(file, dir_fd=crash.fd, follow_symlinks=False)
-        name = os.path.basename(crash.path)
-        unused = self.checked(lambda: self.ledger.add_core(group, name, file, st.st_blocks * 512, time.time()))
-        binaries.remove(self.store.fd, unused)
-
-    def add_binaries(self, crash: CrashDir, group: str, rec: dict) -> None:
-        """Register the binaries the record says were saved for its (stored) core."""
-        name = os.path.basename(crash.path)
-        items, missing = binaries.on_disk(self.store.fd, rec)
-        if missing:
-            records.binaries_dropped(rec, "deleted before this crash could keep it", set(missing))
-        self.checked(lambda: self.ledger.add_binaries(group, name, items))
-
-    def add_record(self, crash: CrashDir) -> None:
-        """Count the crash's record (just written, final) in the store's use."""
-        size = _record_bytes(crash)
-        self.checked(lambda: self.ledger.add_record(size))
-
-    def rewrite_record(self, crash: CrashDir, write: Callable[[], None]) -> None:
-        """``write`` the crash's final record again (already counted by ``add_record``): its bytes in the ledger
-        are replaced, not added again."""
-        before = _record_bytes(crash)
-        write()
-        after = _record_bytes(crash)
-
-        def replace() -> None:
-            self.ledger.remove_record(before)
-            self.ledger.add_record(after)
-        self.checked(replace)
-
-    def drop_binaries(self, keys: set) -> int:
-        """Binaries saved for a crash whose core went before they were registered: delete those no core uses."""
-        return binaries.remove(self.store.fd, sorted(k for k in keys if k not in self.ledger.binaries))
-
-    def delete_core(self, core: policy.Core, reason: str) -> int:
-        """Delete a crash's core and say so in its record (which stays), with the saved binaries only it used;
-        returns how many of those were deleted."""
-        try:
-            crash = _open_crash(self.store, core.group, core.crash)
-        except FileNotFoundError:
-            return self._forget(core.group, core.crash)  # gone already: the ledger was behind
-        try:
-            try:
-                os.unlink(core.file, dir_fd=crash.fd)
-            except FileNotFoundError:
-                pass
-            try:
-                rec = read_record(crash.fd)
-                records.core_deleted(rec, reason)
-                crash.write(RECORD, records.dumps(rec))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                log(f"error: {crash.path}: core deleted but its record not updated: {exc}", ERR)
-        finally:
-            crash.close()
-        return self._forget(core.group, core.crash)
-
-    def delete_crash(self, group: str, crash: str) -> int:
-        """Delete a whole crash directory (its files are never followed), with the saved binaries only its core
-        used; returns how many of those were deleted."""
-        crash_dir = _open_crash(self.store, group, crash)
-        try:
-            try:
-                record_size = os.stat(RECORD, dir_fd=crash_dir.fd, follow_symlinks=False).st_blocks * 512
-                self.checked(lambda: self.ledger.remove_record(record_size))
-            except FileNotFoundError:
-                pass
-            for name in os.listdir(crash_dir.fd):
-                try:
-                    os.unlink(name, dir_fd=crash_dir.fd)
-                except IsADirectoryError:
-                    pass
-        finally:
-            crash_dir.close()
-        removed = self._forget(group, crash)  # its core is gone, even if the directory cannot go
-        parent_fd = _open_path(self.store, group.split("/"))
-        try:
-            os.rmdir(crash, dir_fd=parent_fd)
-        finally:
-            os.close(parent_fd)
-        return removed
-
-    def delete_temp(self, temp: Temp) -> None:
-        crash = _open_crash(self.store, temp.group, temp.crash)
-        try:
-            os.unlink(temp.name, dir_fd=crash.fd)
-        finally:
-            crash.close()
-
-    def _forget(self, group: str, crash: str) -> int:
-        unused = self.checked(lambda: self.ledger.remove(group, crash))
-        return binaries.remove(self.store.fd, unused)
-
-
-def _record_bytes(crash: CrashDir) -> int:
-    """What the crash's record takes on disk, as ``scan`` counts it."""
-    return os.stat(RECORD, dir_fd=crash.fd, follow_symlinks=False).st_blocks * 512
 
 
 def group_of(path: str, root: str) -> tuple:

@@ -3,7 +3,7 @@
 Admission (accounting.py) applies the limits to what the store holds; scanning every crash
 directory for that made each stored core cost time in proportion to the store (1.5 s with 20k
 crashes). The ledger is kept exact instead, under the store lock, by the only code that adds a core
-(services/collect.py's commit), registers binaries or deletes (catalog.Locked), in two parts:
+(services/collect.py's commit), registers binaries or deletes (books.Books), in two parts:
 
 - ``<store>/.ledger.json``: per container group its number and bytes of stored cores, per saved
   binary (``.build-id``) its bytes and how many stored cores use it, and the number and bytes of
@@ -14,7 +14,7 @@ crashes). The ledger is kept exact instead, under the store lock, by the only co
   group while the global limits are over).
 
 A group file that disagrees with the summary (a handler killed between the two writes) or a summary
-that is missing or unreadable means a rebuild from a scan (catalog.rebuild_ledger); ``corepipe prune``
+that is missing or unreadable means a rebuild from a scan (books.rebuild_ledger); ``corepipe prune``
 rebuilds it every time. A saved binary goes when the last core using it goes. A record counts with
 the size it had when its crash was finished (later rewrites, such as a deletion's reason, change it
 by a few bytes; prune's rebuild makes it exact again).

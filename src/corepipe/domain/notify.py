@@ -3,8 +3,8 @@
 "New" means the crash's policy group has not had the signature's hash before (nor, for a crash without a
 backtrace, its crash site): per group, so that a user who crashes a system program first does not take
 root's or a container's notification for it. It is decided under the store's lock with the hashes
-kept in the state file (at most MAX_SEEN, the oldest forgotten first). The command runs after the
-record is final, so after the kernel has let the crashed process go: as ``notify_user`` (never root:
+kept in the state file (books.Books, state.py; at most MAX_SEEN, the oldest forgotten first). The command
+runs after the record is final, so after the kernel has let the crashed process go: as ``notify_user`` (never root:
 refused), without the handler's groups, in a session of its own, with an empty environment but PATH,
 and its whole session is killed at ``notify_timeout``. What happened is returned for the record (``notify``) and logged.
 """
@@ -18,7 +18,8 @@ import subprocess
 import time
 from typing import Optional
 
-from corepipe.domain import accounting, catalog, record
+from corepipe.domain import record
+from corepipe.domain.books import Books
 from corepipe.platform.config import Config
 from corepipe.platform.log import ERR, INFO, log
 from corepipe.platform.store import Store
@@ -32,9 +33,8 @@ def is_new(store: Store, sig: dict, group: tuple) -> bool:
     where = "/".join(group)
     site = f"{where} site:{sig.get('site')}" if sig.get("site") else None
     known = f"{where} {sig['hash']}"
-    with catalog.Locked(store):
-        state = accounting.load_state(store)
-        seen = state.setdefault("signatures", {})
+    with Books(store) as books:
+        seen = books.state.signatures
         new = known not in seen and not (sig.get("source") == "crash site" and site in seen)
         now = time.time()
         seen[known] = now
@@ -42,7 +42,6 @@ def is_new(store: Store, sig: dict, group: tuple) -> bool:
             seen[site] = now  # later crashes of this site without a backtrace are not new
         for old in sorted(seen, key=seen.get)[:max(0, len(seen) - MAX_SEEN)]:
             del seen[old]
-        accounting.save_state(store, state)
     return new
 
 

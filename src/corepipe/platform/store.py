@@ -167,15 +167,50 @@ def open_dir(parent_fd: Optional[int], name: str, create: bool = True) -> int:
     return fd
 
 
-class Store:
+class StoreDir:
+    """A directory of the store, opened without following links: its fd, its path (for messages), and the
+    files in it written whole (``write``) or through a hidden temporary (``open_temp``, ``commit``)."""
+
+    def __init__(self, fd: int, path: str):
+        self.fd = fd
+        self.path = path
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def open_temp(self, final: str) -> tuple:
+        """A new hidden file for ``final``; returns (fd, temporary name)."""
+        return fs.create_temp(self.fd, "", final, FILE_MODE)
+
+    def commit(self, fd: int, tmp: str, final: str) -> None:
+        """fsync and rename into place; the final name then always holds a complete file."""
+        fs.commit(self.fd, fd, tmp, final)
+
+    def discard(self, fd: Optional[int], tmp: str) -> None:
+        fs.discard(self.fd, fd, tmp)
+
+    def write(self, final: str, data: bytes) -> None:
+        fs.replace(final, lambda fd: write_all(fd, data), mode=FILE_MODE, dir_fd=self.fd)
+
+    def open_path(self, components: list) -> int:
+        """A new fd on <this directory>/<components...>, each opened without following links."""
+        fd = self.fd
+        for component in components:
+            child = open_dir(fd, component, create=False)
+            if fd != self.fd:
+                os.close(fd)
+            fd = child
+        return fd if fd != self.fd else os.dup(fd)
+
+
+class Store(StoreDir):
+    """The store's root directory (``root``: its path)."""
+
     def __init__(self, root: str, create: bool = True):
         self.root = root
         if create:
             os.makedirs(os.path.dirname(root.rstrip("/")) or "/", exist_ok=True)
-        self.fd = open_dir(None, root, create=create)
-
-    def close(self) -> None:
-        os.close(self.fd)
+        super().__init__(open_dir(None, root, create=create), root)
 
     def __enter__(self) -> Store:
         return self
@@ -206,27 +241,9 @@ class Store:
                 os.close(f)
 
 
-class CrashDir:
-    """One crash's directory; all writes are relative to its fd."""
+class CrashDir(StoreDir):
+    """One crash's directory (``id``: the crash's id)."""
 
     def __init__(self, fd: int, path: str, crash_id: str):
-        self.fd = fd
-        self.path = path
+        super().__init__(fd, path)
         self.id = crash_id
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-    def open_temp(self, final: str) -> tuple:
-        """A new hidden file for ``final``; returns (fd, temporary name)."""
-        return fs.create_temp(self.fd, "", final, FILE_MODE)
-
-    def commit(self, fd: int, tmp: str, final: str) -> None:
-        """fsync and rename into place; the final name then always holds a complete file."""
-        fs.commit(self.fd, fd, tmp, final)
-
-    def discard(self, fd: Optional[int], tmp: str) -> None:
-        fs.discard(self.fd, fd, tmp)
-
-    def write(self, final: str, data: bytes) -> None:
-        fs.replace(final, lambda fd: write_all(fd, data), mode=FILE_MODE, dir_fd=self.fd)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from corepipe.domain import accounting, binaries, catalog, containers, policy, postmortem, record, snapshot
+from corepipe.domain.books import Books
 from corepipe.domain.context import Context
 from corepipe.platform import affinity, kernel, slots
 from corepipe.platform import config as configuration
@@ -424,10 +425,10 @@ def write_final(ctx: Context) -> None:
 
 
 @contextlib.contextmanager
-def _locked(ctx: Context) -> Iterator[Optional[catalog.Locked]]:
+def _locked(ctx: Context) -> Iterator[Optional[Books]]:
     """The store's lock, or (logged) nothing when it cannot be had: the record matters more."""
     try:
-        lock = catalog.Locked(ctx.store)
+        lock = Books(ctx.store)
     except OSError as exc:
         log(f"error: pid {ctx.args.pid}: cannot lock the store to finish crash {ctx.crash.id}: {exc}", ERR)
         yield None

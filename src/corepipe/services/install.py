@@ -409,10 +409,11 @@ def purge_store(store: str, created: bool) -> str:
         shutil.rmtree(store)
         return f"deleted the store {store}"
     from corepipe.domain import binaries
+    from corepipe.domain.books import Books
     from corepipe.platform.store import Store
 
     crashes = [path for path, _rec in catalog.iter_records(store)]
-    with Store(store, create=False) as opened, catalog.Locked(opened) as books:
+    with Store(store, create=False) as opened, Books(opened) as books:
         for path in crashes:
             books.delete_crash(*catalog.group_of(path, store))
         binaries.prune_unused(opened.fd, set(), 0)

@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 from corepipe.domain import accounting, binaries, catalog, policy
+from corepipe.domain.books import Books, rebuild_ledger
 from corepipe.platform.config import Config
 from corepipe.platform.store import Store, crash_time
 
@@ -37,10 +38,10 @@ def prune(store: Store, cfg: Config, *, dry_run: bool, say: Callable[[str], None
             return
         say(f"deleted {path} ({reason})")
 
-    with catalog.Locked(store) as books:
+    with Books(store, save=not dry_run) as books:  # a dry run changes nothing, not even the ledger file
         contents = catalog.scan(store)
-        # The ledger as the directories say; a dry run changes nothing, not even the ledger file.
-        held = catalog.rebuild_ledger(store, contents) if dry_run else books.rebuild(contents)
+        # The ledger as the directories say.
+        held = rebuild_ledger(store, contents) if dry_run else books.rebuild(contents)
         now = time.time()
         old = policy.expired(contents.crashes, now=now, max_age_days=cfg.max_age_days)
         for crash in old:
@@ -58,7 +59,7 @@ def prune(store: Store, cfg: Config, *, dry_run: bool, say: Callable[[str], None
         gone = {(c.group, c.crash) for c in old}
         if dry_run:  # nothing was deleted: count the old crashes as gone, as they would be
             free += sum(c.size for c in old)
-        reserved = sum(r[0] for r in accounting.reservations(accounting.load_state(store), min_age).values())
+        reserved = sum(r.size for r in accounting.reservations(books.state, min_age).values())
         entries = [c for g in held.groups() for c in held.cores(g) if (c.group, c.crash) not in gone]
         # Records count in max_use too, and the ledger's cores carry none: one core-less entry per record.
         entries += [dataclasses.replace(c, file=None, size=0) for c in contents.crashes

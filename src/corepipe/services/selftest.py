@@ -182,11 +182,12 @@ def _wait_and_verify(store: str, match: Callable[[dict], bool], timeout: float, 
 
 def _remove(store: str, items: list, throwaway_container: bool) -> None:
     """Delete the selftest's crashes and the saved binaries only they referred to."""
+    from corepipe.domain.books import Books
     from corepipe.platform.store import Store
 
     if not items:
         return
-    with Store(store, create=False) as opened, catalog.Locked(opened) as books:
+    with Store(store, create=False) as opened, Books(opened) as books:
         for path, _rec in items:
             books.delete_crash(*catalog.group_of(path, store))
     if throwaway_container:  # once the lock is let go: its ledger file for the container is gone by then

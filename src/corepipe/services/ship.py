@@ -6,7 +6,8 @@ parts, resumable from ``ship-progress.json``), and the record last, with its sum
 The core's bytes are checked against the record's digest (core.digest, or sha256 in old records) as
 they are read for the upload, before the object is committed, and the digest goes on as metadata.
 Each upload is read back (size, the store's checksum, the digest metadata) before the next step; then
-``shipped.json`` is written, and only then, if configured, the local crash is deleted. A crash still
+``shipped.json`` is written, and only then, if configured, the local crash is deleted (through books.Books,
+under the store lock, so the ledger is right at once). A crash still
 being collected is never touched. Shipping runs in its own process, never in the kernel's handler.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import socket
 import sys
 import time
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from corepipe.domain import binaries, catalog, core_budget, fleet, fleet_index
+from corepipe.domain.books import Books
 from corepipe.platform import log, unpack
 from corepipe.platform.config import Config
 from corepipe.platform.errors import UsageError
@@ -36,6 +37,8 @@ from corepipe.platform.store import (
     SHIP_STATUS,
     SHIPPED,
     CrashDir,
+    Store,
+    StoreDir,
     core_file,
     open_dir,
 )
@@ -173,8 +176,7 @@ class Shipper:
         try:
             self._index(done)
             if self.cfg.delete_after_ship:
-                for path, rec in done:
-                    self._delete(path, rec)
+                self._delete(done, result)
         except DestinationError as exc:
             result.errors.append(f"cannot write the index at {self.destination.location.url}: {exc}; crashes kept "
                                  "and indexed on the next sweep")
@@ -334,28 +336,32 @@ class Shipper:
             for key in fleet.write_rows(self.destination, self.node, rows):
                 log.log(f"indexed {len(rows)} crashes in {key}")
         for path, marker in marked:
-            crash = CrashDir(open_dir(None, path, create=False), path, "")
+            crash = StoreDir(open_dir(None, path, create=False), path)
             try:
                 crash.write(SHIPPED, json.dumps({**marker, "indexed": True}, indent=1).encode())
             finally:
                 crash.close()
 
-    def _delete(self, path: str, rec: dict) -> None:
-        """Remove the shipped crash; only after shipped.json (written after verification) is in place."""
-        crash_fd = open_dir(None, path, create=False)
-        try:
-            marker = _load_json(crash_fd, SHIPPED)
-        finally:
-            os.close(crash_fd)
-        if marker.get("destination") != self.destination.location.url or not marker.get("indexed") or \
-                marker.get("withheld"):
-            return  # shipped elsewhere before the destination changed, not in the index yet, or its core kept here
-        shutil.rmtree(path)
-        log.log(f"deleted local crash {rec['id']} after a verified upload")
+    def _delete(self, done: list, result: Sweep) -> None:
+        """Remove the shipped crashes, each only once its shipped.json (written after verification) says it is
+        indexed here; under the store's lock, with the ledger and the saved binaries only they used."""
+        with Store(self.cfg.store, create=False) as store, Books(store) as books:
+            for path, rec in done:
+                marker = self._marker(path)
+                if marker.get("destination") != self.destination.location.url or not marker.get("indexed") or \
+                        marker.get("withheld"):
+                    continue  # shipped elsewhere before, not in the index yet, or its core kept here
+                try:
+                    books.delete_crash(*catalog.group_of(path, self.cfg.store))
+                except OSError as exc:
+                    result.errors.append(f"crash {rec['id']}: shipped, but cannot delete {path}: "
+                                         f"{exc.strerror or exc}")
+                    continue
+                log.log(f"deleted local crash {rec['id']} after a verified upload")
 
     def _write_status(self, result: Sweep) -> None:
         store_fd = open_dir(None, self.cfg.store, create=False)
-        area = CrashDir(store_fd, self.cfg.store, "")
+        area = StoreDir(store_fd, self.cfg.store)
         try:
             previous = _load_json(store_fd, SHIP_STATUS)
             now = time.time()
