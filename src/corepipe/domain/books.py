@@ -115,22 +115,26 @@ class Books:
             self._state = self._load_state()
         return self._state
 
-    def _load_state(self) -> state.State:
-        where = f"{self.store.root}/{STATE}"
+    def _read(self, name: str, limit: int, instead: str) -> Optional[bytes]:
+        """One of the store's own files; None when it is missing or cannot be read (logged, with what is done
+        ``instead``)."""
         try:
-            data = read_file(self.store.fd, STATE, _MAX_STATE)
+            return read_file(self.store.fd, name, limit)
         except (OSError, StoreError) as exc:
-            log(f"error: {where}: {exc}; starting a new one", ERR)
-            return state.State()
+            log(f"error: {self.store.root}/{name}: {exc}; {instead}", ERR)
+            return None
+
+    def _load_state(self) -> state.State:
+        data = self._read(STATE, _MAX_STATE, "starting a new one")
         if data is None:
             return state.State()
         try:
             loaded, dropped = state.loads(data)
         except ValueError as exc:
-            log(f"error: {where} unreadable ({str(exc)[:200]}); starting a new one", ERR)
+            log(f"error: {self.store.root}/{STATE} unreadable ({str(exc)[:200]}); starting a new one", ERR)
             return state.State()
         if dropped:
-            log(f"error: {where}: dropped {dropped} entries of the wrong type", ERR)
+            log(f"error: {self.store.root}/{STATE}: dropped {dropped} entries of the wrong type", ERR)
         else:
             self._state_read = data
         return loaded
@@ -153,11 +157,7 @@ class Books:
         return self._ledger
 
     def _load_ledger(self) -> ledger.Ledger:
-        try:
-            data = read_file(self.store.fd, LEDGER, _MAX_LEDGER)
-        except (OSError, StoreError) as exc:
-            log(f"error: {self.store.root}/{LEDGER}: {exc}; rebuilding it", ERR)
-            data = b""
+        data = self._read(LEDGER, _MAX_LEDGER, "rebuilding it")
         loaded = ledger.loads(data, self.load_group) if data is not None else None
         if loaded is not None:
             return loaded
