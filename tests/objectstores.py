@@ -8,6 +8,7 @@ Each server object has ``url(prefix)`` (a ship destination), ``env`` (the shippe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -21,11 +22,11 @@ from typing import Callable, Optional
 
 from support import HERE, need
 
-from corepipe.domain import record
+from corepipe.domain import binaries, record
 from corepipe.domain.containers import Container
 from corepipe.platform import compress
 from corepipe.platform.kernel import KernelArgs
-from corepipe.platform.store import CORE, RECORD, Store
+from corepipe.platform.store import BUILD_ID, CORE, RECORD, Store
 
 REPO = HERE.parent
 AZURITE = REPO / ".servers" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
@@ -161,6 +162,13 @@ class Azurite(Server):
     def read(self, key: str) -> bytes:
         return self._container_client().download_blob(key).readall()
 
+    def put(self, key: str, data: bytes, metadata: Optional[dict] = None) -> None:
+        """Write an object as any node with the bucket's credentials could (a hostile one too)."""
+        self._container_client().upload_blob(key, data, overwrite=True, metadata=metadata)
+
+    def delete(self, key: str) -> None:
+        self._container_client().delete_blob(key)
+
     def prepare(self) -> None:
         from azure.core.exceptions import ResourceExistsError
         from azure.storage.blob import BlobServiceClient
@@ -201,6 +209,13 @@ class S3Server(Server):
 
     def read(self, key: str) -> bytes:
         return self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+    def put(self, key: str, data: bytes, metadata: Optional[dict] = None) -> None:
+        """Write an object as any node with the bucket's credentials could (a hostile one too)."""
+        self.client().put_object(Bucket=self.bucket, Key=key, Body=data, Metadata=metadata or {})
+
+    def delete(self, key: str) -> None:
+        self.client().delete_object(Bucket=self.bucket, Key=key)
 
 
 class MotoS3(S3Server):
@@ -350,9 +365,10 @@ class CountingProxy:
         self.server.server_close()
 
 
-def stored_crash(store: Path, size: int, comm: str = "big", signature: Optional[dict] = None) -> tuple:
+def stored_crash(store: Path, size: int, comm: str = "big", signature: Optional[dict] = None,
+                 binary: Optional[bytes] = None) -> tuple:
     """A crash filed the way the collector files it (record + zstd core), with ``size`` bytes of random core (and
-    ``signature`` as the record's, when given)."""
+    ``signature`` as the record's, and ``binary`` saved as its executable's copy in .build-id, when given)."""
     with Store(str(store)) as opened:
         now = int(time.time())
         made = opened.new_crash(("host",), now)
@@ -369,6 +385,13 @@ def stored_crash(store: Path, size: int, comm: str = "big", signature: Optional[
         rec["status"] = "complete"
         if signature is not None:
             rec["signature"] = signature
+        if binary is not None:
+            entry = {"path": "/usr/bin/tool", "stored": True, "size": len(binary), "build_id": "b1d" * 8,
+                     "sha256": hashlib.sha256(binary).hexdigest()}
+            where = store.joinpath(BUILD_ID, *binaries.stored_name(entry))
+            where.parent.mkdir(parents=True, exist_ok=True)
+            where.write_bytes(binary)
+            rec["binaries"] = {"files": [entry]}
         made.write(RECORD, record.dumps(rec))
         made.close()
         return Path(made.path), rec

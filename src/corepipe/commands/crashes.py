@@ -158,7 +158,10 @@ def core_state(path: str, rec: dict) -> str:
 def check_room(directory: str, rec: dict, advice: str) -> None:
     """Refuse, before decompressing, a core the filesystem of ``directory`` cannot hold (a core of zero pages
     is stored 30000:1, so the store's size says nothing about it)."""
-    size = (rec.get("core") or {}).get("size") or 0
+    size = (rec.get("core") or {}).get("size") if isinstance(rec.get("core"), dict) else None
+    if type(size) is not int or size < 0:
+        raise UserError(f"the record of crash {rec.get('id')} states no size of its core ({str(size)[:40]!r}); "
+                        "nothing written")
     try:
         st = os.statvfs(directory)
     except OSError as exc:

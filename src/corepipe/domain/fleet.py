@@ -119,6 +119,9 @@ def reindex(remote: RemoteCatalog) -> dict:
         try:
             _get(destination, {"key": key, "size": size}, chunks.append)
             rec = records.load(b"".join(chunks))
+            problem = records.wrong_type(rec)
+            if problem:
+                raise ValueError(problem)
         except (DestinationError, ValueError) as exc:
             warn(f"{key}: {exc}; not indexed")
             continue
@@ -313,6 +316,9 @@ class RemoteCatalog:
             rec = records.load(b"".join(chunks))
         except ValueError as exc:
             raise DestinationError(f"{key} is corrupt: {exc}") from None
+        problem = records.wrong_type(rec)
+        if problem:  # any node wrote it: a field of the wrong type is one line here, never a traceback later
+            raise DestinationError(f"{key} is not a record this corepipe reads: {problem}")
         if rec.get("id") != value["id"]:
             raise DestinationError(f"{key} has id {str(rec.get('id'))[:20]!r}, not {value['id']}")
         return rec

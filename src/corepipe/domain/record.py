@@ -321,6 +321,48 @@ def dumps(record: dict, max_size: int = MAX_SIZE) -> bytes:
     return data
 
 
+_NUMBER = (int, float)
+_TEXTS = [str]
+#: The type of every field a command reads from a record, for a record written elsewhere (any fleet node's):
+#: None is allowed anywhere, unknown fields are not read; a dict is an object of these fields, a list a list of
+#: its one element's type.
+SHAPE: dict = {
+    "id": str, "status": str, "time": str, "timestamp": _NUMBER, "received": _NUMBER, "pid": int, "ns_pid": int,
+    "tid": int, "uid": int, "gid": int, "signal": {"number": int, "name": str}, "comm": str, "exe": str,
+    "cmdline": _TEXTS, "cwd": str, "hostname": str, "dump_mode": int, "core_limit": int, "cgroup": str,
+    "node": str, "container": {k: str for k in ("runtime", "id", "name", "image", "pod_name", "pod_namespace",
+                                                  "pod_uid", "cgroup", "source", "confidence")},
+    "batch": {k: str for k in ("pool", "job", "task", "node", "source")},
+    "process": {"trusted": bool, "untrusted_reasons": _TEXTS},
+    "core": {"file": str, "stored": bool, "reason": str, "size": int, "compressed_size": int, "sha256": str,
+             "digest": {"algorithm": str, "value": str}, "truncated": bool, "complete": bool},
+    "collector": {"version": str, "duration": _NUMBER, "errors": list},
+    "postmortem": {"skipped": str},
+    "binaries": {"files": [{"path": str, "stored": bool, "size": int, "sha256": str, "build_id": str,
+                            "reason": str}], "errors": list},
+    "backtrace": {"tool": str, "duration": _NUMBER, "truncated": bool, "error": str, "text": str},
+    "signature": {"hash": str, "text": str, "algorithm": str, "version": int, "source": str, "site": str},
+}
+
+
+def wrong_type(value: object, shape: object = SHAPE, where: str = "record") -> Optional[str]:
+    """The first field of ``value`` whose type is not ``shape``'s, said in a few words; None if every one fits."""
+    if value is None:
+        return None
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where} is a {type(value).__name__}, not an object"
+        return next((found for name, inner in shape.items()
+                     if (found := wrong_type(value.get(name), inner, f"{where}.{name}"))), None)
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{where} is a {type(value).__name__}, not a list"
+        return next((found for item in value if (found := wrong_type(item, shape[0], f"{where}[]"))), None)
+    if isinstance(value, bool) and shape is not bool or not isinstance(value, shape):  # type: ignore[arg-type]
+        return f"{where} is a {type(value).__name__}, not {getattr(shape, '__name__', 'a number')}"
+    return None
+
+
 def load(data: bytes) -> dict:
     record = json.loads(data)
     schema = record.get("schema") if isinstance(record, dict) else None

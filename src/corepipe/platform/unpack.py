@@ -95,11 +95,15 @@ def copy(source_fd: int, record: dict, write: Callable[[bytes], object]) -> int:
     """Feed the decompressed core to ``write`` in chunks; returns its size, raises CoreError on a mismatch.
 
     The last chunk is held back until the whole core is checked, so a caller that stops on
-    CoreError never has the complete (wrong) bytes.
+    CoreError never has the complete (wrong) bytes; decompression stops one chunk past the size the record
+    claims (a record from another fleet node may claim 4 KiB of a 1 GiB bomb).
     """
     import zstandard
 
     hasher, expected = _hasher(record)
+    claimed = (record.get("core") or {}).get("size")
+    if type(claimed) is not int or claimed < 0:
+        raise CoreError(f"the record of crash {record.get('id')} states no size of its core ({str(claimed)[:40]!r})")
     size = 0
     pending = b""
     try:
@@ -112,6 +116,9 @@ def copy(source_fd: int, record: dict, write: Callable[[bytes], object]) -> int:
                     write(pending)
                 hasher.update(chunk)
                 size += len(chunk)
+                if size > claimed:  # a bomb (or another core) behind a record that claims less: stop here
+                    raise CoreError(f"the core of crash {record.get('id')} is larger than the {claimed} bytes its "
+                                    "record claims; stopped there")
                 pending = chunk
     except zstandard.ZstdError as exc:
         raise CoreError(f"the core of crash {record.get('id')} is corrupt: {exc}") from None

@@ -288,10 +288,6 @@ class Shipper:
         return held is not None
 
     def _binary(self, store_fd: int, stored: tuple, key: str, entry: dict, progress: dict, save) -> Optional[int]:
-        existing = self.destination.head(key)
-        if existing is not None and existing.size == entry.get("size") and (
-                existing.metadata.get("sha256") in (entry.get("sha256"), None)):
-            return existing.size  # another crash (of any node) already sent it: content-addressed
         try:
             area_fd = open_dir(store_fd, BUILD_ID, create=False)
             try:
@@ -305,6 +301,11 @@ class Shipper:
         except FileNotFoundError:
             return None
         try:
+            # Another crash (of any node) may have sent it already (content-addressed), or another node planted
+            # junk under its name first: judged by the checksum the store computed, never by metadata.
+            existing = None if progress else self.destination.same(key, fd, size)
+            if existing is not None:
+                return existing.size
             return self._put(key, fd, size, progress, save, {"sha256": entry["sha256"]}).size
         finally:
             os.close(fd)

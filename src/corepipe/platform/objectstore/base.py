@@ -60,6 +60,11 @@ class Destination(Protocol):
         """Upload in parts, resuming from ``progress`` (persisted by ``save`` after each part), commit last,
         and only once ``check`` (parts.Check) has seen every byte and passed."""
 
+    def same(self, key: str, fd: int, size: int) -> Optional[ObjectInfo]:
+        """The object at ``key`` if the checksum the store computed of it is that of the ``size`` bytes of ``fd``
+        (so another node's object need not be sent again); None if it is absent, differs, or the store computed
+        none it can be judged by. Metadata is never trusted for this: any node could have written it."""
+
     def create(self, key: str, data: bytes, metadata: dict) -> bool:
         """Create the object only if no object has ``key`` (a conditional create, decided by the store: of two
         writers at once exactly one wins); False if one has."""

@@ -30,6 +30,22 @@ def plan(size: int, max_parts: int, part_size: int = 8 * MIB, concurrency: int =
     return part_size, max(1, min(concurrency, IN_FLIGHT // part_size))
 
 
+def file_digests(fd: int, size: int, part_size: int, new: Callable[[], object]) -> list:
+    """``new()`` hashers (hashlib-like) of ``fd``'s first ``size`` bytes, one per part of ``part_size``."""
+    found = []
+    for offset in range(0, size, part_size):
+        hasher = new()
+        end = min(offset + part_size, size)
+        while offset < end:
+            data = os.pread(fd, min(MIB, end - offset), offset)
+            if not data:
+                raise DestinationError(f"the file shrank while it was read (at byte {offset})")
+            hasher.update(data)  # type: ignore[attr-defined]
+            offset += len(data)
+        found.append(hasher)
+    return found
+
+
 def throttled(save: Callable[[dict], None], seconds: float = SAVE_EVERY) -> Callable[[dict], None]:
     """``save`` at most once per ``seconds``; a part done but not yet saved is only sent again after a restart."""
     last = [0.0]

@@ -58,6 +58,19 @@ def _error(exc: Exception, what: str) -> DestinationError:
     return DestinationError(f"{what}: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}")
 
 
+class _Crc32:
+    """zlib's CRC32 with hashlib's update/digest."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: bytes) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def digest(self) -> bytes:
+        return self.value.to_bytes(4, "big")
+
+
 class S3Destination:
     def __init__(self, location: Location, concurrency: int = 4, bandwidth: int = 0, retries: int = 3):
         self.location = location
@@ -100,6 +113,21 @@ class S3Destination:
             raise DestinationError(f"{key} read back as {info and info.size} bytes, ETag {info and info.etag}; "
                                    f"expected {len(data)} bytes, MD5 {md5.hexdigest()}")
         return info
+
+    def same(self, key: str, fd: int, size: int) -> Optional[ObjectInfo]:
+        info = self.head(key)
+        etag = _MD5_ETAG.fullmatch(info.etag or "") if info is not None and info.size == size else None
+        if etag is None:
+            return None
+        if not etag.group(2):  # one request: the ETag is the MD5 the store computed of the body
+            return info if parts.file_digests(fd, size, max(size, 1), hashlib.md5)[0].hexdigest() == etag.group(1) \
+                else None
+        # In parts: the store's composite CRC32 (the CRC32 of the parts' CRC32s), parts as this adapter cuts them.
+        part_size, _ = parts.plan(size, MAX_PARTS)
+        crcs = parts.file_digests(fd, size, part_size, _Crc32)
+        composite = _b64(zlib.crc32(b"".join(c.digest() for c in crcs)).to_bytes(4, "big"))
+        return info if info.checksum and len(crcs) == int(etag.group(2)) and \
+            info.checksum.split("-")[0] == composite else None
 
     def create(self, key: str, data: bytes, metadata: dict) -> bool:
         for _attempt in range(3):
