@@ -6,7 +6,8 @@
 # 2. a virtualenv at $COREPIPE_PREFIX (/opt/corepipe) with this checkout installed into it, with the metrics
 #    extra (serve's Prometheus endpoint is on by default) and the extras named by --with (azure, s3, fleet), and those
 #    of earlier runs: the virtualenv keeps their list in share/corepipe/extras;
-# 3. `corepipe install` (launcher $COREPIPE_BIN, config $COREPIPE_CONFIG), then `corepipe selftest`;
+# 3. `corepipe install` (launcher $COREPIPE_BIN, config $COREPIPE_CONFIG; where a C compiler is, the static forwarder
+#    corepipe-forward beside the launcher as the pattern's program), then `corepipe selftest`;
 # 4. the bash completion (in $COREPIPE_COMPLETION_DIR, /usr/share/bash-completion/completions) and every man
 #    page under man/ (in $COREPIPE_MAN_DIR/manN, /usr/local/share/man);
 # 5. with COREPIPE_SHIP_TO=az://CONTAINER/PREFIX or s3://BUCKET/PREFIX: the SDK extra and the resident

@@ -408,7 +408,8 @@ def installed_files(d: Path) -> list:
     """What ``corepipe install`` writes when pointed at the short temporary directory ``d``."""
     from corepipe.services import install
 
-    return [f"{d}/b", f"{d}/c.toml", f"{d}/sd/{install.DROPIN_NAME}", f"{d}/{install.STATE_NAME}"]
+    return [f"{d}/b", f"{d}/corepipe-forward", f"{d}/c.toml", f"{d}/sd/{install.DROPIN_NAME}",
+            f"{d}/{install.STATE_NAME}"]
 
 
 #: install.sh enables systemd units (the prune timer; the socket in socket mode) only where systemd runs.
@@ -438,8 +439,9 @@ def check_restored(settings: KernelSettings, d: Path, units: Optional[str] = Non
 
 #: Everything an installation made by install/install.sh with its defaults owns on the host: the tests must
 #: leave it exactly as they found it (conftest.py checks it around the whole session).
-REAL_INSTALLATION = ("/etc/corepipe", "/usr/local/bin/corepipe", "/var/lib/corepipe", "/etc/sysctl.d/90-corepipe.conf",
-                     "/opt/corepipe", "/usr/share/bash-completion/completions/corepipe",
+REAL_INSTALLATION = ("/etc/corepipe", "/usr/local/bin/corepipe", "/usr/local/bin/corepipe-forward", "/var/lib/corepipe",
+                     "/etc/sysctl.d/90-corepipe.conf", "/opt/corepipe",
+                     "/usr/share/bash-completion/completions/corepipe",
                      "/usr/local/share/man/man1/corepipe.1", "/usr/local/share/man/man5/corepipe.toml.5",
                      *(f"{SYSTEMD_DIR}/{name}" for name in UNIT_NAMES))
 

@@ -8,7 +8,7 @@
 #     (the kernel runs a pipe handler on the host, never in a pod); the preStop hook (`node.sh stop`)
 #     runs `corepipe uninstall` there.
 #   forward (auto's choice on a node without python3: Container-Optimized OS, Bottlerocket, Flatcar, Talos):
-#     the static forwarder (install/forwarder/corepipe-forward.c, built into this image) is copied to the
+#     the static forwarder (src/corepipe/platform/corepipe-forward.c, built into this image) is copied to the
 #     node's COREPIPE_FORWARDER_DIR (default /home/kubernetes/bin, COS's executable path; a hostPath), the
 #     kernel's pipe pattern names it, and `corepipe serve --mode pipe` runs here, in the pod: the forwarder
 #     hands each crash to it over /run/corepipe/forward.sock. Nothing else is put on the node. The previous

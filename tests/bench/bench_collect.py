@@ -18,7 +18,7 @@ its ``x host`` is the ratio of the two. ``zstd-socket`` is the same zstd CLI rea
 socket (socket_zstd.py): what the socket costs before any work of corepipe's, for ``corepipe-serve``.
 ``corepipe-forward`` is pipe mode with ``corepipe serve --mode pipe`` running: the kernel's pipe handler hands
 the crash to the server (docs/forwarding.md); ``corepipe-forward-c`` the same through the static C
-forwarder (install/forwarder/corepipe-forward.c). Their peak RSS and handler seconds are the forwarder's own
+forwarder (src/corepipe/platform/corepipe-forward.c). Their peak RSS and handler seconds are the forwarder's own
 (under rsswrap); the record's collector figures are the server worker's.
 """
 
@@ -47,7 +47,7 @@ sys.path.insert(0, str(TESTS.parent / "src"))
 import runtimes  # noqa: E402
 from support import KernelSettings  # noqa: E402
 
-from corepipe.platform import launcher  # noqa: E402
+from corepipe.platform import launcher, static_forwarder  # noqa: E402
 from corepipe.platform.kernel import build_pattern  # noqa: E402
 
 ZSTD = shutil.which("zstd") or "/usr/bin/zstd"
@@ -109,9 +109,9 @@ class Bench:
         (self.dir / "c").write_text(f'store = "{self.store}"\n{RATE_LIMITS_OFF}{config_extra}\n')
         self.forward_socket = self.dir / "run" / "forward.sock"  # the bench's server only, never a real one
         self._script("h", launcher.script(forward=str(self.forward_socket)))
-        subprocess.run(["gcc", "-static", "-O2", f'-DCOREPIPE_FORWARD_SOCKET="{self.forward_socket}"',
-                        f'-DCOREPIPE_HANDLER="{self.dir / "h"}"', "-o", str(self.dir / "f"),
-                        str(TESTS.parent / "install" / "forwarder" / "corepipe-forward.c")], check=True)
+        # The static forwarder as `corepipe install` builds it.
+        (self.dir / "f").write_bytes(static_forwarder.build(str(self.forward_socket), str(self.dir / "h")))
+        (self.dir / "f").chmod(0o755)
         self._script("z", f'#!/bin/sh\nexec {ZSTD} -q -T0 -3 > "{self.out}/$1.zst"\n')
         self._script("k", f'#!/bin/sh\nexec {CAT} > "{self.out}/$1.core"\n')
 

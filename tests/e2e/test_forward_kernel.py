@@ -12,8 +12,10 @@ import json
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import test_serve_kernel
@@ -36,7 +38,7 @@ from support import (
 )
 from test_serve_kernel import _children, _run
 
-from corepipe.platform import forward
+from corepipe.platform import forward, static_forwarder
 from corepipe.services import status
 
 #: The fixture of test_serve_kernel, shared.
@@ -134,7 +136,7 @@ def test_health_says_pipe_mode(workdirs) -> None:
     assert health["guardian"], "a guardian records what a killed server held"
 
 
-FORWARDER = Path(__file__).resolve().parents[2] / "install" / "forwarder" / "corepipe-forward.c"
+FORWARDER = Path(static_forwarder.SOURCE)
 
 
 def _build_forwarder(workdir: Path, socket: Path, handler: Path, name: str = "f") -> Path:
@@ -188,6 +190,47 @@ def test_static_forwarder_without_serve(workdirs, crasher: Path) -> None:
         line = wait_log(f"the core of pid {crashed.pid} is dropped")
         crashed.wait(30)
     assert "no corepipe serve at" in line[0] and "start corepipe serve" in line[0]
+
+
+def _server_that(answer: bytes, sock_path: Path, seen: list) -> threading.Thread:
+    """A stand-in server on ``sock_path`` for one handoff: it takes the message and the fds, answers ``answer``
+    (nothing: silent) and waits for the forwarder to close the connection; it never reads the pipe."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock_path.parent.mkdir(parents=True, exist_ok=True)
+    listener.bind(str(sock_path))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn, listener:
+            conn.settimeout(30)
+            _msg, fds, _flags, _addr = socket.recv_fds(conn, forward.MAX_MESSAGE, forward.MAX_FDS)
+            if answer:
+                conn.send(answer)
+            seen.append(conn.recv(16))  # b"": the forwarder went without GO
+            for fd in fds:
+                os.close(fd)
+        sock_path.unlink()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_static_forwarder_with_a_silent_or_busy_server(workdirs, crasher: Path) -> None:
+    """A server that does not answer within the forwarder's second, or answers busy: the static forwarder
+    executes the Python handler, which collects the crash alone, core and all; the server saw no GO."""
+    with installed_handler(workdirs(), config_extra=NO_RATE_LIMIT) as handler:
+        forwarder = _build_forwarder(handler.workdir, handler.forward_socket, handler.launcher)
+        handler.settings.set(_forwarder_pattern(handler, forwarder))
+        for answer, comm in ((b"", "fwd-silent"), (forward.BUSY + b"saturated", "fwd-busy")):
+            seen: list = []
+            thread = _server_that(answer, handler.forward_socket, seen)
+            assert os.WCOREDUMP(_run([str(crasher), "0", comm]))
+            rec = handler.wait_record(lambda r, comm=comm: r["comm"] == comm)
+            thread.join(30)
+            assert seen == [b""], f"{comm}: the forwarder must close without GO"
+            assert rec["collector"]["transport"] == "pipe" and rec["core"]["stored"] and rec["core"]["complete"]
 
 
 def test_another_installations_handler_is_not_taken(workdirs, crasher: Path) -> None:

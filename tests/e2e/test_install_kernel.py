@@ -22,6 +22,7 @@ from support import (
     CORE_PATTERN,
     HERE,
     LOCK_FD_ENV,
+    NO_RATE_LIMIT,
     PIPE_LIMIT,
     SYSTEMD_DIR,
     KernelSettings,
@@ -81,7 +82,8 @@ def test_install_collect_status_uninstall(settings: KernelSettings, handler_dir:
     assert proc.returncode == 0, proc.stderr
     state = json.loads((d / install.STATE_NAME).read_text())
     pattern = CORE_PATTERN.read_text().rstrip("\n")
-    assert pattern == state["pattern"] and pattern.startswith(f"|{d}/b collect --config {d}/c.toml %P %p ")
+    program = state["forwarder"] or f"{d}/b"  # the static forwarder where a compiler is
+    assert pattern == state["pattern"] and pattern.startswith(f"|{program} collect --config {d}/c.toml %P %p ")
     assert ("%F" in pattern.split()) == install.kernel_has_pidfd(os.uname().release)
     assert PIPE_LIMIT.read_text() == f"{install.PIPE_LIMIT}\n"
     assert state["previous"]["kernel.core_pattern"].encode() + b"\n" == settings.start_pattern
@@ -111,6 +113,72 @@ def test_install_collect_status_uninstall(settings: KernelSettings, handler_dir:
     check_restored(settings, d)
     assert Path(path, "core.zst").exists(), "uninstall without --purge keeps the cores"
     assert cli("status", "--config", f"{d}/c.toml").returncode == 3
+
+
+def _record(store: Path, comm: str) -> dict:
+    return wait_for(lambda: next((r for _p, r in catalog.iter_records(str(store))
+                                  if r["comm"] == comm and r["status"] != "collecting"), None),
+                    60, f"the record of {comm}")
+
+
+def test_installed_static_forwarder_hands_crashes_to_serve(settings: KernelSettings, handler_dir: Path,
+                                                           crasher: Path) -> None:
+    """With a C compiler, install makes the static forwarder the pattern's program (root's, 0755, beside the
+    launcher); with serve running in pipe mode a crash through the kernel is collected by serve's worker
+    (transport forwarded); with serve stopped the forwarder executes the launcher, which collects it alone;
+    status names the forwarder; uninstall removes it."""
+    need_tool("gcc")
+    d = handler_dir
+    run = d / "run"
+    # The server's metrics on any free port (concurrent tests), no crash-loop limit for the two crashes.
+    config = f'metrics_listen = "127.0.0.1:0"\n{NO_RATE_LIMIT}'
+    (d / "c.toml").write_text(config)
+    proc = cli("install", *install_args(d), "--mode", "pipe", "--run-dir", str(run))
+    assert proc.returncode == 0, proc.stderr
+    forwarder = d / "corepipe-forward"
+    assert f"handler: the static forwarder {forwarder}" in proc.stdout
+    assert CORE_PATTERN.read_text().startswith(f"|{forwarder} collect --config {d}/c.toml %P %p ")
+    info = forwarder.stat()
+    assert info.st_mode & 0o7777 == 0o755 and info.st_uid == 0
+    server = subprocess.Popen([f"{d}/b", "--config", f"{d}/c.toml", "serve", "--mode", "pipe", "--run-dir", str(run)],
+                              env={}, cwd="/", stdout=subprocess.DEVNULL, stderr=(d / "serve.err").open("w"))
+    try:
+        wait_for(lambda: (run / "serve.json").exists() or server.poll() is not None, 30, "the server to start")
+        assert server.poll() is None, (d / "serve.err").read_text()
+        facts = json.loads(cli("status", "--json", "--config", f"{d}/c.toml").stdout)
+        assert facts["handler"] == {"program": str(forwarder), "kind": "static forwarder"}
+        assert facts["transport"] == "forwarded" and facts["forwarding"]["works"], facts["forwarding"]
+        crash([str(crasher), "0", "via-serve"])
+        served = _record(d / "s", "via-serve")
+        assert served["collector"]["transport"] == "forwarded" and served["core"]["stored"], served
+    finally:
+        server.terminate()
+        server.wait(60)
+    wait_for(lambda: not handlers_of(str(run)) and not (run / "forward.sock").exists(), 60, "the server to stop")
+    crash([str(crasher), "0", "alone"])
+    alone = _record(d / "s", "alone")
+    assert alone["collector"]["transport"] == "pipe" and alone["core"]["stored"], alone
+    assert cli("uninstall", "--config", f"{d}/c.toml").returncode == 0
+    assert (d / "c.toml").read_text() == config, "uninstall gives the user's config back"
+    (d / "c.toml").unlink()
+    check_restored(settings, d)
+
+
+def test_without_a_compiler_install_falls_back_to_the_launcher(settings: KernelSettings, handler_dir: Path,
+                                                               crasher: Path) -> None:
+    d = handler_dir
+    env = dict(os.environ, PATH=str(d / "no-compiler"))
+    proc = cli("install", *install_args(d), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "handler: the Python launcher" in proc.stdout and "no C compiler on PATH" in proc.stdout
+    assert CORE_PATTERN.read_text().startswith(f"|{d}/b collect ") and not (d / "corepipe-forward").exists()
+    crash([str(crasher), "0", "launcher"])
+    rec = _record(d / "s", "launcher")
+    assert rec["collector"]["transport"] == "pipe" and rec["core"]["stored"]
+    facts = json.loads(cli("status", "--json", "--config", f"{d}/c.toml").stdout)
+    assert facts["handler"] == {"program": f"{d}/b", "kind": "python launcher"}
+    assert cli("uninstall", "--config", f"{d}/c.toml").returncode == 0
+    check_restored(settings, d)
 
 
 def test_the_install_tests_leave_an_installation_on_the_host_as_it_was(settings: KernelSettings, handler_dir: Path,
@@ -177,7 +245,7 @@ def test_foreign_handler_needs_force(settings: KernelSettings, handler_dir: Path
     assert CORE_PATTERN.read_text() == FOREIGN + "\n" and PIPE_LIMIT.read_text() == "3\n"
     assert os.listdir(d) == []
     assert cli("install", "--force", *install_args(d)).returncode == 0
-    assert CORE_PATTERN.read_text().startswith(f"|{d}/b ")
+    assert CORE_PATTERN.read_text().startswith((f"|{d}/b ", f"|{d}/corepipe-forward "))
     assert cli("uninstall", "--config", f"{d}/c.toml").returncode == 0
     assert CORE_PATTERN.read_text() == FOREIGN + "\n" and PIPE_LIMIT.read_text() == "3\n"
 
@@ -266,6 +334,9 @@ def test_install_sh_then_selftest_then_uninstall(settings: KernelSettings, handl
     assert first.returncode == 0, first.stdout + first.stderr
     assert "selftest passed" in first.stdout and "container: docker" in first.stdout
     assert Path(f"{d}/b").read_text().startswith(f"#!{d}/v/bin/python -IS\n")
+    if shutil.which("gcc"):  # the forwarder's source is in the installed package: the selftest crashed through it
+        assert f"handler: the static forwarder {d}/corepipe-forward" in first.stdout, first.stdout
+        assert CORE_PATTERN.read_text().startswith(f"|{d}/corepipe-forward collect ")
     installed = [str(p) for p in Path(f"{d}/v/share/corepipe/files").read_text().splitlines()]
 
     # The metrics extra by default; the config with every default commented out, and valid.

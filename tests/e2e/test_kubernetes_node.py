@@ -106,7 +106,7 @@ def test_daemonset_node_script_installs_on_the_host_and_uninstalls(handler_dir: 
             assert "selftest passed" in logs, logs
             # node.sh runs in the pod's cgroup: the selftest expects its own crash filed under that container.
             assert "SIGSEGV in docker" in logs and "(selftest's own)" in logs, logs
-            assert CORE_PATTERN.read_text().startswith(f"|{d}/b collect ")
+            assert CORE_PATTERN.read_text().startswith((f"|{d}/b collect ", f"|{d}/corepipe-forward collect "))
             assert (d / "src" / "checkout" / "install" / "install.sh").exists()
             # The preStop hook: node.sh stop (the container's COREPIPE_BIN and COREPIPE_CONFIG are this test's).
             prestop = subprocess.run([docker, "exec", name, "/bin/sh", "/corepipe/install/kubernetes/node.sh", "stop"],

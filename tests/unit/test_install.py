@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from support import need, wait_for
+from support import need, need_tool, wait_for
 
 from corepipe.domain import catalog, record
 from corepipe.domain.containers import Container
 from corepipe.platform import config as configuration
-from corepipe.platform import kernel
+from corepipe.platform import kernel, static_forwarder
 from corepipe.platform.kernel import KernelArgs
 from corepipe.platform.store import RECORD, Store
 from corepipe.services import install, status
@@ -35,7 +35,13 @@ def root(handler_dir: Path) -> Path:
 
 
 @pytest.fixture
-def paths(root: Path) -> Paths:
+def no_compiler(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """A PATH without a C compiler: install falls back to the Python launcher as the pattern's program."""
+    monkeypatch.setenv("PATH", str(root / "no-compiler"))
+
+
+@pytest.fixture
+def paths(root: Path, no_compiler: None) -> Paths:
     proc = root / "proc-sys" / "kernel"
     proc.mkdir(parents=True)
     (proc / "core_pattern").write_bytes(b"core\n")
@@ -191,6 +197,42 @@ def test_status_codes(paths: Paths, root: Path) -> None:
     assert status.gather(paths)["code"] == status.BROKEN
     (Path(paths.proc_sys) / "kernel" / "core_pattern").write_text(SYSTEMD + "\n")
     assert status.gather(paths)["code"] == status.DRIFTED
+
+
+def test_install_builds_the_static_forwarder(paths: Paths, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a C compiler, the pattern's program is the static forwarder, built beside the launcher with the
+    server's socket and the launcher compiled in, 0755 and root's; status names it; uninstall removes it."""
+    monkeypatch.setenv("PATH", os.defpath)
+    need_tool("gcc")
+    before = tree(root)
+    sock = str(root / "run" / "forward.sock")
+    lines = install.install(paths, store=str(root / "var" / "s"), release="6.18.0", forward_socket=sock)
+    forwarder = Path(paths.bin).parent / "corepipe-forward"
+    assert kernel_file(paths, "core_pattern") == kernel.build_pattern(str(forwarder), paths.config).encode() + b"\n"
+    assert f"handler: the static forwarder {forwarder}, the launcher {paths.bin} when serve does not take a crash" \
+        in lines
+    info = forwarder.stat()
+    assert info.st_mode & 0o7777 == 0o755 and info.st_uid == os.geteuid()
+    assert static_forwarder.show(str(forwarder)) == {"socket": sock, "handler": paths.bin}
+    assert f"main(forward={sock!r})" in Path(paths.bin).read_text()
+    facts = status.gather(paths)
+    assert facts["handler"] == {"program": str(forwarder), "kind": "static forwarder"}
+    assert facts["forwarding"]["socket"] == sock and facts["problems"] == []
+    assert install.install(paths, store=str(root / "var" / "s"), release="6.18.0", forward_socket=sock)[0] \
+        == "already installed; nothing changed"
+    forwarder.chmod(0o644)
+    assert "the static forwarder" in " ".join(status.gather(paths)["problems"])
+    install.uninstall(paths)
+    assert {p for p in tree(root) if not p.startswith(str(root / "var"))} == set(before)
+
+
+def test_without_a_compiler_the_launcher_is_the_program(paths: Paths, root: Path) -> None:
+    lines = install.install(paths, store=str(root / "var" / "s"), release="6.18.0")
+    assert kernel_file(paths, "core_pattern").startswith(f"|{paths.bin} collect ".encode())
+    assert not (Path(paths.bin).parent / "corepipe-forward").exists()
+    assert f"handler: the Python launcher {paths.bin} (the static forwarder was not built: no C compiler on PATH " \
+           "(cc, gcc, clang))" in lines
+    assert status.gather(paths)["handler"] == {"program": paths.bin, "kind": "python launcher"}
 
 
 def file_crash(store: Path, container: Container, pid: int) -> str:

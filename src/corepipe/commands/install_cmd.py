@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Callable
 
 from corepipe.platform import config as configuration
+from corepipe.platform import forward
 from corepipe.services import install
 
 HELP = "make corepipe the kernel's core dump handler on this host (idempotent)"
@@ -39,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "auto (default): socket where the kernel has it (kernel.core_modes)")
     parser.add_argument("--socket", default=install.DEFAULT_SOCKET, metavar="PATH",
                         help="the socket of socket mode (default %(default)s)")
+    parser.add_argument("--run-dir", default=os.path.dirname(forward.DEFAULT_SOCKET), metavar="DIR",
+                        help="corepipe serve's run directory (serve --run-dir): the handler hands crashes to the "
+                             "server's DIR/forward.sock (default %(default)s)")
 
 
 def report(action: Callable[[], list]) -> int:
@@ -49,6 +54,7 @@ def report(action: Callable[[], list]) -> int:
 
 
 def run(ns: argparse.Namespace) -> int:
-    report(lambda: install.install(paths(ns), store=ns.store, force=ns.force, mode=ns.mode, socket_path=ns.socket))
+    report(lambda: install.install(paths(ns), store=ns.store, force=ns.force, mode=ns.mode, socket_path=ns.socket,
+                                   forward_socket=forward.socket_path(os.path.abspath(ns.run_dir))))
     print("next: 'corepipe selftest' proves a crash is collected")
     return 0

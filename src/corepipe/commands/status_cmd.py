@@ -36,6 +36,8 @@ def run(ns: argparse.Namespace) -> int:
     print(f"kernel.core_pipe_limit = {facts['pipe_limit']}")
     if facts["mode"]:
         print(f"mode: {facts['mode']} installed, {facts['active_mode'] or 'neither'} active")
+    if facts["handler"]:
+        print(f"handler: {facts['handler']['kind']} {facts['handler']['program']}")
     if facts["transport"]:
         forwarding = facts["forwarding"]
         print(f"transport: {facts['transport']}; forwarding to serve: "

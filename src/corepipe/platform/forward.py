@@ -17,7 +17,7 @@ checks that the peer is root), three messages:
    connection close without ``GO`` drops its copies of the fds without reading a byte. So exactly one of
    them reads the pipe.
 
-install/forwarder/corepipe-forward.c speaks the same protocol for hosts without Python. The client half
+src/corepipe/platform/corepipe-forward.c speaks the same protocol for hosts without Python. The client half
 (``handoff``) runs first in every crash, before anything else is imported: it needs only ``os``, ``sys`` and
 ``_socket`` (the C half of ``socket``, without its ``enum``; fds are packed by hand, as ``array`` would load
 ``collections``), and the argument positions of capture.py.

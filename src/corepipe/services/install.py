@@ -21,7 +21,7 @@ from typing import Optional
 
 from corepipe.domain import catalog
 from corepipe.platform import config as configuration
-from corepipe.platform import coredump_socket, fs, kernel, launcher
+from corepipe.platform import coredump_socket, forward, fs, kernel, launcher, static_forwarder
 from corepipe.platform.errors import UserError
 from corepipe.platform.fs import write_all
 from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, PROC_SYS, Sysctl, SysctlError
@@ -68,6 +68,11 @@ class Paths:
     def dropin(self) -> str:
         return os.path.join(self.sysctl_dir, DROPIN_NAME)
 
+    @property
+    def forwarder(self) -> str:
+        """The static forwarder, beside the launcher (the pattern's program where it could be built)."""
+        return os.path.join(os.path.dirname(os.path.abspath(self.bin)), static_forwarder.NAME)
+
 
 def kernel_has_pidfd(release: str) -> bool:
     """Whether the running kernel (``os.uname().release``) expands %F; by version, as a probe needs a crash."""
@@ -89,11 +94,11 @@ def describe(pattern: str) -> str:
     return "another handler"
 
 
-def launcher_text(python: str) -> str:
+def launcher_text(python: str, forward_socket: str = forward.DEFAULT_SOCKET) -> str:
     """A script the kernel can run with an empty environment (see launcher.py), marked as ours."""
     if not os.path.isabs(python) or any(c.isspace() for c in python):
         raise InstallError(f"the interpreter path {python!r} must be absolute and without spaces")
-    shebang, _, body = launcher.script(python).partition("\n")
+    shebang, _, body = launcher.script(python, forward=forward_socket).partition("\n")
     return f"{shebang}\n{LAUNCHER_MARK}\n{body}"
 
 
@@ -208,12 +213,14 @@ def choose_mode(mode: str, proc_sys: str = PROC_SYS) -> str:
 
 
 def install(paths: Paths, store: Optional[str] = None, force: bool = False, python: str = sys.executable,
-            release: Optional[str] = None, mode: str = PIPE, socket_path: str = DEFAULT_SOCKET) -> list:
+            release: Optional[str] = None, mode: str = PIPE, socket_path: str = DEFAULT_SOCKET,
+            forward_socket: str = forward.DEFAULT_SOCKET) -> list:
     """Install or update in place; returns the lines to print (empty changes mean nothing was done).
 
     Both modes write the pipe pattern to the kernel and its sysctl drop-in: in socket mode it is what
     collects whenever ``corepipe serve`` is not running (at boot, between restarts, after a crash of the
-    server), and the server switches the kernel to its socket while it runs and back when it stops."""
+    server), and the server switches the kernel to its socket while it runs and back when it stops. The
+    pattern's program is the static forwarder where it can be built here, else the Python launcher."""
     mode = choose_mode(mode, paths.proc_sys)
     coredump_socket.pattern(socket_path)  # an absolute path without spaces, or ValueError
     sysctl = Sysctl(paths.proc_sys)
@@ -231,6 +238,12 @@ def install(paths: Paths, store: Optional[str] = None, force: bool = False, pyth
         raise InstallError(f"{exc}; use shorter --bin/--config paths") from None
 
     old = load_state(paths.state)
+    forwarder, why_not = _static_forwarder(paths, old, forward_socket, force)
+    if forwarder is not None:
+        try:
+            pattern = kernel.build_pattern(paths.forwarder, config_arg, pidfd=pidfd)
+        except ValueError as exc:
+            forwarder, why_not = None, str(exc)
     if old is not None and (old["bin"], old["dropin"]) != (os.path.abspath(paths.bin), paths.dropin):
         raise InstallError(f"installed with --bin {old['bin']} and drop-in {old['dropin']}; "
                            "run 'corepipe uninstall' first to change them")
@@ -252,6 +265,8 @@ def install(paths: Paths, store: Optional[str] = None, force: bool = False, pyth
         "pidfd": pidfd,
         "mode": mode,
         "socket": socket_path if mode == SOCKET else None,
+        "forward_socket": forward_socket,
+        "forwarder": paths.forwarder if forwarder is not None else None,
         "previous": previous,
         "files": dict(old["files"]) if old else {},
         "dirs": list(old["dirs"]) if old else [],
@@ -273,13 +288,15 @@ def install(paths: Paths, store: Optional[str] = None, force: bool = False, pyth
 
     changes = _Changes(state)
     try:
-        _apply(paths, state, changes, python, sysctl, current, current_limit)
+        _apply(paths, state, changes, python, forwarder, sysctl, current, current_limit)
     except BaseException:
         changes.rollback()
         raise
     lines = changes.done or ["already installed; nothing changed"]
     lines += [f"kernel.core_pattern = {pattern}", f"kernel.core_pipe_limit = {PIPE_LIMIT}",
               f"store: {state['store']}",
+              f"handler: the static forwarder {paths.forwarder}, the launcher {state['bin']} when serve does not take "
+              "a crash" if forwarder is not None else f"handler: the Python launcher {state['bin']} ({why_not})",
               f"previous kernel.core_pattern (restored by uninstall): {state['previous'][CORE_PATTERN]!r}"]
     if mode == SOCKET:
         lines.append(f"mode: socket: 'corepipe serve --socket {socket_path}' switches the kernel to "
@@ -298,7 +315,17 @@ def socket_pattern(state: dict) -> Optional[str]:
     return coredump_socket.pattern(state["socket"])
 
 
-def _apply(paths: Paths, state: dict, changes: _Changes, python: str,
+def _static_forwarder(paths: Paths, old: Optional[dict], forward_socket: str, force: bool) -> tuple:
+    """The static forwarder's executable and None, or None and why the launcher is the pattern's program."""
+    if _read(paths.forwarder) is not None and paths.forwarder not in (old or {}).get("files", {}) and not force:
+        return None, f"{paths.forwarder} exists and is not corepipe's; remove it or use --force"
+    try:
+        return static_forwarder.build(forward_socket, os.path.abspath(paths.bin)), None
+    except static_forwarder.NotBuilt as exc:
+        return None, f"the static forwarder was not built: {exc}"
+
+
+def _apply(paths: Paths, state: dict, changes: _Changes, python: str, forwarder: Optional[bytes],
            sysctl: Sysctl, current: str, current_limit: str) -> None:
     created: list = []
     changes.undo.append(lambda: [_rmdir(d) for d in reversed(created)])
@@ -307,8 +334,10 @@ def _apply(paths: Paths, state: dict, changes: _Changes, python: str,
         _makedirs(directory, created)
     state["dirs"] += [d for d in created if d not in state["dirs"]]
 
-    changes.file(state["bin"], launcher_text(python).encode(), 0o755, "launcher")
+    changes.file(state["bin"], launcher_text(python, state["forward_socket"]).encode(), 0o755, "launcher")
     _check_launcher(state["bin"])
+    if forwarder is not None:
+        changes.file(paths.forwarder, forwarder, 0o755, "static forwarder")
     # A config of the user's is kept as it is, but for its store (configuration.installed_text).
     existing = _read(paths.config)
     text = configuration.installed_text(None if existing is None else existing.decode(), state["store"])

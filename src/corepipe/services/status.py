@@ -7,7 +7,7 @@ from typing import Optional
 
 from corepipe.domain import catalog
 from corepipe.platform import config as configuration
-from corepipe.platform import forward, fs
+from corepipe.platform import forward, fs, static_forwarder
 from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, Sysctl, SysctlError
 from corepipe.services.install import PIPE, SOCKET, InstallError, Paths, load_state, socket_pattern
 from corepipe.services.serve import RUN_DIR, STALE, read_health
@@ -62,16 +62,17 @@ def ship_summary(root: str, unshipped: int) -> Optional[dict]:
     return {**last, "backlog": unshipped} if last is not None else None
 
 
-def gather(paths: Paths, run_dir: str = RUN_DIR) -> dict:
+def gather(paths: Paths, run_dir: Optional[str] = None) -> dict:
     """Everything ``status`` reports, with ``code`` (HEALTHY, NOT_INSTALLED, DRIFTED, BROKEN) and ``problems``;
     ``mode`` is what is installed, ``active_mode`` what the kernel uses now, ``server`` the health of a
     running ``corepipe serve`` (its serve.json under ``run_dir``), ``transport`` how crashes are collected now
-    (TRANSPORTS) and ``forwarding`` whether the handler's handoff to the server works (``forwarding``)."""
+    (TRANSPORTS), ``forwarding`` whether the handler's handoff to the server works (``forwarding``) and
+    ``handler`` which program the kernel runs (HANDLERS). ``run_dir`` defaults to the installation's."""
     sysctl = Sysctl(paths.proc_sys)
     result: dict = {"installed": False, "active": False, "code": NOT_INSTALLED, "problems": [],
                     "state": paths.state, "pattern": None, "pipe_limit": None, "expected": None, "store": None,
-                    "mode": None, "active_mode": None, "server": read_health(run_dir), "transport": None,
-                    "forwarding": None}
+                    "mode": None, "active_mode": None, "server": None, "transport": None,
+                    "forwarding": None, "handler": None}
     try:
         result["pattern"] = sysctl.read(CORE_PATTERN)
         result["pipe_limit"] = sysctl.read(CORE_PIPE_LIMIT)
@@ -84,6 +85,9 @@ def gather(paths: Paths, run_dir: str = RUN_DIR) -> dict:
         state, garbled = None, True
         result["code"] = BROKEN
         result["problems"].append(str(exc))
+    if run_dir is None:
+        run_dir = os.path.dirname(state["forward_socket"]) if state and state.get("forward_socket") else RUN_DIR
+    result["server"] = read_health(run_dir)
     store: Optional[str] = None
     if state is None:
         if not garbled:
@@ -113,7 +117,8 @@ def gather(paths: Paths, run_dir: str = RUN_DIR) -> dict:
             result["code"] = DRIFTED
             result["problems"].append(f"kernel.core_pipe_limit is {result['pipe_limit']}, installed "
                                       f"{state['pipe_limit']}; run 'corepipe install'")
-        result["forwarding"] = forwarding(result["server"], state["bin"])
+        result["handler"] = handler(result["pattern"], state)
+        result["forwarding"] = forwarding(result["server"], state["bin"], state.get("forwarder"))
         result["transport"] = ("socket" if result["active_mode"] == SOCKET else
                                "forwarded" if result["active_mode"] == PIPE and result["forwarding"]["works"] else
                                "pipe" if result["active_mode"] == PIPE else None)
@@ -132,15 +137,35 @@ def gather(paths: Paths, run_dir: str = RUN_DIR) -> dict:
 TRANSPORTS = ("socket", "forwarded", "pipe")
 
 
-def forwarding(server: Optional[dict], launcher: str) -> dict:
-    """Whether the installed handler hands crashes to a running server: the socket its launcher names, the
-    server's, and a connection to it. ``works`` False with the ``problem`` otherwise."""
-    try:
-        with open(launcher, "rb") as f:
-            text = f.read(1 << 16).decode("utf-8", "replace")
-    except OSError as exc:
-        return {"works": False, "socket": None, "problem": f"cannot read the launcher {launcher}: {exc.strerror}"}
-    named = text.split("main(forward=", 1)[1].split(")", 1)[0].strip("'\"") if "main(forward=" in text else None
+#: What ``handler`` says the kernel runs: install's static forwarder (C), the Python launcher, or another program.
+HANDLERS = ("static forwarder", "python launcher", "other")
+
+
+def handler(pattern: Optional[str], state: dict) -> Optional[dict]:
+    """The program the kernel's pipe pattern runs (``program``) and which of HANDLERS it is (``kind``)."""
+    if not pattern or not pattern.startswith("|"):
+        return None
+    program = pattern[1:].split(" ", 1)[0]
+    kind = HANDLERS[0] if program == state.get("forwarder") else HANDLERS[1] if program == state["bin"] else HANDLERS[2]
+    return {"program": program, "kind": kind}
+
+
+def forwarding(server: Optional[dict], launcher: str, forwarder: Optional[str] = None) -> dict:
+    """Whether the installed handler hands crashes to a running server: the socket its launcher (or the static
+    ``forwarder``) names, the server's, and a connection to it. ``works`` False with the ``problem`` otherwise."""
+    if forwarder is not None:
+        built = static_forwarder.show(forwarder)
+        if built is None:
+            return {"works": False, "socket": None,
+                    "problem": f"the static forwarder {forwarder} does not run; run 'corepipe install'"}
+        named: Optional[str] = built["socket"]
+    else:
+        try:
+            with open(launcher, "rb") as f:
+                text = f.read(1 << 16).decode("utf-8", "replace")
+        except OSError as exc:
+            return {"works": False, "socket": None, "problem": f"cannot read the launcher {launcher}: {exc.strerror}"}
+        named = text.split("main(forward=", 1)[1].split(")", 1)[0].strip("'\"") if "main(forward=" in text else None
     result: dict = {"works": False, "socket": named, "problem": None}
     if named is None:
         result["problem"] = f"the launcher {launcher} hands nothing over (installed by an older corepipe)"
@@ -172,8 +197,9 @@ def _server_problems(result: dict) -> list:
 def _broken(state: dict) -> list:
     """Problems that make an active pattern lose crashes: a missing launcher or an unusable config."""
     problems = []
-    if not os.access(state["bin"], os.X_OK):
-        problems.append(f"the launcher {state['bin']} is missing or not executable; run 'corepipe install'")
+    for program, what in ((state["bin"], "launcher"), (state.get("forwarder"), "static forwarder")):
+        if program and not os.access(program, os.X_OK):
+            problems.append(f"the {what} {program} is missing or not executable; run 'corepipe install'")
     try:
         configuration.load(state["config"])
     except configuration.ConfigError as exc:

@@ -2,6 +2,10 @@
  * Flatcar, Talos). It hands the crash to `corepipe serve` (running in a pod, or anywhere on the host) and
  * exits; the server's worker collects it while the kernel still holds the crashed process.
  *
+ * `corepipe install` builds it from this file where the host has a C compiler and makes it the pattern's
+ * program (platform/static_forwarder.py), so every crash on a host with `corepipe serve` running starts no
+ * Python at all.
+ *
  * The protocol is corepipe's (src/corepipe/platform/forward.py, docs/forwarding.md): on the AF_UNIX
  * SOCK_SEQPACKET socket COREPIPE_FORWARD_SOCKET,
  *   1. send "corepipe-forward 1\n" + the arguments after "collect", joined by NUL, with SCM_RIGHTS carrying
@@ -15,9 +19,10 @@
  *
  * Usage, as the pattern's program (the same arguments as corepipe's handler):
  *   |/path/corepipe-forward collect [--config PATH] %P %p %I %u %g %s %t %c %d %F %h %e
+ * `corepipe-forward --show` prints the socket and the handler it was built with ("socket PATH", "handler PATH").
  * Build: gcc -static -O2 -o corepipe-forward corepipe-forward.c
  *   (-DCOREPIPE_FORWARD_SOCKET='"/run/corepipe/forward.sock"' -DCOREPIPE_HANDLER='"/usr/local/bin/corepipe"')
- * Exit codes: 0 handed over; 1 not handed over and no handler could be executed; 2 bad arguments.
+ * Exit codes: 0 handed over (or shown); 1 not handed over and no handler could be executed; 2 bad arguments.
  * No allocation, no library beyond libc; the kernel starts it with an empty environment.
  */
 #define _GNU_SOURCE
@@ -139,6 +144,10 @@ static void kernel_log(const char *line)
 
 int main(int argc, char **argv)
 {
+    if (argc == 2 && strcmp(argv[1], "--show") == 0) {
+        printf("socket %s\nhandler %s\n", COREPIPE_FORWARD_SOCKET, COREPIPE_HANDLER);
+        return 0;
+    }
     if (argc < 3 || strcmp(argv[1], "collect") != 0) {
         fprintf(stderr, "usage: %s collect [--config PATH] %%P %%p %%I %%u %%g %%s %%t %%c %%d %%F %%h %%e "
                         "(run by the kernel from kernel.core_pattern)\n", argv[0]);
