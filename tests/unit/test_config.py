@@ -56,7 +56,8 @@ def test_signature_metrics_and_notify_keys() -> None:
                        'notify_command = ["/usr/local/bin/page", "--team", "x"]\nnotify_user = "alerts"\n')
     assert (cfg.signature_max_cores, cfg.signature_window, cfg.metrics_max_signatures) == (3, 60, 5)
     assert cfg.notify_command == ["/usr/local/bin/page", "--team", "x"] and cfg.notify_user == "alerts"
-    for bad in ('notify_user = "root"', 'notify_user = "0"', "notify_timeout = 0", "signature_max_cores = -1"):
+    for bad in ('notify_user = "root"', 'notify_user = "0"', 'notify_user = "nobody"', "notify_timeout = 0",
+                "signature_max_cores = -1", "notify_rate_limit = -1"):
         problems: list = []
         assert config.parse(bad, problems=problems) == config.Config() and len(problems) == 1, bad
 

@@ -204,8 +204,8 @@ def test_prune_deletes_the_oldest_records_when_records_alone_are_over_max_use(tm
 def test_a_record_rewritten_for_the_notify_hook_is_counted_once(tmp_path: Path, sleepers: list) -> None:
     """The hook's outcome is written into the final record afterwards: the ledger keeps one record of its final
     size, as a scan of the store says."""
-    need(os.geteuid() == 0, "needs root: the hook runs as nobody")
-    cfg = _cfg(tmp_path, notify_command=["/bin/true"], notify_user="nobody")
+    need(os.geteuid() == 0, "needs root: the hook runs as a uid of its own")
+    cfg = _cfg(tmp_path, notify_command=["/bin/true"])
     _code, _, rec = collect_in_process(cfg, sleepers[0].pid, "notified", CORE)
     assert rec["notify"]["exit_status"] == 0, rec["notify"]
     with Store(cfg.store, create=False) as store, Books(store) as books:

@@ -91,11 +91,14 @@ class Config:
     #: 0: no limit.
     signature_max_cores: int = 0
     signature_window: int = 3600
-    #: For each new signature, run notify_command (an argv, no shell) as notify_user (never root) with the
-    #: final record on stdin, killed after notify_timeout seconds. Empty: no hook.
+    #: For each new signature, run notify_command (an argv, no shell) as notify_user (""; a one-off uid; never
+    #: root or the shared nobody) with the final record on stdin, killed after notify_timeout seconds; at most
+    #: notify_rate_limit times per policy group within notify_rate_window seconds. Empty: no hook.
     notify_command: list = field(default_factory=list)
-    notify_user: str = "nobody"
+    notify_user: str = ""
     notify_timeout: int = 10
+    notify_rate_limit: int = 10
+    notify_rate_window: int = 3600
     #: Metrics: signatures with a label of their own (the most crashes); the rest count as "other".
     metrics_max_signatures: int = 50
     #: Where ``corepipe serve`` serves its Prometheus endpoint, ``[HOST:]PORT`` (HOST 127.0.0.1 if left out;
@@ -178,8 +181,9 @@ def _validate(name: str, value: object, where: str) -> None:
         raise ConfigError(f"{where}: {name} must be -1 (automatic), 0 (no limit) or a byte count")
     if name in ("concurrent_cores", "concurrent_postmortems") and int(value) < -1:  # type: ignore[call-overload]
         raise ConfigError(f"{where}: {name} must be -1 (one per CPU), 0 (no limit) or a number of handlers")
-    if name == "notify_user" and str(value) in ("root", "0", ""):
-        raise ConfigError(f"{where}: notify_user must be an unprivileged user, not {value!r}")
+    if name == "notify_user" and str(value) in ("root", "0", "nobody", "65534"):
+        raise ConfigError(f"{where}: notify_user must be an unprivileged account of its own, not {value!r}; "
+                          "leave it out for a one-off uid")
     if name == "metrics_listen" and value:
         try:
             listen_address(str(value))
@@ -201,7 +205,7 @@ def _validate(name: str, value: object, where: str) -> None:
 _NOT_NEGATIVE = ("container_max_cores", "container_max_bytes", "max_core_size", "rate_limit_container",
                  "rate_limit_exe", "rate_limit_window", "max_age_days", "core_wait",
                  "postmortem_wait", "signature_max_cores", "signature_window", "metrics_max_signatures",
-                 "ship_bandwidth", "ship_signature_cores")
+                 "notify_rate_limit", "notify_rate_window", "ship_bandwidth", "ship_signature_cores")
 
 
 def listen_address(text: str) -> tuple:
@@ -278,8 +282,10 @@ EXPLAIN = {
     "signature_max_cores": "Cores kept of one crash signature within signature_window, per policy group; 0 no limit.",
     "signature_window": "The signature limit's window, in seconds.",
     "notify_command": "For each new signature, run this argv (no shell) with the record on stdin; [] no hook.",
-    "notify_user": "The unprivileged user notify_command runs as.",
+    "notify_user": "The account of its own notify_command runs as; \"\": a one-off uid (never root or nobody).",
     "notify_timeout": "Seconds after which notify_command is killed.",
+    "notify_rate_limit": "Most notifications per policy group in notify_rate_window (the rest counted); 0 no limit.",
+    "notify_rate_window": "The notification rate limit's window, in seconds.",
     "metrics_max_signatures": "Signatures with a metrics label of their own (the most crashes); the rest are other.",
     "metrics_listen": "Where 'corepipe serve' serves Prometheus metrics, [HOST:]PORT (loopback if no HOST); \"\" none.",
     "exclude_executables": "Executables (shell-style patterns of the path) whose crashes get a record but no core.",

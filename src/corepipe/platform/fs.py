@@ -1,4 +1,4 @@
-"""File helpers every layer shares: write every byte, replace a file atomically, free space.
+"""File helpers every layer shares: write every byte, replace a file atomically, free space, sealed memory files.
 
 ``replace`` is the one way a file is written whole: under a hidden temporary name beside it
 (``O_EXCL | O_NOFOLLOW``, so nothing planted there is opened), fsynced, then renamed over the final
@@ -8,6 +8,7 @@ name, so a reader sees the old file or the complete new one, never part of it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from typing import Callable, Optional
@@ -18,6 +19,21 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def sealed_memfd(name: str, data: bytes) -> int:
+    """A nameless memory file holding ``data``, at offset 0, sealed for good (no write, shrink or grow, no seal
+    removed): what a less trusted process reads can be neither changed under it nor by it."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        write_all(fd, data)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                    | fcntl.F_SEAL_SEAL)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def unlink_if_present(path: Optional[str]) -> None:
