@@ -209,27 +209,41 @@ def _python_in_jail(script: str, uid: Optional[int]) -> subprocess.CompletedProc
 
 
 def test_the_jail_sees_only_its_own_processes_and_no_network(tmp_path: Path) -> None:
+    """The backtrace's sandbox (a one-off uid in the jail): only itself in /proc, so no other process's command
+    line (the issue's probe read them all), and no connection to a loopback listener the test holds. The same
+    script outside the jail, as the same uid, reaches both: the checks can fail."""
     need(os.geteuid() == 0, "needs root")
     import socket
 
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
+    other = subprocess.Popen(["sleep", "120"])
     script = ("import os, socket\n"
-              "print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"
+              "print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()) == [1])\n"
               "print(open('/proc/1/cmdline', 'rb').read().split(b'\\0')[1].decode())\n"
+              "try:\n"
+              f"    print(open('/proc/{other.pid}/cmdline', 'rb').read().split(b'\\0')[0].decode())\n"
+              "except OSError as exc:\n"
+              "    print('no cmdline', exc.errno)\n"
               "try:\n"
               f"    socket.create_connection(('127.0.0.1', {port}), 5)\n"
               "    print('connected')\n"
               "except OSError as exc:\n"
               "    print('no network', exc.errno)\n")
+    uid = sandbox.free_uid()
     try:
-        proc = _python_in_jail(script, sandbox.free_uid())
+        proc = _python_in_jail(script, uid)
+        outside = subprocess.run(["/usr/bin/python3", "-I", "-c", script], capture_output=True, text=True, timeout=60,
+                                 preexec_fn=lambda: (os.setgroups([]), os.setgid(uid), os.setuid(uid)))
     finally:
         listener.close()
+        other.kill()
+        other.wait()
     assert proc.returncode == 0, proc.stderr
-    pids, first, network = proc.stdout.splitlines()
-    assert pids == "[1]" and first == "-I", proc.stdout  # only itself, the first process of its namespace
-    assert network.startswith("no network"), proc.stdout
+    alone, first, cmdline, network = proc.stdout.splitlines()
+    assert alone == "True" and first == "-I", proc.stdout  # only itself, the first process of its namespace
+    assert cmdline.startswith("no cmdline") and network.startswith("no network"), proc.stdout
+    assert outside.stdout.splitlines()[2:] == ["sleep", "connected"], outside.stdout + outside.stderr
 
 
 def test_a_root_debugger_has_no_capabilities(tmp_path: Path) -> None:

@@ -6,10 +6,11 @@ gdb finds the container's files after the container and its image are gone. The 
 on names the crashed process chose (the libraries in the core's link map), so it runs in
 platform/sandbox.py's root: the system's read-only trees, the core, the sysroot and the saved
 binaries (each at its own path), nothing else (a ``/../..`` in a name stops there), in PID,
-network and IPC namespaces of its own, as uid 0 without any capability (the files are root's),
-with the same gdb options as the collection-time backtrace. A crash fetched with ``--remote`` never
-falls back on this host's files. The directory is removed when the debugger
-exits, Ctrl-C included.
+network and IPC namespaces of its own, without any capability, with the same gdb options as the
+collection-time backtrace. Run by root, gdb runs as a one-off uid: the core and copies of the saved
+binaries (the store's are root's alone) are given to that uid. Run by another user (their own store,
+or ``--remote``), gdb keeps their uid, in a user namespace of its own. A crash fetched with ``--remote``
+never falls back on this host's files. The directory is removed when the debugger exits, Ctrl-C included.
 
 Sources are on the host, not in the store: the directories the executable was compiled in (its
 DWARF's DW_AT_comp_dir), the one ``debug`` runs from (gdb starts there), and those named by
@@ -180,11 +181,30 @@ def _compile_dirs(exe: str) -> list:
         os.close(fd)
 
 
-def _binds(store: str, links: list, made: dict) -> list:
-    """(host path, path inside) for the debugger's root: the saved binaries, and host files used in place."""
-    binds = [(os.path.join(store, BUILD_ID), os.path.join(store, BUILD_ID))]
-    binds += [(target, target) for path, target in links if path in made and not target.startswith(binds[0][0])]
-    return binds
+def _binds(saved: str, links: list, made: dict) -> list:
+    """(host path, path inside) for the debugger's root: the directory of the saved binaries (or their copies),
+    and host files used in place."""
+    return [(saved, saved)] + [(target, target) for path, target in links
+                               if path in made and not target.startswith(saved + "/")]
+
+
+def _given(work: str, store: str, links: list, uid: int) -> list:
+    """``links`` with each saved copy (root's alone in the store) replaced by a copy in ``work/files`` that
+    ``uid`` owns and may only read; host files used in place stay (the debugger reads them as others may)."""
+    saved = os.path.join(store, BUILD_ID) + "/"
+    files = os.path.join(work, "files")
+    os.mkdir(files, 0o700)
+    given = []
+    for n, (path, target) in enumerate(links):
+        if target.startswith(saved):
+            copy = os.path.join(files, str(n))
+            shutil.copyfile(target, copy, follow_symlinks=False)
+            os.chown(copy, uid, uid)
+            os.chmod(copy, 0o400)
+            target = copy
+        given.append((path, target))
+    os.chmod(files, 0o755)
+    return given
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -199,6 +219,10 @@ def run(ns: argparse.Namespace) -> int:
 
 
 def _debug(path: str, store: str, rec: dict, debugger: list, extra: list, sources: Sources, remote: bool) -> int:
+    try:
+        uid = sandbox.debugger_uid()
+    except sandbox.SandboxError as exc:
+        raise UserError(f"cannot start the debugger in its sandbox: {exc}") from None
     source = unpack.open_core(path, rec)
     work = tempfile.mkdtemp(prefix="corepipe-debug-")
     try:
@@ -207,19 +231,24 @@ def _debug(path: str, store: str, rec: dict, debugger: list, extra: list, source
         fd = os.open(core, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             unpack.to_fd(source, rec, fd)
+            if uid is not None:
+                os.fchown(fd, uid, uid)
         finally:
             os.close(fd)
             os.close(source)
         root = os.path.join(work, "root")
-        os.mkdir(root, 0o700)
+        os.mkdir(root, 0o755)
         wanted = links(store, rec, remote)
-        made = sysroot.build(root, wanted)
+        if uid is not None:
+            wanted = _given(work, store, wanted, uid)
+        made = sysroot.build(root, wanted, dir_mode=0o755)
         search = sorted({os.path.dirname(link) for link in made.values()})
         exe = _executable(rec, made, remote)
         sources.add_found(exe)
         own = [path for path in (debugger[0], exe) if path and not path.startswith(work + "/")]
+        saved = os.path.join(work, "files") if uid is not None else os.path.join(store, BUILD_ID)
         # Bound at their own paths, so what gdb prints names the files as they are on the host.
-        jail = sandbox.Jail(os.path.join(work, "jail"), [(core, core), (root, root), *_binds(store, wanted, made),
+        jail = sandbox.Jail(os.path.join(work, "jail"), [(core, core), (root, root), *_binds(saved, wanted, made),
                                                           *((p, p) for p in own), *sources.binds], cwd=sources.cwd)
         jail.prepare()
         argv = command(debugger, extra, exe, core, root, search, sources)
@@ -227,9 +256,11 @@ def _debug(path: str, store: str, rec: dict, debugger: list, extra: list, source
         previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
         try:
             env = sandbox.debugger_env({**os.environ, "COREPIPE_SYSROOT": root})
-            return subprocess.run(argv, env=env, cwd="/", preexec_fn=sandbox.preexec(jail, None)).returncode
+            return subprocess.run(argv, env=env, cwd="/", preexec_fn=sandbox.preexec(jail, uid)).returncode
         except (OSError, subprocess.SubprocessError) as exc:
-            raise UserError(f"cannot start the debugger in its sandbox: {exc} (run as root)") from None
+            advice = "run as root" if os.geteuid() == 0 else (
+                "a user other than root needs unprivileged user namespaces (sysctl user.max_user_namespaces)")
+            raise UserError(f"cannot start the debugger in its sandbox: {exc}; {advice}") from None
         finally:
             signal.signal(signal.SIGINT, previous)
     finally:

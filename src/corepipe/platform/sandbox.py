@@ -1,4 +1,4 @@
-"""Where a debugger runs on a crash: a uid nothing else has, no new privileges, and a root of its own.
+"""Where a debugger runs on a crash: a uid nothing else has, no capability, no new privileges, and a root of its own.
 
 A core and the files of the crashed process are hostile input, and so is every name in them:
 gdb opens ``<sysroot>/<name>`` for each library in the core's link map, and a name like
@@ -10,11 +10,13 @@ caller binds in (its work directory, the saved binaries, source directories): a 
 A source directory puts everything below it in reach of those names, so ``source_refusal`` keeps out
 the ones that would undo the jail: ``/``, kernel filesystems, and (for a directory named by the
 binary itself, or the one ``debug`` is run from) directories other users can write to. The root
-itself is read-only too. The collection-time backtrace runs as a uid taken from ``UID_RANGE`` that
-no process and no account uses, so no other user can read its fds through ``/proc/<pid>/fd``,
-ptrace it or signal it; ``debug`` runs as uid 0 without capabilities (the core, the saved copies and
-the sources it reads are root's files). platform/gdb.py's options turn off everything gdb would run
-or fetch on the core's say-so.
+itself is read-only too. Run by root (the collection-time backtrace, ``debug``), the debugger runs as a
+uid taken from ``UID_RANGE`` that no process and no account uses, so no other user can read its fds
+through ``/proc/<pid>/fd``, ptrace it or signal it, and it can read no file of root's that it was not
+handed. Run by another user (``debug`` on their own store or a ``--remote`` crash), the namespaces are made
+in a user namespace of its own that maps only that user (unprivileged user namespaces), and the debugger
+keeps that uid without any capability. platform/gdb.py's options turn off everything gdb would run or
+fetch on the core's say-so.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ KERNEL_TREES = ("/proc", "/sys", "/dev")
 RUNTIME_TREES = ("/run", "/var/run", "/var/lib")
 
 _CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
+_CLONE_NEWUSER = 0x10000000
 _PR_SET_PDEATHSIG, _PR_CAPBSET_DROP, _PR_SET_SECUREBITS, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 1, 24, 28, 47, 4
 #: No capabilities from uid 0 at exec, no way back: SECBIT_NOROOT, _NO_SETUID_FIXUP, _NO_CAP_AMBIENT_RAISE, each
 #: locked, and SECBIT_KEEP_CAPS locked off.
@@ -90,6 +93,12 @@ def free_uid() -> int:
         if uid not in used:
             return uid
     raise SandboxError(f"no free uid in {UID_RANGE[0]}..{UID_RANGE[1]}")
+
+
+def debugger_uid() -> Optional[int]:
+    """The uid a debugger started by this process runs as: a free one for root; None for any other user, whose
+    debugger keeps its uid (in a user namespace of its own, without capabilities)."""
+    return free_uid() if os.geteuid() == 0 else None
 
 
 def debugger_env(base: Optional[dict] = None) -> dict:
@@ -180,14 +189,25 @@ class Jail:
 
     def _bind(self, source: str, target: str, extra: int = _MS_NOSUID | _MS_NODEV) -> None:
         self._mount(source, target, None, _MS_BIND | _MS_REC)
-        self._mount(None, target, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | extra)
+        # The source's own nosuid, nodev and noexec stay (in a user namespace they are locked: leaving one out
+        # would fail the remount).
+        kept = os.statvfs(source).f_flag & (_MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+        self._mount(None, target, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | extra | kept)
 
     def enter(self) -> None:
-        """In the child: private mount, PID, network and IPC namespaces, the binds, then chroot; the caller forks
-        once more for the PID namespace to take effect (``preexec``). Raises SandboxError."""
-        if self._libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET | _CLONE_NEWIPC) != 0:
+        """In the child: private mount, PID, network and IPC namespaces (in a user namespace mapping only the
+        caller, unless it is root), the binds, then chroot; the caller forks once more for the PID namespace to
+        take effect (``preexec``). Raises SandboxError."""
+        uid, gid = os.getuid(), os.getgid()
+        user = _CLONE_NEWUSER if os.geteuid() != 0 else 0
+        if self._libc.unshare(user | _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET | _CLONE_NEWIPC) != 0:
             err = ctypes.get_errno()
-            raise SandboxError(err, f"unshare(CLONE_NEWNS|NEWPID|NEWNET|NEWIPC): {os.strerror(err)}")
+            what = "NEWUSER|NEWNS" if user else "NEWNS"
+            raise SandboxError(err, f"unshare(CLONE_{what}|NEWPID|NEWNET|NEWIPC): {os.strerror(err)}")
+        if user:  # only the caller's uid and gid exist in it, as 0; no setgroups, ever
+            for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
         self._mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing mounted here reaches the host
         for tree in self.trees:
             self._bind(tree, self._inside(tree))
@@ -222,8 +242,8 @@ def _mount_proc(libc: ctypes.CDLL) -> None:
 
 
 def _drop_capabilities(libc: ctypes.CDLL) -> None:
-    """Give up every capability for good, staying uid 0: root's own files in the jail (the core, the saved copies,
-    sources) stay readable, but nothing can be mounted, chrooted, made (mknod), opened by handle or traced."""
+    """Give up every capability for good, keeping the uid (0 of the caller's own user namespace): its own files in
+    the jail stay readable, but nothing can be mounted, chrooted, made (mknod), opened by handle or traced."""
     if libc.prctl(_PR_SET_SECUREBITS, _SECUREBITS, 0, 0, 0) != 0:
         raise SandboxError(ctypes.get_errno(), "prctl(PR_SET_SECUREBITS)")
     for cap in range(64):
@@ -239,8 +259,8 @@ def preexec(jail: Optional[Jail], uid: Optional[int]) -> Callable[[], None]:
     """The function a debugger's child runs before exec: enter ``jail`` and fork, so that the debugger is the
     first process of a PID namespace of its own, with a ``/proc`` that shows only it and its children (the host's
     would lead out through ``/proc/<pid>/root``), no network and no shared IPC; then (with ``uid``) become that
-    uid and gid with no groups, or (without) stay uid 0 with no capabilities; always no new privileges and no
-    core of its own. The forked-from child waits for
+    uid and gid with no groups, or (without) keep the caller's uid with no capabilities; always no new privileges
+    and no core of its own. The forked-from child waits for
     the debugger and exits with its status (its parent's Popen sees that); the debugger dies with it."""
     libc = ctypes.CDLL(None, use_errno=True)
 
