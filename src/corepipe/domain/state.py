@@ -6,7 +6,7 @@ Read and written only through ``books.Books`` (under the store lock). It holds:
   another owner adds keys of its own prefix, such as ``notify:<group>``, and trims them with
   ``policy.rate_allows``);
 - ``reservations``: crash id -> ``Reservation``, room promised to a handler still writing its core;
-- ``signatures``: ``"<group> <hash>"`` (or a crash site) -> when it was last seen (notify.is_new);
+- ``signatures``: ``"<group> <hash>"`` (or a crash site) -> when it was last seen (notify.decide);
 - ``counters``: policy group -> {name: count}, what was counted instead of recorded (``records_dropped``:
   crashes over the group's record budget). ``count(group, name)`` adds, ``counter(group, name)`` reads;
   at most MAX_GROUPS groups are kept, later ones count under OTHER.
