@@ -1,5 +1,6 @@
 """Real object-store servers on loopback for the shipping tests: Azurite (Azure Blob), SeaweedFS (S3: it checks
-SigV4, Content-MD5 and part CRC32s) and moto's standalone server (S3), started and stopped by PID;
+SigV4, Content-MD5 and part CRC32s) and moto's standalone server (S3; only tests/bench/bench_ship.py still
+offers it: it checks neither checksum), started and stopped by PID;
 tests/setup.sh installs them. ``CountingProxy`` counts the requests a command sends to one of them.
 
 Each server object has ``url(prefix)`` (a ship destination), ``env`` (the shipper's credentials),
