@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 from support import need, piped, wait_for
 
-from corepipe.platform import capture, kernel
+from corepipe.platform import capture, kernel, procfs
 
 SRC = str(Path(capture.__file__).resolve().parents[2])
 #: Runs capture.take in a fresh process (it takes over fd 0 and SIGALRM) and prints what it got.
 PROBE = """
 import hashlib, json, os, sys
 sys.path.insert(0, {src!r})
-from corepipe.platform import capture
+from corepipe.platform import capture, procfs
 cap = capture.take(sys.argv[1:], core_seconds=float(os.environ.get("CORE_SECONDS", "10")))
-rest = capture.read_fd(0, 1 << 30)
+rest = procfs.read_fd(0, 1 << 30)
 proc = cap.proc
 print(json.dumps({{
     "core": hashlib.sha256(bytes(cap.core) + rest).hexdigest(), "prefix": len(cap.core), "rest": len(rest),
@@ -78,7 +78,7 @@ def test_small_core_is_read_whole_and_the_pipe_let_go(tmp_path: Path) -> None:
     assert got["eof"] and got["released"] and got["stdin"] == "/dev/null" and got["rest"] == 0
     assert got["own_mounts"] is False
     assert got["prefix"] == len(data) and got["core"] == hashlib.sha256(data).hexdigest()
-    assert got["files"] == sorted(capture.PROC_FILES) and set(got["links"]) == set(capture.PROC_LINKS)
+    assert got["files"] == sorted(procfs.PROC_FILES) and set(got["links"]) == set(procfs.PROC_LINKS)
     assert got["owner"] == [child.pid, child.pid] and got["stat_again"] and got["errors"] == []
     exe = os.stat(os.path.realpath("/bin/sleep")).st_ino
     assert [h for h in got["held"] if h[2]] == [[got["links"]["exe"], exe, True]]

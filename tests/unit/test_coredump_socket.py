@@ -125,20 +125,6 @@ def test_core_modes_of_a_fake_proc_sys(tmp_path) -> None:
     assert cs.core_modes(str(tmp_path)) == {"file", "pipe", "socket"}
 
 
-LIMITS = ("Limit                     Soft Limit           Hard Limit           Units     \n"
-          "Max cpu time              unlimited            unlimited            seconds   \n"
-          "Max core file size        {soft:<20} unlimited            bytes     \n")
-
-
-@pytest.mark.parametrize("soft, expected", [("0", 0), ("65536", 65536), ("unlimited", 2**64 - 1)])
-def test_core_limit_from_proc_limits(soft: str, expected: int) -> None:
-    assert serve.core_limit(LIMITS.format(soft=soft).encode()) == expected
-
-
-def test_core_limit_missing() -> None:
-    assert serve.core_limit(b"") is None
-
-
 def _core_with_prstatus(signo: int) -> bytes:
     """A minimal 64-bit little-endian ELF core: one PT_NOTE holding one NT_PRSTATUS."""
     desc = struct.pack("<iii", signo, 0, 0) + b"\0" * 100

@@ -58,23 +58,6 @@ def test_gone_process_is_tolerated() -> None:
     assert snap.files == {} and snap.errors and not snap.trusted
 
 
-def test_start_ticks_with_hostile_comm() -> None:
-    stat = b"123 (a) b) (c) S 1 1 1 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 98765 1000 10"
-    assert snapshot.parse_start_ticks(stat) == 98765
-    assert snapshot.parse_start_ticks(b"garbage") is None
-
-
-def test_dump_signal_is_the_exit_code_field() -> None:
-    """Field 52 of a dumping process's stat (as read through the real coredump socket here: 11 for SIGSEGV)."""
-    fields = [b"0"] * 49 + [b"11"]
-    stat = b"123 (a) b) (c) S " + b" ".join(fields[1:])
-    assert len(stat.rpartition(b")")[2].split()) == 50
-    assert snapshot.parse_dump_signal(stat) == 11
-    assert snapshot.parse_dump_signal(stat[:-2] + b"0") is None  # not exiting
-    assert snapshot.parse_dump_signal(stat[:-2] + b"139") == 11  # the core flag set once dumped
-    assert snapshot.parse_dump_signal(b"123 (a) S 1 2") is None
-
-
 def test_a_process_that_started_after_the_dump_time_is_not_the_crashed_one() -> None:
     """Without a pidfd (kernels before 6.16 have no %F), /proc/<pid> of a recycled PID is caught by its start time
     (field 22 of stat) against the kernel's dump time %t."""

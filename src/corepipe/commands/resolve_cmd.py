@@ -6,7 +6,7 @@ import argparse
 import json
 
 from corepipe.domain import containers, snapshot
-from corepipe.platform import capture
+from corepipe.platform import procfs
 from corepipe.platform.errors import UserError
 
 HELP = "show which container a process (or a /proc/<pid>/cgroup text) belongs to"
@@ -35,8 +35,8 @@ def resolve(ns: argparse.Namespace) -> containers.Container:
         text = data.decode("utf-8", "replace")  # as the handler reads /proc: never fail on a byte
         container = containers.identify(text)
     else:
-        proc = capture.Proc(ns.pid, None)
-        capture.read_proc(proc)
+        proc = procfs.Proc(ns.pid, None)
+        procfs.read_proc(proc)
         snap = snapshot.checked(proc)
         if "cgroup" not in snap.files:
             raise UserError(f"no process {ns.pid} (or /proc/{ns.pid}/cgroup unreadable; run as root)")

@@ -17,9 +17,8 @@ from typing import Optional
 
 from corepipe.domain import policy
 from corepipe.domain.books import Books
-from corepipe.domain.snapshot import parse_start_ticks
 from corepipe.domain.state import Reservation, State
-from corepipe.platform import fs
+from corepipe.platform import fs, procfs
 from corepipe.platform.config import Config
 from corepipe.platform.log import ERR, log
 from corepipe.platform.store import Store
@@ -29,14 +28,12 @@ MIN_BUDGET = 4096
 
 
 def _self_start() -> Optional[int]:
-    with open("/proc/self/stat", "rb") as f:
-        return parse_start_ticks(f.read(4096))
+    return procfs.started("self")
 
 
 def _alive(pid: int, start: Optional[int]) -> bool:
     try:
-        with open(f"/proc/{int(pid)}/stat", "rb") as f:
-            return parse_start_ticks(f.read(4096)) == start
+        return procfs.started(int(pid)) == start
     except (OSError, ValueError, TypeError):
         return False
 

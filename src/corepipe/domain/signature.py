@@ -24,6 +24,8 @@ import os
 import re
 from typing import Optional
 
+from corepipe.platform import procfs
+
 VERSION = 1
 ALGORITHM = "corepipe-siggen"
 #: Frames that count (not prefix frames) in a signature.
@@ -90,17 +92,7 @@ class Modules:
 
 
 def _segments(maps: str) -> list:
-    segments = []
-    for line in maps.splitlines():
-        parts = line.split(maxsplit=5)
-        if len(parts) < 6 or not parts[5].startswith("/"):
-            continue
-        start, _, end = parts[0].partition("-")
-        try:
-            segments.append((int(start, 16), int(end, 16), int(parts[2], 16), parts[5]))
-        except ValueError:
-            continue
-    return segments
+    return [(m.start, m.end, m.offset, m.path) for m in procfs.mappings(maps)]
 
 
 def _module_name(path: str) -> str:

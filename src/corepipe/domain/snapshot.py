@@ -1,6 +1,6 @@
 """What /proc says about the crashed process, read while the kernel still holds it, and whether to trust it.
 
-The reads are capture.py's (the handler does them before anything else is imported): the
+The reads are procfs.py's (the handler has them done before anything else is imported): the
 directory ``/proc/<pid>`` is opened once and every file is read relative to it, so a PID
 recycled half-way cannot mix two processes. Each read is bounded and a vanished process is
 normal: whatever was read is kept, the rest is listed in ``errors``. The checks run here, on
@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from corepipe.platform import capture
+from corepipe.platform import capture, procfs
 
 #: Seconds a process may seem to have started after the dump time: ``%t`` is whole seconds, and the start
 #: time is converted from clock ticks since boot.
@@ -35,6 +35,8 @@ class Snapshot:
     #: What became of the kernel's pidfd (%F): "verified" (it named this PID before and after the reads),
     #: "absent" (none given), "not a pidfd", "mismatch"; a record says so, so a broken %F shows.
     pidfd: str = "absent"
+    #: ``status`` parsed (procfs.status_fields), once: the checks, the container, the policy and the record use it.
+    _status: Optional[dict] = field(default=None, repr=False, compare=False)
 
     @property
     def trusted(self) -> bool:
@@ -44,25 +46,15 @@ class Snapshot:
         return self.files.get(name, b"").decode("utf-8", "replace")
 
     def status(self) -> dict[str, str]:
-        result = {}
-        for line in self.text("status").splitlines():
-            key, sep, value = line.partition(":")
-            if sep:
-                result[key] = value.strip()
-        return result
+        if self._status is None:
+            self._status = procfs.status_fields(self.files.get("status", b""))
+        return self._status
 
     def cmdline(self) -> list[str]:
-        raw = self.files.get("cmdline", b"")
-        return [a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0")] if raw else []
+        return procfs.nul_list(self.files.get("cmdline", b""))
 
     def environ(self) -> list[str]:
-        raw = self.files.get("environ", b"")
-        return [a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0")] if raw else []
-
-
-def parse_start_ticks(stat: bytes) -> Optional[int]:
-    """Field 22 of /proc/<pid>/stat: when the process started."""
-    return capture.stat_field(stat, 22)
+        return procfs.nul_list(self.files.get("environ", b""))
 
 
 def started_at(ticks: int) -> float:
@@ -70,22 +62,15 @@ def started_at(ticks: int) -> float:
     return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def parse_dump_signal(stat: bytes) -> Optional[int]:
-    """The fatal signal of a process dumping core: field 52 of /proc/<pid>/stat (``exit_code``) is its thread
-    group's exit code while it exits, which is the signal until the dump ends. None if it is not one."""
-    code = capture.stat_field(stat, 52)
-    return code & 0x7F if code is not None and 0 < code & 0x7F < 65 else None
-
-
 def take(pid: int, *, ns_pid: Optional[int] = None, uid: Optional[int] = None, gid: Optional[int] = None,
          pidfd: Optional[int] = None, limit: int = 1 << 20, dump_time: Optional[int] = None) -> Snapshot:
-    """Read /proc/<pid> now (``corepipe resolve``); the handler reads it earlier, see capture.py."""
-    proc = capture.Proc(pid, pidfd)
-    capture.read_proc(proc, limit)
+    """Read /proc/<pid> now; the handler reads it earlier, see capture.py."""
+    proc = procfs.Proc(pid, pidfd)
+    procfs.read_proc(proc, limit)
     return checked(proc, ns_pid=ns_pid, uid=uid, gid=gid, limit=limit, dump_time=dump_time)
 
 
-def checked(proc: capture.Proc, *, ns_pid: Optional[int] = None, uid: Optional[int] = None,
+def checked(proc: procfs.Proc, *, ns_pid: Optional[int] = None, uid: Optional[int] = None,
             gid: Optional[int] = None, limit: int = 1 << 20, dump_time: Optional[int] = None) -> Snapshot:
     """The snapshot of what was read into ``proc``, with each file cut at ``limit`` bytes and the trust checks
     (the kernel's pidfd, PID reuse, uid, gid, NSpid) applied. ``dump_time``: the kernel's ``%t``; without a
@@ -107,16 +92,18 @@ def checked(proc: capture.Proc, *, ns_pid: Optional[int] = None, uid: Optional[i
     if proc.timed_out:
         snap.untrusted.append(f"reading /proc/{proc.pid} did not finish within {capture.PROC_SECONDS} s")
     snap.files = {name: data[:limit] for name, data in proc.files.items()}
-    snap.exe, snap.cwd, snap.root = (proc.links.get(name) for name in capture.PROC_LINKS)
-    snap.start_ticks = parse_start_ticks(proc.files.get("stat", b""))
+    if len(proc.files.get("status", b"")) <= limit:
+        snap._status = proc.status()  # the crash's one parse (serve's kernel_args may have made it already)
+    snap.exe, snap.cwd, snap.root = (proc.links.get(name) for name in procfs.PROC_LINKS)
+    snap.start_ticks = procfs.start_ticks(proc.files.get("stat", b""))
     _verify(snap, proc, ns_pid=ns_pid, uid=uid, gid=gid, pidfd=pidfd, dump_time=dump_time)
     return snap
 
 
-def _verify(snap: Snapshot, proc: capture.Proc, *, ns_pid: Optional[int], uid: Optional[int],
+def _verify(snap: Snapshot, proc: procfs.Proc, *, ns_pid: Optional[int], uid: Optional[int],
             gid: Optional[int], pidfd: Optional[int], dump_time: Optional[int]) -> None:
     """After reading: was it still the process the kernel is dumping?"""
-    again = parse_start_ticks(proc.stat_again) if proc.stat_again is not None else None
+    again = procfs.start_ticks(proc.stat_again) if proc.stat_again is not None else None
     if snap.start_ticks is not None and again is not None and again != snap.start_ticks:
         snap.untrusted.append("the process's start time changed while it was read (PID reused)")
     if pidfd is None and dump_time is not None and snap.start_ticks is not None:

@@ -22,16 +22,7 @@ import time
 from collections.abc import Iterator
 from typing import Callable, Optional
 
-from corepipe.platform.capture import pidfd_pid, stat_field
-
-
-def cpu_of(tid: int) -> Optional[int]:
-    """The CPU the thread ``tid`` ran on last (field 39 of its stat), None if it is gone."""
-    try:
-        with open(f"/proc/{tid}/stat", "rb") as f:
-            return stat_field(f.read(4096), 39)
-    except OSError:
-        return None
+from corepipe.platform.procfs import cpu_of, pidfd_pid
 
 
 class SharedCpu:

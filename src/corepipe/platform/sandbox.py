@@ -21,7 +21,6 @@ fetch on the core's say-so.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import random
@@ -29,6 +28,8 @@ import resource
 import signal
 import stat
 from typing import Callable, Optional
+
+from corepipe.platform import libc, procfs
 
 #: Environment variables gdb or its libraries would act on; never passed to a debugger.
 UNSAFE_ENV = ("DEBUGINFOD_URLS", "GDBHISTFILE", "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME",
@@ -44,16 +45,9 @@ KERNEL_TREES = ("/proc", "/sys", "/dev")
 #: container writes to (a FIFO it made there would hang gdb).
 RUNTIME_TREES = ("/run", "/var/run", "/var/lib")
 
-_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
-_CLONE_NEWUSER = 0x10000000
-_PR_SET_PDEATHSIG, _PR_CAPBSET_DROP, _PR_SET_SECUREBITS, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 1, 24, 28, 47, 4
 #: No capabilities from uid 0 at exec, no way back: SECBIT_NOROOT, _NO_SETUID_FIXUP, _NO_CAP_AMBIENT_RAISE, each
 #: locked, and SECBIT_KEEP_CAPS locked off.
 _SECUREBITS = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80
-_CAPABILITY_V3 = 0x20080522
-_MS_NOEXEC = 8
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
-_PR_SET_NO_NEW_PRIVS = 38
 
 
 class SandboxError(OSError):
@@ -62,17 +56,7 @@ class SandboxError(OSError):
 
 def _used_ids() -> set:
     """Every uid and gid of a running process or an account or group on this host."""
-    used = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/status", "rb") as f:
-                for line in f.read(4096).splitlines():
-                    if line.startswith((b"Uid:", b"Gid:")):
-                        used.update(int(x) for x in line.split()[1:])
-        except (OSError, ValueError):
-            continue
+    used = procfs.ids_in_use()
     for path in ("/etc/passwd", "/etc/group"):
         try:
             with open(path, "rb") as f:
@@ -158,7 +142,7 @@ class Jail:
         self.binds = [(source, inside) for source, inside in binds if os.path.lexists(source)
                       and not (source == inside and in_trees(source))]
         self.links = [tree for tree in SYSTEM_TREES if os.path.islink(tree)]  # /lib -> usr/lib on merged /usr
-        self._libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: nothing to import in the child
+        libc.load()  # before the fork: nothing to load in the child
 
     def prepare(self) -> None:
         os.mkdir(self.root, 0o755)
@@ -182,36 +166,38 @@ class Jail:
         return os.path.join(self.root, path.lstrip("/"))
 
     def _mount(self, source: Optional[str], target: str, fstype: Optional[str], flags: int) -> None:
-        if self._libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(), flags,
-                            None) != 0:
-            err = ctypes.get_errno()
-            raise SandboxError(err, f"mount {source} on {target}: {os.strerror(err)}")
+        try:
+            libc.mount(source, target, fstype, flags)
+        except OSError as exc:
+            raise SandboxError(exc.errno, exc.strerror) from None
 
-    def _bind(self, source: str, target: str, extra: int = _MS_NOSUID | _MS_NODEV) -> None:
-        self._mount(source, target, None, _MS_BIND | _MS_REC)
+    def _bind(self, source: str, target: str, extra: int = libc.MS_NOSUID | libc.MS_NODEV) -> None:
+        self._mount(source, target, None, libc.MS_BIND | libc.MS_REC)
         # The source's own nosuid, nodev and noexec stay (in a user namespace they are locked: leaving one out
         # would fail the remount).
-        kept = os.statvfs(source).f_flag & (_MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-        self._mount(None, target, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | extra | kept)
+        kept = os.statvfs(source).f_flag & (libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
+        self._mount(None, target, None, libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | extra | kept)
 
     def enter(self) -> None:
         """In the child: private mount, PID, network and IPC namespaces (in a user namespace mapping only the
         caller, unless it is root), the binds, then chroot; the caller forks once more for the PID namespace to
         take effect (``preexec``). Raises SandboxError."""
         uid, gid = os.getuid(), os.getgid()
-        user = _CLONE_NEWUSER if os.geteuid() != 0 else 0
-        if self._libc.unshare(user | _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET | _CLONE_NEWIPC) != 0:
-            err = ctypes.get_errno()
-            what = "NEWUSER|NEWNS" if user else "NEWNS"
-            raise SandboxError(err, f"unshare(CLONE_{what}|NEWPID|NEWNET|NEWIPC): {os.strerror(err)}")
+        user = libc.CLONE_NEWUSER if os.geteuid() != 0 else 0
+        what = "NEWUSER|NEWNS" if user else "NEWNS"
+        try:
+            libc.unshare(user | libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWNET | libc.CLONE_NEWIPC,
+                         f"unshare(CLONE_{what}|NEWPID|NEWNET|NEWIPC)")
+        except OSError as exc:
+            raise SandboxError(exc.errno, exc.strerror) from None
         if user:  # only the caller's uid and gid exist in it, as 0; no setgroups, ever
             for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
                 with open(f"/proc/self/{name}", "w") as f:
                     f.write(text)
-        self._mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing mounted here reaches the host
+        self._mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)  # nothing mounted here reaches the host
         for tree in self.trees:
             self._bind(tree, self._inside(tree))
-        self._bind("/dev/null", self._inside("/dev/null"), extra=_MS_NOSUID)
+        self._bind("/dev/null", self._inside("/dev/null"), extra=libc.MS_NOSUID)
         for source, inside in self.binds:
             self._bind(source, self._inside(inside))
         self._bind(self.root, self.root)  # and the root itself read-only: no node or file made in it
@@ -235,24 +221,31 @@ def _wait_and_exit(pid: int) -> None:
         os._exit(code)
 
 
-def _mount_proc(libc: ctypes.CDLL) -> None:
-    if libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None) != 0:
-        err = ctypes.get_errno()
-        raise SandboxError(err, f"mount proc on /proc: {os.strerror(err)}")
+def _mount_proc() -> None:
+    try:
+        libc.mount("proc", "/proc", "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
+    except OSError as exc:
+        raise SandboxError(exc.errno, exc.strerror) from None
 
 
-def _drop_capabilities(libc: ctypes.CDLL) -> None:
-    """Give up every capability for good, keeping the uid (0 of the caller's own user namespace): its own files in
-    the jail stay readable, but nothing can be mounted, chrooted, made (mknod), opened by handle or traced."""
-    if libc.prctl(_PR_SET_SECUREBITS, _SECUREBITS, 0, 0, 0) != 0:
-        raise SandboxError(ctypes.get_errno(), "prctl(PR_SET_SECUREBITS)")
-    for cap in range(64):
-        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
-            raise SandboxError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {cap})")
-    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-    header = (ctypes.c_uint32 * 2)(_CAPABILITY_V3, 0)
-    if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:
-        raise SandboxError(ctypes.get_errno(), "capset")
+def _drop_capabilities() -> None:
+    """Give up every capability for good, staying uid 0: root's own files in the jail (the core, the saved copies,
+    sources) stay readable, but nothing can be mounted, chrooted, made (mknod), opened by handle or traced."""
+    try:
+        libc.prctl(libc.PR_SET_SECUREBITS, _SECUREBITS, "prctl(PR_SET_SECUREBITS)")
+        for cap in range(64):
+            try:
+                libc.prctl(libc.PR_CAPBSET_DROP, cap, f"prctl(PR_CAPBSET_DROP, {cap})")
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # past the kernel's last capability
+                    raise
+        try:
+            libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_CLEAR_ALL, "prctl(PR_CAP_AMBIENT)")
+        except OSError:
+            pass  # no ambient set on this kernel: nothing to clear
+        libc.clear_capabilities()
+    except OSError as exc:
+        raise SandboxError(exc.errno, exc.strerror) from None
 
 
 def preexec(jail: Optional[Jail], uid: Optional[int]) -> Callable[[], None]:
@@ -262,7 +255,7 @@ def preexec(jail: Optional[Jail], uid: Optional[int]) -> Callable[[], None]:
     uid and gid with no groups, or (without) keep the caller's uid with no capabilities; always no new privileges
     and no core of its own. The forked-from child waits for
     the debugger and exits with its status (its parent's Popen sees that); the debugger dies with it."""
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc.load()
 
     def run() -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crashing gdb must not feed the handler again
@@ -271,16 +264,18 @@ def preexec(jail: Optional[Jail], uid: Optional[int]) -> Callable[[], None]:
             pid = os.fork()
             if pid:
                 _wait_and_exit(pid)
-            _mount_proc(libc)
+            _mount_proc()
         if uid is not None:
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
         elif jail is not None:
-            _drop_capabilities(libc)
+            _drop_capabilities()
         if jail is not None:  # after the uid change, which would clear it
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            raise SandboxError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+            libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL, "prctl(PR_SET_PDEATHSIG)")
+        try:
+            libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1, "prctl(PR_SET_NO_NEW_PRIVS)")
+        except OSError as exc:
+            raise SandboxError(exc.errno, exc.strerror) from None
 
     return run

@@ -1,4 +1,4 @@
-"""Wake up when something is filed in the store: inotify through ctypes (no dependency), polling otherwise.
+"""Wake up when something is filed in the store: inotify through libc.py (no dependency), polling otherwise.
 
 The shipper sleeps in ``wait`` between sweeps; a new directory or a record renamed into place ends
 the wait at once (the shipper's own files, progress and status, do not).
@@ -7,14 +7,13 @@ Watches are added by path with IN_DONTFOLLOW and IN_ONLYDIR: a planted symlink i
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import select
 import struct
 import time
 from typing import Optional
 
+from corepipe.platform import libc
 from corepipe.platform.store import RECORD
 
 IN_CREATE, IN_MOVED_TO, IN_ISDIR = 0x100, 0x80, 0x40000000
@@ -29,9 +28,7 @@ class Watcher:
         self.depth = depth
         self.fd: Optional[int] = None
         try:
-            self.libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            fd = self.libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-            self.fd = fd if fd >= 0 else None
+            self.fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         except (OSError, AttributeError):
             self.fd = None
 
@@ -46,8 +43,10 @@ class Watcher:
             return
         base = self.root.rstrip("/").count("/")
         for directory, subdirs, _files in os.walk(self.root, followlinks=False):
-            self.libc.inotify_add_watch(self.fd, os.fsencode(directory),
-                                        IN_CREATE | IN_MOVED_TO | IN_ONLYDIR | IN_DONTFOLLOW)
+            try:
+                libc.inotify_add_watch(self.fd, directory, IN_CREATE | IN_MOVED_TO | IN_ONLYDIR | IN_DONTFOLLOW)
+            except OSError:
+                pass  # gone since the walk found it, or out of watches: polling still finds what is filed
             if directory.rstrip("/").count("/") - base >= self.depth:
                 subdirs.clear()
 

@@ -21,7 +21,7 @@ import os
 import time
 from typing import Optional
 
-from corepipe.platform import capture, forward
+from corepipe.platform import capture, forward, procfs
 from corepipe.platform.config import Config
 from corepipe.platform.fs import unlink_if_present
 from corepipe.platform.kernel import UNKNOWN, KernelArgs, parse_args
@@ -49,8 +49,7 @@ def note_peer(run_dir: str, pid: int, uid: int, gid: int) -> Optional[str]:
     """The journal entry of a kernel connection on the coredump socket, from its peer's credentials: what the
     accept loop knows (the worker learns the rest from the pidfd), in the kernel's argument order."""
     try:
-        with open(f"/proc/{pid}/comm", "rb") as comm_file:
-            comm = comm_file.read(64).rstrip(b"\n").decode("utf-8", "surrogateescape")
+        comm = procfs.read(pid, "comm", 64).rstrip(b"\n").decode("utf-8", "surrogateescape")
     except OSError:
         comm = UNKNOWN
     argv = [str(pid), UNKNOWN, UNKNOWN, str(uid), str(gid), UNKNOWN, str(int(time.time())), UNKNOWN, UNKNOWN,
@@ -77,7 +76,7 @@ def _write(run_dir: str, pid: Optional[int], argv: list) -> Optional[str]:
 
 
 def handle(got: forward.Forwarded, journal: Optional[str], cfg: Config, problems: list, accepted: float,
-           refused: Optional[str], reader: Optional[capture.MemoryReader] = None,
+           refused: Optional[str], reader: Optional[procfs.MemoryReader] = None,
            buffer: Optional[memoryview] = None) -> int:
     """One handed-over crash, in a worker: ``collect.run`` with the pipe as stdin; the exit code of collect."""
     unlink_if_present(journal)
@@ -106,12 +105,12 @@ def recover(run_dir: str, cfg: Config, why: str, grace: float = GRACE) -> int:
     recorded = 0
     for name in names:
         path = os.path.join(_journal(run_dir), name)
-        if not name.isdigit() or os.path.exists(f"/proc/{name}"):
+        if not name.isdigit() or procfs.exists(name):
             continue
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
-                argv = capture.read_fd(fd, forward.MAX_MESSAGE).decode("utf-8", "surrogateescape").split("\0")
+                argv = procfs.read_fd(fd, forward.MAX_MESSAGE).decode("utf-8", "surrogateescape").split("\0")
             finally:
                 os.close(fd)
         except OSError as exc:

@@ -19,7 +19,7 @@ import time
 from typing import Callable, Optional
 
 from corepipe.domain import catalog, containers
-from corepipe.platform import digest, elf, unpack
+from corepipe.platform import digest, elf, procfs, unpack
 from corepipe.platform.errors import UserError
 from corepipe.platform.sysctl import CORE_PATTERN, Sysctl
 from corepipe.services.install import Paths, load_state, socket_pattern
@@ -72,8 +72,9 @@ def _host_crash(store: str, timeout: float, say: Say) -> None:
     path, rec = _wait_and_verify(store, match, timeout, "host process")
     # Filed where this process itself belongs: the host, or the pod/container selftest runs in, told from the
     # evidence the collector weighs (cgroup, then mounts: a container no cgroup names has a root mount of its own).
-    with open("/proc/self/cgroup") as cgroup, open("/proc/self/mountinfo") as mountinfo:
-        expected = containers.identify(cgroup.read(), mountinfo=mountinfo.read())
+    cgroup, mountinfo = (procfs.read("self", name, procfs.PROC_LIMIT).decode("utf-8", "replace")
+                         for name in ("cgroup", "mountinfo"))
+    expected = containers.identify(cgroup, mountinfo=mountinfo)
     found = rec.get("container") or {}
     if (found.get("runtime"), found.get("id")) != (expected.runtime, expected.id):
         raise SelftestError(f"the crash was filed as {found.get('runtime')} {found.get('id')}, not as "

@@ -28,10 +28,8 @@ copy another thread's locks) and a scrape, which walks the store, never delays a
 from __future__ import annotations
 
 import collections
-import ctypes
 import dataclasses
 import errno
-import functools
 import json
 import os
 import resource
@@ -42,9 +40,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from corepipe.domain import accounting, snapshot
+from corepipe.domain import accounting
 from corepipe.domain.context import Context
-from corepipe.platform import affinity, capture, coredump_socket, elf, forward
+from corepipe.platform import affinity, capture, coredump_socket, elf, forward, libc, procfs
 from corepipe.platform import config as configuration
 from corepipe.platform.fs import unlink_if_present
 from corepipe.platform.kernel import RLIM_INFINITY, KernelArgs, parse_args
@@ -68,11 +66,7 @@ QUEUE_LIMIT = 512
 #: and a worker waiting is a worker a storm does not have.
 EXIT_WAIT = 1.0
 SD_LISTEN_FDS_START = 3
-_CLONE_NEWUTS = 0x04000000
-_CLONE_NEWNS = 0x00020000
-_PF_DUMPCORE = 0x200
 _SO_RCVBUFFORCE = 33
-_PR_SET_PDEATHSIG = 1
 #: How loaded the server is when a crash's turn comes: NORMAL, FAST (compression level 1) or RECORD_ONLY; LATE:
 #: a handed-over crash waited longer than ``forward_wait`` for a worker (record only).
 NORMAL, FAST, RECORD_ONLY, LATE = "normal", "fast", "record-only", "late"
@@ -151,8 +145,7 @@ def read_health(run_dir: str = RUN_DIR) -> Optional[dict]:
     if not isinstance(health, dict):
         return None
     try:
-        with open(f"/proc/{int(health.get('pid', 0))}/cmdline", "rb") as f:
-            alive = b"serve" in f.read(4096)
+        alive = b"serve" in procfs.read(int(health.get("pid", 0)), "cmdline")
     except (OSError, ValueError, TypeError):
         alive = False
     health["alive"] = alive
@@ -563,7 +556,7 @@ def _metrics_process(host: str, port: int, options: Options, parent: int, ready:
     signal.set_wakeup_fd(-1)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
-    _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL, "prctl(PR_SET_PDEATHSIG)")
     if os.getppid() != parent:
         return 1
     from corepipe.services import metrics
@@ -596,7 +589,7 @@ def _preload() -> None:
 
     compress.compressor()
     configuration.parse("", "<preload>")
-    _libc()
+    libc.load()
 
 
 def write_pattern(sysctl: Sysctl, value: str, host_pid: int = 1) -> None:
@@ -605,7 +598,7 @@ def write_pattern(sysctl: Sysctl, value: str, host_pid: int = 1) -> None:
     in a pod (hostPID) or in systemd's sandbox has mounts of its own. A forked child joins the host's mounts
     for the write (setns needs a single thread); the value is read back here."""
     try:
-        same = os.readlink(f"/proc/{host_pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+        same = procfs.namespace(host_pid, "mnt") == procfs.namespace("self", "mnt")
     except OSError:
         same = True  # not ours to join (or no such process): write from here, the read-back tells
     if same:
@@ -615,10 +608,9 @@ def write_pattern(sysctl: Sysctl, value: str, host_pid: int = 1) -> None:
     if pid == 0:
         code = 1
         try:
-            fd = os.open(f"/proc/{host_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-            if _libc().setns(fd, _CLONE_NEWNS) == 0:
-                sysctl.write(CORE_PATTERN, value)
-                code = 0
+            libc.setns(procfs.open_namespace(host_pid, "mnt"), libc.CLONE_NEWNS)
+            sysctl.write(CORE_PATTERN, value)
+            code = 0
         except BaseException:  # noqa: BLE001 - the parent reads the value back and reports
             pass
         finally:
@@ -684,18 +676,6 @@ class Decision:
     reason: Optional[str] = None
 
 
-def core_limit(limits: bytes) -> Optional[int]:
-    """The soft RLIMIT_CORE in a /proc/<pid>/limits text (RLIM_INFINITY as the kernel's %c prints it)."""
-    for line in limits.decode("ascii", "replace").splitlines():
-        if line.startswith("Max core file size"):
-            soft = line[len("Max core file size"):].split()[:1]
-            if soft == ["unlimited"]:
-                return RLIM_INFINITY
-            if soft and soft[0].isdigit():
-                return int(soft[0])
-    return None
-
-
 def decide(ctx: Context, load: str) -> Decision:
     """KERNEL (+WAIT), or REJECT with the reason the record will give: the kernel then writes nothing."""
     if load == RECORD_ONLY:
@@ -747,7 +727,7 @@ def _worker(channel: socket.socket, options: Options) -> int:
     """An idle worker: ready the config, the /proc memory reader and the core's prefix buffer, wait for one
     crash from the accept loop (a kernel connection, or a handler's handoff), collect it."""
     prepared = Prepared(options.config)
-    reader = capture.MemoryReader()
+    reader = procfs.MemoryReader()
     buffer = capture.prefix_buffer()
     try:
         message, fds, _flags, _addr = socket.recv_fds(channel, forward.MAX_MESSAGE + 4096, forward.MAX_FDS)
@@ -773,7 +753,7 @@ def _worker(channel: socket.socket, options: Options) -> int:
 
 
 def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str,
-           reader: Optional[capture.MemoryReader] = None, buffer: Optional[memoryview] = None,
+           reader: Optional[procfs.MemoryReader] = None, buffer: Optional[memoryview] = None,
            journal: Optional[str] = None) -> int:
     """One kernel connection: check the peer, read /proc, decide, ack, then ``collect``'s pipeline on the
     socket; the exit code ``corepipe collect`` would give. ``journal``: the accept loop's entry of this crash,
@@ -830,17 +810,16 @@ def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str,
     return collect.run_context(ctx)
 
 
-def kernel_args(info: coredump_socket.PidfdInfo, proc: Optional[capture.Proc], *, when: int,
+def kernel_args(info: coredump_socket.PidfdInfo, proc: Optional[procfs.Proc], *, when: int,
                 hostname: Optional[str], config: Optional[str]) -> KernelArgs:
     """What the kernel's ``%P %p %I %u %g %t %c %d %F %h %e`` would have said, from the pidfd and /proc
     (the signal comes later, from the core or the exit status)."""
     files = proc.files if proc is not None else {}
-    status = files.get("status", b"").decode("utf-8", "replace")
-    nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+    nspid = proc.status().get("NSpid", "").split() if proc is not None else []
     comm = files.get("comm", b"").decode("utf-8", "replace").rstrip("\n")
     return KernelArgs(pid=info.pid, ns_pid=int(nspid[-1]) if nspid and nspid[-1].isdigit() else None,
-                      tid=_dumping_thread(info.pid), uid=info.ruid, gid=info.rgid, time=when,
-                      core_limit=core_limit(files.get("limits", b"")),
+                      tid=procfs.dumping_thread(info.pid), uid=info.ruid, gid=info.rgid, time=when,
+                      core_limit=procfs.core_limit(files.get("limits", b""), RLIM_INFINITY),
                       dump_mode=2 if info.coredump_mask & coredump_socket.PIDFD_COREDUMP_ROOT else 1,
                       pidfd=proc.pidfd if proc is not None else None, hostname=hostname, comm=comm or None,
                       config=config)
@@ -854,51 +833,28 @@ def _request(conn: socket.socket) -> Optional[coredump_socket.Request]:
     return coredump_socket.read_request(conn)
 
 
-def _dumping_thread(pid: int) -> Optional[int]:
-    """The thread that dumps (PF_DUMPCORE in its stat flags), the kernel's %I."""
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    if len(tasks) == 1:
-        return int(tasks[0])
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                flags = capture.stat_field(f.read(4096), 9)
-        except OSError:
-            continue
-        if flags is not None and flags & _PF_DUMPCORE:
-            return int(tid)
-    return None
-
-
 def _hostname(pid: int, pidfd: int) -> Optional[str]:
     """The crashed process's hostname (%h): this worker joins its UTS namespace, which changes nothing
     else, and the name counts only if the pidfd still refers to that pid afterwards."""
     try:
-        fd = os.open(f"/proc/{pid}/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
+        fd = procfs.open_namespace(pid, "uts")
     except OSError:
         return None
     try:
-        if _libc().setns(fd, _CLONE_NEWUTS) != 0:
-            return None
+        libc.setns(fd, libc.CLONE_NEWUTS)
+    except OSError:
+        return None
     finally:
         os.close(fd)
-    if capture.pidfd_pid(pidfd) != pid:
+    if procfs.pidfd_pid(pidfd) != pid:
         return None
     return os.uname().nodename
 
 
-@functools.lru_cache(maxsize=1)
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _rejected_signal(proc: Optional[capture.Proc], pidfd: int) -> Optional[int]:
+def _rejected_signal(proc: Optional[procfs.Proc], pidfd: int) -> Optional[int]:
     """A REJECTed crash's signal: from the /proc/<pid>/stat read before the ack (the pidfd guarded that read),
     else from its exit status."""
-    found = snapshot.parse_dump_signal(proc.files.get("stat", b"")) if proc is not None else None
+    found = procfs.dump_signal(proc.files.get("stat", b"")) if proc is not None else None
     return found if found is not None else _exit_signal(pidfd)
 
 

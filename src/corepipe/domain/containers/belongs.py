@@ -18,6 +18,7 @@ from typing import Optional
 
 from corepipe.domain.containers import cgroup, state
 from corepipe.domain.containers.model import Container
+from corepipe.platform import procfs
 
 #: ioctl(2) on a namespace fd: the parent PID namespace (linux/nsfs.h, _IO(0xb7, 0x2)).
 NS_GET_PARENT = 0xB702
@@ -71,9 +72,9 @@ def check(container: Container, process: Optional[Process], deadline: state.Dead
     scope = container.scope
     if not any(p == scope or p.startswith(scope + "/") for p in paths):
         return f"the recorded init (pid {init}) is not in the container's cgroup"
-    init_ns = os.readlink(state.path(proc, "ns", "pid"))
+    init_ns = procfs.namespace(init, "pid", state.path(root, "proc"))
     if process.pid_ns[0] == init_ns:
-        if process.mnt_ns and os.readlink(state.path(proc, "ns", "mnt")) != process.mnt_ns:
+        if process.mnt_ns and procfs.namespace(init, "mnt", state.path(root, "proc")) != process.mnt_ns:
             return f"in the PID namespace of the container's init (pid {init}) but not in its mount namespace"
         return None
     if init_ns in process.pid_ns[1:]:

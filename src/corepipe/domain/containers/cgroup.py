@@ -1,8 +1,11 @@
-"""Reading /proc/<pid>/cgroup on v1, v2 and hybrid hosts, and systemd's unit-name escaping."""
+"""A process's cgroup paths (v1, v2 and hybrid hosts) as containers are told apart by, and systemd's unit-name
+escaping."""
 
 from __future__ import annotations
 
 import re
+
+from corepipe.platform import procfs
 
 _ESCAPE = re.compile(r"\\x([0-9a-fA-F]{2})")
 _DELETED = " (deleted)"
@@ -15,11 +18,7 @@ def candidate_paths(text: str) -> list:
     so every distinct path is a candidate; "/" and empty paths go last.
     """
     unified, named, legacy = [], [], []
-    for line in text.splitlines():
-        parts = line.strip().split(":", 2)
-        if len(parts) != 3 or not parts[0].isdigit():
-            continue
-        hierarchy, controllers, path = parts
+    for hierarchy, controllers, path in procfs.cgroup_entries(text):
         if path.endswith(_DELETED):
             path = path[: -len(_DELETED)]
         if hierarchy == "0" and controllers == "":

@@ -14,6 +14,7 @@ import re
 from typing import Optional
 
 from corepipe.domain.containers.model import Container
+from corepipe.platform import procfs
 
 _DOCKER = re.compile(r"/containers/([0-9a-f]{64})/(?:hostname|hosts|resolv\.conf)$")
 _STORAGE = re.compile(r"-containers/([0-9a-f]{64})/userdata/(?:hostname|hosts|resolv\.conf)$")
@@ -27,13 +28,10 @@ _TARGETS = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
 def from_mountinfo(mountinfo: str) -> dict:
     """{"docker": id, "storage": id, "pod_uid": uid, "root": ...} from the mounts over /etc and of /."""
     seen: dict = {}
-    for line in mountinfo.splitlines():
-        fields = line.split(" ", 5)
-        if len(fields) < 6:
-            continue
-        mount_root, target = fields[3], fields[4]
+    for mount in procfs.mounts(mountinfo):
+        mount_root, target = mount.root, mount.target
         if target == "/":
-            seen["root"] = {"device": fields[2], "root": mount_root, "type": _fstype(fields[5])}
+            seen["root"] = {"device": mount.device, "root": mount_root, "type": mount.fstype}
         if target not in _TARGETS:
             continue
         for key, pattern in (("docker", _DOCKER), ("storage", _STORAGE), ("pod_uid", _KUBELET)):
@@ -41,12 +39,6 @@ def from_mountinfo(mountinfo: str) -> dict:
             if found and key not in seen:
                 seen[key] = found.group(1)
     return seen
-
-
-def _fstype(rest: str) -> str:
-    """The filesystem type: the field after the " - " separator that ends the optional fields."""
-    _, sep, after = rest.partition(" - ")
-    return after.split(" ", 1)[0] if sep else ""
 
 
 def fallback(seen: dict) -> Optional[Container]:

@@ -18,6 +18,7 @@ from typing import Optional
 from corepipe.domain.containers import cgroup, runc, state
 from corepipe.domain.containers.model import Container
 from corepipe.domain.containers.state import HEX_ID
+from corepipe.platform import procfs
 
 NAME = "podman"
 ENRICHES = (NAME,)
@@ -118,9 +119,9 @@ def name_from_conmon(container: Container, pid: int, deadline: state.Deadline, r
     monitor = container.details.get("monitor_pid")
     for _ in range(32):
         if parent is None:
-            status = state.read(state.path(root, "proc", str(pid), "status"), deadline, 65536).decode(
-                errors="replace")
-            parent = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), 0)
+            status = procfs.status_fields(state.read(state.path(root, "proc", str(pid), "status"), deadline, 65536))
+            ppid = status.get("PPid", "")
+            parent = int(ppid) if ppid.isdigit() else 0
         if parent <= 1:
             return
         pid, parent = parent, None
