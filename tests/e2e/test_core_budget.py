@@ -94,3 +94,24 @@ def test_racing_nodes_ship_exactly_the_budget_of_cores(server, tmp_path: Path) -
     loser = sorted(set(stores) - winners)[0]
     again = objectstores.corepipe(stores[loser][2], server.env, "ship", "--once", "--to", url)
     assert again.stdout == "" and server.listing(f"fleet/_budget/v1/{SIGNATURE['hash']}/") == held
+
+
+def test_a_store_that_refuses_conditional_writes_still_gets_the_core(tmp_path: Path) -> None:
+    """The budget saves bandwidth; it never stops shipping: a store answering 501 to the marker's conditional
+    create (a loopback proxy in front of SeaweedFS, which itself honours it) gets the core, with one warning."""
+    server = objectstores.make("seaweedfs", tmp_path)
+    server.start()
+    proxy = objectstores.CountingProxy(server.port, fault=lambda m, p: 501 if m == "PUT" and "/_budget/" in p else None)
+    try:
+        _path, rec = objectstores.stored_crash(tmp_path / "store", 4096, signature=SIGNATURE)
+        config = tmp_path / "c.toml"
+        config.write_text(f'store = "{tmp_path / "store"}"\nship_node = "node-a"\n')
+        env = {**server.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+        shipped = objectstores.corepipe(config, env, "ship", "--once", "--to", server.url("fleet"))
+    finally:
+        proxy.close()
+        held = server.listing("fleet/")
+        server.stop()
+    assert f"shipped {rec['id']}" in shipped.stdout
+    assert len(shipped.stderr.splitlines()) == 1 and "core budget not applied" in shipped.stderr, shipped.stderr
+    assert any(key.endswith("/core.zst") for key in held) and not any("/_budget/" in key for key in held), held

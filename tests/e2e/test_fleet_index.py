@@ -352,7 +352,9 @@ def ship_through(server: objectstores.Server, config: Path, **faults: object) ->
 
 def test_a_denied_list_parts_starts_a_fresh_upload(big_crash: tuple) -> None:
     """A role without s3:ListMultipartUploadParts (the IRSA policy of old) must not stop the node: the upload
-    that cannot be resumed is started afresh. The proxy fails part 3, then denies ListParts."""
+    that cannot be resumed is started afresh. The proxy fails part 3, then denies ListParts (a proxy, because
+    SeaweedFS 4.48's s3.config cannot deny ListParts alone: an identity without "List" still lists parts, and one
+    without "Read" loses the HEAD and GET the shipper needs too)."""
     server, path, rec, config = big_crash
     failing = {"parts": 0}
 
