@@ -51,6 +51,8 @@ class Proc:
         #: container init's, and walks its parents, even after the process is reaped or its PID reused.
         self.pid_ns: str | None = None
         self.pid_ns_fd: int | None = None
+        #: An fd on its user namespace (``ns/user``): platform/userns.py finds the user who owns it.
+        self.user_ns_fd: int | None = None
         self.errors: list = []
         #: False when the process was gone (or /proc unreadable) before anything was read.
         self.opened = False
@@ -270,6 +272,10 @@ def read_proc(proc: Proc, limit: int = PROC_LIMIT, reader: MemoryReader | None =
             proc.pid_ns_fd = os.open("ns/pid", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
         except OSError as exc:
             proc.errors.append(f"ns/pid: {exc.strerror}")
+        try:
+            proc.user_ns_fd = os.open("ns/user", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as exc:
+            proc.errors.append(f"ns/user: {exc.strerror}")
         try:
             proc.stat_again = read_at(dir_fd, "stat", 4096)
         except OSError:

@@ -180,18 +180,23 @@ def take_snapshot(ctx: Context) -> Optional[snapshot.Snapshot]:
 
 def identify(ctx: Context) -> containers.Container:
     """The container the crashed process ran in, from a trusted snapshot only, confirmed by its runtime's state
-    and the process's namespaces (containers.of_process)."""
+    and the process's namespaces (containers.of_process); and the user a subordinate uid belongs to."""
     snap, proc = ctx.snapshot, ctx.early.proc
     try:
         if snap is None:
-            return containers.Container(runtime="unknown", source="none", confidence="guess")
-        if not snap.trusted:
-            return containers.Container(runtime="unknown", source="untrusted snapshot", confidence="guess")
-        return containers.of_process(snap, proc, hostname=ctx.args.hostname)
+            container = containers.Container(runtime="unknown", source="none", confidence="guess")
+        elif not snap.trusted:
+            container = containers.Container(runtime="unknown", source="untrusted snapshot", confidence="guess")
+        else:
+            container = containers.of_process(snap, proc, hostname=ctx.args.hostname)
+        containers.attribute(container, ctx.args.uid, proc.user_ns_fd if proc is not None and snap is not None
+                   and snap.trusted else None)
+        return container
     finally:
-        if proc is not None and proc.pid_ns_fd is not None:  # only the confirmation needs it
-            os.close(proc.pid_ns_fd)
-            proc.pid_ns_fd = None
+        for name in ("pid_ns_fd", "user_ns_fd"):  # only identification needs them
+            if proc is not None and getattr(proc, name) is not None:
+                os.close(getattr(proc, name))
+                setattr(proc, name, None)
 
 
 def open_store(ctx: Context) -> Optional[Store]:

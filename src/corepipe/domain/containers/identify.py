@@ -10,8 +10,9 @@ the others are kept in ``outer``. ``enrich`` then confirms each from its runtime
 process's namespaces (belongs.py): the innermost confirmed one is the container, and one that
 cannot be confirmed never gets a container's policy group (model.py). A cgroup inside a user's
 delegated subtree (``user@UID.service``) is that user's: a rootless container at most, attributed
-to that uid. Nothing here talks to a daemon: the crashing process may be the daemon. ``root`` is "/"
-except in tests, which replay real files under a temporary root.
+to that uid; so is a crash of a subordinate uid of that user (``attribute``: platform/userns.py).
+Nothing here talks to a daemon: the crashing process may be the daemon. ``root`` is "/" except in tests,
+which replay real files under a temporary root.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from corepipe.domain.containers import (
     state,
 )
 from corepipe.domain.containers.model import Container
+from corepipe.platform import userns
 
 _USER_MANAGER = re.compile(r"user@([0-9]{1,10})\.service")
 _STATE_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, TimeoutError)
@@ -213,3 +215,16 @@ def of_process(snap, proc, *, hostname: Optional[str]) -> Container:
 
 #: On a tie (two runtimes claim the same segment) the earlier module wins: kubernetes knows the pod.
 RUNTIMES = (kubernetes, slicepath, ecs, docker, podman, crio, garden, containerd, runc, lxc, nspawn, probe)
+
+
+def attribute(container: Container, uid: Optional[int], user_ns_fd: Optional[int]) -> None:
+    """A crash of a uid that belongs to another user (a subordinate uid) counts under that user: the owner of the
+    process's user namespace (a trusted snapshot's), else the user whose /etc/subuid range holds ``uid``. Never
+    under root: a namespace or range of root's (a remapped daemon's) must not spend root's own limits."""
+    if isinstance(container.details.get("owner_uid"), int) or not isinstance(uid, int):
+        return
+    owner, source = (userns.namespace_owner(user_ns_fd), "user namespace") if user_ns_fd is not None else (None, "")
+    if owner is None:
+        owner, source = userns.subuid_owner(uid), userns.SUBUID
+    if owner not in (None, 0, uid):
+        container.details.update(owner_uid=owner, owner_from=source)

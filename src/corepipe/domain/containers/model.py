@@ -67,7 +67,8 @@ class Container:
 
         A container only when its identity is confirmed (state + the process in its init's PID
         namespace); a host process under its system unit; everything else under the uid it is
-        attributed to (a rootless runtime's owner, else the crashing uid), so nobody can spend
+        attributed to (a rootless runtime's owner, the user a subordinate uid belongs to, else the
+        crashing uid), so nobody can spend
         another container's or another user's limits, or evict their cores. Without a uid (bad kernel
         arguments): ``unknown/unknown``.
         """
