@@ -82,19 +82,22 @@ def _main(argv: list) -> int:
                     args[i - 1:i + 1] = [f"{args[i - 1]}={args[i]}"]
             return super().parse_known_args(args, namespace)
 
+    from corepipe.commands import options
+
     parser = Parser(prog="corepipe", description="Collect core dumps from containers.")
     parser.add_argument("--version", action="version", version=f"corepipe {__version__}")
     parser.add_argument("--config", help="config file (default /etc/corepipe/config.toml)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = options.parent()  # every command's options: --config after its name as before it
     modules = {}
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"corepipe.commands.{module_name}")
         modules[name] = module
-        command_parser = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        command_parser = sub.add_parser(name, help=module.HELP, description=module.HELP, parents=[common])
         module.add_arguments(command_parser)
     from corepipe.commands import completion_cmd
 
-    completion_cmd.add_arguments(sub.add_parser("completion"))  # no help: hidden; install.sh runs it
+    completion_cmd.add_arguments(sub.add_parser("completion", parents=[common]))  # no help: hidden; install.sh runs it
     ns = parser.parse_args(argv)
     if ns.command is None:
         parser.print_help()

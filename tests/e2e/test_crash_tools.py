@@ -20,7 +20,7 @@ import pytest
 from runtimes import docker_import, make_rootfs, unique
 from support import CRASH_LINE, HERE, Handler, KernelSettings, core_digest, crash, need, need_root_kernel, need_tool
 
-from corepipe.commands.crashes import human_size
+from corepipe.commands.output import human_size
 
 RAISE_LINE = next(i for i, line in enumerate((HERE / "crasher.c").read_text().splitlines(), 1)
                   if "raise(atoi" in line)

@@ -49,7 +49,7 @@ def test_every_command_and_option_of_the_parser_completes(script: Path) -> None:
         options = set(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", help_of(command).split("options:")[1]))
         assert set(complete(script, command, "-")) >= options, command
     assert complete(script, "li") == ["list"]
-    assert complete(script, "config", "") == ["-h", "--help", "check"]
+    assert complete(script, "config", "") == ["-h", "--help", "--config", "check"]  # every command takes --config
     assert "--config" in complete(script, "config", "check", "--")
 
 

@@ -62,7 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "It prints nothing and logs to the kernel log and syslog. Run by hand (no kernel arguments, a terminal "
         "on stdin, or --help) it files nothing. Exit codes: 0 stored as configured, 1 something failed (the "
         "record says what), 2 bad arguments or not run by the kernel.")
-    parser.add_argument("--config", default=argparse.SUPPRESS, help="the config the kernel's pattern names")
     parser.add_argument("kernel_args", nargs=argparse.REMAINDER, metavar="%P %p ...",
                         help="the kernel's arguments, in the order above")
 

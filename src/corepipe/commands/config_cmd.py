@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from corepipe.commands.install_cmd import add_config_option
+from corepipe.commands import options
 from corepipe.platform import config as configuration
 
 HELP = "check a config file and print the settings in effect (exit 1 with one line per problem)"
@@ -18,8 +18,7 @@ HELP = "check a config file and print the settings in effect (exit 1 with one li
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    check = actions.add_parser("check", help=HELP, description=HELP)
-    add_config_option(check)
+    actions.add_parser("check", help=HELP, description=HELP, parents=[options.parent()])
 
 
 def run(ns: argparse.Namespace) -> int:

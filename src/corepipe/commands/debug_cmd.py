@@ -31,7 +31,7 @@ import sys
 import tempfile
 from typing import Optional
 
-from corepipe.commands import crashes
+from corepipe.commands import lookup
 from corepipe.domain import binaries
 from corepipe.platform import elf, gdb, sandbox, sysroot, unpack
 from corepipe.platform.errors import UsageError, UserError
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="source files the binary names under FROM are in TO (repeatable), e.g. /src ~/work/app")
     parser.add_argument("args", nargs="*", metavar="-- ARGS",
                         help="more debugger arguments after '--' (options go before ID), e.g. ID -- -batch -ex bt")
-    crashes.add_remote_option(parser)
+    lookup.add_remote_option(parser)
 
 
 def _on_this_host(rec: dict, remote: bool) -> bool:
@@ -213,8 +213,8 @@ def run(ns: argparse.Namespace) -> int:
         crash_id, extra = None, [crash_id] + extra
     debugger = debugger_argv(ns.debugger)
     sources = Sources(ns.source, ns.substitute_path)
-    path, rec = crashes.lookup(ns, crash_id)
-    with crashes.local_copy(ns, path, rec, with_binaries=True) as (local, store):
+    path, rec = lookup.lookup(ns, crash_id)
+    with lookup.local_copy(ns, path, rec, with_binaries=True) as (local, store):
         return _debug(local, store, rec, debugger, extra, sources, getattr(ns, "remote", None) is not None)
 
 
@@ -226,7 +226,7 @@ def _debug(path: str, store: str, rec: dict, debugger: list, extra: list, source
     source = unpack.open_core(path, rec)
     work = tempfile.mkdtemp(prefix="corepipe-debug-")
     try:
-        crashes.check_room(work, rec, "set TMPDIR to a bigger filesystem")
+        lookup.check_room(work, rec, "set TMPDIR to a bigger filesystem")
         core = os.path.join(work, "core")
         fd = os.open(core, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from corepipe.commands import crashes
+from corepipe.commands import lookup
 from corepipe.platform import digest, fs, unpack
 from corepipe.platform.errors import UsageError, UserError
 
@@ -17,15 +17,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", nargs="?", help="crash id or a unique prefix of it (default: the latest)")
     parser.add_argument("-o", "--output", metavar="FILE",
                         help="write here (a new 0600 file, replacing FILE); '-' or omitted: stdout, not a terminal")
-    crashes.add_remote_option(parser)
+    lookup.add_remote_option(parser)
 
 
 def run(ns: argparse.Namespace) -> int:
-    path, rec = crashes.lookup(ns, ns.id)
+    path, rec = lookup.lookup(ns, ns.id)
     to_stdout = ns.output in (None, "-")
     if to_stdout and sys.stdout.isatty():
         raise UsageError("refusing to write a core to a terminal; use -o FILE or a pipe")
-    with crashes.local_copy(ns, path, rec) as (local, _store):
+    with lookup.local_copy(ns, path, rec) as (local, _store):
         return _extract(local, rec, ns.output, to_stdout)
 
 
@@ -50,7 +50,7 @@ def _extract(path: str, rec: dict, output: str, to_stdout: bool) -> int:
 def _to_file(source: int, rec: dict, output: str) -> None:
     """Write under a hidden temporary name beside ``output`` and rename (fs.replace): ``output`` is complete
     or untouched."""
-    crashes.check_room(os.path.dirname(os.path.abspath(output)), rec,
+    lookup.check_room(os.path.dirname(os.path.abspath(output)), rec,
                        "write it to a bigger filesystem (or to a pipe: -o -)")
     try:
         fs.replace(os.path.abspath(output), lambda fd: unpack.to_fd(source, rec, fd), mode=0o600)

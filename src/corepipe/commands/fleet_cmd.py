@@ -7,9 +7,7 @@ import argparse
 import csv
 import sys
 
-from corepipe.commands import crashes
-from corepipe.platform import objectstore
-from corepipe.platform.errors import UserError
+from corepipe.commands import lookup, output
 
 HELP = "the fleet's index in its bucket: reindex a prefix an older corepipe shipped to, or query it with SQL"
 
@@ -30,16 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(ns: argparse.Namespace) -> int:
     from corepipe.domain import fleet, fleet_sql
 
-    try:
-        remote = fleet.RemoteCatalog(objectstore.open_destination(ns.remote), crashes.warn_remote)
-    except objectstore.DestinationError as exc:
-        raise UserError(f"cannot read {ns.remote}: {exc}") from None
-    with crashes.remote_errors(ns, remote):
+    remote = lookup.open_remote(ns.remote)
+    with lookup.remote_errors(ns, remote):
         if ns.fleet_command == "reindex":
             return _report(ns.remote, fleet.reindex(remote))
         columns, rows = fleet_sql.query(remote.table(), ns.sql)
     if ns.json:
-        crashes.write_json([dict(zip(columns, row)) for row in rows])
+        output.write_json([dict(zip(columns, row)) for row in rows])
     else:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(columns)

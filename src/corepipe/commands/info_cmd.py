@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Optional
 
-from corepipe.commands import crashes
-from corepipe.commands.crashes import shown
+from corepipe.commands import lookup, options
+from corepipe.commands.output import human_size, shown, write_json
 from corepipe.domain import batch, binaries, signature
 from corepipe.platform import digest
 from corepipe.platform.log import clean
@@ -18,7 +18,7 @@ HELP = "show one crash in full, with its backtrace if one was taken (default: th
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", nargs="?", help="crash id or a unique prefix of it (default: the latest)")
     parser.add_argument("--json", action="store_true", help="print the record as JSON (see README)")
-    crashes.add_remote_option(parser)
+    lookup.add_remote_option(parser)
 
 
 def _line(out: list, key: str, value: object) -> None:
@@ -55,7 +55,7 @@ def render(path: str, rec: dict, store: Optional[str] = None) -> str:
     if task:
         _line(out, "batch.from", f"{task.get('source')} "
                                  f"({'confirmed' if task.get('confirmed') is True else 'unconfirmed'})")
-    _line(out, "core", crashes.core_state(path, rec))
+    _line(out, "core", lookup.core_state(path, rec))
     if core.get("stored"):
         _line(out, "core.size", f"{shown(core.get('size'))} bytes, {shown(core.get('compressed_size'))} compressed "
                                 f"({shown(core.get('compression'))})")
@@ -84,7 +84,7 @@ def render(path: str, rec: dict, store: Optional[str] = None) -> str:
         for entry in saved_files.get("files") or []:
             state = "saved" if entry.get("stored") else f"not saved: {entry.get('reason')}"
             out.append(f"  {clean(str(entry.get('path')))}  build-id {entry.get('build_id') or '-'}  "
-                       f"{crashes.human_size(entry.get('size'))}  {state}")
+                       f"{human_size(entry.get('size'))}  {state}")
             saved = binaries.saved_path(store, entry) if store and entry.get("stored") else None
             if saved:
                 out.append(f"    saved as {clean(saved)}")
@@ -105,14 +105,14 @@ def render(path: str, rec: dict, store: Optional[str] = None) -> str:
 
 
 def run(ns: argparse.Namespace) -> int:
-    path, rec = crashes.lookup(ns, ns.id)
+    path, rec = lookup.lookup(ns, ns.id)
     if rec.get("signature"):
-        records = [other for _p, other in crashes.all_records(crashes.store_root(ns))]
+        records = [other for _p, other in lookup.all_records(options.config(ns).store)]
         grouped = dict(zip((other.get("id") for other in records), signature.keys(records)))
         same = grouped.get(rec.get("id"), signature.key(rec))
         rec = {**rec, "signature_count": sum(k == same for k in grouped.values())}
     if ns.json:
-        crashes.write_json(crashes.json_item(path, rec))
+        write_json(lookup.json_item(path, rec))
     else:
-        sys.stdout.write(render(path, rec, None if getattr(ns, "remote", None) else crashes.store_root(ns)))
+        sys.stdout.write(render(path, rec, None if getattr(ns, "remote", None) else options.config(ns).store))
     return 0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Callable
 
+from corepipe.commands.options import paths
 from corepipe.platform import config as configuration
 from corepipe.platform import forward
 from corepipe.services import install
@@ -13,20 +13,7 @@ from corepipe.services import install
 HELP = "make corepipe the kernel's core dump handler on this host (idempotent)"
 
 
-def add_config_option(parser: argparse.ArgumentParser) -> None:
-    """``--config`` after the subcommand too; SUPPRESS keeps a ``corepipe --config X`` given before it."""
-    parser.add_argument("--config", default=argparse.SUPPRESS,
-                        help=f"config file; the install state lives beside it (default {configuration.DEFAULT_PATH})")
-
-
-def paths(ns: argparse.Namespace) -> install.Paths:
-    defaults = install.Paths()
-    return install.Paths(bin=getattr(ns, "bin", defaults.bin), config=ns.config or defaults.config,
-                         sysctl_dir=getattr(ns, "sysctl_dir", defaults.sysctl_dir))
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_option(parser)
     parser.add_argument("--store", metavar="DIR", help=f"where cores are kept (default: the config's store, "
                                                        f"else {configuration.DEFAULT_STORE})")
     parser.add_argument("--bin", metavar="PATH", default=install.Paths.bin,
@@ -46,15 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "server's DIR/forward.sock (default %(default)s)")
 
 
-def report(action: Callable[[], list]) -> int:
-    """Run install or uninstall and print its lines."""
-    for line in action():
-        print(line)
-    return 0
-
-
 def run(ns: argparse.Namespace) -> int:
-    report(lambda: install.install(paths(ns), store=ns.store, force=ns.force, mode=ns.mode, socket_path=ns.socket,
-                                   forward_socket=forward.socket_path(os.path.abspath(ns.run_dir))))
+    for line in install.install(paths(ns), store=ns.store, force=ns.force, mode=ns.mode, socket_path=ns.socket,
+                                forward_socket=forward.socket_path(os.path.abspath(ns.run_dir))):
+        print(line)
     print("next: 'corepipe selftest' proves a crash is collected")
     return 0

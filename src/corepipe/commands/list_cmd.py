@@ -8,7 +8,7 @@ import signal as signals
 import sys
 from typing import Callable
 
-from corepipe.commands import crashes, times
+from corepipe.commands import lookup, options, output, times
 from corepipe.domain import batch, signature
 
 HELP = "list collected crashes (newest last)"
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one row per signature: count, cores, first and last seen, containers, a sample id")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON array of records, one record a line (docs/record.md)")
-    crashes.add_remote_option(parser)
+    lookup.add_remote_option(parser)
 
 
 def count(text: str) -> int:
@@ -139,14 +139,14 @@ def row(path: str, rec: dict) -> list:
     return [rec.get("id"), rec.get("time") or "-", _container_cell(rec), _pod_cell(container),
             rec.get("pid") if rec.get("pid") is not None else "-",
             signal.get("name") or signal.get("number") or "-", rec.get("comm") or "-",
-            crashes.human_size((rec.get("core") or {}).get("size")),
-            crashes.human_size((rec.get("core") or {}).get("compressed_size")), crashes.core_state(path, rec)]
+            output.human_size((rec.get("core") or {}).get("size")),
+            output.human_size((rec.get("core") or {}).get("compressed_size")), lookup.core_state(path, rec)]
 
 
 def run(ns: argparse.Namespace) -> int:
     if ns.remote is not None:
         return _run_remote(ns)
-    items = crashes.all_records(crashes.store_root(ns))
+    items = lookup.all_records(options.config(ns).store)
     if ns.signature is not None:
         items = with_signature(items, ns.signature)
     items = [(path, rec) for path, rec in items if matches(rec, ns)]
@@ -154,7 +154,7 @@ def run(ns: argparse.Namespace) -> int:
         items = items[-ns.n:]
     if ns.group:
         return _print(signature.groups(items), ns, GROUP_HEADERS, group_row)
-    return _print(items, ns, HEADERS, lambda item: row(*item), lambda item: crashes.json_item(*item))
+    return _print(items, ns, HEADERS, lambda item: row(*item), lambda item: lookup.json_item(*item))
 
 
 def _run_remote(ns: argparse.Namespace) -> int:
@@ -162,7 +162,7 @@ def _run_remote(ns: argparse.Namespace) -> int:
     each crash came from."""
     from corepipe.domain import fleet_sql
 
-    remote, con = crashes.remote_table(ns)
+    remote, con = lookup.remote_table(ns)
     filters = {name: getattr(ns, name) for name in ("node", "container", "pod", "namespace", "job", "task", "image",
                                                     "since", "until", "signal", "exe", "signature")}
     if ns.group:
@@ -170,10 +170,10 @@ def _run_remote(ns: argparse.Namespace) -> int:
                       lambda g: [*group_row(g)[:5], len(g["nodes"]), *group_row(g)[5:]])
     items = ((remote.path(found), found) for found in fleet_sql.crashes_matching(con, filters, ns.n))
     if ns.json and not ns.reverse:  # streamed: a fleet's listing is never all in memory
-        crashes.write_json_array(crashes.json_item(path, rec) for path, rec in items)
+        output.write_json_array(lookup.json_item(path, rec) for path, rec in items)
         return 0
     return _print(list(items), ns, ["NODE", *HEADERS], lambda item: [item[1]["node"], *row(*item)],
-                  lambda item: crashes.json_item(*item))
+                  lambda item: lookup.json_item(*item))
 
 
 def _print(items: list, ns: argparse.Namespace, headers: list, to_row: Callable, to_json: Callable = dict) -> int:
@@ -181,9 +181,9 @@ def _print(items: list, ns: argparse.Namespace, headers: list, to_row: Callable,
     if ns.reverse:
         items = items[::-1]
     if ns.json:
-        crashes.write_json_array(to_json(item) for item in items)
+        output.write_json_array(to_json(item) for item in items)
     elif items:
-        sys.stdout.write(crashes.table(headers, [to_row(item) for item in items], legend=ns.legend))
+        sys.stdout.write(output.table(headers, [to_row(item) for item in items], legend=ns.legend))
     else:
         print("no crashes match", file=sys.stderr)
     return 0

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from corepipe.commands import crashes
+from corepipe.commands import options
 from corepipe.platform import config as configuration
 from corepipe.platform import extras
 from corepipe.platform.errors import UserError
@@ -28,7 +28,7 @@ def run(ns: argparse.Namespace) -> int:
         from corepipe.services import metrics
     except ImportError as exc:
         raise UserError(f"metrics need {extras.missing('metrics', str(exc.name))}") from None
-    cfg = crashes.load_config(ns)
+    cfg = options.config(ns)
     if ns.textfile is not None:
         if not os.path.isdir(ns.textfile):
             raise UserError(f"{ns.textfile} is not a directory: give node_exporter's --collector.textfile.directory")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
+from typing import Optional
 
-from corepipe.commands import crashes
+from corepipe.commands import options
+from corepipe.platform.config import Config
 from corepipe.platform.errors import UserError
 from corepipe.platform.store import Store
 from corepipe.services import prune
@@ -17,17 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
 
 
-def run(ns: argparse.Namespace) -> int:
-    cfg = crashes.load_config(ns)
-    if not os.path.isdir(cfg.store):
+@options.with_store
+def run(ns: argparse.Namespace, cfg: Config, store: Optional[Store]) -> int:
+    if store is None:
         print(f"the store {cfg.store} does not exist yet: nothing to prune")
         return 0
-    try:
-        store = Store(cfg.store, create=False)
-    except OSError as exc:
-        raise UserError(f"cannot open the store {cfg.store}: {exc}; check it is a root-owned directory") from None
-    with store:
-        failed = prune.prune(store, cfg, dry_run=ns.dry_run, say=print)
+    failed = prune.prune(store, cfg, dry_run=ns.dry_run, say=print)
     if failed:
         raise UserError(f"{failed} deletions failed (see above); check the store's permissions")
     return 0

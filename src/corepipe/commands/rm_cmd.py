@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
-from corepipe.commands import crashes
+from corepipe.commands import lookup, options
 from corepipe.domain import catalog
 from corepipe.domain.books import Books
+from corepipe.platform.config import Config
 from corepipe.platform.errors import UserError
 from corepipe.platform.store import Store
 
@@ -17,16 +19,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ids", nargs="+", metavar="ID", help="crash ids or unique prefixes")
 
 
-def run(ns: argparse.Namespace) -> int:
-    cfg = crashes.load_config(ns)
-    items = crashes.all_records(cfg.store)
+@options.with_store
+def run(ns: argparse.Namespace, cfg: Config, store: Optional[Store]) -> int:
+    items = lookup.all_records(cfg.store) if store is not None else []
     chosen = {}
     for prefix in ns.ids:
-        path, rec = catalog.select(items, prefix)
+        path, rec = catalog.select(items, prefix)  # LookupFailed names the prefix: nothing is removed
         chosen[path] = rec
+    assert store is not None  # a crash was chosen
     pruned = 0
     try:
-        with Store(cfg.store, create=False) as store, Books(store) as books:
+        with Books(store) as books:
             for path, rec in chosen.items():
                 group, name = catalog.group_of(path, cfg.store)
                 pruned += books.delete_crash(group, name)

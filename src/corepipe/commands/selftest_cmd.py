@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from corepipe.commands.install_cmd import add_config_option, paths
+from corepipe.commands.options import paths
 from corepipe.services import selftest
 
 HELP = "crash a throwaway process (and a throwaway Docker container) and verify their cores were collected"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_option(parser)
     parser.add_argument("--no-container", action="store_true", help="skip the container crash")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each record (%(default)s)")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-from corepipe.commands.install_cmd import add_config_option
 from corepipe.platform.errors import UserError
 from corepipe.services import install, serve
 
@@ -18,7 +17,6 @@ HELP = ("run the resident collector: on the kernel's coredump socket (Linux 6.16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_option(parser)
     parser.add_argument("--socket", default=serve.DEFAULT_SOCKET, metavar="PATH",
                         help="where to listen, an absolute path in the host's root (default %(default)s)")
     parser.add_argument("--workers", type=int, default=0, metavar="N",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from corepipe.commands import crashes
+from corepipe.commands import options
 from corepipe.platform.errors import UsageError, UserError
 from corepipe.platform.objectstore import DestinationError
 from corepipe.services import ship
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    cfg = crashes.load_config(ns)
+    cfg = options.config(ns)
     url = ns.to or cfg.ship_to
     if not url:
         raise UsageError("no destination: pass --to az://CONTAINER/PREFIX or s3://BUCKET/PREFIX, or set ship_to "

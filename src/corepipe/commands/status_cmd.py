@@ -6,9 +6,9 @@ import argparse
 import json
 import time
 
-from corepipe.commands.crashes import human_size as size
-from corepipe.commands.crashes import shown
-from corepipe.commands.install_cmd import add_config_option, paths
+from corepipe.commands.options import paths
+from corepipe.commands.output import human_size as size
+from corepipe.commands.output import shown
 from corepipe.services import status
 
 HELP = ("show whether corepipe is the active core handler and what its store holds "
@@ -16,7 +16,6 @@ HELP = ("show whether corepipe is the active core handler and what its store hol
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_option(parser)
     parser.add_argument("--json", action="store_true", help="print the facts as JSON")
 
 

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from corepipe.commands.install_cmd import add_config_option, paths, report
+from corepipe.commands.options import paths
 from corepipe.services import install
 
 HELP = "restore the previous core handler and remove corepipe's launcher and drop-in (cores are kept)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_option(parser)
     parser.add_argument("--purge", action="store_true", help="also delete the collected cores and records")
     parser.add_argument("--force", action="store_true",
                         help="restore the saved core_pattern even if another handler changed it since install")
 
 
 def run(ns: argparse.Namespace) -> int:
-    return report(lambda: install.uninstall(paths(ns), purge=ns.purge, force=ns.force))
+    for line in install.uninstall(paths(ns), purge=ns.purge, force=ns.force):
+        print(line)
+    return 0
