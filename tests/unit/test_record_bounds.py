@@ -53,12 +53,25 @@ def test_the_whole_record_is_bounded() -> None:
     assert rec["process"]["maps"] is None  # dropped first
 
 
-def test_records_without_a_core_count_in_max_use() -> None:
-    records = [Core(group="host", crash=f"20260101T00000{n}Z-{n:012x}", size=0, time=float(n), file=None,
-                    record=3 * MIB)
-               for n in range(3)]
-    plan = policy.plan(records, Limits(max_use=10 * MIB), fs_free=1 << 40, group="host", want=MIB)
-    assert plan.budget == MIB  # 10 MiB less the 9 MiB of records
+def test_admission_never_deletes_cores_for_records() -> None:
+    """Records have a budget of their own per group: 9 MiB of records leave a core's room and cores alone."""
+    held = [Core(group="host", crash=f"20260101T00000{n}Z-{n:012x}", size=0, time=float(n), file=None,
+                 record=3 * MIB) for n in range(3)]
+    held.append(Core(group="root", crash="20260101T000009Z-0000000000ff", size=4 * MIB, time=9.0, file="core.zst"))
+    plan = policy.plan(held, Limits(max_use=10 * MIB), fs_free=1 << 40, group="host", want=MIB)
+    assert plan.budget == 6 * MIB and plan.delete == []
+
+
+def test_records_over_their_groups_budget_oldest_coreless_first() -> None:
+    crashes = [Core(group="uid/65534", crash=f"c{n}", size=0, time=float(n), file=None, record=8192)
+               for n in range(10)]
+    crashes += [Core(group="uid/0", crash="root", size=MIB, time=0.0, file="core.zst", record=8192),
+                Core(group="uid/65534", crash="cored", size=MIB, time=0.0, file="core.zst", record=8192)]
+    over = policy.records_over(crashes, 5 * 8192)
+    assert [c.crash for c in over] == [f"c{n}" for n in range(6)]  # 11 records of the group, 5 may stay
+    assert policy.records_over(crashes, 0) == []
+    assert policy.records_budget(-1, Limits(max_use=3 * MIB)) == 3 * MIB // 10
+    assert policy.records_budget(4096, Limits(max_use=3 * MIB)) == 4096
 
 
 def test_a_rate_limited_crash_is_cheap(tmp_path: Path) -> None:
@@ -94,12 +107,12 @@ def test_records_count_in_the_ledger_and_go_with_their_crash(tmp_path: Path) -> 
     store_dir = tmp_path / "store"
     on_disk = [p.stat().st_blocks * 512 for p in store_dir.rglob("record.json")]
     counted = json.loads((store_dir / LEDGER).read_text())["records"]
-    assert counted == [3, sum(on_disk)]
+    assert list(counted.values()) == [[3, sum(on_disk)]]
     with Store(str(store_dir)) as store, Books(store) as books:
         assert books_module.rebuild_ledger(store).records == counted
         group, crash = catalog.group_of(str(next(store_dir.rglob("record.json")).parent), str(store_dir))
         books.delete_crash(group, crash)
-    assert json.loads((store_dir / LEDGER).read_text())["records"][0] == 2
+    assert list(json.loads((store_dir / LEDGER).read_text())["records"].values())[0][0] == 2
 
 
 def test_environment_is_kept_by_allow_list() -> None:

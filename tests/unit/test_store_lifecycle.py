@@ -75,7 +75,7 @@ def _assert_exact(tmp_path: Path) -> None:
 def _cli(tmp_path: Path, cfg: Config, *args: str) -> int:
     config = tmp_path / "c.toml"
     config.write_text(f'store = "{cfg.store}"\nmax_use = {cfg.max_use}\nkeep_free = 0\n'
-                      f'max_age_days = {cfg.max_age_days}\n')
+                      f'max_age_days = {cfg.max_age_days}\nrecords_max_use = {cfg.records_max_use}\n')
     return cli.main(["--config", str(config), *args])
 
 
@@ -85,9 +85,8 @@ def test_binaries_are_saved_only_beside_a_kept_core(tmp_path: Path, sleepers: li
     _code, _, limited = collect_in_process(cfg, sleepers[0].pid, "limited", CORE)
     assert kept["core"]["stored"] and _stored_keys(kept), kept["binaries"]
     assert not limited["core"]["stored"] and limited["core"]["reason"].startswith("rate limited")
-    files = [e for e in limited["binaries"]["files"] if e["build_id"]]
-    assert files and not any(e["stored"] for e in files)
-    assert all(e["reason"] == "not saved: the core was not kept" for e in files)
+    # A record without a core lists no binaries (it stays a few KiB: record.coreless).
+    assert limited["binaries"]["files"] == [] and "binaries.files (omitted: no core kept)" in limited["truncated"]
     assert _saved(tmp_path) == _stored_keys(kept)
     _assert_exact(tmp_path)
 
@@ -179,8 +178,9 @@ def test_storing_a_crash_never_scans_the_store(tmp_path: Path, sleepers: list, m
 
 def test_prune_deletes_the_oldest_records_when_records_alone_are_over_max_use(tmp_path: Path, sleepers: list) -> None:
     """A rate-limited crash loop leaves records only; once they alone exceed max_use, prune deletes the oldest
-    crashes (the core goes first), so records cannot grow past the limit until max_age_days."""
-    cfg = _cfg(tmp_path, rate_limit_exe=1)
+    crashes (the core goes first), so records cannot grow past the limit until max_age_days (with no per-group
+    budget: records_max_use = 0)."""
+    cfg = _cfg(tmp_path, rate_limit_exe=1, records_max_use=0)
     order = []  # the crash directories, oldest first
     for n in range(6):
         rec = collect_in_process(cfg, sleepers[0].pid, f"loop{n}", CORE, when=1700000000 + n)[2]
@@ -192,7 +192,7 @@ def test_prune_deletes_the_oldest_records_when_records_alone_are_over_max_use(tm
     newest = sorted(c.record for c in crashes)[:2]
     limit = sum(newest)  # room for the two smallest records: at least four crashes must go
     # max_age_days = 0: the records' dump time (collect_in_process's, in 2023) must not expire them first.
-    assert _cli(tmp_path, _cfg(tmp_path, max_use=limit, max_age_days=0), "prune") == 0
+    assert _cli(tmp_path, _cfg(tmp_path, max_use=limit, max_age_days=0, records_max_use=0), "prune") == 0
     with Store(cfg.store, create=False) as store:
         left = catalog.scan(store).crashes
     # The core went first (its record then says so, and may grow by a block); then the oldest records.

@@ -119,6 +119,20 @@ def refusal(store: Store, cfg: Config, *, group: tuple, exe: str) -> Optional[st
         return _no_room(plan.limited_by, plan.budget) if plan.budget < MIN_BUDGET else None
 
 
+def record_refusal(books: Books, cfg: Config, group: str, size: int) -> Optional[str]:
+    """Why a crash without a core gets no record of ``size`` bytes in ``group`` (its records would go over
+    ``records_max_use``, or the filesystem below keep_free), or None. The caller holds ``books``; nothing is
+    deleted for a record."""
+    lim, fs_free = measure(books.store, cfg)
+    budget = policy.records_budget(cfg.records_max_use, lim)
+    used = books.checked(lambda: books.ledger.group_records(group))[1]
+    if budget and used + size > budget:
+        return f"the records of {group} are over records_max_use ({budget} bytes)"
+    if lim.keep_free and fs_free - size < lim.keep_free:
+        return f"the filesystem has less than keep_free ({lim.keep_free} bytes) free"
+    return None
+
+
 def _no_room(limited_by: Optional[str], budget: int) -> str:
     return f"no room for the core: {limited_by} leaves {budget} bytes"
 

@@ -56,7 +56,7 @@ def rebuild_ledger(store: Store, contents: Optional[catalog.Contents] = None) ->
         finally:
             crash.close()
         if rec.get("status") != "collecting":  # a handler still at work counts its record when it finishes
-            books.add_record(core.record)
+            books.add_record(core.group, core.record)
         if core.file is not None:
             books.add_binaries(core.group, core.crash, binaries.on_disk(store.fd, rec)[0])
     return books
@@ -238,12 +238,12 @@ class Books:
             records.binaries_dropped(rec, "deleted before this crash could keep it", set(missing))
         self.checked(lambda: self.ledger.add_binaries(group, name, items))
 
-    def add_record(self, crash: CrashDir) -> None:
-        """Count the crash's record (just written, final) in the store's use."""
+    def add_record(self, crash: CrashDir, group: str) -> None:
+        """Count the crash's record (just written, final) in its group's records."""
         size = _record_bytes(crash)
-        self.checked(lambda: self.ledger.add_record(size))
+        self.checked(lambda: self.ledger.add_record(group, size))
 
-    def rewrite_record(self, crash: CrashDir, write: Callable[[], None]) -> None:
+    def rewrite_record(self, crash: CrashDir, group: str, write: Callable[[], None]) -> None:
         """``write`` the crash's final record again (already counted by ``add_record``): its bytes in the ledger
         are replaced, not added again."""
         before = _record_bytes(crash)
@@ -251,9 +251,27 @@ class Books:
         after = _record_bytes(crash)
 
         def replace() -> None:
-            self.ledger.remove_record(before)
-            self.ledger.add_record(after)
+            self.ledger.remove_record(group, before)
+            self.ledger.add_record(group, after)
         self.checked(replace)
+
+    def count_instead(self, crash: CrashDir, group: str, reason: str) -> int:
+        """A crash without a core whose record is not to be kept (``reason``: over its group's records budget,
+        or below keep_free): its directory (an uncounted first record) goes, and the group's ``records_dropped``
+        counter (state.py) goes up instead; returns that counter."""
+        for name in os.listdir(crash.fd):
+            try:
+                os.unlink(name, dir_fd=crash.fd)
+            except IsADirectoryError:
+                pass
+        parent_fd = self.store.open_path(group.split("/"))
+        try:
+            os.rmdir(os.path.basename(crash.path), dir_fd=parent_fd)
+        except OSError as exc:
+            log(f"error: {crash.path}: cannot remove the directory of a crash not recorded: {exc}", ERR)
+        finally:
+            os.close(parent_fd)
+        return self.state.count(group, "records_dropped")
 
     def drop_binaries(self, keys: set) -> int:
         """Binaries saved for a crash whose core went before they were registered: delete those no core uses."""
@@ -290,7 +308,7 @@ class Books:
         try:
             try:
                 record_size = _record_bytes(crash_dir)
-                self.checked(lambda: self.ledger.remove_record(record_size))
+                self.checked(lambda: self.ledger.remove_record(group, record_size))
             except FileNotFoundError:
                 pass
             for name in os.listdir(crash_dir.fd):

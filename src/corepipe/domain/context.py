@@ -35,6 +35,8 @@ class Context:
     refused: Optional[str] = None
     #: Why the crash's own directory could not be made (it is filed in store.FAILED, without its core).
     unfiled: Optional[str] = None
+    #: Why the crash (without a core) got no record but a count in the books (accounting.record_refusal).
+    uncounted: Optional[str] = None
     #: Failures so far, before there is a record to put them in (kernel arguments, config, early capture).
     errors: list = field(default_factory=list)
     snapshot: Optional[Snapshot] = None

@@ -6,9 +6,9 @@ crashes). The ledger is kept exact instead, under the store lock, by the only co
 (services/collect.py's commit), registers binaries or deletes (books.Books), in two parts:
 
 - ``<store>/.ledger.json``: per container group its number and bytes of stored cores, per saved
-  binary (``.build-id``) its bytes and how many stored cores use it, and the number and bytes of
-  the crashes' records (which stay when their cores go, and count in ``max_use`` too); small
-  (groups and binaries, not crashes), read by every admission;
+  binary (``.build-id``) its bytes and how many stored cores use it, and per group the number and
+  bytes of its crashes' records (which stay when their cores go, and have a budget of their own,
+  ``records_max_use``); small (groups and binaries, not crashes), read by every admission;
 - ``<group>/.cores.json``: that group's stored cores (file, bytes, time, binaries used), read only
   when a decision needs them (the new core's own group for the per-container limits, the biggest
   group while the global limits are over).
@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 from corepipe.domain import policy
 
-SCHEMA = 3
+SCHEMA = 4
 
 
 class Inconsistent(Exception):
@@ -42,13 +42,13 @@ class Ledger:
     """The ledger in memory; ``load_group`` reads a group's file (None when it has none)."""
 
     def __init__(self, groups: Optional[dict] = None, binaries: Optional[dict] = None,
-                 load_group: Optional[Callable[[str], Optional[dict]]] = None, records: Optional[list] = None):
+                 load_group: Optional[Callable[[str], Optional[dict]]] = None, records: Optional[dict] = None):
         #: group -> [number of stored cores, their bytes on disk]
         self.totals: dict = groups if groups is not None else {}
         #: "xx/name" below .build-id -> [bytes on disk, number of stored cores using it]
         self.binaries: dict = binaries if binaries is not None else {}
-        #: [number of records, their bytes on disk], of every crash in the store
-        self.records: list = list(records) if records is not None else [0, 0]
+        #: group -> [number of records, their bytes on disk], of every crash in the store
+        self.records: dict = records if records is not None else {}
         self._load = load_group
         #: group -> {crash directory name: [core file name, bytes on disk, time stored, [binary keys]]}
         self._cores: dict = {}
@@ -101,16 +101,25 @@ class Ledger:
         self.dirty.add(group)
         return True
 
-    def add_record(self, size: int) -> None:
-        """A crash's (final) record of ``size`` bytes on disk is in the store."""
-        self.records[0] += 1
-        self.records[1] += size
+    def add_record(self, group: str, size: int) -> None:
+        """A crash's (final) record of ``size`` bytes on disk is in ``group``."""
+        total = self.records.setdefault(group, [0, 0])
+        total[0] += 1
+        total[1] += size
         self.changed = True
 
-    def remove_record(self, size: int) -> None:
+    def remove_record(self, group: str, size: int) -> None:
         """A crash's record of ``size`` bytes went with its directory."""
-        self.records = [max(0, self.records[0] - 1), max(0, self.records[1] - size)]
+        count, used = self.records.get(group, [0, 0])
+        if count <= 1:
+            self.records.pop(group, None)
+        else:
+            self.records[group] = [count - 1, max(0, used - size)]
         self.changed = True
+
+    def group_records(self, group: str) -> list:
+        """[number of records, their bytes on disk] of ``group``."""
+        return list(self.records.get(group, [0, 0]))
 
     def remove(self, group: str, crash: str) -> list:
         """Forget a crash's core; returns the binary keys nothing uses any more (forgotten too)."""
@@ -156,8 +165,8 @@ def loads(data: bytes, load_group: Optional[Callable[[str], Optional[dict]]] = N
     if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
         return None
     groups, binaries, counted = raw.get("groups"), raw.get("binaries"), raw.get("records")
-    if not (isinstance(groups, dict) and isinstance(binaries, dict) and _pair(counted)
-            and all(_pair(v) for v in groups.values()) and all(_pair(v) for v in binaries.values())):
+    if not (isinstance(groups, dict) and isinstance(binaries, dict) and isinstance(counted, dict)
+            and all(_pair(v) for table in (groups, binaries, counted) for v in table.values())):
         return None
     return Ledger(groups, binaries, load_group, counted)
 

@@ -2,11 +2,11 @@
 
 Nothing here touches the disk, so every rule can be unit-tested with made-up figures.
 The rules (README, "Storage policy"): a container keeps at most ``container_max_cores``
-cores and ``container_max_bytes`` bytes of cores; the store (cores and the saved binaries they
-use, and every crash's record) uses at most ``max_use`` and leaves ``keep_free`` free on its
-filesystem. Room is made by
+cores and ``container_max_bytes`` bytes of cores; the store's cores and the saved binaries they
+use take at most ``max_use`` and leave ``keep_free`` free on its filesystem. Room is made by
 deleting the oldest cores, first of the container the new core belongs to (for its own limits), then of whichever
-container uses the most (for the global ones). A crash not yet stored is never a candidate.
+container uses the most (for the global ones). A crash not yet stored is never a candidate. Records have a budget
+of their own per policy group (``records_budget``): a core is never deleted to make room for records.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Plan:
     budget: int = 0
     #: The limit that decides ``budget`` (for the record when the core does not fit).
     limited_by: Optional[str] = None
-    #: Bytes the store uses after the deletions (records and reservations included).
+    #: Bytes the store's cores and binaries use after the deletions (reservations included).
     used: int = 0
 
 
@@ -77,13 +77,11 @@ def limits(*, max_use: int, keep_free: int, container_max_cores: int, container_
 class Holdings:
     """What the store holds, as ``plan`` reads it: per container group its number and bytes of cores, the
     cores of a group (asked only for the groups ``plan`` needs: a ledger loads them on demand), per saved
-    binary its bytes and how many cores use it, and the number and bytes of all records. Built here from a
-    list; ledger.Ledger is another."""
+    binary its bytes and how many cores use it. Built here from a list; ledger.Ledger is another."""
 
     def __init__(self, cores: list, shared: Optional[dict] = None):
         self._cores: dict = {}
         self.binaries: dict = {}
-        self.records = [len(cores), sum(core.record for core in cores)]
         for core in cores:
             if core.file:
                 self._cores.setdefault(core.group, []).append(core)
@@ -106,7 +104,7 @@ def plan(cores: object, lim: Limits, *, fs_free: int, reserved: int = 0, group: 
     biggest while the global limits are over). With ``group`` None (``corepipe prune``) only the existing
     cores are brought within the limits. ``reserved`` is room already promised to handlers still writing;
     it counts as used. Saved binaries count towards ``max_use`` while a core uses them, and deleting the
-    last core that uses one frees it too; records count towards it always (deleting a core keeps its record).
+    last core that uses one frees it too; records do not (they have ``records_budget``).
     """
     holdings = Holdings(cores, shared) if isinstance(cores, list) else cores
     result = Plan()
@@ -115,7 +113,6 @@ def plan(cores: object, lim: Limits, *, fs_free: int, reserved: int = 0, group: 
     users = {name: refs for name, (_size, refs) in holdings.binaries.items() if refs > 0}
     sizes = {name: size for name, (size, _refs) in holdings.binaries.items()}
     binary_use = sum(sizes[name] for name in users)
-    record_use = holdings.records[1]
     freed = 0
     loaded: dict = {}
     new = 1 if group is not None else 0
@@ -149,7 +146,7 @@ def plan(cores: object, lim: Limits, *, fs_free: int, reserved: int = 0, group: 
             drop(own[0], f"container {g} is over container_max_bytes ({lim.container_max_bytes})")
 
     def used() -> int:
-        return sum(bytes_of.values()) + binary_use + record_use + reserved
+        return sum(bytes_of.values()) + binary_use + reserved
 
     while any(counts.values()):
         if lim.max_use and used() + want > lim.max_use:
@@ -179,9 +176,34 @@ def plan(cores: object, lim: Limits, *, fs_free: int, reserved: int = 0, group: 
     return result
 
 
+def records_budget(setting: int, lim: Limits) -> int:
+    """Bytes of records one policy group may hold (0: no limit): ``records_max_use``, -1 a tenth of the
+    effective max_use (at most 256 MiB; none when max_use is 0)."""
+    if setting >= 0:
+        return setting
+    return min(lim.max_use // 10, 256 << 20)
+
+
+def records_over(crashes: list, budget: int) -> list:
+    """The oldest records without a core (``crashes``: Core entries; ``file`` None: no core) to delete so each
+    group's records (with a core or not) take at most ``budget`` bytes (0: none)."""
+    if not budget:
+        return []
+    by_group: dict = {}
+    for crash in crashes:
+        by_group.setdefault(crash.group, []).append(crash)
+    chosen = []
+    for _group, own in sorted(by_group.items()):
+        excess = sum(c.record for c in own) - budget
+        if excess > 0:
+            chosen += oldest_records([c for c in own if not c.file], excess)
+    return chosen
+
+
 def oldest_records(crashes: list, excess: int) -> list:
     """The oldest of ``crashes`` (Core entries without a core) whose records free at least ``excess`` bytes:
-    when records alone keep the store over max_use (a crash loop rate limited for weeks), they go too."""
+    when records keep a group over its budget (a crash loop rate limited for weeks), or all of them the store
+    over max_use, they go."""
     chosen, freed = [], 0
     for crash in sorted(crashes, key=lambda c: (c.time, c.crash)):
         if freed >= excess:

@@ -144,6 +144,49 @@ def omit_details(rec: dict, why: str) -> None:
             rec.setdefault("truncated", []).append(f"process.{key} (omitted: {why})")
 
 
+#: A record without a core (refused, rate limited, no room, REJECTed by the server) takes at most this many
+#: bytes: a flood of crashes must cost the store little (docs/hardening.md). Its texts are cut at CORELESS_TEXT
+#: bytes and its lists at CORELESS_ITEMS items.
+CORELESS_MAX = 8 << 10
+CORELESS_TEXT = 256
+CORELESS_ITEMS = 16
+
+
+def coreless(rec: dict, why: str) -> bytes:
+    """Make the record of a crash without a core small, and return its file (at most CORELESS_MAX bytes): no
+    maps, mountinfo, limits, environment or ``binaries.files``, every text and list cut short (listed once in
+    ``truncated``)."""
+    omit_details(rec, why)
+    files = (rec.get("binaries") or {}).get("files") if isinstance(rec.get("binaries"), dict) else None
+    if files:
+        rec["binaries"]["files"] = []
+        rec.setdefault("truncated", []).append(f"binaries.files (omitted: {why})")
+    cuts: list = []
+    for key in [k for k in rec if k != "truncated"]:
+        rec[key] = _small(rec[key], key, cuts)
+    truncated = _small(rec.get("truncated") or [], "truncated", cuts)
+    if cuts:
+        truncated.append(f"{len(cuts)} texts and lists cut short, such as {cuts[0]} (omitted: {why})")
+    rec["truncated"] = truncated
+    return dumps(rec, CORELESS_MAX)
+
+
+def _small(value: object, where: str, cuts: list) -> object:
+    """``value`` with every text cut at CORELESS_TEXT bytes, every list at CORELESS_ITEMS items, every mapping at
+    4 * CORELESS_ITEMS keys; where something was cut goes to ``cuts``."""
+    if isinstance(value, str):
+        return cut(value, CORELESS_TEXT, where, cuts)
+    if isinstance(value, list):
+        if len(value) > CORELESS_ITEMS:
+            cuts.append(f"{where}[{CORELESS_ITEMS}:]")
+        return [_small(v, f"{where}[{i}]", cuts) for i, v in enumerate(value[:CORELESS_ITEMS])]
+    if isinstance(value, dict):
+        if len(value) > 4 * CORELESS_ITEMS:
+            cuts.append(f"{where} (keys after {4 * CORELESS_ITEMS})")
+        return {k: _small(v, f"{where}.{k}", cuts) for k, v in list(value.items())[:4 * CORELESS_ITEMS]}
+    return value
+
+
 def build(*, crash_id: str, args: KernelArgs, snapshot: Optional[Snapshot], container: Container,
           redact_env: list, errors: tuple = (), received: Optional[float] = None, env_keep: Sequence[str] = ENV_KEEP,
           redact_args: Sequence[str] = REDACT_ARGS, field_max: int = FIELD_MAX, transport: str = "pipe") -> dict:

@@ -68,6 +68,9 @@ class Config:
     #: on its filesystem; -1: 10% / 15% of the filesystem, each at most 4 GiB; 0: no such limit.
     max_use: int = -1
     keep_free: int = -1
+    #: Most bytes of records per policy group; a crash without a core over it is counted, not recorded;
+    #: -1: a tenth of max_use (at most 256 MiB); 0: no limit. Records do not count in max_use.
+    records_max_use: int = -1
     #: Per container (host processes count as one): most cores kept and most bytes of cores; 0: no limit.
     container_max_cores: int = 20
     container_max_bytes: int = 0
@@ -177,7 +180,7 @@ def _validate(name: str, value: object, where: str) -> None:
         raise ConfigError(f"{where}: compression_level must be 1..22")
     if name in ("timeout", "backtrace_timeout", "notify_timeout", "record_field_max") and int(value) < 1:  # type: ignore[call-overload]
         raise ConfigError(f"{where}: {name} must be at least 1")
-    if name in ("max_use", "keep_free") and int(value) < -1:  # type: ignore[call-overload]
+    if name in ("max_use", "keep_free", "records_max_use") and int(value) < -1:  # type: ignore[call-overload]
         raise ConfigError(f"{where}: {name} must be -1 (automatic), 0 (no limit) or a byte count")
     if name in ("concurrent_cores", "concurrent_postmortems") and int(value) < -1:  # type: ignore[call-overload]
         raise ConfigError(f"{where}: {name} must be -1 (one per CPU), 0 (no limit) or a number of handlers")
@@ -269,6 +272,8 @@ EXPLAIN = {
     "backtrace_max_core_size": "No backtrace for cores bigger than this many bytes.",
     "max_use": "Most bytes the store uses: -1 10% of its file system (at most 4 GiB), 0 no limit.",
     "keep_free": "Bytes the store leaves free on its file system: -1 15% (at most 4 GiB), 0 no limit.",
+    "records_max_use": "Most bytes of records per policy group (beyond: counted, not recorded): -1 a tenth of "
+                       "max_use (at most 256 MiB), 0 no limit.",
     "container_max_cores": "Most cores kept per container (host processes count as one); 0 no limit.",
     "container_max_bytes": "Most bytes of cores kept per container; 0 no limit.",
     "max_core_size": "Cores are truncated (and marked) at this many uncompressed bytes; 0 no limit.",

@@ -266,12 +266,13 @@ def store_crash(ctx: Context) -> int:
     failed = record.has_errors(rec)  # after the post-mortem: its failures (a bug, the time limit, a close) count too
     finish(ctx, failed=failed)
     write_final(ctx)
-    if cfg.notify_command:
+    if cfg.notify_command and ctx.uncounted is None:
         _notify(ctx)
     core = rec["core"]
     where = "/".join(ctx.group)
     what = (f"core {core['size']} bytes -> {core['compressed_size']}" if core["stored"]
-            else f"no core ({core['reason']})")
+            else f"no core ({core['reason']})" if ctx.uncounted is None
+            else f"no core ({core['reason']}) and no record, counted instead ({ctx.uncounted})")
     log(f"pid {args.pid} ({args.comm}) signal {rec['signal']['name'] or args.signal} in {where}: "
         f"{what}, id {crash.id}", WARNING if failed else INFO)
     if args.errors:
@@ -400,16 +401,26 @@ def commit(ctx: Context, staged: Optional[Staged]) -> None:
 
 
 def write_final(ctx: Context) -> None:
-    """The final record, under the lock, counted in the ledger (records count in ``max_use``). The binaries
-    saved for a stored core now count it among their users; if another handler deleted the core to make room
-    in the meantime, the record keeps what it said about that, and the binaries only this crash would have
-    used go."""
+    """The final record, under the lock, counted in the ledger (in its group's records). A crash without a core
+    gets a small record (record.coreless), and none when its group's records are over their budget or the disk
+    below keep_free: a counter in the books instead. The binaries saved for a stored core now count it among
+    their users; if another handler deleted the core to make room in the meantime, the record keeps what it
+    said about that, and the binaries only this crash would have used go."""
     rec, crash = ctx.record, ctx.crash
+    group = catalog.group_of(crash.path, ctx.store.root)[0]  # where it is filed (.failed when it could not be)
     with _locked(ctx) as books:
         if not rec["core"]["stored"]:
+            size = -(-len(record.coreless(rec, "no core kept")) // 4096) * 4096  # as the disk counts it
+            if books is not None and ctx.unfiled is None:
+                ctx.uncounted = accounting.record_refusal(books, ctx.cfg, group, size)
+                if ctx.uncounted is not None:
+                    books.count_instead(crash, group, ctx.uncounted)
+                    unlink_if_present(ctx.journal)  # counted: a server need not record it from its journal
+                    ctx.journal = None
+                    return
             write_record(ctx)
             if books is not None:
-                books.add_record(crash)
+                books.add_record(crash, group)
             return
         try:
             os.stat(rec["core"]["file"], dir_fd=crash.fd, follow_symlinks=False)
@@ -423,10 +434,10 @@ def write_final(ctx: Context) -> None:
                 books.drop_binaries(saved)
         else:
             if books is not None:
-                books.add_binaries(ctx.crash, "/".join(ctx.group), rec)
+                books.add_binaries(ctx.crash, group, rec)
         write_record(ctx)
         if books is not None:
-            books.add_record(crash)
+            books.add_record(crash, group)
 
 
 @contextlib.contextmanager
@@ -464,7 +475,8 @@ def _notify(ctx: Context) -> None:
             if books is None:
                 write_record(ctx)
             else:
-                books.rewrite_record(ctx.crash, lambda: write_record(ctx))
+                books.rewrite_record(ctx.crash, catalog.group_of(ctx.crash.path, ctx.store.root)[0],
+                                     lambda: write_record(ctx))
 
 
 def _not_saved(ctx: Context, reason: str) -> None:

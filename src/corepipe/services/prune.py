@@ -3,8 +3,9 @@
 Under the store lock, from a fresh scan (which also rebuilds the ledger, so any drift is corrected
 daily): crashes older than ``max_age_days`` go whole, temporary files of killed handlers go, saved
 binaries no stored core uses go, then the oldest cores until the limits hold (policy.plan, with the
-binaries counted as in admission), and, if records alone still exceed max_use, the oldest crashes
-without a core.
+binaries counted as in admission); then every record is counted: the oldest crashes without a core
+go while their policy group's records are over ``records_max_use``, and while the records and cores
+together are over max_use.
 """
 
 from __future__ import annotations
@@ -61,21 +62,25 @@ def prune(store: Store, cfg: Config, *, dry_run: bool, say: Callable[[str], None
             free += sum(c.size for c in old)
         reserved = sum(r.size for r in accounting.reservations(books.state, min_age).values())
         entries = [c for g in held.groups() for c in held.cores(g) if (c.group, c.crash) not in gone]
-        # Records count in max_use too, and the ledger's cores carry none: one core-less entry per record.
-        entries += [dataclasses.replace(c, file=None, size=0) for c in contents.crashes
-                    if (c.group, c.crash) not in gone]
         plan = policy.plan(entries, lim, fs_free=free, reserved=reserved,
                            shared={name: size for name, (size, _refs) in held.binaries.items()})
         for core, reason in plan.delete:
             apply(lambda c=core, r=reason: books.delete_core(c, f"{r} (corepipe prune)"),
                   f"{store.root}/{core.group}/{core.crash}/{core.file}", reason)
-        if lim.max_use and plan.used > lim.max_use:
-            coreless = {(c.group, c.crash) for c, _reason in plan.delete}
-            # A crash whose core just went is as old as its dump (its time was the core's).
-            records = [c if not c.file else dataclasses.replace(c, time=crash_time(c.crash))
-                       for c in contents.crashes
-                       if (c.group, c.crash) not in gone and (not c.file or (c.group, c.crash) in coreless)]
-            for crash in policy.oldest_records(records, plan.used - lim.max_use):
+        coreless = {(c.group, c.crash) for c, _reason in plan.delete}
+        # Every record left, as old as its dump; ``file`` None for a crash without a core (or whose core just went).
+        records = [dataclasses.replace(c, time=crash_time(c.crash), file=None if (c.group, c.crash) in coreless
+                                       else c.file) for c in contents.crashes if (c.group, c.crash) not in gone]
+        budget = policy.records_budget(cfg.records_max_use, lim)
+        over = policy.records_over(records, budget)
+        for crash in over:
+            apply(lambda c=crash: books.delete_crash(c.group, c.crash), f"{store.root}/{crash.group}/{crash.crash}",
+                  f"the records of {crash.group} are over records_max_use ({budget} bytes): the oldest without a core")
+        dropped = set(over)
+        left = [c for c in records if c not in dropped]
+        excess = plan.used + sum(c.record for c in left) - lim.max_use
+        if lim.max_use and excess > 0:
+            for crash in policy.oldest_records([c for c in left if not c.file], excess):
                 apply(lambda c=crash: books.delete_crash(c.group, c.crash), f"{store.root}/{crash.group}/{crash.crash}",
-                      f"records alone are over max_use ({lim.max_use} bytes): the oldest crash without a core")
+                      f"records and cores are over max_use ({lim.max_use} bytes): the oldest crash without a core")
     return failed
