@@ -147,5 +147,6 @@ def test_status_is_broken_when_the_launcher_is_gone(settings: KernelSettings, ha
     assert cli("install", *install_args(d)).returncode == 0  # install mends it
     assert cli("status", "--config", f"{d}/c.toml").returncode == 0
     crash([str(crasher), "0", "mended"])
-    wait_for(lambda: [r for r in records(d) if r["comm"] == "mended"], 30, "the crash after install mended it")
+    wait_for(lambda: [r for r in records(d) if r["comm"] == "mended" and r["status"] != "collecting"], 30,
+             "the crash after install mended it")
     assert cli("uninstall", "--purge", "--config", f"{d}/c.toml").returncode == 0

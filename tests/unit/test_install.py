@@ -22,7 +22,7 @@ from corepipe.platform import config as configuration
 from corepipe.platform import kernel, static_forwarder
 from corepipe.platform.kernel import KernelArgs
 from corepipe.platform.store import RECORD, Store
-from corepipe.services import install, status
+from corepipe.services import install, prune, status
 from corepipe.services.install import InstallError, Paths
 
 SYSTEMD = "|/usr/lib/systemd/systemd-coredump %P %u %g %s %t %c %h"
@@ -266,7 +266,7 @@ def test_purge_keeps_a_store_that_existed_before(root: Path) -> None:
     store = root / "s"
     file_crash(store, Container(), 16)
     file_crash(store, Container(runtime="docker", id="cd" * 32, confidence="certain"), 17)
-    assert "deleted 2 crashes" in install.purge_store(str(store), created=False)
+    assert "deleted 2 crashes" in prune.purge(str(store), created=False)
     assert store.is_dir() and list(catalog.iter_records(str(store))) == []
 
 

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import stat
+import time
 from typing import Callable, Optional
 
 
@@ -129,3 +130,20 @@ def disk_use(root: str) -> int:
             except OSError:
                 pass
     return total
+
+
+def remove_tree_when_quiet(root: str, attempts: int = 40, pause: float = 0.25) -> None:
+    """Delete a directory tree, retrying while another process (a handler started before the kernel's pattern
+    was put back) still adds files to it; raises the last OSError if it never goes quiet."""
+    import shutil  # not on the handler's path
+
+    for attempt in range(attempts):
+        try:
+            shutil.rmtree(root)
+            return
+        except OSError:
+            if not os.path.lexists(root):
+                return
+            if attempt == attempts - 1:
+                raise
+            time.sleep(pause)

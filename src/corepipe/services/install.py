@@ -19,12 +19,12 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from corepipe.domain import catalog
 from corepipe.platform import config as configuration
 from corepipe.platform import coredump_socket, forward, fs, kernel, launcher, static_forwarder
 from corepipe.platform.errors import UserError
 from corepipe.platform.fs import write_all
 from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, PROC_SYS, Sysctl, SysctlError
+from corepipe.services import prune
 
 #: core_pipe_limit: non-zero makes the kernel wait for the handler before reaping the process, so
 #: /proc/<pid> stays readable (0 would not wait). It only caps handlers holding the kernel's pipe, and
@@ -423,27 +423,10 @@ def uninstall(paths: Paths, purge: bool = False, force: bool = False) -> list:
         lines.append("pipe mode: stop 'corepipe serve' if it runs (systemctl disable --now corepipe-forward.socket "
                      "corepipe.service)")
     if purge:
-        lines.append(purge_store(state["store"], state["store_created"]))
+        lines.append(prune.purge(state["store"], state["store_created"]))
     else:
         lines.append(f"kept the store {state['store']} (--purge deletes it)")
     os.unlink(paths.state)
     for directory in sorted(state["dirs"], key=len, reverse=True):
         _rmdir(directory)
     return lines
-
-
-def purge_store(store: str, created: bool) -> str:
-    """Delete the collected crashes; the store directory itself too if install created it."""
-    if created:
-        shutil.rmtree(store)
-        return f"deleted the store {store}"
-    from corepipe.domain import binaries
-    from corepipe.domain.books import Books
-    from corepipe.platform.store import Store
-
-    crashes = [path for path, _rec in catalog.iter_records(store)]
-    with Store(store, create=False) as opened, Books(opened) as books:
-        for path in crashes:
-            books.delete_crash(*catalog.group_of(path, store))
-        binaries.prune_unused(opened.fd, set(), 0)
-    return f"deleted {len(crashes)} crashes from {store} (the directory existed before install: kept)"

@@ -1,4 +1,5 @@
-"""``corepipe prune``: apply retention and the storage limits to what the store holds (daily, by a timer).
+"""``corepipe prune``: apply retention and the storage limits to what the store holds (daily, by a timer), and
+``uninstall --purge``: delete everything it holds.
 
 Under the store lock, from a fresh scan (which also rebuilds the ledger, so any drift is corrected
 daily): crashes older than ``max_age_days`` go whole, temporary files of killed handlers go, saved
@@ -16,7 +17,9 @@ from typing import Callable
 
 from corepipe.domain import accounting, binaries, catalog, policy
 from corepipe.domain.books import Books, rebuild_ledger
+from corepipe.platform import fs
 from corepipe.platform.config import Config
+from corepipe.platform.errors import UserError
 from corepipe.platform.store import Store, crash_time
 
 
@@ -84,3 +87,20 @@ def prune(store: Store, cfg: Config, *, dry_run: bool, say: Callable[[str], None
                 apply(lambda c=crash: books.delete_crash(c.group, c.crash), f"{store.root}/{crash.group}/{crash.crash}",
                       f"records and cores are over max_use ({lim.max_use} bytes): the oldest crash without a core")
     return failed
+
+
+def purge(store: str, created: bool) -> str:
+    """Delete the collected crashes; the store directory itself too if install created it."""
+    if created:
+        try:
+            fs.remove_tree_when_quiet(store)
+        except OSError as exc:
+            raise UserError(f"could not delete the store {store}: {exc.strerror}; a crash may still be being "
+                               "collected: run 'corepipe uninstall --purge' again") from None
+        return f"deleted the store {store}"
+    crashes = [path for path, _rec in catalog.iter_records(store)]
+    with Store(store, create=False) as opened, Books(opened) as books:
+        for path in crashes:
+            books.delete_crash(*catalog.group_of(path, store))
+        binaries.prune_unused(opened.fd, set(), 0)
+    return f"deleted {len(crashes)} crashes from {store} (the directory existed before install: kept)"
