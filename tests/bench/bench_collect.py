@@ -18,8 +18,8 @@ its ``x host`` is the ratio of the two. ``zstd-socket`` is the same zstd CLI rea
 socket (socket_zstd.py): what the socket costs before any work of corepipe's, for ``corepipe-serve``.
 ``corepipe-forward`` is pipe mode with ``corepipe serve --mode pipe`` running: the kernel's pipe handler hands
 the crash to the server (docs/forwarding.md); ``corepipe-forward-c`` the same through the static C
-forwarder (src/corepipe/platform/corepipe-forward.c). Their peak RSS and handler seconds are the forwarder's own
-(under rsswrap); the record's collector figures are the server worker's.
+forwarder, built as ``corepipe install`` builds it (platform/static_forwarder.py). Their peak RSS and handler
+seconds are the forwarder's own (under rsswrap); the record's collector figures are the server worker's.
 """
 
 from __future__ import annotations
