@@ -120,3 +120,55 @@ def _read_blocking(proc: subprocess.Popen, mount: Path) -> tuple:
         proc.kill()
         proc.wait()
         subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
+
+
+#: Mounts the blocking FUSE filesystem, an overlay whose lower layer it is (upper and work on a tmpfs), and runs
+#: the victim on the overlay's file, all in the mount namespace ``unshare`` made. The server's PID goes to a file.
+OVERLAY_SCRIPT = """set -e
+cd "$1"
+"$2" fuse >/dev/null 2>&1 &
+echo $! > server.pid
+i=0
+while [ ! -e fuse/blocker ]; do i=$((i + 1)); [ $i -lt 300 ]; sleep 0.1; done
+mount -t tmpfs tmpfs up
+mkdir up/u up/w
+mount -t overlay overlay -o lowerdir="$1/fuse",upperdir="$1/up/u",workdir="$1/up/w" ovl
+exec "$3" ovl/blocker "$4"
+"""
+#: Namespaces for the overlay: a mount namespace of root's own (the overlay's layers are judged), or a user
+#: namespace's, as any unprivileged user makes (unshare -Urm: its layers are that user's word).
+NAMESPACES = {"root": ["--mount", "--propagation", "private"], "userns": ["--user", "--map-root-user", "--mount"]}
+
+
+@pytest.mark.parametrize("namespace", sorted(NAMESPACES))
+def test_a_fuse_layer_behind_an_overlay_cannot_hang_the_handler(handler: Handler, fuse_programs: tuple,
+                                                               namespace: str) -> None:
+    """Issue 30, item 2: opening ``map_files/<range>`` of an overlay file opens its lower layer's, here a FUSE
+    file whose server answers one open only (the victim's own). The handler must not open it: the crash is
+    recorded, with its core, within the handler's bounds, and the record says the file was skipped and why."""
+    need(os.geteuid() == 0, "needs root to mount a FUSE filesystem")
+    unshare = need_tool("unshare")
+    server, victim = fuse_programs
+    work = handler.workdir / "overlay"
+    for name in ("fuse", "up", "ovl"):
+        (work / name).mkdir(parents=True)
+    crashed = start_crash([unshare, *NAMESPACES[namespace], "sh", "-c", OVERLAY_SCRIPT, "sh", str(work), str(server),
+                           str(victim), "x" * 9000], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert read_line(crashed.stdout) == b"ready\n", crashed.stderr.read()
+        crashed.wait(timeout=60)  # the kernel lets it go once the handler closes its pipe
+        rec = handler.wait_record(lambda r: r["comm"] == "fuse_victim", timeout=60)
+    finally:
+        pid = (work / "server.pid").read_text().strip() if (work / "server.pid").exists() else ""
+        if pid.isdigit():
+            os.kill(int(pid), 9)  # aborts the FUSE connection: anything still waiting on it gets an error
+        crashed.kill()
+        crashed.wait()
+    assert rec["core"]["stored"] is True, rec["core"]
+    errors = rec["binaries"]["errors"]
+    why = ("an overlay mounted in another user namespace" if namespace == "userns"
+           else f"an overlay whose layer {work / 'fuse'} is fuse.fuse_blocker, not a local filesystem")
+    assert any(e.startswith(f"{work / 'ovl' / 'blocker'}: not opened: device ") and why in e for e in errors), errors
+    # The executable, on the handler's own filesystem, is still held and described.
+    assert rec["exe"] == str(victim), rec["exe"]
+    assert [f["path"] for f in rec["binaries"]["files"] if f["exe"]] == [str(victim)], rec["binaries"]

@@ -88,7 +88,7 @@ def _hold_self() -> binaries.HeldFiles:
         entries: list = []
         errors: list = []
         capture.open_mapped(dir_fd, Path("/proc/self/maps").read_text(), os.readlink("/proc/self/exe"), entries,
-                            errors, capture.local_devices(b""))
+                            errors, capture.local_devices(b"", True))
         return binaries.held(entries, errors)
     finally:
         os.close(dir_fd)

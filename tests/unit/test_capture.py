@@ -180,7 +180,7 @@ def test_held_files_need_root_for_map_files() -> None:
     dir_fd = os.open("/proc/self", os.O_RDONLY | os.O_DIRECTORY)
     try:
         capture.open_mapped(dir_fd, Path("/proc/self/maps").read_text(), os.readlink("/proc/self/exe"), entries,
-                            errors, capture.local_devices(b""))
+                            errors, capture.local_devices(b"", True))
     finally:
         os.close(dir_fd)
     try:
@@ -190,3 +190,26 @@ def test_held_files_need_root_for_map_files() -> None:
     finally:
         for _path, fd, _exe in entries:
             os.close(fd)
+
+
+OVERLAY_TABLE = ("1 0 8:1 / / rw - ext4 /dev/sda1 rw\n"
+                 "2 1 0:40 / /fuse rw - fuse.blocker blocker rw\n"
+                 "3 1 0:41 / /up rw - tmpfs tmpfs rw\n"
+                 "4 1 0:42 / /ovl rw - overlay overlay rw,lowerdir=/fuse,upperdir=/up/u,workdir=/up/w\n"
+                 "5 1 0:43 / /ok rw - overlay overlay rw,lowerdir=/var/l1:/x,upperdir=/up/u2,workdir=/up/w2\n"
+                 "6 1 0:44 / /top rw - overlay overlay rw,lowerdir=/ovl,upperdir=/up/u3,workdir=/up/w3\n"
+                 "7 1 0:45 / /rel rw - overlay overlay rw,lowerdir=l/ABC,upperdir=/up/u4,workdir=/up/w4\n")
+
+
+def test_an_overlay_is_judged_by_its_layers() -> None:
+    """Opening an overlay's file opens its layer's: an overlay over FUSE (directly or through another overlay)
+    is not local; one whose layers are local, or out of the table's sight (root's own), is as before; an
+    unprivileged mounter's overlay never is."""
+    table = procfs.mounts(OVERLAY_TABLE)
+    by_device = {mount.device: mount for mount in table}
+    assert "/fuse is fuse.blocker, not a local filesystem" in capture.judge(by_device["0:42"], table, True)
+    assert capture.judge(by_device["0:43"], table, True) is None
+    assert "layer /ovl is an overlay whose layer /fuse is fuse.blocker" in capture.judge(by_device["0:44"], table, True)
+    assert capture.judge(by_device["0:45"], table, True) is None  # relative: the mounter's cwd, root's own
+    assert "another user namespace" in capture.judge(by_device["0:43"], table, False)
+    assert capture.judge(by_device["0:41"], table, False) is None

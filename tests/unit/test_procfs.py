@@ -81,3 +81,21 @@ def test_status_is_parsed_once_per_crash(tmp_path: Path, monkeypatch: pytest.Mon
         child.wait()
     assert code == 0 and rec["process"]["trusted"] is True and rec["process"]["status"]["Pid"] == str(child.pid)
     assert len(calls) == 1, calls
+
+
+def test_overlay_layers_from_its_options() -> None:
+    assert procfs.overlay_layers("rw,lowerdir=/a:/b::/c,upperdir=/u,workdir=/w,uuid=on") == ["/a", "/b", "/c", "/u",
+                                                                                            "/w"]
+    assert procfs.overlay_layers("rw,lowerdir+=/a\\054b,datadir+=/d") == ["/a,b", "/d"]  # octal-escaped ','
+    assert procfs.overlay_layers("rw,lowerdir=/a\\134:b") is None  # an escaped ':' is not read for sure
+    assert procfs.overlay_layers("rw,uuid=on") is None
+
+
+def test_mount_at_takes_the_longest_mount_point_and_the_last_of_equal_ones() -> None:
+    table = procfs.mounts("1 0 8:1 / / rw - ext4 /dev/sda1 rw\n"
+                          "2 1 0:40 / /srv/my\\040fuse rw - fuse.x x rw\n"
+                          "3 1 0:41 / /srv rw - tmpfs tmpfs rw\n"
+                          "4 3 0:42 / /srv rw - nfs server:/ rw\n")
+    assert procfs.mount_at("/srv/my fuse/lower", table).device == "0:40"
+    assert procfs.mount_at("/srv/other", table).device == "0:42"
+    assert procfs.mount_at("/srvx", table).device == "8:1"

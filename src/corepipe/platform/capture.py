@@ -17,7 +17,8 @@ A file served by a user-space or network filesystem (FUSE, NFS, CIFS, 9p, ...) c
 or a read for as long as its server likes, and neither SIGALRM nor any other catchable signal
 ends that wait; only SIGKILL does. So mapped files are opened only on filesystems the kernel
 serves from local storage (``LOCAL_FILESYSTEMS``, decided from the mapping's device in ``maps``
-and the mount tables: the process's own and the handler's); the others are listed in
+and the mount tables: the process's own and the handler's), and on an overlay only when its layers
+are (``judge``: opening an overlay's file opens its layer's); the others are listed in
 ``hold_errors`` and never touched. (procfs.py reads the /proc files that come from the process's
 memory in a child killed at a deadline, for the same reason.)
 
@@ -45,7 +46,7 @@ PID_AT = 0
 PIDFD_AT = 9
 #: Filesystems whose files may be opened and read in the handler: served by the kernel from local storage,
 #: so no server can stall an open or a read.
-LOCAL_FILESYSTEMS = frozenset(("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "squashfs", "erofs",
+LOCAL_FILESYSTEMS = frozenset(("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "squashfs", "erofs",
                                "vfat", "exfat", "f2fs", "iso9660", "ramfs", "devtmpfs", "jfs", "reiserfs",
                                "nilfs2", "hugetlbfs", "bcachefs", "udf", "ntfs3", "zfs", "shm"))
 #: Mapped files held open at most.
@@ -56,6 +57,13 @@ CORE_PREFIX = 4 << 20
 #: /proc read or open (a FUSE-backed mapping) or its own dump: what was done by then is kept, the
 #: rest of the collection goes on under the config's timeout.
 PROC_SECONDS = 10
+#: Filesystems that serve the files of others (their layers): local only when every layer is (``judge``).
+STACKING = frozenset(("overlay",))
+#: Overlays on overlays judged at most this deep.
+MAX_STACK = 8
+#: ioctl(2) on a namespace fd: its owning user namespace (linux/nsfs.h, _IO(0xb7, 0x1)).
+_NS_GET_USERNS = 0xB701
+_BLOCKS = " (a FUSE or network server could block the handler)"
 CORE_SECONDS = 10
 _PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031
@@ -103,19 +111,72 @@ def kernel_ids(argv: list) -> tuple:
     return int(rest[PID_AT]), int(pidfd) if is_number(pidfd) else None
 
 
-def local_devices(mountinfo: bytes) -> dict:
-    """{"major:minor": is a LOCAL_FILESYSTEMS type} from the process's mount table and the handler's own
-    (overlayfs maps show the device of the layer below, often in the host's table only)."""
-    result: dict = {}
-    tables = [mountinfo]
+def local_devices(mountinfo: bytes, own_userns: bool) -> dict:
+    """{"major:minor": None when its files may be opened in the handler, else why not} from the handler's own
+    mount table and the process's (overlayfs maps show the device of the layer below on older kernels, often
+    in the host's table only). A device the handler's table shows was mounted where the handler lives, with
+    its privilege; one only the process's shows, by whoever owns the process's mount namespace:
+    ``own_userns`` says that is the handler's own user namespace (root), not an unprivileged user's."""
     try:
-        tables.append(procfs.read("self", "mountinfo", procfs.PROC_LIMIT))
+        mine = procfs.mounts(procfs.read("self", "mountinfo", procfs.PROC_LIMIT).decode("utf-8", "replace"))
     except OSError:
-        pass
-    for table in tables:
-        for mount in procfs.mounts(table.decode("utf-8", "replace")):
-            result[mount.device] = result.get(mount.device, True) and mount.fstype in LOCAL_FILESYSTEMS
+        mine = []
+    result: dict = {}
+    for table, privileged in ((mine, True), (procfs.mounts(mountinfo.decode("utf-8", "replace")), own_userns)):
+        seen = set()
+        for mount in table:
+            if mount.device not in result or mount.device in seen:
+                seen.add(mount.device)
+                why = judge(mount, table, privileged)
+                result[mount.device] = result.get(mount.device) or why
     return result
+
+
+def judge(mount: procfs.Mount, table: list, privileged: bool, depth: int = 0) -> str | None:
+    """None when a file on ``mount`` (a line of ``table``) may be opened and read in the handler, else why not.
+
+    An overlay's files are its layers' files: opening one opens the layer's (a FUSE file's ``fuse_open``). Its
+    layers are paths its mounter wrote, resolved when it was mounted. From a privileged mounter they are judged
+    where ``table`` shows them (a layer out of its sight is root's own, as before); from an unprivileged one (a
+    user namespace's) they are that user's word, which it can make name something else once mounted: never
+    opened."""
+    if mount.fstype in LOCAL_FILESYSTEMS:
+        return None
+    if mount.fstype not in STACKING:
+        return f"{mount.fstype or 'of no known type'}, not a local filesystem{_BLOCKS}"
+    if not privileged:
+        return f"an overlay mounted in another user namespace (its layers are its mounter's word){_BLOCKS}"
+    layers = procfs.overlay_layers(mount.options)
+    if layers is None:
+        return f"an overlay whose options do not say its layers for sure{_BLOCKS}"
+    for layer in layers:
+        below = procfs.mount_at(layer, table) if layer.startswith("/") else None
+        if below is None or below.device == mount.device:
+            continue  # not in this table's sight (relative to its mounter's cwd, or outside this root)
+        why = judge(below, table, privileged, depth + 1) if depth < MAX_STACK else f"overlays too deep{_BLOCKS}"
+        if why is not None:
+            return f"an overlay whose layer {layer} is {why}"
+    return None
+
+
+def own_user_namespace(dir_fd: int) -> bool:
+    """Whether the mount namespace of the process whose /proc/<pid> is ``dir_fd`` is owned by this handler's user
+    namespace; False when it cannot be told."""
+    import fcntl
+
+    try:
+        fd = os.open("ns/mnt", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            owner = fcntl.ioctl(fd, _NS_GET_USERNS)
+        finally:
+            os.close(fd)
+        try:
+            theirs, mine = os.fstat(owner), os.stat("/proc/self/ns/user")
+        finally:
+            os.close(owner)
+        return (theirs.st_dev, theirs.st_ino) == (mine.st_dev, mine.st_ino)
+    except OSError:
+        return False
 
 
 def mapped_files(maps: str) -> list:
@@ -135,13 +196,13 @@ def mapped_files(maps: str) -> list:
 def open_mapped(dir_fd: int, maps: str, exe: str | None, held: list, errors: list, local: dict) -> None:
     """Open the exe and each mapped regular file relative to a /proc/<pid> directory fd, adding
     ``[path, fd, is_exe]`` to ``held`` (as it goes: a timeout keeps what was opened) and failures to
-    ``errors``. Only files on a device that ``local`` (local_devices) says is a local filesystem are
-    opened. The fds keep the files reachable after the process is gone."""
+    ``errors``. Only files on a device that ``local`` (local_devices) clears are opened. The fds keep the
+    files reachable after the process is gone."""
     mappings = mapped_files(maps)
     exe_device = next((device for _address, path, device in mappings if path == exe), None)
     exe_fd = None
-    if exe_device is None or not local.get(exe_device):
-        errors.append(f"exe: {_not_local(exe_device)}")
+    if exe_device is None or _not_local(exe_device, local):
+        errors.append(f"exe: {_not_local(exe_device, local)}")
     else:
         try:
             exe_fd = os.open("exe", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -153,9 +214,9 @@ def open_mapped(dir_fd: int, maps: str, exe: str | None, held: list, errors: lis
         exe_id = (st.st_dev, st.st_ino)
         held.append([exe or "?", exe_fd, True])
     for address, path, device in mappings[:MAX_FILES]:
-        if not local.get(device):
+        if _not_local(device, local):
             if path != exe:
-                errors.append(f"{path}: {_not_local(device)}")
+                errors.append(f"{path}: {_not_local(device, local)}")
             continue
         try:
             fd = os.open(f"map_files/{address}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -175,14 +236,17 @@ def hold_files(dir_fd: int, cap: Capture) -> None:
     """Open the exe and the mapped files of the process whose /proc/<pid> is ``dir_fd`` into ``cap``."""
     proc = cap.proc
     maps = proc.files.get("maps", b"").decode("utf-8", "replace")
-    local = local_devices(proc.files.get("mountinfo", b""))
+    local = local_devices(proc.files.get("mountinfo", b""), own_user_namespace(dir_fd))
     open_mapped(dir_fd, maps, proc.links.get("exe"), cap.held, cap.hold_errors, local)
 
 
-def _not_local(device: str | None) -> str:
+def _not_local(device: str | None, local: dict) -> str | None:
+    """Why the files of ``device`` are not opened (an error's text), or None when they may be."""
     if device is None:
         return "not opened: not found in the process's maps"
-    return f"not opened: device {device} is not a local filesystem (a FUSE or network server could block the handler)"
+    if device not in local:
+        return f"not opened: device {device} is in no mount table{_BLOCKS}"
+    return f"not opened: device {device} is {local[device]}" if local[device] else None
 
 
 def widen_pipe(fd: int) -> None:

@@ -421,6 +421,52 @@ def mounts(text: str) -> list:
     return result
 
 
+def unescape(text: str) -> str:
+    """A mountinfo field without the kernel's octal escapes (\\040 is a space, \\134 a backslash)."""
+    if "\\" not in text:
+        return text
+    out, i = [], 0
+    while i < len(text):
+        code = text[i + 1:i + 4]
+        if text[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+#: The options of an overlay mount that name its layers (lowerdir holds several, ':'-separated).
+OVERLAY_LAYERS = ("lowerdir", "lowerdir+", "datadir+", "upperdir", "workdir")
+
+
+def overlay_layers(options: str) -> list | None:
+    """The layer paths an overlay mount's superblock options name, as its mounter wrote them; None when they cannot
+    be read for sure (none at all, or an escaped ':' or a backslash in one)."""
+    layers = []
+    for option in options.split(","):
+        key, sep, value = option.partition("=")
+        if not sep or key not in OVERLAY_LAYERS:
+            continue
+        value = unescape(value)
+        if "\\" in value:
+            return None
+        layers += [layer for layer in value.split(":") if layer]  # "::" sets off data-only lower layers
+    return layers or None
+
+
+def mount_at(path: str, table: list) -> Mount | None:
+    """The mount of ``table`` (``mounts``) that ``path`` (absolute, in the table's root) lies on: the longest mount
+    point above it, the last mounted of equal ones (it covers the others)."""
+    found, length = None, -1
+    for mount in table:
+        target = unescape(mount.target).rstrip("/")
+        if (path == target or path.startswith(target + "/") or not target) and len(target) >= length:
+            found, length = mount, len(target)
+    return found
+
+
 class Mapping:
     """One file-backed line of a /proc/<pid>/maps text: its address range, file offset, device
     "major:minor" (hex, as maps print it), inode and path."""
