@@ -135,7 +135,7 @@ class Azurite(Server):
 
     def argv(self) -> list:
         return [str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", str(self.data),
-                "--skipApiVersionCheck", "--loose", "--silent"]
+                "--skipApiVersionCheck", "--loose", "--silent", "--disableTelemetry"]  # no calls home
 
     def connection_string(self, key: str = AZURITE_KEY) -> str:
         return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={key};"

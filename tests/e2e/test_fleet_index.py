@@ -326,11 +326,10 @@ def test_hostile_index_rows_are_skipped_with_one_line_each(server, tmp_path: Pat
     assert len(refused.stderr.splitlines()) == 2 and "not an index object" in refused.stderr, refused.stderr
 
 
-@pytest.fixture
-def big_crash(tmp_path: Path):
-    """(SeaweedFS server, crash directory, record, config) of a node with one crash whose 40 MiB core ships in
-    parts."""
-    server = objectstores.make("seaweedfs", tmp_path)
+@pytest.fixture(params=KINDS)
+def big_crash(request: pytest.FixtureRequest, tmp_path: Path):
+    """(server, crash directory, record, config) of a node with one crash whose 40 MiB core ships in parts."""
+    server = objectstores.make(request.param, tmp_path)
     server.start()
     try:
         path, rec = objectstores.stored_crash(tmp_path / "store", 40 << 20)
@@ -350,6 +349,7 @@ def ship_through(server: objectstores.Server, config: Path, **faults: object) ->
         proxy.close()
 
 
+@pytest.mark.parametrize("big_crash", ["seaweedfs"], indirect=True)  # ListParts is S3's
 def test_a_denied_list_parts_starts_a_fresh_upload(big_crash: tuple) -> None:
     """A role without s3:ListMultipartUploadParts (the IRSA policy of old) must not stop the node: the upload
     that cannot be resumed is started afresh. The proxy fails part 3, then denies ListParts (a proxy, because
@@ -372,6 +372,7 @@ def test_a_denied_list_parts_starts_a_fresh_upload(big_crash: tuple) -> None:
     assert Bucket(server).keys(f"fleet/node-a/{path.relative_to(config.parent / 'store')}/core.zst")
 
 
+@pytest.mark.parametrize("big_crash", ["seaweedfs"], indirect=True)  # x-amz-checksum-* is S3's alone
 def test_a_store_without_additional_checksums_is_verified_by_etag(big_crash: tuple) -> None:
     """Ceph RGW before Squid and older MinIO answer no x-amz-checksum-crc32: the core (in parts) still ships,
     each part checked against its ETag (its MD5). A proxy drops the checksum headers of SeaweedFS's answers."""
