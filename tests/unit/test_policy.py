@@ -52,10 +52,26 @@ def test_max_use_takes_the_oldest_cores_of_the_biggest_container() -> None:
 
 
 def test_keep_free_counts_what_deleting_frees() -> None:
-    cores = [core("host", 1, 10 * MIB), core("host", 2, 10 * MIB)]
+    cores = [core("host", 1, 10 * MIB), core("host", 2, 10 * MIB), core("host", 3, 10 * MIB)]
     plan = policy.plan(cores, Limits(keep_free=20 * MIB), fs_free=15 * MIB, group="docker/x", want=10 * MIB)
-    assert [c for c, _ in plan.delete] == cores
+    # Two go (host keeps one: the new group will have one); what they free counts as free.
+    assert [c for c, _ in plan.delete] == cores[:2]
     assert plan.budget == 35 * MIB - 20 * MIB - policy.MARGIN
+
+
+def test_a_new_group_never_evicts_a_group_of_as_few_cores() -> None:
+    """Issue 30 item 7: with max_use full of one-core groups (a flood of fresh groups), a new group gets no room
+    instead of another group's only core; a group with more cores than it will have still gives room."""
+    flood = [core(f"uid/{100000 + n}", n, 4 * MIB) for n in range(1, 5)]
+    plan = policy.plan(flood, Limits(max_use=16 * MIB), fs_free=1 << 40, group="uid/100009", want=4 * MIB)
+    assert plan.delete == [] and plan.budget == 0 and plan.limited_by.startswith("max_use")
+    # Its own older cores still make room for it, and a hoarding group gives room too.
+    own = flood[:3] + [core("uid/100009", 5, 4 * MIB)]
+    plan = policy.plan(own, Limits(max_use=16 * MIB), fs_free=1 << 40, group="uid/100009", want=4 * MIB)
+    assert [c for c, _ in plan.delete] == [own[3]] and plan.budget == 4 * MIB
+    hoard = [core("uid/1000", n, 4 * MIB) for n in range(1, 5)]
+    plan = policy.plan(hoard, Limits(max_use=16 * MIB), fs_free=1 << 40, group="uid/2000", want=4 * MIB)
+    assert [c for c, _ in plan.delete] == [hoard[0]] and plan.budget == 4 * MIB
 
 
 def test_no_room_when_nothing_can_be_deleted() -> None:

@@ -5,8 +5,10 @@ The rules (README, "Storage policy"): a container keeps at most ``container_max_
 cores and ``container_max_bytes`` bytes of cores; the store's cores and the saved binaries they
 use take at most ``max_use`` and leave ``keep_free`` free on its filesystem. Room is made by
 deleting the oldest cores, first of the container the new core belongs to (for its own limits), then of whichever
-container uses the most (for the global ones). A crash not yet stored is never a candidate. Records have a budget
-of their own per policy group (``records_budget``): a core is never deleted to make room for records.
+container uses the most (for the global ones) among its own and those that hold more cores than it will: a
+brand-new group never evicts a group of as few cores (a flood of fresh groups gets no room, not another
+group's cores). A crash not yet stored is never a candidate. Records have a budget of their own per policy
+group (``records_budget``): a core is never deleted to make room for records.
 """
 
 from __future__ import annotations
@@ -155,7 +157,12 @@ def plan(cores: object, lim: Limits, *, fs_free: int, reserved: int = 0, group: 
             reason = f"the filesystem has less than keep_free ({lim.keep_free} bytes) free"
         else:
             break
-        biggest = max(sorted(g for g, n in counts.items() if n), key=lambda g: bytes_of[g])
+        # A new core takes room only from its own group or from groups that hold more cores than its group will:
+        # a flood of fresh groups (one core each) cannot evict a group of as few cores, only the biggest hoards.
+        fair = [g for g, n in counts.items() if n and (group is None or g == group or n > counts.get(group, 0) + new)]
+        if not fair:
+            break
+        biggest = max(sorted(fair), key=lambda g: bytes_of[g])
         drop(remaining(biggest)[0], f"{reason}; {biggest} uses the most")
 
     result.used = used()
