@@ -9,6 +9,7 @@ Each server object has ``url(prefix)`` (a ship destination), ``env`` (the shippe
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -366,12 +367,59 @@ class CountingProxy:
         self.server.server_close()
 
 
+class Bucket:
+    """Raw access to the server's bucket with its own SDK, as another node (or an attacker) has it."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        if isinstance(server, Azurite):
+            from azure.storage.blob import BlobServiceClient
+
+            self.container = BlobServiceClient.from_connection_string(server.connection_string()) \
+                .get_container_client(server.container)
+        else:
+            import boto3
+
+            self.client = boto3.client("s3", endpoint_url=server.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                                       aws_access_key_id=server.keys["AWS_ACCESS_KEY_ID"],
+                                       aws_secret_access_key=server.keys["AWS_SECRET_ACCESS_KEY"])
+
+    def keys(self, prefix: str) -> list:
+        if hasattr(self, "container"):
+            return sorted(b.name for b in self.container.list_blobs(name_starts_with=prefix))
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.server.bucket, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents") or [])
+
+    def get(self, key: str) -> bytes:
+        if hasattr(self, "container"):
+            return self.container.download_blob(key).readall()
+        return self.client.get_object(Bucket=self.server.bucket, Key=key)["Body"].read()
+
+    def put(self, key: str, data: bytes) -> None:
+        if hasattr(self, "container"):
+            self.container.upload_blob(key, data, overwrite=True)
+        else:
+            self.client.put_object(Bucket=self.server.bucket, Key=key, Body=data)
+
+    def delete(self, key: str) -> None:
+        if hasattr(self, "container"):
+            self.container.delete_blob(key)
+        else:
+            self.client.delete_object(Bucket=self.server.bucket, Key=key)
+
+    def rows(self, prefix: str) -> list:
+        """Every row of every index object under ``prefix``, with the key it came from."""
+        return [{**json.loads(line), "_key": key} for key in self.keys(f"{prefix}/_index/v1/")
+                for line in gzip.decompress(self.get(key)).splitlines()]
+
+
 def stored_crash(store: Path, size: int, comm: str = "big", signature: Optional[dict] = None,
-                 binary: Optional[bytes] = None) -> tuple:
+                 binary: Optional[bytes] = None, when: Optional[float] = None) -> tuple:
     """A crash filed the way the collector files it (record + zstd core), with ``size`` bytes of random core (and
-    ``signature`` as the record's, and ``binary`` saved as its executable's copy in .build-id, when given)."""
+    ``signature`` as the record's, and ``binary`` saved as its executable's copy in .build-id, when given), dumped
+    at ``when`` (now by default)."""
     with Store(str(store)) as opened:
-        now = int(time.time())
+        now = int(time.time() if when is None else when)
         made = opened.new_crash(("host",), now)
         rec = record.build(crash_id=made.id, args=KernelArgs(pid=4242, ns_pid=4242, tid=4242, signal=11, time=now,
                                                              comm=comm), snapshot=None,

@@ -34,52 +34,6 @@ def through(server: objectstores.Server, proxy: objectstores.CountingProxy) -> d
     return {**server.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
 
 
-class Bucket:
-    """Raw access to the server's bucket with its own SDK, as another node (or an attacker) has it."""
-
-    def __init__(self, server: objectstores.Server):
-        self.server = server
-        if isinstance(server, objectstores.Azurite):
-            from azure.storage.blob import BlobServiceClient
-
-            self.container = BlobServiceClient.from_connection_string(server.connection_string()) \
-                .get_container_client(server.container)
-        else:
-            import boto3
-
-            self.client = boto3.client("s3", endpoint_url=server.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                                       aws_access_key_id=server.keys["AWS_ACCESS_KEY_ID"],
-                                       aws_secret_access_key=server.keys["AWS_SECRET_ACCESS_KEY"])
-
-    def keys(self, prefix: str) -> list:
-        if hasattr(self, "container"):
-            return sorted(b.name for b in self.container.list_blobs(name_starts_with=prefix))
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.server.bucket, Prefix=prefix)
-        return sorted(o["Key"] for page in pages for o in page.get("Contents") or [])
-
-    def get(self, key: str) -> bytes:
-        if hasattr(self, "container"):
-            return self.container.download_blob(key).readall()
-        return self.client.get_object(Bucket=self.server.bucket, Key=key)["Body"].read()
-
-    def put(self, key: str, data: bytes) -> None:
-        if hasattr(self, "container"):
-            self.container.upload_blob(key, data, overwrite=True)
-        else:
-            self.client.put_object(Bucket=self.server.bucket, Key=key, Body=data)
-
-    def delete(self, key: str) -> None:
-        if hasattr(self, "container"):
-            self.container.delete_blob(key)
-        else:
-            self.client.delete_object(Bucket=self.server.bucket, Key=key)
-
-    def rows(self, prefix: str) -> list:
-        """Every row of every index object under ``prefix``, with the key it came from."""
-        return [{**json.loads(line), "_key": key} for key in self.keys(f"{prefix}/_index/v1/")
-                for line in gzip.decompress(self.get(key)).splitlines()]
-
-
 def test_two_nodes_ship_real_crashes_and_list_remote_groups_them_from_the_index(
         server, crasher: Path, bugs: dict, tmp_path: Path) -> None:
     need_tool("gdb")
@@ -101,7 +55,7 @@ def test_two_nodes_ship_real_crashes_and_list_remote_groups_them_from_the_index(
     assert shipped["node-b"][1]["signature"]["source"] == "crash site"
     assert shipped["node-a"][1]["signature"]["source"] == "backtrace"
 
-    bucket = Bucket(server)
+    bucket = objectstores.Bucket(server)
     rows = bucket.rows("fleet")
     assert len(rows) == 4
     for row in rows:
@@ -164,7 +118,7 @@ def test_remote_list_costs_index_objects_not_crashes(server, tmp_path: Path) -> 
         config = tmp_path / f"{node}.toml"
         config.write_text(f'store = "{store}"\nship_node = "{node}"\nship_to = "{url}"\n')
         corepipe(config, server.env, "ship", "--once")
-    index = Bucket(server).keys("fleet/_index/v1/")
+    index = objectstores.Bucket(server).keys("fleet/_index/v1/")
     assert len(index) == 2 and all(f"node={n}/" in k for k, n in zip(index, ("node-a", "node-b")))
 
     proxy = objectstores.CountingProxy(server.port)
@@ -214,7 +168,7 @@ def test_reindex_a_prefix_shipped_without_an_index_and_tombstones(server, tmp_pa
         config = tmp_path / f"{node}.toml"
         config.write_text(f'store = "{store}"\nship_node = "{node}"\nship_to = "{url}"\n')
         corepipe(config, server.env, "ship", "--once")
-    bucket = Bucket(server)
+    bucket = objectstores.Bucket(server)
     for key in bucket.keys("old/_index/"):  # as an older shipper left it: no index
         bucket.delete(key)
     env = {**server.env, "XDG_CACHE_HOME": str(tmp_path / "cache")}
@@ -261,7 +215,7 @@ def test_hostile_index_rows_are_skipped_with_one_line_each(server, tmp_path: Pat
     config = tmp_path / "a.toml"
     config.write_text(f'store = "{store}"\nship_node = "node-a"\nship_to = "{url}"\n')
     corepipe(config, server.env, "ship", "--once")
-    bucket = Bucket(server)
+    bucket = objectstores.Bucket(server)
     good = bucket.rows("fleet")[0]
     good.pop("_key")
     day = good["time"][:10]
@@ -369,7 +323,7 @@ def test_a_denied_list_parts_starts_a_fresh_upload(big_crash: tuple) -> None:
     again = ship_through(server, config, fault=lambda m, p: 403 if m == "GET" and "uploadId=" in p else None)
     assert again.returncode == 0 and f"shipped {rec['id']}" in again.stdout, again.stderr
     assert "access denied" not in again.stderr
-    assert Bucket(server).keys(f"fleet/node-a/{path.relative_to(config.parent / 'store')}/core.zst")
+    assert objectstores.Bucket(server).keys(f"fleet/node-a/{path.relative_to(config.parent / 'store')}/core.zst")
 
 
 @pytest.mark.parametrize("big_crash", ["seaweedfs"], indirect=True)  # x-amz-checksum-* is S3's alone
@@ -389,7 +343,7 @@ def test_a_completed_upload_found_damaged_is_uploaded_again(big_crash: tuple) ->
     first = ship_through(server, config, fault=lambda m, p: 500 if m == "HEAD" and "core.zst" in p else None)
     assert first.returncode == 1 and json.loads((path / "ship-progress.json").read_text())[key]["completed"], \
         first.stderr
-    Bucket(server).put(key, b"damaged")
+    objectstores.Bucket(server).put(key, b"damaged")
     again = corepipe(config, server.env, "ship", "--once", "--to", server.url("fleet"), check=False)
     assert again.returncode == 0 and f"shipped {rec['id']}" in again.stdout, again.stderr
-    assert len(Bucket(server).get(key)) == rec["core"]["compressed_size"]
+    assert len(objectstores.Bucket(server).get(key)) == rec["core"]["compressed_size"]
