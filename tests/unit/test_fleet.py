@@ -99,3 +99,43 @@ def test_ship_config_is_checked_and_loads_no_sdk() -> None:
                           ("ship_bandwidth = -1", "must not be negative")):
         with pytest.raises(config.ConfigError, match=message):
             config.parse(text)
+
+
+def test_the_pruners_partition_holds_tombstones_of_any_node_and_nothing_else() -> None:
+    """``node=_prune`` is no node's (a node's name starts with a letter or digit): its tombstones name the crash's
+    node; a crash row there, or a tombstone naming no node, is refused; a node's partition still refuses another
+    node's tombstone."""
+    assert fleet_index.partition("f", "f/_index/v1/dt=2026-12-07/node=_prune/20261207T000000.000000Z-ab.ndjson.gz") \
+        == ("2026-12-07", "_prune")
+    assert fleet_index.partition("f", "f/_index/v1/dt=2026-12-07/node=_x/20261207T000000.000000Z-ab.ndjson.gz") is None
+    tomb = fleet_index.tombstone("node-a", "0123456789ab", 1.0, 2.0)
+    assert fleet_index.check(tomb, "f", fleet_index.PRUNER)["node"] == "node-a"
+    assert fleet_index.check(tomb, "f", "node-a")["node"] == "node-a"
+    with pytest.raises(fleet_index.BadRow, match="claims node 'node-a' but is in node=node-b"):
+        fleet_index.check(tomb, "f", "node-b")
+    with pytest.raises(fleet_index.BadRow, match="names no node"):
+        fleet_index.check({**tomb, "node": "../x"}, "f", fleet_index.PRUNER)
+    with pytest.raises(fleet_index.BadRow, match="in the pruner's partition"):
+        fleet_index.check({**tomb, "kind": "crash"}, "f", fleet_index.PRUNER)
+
+
+def test_a_compacted_objects_first_row_names_only_objects_of_its_partition() -> None:
+    row = fleet_index.replaces(["20261207T000000.000000Z-b.ndjson.gz", "20261207T000000.000000Z-a.ndjson.gz"])
+    assert fleet_index.check(row, "f", "node-a")["objects"] == sorted(row["objects"])
+    for bad in (["../node=b/20261207T000000.000000Z-a.ndjson.gz"], ["x"], [1], "20261207T000000.000000Z-a.ndjson.gz"):
+        with pytest.raises(fleet_index.BadRow, match="index object names of its partition"):
+            fleet_index.check({**row, "objects": bad}, "f", "node-a")
+
+
+def test_compaction_is_due_at_eight_objects_today_or_two_of_a_past_day() -> None:
+    from corepipe.domain import fleet_compact
+
+    key = "f/_index/v1/dt={}/node=n/20261207T000000.000000Z-ab.ndjson.gz"
+    days = fleet_compact.count({"destination": "s3://b/f", "days": {"2026-12-06": 1, "2026-12-07": 7}}, "s3://b/f",
+                               [key.format("2026-12-06"), key.format("2026-12-05")], "f")
+    assert days == {"2026-12-05": 1, "2026-12-06": 2, "2026-12-07": 7}
+    now = 1796601600.0 + 3600  # 2026-12-07 01:00 UTC
+    assert fleet_compact.due(days, now) == ["2026-12-06"]
+    assert fleet_compact.due({**days, "2026-12-07": 8}, now) == ["2026-12-06", "2026-12-07"]
+    assert fleet_compact.settled({**days, "2026-10-01": 1, "2026-10-02": 2}, now) == {**days, "2026-10-02": 2}
+    assert fleet_compact.count({"destination": "s3://b/old", "days": {"2026-12-06": 5}}, "s3://b/f", [], "f") == {}

@@ -117,7 +117,7 @@ def reindex(remote: RemoteCatalog) -> dict:
             continue
         chunks: list = []
         try:
-            _get(destination, {"key": key, "size": size}, chunks.append)
+            get_bounded(destination, {"key": key, "size": size}, chunks.append)
             rec = records.load(b"".join(chunks))
             problem = records.wrong_type(rec)
             if problem:
@@ -201,27 +201,36 @@ class IndexCache:
         return current
 
     def _read(self, key: str, size: int, node: str) -> str:
-        """Download one index object (at most the size its listing gave), check each row, keep the good ones."""
+        """Download one index object, keep its good rows (none when it cannot be read whole)."""
         name = hashlib.sha256(key.encode()).hexdigest()[:32] + ".ndjson"
-        reader = _Rows(key, size, self.warn)
-        try:
-            self.destination.get(key, reader.feed)
-            reader.finish()
-        except DestinationError as exc:
-            self.warn(f"{key}: {exc}; skipped")
-            reader.rows = []
-        good = []
-        for number, value in reader.rows:
-            try:
-                good.append(fleet_index.check(value, self.prefix, node))
-            except fleet_index.BadRow as exc:
-                self.warn(f"{key} row {number}: {exc}; skipped")
+        good = read_object(self.destination, key, size, node, self.warn) or []
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".rows.")
         with open(fd, "wb") as f:
             for checked in good:
                 f.write(json.dumps(checked, separators=(",", ":")).encode() + b"\n")
         os.replace(tmp, os.path.join(self.directory, name))
         return name
+
+
+def read_object(destination: Destination, key: str, size: int, node: str,
+                warn: Callable[[str], None]) -> Optional[list]:
+    """The rows of one index object of ``node``'s partition that pass ``fleet_index.check`` (one warning for each
+    other), reading at most the ``size`` its listing gave; None, with a warning, when it cannot be read whole (so
+    a cut-short object's ``replaces`` row is never honoured)."""
+    reader = _Rows(key, size, warn)
+    try:
+        destination.get(key, reader.feed)
+        reader.finish()
+    except DestinationError as exc:
+        warn(f"{key}: {exc}; skipped")
+        return None
+    good = []
+    for number, value in reader.rows:
+        try:
+            good.append(fleet_index.check(value, destination.location.prefix, node))
+        except fleet_index.BadRow as exc:
+            warn(f"{key} row {number}: {exc}; skipped")
+    return good
 
 
 class _Rows:
@@ -310,7 +319,7 @@ class RemoteCatalog:
         """The full record, downloaded from the key the index names, at most the size it claims."""
         value = self.rows[path]
         chunks: list = []
-        _get(self.destination, value["keys"]["record"], chunks.append)
+        get_bounded(self.destination, value["keys"]["record"], chunks.append)
         key = value["keys"]["record"]["key"]
         try:
             rec = records.load(b"".join(chunks))
@@ -357,7 +366,7 @@ class RemoteCatalog:
         return warnings
 
 
-def _get(destination: Destination, where: dict, write: Callable[[bytes], object]) -> None:
+def get_bounded(destination: Destination, where: dict, write: Callable[[bytes], object]) -> None:
     """Stream ``where["key"]`` to ``write``, stopping at more bytes than ``where["size"]`` claims."""
     received = [0]
 
@@ -378,7 +387,7 @@ def _download(destination: Destination, where: dict, target: str, also: Optional
             if also is not None:
                 also(chunk)
             write_all(fd, chunk)
-        _get(destination, where, write)
+        get_bounded(destination, where, write)
     except BaseException:
         os.close(fd)
         os.unlink(target)

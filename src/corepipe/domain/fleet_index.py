@@ -23,14 +23,19 @@ from corepipe.platform.store import BUILD_ID, CORE, CRASH_DIR, PARTIAL_CORE, REC
 
 SCHEMA = 1
 DIRECTORY = "_index/v1"
-OBJECT = re.compile(r"dt=(\d{4}-\d{2}-\d{2})/node=([A-Za-z0-9][A-Za-z0-9._-]{0,62})/[0-9TZ.]{1,40}-[0-9a-z]{1,16}"
-                    r"\.ndjson\.gz")
+#: The partition of ``corepipe prune --remote``'s tombstones: not a node's name (those start with a letter or
+#: digit), so no shipper writes there, and the pruner never writes in a node's partition.
+PRUNER = "_prune"
+NAME = re.compile(r"[0-9TZ.]{1,40}-[0-9a-z]{1,16}\.ndjson\.gz")
+OBJECT = re.compile(r"dt=(\d{4}-\d{2}-\d{2})/node=([A-Za-z0-9][A-Za-z0-9._-]{0,62}|_prune)/(" + NAME.pattern + ")")
 #: Bounds on what a row may claim (a record is at most 1 MiB when written; a core at most a few TiB).
 MAX_RECORD = 64 << 20
 MAX_CORE = 16 << 40
 MAX_TEXT = 4096
 MAX_BINARIES = 4096
 MAX_LINE = 1 << 20
+#: A compacted object replaces at most this many (a node writes far fewer objects a day).
+MAX_REPLACED = 10000
 _HEX = re.compile(r"[0-9a-f]{1,64}")
 _ID = re.compile(r"[0-9a-f]{12}")
 _NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -64,6 +69,24 @@ def partition(prefix: str, key: str) -> Optional[tuple]:
     """(day, node) of an index object's key; None for a key this schema does not name."""
     match = OBJECT.fullmatch(key[len(root(prefix)):]) if key.startswith(root(prefix)) else None
     return (match.group(1), match.group(2)) if match else None
+
+
+def partition_root(prefix: str, node: str, day: str) -> str:
+    """The key prefix of ``node``'s index objects of ``day``."""
+    return f"{root(prefix)}dt={day}/node={node}/"
+
+
+def replaces(names: list) -> dict:
+    """The first row of a compacted object: the objects of its partition (by name) whose rows it holds. A reader
+    that has read the compacted object whole drops those objects' rows, so a crash is never counted twice while
+    they still exist (fleet_compact deletes them only after the compacted object is read back)."""
+    return {"v": SCHEMA, "kind": "replaces", "objects": sorted(names)}
+
+
+def tombstone(node: str, crash: str, timestamp: Optional[float], deleted: float) -> dict:
+    """The row that says ``node``'s crash ``crash`` was deleted from the bucket (rows are never rewritten)."""
+    return {"v": SCHEMA, "kind": "tombstone", "id": crash, "node": node, "timestamp": timestamp,
+            "deleted": deleted, "corepipe": __version__}
 
 
 def day(row: dict) -> str:
@@ -185,12 +208,24 @@ def check(value: object, prefix: str, node: str) -> dict:
         raise BadRow(f"a {type(value).__name__}, not an object")
     if value.get("v") != SCHEMA:
         raise BadRow(f"schema version {str(value.get('v'))[:20]!r}, not {SCHEMA}")
+    kind = value.get("kind")
+    if kind == "replaces":  # names only objects of the partition it is in: a node compacts only its own
+        names = value.get("objects")
+        if not isinstance(names, list) or len(names) > MAX_REPLACED or \
+                not all(isinstance(n, str) and NAME.fullmatch(n) for n in names):
+            raise BadRow(f"objects is not a list of at most {MAX_REPLACED} index object names of its partition")
+        return {"v": SCHEMA, "kind": kind, "objects": names}
     crash = value.get("id")
     if not isinstance(crash, str) or not _ID.fullmatch(crash):
         raise BadRow(f"id {str(crash)[:40]!r} is not a crash id")
-    if value.get("node") != node:
-        raise BadRow(f"crash {crash} claims node {str(value.get('node'))[:70]!r} but is in node={node}'s partition")
-    kind = value.get("kind")
+    claimed = value.get("node")
+    if node == PRUNER and kind != "tombstone":
+        raise BadRow(f"crash {crash}: a {str(kind)[:20]!r} row in the pruner's partition, which holds tombstones")
+    if node == PRUNER and not (isinstance(claimed, str) and _NODE.fullmatch(claimed)):
+        raise BadRow(f"tombstone of crash {crash} names no node ({str(claimed)[:70]!r})")
+    if node != PRUNER and claimed != node:
+        raise BadRow(f"crash {crash} claims node {str(claimed)[:70]!r} but is in node={node}'s partition")
+    node = claimed
     if kind == "tombstone":
         return {"v": SCHEMA, "kind": kind, "id": crash, "node": node,
                 "timestamp": _number(value.get("timestamp"), "timestamp"),

@@ -3,7 +3,8 @@
 
 The table is built from the checked rows in the cache (fleet.IndexCache) whenever the index changed, and kept
 in the cache as a DuckDB database: one row per live crash (a crash listed twice keeps the row of the first index
-object by key, with a warning; a tombstoned crash is left out), with the index schema's columns (docs/shipping.md,
+object by key, with a warning; a tombstoned crash is left out, and so are the rows of the objects a compacted
+object replaces), with the index schema's columns (docs/shipping.md,
 "The fleet index") plus ``dump_time`` (a TIMESTAMP, UTC). It is opened read-only, without access to files and
 with its settings locked: a query reads only that table.
 """
@@ -96,8 +97,8 @@ def _open(duckdb, path: str, directory: str, objects: dict, warn: Callable[[str]
 
 
 def _build(con, directory: str, objects: dict, warn: Callable[[str], None]) -> None:  # noqa: ANN001
-    columns = "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in {**COLUMNS, "deleted": "DOUBLE"}.items()) \
-        + "}"
+    extra = {"deleted": "DOUBLE", "objects": "VARCHAR[]"}  # of tombstones and of a compacted object's first row
+    columns = "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in {**COLUMNS, **extra}.items()) + "}"
     con.execute("CREATE TEMP TABLE objects (key VARCHAR, file VARCHAR)")
     files = [(key, os.path.join(directory, seen["file"])) for key, seen in sorted(objects.items())]
     if files:
@@ -107,8 +108,12 @@ def _build(con, directory: str, objects: dict, warn: Callable[[str], None]) -> N
                   "JOIN objects o ON r.source = o.file")
     else:
         source = f"SELECT {', '.join(f'NULL::{t} AS {n}' for n, t in COLUMNS.items())}, NULL::VARCHAR AS object, " \
-                 "NULL::DOUBLE AS deleted WHERE false"
-    con.execute(f"CREATE TEMP TABLE raw AS {source}")
+                 "NULL::DOUBLE AS deleted, NULL::VARCHAR[] AS objects WHERE false"
+    con.execute(f"CREATE TEMP TABLE everything AS {source}")
+    # A compacted object's rows stand for the objects of its partition it names, which may still be listed (they are
+    # deleted after it is written and read back): their rows are left out, so no crash is counted twice.
+    con.execute("""CREATE TEMP TABLE raw AS SELECT * FROM everything WHERE object NOT IN (
+        SELECT regexp_replace(object, '[^/]*$', '') || unnest(objects) FROM everything WHERE kind = 'replaces')""")
     for node, crash, count, first in con.execute(
             "SELECT node, id, count(*), min(object) FROM raw WHERE kind = 'crash' GROUP BY node, id "
             "HAVING count(*) > 1 ORDER BY node, id").fetchall():
@@ -258,3 +263,18 @@ def groups(con, filters: dict, last: Optional[int] = None) -> list:  # noqa: ANN
     names = [d[0] for d in cursor.description]
     return [{**dict(zip(names, row)), "containers": row[7] or [], "images": row[8] or []}
             for row in cursor.fetchall()]
+
+
+def expired(con, before: Optional[float], keep: Optional[int]) -> tuple:  # noqa: ANN001
+    """(rows, binary keys) of ``prune --remote``: the crashes dumped before ``before`` (any age when None) that are
+    not among the ``keep`` newest of their signature (grouped as ``list --group`` groups; all of them when None),
+    oldest first, and the ``.build-id`` keys that they name and no other crash does."""
+    condition = ("(? IS NULL OR coalesce(timestamp, 0) < ?) AND (? IS NULL OR row_number() OVER "
+                 f"(PARTITION BY group_key ORDER BY {_NEWEST_FIRST}) > ?)")
+    params = [before, before, keep, keep]
+    flagged = f"SELECT *, {condition} AS doomed FROM {_keyed('SELECT * FROM crashes')}"
+    rows = list(_rows(con.execute(f"SELECT {', '.join(COLUMNS)} FROM ({flagged}) WHERE doomed ORDER BY {_ORDER}",
+                                  params)))
+    unused = con.execute(f"""SELECT saved.key FROM (SELECT doomed, unnest(keys.binaries) AS saved FROM ({flagged}))
+        GROUP BY saved.key HAVING bool_and(doomed) ORDER BY 1""", params).fetchall()
+    return rows, [key for (key,) in unused]

@@ -54,6 +54,8 @@ SHIPPED = "shipped.json"
 SHIP_PROGRESS = "ship-progress.json"
 SHIP_STATUS = ".ship-status.json"
 SHIP_LOCK = ".ship.lock"
+#: The shipper's count of its index objects per day not yet compacted (services/ship.py, domain/fleet_compact.py).
+SHIP_INDEX = ".ship-index.json"
 #: The directory of one crash, and the hidden temporary name a file has while it is written (fs.temp_name).
 CRASH_DIR = re.compile(r"(\d{8}T\d{6}Z)-([0-9a-f]{12})")
 TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from corepipe.domain import binaries, catalog, core_budget, fleet, fleet_index
+from corepipe.domain import binaries, catalog, core_budget, fleet, fleet_compact, fleet_index
 from corepipe.domain.books import Books
 from corepipe.platform import log, unpack
 from corepipe.platform.config import Config
@@ -32,6 +32,7 @@ from corepipe.platform.store import (
     BUILD_ID,
     FILE_MODE,
     RECORD,
+    SHIP_INDEX,
     SHIP_LOCK,
     SHIP_PROGRESS,
     SHIP_STATUS,
@@ -173,8 +174,9 @@ class Shipper:
                 result.errors.append(f"crash {rec.get('id')}: not shipped, kept locally: {exc}")
             except OSError as exc:
                 result.errors.append(f"crash {rec.get('id')}: cannot ship from {path}: {exc.strerror or exc}")
+        written: list = []
         try:
-            self._index(done)
+            written = self._index(done)
             if self.cfg.delete_after_ship:
                 self._delete(done, result)
         except DestinationError as exc:
@@ -182,6 +184,13 @@ class Shipper:
                                  "and indexed on the next sweep")
         except OSError as exc:
             result.errors.append(f"cannot update {self.cfg.store} after indexing: {exc.strerror or exc}")
+        try:
+            self._compact(written)
+        except DestinationError as exc:
+            result.errors.append(f"cannot compact the index at {self.destination.location.url}: {exc}; tried again "
+                                 "on the next sweep")
+        except OSError as exc:
+            result.errors.append(f"cannot write {self.cfg.store}/{SHIP_INDEX}: {exc.strerror or exc}")
         try:
             self._write_status(result)
         except OSError as exc:
@@ -328,9 +337,10 @@ class Shipper:
             check.verify()
         return self.destination.put_small(key, data, metadata)
 
-    def _index(self, done: list) -> None:
+    def _index(self, done: list) -> list:
         """Write the index rows of the crashes shipped to this destination and not yet indexed (one object per
-        dump day, in this node's partition), then mark them indexed: a crash is deleted locally only after."""
+        dump day, in this node's partition), then mark them indexed: a crash is deleted locally only after.
+        Returns the keys of the index objects written."""
         rows, marked = [], []
         for path, rec in done:
             marker = self._marker(path)
@@ -340,15 +350,38 @@ class Shipper:
             objects = marker.get("objects") if isinstance(marker.get("objects"), dict) else {}
             rows.append(fleet_index.row(rec, self.node, self.prefix, relative, objects, bool(marker.get("withheld"))))
             marked.append((path, marker))
-        if rows:
-            for key in fleet.write_rows(self.destination, self.node, rows):
-                log.log(f"indexed {len(rows)} crashes in {key}")
+        written = fleet.write_rows(self.destination, self.node, rows) if rows else []
+        for key in written:
+            log.log(f"indexed {len(rows)} crashes in {key}")
         for path, marker in marked:
             crash = StoreDir(open_dir(None, path, create=False), path)
             try:
                 crash.write(SHIPPED, json.dumps({**marker, "indexed": True}, indent=1).encode())
             finally:
                 crash.close()
+        return written
+
+    def _compact(self, written: list) -> None:
+        """Compact this node's index partitions that are due (fleet_compact.due), from the count of objects per day
+        kept in SHIP_INDEX, which the keys just ``written`` add to."""
+        store_fd = open_dir(None, self.cfg.store, create=False)
+        area = StoreDir(store_fd, self.cfg.store)
+        try:
+            url = self.destination.location.url
+            days = fleet_compact.count(_load_json(store_fd, SHIP_INDEX), url, written, self.prefix)
+            try:
+                for day in fleet_compact.due(days, time.time()):
+                    key = fleet_compact.compact(self.destination, self.node, day,
+                                                lambda text: log.log(f"ship: index: {text}", log.WARNING))
+                    if key:
+                        log.log(f"compacted {days[day]} index objects of {day} into {key}")
+                    days[day] = 1
+            finally:
+                settled = fleet_compact.settled(days, time.time())
+                if written or settled != days:
+                    area.write(SHIP_INDEX, json.dumps({"destination": url, "days": settled}).encode())
+        finally:
+            area.close()
 
     def _delete(self, done: list, result: Sweep) -> None:
         """Remove the shipped crashes, each only once its shipped.json (written after verification) says it is

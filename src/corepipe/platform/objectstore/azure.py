@@ -222,6 +222,14 @@ class AzureDestination:
             return total
         return self._call(f"download {key}", go)  # type: ignore[return-value]
 
+    def delete(self, key: str) -> None:
+        def go() -> None:
+            try:
+                self.container.get_blob_client(key).delete_blob()
+            except ResourceNotFoundError:
+                pass  # already gone: a deletion retried after a failure half-way
+        self._call(f"delete {key}", go)
+
 
 def open(location: Location, **options: object) -> AzureDestination:  # noqa: A001 - the adapters' entry point
     return AzureDestination(location, **options)  # type: ignore[arg-type]

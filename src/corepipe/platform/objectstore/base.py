@@ -75,6 +75,9 @@ class Destination(Protocol):
     def get(self, key: str, write: Callable[[bytes], object]) -> int:
         """Stream the object's bytes to ``write``; returns the byte count."""
 
+    def delete(self, key: str) -> None:
+        """Delete the object; one that is already gone is no error (a retried deletion)."""
+
 
 def parse(url: str) -> Location:
     """``az://CONTAINER/PREFIX`` or ``s3://BUCKET/PREFIX``; BadDestination (a ValueError) says what is wrong."""

@@ -261,6 +261,9 @@ class S3Destination:
             raise _error(exc, f"download {key}") from None
         return total
 
+    def delete(self, key: str) -> None:
+        self._call(f"delete {key}", self.client.delete_object, Key=key)  # S3 answers 204 for a missing key too
+
 
 def open(location: Location, **options: object) -> S3Destination:  # noqa: A001 - the adapters' entry point
     return S3Destination(location, **options)  # type: ignore[arg-type]
