@@ -31,7 +31,7 @@ from support import (
     wait_for,
 )
 
-from corepipe.platform import procfs, sandbox
+from corepipe.platform import memread, sandbox
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_a_fuse_backed_mapping_cannot_hang_the_handler(handler: Handler, fuse_pr
 
 
 def test_a_read_that_blocks_in_fuse_is_killed(handler_dir: Path, fuse_programs: tuple) -> None:
-    """procfs.read_in_child, which the handler uses for /proc files read from the process's memory, on a
+    """memread.read_in_child, which the handler uses for /proc files read from the process's memory, on a
     file whose open never returns: the child is killed at the deadline and the caller goes on."""
     need(os.geteuid() == 0, "needs root to mount a FUSE filesystem")
     server, _victim = fuse_programs
@@ -113,7 +113,7 @@ def _read_blocking(proc: subprocess.Popen, mount: Path) -> tuple:
         os.close(first)
         dir_fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            return procfs.read_in_child(dir_fd, ("blocker",), 4096, 1)
+            return memread.read_in_child(dir_fd, ("blocker",), 4096, 1)
         finally:
             os.close(dir_fd)
     finally:

@@ -20,9 +20,9 @@ SRC = str(Path(capture.__file__).resolve().parents[2])
 PROBE = """
 import hashlib, json, os, sys
 sys.path.insert(0, {src!r})
-from corepipe.platform import capture, procfs
+from corepipe.platform import capture, memread, procfs
 cap = capture.take(sys.argv[1:], core_seconds=float(os.environ.get("CORE_SECONDS", "10")))
-rest = procfs.read_fd(0, 1 << 30)
+rest = memread.read_fd(0, 1 << 30)
 proc = cap.proc
 print(json.dumps({{
     "core": hashlib.sha256(bytes(cap.core) + rest).hexdigest(), "prefix": len(cap.core), "rest": len(rest),

@@ -32,7 +32,7 @@ def test_launcher_runs_without_site_or_environment(tmp_path: Path) -> None:
 BEFORE_RELEASE = {"__future__", "os", "os.path", "stat", "_stat", "posixpath", "genericpath", "_collections_abc",
                   "fcntl", "select", "mmap", "corepipe", "corepipe.cli", "corepipe.commands",
                   "corepipe.commands.collect_cmd", "corepipe.platform", "corepipe.platform.capture",
-                  "corepipe.platform.procfs", "_socket", "corepipe.platform.forward"}
+                  "corepipe.platform.procfs", "corepipe.platform.memread", "_socket", "corepipe.platform.forward"}
 
 
 def test_only_os_is_loaded_when_a_small_core_releases_the_kernel(tmp_path: Path) -> None:

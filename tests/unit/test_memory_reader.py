@@ -1,4 +1,4 @@
-"""procfs.MemoryReader: the child that reads /proc memory files, forked before the crash it reads for."""
+"""memread.MemoryReader: the child that reads /proc memory files, forked before the crash it reads for."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 from support import wait_for
 
-from corepipe.platform import capture, procfs
+from corepipe.platform import capture, memread
 
 
 def _fds(pid: int) -> set:
@@ -14,7 +14,7 @@ def _fds(pid: int) -> set:
 
 
 def test_reads_a_directory_opened_after_the_fork(tmp_path) -> None:
-    reader = procfs.MemoryReader()
+    reader = memread.MemoryReader()
     (tmp_path / "cmdline").write_bytes(b"a\0b\0")
     dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -30,7 +30,7 @@ def test_reads_a_directory_opened_after_the_fork(tmp_path) -> None:
 def test_keeps_no_fd_of_its_parent(tmp_path) -> None:
     """Not the kernel's pipe (fd 0 of a pipe handler), not a server worker's channel: only its two pipes."""
     held = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    reader = procfs.MemoryReader()
+    reader = memread.MemoryReader()
     try:
         wait_for(lambda: open(f"/proc/{reader._pid}/wchan").read().endswith("pipe_read"), 10,
                  "the reader to wait for its request")  # after it closed what it inherited
@@ -42,7 +42,7 @@ def test_keeps_no_fd_of_its_parent(tmp_path) -> None:
 
 def test_an_unused_reader_exits_when_closed() -> None:
     before = _fds(os.getpid())
-    reader = procfs.MemoryReader()
+    reader = memread.MemoryReader()
     reader.close()
     assert not os.path.exists(f"/proc/{reader._pid}")
     assert _fds(os.getpid()) == before
@@ -51,7 +51,7 @@ def test_an_unused_reader_exits_when_closed() -> None:
 def test_a_second_read_forks_another_child(tmp_path) -> None:
     (tmp_path / "environ").write_bytes(b"A=1\0")
     dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    reader = procfs.MemoryReader()
+    reader = memread.MemoryReader()
     try:
         first = reader.read(dir_fd, ("environ",), 4096, 5)
         second = reader.read(dir_fd, ("environ",), 4096, 5)
@@ -63,7 +63,7 @@ def test_a_second_read_forks_another_child(tmp_path) -> None:
 
 def test_reads_the_crashed_process_proc_files() -> None:
     """Through take_proc, as a server's worker does: the same files as the fork-per-read path."""
-    reader = procfs.MemoryReader()
+    reader = memread.MemoryReader()
     with_reader = capture.take_proc(os.getpid(), None, reader)
     reader.close()
     without = capture.take_proc(os.getpid(), None)

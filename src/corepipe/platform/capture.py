@@ -35,7 +35,7 @@ import os
 import stat  # loaded by os already
 import time
 
-from corepipe.platform import procfs
+from corepipe.platform import memread, procfs
 
 STDIN = 0
 #: The kernel's arguments after ``collect [--config PATH]``: kernel.FIELDS, where pid and pidfd sit
@@ -336,7 +336,7 @@ def take_process(pid: int | None, pidfd: int | None, core_fd: int = STDIN,
     return cap
 
 
-def take_proc(pid: int | None, pidfd: int | None, reader: procfs.MemoryReader | None = None) -> Capture:
+def take_proc(pid: int | None, pidfd: int | None, reader: memread.MemoryReader | None = None) -> Capture:
     """The first half of ``take_process``: /proc and the held files, before any of the core is read (a
     socket server decides on them whether the kernel is to write the core at all; its worker passes the
     ``reader`` it forked while idle); never raises."""

@@ -21,7 +21,7 @@ import os
 import time
 from typing import Optional
 
-from corepipe.platform import capture, forward, procfs
+from corepipe.platform import capture, forward, memread, procfs
 from corepipe.platform.config import Config
 from corepipe.platform.fs import unlink_if_present
 from corepipe.platform.kernel import UNKNOWN, KernelArgs, parse_args
@@ -76,7 +76,7 @@ def _write(run_dir: str, pid: Optional[int], argv: list) -> Optional[str]:
 
 
 def handle(got: forward.Forwarded, journal: Optional[str], cfg: Config, problems: list, accepted: float,
-           refused: Optional[str], reader: Optional[procfs.MemoryReader] = None,
+           refused: Optional[str], reader: Optional[memread.MemoryReader] = None,
            buffer: Optional[memoryview] = None) -> int:
     """One handed-over crash, in a worker: ``collect.run`` with the pipe as stdin; the exit code of collect."""
     unlink_if_present(journal)
@@ -110,7 +110,7 @@ def recover(run_dir: str, cfg: Config, why: str, grace: float = GRACE) -> int:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
-                argv = procfs.read_fd(fd, forward.MAX_MESSAGE).decode("utf-8", "surrogateescape").split("\0")
+                argv = memread.read_fd(fd, forward.MAX_MESSAGE).decode("utf-8", "surrogateescape").split("\0")
             finally:
                 os.close(fd)
         except OSError as exc:

@@ -42,7 +42,7 @@ from typing import Optional
 
 from corepipe.domain import accounting
 from corepipe.domain.context import Context
-from corepipe.platform import affinity, capture, coredump_socket, elf, forward, libc, procfs
+from corepipe.platform import affinity, capture, coredump_socket, elf, forward, libc, memread, procfs
 from corepipe.platform import config as configuration
 from corepipe.platform.fs import unlink_if_present
 from corepipe.platform.kernel import RLIM_INFINITY, KernelArgs, parse_args
@@ -727,7 +727,7 @@ def _worker(channel: socket.socket, options: Options) -> int:
     """An idle worker: ready the config, the /proc memory reader and the core's prefix buffer, wait for one
     crash from the accept loop (a kernel connection, or a handler's handoff), collect it."""
     prepared = Prepared(options.config)
-    reader = procfs.MemoryReader()
+    reader = memread.MemoryReader()
     buffer = capture.prefix_buffer()
     try:
         message, fds, _flags, _addr = socket.recv_fds(channel, forward.MAX_MESSAGE + 4096, forward.MAX_FDS)
@@ -753,7 +753,7 @@ def _worker(channel: socket.socket, options: Options) -> int:
 
 
 def handle(conn: socket.socket, prepared: Prepared, accepted: float, load: str,
-           reader: Optional[procfs.MemoryReader] = None, buffer: Optional[memoryview] = None,
+           reader: Optional[memread.MemoryReader] = None, buffer: Optional[memoryview] = None,
            journal: Optional[str] = None) -> int:
     """One kernel connection: check the peer, read /proc, decide, ack, then ``collect``'s pipeline on the
     socket; the exit code ``corepipe collect`` would give. ``journal``: the accept loop's entry of this crash,

@@ -14,7 +14,7 @@ import stat
 import time
 from typing import Optional
 
-from corepipe.platform.procfs import read_fd, read_in_child
+from corepipe.platform.memread import read_fd, read_in_child
 
 #: A 64-hex container id (Docker, containerd CRI, CRI-O, Podman).
 HEX_ID = re.compile(r"[0-9a-f]{64}")
