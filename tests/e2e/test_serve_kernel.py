@@ -41,6 +41,7 @@ from support import (
     wait_log,
 )
 
+from corepipe.domain.record import CORELESS_MAX
 from corepipe.platform import sandbox, slots
 from corepipe.services import install, status
 
@@ -180,6 +181,9 @@ def test_over_rate_limit_is_rejected(workdirs, crasher: Path) -> None:
     assert rec["core"]["reason"].startswith("rate limited: 1 cores of this executable"), rec["core"]
     assert rec["signal"] == {"number": signal.SIGSEGV, "name": "SIGSEGV"}, "the signal from the exit status"
     assert sorted(p.name for p in Path(rec["_dir"]).iterdir()) == ["record.json"]
+    # The small record of any crash without a core (record.coreless), as the pipe handler writes it.
+    assert (Path(rec["_dir"]) / "record.json").stat().st_size <= CORELESS_MAX
+    assert rec["process"]["maps"] is None and not (rec.get("binaries") or {}).get("files"), rec.get("binaries")
 
 
 def test_core_limit_zero_is_rejected(workdirs, crasher: Path) -> None:
