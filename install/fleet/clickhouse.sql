@@ -1,0 +1,60 @@
+-- corepipe's fleet index (docs/shipping.md, "The fleet index"), read in place by ClickHouse.
+-- Replace {{INDEX_URL}} with the index's objects, e.g.
+--   https://BUCKET.s3.REGION.amazonaws.com/PREFIX/_index/v1/*/*/*.ndjson.gz
+-- and {{ACCESS_KEY}} / {{SECRET_KEY}} with a reader's keys (docs/shipping.md, "Rights"), or use the
+-- NOSIGN / named-collection forms of s3(). For Azure, replace the s3(...) call by
+--   azureBlobStorage('{{CONNECTION_STRING}}', 'CONTAINER', 'PREFIX/_index/v1/*/*/*.ndjson.gz', 'LineAsString')
+-- The rules are corepipe's own: the rows of objects a compacted object replaces are left out, a row counts
+-- only in its own node's partition (tombstones also in node=_prune), a tombstoned crash is left out, a crash
+-- listed twice keeps the row of the first object by key, and a crash-site signature joins the one backtrace
+-- signature of its site (as `corepipe list --remote --group`). Tested with chdb (tests/e2e/test_fleet_engines.py).
+
+CREATE VIEW fleet_lines AS
+SELECT _path AS object, line, JSONExtractString(line, 'kind') AS kind,
+       extract(_path, 'node=([^/]+)/[^/]*$') AS partition
+FROM s3('{{INDEX_URL}}', '{{ACCESS_KEY}}', '{{SECRET_KEY}}', 'LineAsString');
+
+CREATE VIEW fleet_crashes AS
+WITH live AS (
+    SELECT * FROM fleet_lines WHERE object NOT IN (
+        SELECT concat(replaceRegexpOne(object, '[^/]*$', ''), arrayJoin(JSONExtract(line, 'objects', 'Array(String)')))
+        FROM fleet_lines WHERE kind = 'replaces')),
+dead AS (
+    SELECT DISTINCT JSONExtractString(line, 'node') AS node, JSONExtractString(line, 'id') AS id FROM live
+    WHERE kind = 'tombstone' AND (partition = '_prune' OR partition = JSONExtractString(line, 'node')))
+SELECT JSONExtractString(line, 'node') AS node, JSONExtractString(line, 'id') AS id,
+       JSONExtractString(line, 'time') AS time, JSONExtractFloat(line, 'timestamp') AS timestamp,
+       JSONExtractFloat(line, 'received') AS received, JSONExtractString(line, 'exe') AS exe,
+       JSONExtractString(line, 'comm') AS comm, JSONExtractString(line, 'signal', 'name') AS signal,
+       JSONExtractString(line, 'container', 'runtime') AS runtime, JSONExtractString(line, 'container', 'name') AS container,
+       JSONExtractString(line, 'container', 'image') AS image,
+       JSONExtractString(line, 'signature', 'hash') AS hash, JSONExtractString(line, 'signature', 'text') AS text,
+       JSONExtractString(line, 'signature', 'source') AS source, JSONExtractString(line, 'signature', 'site') AS site,
+       JSONExtractString(line, 'core_state') AS core_state, JSONExtractString(line, 'keys', 'record', 'key') AS record,
+       object
+FROM live
+WHERE kind = 'crash' AND partition = node AND (node, id) NOT IN (SELECT node, id FROM dead)
+ORDER BY node, id, object
+LIMIT 1 BY node, id;
+
+CREATE VIEW fleet_groups AS
+WITH sites AS (
+    SELECT site, min(hash) AS site_hash, uniqExact(hash) AS n FROM fleet_crashes
+    WHERE source = 'backtrace' AND site != '' AND hash != '' GROUP BY site),
+keyed AS (
+    SELECT c.*, if(c.source = 'crash site' AND s.n = 1, s.site_hash, if(c.hash = '', '-', c.hash)) AS group_key
+    FROM fleet_crashes AS c LEFT JOIN sites AS s ON c.site = s.site)
+SELECT group_key AS hash, count() AS count, uniqExact(node) AS node_count, arraySort(groupUniqArray(node)) AS nodes,
+       min(time) AS first_seen, max(time) AS last_seen
+FROM keyed GROUP BY group_key ORDER BY count DESC, hash;
+
+-- Continuous ingest into a ClickHouse server (not chdb): new index objects are read once as they appear. The
+-- rules above still apply at query time (replaces, tombstones, duplicates), so keep `object` and `line`.
+-- CREATE TABLE fleet_index_raw (object String, line String) ENGINE = MergeTree ORDER BY object;
+-- CREATE TABLE fleet_index_queue (line String)
+--     ENGINE = S3Queue('{{INDEX_URL}}', '{{ACCESS_KEY}}', '{{SECRET_KEY}}', 'LineAsString')
+--     SETTINGS mode = 'unordered', keeper_path = '/clickhouse/corepipe/fleet_index';
+-- CREATE MATERIALIZED VIEW fleet_index_ingest TO fleet_index_raw AS SELECT _path AS object, line FROM fleet_index_queue;
+-- then define fleet_lines over fleet_index_raw instead of s3(): SELECT object, line, JSONExtractString(line, 'kind')
+-- AS kind, extract(object, 'node=([^/]+)/[^/]*$') AS partition FROM fleet_index_raw (a deleted, compacted-away
+-- object's rows stay in the table and are left out by the replaces rule).
