@@ -18,7 +18,8 @@ What cannot run in the container, and why:
 - install.sh's ``corepipe install`` needs a writable /proc/sys: it runs in a mount namespace of its own with
   a fresh /proc, and writes no kernel setting because the test has set them to what it would write.
 
-The unit names and paths this module expects are in UNITS, STORE and SANDBOX below.
+The unit names and paths this module expects are in UNITS, STORE and SANDBOX below. corepipe-ship.service is
+checked from inside: as shipped, with its ExecStart pointed at a probe that tries to write outside the store.
 """
 
 from __future__ import annotations
@@ -311,3 +312,44 @@ def test_stopping_the_server_cannot_hand_the_kernel_back_here(system: System) ->
     assert CORE_PATTERN.read_text().rstrip("\n") == coredump_socket.pattern(system.socket)
     journal = c.run(["journalctl", "-q", "--no-pager", "-u", UNITS["server"], "-n", "50"]).stdout
     assert "cannot put back kernel.core_pattern" in journal, journal
+
+
+#: What corepipe-ship.service's process may write and hold, reported into the store (its one writable place).
+SHIP_PROBE = """#!/bin/sh
+out=/var/lib/corepipe/cpt-ship-probe
+: > "$out.tmp" || exit 1
+for p in /etc/cpt-probe /usr/cpt-probe /root/cpt-probe /var/lib/cpt-probe /var/cpt-probe /home/cpt-probe; do
+    if echo x > "$p" 2>/dev/null; then echo "$p written" >> "$out.tmp"; rm -f "$p"
+    else echo "$p refused" >> "$out.tmp"; fi
+done
+grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status >> "$out.tmp"
+mv "$out.tmp" "$out"
+exec sleep infinity
+"""
+
+
+def test_the_shippers_sandbox_is_in_force(system: System) -> None:
+    """corepipe-ship.service as shipped, its ExecStart pointed at a probe (as install.sh points it at the
+    installation): from inside it, nothing but the store can be written, and its process has no capability,
+    no new privileges and a seccomp filter."""
+    c = system.container
+    probe = system.script("ship-probe.sh", SHIP_PROBE)
+    os.chmod(probe, 0o755)
+    unit = (REPO / "install" / "systemd" / "corepipe-ship.service").read_text()
+    unit = "\n".join(f"ExecStart={probe}" if line.startswith("ExecStart=") else
+                     "EnvironmentFile=-/etc/corepipe/ship.env" if line.startswith("EnvironmentFile=") else line
+                     for line in unit.splitlines())
+    c.path("/etc/systemd/system/corepipe-ship.service").write_text(unit + "\n")
+    c.systemctl("daemon-reload")
+    c.systemctl("start", "corepipe-ship.service")
+    try:
+        report = wait_for(lambda: c.path(f"{STORE}/cpt-ship-probe").exists()
+                          and c.path(f"{STORE}/cpt-ship-probe").read_text(), 60, "the ship probe's report")
+    finally:
+        c.systemctl("stop", "corepipe-ship.service", check=False)
+    lines = dict((line.split(maxsplit=1) + [""])[:2] for line in report.splitlines())
+    for path in ("/etc/cpt-probe", "/usr/cpt-probe", "/root/cpt-probe", "/var/lib/cpt-probe", "/var/cpt-probe",
+                 "/home/cpt-probe"):
+        assert lines[path] == "refused", report
+    assert lines["CapEff:"].strip() == "0000000000000000" and lines["CapBnd:"].strip() == "0000000000000000", report
+    assert lines["NoNewPrivs:"].strip() == "1" and lines["Seccomp:"].strip() == "2", report
