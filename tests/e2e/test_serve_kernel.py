@@ -123,6 +123,57 @@ def test_host_crash_same_as_pipe(workdirs, crasher: Path, tmp_path: Path) -> Non
     assert sock["container"]["runtime"] == "host" and sock["ns_pid"] == sock["pid"]
 
 
+#: The transport fields: how the core came to corepipe, and what collecting it cost the process that collected it
+#: (the pipe handler itself, or a server's worker: another process, with its own clock start, CPU and memory).
+TRANSPORT = ("collector.transport", "collector.duration", "collector.cpu", "collector.peak_rss")
+#: What differs between any two crashes of one program, whoever collects them: the crash's id, time and pids
+#: (its /proc status counts its own pids and context switches, and in SigQ the signals queued to every process of
+#: its uid on the host), and the core's bytes (its notes hold the pid and
+#: times, so its digest and compressed size), and the backtrace's cost and one-off uid. gdb's text names the pid:
+#: compared with the pid replaced.
+PER_CRASH = ("id", "time", "timestamp", "received", "pid", "ns_pid", "tid", "core.digest", "core.compressed_size",
+             "process.status.Pid", "process.status.Tgid", "process.status.NSpid", "process.status.NStgid",
+             "process.status.NSpgid", "process.status.NSsid", "process.status.PPid",
+             "process.status.voluntary_ctxt_switches", "process.status.nonvoluntary_ctxt_switches",
+             "process.status.SigQ", "backtrace.duration", "backtrace.uid")
+
+
+def _flat(value: object, prefix: str = "") -> dict:
+    """A record as dotted paths to its leaves (lists stay leaves)."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict = {}
+    for key, item in value.items():
+        flat.update(_flat(item, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def test_one_pipeline_identical_records(workdirs, crasher: Path) -> None:
+    """The same program's crash through the pipe handler alone, the pipe handler forwarding to serve, and serve on
+    the coredump socket: the records are identical, path for path and value for value, apart from TRANSPORT and
+    what differs between any two crashes (PER_CRASH). ASLR is off for the crasher, so its maps are the same."""
+    setarch = need_tool("setarch")
+
+    def run(mode: str) -> None:
+        status = _run([setarch, os.uname().machine, "-R", str(crasher), "0", "onepipe"])
+        assert os.WIFSIGNALED(status) and os.WCOREDUMP(status)
+    records = _both(workdirs, run, lambda r, _: r["comm"] == "onepipe")
+    flat = [_flat({k: v for k, v in rec.items() if k != "_dir"}) for rec in records]
+    for f in flat:
+        f["backtrace.text"] = f["backtrace.text"].replace(str(f["pid"]), "<pid>")
+    assert set(flat[0]) == set(flat[1]) == set(flat[2]), "the same fields"
+    assert [f["collector.transport"] for f in flat] == ["pipe", "socket", "forwarded"]
+    def ignored(path: str) -> bool:
+        return any(path == p or path.startswith(f"{p}.") for p in TRANSPORT + PER_CRASH)
+    for name in TRANSPORT + PER_CRASH:
+        assert any(ignored(path) and path.startswith(name) for path in flat[0]), f"no {name} in the record"
+    kept = [{k: v for k, v in f.items() if not ignored(k)} for f in flat]
+    for mode, other in zip(("socket", "forwarded"), kept[1:]):
+        differ = {k: (kept[0][k], other[k]) for k in kept[0] if kept[0][k] != other[k]}
+        assert differ == {}, f"pipe and {mode} differ beyond the transport fields: {sorted(differ)} {differ}"
+    assert kept[0]["status"] == "complete" and kept[0]["core.stored"] is True
+
+
 def test_pid_namespace_same_as_pipe(workdirs, crasher: Path, tmp_path: Path) -> None:
     unshare = need_tool("unshare")
 

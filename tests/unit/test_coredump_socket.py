@@ -13,7 +13,7 @@ import pytest
 
 from corepipe.platform import coredump_socket as cs
 from corepipe.platform import elf
-from corepipe.services import serve
+from corepipe.services.serve import server, worker
 
 
 def _pair() -> tuple:
@@ -145,9 +145,9 @@ def test_signal_from_the_core_notes() -> None:
 
 
 def test_load_degrades_with_the_queue() -> None:
-    server = serve.Server(serve.Options(workers=2, queue_limit=10))
-    assert server.load() == serve.NORMAL
-    server.queue.extend([(None, 0.0)] * 4)
-    assert server.load() == serve.FAST
-    server.queue.extend([(None, 0.0)] * 6)
-    assert server.load() == serve.RECORD_ONLY
+    loop = server.Server(server.Options(workers=2, queue_limit=10))
+    assert loop.load() == worker.NORMAL
+    loop.queue.extend([(None, 0.0)] * 4)
+    assert loop.load() == worker.FAST
+    loop.queue.extend([(None, 0.0)] * 6)
+    assert loop.load() == worker.RECORD_ONLY

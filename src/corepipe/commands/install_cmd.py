@@ -7,7 +7,7 @@ import os
 
 from corepipe.commands.options import paths
 from corepipe.platform import config as configuration
-from corepipe.platform import forward
+from corepipe.platform import coredump_socket, forward
 from corepipe.services import install
 
 HELP = "make corepipe the kernel's core dump handler on this host (idempotent)"
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="socket: the resident 'corepipe serve' collects on the kernel's coredump socket while "
                              "it runs, the pipe handler otherwise; pipe: a 'corepipe collect' per crash; "
                              "auto (default): socket where the kernel has it (kernel.core_modes)")
-    parser.add_argument("--socket", default=install.DEFAULT_SOCKET, metavar="PATH",
+    parser.add_argument("--socket", default=coredump_socket.DEFAULT_SOCKET, metavar="PATH",
                         help="the socket of socket mode (default %(default)s)")
     parser.add_argument("--run-dir", default=os.path.dirname(forward.DEFAULT_SOCKET), metavar="DIR",
                         help="corepipe serve's run directory (serve --run-dir): the handler hands crashes to the "

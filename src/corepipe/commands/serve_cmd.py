@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import argparse
 
+from corepipe.platform import coredump_socket
 from corepipe.platform.errors import UserError
-from corepipe.services import install, serve
+from corepipe.services import install
+from corepipe.services.serve import health, server
 
 HELP = ("run the resident collector: on the kernel's coredump socket (Linux 6.16+) and for the crashes the pipe "
         "handler hands over (any kernel; exit 0 stopped, 1 failed)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--socket", default=serve.DEFAULT_SOCKET, metavar="PATH",
+    parser.add_argument("--socket", default=coredump_socket.DEFAULT_SOCKET, metavar="PATH",
                         help="where to listen, an absolute path in the host's root (default %(default)s)")
     parser.add_argument("--workers", type=int, default=0, metavar="N",
                         help="crashes collected at once (default: one per CPU, at least 2)")
-    parser.add_argument("--queue-limit", type=int, default=serve.QUEUE_LIMIT, metavar="N",
+    parser.add_argument("--queue-limit", type=int, default=server.QUEUE_LIMIT, metavar="N",
                         help="waiting crashes beyond which the rest get a record without a core (default %(default)s)")
     parser.add_argument("--fallback", metavar="PATTERN",
                         help="kernel.core_pattern to put back on stop (default: the installed pipe handler, "
@@ -30,14 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a process in the host's mount namespace, from which kernel.core_pattern is written "
                              "(the kernel takes a socket pattern only from there; default %(default)s, the init of "
                              "the node: a pod needs hostPID)")
-    parser.add_argument("--run-dir", default=serve.RUN_DIR, metavar="DIR",
+    parser.add_argument("--run-dir", default=health.RUN_DIR, metavar="DIR",
                         help="where the health file serve.json and the handlers' socket forward.sock go "
                              "(default %(default)s)")
-    parser.add_argument("--mode", choices=(serve.SOCKET_MODE, serve.PIPE_MODE),
+    parser.add_argument("--mode", choices=(server.SOCKET_MODE, server.PIPE_MODE),
                         help="socket: take the kernel's coredump socket (6.16+) and the crashes pipe handlers hand "
                              "over; pipe: leave the kernel's pipe pattern and collect what the handlers hand over, "
                              "on any kernel (default: the installed mode, else socket)")
-    parser.add_argument("--forward-wait", type=float, default=serve.FORWARD_WAIT, metavar="SECONDS",
+    parser.add_argument("--forward-wait", type=float, default=server.FORWARD_WAIT, metavar="SECONDS",
                         help="how long a handed-over crash may wait for a worker, the kernel holding the process, "
                              "before it is recorded without its core (default %(default)g)")
 
@@ -47,15 +49,15 @@ def run(ns: argparse.Namespace) -> int:
     fallback, state = ns.fallback, None
     if fallback is None or ns.mode is None:
         state = install.load_state(install.Paths(config=config or install.Paths.config).state)
-    mode = ns.mode or (state or {}).get("mode") or serve.SOCKET_MODE
+    mode = ns.mode or (state or {}).get("mode") or server.SOCKET_MODE
     if fallback is None:
         if state is not None:
             fallback = state.get("fallback_pattern") or (state["pattern"] if state["pattern"].startswith("|")
                                                          else None)
-    options = serve.Options(socket_path=ns.socket, config=config, workers=ns.workers, queue_limit=ns.queue_limit,
+    options = server.Options(socket_path=ns.socket, config=config, workers=ns.workers, queue_limit=ns.queue_limit,
                             run_dir=ns.run_dir, fallback=fallback, host_pid=ns.host_pid, mode=mode,
                             forward_wait=ns.forward_wait)
     try:
-        return serve.serve(options)
+        return server.serve(options)
     except (ValueError, OSError) as exc:
         raise UserError(f"{exc}") from None

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from corepipe.domain import binaries, record, signature
+from corepipe.domain import binaries, policy, record, signature
 from corepipe.domain.snapshot import Snapshot
-from corepipe.platform import elf
+from corepipe.platform import elf, fs
 from corepipe.platform.config import Config
 from corepipe.platform.log import ERR, WARNING, log
 from corepipe.platform.store import CrashDir, Store
@@ -105,10 +105,9 @@ def finish(store: Store, crash: CrashDir, rec: dict, held: Optional[binaries.Hel
         return
     try:
         if cfg.binaries:
-            from corepipe.domain import accounting
-
+            keep_free = policy.automatic(cfg.keep_free, fs.fs_size(store.fd), policy.AUTO_KEEP_FREE)
             saved = binaries.save(store.fd, store.root, held, copy=cfg.binaries_host or not is_host,
-                                  max_size=cfg.binaries_max_size, keep_free=accounting.measure(store, cfg)[0].keep_free,
+                                  max_size=cfg.binaries_max_size, keep_free=keep_free,
                                   core_kept=bool(rec["core"]["stored"]))
             record.set_binaries(rec, saved)
         if cfg.backtrace and rec["core"]["stored"]:

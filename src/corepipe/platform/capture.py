@@ -11,7 +11,7 @@ pipe is let go at once and the kernel reaps the process; the config, the contain
 policy and the record are all decided afterwards, on what was captured here. Not so for a process
 in a mount namespace of its own (a container): its runtime's state (runc's state.json, Docker's
 config of a ``--rm`` container) can vanish with it, so services/collect.py lets go only once the container
-is identified. A bigger core is read on from the pipe by compress.py as before.
+is identified. A bigger core is read on from the pipe later, by compress.py (domain/corefile.py).
 
 A file served by a user-space or network filesystem (FUSE, NFS, CIFS, 9p, ...) can block an open
 or a read for as long as its server likes, and neither SIGALRM nor any other catchable signal

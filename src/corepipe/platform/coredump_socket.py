@@ -6,7 +6,8 @@ for a ``struct coredump_ack`` naming exactly one of KERNEL / USERSPACE / REJECT 
 the crashed task until we close), then answers with a 4-byte marker: 0 when the ack was taken, else
 why not (and no core follows). The peer of the connection is the crashing process: SO_PEERPIDFD gives
 a pidfd of it and PIDFD_GET_INFO its ids and whether it is really dumping core (a local process could
-connect to the socket too). Nothing here imports more than the standard library.
+connect to the socket too). ``kernel_args`` builds from the peer what the kernel's arguments
+would have told a pipe handler, so both entry points feed one pipeline (services/collect.py).
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ import struct
 from dataclasses import dataclass
 from typing import Optional
 
-from corepipe.platform.sysctl import CORE_PATTERN, Sysctl, SysctlError
+from corepipe.platform import procfs
+from corepipe.platform.kernel import RLIM_INFINITY, KernelArgs
+from corepipe.platform.sysctl import Sysctl, SysctlError
 
+#: Where ``corepipe serve`` listens for the kernel by default (``install --mode socket`` points the pattern here).
+DEFAULT_SOCKET = "/run/corepipe/coredump.socket"
 #: coredump_req / coredump_ack flag bits.
 KERNEL, USERSPACE, REJECT, WAIT = 1, 2, 4, 8
 #: The first published sizes of both structs (COREDUMP_{REQ,ACK}_SIZE_VER0).
@@ -178,9 +183,24 @@ def pattern(path: str, ack: bool = True) -> str:
     return ("@@" if ack else "@") + path
 
 
-def set_pattern(value: str, proc_sys: str = "/proc/sys") -> None:
-    """Write core_pattern and read it back (some kernels keep any string; SysctlError if it was not kept)."""
-    Sysctl(proc_sys).write(CORE_PATTERN, value)
+#: The first fd systemd passes (sd_listen_fds).
+SD_LISTEN_FDS_START = 3
+
+
+def activated_sockets() -> dict:
+    """The listening sockets systemd passed (LISTEN_FDS: corepipe.socket's stream socket for the kernel,
+    corepipe-forward.socket's seqpacket one for the handlers), by type; empty without socket activation."""
+    count = os.environ.get("LISTEN_FDS", "")
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or count not in ("1", "2"):
+        return {}
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    found = {}
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
+        sock = socket.socket(fileno=fd)
+        os.set_inheritable(fd, False)
+        found[sock.type] = sock
+    return found
 
 
 def listen(path: str, backlog: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
@@ -198,3 +218,18 @@ def listen(path: str, backlog: int, kind: int = socket.SOCK_STREAM) -> socket.so
         os.umask(old)
     sock.listen(backlog)
     return sock
+
+
+def kernel_args(info: PidfdInfo, proc: Optional[procfs.Proc], *, when: int, hostname: Optional[str],
+                config: Optional[str]) -> KernelArgs:
+    """What the kernel's ``%P %p %I %u %g %t %c %d %F %h %e`` would have told a pipe handler, from the peer's
+    pidfd and what capture read of /proc (the signal comes later, from the core or the exit status)."""
+    files = proc.files if proc is not None else {}
+    nspid = proc.status().get("NSpid", "").split() if proc is not None else []
+    comm = files.get("comm", b"").decode("utf-8", "replace").rstrip("\n")
+    return KernelArgs(pid=info.pid, ns_pid=int(nspid[-1]) if nspid and nspid[-1].isdigit() else None,
+                      tid=procfs.dumping_thread(info.pid), uid=info.ruid, gid=info.rgid, time=when,
+                      core_limit=procfs.core_limit(files.get("limits", b""), RLIM_INFINITY),
+                      dump_mode=2 if info.coredump_mask & PIDFD_COREDUMP_ROOT else 1,
+                      pidfd=proc.pidfd if proc is not None else None, hostname=hostname, comm=comm or None,
+                      config=config)

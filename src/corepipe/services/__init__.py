@@ -1,1 +1,2 @@
-"""What the commands run: collect, install, status, selftest."""
+"""What the commands run: the collection pipeline, the resident collector (serve/), install, status, selftest,
+prune, ship and the metrics."""

@@ -1,16 +1,14 @@
-"""The collection pipeline behind ``corepipe collect``, after capture.py's early stage.
+"""The collection pipeline, one for every entry point, after capture.py's early stage.
 
-kernel args -> config -> snapshot (checks on the captured /proc data) -> container -> store
--> preliminary record -> storage policy -> core (the captured prefix, then the pipe) -> record.
-For a small core the kernel has already been let go (capture.py) and all of this runs after
-the crashed process is reaped; for a bigger one the pipe is let go once the core is read.
-It prints nothing; it logs one line per crash (kernel log and syslog) and an error line for
-each failure. Exit codes: see commands/collect_cmd.py.
-
-One domain/context.Context goes through the stages; each stage returns what it produces. Entry
-points: ``run`` (``corepipe collect``: kernel argv, core on stdin, SIGALRM at the config's timeout),
-``collect`` (any other caller with its own core fd and KernelArgs, in-process, e.g. a socket server),
-and ``run_context`` under both.
+kernel args -> config -> ``prepare`` (snapshot: checks on the captured /proc data; container) -> the
+entry point's decision before the core (``refusal``) -> store -> preliminary record -> storage policy
+-> core -> binaries, backtrace -> record. As systemd-coredump feeds one ``coredump_submit`` from its
+argv and from its socket peer, the front ends only build a Context: ``run`` from the kernel's argv
+(the pipe handler, and a server's worker for a crash a handler forwarded), serve's worker from a
+coredump socket peer (platform/coredump_socket.kernel_args), ``collect`` for a crash known only from a
+journal; ``run_context`` runs the stages, and a socket peer's ack to the kernel is its ``before_core``.
+It prints nothing; it logs one line per crash and an error line for each failure. Exit codes: see
+commands/collect_cmd.py.
 """
 
 from __future__ import annotations
@@ -20,11 +18,10 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Optional
 
-from corepipe.domain import accounting, binaries, catalog, containers, policy, postmortem, record, snapshot
+from corepipe.domain import accounting, binaries, catalog, containers, corefile, policy, postmortem, record, snapshot
 from corepipe.domain.books import Books
 from corepipe.domain.context import Context
 from corepipe.platform import affinity, kernel, slots
@@ -32,7 +29,7 @@ from corepipe.platform import config as configuration
 from corepipe.platform.capture import STDIN, Capture, Timeout, on_alarm
 from corepipe.platform.fs import unlink_if_present
 from corepipe.platform.log import ERR, INFO, WARNING, log
-from corepipe.platform.store import CORE, FAILED, PARTIAL_CORE, RECORD, CrashDir, Store
+from corepipe.platform.store import FAILED, RECORD, CrashDir, Store
 
 
 def run(argv: list, early: Capture, *, cfg: Optional[configuration.Config] = None, problems: tuple = (),
@@ -67,10 +64,12 @@ def collect(args: kernel.KernelArgs, early: Capture, *, core_fd: int = STDIN,
     return run_context(Context(args=args, early=early, core_fd=core_fd, cfg=cfg, errors=errors, refused=refused))
 
 
-def run_context(ctx: Context) -> int:
-    """Every stage for ``ctx``; never raises (the kernel shows nobody a traceback: everything is logged)."""
+def run_context(ctx: Context, before_core: Optional[Callable[[Context], None]] = None) -> int:
+    """Every stage for ``ctx``; never raises (the kernel shows nobody a traceback: everything is logged).
+    ``before_core``: what the entry point does once the crash is ``prepare``d and before its core is read (a
+    coredump socket peer: the ack, KERNEL or REJECT with ``refusal``'s reason in ``ctx.refused``)."""
     try:
-        return _stages(ctx)
+        return _stages(ctx, before_core)
     except Timeout as exc:
         log(f"error: pid {ctx.args.pid}: {exc}", ERR)
         _final_failed(ctx, str(exc))
@@ -150,11 +149,11 @@ def load_config(path: Optional[str], errors: list) -> configuration.Config:
     return cfg
 
 
-def _stages(ctx: Context) -> int:
+def _stages(ctx: Context, before_core: Optional[Callable[[Context], None]]) -> int:
     args = ctx.args
-    if ctx.container is None:  # a socket server has identified it already, to decide before the dump
-        ctx.snapshot = take_snapshot(ctx)
-        ctx.container = identify(ctx)
+    prepare(ctx)
+    if before_core is not None:
+        before_core(ctx)
     if ctx.early.eof:
         ctx.let_go()  # the container is known: its runtime's state may go with the process
     for message in ctx.errors:
@@ -167,6 +166,30 @@ def _stages(ctx: Context) -> int:
     if ctx.crash is None:
         return 1
     return store_crash(ctx)
+
+
+def prepare(ctx: Context) -> None:
+    """What every entry point knows of the crash before its core: the trust-checked snapshot and the container."""
+    ctx.snapshot = take_snapshot(ctx)
+    ctx.container = identify(ctx)
+
+
+def refusal(ctx: Context, *, room: bool = False) -> Optional[str]:
+    """Why the ``prepare``d crash gets no core, decided before a byte of it is read; None: read it. The entry
+    point's own reason (``ctx.refused``), RLIMIT_CORE 0, the config's exclusions; with ``room`` also the rate
+    limits and the store's room after the policy's deletions, for an entry point that can still spare the kernel
+    the dump (a coredump socket peer: REJECT); a pipe's core comes anyway and ``admit`` decides on it."""
+    limit = ctx.args.core_limit_bytes() if ctx.cfg.honour_core_limit else None
+    reason = ctx.refused or ("RLIMIT_CORE is 0" if limit == 0 else None) or excluded(ctx)
+    snap = ctx.snapshot
+    if reason is not None or not room or snap is None or not snap.trusted:
+        return reason
+    try:
+        with Store(ctx.cfg.store) as store:
+            return accounting.refusal(store, ctx.cfg, group=ctx.group, exe=snap.exe or ctx.args.comm or "")
+    except OSError as exc:
+        log(f"error: pid {ctx.args.pid}: rate limits and room not checked before the dump: {exc}", ERR)
+        return None
 
 
 def take_snapshot(ctx: Context) -> Optional[snapshot.Snapshot]:
@@ -236,12 +259,8 @@ def store_crash(ctx: Context) -> int:
     storm = None
     if ctx.unfiled is not None:
         record.core_refused(rec, f"not saved: the crash {ctx.unfiled}")
-    elif ctx.refused is not None:
-        record.core_refused(rec, ctx.refused)
-    elif limit == 0:
-        record.core_refused(rec, "RLIMIT_CORE is 0")
-    elif (exclusion := excluded(ctx)) is not None:
-        record.core_refused(rec, exclusion)
+    elif (reason := refusal(ctx)) is not None:
+        record.core_refused(rec, reason)
     else:
         with _turn(ctx, slots.core_turn(ctx.store, cfg)) as turn:  # a storm's bound, before the core is read
             storm = turn.refused
@@ -253,7 +272,7 @@ def store_crash(ctx: Context) -> int:
                 cap = min(caps) if caps else None
                 admission = admit(ctx, cap)
                 if admission is not None and admission.budget:
-                    commit(ctx, write_core(ctx, admission, limit, cap, turn.index))
+                    commit(ctx, corefile.write(ctx, admission, limit, cap, turn.index))
     ctx.let_go()  # also when no core is read: saving binaries need not keep the process
     if storm is None and ctx.unfiled is None and ctx.held is not None:  # a crash refused in a storm stays cheap
         with _turn(ctx, slots.postmortem_turn(ctx.store, cfg)) as turn:  # bounded after the kernel is let go
@@ -309,7 +328,7 @@ def admit(ctx: Context, cap: Optional[int]) -> Optional[accounting.Admission]:
                                      exe=rec["exe"] or ctx.args.comm or "", want=want,
                                      signature=(rec.get("signature") or {}).get("site"))
     except (OSError, Timeout) as exc:
-        _not_saved(ctx, f"storage accounting failed: {exc}")
+        corefile.not_saved(ctx, f"storage accounting failed: {exc}")
         return None
     if not admission.budget:
         record.core_refused(rec, admission.reason)
@@ -317,70 +336,7 @@ def admit(ctx: Context, cap: Optional[int]) -> Optional[accounting.Admission]:
     return admission
 
 
-@dataclass
-class Staged:
-    """A core written under a temporary name in the crash directory, waiting for ``commit``."""
-
-    fd: int
-    tmp: str
-    name: str
-
-
-def write_core(ctx: Context, admission: accounting.Admission, limit: Optional[int], cap: Optional[int],
-               slot: Optional[int] = None) -> Optional[Staged]:
-    """The captured prefix and the rest of the core fd, compressed into a temporary file; None when nothing
-    is to be committed (refused for room, or failed: the record says which). ``slot``: the core slot held
-    (slots.py), which picks the CPU the stream shares with the dumping thread."""
-    from corepipe.platform import compress, elf
-
-    rec, crash, cfg, group = ctx.record, ctx.crash, ctx.cfg, ctx.group
-
-    def grow(needed: int, written: int) -> int:
-        return accounting.grow(ctx.store, cfg, crash_id=crash.id, group=group, needed=needed, written=written)
-
-    placement = affinity.Placement(ctx.shared_cpu, slot) if ctx.shared_cpu else None
-    fd, tmp = crash.open_temp(CORE)
-    try:
-        try:
-            result = compress.compress_stream(ctx.core_fd, fd, limit=cap, prefix=ctx.early.core, eof=ctx.early.eof,
-                                              level=cfg.compression_level, threads=cfg.compression_threads,
-                                              max_output=admission.budget, grow=grow, read_done=ctx.let_go,
-                                              streaming=placement)
-        finally:
-            ctx.let_go()  # a failed write ends the dump too
-    except compress.OutputTooLarge as exc:
-        # The storage policy's decision, like a core refused before it was read: not a failure.
-        crash.discard(fd, tmp)
-        record.core_refused(rec, f"no room for the core: {exc} (limited by {admission.limited_by})")
-        return None
-    except (OSError, Timeout) as exc:
-        crash.discard(fd, tmp)
-        _not_saved(ctx, f"write failed: {exc}")
-        return None
-    if result.size == 0:
-        crash.discard(fd, tmp)
-        _not_saved(ctx, "the kernel sent no core data (the pipe was empty)")
-        return None
-    expected = None if result.truncated else elf.expected_size(result.head)
-    whole = expected is None or result.size >= expected
-    reason = None
-    if result.truncated:
-        reason = (f"truncated at RLIMIT_CORE ({limit} bytes)" if cap == limit
-                  else f"truncated at max_core_size ({cap} bytes)")
-    elif not whole:
-        reason = (f"the core ended after {result.size} of {expected} bytes: the kernel stopped the dump "
-                  f"(the process was killed) or the pipe closed early; kept as {PARTIAL_CORE}")
-    staged = Staged(fd, tmp, CORE if whole else PARTIAL_CORE)
-    record.core_stored(rec, file=staged.name, size=result.size, complete=whole,
-                       compressed_size=result.compressed_size, digest=result.digest, truncated=result.truncated,
-                       reason=reason)
-    if not whole:
-        record.add_error(rec, reason)
-        log(f"error: pid {ctx.args.pid}: {reason}", ERR)
-    return staged
-
-
-def commit(ctx: Context, staged: Optional[Staged]) -> None:
+def commit(ctx: Context, staged: Optional[corefile.Staged]) -> None:
     """Put the core under its final name, in the ledger and in the record, holding the store's lock (so a
     handler making room never sees a core whose record does not say it is stored), and give back the
     reservation."""
@@ -390,7 +346,7 @@ def commit(ctx: Context, staged: Optional[Staged]) -> None:
                 ctx.crash.commit(staged.fd, staged.tmp, staged.name)
             except OSError as exc:
                 ctx.crash.discard(staged.fd, staged.tmp)
-                _not_saved(ctx, f"write failed: {exc}")
+                corefile.not_saved(ctx, f"write failed: {exc}")
             else:
                 if books is not None:
                     books.add_core(ctx.crash, "/".join(ctx.group), staged.name)
@@ -477,11 +433,6 @@ def _notify(ctx: Context) -> None:
             else:
                 books.rewrite_record(ctx.crash, catalog.group_of(ctx.crash.path, ctx.store.root)[0],
                                      lambda: write_record(ctx))
-
-
-def _not_saved(ctx: Context, reason: str) -> None:
-    record.core_not_saved(ctx.record, reason)
-    log(f"error: pid {ctx.args.pid}: core not saved: {reason}", ERR)
 
 
 def _kib(*values: Optional[str]) -> Optional[int]:

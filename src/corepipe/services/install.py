@@ -43,8 +43,6 @@ PIDFD_KERNEL = (6, 16)
 #: ``--mode``: the kernel's pipe runs ``corepipe collect`` per crash, or the resident ``corepipe serve`` takes
 #: them on its socket (Linux 6.16+).
 PIPE, SOCKET = "pipe", "socket"
-#: Where ``corepipe serve`` listens by default (the socket unit's ListenStream).
-DEFAULT_SOCKET = "/run/corepipe/coredump.socket"
 #: The kernel's own default, given back when what was there before is unknown.
 DEFAULT_PATTERN = "core"
 
@@ -213,7 +211,7 @@ def choose_mode(mode: str, proc_sys: str = PROC_SYS) -> str:
 
 
 def install(paths: Paths, store: Optional[str] = None, force: bool = False, python: str = sys.executable,
-            release: Optional[str] = None, mode: str = PIPE, socket_path: str = DEFAULT_SOCKET,
+            release: Optional[str] = None, mode: str = PIPE, socket_path: str = coredump_socket.DEFAULT_SOCKET,
             forward_socket: str = forward.DEFAULT_SOCKET) -> list:
     """Install or update in place; returns the lines to print (empty changes mean nothing was done).
 

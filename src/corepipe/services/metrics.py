@@ -18,7 +18,7 @@ while the store's generation is unchanged (``StoreCollector``); only confirmed c
 Entry points: ``render(cfg, extra)`` (the exposition bytes and content type of one scrape),
 ``write_textfile(directory, cfg)`` (node_exporter's textfile collector) and ``listen(host, port, cfg, extra)``
 (an HTTP endpoint on one event loop in a thread, with timeouts: ``corepipe metrics --listen``, and the
-resident collector's metrics process, services/serve.py). ``extra`` takes more prometheus-client collectors:
+resident collector's metrics process, services/serve/metrics.py). ``extra`` takes more prometheus-client collectors:
 the server adds its own counters (``ServerCollector``). With ``ship_to`` configured, the shipping backlog
 comes from the same walk of the records (no second one) and the shipper's ship-status.json.
 """

@@ -10,7 +10,7 @@ from corepipe.platform import config as configuration
 from corepipe.platform import forward, fs, static_forwarder
 from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, Sysctl, SysctlError
 from corepipe.services.install import PIPE, SOCKET, InstallError, Paths, load_state, socket_pattern
-from corepipe.services.serve import RUN_DIR, STALE, read_health
+from corepipe.services.serve.health import RUN_DIR, STALE, read_health
 
 #: Exit codes of ``corepipe status`` (documented in the README).
 HEALTHY, NOT_INSTALLED, DRIFTED, BROKEN = 0, 3, 4, 5
