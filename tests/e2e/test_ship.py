@@ -119,8 +119,9 @@ def test_ship_verify_dedup_delete_and_debug_remotely(server, handler_dir: Path, 
                      "--", "-batch", "-ex", "bt", "-ex", f"shell readlink $COREPIPE_SYSROOT{exe['path']}")
     text = debug.stdout + debug.stderr
     assert " main " in text and f"crasher.c:{CRASH_LINE}" in text, text
-    # gdb's executable is the copy downloaded from the store, linked from debug's temporary sysroot.
-    assert re.search(r"/corepipe-remote-[^/]+/\.build-id/[0-9a-f]{2}/", text), text
+    # gdb's executable is the one downloaded from the store, linked from debug's temporary sysroot: as root, a copy
+    # of the download given to gdb's one-off uid (the download is root's alone).
+    assert re.search(r"/corepipe-debug-[^/]+/files/[0-9]+\n", text), text
     assert not list(temp.glob("corepipe-remote-*")), "the downloads were left behind"
 
 
