@@ -30,16 +30,21 @@ def partition_keys(bucket: Bucket, prefix: str, node: str, day: str) -> list:
     return bucket.keys(fleet_index.partition_root(prefix, node, day))
 
 
+def past_node(server: objectstores.Server, tmp_path: Path, days: int) -> tuple:
+    """(store, config, dump time, its day) of node-a shipping to the server's ``fleet`` prefix, ``days`` ago."""
+    store = tmp_path / "node-a"
+    config = tmp_path / "a.toml"
+    config.write_text(f'store = "{store}"\nship_node = "node-a"\nship_to = "{server.url("fleet")}"\n')
+    when = time.time() - days * 86400
+    return store, config, when, time.strftime("%Y-%m-%d", time.gmtime(when))
+
+
 def test_a_past_days_index_objects_are_compacted_into_one_and_never_counted_twice(server, tmp_path: Path) -> None:
     """Three sweeps each ship one crash of three days ago: the second and third merge the day's objects into one
     (the third's replacing the second's). With the second's object put back, as a reader finds the bucket between
     a compaction's write and its deletions, every crash is listed once, without a warning."""
     url = server.url("fleet")
-    store = tmp_path / "node-a"
-    config = tmp_path / "a.toml"
-    config.write_text(f'store = "{store}"\nship_node = "node-a"\nship_to = "{url}"\n')
-    when = time.time() - 3 * 86400
-    day = time.strftime("%Y-%m-%d", time.gmtime(when))
+    store, config, when, day = past_node(server, tmp_path, 3)
     bucket = Bucket(server)
     ids, kept = [], {}
     for sweep in range(3):
@@ -68,12 +73,7 @@ def test_a_compaction_whose_read_back_fails_keeps_the_objects_it_would_replace(t
     server = objectstores.make("seaweedfs", tmp_path)
     server.start()
     try:
-        url = server.url("fleet")
-        store = tmp_path / "node-a"
-        config = tmp_path / "a.toml"
-        config.write_text(f'store = "{store}"\nship_node = "node-a"\nship_to = "{url}"\n')
-        when = time.time() - 2 * 86400
-        day = time.strftime("%Y-%m-%d", time.gmtime(when))
+        store, config, when, day = past_node(server, tmp_path, 2)
         bucket = Bucket(server)
         objectstores.stored_crash(store, 1024, when=when)
         corepipe(config, server.env, "ship", "--once")
