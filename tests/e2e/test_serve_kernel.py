@@ -345,6 +345,68 @@ def test_server_killed_mid_dump(workdirs, crasher: Path) -> None:
         assert rec["status"] == "complete" and rec["core"]["stored"] is True
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_process_group_killed(workdirs, crasher: Path) -> None:
+    """SIGKILL of serve's whole process group (an OOM kill of the group): its guardian, in a session of its own,
+    puts the fallback back. With the guardian killed too, the socket pattern is left without a listener: status
+    says broken and names the fallback the server noted; a restarted server without --fallback takes that note,
+    and its clean stop leaves the fallback."""
+    setsid = need_tool("setsid")
+    d = workdirs()
+    served = Served(d)
+    paths = install.Paths(bin=f"{d}/b", config=f"{d}/none.toml", sysctl_dir=f"{d}/sd")
+    with KernelSettings() as settings:
+        fallback = served.pattern()
+        settings.set(fallback)
+        try:
+            served.start(prefix=(setsid,))  # a group of its own: ours must survive the kill
+            guardian = served.health()["guardian"]
+            assert os.getpgid(served.proc.pid) == served.proc.pid and os.getpgid(guardian) != served.proc.pid
+            os.killpg(served.proc.pid, signal.SIGKILL)
+            served.proc.wait(30)
+            wait_for(lambda: CORE_PATTERN.read_text().rstrip("\n") == fallback, 30, "the guardian's fallback")
+            assert status.gather(paths, run_dir=str(served.run_dir))["listener"] is None
+
+            served.start(prefix=(setsid,))
+            owned = CORE_PATTERN.read_text().rstrip("\n")
+            assert owned.startswith("@") and status.gather(paths, run_dir=str(served.run_dir))["listener"] is True
+            guardian = served.health()["guardian"]
+            os.kill(guardian, signal.SIGKILL)  # first: as a pod's force-delete kills every process at once
+            wait_for(lambda: _gone(guardian), 30, "the guardian's end")
+            os.killpg(served.proc.pid, signal.SIGKILL)
+            served.proc.wait(30)
+            assert CORE_PATTERN.read_text().rstrip("\n") == owned, "nobody put the fallback back"
+            facts = status.gather(paths, run_dir=str(served.run_dir))
+            assert facts["code"] == status.BROKEN and facts["listener"] is False
+            assert [p for p in facts["problems"] if "no listener" in p and fallback in p], facts["problems"]
+            shown = subprocess.run([sys.executable, "-m", "corepipe", "status", "--config", paths.config],
+                                   capture_output=True, text=True, timeout=60)
+            assert shown.returncode in (status.BROKEN, status.NOT_INSTALLED) and "no listener" in shown.stdout
+
+            restarted = subprocess.Popen([str(served.launcher), "serve", "--config", str(served.config), "--socket",
+                                          str(served.socket), "--run-dir", str(served.run_dir)], env={}, cwd="/",
+                                         stdout=subprocess.DEVNULL, stderr=(d / "serve.err").open("a"))
+            served.proc = restarted
+            wait_for(lambda: restarted.poll() is not None or (served.run_dir / "serve.json").exists()
+                     and served.health()["pid"] == restarted.pid, 30, "the restarted server")
+            assert restarted.poll() is None, (d / "serve.err").read_text()
+            assert served.health()["fallback"] == fallback, "the fallback from the dead server's note"
+            assert os.WCOREDUMP(_run([str(crasher), "0", "restarted"]))
+            served.wait_record(lambda r: r["comm"] == "restarted")
+            assert served.stop() == 0
+            assert CORE_PATTERN.read_text().rstrip("\n") == fallback, "the clean stop put the fallback back"
+            assert not (served.run_dir / "pattern.json").exists()
+            assert status.gather(paths, run_dir=str(served.run_dir))["listener"] is None
+        finally:
+            served.stop()
+
+
 def _with_children(pid: int) -> list:
     """``pid`` and its children (the server and the workers it forks)."""
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -309,8 +310,12 @@ def test_socket_mode_status_follows_the_server(paths: Paths, root: Path) -> None
     facts = status.gather(paths, run_dir=str(run_dir))
     assert facts["active_mode"] == "socket" and facts["code"] == status.BROKEN
     assert "not running" in facts["problems"][0]
-    # A live process whose command line says serve.
+    # A live process whose command line says serve, and a socket listening where the pattern points.
     server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "serve"])
+    listener = socket.socket(socket.AF_UNIX)
+    run_dir.mkdir(exist_ok=True)
+    listener.bind(sock)
+    listener.listen()
     try:
         wait_for(lambda: b"serve" in Path(f"/proc/{server.pid}/cmdline").read_bytes(), 30, "the exec")
         _health(run_dir, server.pid, time.time(), sock)
@@ -319,7 +324,12 @@ def test_socket_mode_status_follows_the_server(paths: Paths, root: Path) -> None
         _health(run_dir, server.pid, time.time() - 60, sock)
         facts = status.gather(paths, run_dir=str(run_dir))
         assert facts["code"] == status.BROKEN and "heartbeat" in facts["problems"][0]
+        listener.close()
+        facts = status.gather(paths, run_dir=str(run_dir))
+        assert facts["code"] == status.BROKEN and facts["listener"] is False
+        assert any("no listener" in problem for problem in facts["problems"])
     finally:
+        listener.close()
         server.kill()
         server.wait()
     install.install(paths, store=str(root / "var" / "s"), mode="socket", socket_path=sock)

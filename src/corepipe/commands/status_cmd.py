@@ -33,6 +33,8 @@ def run(ns: argparse.Namespace) -> int:
     print(f"corepipe: {state}{' (the active core handler)' if facts['active'] else ''}")
     print(f"kernel.core_pattern = {facts['pattern']}")
     print(f"kernel.core_pipe_limit = {facts['pipe_limit']}")
+    if facts.get("listener") is False:
+        print("listener: none on the pattern's socket (broken: the kernel drops every core)")
     if facts["mode"]:
         print(f"mode: {facts['mode']} installed, {facts['active_mode'] or 'neither'} active")
     if facts["handler"]:

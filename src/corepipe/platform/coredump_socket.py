@@ -203,6 +203,29 @@ def activated_sockets() -> dict:
     return found
 
 
+#: In /proc/net/unix's Flags: __SO_ACCEPTCON, a listening socket.
+_ACCEPTCON = 0x10000
+
+
+def has_listener(path: str, net_unix: str = "/proc/net/unix") -> Optional[bool]:
+    """Whether a socket listens at ``path`` (in this network namespace), from /proc/net/unix without connecting
+    (a connection to the coredump socket would look like a crash to its server); None when that cannot be read."""
+    try:
+        with open(net_unix, "rb") as f:
+            lines = f.read().decode("utf-8", "surrogateescape").splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7] == path:
+            try:
+                if int(fields[3], 16) & _ACCEPTCON:
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
 def listen(path: str, backlog: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
     """A fresh listening socket at ``path`` (root only: mode 0600), replacing a stale one: the kernel's coredump
     socket (a stream), or with ``kind`` SOCK_SEQPACKET the handlers' (platform/forward.py)."""

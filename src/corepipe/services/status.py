@@ -7,10 +7,10 @@ from typing import Optional
 
 from corepipe.domain import catalog
 from corepipe.platform import config as configuration
-from corepipe.platform import forward, fs, static_forwarder
+from corepipe.platform import coredump_socket, forward, fs, static_forwarder
 from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, Sysctl, SysctlError
 from corepipe.services.install import PIPE, SOCKET, InstallError, Paths, load_state, socket_pattern
-from corepipe.services.serve.health import RUN_DIR, STALE, read_health
+from corepipe.services.serve.health import RUN_DIR, STALE, read_health, read_owned
 
 #: Exit codes of ``corepipe status`` (documented in the README).
 HEALTHY, NOT_INSTALLED, DRIFTED, BROKEN = 0, 3, 4, 5
@@ -72,7 +72,7 @@ def gather(paths: Paths, run_dir: Optional[str] = None) -> dict:
     result: dict = {"installed": False, "active": False, "code": NOT_INSTALLED, "problems": [],
                     "state": paths.state, "pattern": None, "pipe_limit": None, "expected": None, "store": None,
                     "mode": None, "active_mode": None, "server": None, "transport": None,
-                    "forwarding": None, "handler": None}
+                    "forwarding": None, "handler": None, "listener": None}
     try:
         result["pattern"] = sysctl.read(CORE_PATTERN)
         result["pipe_limit"] = sysctl.read(CORE_PIPE_LIMIT)
@@ -127,9 +127,32 @@ def gather(paths: Paths, run_dir: Optional[str] = None) -> dict:
         if broken and result["code"] == HEALTHY:
             result["code"] = BROKEN
         result["problems"] += broken
+    listening = _listener_problem(result, run_dir)
+    if listening:
+        result["code"] = BROKEN
+        result["problems"].append(listening)
     if store is not None:
         result["store"] = store_summary(store)
     return result
+
+
+def _listener_problem(result: dict, run_dir: str) -> Optional[str]:
+    """A socket pattern nobody listens on (a server killed with its guardian): the kernel drops every core.
+    ``listener`` says whether one listens (None: not a socket pattern, or not known); the fallback a server
+    noted (serve/health.py's pattern.json) is named as the way back."""
+    pattern = result["pattern"] or ""
+    result["listener"] = None
+    if not pattern.startswith("@"):
+        return None
+    path = pattern.lstrip("@")
+    result["listener"] = coredump_socket.has_listener(path)
+    if result["listener"] is not False:
+        return None
+    owned = read_owned(run_dir)
+    back = (f"sysctl -w kernel.core_pattern='{owned['fallback']}'" if owned and owned["pattern"] == pattern
+            and owned["fallback"] else "'corepipe install'")
+    return (f"kernel.core_pattern is {pattern} but no listener is on {path}: the kernel drops every core; start "
+            f"corepipe serve (systemctl start corepipe.socket) or put the pipe handler back: {back}")
 
 
 #: What ``transport`` says: the server on the kernel's coredump socket; the pipe handler handing crashes to

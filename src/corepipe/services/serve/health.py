@@ -1,5 +1,7 @@
-"""The resident collector's health file, ``<run_dir>/serve.json`` (pid, heartbeat, counts): written by the server,
-read by ``status``, the metrics process and tests without loading the server itself."""
+"""The resident collector's files in its run directory, written by the server and read by ``status``, the metrics
+process, the guardian and a restarted server without loading the server itself: ``serve.json``, its health (pid,
+heartbeat, counts), and ``pattern.json``, the socket pattern it owns with the fallback to put back (kept until the
+fallback is back, so a server killed with its guardian leaves a restarted server and ``status`` the way back)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from corepipe.platform.fs import unlink_if_present
 
 RUN_DIR = "/run/corepipe"
 HEALTH = "serve.json"
+OWNED = "pattern.json"
 #: How often the server rewrites it; a heartbeat older than STALE seconds means the server is stuck.
 HEARTBEAT = 2.0
 STALE = 15.0
@@ -39,13 +42,38 @@ def read_health(run_dir: str = RUN_DIR) -> Optional[dict]:
 
 def write_health(run_dir: str, health: dict) -> None:
     """Replace the health file at once (a reader never sees half of it); OSError when it cannot be written."""
-    os.makedirs(run_dir, mode=0o755, exist_ok=True)
-    path = os.path.join(run_dir, HEALTH)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(health, f)
-    os.rename(tmp, path)
+    _replace(os.path.join(run_dir, HEALTH), health)
 
 
 def remove_health(run_dir: str) -> None:
     unlink_if_present(os.path.join(run_dir, HEALTH))
+
+
+def write_owned(run_dir: str, pattern: str, fallback: Optional[str]) -> None:
+    """Note the socket pattern the server wrote and the fallback to put back; OSError when it cannot be written."""
+    _replace(os.path.join(run_dir, OWNED), {"pattern": pattern, "fallback": fallback})
+
+
+def read_owned(run_dir: str = RUN_DIR) -> Optional[dict]:
+    """``{"pattern", "fallback"}`` a server noted, or None (none, or not two strings)."""
+    try:
+        with open(os.path.join(run_dir, OWNED), "rb") as f:
+            owned = json.loads(f.read(1 << 14))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(owned, dict) or not isinstance(owned.get("pattern"), str) or \
+            not isinstance(owned.get("fallback"), (str, type(None))):
+        return None
+    return {"pattern": owned["pattern"], "fallback": owned["fallback"]}
+
+
+def forget_owned(run_dir: str) -> None:
+    unlink_if_present(os.path.join(run_dir, OWNED))
+
+
+def _replace(path: str, content: dict) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(content, f)
+    os.rename(tmp, path)

@@ -115,7 +115,9 @@ class Server:
         #: Idle workers, (pid, socketpair end), and the pids of those collecting a crash.
         self.spares: collections.deque = collections.deque()
         self.busy: set = set()
+        #: The guardian (services/serve/pattern.py): its pid, and a pidfd of it (it is not our child).
         self.guardian: Optional[int] = None
+        self.guardian_fd: Optional[int] = None
         #: The metrics process and the address it serves, when there is one.
         self.metrics: Optional[int] = None
         self.metrics_address: Optional[str] = None
@@ -155,8 +157,8 @@ class Server:
         if self.options.mode == PIPE_MODE:
             for unused in activated.values():  # corepipe.socket, enabled by an earlier socket-mode install
                 unused.close()
-            self.guardian = pattern.start_guardian(self.sysctl, None, None, [self.forward_listener],
-                                                   **self._guardian_options())
+            self.guardian, self.guardian_fd = pattern.start_guardian(self.sysctl, None, None, [self.forward_listener],
+                                                                     **self._guardian_options())
             log(f"serve: pipe mode, taking crashes from the handlers on {self.forward_path}, {self.workers} workers")
             return
         self.listener = activated.pop(socket.SOCK_STREAM, None)
@@ -168,15 +170,16 @@ class Server:
         if self.activated:  # the socket unit's path, which systemd keeps open between restarts
             self.options.socket_path = self.listener.getsockname()
         self.pattern, self.fallback = pattern.take(self.sysctl, self.options.socket_path, self.fallback,
-                                                   self.options.host_pid)
-        self.guardian = pattern.start_guardian(self.sysctl, self.pattern, self.fallback,
-                                               [self.listener, self.forward_listener], **self._guardian_options())
+                                                   self.options.host_pid, self.options.run_dir)
+        self.guardian, self.guardian_fd = pattern.start_guardian(
+            self.sysctl, self.pattern, self.fallback, [self.listener, self.forward_listener],
+            **self._guardian_options())
         log(f"serve: listening on {self.options.socket_path} and {self.forward_path}, kernel.core_pattern = "
             f"{self.pattern}, {self.workers} workers; on stop: {self.fallback!r}")
 
     def close(self, why: str) -> None:
         """Fallback pattern first (so no crash meets a closed socket), then the socket."""
-        pattern.give_back(self.sysctl, self.pattern, self.fallback, self.options.host_pid, why)
+        pattern.give_back(self.sysctl, self.pattern, self.fallback, self.options.host_pid, why, self.options.run_dir)
         self.stopping = True
         if self.forward_listener is not None and not self.forward_activated:  # handlers now collect themselves
             unlink_if_present(self.forward_path)
@@ -198,11 +201,12 @@ class Server:
             self.forward_listener.close()
         if not self.forward_activated:
             unlink_if_present(self.forward_path)
-        for pid in (self.guardian, self.metrics):
-            if pid is not None:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-        self.guardian = self.metrics = None
+        if self.guardian_fd is not None:
+            pattern.stop_guardian(self.guardian_fd)
+        if self.metrics is not None:
+            os.kill(self.metrics, signal.SIGKILL)
+            os.waitpid(self.metrics, 0)
+        self.guardian = self.guardian_fd = self.metrics = None
         healthfile.remove_health(self.options.run_dir)
 
     def _guardian_options(self) -> dict:
@@ -380,9 +384,6 @@ class Server:
             if pid == 0:
                 return
             block = False
-            if pid == self.guardian:
-                self.guardian = None
-                continue
             if pid == self.metrics:
                 self.metrics = self.metrics_address = None
                 log(f"error: serve: the metrics process ended ({os.waitstatus_to_exitcode(status)}); no metrics "
