@@ -132,3 +132,22 @@ def test_a_record_with_wrong_types_gives_one_line(server, tmp_path: Path) -> Non
                         *command[1:], *extra, check=False)
         assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) <= 1, (command, proc.stderr)
         assert proc.returncode in (0, 1), (command, proc.returncode, proc.stderr)
+
+
+def test_a_core_claimed_over_remote_core_max_is_refused_before_any_download(server, tmp_path: Path) -> None:
+    """A record claiming a 1 TiB core against ``remote_core_max`` 1 MiB: extract -o and debug refuse in one line
+    that says how to raise the cap, before any download (the core object is gone, so a download would fail
+    differently), whatever free space there is."""
+    config, rec, row = shipped(server, tmp_path, "evil")
+    hostile = json.dumps({**rec, "core": {**rec["core"], "size": 1 << 40}}).encode()
+    server.put(row["keys"]["record"]["key"], hostile)
+    server.delete(row["keys"]["core"]["key"])
+    rewrite_row(server, {**row, "keys": {**row["keys"], "record": {**row["keys"]["record"], "size": len(hostile)}}})
+    config.write_text(config.read_text() + "remote_core_max = 1048576\n")
+    env = {**server.env, "XDG_CACHE_HOME": str(tmp_path / "cache"), "TMPDIR": str(tmp_path)}
+    for command in (["extract", "-o", str(tmp_path / "out")], ["debug", "--", "-batch"]):
+        proc = corepipe(config, env, command[0], "--remote", server.url("fleet"), f"evil/{rec['id']}", *command[1:],
+                        check=False)
+        assert proc.returncode == 1 and "over remote_core_max = 1048576; nothing downloaded" in proc.stderr, proc.stderr
+        assert f"raise remote_core_max in {config}" in proc.stderr and len(proc.stderr.splitlines()) == 1
+        assert not (tmp_path / "out").exists() and not [p for p in os.listdir(tmp_path) if "corepipe-remote" in p]

@@ -112,6 +112,8 @@ def local_copy(ns: argparse.Namespace, path: str, rec: dict, with_binaries: bool
     if remote is None:
         yield path, options.config(ns).store
         return
+    if (rec.get("core") or {}).get("stored"):
+        _check_cap(ns, rec)
     work = tempfile.mkdtemp(prefix="corepipe-remote-")
     try:
         crash_dir = os.path.join(work, "crash")
@@ -142,6 +144,17 @@ def core_state(path: str, rec: dict) -> str:
 def json_item(path: str, rec: dict) -> dict:
     """A record as ``--json`` prints it: the stored record plus ``path`` and ``core_state``."""
     return {**rec, "path": path, "core_state": core_state(path, rec)}
+
+
+def _check_cap(ns: argparse.Namespace, rec: dict) -> None:
+    """Refuse, before any download, a remote core whose record claims more than ``remote_core_max`` bytes: any
+    fleet node writes records, and free space alone would let one fill a workstation's disk."""
+    cfg = options.config(ns)
+    size = (rec.get("core") or {}).get("size")
+    if type(size) is int and 0 < cfg.remote_core_max < size:
+        raise UserError(f"the core of crash {rec.get('id')} claims {output.human_size(size)} uncompressed, over "
+                        f"remote_core_max = {cfg.remote_core_max}; nothing downloaded (raise "
+                        f"remote_core_max in {cfg.path or 'the config'} to fetch it)")
 
 
 def check_room(directory: str, rec: dict, advice: str) -> None:

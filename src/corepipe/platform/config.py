@@ -127,6 +127,9 @@ class Config:
     #: The fleet-wide core budget: the first this many cores of a signature (across every node shipping to the
     #: destination) are shipped, the later crashes ship their record only; 0: no budget.
     ship_signature_cores: int = 5
+    #: ``extract``/``debug --remote`` refuse, before any download, a core whose record claims more uncompressed
+    #: bytes than this (any fleet node writes records); 0: no cap (free space still bounds it).
+    remote_core_max: int = 64 << 30
     #: The path it was loaded from, or None for the built-in defaults.
     path: Optional[str] = None
 
@@ -208,7 +211,8 @@ def _validate(name: str, value: object, where: str) -> None:
 _NOT_NEGATIVE = ("container_max_cores", "container_max_bytes", "max_core_size", "rate_limit_container",
                  "rate_limit_exe", "rate_limit_window", "max_age_days", "core_wait",
                  "postmortem_wait", "signature_max_cores", "signature_window", "metrics_max_signatures",
-                 "notify_rate_limit", "notify_rate_window", "ship_bandwidth", "ship_signature_cores")
+                 "notify_rate_limit", "notify_rate_window", "ship_bandwidth", "ship_signature_cores",
+                 "remote_core_max")
 
 
 def listen_address(text: str) -> tuple:
@@ -304,6 +308,7 @@ EXPLAIN = {
     "ship_concurrency": "Parts uploaded at the same time.",
     "ship_retry_max": "Longest wait between upload retries, in seconds.",
     "ship_signature_cores": "Cores of a signature the fleet ships; later crashes ship the record only; 0 no budget.",
+    "remote_core_max": "Most uncompressed bytes of a core 'extract'/'debug --remote' fetch (refused first); 0 no cap.",
 }
 #: The top of the config install writes.
 HEADER = """\
