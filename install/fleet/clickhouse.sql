@@ -3,7 +3,8 @@
 --   https://BUCKET.s3.REGION.amazonaws.com/PREFIX/_index/v1/*/*/*.ndjson.gz
 -- and {{ACCESS_KEY}} / {{SECRET_KEY}} with a reader's keys (docs/shipping.md, "Rights"), or use the
 -- NOSIGN / named-collection forms of s3(). For Azure, replace the s3(...) call by
---   azureBlobStorage('{{CONNECTION_STRING}}', 'CONTAINER', 'PREFIX/_index/v1/*/*/*.ndjson.gz', 'LineAsString')
+--   azureBlobStorage('{{CONNECTION_STRING}}', '{{CONTAINER}}', '{{INDEX_PATH}}', 'LineAsString')
+-- with the storage account's connection string, the container and PREFIX/_index/v1/*/*/*.ndjson.gz.
 -- The rules are corepipe's own: the rows of objects a compacted object replaces are left out, a row counts
 -- only in its own node's partition (tombstones also in node=_prune), a tombstoned crash is left out, a crash
 -- listed twice keeps the row of the first object by key, and a crash-site signature joins the one backtrace

@@ -1,14 +1,17 @@
 """The fleet index read in place by another engine: ClickHouse's own engine, in-process (chdb), runs the
-definitions of install/fleet/clickhouse.sql against SeaweedFS on loopback and must give the groups that
+definitions of install/fleet/clickhouse.sql against SeaweedFS (the ``s3`` table function) and Azurite (the
+``azureBlobStorage`` form the file documents) on loopback and must give the groups that
 ``corepipe list --remote --group`` gives (the crash-site rule, tombstones and compaction included)."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 import objectstores
+import pytest
 from objectstores import corepipe
 from support import HERE, need
 
@@ -20,13 +23,31 @@ def _signature(hash_: str, source: str, site: str) -> dict:
             "site": site}
 
 
-def test_clickhouse_definitions_give_the_groups_of_list_remote_group(tmp_path: Path) -> None:
+def _definitions(server: objectstores.Server) -> str:
+    """install/fleet/clickhouse.sql filled in for ``server``; for Azurite the s3() call is replaced by the
+    azureBlobStorage() form the file's header gives, so the documented form is the one tested."""
+    sql = DEFINITIONS.read_text()
+    path = "fleet/_index/v1/*/*/*.ndjson.gz"
+    if isinstance(server, objectstores.Azurite):
+        azure = re.search(r"azureBlobStorage\([^)]*\)", sql).group(0) \
+            .replace("{{CONNECTION_STRING}}", server.connection_string()) \
+            .replace("{{CONTAINER}}", server.container).replace("{{INDEX_PATH}}", path)
+        call = "s3('{{INDEX_URL}}', '{{ACCESS_KEY}}', '{{SECRET_KEY}}', 'LineAsString')"
+        assert sql.count(call) == 1, "the s3() call of fleet_lines changed: update this test"
+        return sql.replace(call, azure)
+    return sql.replace("{{INDEX_URL}}", f"http://127.0.0.1:{server.port}/{server.bucket}/{path}") \
+        .replace("{{ACCESS_KEY}}", server.keys["AWS_ACCESS_KEY_ID"]) \
+        .replace("{{SECRET_KEY}}", server.keys["AWS_SECRET_ACCESS_KEY"])
+
+
+@pytest.mark.parametrize("kind", ["seaweedfs", "azure"])
+def test_clickhouse_definitions_give_the_groups_of_list_remote_group(tmp_path: Path, kind: str) -> None:
     try:
         import chdb.session
     except ImportError:
         chdb = None
     need(chdb is not None, "needs chdb (the test extra: pip install chdb)")
-    server = objectstores.make("seaweedfs", tmp_path)
+    server = objectstores.make(kind, tmp_path)
     server.start()
     try:
         url = server.url("fleet")
@@ -54,13 +75,11 @@ def test_clickhouse_definitions_give_the_groups_of_list_remote_group(tmp_path: P
         expected = sorted((g["hash"], g["count"], sorted(g["nodes"])) for g in ours)
         assert (a, 3, ["node-a", "node-b"]) in expected and ("-", 1, ["node-a"]) in expected, expected
 
-        index = f"http://127.0.0.1:{server.port}/{server.bucket}/fleet/_index/v1/*/*/*.ndjson.gz"
-        sql = DEFINITIONS.read_text().replace("{{INDEX_URL}}", index) \
-            .replace("{{ACCESS_KEY}}", server.keys["AWS_ACCESS_KEY_ID"]) \
-            .replace("{{SECRET_KEY}}", server.keys["AWS_SECRET_ACCESS_KEY"])
+        sql = _definitions(server)
         session = chdb.session.Session(str(tmp_path / "chdb"))
         try:
-            for statement in (s for s in sql.split(";") if s.strip() and not _comment_only(s)):
+            # a statement ends with ';' at the end of a line (a connection string has ';' inside)
+            for statement in (s for s in re.split(r";\s*$", sql, flags=re.M) if s.strip() and not _comment_only(s)):
                 session.query(statement)
             found = session.query("SELECT hash, count, nodes FROM fleet_groups", "JSONEachRow").bytes().decode()
             crashes = session.query("SELECT count() FROM fleet_crashes", "CSV").bytes().decode().strip()
