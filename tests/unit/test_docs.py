@@ -201,3 +201,11 @@ def test_man_page_renders_without_warnings(page: Path) -> None:
     proc = subprocess.run([groff, "-man", "-Tutf8", "-ww", str(page)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert page.name.split(".")[0].upper() in proc.stdout
+
+
+def test_no_module_is_over_450_lines() -> None:
+    """A module that grows past 450 lines has more than one job: split it by job (issue 28)."""
+    src = REPO / "src" / "corepipe"
+    long = {str(p.relative_to(src)): n for p in sorted(src.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 450}
+    assert long == {}, "modules over 450 lines"

@@ -162,6 +162,19 @@ def status_fields(data: bytes) -> dict:
     return result
 
 
+def kib(*values: str | None) -> int | None:
+    """The sum of status figures like "1234 kB"; None if the first is missing or any is not a figure."""
+    if not values or values[0] is None:
+        return None
+    total = 0
+    for value in values:
+        try:
+            total += int((value or "0").split()[0])
+        except (ValueError, IndexError):
+            return None
+    return total
+
+
 def nul_list(raw: bytes) -> list:
     """The strings of a NUL-separated file (cmdline, environ); [] for an empty one (a kernel thread)."""
     return [a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0")] if raw else []

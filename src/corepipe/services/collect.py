@@ -24,7 +24,7 @@ from typing import Optional
 from corepipe.domain import accounting, binaries, catalog, containers, corefile, policy, postmortem, record, snapshot
 from corepipe.domain.books import Books
 from corepipe.domain.context import Context
-from corepipe.platform import affinity, kernel, slots
+from corepipe.platform import affinity, kernel, procfs, slots
 from corepipe.platform import config as configuration
 from corepipe.platform.capture import STDIN, Capture, Timeout, on_alarm
 from corepipe.platform.fs import unlink_if_present
@@ -322,7 +322,8 @@ def admit(ctx: Context, cap: Optional[int]) -> Optional[accounting.Admission]:
     """The storage policy's and rate limits' decision on this core (accounting.py); None if it failed."""
     rec = ctx.record
     status = ctx.snapshot.status() if ctx.snapshot is not None and ctx.snapshot.trusted else {}
-    want = policy.estimate(_kib(status.get("VmRSS"), status.get("VmSwap")), _kib(status.get("VmSize")), cap)
+    want = policy.estimate(procfs.kib(status.get("VmRSS"), status.get("VmSwap")), procfs.kib(status.get("VmSize")),
+                           cap)
     try:
         admission = accounting.admit(ctx.store, ctx.cfg, crash_id=ctx.crash.id, group=ctx.group,
                                      exe=rec["exe"] or ctx.args.comm or "", want=want,
@@ -433,19 +434,6 @@ def _notify(ctx: Context) -> None:
             else:
                 books.rewrite_record(ctx.crash, catalog.group_of(ctx.crash.path, ctx.store.root)[0],
                                      lambda: write_record(ctx))
-
-
-def _kib(*values: Optional[str]) -> Optional[int]:
-    """The sum of /proc status figures like "1234 kB"; None if the first is missing."""
-    if not values or values[0] is None:
-        return None
-    total = 0
-    for value in values:
-        try:
-            total += int((value or "0").split()[0])
-        except (ValueError, IndexError):
-            return None
-    return total
 
 
 def write_record(ctx: Context) -> None:
