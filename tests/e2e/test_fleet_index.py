@@ -326,6 +326,45 @@ def test_a_denied_list_parts_starts_a_fresh_upload(big_crash: tuple) -> None:
     assert objectstores.Bucket(server).keys(f"fleet/node-a/{path.relative_to(config.parent / 'store')}/core.zst")
 
 
+@pytest.mark.parametrize("big_crash", ["azure"], indirect=True)  # Get Block List is Azure's
+def test_a_denied_block_list_starts_a_fresh_upload_on_azure(big_crash: tuple) -> None:
+    """Azure's counterpart: the proxy fails block 3, then answers only the Get Block List of the uncommitted
+    blocks with 403 (everything else, the committed list read back included, goes through): the upload starts
+    afresh with one warning line, every block staged again, and ships."""
+    server, path, rec, config = big_crash
+    failing = {"blocks": 0}
+
+    def block_fails(method: str, path: str) -> Optional[int]:
+        if method == "PUT" and "comp=block&" in path + "&":
+            failing["blocks"] += 1
+            return 500 if failing["blocks"] > 2 else None
+        return None
+
+    first = ship_through(server, config, fault=block_fails)
+    progress = json.loads((path / "ship-progress.json").read_text())
+    assert first.returncode == 1 and [v for v in progress.values() if isinstance(v, dict) and v.get("blocks")], \
+        first.stderr
+    denied: list = []
+
+    def list_denied(method: str, path: str) -> Optional[int]:
+        if method == "GET" and "comp=blocklist" in path and "blocklisttype=uncommitted" in path:
+            denied.append(path)
+            return 403
+        return None
+
+    proxy = objectstores.CountingProxy(server.port, fault=list_denied)
+    try:
+        again = corepipe(config, through(server, proxy), "ship", "--once", "--to", server.url("fleet"), check=False)
+    finally:
+        proxy.close()
+    assert again.returncode == 0 and f"shipped {rec['id']}" in again.stdout, again.stderr
+    warnings = [line for line in again.stderr.splitlines() if "uploading it afresh" in line]
+    assert len(warnings) == 1 and "access denied" in warnings[0] and denied, again.stderr
+    assert proxy.counts.get("PUT", 0) >= 5  # every one of the 40 MiB core's blocks staged again, then committed
+    key = f"fleet/node-a/{path.relative_to(config.parent / 'store')}/core.zst"
+    assert objectstores.Bucket(server).get(key) == (path / "core.zst").read_bytes()
+
+
 @pytest.mark.parametrize("big_crash", ["seaweedfs"], indirect=True)  # x-amz-checksum-* is S3's alone
 def test_a_store_without_additional_checksums_is_verified_by_etag(big_crash: tuple) -> None:
     """Ceph RGW before Squid and older MinIO answer no x-amz-checksum-crc32: the core (in parts) still ships,

@@ -16,6 +16,7 @@ import base64
 import hashlib
 import logging
 import os
+import sys
 from typing import Callable, Optional
 
 from azure.core.exceptions import (
@@ -165,8 +166,9 @@ class AzureDestination:
         if progress.get("key") != key or progress.get("part_size") != part_size or progress.get("size") != size:
             progress.clear()
             progress.update({"key": key, "part_size": part_size, "size": size, "blocks": {}})
-        staged = self._staged(blob)
-        # Only blocks the service still holds, with the size we staged, are reused after a restart.
+        staged = self._staged(blob, key) if progress["blocks"] else {}
+        # Only blocks the service still holds, with the size we staged, are reused after a restart; when they
+        # cannot be listed, every block is staged again (a block staged under an id replaces the one before).
         finished = {int(n): True for n, length in progress["blocks"].items()
                     if staged.get(_block_id(int(n))) == length}
         progress["blocks"] = {n: progress["blocks"][n] for n in progress["blocks"] if int(n) in finished}
@@ -186,13 +188,17 @@ class AzureDestination:
         save(progress)
         return self._verify_blocks(blob, key, size, part_size)
 
-    def _staged(self, blob: object) -> dict:
+    def _staged(self, blob: object, key: str) -> dict:
+        """The uncommitted blocks' sizes by id; none (a fresh upload, with one warning) when they cannot be listed:
+        a failure to resume never stops the node, and with bad credentials the upload itself fails and says so."""
         try:
             _committed, uncommitted = blob.get_block_list("uncommitted")  # type: ignore[attr-defined]
         except ResourceNotFoundError:
             return {}
         except (AzureError, OSError) as exc:
-            raise _error(exc, "list staged blocks") from None
+            print(f"corepipe ship: warning: {_error(exc, f'list the staged blocks of {key}')}; uploading it afresh",
+                  file=sys.stderr)
+            return {}
         return {block.id: block.size for block in uncommitted}
 
     def _verify_blocks(self, blob: object, key: str, size: int, part_size: int) -> ObjectInfo:
