@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 from support import corepipe_cli, crash, installed_handler, set_core_limit, wait_for
@@ -117,3 +120,45 @@ def test_a_record_flood_keeps_roots_cores_and_its_own_budget(handler_dir: Path, 
     assert all(r["timestamp"] <= (oldest_kept or 0) or r["id"] in {x["id"] for x in left} for r in flood)
     assert (Path(before["_dir"]) / CORE).exists() and (Path(after["_dir"]) / CORE).exists()
     _ledger_right(handler.store)
+
+
+def test_the_dropped_records_show_in_status_and_a_scrape(handler_dir: Path) -> None:
+    """Crashes over their group's records budget are counted in the state file: ``status`` (text and --json)
+    and the Prometheus endpoint, scraped over HTTP, show that count for the group."""
+    flood_dir = handler_dir / "flood"
+    flood_dir.mkdir()
+    flood_dir.chmod(0o777)
+    extra = (f"max_use = {4 * MIB}\nkeep_free = 0\nrecords_max_use = 8192\nrate_limit_exe = 0\n"
+             f"rate_limit_container = 0\nbacktrace = false\nbinaries = false\n"
+             f'exclude_executables = ["/usr/bin/python3*"]\n')
+    count = 6
+    with installed_handler(handler_dir, config_extra=extra) as handler:
+        for _ in range(count):
+            subprocess.run(["/usr/bin/python3", "-c", FLOODER, str(flood_dir), "0"], preexec_fn=_as_nobody, cwd="/",
+                           capture_output=True, timeout=120)
+
+        def dropped_now() -> int:
+            return sum(v.get("records_dropped", 0) for v in _state(handler.store).get("counters", {}).values())
+
+        def flood_done() -> bool:
+            recs = [r for r in handler.records() if r["uid"] == NOBODY]
+            return all(r["status"] != "collecting" for r in recs) and len(recs) + dropped_now() == count
+
+        wait_for(flood_done, 120, "every crash of the flood recorded or counted")
+    (group, counts), = _state(handler.store)["counters"].items()
+    dropped = counts["records_dropped"]
+    assert dropped >= 2, counts
+    facts = json.loads(corepipe_cli(handler.config, "status", "--json", check=False).stdout)
+    assert facts["store"]["records_dropped"] == {group: dropped}, facts["store"]
+    text = corepipe_cli(handler.config, "status", check=False).stdout
+    assert f"records dropped (over records_max_use): {dropped} ({group} {dropped})" in text, text
+    server = subprocess.Popen([sys.executable, "-m", "corepipe", "--config", str(handler.config), "metrics",
+                               "--listen", "127.0.0.1:0"], stderr=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"serving (http://\S+)", server.stderr.readline()).group(1)  # type: ignore[union-attr]
+        with urllib.request.urlopen(url, timeout=60) as reply:
+            scraped = reply.read().decode()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert f'corepipe_records_dropped_total{{policy_group="{group}"}} {float(dropped)}' in scraped, scraped

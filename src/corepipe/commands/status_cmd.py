@@ -13,6 +13,8 @@ from corepipe.services import status
 
 HELP = ("show whether corepipe is the active core handler and what its store holds "
         "(exit 0 healthy, 3 not installed, 4 drifted, 5 broken, 1 the install state is unreadable: not root)")
+#: Policy groups named on the "records dropped" line (the most first).
+DROPPED_SHOWN = 5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +66,12 @@ def run(ns: argparse.Namespace) -> int:
         return facts["code"]
     print(f"store: {store['path']}: {store['crashes']} crashes, {size(store['used_bytes'])} used, "
           f"{size(store['free_bytes'])} free")
+    dropped = store.get("records_dropped") or {}
+    if dropped:
+        most = sorted(dropped.items(), key=lambda item: (-item[1], item[0]))
+        print(f"records dropped (over records_max_use): {sum(dropped.values())} ("
+              + ", ".join(f"{group} {count}" for group, count in most[:DROPPED_SHOWN])
+              + (f", {len(most) - DROPPED_SHOWN} more groups" if len(most) > DROPPED_SHOWN else "") + ")")
     if store["containers"]:
         print("crashes per container:")
         for group in store["containers"]:

@@ -62,6 +62,20 @@ def rebuild_ledger(store: Store, contents: Optional[catalog.Contents] = None) ->
     return books
 
 
+def dropped_records(root: str) -> dict:
+    """Policy group -> crashes counted instead of recorded (``records_dropped``), from the state file, read
+    without the lock for ``status`` and the metrics (the file is replaced whole, so a reader sees the old or the
+    new one); {} when there is no store or state, or it cannot be read (not root: the store is 0700)."""
+    try:
+        with Store(root, create=False) as store:
+            data = read_file(store.fd, STATE, _MAX_STATE)
+        loaded = state.loads(data)[0] if data is not None else state.State()
+    except (OSError, StoreError, ValueError):
+        return {}
+    return {group: counts["records_dropped"] for group, counts in loaded.counters.items()
+            if counts.get("records_dropped")}
+
+
 def _open_crash(store: Store, group: str, crash: str) -> CrashDir:
     return CrashDir(store.open_path(group.split("/") + [crash]), f"{store.root}/{group}/{crash}", crash)
 

@@ -27,6 +27,7 @@ from corepipe.platform.store import (
     RECORD,
     SHIP_STATUS,
     SHIPPED,
+    STATE,
     TEMP_NAME,
     Store,
     crash_id,
@@ -172,10 +173,11 @@ class RecordCache:
 
 
 def generation(store_root: str) -> tuple:
-    """What changes whenever a crash is finished or deleted, or the shipper ends a sweep: the ledger's and
-    ship-status.json's (inode, time, size); ``None`` for a file that is not there."""
+    """What changes whenever a crash is finished, deleted or counted instead of recorded, or the shipper ends a
+    sweep: the ledger's, the state file's and ship-status.json's (inode, time, size); ``None`` for a file that is
+    not there."""
     stamps = []
-    for name in (LEDGER, SHIP_STATUS):
+    for name in (LEDGER, STATE, SHIP_STATUS):
         try:
             st = os.stat(os.path.join(store_root, name), follow_symlinks=False)
             stamps.append((st.st_ino, st.st_mtime_ns, st.st_size))

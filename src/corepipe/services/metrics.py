@@ -40,7 +40,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, write_to_textfile
 from prometheus_client.registry import Collector
 
-from corepipe.domain import catalog, policy, signature
+from corepipe.domain import books, catalog, policy, signature
 from corepipe.platform import fs
 from corepipe.platform.config import Config
 from corepipe.platform.log import clean
@@ -59,6 +59,8 @@ FRESH, STALE = 5.0, 60.0
 NEW_SIGNATURE = 3600
 #: The HTTP endpoint's bounds: seconds to send a request or take the answer, open connections, request head bytes.
 TIMEOUT, MAX_CONNECTIONS, MAX_REQUEST = 10.0, 32, 16 << 10
+#: Policy groups with a ``corepipe_records_dropped_total`` series of their own (the most first); the rest: other.
+MAX_DROPPED_GROUPS = 20
 #: The crash counter's labels: never a target label (see the module's docstring).
 CRASH_LABELS = ["runtime", "container_name", "container_image", "pod_namespace", "pod_name", "signal"]
 
@@ -144,7 +146,7 @@ Configured = Union[Config, Callable[[], Config]]
 class StoreCollector(Collector):
     """The metrics of the store at ``cfg.store``. Called from one thread (the endpoint's event loop, ``listen``),
     so one computation at a time; a result is reused for ``FRESH`` seconds, or ``STALE`` while the store's
-    generation (its ledger, the shipper's status) and the config are unchanged. A computation reads only the
+    generation (its ledger, state file, the shipper's status) and the config are unchanged. A computation reads only the
     records that changed since the last one (catalog.RecordCache), and keeps only what the metrics need of
     each (``slim``)."""
 
@@ -172,6 +174,7 @@ class StoreCollector(Collector):
         yield from self._cores(records)
         yield self._durations(records)
         yield from self._store(cfg, len(problems))
+        yield _dropped(cfg.store)
         if cfg.ship_to:
             yield from self._ship(cfg.store, items)
 
@@ -291,6 +294,20 @@ class StoreCollector(Collector):
         if last:
             yield GaugeMetricFamily("corepipe_ship_last_sweep_ok", "1 if the shipper's last sweep shipped "
                                     "everything it tried, else 0", value=1 if last.get("ok") else 0)
+
+
+def _dropped(store: str) -> Metric:
+    """Crashes counted instead of recorded (over ``records_max_use``) per policy group, from the books' state
+    file: the ``MAX_DROPPED_GROUPS`` groups that dropped most, the rest summed as ``other`` (a flood from many
+    uids cannot explode the label set)."""
+    family = CounterMetricFamily("corepipe_records_dropped", "Crashes counted instead of recorded, over the "
+                                 "policy group's records_max_use", labels=["policy_group"])
+    most = sorted(books.dropped_records(store).items(), key=lambda item: (-item[1], item[0]))
+    for group, count in most[:MAX_DROPPED_GROUPS]:
+        family.add_metric([label(group)], count)
+    if len(most) > MAX_DROPPED_GROUPS:
+        family.add_metric([OTHER], sum(count for _group, count in most[MAX_DROPPED_GROUPS:]))
+    return family
 
 
 class ServerCollector(Collector):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from corepipe.domain import catalog
+from corepipe.domain import books, catalog
 from corepipe.platform import config as configuration
 from corepipe.platform import coredump_socket, forward, fs, static_forwarder
 from corepipe.platform.sysctl import CORE_PATTERN, CORE_PIPE_LIMIT, Sysctl, SysctlError
@@ -18,9 +18,11 @@ RECENT = 5
 
 
 def store_summary(root: str, recent: int = RECENT) -> dict:
-    """Disk use, free space, cores per container and the last crashes of the store at ``root``."""
+    """Disk use, free space, cores per container, the last crashes of the store at ``root``, and the crashes
+    counted instead of recorded per policy group (over ``records_max_use``)."""
     summary: dict = {"path": root, "exists": os.path.isdir(root), "readable": True, "used_bytes": None,
-                     "free_bytes": None, "crashes": 0, "containers": [], "recent": [], "errors": []}
+                     "free_bytes": None, "crashes": 0, "containers": [], "recent": [], "errors": [],
+                     "records_dropped": {}}
     if not summary["exists"]:
         return summary
     if not os.access(root, os.R_OK | os.X_OK):  # not root: the store is 0700
@@ -49,6 +51,7 @@ def store_summary(root: str, recent: int = RECENT) -> dict:
             "core_size": (rec.get("core") or {}).get("size"),
         })
     summary["ship"] = ship_summary(root, unshipped)
+    summary["records_dropped"] = books.dropped_records(root)
     summary["errors"] = [f"{path}: {message}" for path, message in problems]
     summary["crashes"] = len(crashes)
     summary["containers"] = sorted(groups.values(), key=lambda g: (-g["crashes"], str(g["runtime"]), str(g["id"])))
