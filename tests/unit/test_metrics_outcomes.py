@@ -8,12 +8,16 @@ import time
 
 import pytest
 
+from corepipe.domain import state
 from corepipe.platform.config import Config
+from corepipe.platform.store import STATE, Store
 from corepipe.services.metrics import (
+    MAX_DROPPED_GROUPS,
     MAX_LABEL,
     NEW_SIGNATURE,
     UNCONFIRMED,
     StoreCollector,
+    _dropped,
     label,
     outcome,
     slim,
@@ -83,3 +87,19 @@ def test_a_new_signature_gets_a_series_however_many_old_ones_crash_more() -> Non
     assert {s.labels["signature"]: s.value for s in crashes.samples} == {"new": 1, "other": 5}
     assert {s.labels["signature"]: s.value for s in first.samples} == {"new": now - 60}
     assert count.samples[0].value == 2
+
+
+def test_dropped_records_keep_their_groups_few(tmp_path) -> None:  # noqa: ANN001 - pytest's tmp_path
+    """A flood from many uids drops records in many groups: the MAX_DROPPED_GROUPS that dropped most get a
+    series each, the rest are summed as ``other``, and a group name that is not one printable line is cleaned."""
+    counts = state.State()
+    for n in range(MAX_DROPPED_GROUPS + 5):
+        counts.count(f"uid/{100000 + n}", "records_dropped", n + 1)
+    counts.count("uid/\x1b[31mforged\n", "records_dropped", 1000)
+    counts.count("uid/0", "something_else", 7)
+    with Store(str(tmp_path / "store")) as store:
+        store.write(STATE, counts.dumps())
+    samples = {s.labels["policy_group"]: s.value for s in _dropped(str(tmp_path / "store")).samples}
+    assert len(samples) == MAX_DROPPED_GROUPS + 1 and all("\n" not in g and "\x1b" not in g for g in samples)
+    assert samples["other"] == sum(range(1, 7)) and samples[f"uid/{100000 + MAX_DROPPED_GROUPS + 4}"] == 25
+    assert "uid/0" not in samples and sum(samples.values()) == sum(range(1, MAX_DROPPED_GROUPS + 6)) + 1000
