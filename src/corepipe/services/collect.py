@@ -254,7 +254,8 @@ def store_crash(ctx: Context) -> int:
     args, cfg, crash = ctx.args, ctx.cfg, ctx.crash
     rec = build_record(ctx)
     postmortem.presign(rec, ctx.early.core, ctx.held)  # before the core: the policy may count its signature
-    write_record(ctx)  # a handler killed from here on still leaves a record
+    if not _below_keep_free(ctx):  # past keep_free no record is written, not even the first (write_final)
+        write_record(ctx)  # a handler killed from here on still leaves a record
     limit = args.core_limit_bytes() if cfg.honour_core_limit else None
     storm = None
     if ctx.unfiled is not None:
@@ -355,6 +356,11 @@ def commit(ctx: Context, staged: Optional[corefile.Staged]) -> None:
         if books is not None:
             accounting.release(books, ctx.crash.id)
 
+
+
+def _below_keep_free(ctx: Context) -> bool:
+    lim, free = accounting.measure(ctx.store, ctx.cfg)
+    return bool(lim.keep_free) and free < lim.keep_free
 
 
 def write_final(ctx: Context) -> None:
