@@ -174,13 +174,42 @@ def code_map_modules(text: str) -> set:
     return {name for name in named if "*" not in name}
 
 
+def src_modules() -> set:
+    """The modules of src/corepipe as the maps name them (``domain/state.py``), without the package files."""
+    src = REPO / "src" / "corepipe"
+    return {str(p.relative_to(src)) for p in src.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+
+
 def test_code_map_names_every_module() -> None:
     """docs/development.md's code map names each module of src/corepipe, and nothing that is not there."""
-    src = REPO / "src" / "corepipe"
-    modules = {str(p.relative_to(src)) for p in src.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    modules = src_modules()
     named = code_map_modules((REPO / "docs" / "development.md").read_text())
     assert sorted(modules - named) == [], "modules missing from the code map"
     assert sorted(named - modules) == [], "the code map names modules that do not exist"
+
+
+def module_test_table(text: str) -> dict:
+    """docs/testing.md's module -> test files table: each module it names and the test files of its row."""
+    section = text.partition("\n## Which tests test which module\n")[2].partition("\n## ")[0]
+    tested = {}
+    for row in (line for line in section.splitlines() if line.startswith("| `")):
+        modules, files = row.split("|")[1:3]
+        files = re.findall(r"`((?:unit|e2e)/test_\w+\.py)`", files)
+        for module in code_map_modules(f"|{modules}|"):
+            tested.setdefault(module, []).extend(files)
+    return tested
+
+
+def test_test_map_names_every_module_and_only_real_tests() -> None:
+    """The table of which tests test which module (docs/testing.md) cannot rot: it names every module of
+    src/corepipe and only those, each with at least one test file, and every test file it names exists."""
+    tested = module_test_table((REPO / "docs" / "testing.md").read_text())
+    modules = src_modules()
+    assert sorted(modules - set(tested)) == [], "modules missing from docs/testing.md's table"
+    assert sorted(set(tested) - modules) == [], "docs/testing.md's table names modules that do not exist"
+    assert [module for module, files in tested.items() if not files] == [], "modules with no test file in the table"
+    named = {file for files in tested.values() for file in files}
+    assert sorted(f for f in named if not (REPO / "tests" / f).is_file()) == [], "test files that do not exist"
 
 
 def test_every_module_says_its_job() -> None:
