@@ -62,14 +62,29 @@ def _ledger_right(store: Path) -> None:
         assert on_file is not None and comparable(on_file) == comparable(books.rebuild_ledger(opened))
 
 
-def test_a_record_flood_keeps_roots_cores_and_its_own_budget(handler_dir: Path, crasher: Path) -> None:
+def _flood_setup(handler_dir: Path, budget: int, binaries: str) -> tuple:
+    """(a directory anyone may write, the config's extra lines) of a flood into a 4 MiB store whose groups' records
+    may take ``budget`` bytes. The flood's crashes keep no core (as rate-limited ones would not): only their
+    records are at stake."""
     flood_dir = handler_dir / "flood"
     flood_dir.mkdir()
     flood_dir.chmod(0o777)
-    # The flood's crashes keep no core (as rate-limited ones would not): only their records are at stake.
-    extra = (f"max_use = {4 * MIB}\nkeep_free = 0\nrecords_max_use = {BUDGET}\nrate_limit_exe = 0\n"
-             f"rate_limit_container = 0\nbinaries_host = true\nbacktrace = false\n"
-             f'exclude_executables = ["/usr/bin/python3*"]\n')
+    return flood_dir, (f"max_use = {4 * MIB}\nkeep_free = 0\nrecords_max_use = {budget}\nrate_limit_exe = 0\n"
+                       f"rate_limit_container = 0\n{binaries}\nbacktrace = false\n"
+                       f'exclude_executables = ["/usr/bin/python3*"]\n')
+
+
+def _flood_recorded_or_counted(handler, count: int) -> None:  # noqa: ANN001 - support's installed handler
+    def done() -> bool:
+        recs = [r for r in handler.records() if r["uid"] == NOBODY]
+        counted = sum(v.get("records_dropped", 0) for v in _state(handler.store).get("counters", {}).values())
+        return all(r["status"] != "collecting" for r in recs) and len(recs) + counted == count
+
+    wait_for(done, 120, "every crash of the flood recorded or counted")
+
+
+def test_a_record_flood_keeps_roots_cores_and_its_own_budget(handler_dir: Path, crasher: Path) -> None:
+    flood_dir, extra = _flood_setup(handler_dir, BUDGET, "binaries_host = true")
     with installed_handler(handler_dir, config_extra=extra) as handler:
         crash([str(crasher), "0", "root-before"])
         before = handler.wait_record(lambda r: r["comm"] == "root-before" and r["status"] != "collecting")
@@ -80,13 +95,7 @@ def test_a_record_flood_keeps_roots_cores_and_its_own_budget(handler_dir: Path, 
             os.chown(where, NOBODY, NOBODY)
             subprocess.run(["/usr/bin/python3", "-c", FLOODER, str(where), str(MAPPED), "A" * 60000],
                            preexec_fn=_as_nobody, cwd="/", capture_output=True, timeout=120)
-
-        def flood_done() -> bool:
-            recs = [r for r in handler.records() if r["uid"] == NOBODY]
-            counted = sum(v.get("records_dropped", 0) for v in _state(handler.store).get("counters", {}).values())
-            return all(r["status"] != "collecting" for r in recs) and len(recs) + counted == FLOOD
-
-        wait_for(flood_done, 120, "every crash of the flood recorded or counted")
+        _flood_recorded_or_counted(handler, FLOOD)
         crash([str(crasher), "0", "root-after"])
         after = handler.wait_record(lambda r: r["comm"] == "root-after" and r["status"] != "collecting")
 
@@ -125,26 +134,13 @@ def test_a_record_flood_keeps_roots_cores_and_its_own_budget(handler_dir: Path, 
 def test_the_dropped_records_show_in_status_and_a_scrape(handler_dir: Path) -> None:
     """Crashes over their group's records budget are counted in the state file: ``status`` (text and --json)
     and the Prometheus endpoint, scraped over HTTP, show that count for the group."""
-    flood_dir = handler_dir / "flood"
-    flood_dir.mkdir()
-    flood_dir.chmod(0o777)
-    extra = (f"max_use = {4 * MIB}\nkeep_free = 0\nrecords_max_use = 8192\nrate_limit_exe = 0\n"
-             f"rate_limit_container = 0\nbacktrace = false\nbinaries = false\n"
-             f'exclude_executables = ["/usr/bin/python3*"]\n')
+    flood_dir, extra = _flood_setup(handler_dir, 8192, "binaries = false")
     count = 6
     with installed_handler(handler_dir, config_extra=extra) as handler:
         for _ in range(count):
             subprocess.run(["/usr/bin/python3", "-c", FLOODER, str(flood_dir), "0"], preexec_fn=_as_nobody, cwd="/",
                            capture_output=True, timeout=120)
-
-        def dropped_now() -> int:
-            return sum(v.get("records_dropped", 0) for v in _state(handler.store).get("counters", {}).values())
-
-        def flood_done() -> bool:
-            recs = [r for r in handler.records() if r["uid"] == NOBODY]
-            return all(r["status"] != "collecting" for r in recs) and len(recs) + dropped_now() == count
-
-        wait_for(flood_done, 120, "every crash of the flood recorded or counted")
+        _flood_recorded_or_counted(handler, count)
     (group, counts), = _state(handler.store)["counters"].items()
     dropped = counts["records_dropped"]
     assert dropped >= 2, counts
