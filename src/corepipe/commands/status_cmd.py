@@ -69,7 +69,7 @@ def run(ns: argparse.Namespace) -> int:
     dropped = store.get("records_dropped") or {}
     if dropped:
         most = sorted(dropped.items(), key=lambda item: (-item[1], item[0]))
-        print(f"records dropped (over records_max_use): {sum(dropped.values())} ("
+        print(f"records dropped (over records_max_use or below keep_free): {sum(dropped.values())} ("
               + ", ".join(f"{group} {count}" for group, count in most[:DROPPED_SHOWN])
               + (f", {len(most) - DROPPED_SHOWN} more groups" if len(most) > DROPPED_SHOWN else "") + ")")
     if store["containers"]:

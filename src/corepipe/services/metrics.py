@@ -300,8 +300,8 @@ def _dropped(store: str) -> Metric:
     """Crashes counted instead of recorded (over ``records_max_use``) per policy group, from the books' state
     file: the ``MAX_DROPPED_GROUPS`` groups that dropped most, the rest summed as ``other`` (a flood from many
     uids cannot explode the label set)."""
-    family = CounterMetricFamily("corepipe_records_dropped", "Crashes counted instead of recorded, over the "
-                                 "policy group's records_max_use", labels=["policy_group"])
+    family = CounterMetricFamily("corepipe_records_dropped", "Crashes counted instead of recorded (over the "
+                                 "policy group's records_max_use, or below keep_free)", labels=["policy_group"])
     most = sorted(books.dropped_records(store).items(), key=lambda item: (-item[1], item[0]))
     for group, count in most[:MAX_DROPPED_GROUPS]:
         family.add_metric([label(group)], count)
