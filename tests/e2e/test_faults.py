@@ -95,15 +95,21 @@ def test_disk_full_during_the_write(handler_dir: Path, crasher: Path, real_core:
             except BrokenPipeError:
                 pass
             proc.stdin.close()
-            assert proc.wait(timeout=60) == 1
+            code = proc.wait(timeout=60)
         finally:
             sleeper.kill()
             sleeper.wait()
         rec = handler.wait_record(lambda r: r["comm"] == "diskfull")
-        assert rec["status"] == "failed" and rec["core"]["stored"] is False
-        assert "No space left on device" in rec["core"]["reason"], rec["core"]["reason"]
+        assert rec["core"]["stored"] is False
         assert not temp_files(store) and not list(store.rglob("core*.zst"))
-        assert dmesg_lines(f"pid {sleeper.pid}: core not saved: write failed")
+        # Either the write itself hit the full disk (a failure), or the handler, measuring the free space again
+        # as the core grew past what it was admitted with, found no room and stopped first (a refusal).
+        if "No space left on device" in rec["core"]["reason"]:
+            assert (code, rec["status"]) == (1, "failed")
+            assert dmesg_lines(f"pid {sleeper.pid}: core not saved: write failed")
+        else:
+            assert (code, rec["status"]) == (0, "complete")
+            assert rec["core"]["reason"].startswith("no room for the core") and "free space" in rec["core"]["reason"]
         filler.unlink()
         assert_next_crash_is_normal(handler, crasher, "after-full")
 
