@@ -273,11 +273,7 @@ class Books:
         """A crash without a core whose record is not to be kept (``reason``: over its group's records budget,
         or below keep_free): its directory (an uncounted first record) goes, and the group's ``records_dropped``
         counter (state.py) goes up instead; returns that counter."""
-        for name in os.listdir(crash.fd):
-            try:
-                os.unlink(name, dir_fd=crash.fd)
-            except IsADirectoryError:
-                pass
+        _empty(crash)
         parent_fd = self.store.open_path(group.split("/"))
         try:
             os.rmdir(os.path.basename(crash.path), dir_fd=parent_fd)
@@ -325,11 +321,7 @@ class Books:
                 self.checked(lambda: self.ledger.remove_record(group, record_size))
             except FileNotFoundError:
                 pass
-            for name in os.listdir(crash_dir.fd):
-                try:
-                    os.unlink(name, dir_fd=crash_dir.fd)
-                except IsADirectoryError:
-                    pass
+            _empty(crash_dir)
         finally:
             crash_dir.close()
         removed = self._forget(group, crash)  # its core is gone, even if the directory cannot go
@@ -350,6 +342,16 @@ class Books:
     def _forget(self, group: str, crash: str) -> int:
         unused = self.checked(lambda: self.ledger.remove(group, crash))
         return binaries.remove(self.store.fd, unused)
+
+
+def _empty(crash: CrashDir) -> None:
+    """Unlink the files of a crash's directory (never following them; a directory planted in it stays, so the
+    crash's own rmdir then fails and says so)."""
+    for name in os.listdir(crash.fd):
+        try:
+            os.unlink(name, dir_fd=crash.fd)
+        except IsADirectoryError:
+            pass
 
 
 def _record_bytes(crash: CrashDir) -> int:
