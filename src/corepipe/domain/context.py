@@ -50,7 +50,8 @@ class Context:
     shared_cpu: Optional[SharedCpu] = None
     #: How the core comes (record.build's ``transport``): "pipe", "socket" or "forwarded".
     transport: str = "pipe"
-    #: A server's journal entry of this crash (services/forwarded.py), removed once the crash has a record.
+    #: A server's journal entry of this crash (services/forwarded.py): it names the first record, and goes with the
+    #: final one (platform/journal.py).
     journal: Optional[str] = None
 
     @property

@@ -24,20 +24,19 @@ from typing import Optional
 from corepipe.domain import accounting, binaries, catalog, containers, corefile, policy, postmortem, record, snapshot
 from corepipe.domain.books import Books
 from corepipe.domain.context import Context
-from corepipe.platform import affinity, kernel, procfs, slots
+from corepipe.platform import affinity, journal, kernel, procfs, slots
 from corepipe.platform import config as configuration
 from corepipe.platform.capture import STDIN, Capture, Timeout, on_alarm
-from corepipe.platform.fs import unlink_if_present
 from corepipe.platform.log import ERR, INFO, WARNING, log
 from corepipe.platform.store import FAILED, RECORD, CrashDir, Store
 
 
 def run(argv: list, early: Capture, *, cfg: Optional[configuration.Config] = None, problems: tuple = (),
-        refused: Optional[str] = None, transport: str = "pipe") -> int:
+        refused: Optional[str] = None, transport: str = "pipe", entry: Optional[str] = None) -> int:
     """``corepipe collect``: the crash the kernel's ``argv`` describe, from what capture.take got on stdin,
     bounded by the config's ``timeout`` (SIGALRM); the exit code. A server's worker collecting a crash a
     handler handed over passes its own ``cfg`` (and its ``problems``), ``refused`` (record only: why) and
-    ``transport`` ("forwarded")."""
+    ``transport`` ("forwarded"), and the server's journal ``entry``."""
     args = kernel.parse_args(argv)
     errors = list(early.errors) + args.errors + list(problems)
     if cfg is None:
@@ -47,7 +46,7 @@ def run(argv: list, early: Capture, *, cfg: Optional[configuration.Config] = Non
     try:
         shared_cpu = affinity.for_crash(args.tid, args.pid, args.pidfd) if refused is None else None
         return run_context(Context(args=args, early=early, core_fd=STDIN, cfg=cfg, errors=errors, refused=refused,
-                                   shared_cpu=shared_cpu, transport=transport))
+                                   shared_cpu=shared_cpu, transport=transport, journal=entry))
     finally:
         signal.alarm(0)
 
@@ -378,8 +377,7 @@ def write_final(ctx: Context) -> None:
                 ctx.uncounted = accounting.record_refusal(books, ctx.cfg, group, size)
                 if ctx.uncounted is not None:
                     books.count_instead(crash, group, ctx.uncounted)
-                    unlink_if_present(ctx.journal)  # counted: a server need not record it from its journal
-                    ctx.journal = None
+                    journal.done(ctx.journal)  # counted: a server need not record it from its journal
                     return
             write_record(ctx)
             if books is not None:
@@ -444,6 +442,5 @@ def _notify(ctx: Context) -> None:
 
 def write_record(ctx: Context) -> None:
     ctx.crash.write(RECORD, record.dumps(ctx.record))
-    if ctx.journal is not None:  # recorded now: a server that dies from here on need not record it from its journal
-        unlink_if_present(ctx.journal)
-        ctx.journal = None
+    if ctx.journal is not None:  # the server's entry names the record until it is final (platform/journal.py)
+        ctx.journal = journal.recorded(ctx.journal, ctx.crash.path, ctx.record["status"] != "collecting")

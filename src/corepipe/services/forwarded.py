@@ -8,11 +8,12 @@ exactly as the handler would have read them. Only the config is the server's (lo
 crash that waited too long for a worker, or came to a saturated server, is recorded without its core.
 
 The journal: the accept loop writes ``<run dir>/forwarded/<pid>`` (the handler's arguments; for a kernel
-connection on the coredump socket, what its peer's credentials say) before it takes a crash, and the worker
-deletes it as soon as it has the crash (a kernel connection's once the crash has its first record). An entry
-whose process is gone was held by a server that died before any worker had it (the kernel ended the dump when
-the server's fds closed): the server's guardian, or the next start, files a record for it from the arguments
-(``recover``).
+connection on the coredump socket, what its peer's credentials say) before it takes a crash; once the crash has
+its first ("collecting") record the worker names that record beside the entry (platform/journal.py), and the
+entry goes with the final record. An entry whose process is gone, and whose worker is gone too, belongs to a
+server or a worker that died first (the kernel ended the dump when their fds closed): the server's guardian, or
+the next start, files a record for it from the arguments, or finishes the record it names as failed
+(``recover``); serve's watchdog does the same for a worker it killed (services/serve/watchdog.py, ``settle``).
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import os
 import time
 from typing import Optional
 
-from corepipe.platform import capture, forward, memread, procfs
+from corepipe.domain import catalog, record
+from corepipe.domain.context import Context
+from corepipe.platform import capture, forward, journal, memread, procfs
 from corepipe.platform.config import Config
-from corepipe.platform.fs import unlink_if_present
 from corepipe.platform.kernel import UNKNOWN, KernelArgs, parse_args
 from corepipe.platform.log import ERR, WARNING, log
+from corepipe.platform.store import CrashDir, Store, crash_id
 from corepipe.services import collect
 
 JOURNAL = "forwarded"
@@ -79,7 +82,6 @@ def handle(got: forward.Forwarded, journal: Optional[str], cfg: Config, problems
            refused: Optional[str], reader: Optional[memread.MemoryReader] = None,
            buffer: Optional[memoryview] = None) -> int:
     """One handed-over crash, in a worker: ``collect.run`` with the pipe as stdin; the exit code of collect."""
-    unlink_if_present(journal)
     os.dup2(got.pipe, capture.STDIN, inheritable=False)
     os.close(got.pipe)
     got.pipe = capture.STDIN
@@ -90,12 +92,13 @@ def handle(got: forward.Forwarded, journal: Optional[str], cfg: Config, problems
     early.received = time.time() - (time.monotonic() - accepted)
     if refused is None:
         capture.take_core(early, capture.STDIN, buffer=buffer)
-    return collect.run(argv, early, cfg=cfg, problems=tuple(problems), refused=refused, transport="forwarded")
+    return collect.run(argv, early, cfg=cfg, problems=tuple(problems), refused=refused, transport="forwarded",
+                       entry=journal)
 
 
 def recover(run_dir: str, cfg: Config, why: str, grace: float = GRACE) -> int:
-    """A record for each journal entry whose process is gone (after ``grace`` seconds, for a worker that has it
-    but not yet deleted the entry); the number recorded."""
+    """A record for each journal entry whose process is gone and whose worker (if it named a record) too
+    (after ``grace`` seconds, for a worker that has it but not yet named its record); the number recorded."""
     try:
         names = sorted(os.listdir(_journal(run_dir)))
     except FileNotFoundError:
@@ -107,27 +110,78 @@ def recover(run_dir: str, cfg: Config, why: str, grace: float = GRACE) -> int:
         path = os.path.join(_journal(run_dir), name)
         if not name.isdigit() or procfs.exists(name):
             continue
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                argv = memread.read_fd(fd, forward.MAX_MESSAGE).decode("utf-8", "surrogateescape").split("\0")
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log(f"error: serve: cannot read the journal entry {path}: {exc}", ERR)
-            continue
-        refused = f"{why} before a worker took the crash; the kernel ended the dump: no core, nothing read of /proc"
-        early = capture.Capture()
-        early.eof = early.released = True
-        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            collect.collect(_without_pidfd(argv), early, core_fd=null, cfg=cfg, refused=refused)
-        finally:
-            os.close(null)
-        unlink_if_present(path)
-        recorded += 1
-        log(f"serve: pid {name}: {refused}; recorded from its journal entry", WARNING)
+        named = journal.record_of(path)
+        if named is not None and procfs.exists(str(named[0])):
+            continue  # its worker still finishes the record
+        if settle(path, cfg, f"{why} before a worker took the crash; the kernel ended the dump: no core, nothing "
+                             "read of /proc" if named is None else f"{why} before the crash's record was final"):
+            recorded += 1
     return recorded
+
+
+def settle(path: str, cfg: Config, why: str, cpu: float = 0.0, peak_rss: int = 0, failed: bool = False) -> bool:
+    """The crash of journal entry ``path``, whose worker is gone: the "collecting" record it named finished as
+    failed with ``why`` (no core is added: a core the worker had not committed stays a hidden temporary), or
+    else a record without a core from the entry's arguments (``failed``: with ``why`` as its error); the entry
+    goes. ``cpu``, ``peak_rss``: the dead worker's figures (wait4). Whether it was recorded."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            argv = memread.read_fd(fd, forward.MAX_MESSAGE).decode("utf-8", "surrogateescape").split("\0")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log(f"error: serve: cannot read the journal entry {path}: {exc}", ERR)
+        return False
+    name = os.path.basename(path)
+    named = journal.record_of(path)
+    if named is not None and _finish(named[1], argv, cfg, why, cpu, peak_rss, path):
+        log(f"serve: pid {name}: {why}; its record {named[1]} finished as failed", WARNING)
+        return True
+    early = capture.Capture()
+    early.eof = early.released = True
+    if failed:
+        early.errors.append(why)
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        collect.collect(_without_pidfd(argv), early, core_fd=null, cfg=cfg, refused=why)
+    finally:
+        os.close(null)
+    journal.done(path)
+    log(f"serve: pid {name}: {why}; recorded from its journal entry", WARNING)
+    return True
+
+
+def _finish(crash_path: str, argv: list, cfg: Config, why: str, cpu: float, peak_rss: int, entry: str) -> bool:
+    """Finish the record at ``crash_path`` (below the store, opened without following links) as failed; False
+    when it cannot be read (the crash is then recorded from its entry)."""
+    root = cfg.store.rstrip("/")
+    if not crash_path.startswith(root + "/"):
+        return False
+    try:
+        with Store(root, create=False) as store:
+            fd = store.open_path(crash_path[len(root) + 1:].split("/"))
+            crash = CrashDir(fd, crash_path, crash_id(os.path.basename(crash_path)) or "")
+            try:
+                rec = catalog.read_record(fd)
+                if rec.get("status") != "collecting":
+                    journal.done(entry)  # the worker finished it before it died
+                    return True
+                ctx = Context(args=_without_pidfd(argv), early=capture.Capture(), cfg=cfg, store=store, crash=crash,
+                              record=rec, journal=entry)
+                if rec["core"]["stored"] or rec["core"].get("reason"):
+                    record.add_error(rec, why)
+                else:  # a core being written stays a hidden temporary: nothing looks complete
+                    record.core_not_saved(rec, why)
+                record.finish(rec, failed=True, duration=time.time() - rec.get("received", time.time()), cpu=cpu,
+                              peak_rss=peak_rss)
+                collect.write_final(ctx)
+            finally:
+                crash.close()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log(f"error: serve: cannot finish the record {crash_path}: {exc}; recording the crash again", ERR)
+        return False
+    return True
 
 
 def _without_pidfd(argv: list) -> KernelArgs:

@@ -30,7 +30,7 @@ from corepipe.platform.log import ERR, INFO, log
 from corepipe.platform.sysctl import Sysctl
 from corepipe.services import forwarded
 from corepipe.services.serve import health as healthfile
-from corepipe.services.serve import metrics, pattern, worker
+from corepipe.services.serve import metrics, pattern, watchdog, worker
 from corepipe.services.serve.health import HEARTBEAT, RUN_DIR
 from corepipe.services.serve.worker import FAST, LATE, NORMAL, RECORD_ONLY
 
@@ -75,6 +75,7 @@ class Stats:
     forward_refused: int = 0
     workers_started: int = 0
     worker_failures: int = 0
+    workers_killed: int = 0  # by the watchdog (services/serve/watchdog.py)
     max_queue: int = 0
     #: Crashes collected at each load (NORMAL, FAST, RECORD_ONLY).
     degraded: dict = field(default_factory=dict)
@@ -115,6 +116,7 @@ class Server:
         #: Idle workers, (pid, socketpair end), and the pids of those collecting a crash.
         self.spares: collections.deque = collections.deque()
         self.busy: set = set()
+        self.watchdog = watchdog.Watchdog(options.config, self.stats)
         #: The guardian (services/serve/pattern.py): its pid, and a pidfd of it (it is not our child).
         self.guardian: Optional[int] = None
         self.guardian_fd: Optional[int] = None
@@ -188,7 +190,9 @@ class Server:
             if self.queue and not self.spares and len(self.busy) < self.workers:
                 self._fork_spare()
             self._dispatch()
-            self._reap(block=True)
+            self.busy.difference_update(self.watchdog.overdue())
+            self._reap()  # not blocking: a hung worker is killed by the watchdog, not waited for
+            time.sleep(0.05)
         for _pid, channel in self.spares:
             channel.close()  # an idle worker exits when its channel closes
         while self.spares:
@@ -239,6 +243,7 @@ class Server:
                     pass
                 self._accept_all()
                 self._reap()
+                self.busy.difference_update(self.watchdog.overdue())  # their slots get new workers
                 self._dispatch()
             return 0
         except BaseException as exc:
@@ -321,6 +326,7 @@ class Server:
                 continue
             finally:
                 channel.close()
+            self.watchdog.dispatched(pid, waiting.journal, waiting.conn)
             waiting.close()
             self.busy.add(pid)
             self.stats.degraded[load] = self.stats.degraded.get(load, 0) + 1
@@ -378,7 +384,7 @@ class Server:
     def _reap(self, block: bool = False) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+                pid, status, usage = os.wait4(-1, 0 if block else os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
@@ -394,6 +400,7 @@ class Server:
                 self.spares.remove(spare)
                 spare[1].close()
             code = os.waitstatus_to_exitcode(status)
+            self.watchdog.ended(pid, code, usage)
             if code not in (0, 1, 2):
                 self.stats.worker_failures += 1
                 log(f"error: serve: worker {pid} ended with {code}", ERR)
