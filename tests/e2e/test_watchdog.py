@@ -18,24 +18,15 @@ from pathlib import Path
 
 import pytest
 from support import Served, crash, need, need_tool, read_line, served_handler, start_crash
-from test_blocking_files import fuse_programs  # noqa: F401 - the fixture that builds the FUSE server and victim
+from test_blocking_files import OVERLAY_SCRIPT, fuse_programs  # noqa: F401 - the fixture builds the FUSE programs
 
 from corepipe.services.serve import watchdog
 
 #: The blocking crash: the FUSE server, its mount, an overlay (root's, in a private mount namespace) whose lower
 #: layer is given as a symlink to that mount, and the victim on the overlay's file.
-SCRIPT = """set -e
-cd "$1"
-"$2" fuse >/dev/null 2>&1 &
-echo $! > server.pid
-i=0
-while [ ! -e fuse/blocker ]; do i=$((i + 1)); [ $i -lt 300 ]; sleep 0.1; done
-ln -s fuse link
-mount -t tmpfs tmpfs up
-mkdir up/u up/w
-mount -t overlay overlay -o lowerdir="$1/link",upperdir="$1/up/u",workdir="$1/up/w" ovl
-exec "$3" ovl/blocker "$4"
-"""
+SCRIPT = OVERLAY_SCRIPT.replace('lowerdir="$1/fuse"', 'lowerdir="$1/link"').replace(
+    "mount -t tmpfs", "ln -s fuse link\nmount -t tmpfs")
+assert SCRIPT.count("link") == 2
 WORKERS = 2
 TIMEOUT = 2
 

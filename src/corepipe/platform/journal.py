@@ -23,15 +23,20 @@ def recorded(entry: str, crash_path: str, final: bool) -> Optional[str]:
         done(entry)
         return None
     try:
-        fd = os.open(entry + SUFFIX, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, f"{os.getpid()}\n{crash_path}".encode("utf-8", "surrogateescape"))
-        finally:
-            os.close(fd)
+        write(entry + SUFFIX, f"{os.getpid()}\n{crash_path}")
     except OSError as exc:
         log(f"error: cannot name the record {crash_path} in the journal entry {entry} (should this worker be "
             f"killed, a second record is filed instead): {exc}", ERR)
     return entry
+
+
+def write(path: str, text: str) -> None:
+    """A journal file (root's only, never through a link), whole."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, text.encode("utf-8", "surrogateescape"))
+    finally:
+        os.close(fd)
 
 
 def done(entry: Optional[str]) -> None:

@@ -66,11 +66,7 @@ def _write(run_dir: str, pid: Optional[int], argv: list) -> Optional[str]:
     path = os.path.join(_journal(run_dir), str(pid))
     try:
         os.makedirs(_journal(run_dir), mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, "\0".join(argv).encode("utf-8", "surrogateescape"))
-        finally:
-            os.close(fd)
+        journal.write(path, "\0".join(argv))
     except OSError as exc:
         log(f"error: serve: cannot journal the crash of pid {pid} (it is not recorded should the server die "
             f"before a worker has it): {exc}", ERR)
