@@ -377,12 +377,21 @@ def test_process_group_killed(workdirs, crasher: Path) -> None:
             served.start(prefix=(setsid,))
             owned = CORE_PATTERN.read_text().rstrip("\n")
             assert owned.startswith("@") and status.gather(paths, run_dir=str(served.run_dir))["listener"] is True
+            # the killed server's health file stays until this one writes its own: its guardian is not ours
+            wait_for(lambda: served.health().get("pid") == served.proc.pid, 30, "the new server's health file")
             guardian = served.health()["guardian"]
-            os.kill(guardian, signal.SIGKILL)  # first: as a pod's force-delete kills every process at once
+            # As a pod's force-delete kills every process at once: both stopped first, so that neither sees the
+            # other die (the server would start a new guardian, a guardian would put the fallback back).
+            os.killpg(served.proc.pid, signal.SIGSTOP)
+            os.kill(guardian, signal.SIGSTOP)
+            os.kill(guardian, signal.SIGKILL)
             wait_for(lambda: _gone(guardian), 30, "the guardian's end")
             os.killpg(served.proc.pid, signal.SIGKILL)
             served.proc.wait(30)
             assert CORE_PATTERN.read_text().rstrip("\n") == owned, "nobody put the fallback back"
+            # the server is reaped, but its workers (same group, the listening socket inherited) may still be exiting
+            wait_for(lambda: status.gather(paths, run_dir=str(served.run_dir))["listener"] is False, 30,
+                     "the listening socket's last holder to exit")
             facts = status.gather(paths, run_dir=str(served.run_dir))
             assert facts["code"] == status.BROKEN and facts["listener"] is False
             assert [p for p in facts["problems"] if "no listener" in p and fallback in p], facts["problems"]
