@@ -326,7 +326,7 @@ class Server:
                 continue
             finally:
                 channel.close()
-            self.watchdog.dispatched(pid, waiting.journal, waiting.conn)
+            self.watchdog.dispatched(pid, waiting.journal)
             waiting.close()
             self.busy.add(pid)
             self.stats.degraded[load] = self.stats.degraded.get(load, 0) + 1

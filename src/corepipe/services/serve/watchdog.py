@@ -6,17 +6,16 @@ server (a FUSE layer the capture could not judge), or a kernel call that waits u
 until SIGKILL. Without the watchdog a few such crashes would stall every later crash on the node. The killed
 worker's crash: its "collecting" record is finished as failed, or, if it had none yet, a record without a core is
 filed from the journal entry (services/forwarded.py ``settle``), at once: a worker stuck in an uninterruptible
-wait (a FUSE request already read by its server) dies only when that wait ends. On the coredump socket the
-server shuts the kernel's connection down (it keeps a dup of each), which ends the dump and releases the crashed
-process; a pipe (pipe mode) is released only when the worker dies. A worker that dies by itself before its
-crash's final record is treated alike.
+wait (a FUSE request already read by its server) dies only when that wait ends, and only then does the kernel's
+pipe or socket close and the crashed process go (a dup kept here to shut the socket down would also hold every
+process the kernel's WAIT ties to it). A worker that dies by itself before its crash's final record is treated
+alike.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from typing import Optional
 
@@ -37,11 +36,11 @@ class Watchdog:
         self.prepared = Prepared(config)
         #: The server's counters: ``workers_killed`` is ours.
         self.stats = stats
-        #: pid -> (monotonic time the crash was handed over, journal entry, a dup of the kernel's connection).
+        #: pid -> (monotonic time the crash was handed over, journal entry).
         self.busy: dict = {}
 
-    def dispatched(self, pid: int, entry: Optional[str], conn: Optional[socket.socket]) -> None:
-        self.busy[pid] = (time.monotonic(), entry, conn.dup() if conn is not None else None)
+    def dispatched(self, pid: int, entry: Optional[str]) -> None:
+        self.busy[pid] = (time.monotonic(), entry)
 
     def overdue(self) -> list:
         """SIGKILL every worker busy past ``timeout`` + GRACE and record its crash now (a worker stuck in an
@@ -50,7 +49,7 @@ class Watchdog:
         cfg, _ = self.prepared.current()
         now = time.monotonic()
         killed = []
-        for pid, (since, entry, conn) in list(self.busy.items()):
+        for pid, (since, entry) in list(self.busy.items()):
             if now - since < cfg.timeout + GRACE:
                 continue
             try:
@@ -62,8 +61,6 @@ class Watchdog:
             killed.append(pid)
             log(f"error: serve: worker {pid} was busy with one crash for {now - since:.0f} s (timeout {cfg.timeout} s "
                 f"+ {GRACE:g} s): killed, a new worker takes its place", ERR)
-            if conn is not None:  # the kernel's side ends the dump: the crashed process is released even while
-                _shut(conn)       # the worker still waits in the kernel
             if entry is not None and os.path.exists(entry):
                 forwarded.settle(entry, cfg, f"the collector was killed after {now - since:.0f} s (timeout "
                                  f"{cfg.timeout} s + {GRACE:g} s): it was blocked, and what it had not done by then "
@@ -75,20 +72,10 @@ class Watchdog:
         busy = self.busy.pop(pid, None)
         if busy is None:
             return  # idle, or killed (its crash recorded then)
-        _since, entry, conn = busy
-        if conn is not None:
-            conn.close()
+        _since, entry = busy
         if entry is None or not os.path.exists(entry):
             return  # its crash has its final record
         cfg, _ = self.prepared.current()
         forwarded.settle(entry, cfg, f"the collector ended with code {code} before the crash's final record; what it "
                          "had not done was skipped", cpu=usage.ru_utime + usage.ru_stime,
                          peak_rss=usage.ru_maxrss * 1024, failed=True)
-
-
-def _shut(conn: socket.socket) -> None:
-    try:
-        conn.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    conn.close()
