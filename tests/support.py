@@ -79,7 +79,14 @@ class Handler:
         return build_pattern(str(self.launcher), str(self.config), pidfd=pidfd)
 
     def records(self) -> list:
-        return [json.loads(p.read_text()) | {"_dir": str(p.parent)} for p in sorted(self.store.rglob("record.json"))]
+        """The records in the store now; one whose crash goes meanwhile (counted instead, deleted) is left out."""
+        found = []
+        for path in sorted(self.store.rglob("record.json")):
+            try:
+                found.append(json.loads(path.read_text()) | {"_dir": str(path.parent)})
+            except FileNotFoundError:
+                continue
+        return found
 
     def wait_record(self, match: Callable[[dict], bool], timeout: float = 30.0) -> dict:
         """The completed record that ``match`` picks; fails after ``timeout``."""
