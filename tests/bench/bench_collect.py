@@ -20,6 +20,9 @@ socket (socket_zstd.py): what the socket costs before any work of corepipe's, fo
 the crash to the server (docs/forwarding.md); ``corepipe-forward-c`` the same through the static C
 forwarder, built as ``corepipe install`` builds it (platform/static_forwarder.py). Their peak RSS and handler
 seconds are the forwarder's own (under rsswrap); the record's collector figures are the server worker's.
+``systemd-coredump`` is Debian's package with its socket half started by hand and its size limits raised
+(systemd_coredump.py; ``--install-systemd-coredump`` installs it); its cores are decompressed to check that each is
+whole.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(TESTS.parent / "src"))
 
 import runtimes  # noqa: E402
+import systemd_coredump  # noqa: E402
 from support import KernelSettings  # noqa: E402
 
 from corepipe.platform import launcher, static_forwarder  # noqa: E402
@@ -52,8 +56,6 @@ from corepipe.platform.kernel import build_pattern  # noqa: E402
 
 ZSTD = shutil.which("zstd") or "/usr/bin/zstd"
 CAT = shutil.which("cat") or "/bin/cat"
-SYSTEMD_COREDUMP = "/lib/systemd/systemd-coredump"
-SYSTEMD_STORE = Path("/var/lib/systemd/coredump")
 MIB = 1 << 20
 
 #: name -> (crasher MiB, crashes at once, repetitions, repetitions with --quick)
@@ -104,6 +106,7 @@ class Bench:
         self.crasher = self.dir / "crasher"
         self.wrapper = self.dir / "w"
         self.log = Path(f"{self.wrapper}.log")
+        self.systemd: Optional[systemd_coredump.Service] = None  # while the systemd-coredump baseline runs
         subprocess.run(["gcc", "-O0", "-static", "-o", str(self.crasher), str(TESTS / "crasher.c")], check=True)
         subprocess.run(["gcc", "-O2", "-o", str(self.wrapper), str(TESTS / "bench" / "rsswrap.c")], check=True)
         (self.dir / "c").write_text(f'store = "{self.store}"\n{RATE_LIMITS_OFF}{config_extra}\n')
@@ -133,7 +136,7 @@ class Bench:
         if handler == "kernel":
             return f"{self.out}/%P.core"
         if handler == "systemd-coredump":
-            return f"|{SYSTEMD_COREDUMP} %P %u %g %s %t %c %h"
+            return systemd_coredump.PATTERN
         if handler == "corepipe-serve":
             return CorepipeServe.pattern(self)
         if handler == "zstd-socket":
@@ -155,9 +158,7 @@ class Bench:
                                         rec["collector"].get("cpu"), rec["container"]["runtime"]))
             shutil.rmtree(self.store, ignore_errors=True)
         elif handler == "systemd-coredump":
-            for path in SYSTEMD_STORE.glob("core.*"):  # the bench's crashes only: it runs no other
-                found.append(Output(None, path.stat().st_size))
-                path.unlink()
+            found = [Output(core, stored) for stored, core in self.systemd.stored()]
         else:
             for path in self.out.iterdir():
                 found.append(Output(None, path.stat().st_blocks * 512 if handler == "kernel" else path.stat().st_size))
@@ -166,41 +167,6 @@ class Bench:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-SYSTEMD_SOCKET = "/run/systemd/coredump"
-
-
-def listening(path: str) -> bool:
-    """Whether something accepts connections on the AF_UNIX socket ``path`` (a stale file does not)."""
-    import socket
-
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
-        try:
-            sock.connect(path)
-        except OSError:
-            return False
-    return True
-
-
-class SystemdCoredump:
-    """systemd-coredump's socket-activated half, started by hand (no systemd as PID 1 here)."""
-
-    def __init__(self, wrapper: Path):
-        if os.path.exists(SYSTEMD_SOCKET):
-            os.unlink(SYSTEMD_SOCKET)  # stale: available() checked that nothing listens
-        self.proc = subprocess.Popen(["systemd-socket-activate", "--seqpacket", "-a", "-l", SYSTEMD_SOCKET,
-                                      str(wrapper), SYSTEMD_COREDUMP], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not os.path.exists(SYSTEMD_SOCKET) and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        if os.path.exists(SYSTEMD_SOCKET):
-            os.unlink(SYSTEMD_SOCKET)
 
 
 def wait_started(proc: subprocess.Popen, ready: Path, what: str, timeout: float = 30) -> None:
@@ -262,10 +228,7 @@ class ZstdSocket(SocketServer):
 def available(handler: str) -> Optional[str]:
     """None when the handler can run here, else why not."""
     if handler == "systemd-coredump":
-        if not os.path.exists(SYSTEMD_COREDUMP) or not shutil.which("systemd-socket-activate"):
-            return "systemd-coredump is not installed (apt-get install systemd-coredump)"
-        if listening(SYSTEMD_SOCKET):
-            return f"another systemd-coredump is listening on {SYSTEMD_SOCKET}"
+        return systemd_coredump.unavailable()
     if handler in SOCKET_HANDLERS and "socket" not in Path("/proc/sys/kernel/core_modes").read_text().split():
         return "this kernel has no coredump socket mode (6.16+)"
     return None
@@ -404,8 +367,6 @@ def run_case(bench: Bench, handler: str, mib: int, count: int, container: Option
     finally:
         if container:
             container.remove()
-    if handler == "systemd-coredump":
-        time.sleep(0.2)  # its files are renamed into place after the kernel lets go
     stored = bench.outputs(handler)
     os.sync()  # the next run starts without this one's dirty pages being written back
     return {
@@ -473,6 +434,8 @@ def report(results: dict) -> None:
     for case, handlers in results["cases"].items():
         base = handlers.get(BASELINE)
         base = base if base and "skipped" not in base else None
+        # The whole core's size: corepipe's records and systemd-coredump's decompressed files give it.
+        whole = max((r["core_bytes"] or 0 for s in handlers.values() for r in s.get("runs", ())), default=0)
         for handler, s in handlers.items():
             if "skipped" in s:
                 print(f"{case:9} {handler:17} skipped: {s['skipped']}")
@@ -493,6 +456,10 @@ def report(results: dict) -> None:
                   f"{_fmt(s['median_paired_ratio_to_zstd']):>7} {s['spread']:7.0%} {_fmt(cpu, 3):>7} "
                   f"{_fmt(s['cpu_ratio_to_zstd']):>7} {rss:>9} {s['median_stored_bytes'] / MIB:10.1f} "
                   f"{_fmt(size_ratio):>7} {_fmt(s['paired_ratio_to_host']):>7} {s['min_collected']:>5}/{count}")
+            if s["min_collected"] < count:
+                warnings.append(f"warning: {case} {handler}: a run stored {s['min_collected']} of {count} cores")
+            if handler == "systemd-coredump" and any((r["core_bytes"] or 0) < 0.99 * whole for r in s["runs"]):
+                warnings.append(f"warning: {case} {handler}: a stored core was cut or does not decompress whole")
             wanted = CONTAINER_CASES.get(case, "host")
             if handler == "corepipe" and any(r["runtimes"] != [wanted] for r in s["runs"]):
                 warnings.append(f"warning: {case} {handler}: a record's container.runtime was not {wanted!r}")
@@ -524,6 +491,8 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {','.join(CASES)}")
     parser.add_argument("--handlers", default=",".join(HANDLERS), help=f"comma-separated, of {','.join(HANDLERS)}")
     parser.add_argument("--reps", type=int, help="repetitions of every case (default: per case)")
+    parser.add_argument("--install-systemd-coredump", action="store_true",
+                        help="apt-get install the systemd-coredump baseline if it is missing (its sysctl file masked)")
     parser.add_argument("--config-extra", default="", help="lines added to corepipe's config (to measure a setting)")
     parser.add_argument("--json", default=str(TESTS / "bench" / "results.json"), help="where to write the results")
     ns = parser.parse_args()
@@ -537,11 +506,12 @@ def main() -> int:
             parser.error(f"unknown case or handler {name!r}")
     if os.geteuid() != 0:
         parser.error("run as root: it sets kernel.core_pattern")
+    if ns.install_systemd_coredump and "systemd-coredump" in handlers:
+        systemd_coredump.install()
     resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     bench = Bench(ns.config_extra.replace('\\n', '\n'))
     results: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      "cases": {}}
-    service = None
     container: Optional[DockerCrasher] = None
     try:
         for handler in list(handlers):
@@ -552,7 +522,7 @@ def main() -> int:
                 for case in cases:
                     results["cases"].setdefault(case, {})[handler] = {"skipped": why}
         if "systemd-coredump" in handlers:
-            service = SystemdCoredump(bench.wrapper)
+            bench.systemd = systemd_coredump.Service(bench.wrapper)
         for case in cases:
             mib, count, reps, quick_reps = CASES[case]
             reps = ns.reps or (quick_reps if ns.quick else reps)
@@ -582,8 +552,8 @@ def main() -> int:
                 if len(places) > 1:
                     summary["host"] = summarise(runs[handler, None])
     finally:
-        if service:
-            service.stop()
+        if bench.systemd:
+            bench.systemd.stop()
         if container:
             container.close()
         bench.cleanup()

@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from bench_collect import MIB, TESTS, Bench, SystemdCoredump, available, machine
+import systemd_coredump
+from bench_collect import MIB, TESTS, Bench, available, machine  # puts tests/ and src/ on the path
 from support import CORE_PATTERN, KernelSettings, dropped_dumps, kernel_log_now, wait_for
 
 from corepipe.services.install import PIPE_LIMIT
@@ -142,19 +143,17 @@ def start_server(bench: Bench, mode: str = "socket") -> subprocess.Popen:
 
 #: Pipe mode with serve running: the Python handler, or the static forwarder, hands each crash over.
 FORWARDED = ("forwarded", "forwarded-c")
-#: core_pipe_limit of systemd-coredump's own sysctl file (/usr/lib/sysctl.d/50-coredump.conf, systemd 252).
-SYSTEMD_PIPE_LIMIT = 16
 BASELINES = ("zstd", "systemd-coredump")
 
 
 def baseline_storm(bench: Bench, crashers: list, mib: int, mode: str, timeout: float) -> dict:
     """The same storm for a baseline handler: its cores are its records, final once its handler has ended."""
     pids = stopped_storm(bench, crashers, mib)
-    service = SystemdCoredump(bench.wrapper) if mode == "systemd-coredump" else None
+    service = bench.systemd = systemd_coredump.Service(bench.wrapper) if mode == "systemd-coredump" else None
     before = len(bench.log_lines())
     try:
         with KernelSettings() as settings:
-            settings.set(bench.pattern(mode), pipe_limit=SYSTEMD_PIPE_LIMIT if service else PIPE_LIMIT)
+            settings.set(bench.pattern(mode), pipe_limit=systemd_coredump.PIPE_LIMIT if service else PIPE_LIMIT)
             mark = kernel_log_now()
             memory = PeakMemory()
             started, reaped = release(pids)
@@ -169,10 +168,13 @@ def baseline_storm(bench: Bench, crashers: list, mib: int, mode: str, timeout: f
             service.stop()
     ended = bench.log_lines()[before:]
     stored = bench.outputs(mode)
+    # systemd-coredump's files are decompressed to count their core (None if broken); zstd's are taken as whole.
+    cut = sum(s.core_size is not None and s.core_size < mib * MIB or s.core_size is None and mode != "zstd"
+              for s in stored)
     return {"mode": mode, "concurrent_cores": None, "crashes": len(pids), "records": len(stored),
-            "cores": len(stored), "no_core": {}, "kernel_skipped": len(skipped),
+            "cores": len(stored) - cut, "no_core": {"cut": cut} if cut else {}, "kernel_skipped": len(skipped),
             "seconds_reaped": round(reaped, 3), "seconds_last_record": round(last, 3),
-            "stored_mib": round(sum(size for _, size, _, _ in stored) / MIB, 1), "peak_host_mib": peak,
+            "stored_mib": round(sum(s.stored for s in stored) / MIB, 1), "peak_host_mib": peak,
             "peak_server_mib": None,
             "max_handler_rss_mib": round(max((int(line.split()[0]) for line in ended), default=0) / 1024, 1)}
 
@@ -225,10 +227,14 @@ def main() -> int:
                              "(the same through the static forwarder),zstd,systemd-coredump")
     parser.add_argument("--concurrent-cores", default="-1", help="comma-separated values of concurrent_cores")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the records of one storm")
+    parser.add_argument("--install-systemd-coredump", action="store_true",
+                        help="apt-get install the systemd-coredump baseline if it is missing (its sysctl file masked)")
     parser.add_argument("--json", default=str(TESTS / "bench" / "storm.json"), help="where to write the results")
     ns = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("run as root: it sets kernel.core_pattern")
+    if ns.install_systemd_coredump and "systemd-coredump" in ns.modes.split(","):
+        systemd_coredump.install()
     resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     bench = Bench()
     results: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
