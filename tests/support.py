@@ -363,6 +363,20 @@ def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str =
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def recycle_pid(pid: int, argv: Optional[list] = None) -> subprocess.Popen:
+    """A new process with ``pid`` (which must be free), made by steering the kernel's next PID: ``sleep 60``,
+    its command line ``argv`` when given (as ``sleep`` with those arguments)."""
+    last = Path("/proc/sys/kernel/ns_last_pid")
+    for _ in range(50):
+        last.write_text(str(pid - 1))
+        proc = subprocess.Popen(argv or ["sleep", "60"], executable=shutil.which("sleep"))
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    pytest.fail(f"could not recycle pid {pid}")
+
+
 #: The kernel-log mark of the running test (tests/conftest.py writes one before each test that needs root).
 _log_mark: Optional[str] = None
 

@@ -27,6 +27,7 @@ from support import (
     need,
     need_root_kernel,
     need_tool,
+    recycle_pid,
     set_core_limit,
     start_crash,
     wait_log,
@@ -353,25 +354,12 @@ def _mode(path: str) -> int:
         return 0
 
 
-def _recycle(pid: int) -> subprocess.Popen:
-    """A new process with ``pid`` (which must be free), made by steering the kernel's next PID."""
-    last = Path("/proc/sys/kernel/ns_last_pid")
-    for _ in range(50):
-        last.write_text(str(pid - 1))
-        proc = subprocess.Popen(["sleep", "60"])
-        if proc.pid == pid:
-            return proc
-        proc.kill()
-        proc.wait()
-    pytest.fail(f"could not recycle pid {pid}")
-
-
 def test_pid_reuse_is_detected(kernel_handler) -> None:
     victim = subprocess.Popen(["sleep", "60"])
     pidfd = os.pidfd_open(victim.pid)
     victim.kill()
     victim.wait()
-    impostor = _recycle(victim.pid)
+    impostor = recycle_pid(victim.pid)
     other = subprocess.Popen(["sleep", "60"])
     other_fd = os.pidfd_open(other.pid)
     try:
@@ -413,7 +401,7 @@ def test_pid_reuse_without_a_pidfd_is_caught_by_the_start_time(handler_dir: Path
         victim.kill()
         victim.wait()
         time.sleep(snapshot.START_SLACK + 1.5)
-        impostor = _recycle(victim.pid)
+        impostor = recycle_pid(victim.pid)
         try:
             proc = collect_by_hand(handler, impostor.pid, "recycled", dump_time=dumped)
             proc.communicate(b"", timeout=60)

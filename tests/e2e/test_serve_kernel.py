@@ -34,6 +34,7 @@ from support import (
     need,
     need_root_kernel,
     need_tool,
+    recycle_pid,
     served_handler,
     set_core_limit,
     short_tempdir,
@@ -649,3 +650,51 @@ def test_install_socket_mode_then_serve_then_uninstall(workdirs, crasher: Path) 
         done = subprocess.run([*cli, "uninstall", "--config", paths.config], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         assert CORE_PATTERN.read_bytes() == settings.start_pattern
+
+
+def test_status_says_a_killed_server_is_not_running(workdirs) -> None:
+    """serve (as installed, pipe mode) SIGKILLed leaves its serve.json: status says the server is not running,
+    and what to do, while the killed process is a zombie, once it is reaped, and once its pid is a later process
+    whose command line says corepipe serve (the pid recycled): the file's start time is not that process's."""
+    need_root_kernel()
+    d = workdirs()
+    run_dir = d / "run"
+    paths = install.Paths(bin=f"{d}/b", config=f"{d}/c.toml", sysctl_dir=f"{d}/sd")
+    cli = [sys.executable, "-m", "corepipe"]
+
+    def server_line() -> str:
+        shown = subprocess.run([*cli, "status", "--config", paths.config], capture_output=True, text=True, timeout=60)
+        assert shown.returncode == status.HEALTHY, shown.stdout + shown.stderr
+        [line] = [line for line in shown.stdout.splitlines() if line.startswith("server: ")]
+        return line
+
+    with KernelSettings():
+        done = subprocess.run([*cli, "install", "--config", paths.config, "--bin", paths.bin, "--sysctl-dir",
+                               paths.sysctl_dir, "--store", f"{d}/store", "--mode", "pipe", "--run-dir", str(run_dir),
+                               "--force"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        with open(paths.config, "a") as f:
+            f.write('metrics_listen = "127.0.0.1:0"\n')
+        server = subprocess.Popen([paths.bin, "serve", "--config", paths.config, "--run-dir", str(run_dir)],
+                                  env={}, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        impostor = None
+        try:
+            wait_for(lambda: (run_dir / "serve.json").exists(), 30, "the server's health file")
+            assert f"corepipe serve pid {server.pid} healthy, pipe mode" in server_line()
+            for pid in reversed(_with_children(server.pid)):
+                os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: _gone(server.pid), 30, "the server's end")
+            dead = (f"server: not running (serve.json names pid {server.pid}, a corepipe serve that died without "
+                    "removing it); start it")
+            assert (run_dir / "serve.json").exists() and server_line().startswith(dead)
+            server.wait(30)
+            assert server_line().startswith(dead)
+            impostor = recycle_pid(server.pid, [f"{paths.bin} serve --config {paths.config}", "60"])
+            wait_for(lambda: b" serve " in Path(f"/proc/{impostor.pid}/cmdline").read_bytes(), 30, "the exec")
+            assert server_line().startswith(dead)
+        finally:
+            for proc in (server, impostor):
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            subprocess.run([*cli, "uninstall", "--config", paths.config], capture_output=True, timeout=120)

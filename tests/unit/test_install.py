@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from support import need, need_tool, wait_for
+from support import need, need_tool
 
 from corepipe.domain import catalog, record
 from corepipe.domain.containers import Container
 from corepipe.platform import config as configuration
-from corepipe.platform import kernel, static_forwarder
+from corepipe.platform import kernel, procfs, static_forwarder
 from corepipe.platform.kernel import KernelArgs
 from corepipe.platform.store import RECORD, Store
 from corepipe.services import install, prune, status
@@ -289,8 +289,8 @@ def test_mode_auto_picks_socket_where_the_kernel_has_it(paths: Paths) -> None:
 def _health(run_dir: Path, pid: int, heartbeat: float, socket_path: str) -> None:
     run_dir.mkdir(exist_ok=True)
     (run_dir / "serve.json").write_text(json.dumps({
-        "pid": pid, "heartbeat": heartbeat, "socket": socket_path, "busy": 0, "queued": 0,
-        "stats": {"accepted": 3}}))
+        "pid": pid, "pid_start": procfs.started(pid), "heartbeat": heartbeat, "socket": socket_path, "busy": 0,
+        "queued": 0, "stats": {"accepted": 3}}))
 
 
 def test_socket_mode_status_follows_the_server(paths: Paths, root: Path) -> None:
@@ -310,14 +310,14 @@ def test_socket_mode_status_follows_the_server(paths: Paths, root: Path) -> None
     facts = status.gather(paths, run_dir=str(run_dir))
     assert facts["active_mode"] == "socket" and facts["code"] == status.BROKEN
     assert "not running" in facts["problems"][0]
-    # A live process whose command line says serve, and a socket listening where the pattern points.
-    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "serve"])
+    # A live process that wrote this health file (its start time in it), and a socket listening where the
+    # pattern points.
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     listener = socket.socket(socket.AF_UNIX)
     run_dir.mkdir(exist_ok=True)
     listener.bind(sock)
     listener.listen()
     try:
-        wait_for(lambda: b"serve" in Path(f"/proc/{server.pid}/cmdline").read_bytes(), 30, "the exec")
         _health(run_dir, server.pid, time.time(), sock)
         facts = status.gather(paths, run_dir=str(run_dir))
         assert facts["code"] == status.HEALTHY and facts["server"]["alive"] and facts["problems"] == []

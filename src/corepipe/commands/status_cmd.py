@@ -46,8 +46,11 @@ def run(ns: argparse.Namespace) -> int:
         print(f"transport: {facts['transport']}; forwarding to serve: "
               f"{'works' if forwarding['works'] else forwarding['problem']}")
     server = facts["server"]
-    if server:
-        state = "healthy" if server["fresh"] else "stuck (no heartbeat)" if server["alive"] else "not running"
+    if server and not server["alive"]:
+        print(f"server: not running (serve.json names pid {server.get('pid')}, a corepipe serve that died without "
+              "removing it); start it: systemctl start corepipe.socket, or run corepipe serve")
+    elif server:
+        state = "healthy" if server["fresh"] else "stuck (no heartbeat)"
         print(f"server: corepipe serve pid {server['pid']} {state}, {server.get('mode') or 'socket'} mode, socket "
               f"{server['socket'] or '-'}, handoffs on {server.get('forward_socket') or '-'}, "
               f"{server['busy']} busy, {server['queued']} waiting, {server['stats']['accepted']} crashes accepted")

@@ -203,6 +203,12 @@ def started(pid: int | str) -> int | None:
     return start_ticks(read(pid, "stat"))
 
 
+def exited(stat: bytes) -> bool:
+    """Whether the process of this stat has died (field 3, its state: Z a zombie not reaped yet, X dead)."""
+    _, _, rest = stat.rpartition(b")")
+    return rest.split()[:1] in ([b"Z"], [b"X"])
+
+
 def dump_signal(stat: bytes) -> int | None:
     """The fatal signal of a process dumping core: field 52 of /proc/<pid>/stat (``exit_code``) is its thread
     group's exit code while it exits, which is the signal until the dump ends. None if it is not one."""

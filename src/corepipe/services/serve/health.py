@@ -22,8 +22,9 @@ STALE = 15.0
 
 
 def read_health(run_dir: str = RUN_DIR) -> Optional[dict]:
-    """The running server's health file with ``alive`` (its pid is a corepipe serve) and ``fresh``
-    (heartbeat within STALE seconds); None when there is none."""
+    """The running server's health file with ``alive`` (its pid is still the process that wrote it, alive: the
+    same start time, so neither a server that died without removing it, reaped or not, nor a later process given
+    its pid) and ``fresh`` (heartbeat within STALE seconds); None when there is none."""
     try:
         with open(os.path.join(run_dir, HEALTH), "rb") as f:
             health = json.loads(f.read(1 << 16))
@@ -32,8 +33,10 @@ def read_health(run_dir: str = RUN_DIR) -> Optional[dict]:
     if not isinstance(health, dict):
         return None
     try:
-        alive = b"serve" in procfs.read(int(health.get("pid", 0)), "cmdline")
-    except (OSError, ValueError, TypeError):
+        stat = procfs.read(int(health["pid"]), "stat")
+        alive = health.get("pid_start") is not None and procfs.start_ticks(stat) == health["pid_start"] \
+            and not procfs.exited(stat)
+    except (OSError, ValueError, TypeError, KeyError):
         alive = False
     health["alive"] = alive
     health["fresh"] = alive and time.time() - float(health.get("heartbeat") or 0) < STALE
@@ -41,8 +44,9 @@ def read_health(run_dir: str = RUN_DIR) -> Optional[dict]:
 
 
 def write_health(run_dir: str, health: dict) -> None:
-    """Replace the health file at once (a reader never sees half of it); OSError when it cannot be written."""
-    _replace(os.path.join(run_dir, HEALTH), health)
+    """Replace the health file at once (a reader never sees half of it), stamped with this process's start time
+    (``pid_start``: what tells ``read_health`` it is still the writer); OSError when it cannot be written."""
+    _replace(os.path.join(run_dir, HEALTH), {**health, "pid_start": procfs.started("self")})
 
 
 def remove_health(run_dir: str) -> None:
