@@ -375,12 +375,18 @@ def test_dashboard_is_a_grafana_dashboard() -> None:
 
 def test_rules_load_in_promtool() -> None:
     """The rules load (promtool check rules) and their unit tests pass (promtool test rules): each alert on
-    made-up series, firing and not (a prune's counter reset is no crash loop)."""
+    made-up series, firing and not (a prune's counter reset is no crash loop, old drops seen by a Prometheus
+    just started are no records dropped); every alert of the rules has a unit test that expects it to fire."""
     promtool = need_tool("promtool")
     # The alert's window is the one in which the endpoint gives a new signature a series of its own.
     assert f"corepipe_signature_first_seen_timestamp_seconds < {metrics.NEW_SIGNATURE})" in RULES.read_text()
+    alerts = re.findall(r"^ *- alert: (\w+)$", RULES.read_text(), re.M)
+    # an expected alert: "exp_alerts:" and a list on the next lines (not "exp_alerts: []")
+    fired = set(re.findall(r"alertname: (\w+)\n *exp_alerts:\n", (MONITORING / "corepipe-rules.test.yml").read_text()))
+    assert "CorepipeRecordsDropped" in alerts and fired == set(alerts), set(alerts) ^ fired
     check = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
-    assert check.returncode == 0 and "SUCCESS: 6 rules found" in check.stdout, check.stdout + check.stderr
+    assert check.returncode == 0 and f"SUCCESS: {len(alerts)} rules found" in check.stdout, \
+        check.stdout + check.stderr
     tested = subprocess.run([promtool, "test", "rules", "corepipe-rules.test.yml"], cwd=MONITORING,
                             capture_output=True, text=True, timeout=60)
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
