@@ -5,12 +5,16 @@ each round crashes the 1 GiB crasher once per transport, alternating, and one re
 compresses the core with ``compress_stream`` (2 zstd workers, no affinity change, no store) from
 - ``socket``: the kernel's coredump socket (pattern ``@<sock>``), read as serve's worker reads it;
 - ``socket-lowat``: the same with SO_RCVLOWAT 64 KiB (fewer, larger reads);
+- ``socket-wmem``: the same with ``net.core.wmem_default`` raised to 4 MiB for that crash: the kernel makes its end
+  of the socket with ``sock_create_kern`` in init_net, so its send buffer is that default (212992 bytes), against
+  the 1 MiB pipe (``ss -xm`` shows it as ``tb``); the old value is put back after the crash, and on any exit;
 - ``pipe``: the kernel's pipe, handed over by the static forwarder as in pipe mode with serve running.
 Per crash: crash-to-reap (SIGCONT to the parent's wait), the reader's CPU (zstd's workers included), its
-reads, and the crashed task's system time (the kernel writing the core, plus ~0.45 s of filling its heap
-before the clock starts, the same for every transport). Medians; under the tests' kernel-settings lock.
+reads, how often the crashed task and the reading thread slept (voluntary context switches: the task blocks
+when the send buffer is full), and the crashed task's system time (the kernel writing the core, plus ~0.45 s of
+filling its heap before the clock starts, the same for every transport). Medians; under the tests' kernel-settings lock.
 
-    sudo .venv/bin/python tests/bench/bench_transport.py [--rounds 7] [--variants socket,socket-lowat,pipe]
+    sudo .venv/bin/python tests/bench/bench_transport.py [--rounds 7] [--variants socket,socket-lowat,socket-wmem,pipe]
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from corepipe.platform import compress, forward, static_forwarder  # noqa: E402
 from corepipe.platform.kernel import build_pattern  # noqa: E402
 
 LOWAT = 64 << 10
-VARIANTS = ("socket", "socket-lowat", "pipe")
+WMEM_DEFAULT = Path("/proc/sys/net/core/wmem_default")
+WMEM = 4 << 20
+VARIANTS = ("socket", "socket-lowat", "socket-wmem", "pipe")
 
 
 class Reader:
@@ -76,7 +82,7 @@ class Reader:
     def read(self, variant: str, out: dict) -> None:
         fd = self.core_fd(variant)
         target = os.open(self.d / "core.zst", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        before = resource.getrusage(resource.RUSAGE_SELF)
+        before, slept = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
         try:
             out["size"] = compress.compress_stream(fd, target).size
         finally:
@@ -84,6 +90,7 @@ class Reader:
             os.close(target)
         after = resource.getrusage(resource.RUSAGE_SELF)
         out["cpu"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        out["reader_cs"] = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - slept
 
 
 def crash(crasher: Path, reader: Reader, variant: str) -> dict:
@@ -99,7 +106,7 @@ def crash(crasher: Path, reader: Reader, variant: str) -> dict:
     _, _, usage = os.wait4(pid, 0)
     out["wall"] = time.monotonic() - start
     thread.join()
-    out["reads"], out["task_sys"] = reader.reads, usage.ru_stime
+    out["reads"], out["task_sys"], out["task_cs"] = reader.reads, usage.ru_stime, usage.ru_nvcsw
     assert out["size"] >= 1 << 30, out
     return out
 
@@ -119,23 +126,34 @@ def main() -> int:
         forwarder.chmod(0o755)
         reader = Reader(d)
         patterns = {"pipe": build_pattern(str(forwarder)), "socket": f"@{d}/core.sock",
-                    "socket-lowat": f"@{d}/core.sock"}
+                    "socket-lowat": f"@{d}/core.sock", "socket-wmem": f"@{d}/core.sock"}
         results: dict = {v: [] for v in variants}
         print(f"load average at the start {os.getloadavg()}", flush=True)
         with KernelSettings() as settings:
+            wmem = WMEM_DEFAULT.read_text().strip()
+            settings.undo_on_abort(["sysctl", "-qw", f"net.core.wmem_default={wmem}"])
             for n in range(ns.rounds):
                 for variant in variants[n % len(variants):] + variants[:n % len(variants)]:
                     settings.set(patterns[variant], pipe_limit=64)
-                    got = crash(crasher, reader, variant)
+                    try:
+                        if variant == "socket-wmem":
+                            WMEM_DEFAULT.write_text(str(WMEM))
+                        got = crash(crasher, reader, variant)
+                    finally:
+                        WMEM_DEFAULT.write_text(wmem)
                     results[variant].append(got)
                     print(f"{n} {variant:<13} {got['wall']:.3f} s, reader cpu {got['cpu']:.3f} s, {got['reads']} reads,"
-                          f" task system {got['task_sys']:.3f} s", flush=True)
+                          f" task system {got['task_sys']:.3f} s, slept: task {got['task_cs']}, reader"
+                          f" {got['reader_cs']}", flush=True)
         print(f"load average at the end {os.getloadavg()}")
     base = statistics.median(r["wall"] for r in results.get("pipe", results[variants[0]]))
-    print(f"{'transport':<13} {'crash-to-reap':>13} {'x pipe':>7} {'reader cpu':>10} {'reads':>7} {'task sys':>8}")
+    print(f"{'transport':<13} {'crash-to-reap':>13} {'x pipe':>7} {'reader cpu':>10} {'reads':>7} {'task sys':>8}"
+          f" {'task slept':>10} {'reader slept':>12}")
     for variant, rows in results.items():
-        wall, cpu, reads, task = (statistics.median(r[k] for r in rows) for k in ("wall", "cpu", "reads", "task_sys"))
-        print(f"{variant:<13} {wall:>11.3f} s {wall / base:>7.2f} {cpu:>8.3f} s {reads:>7.0f} {task:>6.3f} s")
+        wall, cpu, reads, task, task_cs, reader_cs = (statistics.median(r[k] for r in rows) for k in (
+            "wall", "cpu", "reads", "task_sys", "task_cs", "reader_cs"))
+        print(f"{variant:<13} {wall:>11.3f} s {wall / base:>7.2f} {cpu:>8.3f} s {reads:>7.0f} {task:>6.3f} s"
+              f" {task_cs:>10.0f} {reader_cs:>12.0f}")
     return 0
 
 
