@@ -19,8 +19,10 @@ page cache and the crashed processes held by the kernel; "server MiB" (socket mo
 the RSS of the server and its workers. Baselines in the same run: ``zstd`` (the zstd CLI as the pipe
 handler, at the same core_pipe_limit) and ``systemd-coredump`` (its pipe half, and its socket-activated
 half started by hand, at its own core_pipe_limit of 16 from 50-coredump.conf); each of their cores is a
-"record", stored once its handler has ended (the wrapper's log line). "kernel skipped" counts the storm's dmesg lines
-"coredump: PID(COMM): ..." (a dump the kernel dropped). Results are printed and written as JSON.
+"record", stored once its handler has ended (the wrapper's log line), awaited for every crash the kernel "dumped"
+(its wait status says so; not for a dump it skipped over core_pipe_limit). "kernel skipped" counts the storm's dmesg
+lines "coredump: PID(COMM): ..." (a dump the kernel dropped; the kernel rate-limits them, so a large number is cut
+short). Results are printed and written as JSON.
 """
 
 from __future__ import annotations
@@ -87,13 +89,16 @@ class PeakMemory:
 
 
 def release(pids: list) -> tuple:
-    """Let the stopped crashers go at once; (when, seconds until the last was reaped)."""
+    """Let the stopped crashers go at once; (when, seconds until the last was reaped, how many the kernel dumped:
+    their wait status says so, and it does not for a dump it skipped, over core_pipe_limit say)."""
     started = time.monotonic()
     for pid in pids:
         os.kill(pid, signal.SIGCONT)
+    dumped = 0
     for pid in pids:
-        os.waitpid(pid, 0)
-    return started, time.monotonic() - started
+        _, status = os.waitpid(pid, 0)
+        dumped += os.WIFSIGNALED(status) and os.WCOREDUMP(status)
+    return started, time.monotonic() - started, dumped
 
 
 def stopped_storm(bench: Bench, crashers: list, mib: int) -> list:
@@ -156,10 +161,10 @@ def baseline_storm(bench: Bench, crashers: list, mib: int, mode: str, timeout: f
             settings.set(bench.pattern(mode), pipe_limit=systemd_coredump.PIPE_LIMIT if service else PIPE_LIMIT)
             mark = kernel_log_now()
             memory = PeakMemory()
-            started, reaped = release(pids)
-            skipped = dropped_dumps(mark, {f"c{n}" for n in range(len(pids))})
+            started, reaped, dumped = release(pids)
+            skipped = dropped_dumps(mark, {f"c{n}" for n in range(len(pids))})  # rate-limited: not a count
             deadline = started + timeout
-            while len(bench.log_lines()) - before < len(pids) - len(skipped) and time.monotonic() < deadline:
+            while len(bench.log_lines()) - before < dumped and time.monotonic() < deadline:
                 time.sleep(0.05)
             last = time.monotonic() - started
             peak, _ = memory.stop()
@@ -172,7 +177,8 @@ def baseline_storm(bench: Bench, crashers: list, mib: int, mode: str, timeout: f
     cut = sum(s.core_size is not None and s.core_size < mib * MIB or s.core_size is None and mode != "zstd"
               for s in stored)
     return {"mode": mode, "concurrent_cores": None, "crashes": len(pids), "records": len(stored),
-            "cores": len(stored) - cut, "no_core": {"cut": cut} if cut else {}, "kernel_skipped": len(skipped),
+            "cores": len(stored) - cut, "no_core": {"cut": cut} if cut else {}, "dumped": dumped,
+            "kernel_skipped": len(skipped),
             "seconds_reaped": round(reaped, 3), "seconds_last_record": round(last, 3),
             "stored_mib": round(sum(s.stored for s in stored) / MIB, 1), "peak_host_mib": peak,
             "peak_server_mib": None,
@@ -192,7 +198,7 @@ def storm(bench: Bench, crashers: list, mib: int, mode: str, concurrent: int, ti
             server = start_server(bench, "pipe" if mode in FORWARDED else "socket")
         mark = kernel_log_now()
         memory = PeakMemory(server.pid if server else None)
-        started, reaped = release(pids)
+        started, reaped, dumped = release(pids)
         deadline = started + timeout
         while len(recs := final_records(bench.store)) < len(pids) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -211,7 +217,7 @@ def storm(bench: Bench, crashers: list, mib: int, mode: str, concurrent: int, ti
                    else [])
     skipped = dropped_dumps(mark, {f"c{n}" for n in range(len(pids))})
     return {"mode": mode, "concurrent_cores": concurrent, "crashes": len(pids), "records": len(recs),
-            "cores": len(stored), "no_core": reasons, "kernel_skipped": len(skipped),
+            "cores": len(stored), "no_core": reasons, "dumped": dumped, "kernel_skipped": len(skipped),
             "seconds_reaped": round(reaped, 3), "seconds_last_record": round(last, 3),
             "stored_mib": round(sum(r["core"]["compressed_size"] for r in stored) / MIB, 1),
             "peak_host_mib": peak, "peak_server_mib": server_peak if server else None,
@@ -245,7 +251,7 @@ def main() -> int:
             copy = bench.dir / f"x{n}"
             shutil.copy2(bench.crasher, copy)
             crashers.append(copy)
-        print(f"{'mode':16} {'concurrent_cores':>16} {'records':>9} {'cores':>6} {'kernel skipped':>14} "
+        print(f"{'mode':16} {'concurrent_cores':>16} {'records':>9} {'cores':>6} {'dumped':>6} {'kernel skipped':>14} "
               f"{'reaped s':>9} {'last record s':>13} {'stored MiB':>10} {'peak host MiB':>13} {'server MiB':>10} "
               f"{'handler RSS':>11}  no core")
         for mode in ns.modes.split(","):
@@ -257,7 +263,7 @@ def main() -> int:
                      else storm(bench, crashers, ns.mib, mode, value, ns.timeout))
                 results["storms"].append(r)
                 shown = "-" if value is None else value
-                print(f"{mode:16} {shown:>16} {r['records']:>4}/{r['crashes']:<4} {r['cores']:>6} "
+                print(f"{mode:16} {shown:>16} {r['records']:>4}/{r['crashes']:<4} {r['cores']:>6} {r['dumped']:>6} "
                       f"{r['kernel_skipped']:>14} {r['seconds_reaped']:>9.2f} {r['seconds_last_record']:>13.2f} "
                       f"{r['stored_mib']:>10.1f} {r['peak_host_mib']:>13} {r['peak_server_mib'] or '-':>10} "
                       f"{r['max_handler_rss_mib']:>10.1f}M  {r['no_core']}", flush=True)
