@@ -200,6 +200,23 @@ def test_status_codes(paths: Paths, root: Path) -> None:
     assert status.gather(paths)["code"] == status.DRIFTED
 
 
+def test_status_names_a_bad_ship_to_once_and_collection_stays_healthy(paths: Paths, root: Path) -> None:
+    """A ship_to that is no destination stops only 'corepipe ship' (the collector does not read it): one problem
+    line, exit healthy; a bad key the collector reads makes it broken, that line alone (not a second for ship_to)."""
+    install.install(paths, store=str(root / "var" / "s"))
+    config = Path(paths.config)
+    config.write_text(config.read_text() + 'ship_to = "ftp://nowhere/x"\n')
+    facts = status.gather(paths)
+    assert facts["code"] == status.HEALTHY, facts["problems"]
+    [problem] = facts["problems"]
+    assert "ship_to: 'ftp://nowhere/x' is not a destination" in problem and "'corepipe ship' stops" in problem
+    config.write_text(config.read_text() + "compression_level = 99\n")
+    facts = status.gather(paths)
+    assert facts["code"] == status.BROKEN
+    [problem] = facts["problems"]
+    assert "compression_level" in problem and "falls back" in problem
+
+
 def test_install_builds_the_static_forwarder(paths: Paths, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a C compiler, the pattern's program is the static forwarder, built beside the launcher with the
     server's socket and the launcher compiled in, 0755 and root's; status names it; uninstall removes it."""

@@ -148,8 +148,19 @@ def _check(name: str, value: object, default: object) -> object:
     return value
 
 
-def parse(text: str, path: Optional[str] = None, problems: Optional[list] = None) -> Config:
-    """Parse a config; with ``problems`` a bad key is reported there and left at its default instead of raising."""
+#: The keys only ``corepipe ship`` reads: the collector does not read them (``COLLECTOR``), so a bad destination
+#: never touches a crash's collection; ``status`` and ``config check`` report it, ``ship`` stops on it.
+SHIPPER = frozenset({"ship_to", "ship_node", "delete_after_ship", "ship_bandwidth", "ship_concurrency",
+                     "ship_retry_max", "ship_signature_cores"})
+#: The keys the collector reads (pipe handler, server): every one but the shipper's.
+COLLECTOR = frozenset(f.name for f in fields(Config)) - SHIPPER - {"path"}
+
+
+def parse(text: str, path: Optional[str] = None, problems: Optional[list] = None,
+          keys: Optional[frozenset] = None) -> Config:
+    """Parse a config; with ``problems`` a bad key is reported there and left at its default instead of raising.
+    ``keys`` (COLLECTOR, SHIPPER): only those are read and checked, the other known keys left at their defaults
+    unchecked (an unknown key is still reported)."""
     try:
         import tomllib  # type: ignore[import-not-found]
     except ImportError:  # Python < 3.11
@@ -163,6 +174,8 @@ def parse(text: str, path: Optional[str] = None, problems: Optional[list] = None
     known = {f.name for f in fields(Config)} - {"path"}
     values = {}
     for name, value in data.items():
+        if keys is not None and name in known and name not in keys:
+            continue
         try:
             if name not in known:
                 raise ConfigError(f"{where}: unknown key {name!r}")
@@ -236,8 +249,9 @@ def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def load(path: Optional[str] = None, problems: Optional[list] = None) -> Config:
-    """Read the config; a missing file at the default path means the defaults (see ``parse`` for ``problems``)."""
+def load(path: Optional[str] = None, problems: Optional[list] = None, keys: Optional[frozenset] = None) -> Config:
+    """Read the config; a missing file at the default path means the defaults (see ``parse`` for ``problems``
+    and ``keys``)."""
     explicit = path is not None
     path = path or DEFAULT_PATH
     try:
@@ -249,7 +263,7 @@ def load(path: Optional[str] = None, problems: Optional[list] = None) -> Config:
         return Config()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
-    return parse(text, path, problems)
+    return parse(text, path, problems, keys)
 
 
 def _quote(value: str) -> str:

@@ -137,10 +137,11 @@ def finish(ctx: Context, *, failed: bool) -> None:
 
 
 def load_config(path: Optional[str], errors: list) -> configuration.Config:
-    """The config at ``path``; what is wrong with it goes to ``errors`` and falls back to the defaults."""
+    """The config at ``path``, the keys the collector reads (not the shipper's: a bad ``ship_to`` is no error of
+    a crash's); what is wrong with it goes to ``errors`` and falls back to the defaults."""
     problems: list = []
     try:
-        cfg = configuration.load(path, problems)
+        cfg = configuration.load(path, problems, configuration.COLLECTOR)
     except configuration.ConfigError as exc:
         errors.append(f"config: {exc}; using the defaults")
         return configuration.Config()

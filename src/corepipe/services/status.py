@@ -126,10 +126,10 @@ def gather(paths: Paths, run_dir: Optional[str] = None) -> dict:
                                "forwarded" if result["active_mode"] == PIPE and result["forwarding"]["works"] else
                                "pipe" if result["active_mode"] == PIPE else None)
         store = state["store"]
-        broken = _broken(state)
+        broken, unshippable = _broken(state)
         if broken and result["code"] == HEALTHY:
             result["code"] = BROKEN
-        result["problems"] += broken
+        result["problems"] += broken + unshippable
     listening = _listener_problem(result, run_dir)
     if listening:
         result["code"] = BROKEN
@@ -220,14 +220,20 @@ def _server_problems(result: dict) -> list:
     return []
 
 
-def _broken(state: dict) -> list:
-    """Problems that make an active pattern lose crashes: a missing launcher or an unusable config."""
+def _broken(state: dict) -> tuple:
+    """(problems that make an active pattern lose crashes: a missing launcher or a config the handler cannot use;
+    a bad key of the shipper's, such as a ship_to that is no destination: the collector does not read it, so
+    only 'corepipe ship' stops on it)."""
     problems = []
     for program, what in ((state["bin"], "launcher"), (state.get("forwarder"), "static forwarder")):
         if program and not os.access(program, os.X_OK):
             problems.append(f"the {what} {program} is missing or not executable; run 'corepipe install'")
     try:
-        configuration.load(state["config"])
+        configuration.load(state["config"], keys=configuration.COLLECTOR)
     except configuration.ConfigError as exc:
-        problems.append(f"{exc}; the handler falls back to the defaults")
-    return problems
+        return [*problems, f"{exc}; the handler falls back to the defaults"], []
+    try:
+        configuration.load(state["config"], keys=configuration.SHIPPER)
+    except configuration.ConfigError as exc:
+        return problems, [f"{exc}; 'corepipe ship' stops on it (crashes are still collected): fix it"]
+    return problems, []
