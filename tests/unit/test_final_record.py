@@ -33,7 +33,7 @@ def test_a_failing_close_is_reported_once_and_never_repeated(tmp_path: Path) -> 
 def test_postmortem_records_a_failing_close(tmp_path: Path) -> None:
     rec = {"pid": 1, "core": {"stored": False}, "collector": {"errors": []}}
     held = binaries.HeldFiles(files=[binaries.Held("/lib/bad.so", NEVER_OPEN)])
-    postmortem.finish(None, None, rec, held, Config(binaries=False, backtrace=False), True)  # type: ignore[arg-type]
+    postmortem.finish(None, None, rec, held, Config(binaries=False, backtrace=False), True, 0)  # type: ignore[arg-type]
     postmortem.release(rec, held)
     assert rec["collector"]["errors"] == ["binaries: closing /lib/bad.so: Bad file descriptor"]
 

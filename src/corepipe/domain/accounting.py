@@ -52,11 +52,16 @@ def release(books: Books, crash_id: str) -> None:
     books.state.reservations.pop(crash_id, None)
 
 
-def measure(store: Store, cfg: Config) -> tuple:
-    """(the effective policy.Limits, bytes free) for the store's filesystem as it is now."""
-    lim = policy.limits(max_use=cfg.max_use, keep_free=cfg.keep_free, fs_size=fs.fs_size(store.fd),
-                        container_max_cores=cfg.container_max_cores, container_max_bytes=cfg.container_max_bytes)
-    return lim, fs.free_bytes(store.fd)
+def measure(store: Store, cfg: Config, lim: Optional[policy.Limits] = None) -> tuple:
+    """(the effective policy.Limits, bytes free) for the store's filesystem as it is now: one statvfs. ``lim``:
+    the limits a crash has from its first measurement (they follow from the config and the filesystem's size,
+    which do not change under it); only the free space, which other handlers' writes and its own change, is
+    measured anew."""
+    size, free = fs.space(store.fd)
+    if lim is None:
+        lim = policy.limits(max_use=cfg.max_use, keep_free=cfg.keep_free, fs_size=size,
+                            container_max_cores=cfg.container_max_cores, container_max_bytes=cfg.container_max_bytes)
+    return lim, free
 
 
 def rate_keys(group: tuple, exe: str, signature: Optional[str] = None) -> list:
@@ -84,9 +89,10 @@ GROW_STEP = 8 << 20
 
 
 def admit(store: Store, cfg: Config, *, crash_id: str, group: tuple, exe: str, want: Optional[int],
-          signature: Optional[str] = None) -> Admission:
+          signature: Optional[str] = None, lim: Optional[policy.Limits] = None) -> Admission:
     """Decide under the lock whether this crash's core is stored, make room for ``want`` bytes, reserve it.
-    ``signature`` (the crash site's, known before the core is read) is limited within ``group``."""
+    ``signature`` (the crash site's, known before the core is read) is limited within ``group``; ``lim``: the
+    crash's limits (``measure``), the free space is measured under the lock."""
     now = time.time()
     with Books(store) as books:
         rates = books.state.rate
@@ -96,7 +102,7 @@ def admit(store: Store, cfg: Config, *, crash_id: str, group: tuple, exe: str, w
             _forget_idle(rates)
             return Admission(reason=reason)
         want = min(want or FIRST_RESERVATION, FIRST_RESERVATION)
-        budget, limited_by = _reserve(books, cfg, crash_id, group, want, written=0)
+        budget, limited_by = _reserve(books, cfg, crash_id, group, want, written=0, lim=lim)
         if budget < MIN_BUDGET:
             release(books, crash_id)
             return Admission(reason=_no_room(limited_by, budget), limited_by=limited_by)
@@ -119,11 +125,12 @@ def refusal(store: Store, cfg: Config, *, group: tuple, exe: str) -> Optional[st
         return _no_room(plan.limited_by, plan.budget) if plan.budget < MIN_BUDGET else None
 
 
-def record_refusal(books: Books, cfg: Config, group: str, size: int) -> Optional[str]:
+def record_refusal(books: Books, cfg: Config, group: str, size: int,
+                   lim: Optional[policy.Limits] = None) -> Optional[str]:
     """Why a crash without a core gets no record of ``size`` bytes in ``group`` (its records would go over
     ``records_max_use``, or the filesystem below keep_free), or None. The caller holds ``books``; nothing is
-    deleted for a record."""
-    lim, fs_free = measure(books.store, cfg)
+    deleted for a record. ``lim``: the crash's limits (``measure``); the free space is measured now."""
+    lim, fs_free = measure(books.store, cfg, lim)
     budget = policy.records_budget(cfg.records_max_use, lim)
     used = books.checked(lambda: books.ledger.group_records(group))[1]
     if budget and used + size > budget:
@@ -151,20 +158,23 @@ def _over_rate(rates: dict, keys: list, cfg: Config, now: float) -> Optional[str
     return None
 
 
-def grow(store: Store, cfg: Config, *, crash_id: str, group: tuple, needed: int, written: int) -> int:
+def grow(store: Store, cfg: Config, *, crash_id: str, group: tuple, needed: int, written: int,
+         lim: Optional[policy.Limits] = None) -> int:
     """A core outgrew its reservation: make room for ``needed`` bytes in all (``written`` of them already
-    on disk); returns the new reservation, less than ``needed`` when no more room could be made."""
+    on disk: the free space is measured anew, ``lim`` the crash's limits); returns the new reservation, less
+    than ``needed`` when no more room could be made."""
     with Books(store) as books:
-        budget, _ = _reserve(books, cfg, crash_id, group, needed, written=written, extra=max(needed // 2, GROW_STEP))
+        budget, _ = _reserve(books, cfg, crash_id, group, needed, written=written, extra=max(needed // 2, GROW_STEP),
+                             lim=lim)
         return budget
 
 
 def _reserve(books: Books, cfg: Config, crash_id: str, group: tuple, want: int, written: int,
-             extra: int = 0) -> tuple:
+             extra: int = 0, lim: Optional[policy.Limits] = None) -> tuple:
     """Apply the policy for ``want`` bytes (``written`` of them already on disk), delete what it says,
     and reserve ``want`` plus up to ``extra`` more where there is room without deleting anything more;
     returns (reserved bytes, the limit that decided)."""
-    plan = _plan(books, cfg, crash_id, group, want, written)
+    plan = _plan(books, cfg, crash_id, group, want, written, lim)
     for core, reason in plan.delete:
         try:
             books.delete_core(core, f"{reason} (room for crash {crash_id})")
@@ -177,11 +187,11 @@ def _reserve(books: Books, cfg: Config, crash_id: str, group: tuple, want: int, 
 
 
 def _plan(books: Books, cfg: Config, crash_id: Optional[str], group: tuple, want: int,
-          written: int) -> policy.Plan:
+          written: int, lim: Optional[policy.Limits] = None) -> policy.Plan:
     """The policy's plan for ``want`` more bytes in ``group`` (``written`` of them on disk already), counting
     the room promised to the other live handlers (``crash_id``'s own promise aside); deletes nothing."""
     reserved = reservations(books.state, cfg.timeout + 60)
-    lim, fs_free = measure(books.store, cfg)
+    lim, fs_free = measure(books.store, cfg, lim)
     return books.checked(lambda: policy.plan(books.ledger, lim, fs_free=fs_free + written,
                                              reserved=sum(r.size for k, r in reserved.items() if k != crash_id),
                                              group="/".join(group), want=want))

@@ -13,6 +13,7 @@ from typing import Optional
 
 from corepipe.domain.binaries import HeldFiles
 from corepipe.domain.containers import Container
+from corepipe.domain.policy import Limits
 from corepipe.domain.snapshot import Snapshot
 from corepipe.platform.affinity import SharedCpu
 from corepipe.platform.capture import STDIN, Capture, release
@@ -37,6 +38,9 @@ class Context:
     unfiled: Optional[str] = None
     #: Why the crash (without a core) got no record but a count in the books (accounting.record_refusal).
     uncounted: Optional[str] = None
+    #: The store's effective limits (accounting.measure), measured once per crash: every later measurement of
+    #: its free space reuses them.
+    limits: Optional[Limits] = None
     #: Failures so far, before there is a record to put them in (kernel arguments, config, early capture).
     errors: list = field(default_factory=list)
     snapshot: Optional[Snapshot] = None

@@ -34,7 +34,8 @@ def write(ctx: Context, admission: accounting.Admission, limit: Optional[int], c
     rec, crash, cfg, group = ctx.record, ctx.crash, ctx.cfg, ctx.group
 
     def grow(needed: int, written: int) -> int:
-        return accounting.grow(ctx.store, cfg, crash_id=crash.id, group=group, needed=needed, written=written)
+        return accounting.grow(ctx.store, cfg, crash_id=crash.id, group=group, needed=needed, written=written,
+                               lim=ctx.limits)
 
     placement = affinity.Placement(ctx.shared_cpu, slot) if ctx.shared_cpu else None
     fd, tmp = crash.open_temp(CORE)

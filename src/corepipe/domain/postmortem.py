@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from corepipe.domain import binaries, policy, record, signature
+from corepipe.domain import binaries, record, signature
 from corepipe.domain.snapshot import Snapshot
-from corepipe.platform import elf, fs
+from corepipe.platform import elf
 from corepipe.platform.config import Config
 from corepipe.platform.log import ERR, WARNING, log
 from corepipe.platform.store import CrashDir, Store
@@ -99,13 +99,13 @@ def _no_frames(rec: dict, held: Optional[binaries.HeldFiles], cfg: Config) -> st
 
 
 def finish(store: Store, crash: CrashDir, rec: dict, held: Optional[binaries.HeldFiles], cfg: Config,
-           is_host: bool) -> None:
-    """Fill ``binaries`` and ``backtrace`` in ``rec``; ``held`` stays open for ``sign`` (the caller closes it)."""
+           is_host: bool, keep_free: int) -> None:
+    """Fill ``binaries`` and ``backtrace`` in ``rec``; ``held`` stays open for ``sign`` (the caller closes it).
+    ``keep_free``: the effective one of the crash's limits (accounting.measure), which saved binaries leave."""
     if held is None:
         return
     try:
         if cfg.binaries:
-            keep_free = policy.automatic(cfg.keep_free, fs.fs_size(store.fd), policy.AUTO_KEEP_FREE)
             saved = binaries.save(store.fd, store.root, held, copy=cfg.binaries_host or not is_host,
                                   max_size=cfg.binaries_max_size, keep_free=keep_free,
                                   core_kept=bool(rec["core"]["stored"]))

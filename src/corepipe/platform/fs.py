@@ -115,9 +115,10 @@ def free_bytes(where: int | str) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def fs_size(where: int | str) -> int:
+def space(where: int | str) -> tuple:
+    """(size, ``free_bytes``) of the filesystem of ``where`` (an fd or a path), from one statvfs."""
     st = os.statvfs(where)
-    return st.f_blocks * st.f_frsize
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
 
 def disk_use(root: str) -> int:

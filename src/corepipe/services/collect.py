@@ -280,7 +280,7 @@ def store_crash(ctx: Context) -> int:
             if turn.refused is not None:
                 record.postmortem_skipped(rec, turn.refused)
             else:
-                postmortem.finish(ctx.store, crash, rec, ctx.held, cfg, ctx.container.is_host)
+                postmortem.finish(ctx.store, crash, rec, ctx.held, cfg, ctx.container.is_host, ctx.limits.keep_free)
     postmortem.sign(rec, ctx.held, cfg)
     postmortem.release(rec, ctx.held)
     failed = record.has_errors(rec)  # after the post-mortem: its failures (a bug, the time limit, a close) count too
@@ -328,7 +328,7 @@ def admit(ctx: Context, cap: Optional[int]) -> Optional[accounting.Admission]:
     try:
         admission = accounting.admit(ctx.store, ctx.cfg, crash_id=ctx.crash.id, group=ctx.group,
                                      exe=rec["exe"] or ctx.args.comm or "", want=want,
-                                     signature=(rec.get("signature") or {}).get("site"))
+                                     signature=(rec.get("signature") or {}).get("site"), lim=ctx.limits)
     except (OSError, Timeout) as exc:
         corefile.not_saved(ctx, f"storage accounting failed: {exc}")
         return None
@@ -359,8 +359,10 @@ def commit(ctx: Context, staged: Optional[corefile.Staged]) -> None:
 
 
 def _below_keep_free(ctx: Context) -> bool:
-    lim, free = accounting.measure(ctx.store, ctx.cfg)
-    return bool(lim.keep_free) and free < lim.keep_free
+    """The crash's first measurement: its limits (``ctx.limits``, shared by the later ones); the free space is
+    measured again where it counts (admission and growth under the lock, the final record), as it changes."""
+    ctx.limits, free = accounting.measure(ctx.store, ctx.cfg)
+    return bool(ctx.limits.keep_free) and free < ctx.limits.keep_free
 
 
 def write_final(ctx: Context) -> None:
@@ -375,7 +377,7 @@ def write_final(ctx: Context) -> None:
         if not rec["core"]["stored"]:
             size = -(-len(record.coreless(rec, "no core kept")) // 4096) * 4096  # as the disk counts it
             if books is not None and ctx.unfiled is None:
-                ctx.uncounted = accounting.record_refusal(books, ctx.cfg, group, size)
+                ctx.uncounted = accounting.record_refusal(books, ctx.cfg, group, size, ctx.limits)
                 if ctx.uncounted is not None:
                     books.count_instead(crash, group, ctx.uncounted)
                     journal.done(ctx.journal)  # counted: a server need not record it from its journal

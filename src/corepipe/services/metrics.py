@@ -263,11 +263,11 @@ class StoreCollector(Collector):
                                 value=unreadable)
         if not os.path.isdir(cfg.store):
             return
-        size = fs.fs_size(cfg.store)
+        size, free = fs.space(cfg.store)
         yield GaugeMetricFamily("corepipe_store_used_bytes", "Bytes allocated under the store (cores, records, "
                                 "saved binaries)", value=fs.disk_use(cfg.store))
         yield GaugeMetricFamily("corepipe_store_free_bytes", "Bytes available on the store's filesystem",
-                                value=fs.free_bytes(cfg.store))
+                                value=free)
         yield GaugeMetricFamily("corepipe_store_size_bytes", "Size of the store's filesystem", value=size)
         # The storage policy's effective limits (0: none), for the "store near full" alerts.
         yield GaugeMetricFamily("corepipe_store_max_use_bytes", "The store's max_use in bytes (0: no limit)",
