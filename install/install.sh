@@ -138,10 +138,10 @@ else
     say "systemd is not running: schedule '$bin --config $config prune' yourself (e.g. cron, daily)"
 fi
 
-# corepipe serve, in both modes (docs/forwarding.md). Socket mode (`corepipe install --mode auto` picks
-# it where the kernel has it): corepipe.socket keeps the kernel's socket and the server switches the kernel to
-# it while it runs. Pipe mode: the kernel's pipe handler hands each crash to the server (corepipe-forward.socket)
-# while it runs, and collects it itself when it does not.
+# corepipe serve, in both modes (docs/forwarding.md). Socket mode (`corepipe install --mode auto` picks it where
+# the kernel has it and no static forwarder was built): corepipe.socket keeps the kernel's socket and the server
+# switches the kernel to it while it runs. Pipe mode: the kernel's pipe handler hands each crash to the server
+# (corepipe-forward.socket) while it runs, and collects it itself when it does not.
 mode="$("$prefix/bin/python" -I -c 'import json, sys; print(json.load(open(sys.argv[1])).get("mode", "pipe"))' \
     "$(dirname "$config")/install.json")"
 sockets=corepipe-forward.socket

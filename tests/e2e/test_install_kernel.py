@@ -124,28 +124,33 @@ def _record(store: Path, comm: str) -> dict:
 def test_installed_static_forwarder_hands_crashes_to_serve(settings: KernelSettings, handler_dir: Path,
                                                            crasher: Path) -> None:
     """With a C compiler, install makes the static forwarder the pattern's program (root's, 0755, beside the
-    launcher); with serve running in pipe mode a crash through the kernel is collected by serve's worker
-    (transport forwarded); with serve stopped the forwarder executes the launcher, which collects it alone;
-    status names the forwarder; uninstall removes it."""
+    launcher), and ``--mode auto`` (the default) picks pipe mode with it also on a kernel with the coredump socket
+    (the pipe carries a big core faster); with serve running (in the installed mode) a crash through the kernel is
+    collected by serve's worker (transport forwarded) and the pattern stays the forwarder's; with serve stopped the
+    forwarder executes the launcher, which collects it alone; status names the forwarder; uninstall removes it."""
     need_tool("gcc")
     d = handler_dir
     run = d / "run"
     # The server's metrics on any free port (concurrent tests), no crash-loop limit for the two crashes.
     config = f'metrics_listen = "127.0.0.1:0"\n{NO_RATE_LIMIT}'
     (d / "c.toml").write_text(config)
-    proc = cli("install", *install_args(d), "--mode", "pipe", "--run-dir", str(run))
+    proc = cli("install", *install_args(d), "--run-dir", str(run))
     assert proc.returncode == 0, proc.stderr
     forwarder = d / "corepipe-forward"
-    assert f"handler: the static forwarder {forwarder}" in proc.stdout
-    assert CORE_PATTERN.read_text().startswith(f"|{forwarder} collect --config {d}/c.toml %P %p ")
+    assert f"handler: the static forwarder {forwarder}" in proc.stdout and "mode: pipe" in proc.stdout
+    if "socket" in Path("/proc/sys/kernel/core_modes").read_text().split():
+        assert install.AUTO_PIPE in proc.stdout
+    pattern = CORE_PATTERN.read_text()
+    assert pattern.startswith(f"|{forwarder} collect --config {d}/c.toml %P %p ")
     info = forwarder.stat()
     assert info.st_mode & 0o7777 == 0o755 and info.st_uid == 0
-    server = subprocess.Popen([f"{d}/b", "--config", f"{d}/c.toml", "serve", "--mode", "pipe", "--run-dir", str(run)],
+    server = subprocess.Popen([f"{d}/b", "--config", f"{d}/c.toml", "serve", "--run-dir", str(run)],
                               env={}, cwd="/", stdout=subprocess.DEVNULL, stderr=(d / "serve.err").open("w"))
     try:
         wait_for(lambda: (run / "serve.json").exists() or server.poll() is not None, 30, "the server to start")
         assert server.poll() is None, (d / "serve.err").read_text()
         facts = json.loads(cli("status", "--json", "--config", f"{d}/c.toml").stdout)
+        assert (facts["mode"], facts["active_mode"]) == ("pipe", "pipe") and CORE_PATTERN.read_text() == pattern
         assert facts["handler"] == {"program": str(forwarder), "kind": "static forwarder"}
         assert facts["transport"] == "forwarded" and facts["forwarding"]["works"], facts["forwarding"]
         crash([str(crasher), "0", "via-serve"])
@@ -171,6 +176,8 @@ def test_without_a_compiler_install_falls_back_to_the_launcher(settings: KernelS
     proc = cli("install", *install_args(d), env=env)
     assert proc.returncode == 0, proc.stderr
     assert "handler: the Python launcher" in proc.stdout and "no C compiler on PATH" in proc.stdout
+    if "socket" in Path("/proc/sys/kernel/core_modes").read_text().split():
+        assert "auto picked socket mode: no static forwarder was built" in proc.stdout
     assert CORE_PATTERN.read_text().startswith(f"|{d}/b collect ") and not (d / "corepipe-forward").exists()
     crash([str(crasher), "0", "launcher"])
     rec = _record(d / "s", "launcher")

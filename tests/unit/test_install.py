@@ -222,9 +222,11 @@ def test_install_builds_the_static_forwarder(paths: Paths, root: Path, monkeypat
     server's socket and the launcher compiled in, 0755 and root's; status names it; uninstall removes it."""
     monkeypatch.setenv("PATH", os.defpath)
     need_tool("gcc")
+    _core_modes(paths, "file", "pipe", "socket")  # auto picks pipe mode with the forwarder even so
     before = tree(root)
     sock = str(root / "run" / "forward.sock")
-    lines = install.install(paths, store=str(root / "var" / "s"), release="6.18.0", forward_socket=sock)
+    lines = install.install(paths, store=str(root / "var" / "s"), release="6.18.0", forward_socket=sock, mode="auto")
+    assert install.AUTO_PIPE in lines and "mode: pipe" in " ".join(lines)
     forwarder = Path(paths.bin).parent / "corepipe-forward"
     assert kernel_file(paths, "core_pattern") == kernel.build_pattern(str(forwarder), paths.config).encode() + b"\n"
     assert f"handler: the static forwarder {forwarder}, the launcher {paths.bin} when serve does not take a crash" \
@@ -235,9 +237,9 @@ def test_install_builds_the_static_forwarder(paths: Paths, root: Path, monkeypat
     assert f"main(forward={sock!r})" in Path(paths.bin).read_text()
     facts = status.gather(paths)
     assert facts["handler"] == {"program": str(forwarder), "kind": "static forwarder"}
-    assert facts["forwarding"]["socket"] == sock and facts["problems"] == []
-    assert install.install(paths, store=str(root / "var" / "s"), release="6.18.0", forward_socket=sock)[0] \
-        == "already installed; nothing changed"
+    assert facts["forwarding"]["socket"] == sock and facts["problems"] == [] and facts["mode"] == "pipe"
+    lines = install.install(paths, store=str(root / "var" / "s"), release="6.18.0", forward_socket=sock, mode="auto")
+    assert lines[0] == "already installed; nothing changed" and "auto kept the installed pipe mode" in lines[-1]
     forwarder.chmod(0o644)
     assert "the static forwarder" in " ".join(status.gather(paths)["problems"])
     install.uninstall(paths)
@@ -292,15 +294,24 @@ def _core_modes(paths: Paths, *modes: str) -> None:
     (Path(paths.proc_sys) / "kernel" / "core_modes").write_text("\n".join(modes) + "\n")
 
 
-def test_mode_auto_picks_socket_where_the_kernel_has_it(paths: Paths) -> None:
+def test_mode_auto_picks_pipe_with_the_static_forwarder_else_socket_where_the_kernel_has_it(paths: Paths) -> None:
+    """auto: an installation's mode; else pipe with the static forwarder (the kernel's pipe carries a big core to
+    serve faster than its socket: docs/performance.md), socket where the kernel has it, else pipe."""
     assert install.choose_mode("auto", paths.proc_sys) == install.PIPE  # no core_modes: before 6.16
     _core_modes(paths, "file", "pipe")
     assert install.choose_mode("auto", paths.proc_sys) == install.PIPE
+    assert install.choose_mode("auto", paths.proc_sys, installed=install.SOCKET) == install.PIPE  # socket gone
     with pytest.raises(InstallError, match="no coredump socket mode"):
         install.choose_mode("socket", paths.proc_sys)
     _core_modes(paths, "file", "pipe", "socket")
     assert install.choose_mode("auto", paths.proc_sys) == install.SOCKET
+    assert install.choose_mode("auto", paths.proc_sys, forwarder=True) == install.PIPE
+    assert install.choose_mode("auto", paths.proc_sys, forwarder=True, installed=install.SOCKET) == install.SOCKET
+    assert install.choose_mode("auto", paths.proc_sys, installed=install.PIPE) == install.PIPE
     assert install.choose_mode("pipe", paths.proc_sys) == install.PIPE
+    assert install.choose_mode("socket", paths.proc_sys, forwarder=True) == install.SOCKET
+    with pytest.raises(InstallError, match="unknown --mode 'sock'"):
+        install.choose_mode("sock", paths.proc_sys)
 
 
 def _health(run_dir: Path, pid: int, heartbeat: float, socket_path: str) -> None:
@@ -320,6 +331,7 @@ def test_socket_mode_status_follows_the_server(paths: Paths, root: Path) -> None
     pipe = kernel.build_pattern(paths.bin, paths.config, pidfd=True)
     assert kernel_file(paths, "core_pattern") == pipe.encode() + b"\n"
     assert any(line.startswith("mode: socket") for line in lines)
+    assert lines[-1].startswith("auto picked socket mode: no static forwarder was built")  # no compiler here
     facts = status.gather(paths, run_dir=str(run_dir))
     assert (facts["mode"], facts["active_mode"], facts["code"]) == ("socket", "pipe", status.HEALTHY)
 

@@ -24,8 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replace another handler's core_pattern (uninstall gives it back) or a foreign --bin")
     parser.add_argument("--mode", choices=("auto", install.SOCKET, install.PIPE), default="auto",
                         help="socket: the resident 'corepipe serve' collects on the kernel's coredump socket while "
-                             "it runs, the pipe handler otherwise; pipe: a 'corepipe collect' per crash; "
-                             "auto (default): socket where the kernel has it (kernel.core_modes)")
+                             "it runs, the pipe handler otherwise; pipe: the pipe handler hands each crash to "
+                             "'corepipe serve' while it runs and collects it itself otherwise; auto (default): an "
+                             "installation's mode; else pipe where the static forwarder is built "
+                             "(faster for big cores), socket where the kernel has it (kernel.core_modes), else pipe")
     parser.add_argument("--socket", default=coredump_socket.DEFAULT_SOCKET, metavar="PATH",
                         help="the socket of socket mode (default %(default)s)")
     parser.add_argument("--run-dir", default=os.path.dirname(forward.DEFAULT_SOCKET), metavar="DIR",

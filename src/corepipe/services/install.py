@@ -43,6 +43,10 @@ PIDFD_KERNEL = (6, 16)
 #: ``--mode``: the kernel's pipe runs ``corepipe collect`` per crash, or the resident ``corepipe serve`` takes
 #: them on its socket (Linux 6.16+).
 PIPE, SOCKET = "pipe", "socket"
+#: What ``--mode auto`` says on a kernel with the coredump socket (docs/performance.md has the figures).
+AUTO_FASTER = "pipe mode with the static forwarder is the faster for big cores; --mode pipe|socket chooses"
+AUTO_PIPE = ("auto picked pipe mode although this kernel has the coredump socket: serve reads a big core faster "
+             "from the static forwarder's pipe than from the socket (docs/performance.md); --mode socket takes it")
 #: The kernel's own default, given back when what was there before is unknown.
 DEFAULT_PATTERN = "core"
 
@@ -197,16 +201,21 @@ class _Changes:
                 print(f"corepipe install: could not undo a step: {exc}", file=sys.stderr)
 
 
-def choose_mode(mode: str, proc_sys: str = PROC_SYS) -> str:
-    """``pipe`` or ``socket`` for ``--mode auto|socket|pipe``: auto is socket where kernel.core_modes lists it."""
+def choose_mode(mode: str, proc_sys: str = PROC_SYS, forwarder: bool = False, installed: Optional[str] = None) -> str:
+    """``pipe`` or ``socket`` for ``--mode auto|socket|pipe``. auto keeps an installation's mode (``installed``);
+    else it is pipe wherever the static forwarder is built (``forwarder``): serve then reads each core from the
+    kernel's pipe, which carries a big core faster than the coredump socket (AUTO_PIPE); else socket where
+    kernel.core_modes lists it (no Python started per crash), else pipe."""
+    if mode not in ("auto", PIPE, SOCKET):
+        raise InstallError(f"unknown --mode {mode!r}; use auto, socket or pipe")
     has_socket = "socket" in coredump_socket.core_modes(proc_sys)
     if mode == "auto":
-        return SOCKET if has_socket else PIPE
+        if installed in (PIPE, SOCKET) and (installed == PIPE or has_socket):
+            return installed
+        return SOCKET if has_socket and not forwarder else PIPE
     if mode == SOCKET and not has_socket:
         raise InstallError("this kernel has no coredump socket mode (kernel.core_modes lacks 'socket', Linux 6.16+); "
                            "use --mode pipe or --mode auto")
-    if mode not in (PIPE, SOCKET):
-        raise InstallError(f"unknown --mode {mode!r}; use auto, socket or pipe")
     return mode
 
 
@@ -219,7 +228,8 @@ def install(paths: Paths, store: Optional[str] = None, force: bool = False, pyth
     collects whenever ``corepipe serve`` is not running (at boot, between restarts, after a crash of the
     server), and the server switches the kernel to its socket while it runs and back when it stops. The
     pattern's program is the static forwarder where it can be built here, else the Python launcher."""
-    mode = choose_mode(mode, paths.proc_sys)
+    asked = mode
+    choose_mode(asked, paths.proc_sys)  # an unknown mode, or socket without the kernel's: before any work
     coredump_socket.pattern(socket_path)  # an absolute path without spaces, or ValueError
     sysctl = Sysctl(paths.proc_sys)
     try:
@@ -242,6 +252,7 @@ def install(paths: Paths, store: Optional[str] = None, force: bool = False, pyth
             pattern = kernel.build_pattern(paths.forwarder, config_arg, pidfd=pidfd)
         except ValueError as exc:
             forwarder, why_not = None, str(exc)
+    mode = choose_mode(asked, paths.proc_sys, forwarder is not None, (old or {}).get("mode"))
     if old is not None and (old["bin"], old["dropin"]) != (os.path.abspath(paths.bin), paths.dropin):
         raise InstallError(f"installed with --bin {old['bin']} and drop-in {old['dropin']}; "
                            "run 'corepipe uninstall' first to change them")
@@ -303,6 +314,10 @@ def install(paths: Paths, store: Optional[str] = None, force: bool = False, pyth
     else:
         lines.append("mode: pipe: while 'corepipe serve' runs (corepipe.service where systemd runs) the handler "
                      "hands each crash to it; the handler collects whenever it does not")
+    if asked == "auto" and "socket" in coredump_socket.core_modes(paths.proc_sys):
+        kept = (old or {}).get("mode") == mode
+        lines.append(f"auto kept the installed {mode} mode ({AUTO_FASTER})" if kept else AUTO_PIPE if mode == PIPE
+                     else f"auto picked socket mode: no static forwarder was built ({AUTO_FASTER})")
     return lines
 
 
