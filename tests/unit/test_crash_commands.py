@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import zstandard
 from support import core_digest, decompress, need
 
 from corepipe.cli import main
+from corepipe.commands import lookup
 from corepipe.domain import batch, catalog, record
 from corepipe.domain.containers import Container
 from corepipe.platform import compress
@@ -346,6 +348,27 @@ def test_rm(store: Path, crashes: dict, tmp_path: Path, capsys: pytest.CaptureFi
     assert listed(tmp_path, capsys) == ["hostd"]
     code, _out, err = cli(tmp_path, capsys, "rm", web["id"])
     assert code == 1 and "no crash with id" in err
+
+
+def test_rm_and_prune_on_a_store_missing_or_not_openable(store: Path, crashes: dict, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """Each command opens the store itself: none yet is nothing to prune and no crash to remove; a store whose path
+    is a link (the store is opened without following links) is one line naming it and what to check (not "run as
+    root", which is for a permission denied), and nothing is removed."""
+    (tmp_path / "c.toml").write_text(f'store = "{tmp_path / "none"}"\n')
+    code, out, _err = cli(tmp_path, capsys, "prune")
+    assert code == 0 and "does not exist yet: nothing to prune" in out
+    code, _out, err = cli(tmp_path, capsys, "rm", crashes["web"][1]["id"])
+    assert code == 1 and "no crash with id" in err and not (tmp_path / "none").exists()
+    (tmp_path / "link").symlink_to(store)
+    (tmp_path / "c.toml").write_text(f'store = "{tmp_path / "link"}"\n')
+    for command in (["prune"], ["rm", crashes["web"][1]["id"]]):
+        code, out, err = cli(tmp_path, capsys, *command)
+        assert code == 1 and len(err.splitlines()) == 1 and str(tmp_path / "link") in err, (command, out, err)
+        assert "not a directory (a symlink?)" in err and "root-owned directory" in err and "as root" not in err
+    assert crashes["web"][0].exists()
+    denied = lookup.unreadable(str(store), PermissionError(errno.EACCES, "Permission denied"))
+    assert str(denied) == f"cannot read the store {store}: Permission denied; run as root"
 
 
 def test_debug_cleans_up_and_leaves_ctrl_c_to_the_debugger(store: Path, crashes: dict, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -19,13 +20,20 @@ from corepipe.platform.errors import UsageError, UserError
 from corepipe.platform.store import core_file
 
 
+def unreadable(root: str, exc: OSError) -> UserError:
+    """The one line for a store that cannot be read: run as root when permission was denied, else what to check
+    (a store that is a link, or not a directory, is opened by no command)."""
+    advice = "run as root" if exc.errno in (errno.EACCES, errno.EPERM) else "check it is a root-owned directory"
+    return UserError(f"cannot read the store {root}: {exc.strerror or exc}; {advice}")
+
+
 def all_records(root: str) -> list:
     """(path, record) of every crash, oldest first; broken records are warned about on stderr."""
     problems: list = []
     try:
         items = sorted(catalog.iter_records(root, problems), key=catalog.sort_key)
     except OSError as exc:
-        raise UserError(f"cannot read the store {root}: {exc.strerror or exc} (run as root)") from None
+        raise unreadable(root, exc) from None
     output.warn_problems(problems)
     return items
 
@@ -50,7 +58,7 @@ def lookup(ns: argparse.Namespace, prefix: Optional[str]) -> tuple:
     try:
         found = catalog.find(root, prefix, problems)
     except OSError as exc:
-        raise UserError(f"cannot read the store {root}: {exc.strerror or exc} (run as root)") from None
+        raise unreadable(root, exc) from None
     finally:
         output.warn_problems(problems)
     return found

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+import os
 
 from corepipe.commands import lookup, options
-from corepipe.platform.config import Config
 from corepipe.platform.errors import UsageError, UserError
 from corepipe.platform.store import Store
 from corepipe.services import prune
@@ -35,12 +34,17 @@ def run(ns: argparse.Namespace) -> int:
     return _local(ns)
 
 
-@options.with_store
-def _local(ns: argparse.Namespace, cfg: Config, store: Optional[Store]) -> int:
-    if store is None:
+def _local(ns: argparse.Namespace) -> int:
+    cfg = options.config(ns)
+    if not os.path.isdir(cfg.store):
         print(f"the store {cfg.store} does not exist yet: nothing to prune")
         return 0
-    failed = prune.prune(store, cfg, dry_run=ns.dry_run, say=print)
+    try:
+        store = Store(cfg.store, create=False)
+    except OSError as exc:
+        raise UserError(f"cannot open the store {cfg.store}: {exc}; check it is a root-owned directory") from None
+    with store:
+        failed = prune.prune(store, cfg, dry_run=ns.dry_run, say=print)
     if failed:
         raise UserError(f"{failed} deletions failed (see above); check the store's permissions")
     return 0

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional
 
 from corepipe.commands import lookup, options
 from corepipe.domain import catalog
 from corepipe.domain.books import Books
-from corepipe.platform.config import Config
 from corepipe.platform.errors import UserError
 from corepipe.platform.store import Store
 
@@ -19,17 +17,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ids", nargs="+", metavar="ID", help="crash ids or unique prefixes")
 
 
-@options.with_store
-def run(ns: argparse.Namespace, cfg: Config, store: Optional[Store]) -> int:
-    items = lookup.all_records(cfg.store) if store is not None else []
+def run(ns: argparse.Namespace) -> int:
+    cfg = options.config(ns)
+    items = lookup.all_records(cfg.store)
     chosen = {}
     for prefix in ns.ids:
         path, rec = catalog.select(items, prefix)  # LookupFailed names the prefix: nothing is removed
         chosen[path] = rec
-    assert store is not None  # a crash was chosen
     pruned = 0
     try:
-        with Books(store) as books:
+        with Store(cfg.store, create=False) as store, Books(store) as books:
             for path, rec in chosen.items():
                 group, name = catalog.group_of(path, cfg.store)
                 pruned += books.delete_crash(group, name)
