@@ -196,8 +196,10 @@ class AzureDestination:
         except ResourceNotFoundError:
             return {}
         except (AzureError, OSError) as exc:
-            print(f"corepipe ship: warning: {_error(exc, f'list the staged blocks of {key}')}; uploading it afresh",
-                  file=sys.stderr)
+            error = _error(exc, f"list the staged blocks of {key}")
+            why = (f"list the staged blocks of {key}: access denied: resuming an upload needs blob read (Storage "
+                   "Blob Data Contributor, or a SAS with r)" if error.auth else str(error))
+            print(f"corepipe ship: warning: {why}; uploading it afresh", file=sys.stderr)
             return {}
         return {block.id: block.size for block in uncommitted}
 

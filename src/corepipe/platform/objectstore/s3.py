@@ -24,6 +24,7 @@ import base64
 import hashlib
 import os
 import re
+import sys
 import zlib
 from typing import Callable, Optional
 
@@ -193,9 +194,12 @@ class S3Destination:
                 and progress.get("upload_id") and progress.get("checksum") == "crc32"):
             try:
                 listed = self._list_parts(key, progress["upload_id"])
-            except DestinationError:
+            except DestinationError as exc:
                 # Any failure to resume (a role without s3:ListMultipartUploadParts answers access denied) starts a
-                # fresh upload: with bad credentials that fails too, and says so.
+                # fresh upload, with one warning: with bad credentials that fails too, and says so.
+                why = (f"list parts of {key}: access denied: resuming an upload needs s3:ListMultipartUploadParts"
+                       if exc.auth else str(exc))
+                print(f"corepipe ship: warning: {why}; uploading it afresh", file=sys.stderr)
                 listed = None
             if listed is not None:
                 kept = {n: p for n, p in progress["parts"].items() if listed.get(int(n)) == (p["size"], p["etag"])}
