@@ -49,13 +49,5 @@ SELECT group_key AS hash, count() AS count, uniqExact(node) AS node_count, array
        min(time) AS first_seen, max(time) AS last_seen
 FROM keyed GROUP BY group_key ORDER BY count DESC, hash;
 
--- Continuous ingest into a ClickHouse server (not chdb): new index objects are read once as they appear. The
--- rules above still apply at query time (replaces, tombstones, duplicates), so keep `object` and `line`.
--- CREATE TABLE fleet_index_raw (object String, line String) ENGINE = MergeTree ORDER BY object;
--- CREATE TABLE fleet_index_queue (line String)
---     ENGINE = S3Queue('{{INDEX_URL}}', '{{ACCESS_KEY}}', '{{SECRET_KEY}}', 'LineAsString')
---     SETTINGS mode = 'unordered', keeper_path = '/clickhouse/corepipe/fleet_index';
--- CREATE MATERIALIZED VIEW fleet_index_ingest TO fleet_index_raw AS SELECT _path AS object, line FROM fleet_index_queue;
--- then define fleet_lines over fleet_index_raw instead of s3(): SELECT object, line, JSONExtractString(line, 'kind')
--- AS kind, extract(object, 'node=([^/]+)/[^/]*$') AS partition FROM fleet_index_raw (a deleted, compacted-away
--- object's rows stay in the table and are left out by the replaces rule).
+-- Continuous ingest into a ClickHouse server with Keeper (S3Queue): clickhouse-s3queue.sql defines fleet_lines
+-- over the ingested rows; run it instead of the fleet_lines above, then fleet_crashes and fleet_groups.
