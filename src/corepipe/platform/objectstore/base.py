@@ -70,7 +70,7 @@ class Destination(Protocol):
         writers at once exactly one wins); False if one has."""
 
     def list(self, prefix: str) -> list:
-        """ObjectInfo (with metadata) of every object whose key starts with ``prefix``."""
+        """ObjectInfo (key, size and ETag; no metadata) of every object whose key starts with ``prefix``."""
 
     def get(self, key: str, write: Callable[[bytes], object]) -> int:
         """Stream the object's bytes to ``write``; returns the byte count."""
