@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 
 from corepipe.platform import config as configuration
-from corepipe.services import install
 
 
 def parent() -> argparse.ArgumentParser:
@@ -26,8 +25,10 @@ def config(ns: argparse.Namespace) -> configuration.Config:
     return cfg
 
 
-def paths(ns: argparse.Namespace) -> install.Paths:
+def paths(ns: argparse.Namespace):  # -> install.Paths; imported here, so other commands do not pay for it
     """Where install put (or puts) the launcher, the config with its install state, and the sysctl drop-in."""
+    from corepipe.services import install
+
     defaults = install.Paths()
     return install.Paths(bin=getattr(ns, "bin", defaults.bin), config=getattr(ns, "config", None) or defaults.config,
                          sysctl_dir=getattr(ns, "sysctl_dir", defaults.sysctl_dir))
