@@ -1,5 +1,5 @@
-"""A fleet's crashes in an object store: the object layout, the record summary kept as object metadata,
-and the remote catalog that ``list/info/extract/debug --remote`` read.
+"""A fleet's crashes in an object store: the object layout, the index writer, ``reindex``, and the remote catalog
+that ``list/info/extract/debug --remote`` read.
 
 Layout (docs/shipping.md)::
 
@@ -9,14 +9,13 @@ Layout (docs/shipping.md)::
     <prefix>/_index/v1/dt=<day>/node=<node>/<time>-<random>.ndjson.gz   the index (fleet_index)
 
 ``record.json`` is uploaded last, after everything it refers to is verified: a crash whose record
-object exists is complete. Its metadata holds a summary of the record (for a person looking at the bucket);
-the core's metadata holds the record's digest of it (``digest``: ``<algorithm>:<hex>``). Readers go through
+object exists is complete. The core's metadata holds the record's digest of it (``digest``:
+``<algorithm>:<hex>``). Readers go through
 the index: one listing and one GET per index object not read before, never one request per crash.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import json
@@ -28,16 +27,14 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
-from corepipe.domain import batch, binaries, fleet_index, fleet_sql
+from corepipe.domain import binaries, fleet_index, fleet_sql
 from corepipe.domain import record as records
 from corepipe.platform.fs import write_all
 from corepipe.platform.objectstore import Destination, DestinationError
 from corepipe.platform.store import BUILD_ID, RECORD, core_file, crash_id
 
 NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-SUMMARY = "summary"
 DIGEST = "digest"
-_SUMMARY_LIMIT = 1500  # S3 allows 2 KiB of user metadata in all
 MANIFEST = "manifest.json"
 #: An index object of one node and day is far smaller; a bigger one is refused unread.
 MAX_INDEX_OBJECT = 256 << 20
@@ -55,32 +52,6 @@ def crash_key(prefix: str, node: str, relative: tuple, name: str) -> str:
 
 def binary_key(prefix: str, stored: tuple) -> str:
     return _join(prefix, BUILD_ID, *stored)
-
-
-def summary(rec: dict, node: str) -> str:
-    """The record's listing fields, as compact base64 JSON that fits in object metadata."""
-    container = rec.get("container") or {}
-    task = batch.of_record(rec)
-    core = rec.get("core") or {}
-    limit = 200
-    while True:
-        def cut(value: object, limit: int = limit) -> object:
-            return value[:limit] if isinstance(value, str) else value
-        fields = {
-            "id": rec.get("id"), "node": node, "time": rec.get("time"), "timestamp": rec.get("timestamp"),
-            "received": rec.get("received"),
-            "status": rec.get("status"), "pid": rec.get("pid"), "comm": cut(rec.get("comm")),
-            "exe": cut(rec.get("exe")), "hostname": cut(rec.get("hostname")), "signal": rec.get("signal"),
-            "container": {k: cut(container.get(k)) for k in ("runtime", "id", "name", "image", "pod_name",
-                                                               "pod_namespace")},
-            "batch": {k: cut(task.get(k)) for k in fleet_index.BATCH} if task else None,
-            "core": {k: core.get(k) for k in ("stored", "file", "size", "compressed_size", "truncated", "complete",
-                                              "digest", "sha256")},
-        }
-        text = base64.b64encode(json.dumps(fields, separators=(",", ":")).encode()).decode()
-        if len(text) <= _SUMMARY_LIMIT or limit < 10:
-            return text
-        limit //= 2
 
 
 def write_rows(destination: Destination, node: str, rows: list) -> list:

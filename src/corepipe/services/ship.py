@@ -2,7 +2,7 @@
 
 Per crash, in this order: the saved binaries it references (content-addressed, so each is uploaded
 once per fleet: an existing object of the right size and sha256 is not sent again), the core (in
-parts, resumable from ``ship-progress.json``), and the record last, with its summary as metadata.
+parts, resumable from ``ship-progress.json``), and the record last.
 The core's bytes are checked against the record's digest (core.digest, or sha256 in old records) as
 they are read for the upload, before the object is committed, and the digest goes on as metadata.
 Each upload is read back (size, the store's checksum, the digest metadata) before the next step; then
@@ -267,7 +267,7 @@ class Shipper:
         fd, size = _read_file(crash.fd, RECORD)
         with open(fd, "rb") as f:
             data = f.read(size)
-        info = self.destination.put_small(key, data, {fleet.SUMMARY: fleet.summary(listed, self.node)})
+        info = self.destination.put_small(key, data, {})
         objects[key] = info.size
         crash.write(SHIPPED, json.dumps({"destination": self.destination.location.url, "node": self.node,
                                          "time": time.time(), "objects": objects, "withheld": withheld},
