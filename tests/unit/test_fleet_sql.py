@@ -99,9 +99,12 @@ def test_sql_filters_keep_what_the_local_filters_keep(table: tuple, filters: dic
     assert bool(got) != (filters in ({"signature": ""}, {"signature": "2222"})), "proves little"
 
 
-@pytest.mark.parametrize("filters", [{}, {"node": "node-0"}, {"signal": "SIGABRT"}, {"container": "api"}],
+@pytest.mark.parametrize("filters", [{}, {"node": None, "exe": None}, {"since": 0}, {"node": "node-0"},
+                                     {"signal": "SIGABRT"}, {"container": "api"}],
                          ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "all")
 def test_sql_groups_are_the_local_groups(table: tuple, filters: dict) -> None:
+    """Without filters (none given, or all None: list_cmd's) from the table built with the database
+    (``crash_groups``), with a filter that keeps every crash (since 0) computed: the same groups."""
     rows, con = table
     expected = signature.groups(local(rows, filters))
     for group in expected:
