@@ -9,6 +9,7 @@ import gzip
 import json
 import time
 from pathlib import Path
+from urllib.parse import unquote
 
 import objectstores
 import pytest
@@ -169,10 +170,176 @@ def test_prune_remote_deletes_two_nodes_crashes_with_tombstones_every_reader_hon
 
     # Everything older than now: the rest goes, and with it every binary (no remaining crash names one).
     out = corepipe(config, env, "prune", "--remote", url, "--max-age", "0").stdout.splitlines()
-    assert len(out) == 3 and out[-1] == f"deleted {len(shared | lone_binaries)} saved binaries no remaining crash " \
-                                        "names"
+    assert out[2:] == ["deleted 2 index objects whose crashes are all pruned",  # both nodes' (all rows pruned)
+                       f"deleted {len(shared | lone_binaries)} saved binaries no remaining crash names"], out
     left = bucket.keys("fleet/")
-    assert [k for k in left if "/_index/" not in k and "/_budget/" not in k] == [], left  # markers: the budget's
+    assert [k for k in left if "/node=_prune/" not in k and "/_budget/" not in k] == [], left  # markers: the budget's
     assert json.loads(corepipe(config, env, "list", "--remote", url, "--json").stdout) == []
     assert corepipe(config, env, "prune", "--remote", url, "--max-age", "0").stdout.strip() == \
         f"nothing under {url} to prune"
+
+
+def backdate(store: Path, crash: str, when: float) -> None:
+    """The record of ``crash`` in ``store`` as if it had been dumped at ``when`` (the kernel dumps only now)."""
+    path = next(store.glob(f"**/*-{crash}/record.json"))
+    rec = json.loads(path.read_text())
+    rec.update(timestamp=int(when), time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)))
+    path.write_text(json.dumps(rec))
+
+
+def settle(cache: Path) -> None:
+    """The pruner's clocks (remote_prune.CLOCKS in the index cache) as if SETTLE had passed since they started."""
+    from corepipe.services import remote_prune
+
+    [path] = cache.glob(f"corepipe/index/*/{remote_prune.CLOCKS}")
+    value = json.loads(path.read_text())
+    assert value["days"], "a clock was started"
+    path.write_text(json.dumps({"days": {d: t - remote_prune.SETTLE - 1 for d, t in value["days"].items()}}))
+
+
+def index_keys(bucket: Bucket, day: str = "") -> list:
+    return bucket.keys(f"fleet/_index/v1/{f'dt={day}/' if day else ''}")
+
+
+def test_prune_remote_removes_a_pruned_days_index_objects_then_its_tombstones(
+        server, bugs: dict, crasher: Path, tmp_path: Path) -> None:
+    """Real crashes of two nodes, two of them (one per node) dumped three days ago: ``prune --max-age 2`` deletes
+    them, and with them both nodes' index objects of that day (every row in them is pruned); the day's tombstones
+    stay until the pruner has seen them hide nothing for SETTLE, and go on the run after. Today's objects are never
+    touched, and every reader gives the same answer at each step."""
+    need_tool("gdb")
+    url = server.url("fleet")
+    three_days_ago = time.time() - 3 * 86400
+    day = time.strftime("%Y-%m-%d", time.gmtime(three_days_ago))
+    old: dict = {}
+    for node in ("node-a", "node-b"):
+        workdir = short_tempdir()
+        workdir.chmod(0o755)
+        extra = f'ship_to = "{url}"\nship_node = "{node}"\nbinaries_host = true\n{NO_RATE_LIMIT}'
+        with installed_handler(workdir, config_extra=extra) as handler:
+            crash([str(bugs["bugs"]), "near-a", f"near-{node[-1]}"])
+            old[node] = handler.wait_record(lambda r, c=f"near-{node[-1]}": r["comm"] == c)["id"]
+            if node == "node-a":
+                crash([str(crasher), "0", "lone-a"])
+                live = handler.wait_record(lambda r: r["comm"] == "lone-a")["id"]
+        backdate(handler.store, old[node], three_days_ago)
+        corepipe(handler.config, server.env, "ship", "--once")
+    bucket = Bucket(server)
+    before = index_keys(bucket)
+    nodes_of_day = [k for k in index_keys(bucket, day) if "/node=_prune/" not in k]
+    assert len(nodes_of_day) == 2, before
+    today = [k for k in before if f"/dt={day}/" not in k]
+    assert len(today) == 1, before
+    config = tmp_path / "reader.toml"
+    config.write_text(f'store = "{tmp_path / "no-store"}"\n')
+    env = {**server.env, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+    def readers_show_only_the_live_crash() -> None:
+        listed = json.loads(corepipe(config, env, "list", "--remote", url, "--json").stdout)
+        assert [(i["node"], i["id"]) for i in listed] == [("node-a", live)]
+        groups = json.loads(corepipe(config, env, "list", "--remote", url, "--group", "--json").stdout)
+        assert [(g["count"], g["nodes"]) for g in groups] == [(1, ["node-a"])]
+        assert live in corepipe(config, env, "info", "--remote", url, f"node-a/{live}").stdout
+        for node, crash_id in old.items():
+            refused = corepipe(config, env, "info", "--remote", url, f"{node}/{crash_id}", check=False)
+            assert refused.returncode == 1 and f"no crash with id {crash_id}" in refused.stderr, refused
+        query = "SELECT count(*) AS n FROM crashes"
+        assert corepipe(config, env, "fleet", "query", "--remote", url, query).stdout.splitlines() == ["n", "1"]
+
+    out = corepipe(config, env, "prune", "--remote", url, "--max-age", "2").stdout.splitlines()
+    assert sorted(out[:2]) == sorted(f"deleted {n}/{i} (older than 2 days)" for n, i in old.items()), out
+    assert "deleted 2 index objects whose crashes are all pruned" in out, out
+    after = index_keys(bucket)
+    tombstones = [k for k in after if "/node=_prune/" in k]
+    assert [k.split("/")[-3] for k in tombstones] == [f"dt={day}"], after
+    assert sorted(after) == sorted(today + tombstones)  # both nodes' objects of that day gone, today's untouched
+    readers_show_only_the_live_crash()
+
+    again = corepipe(config, env, "prune", "--remote", url, "--max-age", "2").stdout
+    assert again.strip() == f"nothing under {url} to prune"  # too early for the tombstones
+    assert index_keys(bucket) == after
+    settle(tmp_path / "cache")
+    last = corepipe(config, env, "prune", "--remote", url, "--max-age", "2").stdout
+    assert last.splitlines() == [f"deleted {len(tombstones)} tombstone objects that hide no crash any more"]
+    assert index_keys(bucket) == today and index_keys(bucket, day) == []
+    assert len(today) < len(before)
+    readers_show_only_the_live_crash()
+
+
+def test_a_compactions_object_written_after_the_pruners_check_keeps_the_tombstones(tmp_path: Path) -> None:
+    """The race with a node compacting the partition the pruner empties: node-a's merge of two objects of a pruned
+    day, as a compaction that read them before the pruner deleted them writes it, appears (1) after the run that
+    found the day clean (planted between runs) and (2) while the next run deletes it again (planted through the
+    proxy when the pruner's DELETE passes). Each time the tombstones stay, the merge is deleted as pruned, and no
+    reader ever shows a pruned crash; the tombstones go only once no merge has come back for SETTLE."""
+    server = objectstores.make("seaweedfs", tmp_path)
+    server.start()
+    try:
+        url = server.url("fleet")
+        store, config, when, day = past_node(server, tmp_path, 3)
+        pruned = []
+        for sweep in range(2):
+            pruned.append(objectstores.stored_crash(store, 1024, when=when + sweep)[1]["id"])
+            corepipe(config, server.env, "ship", "--once")
+        objectstores.stored_crash(store, 1024)  # today's: stays
+        corepipe(config, server.env, "ship", "--once")
+        bucket = Bucket(server)
+        [merged] = partition_keys(bucket, "fleet", "node-a", day)
+        rows = gzip.decompress(bucket.get(merged)).splitlines()
+        env = {**server.env, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+        reader = tmp_path / "reader.toml"
+        reader.write_text(f'store = "{tmp_path / "no-store"}"\n')
+
+        def compaction_of(replaced: str) -> tuple:
+            """(key, bytes) of node-a's merge of ``replaced``, holding the pruned crashes' rows as they were."""
+            head = json.dumps(fleet_index.replaces([replaced.rsplit("/", 1)[1]])).encode()
+            key = fleet_index.object_key("fleet", "node-a", day, time.time())
+            return key, gzip.compress(b"\n".join([head] + [r for r in rows if b'"replaces"' not in r]) + b"\n")
+
+        def no_pruned_crash_is_live() -> None:
+            listed = json.loads(corepipe(reader, env, "list", "--remote", url, "--json").stdout)
+            assert [i["id"] for i in listed if i["id"] in pruned] == []
+            assert len(listed) == 1
+            query = "SELECT count(*) AS n FROM crashes"
+            assert corepipe(reader, env, "fleet", "query", "--remote", url, query).stdout.splitlines() == ["n", "1"]
+
+        out = corepipe(reader, env, "prune", "--remote", url, "--max-age", "2").stdout
+        assert "deleted 1 index objects whose crashes are all pruned" in out, out
+        assert partition_keys(bucket, "fleet", "node-a", day) == []
+        tombstones = partition_keys(bucket, "fleet", fleet_index.PRUNER, day)
+        assert len(tombstones) == 1
+        # (1) The merge lands after that run's check, which started the day's clock.
+        late, data = compaction_of(merged)
+        bucket.put(late, data)
+        no_pruned_crash_is_live()
+        settle(tmp_path / "cache")
+        # (2) A second merge, of the first, lands while the next run deletes the first.
+        later = {}
+
+        def plant(method: str, path: str):  # noqa: ANN202
+            if method == "DELETE" and unquote(path.split("?")[0]).endswith(late) and not later:
+                later.update([compaction_of(late)])
+                bucket.put(*next(iter(later.items())))
+            return None
+
+        proxy = objectstores.CountingProxy(server.port, fault=plant)
+        try:
+            proxied = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+            out = corepipe(reader, proxied, "prune", "--remote", url, "--max-age", "2").stdout
+        finally:
+            proxy.close()
+        assert later and "deleted 1 index objects whose crashes are all pruned" in out, out
+        assert "tombstone" not in out  # the first merge restarted the day's clock
+        assert partition_keys(bucket, "fleet", fleet_index.PRUNER, day) == tombstones
+        assert partition_keys(bucket, "fleet", "node-a", day) == list(later)
+        no_pruned_crash_is_live()
+        out = corepipe(reader, env, "prune", "--remote", url, "--max-age", "2").stdout
+        assert out.splitlines() == ["deleted 1 index objects whose crashes are all pruned"], out
+        no_pruned_crash_is_live()
+        settle(tmp_path / "cache")
+        out = corepipe(reader, env, "prune", "--remote", url, "--max-age", "2").stdout
+        assert out.splitlines() == ["deleted 1 tombstone objects that hide no crash any more"], out
+        assert index_keys(bucket, day) == []
+        no_pruned_crash_is_live()
+    finally:
+        server.stop()

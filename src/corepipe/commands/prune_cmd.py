@@ -63,6 +63,6 @@ def _remote(ns: argparse.Namespace) -> int:
     if result.failed:
         raise UserError(f"{result.failed} deletions failed (see above); check the pruner's rights on {ns.remote} "
                         "(docs/shipping.md) and run it again")
-    if not result.crashes and not result.binaries:
+    if not (result.crashes or result.binaries or result.index or result.tombstones):
         print(f"nothing under {ns.remote} to prune")
     return 0

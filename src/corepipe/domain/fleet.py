@@ -123,6 +123,8 @@ class IndexCache:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         name = hashlib.sha256(destination.location.url.encode()).hexdigest()[:24]
         self.directory = os.path.join(base, "corepipe", "index", name)
+        #: The index objects the last sync listed but could not read whole (their rows are not in the cache).
+        self.unread: list = []
 
     def _manifest(self) -> dict:
         try:
@@ -140,25 +142,31 @@ class IndexCache:
         manifest = self._manifest()
         current: dict = {}
         new = []
+        self.unread = []
         for obj in self.destination.list(fleet_index.root(self.prefix)):
             where = fleet_index.partition(self.prefix, obj.key)
             if where is None:
                 self.warn(f"{obj.key[:200]}: not an index object this corepipe reads; skipped")
+                self.unread.append(obj.key)
                 continue
             seen = manifest.get(obj.key)
             if isinstance(seen, dict) and seen.get("etag") == obj.etag and seen.get("size") == obj.size and \
-                    os.path.exists(os.path.join(self.directory, str(seen.get("file")))):
+                    not seen.get("unread") and os.path.exists(os.path.join(self.directory, str(seen.get("file")))):
                 current[obj.key] = seen
                 continue
             if obj.size > MAX_INDEX_OBJECT:
                 self.warn(f"{obj.key}: {obj.size} bytes, more than an index object may be ({MAX_INDEX_OBJECT}); "
                           "skipped")
+                self.unread.append(obj.key)
                 continue
             new.append((obj, where[1]))
         with ThreadPoolExecutor(max_workers=8) as pool:  # a cold cache: requests at once, rows checked as read
-            for (obj, _node), name in zip(new, pool.map(lambda item: self._read(item[0].key, item[0].size, item[1]),
-                                                        new)):
+            for (obj, _node), (name, whole) in zip(new, pool.map(
+                    lambda item: self._read(item[0].key, item[0].size, item[1]), new)):
                 current[obj.key] = {"etag": obj.etag, "size": obj.size, "file": name}
+                if not whole:  # read again by the next command
+                    current[obj.key]["unread"] = True
+                    self.unread.append(obj.key)
         for key, seen in manifest.items():
             if key not in current and isinstance(seen, dict) and re.fullmatch(r"[0-9a-f]{32}\.ndjson",
                                                                               str(seen.get("file"))):
@@ -171,16 +179,17 @@ class IndexCache:
         os.replace(tmp, os.path.join(self.directory, MANIFEST))
         return current
 
-    def _read(self, key: str, size: int, node: str) -> str:
-        """Download one index object, keep its good rows (none when it cannot be read whole)."""
+    def _read(self, key: str, size: int, node: str) -> tuple:
+        """Download one index object, keep its good rows (none when it cannot be read whole); (the cache file's
+        name, whether it was read whole)."""
         name = hashlib.sha256(key.encode()).hexdigest()[:32] + ".ndjson"
-        good = read_object(self.destination, key, size, node, self.warn) or []
+        good = read_object(self.destination, key, size, node, self.warn)
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".rows.")
         with open(fd, "wb") as f:
-            for checked in good:
+            for checked in good or []:
                 f.write(json.dumps(checked, separators=(",", ":")).encode() + b"\n")
         os.replace(tmp, os.path.join(self.directory, name))
-        return name
+        return name, good is not None
 
 
 def read_object(destination: Destination, key: str, size: int, node: str,

@@ -20,6 +20,10 @@ from corepipe.platform.objectstore import Destination, DestinationError
 #: Objects in one partition of today that start a compaction (a partition of a past day: two). A sweep that ships
 #: something adds one object, so a crash loop rewrites its day's rows once per COMPACT_AT sweeps, not every sweep.
 COMPACT_AT = 8
+#: Seconds a compaction may take from its listing to the write of the merged object: past it, it writes nothing
+#: (tried again on the next sweep). ``prune --remote`` counts on it: rows the pruner's deletions removed come back
+#: only in an object written within this time, plus its write's timeouts (remote_prune.SETTLE).
+LIMIT = 600
 #: Days the shipper keeps counting its objects of (a crash is shipped days after its dump at most, as a rule).
 KEEP_DAYS = 30
 
@@ -54,6 +58,7 @@ def compact(destination: Destination, node: str, day: str, warn: Callable[[str],
     when there was nothing to merge. An object that cannot be read whole is left as it is."""
     prefix = destination.location.prefix
     base = fleet_index.partition_root(prefix, node, day)
+    started = time.time()
     listed = sorted((o for o in destination.list(base) if fleet_index.NAME.fullmatch(o.key[len(base):])),
                     key=lambda o: o.key)
     read = {}
@@ -82,6 +87,9 @@ def compact(destination: Destination, node: str, day: str, warn: Callable[[str],
     rows += [value for _crash, value in sorted(tombstones.items())]
     key = fleet_index.object_key(prefix, node, day, time.time())
     data = fleet_index.encode(rows)
+    if not 0 <= time.time() - started <= LIMIT:
+        raise DestinationError(f"reading {base} took more than {LIMIT} s; nothing merged, so that no row the pruner "
+                               "removed meanwhile comes back")
     destination.put_small(key, data, {"rows": str(len(rows) - 1), "replaces": str(len(read))})
     back: list = []
     try:

@@ -104,7 +104,8 @@ def _open(duckdb, path: str, directory: str, objects: dict, warn: Callable[[str]
     return con
 
 
-def _build(con, directory: str, objects: dict, warn: Callable[[str], None]) -> None:  # noqa: ANN001
+def _load(con, directory: str, objects: dict) -> None:  # noqa: ANN001
+    """The temp table ``everything``: every cached row, with ``object``, the key of the index object it is in."""
     extra = {"deleted": "DOUBLE", "objects": "VARCHAR[]"}  # of tombstones and of a compacted object's first row
     columns = "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in {**COLUMNS, **extra}.items()) + "}"
     con.execute("CREATE TEMP TABLE objects (key VARCHAR, file VARCHAR)")
@@ -118,6 +119,10 @@ def _build(con, directory: str, objects: dict, warn: Callable[[str], None]) -> N
         source = f"SELECT {', '.join(f'NULL::{t} AS {n}' for n, t in COLUMNS.items())}, NULL::VARCHAR AS object, " \
                  "NULL::DOUBLE AS deleted, NULL::VARCHAR[] AS objects WHERE false"
     con.execute(f"CREATE TEMP TABLE everything AS {source}")
+
+
+def _build(con, directory: str, objects: dict, warn: Callable[[str], None]) -> None:  # noqa: ANN001
+    _load(con, directory, objects)
     # A compacted object's rows stand for the objects of its partition it names, which may still be listed (they are
     # deleted after it is written and read back): their rows are left out, so no crash is counted twice.
     con.execute("""CREATE TEMP TABLE raw AS SELECT * FROM everything WHERE object NOT IN (
@@ -302,3 +307,34 @@ def expired(con, before: Optional[float], keep: Optional[int]) -> tuple:  # noqa
     unused = con.execute(f"""SELECT saved.key FROM (SELECT doomed, unnest(keys.binaries) AS saved FROM ({flagged}))
         GROUP BY saved.key HAVING bool_and(doomed) ORDER BY 1""", params).fetchall()
     return rows, [key for (key,) in unused]
+
+
+def census(directory: str, objects: dict) -> list:
+    """What ``prune --remote`` needs to know of every cached index object (``objects``: the cache's manifest), as
+    ``(key, crashes, live, tombstones, needed)``: its crash rows, those of them no tombstone anywhere in the index
+    hides, its tombstone rows, and those of them that hide a crash row still in some index object (the objects a
+    compacted one replaces included: they are still there)."""
+    import duckdb
+
+    try:
+        con = duckdb.connect(":memory:", config={"threads": 2, "memory_limit": "160MB"})
+    except duckdb.Error as exc:
+        raise QueryError(f"cannot open DuckDB ({str(exc).splitlines()[0][:200]})") from None
+    try:
+        _load(con, directory, objects)
+        return con.execute("""
+            WITH dead AS (SELECT DISTINCT node, id FROM everything WHERE kind = 'tombstone'),
+                 named AS (SELECT DISTINCT node, id FROM everything WHERE kind = 'crash'),
+                 flagged AS (SELECT e.object, e.kind, d.id IS NOT NULL AS hidden, n.id IS NOT NULL AS hides
+                             FROM everything e LEFT JOIN dead d ON d.node = e.node AND d.id = e.id
+                             LEFT JOIN named n ON n.node = e.node AND n.id = e.id)
+            SELECT o.key, count(f.kind) FILTER (WHERE f.kind = 'crash'),
+                   count(f.kind) FILTER (WHERE f.kind = 'crash' AND NOT f.hidden),
+                   count(f.kind) FILTER (WHERE f.kind = 'tombstone'),
+                   count(f.kind) FILTER (WHERE f.kind = 'tombstone' AND f.hides)
+            FROM objects o LEFT JOIN flagged f ON f.object = o.key GROUP BY o.key ORDER BY o.key""").fetchall()
+    except duckdb.Error as exc:
+        raise QueryError(f"the index cache {directory} cannot be used ({str(exc).splitlines()[0][:200]}); it is "
+                         "safe to delete") from None
+    finally:
+        con.close()

@@ -6,10 +6,21 @@ looks complete, then the core), then get a tombstone row each in the pruner's ow
 the pruner never writes in a node's partition), then the ``.build-id`` objects that only they named are deleted.
 A crash whose objects could not all be deleted gets no tombstone: the next run deletes what is left (a deletion of
 an object already gone is no error).
+
+Then the index itself (``sweep``): the objects of nodes' partitions whose crash rows are all tombstoned are deleted
+(deleting hides nothing more: every row of theirs is hidden already), and last the pruner's tombstone objects of a
+dump day, once none of that day's tombstones hides a row in any index object, as seen by two listings of this
+workstation's pruner at least SETTLE apart (a node compacting its partition may write back rows of an object it
+read before the pruner deleted it, within fleet_compact.LIMIT; the second listing sees that object, and the
+tombstones stay). The time of the first listing of each day is kept in the index cache (``prune-clocks.json``;
+safe to delete: the clocks start again).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,12 +29,19 @@ from typing import Callable, Optional
 from corepipe.domain import fleet, fleet_compact, fleet_index, fleet_sql
 from corepipe.platform.objectstore import DestinationError
 
+#: Seconds a day's tombstones must have hidden no row before they are deleted: far more than a compaction may
+#: take (fleet_compact.LIMIT, plus its write within the SDKs' timeouts: 4 tries of at most 320 s each).
+SETTLE = 3600
+CLOCKS = "prune-clocks.json"
+
 
 @dataclass
 class Pruned:
     crashes: int = 0
     binaries: int = 0
     failed: int = 0
+    index: int = 0
+    tombstones: int = 0
 
 
 def prune(remote: fleet.RemoteCatalog, max_age_days: Optional[float], keep: Optional[int], *, dry_run: bool,
@@ -72,6 +90,7 @@ def prune(remote: fleet.RemoteCatalog, max_age_days: Optional[float], keep: Opti
         say(f"error: cannot write the tombstones of the crashes deleted: {exc}")
     if result.failed:  # a binary of a crash still there (not deleted) must stay
         return result
+    sweep(remote, result, say)
     for key in unused:
         try:
             destination.delete(key)
@@ -82,3 +101,92 @@ def prune(remote: fleet.RemoteCatalog, max_age_days: Optional[float], keep: Opti
     if result.binaries:
         say(f"deleted {result.binaries} saved binaries no remaining crash names")
     return result
+
+
+def sweep(remote: fleet.RemoteCatalog, result: Pruned, say: Callable[[str], None]) -> None:
+    """Delete the index objects that only hold pruned crashes' rows, then the tombstone objects of the days whose
+    tombstones have hidden nothing for SETTLE seconds (the module's docstring says why this order and this wait)."""
+    destination, cache = remote.destination, remote.index
+    clocks = _clocks(cache.directory)
+    started = time.time()
+    objects = _census(remote)
+    for day, clean in _days(objects).items():
+        if not clean:
+            clocks.pop(day, None)
+    dead = [key for key, (_day, node, crashes, live, tombstones, _needed) in objects.items()
+            if node != fleet_index.PRUNER and crashes and not live and not tombstones]
+    for key in dead:
+        try:
+            destination.delete(key)
+            result.index += 1
+        except DestinationError as exc:
+            result.failed += 1
+            say(f"error: cannot delete {key}: {exc}")
+    if result.index:
+        say(f"deleted {result.index} index objects whose crashes are all pruned")
+    if dead:  # the listing that counts: after the deletions
+        started = time.time()
+        objects = _census(remote)
+    seen = time.time()
+    if cache.unread:  # its rows may be a pruned crash's: no day is known to be clean
+        say(f"tombstones kept: {len(cache.unread)} index objects could not be read ({cache.unread[0]}, ...)")
+        clocks = {}
+    for day, clean in sorted(_days(objects).items()):
+        if not clean or cache.unread:
+            clocks.pop(day, None)
+            continue
+        since = clocks.setdefault(day, seen)
+        if started - since < SETTLE:
+            continue
+        keys = [key for key, value in objects.items() if value[:2] == (day, fleet_index.PRUNER)]
+        try:
+            for key in keys:
+                destination.delete(key)
+                result.tombstones += 1
+            del clocks[day]
+        except DestinationError as exc:
+            result.failed += 1
+            say(f"error: cannot delete {key}: {exc}")
+    if result.tombstones:
+        say(f"deleted {result.tombstones} tombstone objects that hide no crash any more")
+    days = {value[0] for value in objects.values() if value[1] == fleet_index.PRUNER}
+    _save_clocks(cache.directory, {day: since for day, since in clocks.items() if day in days})
+
+
+def _census(remote: fleet.RemoteCatalog) -> dict:
+    """key -> (day, node, crashes, live, tombstones, needed) of every index object, from a fresh listing."""
+    census = {}
+    for key, *counts in fleet_sql.census(remote.index.directory, remote.index.sync()):
+        where = fleet_index.partition(remote.prefix, key)
+        if where is not None:
+            census[key] = (*where, *counts)
+    return census
+
+
+def _days(objects: dict) -> dict:
+    """day -> whether the pruner's tombstones of that day are clean: each of its objects holds tombstones (one that
+    holds none was not read whole) and none of them hides a crash row still in the index."""
+    days: dict = {}
+    for day, node, _crashes, _live, tombstones, needed in objects.values():
+        if node == fleet_index.PRUNER:
+            days[day] = days.get(day, True) and tombstones > 0 and not needed
+    return days
+
+
+def _clocks(directory: str) -> dict:
+    """day -> when a listing first found its tombstones clean (and every listing since), from the cache."""
+    try:
+        with open(os.path.join(directory, CLOCKS), "rb") as f:
+            value = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return {}
+    days = value.get("days") if isinstance(value, dict) else None
+    return {d: t for d, t in days.items() if isinstance(d, str) and isinstance(t, (int, float))} \
+        if isinstance(days, dict) else {}
+
+
+def _save_clocks(directory: str, clocks: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".clocks.")
+    with open(fd, "wb") as f:
+        f.write(json.dumps({"days": clocks}).encode())
+    os.replace(tmp, os.path.join(directory, CLOCKS))
