@@ -336,10 +336,64 @@ def test_a_compactions_object_written_after_the_pruners_check_keeps_the_tombston
         out = corepipe(reader, env, "prune", "--remote", url, "--max-age", "2").stdout
         assert out.splitlines() == ["deleted 1 index objects whose crashes are all pruned"], out
         no_pruned_crash_is_live()
+        # An index object that cannot be read whole may hold any rows: no day's tombstones go while it is there.
+        cut = fleet_index.object_key("fleet", "node-b", day, time.time())
+        bucket.put(cut, data[:len(data) // 2])
+        settle(tmp_path / "cache")
+        out = corepipe(reader, env, "prune", "--remote", url, "--max-age", "2").stdout
+        assert out.splitlines() == [f"tombstones kept: 1 index objects could not be read ({cut}, ...)",
+                                    f"nothing under {url} to prune"], out
+        assert partition_keys(bucket, "fleet", fleet_index.PRUNER, day) == tombstones
+        bucket.delete(cut)
+        out = corepipe(reader, env, "prune", "--remote", url, "--max-age", "2").stdout
+        assert out.strip() == f"nothing under {url} to prune"  # the day's clock starts again
         settle(tmp_path / "cache")
         out = corepipe(reader, env, "prune", "--remote", url, "--max-age", "2").stdout
         assert out.splitlines() == ["deleted 1 tombstone objects that hide no crash any more"], out
         assert index_keys(bucket, day) == []
         no_pruned_crash_is_live()
+    finally:
+        server.stop()
+
+
+def test_a_compaction_slower_than_its_limit_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compaction whose reads take longer than fleet_compact.LIMIT (1 s here; a proxy makes each GET of an index
+    object slow) writes no merged object, so it cannot bring back rows the pruner removed meanwhile: the two objects
+    stay, and a compaction within the limit merges them."""
+    from corepipe.domain import fleet, fleet_compact
+    from corepipe.platform.objectstore import DestinationError, open_destination
+
+    server = objectstores.make("seaweedfs", tmp_path)
+    server.start()
+    try:
+        for name, value in server.env.items():
+            monkeypatch.setenv(name, value)
+        store, _config, when, day = past_node(server, tmp_path, 2)
+        destination = open_destination(server.url("fleet"))
+        for n in range(2):
+            path, rec = objectstores.stored_crash(store, 16, when=when + n)
+            relative = ("host", path.name)
+            objects = {fleet.crash_key("fleet", "node-a", relative, "record.json"): 100}
+            fleet.write_rows(destination, "node-a", [fleet_index.row(rec, "node-a", "fleet", relative, objects)])
+        bucket = Bucket(server)
+        two = partition_keys(bucket, "fleet", "node-a", day)
+        assert len(two) == 2
+
+        def slow(method: str, path: str):  # noqa: ANN202
+            if method == "GET" and "list-type" not in path and "_index" in unquote(path):
+                time.sleep(0.7)
+            return None
+
+        monkeypatch.setattr(fleet_compact, "LIMIT", 1)
+        proxy = objectstores.CountingProxy(server.port, fault=slow)
+        try:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+            with pytest.raises(DestinationError, match="took more than 1 s; nothing merged"):
+                fleet_compact.compact(open_destination(server.url("fleet")), "node-a", day, print)
+        finally:
+            proxy.close()
+        assert partition_keys(bucket, "fleet", "node-a", day) == two
+        merged = fleet_compact.compact(destination, "node-a", day, print)
+        assert partition_keys(bucket, "fleet", "node-a", day) == [merged]
     finally:
         server.stop()

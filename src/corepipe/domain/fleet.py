@@ -135,9 +135,10 @@ class IndexCache:
         objects = value.get("objects") if isinstance(value, dict) else None
         return objects if isinstance(objects, dict) and value.get("url") == self.destination.location.url else {}
 
-    def sync(self) -> dict:
-        """Read the index objects not seen yet (one listing, then one GET per new object); forget the ones gone
-        from the bucket. Returns key -> cached file of every object."""
+    def sync(self, again: bool = False) -> dict:
+        """Read the index objects not seen yet (one listing, then one GET per new object; ``again``: and those
+        that could not be read whole before, which are otherwise cached without rows, warned about once); forget
+        the ones gone from the bucket. Returns key -> cached file of every object."""
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         manifest = self._manifest()
         current: dict = {}
@@ -151,8 +152,11 @@ class IndexCache:
                 continue
             seen = manifest.get(obj.key)
             if isinstance(seen, dict) and seen.get("etag") == obj.etag and seen.get("size") == obj.size and \
-                    not seen.get("unread") and os.path.exists(os.path.join(self.directory, str(seen.get("file")))):
+                    not (again and seen.get("unread")) and \
+                    os.path.exists(os.path.join(self.directory, str(seen.get("file")))):
                 current[obj.key] = seen
+                if seen.get("unread"):
+                    self.unread.append(obj.key)
                 continue
             if obj.size > MAX_INDEX_OBJECT:
                 self.warn(f"{obj.key}: {obj.size} bytes, more than an index object may be ({MAX_INDEX_OBJECT}); "
@@ -164,7 +168,7 @@ class IndexCache:
             for (obj, _node), (name, whole) in zip(new, pool.map(
                     lambda item: self._read(item[0].key, item[0].size, item[1]), new)):
                 current[obj.key] = {"etag": obj.etag, "size": obj.size, "file": name}
-                if not whole:  # read again by the next command
+                if not whole:
                     current[obj.key]["unread"] = True
                     self.unread.append(obj.key)
         for key, seen in manifest.items():

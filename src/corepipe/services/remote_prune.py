@@ -154,9 +154,10 @@ def sweep(remote: fleet.RemoteCatalog, result: Pruned, say: Callable[[str], None
 
 
 def _census(remote: fleet.RemoteCatalog) -> dict:
-    """key -> (day, node, crashes, live, tombstones, needed) of every index object, from a fresh listing."""
+    """key -> (day, node, crashes, live, tombstones, needed) of every index object, from a fresh listing (an
+    object that could not be read whole before is tried again: a failed GET must not keep tombstones for ever)."""
     census = {}
-    for key, *counts in fleet_sql.census(remote.index.directory, remote.index.sync()):
+    for key, *counts in fleet_sql.census(remote.index.directory, remote.index.sync(again=True)):
         where = fleet_index.partition(remote.prefix, key)
         if where is not None:
             census[key] = (*where, *counts)
