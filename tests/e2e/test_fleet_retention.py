@@ -9,6 +9,7 @@ import gzip
 import json
 import time
 from pathlib import Path
+from typing import Optional
 from urllib.parse import unquote
 
 import objectstores
@@ -110,22 +111,40 @@ def test_a_compaction_whose_read_back_fails_keeps_the_objects_it_would_replace(t
         server.stop()
 
 
-def test_prune_remote_deletes_two_nodes_crashes_with_tombstones_every_reader_honours(
-        server, bugs: dict, crasher: Path, tmp_path: Path) -> None:
+def backdate(store: Path, crash: str, when: float) -> None:
+    """The record of ``crash`` in ``store`` as if it had been dumped at ``when`` (the kernel dumps only now)."""
+    path = next(store.glob(f"**/*-{crash}/record.json"))
+    rec = json.loads(path.read_text())
+    rec.update(timestamp=int(when), time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)))
+    path.write_text(json.dumps(rec))
+
+
+def ship_real_crashes(server: objectstores.Server, bugs: dict, crasher: Path, when: Optional[float] = None) -> dict:
+    """node -> records of the real crashes node-a and node-b ship to ``fleet``: one of the bug's (one signature for
+    both nodes), and node-a one of the crasher; the bug's dumped at ``when`` (its record edited before shipping)
+    when given."""
     need_tool("gdb")
-    url = server.url("fleet")
     shipped: dict = {}
     for node in ("node-a", "node-b"):
         workdir = short_tempdir()
         workdir.chmod(0o755)
-        extra = f'ship_to = "{url}"\nship_node = "{node}"\nbinaries_host = true\n{NO_RATE_LIMIT}'
+        extra = f'ship_to = "{server.url("fleet")}"\nship_node = "{node}"\nbinaries_host = true\n{NO_RATE_LIMIT}'
         with installed_handler(workdir, config_extra=extra) as handler:
             crash([str(bugs["bugs"]), "near-a", f"near-{node[-1]}"])
             shipped[node] = [handler.wait_record(lambda r, c=f"near-{node[-1]}": r["comm"] == c)]
             if node == "node-a":
                 crash([str(crasher), "0", "lone-a"])
                 shipped[node].append(handler.wait_record(lambda r: r["comm"] == "lone-a"))
+        if when is not None:
+            backdate(handler.store, shipped[node][0]["id"], when)
         corepipe(handler.config, server.env, "ship", "--once")
+    return shipped
+
+
+def test_prune_remote_deletes_two_nodes_crashes_with_tombstones_every_reader_honours(
+        server, bugs: dict, crasher: Path, tmp_path: Path) -> None:
+    url = server.url("fleet")
+    shipped = ship_real_crashes(server, bugs, crasher)
     old, newer = shipped["node-a"][0], shipped["node-b"][0]
     assert old["signature"]["hash"] == newer["signature"]["hash"]
     bucket = Bucket(server)
@@ -179,14 +198,6 @@ def test_prune_remote_deletes_two_nodes_crashes_with_tombstones_every_reader_hon
         f"nothing under {url} to prune"
 
 
-def backdate(store: Path, crash: str, when: float) -> None:
-    """The record of ``crash`` in ``store`` as if it had been dumped at ``when`` (the kernel dumps only now)."""
-    path = next(store.glob(f"**/*-{crash}/record.json"))
-    rec = json.loads(path.read_text())
-    rec.update(timestamp=int(when), time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)))
-    path.write_text(json.dumps(rec))
-
-
 def settle(cache: Path) -> None:
     """The pruner's clocks (remote_prune.CLOCKS in the index cache) as if SETTLE had passed since they started."""
     from corepipe.services import remote_prune
@@ -207,23 +218,12 @@ def test_prune_remote_removes_a_pruned_days_index_objects_then_its_tombstones(
     them, and with them both nodes' index objects of that day (every row in them is pruned); the day's tombstones
     stay until the pruner has seen them hide nothing for SETTLE, and go on the run after. Today's objects are never
     touched, and every reader gives the same answer at each step."""
-    need_tool("gdb")
     url = server.url("fleet")
     three_days_ago = time.time() - 3 * 86400
     day = time.strftime("%Y-%m-%d", time.gmtime(three_days_ago))
-    old: dict = {}
-    for node in ("node-a", "node-b"):
-        workdir = short_tempdir()
-        workdir.chmod(0o755)
-        extra = f'ship_to = "{url}"\nship_node = "{node}"\nbinaries_host = true\n{NO_RATE_LIMIT}'
-        with installed_handler(workdir, config_extra=extra) as handler:
-            crash([str(bugs["bugs"]), "near-a", f"near-{node[-1]}"])
-            old[node] = handler.wait_record(lambda r, c=f"near-{node[-1]}": r["comm"] == c)["id"]
-            if node == "node-a":
-                crash([str(crasher), "0", "lone-a"])
-                live = handler.wait_record(lambda r: r["comm"] == "lone-a")["id"]
-        backdate(handler.store, old[node], three_days_ago)
-        corepipe(handler.config, server.env, "ship", "--once")
+    shipped = ship_real_crashes(server, bugs, crasher, three_days_ago)
+    old = {node: records[0]["id"] for node, records in shipped.items()}
+    live = shipped["node-a"][1]["id"]
     bucket = Bucket(server)
     before = index_keys(bucket)
     nodes_of_day = [k for k in index_keys(bucket, day) if "/node=_prune/" not in k]

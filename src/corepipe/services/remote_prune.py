@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from corepipe.domain import fleet, fleet_compact, fleet_index, fleet_sql
-from corepipe.platform.objectstore import DestinationError
+from corepipe.platform.objectstore import Destination, DestinationError
 
 #: Seconds a day's tombstones must have hidden no row before they are deleted: far more than a compaction may
 #: take (fleet_compact.LIMIT, plus its write within the SDKs' timeouts: 4 tries of at most 320 s each).
@@ -91,13 +91,7 @@ def prune(remote: fleet.RemoteCatalog, max_age_days: Optional[float], keep: Opti
     if result.failed:  # a binary of a crash still there (not deleted) must stay
         return result
     sweep(remote, result, say)
-    for key in unused:
-        try:
-            destination.delete(key)
-            result.binaries += 1
-        except DestinationError as exc:
-            result.failed += 1
-            say(f"error: cannot delete {key}: {exc}")
+    result.binaries = _delete(destination, unused, result, say)
     if result.binaries:
         say(f"deleted {result.binaries} saved binaries no remaining crash names")
     return result
@@ -115,13 +109,7 @@ def sweep(remote: fleet.RemoteCatalog, result: Pruned, say: Callable[[str], None
             clocks.pop(day, None)
     dead = [key for key, (_day, node, crashes, live, tombstones, _needed) in objects.items()
             if node != fleet_index.PRUNER and crashes and not live and not tombstones]
-    for key in dead:
-        try:
-            destination.delete(key)
-            result.index += 1
-        except DestinationError as exc:
-            result.failed += 1
-            say(f"error: cannot delete {key}: {exc}")
+    result.index = _delete(destination, dead, result, say)
     if result.index:
         say(f"deleted {result.index} index objects whose crashes are all pruned")
     if dead:  # the listing that counts: after the deletions
@@ -139,18 +127,27 @@ def sweep(remote: fleet.RemoteCatalog, result: Pruned, say: Callable[[str], None
         if started - since < SETTLE:
             continue
         keys = [key for key, value in objects.items() if value[:2] == (day, fleet_index.PRUNER)]
-        try:
-            for key in keys:
-                destination.delete(key)
-                result.tombstones += 1
+        deleted = _delete(destination, keys, result, say)
+        result.tombstones += deleted
+        if deleted == len(keys):
             del clocks[day]
-        except DestinationError as exc:
-            result.failed += 1
-            say(f"error: cannot delete {key}: {exc}")
     if result.tombstones:
         say(f"deleted {result.tombstones} tombstone objects that hide no crash any more")
     days = {value[0] for value in objects.values() if value[1] == fleet_index.PRUNER}
     _save_clocks(cache.directory, {day: since for day, since in clocks.items() if day in days})
+
+
+def _delete(destination: Destination, keys: list, result: Pruned, say: Callable[[str], None]) -> int:
+    """Delete ``keys``; returns how many went (a failure is said, and counted in ``result.failed``)."""
+    deleted = 0
+    for key in keys:
+        try:
+            destination.delete(key)
+            deleted += 1
+        except DestinationError as exc:
+            result.failed += 1
+            say(f"error: cannot delete {key}: {exc}")
+    return deleted
 
 
 def _census(remote: fleet.RemoteCatalog) -> dict:
