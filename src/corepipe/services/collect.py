@@ -136,12 +136,14 @@ def finish(ctx: Context, *, failed: bool) -> None:
                   cpu=usage.ru_utime + usage.ru_stime, peak_rss=usage.ru_maxrss * 1024)
 
 
-def load_config(path: Optional[str], errors: list) -> configuration.Config:
-    """The config at ``path``, the keys the collector reads (not the shipper's: a bad ``ship_to`` is no error of
-    a crash's); what is wrong with it goes to ``errors`` and falls back to the defaults."""
+def load_config(path: Optional[str], errors: list,
+                keys: Optional[frozenset] = configuration.COLLECTOR) -> configuration.Config:
+    """The config at ``path``, by default the keys the collector reads (not the shipper's: a bad ``ship_to`` is
+    no error of a crash's; ``keys=None`` reads every key); what is wrong with it goes to ``errors`` and falls back
+    to the defaults."""
     problems: list = []
     try:
-        cfg = configuration.load(path, problems, configuration.COLLECTOR)
+        cfg = configuration.load(path, problems, keys)
     except configuration.ConfigError as exc:
         errors.append(f"config: {exc}; using the defaults")
         return configuration.Config()

@@ -70,7 +70,7 @@ def _process(host: str, port: int, config: Optional[str], run_dir: str, parent: 
         return 1
     from corepipe.services import metrics
 
-    prepared = Prepared(config)
+    prepared = Prepared(config, keys=None)  # every key: ship_to gives the shipping backlog's metrics
     try:
         _server, thread, port = metrics.listen(host, port, lambda: prepared.current()[0],
                                                [metrics.ServerCollector(lambda: read_health(run_dir))])

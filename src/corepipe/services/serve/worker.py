@@ -36,11 +36,12 @@ _SO_RCVBUFFORCE = 33
 class Prepared:
     """What an idle worker readies before its crash comes: the config, loaded again only if its file changed."""
 
-    def __init__(self, path: Optional[str]):
+    def __init__(self, path: Optional[str], keys: Optional[frozenset] = configuration.COLLECTOR):
         self.path = path
+        self.keys = keys
         self.stamp = self._stamp()
         self.errors: list = []
-        self.cfg = collect.load_config(path, self.errors)
+        self.cfg = collect.load_config(path, self.errors, keys)
 
     def _stamp(self) -> Optional[tuple]:
         try:
@@ -53,7 +54,7 @@ class Prepared:
         """(config, its problems) as the file is now."""
         if self._stamp() != self.stamp:
             self.errors = []
-            self.cfg = collect.load_config(self.path, self.errors)
+            self.cfg = collect.load_config(self.path, self.errors, self.keys)
         return self.cfg, list(self.errors)
 
 
