@@ -138,9 +138,8 @@ def finish(ctx: Context, *, failed: bool) -> None:
 
 def load_config(path: Optional[str], errors: list,
                 keys: Optional[frozenset] = configuration.COLLECTOR) -> configuration.Config:
-    """The config at ``path``, by default the keys the collector reads (not the shipper's: a bad ``ship_to`` is
-    no error of a crash's; ``keys=None`` reads every key); what is wrong with it goes to ``errors`` and falls back
-    to the defaults."""
+    """The config at ``path``, by default the keys the collector reads (a bad ``ship_to`` is no error of a
+    crash's; ``None``: every key); what is wrong with it goes to ``errors`` and falls back to the defaults."""
     problems: list = []
     try:
         cfg = configuration.load(path, problems, keys)
