@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from corepipe.domain import fleet, fleet_compact, fleet_index, fleet_sql
+from corepipe.platform import fs
 from corepipe.platform.objectstore import Destination, DestinationError
 
 #: Seconds a day's tombstones must have hidden no row before they are deleted: far more than a compaction may
@@ -184,7 +184,5 @@ def _clocks(directory: str) -> dict:
 
 
 def _save_clocks(directory: str, clocks: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".clocks.")
-    with open(fd, "wb") as f:
-        f.write(json.dumps({"days": clocks}).encode())
-    os.replace(tmp, os.path.join(directory, CLOCKS))
+    data = json.dumps({"days": clocks}).encode()
+    fs.replace(os.path.join(directory, CLOCKS), lambda fd: fs.write_all(fd, data))
