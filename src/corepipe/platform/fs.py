@@ -111,8 +111,7 @@ def replace(path: str, fill: Callable[[int], object], *, mode: int = 0o600, dir_
 def free_bytes(where: int | str) -> int:
     """Bytes an unprivileged writer may still use on the filesystem of ``where`` (an fd or a path): the one
     free-space figure admission, saved binaries and ``status`` use."""
-    st = os.statvfs(where)
-    return st.f_bavail * st.f_frsize
+    return space(where)[1]
 
 
 def space(where: int | str) -> tuple:
