@@ -234,7 +234,7 @@ class AzureDestination:
                 page = ElementTree.fromstring(body)  # type: ignore[arg-type]
                 for blob in page.iter("Blob"):
                     name = blob.find("Name")
-                    key = name.text or "" if name is not None else ""
+                    key = (name.text or "") if name is not None else ""
                     if name is not None and name.get("Encoded") == "true":  # a name XML cannot carry as it is
                         key = unquote(key)
                     found.append(ObjectInfo(key=key, size=int(blob.findtext("Properties/Content-Length") or 0),
