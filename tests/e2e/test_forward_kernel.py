@@ -233,6 +233,25 @@ def test_static_forwarder_with_a_silent_or_busy_server(workdirs, crasher: Path) 
             assert rec["collector"]["transport"] == "pipe" and rec["core"]["stored"] and rec["core"]["complete"]
 
 
+def test_silent_handlers_do_not_hold_up_the_others(workdirs, crasher: Path) -> None:
+    """Root connections that send nothing (handlers the scheduler has not run yet, in a storm) do not keep a
+    real crash's handler waiting past its deadline: it is forwarded, and the silent ones are dropped later."""
+    with served_handler(workdirs(), config_extra=NO_RATE_LIMIT, mode="pipe") as served:
+        silent = []
+        try:
+            for _ in range(2 * int(forward.ACK_SECONDS / 0.25) + 4):  # the old loop waited 0.5 s on each
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                sock.connect(str(served.forward_socket))
+                silent.append(sock)
+            assert os.WCOREDUMP(_run([str(crasher), "0", "behind-silent"]))
+            rec = served.wait_record(lambda r: r["comm"] == "behind-silent")
+        finally:
+            for sock in silent:
+                sock.close()
+        wait_for(lambda: served.health()["stats"]["forwarded"] == 1, 10, "the forwarded count")
+    assert rec["collector"]["transport"] == "forwarded" and rec["core"]["stored"]
+
+
 def test_another_installations_handler_is_not_taken(workdirs, crasher: Path) -> None:
     """A handler whose --config is not the server's (a test's, another installation's) is told to collect its
     crash itself: into its own store, never the server's."""

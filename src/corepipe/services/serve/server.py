@@ -29,8 +29,8 @@ from corepipe.platform.kernel import parse_args
 from corepipe.platform.log import ERR, INFO, log
 from corepipe.platform.sysctl import Sysctl
 from corepipe.services import forwarded
+from corepipe.services.serve import handoffs, metrics, pattern, watchdog, worker
 from corepipe.services.serve import health as healthfile
-from corepipe.services.serve import metrics, pattern, watchdog, worker
 from corepipe.services.serve.health import HEARTBEAT, RUN_DIR
 from corepipe.services.serve.worker import FAST, LATE, NORMAL, RECORD_ONLY
 
@@ -40,8 +40,6 @@ BACKLOG = 4096
 QUEUE_LIMIT = 512
 #: How long a crash a pipe handler handed over may wait for a worker, the kernel holding the crashed process.
 FORWARD_WAIT = 300.0
-#: How long the accept loop gives a handler to send its handoff and its GO (platform/forward.py).
-HANDOFF_SECONDS = 0.5
 #: Where the kernel's crashes come from: the coredump socket and handlers' handoffs, or handoffs only.
 SOCKET_MODE, PIPE_MODE = "socket", "pipe"
 
@@ -135,6 +133,9 @@ class Server:
         self.activated = self.forward_activated = False
         self.started = time.time()
         self.last_beat = 0.0
+        self.poller = select.poll()
+        #: Handlers' connections whose message or GO is still to come (services/serve/handoffs.py).
+        self.handoffs = handoffs.Handoffs(self.poller, self._judge, self._note, self.stats)
 
     # -- start and stop -------------------------------------------------------------------------------
 
@@ -186,7 +187,8 @@ class Server:
         if self.forward_listener is not None and not self.forward_activated:  # handlers now collect themselves
             unlink_if_present(self.forward_path)
         self._accept_all()  # connected before the switch: still ours to collect
-        while self.queue or self.busy:
+        while self.queue or self.busy or self.handoffs:
+            self._queue_handoffs(self.handoffs.step_all() + self.handoffs.expire(time.monotonic()))
             if self.queue and not self.spares and len(self.busy) < self.workers:
                 self._fork_spare()
             self._dispatch()
@@ -227,20 +229,21 @@ class Server:
         why = "stopped"
         try:
             self.open()
-            poller = select.poll()
             for listener in (self.listener, self.forward_listener):
                 if listener is not None:
-                    poller.register(listener.fileno(), select.POLLIN)
-            poller.register(wake_r, select.POLLIN)
+                    self.poller.register(listener.fileno(), select.POLLIN)
+            self.poller.register(wake_r, select.POLLIN)
             self._dispatch()  # the first idle workers
             while not self.stopping:
                 self._heartbeat()
-                poller.poll(HEARTBEAT * 1000)
+                ready = self.poller.poll(HEARTBEAT * 1000)
                 try:
                     while os.read(wake_r, 4096):
                         pass
                 except BlockingIOError:
                     pass
+                self._queue_handoffs([h for h in (self.handoffs.step(fd) for fd, _ in ready) if h is not None])
+                self._queue_handoffs(self.handoffs.expire(time.monotonic()))
                 self._accept_all()
                 self._reap()
                 self.busy.difference_update(self.watchdog.overdue())  # their slots get new workers
@@ -262,6 +265,8 @@ class Server:
     def _accept_all(self) -> None:
         for listener in (self.listener, self.forward_listener):
             while listener is not None:
+                if listener is self.forward_listener and len(self.handoffs) >= self.options.queue_limit:
+                    break  # the rest waits in the backlog (or its handler's deadline passes: it collects)
                 try:
                     conn, _ = listener.accept()
                 except (BlockingIOError, InterruptedError):
@@ -276,39 +281,26 @@ class Server:
                     journal = forwarded.note_peer(self.options.run_dir, pid, uid, gid)
                     self.queue.append(Waiting(time.monotonic(), conn=conn, journal=journal))
                 else:
-                    with conn:
-                        self._take_handoff(conn)
+                    self._queue_handoffs([self.handoffs.add(conn)])
                 self.stats.max_queue = max(self.stats.max_queue, len(self.queue))
 
-    def _take_handoff(self, conn: socket.socket) -> None:
-        """A pipe handler's crash (platform/forward.py), journalled and queued like a kernel connection; when
-        it is malformed or the server saturated, the handler is told to collect it itself."""
-        conn.settimeout(HANDOFF_SECONDS)
-        try:
-            got = forward.receive(conn)
-        except forward.Probe:
-            return
-        except (forward.ForwardError, OSError) as exc:
-            self.stats.forward_refused += 1
-            log(f"error: serve: a handoff on {self.forward_path} refused: {exc}", ERR)
-            forward.refuse(conn, str(exc))
-            return
-        why = ("the server is stopping" if self.stopping else
-               "the server is saturated" if len(self.queue) >= self.options.queue_limit else
-               None if self._ours(got.argv) else "the handler of another installation (its --config is not ours)")
-        if why is not None:
-            self.stats.forward_refused += 1
-            got.close()
-            forward.refuse(conn, why)
-            return
-        journal = forwarded.note(self.options.run_dir, got)
-        if not forward.take(conn):  # the handler gave up waiting: it collects the crash, not us
-            unlink_if_present(journal)
-            got.close()
-            return
-        self.stats.accepted += 1
-        self.stats.forwarded += 1
-        self.queue.append(Waiting(time.monotonic(), got=got, journal=journal))
+    def _judge(self, got: forward.Forwarded) -> Optional[str]:
+        """Why a well-formed handoff is not taken (the handler collects it), or None."""
+        return ("the server is stopping" if self.stopping else
+                "the server is saturated" if len(self.queue) >= self.options.queue_limit else
+                None if self._ours(got.argv) else "the handler of another installation (its --config is not ours)")
+
+    def _note(self, got: forward.Forwarded) -> Optional[str]:
+        return forwarded.note(self.options.run_dir, got)
+
+    def _queue_handoffs(self, taken: list) -> None:
+        """Handoffs whose GO came: the crashes are ours, queued like kernel connections."""
+        for handoff in taken:
+            if handoff is not None:
+                self.stats.accepted += 1
+                self.stats.forwarded += 1
+                self.queue.append(Waiting(handoff.accepted, got=handoff.got, journal=handoff.journal))
+        self.stats.max_queue = max(self.stats.max_queue, len(self.queue))
 
     def _dispatch(self) -> None:
         """Hand waiting crashes to idle workers, then fork idle ones up to ``workers`` in all."""
@@ -372,6 +364,7 @@ class Server:
                         sock.close()
                 for waiting in self.queue:
                     waiting.close()
+                self.handoffs.close_copies()
                 code = worker.run(child_end, self.options.config, self.options.forward_wait)
             except BaseException as exc:  # noqa: BLE001 - a worker reports, it never unwinds into the loop
                 log(f"error: serve worker: {type(exc).__name__}: {exc}", ERR)
