@@ -150,3 +150,19 @@ def test_status_says_why_forwarding_does_not_work(tmp_path: Path, server: socket
     os.unlink(path)
     gone = status.forwarding(alive, str(script))
     assert not gone["works"] and gone["problem"].startswith(f"cannot connect to {path}")
+
+
+def test_the_static_forwarder_speaks_the_same_protocol() -> None:
+    """corepipe-forward.c's constants are forward.py's: the magic, the message bound, the deadline, the
+    argument positions (a forwarder built from a drifted copy would be refused, or give up early)."""
+    from corepipe.platform import capture, static_forwarder
+
+    source = Path(static_forwarder.SOURCE).read_text()
+    defined = {}
+    for line in source.splitlines():
+        if line.startswith("#define ") and len(line.split(None, 2)) == 3:
+            defined[line.split(None, 2)[1]] = line.split(None, 2)[2]
+    assert defined["MAGIC"] == '"' + forward.MAGIC.decode().replace("\n", "\\n") + '"'
+    assert int(defined["MAX_MESSAGE"]) == forward.MAX_MESSAGE
+    assert float(defined["ACK_SECONDS"].split()[0]) == forward.ACK_SECONDS
+    assert int(defined["ARG_COUNT"]) == capture.ARG_COUNT and int(defined["PIDFD_AT"]) == capture.PIDFD_AT

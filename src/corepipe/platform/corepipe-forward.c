@@ -44,7 +44,7 @@
 
 #define MAGIC "corepipe-forward 1\n"
 #define MAX_MESSAGE 16384
-#define ACK_SECONDS 1
+#define ACK_SECONDS 5 /* forward.py's ACK_SECONDS: why 5 s is there */
 /* The kernel's arguments after "collect [--config PATH]": 12, the pidfd (%F) the 10th (kernel.py's FIELDS). */
 #define ARG_COUNT 12
 #define PIDFD_AT 9
