@@ -36,8 +36,9 @@ from support import (
     wait_for,
 )
 
-from corepipe.platform import slots
+from corepipe.platform import slots, static_forwarder
 from corepipe.platform.config import Config
+from corepipe.platform.kernel import build_pattern
 from corepipe.platform.store import Store
 from corepipe.services import install
 
@@ -210,13 +211,14 @@ def _final_records(handler: object, count: int, timeout: float) -> list:
                              f"{sum(r.get('status') == 'collecting' for r in recs)} still collecting") from None
 
 
-@pytest.mark.parametrize("mode", ["pipe", "socket", "forwarded"])
+@pytest.mark.parametrize("mode", ["pipe", "socket", "forwarded", "forwarder"])
 def test_storm_of_128_executables_at_install_defaults(handler_dir: Path, crasher: Path, docker_image: str,
                                                       mode: str) -> None:
     """128 different executables crash at once, 16 of them in real Docker containers, with the config's
     defaults and install's core_pipe_limit: 128 records, none dropped by the kernel, every core whole.
-    ``forwarded``: pipe mode with ``corepipe serve`` running: the handlers hand the crashes over, each waits
-    for a worker while the kernel holds it, and every core allowed by the rate limits is stored."""
+    ``forwarded``: pipe mode with ``corepipe serve`` running: the Python handlers hand the crashes over, each
+    waits for a worker while the kernel holds it, and every core allowed by the rate limits is stored;
+    ``forwarder``: the same through the static forwarder, install's pattern program where it builds."""
     zstd = need_tool("zstd")
     copies = handler_dir / "x"
     copies.mkdir(mode=0o755)
@@ -230,9 +232,16 @@ def test_storm_of_128_executables_at_install_defaults(handler_dir: Path, crasher
     procs: list = []
     dockers: list = []
     serve = {"pipe": installed_handler, "socket": served_handler,
-             "forwarded": functools.partial(served_handler, mode="pipe")}[mode]
+             "forwarded": functools.partial(served_handler, mode="pipe"),
+             "forwarder": functools.partial(served_handler, mode="pipe")}[mode]
     try:
         with serve(handler_dir, pipe_limit=install.PIPE_LIMIT) as handler:
+            if mode == "forwarder":
+                need_tool("gcc")
+                forwarder = handler_dir / "corepipe-forward"
+                forwarder.write_bytes(static_forwarder.build(str(handler.forward_socket), str(handler.launcher)))
+                forwarder.chmod(0o755)
+                handler.settings.set(build_pattern(str(forwarder), str(handler.config)), pipe_limit=install.PIPE_LIMIT)
             started = kernel_log_now()
             for n in range(STORM_DOCKER):
                 dockers.append(subprocess.Popen(
@@ -275,7 +284,7 @@ def test_storm_of_128_executables_at_install_defaults(handler_dir: Path, crasher
                                                        "the collector was saturated")), r["core"]
         assert all(r["core"]["stored"] for r in recs if r["comm"].startswith("d") and
                    not r["core"]["reason"]), "a container's core is missing without a reason"
-        if mode == "forwarded":
+        if mode in ("forwarded", "forwarder"):
             assert {r["collector"]["transport"] for r in recs} == {"forwarded"}
             assert not [r["core"]["reason"] for r in recs if r["core"]["reason"] and
                         not r["core"]["reason"].startswith("rate limited")], "only the rate limits refuse a core"
