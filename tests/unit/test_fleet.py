@@ -1,8 +1,10 @@
-"""Destination URLs, the index row, part planning and the store watcher."""
+"""Destination URLs, the index row, part planning, the store watcher and the index cache's files."""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from corepipe.domain import fleet, fleet_index
-from corepipe.platform import config, objectstore
+from corepipe.platform import config, fs, objectstore
 from corepipe.platform.objectstore import parts
 from corepipe.platform.store import RECORD, SHIP_PROGRESS, Store
 from corepipe.platform.watch import Watcher
@@ -146,3 +148,57 @@ def test_azure_listing_reads_the_xml_pages_and_decodes_an_encoded_name(monkeypat
         monkeypatch.setattr(destination, "_list_page", lambda prefix, marker, bad=bad: bad)
         with pytest.raises(objectstore.DestinationError, match="not a listing the service sends"):
             destination.list("p/")
+
+
+class Bucket:
+    """An in-memory destination holding index objects: what IndexCache.sync lists and reads."""
+
+    def __init__(self) -> None:
+        self.location = objectstore.parse("s3://bucket/f")
+        self.objects: dict = {}
+
+    def list(self, prefix: str) -> list:
+        return [objectstore.ObjectInfo(k, len(v), etag=str(hash(v))) for k, v in sorted(self.objects.items())
+                if k.startswith(prefix)]
+
+    def get(self, key: str, write) -> int:  # noqa: ANN001
+        write(self.objects[key])
+        return len(self.objects[key])
+
+
+def test_a_failed_write_of_the_index_cache_leaves_no_temporary_file(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached object's rows and the manifest are written through fs.replace: when the disk fills in the middle
+    of a write, sync fails with that error, the cache keeps the manifest it had and no temporary file."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    bucket = Bucket()
+
+    def put(n: int) -> str:
+        key = fleet_index.object_key("f", fleet_index.PRUNER, "2026-12-07", 1796601600 + n)
+        bucket.objects[key] = fleet_index.encode([fleet_index.tombstone("node-a", f"{n:012x}", 1796601600, 1.0)])
+        return key
+
+    cache = fleet.IndexCache(bucket, print)
+    first = put(1)
+    assert list(cache.sync()) == [first]
+    directory = Path(cache.directory)
+    kept = {p.name: p.read_bytes() for p in directory.iterdir()}
+    written = fs.write_all
+
+    def disk_full(fd: int, data: bytes) -> None:
+        written(fd, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    second = put(2)
+    monkeypatch.setattr(fs, "write_all", disk_full)  # the new object's rows
+    with pytest.raises(OSError, match="No space left"):
+        cache.sync()
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == kept
+    monkeypatch.setattr(fs, "write_all", lambda fd, data: (disk_full if b'"objects"' in data else written)(fd, data))
+    with pytest.raises(OSError, match="No space left"):  # the rows written, then the manifest's write fails
+        cache.sync()
+    [rows] = {p.name for p in directory.iterdir()} - set(kept)
+    assert re.fullmatch(r"[0-9a-f]{32}\.ndjson", rows), rows
+    assert {name: (directory / name).read_bytes() for name in kept} == kept
+    monkeypatch.setattr(fs, "write_all", written)
+    assert sorted(cache.sync()) == sorted([first, second])

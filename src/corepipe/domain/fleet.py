@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from typing import Callable, Optional
 
 from corepipe.domain import binaries, fleet_index, fleet_sql
 from corepipe.domain import record as records
-from corepipe.platform.fs import write_all
+from corepipe.platform import fs
 from corepipe.platform.objectstore import Destination, DestinationError
 from corepipe.platform.store import BUILD_ID, RECORD, core_file, crash_id
 
@@ -177,10 +176,7 @@ class IndexCache:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.directory, seen["file"]))
         data = json.dumps({"url": self.destination.location.url, "objects": current}).encode()
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".manifest.")
-        with open(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, os.path.join(self.directory, MANIFEST))
+        fs.replace(os.path.join(self.directory, MANIFEST), lambda fd: fs.write_all(fd, data))
         return current
 
     def _read(self, key: str, size: int, node: str) -> tuple:
@@ -188,11 +184,8 @@ class IndexCache:
         name, whether it was read whole)."""
         name = hashlib.sha256(key.encode()).hexdigest()[:32] + ".ndjson"
         good = read_object(self.destination, key, size, node, self.warn)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".rows.")
-        with open(fd, "wb") as f:
-            for checked in good or []:
-                f.write(json.dumps(checked, separators=(",", ":")).encode() + b"\n")
-        os.replace(tmp, os.path.join(self.directory, name))
+        data = b"".join(json.dumps(checked, separators=(",", ":")).encode() + b"\n" for checked in good or [])
+        fs.replace(os.path.join(self.directory, name), lambda fd: fs.write_all(fd, data))
         return name, good is not None
 
 
@@ -370,7 +363,7 @@ def _download(destination: Destination, where: dict, target: str, also: Optional
         def write(chunk: bytes) -> None:
             if also is not None:
                 also(chunk)
-            write_all(fd, chunk)
+            fs.write_all(fd, chunk)
         get_bounded(destination, where, write)
     except BaseException:
         os.close(fd)
