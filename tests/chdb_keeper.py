@@ -1,5 +1,5 @@
-"""ClickHouse's engine (chdb) with a Keeper, in a child process, for the S3Queue ingest of
-install/fleet/clickhouse-s3queue.sql: ``KeeperEngine(workdir).query(sql)`` runs one statement in a persistent
+"""ClickHouse's engine (chdb) with a Keeper, in a child process, for the S3Queue/AzureQueue ingest of
+install/fleet/clickhouse-queue.sql: ``KeeperEngine(workdir).query(sql)`` runs one statement in a persistent
 database whose background tasks (S3Queue's polling, its materialized view) keep running between queries.
 
 The Keeper is ClickHouse's in-memory test implementation (``<zookeeper><implementation>testkeeper``), given

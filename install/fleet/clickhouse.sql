@@ -49,5 +49,5 @@ SELECT group_key AS hash, count() AS count, uniqExact(node) AS node_count, array
        min(time) AS first_seen, max(time) AS last_seen
 FROM keyed GROUP BY group_key ORDER BY count DESC, hash;
 
--- Continuous ingest into a ClickHouse server with Keeper (S3Queue): clickhouse-s3queue.sql defines fleet_lines
--- over the ingested rows; run it instead of the fleet_lines above, then fleet_crashes and fleet_groups.
+-- Continuous ingest into a ClickHouse server with Keeper (S3Queue or AzureQueue): clickhouse-queue.sql defines
+-- fleet_lines over the ingested rows; run it instead of the fleet_lines above, then fleet_crashes and fleet_groups.

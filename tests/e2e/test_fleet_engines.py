@@ -1,9 +1,10 @@
 """The fleet index read by another engine: ClickHouse's own engine, in-process (chdb), runs the definitions of
 install/fleet/clickhouse.sql against SeaweedFS (the ``s3`` table function) and Azurite (the
 ``azureBlobStorage`` form the file documents) on loopback and must give the groups that
-``corepipe list --remote --group`` gives (the crash-site rule, tombstones and compaction included); the S3Queue
-ingest of install/fleet/clickhouse-s3queue.sql runs in chdb with ClickHouse's in-memory Keeper
-(tests/chdb_keeper.py) and must give them too, as objects arrive, are compacted and tombstoned."""
+``corepipe list --remote --group`` gives (the crash-site rule, tombstones and compaction included); the
+continuous ingest of install/fleet/clickhouse-queue.sql (S3Queue against SeaweedFS, the AzureQueue form the file
+documents against Azurite) runs in chdb with ClickHouse's in-memory Keeper (tests/chdb_keeper.py) and must give
+them too, as objects arrive, are compacted and tombstoned."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from objectstores import corepipe
 from support import HERE, need
 
 DEFINITIONS = HERE.parent / "install" / "fleet" / "clickhouse.sql"
-QUEUE = HERE.parent / "install" / "fleet" / "clickhouse-s3queue.sql"
+QUEUE = HERE.parent / "install" / "fleet" / "clickhouse-queue.sql"
 INDEX_PATH = "fleet/_index/v1/*/*/*.ndjson.gz"
 A, B = "aaaa000000000001", "bbbb000000000002"
 
@@ -40,23 +41,18 @@ def _comment_only(statement: str) -> bool:
 
 
 def _filled(sql: str, server: objectstores.Server) -> str:
+    """``sql`` (clickhouse.sql or clickhouse-queue.sql) filled in for ``server``; for Azurite its S3 call (s3() or
+    S3Queue()) is replaced by the Azure form the file's header gives, so the documented form is the one tested."""
+    if isinstance(server, objectstores.Azurite):
+        azure = re.search(r"(azureBlobStorage|AzureQueue)\([^)]*\)", sql)
+        call = {"azureBlobStorage": "s3", "AzureQueue": "S3Queue"}[azure.group(1)] \
+            + "('{{INDEX_URL}}', '{{ACCESS_KEY}}', '{{SECRET_KEY}}', 'LineAsString')"
+        assert sql.count(call) == 1, f"the file's {call} changed: update this test"
+        return sql.replace(call, azure.group(0)).replace("{{CONNECTION_STRING}}", server.connection_string()) \
+            .replace("{{CONTAINER}}", server.container).replace("{{INDEX_PATH}}", INDEX_PATH)
     return sql.replace("{{INDEX_URL}}", f"http://127.0.0.1:{server.port}/{server.bucket}/{INDEX_PATH}") \
         .replace("{{ACCESS_KEY}}", server.keys["AWS_ACCESS_KEY_ID"]) \
         .replace("{{SECRET_KEY}}", server.keys["AWS_SECRET_ACCESS_KEY"])
-
-
-def _definitions(server: objectstores.Server) -> str:
-    """install/fleet/clickhouse.sql filled in for ``server``; for Azurite the s3() call is replaced by the
-    azureBlobStorage() form the file's header gives, so the documented form is the one tested."""
-    sql = DEFINITIONS.read_text()
-    if isinstance(server, objectstores.Azurite):
-        azure = re.search(r"azureBlobStorage\([^)]*\)", sql).group(0) \
-            .replace("{{CONNECTION_STRING}}", server.connection_string()) \
-            .replace("{{CONTAINER}}", server.container).replace("{{INDEX_PATH}}", INDEX_PATH)
-        call = "s3('{{INDEX_URL}}', '{{ACCESS_KEY}}', '{{SECRET_KEY}}', 'LineAsString')"
-        assert sql.count(call) == 1, "the s3() call of fleet_lines changed: update this test"
-        return sql.replace(call, azure)
-    return _filled(sql, server)
 
 
 def _need_chdb() -> None:
@@ -126,7 +122,7 @@ def test_clickhouse_definitions_give_the_groups_of_list_remote_group(tmp_path: P
 
         session = chdb.session.Session(str(tmp_path / "chdb"))
         try:
-            for statement in _statements(_definitions(server)):
+            for statement in _statements(_filled(DEFINITIONS.read_text(), server)):
                 session.query(statement)
             found = session.query("SELECT hash, count, nodes FROM fleet_groups", "JSONEachRow").bytes().decode()
             crashes = session.query("SELECT count() FROM fleet_crashes", "CSV").bytes().decode().strip()
@@ -139,7 +135,7 @@ def test_clickhouse_definitions_give_the_groups_of_list_remote_group(tmp_path: P
 
 
 def _ingested(engine: KeeperEngine, fleet: Fleet) -> set:
-    """The objects in fleet_index_raw once it holds every index object now in the bucket (S3Queue polls
+    """The objects in fleet_index_raw once it holds every index object now in the bucket (the queue polls
     every 1-10 s); an assertion after two minutes."""
     deadline = time.monotonic() + 120
     while True:
@@ -147,7 +143,7 @@ def _ingested(engine: KeeperEngine, fleet: Fleet) -> set:
         objects = {row["object"] for row in engine.rows("SELECT DISTINCT object FROM fleet_index_raw")}
         if keys <= objects:
             return objects
-        assert time.monotonic() < deadline, f"S3Queue did not ingest {sorted(keys - objects)}"
+        assert time.monotonic() < deadline, f"the queue did not ingest {sorted(keys - objects)}"
         time.sleep(1)
 
 
@@ -159,13 +155,14 @@ def _same_groups(engine: KeeperEngine, fleet: Fleet) -> list:
     return expected
 
 
-def test_s3queue_ingest_gives_the_groups_of_list_remote_group(tmp_path: Path) -> None:
-    """clickhouse-s3queue.sql and then clickhouse.sql's rules (all but its own fleet_lines) in a chdb with a
-    Keeper: the groups match after the first objects, after new ones (a compaction among them: the replaced
-    object's rows stay ingested and must not count twice), after a prune's tombstones and with every row
-    ingested twice."""
+@pytest.mark.parametrize("kind", ["seaweedfs", "azure"])
+def test_queue_ingest_gives_the_groups_of_list_remote_group(tmp_path: Path, kind: str) -> None:
+    """clickhouse-queue.sql (S3Queue, or AzureQueue for Azurite) and then clickhouse.sql's rules (all but its
+    own fleet_lines) in a chdb with a Keeper: the groups match after the first objects, after new ones (a
+    compaction among them: the replaced object's rows stay ingested and must not count twice), after a prune's
+    tombstones and with every row ingested twice."""
     _need_chdb()
-    server = objectstores.make("seaweedfs", tmp_path)
+    server = objectstores.make(kind, tmp_path)
     server.start()
     engine = None
     try:
@@ -198,7 +195,7 @@ def test_s3queue_ingest_gives_the_groups_of_list_remote_group(tmp_path: Path) ->
         _ingested(engine, fleet)
         assert _same_groups(engine, fleet) == [("-", 1, ["node-b"]), (A, 3, ["node-a", "node-b"])]
 
-        # past tracked_files_limit S3Queue reads an object again: its rows twice change nothing
+        # past tracked_files_limit the queue reads an object again: its rows twice change nothing
         engine.query("INSERT INTO fleet_index_raw SELECT * FROM fleet_index_raw")
         assert _same_groups(engine, fleet) == [("-", 1, ["node-b"]), (A, 3, ["node-a", "node-b"])]
     finally:

@@ -2,9 +2,13 @@
 -- Keeper: each new index object is read once, as it appears, into fleet_index_raw. Run this file, then
 -- clickhouse.sql from its `CREATE VIEW fleet_crashes` on (its fleet_lines reads the bucket in place; this one
 -- reads the ingested table instead). Replace {{INDEX_URL}}, {{ACCESS_KEY}} and {{SECRET_KEY}} as clickhouse.sql
--- says. Tested with chdb and its in-memory Keeper against SeaweedFS (tests/e2e/test_fleet_engines.py).
+-- says. For Azure, replace the S3Queue(...) call by
+--   AzureQueue('{{CONNECTION_STRING}}', '{{CONTAINER}}', '{{INDEX_PATH}}', 'LineAsString')
+-- with the storage account's connection string, the container and PREFIX/_index/v1/*/*/*.ndjson.gz; the
+-- settings and everything else stay. Tested with chdb and its in-memory Keeper against SeaweedFS (S3Queue)
+-- and Azurite (AzureQueue) (tests/e2e/test_fleet_engines.py).
 --
--- S3Queue sees new objects, never deletions or replacements: the rows of the small objects a compaction merged
+-- The queue sees new objects, never deletions or replacements: the rows of the small objects a compaction merged
 -- stay in fleet_index_raw beside the merged object's, and clickhouse.sql's rules leave them out (the merged
 -- object's `replaces` row names them), exactly as they leave out a tombstoned crash. So keep `object` and `line`
 -- as they are. mode 'unordered' because a new object can sort before one already read (a crash of a past day,
