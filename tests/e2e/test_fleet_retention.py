@@ -266,6 +266,89 @@ def test_prune_remote_removes_a_pruned_days_index_objects_then_its_tombstones(
     readers_show_only_the_live_crash()
 
 
+def a_day_to_prune(server: objectstores.Server, tmp_path: Path) -> tuple:
+    """(day, crash ids, index object) of node-a's two crashes of three days ago, shipped in two sweeps, so merged
+    into one object, and node-a's crash of today (which stays)."""
+    store, config, when, day = past_node(server, tmp_path, 3)
+    pruned = []
+    for sweep in range(2):
+        pruned.append(objectstores.stored_crash(store, 1024, when=when + sweep)[1]["id"])
+        corepipe(config, server.env, "ship", "--once")
+    objectstores.stored_crash(store, 1024)
+    corepipe(config, server.env, "ship", "--once")
+    [merged] = partition_keys(Bucket(server), "fleet", "node-a", day)
+    return day, pruned, merged
+
+
+def test_a_dry_run_lists_the_index_clean_up_a_prune_does_and_changes_nothing(server, tmp_path: Path) -> None:
+    """``prune --remote --dry-run`` says which index objects and tombstone objects the run would delete, and
+    which day's tombstones wait for the hour (and till when); it deletes nothing and neither starts nor moves a
+    clock. Each real run after a dry run deletes exactly what the dry run listed: node-a's object of a day pruned
+    whole, then (a node's merge of that object put back after the run) that object again, while the day's
+    tombstones wait for a listing that does not find it, then the tombstones."""
+    from corepipe.services import remote_prune
+
+    url = server.url("fleet")
+    day, pruned, merged = a_day_to_prune(server, tmp_path)
+    bucket = Bucket(server)
+    data = bucket.get(merged)
+    cache = tmp_path / "cache"
+    env = {**server.env, "XDG_CACHE_HOME": str(cache)}
+    reader = tmp_path / "reader.toml"
+    reader.write_text(f'store = "{tmp_path / "no-store"}"\n')
+
+    def clocks() -> dict:
+        return {p.name: p.read_bytes() for p in cache.glob(f"corepipe/index/*/{remote_prune.CLOCKS}")}
+
+    def dry_run() -> list:
+        """Its lines; the bucket (every key, every index object's bytes) and the clocks as they were."""
+        objects = {k: bucket.get(k) if "/_index/" in k else None for k in bucket.keys("fleet/")}
+        kept = clocks()
+        out = corepipe(reader, env, "prune", "--remote", url, "--max-age", "2", "--dry-run").stdout.splitlines()
+        assert {k: bucket.get(k) if "/_index/" in k else None for k in bucket.keys("fleet/")} == objects
+        assert clocks() == kept
+        return out
+
+    def real_run(listed: list) -> list:
+        """Its lines, once it deleted exactly the keys the dry run's ``would delete`` lines named."""
+        before = set(bucket.keys("fleet/"))
+        out = corepipe(reader, env, "prune", "--remote", url, "--max-age", "2").stdout.splitlines()
+        gone = before - set(bucket.keys("fleet/"))
+        assert sorted(k for k in gone if "/_index/" in k) == sorted(
+            line.split()[2] for line in listed if line.startswith("would delete fleet/_index/")), (gone, listed)
+        return out
+
+    wait = f"tombstones of {day} kept: they hide no crash; a run (not --dry-run) starts their hour"
+    first = dry_run()
+    assert sorted(first[:2]) == sorted(f"would delete node-a/{i} (older than 2 days)" for i in pruned), first
+    assert first[2:] == [f"would delete {merged} (an index object whose crashes are all pruned)", wait], first
+    assert clocks() == {}  # no clock started
+    out = real_run(first)
+    assert out[2:] == ["deleted 1 index objects whose crashes are all pruned"], out
+    [tombstone] = partition_keys(bucket, "fleet", fleet_index.PRUNER, day)
+    [started] = json.loads(next(iter(clocks().values())))["days"].values()
+
+    def utc(stamp: float) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+
+    assert dry_run() == [f"tombstones of {day} kept: they hide no crash since {utc(started)}; a run from "
+                         f"{utc(started + remote_prune.SETTLE)} deletes their 1 objects",
+                         f"nothing under {url} to prune"]
+    settle(cache)
+    assert dry_run() == [f"would delete {tombstone} (tombstones that hide no crash any more)"]
+    # A node's merge of the pruned object lands after the run (as it read the object before the pruner deleted it).
+    bucket.put(merged, data)
+    listed = dry_run()
+    assert listed == [f"would delete {merged} (an index object whose crashes are all pruned)", wait], listed
+    assert real_run(listed) == ["deleted 1 index objects whose crashes are all pruned"]
+    settle(cache)
+    listed = dry_run()
+    assert listed == [f"would delete {tombstone} (tombstones that hide no crash any more)"], listed
+    assert real_run(listed) == ["deleted 1 tombstone objects that hide no crash any more"]
+    assert index_keys(bucket, day) == []
+    assert dry_run() == [f"nothing under {url} to prune"]
+
+
 def test_a_compactions_object_written_after_the_pruners_check_keeps_the_tombstones(tmp_path: Path) -> None:
     """The race with a node compacting the partition the pruner empties: node-a's merge of two objects of a pruned
     day, as a compaction that read them before the pruner deleted them writes it, appears (1) after the run that
@@ -276,15 +359,8 @@ def test_a_compactions_object_written_after_the_pruners_check_keeps_the_tombston
     server.start()
     try:
         url = server.url("fleet")
-        store, config, when, day = past_node(server, tmp_path, 3)
-        pruned = []
-        for sweep in range(2):
-            pruned.append(objectstores.stored_crash(store, 1024, when=when + sweep)[1]["id"])
-            corepipe(config, server.env, "ship", "--once")
-        objectstores.stored_crash(store, 1024)  # today's: stays
-        corepipe(config, server.env, "ship", "--once")
+        day, pruned, merged = a_day_to_prune(server, tmp_path)
         bucket = Bucket(server)
-        [merged] = partition_keys(bucket, "fleet", "node-a", day)
         rows = gzip.decompress(bucket.get(merged)).splitlines()
         env = {**server.env, "XDG_CACHE_HOME": str(tmp_path / "cache")}
         reader = tmp_path / "reader.toml"

@@ -309,11 +309,12 @@ def expired(con, before: Optional[float], keep: Optional[int]) -> tuple:  # noqa
     return rows, [key for (key,) in unused]
 
 
-def census(directory: str, objects: dict) -> list:
+def census(directory: str, objects: dict, planned: Optional[dict] = None) -> list:
     """What ``prune --remote`` needs to know of every cached index object (``objects``: the cache's manifest), as
     ``(key, crashes, live, tombstones, needed)``: its crash rows, those of them no tombstone anywhere in the index
     hides, its tombstone rows, and those of them that hide a crash row still in some index object (the objects a
-    compacted one replaces included: they are still there)."""
+    compacted one replaces included: they are still there). ``planned``: tombstone objects not written (a dry
+    run's), key -> [(node, id)] of their tombstones, counted as if they were in the index."""
     import duckdb
 
     try:
@@ -322,6 +323,10 @@ def census(directory: str, objects: dict) -> list:
         raise QueryError(f"cannot open DuckDB ({str(exc).splitlines()[0][:200]})") from None
     try:
         _load(con, directory, objects)
+        for key, crashes in (planned or {}).items():
+            con.execute("INSERT INTO objects VALUES (?, NULL)", [key])
+            con.executemany("INSERT INTO everything (object, kind, node, id) VALUES (?, 'tombstone', ?, ?)",
+                            [(key, node, crash) for node, crash in crashes])
         return con.execute("""
             WITH dead AS (SELECT DISTINCT node, id FROM everything WHERE kind = 'tombstone'),
                  named AS (SELECT DISTINCT node, id FROM everything WHERE kind = 'crash'),

@@ -14,6 +14,9 @@ workstation's pruner at least SETTLE apart (a node compacting its partition may 
 read before the pruner deleted it, within fleet_compact.LIMIT; the second listing sees that object, and the
 tombstones stay). The time of the first listing of each day is kept in the index cache (``prune-clocks.json``;
 safe to delete: the clocks start again).
+
+A dry run (``preview``) says what the run would delete, the index clean-up included, counting the crashes it
+would delete as tombstoned, and which days' tombstones wait for the hour; it deletes nothing and starts no clock.
 """
 
 from __future__ import annotations
@@ -56,9 +59,11 @@ def prune(remote: fleet.RemoteCatalog, max_age_days: Optional[float], keep: Opti
     if dry_run:
         for value in doomed:
             say(f"would delete {value['node']}/{value['id']} ({why})")
+        result.crashes = len(doomed)
+        preview(remote, doomed, result, say)
         for key in unused:
             say(f"would delete {key} (no remaining crash names it)")
-        result.crashes, result.binaries = len(doomed), len(unused)
+        result.binaries = len(unused)
         return result
     destination = remote.destination
 
@@ -103,18 +108,17 @@ def sweep(remote: fleet.RemoteCatalog, result: Pruned, say: Callable[[str], None
     destination, cache = remote.destination, remote.index
     clocks = _clocks(cache.directory)
     started = time.time()
-    objects = _census(remote)
+    objects = _census(remote, cache.sync(again=True))
     for day, clean in _days(objects).items():
         if not clean:
             clocks.pop(day, None)
-    dead = [key for key, (_day, node, crashes, live, tombstones, _needed) in objects.items()
-            if node != fleet_index.PRUNER and crashes and not live and not tombstones]
+    dead = _dead(objects)
     result.index = _delete(destination, dead, result, say)
     if result.index:
         say(f"deleted {result.index} index objects whose crashes are all pruned")
     if dead:  # the listing that counts: after the deletions
         started = time.time()
-        objects = _census(remote)
+        objects = _census(remote, cache.sync(again=True))
     seen = time.time()
     if cache.unread:  # its rows may be a pruned crash's: no day is known to be clean
         say(f"tombstones kept: {len(cache.unread)} index objects could not be read ({cache.unread[0]}, ...)")
@@ -137,6 +141,49 @@ def sweep(remote: fleet.RemoteCatalog, result: Pruned, say: Callable[[str], None
     _save_clocks(cache.directory, {day: since for day, since in clocks.items() if day in days})
 
 
+def preview(remote: fleet.RemoteCatalog, doomed: list, result: Pruned, say: Callable[[str], None]) -> None:
+    """What ``sweep`` would do after the tombstones of ``doomed`` (the crashes a run would delete): a ``would
+    delete`` line per index object and per tombstone object it would delete, and a line per day whose tombstones
+    hide no crash but wait for the hour. Deletes nothing and starts no clock: a dry run is not a listing that
+    counts."""
+    cache, now = remote.index, time.time()
+    planned: dict = {}
+    for value in doomed:
+        key = fleet_index.object_key(remote.prefix, fleet_index.PRUNER, fleet_index.day(value), now)
+        planned.setdefault(key, []).append((value["node"], value["id"]))
+    manifest = cache.sync(again=True)
+    objects = _census(remote, manifest, planned)
+    first = _days(objects)  # a day not clean before the deletions starts its hour again (sweep's first loop)
+    dead = _dead(objects)
+    for key in dead:
+        say(f"would delete {key} (an index object whose crashes are all pruned)")
+    result.index = len(dead)
+    if cache.unread:
+        say(f"tombstones kept: {len(cache.unread)} index objects could not be read ({cache.unread[0]}, ...)")
+        return
+    if dead:
+        objects = _census(remote, {k: v for k, v in manifest.items() if k not in dead}, planned)
+    clocks = _clocks(cache.directory)
+    for day, clean in sorted(_days(objects).items()):
+        if not clean:
+            continue
+        since = clocks.get(day) if first.get(day) else None
+        keys = [key for key, value in objects.items() if value[:2] == (day, fleet_index.PRUNER)]
+        if since is None:
+            say(f"tombstones of {day} kept: they hide no crash; a run (not --dry-run) starts their hour")
+        elif now - since < SETTLE:
+            say(f"tombstones of {day} kept: they hide no crash since {_utc(since)}; a run from "
+                f"{_utc(since + SETTLE)} deletes their {len(keys)} objects")
+        else:
+            for key in keys:
+                say(f"would delete {key} (tombstones that hide no crash any more)")
+            result.tombstones += len(keys)
+
+
+def _utc(stamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+
+
 def _delete(destination: Destination, keys: list, result: Pruned, say: Callable[[str], None]) -> int:
     """Delete ``keys``; returns how many went (a failure is said, and counted in ``result.failed``)."""
     deleted = 0
@@ -150,15 +197,22 @@ def _delete(destination: Destination, keys: list, result: Pruned, say: Callable[
     return deleted
 
 
-def _census(remote: fleet.RemoteCatalog) -> dict:
-    """key -> (day, node, crashes, live, tombstones, needed) of every index object, from a fresh listing (an
-    object that could not be read whole before is tried again: a failed GET must not keep tombstones for ever)."""
+def _census(remote: fleet.RemoteCatalog, manifest: dict, planned: Optional[dict] = None) -> dict:
+    """key -> (day, node, crashes, live, tombstones, needed) of every index object of ``manifest``, the cache's
+    (from ``sync(again=True)``: an object that could not be read whole before is tried again, as a failed GET must
+    not keep tombstones for ever), with the ``planned`` tombstone objects (fleet_sql.census)."""
     census = {}
-    for key, *counts in fleet_sql.census(remote.index.directory, remote.index.sync(again=True)):
+    for key, *counts in fleet_sql.census(remote.index.directory, manifest, planned):
         where = fleet_index.partition(remote.prefix, key)
         if where is not None:
             census[key] = (*where, *counts)
     return census
+
+
+def _dead(objects: dict) -> list:
+    """The objects of nodes' partitions whose crash rows are all tombstoned (and that hold no tombstone)."""
+    return [key for key, (_day, node, crashes, live, tombstones, _needed) in objects.items()
+            if node != fleet_index.PRUNER and crashes and not live and not tombstones]
 
 
 def _days(objects: dict) -> dict:
