@@ -1,6 +1,7 @@
 """``list --remote`` runs its filters and its grouping as SQL over the cached index (domain/fleet_sql.py): the
 same answers as the local ``list`` (list_cmd.matches, list_cmd.with_signature, signature.groups) give on the same
-crashes. Records are built by the collector's own record builder, rows by the shipper's row builder."""
+crashes. Records are built by the collector's own record builder, rows by the shipper's row builder. A failed
+build of the cached database leaves no file behind."""
 
 from __future__ import annotations
 
@@ -137,3 +138,13 @@ def test_last_n_and_the_table_keeps_one_row_per_crash(table: tuple, tmp_path: Pa
     assert fleet_sql.query(con, "SELECT count(*) FROM crashes")[1] == [(1,)] and len(warnings) == 1
     with pytest.raises(fleet_sql.QueryError, match="disabled"):
         fleet_sql.query(con, f"SELECT * FROM read_json('{tmp_path}/a.ndjson')")
+
+
+def test_a_database_that_fails_to_build_leaves_no_file_in_the_cache(tmp_path: Path) -> None:
+    """DuckDB writes the cached database itself, under a temporary name renamed when complete (fs.replace cannot
+    hand DuckDB a path): when the build fails (here a cached rows file is gone), that file and its WAL go too."""
+    (tmp_path / "a.ndjson").write_text(json.dumps(fleet_rows()[0]) + "\n")
+    objects = {"k/1": {"file": "a.ndjson"}, "k/2": {"file": "gone.ndjson"}}
+    with pytest.raises(fleet_sql.QueryError, match="cannot be used"):
+        fleet_sql.connect(str(tmp_path), objects, print)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ndjson"]
