@@ -216,8 +216,12 @@ def storm(bench: Bench, crashers: list, mib: int, mode: str, concurrent: int, ti
     handler_rss = ([int(line.split()[0]) for line in bench.log_lines()[-len(pids):]] if mode in ("pipe", *FORWARDED)
                    else [])
     skipped = dropped_dumps(mark, {f"c{n}" for n in range(len(pids))})
+    transports: dict = {}  # "forwarded": serve took it; "pipe": the handler collected it alone
+    for r in recs:
+        transports[r["collector"]["transport"]] = transports.get(r["collector"]["transport"], 0) + 1
     return {"mode": mode, "concurrent_cores": concurrent, "crashes": len(pids), "records": len(recs),
-            "cores": len(stored), "no_core": reasons, "dumped": dumped, "kernel_skipped": len(skipped),
+            "cores": len(stored), "no_core": reasons, "transports": transports, "dumped": dumped,
+            "kernel_skipped": len(skipped),
             "seconds_reaped": round(reaped, 3), "seconds_last_record": round(last, 3),
             "stored_mib": round(sum(r["core"]["compressed_size"] for r in stored) / MIB, 1),
             "peak_host_mib": peak, "peak_server_mib": server_peak if server else None,
@@ -253,7 +257,7 @@ def main() -> int:
             crashers.append(copy)
         print(f"{'mode':16} {'concurrent_cores':>16} {'records':>9} {'cores':>6} {'dumped':>6} {'kernel skipped':>14} "
               f"{'reaped s':>9} {'last record s':>13} {'stored MiB':>10} {'peak host MiB':>13} {'server MiB':>10} "
-              f"{'handler RSS':>11}  no core")
+              f"{'handler RSS':>11}  no core, transports")
         for mode in ns.modes.split(","):
             if mode in BASELINES and available(mode):
                 print(f"{mode}: skipped: {available(mode)}", flush=True)
@@ -266,7 +270,7 @@ def main() -> int:
                 print(f"{mode:16} {shown:>16} {r['records']:>4}/{r['crashes']:<4} {r['cores']:>6} {r['dumped']:>6} "
                       f"{r['kernel_skipped']:>14} {r['seconds_reaped']:>9.2f} {r['seconds_last_record']:>13.2f} "
                       f"{r['stored_mib']:>10.1f} {r['peak_host_mib']:>13} {r['peak_server_mib'] or '-':>10} "
-                      f"{r['max_handler_rss_mib']:>10.1f}M  {r['no_core']}", flush=True)
+                      f"{r['max_handler_rss_mib']:>10.1f}M  {r['no_core']} {r.get('transports', '')}", flush=True)
     finally:
         bench.cleanup()
     results["machine"]["load_after"] = os.getloadavg()
