@@ -18,7 +18,10 @@
 # process whose namespaces are entered (1, the node's init; tests give another host process).
 set -eu
 node_pid="${COREPIPE_NODE_PID:-1}"
-state_dir="${COREPIPE_POD_STATE:-/tmp}"   # the pod's own /run is the node's, read-only
+# What the pod must remember across a restart of its container (the kernel settings to put back): on the node's
+# /run/corepipe (a hostPath), not in the container, whose files a restart loses; /run goes at a reboot, and so
+# do the kernel's settings.
+state_dir="${COREPIPE_POD_STATE:-/run/corepipe}"
 mode_file="$state_dir/corepipe-pod-mode"
 on_node() { /usr/bin/nsenter --target "$node_pid" --mount --uts --ipc --net --pid --cgroup -- "$@"; }
 # COREPIPE_SHIP_TO set: `corepipe ship` runs here, in the pod (its credentials are the pod's Secret or workload
@@ -77,8 +80,16 @@ print(build_pattern(sys.argv[1], sys.argv[2]))' "$dir/corepipe-forward" "$pod_co
         ${COREPIPE_SERVE_ARGS:-} &
     server=$!
     if [ ! -f "$previous.pattern" ]; then
-        cat /proc/sys/kernel/core_pattern > "$previous.pattern"
-        cat /proc/sys/kernel/core_pipe_limit > "$previous.limit"
+        case "$(cat /proc/sys/kernel/core_pattern)" in
+        "|$dir/corepipe-forward "*)   # an earlier pod's, which died with what it saved: never put back ours
+            echo "corepipe: kernel.core_pattern is a forwarder's left by an earlier pod; on stop the kernel's" \
+                "default comes back (core, core_pipe_limit 0)" >&2
+            echo core > "$previous.pattern"
+            echo 0 > "$previous.limit" ;;
+        *)
+            cat /proc/sys/kernel/core_pattern > "$previous.pattern"
+            cat /proc/sys/kernel/core_pipe_limit > "$previous.limit" ;;
+        esac
     fi
     echo "$limit" > /proc/sys/kernel/core_pipe_limit
     echo "$pattern" > /proc/sys/kernel/core_pattern

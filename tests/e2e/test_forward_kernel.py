@@ -304,6 +304,31 @@ def test_socket_activation_in_pipe_mode(workdirs, crasher: Path) -> None:
     assert rec["status"] == "complete" and rec["core"]["stored"] and rec["collector"]["transport"] == "forwarded"
 
 
+NODE_SH = Path(__file__).resolve().parents[2] / "install" / "kubernetes" / "node.sh"
+
+
+def _pod_env(d: Path, state: Path) -> dict:
+    """node.sh's environment in forward mode for a pod whose files are under ``d``, remembering in ``state``."""
+    built = d / "built"
+    if not built.exists():
+        _build_forwarder(d, forward.socket_path(str(d / "run")), d / "absent", "built")
+    return {"PATH": os.environ["PATH"], "COREPIPE_MODE": "forward", "COREPIPE_PYTHON": sys.executable,
+            "COREPIPE_POD_CONFIG": f"{d}/c.toml", "COREPIPE_STORE": f"{d}/store", "COREPIPE_FORWARDER_DIR": f"{d}/f",
+            "COREPIPE_FORWARDER": str(built), "COREPIPE_RUN_DIR": f"{d}/run", "COREPIPE_POD_STATE": str(state),
+            "COREPIPE_SERVE_ARGS": "--forward-wait 60"}
+
+
+def _start_pod(d: Path, env: dict, settings: KernelSettings) -> subprocess.Popen:
+    """node.sh as the pod's command (its own process group, as a container's processes), once its server runs
+    and the kernel's pattern names its forwarder."""
+    pod = subprocess.Popen(["sh", str(NODE_SH)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True)
+    settings.undo_on_abort(["kill", "-TERM", str(pod.pid)])
+    wait_for(lambda: CORE_PATTERN.read_text().startswith(f"|{d}/f/corepipe-forward collect ")
+             and _server_of(d / "run", pod.pid), 60, "the forwarder's pattern and the pod's server")
+    return pod
+
+
 def test_daemonset_forward_mode(workdirs, docker_image: str) -> None:
     """install/kubernetes/node.sh in forward mode, run as the pod runs it (here on the host itself: the test
     image has no Python): the forwarder is copied to the forwarder directory, the kernel's pattern names it,
@@ -311,22 +336,12 @@ def test_daemonset_forward_mode(workdirs, docker_image: str) -> None:
     need_tool("docker")
     need_root_kernel()
     d = workdirs()
-    run_dir = d / "run"
-    built = _build_forwarder(d, forward.socket_path(str(run_dir)), d / "absent", "built")
-    env = {"PATH": os.environ["PATH"], "COREPIPE_MODE": "forward", "COREPIPE_PYTHON": sys.executable,
-           "COREPIPE_POD_CONFIG": f"{d}/c.toml", "COREPIPE_STORE": f"{d}/store", "COREPIPE_FORWARDER_DIR": f"{d}/f",
-           "COREPIPE_FORWARDER": str(built), "COREPIPE_RUN_DIR": str(run_dir), "COREPIPE_POD_STATE": str(d),
-           "COREPIPE_SERVE_ARGS": "--forward-wait 60"}
-    node_sh = Path(__file__).resolve().parents[2] / "install" / "kubernetes" / "node.sh"
+    env = _pod_env(d, d)
     name = unique("corepipe-33-node")
     with KernelSettings() as settings:
         before = CORE_PATTERN.read_text()
-        pod = subprocess.Popen(["sh", str(node_sh)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-        settings.undo_on_abort(["kill", "-TERM", str(pod.pid)])
+        pod = _start_pod(d, env, settings)
         try:
-            wait_for(lambda: CORE_PATTERN.read_text().startswith(f"|{d}/f/corepipe-forward collect ")
-                     and (run_dir / "serve.json").exists(), 60, "the forwarder's pattern and the server")
             assert Path("/proc/sys/kernel/core_pipe_limit").read_text().strip() == "256"
             cid = run_crasher("docker", name, docker_image)
             rec = wait_for(lambda: next((r for r in map(json.loads, map(Path.read_text, (d / "store").rglob(
@@ -340,6 +355,57 @@ def test_daemonset_forward_mode(workdirs, docker_image: str) -> None:
         assert CORE_PATTERN.read_text() == before, "SIGTERM put the kernel's pattern back"
     assert rec["collector"]["transport"] == "forwarded" and rec["container"]["runtime"] == "docker"
     assert rec["status"] == "complete" and rec["core"]["stored"] and rec["core"]["complete"]
+
+
+def test_daemonset_forward_mode_after_a_killed_pod(workdirs) -> None:
+    """A pod killed outright (OOM, SIGKILL) leaves the forwarder's pattern behind. Its restarted container finds
+    what it saved on the node's /run and puts back the pattern from before the first pod; one that finds nothing
+    saved (state lost) never takes the dead pod's forwarder for the pattern to put back."""
+    need_root_kernel()
+    d = workdirs()
+    with KernelSettings() as settings:
+        settings.set(f"{d}/core.%p")  # a pattern of the node's own, not the kernel's default
+        before = CORE_PATTERN.read_text()
+        for state, restored in ((d / "node-run", before), (d / "lost", "core\n")):
+            state.mkdir()
+            pod = _start_pod(d, _pod_env(d, state), settings)
+            os.killpg(pod.pid, signal.SIGKILL)
+            pod.wait(30)
+            wait_for(lambda pgid=pod.pid: not _group_alive(pgid), 30, "every process of the killed pod gone")
+            assert CORE_PATTERN.read_text().startswith(f"|{d}/f/corepipe-forward collect "), "left behind"
+            if restored != before:
+                state = d / "lost-again"  # the restarted container finds nothing saved
+                state.mkdir()
+            pod = _start_pod(d, _pod_env(d, state), settings)
+            pod.terminate()
+            out, _ = pod.communicate(timeout=120)
+            assert pod.returncode == 0, out
+            assert CORE_PATTERN.read_text() == restored, out
+            assert Path("/proc/sys/kernel/core_pipe_limit").read_text() == ("64\n" if restored == before else "0\n")
+            settings.set(before.rstrip("\n"))
+
+
+def _server_of(run_dir: Path, pod: int) -> bool:
+    """The server whose health file is in ``run_dir`` runs, started by ``pod`` (not an earlier pod's file)."""
+    try:
+        pid = json.loads((run_dir / "serve.json").read_text())["pid"]
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError, KeyError):
+        return False
+    return int(stat[stat.rindex(")") + 2:].split()[1]) == pod
+
+
+def _group_alive(pgid: int) -> bool:
+    """A process of group ``pgid`` still runs (a zombie does not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text()
+        except OSError:
+            continue
+        state, _ppid, group = fields[fields.rindex(")") + 2:].split()[:3]
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
 
 
 def test_server_killed_mid_storm(workdirs, crasher: Path, tmp_path: Path) -> None:
