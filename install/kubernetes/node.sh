@@ -22,6 +22,7 @@ node_pid="${COREPIPE_NODE_PID:-1}"
 # /run/corepipe (a hostPath), not in the container, whose files a restart loses; /run goes at a reboot, and so
 # do the kernel's settings.
 state_dir="${COREPIPE_POD_STATE:-/run/corepipe}"
+mkdir -p "$state_dir"
 mode_file="$state_dir/corepipe-pod-mode"
 on_node() { /usr/bin/nsenter --target "$node_pid" --mount --uts --ipc --net --pid --cgroup -- "$@"; }
 # COREPIPE_SHIP_TO set: `corepipe ship` runs here, in the pod (its credentials are the pod's Secret or workload
