@@ -1,20 +1,24 @@
-"""The handoff protocol (platform/forward.py) over real AF_UNIX sockets, pipes and pidfds: exactly one side reads
-the kernel's pipe, and a handoff from anyone but root, or a malformed one, is not taken."""
+"""The handoff protocol over real AF_UNIX sockets, pipes and pidfds, both halves: the handler's
+(platform/forward.py) and the accept loop's (services/serve/handoffs.py). Exactly one side reads the kernel's
+pipe, a handoff from anyone but root, or a malformed one, is not taken, and no handler waits on another."""
 
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import socket
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
 from support import need
 
 from corepipe.platform import coredump_socket, forward
+from corepipe.services.serve import handoffs
 
 ARGV = ["--config", "/etc/x.toml", "PID", "1", "PID", "0", "0", "11", "1700000000", "0", "1", "FD", "host", "c"]
 
@@ -51,18 +55,44 @@ def server(tmp_path: Path) -> socket.socket:
     sock.close()
 
 
+class Loop:
+    """The accept loop's side as serve has it (services/serve/handoffs.py): a poller, the open handoffs, journal
+    entries written to ``journal`` as services/forwarded.py's ``note`` would."""
+
+    def __init__(self, journal: Path, refuse: str | None = None):
+        self.poller = select.poll()
+        self.stats = types.SimpleNamespace(forward_refused=0)
+        self.journal, self.notes = journal, 0
+        self.handoffs = handoffs.Handoffs(self.poller, lambda got: refuse, self._note, self.stats)
+
+    def _note(self, got: forward.Forwarded) -> str:
+        self.notes += 1
+        path = self.journal / str(self.notes)
+        path.write_text("\0".join(got.argv))
+        return str(path)
+
+    def run(self, server: socket.socket, seconds: float = 5.0) -> list:
+        """Accept one connection, then step its handoff until it is settled: the handoffs that are ours."""
+        conn = server.accept()[0]
+        fd = conn.fileno()
+        taken = [self.handoffs.add(conn)]
+        deadline = time.monotonic() + seconds
+        while fd in self.handoffs.open and time.monotonic() < deadline:
+            taken += [self.handoffs.step(fd) for fd, _ in self.poller.poll(100)]
+        return [h for h in taken if h is not None]
+
+
 def test_the_server_takes_the_pipe_and_the_pidfd(tmp_path: Path, server: socket.socket) -> None:
     need(os.geteuid() == 0, "the server takes handoffs from root only")
     read, write = os.pipe()
     pidfd = os.pidfd_open(os.getpid())
     handler = _handler(tmp_path / "f.sock", _argv(pidfd), read)
-    conn, _ = server.accept()
-    with conn:
-        conn.settimeout(5)
-        got = forward.receive(conn)
-        assert forward.take(conn)
+    loop = Loop(tmp_path)
+    [taken] = loop.run(server)
     assert _exit_code(handler) == 0
+    got = taken.got
     assert got.argv == _argv(pidfd) and got.pidfd is not None
+    assert Path(taken.journal).read_text() == "\0".join(_argv(pidfd)), "journalled before ACCEPT, kept after GO"
     os.write(write, b"\x7fELF core")
     os.close(write)
     assert os.read(got.pipe, 100) == b"\x7fELF core", "the server reads the kernel's pipe"
@@ -72,36 +102,61 @@ def test_the_server_takes_the_pipe_and_the_pidfd(tmp_path: Path, server: socket.
     os.close(pidfd)
 
 
-def test_no_server_busy_or_late_the_handler_collects(tmp_path: Path, server: socket.socket) -> None:
+def test_no_server_busy_or_gone_the_handler_collects(tmp_path: Path, server: socket.socket) -> None:
+    need(os.geteuid() == 0, "the server takes handoffs from root only")
     read, _write = os.pipe()
     argv = _argv(0)[:-3] + ["-", "host", "c"]
     assert forward.handoff(argv, str(tmp_path / "absent.sock")) is False
     handler = _handler(tmp_path / "f.sock", argv, read)
-    conn, _ = server.accept()
-    with conn:
-        got = forward.receive(conn)
-        forward.refuse(conn, "the server is saturated")
-    got.close()
+    busy = Loop(tmp_path, refuse="the server is saturated")
+    assert busy.run(server) == [] and busy.stats.forward_refused == 1 and busy.notes == 0
     assert _exit_code(handler) == 1, "BUSY: the handler collects"
-    handler = _handler(tmp_path / "f.sock", argv, read, seconds=0.3)
-    conn, _ = server.accept()
-    with conn:
-        got = forward.receive(conn)
-        time.sleep(0.6)  # the answer comes after the handler's deadline
-        assert forward.take(conn) is False, "a late ACCEPT finds the handler gone: the crash stays the handler's"
-    got.close()
-    assert _exit_code(handler) == 1
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # a handler that dies before its GO
-    client.connect(str(tmp_path / "f.sock"))
-    socket.send_fds(client, [forward.MAGIC + b"\0".join(a.encode() for a in argv)], [read])
-    conn, _ = server.accept()
-    with conn:
-        got = forward.receive(conn)
-        quitter = threading.Thread(target=lambda: (client.recv(16), client.close()))
-        quitter.start()
-        assert forward.take(conn) is False, "no GO: the crash is not the server's"
-        quitter.join()
-    got.close()
+    for goes in ("before ACCEPT", "after ACCEPT"):  # a handler past its deadline, or dead, before its GO
+        fds = len(os.listdir("/proc/self/fd"))
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        client.connect(str(tmp_path / "f.sock"))
+        socket.send_fds(client, [forward.MAGIC + b"\0".join(a.encode() for a in argv)], [read])
+        quitter = threading.Thread(target=lambda c=client: (c.recv(16), c.close()))
+        if goes == "before ACCEPT":
+            client.close()
+        else:
+            quitter.start()
+        loop = Loop(tmp_path)
+        assert loop.run(server) == [], f"no GO ({goes}): the crash is not the server's"
+        assert loop.notes == 1 and not (tmp_path / "1").exists(), "its journal entry goes"
+        if goes == "after ACCEPT":
+            quitter.join()
+        assert len(os.listdir("/proc/self/fd")) == fds, "the server's copies of the pipe are closed"
+
+
+def test_a_silent_handler_holds_up_nobody(tmp_path: Path, server: socket.socket, caplog) -> None:
+    """A connection that sends nothing stays open while the next handler is taken at once; it is dropped only
+    after ``handoffs.SECONDS``; a GO that came before that last look is still taken."""
+    need(os.geteuid() == 0, "the server takes handoffs from root only")
+    read, _write = os.pipe()
+    argv = _argv(0)[:-3] + ["-", "host", "c"]
+    loop = Loop(tmp_path)
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    silent.connect(str(tmp_path / "f.sock"))
+    assert loop.handoffs.add(server.accept()[0]) is None and len(loop.handoffs) == 1
+    handler = _handler(tmp_path / "f.sock", argv, read)
+    taken = loop.run(server)
+    assert _exit_code(handler) == 0 and len(taken) == 1 and len(loop.handoffs) == 1, "taken past the silent one"
+    taken[0].got.close()
+    late = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # its GO arrives unseen by the poller
+    late.connect(str(tmp_path / "f.sock"))
+    socket.send_fds(late, [forward.MAGIC + b"\0".join(a.encode() for a in argv)], [read])
+    assert loop.handoffs.add(server.accept()[0]) is None
+    assert late.recv(16) == forward.ACCEPT
+    late.send(forward.GO)
+    assert loop.handoffs.expire(time.monotonic()) == [], "nothing is due yet"
+    later = loop.handoffs.expire(time.monotonic() + handoffs.SECONDS + 1)
+    assert len(later) == 1 and later[0].got.argv == argv and len(loop.handoffs) == 0
+    later[0].got.close()
+    assert silent.recv(16) == b"", "the silent one is closed: its handler collects"
+    for sock in (silent, late):
+        sock.close()
+    os.close(read)
 
 
 def test_only_roots_well_formed_handoffs_are_taken() -> None:

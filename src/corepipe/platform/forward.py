@@ -166,16 +166,6 @@ def receive(conn: _socket.socket) -> Forwarded:
     return got
 
 
-def take(conn: _socket.socket) -> bool:
-    """ACCEPT, then the handler's GO: True when the crash is now the server's (the caller's timeout bounds
-    the wait), False when the handler went (it collects the crash itself)."""
-    try:
-        conn.send(ACCEPT)
-        return conn.recv(16) == GO
-    except OSError:
-        return False
-
-
 def refuse(conn: _socket.socket, reason: str) -> None:
     """BUSY with ``reason``: the handler collects the crash itself."""
     try:
