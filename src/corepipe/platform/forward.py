@@ -37,9 +37,9 @@ SOCKET_NAME = "forward.sock"
 MAGIC = b"corepipe-forward 1\n"
 MAX_MESSAGE = 16384
 #: How long the handler waits for the server's answer before it collects the crash itself. Generous: in a storm
-#: the kernel's handlers run in the root cgroup, each as heavy as the server's whole cgroup, so the server's
-#: answers come late (up to 0.75 s for the last of 128 Python handlers on 2 CPUs); only a server that is alive
-#: but stuck costs a crash this wait, and the kernel holds the process meanwhile anyway.
+#: the server shares the CPUs with every handler starting, so its answers come late (up to 0.75 s for the last
+#: of 128 Python handlers on 2 CPUs, docs/forwarding.md); only a server that is alive but stuck costs a crash
+#: this wait, and the kernel holds the process meanwhile anyway.
 ACK_SECONDS = 5.0
 ACCEPT, BUSY, GO = b"A", b"B", b"G"
 #: At most this many fds come with a handoff: the pipe and the pidfd.
