@@ -159,6 +159,49 @@ def test_a_silent_handler_holds_up_nobody(tmp_path: Path, server: socket.socket,
     os.close(read)
 
 
+def test_a_go_sent_as_the_server_gives_up_is_taken_or_fails(tmp_path: Path, server: socket.socket,
+                                                           monkeypatch) -> None:
+    """The handler that sends its GO just after the server's last look, before the server closes the
+    connection (here: while the server logs the drop), must see its send fail and collect the crash itself;
+    otherwise it exits believing the server has the crash the server drops. So with a handler whose message
+    also came only at the last look (ACCEPT sent then)."""
+    need(os.geteuid() == 0, "the server takes handoffs from root only")
+    read, _write = os.pipe()
+    message = forward.MAGIC + b"\0".join(a.encode() for a in _argv(0)[:-3] + ["-", "host", "c"])
+    for message_at in ("accept", "the last look"):
+        loop = Loop(tmp_path)
+        late = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        late.connect(str(tmp_path / "f.sock"))
+        if message_at == "accept":
+            socket.send_fds(late, [message], [read])
+        assert loop.handoffs.add(server.accept()[0]) is None
+        if message_at == "accept":
+            assert late.recv(16) == forward.ACCEPT
+        else:
+            socket.send_fds(late, [message], [read])
+        sent = []
+
+        def go_now(*_: object, late: socket.socket = late, sent: list = sent, message_at: str = message_at) -> None:
+            """The handler runs between the server's last look and its close."""
+            if message_at != "accept":
+                late.settimeout(1)
+                assert late.recv(16) == forward.ACCEPT
+            try:
+                late.send(forward.GO)
+                sent.append(True)
+            except OSError:
+                sent.append(False)
+
+        monkeypatch.setattr(handoffs, "log", go_now)
+        taken = loop.handoffs.expire(time.monotonic() + 2 * handoffs.SECONDS + 1)
+        assert len(sent) == 1 and len(loop.handoffs) == 0
+        assert sent[0] == (len(taken) == 1), f"message at {message_at}: a GO that went is the server's, or failed"
+        for handoff in taken:
+            handoff.got.close()
+        late.close()
+    os.close(read)
+
+
 def test_only_roots_well_formed_handoffs_are_taken() -> None:
     need(os.geteuid() == 0, "needs root to hand over as another user")
     tmp_path = Path(tempfile.mkdtemp(prefix="cpf-", dir="/tmp"))  # reachable by another user

@@ -113,15 +113,22 @@ class Handoffs:
 
     def expire(self, now: float) -> list:
         """Drop the handoffs silent past their deadline; the ones whose GO came meanwhile (one last look
-        first), to be queued."""
+        first), to be queued. Before that look the connection is shut for reading: a GO the handler sends
+        later fails (EPIPE) and the handler collects, never a GO that arrives unread between the look and the
+        close."""
         taken = []
         for fd in [fd for fd, h in self.open.items() if now >= h.deadline]:
             handoff = self.open[fd]
+            try:
+                handoff.conn.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
             if self.step(fd) is not None:
                 taken.append(handoff)
-            elif fd in self.open:
-                log(f"error: serve: a handler sent no {'GO' if handoff.got else 'message'} within {SECONDS:g} s; "
-                    "its crash is the handler's", ERR)
+                continue
+            log(f"error: serve: a handler sent no {'GO' if handoff.got else 'message'} within {SECONDS:g} s; "
+                "its crash is the handler's", ERR)
+            if fd in self.open:
                 self._close(fd)
         return taken
 
