@@ -252,6 +252,42 @@ def test_silent_handlers_do_not_hold_up_the_others(workdirs, crasher: Path) -> N
     assert rec["collector"]["transport"] == "forwarded" and rec["core"]["stored"]
 
 
+def test_a_worker_forked_mid_handoff_holds_none_of_its_fds(workdirs, crasher: Path) -> None:
+    """A worker forked while a handoff waits for its GO (the spare forked when a real crash is dispatched) holds
+    no copy of that handoff's pipe: once its handler goes without GO, and the server drops its own copies, the
+    pipe has no reader left (one in an idle worker would hold the crashed process until that worker's crash)."""
+    with served_handler(workdirs(), config_extra=NO_RATE_LIMIT, mode="pipe") as served:
+        named = subprocess.Popen(["sleep", "60"])  # the process the handoff names (its journal entry's)
+        read, write = os.pipe()
+        argv = ["--config", str(served.config), str(named.pid), "1", str(named.pid), "0", "0", "11", "1700000000",
+                "0", "1", "", "host", "mid-handoff"]
+        handler = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            handler.settimeout(10)
+            handler.connect(str(served.forward_socket))
+            socket.send_fds(handler, [forward.MAGIC + b"\0".join(os.fsencode(a) for a in argv)], [read])
+            os.close(read)
+            assert handler.recv(16) == forward.ACCEPT
+            assert os.WCOREDUMP(_run([str(crasher), "0", "forks-a-spare"]))
+            served.wait_record(lambda r: r["comm"] == "forks-a-spare")  # dispatched: its replacement forked
+            handler.close()  # no GO: the crash stays the handler's
+
+            def no_reader() -> bool:
+                try:
+                    os.write(write, b"x")
+                except BrokenPipeError:
+                    return True
+                return False
+
+            wait_for(no_reader, 10, "the handoff's pipe without a reader (server and workers)")
+            assert not (served.run_dir / "forwarded" / str(named.pid)).exists(), "its journal entry went"
+        finally:
+            handler.close()
+            os.close(write)
+            named.kill()
+            named.wait()
+
+
 def test_another_installations_handler_is_not_taken(workdirs, crasher: Path) -> None:
     """A handler whose --config is not the server's (a test's, another installation's) is told to collect its
     crash itself: into its own store, never the server's."""
