@@ -80,18 +80,18 @@ print(build_pattern(sys.argv[1], sys.argv[2]))' "$dir/corepipe-forward" "$pod_co
     "$python" -I -m corepipe serve --config "$pod_config" --mode pipe --run-dir "${COREPIPE_RUN_DIR:-/run/corepipe}" \
         ${COREPIPE_SERVE_ARGS:-} &
     server=$!
-    if [ ! -f "$previous.pattern" ]; then
-        case "$(cat /proc/sys/kernel/core_pattern)" in
-        "|$dir/corepipe-forward "*)   # an earlier pod's, which died with what it saved: never put back ours
+    case "$(cat /proc/sys/kernel/core_pattern)" in
+    "|$dir/corepipe-forward "*)   # an earlier pod's, which died: what it saved goes back, never ours
+        if [ ! -f "$previous.pattern" ]; then
             echo "corepipe: kernel.core_pattern is a forwarder's left by an earlier pod; on stop the kernel's" \
                 "default comes back (core, core_pipe_limit 0)" >&2
             echo core > "$previous.pattern"
-            echo 0 > "$previous.limit" ;;
-        *)
-            cat /proc/sys/kernel/core_pattern > "$previous.pattern"
-            cat /proc/sys/kernel/core_pipe_limit > "$previous.limit" ;;
-        esac
-    fi
+            echo 0 > "$previous.limit"
+        fi ;;
+    *)   # the node's own (anything saved is stale: the node changed its settings since that pod died)
+        cat /proc/sys/kernel/core_pattern > "$previous.pattern"
+        cat /proc/sys/kernel/core_pipe_limit > "$previous.limit" ;;
+    esac
     echo "$limit" > /proc/sys/kernel/core_pipe_limit
     echo "$pattern" > /proc/sys/kernel/core_pattern
     echo "corepipe: forward mode: kernel.core_pattern = $pattern; serving the forwarder in this pod"

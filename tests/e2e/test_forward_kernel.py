@@ -396,28 +396,33 @@ def test_daemonset_forward_mode(workdirs, docker_image: str) -> None:
 def test_daemonset_forward_mode_after_a_killed_pod(workdirs) -> None:
     """A pod killed outright (OOM, SIGKILL) leaves the forwarder's pattern behind. Its restarted container finds
     what it saved on the node's /run and puts back the pattern from before the first pod; one that finds nothing
-    saved (state lost) never takes the dead pod's forwarder for the pattern to put back."""
+    saved (state lost) never takes the dead pod's forwarder for the pattern to put back; one that finds a
+    pattern of the node's own again (set after the kill: what was saved is stale) puts back that one."""
     need_root_kernel()
     d = workdirs()
     with KernelSettings() as settings:
         settings.set(f"{d}/core.%p")  # a pattern of the node's own, not the kernel's default
-        before = CORE_PATTERN.read_text()
-        for state, restored in ((d / "node-run", before), (d / "lost", "core\n")):
+        before, admins = CORE_PATTERN.read_text(), f"{d}/admin.%p"
+        for case, restored, limit in (("kept", before, "64\n"), ("lost", "core\n", "0\n"),
+                                      ("changed", admins + "\n", "16\n")):
+            state = d / case
             state.mkdir()
             pod = _start_pod(d, _pod_env(d, state), settings)
             os.killpg(pod.pid, signal.SIGKILL)
             pod.wait(30)
             wait_for(lambda pgid=pod.pid: not _group_alive(pgid), 30, "every process of the killed pod gone")
             assert CORE_PATTERN.read_text().startswith(f"|{d}/f/corepipe-forward collect "), "left behind"
-            if restored != before:
+            if case == "lost":
                 state = d / "lost-again"  # the restarted container finds nothing saved
                 state.mkdir()
+            if case == "changed":
+                settings.set(admins, pipe_limit=16)  # the node's admin, finding the forwarder's pattern
             pod = _start_pod(d, _pod_env(d, state), settings)
             pod.terminate()
             out, _ = pod.communicate(timeout=120)
             assert pod.returncode == 0, out
-            assert CORE_PATTERN.read_text() == restored, out
-            assert Path("/proc/sys/kernel/core_pipe_limit").read_text() == ("64\n" if restored == before else "0\n")
+            assert CORE_PATTERN.read_text() == restored, f"{case}: {out}"
+            assert Path("/proc/sys/kernel/core_pipe_limit").read_text() == limit, case
             settings.set(before.rstrip("\n"))
 
 
