@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import test_serve_kernel
@@ -286,6 +287,38 @@ def test_a_worker_forked_mid_handoff_holds_none_of_its_fds(workdirs, crasher: Pa
             os.close(write)
             named.kill()
             named.wait()
+
+
+def _reads(pid: int) -> int:
+    """The read syscalls of ``pid`` so far (/proc/PID/io's syscr): each turn of serve's loop reads its wake-up
+    pipe at least once, so their count says how often the loop went round."""
+    return int(next(line.split()[1] for line in Path(f"/proc/{pid}/io").read_text().splitlines()
+                    if line.startswith("syscr:")))
+
+
+def test_a_full_handoff_table_does_not_spin_the_loop(workdirs, crasher: Path) -> None:
+    """With --queue-limit handoffs open (silent root connections) the next connections wait in the listener's
+    backlog without waking the accept loop: it sleeps as when idle, instead of going round without pause (a
+    CPU taken from the handlers it waits for, in a storm). Once they go, the next crash is forwarded."""
+    with served_handler(workdirs(), config_extra=NO_RATE_LIMIT, mode="pipe", extra=("--queue-limit", "2")) as served:
+        pid = served.health()["pid"]
+        silent = []
+        try:
+            for _ in range(3):  # two open handoffs, the third in the backlog
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                sock.connect(str(served.forward_socket))
+                silent.append(sock)
+            time.sleep(0.5)
+            before = _reads(pid)
+            time.sleep(3)  # idle, the loop wakes every HEARTBEAT (2 s); spinning, thousands of times
+            turns = _reads(pid) - before
+        finally:
+            for sock in silent:
+                sock.close()
+        assert turns < 50, f"the accept loop went round {turns} times in 3 s with nothing to do"
+        assert os.WCOREDUMP(_run([str(crasher), "0", "after-full"]))
+        rec = served.wait_record(lambda r: r["comm"] == "after-full")
+    assert rec["collector"]["transport"] == "forwarded" and rec["core"]["stored"]
 
 
 def test_another_installations_handler_is_not_taken(workdirs, crasher: Path) -> None:

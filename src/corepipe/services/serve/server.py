@@ -283,6 +283,9 @@ class Server:
                 else:
                     self._queue_handoffs([self.handoffs.add(conn)])
                 self.stats.max_queue = max(self.stats.max_queue, len(self.queue))
+        if self.forward_listener is not None:  # at the limit its backlog must not wake the loop: it would spin
+            self.poller.register(self.forward_listener.fileno(),
+                                 select.POLLIN if len(self.handoffs) < self.options.queue_limit else 0)
 
     def _judge(self, got: forward.Forwarded) -> Optional[str]:
         """Why a well-formed handoff is not taken (the handler collects it), or None."""
