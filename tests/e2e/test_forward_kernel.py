@@ -39,7 +39,7 @@ from support import (
 )
 from test_serve_kernel import _children, _run
 
-from corepipe.platform import forward, static_forwarder
+from corepipe.platform import forward, procfs, static_forwarder
 from corepipe.services import status
 
 #: The fixture of test_serve_kernel, shared.
@@ -463,21 +463,20 @@ def _server_of(run_dir: Path, pod: int) -> bool:
     """The server whose health file is in ``run_dir`` runs, started by ``pod`` (not an earlier pod's file)."""
     try:
         pid = json.loads((run_dir / "serve.json").read_text())["pid"]
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = procfs.read(pid, "stat")
     except (OSError, ValueError, KeyError):
         return False
-    return int(stat[stat.rindex(")") + 2:].split()[1]) == pod
+    return procfs.stat_field(stat, 4) == pod  # its parent
 
 
 def _group_alive(pgid: int) -> bool:
     """A process of group ``pgid`` still runs (a zombie does not count)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            fields = stat.read_text()
+            stat = procfs.read(pid, "stat")
         except OSError:
             continue
-        state, _ppid, group = fields[fields.rindex(")") + 2:].split()[:3]
-        if int(group) == pgid and state != "Z":
+        if procfs.stat_field(stat, 5) == pgid and not procfs.exited(stat):
             return True
     return False
 
