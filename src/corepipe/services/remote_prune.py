@@ -120,8 +120,7 @@ def sweep(remote: fleet.RemoteCatalog, result: Pruned, say: Callable[[str], None
         started = time.time()
         objects = _census(remote, cache.sync(again=True))
     seen = time.time()
-    if cache.unread:  # its rows may be a pruned crash's: no day is known to be clean
-        say(f"tombstones kept: {len(cache.unread)} index objects could not be read ({cache.unread[0]}, ...)")
+    if _unread(cache, say):  # its rows may be a pruned crash's: no day is known to be clean
         clocks = {}
     for day, clean in sorted(_days(objects).items()):
         if not clean or cache.unread:
@@ -130,7 +129,7 @@ def sweep(remote: fleet.RemoteCatalog, result: Pruned, say: Callable[[str], None
         since = clocks.setdefault(day, seen)
         if started - since < SETTLE:
             continue
-        keys = [key for key, value in objects.items() if value[:2] == (day, fleet_index.PRUNER)]
+        keys = _tombstone_objects(objects, day)
         deleted = _delete(destination, keys, result, say)
         result.tombstones += deleted
         if deleted == len(keys):
@@ -158,8 +157,7 @@ def preview(remote: fleet.RemoteCatalog, doomed: list, result: Pruned, say: Call
     for key in dead:
         say(f"would delete {key} (an index object whose crashes are all pruned)")
     result.index = len(dead)
-    if cache.unread:
-        say(f"tombstones kept: {len(cache.unread)} index objects could not be read ({cache.unread[0]}, ...)")
+    if _unread(cache, say):
         return
     if dead:
         objects = _census(remote, {k: v for k, v in manifest.items() if k not in dead}, planned)
@@ -168,7 +166,7 @@ def preview(remote: fleet.RemoteCatalog, doomed: list, result: Pruned, say: Call
         if not clean:
             continue
         since = clocks.get(day) if first.get(day) else None
-        keys = [key for key, value in objects.items() if value[:2] == (day, fleet_index.PRUNER)]
+        keys = _tombstone_objects(objects, day)
         if since is None:
             say(f"tombstones of {day} kept: they hide no crash; a run (not --dry-run) starts their hour")
         elif now - since < SETTLE:
@@ -178,6 +176,18 @@ def preview(remote: fleet.RemoteCatalog, doomed: list, result: Pruned, say: Call
             for key in keys:
                 say(f"would delete {key} (tombstones that hide no crash any more)")
             result.tombstones += len(keys)
+
+
+def _unread(cache: fleet.IndexCache, say: Callable[[str], None]) -> bool:
+    """Whether the last sync left index objects unread (said once): then no day's tombstones count as clean."""
+    if cache.unread:
+        say(f"tombstones kept: {len(cache.unread)} index objects could not be read ({cache.unread[0]}, ...)")
+    return bool(cache.unread)
+
+
+def _tombstone_objects(objects: dict, day: str) -> list:
+    """The keys of the pruner's tombstone objects of ``day``."""
+    return [key for key, value in objects.items() if value[:2] == (day, fleet_index.PRUNER)]
 
 
 def _utc(stamp: float) -> str:
