@@ -133,8 +133,8 @@ class Handoffs:
         return taken
 
     def step_all(self) -> list:
-        """Every open handoff advanced (the server stopping polls them this way); the ones now ours."""
-        return [h for h in map(self.step, list(self.open)) if h is not None]
+        """Every open handoff advanced (the server stopping polls them this way); ``step``'s answer for each."""
+        return [self.step(fd) for fd in list(self.open)]
 
     def _refuse(self, fd: int, why: str) -> None:
         self.stats.forward_refused += 1

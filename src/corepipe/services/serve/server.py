@@ -242,7 +242,7 @@ class Server:
                         pass
                 except BlockingIOError:
                     pass
-                self._queue_handoffs([h for h in (self.handoffs.step(fd) for fd, _ in ready) if h is not None])
+                self._queue_handoffs([self.handoffs.step(fd) for fd, _ in ready])
                 self._queue_handoffs(self.handoffs.expire(time.monotonic()))
                 self._accept_all()
                 self._reap()
@@ -280,9 +280,9 @@ class Server:
                     pid, uid, gid = coredump_socket.peer_credentials(conn)
                     journal = forwarded.note_peer(self.options.run_dir, pid, uid, gid)
                     self.queue.append(Waiting(time.monotonic(), conn=conn, journal=journal))
+                    self.stats.max_queue = max(self.stats.max_queue, len(self.queue))
                 else:
                     self._queue_handoffs([self.handoffs.add(conn)])
-                self.stats.max_queue = max(self.stats.max_queue, len(self.queue))
         if self.forward_listener is not None:  # at the limit its backlog must not wake the loop: it would spin
             self.poller.register(self.forward_listener.fileno(),
                                  select.POLLIN if len(self.handoffs) < self.options.queue_limit else 0)
@@ -297,7 +297,8 @@ class Server:
         return forwarded.note(self.options.run_dir, got)
 
     def _queue_handoffs(self, taken: list) -> None:
-        """Handoffs whose GO came: the crashes are ours, queued like kernel connections."""
+        """Handoffs whose GO came (None: a step that finished none): the crashes are ours, queued like kernel
+        connections."""
         for handoff in taken:
             if handoff is not None:
                 self.stats.accepted += 1
