@@ -265,6 +265,11 @@ def test_storm_of_128_executables_at_install_defaults(handler_dir: Path, crasher
             comms = {f"d{n}" for n in range(STORM_DOCKER)} | {f"s{n}" for n in range(STORM_DOCKER, STORM)}
             assert not dropped_dumps(started, comms), dropped_dumps(started, comms)[:3]
             recs = _final_records(handler, STORM, 300)
+            if mode in ("forwarded", "forwarder"):  # each crash handed over at its first try: none refused (a
+                # refused C forwarder runs the Python handler, which hands it over again)
+                counted = wait_for(lambda: (stats := handler.health()["stats"])["forwarded"] == STORM and stats, 30,
+                                   "the server's counts")
+                assert counted["forward_refused"] == 0, counted
         assert len(recs) == STORM and {r["comm"] for r in recs} == comms
         assert all(r["status"] == "complete" for r in recs), [r["collector"]["errors"] for r in recs
                                                               if r["status"] != "complete"]
